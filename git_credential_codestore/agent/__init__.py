@@ -1,0 +1,1 @@
+"""The agent: holds the key and mints tokens for helpers within grants."""

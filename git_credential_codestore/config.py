@@ -1,0 +1,295 @@
+"""Configuration: a small TOML file in the user's config dir, overridden by the environment.
+
+The environment names are a contract with users and tests:
+
+    CODESTORE_ORG               org name, the tokens' `iss`
+    CODESTORE_BASE_URL          Git base URL (default https://{org}.code.storage)
+    CODESTORE_API_URL           REST base URL (default https://api.{org}.code.storage)
+    CODESTORE_PRIVATE_KEY       PEM text of the org's private key
+    CODESTORE_PRIVATE_KEY_FILE  path to the PEM file
+    CODESTORE_KID               key id put in the JWT header
+    CODESTORE_TTL               token lifetime in seconds (default 300, at most MAX_TTL)
+    CODESTORE_SCOPES            scopes the credential helper mints (default "git:read")
+    CODESTORE_EPHEMERAL_SCOPES  scopes for the +ephemeral namespace (default: CODESTORE_SCOPES)
+    CODESTORE_SUB               the `sub` claim (default codestore@<hostname>)
+    CODESTORE_CONFIG            path of the TOML file itself
+
+The file holds the same settings in lower case, plus per-repository rules:
+
+    org = "acme"
+    scopes = "git:read"
+    [repos."team/*"]
+    ephemeral_scopes = "git:read git:write"
+
+This module is imported on every credential request, so it stays light: no crypto.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+DEFAULT_TTL = 300
+MAX_TTL = 3600
+MIN_TTL = 30
+KNOWN_SCOPES = ("git:read", "git:write", "repo:write", "org:read")
+EPHEMERAL_SUFFIX = "+ephemeral"
+
+
+def config_path(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    if env.get("CODESTORE_CONFIG"):
+        return env["CODESTORE_CONFIG"]
+    from platformdirs import user_config_dir
+
+    return os.path.join(user_config_dir("codestore"), "config.toml")
+
+
+def parse_scopes(value: object, where: str) -> tuple[str, ...]:
+    """Scopes as a space/comma separated string or a list; `git:write` implies `git:read`."""
+    if isinstance(value, str):
+        items = value.replace(",", " ").split()
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise ConfigError(f"{where}: scopes must be a string like \"git:read git:write\"")
+    for s in items:
+        if s not in KNOWN_SCOPES:
+            raise ConfigError(f"{where}: unknown scope {s!r}; known scopes: {' '.join(KNOWN_SCOPES)}")
+    if "git:write" in items and "git:read" not in items:
+        items.insert(0, "git:read")
+    return tuple(dict.fromkeys(items))
+
+
+def parse_ttl(value: object, where: str) -> int:
+    try:
+        ttl = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: TTL must be a whole number of seconds, got {value!r}") from None
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise ConfigError(f"{where}: TTL {ttl}s is outside {MIN_TTL}..{MAX_TTL}s; short-lived tokens are the point")
+    return ttl
+
+
+def split_repo_path(path: str) -> tuple[str, bool]:
+    """`team/app+ephemeral.git` -> ("team/app", True). Raises ConfigError on a bad id."""
+    repo = path.strip("/")
+    if repo.endswith(".git"):
+        repo = repo[:-4]
+    ephemeral = repo.endswith(EPHEMERAL_SUFFIX)
+    if ephemeral:
+        repo = repo[: -len(EPHEMERAL_SUFFIX)]
+    validate_repo_id(repo)
+    return repo, ephemeral
+
+
+def validate_repo_id(repo: str) -> str:
+    """Reject ids that no repository can have, rather than normalising them."""
+    bad = (
+        not repo
+        or len(repo) > 200
+        or repo.startswith(("/", "-", "."))
+        or repo.endswith("/")
+        or any(part in ("", ".", "..") for part in repo.split("/"))
+        or any(not (c.isalnum() or c in "-_./") for c in repo)
+        or repo.endswith(".git")
+        or "+" in repo
+    )
+    if bad:
+        raise ConfigError(f"{repo!r} is not a repository id (letters, digits, '-', '_', '.', '/' only)")
+    return repo
+
+
+@dataclass(frozen=True)
+class RepoRule:
+    pattern: str
+    scopes: tuple[str, ...] | None = None
+    ephemeral_scopes: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    org: str | None = None
+    base_url_setting: str | None = None
+    api_url_setting: str | None = None
+    kid: str | None = None
+    ttl: int = DEFAULT_TTL
+    scopes: tuple[str, ...] = ("git:read",)
+    ephemeral_scopes: tuple[str, ...] | None = None
+    sub_setting: str | None = None
+    private_key_file: str | None = None
+    repos: tuple[RepoRule, ...] = field(default_factory=tuple)
+    path: str = ""
+
+    @property
+    def base_url(self) -> str:
+        if self.base_url_setting:
+            return self.base_url_setting.rstrip("/")
+        return f"https://{self.require_org()}.code.storage"
+
+    @property
+    def api_url(self) -> str:
+        if self.api_url_setting:
+            return self.api_url_setting.rstrip("/")
+        if self.base_url_setting:
+            # A self-hosted or dev server serves git and REST from one origin.
+            return self.base_url
+        return f"https://api.{self.require_org()}.code.storage"
+
+    @property
+    def sub(self) -> str:
+        return self.sub_setting or f"codestore@{socket.gethostname()}"
+
+    def require_org(self) -> str:
+        if not self.org:
+            raise ConfigError(
+                "no org configured; set CODESTORE_ORG or run: codestore config set org <name>"
+            )
+        return self.org
+
+    def repo_url(self, repo: str, ephemeral: bool = False) -> str:
+        return f"{self.base_url}/{repo}{EPHEMERAL_SUFFIX if ephemeral else ''}.git"
+
+    def scopes_for(self, repo: str, ephemeral: bool) -> tuple[str, ...]:
+        """The scopes the credential helper mints for this repository and namespace."""
+        scopes, eph = self.scopes, self.ephemeral_scopes
+        for rule in self.repos:
+            if fnmatch.fnmatchcase(repo, rule.pattern):
+                scopes = rule.scopes or scopes
+                eph = rule.ephemeral_scopes or eph
+                break
+        return (eph or scopes) if ephemeral else scopes
+
+    def serves(self, protocol: str, host: str) -> bool:
+        """True when git's (protocol, host[:port]) is our configured Git base URL."""
+        if not (self.org or self.base_url_setting):
+            return False
+        parts = urlsplit(self.base_url)
+        return protocol == parts.scheme and host.lower() == (parts.netloc.rpartition("@")[2]).lower()
+
+    def repo_from_path(self, path: str) -> tuple[str, bool]:
+        """The repository and namespace named by a credential `path` under our base URL."""
+        prefix = urlsplit(self.base_url).path.strip("/")
+        path = path.strip("/")
+        if prefix:
+            if not path.startswith(prefix + "/"):
+                raise ConfigError(f"path {path!r} is not under {self.base_url}")
+            path = path[len(prefix) + 1 :]
+        return split_repo_path(path)
+
+
+def _read_file(path: str) -> dict[str, object]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid TOML ({e}); fix it or remove it") from None
+
+
+_SETTINGS = ("org", "base_url", "api_url", "kid", "ttl", "scopes", "ephemeral_scopes", "sub", "private_key_file")
+
+
+def load(env: Mapping[str, str] | None = None) -> Config:
+    """Read the file, then let CODESTORE_* environment variables override it."""
+    env = os.environ if env is None else env
+    path = config_path(env)
+    raw = _read_file(path)
+    values: dict[str, object] = {k: raw[k] for k in _SETTINGS if k in raw}
+    unknown = set(raw) - set(_SETTINGS) - {"repos"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    for k in _SETTINGS:
+        v = env.get("CODESTORE_" + k.upper())
+        if v:
+            values[k] = v
+    for k in ("org", "base_url", "api_url", "kid", "sub", "private_key_file"):
+        if k in values and not isinstance(values[k], str):
+            raise ConfigError(f"{path}: {k} must be a string")
+    for k in ("base_url", "api_url"):
+        if k in values:
+            u = urlsplit(str(values[k]))
+            if u.scheme not in ("http", "https") or not u.netloc or "@" in u.netloc or u.query:
+                raise ConfigError(f"{k} {values[k]!r} must be an http(s) URL without credentials or query")
+    rules = []
+    repos = raw.get("repos", {})
+    if not isinstance(repos, dict):
+        raise ConfigError(f"{path}: [repos] must be a table of repository patterns")
+    for pattern, rule in repos.items():
+        if not isinstance(rule, dict) or set(rule) - {"scopes", "ephemeral_scopes"}:
+            raise ConfigError(f"{path}: [repos.{pattern!r}] takes only scopes and ephemeral_scopes")
+        rules.append(
+            RepoRule(
+                pattern,
+                parse_scopes(rule["scopes"], f"repos.{pattern}") if "scopes" in rule else None,
+                parse_scopes(rule["ephemeral_scopes"], f"repos.{pattern}")
+                if "ephemeral_scopes" in rule
+                else None,
+            )
+        )
+    return Config(
+        org=values.get("org") or None,  # type: ignore[arg-type]
+        base_url_setting=values.get("base_url") or None,  # type: ignore[arg-type]
+        api_url_setting=values.get("api_url") or None,  # type: ignore[arg-type]
+        kid=values.get("kid") or None,  # type: ignore[arg-type]
+        ttl=parse_ttl(values["ttl"], "ttl") if "ttl" in values else DEFAULT_TTL,
+        scopes=parse_scopes(values["scopes"], "scopes") if "scopes" in values else ("git:read",),
+        ephemeral_scopes=parse_scopes(values["ephemeral_scopes"], "ephemeral_scopes")
+        if "ephemeral_scopes" in values
+        else None,
+        sub_setting=values.get("sub") or None,  # type: ignore[arg-type]
+        private_key_file=values.get("private_key_file") or None,  # type: ignore[arg-type]
+        repos=tuple(rules),
+        path=path,
+    )
+
+
+def set_value(key: str, value: str, env: Mapping[str, str] | None = None) -> str:
+    """Write one top-level setting into the TOML file (used by `codestore config set`)."""
+    if key not in _SETTINGS:
+        raise ConfigError(f"unknown setting {key!r}; settings: {', '.join(_SETTINGS)}")
+    path = config_path(env)
+    lines = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        pass
+    import json
+
+    new = f"{key} = {json.dumps(value)}"
+    # Top-level keys live before the first table header.
+    end = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("[")), len(lines))
+    for i in range(end):
+        if lines[i].split("=", 1)[0].strip() == key:
+            lines[i] = new
+            break
+    else:
+        lines.insert(end, new)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        load({"CODESTORE_CONFIG": tmp})  # refuse a bad value now, not at the next git fetch
+    except ConfigError:
+        os.unlink(tmp)
+        raise
+    os.replace(tmp, path)
+    return path

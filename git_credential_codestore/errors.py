@@ -1,0 +1,97 @@
+"""The one exception tree of codestore, and the boundary that turns it into a message.
+
+Every expected failure is a `CodestoreError` whose text is a single line naming what
+failed, the likely cause and the fix. Messages never carry a token or key: callers
+build them from names and ids only, and `redact` scrubs anything that slipped in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TextIO
+
+# Anything shaped like a JWT, Basic credentials, or userinfo in a URL.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_BASIC = re.compile(r"(?i)(authorization:\s*(?:basic|bearer)\s+)\S+")
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
+_PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S)
+
+
+def redact(text: str) -> str:
+    """Remove token- and key-shaped material from text meant for a human."""
+    text = _PEM.sub("<redacted key>", text)
+    text = _JWT.sub("<redacted>", text)
+    text = _BASIC.sub(r"\1<redacted>", text)
+    return _URL_USERINFO.sub(r"\1<redacted>@", text)
+
+
+class CodestoreError(Exception):
+    """An expected failure: shown to the user as one line, exit status 1."""
+
+    exit_code = 1
+
+    def __str__(self) -> str:
+        return redact(" ".join(super().__str__().split()))
+
+
+class ConfigError(CodestoreError):
+    """Configuration is missing or invalid."""
+
+
+class KeyNotFound(CodestoreError):
+    """No private key (and no agent) is available to mint a token."""
+
+
+class TokenError(CodestoreError):
+    """A token could not be minted, or a presented token is invalid."""
+
+
+class PolicyError(CodestoreError):
+    """The request asks for more than configuration or a grant allows."""
+
+
+class RemoteError(CodestoreError):
+    """A server (Code Storage, the dev server, the agent) refused or failed."""
+
+
+class GitError(CodestoreError):
+    """A git command failed."""
+
+
+def crash_log_path() -> str:
+    from platformdirs import user_state_dir
+
+    return os.path.join(user_state_dir("codestore"), "crash.log")
+
+
+def boundary(prog: str, func: Callable[[], int], stderr: TextIO | None = None) -> int:
+    """Run `func`, mapping expected errors to exit 1, Ctrl-C to 130 and bugs to 3.
+
+    A bug's traceback goes to a log file (redacted), never to the terminal: git shows
+    helper stderr to users and agents copy it into transcripts.
+    """
+    err = stderr or sys.stderr
+    try:
+        return func()
+    except CodestoreError as e:
+        print(f"{prog}: {e}", file=err)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as e:  # noqa: BLE001 - this is the boundary
+        path = crash_log_path()
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(redact(traceback.format_exc()) + "\n")
+            where = f"details in {path}"
+        except OSError:
+            where = "no crash log could be written"
+        print(f"{prog}: internal error ({type(e).__name__}); {where}; please report it", file=err)
+        return 3

@@ -1,0 +1,50 @@
+"""Run git from one place: argument lists only, exact exit codes, redacted errors."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from .errors import GitError, redact
+
+
+def run(
+    args: Sequence[str],
+    *,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    ok: Sequence[int] = (0,),
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `git ARGS`; exit codes outside `ok` raise GitError with git's own (redacted) words."""
+    try:
+        proc = subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            input=input,
+            capture_output=True,
+            text=True,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        raise GitError("git is not installed or not on PATH; install git 2.39 or newer") from None
+    if proc.returncode not in ok:
+        detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise GitError(f"git {args[0]} failed (exit {proc.returncode}): {redact(detail)}")
+    return proc
+
+
+def config_get_all(key: str, *, scope: str = "--global", env: Mapping[str, str] | None = None) -> list[str]:
+    # `git config --get-all` exits 1 when the key is unset: that is an answer, not an error.
+    proc = run(["config", scope, "--get-all", key], env=env, ok=(0, 1))
+    return proc.stdout.splitlines() if proc.returncode == 0 else []
+
+
+def version(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
+    out = run(["--version"], env=env).stdout.split()
+    parts = (out[2] if len(out) > 2 else "0").split(".")
+    nums = [int(p) if p.isdigit() else 0 for p in parts[:3]]
+    while len(nums) < 3:
+        nums.append(0)
+    return nums[0], nums[1], nums[2]

@@ -1,0 +1,207 @@
+"""Code Storage-compatible JWTs: minting with the org's key, and verifying them.
+
+The header is `{"alg", "typ": "JWT", "kid"}` with the algorithm chosen from the key
+(ES256 for EC P-256, RS256 for RSA, EdDSA for Ed25519); the claims are `iss`, `sub`,
+`repo`, `scopes`, `iat`, `exp` and optionally `refs`. Verification applies Code
+Storage's rules and is what the dev server and the agent's tests rely on.
+
+This module imports PyJWT and cryptography (~150 ms): helpers import it only once they
+know they must sign.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from .config import KNOWN_SCOPES, MAX_TTL, MIN_TTL
+from .errors import TokenError
+from .secrets import Token
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+# Only asymmetric algorithms: accepting HS256 would let anyone who knows the public key
+# sign tokens with it (key confusion), and `none` needs no key at all.
+ALLOWED_ALGORITHMS = ("ES256", "RS256", "EdDSA")
+REF_OPS = ("no-push", "no-force-push", "verify-sig")
+LEEWAY = 30  # seconds of clock skew tolerated on exp/iat
+
+RefPolicy = list[tuple[str, list[str]]]
+
+
+def algorithm_for(key: PrivateKey | PublicKey) -> str:
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise TokenError(f"EC keys must use P-256 for ES256, not {key.curve.name}")
+        return "ES256"
+    if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
+        if key.key_size < 2048:
+            raise TokenError(f"RSA keys must be at least 2048 bits, not {key.key_size}")
+        return "RS256"
+    if isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
+        return "EdDSA"
+    raise TokenError(f"unsupported key type {type(key).__name__}; use EC P-256, RSA or Ed25519")
+
+
+def validate_refs(refs: object) -> RefPolicy:
+    """The `refs` claim: an ordered list of [pattern, [ops...]]; first match wins."""
+    if not isinstance(refs, list):
+        raise TokenError("refs policy must be a list of [pattern, [ops]] pairs")
+    out: RefPolicy = []
+    for rule in refs:
+        if (
+            not isinstance(rule, (list, tuple))
+            or len(rule) != 2
+            or not isinstance(rule[0], str)
+            or not rule[0].startswith("refs/")
+            or not isinstance(rule[1], list)
+            or any(op not in REF_OPS for op in rule[1])
+        ):
+            raise TokenError(
+                f"bad refs rule {rule!r}: want [\"refs/heads/main\", [\"no-push\"]] with ops {', '.join(REF_OPS)}"
+            )
+        out.append((rule[0], list(rule[1])))
+    return out
+
+
+def parse_ref_policy(text: str) -> RefPolicy:
+    """`refs/heads/main=no-push;refs/heads/feat/*=no-force-push` for command lines."""
+    rules = []
+    for item in filter(None, (p.strip() for p in text.split(";"))):
+        pattern, sep, ops = item.partition("=")
+        if not sep:
+            raise TokenError(f"bad ref policy {item!r}: want PATTERN=OP[,OP]")
+        rules.append([pattern.strip(), [o.strip() for o in ops.split(",") if o.strip()]])
+    return validate_refs(rules)
+
+
+def mint(
+    key: PrivateKey,
+    *,
+    org: str,
+    repo: str,
+    scopes: Sequence[str],
+    ttl: int,
+    sub: str,
+    kid: str | None = None,
+    refs: RefPolicy | None = None,
+    now: int | None = None,
+) -> Token:
+    """Sign one token for one repository."""
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise TokenError(f"TTL {ttl}s is outside {MIN_TTL}..{MAX_TTL}s")
+    unknown = [s for s in scopes if s not in KNOWN_SCOPES]
+    if unknown or not scopes:
+        raise TokenError(f"bad scopes {' '.join(unknown) or '(none)'}; known: {' '.join(KNOWN_SCOPES)}")
+    iat = int(time.time()) if now is None else now
+    claims: dict[str, object] = {
+        "iss": org,
+        "sub": sub,
+        "repo": repo,
+        "scopes": list(scopes),
+        "iat": iat,
+        "exp": iat + ttl,
+    }
+    if refs:
+        claims["refs"] = [[p, list(ops)] for p, ops in validate_refs([list(r) for r in refs])]
+    alg = algorithm_for(key)
+    headers = {"typ": "JWT", "kid": kid} if kid else {"typ": "JWT"}
+    return Token(jwt.encode(claims, key, algorithm=alg, headers=headers), iat + ttl)
+
+
+@dataclass(frozen=True)
+class Claims:
+    iss: str
+    sub: str
+    repo: str
+    scopes: tuple[str, ...]
+    iat: int
+    exp: int
+    refs: RefPolicy
+    kid: str | None
+
+    def has(self, scope: str) -> bool:
+        # git:write includes read, as Code Storage documents.
+        return scope in self.scopes or (scope == "git:read" and "git:write" in self.scopes)
+
+
+def unverified_header(token: str) -> Mapping[str, object]:
+    try:
+        return jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise TokenError("malformed token: not a JWT") from None
+
+
+def verify(
+    token: str,
+    keys: Mapping[str, PublicKey],
+    *,
+    org: str,
+    now: int | None = None,
+) -> Claims:
+    """Check signature (by `kid`, or the only key), algorithm, `iss`, `exp`/`iat`.
+
+    Scope and repository checks are the caller's: they depend on the request.
+    Messages say why without echoing the token.
+    """
+    header = unverified_header(token)
+    alg = header.get("alg")
+    if alg not in ALLOWED_ALGORITHMS:
+        raise TokenError(f"algorithm {alg!r} is not accepted; use one of {', '.join(ALLOWED_ALGORITHMS)}")
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise TokenError("kid must be a string")
+    if kid is not None:
+        if kid not in keys:
+            raise TokenError(f"unknown kid {kid!r}: register its public key with the server")
+        key = keys[kid]
+    elif len(keys) == 1:
+        key = next(iter(keys.values()))
+    else:
+        raise TokenError("token has no kid and the server trusts several keys; set CODESTORE_KID")
+    if algorithm_for(key) != alg:
+        raise TokenError(f"algorithm {alg} does not match the registered key for kid {kid!r}")
+    now = int(time.time()) if now is None else now
+    try:
+        raw = jwt.decode(
+            token,
+            key,
+            algorithms=[alg],
+            options={"require": ["iss", "repo", "scopes", "iat", "exp"], "verify_exp": False, "verify_iat": False},
+        )
+    except jwt.InvalidSignatureError:
+        raise TokenError("signature does not verify: token signed by an unregistered key") from None
+    except jwt.MissingRequiredClaimError as e:
+        raise TokenError(f"token lacks the {e.claim!r} claim") from None
+    except jwt.PyJWTError as e:
+        raise TokenError(f"malformed token ({type(e).__name__})") from None
+    if raw["iss"] != org:
+        raise TokenError(f"token issuer {raw['iss']!r} is not this org {org!r}")
+    exp, iat = raw["exp"], raw["iat"]
+    if not isinstance(exp, int) or not isinstance(iat, int):
+        raise TokenError("iat and exp must be integers")
+    if exp + LEEWAY < now:
+        raise TokenError(f"token expired {now - exp}s ago; mint a new one")
+    if iat - LEEWAY > now:
+        raise TokenError(f"token issued {iat - now}s in the future; check the clock")
+    scopes = raw["scopes"]
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        raise TokenError("scopes must be a list of strings")
+    if not isinstance(raw["repo"], str):
+        raise TokenError("repo must be a string")
+    refs = validate_refs(raw["refs"]) if raw.get("refs") is not None else []
+    return Claims(
+        iss=raw["iss"],
+        sub=str(raw.get("sub", "")),
+        repo=raw["repo"],
+        scopes=tuple(scopes),
+        iat=iat,
+        exp=exp,
+        refs=refs,
+        kid=kid,
+    )

@@ -1,0 +1,1 @@
+"""git-remote-codestore: `codestore://org/repo` remotes with per-operation least privilege."""

@@ -1,0 +1,218 @@
+"""Shared fixtures: a hermetic environment, an org key, and a running dev server.
+
+Every test runs with its own HOME, XDG dirs and global git config, with no system git
+config, no terminal prompts and a keyring backend that cannot touch a real keychain.
+The installed entry points (`codestore`, `git-credential-codestore`,
+`git-remote-codestore`) are found on PATH next to the Python running the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+ORG = "acme"
+KID = "k1"
+REAL_HOME = os.path.expanduser("~")
+
+
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh HOME and git config per test; returns the HOME."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for k in list(os.environ):
+        if k.startswith(("CODESTORE_", "GIT_", "XDG_")) or k in ("PYTHON_KEYRING_BACKEND", "SSH_AUTH_SOCK"):
+            monkeypatch.delenv(k)
+    env = {
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local/share"),
+        "XDG_STATE_HOME": str(home / ".local/state"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+        "GIT_CONFIG_GLOBAL": str(home / ".gitconfig"),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_ASKPASS": "",
+        "SSH_ASKPASS": "",
+        "GIT_AUTHOR_NAME": "Test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "Test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
+        # keyring's fail backend: no test can read or write a real keychain.
+        "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
+        "PATH": BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
+    }
+    (tmp_path / "run").mkdir(mode=0o700)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    (home / ".gitconfig").write_text("[init]\n\tdefaultBranch = main\n[protocol]\n\tversion = 2\n")
+    return home
+
+
+@pytest.fixture(autouse=True, scope="session")
+def real_home_untouched() -> Iterator[None]:
+    """Fail loudly if any test wrote codestore state or git config into the real HOME."""
+    watched = [
+        os.path.join(REAL_HOME, ".gitconfig"),
+        os.path.join(REAL_HOME, ".config", "codestore"),
+        os.path.join(REAL_HOME, ".local", "share", "codestore"),
+    ]
+    before = {p: os.stat(p).st_mtime if os.path.exists(p) else None for p in watched}
+    yield
+    after = {p: os.stat(p).st_mtime if os.path.exists(p) else None for p in watched}
+    assert before == after, f"a test touched the real home directory: {before} -> {after}"
+
+
+@dataclass
+class OrgKey:
+    path: Path
+    public_path: Path
+    pem: str
+    kid: str = KID
+    org: str = ORG
+
+
+def make_key(tmp_path: Path, kind: str = "ec", name: str = "org") -> OrgKey:
+    from git_credential_codestore import keys
+
+    key = keys.generate(kind)
+    path = tmp_path / f"{name}.pem"
+    pem = keys.private_pem(key).reveal()
+    path.write_text(pem)
+    path.chmod(0o600)
+    pub = tmp_path / f"{name}.pub.pem"
+    pub.write_text(keys.public_pem(key))
+    return OrgKey(path, pub, pem)
+
+
+@pytest.fixture
+def org_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> OrgKey:
+    """An EC P-256 org key in a file, configured through the environment."""
+    k = make_key(tmp_path)
+    monkeypatch.setenv("CODESTORE_ORG", ORG)
+    monkeypatch.setenv("CODESTORE_PRIVATE_KEY_FILE", str(k.path))
+    monkeypatch.setenv("CODESTORE_KID", KID)
+    return k
+
+
+@dataclass
+class DevServer:
+    url: str
+    data_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[str]
+    key: OrgKey
+
+    def requests(self) -> list[dict[str, object]]:
+        """The server's request log: one JSON object per request (never a token)."""
+        if not self.log_path.exists():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    def token(self, repo: str, scopes: list[str], ttl: int = 300) -> str:
+        from git_credential_codestore import keys, tokens
+
+        key = keys.parse_private_key(keys.Secret(self.key.pem), "test")
+        return tokens.mint(key, org=ORG, repo=repo, scopes=scopes, ttl=ttl, sub="test", kid=KID).reveal()
+
+    def api(self, method: str, path: str, token: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
+        req = urllib.request.Request(
+            self.url + path,
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def create_repo(self, repo: str, default_branch: str = "main") -> str:
+        status, body = self.api("POST", "/api/v1/repos", self.token(repo, ["repo:write"]), {"default_branch": default_branch})
+        assert status in (200, 201), (status, body)
+        return f"{self.url}/{repo}.git"
+
+
+def start_dev_server(data_dir: Path, key: OrgKey, *extra: str) -> DevServer:
+    """`codestore dev-server --port 0` prints `serving URL` on its first stdout line."""
+    log_path = data_dir / "requests.log"
+    proc = subprocess.Popen(
+        [
+            os.path.join(BIN, "codestore"), "dev-server",
+            "--port", "0",
+            "--data-dir", str(data_dir),
+            "--org", ORG,
+            "--trust-key", f"{key.public_path}:{key.kid}",
+            "--log", str(log_path),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "serving " not in line:
+        proc.kill()
+        raise AssertionError(f"dev server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+    url = line.split("serving ", 1)[1].split()[0]
+    return DevServer(url, data_dir, log_path, proc, key)
+
+
+@pytest.fixture
+def dev_server(tmp_path: Path, org_key: OrgKey, monkeypatch: pytest.MonkeyPatch) -> Iterator[DevServer]:
+    """A dev server on 127.0.0.1:<random>, trusting the org key; CODESTORE_BASE_URL points at it."""
+    server = start_dev_server(tmp_path / "server", org_key)
+    monkeypatch.setenv("CODESTORE_BASE_URL", server.url)
+    try:
+        yield server
+    finally:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def git(*args: str, cwd: Path | str | None = None, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real git; on failure the assertion shows git's output."""
+    proc = subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        env=env, timeout=300,
+    )
+    if check:
+        assert proc.returncode == 0, f"git {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run an installed entry point (`codestore ...`) as a real subprocess."""
+    return subprocess.run(
+        [os.path.join(BIN, args[0]), *args[1:]],
+        input=input, capture_output=True, text=True, env=env, timeout=timeout,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
