@@ -1,0 +1,97 @@
+"""`codestore doctor`: check each thing a git fetch depends on and say what to fix."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from . import git
+from .config import Config
+from .errors import CodestoreError, redact
+
+MIN_GIT = (2, 39, 0)
+EXPIRY_GIT = (2, 41, 0)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    warning: bool = False
+
+
+def _check(name: str, fn: Callable[[], str]) -> Check:
+    try:
+        return Check(name, True, fn())
+    except CodestoreError as e:
+        return Check(name, False, str(e))
+
+
+def check_config(cfg: Config) -> str:
+    return f"org {cfg.require_org()}, git {cfg.base_url}, api {cfg.api_url}, ttl {cfg.ttl}s, scopes {' '.join(cfg.scopes)}"
+
+
+def check_key(cfg: Config, env: Mapping[str, str]) -> str:
+    if any(env.get(k) for k in ("CODESTORE_GRANT", "CODESTORE_GRANT_FILE", "CODESTORE_AGENT_SOCK", "CODESTORE_AGENT_URL")):
+        from .source import TokenRequest, get_token
+
+        get_token(TokenRequest("doctor-check", ("git:read",), purpose="doctor"), cfg, env)
+        return "the agent minted a test token"
+    from . import keys, tokens
+
+    key, where = keys.load_private_key(cfg, env)
+    return f"{tokens.algorithm_for(key)} key from {where}" + (f", kid {cfg.kid}" if cfg.kid else ", no kid (set CODESTORE_KID)")
+
+
+def check_git(env: Mapping[str, str]) -> Check:
+    try:
+        v = git.version(env)
+    except CodestoreError as e:
+        return Check("git", False, str(e))
+    text = ".".join(map(str, v))
+    if v < MIN_GIT:
+        return Check("git", False, f"git {text} is older than 2.39; upgrade git")
+    if v < EXPIRY_GIT:
+        return Check("git", True, f"git {text} (ignores password_expiry_utc; fine, tokens are minted per process)", warning=True)
+    return Check("git", True, f"git {text}")
+
+
+def check_helper(cfg: Config) -> str:
+    from .setup import helper_chain, is_configured
+
+    if not is_configured(cfg.base_url):
+        chain = helper_chain(cfg.base_url)
+        raise CodestoreError(f"git is not set up for {cfg.base_url} (helpers: {chain or 'none'}); run: codestore setup")
+    return f"credential.{cfg.base_url}.helper resets the chain, then codestore; useHttpPath on"
+
+
+def check_server(cfg: Config) -> str:
+    try:
+        with urllib.request.urlopen(cfg.base_url + "/", timeout=5) as r:
+            return f"{cfg.base_url} answers (HTTP {r.status})"
+    except urllib.error.HTTPError as e:
+        return f"{cfg.base_url} answers (HTTP {e.code})"
+    except (urllib.error.URLError, OSError) as e:
+        raise CodestoreError(f"{cfg.base_url} is unreachable ({redact(str(getattr(e, 'reason', e)))}); check the network or CODESTORE_BASE_URL") from None
+
+
+def run_checks(env: Mapping[str, str] | None = None) -> list[Check]:
+    from . import config
+
+    env = os.environ if env is None else env
+    try:
+        cfg = config.load(env)
+        check_config(cfg)
+    except CodestoreError as e:
+        return [Check("config", False, str(e)), check_git(env)]
+    return [
+        _check("config", lambda: check_config(cfg)),
+        _check("key", lambda: check_key(cfg, env)),
+        check_git(env),
+        _check("git setup", lambda: check_helper(cfg)),
+        _check("server", lambda: check_server(cfg)),
+    ]

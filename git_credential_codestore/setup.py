@@ -1,0 +1,102 @@
+"""`codestore setup`: point git's credential machinery for our host at our helper.
+
+For the configured base URL it sets, in the global git config:
+
+    credential.<base>.helper = ""          reset: no earlier helper (store, osxkeychain,
+                                           cache) may save or serve our short-lived tokens
+    credential.<base>.helper = codestore   git runs `git-credential-codestore` from PATH,
+                                           so upgrades never leave a stale absolute path
+    credential.<base>.useHttpPath = true   git sends the repository path, so each token
+                                           names exactly one repository
+
+What it added is recorded in a state file, so `--undo` removes exactly that and
+nothing a user set by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+from . import git
+from .config import Config
+
+HELPER = "codestore"
+
+
+def state_path() -> str:
+    from platformdirs import user_state_dir
+
+    return os.path.join(user_state_dir("codestore"), "setup.json")
+
+
+def _load_state() -> dict[str, dict[str, list[str]]]:
+    try:
+        with open(state_path(), encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _save_state(state: Mapping[str, Mapping[str, list[str]]]) -> None:
+    path = state_path()
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def wanted(base_url: str) -> dict[str, list[str]]:
+    return {
+        f"credential.{base_url}.helper": ["", HELPER],
+        f"credential.{base_url}.useHttpPath": ["true"],
+    }
+
+
+def helper_chain(base_url: str) -> list[str]:
+    return git.config_get_all(f"credential.{base_url}.helper")
+
+
+def is_configured(base_url: str) -> bool:
+    return all(git.config_get_all(k) == v for k, v in wanted(base_url).items())
+
+
+def setup(cfg: Config) -> list[str]:
+    """Configure git for cfg.base_url; returns the keys it changed (none when already set)."""
+    base = cfg.base_url
+    state = _load_state()
+    originals = state.setdefault(base, {})
+    changed = []
+    for key, values in wanted(base).items():
+        current = git.config_get_all(key)
+        if current == values:
+            continue
+        # The whole list is replaced: a helper left after ours would still be asked
+        # to `store` our tokens. The first setup's originals are what undo restores.
+        originals.setdefault(key, current)
+        git.run(["config", "--global", "--unset-all", key], ok=(0, 5))
+        for v in values:
+            git.run(["config", "--global", "--add", key, v])
+        changed.append(key)
+    _save_state(state)
+    return changed
+
+
+def undo(cfg: Config) -> list[str]:
+    """Remove exactly what setup changed for cfg.base_url, restoring what was there before."""
+    base = cfg.base_url
+    state = _load_state()
+    originals = state.pop(base, {})
+    for key, values in originals.items():
+        git.run(["config", "--global", "--unset-all", key], ok=(0, 5))
+        for v in values:
+            git.run(["config", "--global", "--add", key, v])
+    prefix = f"credential.{base}.".lower()
+    names = git.run(["config", "--global", "--name-only", "--list"], ok=(0, 1)).stdout.splitlines()
+    if not any(n.lower().startswith(prefix) for n in names):
+        # Leave no empty [credential "..."] section behind.
+        git.run(["config", "--global", "--remove-section", f"credential.{base}"], ok=(0, 128))
+    _save_state(state)
+    return list(originals)
