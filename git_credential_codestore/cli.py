@@ -199,6 +199,13 @@ def setup_cmd(undo: bool) -> None:
         return
     changed = setup.setup(cfg)
     click.echo(f"configured git for {cfg.base_url}: {', '.join(changed)}" if changed else f"git is already set up for {cfg.base_url}")
+    others = [h for h in setup.effective_chain(cfg.base_url) if h != setup.HELPER]
+    if others:
+        click.echo(
+            f"warning: git would still run {', '.join(repr(h) for h in others)} after codestore for this host "
+            "(a later credential.helper entry); it may store tokens: remove it or move it above codestore's entries",
+            err=True,
+        )
 
 
 @cli.command("doctor")
@@ -230,7 +237,8 @@ def demo_cmd(keep: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         try:
-            cli.main(args=list(argv) if argv is not None else None, prog_name="codestore", standalone_mode=False)
+            # Without standalone mode click returns a command's exit code instead of exiting.
+            result = cli.main(args=list(argv) if argv is not None else None, prog_name="codestore", standalone_mode=False)
         except click.exceptions.Abort:
             raise KeyboardInterrupt from None
         except click.exceptions.ClickException as e:
@@ -238,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return e.exit_code
         except click.exceptions.Exit as e:
             return e.exit_code
-        return 0
+        return result if isinstance(result, int) else 0
 
     return boundary("codestore", run)
 

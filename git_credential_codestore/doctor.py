@@ -61,12 +61,18 @@ def check_git(env: Mapping[str, str]) -> Check:
 
 
 def check_helper(cfg: Config) -> str:
-    from .setup import helper_chain, is_configured
+    from .setup import HELPER, effective_chain, is_configured
 
     if not is_configured(cfg.base_url):
-        chain = helper_chain(cfg.base_url)
-        raise CodestoreError(f"git is not set up for {cfg.base_url} (helpers: {chain or 'none'}); run: codestore setup")
-    return f"credential.{cfg.base_url}.helper resets the chain, then codestore; useHttpPath on"
+        raise CodestoreError(f"git is not set up for {cfg.base_url}; run: codestore setup")
+    chain = effective_chain(cfg.base_url)
+    if chain != [HELPER]:
+        others = [h for h in chain if h != HELPER]
+        raise CodestoreError(
+            f"git would also run {', '.join(repr(h) for h in others)} for {cfg.base_url}, which can store our tokens; "
+            "remove it or move it above codestore's entries (then run: codestore setup)"
+        )
+    return f"git asks only codestore for {cfg.base_url}; useHttpPath on"
 
 
 def check_server(cfg: Config) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from . import git
 from .config import Config
@@ -57,6 +58,36 @@ def wanted(base_url: str) -> dict[str, list[str]]:
 
 def helper_chain(base_url: str) -> list[str]:
     return git.config_get_all(f"credential.{base_url}.helper")
+
+
+def _applies(url: str, base_url: str) -> bool:
+    """Roughly git's urlmatch: same scheme and host, and a path prefix of ours."""
+    u, b = urlsplit(url if "://" in url else "https://" + url), urlsplit(base_url)
+    path = u.path.rstrip("/")
+    return (u.scheme, u.netloc.lower()) == (b.scheme, b.netloc.lower()) and (
+        not path or b.path.rstrip("/") == path or b.path.startswith(path + "/")
+    )
+
+
+def effective_chain(base_url: str) -> list[str]:
+    """The helpers git will run for our URL, across every config file, in git's order.
+
+    git appends `credential.helper` and matching `credential.<url>.helper` values in the
+    order it reads them; an empty value clears what came before. A helper added *after*
+    our entries (say `git config --global credential.helper store` run later) is still
+    asked to `store` our tokens, so a reset before ours is not enough on its own.
+    """
+    proc = git.run(["config", "--get-regexp", r"^credential\..*helper$"], ok=(0, 1))
+    chain: list[str] = []
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        middle = key[len("credential.") : -len(".helper")] if key.lower() != "credential.helper" else ""
+        if key.lower() == "credential.helper" or _applies(middle, base_url):
+            if value == "":
+                chain.clear()
+            else:
+                chain.append(value)
+    return chain
 
 
 def is_configured(base_url: str) -> bool:

@@ -1,0 +1,179 @@
+"""Token minting and verification with Code Storage's rules."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from git_credential_codestore import keys, tokens
+from git_credential_codestore.errors import TokenError
+from git_credential_codestore.secrets import Secret, Token
+
+
+def mint(key, **kw):  # type: ignore[no-untyped-def]
+    args = dict(org="acme", repo="team/app", scopes=["git:read"], ttl=300, sub="tester", kid="k1")
+    args.update(kw)
+    return tokens.mint(key, **args)
+
+
+@pytest.mark.parametrize("kind,alg", [("ec", "ES256"), ("rsa", "RS256"), ("ed25519", "EdDSA")])
+def test_algorithm_is_chosen_from_the_key(kind: str, alg: str) -> None:
+    key = keys.generate(kind)
+    t = mint(key).reveal()
+    assert jwt.get_unverified_header(t) == {"alg": alg, "typ": "JWT", "kid": "k1"}
+    assert tokens.verify(t, {"k1": key.public_key()}, org="acme").repo == "team/app"
+
+
+def test_claims_are_the_code_storage_set() -> None:
+    key = keys.generate("ec")
+    now = int(time.time())
+    t = mint(key, refs=[("refs/heads/main", ["no-push"])], now=now)
+    c = jwt.decode(t.reveal(), options={"verify_signature": False})
+    assert c == {
+        "iss": "acme", "sub": "tester", "repo": "team/app", "scopes": ["git:read"],
+        "iat": now, "exp": now + 300, "refs": [["refs/heads/main", ["no-push"]]],
+    }
+    assert t.expires_at == now + 300
+
+
+def test_kid_is_omitted_when_not_configured() -> None:
+    assert "kid" not in jwt.get_unverified_header(mint(keys.generate("ec"), kid=None).reveal())
+
+
+@pytest.mark.parametrize("ttl", [0, 29, 3601, 31536000])
+def test_ttl_outside_the_hard_bounds_is_refused(ttl: int) -> None:
+    # Threat: a year-long token, the very thing codestore exists to replace.
+    with pytest.raises(TokenError):
+        mint(keys.generate("ec"), ttl=ttl)
+
+
+def test_unknown_scopes_are_refused() -> None:
+    with pytest.raises(TokenError, match="admin"):
+        mint(keys.generate("ec"), scopes=["admin"])
+
+
+def test_token_repr_and_str_never_show_the_value() -> None:
+    t = mint(keys.generate("ec"))
+    assert t.reveal() not in repr(t) and t.reveal() not in str(t) and t.reveal() not in f"{t}"
+    assert "eyJ" not in repr([t]) and "eyJ" not in repr({"t": t})
+
+
+def test_secret_cannot_be_pickled() -> None:
+    import pickle
+
+    with pytest.raises(TypeError):
+        pickle.dumps(Secret("x"))
+
+
+def _b64(d: dict) -> str:  # type: ignore[type-arg]
+    return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
+
+def test_verify_refuses_alg_none() -> None:
+    # Threat: an unsigned token accepted as valid.
+    key = keys.generate("ec")
+    now = int(time.time())
+    t = _b64({"alg": "none", "typ": "JWT"}) + "." + _b64({"iss": "acme", "repo": "r", "scopes": ["git:write"], "iat": now, "exp": now + 60}) + "."
+    with pytest.raises(TokenError, match="not accepted"):
+        tokens.verify(t, {"k": key.public_key()}, org="acme")
+
+
+def test_verify_refuses_hmac_signed_with_the_public_key() -> None:
+    # Threat: key confusion, HS256 keyed with the (public) verification key.
+    key = keys.generate("ec")
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    now = int(time.time())
+    header = _b64({"alg": "HS256", "typ": "JWT"})
+    payload = _b64({"iss": "acme", "repo": "r", "scopes": ["git:write"], "iat": now, "exp": now + 60})
+    import hashlib
+    import hmac
+
+    sig = base64.urlsafe_b64encode(hmac.new(pub, f"{header}.{payload}".encode(), hashlib.sha256).digest()).rstrip(b"=").decode()
+    with pytest.raises(TokenError, match="not accepted"):
+        tokens.verify(f"{header}.{payload}.{sig}", {"k": key.public_key()}, org="acme")
+
+
+def test_verify_refuses_expired_tokens_beyond_the_leeway() -> None:
+    key = keys.generate("ec")
+    t = mint(key, now=int(time.time()) - 300 - tokens.LEEWAY - 5).reveal()
+    with pytest.raises(TokenError, match="expired"):
+        tokens.verify(t, {"k1": key.public_key()}, org="acme")
+
+
+def test_verify_accepts_small_clock_skew() -> None:
+    key = keys.generate("ec")
+    t = mint(key, now=int(time.time()) + 10).reveal()
+    assert tokens.verify(t, {"k1": key.public_key()}, org="acme").iss == "acme"
+
+
+def test_verify_refuses_a_token_signed_by_an_unregistered_key() -> None:
+    t = mint(keys.generate("ec")).reveal()
+    with pytest.raises(TokenError, match="unregistered"):
+        tokens.verify(t, {"k1": keys.generate("ec").public_key()}, org="acme")
+
+
+def test_verify_refuses_an_unknown_kid() -> None:
+    key = keys.generate("ec")
+    with pytest.raises(TokenError, match="unknown kid"):
+        tokens.verify(mint(key, kid="k9").reveal(), {"k1": key.public_key()}, org="acme")
+
+
+def test_verify_refuses_another_org() -> None:
+    key = keys.generate("ec")
+    with pytest.raises(TokenError, match="issuer"):
+        tokens.verify(mint(key, org="other").reveal(), {"k1": key.public_key()}, org="acme")
+
+
+def test_verify_refuses_an_algorithm_that_does_not_match_the_registered_key() -> None:
+    ec_key, ed_key = keys.generate("ec"), keys.generate("ed25519")
+    with pytest.raises(TokenError):
+        tokens.verify(mint(ed_key).reveal(), {"k1": ec_key.public_key()}, org="acme")
+
+
+def test_verify_errors_never_contain_the_token() -> None:
+    key = keys.generate("ec")
+    t = mint(key, org="other").reveal()
+    with pytest.raises(TokenError) as e:
+        tokens.verify(t, {"k1": key.public_key()}, org="acme")
+    assert t not in str(e.value) and "eyJ" not in str(e.value)
+
+
+def test_non_p256_curves_are_refused() -> None:
+    with pytest.raises(TokenError, match="P-256"):
+        mint(ec.generate_private_key(ec.SECP384R1()))
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("refs/heads/main=no-push", [("refs/heads/main", ["no-push"])]),
+        ("refs/heads/main=no-push;refs/heads/f/*=no-force-push", [("refs/heads/main", ["no-push"]), ("refs/heads/f/*", ["no-force-push"])]),
+    ],
+)
+def test_ref_policies_parse_from_the_command_line_form(text: str, expected: list) -> None:  # type: ignore[type-arg]
+    assert tokens.parse_ref_policy(text) == expected
+
+
+@pytest.mark.parametrize("text", ["main=no-push", "refs/heads/main=delete-all", "refs/heads/main"])
+def test_bad_ref_policies_are_refused(text: str) -> None:
+    with pytest.raises(TokenError):
+        tokens.parse_ref_policy(text)
+
+
+def test_tokens_minted_by_the_official_sdk_verify_like_ours() -> None:
+    from pierre_storage.auth import generate_jwt
+
+    key = keys.generate("ec")
+    sdk = generate_jwt(keys.private_pem(key).reveal(), "acme", "team/app", ["git:read"], 300)
+    c = tokens.verify(sdk, {"only": key.public_key()}, org="acme")
+    assert (c.repo, c.scopes, c.sub) == ("team/app", ("git:read",), "@pierre/storage")
+
+
+def test_token_type_carries_its_expiry() -> None:
+    assert Token("x", 5).expires_at == 5
