@@ -31,7 +31,7 @@ import os
 import socket
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -47,6 +47,10 @@ def config_path(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     if env.get("CODESTORE_CONFIG"):
         return env["CODESTORE_CONFIG"]
+    if sys.platform.startswith("linux"):
+        # platformdirs' own rule on Linux, without its import on every git request.
+        base = env.get("XDG_CONFIG_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".config")
+        return os.path.join(base, "codestore", "config.toml")
     from platformdirs import user_config_dir
 
     return os.path.join(user_config_dir("codestore"), "config.toml")
@@ -107,15 +111,16 @@ def validate_repo_id(repo: str) -> str:
     return repo
 
 
-@dataclass(frozen=True)
-class RepoRule:
+class RepoRule(NamedTuple):
     pattern: str
     scopes: tuple[str, ...] | None = None
     ephemeral_scopes: tuple[str, ...] | None = None
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
+    """The effective settings. A NamedTuple, not a dataclass: dataclasses imports
+    inspect, a cost every git request would pay."""
+
     org: str | None = None
     base_url_setting: str | None = None
     api_url_setting: str | None = None
@@ -125,7 +130,7 @@ class Config:
     ephemeral_scopes: tuple[str, ...] | None = None
     sub_setting: str | None = None
     private_key_file: str | None = None
-    repos: tuple[RepoRule, ...] = field(default_factory=tuple)
+    repos: tuple[RepoRule, ...] = ()
     path: str = ""
 
     @property

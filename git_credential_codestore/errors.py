@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import traceback
 from collections.abc import Callable
 from typing import TextIO
 
@@ -85,6 +84,8 @@ def boundary(prog: str, func: Callable[[], int], stderr: TextIO | None = None) -
     except BrokenPipeError:
         return 1
     except Exception as e:  # noqa: BLE001 - this is the boundary
+        import traceback
+
         path = crash_log_path()
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .config import Config
 from .secrets import Token
 
 
-@dataclass(frozen=True)
-class TokenRequest:
+class TokenRequest(NamedTuple):
     """What a helper needs: one repository, in one namespace, with these scopes."""
 
     repo: str
@@ -24,7 +22,7 @@ class TokenRequest:
     ephemeral: bool = False
     ttl: int | None = None
     # [pattern, [ops]] rules for the `refs` claim (Code Storage enforces them on push).
-    refs: Sequence[tuple[str, list[str]]] = field(default_factory=tuple)
+    refs: Sequence[tuple[str, list[str]]] = ()
     # Which program asks, for the audit log: "credential", "remote", "cli".
     purpose: str = "cli"
 
@@ -33,12 +31,12 @@ class TokenSource(Protocol):
     def mint(self, request: TokenRequest) -> Token: ...
 
 
-@dataclass
 class LocalKeySource:
     """Signs with the org's private key found on this machine."""
 
-    cfg: Config
-    env: Mapping[str, str]
+    def __init__(self, cfg: Config, env: Mapping[str, str]) -> None:
+        self.cfg = cfg
+        self.env = env
 
     def mint(self, request: TokenRequest) -> Token:
         from . import keys, tokens

@@ -5,18 +5,22 @@ The header is `{"alg", "typ": "JWT", "kid"}` with the algorithm chosen from the 
 `repo`, `scopes`, `iat`, `exp` and optionally `refs`. Verification applies Code
 Storage's rules and is what the dev server and the agent's tests rely on.
 
-This module imports PyJWT and cryptography (~150 ms): helpers import it only once they
-know they must sign.
+Minting needs only `cryptography`: a compact JWS is three base64url parts, and PyJWT's
+import (x509, http.client, ssl: ~30 ms) would be paid on every git fetch. Verification,
+where a subtle mistake is a vulnerability, goes through PyJWT, imported only there.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from .config import KNOWN_SCOPES, MAX_TTL, MIN_TTL
 from .errors import TokenError
@@ -110,8 +114,28 @@ def mint(
     if refs:
         claims["refs"] = [[p, list(ops)] for p, ops in validate_refs([list(r) for r in refs])]
     alg = algorithm_for(key)
-    headers = {"typ": "JWT", "kid": kid} if kid else {"typ": "JWT"}
-    return Token(jwt.encode(claims, key, algorithm=alg, headers=headers), iat + ttl)
+    header = {"alg": alg, "typ": "JWT", "kid": kid} if kid else {"alg": alg, "typ": "JWT"}
+    signing_input = _b64json(header) + b"." + _b64json(claims)
+    token = signing_input + b"." + _b64(_sign(key, signing_input))
+    return Token(token.decode("ascii"), iat + ttl)
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _b64json(obj: Mapping[str, object]) -> bytes:
+    return _b64(json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+
+
+def _sign(key: PrivateKey, data: bytes) -> bytes:
+    """JWS signatures (RFC 7518): ES256 is raw r||s, not the DER that OpenSSL returns."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    return key.sign(data)
 
 
 @dataclass(frozen=True)
@@ -131,6 +155,8 @@ class Claims:
 
 
 def unverified_header(token: str) -> Mapping[str, object]:
+    import jwt
+
     try:
         return jwt.get_unverified_header(token)
     except jwt.PyJWTError:
@@ -149,6 +175,8 @@ def verify(
     Scope and repository checks are the caller's: they depend on the request.
     Messages say why without echoing the token.
     """
+    import jwt
+
     header = unverified_header(token)
     alg = header.get("alg")
     if alg not in ALLOWED_ALGORITHMS:
