@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Install codestore into its own virtual environment and put its three programs on PATH.
+#
+#   ./install.sh [--prefix DIR] [--bin-dir DIR] [--org ORG] [--setup] [--demo]
+#
+# Idempotent and non-interactive: safe to run again to upgrade, and inside a sandbox
+# image build (Dockerfile RUN, Modal/E2B/Daytona image steps). It needs python3 (3.10+)
+# and git; as root on Debian/Ubuntu it installs them with apt-get when they are missing.
+# It reaches no network but the package registries.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+data_home=${XDG_DATA_HOME:-$HOME/.local/share}
+prefix="$data_home/codestore"
+bin_dir="$HOME/.local/bin"
+org=""
+do_setup=0
+do_demo=0
+
+die() { echo "install.sh: $*" >&2; exit 1; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; prefix=$2; shift 2 ;;
+    --bin-dir) [ $# -ge 2 ] || die "--bin-dir needs a directory"; bin_dir=$2; shift 2 ;;
+    --org) [ $# -ge 2 ] || die "--org needs a name"; org=$2; shift 2 ;;
+    --setup) do_setup=1; shift ;;
+    --demo) do_demo=1; shift ;;
+    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+done
+
+apt_install() {
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "install.sh: installing $* with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    die "$* missing: install it with your package manager, then run install.sh again"
+  fi
+}
+
+command -v git >/dev/null 2>&1 || apt_install git
+command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || die "python3 is $(python3 -V 2>&1); codestore needs 3.10 or newer"
+# Debian splits venv (and ensurepip) out of python3.
+python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+
+venv="$prefix/venv"
+if [ ! -x "$venv/bin/python" ]; then
+  mkdir -p "$prefix"
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$here"
+
+mkdir -p "$bin_dir"
+for prog in codestore git-credential-codestore git-remote-codestore; do
+  # A link by name: git finds git-credential-codestore and git-remote-codestore on PATH,
+  # and an upgrade replaces the target without touching git's configuration.
+  ln -sfn "$venv/bin/$prog" "$bin_dir/$prog"
+done
+echo "install.sh: installed codestore $("$venv/bin/codestore" --version | awk '{print $NF}') in $venv; programs linked in $bin_dir"
+case ":$PATH:" in
+  *":$bin_dir:"*) ;;
+  *) echo "install.sh: add $bin_dir to PATH (e.g. export PATH=\"$bin_dir:\$PATH\") so git finds the helpers" ;;
+esac
+
+if [ -n "$org" ]; then
+  "$bin_dir/codestore" config set org "$org"
+fi
+if [ "$do_setup" = 1 ]; then
+  PATH="$bin_dir:$PATH" "$bin_dir/codestore" setup
+fi
+if [ "$do_demo" = 1 ]; then
+  PATH="$bin_dir:$PATH" exec "$bin_dir/codestore" demo
+fi

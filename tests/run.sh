@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command (README, CI): install what the tests need, then run them all.
+# git (with git-http-backend) comes from apt-get when missing; Python packages from PyPI
+# into ./.venv. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! command -v git >/dev/null 2>&1 || [ ! -x "$(git --exec-path 2>/dev/null)/git-http-backend" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git >/dev/null
+  else
+    echo "tests/run.sh: git with git-http-backend is required; install git" >&2
+    exit 1
+  fi
+fi
+python3 -c 'import venv, ensurepip' 2>/dev/null || {
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+}
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+exec .venv/bin/python -m pytest -q "$@"
