@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The test command (README, CI): install what the tests need, then run them all.
-# git (with git-http-backend) comes from apt-get when missing; Python packages from PyPI
+# git (with git-http-backend) and libfaketime come from apt-get when missing; Python packages from PyPI
 # into ./.venv. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if ! command -v git >/dev/null 2>&1 || [ ! -x "$(git --exec-path 2>/dev/null)/git-http-backend" ]; then
+# git (with git-http-backend) drives every end-to-end test; libfaketime moves the clock of
+# git, the helpers and the dev server together for the long-session test.
+faketime_lib() { ls /usr/lib/*/faketime/libfaketime.so.1 2>/dev/null | head -n 1; }
+if ! command -v git >/dev/null 2>&1 || [ ! -x "$(git --exec-path 2>/dev/null)/git-http-backend" ] || [ -z "$(faketime_lib)" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git libfaketime >/dev/null
   else
-    echo "tests/run.sh: git with git-http-backend is required; install git" >&2
+    echo "tests/run.sh: the tests need git (with git-http-backend) and libfaketime; install them" >&2
     exit 1
   fi
 fi

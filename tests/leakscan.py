@@ -1,0 +1,77 @@
+"""Scanners for token and key material: in files, in text, in every process's argv."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
+# `t:eyJ` base64-encoded, as it appears in an Authorization: Basic header.
+BASIC_T_JWT = base64.b64encode(b"t:eyJ").decode()[:6]
+
+
+def key_needles(pem: str) -> list[str]:
+    """Distinctive lines of a PEM private key body."""
+    return [line for line in pem.splitlines() if line and not line.startswith("-----") and len(line) > 20]
+
+
+def secrets_in_text(text: str, needles: Iterable[str] = ()) -> list[str]:
+    found = JWT_SHAPE.findall(text)
+    if BASIC_T_JWT in text:
+        found.append("Basic t:<jwt>")
+    found += [n for n in needles if n and n in text]
+    return found
+
+
+def files_with_secrets(root: Path, needles: Iterable[str] = (), skip: Iterable[Path] = ()) -> dict[str, list[str]]:
+    needles, skip = list(needles), {p.resolve() for p in skip}
+    hits: dict[str, list[str]] = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath, name)
+            if path.resolve() in skip or path.is_symlink():
+                continue
+            try:
+                text = path.read_bytes().decode("latin-1")
+            except OSError:
+                continue
+            found = secrets_in_text(text, needles)
+            if found:
+                hits[str(path)] = found
+    return hits
+
+
+class ArgvSampler:
+    """Reads /proc/*/cmdline of every process, over and over, while a test runs git."""
+
+    def __init__(self) -> None:
+        self.hits: list[str] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        argv = f.read().decode("latin-1").replace("\0", " ")
+                except OSError:
+                    continue
+                if secrets_in_text(argv):
+                    self.hits.append(argv)
+            self.samples += 1
+
+    def __enter__(self) -> "ArgvSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,156 @@
+"""End to end through git-credential-codestore: real git, the real dev server, `http://` URLs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import jwt
+import pytest
+
+from tests.conftest import ORG, DevServer, git, run_cli, start_dev_server
+from tests.leakscan import ArgvSampler, files_with_secrets, key_needles, secrets_in_text
+
+REPO = "team/app"
+
+
+@pytest.fixture
+def configured(dev_server: DevServer, monkeypatch: pytest.MonkeyPatch) -> DevServer:
+    """codestore setup for the dev server, write allowed on team/app."""
+    monkeypatch.setenv("CODESTORE_SCOPES", "git:read git:write")
+    proc = run_cli("codestore", "setup")
+    assert proc.returncode == 0, proc.stderr
+    dev_server.create_repo(REPO)
+    return dev_server
+
+
+def commit(repo: Path, name: str, text: str = "x\n") -> None:
+    (repo / name).write_text(text)
+    git("add", name, cwd=repo)
+    git("commit", "-qm", f"add {name}", cwd=repo)
+
+
+def test_clone_commit_push_fetch_through_the_helper(configured: DevServer, tmp_path: Path) -> None:
+    url = f"{configured.url}/{REPO}.git"
+    a, b = tmp_path / "a", tmp_path / "b"
+    git("clone", "-q", url, str(a))
+    commit(a, "one.txt")
+    git("push", "-q", "origin", "HEAD:main", cwd=a)
+    git("clone", "-q", url, str(b))
+    assert (b / "one.txt").exists()
+    commit(b, "two.txt")
+    git("push", "-q", "origin", "HEAD:main", cwd=b)
+    git("pull", "-q", "origin", "main", cwd=a)
+    assert (a / "two.txt").exists()
+    # The server saw only tokens it verified, for this repository, via the helper.
+    authed = [r for r in configured.requests() if r.get("scopes")]
+    assert authed and all(r["repo"] == REPO for r in authed)
+
+
+def test_the_default_read_only_token_cannot_push(dev_server: DevServer, tmp_path: Path) -> None:
+    # Threat: a sandbox configured only to read being able to write.
+    run_cli("codestore", "setup")
+    url = dev_server.create_repo(REPO)
+    git("clone", "-q", url, str(tmp_path / "c"))
+    commit(tmp_path / "c", "f.txt")
+    proc = git("push", "origin", "HEAD:main", cwd=tmp_path / "c", check=False)
+    assert proc.returncode != 0
+    assert "git:write" in proc.stderr
+    pushes = [r for r in dev_server.requests() if r.get("service") == "git-receive-pack" and r.get("scopes")]
+    assert pushes and all("git:write" not in r["scopes"] for r in pushes)
+
+
+def test_ephemeral_only_write_pushes_to_ephemeral_and_not_to_the_default_namespace(dev_server: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODESTORE_EPHEMERAL_SCOPES", "git:read git:write")
+    run_cli("codestore", "setup")
+    url = dev_server.create_repo(REPO)
+    work = tmp_path / "w"
+    git("clone", "-q", url, str(work))
+    commit(work, "f.txt")
+    git("push", "-q", f"{dev_server.url}/{REPO}+ephemeral.git", "HEAD:refs/heads/feat", cwd=work)
+    assert git("ls-remote", f"{dev_server.url}/{REPO}+ephemeral.git").stdout.strip().endswith("refs/heads/feat")
+    assert git("push", "origin", "HEAD:main", cwd=work, check=False).returncode != 0
+
+
+def test_no_token_or_key_is_left_anywhere_after_clone_fetch_and_push(configured: DevServer, tmp_path: Path, hermetic: Path) -> None:
+    # Threat: the token or key leaking into .git, the home directory, server logs,
+    # git's traces, or any process's argv.
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    env = dict(
+        os.environ,
+        GIT_TRACE=str(trace / "trace"),
+        GIT_TRACE_CURL=str(trace / "curl"),
+        GIT_TRACE_PACKET=str(trace / "packet"),
+        GIT_TRACE_SETUP=str(trace / "setup"),
+    )
+    url = f"{configured.url}/{REPO}.git"
+    clone = tmp_path / "clone"
+    outputs = []
+    with ArgvSampler() as sampler:
+        for args, cwd in [
+            (["clone", url, str(clone)], None),
+            (["-c", "user.name=T", "commit", "--allow-empty", "-m", "c"], clone),
+            (["push", "origin", "HEAD:main"], clone),
+            (["fetch", "origin"], clone),
+            (["remote", "-v"], clone),
+        ]:
+            proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            outputs.append(proc.stdout + proc.stderr)
+    needles = key_needles(configured.key.pem)
+    assert sampler.samples > 0 and sampler.hits == []
+    assert "Authorization: Basic <redacted>" in (trace / "curl").read_text()  # the curl trace was really on
+    assert files_with_secrets(trace, needles) == {}
+    assert files_with_secrets(clone / ".git", needles) == {}
+    assert files_with_secrets(hermetic, needles) == {}
+    assert files_with_secrets(configured.data_dir, needles) == {}
+    assert secrets_in_text("\n".join(outputs), needles) == []
+
+
+def test_a_session_longer_than_many_ttls_keeps_working(tmp_path: Path, org_key, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    # git, the helpers and the dev server share one fake clock (libfaketime reading an
+    # offset from a file), which the test moves forward sixty token lifetimes mid-session.
+    libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    assert libs, "libfaketime is required (tests/run.sh installs it)"
+    clock = tmp_path / "clock"
+    clock.write_text("+0\n")
+    monkeypatch.setenv("LD_PRELOAD", str(libs[0]))
+    monkeypatch.setenv("FAKETIME_TIMESTAMP_FILE", str(clock))
+    monkeypatch.setenv("FAKETIME_NO_CACHE", "1")
+    monkeypatch.setenv("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+    monkeypatch.setenv("CODESTORE_TTL", "60")
+    monkeypatch.setenv("CODESTORE_SCOPES", "git:read git:write")
+    server = start_dev_server(tmp_path / "server", org_key)
+    try:
+        monkeypatch.setenv("CODESTORE_BASE_URL", server.url)
+        run_cli("codestore", "setup")
+        url = server.create_repo(REPO)
+        work = tmp_path / "w"
+        git("clone", "-q", url, str(work))
+        fill = subprocess.run(["git", "credential", "fill"], input=f"url={url}\n\n", capture_output=True, text=True, check=True)
+        old_token = dict(line.split("=", 1) for line in fill.stdout.splitlines())["password"]
+
+        clock.write_text("+3600\n")  # an hour later: sixty 60-second lifetimes
+
+        commit(work, "late.txt")
+        git("push", "-q", "origin", "HEAD:main", cwd=work)
+        git("fetch", "-q", cwd=work)
+        git("clone", "-q", url, str(tmp_path / "again"))
+        assert (tmp_path / "again" / "late.txt").exists()
+        # The clock really moved for the server: the first token is now refused.
+        claims = jwt.decode(old_token, options={"verify_signature": False})
+        assert claims["exp"] - claims["iat"] == 60
+        refused = subprocess.run(
+            ["git", "-c", "credential.helper=", "ls-remote", url],
+            env=dict(os.environ, GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="http.extraHeader",
+                     GIT_CONFIG_VALUE_0="Authorization: Bearer " + old_token),
+            capture_output=True, text=True, timeout=60,
+        )
+        assert refused.returncode != 0
+        expired = [r for r in server.requests() if "expired" in str(r.get("reason", ""))]
+        assert expired, server.requests()[-3:]
+    finally:
+        server.proc.terminate()
+        server.proc.wait(timeout=10)
