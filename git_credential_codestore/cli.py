@@ -230,6 +230,9 @@ def demo_cmd(keep: bool) -> None:
     demo.run(click.echo, keep=keep)
 
 # (dev server)
+from .devserver.command import dev_server  # noqa: E402
+
+cli.add_command(dev_server)
 # (remote helper: clone, promote)
 # (agent, grant)
 

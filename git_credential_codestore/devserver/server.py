@@ -1,0 +1,590 @@
+"""The HTTP server: an anchored routing table, token checks, and CGI to `git http-backend`.
+
+Request bodies are streamed into the CGI (chunked bodies de-chunked as they arrive) and
+its output is streamed back (HTTP/1.1 chunked unless the CGI gives a length), so a
+push of any size uses constant memory. One thread per connection; git keep-alive works
+because a body we do not consume closes the connection instead of being misread as the
+next request.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import BinaryIO
+from urllib.parse import parse_qsl
+
+from ..errors import CodestoreError, ConfigError, redact
+from ..tokens import Claims, PublicKey
+from . import api
+from .auth import REALM, AuthFailure, authenticate, authorize_git
+from .hooks import POLICY_ENV
+from .repos import EPHEMERAL_NS, RepoError, RepoStore, check_repo_id
+
+MAX_JSON_BODY = 64 * 1024
+MAX_CHUNK_LINE = 1024
+IO_SIZE = 64 * 1024
+
+# The routing table. Every pattern is anchored at both ends and matched against the raw
+# path (query split off, nothing decoded or normalised), so what is checked is exactly
+# what reaches http-backend:
+#
+# - Only the smart protocol: `info/refs` (with a service, checked separately), and the
+#   two POST endpoints. The dumb protocol (`objects/...`, `HEAD`, `packed-refs`) would
+#   serve files straight out of the repository directory, bypassing upload-pack and
+#   the namespace: it is a 404 here.
+# - A repository id is letters, digits and `-_./` only: no `%` (no encoded `/` or `..`
+#   sneaking past the check and being decoded later), no `+` except the one
+#   `+ephemeral` suffix the pattern itself recognises, no `\`. `..`, `.`, empty
+#   components (`//`) and components ending in `.git` are then refused by
+#   `check_repo_id` rather than cleaned up, so one repository's path can never name
+#   another's directory or a file inside it.
+# - The repository id is matched non-greedily up to the first `.git/` that is followed
+#   by a known endpoint, and `.git` cannot end any component, so the split is unique.
+_REPO = r"(?P<repo>[A-Za-z0-9][A-Za-z0-9._/-]*?)(?P<ephemeral>\+ephemeral)?\.git"
+GIT_ROUTES: list[tuple[str, re.Pattern[str], str | None]] = [
+    ("GET", re.compile(rf"^/{_REPO}/info/refs$"), None),  # service from the query
+    ("POST", re.compile(rf"^/{_REPO}/git-upload-pack$"), "git-upload-pack"),
+    ("POST", re.compile(rf"^/{_REPO}/git-receive-pack$"), "git-receive-pack"),
+]
+API_ROUTES: list[tuple[str, str, str]] = [
+    ("POST", "/api/v1/repos", "create_repo"),
+    ("GET", "/api/v1/repos", "list_repos"),
+    ("POST", "/api/v1/repos/branches/create", "create_branch"),
+]
+SERVICES = ("git-upload-pack", "git-receive-pack")
+_GIT_PROTOCOL = re.compile(r"^[A-Za-z0-9=:._-]{1,256}$")
+_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+/ ;=-]{1,200}$")
+
+
+class HttpError(Exception):
+    """A one-line refusal (4xx/5xx) decided before any response was started."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = redact(" ".join(reason.split()))[:300]
+
+
+@dataclass
+class ServerState:
+    """What every request handler shares: read-only after start, except the log lock."""
+
+    org: str
+    keys: Mapping[str, PublicKey]
+    store: RepoStore
+    http_backend: str
+    git_env: Mapping[str, str]
+    log_file: BinaryIO
+    tls: bool = False
+    base_url: str = ""
+    log_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def log(self, entry: Mapping[str, object]) -> None:
+        line = redact(json.dumps(entry, sort_keys=True)) + "\n"
+        with self.log_lock:
+            self.log_file.write(line.encode("utf-8"))
+            self.log_file.flush()
+
+
+class DevServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+    state: ServerState
+
+
+class ChunkedReader(io.RawIOBase):
+    """A `Transfer-Encoding: chunked` body, de-chunked as it is read (never buffered)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.left = 0
+        self.done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _line(self) -> bytes:
+        line = self.raw.readline(MAX_CHUNK_LINE)
+        if not line.endswith(b"\n"):
+            raise HttpError(400, "malformed chunked body")
+        return line
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        if self.done:
+            return 0
+        if self.left == 0:
+            size = self._line().split(b";", 1)[0].strip()
+            try:
+                self.left = int(size, 16)
+            except ValueError:
+                raise HttpError(400, "malformed chunk size") from None
+            if self.left < 0:
+                raise HttpError(400, "malformed chunk size")
+            if self.left == 0:
+                while self._line().strip():  # trailers, up to the empty line
+                    pass
+                self.done = True
+                return 0
+        n = self.raw.readinto(memoryview(buf)[: min(len(buf), self.left)])  # type: ignore[attr-defined]
+        if not n:
+            raise HttpError(400, "request body ended early")
+        self.left -= n
+        if self.left == 0 and self._line().strip():
+            raise HttpError(400, "malformed chunked body")
+        return n
+
+
+class LengthReader(io.RawIOBase):
+    def __init__(self, raw: BinaryIO, length: int) -> None:
+        self.raw = raw
+        self.left = length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        if self.left <= 0:
+            return 0
+        n = self.raw.readinto(memoryview(buf)[: min(len(buf), self.left)])  # type: ignore[attr-defined]
+        if not n:
+            raise HttpError(400, "request body ended early")
+        self.left -= n
+        return n
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "codestore-dev-server"
+    sys_version = ""
+    timeout = 300  # an idle or stalled connection frees its thread
+    server: DevServer
+
+    # ---- plumbing -------------------------------------------------------------------
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass  # the JSON request log replaces http.server's stderr lines
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._handle()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._handle()
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._handle()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._handle()
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._handle()
+
+    def _handle(self) -> None:
+        state = self.server.state
+        started = time.monotonic()
+        raw_path, _, query = self.path.partition("?")
+        self.entry: dict[str, object] = {
+            "time": _now(),
+            "method": self.command,
+            "path": raw_path[:500],
+            "remote": self.client_address[0] if self.client_address else None,
+            "repo": None,
+            "ephemeral": False,
+            "service": None,
+            "status": None,
+            "scopes": None,
+            "sub": None,
+            "kid": None,
+            "reason": None,
+        }
+        self.body_consumed = self.command in ("GET", "HEAD") and not self._has_body()
+        self.started_response = False
+        try:
+            self._dispatch(raw_path, query)
+        except AuthFailure as e:
+            self._note_claims(e.claims)
+            headers = {}
+            if e.status == 401:
+                headers["WWW-Authenticate"] = f'Basic realm="{REALM}"'
+            self._refuse(e.status, e.reason, headers)
+        except (HttpError, RepoError) as e:
+            self._refuse(e.status, getattr(e, "reason", None) or str(e))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            self.entry["reason"] = self.entry["reason"] or "client went away"
+        except Exception as e:  # noqa: BLE001 - one request must never take the server down
+            sys.stderr.write(f"codestore dev-server: internal error: {redact(traceback.format_exc())}\n")
+            self.close_connection = True
+            if self.started_response:
+                self.entry["reason"] = f"internal error after the response started ({type(e).__name__})"
+            else:
+                self._refuse(500, f"internal error ({type(e).__name__}); see the server's stderr")
+        finally:
+            self.entry["duration_ms"] = int((time.monotonic() - started) * 1000)
+            try:
+                state.log(self.entry)
+            except Exception:  # noqa: BLE001 - a full disk must not kill request threads
+                pass
+
+    def _has_body(self) -> bool:
+        return bool(self.headers.get("Transfer-Encoding")) or int_or_zero(self.headers.get("Content-Length")) > 0
+
+    def _note_claims(self, claims: Claims | None) -> None:
+        if claims is not None:
+            self.entry["scopes"] = list(claims.scopes)
+            self.entry["sub"] = claims.sub[:200]
+            self.entry["kid"] = claims.kid
+
+    def _refuse(self, status: int, reason: str, headers: Mapping[str, str] | None = None) -> None:
+        self.entry["status"] = status
+        self.entry["reason"] = reason
+        if self.started_response:
+            self.close_connection = True
+            return
+        if self.entry.get("api"):
+            self._send(status, (json.dumps({"error": reason}) + "\n").encode(), "application/json", headers)
+        else:
+            self._send(status, (reason + "\n").encode(), "text/plain; charset=utf-8", headers)
+
+    def _send(self, status: int, body: bytes, ctype: str, headers: Mapping[str, str] | None = None) -> None:
+        self.entry["status"] = status
+        self.started_response = True
+        if not self.body_consumed:
+            # A body we did not read would be parsed as the next request: close instead.
+            self.close_connection = True
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-cache")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _body_reader(self) -> io.RawIOBase:
+        te = (self.headers.get("Transfer-Encoding") or "").strip().lower()
+        if te:
+            if te != "chunked":
+                raise HttpError(501, f"transfer encoding {te[:40]!r} is not supported")
+            if self.headers.get("Content-Length"):
+                raise HttpError(400, "both Content-Length and Transfer-Encoding sent")
+            return ChunkedReader(self.rfile)  # type: ignore[arg-type]
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return LengthReader(self.rfile, 0)  # type: ignore[arg-type]
+        if not length.isdigit():
+            raise HttpError(400, "bad Content-Length")
+        return LengthReader(self.rfile, int(length))  # type: ignore[arg-type]
+
+    # ---- routing ----------------------------------------------------------------------
+
+    def _dispatch(self, path: str, query: str) -> None:
+        if not path.startswith("/") or len(path) > 1024:
+            raise HttpError(400, "bad request target")
+        if path == "/api/v1" or path.startswith("/api/v1/"):
+            self.entry["api"] = True
+            for method, route, name in API_ROUTES:
+                if path == route and self.command == method:
+                    return self._api(name, query)
+            raise HttpError(404, f"no such endpoint: {self.command} {path[:100]}")
+        for method, pattern, service in GIT_ROUTES:
+            m = pattern.match(path)
+            if m and self.command == method:
+                return self._git(m.group("repo"), bool(m.group("ephemeral")), service, query)
+        raise HttpError(404, "not found: this server speaks only Git smart HTTP and /api/v1")
+
+    def _git(self, repo: str, ephemeral: bool, service: str | None, query: str) -> None:
+        state = self.server.state
+        self.entry["repo"], self.entry["ephemeral"] = repo, ephemeral
+        try:
+            check_repo_id(repo)
+        except ConfigError as e:
+            raise HttpError(404, str(e)) from None
+        if service is None:
+            params = parse_qsl(query, keep_blank_values=True)
+            if len(params) != 1 or params[0][0] != "service" or params[0][1] not in SERVICES:
+                raise HttpError(404, "only the smart protocol is served: want ?service=git-upload-pack or git-receive-pack")
+            service = params[0][1]
+            suffix, cgi_query = "/info/refs", f"service={service}"
+        else:
+            suffix, cgi_query = "/" + service, ""
+        self.entry["service"] = service
+        # Authenticate before revealing whether the repository exists.
+        claims = authenticate(self.headers.get("Authorization"), state.keys, state.org)
+        self._note_claims(claims)
+        authorize_git(claims, repo, service)
+        if not state.store.exists(repo):
+            raise HttpError(404, f"repository {repo!r} does not exist; create it with: codestore repo create {repo}")
+        self._run_cgi(repo, ephemeral, suffix, cgi_query, claims)
+
+    # ---- CGI --------------------------------------------------------------------------
+
+    def _run_cgi(self, repo: str, ephemeral: bool, suffix: str, query: str, claims: Claims) -> None:
+        state = self.server.state
+        env = dict(state.git_env)
+        env.update(
+            GIT_PROJECT_ROOT=state.store.root,
+            GIT_HTTP_EXPORT_ALL="1",
+            GATEWAY_INTERFACE="CGI/1.1",
+            SERVER_PROTOCOL="HTTP/1.1",
+            REQUEST_METHOD=self.command,
+            PATH_INFO=f"/{repo}.git{suffix}",
+            QUERY_STRING=query,
+            REMOTE_ADDR=str(self.client_address[0]),
+            # http-backend enables receive-pack only for an authenticated user; we have
+            # already decided who may push.
+            REMOTE_USER=_printable(claims.sub) or "t",
+            **{POLICY_ENV: json.dumps([[p, list(ops)] for p, ops in claims.refs])},
+        )
+        if ephemeral:
+            env["GIT_NAMESPACE"] = EPHEMERAL_NS
+        ctype = self.headers.get("Content-Type")
+        if ctype and _CONTENT_TYPE.match(ctype):
+            env["CONTENT_TYPE"] = ctype
+        length = self.headers.get("Content-Length")
+        if length is not None and not self.headers.get("Transfer-Encoding"):
+            if not length.isdigit():
+                raise HttpError(400, "bad Content-Length")
+            env["CONTENT_LENGTH"] = length
+        encoding = self.headers.get("Content-Encoding")
+        if encoding:
+            if encoding.strip().lower() not in ("gzip", "x-gzip", "identity"):
+                raise HttpError(415, f"content encoding {encoding[:20]!r} is not supported")
+            env["HTTP_CONTENT_ENCODING"] = encoding.strip().lower()
+        proto = self.headers.get("Git-Protocol")
+        if proto and _GIT_PROTOCOL.match(proto):
+            env["GIT_PROTOCOL"] = proto
+        body = self._body_reader()
+
+        try:
+            proc = subprocess.Popen(
+                [state.http_backend],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=state.store.root,
+            )
+        except OSError as e:
+            raise HttpError(500, f"cannot run git http-backend: {e.strerror}") from None
+        assert proc.stdin and proc.stdout and proc.stderr
+        feeder = _Feeder(body, proc.stdin)
+        errors = _Drain(proc.stderr)
+        errors.start()
+        if state.tls:
+            # One SSL connection must not be read and written from two threads at once.
+            # git's smart HTTP is request-then-response, so feeding the whole body first
+            # cannot deadlock against http-backend's output.
+            feeder.run()
+        else:
+            feeder.start()
+        try:
+            self._relay(proc.stdout, errors)
+        finally:
+            proc.stdout.close()
+            if feeder.ident is not None:
+                feeder.join(timeout=30)
+            rc = proc.wait()
+            errors.join(timeout=5)
+            self.body_consumed = feeder.complete
+            if feeder.error is not None or feeder.is_alive() or not feeder.complete:
+                self.close_connection = True
+            if feeder.error is not None and not self.entry.get("reason"):
+                self.entry["reason"] = feeder.error
+            if rc != 0 and not self.entry.get("reason"):
+                self.entry["reason"] = f"http-backend exit {rc}: {errors.last_line()}"
+
+    def _relay(self, out: BinaryIO, errors: _Drain) -> None:
+        """Parse the CGI's header block, then stream its body to the client."""
+        status, reason, headers = 200, "OK", []
+        length: int | None = None
+        while True:
+            line = out.readline(8192)
+            if not line:
+                raise HttpError(500, f"git http-backend failed: {errors.wait_last_line() or 'no output'}")
+            line = line.rstrip(b"\r\n")
+            if not line:
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            name, value = name.strip(), value.strip()
+            if name.lower() == "status":
+                code, _, reason = value.partition(" ")
+                status = int(code) if code.isdigit() else 500
+            elif name.lower() == "content-length" and value.isdigit():
+                length = int(value)
+            elif name.lower() not in ("connection", "transfer-encoding"):
+                headers.append((name, value))
+        self.entry["status"] = status
+        if status >= 400:
+            self.entry["reason"] = f"http-backend: {reason or status}"
+        chunked = length is None and self.request_version == "HTTP/1.1"
+        if length is None and not chunked:
+            self.close_connection = True
+        self.started_response = True
+        self.send_response(status, reason or None)
+        for name, value in headers:
+            self.send_header(name, value)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        elif chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        while True:
+            data = out.read1(IO_SIZE)  # type: ignore[attr-defined]
+            if not data:
+                break
+            if chunked:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            else:
+                self.wfile.write(data)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    # ---- REST -------------------------------------------------------------------------
+
+    def _api(self, name: str, query: str) -> None:
+        state = self.server.state
+        body: dict[str, object] = {}
+        if self.command == "POST":
+            data = _read_upto(self._body_reader(), MAX_JSON_BODY + 1)
+            if len(data) > MAX_JSON_BODY:
+                raise HttpError(413, f"request body larger than {MAX_JSON_BODY // 1024} KiB")
+            self.body_consumed = True
+            if data.strip():
+                try:
+                    parsed = json.loads(data)
+                except ValueError:
+                    raise HttpError(400, "request body is not JSON") from None
+                if not isinstance(parsed, dict):
+                    raise HttpError(400, "request body must be a JSON object")
+                body = parsed
+        claims = authenticate(self.headers.get("Authorization"), state.keys, state.org)
+        self._note_claims(claims)
+        self.entry["repo"] = claims.repo[:200]
+        if name == "create_repo":
+            status, result = api.create_repo(state.store, claims, body, state.base_url)
+        elif name == "list_repos":
+            status, result = api.list_repos(state.store, claims, dict(parse_qsl(query)), state.base_url)
+        else:
+            self.entry["ephemeral"] = bool(body.get("target_is_ephemeral"))
+            status, result = api.create_branch(state.store, claims, body)
+        self._send(status, (json.dumps(result) + "\n").encode(), "application/json")
+
+
+class _Feeder(threading.Thread):
+    """Copies the request body into the CGI's stdin, then closes it."""
+
+    def __init__(self, body: io.RawIOBase, sink: BinaryIO) -> None:
+        super().__init__(daemon=True)
+        self.body, self.sink = body, sink
+        self.error: str | None = None
+        self.complete = False
+
+    def run(self) -> None:
+        buf = bytearray(IO_SIZE)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = self.body.readinto(view)
+                if not n:
+                    self.complete = True
+                    break
+                self.sink.write(view[:n])
+        except HttpError as e:
+            self.error = e.reason
+        except BrokenPipeError:
+            self.error = "http-backend stopped reading the request body"
+        except OSError as e:
+            self.error = f"reading the request body failed: {e.strerror or type(e).__name__}"
+        finally:
+            try:
+                self.sink.close()
+            except OSError:
+                pass
+
+
+class _Drain(threading.Thread):
+    """Collects the CGI's stderr (the tail only) so a failure can be reported in one line."""
+
+    def __init__(self, src: BinaryIO) -> None:
+        super().__init__(daemon=True)
+        self.src = src
+        self.tail = b""
+
+    def run(self) -> None:
+        for chunk in iter(lambda: self.src.read(4096), b""):
+            self.tail = (self.tail + chunk)[-4096:]
+
+    def last_line(self) -> str:
+        lines = [ln for ln in self.tail.decode("utf-8", "replace").splitlines() if ln.strip()]
+        return redact(lines[-1].strip())[:200] if lines else ""
+
+    def wait_last_line(self) -> str:
+        self.join(timeout=5)
+        return self.last_line()
+
+
+def _read_upto(reader: io.RawIOBase, limit: int) -> bytes:
+    data = bytearray()
+    while len(data) < limit:
+        chunk = reader.read(min(IO_SIZE, limit - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def int_or_zero(value: str | None) -> int:
+    return int(value) if value and value.isdigit() else 0
+
+
+def _printable(text: str) -> str:
+    return "".join(c for c in text if c.isprintable())[:200]
+
+
+def find_http_backend(env: Mapping[str, str]) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "--exec-path"], capture_output=True, text=True, env=dict(env), stdin=subprocess.DEVNULL
+        )
+    except FileNotFoundError:
+        raise CodestoreError("git is not installed or not on PATH; install git 2.39 or newer") from None
+    path = os.path.join(out.stdout.strip(), "git-http-backend")
+    if out.returncode != 0 or not os.access(path, os.X_OK):
+        raise CodestoreError(f"git http-backend not found at {path}; install git's full package (git-core)")
+    return path
+
+
+def make_server(host: str, port: int, state: ServerState, wrap: Callable[[socket.socket], socket.socket] | None = None) -> DevServer:
+    try:
+        server = DevServer((host, port), Handler, bind_and_activate=True)
+    except OSError as e:
+        raise CodestoreError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port (0 picks a free one)") from None
+    if wrap is not None:
+        server.socket = wrap(server.socket)
+    server.state = state
+    return server
