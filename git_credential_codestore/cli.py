@@ -235,6 +235,10 @@ from .devserver.command import dev_server  # noqa: E402
 cli.add_command(dev_server)
 # (remote helper: clone, promote)
 # (agent, grant)
+from .agent.commands import agent, grant  # noqa: E402
+
+cli.add_command(agent)
+cli.add_command(grant)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,14 +54,104 @@ class LocalKeySource:
         )
 
 
+AGENT_VARS = ("CODESTORE_AGENT_URL", "CODESTORE_AGENT_SOCK", "CODESTORE_GRANT", "CODESTORE_GRANT_FILE")
+AUTOSTART_IDLE = 900  # seconds an on-demand agent lives without requests
+
+
+class FallbackSource:
+    """The agent when it answers; the local key when it is down (or holds another key).
+
+    When the local key is missing too, the agent's one-line error (how to start it) is
+    what the user sees: that is the likelier fix.
+    """
+
+    def __init__(self, agent: TokenSource, local: TokenSource) -> None:
+        self.agent = agent
+        self.local = local
+
+    def mint(self, request: TokenRequest) -> Token:
+        from .agent.client import AgentMismatch, AgentUnavailable
+        from .errors import KeyNotFound
+
+        try:
+            return self.agent.mint(request)
+        except (AgentUnavailable, AgentMismatch) as agent_error:
+            try:
+                return self.local.mint(request)
+            except KeyNotFound:
+                raise agent_error from None
+
+
+def _key_file_present(cfg: Config, env: Mapping[str, str]) -> bool:
+    """A key an agent could load, found without touching the keychain (that import is slow)."""
+    if env.get("CODESTORE_PRIVATE_KEY", "").strip():
+        return True
+    path = env.get("CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
+    if path:
+        return os.path.exists(os.path.expanduser(path))
+    from platformdirs import user_data_dir
+
+    return os.path.exists(os.path.join(user_data_dir("codestore"), "keys", f"{cfg.org or 'default'}.pem"))
+
+
 def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSource:
-    """The agent when one is configured (a grant, or an explicit socket/URL), else the local key."""
+    """Which source serves this request. In order:
+
+    1. An explicitly configured agent (CODESTORE_AGENT_URL/_SOCK, CODESTORE_GRANT/_FILE).
+       With a grant there is no fallback: a sandbox gets the agent's answer or nothing.
+       Without one (the owner), a down agent falls back to the local key.
+    2. CODESTORE_AGENT=off: the local key only.
+    3. An agent at the default socket (a stat, no connect unless the file exists),
+       falling back to the local key if it does not answer.
+    4. CODESTORE_AGENT=auto and a key file: start an agent in the background for the
+       next requests (it exits after AUTOSTART_IDLE idle seconds), and sign this one
+       locally, so the first request is never slower than without an agent.
+    5. The local key.
+    """
     env = os.environ if env is None else env
-    if any(env.get(k) for k in ("CODESTORE_AGENT_URL", "CODESTORE_AGENT_SOCK", "CODESTORE_GRANT", "CODESTORE_GRANT_FILE")):
+    local = LocalKeySource(cfg, env)
+    if any(env.get(k) for k in AGENT_VARS):
         from .agent.client import AgentSource
 
-        return AgentSource.from_env(cfg, env)
-    return LocalKeySource(cfg, env)
+        agent = AgentSource.from_env(cfg, env)
+        return agent if agent.grant is not None else FallbackSource(agent, local)
+    mode = env.get("CODESTORE_AGENT", "").strip().lower()
+    if mode in ("off", "0", "no", "false"):
+        return local
+    from .agent.client import AgentSource, Endpoint, default_socket
+
+    path = default_socket(env)
+    running = os.path.exists(path)
+    if mode == "auto" and _key_file_present(cfg, env) and not _answers(path, running):
+        from .agent.client import spawn
+
+        spawn(path, idle_timeout=AUTOSTART_IDLE)
+        return local
+    if running:
+        return FallbackSource(AgentSource(Endpoint("unix", path), None, cfg, env), local)
+    return local
+
+
+def _answers(path: str, exists: bool) -> bool:
+    """True when something accepts connections at the socket (a 0.5 s bound, no request)."""
+    if not exists:
+        return False
+    import socket
+
+    from .agent.client import unix_address
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    addr, fd = unix_address(path)
+    try:
+        s.connect(addr)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+        if fd is not None:
+            os.close(fd)
 
 
 def get_token(request: TokenRequest, cfg: Config, env: Mapping[str, str] | None = None) -> Token:

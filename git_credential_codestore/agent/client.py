@@ -1,0 +1,288 @@
+"""Talking to the agent: the token source helpers use, and the admin calls the CLI makes.
+
+Helpers run this on every git fetch and push, so it imports only the standard library's
+cheapest modules (`socket`, `json`; `ssl` only for an https agent) and speaks a small
+subset of HTTP/1.1 by hand: `http.client` alone costs more start-up time than the whole
+round trip to the agent. One request per connection, `Connection: close`.
+
+The grant travels in the `Authorization: Grant ...` header, never in a URL or argv.
+Every failure is one line that says what to do; nothing here can hang git: connects
+and replies have short timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import subprocess
+
+from ..config import Config
+from ..errors import ConfigError, PolicyError, RemoteError
+from ..secrets import Secret, Token
+
+MAX_REPLY = 1 << 20
+CONNECT_TIMEOUT = 2.0
+REPLY_TIMEOUT = 15.0
+SOCKET_NAME = "agent.sock"
+START_HINT = "start it where the key lives (codestore agent start), or fix CODESTORE_AGENT_URL/CODESTORE_AGENT_SOCK"
+
+
+class AgentUnavailable(RemoteError):
+    """Nothing answers at the agent's address."""
+
+
+class AgentMismatch(RemoteError):
+    """The agent signs for another org or key than this helper is configured for."""
+
+
+class AgentRefused(PolicyError):
+    """The agent answered and refused (beyond the grant, revoked grant, bad request)."""
+
+
+def runtime_dir(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    if sys.platform.startswith(("linux", "freebsd", "openbsd")):
+        base = env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+        return os.path.join(base, "codestore")
+    from platformdirs import user_runtime_dir
+
+    return user_runtime_dir("codestore")
+
+
+def default_socket(env: Mapping[str, str] | None = None) -> str:
+    return os.path.join(runtime_dir(env), SOCKET_NAME)
+
+
+def unix_address(path: str) -> tuple[str, int | None]:
+    """An AF_UNIX address for `path`, even beyond the ~107-byte sun_path limit.
+
+    Long paths (deep temp dirs) go through /proc/self/fd/N of the open directory on
+    Linux. Returns (address, fd to close afterwards).
+    """
+    if len(path.encode()) < 100 or not os.path.isdir("/proc/self/fd"):
+        return path, None
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    return f"/proc/self/fd/{fd}/{os.path.basename(path)}", fd
+
+
+def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
+    """Which key the configuration names, without reading it (no crypto here).
+
+    The agent compares this with its own, so a helper never gets a token signed with a
+    key other than the one its configuration chose.
+    """
+    pem = env.get("CODESTORE_PRIVATE_KEY", "")
+    if pem.strip():
+        import hashlib
+
+        return "pem:" + hashlib.sha256(pem.encode()).hexdigest()[:16]
+    path = env.get("CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
+    if path:
+        return "file:" + os.path.realpath(os.path.expanduser(path))
+    return "store:" + (cfg.org or "default")
+
+
+class Endpoint(NamedTuple):
+    """Where the agent listens: a Unix socket path, or an http(s) URL."""
+
+    kind: str  # "unix" | "http" | "https"
+    address: str  # socket path, or host
+    port: int = 0
+
+    @classmethod
+    def from_url(cls, url: str) -> Endpoint:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"CODESTORE_AGENT_URL must be http(s)://HOST:PORT, not {parts.scheme or url[:20]!r}")
+        if parts.username or parts.password or parts.query:
+            # A grant in a URL would land in logs and argv: exactly what we exist to prevent.
+            raise ConfigError("CODESTORE_AGENT_URL must not carry credentials or a query; put the grant in CODESTORE_GRANT_FILE")
+        return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+
+    def __str__(self) -> str:
+        return self.address if self.kind == "unix" else f"{self.kind}://{self.address}:{self.port}"
+
+
+def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> socket.socket:
+    try:
+        if ep.kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            addr, fd = unix_address(ep.address)
+            try:
+                sock.connect(addr)
+            except OSError:
+                sock.close()
+                raise
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            return sock
+        sock = socket.create_connection((ep.address, ep.port), timeout=timeout)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise AgentUnavailable(f"no codestore agent at {ep} ({e.strerror or type(e).__name__}); {START_HINT}") from None
+    except OSError as e:
+        raise AgentUnavailable(f"cannot reach the codestore agent at {ep} ({e.strerror or type(e).__name__}); {START_HINT}") from None
+    if ep.kind == "https":
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=env.get("CODESTORE_AGENT_CA") or None)
+        try:
+            sock = ctx.wrap_socket(sock, server_hostname=ep.address)
+        except (ssl.SSLError, OSError) as e:
+            sock.close()
+            raise AgentUnavailable(f"TLS with the codestore agent at {ep} failed ({type(e).__name__}); set CODESTORE_AGENT_CA to its CA file") from None
+    return sock
+
+
+def call(
+    ep: Endpoint,
+    method: str,
+    path: str,
+    body: Mapping[str, object] | None = None,
+    *,
+    grant: Secret | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = REPLY_TIMEOUT,
+) -> tuple[int, dict[str, object]]:
+    """One request; returns (HTTP status, JSON object). Raises AgentUnavailable."""
+    env = os.environ if env is None else env
+    payload = json.dumps(body).encode() if body is not None else b""
+    host = "agent" if ep.kind == "unix" else f"{ep.address}:{ep.port}"
+    head = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close", f"Content-Length: {len(payload)}"]
+    if body is not None:
+        head.append("Content-Type: application/json")
+    if grant is not None:
+        head.append(f"Authorization: Grant {grant.reveal()}")
+    sock = _connect(ep, min(timeout, CONNECT_TIMEOUT), env)
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+        chunks, size = [], 0
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_REPLY:
+                raise RemoteError(f"the codestore agent at {ep} sent an oversized reply")
+    except socket.timeout:
+        raise AgentUnavailable(f"the codestore agent at {ep} did not answer within {timeout:.0f}s; check: codestore agent status") from None
+    except OSError as e:
+        raise AgentUnavailable(f"the codestore agent at {ep} dropped the connection ({e.strerror or type(e).__name__}); {START_HINT}") from None
+    finally:
+        sock.close()
+    raw = b"".join(chunks)
+    header, _, content = raw.partition(b"\r\n\r\n")
+    status_line = header.split(b"\r\n", 1)[0].split()
+    try:
+        status = int(status_line[1])
+        reply = json.loads(content) if content else {}
+    except (IndexError, ValueError):
+        raise RemoteError(f"the codestore agent at {ep} sent a reply that is not JSON over HTTP; is it a codestore agent?") from None
+    if not isinstance(reply, dict):
+        raise RemoteError(f"the codestore agent at {ep} sent an unexpected reply")
+    return status, reply
+
+
+def read_grant(env: Mapping[str, str]) -> Secret | None:
+    value = env.get("CODESTORE_GRANT", "").strip()
+    if value:
+        return Secret(value)
+    path = env.get("CODESTORE_GRANT_FILE")
+    if not path:
+        return None
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            value = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read CODESTORE_GRANT_FILE {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+    if not value:
+        raise ConfigError(f"CODESTORE_GRANT_FILE {path} is empty; write the grant from `codestore grant create` into it")
+    return Secret(value)
+
+
+def endpoint_from_env(env: Mapping[str, str]) -> Endpoint:
+    if env.get("CODESTORE_AGENT_URL"):
+        return Endpoint.from_url(env["CODESTORE_AGENT_URL"])
+    return Endpoint("unix", os.path.expanduser(env.get("CODESTORE_AGENT_SOCK") or default_socket(env)))
+
+
+def refusal(ep: Endpoint, status: int, reply: Mapping[str, object]) -> Exception:
+    reason = str(reply.get("error") or f"HTTP {status}")
+    if reply.get("code") == "mismatch":
+        return AgentMismatch(f"the codestore agent at {ep} {reason}")
+    return AgentRefused(f"the codestore agent refused: {reason}")
+
+
+class AgentSource:
+    """Tokens from an agent: with a grant (a sandbox) or as the owner (same uid, no grant)."""
+
+    def __init__(self, endpoint: Endpoint, grant: Secret | None, cfg: Config, env: Mapping[str, str]) -> None:
+        self.endpoint = endpoint
+        self.grant = grant
+        self.cfg = cfg
+        self.env = env
+
+    @classmethod
+    def from_env(cls, cfg: Config, env: Mapping[str, str] | None = None) -> AgentSource:
+        env = os.environ if env is None else env
+        return cls(endpoint_from_env(env), read_grant(env), cfg, env)
+
+    def mint(self, request: object) -> Token:
+        # `request` is a source.TokenRequest; not imported here to keep this module a leaf.
+        body: dict[str, object] = {
+            "repo": request.repo,  # type: ignore[attr-defined]
+            "scopes": list(request.scopes),  # type: ignore[attr-defined]
+            "ephemeral": bool(request.ephemeral),  # type: ignore[attr-defined]
+            "ttl": request.ttl,  # type: ignore[attr-defined]
+            "refs": [[p, list(ops)] for p, ops in request.refs],  # type: ignore[attr-defined]
+            "purpose": request.purpose,  # type: ignore[attr-defined]
+        }
+        if self.grant is None:
+            # The owner signs as itself; the agent checks it holds the same key and org.
+            body["owner"] = {
+                "org": self.cfg.org,
+                "kid": self.cfg.kid,
+                "key": key_identity(self.cfg, self.env),
+                "sub": self.cfg.sub,
+            }
+        status, reply = call(self.endpoint, "POST", "/v1/token", body, grant=self.grant, env=self.env)
+        if status != 200:
+            raise refusal(self.endpoint, status, reply)
+        token, exp = reply.get("token"), reply.get("expires_at")
+        if not isinstance(token, str) or not isinstance(exp, int):
+            raise RemoteError(f"the codestore agent at {self.endpoint} sent a reply without a token")
+        return Token(token, exp)
+
+
+def spawn(socket_path: str, *, idle_timeout: int = 0, extra: tuple[str, ...] = (), log_path: str | None = None) -> subprocess.Popen[bytes]:
+    """Start `codestore agent serve` detached from this process.
+
+    Used by `codestore agent start` and by helpers starting an agent on demand. The
+    child gets its own session, so git's or the shell's Ctrl-C and hang-up leave it alone.
+    """
+    import subprocess
+
+    args = [sys.executable, "-m", "git_credential_codestore.cli", "agent", "serve", "--socket", socket_path]
+    if idle_timeout:
+        args += ["--idle-timeout", str(idle_timeout)]
+    args += list(extra)
+    out = subprocess.DEVNULL
+    if log_path:
+        os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+        out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # type: ignore[assignment]
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True)
+    finally:
+        if log_path:
+            os.close(out)  # type: ignore[arg-type]
+    return proc
