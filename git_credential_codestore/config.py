@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import socket
 import sys
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -150,7 +149,8 @@ class Config(NamedTuple):
 
     @property
     def sub(self) -> str:
-        return self.sub_setting or f"codestore@{socket.gethostname()}"
+        # os.uname, not socket.gethostname: socket's import is a cost on every git request.
+        return self.sub_setting or f"codestore@{os.uname().nodename}"
 
     def require_org(self) -> str:
         if not self.org:
