@@ -1,0 +1,92 @@
+"""The codestore CLI: demo, doctor, token, repo, config; errors are one line, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jwt
+import pytest
+
+from tests.conftest import ORG, DevServer, OrgKey, run_cli
+
+
+def test_demo_runs_the_whole_flow_offline_and_leaves_the_users_config_alone(hermetic: Path) -> None:
+    before = sorted(p.name for p in hermetic.rglob("*"))
+    proc = run_cli("codestore", "demo", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "none found" in proc.stdout and "200 POST git-receive-pack" in proc.stdout
+    assert sorted(p.name for p in hermetic.rglob("*")) == before
+
+
+def test_doctor_passes_on_a_set_up_machine(dev_server: DevServer) -> None:
+    run_cli("codestore", "setup")
+    proc = run_cli("codestore", "doctor")
+    assert proc.returncode == 0, proc.stdout
+    marks = {line.split(":")[0].split(None, 1)[1]: line.split()[0] for line in proc.stdout.splitlines()}
+    # git older than 2.41 ignores password_expiry_utc: a warning, not a failure.
+    assert marks == {"config": "ok", "key": "ok", "git": marks["git"], "git setup": "ok", "server": "ok"}
+    assert marks["git"] in ("ok", "warn")
+
+
+def test_doctor_names_the_fix_for_each_failure(hermetic: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODESTORE_ORG", ORG)
+    monkeypatch.setenv("CODESTORE_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    proc = run_cli("codestore", "doctor")
+    assert proc.returncode == 1
+    lines = {line.split()[1].rstrip(":"): line for line in proc.stdout.splitlines()}
+    assert "codestore key generate" in lines["key"]
+    assert "codestore setup" in proc.stdout
+    assert "unreachable" in lines["server"]
+
+
+def test_doctor_without_any_configuration_says_to_set_the_org(hermetic: Path) -> None:
+    proc = run_cli("codestore", "doctor")
+    assert proc.returncode == 1 and "CODESTORE_ORG" in proc.stdout
+
+
+def test_token_prints_one_scoped_short_lived_token(org_key: OrgKey) -> None:
+    proc = run_cli("codestore", "token", "team/app", "--scope", "git:write", "--ttl", "120")
+    assert proc.returncode == 0, proc.stderr
+    claims = jwt.decode(proc.stdout.strip(), options={"verify_signature": False})
+    assert claims["repo"] == "team/app" and claims["scopes"] == ["git:read", "git:write"]
+    assert claims["exp"] - claims["iat"] == 120
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["token", "../x"], "not a repository id"),
+        (["token", "a", "--ttl", "99999"], "TTL"),
+        (["token", "a", "--scope", "root"], "unknown scope"),
+        (["config", "set", "private_key", "x"], "key import"),
+        (["config", "set", "nonsense", "x"], "unknown setting"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1_and_no_traceback(org_key: OrgKey, args: list[str], fragment: str) -> None:
+    proc = run_cli("codestore", *args)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("codestore: ") and proc.stderr.count("\n") == 1
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_repo_create_then_list_through_the_rest_api(dev_server: DevServer) -> None:
+    proc = run_cli("codestore", "repo", "create", "team/new")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{dev_server.url}/team/new.git" in proc.stdout
+    again = run_cli("codestore", "repo", "create", "team/new")
+    assert again.returncode == 1 and "already exists" in again.stderr
+    listed = run_cli("codestore", "repo", "list")
+    assert "team/new" in listed.stdout
+
+
+def test_unreachable_api_is_one_line(org_key: OrgKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODESTORE_BASE_URL", "http://127.0.0.1:9")
+    proc = run_cli("codestore", "repo", "create", "x")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "cannot reach" in proc.stderr
+
+
+def test_config_set_then_show(hermetic: Path) -> None:
+    assert run_cli("codestore", "config", "set", "org", "acme").returncode == 0
+    assert run_cli("codestore", "config", "set", "scopes", "git:write").returncode == 0
+    shown = run_cli("codestore", "config", "show").stdout
+    assert "org:      acme" in shown and "git:read git:write" in shown
