@@ -595,3 +595,85 @@ def test_the_default_namespace_cannot_push_into_the_ephemeral_one(seeded: tuple[
     env = auth_env(server.token("team/app", ["git:write"]))
     proc = git("push", url, "main:refs/namespaces/ephemeral/refs/heads/main", cwd=work, env=env, check=False)
     assert proc.returncode != 0
+
+
+# ---- robustness ------------------------------------------------------------------------------
+
+
+def raw_exchange(server: DevServer, data: bytes) -> bytes:
+    """Send raw bytes on one connection and read until the server closes it."""
+    import socket
+
+    u = urlsplit(server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_a_chunked_json_body_is_read_as_a_stream(dev_server: DevServer) -> None:
+    tok = dev_server.token("chunky", ["repo:write"])
+    body = b'{"default_branch": "main"}'
+    data = (
+        f"POST /api/v1/repos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode() + b"5\r\n" + body[:5] + b"\r\n" + b"%x\r\n" % len(body[5:]) + body[5:] + b"\r\n0\r\n\r\n"
+    assert raw_exchange(dev_server, data).startswith(b"HTTP/1.1 201")
+
+
+def test_a_malformed_chunked_body_is_400_and_the_server_keeps_serving(dev_server: DevServer) -> None:
+    tok = dev_server.token("chunky", ["repo:write"])
+    data = (
+        f"POST /api/v1/repos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n"
+    ).encode()
+    assert raw_exchange(dev_server, data).startswith(b"HTTP/1.1 400")
+    assert dev_server.api("POST", "/api/v1/repos", tok, {})[0] == 201
+
+
+def test_a_refused_request_with_an_unread_body_closes_the_connection(seeded: tuple[DevServer, str, Path]) -> None:
+    # Threat: request smuggling, an unread body parsed as the next request on a kept-alive connection.
+    server, _, _ = seeded
+    smuggled = b"GET /team/app.git/info/refs?service=git-upload-pack HTTP/1.1\r\nHost: x\r\n\r\n"
+    data = (
+        b"POST /team/app.git/git-upload-pack HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(smuggled)
+    ) + smuggled
+    out = raw_exchange(server, data)
+    assert out.startswith(b"HTTP/1.1 401") and b"Connection: close" in out
+    assert out.count(b"HTTP/1.1 ") == 1
+
+
+def test_garbage_authorization_headers_are_401(seeded: tuple[DevServer, str, Path]) -> None:
+    server, _, _ = seeded
+    for value in ("Basic ###", "Basic " + base64.b64encode(b"no-colon").decode(), "Digest x", "Bearer", "Basic \u00e9"):
+        status, _, _ = request(server, "GET", "/team/app.git/info/refs?service=git-upload-pack", {"Authorization": value})
+        assert status == 401, value
+
+
+def test_sigint_stops_the_server_cleanly(dev_server: DevServer) -> None:
+    import signal
+
+    dev_server.proc.send_signal(signal.SIGINT)
+    assert dev_server.proc.wait(timeout=10) == 0
+    assert "Traceback" not in (dev_server.proc.stderr.read() if dev_server.proc.stderr else "")
+
+
+def test_without_trust_key_the_configured_key_is_trusted(org_key: OrgKey, tmp_path: Path) -> None:
+    # org_key configures CODESTORE_PRIVATE_KEY_FILE and CODESTORE_KID, as after `codestore key generate`.
+    proc = subprocess.Popen(
+        [os.path.join(BIN, "codestore"), "dev-server", "--port", "0", "--data-dir", str(tmp_path / "d")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("codestore dev-server: serving http://127.0.0.1:"), line
+        server = DevServer(line.split("serving ", 1)[1].split()[0], tmp_path / "d", tmp_path / "d" / "requests.log", proc, org_key)
+        assert server.api("POST", "/api/v1/repos", server.token("r", ["repo:write"]), {})[0] == 201
+        assert f"org {ORG}, keys {KID}," in line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -9,6 +9,8 @@ Under `GIT_NAMESPACE` git 2.39 gives the hook the un-namespaced names
 (`refs/heads/feat`, not `refs/namespaces/ephemeral/refs/heads/feat`); the prefix is
 stripped anyway so a pattern always matches the name the client pushed.
 
+The `verify-sig` op is accepted in a policy but not enforced by the dev server.
+
 This module is imported by the hook process on every push: standard library only.
 """
 

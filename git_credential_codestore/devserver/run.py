@@ -160,22 +160,27 @@ def serve(
     url = f"{'https' if tls else 'http'}://{shown}:{bound_port}"
     state.base_url = url
 
-    def stop(signum: int, frame: object) -> None:
-        raise _Stop
+    stopping = False
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:  # a second signal during clean-up must not interrupt it
+            stopping = True
+            raise _Stop
+
     kids = ", ".join(sorted(key_map))
     extra = f"; CA certificate {ca_path} (git config http.sslCAInfo {ca_path})" if ca_path else ""
-    print(f"codestore dev-server: serving {url} (org {org}, keys {kids}, data {data}, log {log_file_path}{extra})", flush=True)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
+        # Printed inside the try: a client may signal us the moment it reads this line.
+        print(f"codestore dev-server: serving {url} (org {org}, keys {kids}, data {data}, log {log_file_path}{extra})", flush=True)
         server.serve_forever(poll_interval=0.5)
     except _Stop:
         pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        # serve_forever was interrupted in this thread; shut the socket without waiting.
+        stopping = True
+        # serve_forever was interrupted in this thread; close the socket without waiting.
         server.server_close()
         log_file.close()
     print("codestore dev-server: stopped", file=sys.stderr, flush=True)

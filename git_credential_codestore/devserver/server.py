@@ -105,6 +105,10 @@ class DevServer(ThreadingHTTPServer):
     state: ServerState
 
 
+class DevServer6(DevServer):
+    address_family = socket.AF_INET6
+
+
 class ChunkedReader(io.RawIOBase):
     """A `Transfer-Encoding: chunked` body, de-chunked as it is read (never buffered)."""
 
@@ -580,8 +584,9 @@ def find_http_backend(env: Mapping[str, str]) -> str:
 
 
 def make_server(host: str, port: int, state: ServerState, wrap: Callable[[socket.socket], socket.socket] | None = None) -> DevServer:
+    cls = DevServer6 if ":" in host else DevServer
     try:
-        server = DevServer((host, port), Handler, bind_and_activate=True)
+        server = cls((host, port), Handler, bind_and_activate=True)
     except OSError as e:
         raise CodestoreError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port (0 picks a free one)") from None
     if wrap is not None:

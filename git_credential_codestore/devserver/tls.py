@@ -45,7 +45,9 @@ def _covers(cert_path: str, host: str) -> bool:
     except (OSError, ValueError, x509.ExtensionNotFound):
         return False
     have = set(map(str, san))
-    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    # cryptography < 42 has only the naive `not_valid_after` (in UTC).
+    after = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    left = after - datetime.datetime.now(datetime.timezone.utc)
     return all(str(n) in have for n in _names(host)) and left > datetime.timedelta(days=1)
 
 
