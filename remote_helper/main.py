@@ -1,0 +1,125 @@
+"""git-remote-codestore: `codestore://org/repo` remotes with per-operation least privilege.
+
+git runs `git-remote-codestore <remote> <url>` for every fetch, push, clone and ls-remote.
+We answer the protocol's preamble ourselves; the first real command says whether this
+process reads or pushes, and only then is a token minted: `git:read` for a read,
+`git:read git:write` for a push (and only if configuration allows writing to that
+repository and namespace). git's own `git remote-https` then does the transfer with the
+token in its environment alone (see transport.py).
+
+Startup is paid by every git operation, so only the standard library and the light core
+modules (config, source) are imported here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import BinaryIO
+
+from git_credential_codestore import config
+from git_credential_codestore.errors import CodestoreError, PolicyError, boundary
+from git_credential_codestore.source import TokenRequest, get_token
+
+from . import protocol, transport, urls
+
+PROG = "codestore"
+READ_SCOPES = ("git:read",)
+PUSH_SCOPES = ("git:read", "git:write")
+
+Launcher = Callable[[Sequence[str], Mapping[str, str]], "subprocess.Popen[bytes]"]
+
+
+class UsageError(CodestoreError):
+    exit_code = 2
+
+
+def scopes_for(operation: str, remote: urls.Remote, cfg: config.Config) -> tuple[str, ...]:
+    """The least privilege for the operation, if configuration allows it at all."""
+    allowed = cfg.scopes_for(remote.repo, remote.ephemeral)
+    if operation == "push":
+        if "git:write" not in allowed:
+            var = "CODESTORE_EPHEMERAL_SCOPES" if remote.ephemeral else "CODESTORE_SCOPES"
+            setting = "ephemeral_scopes" if remote.ephemeral else "scopes"
+            other = (
+                ""
+                if remote.ephemeral
+                else f"push to codestore://{cfg.org}/{remote.repo}+ephemeral instead, or "
+            )
+            raise PolicyError(
+                f"configuration forbids writing to {remote.repo} in {remote.namespace} "
+                f"(allowed scopes: {' '.join(allowed)}); {other}allow it with {var}=\"git:read git:write\" "
+                f"or `{setting} = \"git:read git:write\"` in {cfg.path or 'the config file'}"
+            )
+        return PUSH_SCOPES
+    if not {"git:read", "git:write"} & set(allowed):
+        raise PolicyError(
+            f"configuration allows no git access to {remote.repo} in {remote.namespace} "
+            f"(allowed scopes: {' '.join(allowed) or 'none'}); add git:read to its scopes"
+        )
+    return READ_SCOPES
+
+
+def run(
+    argv: Sequence[str],
+    stdin: BinaryIO,
+    stdout: BinaryIO,
+    stderr: BinaryIO | None = None,
+    env: Mapping[str, str] | None = None,
+    launch: Launcher | None = None,
+) -> int:
+    """One remote-helper session over git's streams; returns the exit status for git."""
+    env = os.environ if env is None else env
+    git_in = transport.Endpoint(stdin)
+    git_out = transport.Endpoint(stdout)
+    git_err = transport.Endpoint(stderr if stderr is not None else sys.stderr.buffer)
+
+    def session() -> int:
+        if len(argv) != 2:
+            raise UsageError(
+                "usage: git-remote-codestore <remote> <url>; git runs it for codestore:// remotes, "
+                "e.g. git clone codestore://<org>/<repo>"
+            )
+        remote_name, url = argv
+        remote, cfg = urls.parse(url, config.load(env))
+        reader = protocol.LineReader(git_in.read)
+        decision = protocol.negotiate(reader, git_out.write)
+        if decision.operation == "end":
+            return 0
+        scopes = scopes_for(decision.operation, remote, cfg)
+        token = get_token(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"), cfg, env)
+        # git passes the URL itself as the remote name for a URL given on the command line.
+        name = remote.https_url if remote_name == url else remote_name
+        child = (launch or transport.spawn)(
+            transport.transport_argv(name, remote.https_url, env), transport.child_env(env, token)
+        )
+        del token
+        fields = {
+            "repo": remote.repo,
+            "org": cfg.org or "(unset)",
+            "kid": cfg.kid or "(none)",
+            "scopes": " ".join(scopes),
+            "base": remote.base_url,
+        }
+        return transport.proxy(child, decision, reader.take_buffer(), git_in, git_out, git_err, fields)
+
+    messages = io.StringIO()
+    status = boundary(PROG, session, messages)
+    if messages.getvalue():
+        try:
+            git_err.write(messages.getvalue().encode())
+        except OSError:
+            pass
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    return run(args, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

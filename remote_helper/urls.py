@@ -1,0 +1,125 @@
+"""Which repository a `codestore` remote names, and the HTTPS URL that serves it.
+
+Accepted forms (git hands the helper everything after `codestore::`, or the whole
+`codestore://` URL):
+
+    codestore://<org>/<repo>[+ephemeral][.git]       <repo> may contain '/'
+    <org>/<repo>[+ephemeral][.git]                   from codestore::<org>/<repo>
+    https://<host>[:port]/<repo>[+ephemeral].git     from codestore::https://...
+    http://127.0.0.1:<port>/<repo>.git               plain http on loopback only
+
+An org maps to the configured base URL when it is the configured org (which honours
+CODESTORE_BASE_URL), else to https://<org>.code.storage. Odd input is rejected, never
+normalised: a URL with credentials, a query or a fragment is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from git_credential_codestore.config import EPHEMERAL_SUFFIX, Config, split_repo_path
+from git_credential_codestore.errors import ConfigError
+
+SCHEME = "codestore://"
+_ORG = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+USAGE = "use codestore://<org>/<repo> (or codestore::https://<host>/<repo>.git)"
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One repository in one namespace, and where its smart-HTTP endpoint lives."""
+
+    repo: str
+    ephemeral: bool
+    base_url: str  # scheme://host[:port][/prefix], no trailing slash
+
+    @property
+    def https_url(self) -> str:
+        return f"{self.base_url}/{self.repo}{EPHEMERAL_SUFFIX if self.ephemeral else ''}.git"
+
+    @property
+    def namespace(self) -> str:
+        return "the +ephemeral namespace" if self.ephemeral else "the default namespace"
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse(url: str, cfg: Config) -> tuple[Remote, Config]:
+    """The remote named by `url`, and the configuration to mint its tokens with.
+
+    When no org is configured, the org in the URL becomes the configured one (the
+    returned Config carries it); a different configured org is an error, since our key
+    signs only for that org.
+    """
+    if not url or any(c.isspace() or ord(c) < 32 for c in url):
+        raise ConfigError(f"{url!r} is not a codestore URL; {USAGE}")
+    lowered = url.lower()
+    if lowered.startswith(("https://", "http://")):
+        return _parse_http(url, cfg), cfg
+    if lowered.startswith(SCHEME):
+        url = url[len(SCHEME) :]
+    elif "://" in url:
+        raise ConfigError(f"{url!r} is not a codestore URL; {USAGE}")
+    org, sep, path = url.partition("/")
+    if "@" in org or ":" in org:
+        raise ConfigError(f"{url!r}: credentials or ports do not belong in a codestore URL; {USAGE}")
+    if not sep or not path or not _ORG.match(org):
+        raise ConfigError(f"{url!r} is not a codestore URL; {USAGE}")
+    if "?" in path or "#" in path:
+        raise ConfigError(f"{url!r}: a codestore URL takes no query or fragment; {USAGE}")
+    repo, ephemeral = split_repo_path(path)
+    if cfg.org is None:
+        cfg = dataclasses.replace(cfg, org=org)
+    elif cfg.org.lower() != org.lower():
+        raise ConfigError(
+            f"org {org!r} is not the configured org ({cfg.org!r}), so no key can sign for it; "
+            f"use codestore://{cfg.org}/{repo}, or set CODESTORE_ORG={org} with that org's key"
+        )
+    return Remote(repo, ephemeral, cfg.base_url), cfg
+
+
+def _parse_http(url: str, cfg: Config) -> Remote:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"{url!r} is not a valid URL; {USAGE}") from None
+    if "@" in parts.netloc:
+        raise ConfigError(
+            "the URL carries credentials; codestore mints them when git needs them, so remove "
+            f"the user:password@ part; {USAGE}"
+        )
+    if parts.query or parts.fragment or not host:
+        raise ConfigError(f"{url!r} is not a repository URL; {USAGE}")
+    if parts.scheme.lower() == "http" and not is_loopback(host):
+        raise ConfigError(
+            f"refusing plain http to {host}: a token would cross the network unencrypted; use https://"
+        )
+    origin = f"{parts.scheme.lower()}://{parts.netloc}"
+    path = parts.path
+    # Under our configured base URL, its path prefix is not part of the repository id.
+    if cfg.base_url_setting or cfg.org:
+        base = urlsplit(cfg.base_url)
+        prefix = base.path.rstrip("/")
+        same_origin = (base.scheme, base.netloc.lower()) == (parts.scheme.lower(), parts.netloc.lower())
+        if same_origin and prefix:
+            if not path.startswith(prefix + "/"):
+                raise ConfigError(f"{url!r} is not under the configured base URL {cfg.base_url}")
+            origin += prefix
+            path = path[len(prefix) :]
+    if not path.strip("/"):
+        raise ConfigError(f"{url!r} names no repository; {USAGE}")
+    repo, ephemeral = split_repo_path(path)
+    return Remote(repo, ephemeral, origin)
