@@ -677,3 +677,30 @@ def test_without_trust_key_the_configured_key_is_trusted(org_key: OrgKey, tmp_pa
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_failing_http_backend_is_a_one_line_500(seeded: tuple[DevServer, str, Path]) -> None:
+    server, _, _ = seeded
+    (server.data_dir / "repos" / "team" / "app.git" / "config").write_text("[[[ not git config\n")
+    status, _, body = info_refs(server, "team/app", server.token("team/app", ["git:read"]))
+    assert status == 500 and body.count("\n") == 1 and "http-backend" in body
+    assert server.proc.poll() is None
+
+
+def test_concurrent_pushes_to_different_branches_all_land(seeded: tuple[DevServer, str, Path], tmp_path: Path) -> None:
+    server, url, work = seeded
+    env = auth_env(server.token("team/app", ["git:write"]))
+    results: list[int] = []
+
+    def push(i: int) -> None:
+        p = subprocess.run(["git", "push", "-q", url, f"main:refs/heads/b{i}"], cwd=work, env=env, capture_output=True, timeout=120)
+        results.append(p.returncode)
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [0] * 6
+    refs = git("ls-remote", url, env=env).stdout
+    assert all(f"refs/heads/b{i}" in refs for i in range(6))

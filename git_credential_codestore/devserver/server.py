@@ -439,9 +439,13 @@ class Handler(BaseHTTPRequestHandler):
                 length = int(value)
             elif name.lower() not in ("connection", "transfer-encoding"):
                 headers.append((name, value))
-        self.entry["status"] = status
         if status >= 400:
-            self.entry["reason"] = f"http-backend: {reason or status}"
+            # http-backend's error bodies are often empty: say why in one line, preferring
+            # its own words (stderr) over a bare status.
+            text = out.read(IO_SIZE).decode("utf-8", "replace").strip().splitlines()
+            why = errors.wait_last_line() if status >= 500 or not text else text[-1]
+            raise HttpError(status, f"git http-backend failed: {why or reason or status}")
+        self.entry["status"] = status
         chunked = length is None and self.request_version == "HTTP/1.1"
         if length is None and not chunked:
             self.close_connection = True
