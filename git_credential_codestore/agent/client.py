@@ -110,6 +110,21 @@ class Endpoint(NamedTuple):
         return self.address if self.kind == "unix" else f"{self.kind}://{self.address}:{self.port}"
 
 
+def _connect_unix(sock: socket.socket, addr: str, timeout: float) -> None:
+    """connect(), retrying while the agent's backlog is full (EAGAIN on a Unix socket)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(addr)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> socket.socket:
     try:
         if ep.kind == "unix":
@@ -117,7 +132,7 @@ def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> socket.soc
             sock.settimeout(timeout)
             addr, fd = unix_address(ep.address)
             try:
-                sock.connect(addr)
+                _connect_unix(sock, addr, timeout)
             except OSError:
                 sock.close()
                 raise

@@ -356,18 +356,40 @@ class Handler(BaseHTTPRequestHandler):
             self.request = self.server.tls.wrap_socket(self.request, server_side=True)
         super().setup()
 
+    unread = False  # the reply went out before the request was read in full
+
     def finish(self) -> None:
         try:
             super().finish()
+            if self.unread:
+                self._linger()
         finally:
             self.server.reaper.forget(self.request)
 
+    def _linger(self) -> None:
+        """Close only after the client has read our refusal.
+
+        Closing a socket with unread input resets the connection, and the reset can
+        destroy the reply in flight: the caller would see "connection reset" instead of
+        the reason. Bounded by the reaper's deadline like any other read.
+        """
+        try:
+            self.request.shutdown(socket.SHUT_WR)
+            self.request.settimeout(1.0)
+            for _ in range(64):
+                if not self.request.recv(65536):
+                    break
+        except OSError:
+            pass
+
     def handle(self) -> None:
         self.close_connection = True
+        self.request_version = self.protocol_version  # for a reply sent before parsing
         self.caller = self.server.identify(self.request, self.client_address)
         if self.caller.transport != "tcp":
             allowed = {self.server.agent.owner_uid, 0}  # root can read our memory anyway
             if self.caller.uid not in allowed:
+                self.unread = True
                 self.server.agent.audit.record("refuse", {"via": self.caller.transport, "peer": self.caller.peer, "result": "refused", "reason": "peer uid is not the owner"})
                 self._reply(403, {"error": f"peer uid {self.caller.uid} may not use this agent (owner uid {self.server.agent.owner_uid})"})
                 return
@@ -377,6 +399,7 @@ class Handler(BaseHTTPRequestHandler):
             pass  # the client went away or timed out; nothing to answer
 
     def _serve(self) -> None:
+        self.unread = True
         if self.headers.get("Transfer-Encoding"):
             self._reply(411, {"error": "send a Content-Length, not chunked encoding"})
             return
@@ -393,6 +416,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         if len(body) != length:
             return  # the client hung up mid-body
+        self.unread = False
         try:
             status, reply = self.server.agent.dispatch(self.caller, self.command, self.path, self.headers.get("Authorization"), body)
         except Exception as e:  # noqa: BLE001 - one request's bug must not take down the agent
@@ -418,6 +442,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         self.close_connection = True
+        self.unread = True
+        self.request_version = self.protocol_version  # no HTTP/0.9 replies without a status
         self._reply(code, {"error": f"bad request ({message or code})"})
 
     def log_message(self, format: str, *args: object) -> None:
@@ -429,6 +455,7 @@ class _Listener(socketserver.ThreadingMixIn, socketserver.BaseServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 1024  # bursts of helpers (the kernel caps it at somaxconn)
     agent: Agent
     reaper: Reaper
     tls: ssl.SSLContext | None = None
