@@ -227,7 +227,9 @@ class Handler(BaseHTTPRequestHandler):
             self._note_claims(e.claims)
             headers = {}
             if e.status == 401:
-                headers["WWW-Authenticate"] = f'Basic realm="{REALM}"'
+                # git needs the Basic challenge to ask its credential helper.
+                scheme = "Bearer" if self.entry.get("api") else "Basic"
+                headers["WWW-Authenticate"] = f'{scheme} realm="{REALM}"'
             self._refuse(e.status, e.reason, headers)
         except (HttpError, RepoError) as e:
             self._refuse(e.status, getattr(e, "reason", None) or str(e))
