@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from git_credential_codestore.errors import CodestoreError
 
@@ -80,14 +79,14 @@ def option_reply(line: bytes) -> bytes:
     return b"ok" if check(value if sep else b"true") else b"error invalid value"
 
 
-@dataclass
 class Decision:
     """What git asked for: "read", "push" or "end" (git left before needing the server)."""
 
-    operation: str
-    # Lines to replay to the transport, each with the reply we gave git (None: a list).
-    replay: list[tuple[bytes, bytes | None]] = field(default_factory=list)
-    command: bytes = b""
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+        # Lines to replay to the transport, each with the reply we gave git (None: a list).
+        self.replay: list[tuple[bytes, bytes | None]] = []
+        self.command = b""
 
 
 class LineReader:

@@ -162,6 +162,10 @@ def hint_for(stderr_tail: bytes) -> str | None:
     """One line explaining a transport failure, from what git printed (None: git said enough)."""
     for pattern, text in _HINTS:
         if pattern.search(stderr_tail):
+            # Beyond 401 (where git's own words mislead), a server that explained itself
+            # on a `remote:` line has said more than a guess of ours could.
+            if b"remote: " in stderr_tail and "HTTP 401" not in text:
+                return None
             return text
     return None
 

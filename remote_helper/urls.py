@@ -15,10 +15,8 @@ normalised: a URL with credentials, a query or a fragment is an error.
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from git_credential_codestore.config import EPHEMERAL_SUFFIX, Config, split_repo_path
@@ -29,8 +27,7 @@ _ORG = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 USAGE = "use codestore://<org>/<repo> (or codestore::https://<host>/<repo>.git)"
 
 
-@dataclass(frozen=True)
-class Remote:
+class Remote(NamedTuple):
     """One repository in one namespace, and where its smart-HTTP endpoint lives."""
 
     repo: str
@@ -46,13 +43,12 @@ class Remote:
         return "the +ephemeral namespace" if self.ephemeral else "the default namespace"
 
 
+_LOOPBACK_V4 = re.compile(r"^127(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$")
+
+
 def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    # Not ipaddress: its import is a cost every git operation would pay.
+    return host.lower() in ("localhost", "::1") or bool(_LOOPBACK_V4.match(host))
 
 
 def parse(url: str, cfg: Config) -> tuple[Remote, Config]:
@@ -63,24 +59,26 @@ def parse(url: str, cfg: Config) -> tuple[Remote, Config]:
     signs only for that org.
     """
     if not url or any(c.isspace() or ord(c) < 32 for c in url):
-        raise ConfigError(f"{url!r} is not a codestore URL; {USAGE}")
+        raise ConfigError(f"{_shown(url)} is not a codestore URL; {USAGE}")
     lowered = url.lower()
     if lowered.startswith(("https://", "http://")):
         return _parse_http(url, cfg), cfg
     if lowered.startswith(SCHEME):
         url = url[len(SCHEME) :]
     elif "://" in url:
-        raise ConfigError(f"{url!r} is not a codestore URL; {USAGE}")
+        raise ConfigError(f"{_shown(url)} is not a codestore URL; {USAGE}")
     org, sep, path = url.partition("/")
-    if "@" in org or ":" in org:
-        raise ConfigError(f"{url!r}: credentials or ports do not belong in a codestore URL; {USAGE}")
+    if "@" in url:
+        raise ConfigError(f"the URL carries credentials; codestore mints them when git needs them, so remove them; {USAGE}")
+    if ":" in org:
+        raise ConfigError(f"{url!r}: a codestore URL names an org, not a host and port; {USAGE}")
     if not sep or not path or not _ORG.match(org):
         raise ConfigError(f"{url!r} is not a codestore URL; {USAGE}")
     if "?" in path or "#" in path:
         raise ConfigError(f"{url!r}: a codestore URL takes no query or fragment; {USAGE}")
     repo, ephemeral = split_repo_path(path)
     if cfg.org is None:
-        cfg = dataclasses.replace(cfg, org=org)
+        cfg = cfg._replace(org=org)
     elif cfg.org.lower() != org.lower():
         raise ConfigError(
             f"org {org!r} is not the configured org ({cfg.org!r}), so no key can sign for it; "
@@ -89,20 +87,25 @@ def parse(url: str, cfg: Config) -> tuple[Remote, Config]:
     return Remote(repo, ephemeral, cfg.base_url), cfg
 
 
+def _shown(url: str) -> str:
+    """The URL for an error message, unless it may hold a credential."""
+    return "the URL" if "@" in url else repr(url)
+
+
 def _parse_http(url: str, cfg: Config) -> Remote:
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise ConfigError(f"{url!r} is not a valid URL; {USAGE}") from None
+        raise ConfigError(f"{_shown(url)} is not a valid URL; {USAGE}") from None
     if "@" in parts.netloc:
         raise ConfigError(
             "the URL carries credentials; codestore mints them when git needs them, so remove "
             f"the user:password@ part; {USAGE}"
         )
     if parts.query or parts.fragment or not host:
-        raise ConfigError(f"{url!r} is not a repository URL; {USAGE}")
+        raise ConfigError(f"{_shown(url)} is not a repository URL; {USAGE}")
     if parts.scheme.lower() == "http" and not is_loopback(host):
         raise ConfigError(
             f"refusing plain http to {host}: a token would cross the network unencrypted; use https://"
