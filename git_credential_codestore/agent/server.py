@@ -560,8 +560,13 @@ def is_loopback(host: str) -> bool:
 
 
 def _close_all(started: list[_Listener], sockets: list[_Listener], store: GrantStore, audit: AuditLog) -> None:
+    # In parallel: each serve_forever notices only at its next poll.
+    stoppers = [threading.Thread(target=srv.shutdown) for srv in started]
+    for t in stoppers:
+        t.start()
+    for t in stoppers:
+        t.join()
     for srv in started:
-        srv.shutdown()
         srv.server_close()
     for srv in sockets:
         try:
@@ -656,7 +661,7 @@ def serve(
 
     def start(srv: _Listener) -> None:
         started.append(srv)
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True).start()
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.25}, daemon=True).start()
 
     main = _new(UnixListener, agent, reaper, socket_path)
     start(main)

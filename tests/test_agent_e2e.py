@@ -1,0 +1,115 @@
+"""A keyless sandbox, end to end: real git, both helpers, the agent, the dev server.
+
+The owner's environment holds the org key and runs the agent; the sandbox's has no key,
+only the agent's address and a grant for the ephemeral namespace of one repository.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DevServer, OrgKey, git, run_cli
+from tests.leakscan import files_with_secrets
+from tests.test_agent import REPO, Agent, sandbox_env, start_agent
+
+
+@pytest.fixture
+def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey) -> Iterator[tuple[DevServer, Agent, dict[str, object]]]:
+    """The dev server with team/app, its ephemeral `base` branch seeded by the owner; an agent; a grant."""
+    owner = dict(os.environ, CODESTORE_EPHEMERAL_SCOPES="git:read git:write", CODESTORE_SCOPES="git:read git:write")
+    assert run_cli("codestore", "setup", env=owner).returncode == 0
+    dev_server.create_repo(REPO)
+    seed = tmp_path / "seed"
+    git("init", "-q", str(seed))
+    (seed / "README").write_text("hello\n")
+    git("add", "README", cwd=seed)
+    git("commit", "-qm", "seed", cwd=seed)
+    git("push", "-q", f"{dev_server.url}/{REPO}+ephemeral.git", "HEAD:refs/heads/base", cwd=seed, env=owner)
+    agent = start_agent(tmp_path)
+    try:
+        grant = agent.grant("--repo", REPO, "--scopes", "git:read git:write", "--ephemeral-only", "--sub", "sandbox-e2e")
+        yield dev_server, agent, grant
+    finally:
+        agent.stop()
+
+
+def sandbox(agent: Agent, grant: dict[str, object], via: str) -> dict[str, str]:
+    where = {"sock": agent.socket} if via == "socket" else {"url": agent.url}
+    env = sandbox_env(grant["grant"], CODESTORE_EPHEMERAL_SCOPES="git:read git:write", **where)  # type: ignore[arg-type]
+    assert "CODESTORE_PRIVATE_KEY_FILE" not in env
+    return env
+
+
+def commit(repo: Path, name: str, env: dict[str, str]) -> None:
+    (repo / name).write_text(name)
+    git("add", name, cwd=repo, env=env)
+    git("commit", "-qm", name, cwd=repo, env=env)
+
+
+@pytest.mark.parametrize("via", ["socket", "http"])
+def test_a_keyless_sandbox_clones_and_pushes_the_ephemeral_namespace_through_the_credential_helper(
+    world: tuple[DevServer, Agent, dict[str, object]], tmp_path: Path, via: str
+) -> None:
+    server, agent, grant = world
+    env = sandbox(agent, grant, via)
+    url = f"{server.url}/{REPO}+ephemeral.git"
+    work = tmp_path / "work"
+    git("clone", "-q", "--branch", "base", url, str(work), env=env)
+    commit(work, "feat.txt", env)
+    git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=work, env=env)
+    assert "refs/heads/feat" in git("ls-remote", url, env=env).stdout
+    mints = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == grant["id"]]
+    assert mints and all(e["sub"] == "sandbox-e2e" and e["ephemeral"] for e in mints)
+    # Threat: the grant or a token left behind in the clone or the server's records.
+    needles = [str(grant["grant"])]
+    assert files_with_secrets(work / ".git", needles) == {}
+    assert files_with_secrets(server.data_dir, needles) == {}
+
+
+def test_a_keyless_sandbox_clones_and_pushes_through_codestore_urls(
+    world: tuple[DevServer, Agent, dict[str, object]], tmp_path: Path
+) -> None:
+    server, agent, grant = world
+    env = sandbox(agent, grant, "http")
+    work = tmp_path / "work"
+    git("clone", "-q", "--branch", "base", f"codestore://acme/{REPO}+ephemeral", str(work), env=env)
+    commit(work, "feat2.txt", env)
+    git("push", "-q", "origin", "HEAD:refs/heads/feat2", cwd=work, env=env)
+    assert "refs/heads/feat2" in git("ls-remote", f"codestore://acme/{REPO}+ephemeral", env=env).stdout
+    # The remote helper asked for read on fetch and write only on push, both clamped to the grant.
+    mints = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == grant["id"]]
+    reads = [e for e in mints if "git:write" not in e["scopes"]]
+    writes = [e for e in mints if "git:write" in e["scopes"]]
+    assert len(writes) == 1 and len(reads) >= 2  # one push; clone and ls-remote read only
+    assert all(e["via"] == "tcp" for e in mints)
+
+
+@pytest.mark.parametrize("url_form", ["http", "codestore"])
+def test_the_sandbox_cannot_touch_the_default_namespace_and_git_says_why_in_one_line(
+    world: tuple[DevServer, Agent, dict[str, object]], tmp_path: Path, url_form: str
+) -> None:
+    # Threat: untrusted code reaching the default namespace with an ephemeral-only grant.
+    server, agent, grant = world
+    env = sandbox(agent, grant, "socket")
+    url = f"{server.url}/{REPO}.git" if url_form == "http" else f"codestore://acme/{REPO}"
+    proc = subprocess.run(["git", "ls-remote", url], env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "ephemeral-only" in ln]
+    assert len(lines) == 1, proc.stderr
+    assert agent.audit()[-1]["result"] == "refused"
+
+
+def test_after_revocation_the_sandbox_can_no_longer_fetch(world: tuple[DevServer, Agent, dict[str, object]], tmp_path: Path) -> None:
+    # Threat: a sandbox keeping access after its owner pulled the plug.
+    server, agent, grant = world
+    env = sandbox(agent, grant, "socket")
+    url = f"{server.url}/{REPO}+ephemeral.git"
+    git("ls-remote", url, env=env)
+    assert agent.cli("grant", "revoke", str(grant["id"])).returncode == 0
+    proc = subprocess.run(["git", "ls-remote", url], env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0 and "revoked" in proc.stderr
