@@ -234,6 +234,10 @@ from .devserver.command import dev_server  # noqa: E402
 
 cli.add_command(dev_server)
 # (remote helper: clone, promote)
+from remote_helper.commands import clone, promote  # noqa: E402
+
+cli.add_command(clone)
+cli.add_command(promote)
 # (agent, grant)
 from .agent.commands import agent, grant  # noqa: E402
 
