@@ -125,7 +125,7 @@ def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSou
     if mode == "auto" and _key_file_present(cfg, env) and not _answers(path, running):
         from .agent.client import spawn
 
-        spawn(path, idle_timeout=AUTOSTART_IDLE)
+        spawn(path, idle_timeout=AUTOSTART_IDLE, env=env)
         return local
     if running:
         return FallbackSource(AgentSource(Endpoint("unix", path), None, cfg, env), local)

@@ -282,9 +282,11 @@ def test_a_peer_with_another_uid_is_refused_even_if_permissions_are_loosened(age
     body = b'{"repo": "team/app", "scopes": ["git:read"]}'
     request = b"POST /v1/token HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     code = (
-        "import socket, sys; s = socket.socket(socket.AF_UNIX);"
-        f"s.connect('/proc/self/fd/{dirfd}/agent.sock'); s.sendall({request!r});"
-        "sys.stdout.write(s.recv(65536).decode())"
+        "import socket, sys; s = socket.socket(socket.AF_UNIX)\n"
+        f"s.connect('/proc/self/fd/{dirfd}/agent.sock'); s.sendall({request!r})\n"
+        "out = b''\n"
+        "while chunk := s.recv(65536): out += chunk\n"
+        "sys.stdout.write(out.decode())"
     )
     try:
         proc = subprocess.run(["/usr/bin/python3", "-c", code], user=65534, pass_fds=(dirfd,), capture_output=True,

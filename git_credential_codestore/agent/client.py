@@ -279,7 +279,8 @@ class AgentSource:
         return Token(token, exp)
 
 
-def spawn(socket_path: str, *, idle_timeout: int = 0, extra: tuple[str, ...] = (), log_path: str | None = None) -> subprocess.Popen[bytes]:
+def spawn(socket_path: str, *, idle_timeout: int = 0, extra: tuple[str, ...] = (), log_path: str | None = None,
+          env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start `codestore agent serve` detached from this process.
 
     Used by `codestore agent start` and by helpers starting an agent on demand. The
@@ -296,7 +297,8 @@ def spawn(socket_path: str, *, idle_timeout: int = 0, extra: tuple[str, ...] = (
         os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
         out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # type: ignore[assignment]
     try:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True,
+                                env=dict(env) if env is not None else None)
     finally:
         if log_path:
             os.close(out)  # type: ignore[arg-type]
