@@ -29,6 +29,11 @@ from .protocol import CAPABILITIES, Decision, LineReader, ProtocolError
 CHUNK = 1 << 20
 
 
+def _sq(text: str) -> str:
+    """git's sq_quote: the quoting GIT_CONFIG_PARAMETERS expects."""
+    return "'" + text.replace("'", "'\\''").replace("!", "'\\!'") + "'"
+
+
 def child_env(env: Mapping[str, str], token: Token) -> dict[str, str]:
     """`env` plus the token header and the settings that keep it where it belongs."""
     out = dict(env)
@@ -37,16 +42,16 @@ def child_env(env: Mapping[str, str], token: Token) -> dict[str, str]:
         raise ConfigError(f"GIT_CONFIG_COUNT={raw!r} is not a number; fix or unset it")
     count = int(raw)
     basic = base64.b64encode(f"t:{token.reveal()}".encode()).decode("ascii")
-    entries = (
-        # An empty value empties the helper list: nothing is asked, nothing stores the token.
-        ("credential.helper", ""),
-        ("http.followRedirects", "false"),
-        ("http.extraHeader", f"Authorization: Basic {basic}"),
-    )
-    for i, (key, value) in enumerate(entries, count):
-        out[f"GIT_CONFIG_KEY_{i}"] = key
-        out[f"GIT_CONFIG_VALUE_{i}"] = value
-    out["GIT_CONFIG_COUNT"] = str(count + len(entries))
+    out[f"GIT_CONFIG_KEY_{count}"] = "http.extraHeader"
+    out[f"GIT_CONFIG_VALUE_{count}"] = f"Authorization: Basic {basic}"
+    out["GIT_CONFIG_COUNT"] = str(count + 1)
+    # The guards go last of all config (GIT_CONFIG_PARAMETERS is read after GIT_CONFIG_COUNT),
+    # so not even `git -c http.followRedirects=true` can undo them for this process:
+    # the header would follow a redirect to another host; an empty helper value empties
+    # the helper list, so nothing is asked and nothing could store a token.
+    guards = " ".join(f"{_sq(k)}={_sq(v)}" for k, v in (("credential.helper", ""), ("http.followRedirects", "false")))
+    params = out.get("GIT_CONFIG_PARAMETERS", "").strip()
+    out["GIT_CONFIG_PARAMETERS"] = f"{params} {guards}" if params else guards
     out["GIT_TERMINAL_PROMPT"] = "0"
     # An empty GIT_ASKPASS also wins over core.askPass and SSH_ASKPASS: no GUI prompt either.
     out["GIT_ASKPASS"] = ""

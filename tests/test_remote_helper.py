@@ -302,9 +302,10 @@ def redirector(served: DevServer) -> Iterator[str]:
         httpd.shutdown()
 
 
-def test_redirects_are_not_followed_with_the_token(served: DevServer, redirector: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("config", [[], ["-c", "http.followRedirects=true"]])
+def test_redirects_are_not_followed_with_the_token(served: DevServer, redirector: str, tmp_path: Path, config: list[str]) -> None:
     # Threat: a redirect carrying the Authorization header to another host.
-    proc = git("clone", f"codestore::{redirector}/{REPO}.git", str(tmp_path / "c"), check=False)
+    proc = git(*config, "clone", f"codestore::{redirector}/{REPO}.git", str(tmp_path / "c"), check=False)
     assert proc.returncode != 0
     assert not [r for r in served.requests() if r.get("service")], "the redirect was followed"
 

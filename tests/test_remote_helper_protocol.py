@@ -269,7 +269,7 @@ for line in sys.stdin.buffer:
         out.write(b"command " + line + b"\n")
         out.write(b"argv " + " ".join(sys.argv[1:]).encode() + b"\n")
         out.write(b"header " + cfg["http.extraHeader"].split()[-1].encode() + b"\n")
-        out.write(b"redirects " + cfg["http.followRedirects"].encode() + b"\n")
+        out.write(b"params " + os.environ["GIT_CONFIG_PARAMETERS"].encode() + b"\n")
         out.flush()
         out.write(b"rest " + sys.stdin.buffer.read() + b"\n")
         break
@@ -295,7 +295,8 @@ def test_replay_is_swallowed_and_everything_after_it_passes_through(org_key: Org
     # git saw our preamble once, then exactly what the transport said after it.
     assert out.startswith(CAPS + b"ok\nunsupported\ncommand list\n")
     assert b"argv origin https://acme.code.storage/app.git" in lines
-    assert b"redirects false" in lines and b"rest trailing bytes" in lines
+    assert b"params 'credential.helper'='' 'http.followRedirects'='false'" in lines
+    assert b"rest trailing bytes" in lines
     assert status == 7
     assert "returned error: 401" in err and "codestore: the server rejected the token (HTTP 401)" in err
     # Threat: the token in argv, where every process on the machine can read it.
@@ -324,12 +325,28 @@ def test_a_url_given_as_the_remote_name_is_replaced_by_the_https_url(org_key: Or
 TOKEN = Token("eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl", 0)
 
 
+def _git_config(env: Mapping[str, str], key: str) -> list[str]:
+    proc = subprocess.run(["git", "config", "--get-all", key], env=dict(env), capture_output=True, text=True)
+    return proc.stdout.splitlines()
+
+
 def test_child_env_appends_to_existing_command_line_config() -> None:
-    env = transport.child_env({"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "a.b", "GIT_CONFIG_VALUE_0": "c"}, TOKEN)
-    keys = [env[f"GIT_CONFIG_KEY_{i}"] for i in range(int(env["GIT_CONFIG_COUNT"]))]
-    assert keys == ["a.b", "credential.helper", "http.followRedirects", "http.extraHeader"]
-    assert env["GIT_CONFIG_VALUE_1"] == "" and env["GIT_CONFIG_VALUE_2"] == "false"
+    env = transport.child_env(
+        {**os.environ, "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "a.b", "GIT_CONFIG_VALUE_0": "c",
+         "GIT_CONFIG_PARAMETERS": "'x.y'='it'\\''s'"},
+        TOKEN,
+    )
+    assert env["GIT_CONFIG_COUNT"] == "2" and env["GIT_CONFIG_KEY_1"] == "http.extraHeader"
+    assert _git_config(env, "a.b") == ["c"] and _git_config(env, "x.y") == ["it's"]
     assert env["GIT_TERMINAL_PROMPT"] == "0" and env["GIT_ASKPASS"] == ""
+
+
+def test_git_dash_c_cannot_turn_redirects_or_helpers_back_on() -> None:
+    # Threat: `git -c http.followRedirects=true` (or a -c helper) sending the header elsewhere.
+    user = "'http.followRedirects'='true' 'credential.helper'='store'"
+    env = transport.child_env({**os.environ, "GIT_CONFIG_PARAMETERS": user}, TOKEN)
+    assert _git_config(env, "http.followRedirects")[-1] == "false"
+    assert _git_config(env, "credential.helper")[-1] == ""
 
 
 def test_child_env_refuses_a_bogus_config_count() -> None:
