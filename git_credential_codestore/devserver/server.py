@@ -202,8 +202,8 @@ class Handler(BaseHTTPRequestHandler):
         self._handle()
 
     def _handle(self) -> None:
-        state = self.server.state
-        started = time.monotonic()
+        self.started = time.monotonic()
+        self.logged = False
         raw_path, _, query = self.path.partition("?")
         self.entry: dict[str, object] = {
             "time": _now(),
@@ -244,11 +244,21 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._refuse(500, f"internal error ({type(e).__name__}); see the server's stderr")
         finally:
-            self.entry["duration_ms"] = int((time.monotonic() - started) * 1000)
-            try:
-                state.log(self.entry)
-            except Exception:  # noqa: BLE001 - a full disk must not kill request threads
-                pass
+            self._write_log()
+
+    def _write_log(self) -> None:
+        """Log the request once, before the response's last bytes leave.
+
+        A client that reads the log the moment its request completes then finds it.
+        """
+        if self.logged:
+            return
+        self.logged = True
+        self.entry["duration_ms"] = int((time.monotonic() - self.started) * 1000)
+        try:
+            self.server.state.log(self.entry)
+        except Exception:  # noqa: BLE001 - a full disk must not kill request threads
+            pass
 
     def _has_body(self) -> bool:
         return bool(self.headers.get("Transfer-Encoding")) or int_or_zero(self.headers.get("Content-Length")) > 0
@@ -284,6 +294,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         if self.close_connection:
             self.send_header("Connection", "close")
+        self._write_log()
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -405,10 +416,14 @@ class Handler(BaseHTTPRequestHandler):
             feeder.run()
         else:
             feeder.start()
-        try:
-            self._relay(proc.stdout, errors)
-        finally:
-            proc.stdout.close()
+        finished = False
+
+        def finish() -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            proc.stdout.close()  # type: ignore[union-attr]
             if feeder.ident is not None:
                 feeder.join(timeout=30)
             rc = proc.wait()
@@ -421,7 +436,12 @@ class Handler(BaseHTTPRequestHandler):
             if rc != 0 and not self.entry.get("reason"):
                 self.entry["reason"] = f"http-backend exit {rc}: {errors.last_line()}"
 
-    def _relay(self, out: BinaryIO, errors: _Drain) -> None:
+        try:
+            self._relay(proc.stdout, errors, finish)
+        finally:
+            finish()
+
+    def _relay(self, out: BinaryIO, errors: _Drain, finish: Callable[[], None]) -> None:
         """Parse the CGI's header block, then stream its body to the client."""
         status, reason, headers = 200, "OK", []
         length: int | None = None
@@ -470,6 +490,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             else:
                 self.wfile.write(data)
+        finish()
+        self._write_log()
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
