@@ -53,6 +53,8 @@ def child_env(env: Mapping[str, str], token: Token) -> dict[str, str]:
     params = out.get("GIT_CONFIG_PARAMETERS", "").strip()
     out["GIT_CONFIG_PARAMETERS"] = f"{params} {guards}" if params else guards
     out["GIT_TERMINAL_PROMPT"] = "0"
+    # GIT_TRACE_REDACT=0 would print the header in GIT_TRACE_CURL: the token is ours to guard.
+    out["GIT_TRACE_REDACT"] = "1"
     # An empty GIT_ASKPASS also wins over core.askPass and SSH_ASKPASS: no GUI prompt either.
     out["GIT_ASKPASS"] = ""
     return out

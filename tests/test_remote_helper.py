@@ -251,6 +251,8 @@ def test_no_token_in_argv_git_dir_or_traces_during_clone_and_push(
         GIT_TRACE=str(trace / "trace"),
         GIT_TRACE_CURL=str(trace / "curl"),
         GIT_TRACE_PACKET=str(trace / "packet"),
+        # Even when a user (or an agent) asks git not to redact its traces.
+        GIT_TRACE_REDACT="0",
     )
     clone = tmp_path / "clone"
     outputs = []
