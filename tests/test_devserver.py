@@ -704,3 +704,27 @@ def test_concurrent_pushes_to_different_branches_all_land(seeded: tuple[DevServe
     assert results == [0] * 6
     refs = git("ls-remote", url, env=env).stdout
     assert all(f"refs/heads/b{i}" in refs for i in range(6))
+
+
+def test_sigterm_during_traffic_still_stops_the_server(dev_server: DevServer) -> None:
+    # A signal that lands while a connection is being accepted must not be swallowed.
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                request(dev_server, "GET", "/nope")
+            except OSError:
+                return
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    dev_server.proc.terminate()
+    try:
+        assert dev_server.proc.wait(timeout=10) == 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 
 from .. import config, keys
@@ -103,10 +104,6 @@ def git_environment(data_dir: str, hooks_dir: str) -> dict[str, str]:
     return env
 
 
-class _Stop(Exception):
-    pass
-
-
 def serve(
     *,
     host: str,
@@ -160,27 +157,25 @@ def serve(
     url = f"{'https' if tls else 'http'}://{shown}:{bound_port}"
     state.base_url = url
 
-    stopping = False
+    stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if not stopping:  # a second signal during clean-up must not interrupt it
-            stopping = True
-            raise _Stop
+        # No exception raised into whatever the main thread is doing (socketserver would
+        # swallow it mid-request): ask serve_forever to return, from another thread
+        # because shutdown() waits for it.
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
 
     kids = ", ".join(sorted(key_map))
     extra = f"; CA certificate {ca_path} (git config http.sslCAInfo {ca_path})" if ca_path else ""
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        # Printed inside the try: a client may signal us the moment it reads this line.
         print(f"codestore dev-server: serving {url} (org {org}, keys {kids}, data {data}, log {log_file_path}{extra})", flush=True)
-        server.serve_forever(poll_interval=0.5)
-    except _Stop:
-        pass
+        if not stopping.is_set():  # a client may signal us the moment it reads that line
+            server.serve_forever(poll_interval=0.2)
     finally:
-        stopping = True
-        # serve_forever was interrupted in this thread; close the socket without waiting.
         server.server_close()
         log_file.close()
     print("codestore dev-server: stopped", file=sys.stderr, flush=True)
