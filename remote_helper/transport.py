@@ -284,7 +284,10 @@ def _swallow(reader: LineReader, decision: Decision) -> bytes:
                 )
         else:
             theirs = _line(reader)
-            if theirs != ours:
+            # An option a newer transport takes but we called unsupported only goes unused,
+            # as git would do with an older transport; the reverse would silently drop a
+            # setting git believes is in force (a depth, a filter), so it stops here.
+            if theirs != ours and not (ours == b"unsupported" and theirs == b"ok"):
                 name = line.split(b" ")[1].decode("ascii", "replace")
                 raise ProtocolError(
                     f"git's HTTPS transport answered option {name!r} differently than codestore did; please report it"

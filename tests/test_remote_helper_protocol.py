@@ -259,10 +259,12 @@ from remote_helper import protocol
 out = sys.stdout.buffer
 for line in sys.stdin.buffer:
     line = line.rstrip(b"\n")
+    mode = os.environ.get("FAKE_MODE", "")
     if line == b"capabilities":
-        out.write(b"\n".join(protocol.CAPABILITIES) + b"\n\n")
+        caps = [c for c in protocol.CAPABILITIES if mode != "old-git" or c != b"get"]
+        out.write(b"\n".join(caps) + b"\n\n")
     elif line.startswith(b"option "):
-        out.write(protocol.option_reply(line) + b"\n")
+        out.write((mode.encode() if mode in ("ok", "unsupported") else protocol.option_reply(line)) + b"\n")
     else:
         n = int(os.environ["GIT_CONFIG_COUNT"])
         cfg = {os.environ[f"GIT_CONFIG_KEY_{i}"]: os.environ[f"GIT_CONFIG_VALUE_{i}"] for i in range(n)}
@@ -376,3 +378,20 @@ def test_the_transport_argv_never_holds_the_token() -> None:
 def test_transport_failures_get_one_hint_line(stderr: bytes, hint: str | None) -> None:
     got = transport.hint_for(stderr)
     assert (got is None) if hint is None else (got is not None and hint in got)
+
+
+@pytest.mark.parametrize(
+    ("mode", "stdin", "status", "message"),
+    [
+        # A newer transport taking an option we called unsupported: git just does not use it.
+        ("ok", b"capabilities\noption bogus 1\nlist\n", 7, ""),
+        # The reverse would silently drop a setting git believes is in force.
+        ("unsupported", b"capabilities\noption depth 1\nlist\n", 1, "answered option 'depth' differently"),
+        ("old-git", b"capabilities\nlist\n", 1, "lacks capabilities codestore announced (get)"),
+    ],
+)
+def test_a_transport_that_disagrees_with_our_preamble_is_caught(
+    org_key: OrgKey, mode: str, stdin: bytes, status: int, message: str
+) -> None:
+    got, _, err = run(stdin, env={**os.environ, "FAKE_MODE": mode}, launch=fake_launcher([]))
+    assert got == status and message in err
