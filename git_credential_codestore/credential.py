@@ -75,9 +75,14 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
         repo, ephemeral = cfg.repo_from_path(path)
     except CodestoreError as e:
         raise ConfigError(f"{e}; use a URL like {cfg.base_url}/<repo>.git") from None
-    from .source import TokenRequest, get_token
+    from .source import TokenRequest, get_token, holds_grant
 
-    token = get_token(TokenRequest(repo, cfg.scopes_for(repo, ephemeral), ephemeral, purpose="credential"), cfg, env)
+    if holds_grant(env):
+        # The grant is the policy: ask for at most read+write; the agent narrows it.
+        request = TokenRequest(repo, ("git:read", "git:write"), ephemeral, purpose="credential", narrow=True)
+    else:
+        request = TokenRequest(repo, cfg.scopes_for(repo, ephemeral), ephemeral, purpose="credential")
+    token = get_token(request, cfg, env)
     return ["username=t", f"password={token.reveal()}", f"password_expiry_utc={token.expires_at}"]
 
 

@@ -25,6 +25,10 @@ class TokenRequest(NamedTuple):
     refs: Sequence[tuple[str, list[str]]] = ()
     # Which program asks, for the audit log: "credential", "remote", "cli".
     purpose: str = "cli"
+    # Ask for *at most* these scopes: an agent narrows them to what the grant allows
+    # (never widens, never below one scope). For the credential helper, which cannot
+    # tell a fetch from a push and so asks for what the grant would give.
+    narrow: bool = False
 
 
 class TokenSource(Protocol):
@@ -152,6 +156,12 @@ def _answers(path: str, exists: bool) -> bool:
         s.close()
         if fd is not None:
             os.close(fd)
+
+
+def holds_grant(env: Mapping[str, str] | None = None) -> bool:
+    """A sandbox holding a grant: the grant, not local configuration, is the policy."""
+    env = os.environ if env is None else env
+    return bool(env.get("CODESTORE_GRANT") or env.get("CODESTORE_GRANT_FILE"))
 
 
 def get_token(request: TokenRequest, cfg: Config, env: Mapping[str, str] | None = None) -> Token:

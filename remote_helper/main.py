@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from git_credential_codestore import config
 from git_credential_codestore.errors import CodestoreError, PolicyError, boundary
-from git_credential_codestore.source import TokenRequest, get_token
+from git_credential_codestore.source import TokenRequest, get_token, holds_grant
 
 from . import protocol, transport, urls
 
@@ -37,8 +37,14 @@ class UsageError(CodestoreError):
     exit_code = 2
 
 
-def scopes_for(operation: str, remote: urls.Remote, cfg: config.Config) -> tuple[str, ...]:
-    """The least privilege for the operation, if configuration allows it at all."""
+def scopes_for(operation: str, remote: urls.Remote, cfg: config.Config, grant: bool = False) -> tuple[str, ...]:
+    """The least privilege for the operation, if configuration allows it at all.
+
+    With a grant the agent is the policy: it refuses what the grant does not allow, with
+    a reason, so local scope settings are not consulted (a sandbox needs none).
+    """
+    if grant:
+        return PUSH_SCOPES if operation == "push" else READ_SCOPES
     allowed = cfg.scopes_for(remote.repo, remote.ephemeral)
     if operation == "push":
         if "git:write" not in allowed:
@@ -89,7 +95,7 @@ def run(
         decision = protocol.negotiate(reader, git_out.write)
         if decision.operation == "end":
             return 0
-        scopes = scopes_for(decision.operation, remote, cfg)
+        scopes = scopes_for(decision.operation, remote, cfg, holds_grant(env))
         token = get_token(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"), cfg, env)
         # git passes the URL itself as the remote name for a URL given on the command line.
         name = remote.https_url if remote_name == url else remote_name

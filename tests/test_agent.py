@@ -142,6 +142,20 @@ def test_tokens_carry_the_grants_ref_rules_ahead_of_the_requests(agent: Agent, o
     assert verify(str(reply["token"]), org_key).refs == [("refs/heads/main", ["no-push"]), ("refs/heads/*", [])]
 
 
+def test_a_narrow_request_gets_what_the_grant_allows_and_no_more(agent: Agent, org_key: OrgKey) -> None:
+    # Threat: a ceiling request ("at most read+write") widening a read-only grant.
+    read_only = agent.grant("--repo", REPO)
+    writer = agent.grant("--repo", REPO, "--scopes", "git:write")
+    ceiling = TokenRequest(REPO, ("git:read", "git:write"), purpose="test", narrow=True)
+    for g, expected in ((read_only, ("git:read",)), (writer, ("git:read", "git:write"))):
+        env = sandbox_env(g["grant"], sock=agent.socket)
+        assert verify(get_token(ceiling, config.load(env), env).reveal(), org_key).scopes == expected
+    # Narrowing still refuses what the grant cannot give at all.
+    env = sandbox_env(read_only["grant"], sock=agent.socket)
+    with pytest.raises(AgentRefused, match="does not allow"):
+        get_token(TokenRequest(REPO, ("repo:write",), narrow=True), config.load(env), env)
+
+
 @pytest.mark.parametrize(
     ("grant_args", "request_kwargs", "reason"),
     [

@@ -39,9 +39,11 @@ def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey) -> Iterator[tu
 
 
 def sandbox(agent: Agent, grant: dict[str, object], via: str) -> dict[str, str]:
+    """No key and no scope settings: the grant alone decides what the sandbox may do."""
     where = {"sock": agent.socket} if via == "socket" else {"url": agent.url}
-    env = sandbox_env(grant["grant"], CODESTORE_EPHEMERAL_SCOPES="git:read git:write", **where)  # type: ignore[arg-type]
-    assert "CODESTORE_PRIVATE_KEY_FILE" not in env
+    env = sandbox_env(grant["grant"], **where)  # type: ignore[arg-type]
+    for name in ("CODESTORE_PRIVATE_KEY_FILE", "CODESTORE_PRIVATE_KEY", "CODESTORE_SCOPES", "CODESTORE_EPHEMERAL_SCOPES"):
+        assert name not in env
     return env
 
 
@@ -113,3 +115,19 @@ def test_after_revocation_the_sandbox_can_no_longer_fetch(world: tuple[DevServer
     assert agent.cli("grant", "revoke", str(grant["id"])).returncode == 0
     proc = subprocess.run(["git", "ls-remote", url], env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode != 0 and "revoked" in proc.stderr
+
+
+def test_a_read_only_grant_clones_through_the_credential_helper_but_cannot_push(
+    world: tuple[DevServer, Agent, dict[str, object]], tmp_path: Path
+) -> None:
+    # Threat: the credential helper's "at most read+write" request widening a read grant.
+    server, agent, _ = world
+    reader = agent.grant("--repo", REPO, "--ephemeral-only", "--sub", "reader")
+    env = sandbox(agent, reader, "socket")
+    url = f"{server.url}/{REPO}+ephemeral.git"
+    work = tmp_path / "work"
+    git("clone", "-q", "--branch", "base", url, str(work), env=env)
+    commit(work, "nope.txt", env)
+    assert git("push", "origin", "HEAD:refs/heads/nope", cwd=work, env=env, check=False).returncode != 0
+    mints = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == reader["id"]]
+    assert mints and all(e["scopes"] == ["git:read"] for e in mints)

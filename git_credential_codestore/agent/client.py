@@ -262,6 +262,8 @@ class AgentSource:
             "refs": [[p, list(ops)] for p, ops in request.refs],  # type: ignore[attr-defined]
             "purpose": request.purpose,  # type: ignore[attr-defined]
         }
+        if getattr(request, "narrow", False):
+            body["narrow"] = True
         if self.grant is None:
             # The owner signs as itself; the agent checks it holds the same key and org.
             body["owner"] = {

@@ -37,6 +37,7 @@ class Request:
     ttl: int | None
     refs: tuple[tuple[str, tuple[str, ...]], ...]
     purpose: str
+    narrow: bool = False  # scopes are a ceiling: grant holders get the intersection
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ def parse_request(obj: object) -> Request:
         refs = validate_refs(refs_raw)
     except CodestoreError as e:
         raise Refused(str(e), 400) from None
+    narrow = obj.get("narrow", False)
+    if not isinstance(narrow, bool):
+        raise Refused("\"narrow\" must be true or false", 400)
     purpose = obj.get("purpose", "cli")
     if not isinstance(purpose, str):
         purpose = "?"
@@ -93,6 +97,7 @@ def parse_request(obj: object) -> Request:
         ttl=ttl,
         refs=tuple((p, tuple(ops)) for p, ops in refs),
         purpose=purpose[:20],
+        narrow=narrow,
     )
 
 
@@ -111,7 +116,11 @@ def clamp_to_grant(grant: Grant, req: Request, default_ttl: int, now: float | No
         raise Refused(f"grant {grant.id} is {state}; ask its owner for a new one", 401)
     if not any(fnmatch.fnmatchcase(req.repo, pattern) for pattern in grant.repos):
         raise Refused(f"grant {grant.id} does not cover repository {req.repo!r} (it covers {', '.join(grant.repos)})")
-    extra = [s for s in req.scopes if s not in allowed_scopes(grant.scopes)]
+    scopes = req.scopes
+    if req.narrow:
+        # A ceiling, not a demand: keep what the grant allows. Still refused below.
+        scopes = tuple(s for s in req.scopes if s in allowed_scopes(grant.scopes)) or req.scopes
+    extra = [s for s in scopes if s not in allowed_scopes(grant.scopes)]
     if extra:
         raise Refused(f"grant {grant.id} does not allow {' '.join(extra)} (it allows {' '.join(grant.scopes)})")
     if grant.ephemeral_only and not req.ephemeral:
@@ -129,7 +138,7 @@ def clamp_to_grant(grant: Grant, req: Request, default_ttl: int, now: float | No
     ttl = max(MIN_TTL, min(ttl, MAX_TTL))
     refs = [(str(p), [str(o) for o in ops]) for p, ops in grant.refs]  # type: ignore[misc]
     refs += [(p, list(ops)) for p, ops in req.refs]
-    return Decision(repo=req.repo, scopes=req.scopes, ttl=ttl, refs=refs, sub=grant.sub)
+    return Decision(repo=req.repo, scopes=scopes, ttl=ttl, refs=refs, sub=grant.sub)
 
 
 def clamp_for_owner(req: Request, default_ttl: int, sub: str) -> Decision:
