@@ -1,8 +1,9 @@
 """`codestore demo`: the whole flow, offline, in a throwaway environment.
 
 A fresh key, the embedded dev server, a repository, `git clone`/commit/`push`/`fetch`
-over plain http through the credential helper, then proof that no token was left
-behind. Everything lives in a temporary directory with its own git config and key
+through the `codestore://` remote helper (read-only tokens for fetches, write only for
+the push) and a plain-URL clone through the credential helper, then proof that no token
+was left behind. Everything lives in a temporary directory with its own git config and key
 file: the user's ~/.gitconfig and keychain are never touched.
 """
 
@@ -20,7 +21,7 @@ from .errors import CodestoreError
 
 JWT_SHAPE = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+")
 ORG = "demo"
-REPO = "demo/app"
+REPO = "team/app"
 
 
 def find_secrets(root: str, needles: list[bytes]) -> list[str]:
@@ -63,6 +64,8 @@ def run(say: Callable[[str], None], keep: bool = False) -> int:
                 "CODESTORE_ORG": ORG,
                 "CODESTORE_PRIVATE_KEY_FILE": key_path,
                 "CODESTORE_KID": "demo-key-1",
+                # git finds git-credential-codestore and git-remote-codestore here.
+                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
             }
         )
         for k in [k for k in os.environ if k.startswith("CODESTORE_") and k not in (
@@ -114,21 +117,24 @@ def run(say: Callable[[str], None], keep: bool = False) -> int:
                 raise CodestoreError(f"git {args[0]} failed: {proc.stderr.strip().splitlines()[-1:]}")
             return proc.stdout
 
-        url = f"{base}/{REPO}.git"
+        remote = f"codestore://{ORG}/{REPO}"
         clone = os.path.join(work, "app")
-        say(f"5. git clone {url}   (no token in the URL)")
-        git("clone", "-q", url, clone)
+        say(f"5. git clone {remote}   (the remote helper mints a git:read token for the fetch)")
+        git("clone", "-q", remote, clone)
         with open(os.path.join(clone, "README.md"), "w") as f:
             f.write("hello from codestore\n")
         git("add", "README.md", cwd=clone)
         git("commit", "-qm", "First commit", cwd=clone)
-        say("6. git push origin HEAD:main")
+        say("6. git push origin HEAD:main   (only the push gets git:write)")
         git("push", "-q", "origin", "HEAD:main", cwd=clone)
-        say("7. git fetch, and a second clone sees the commit")
         git("fetch", "-q", cwd=clone)
+        url = f"{base}/{REPO}.git"
         other = os.path.join(work, "app2")
+        say(f"7. git clone {url}   (plain URL, no token in it: the credential helper answers)")
         git("clone", "-q", url, other)
         say("   " + git("log", "--oneline", "-1", cwd=other).strip())
+        say("   (git never tells a credential helper fetch from push, so it mints what config allows;")
+        say("    codestore:// URLs can tell, and do)")
 
         say("8. What the server saw (from its request log: scopes per request, never the token)")
         import json
