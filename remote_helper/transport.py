@@ -203,8 +203,6 @@ class StderrTee:
                 pass
 
 
-
-
 # ---------------------------------------------------------------- the session
 
 
@@ -273,10 +271,10 @@ def _swallow(reader: LineReader, decision: Decision) -> bytes:
     """Read the transport's answers to the replayed lines; return what came after them."""
     for line, ours in decision.replay:
         if ours is None:
-            theirs = set()
+            offered: set[bytes] = set()
             while (cap := _line(reader)) != b"":
-                theirs.add(cap.lstrip(b"*"))
-            missing = [c.decode() for c in CAPABILITIES if c not in theirs]
+                offered.add(cap.lstrip(b"*"))
+            missing = [c.decode() for c in CAPABILITIES if c not in offered]
             if missing:
                 raise ProtocolError(
                     f"this git's HTTPS transport lacks capabilities codestore announced ({', '.join(missing)}); "
