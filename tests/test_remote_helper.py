@@ -87,6 +87,21 @@ def test_fetch_and_pull_see_new_commits(seeded: tuple[DevServer, Path], tmp_path
     assert reads and all(r["scopes"] == ["git:read"] for r in reads)
 
 
+@pytest.mark.parametrize("version", ["0", "1"])
+def test_the_older_wire_protocols_clone_and_fetch_too(seeded: tuple[DevServer, Path], tmp_path: Path, version: str) -> None:
+    # Protocol v0/v1 reach the helper as `list` and `fetch` commands, not stateless-connect.
+    server, work = seeded
+    clone = tmp_path / "c"
+    before = len(server.requests())
+    git("-c", f"protocol.version={version}", "clone", "-q", URL, str(clone))
+    head = commit(work, "two.txt")
+    git("push", "-q", "origin", "main", cwd=work)
+    git("-c", f"protocol.version={version}", "fetch", "-q", cwd=clone)
+    assert git("rev-parse", "origin/main", cwd=clone).stdout.strip() == head
+    reads = git_requests(server, "git-upload-pack", before)
+    assert reads and all(r["scopes"] == ["git:read"] for r in reads)
+
+
 def test_ls_remote_lists_the_refs_with_a_read_only_token(seeded: tuple[DevServer, Path]) -> None:
     server, work = seeded
     before = len(server.requests())
