@@ -5,6 +5,7 @@
        agent-grant   our helper with no key, a grant, the agent's socket
        agent-owner   our helper with the key configured and an agent at the default socket
        local-key     our helper signing with the key itself (no agent)
+       foreign       another host: our helper stays silent, then git-credential-store answers
 2. Load: C concurrent clients (threads in this process, one connection per token, like
    helpers), N tokens each, against one agent: tokens/s and p50/p99 latency, next to the
    raw signing rate of the same key measured in this process.
@@ -41,12 +42,13 @@ def environment(tmp: str) -> dict[str, str]:
     os.makedirs(run, mode=0o700)
     store_file = os.path.join(tmp, "store")
     with open(store_file, "w") as f:
-        f.write("https://t:stored-password@store.example\n")
+        f.write("https://t:stored-password@store.example\nhttps://u:p@other.example\n")
     gitconfig = os.path.join(tmp, "gitconfig")
     with open(gitconfig, "w") as f:
         f.write(
             f'[credential "https://store.example"]\n\thelper = store --file {store_file}\n'
             '[credential "https://acme.code.storage"]\n\thelper = \n\thelper = codestore\n\tuseHttpPath = true\n'
+            f'[credential "https://other.example"]\n\thelper = codestore\n\thelper = store --file {store_file}\n'
         )
     return {
         "PATH": BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
@@ -153,6 +155,8 @@ def main() -> int:
                 "agent-grant": (grant_env, "https://acme.code.storage/team/app.git"),
                 "agent-owner": (env, "https://acme.code.storage/team/app.git"),
                 "local-key": (dict(env, CODESTORE_AGENT="off"), "https://acme.code.storage/team/app.git"),
+                # Another host: our helper stays silent, then git-credential-store answers.
+                "foreign": (env, "https://other.example/repo.git"),
             }
             for e, url in cases.values():
                 fill(e, url)  # warm caches

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import sys
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -79,6 +80,18 @@ def parse_ttl(value: object, where: str) -> int:
     if not MIN_TTL <= ttl <= MAX_TTL:
         raise ConfigError(f"{where}: TTL {ttl}s is outside {MIN_TTL}..{MAX_TTL}s; short-lived tokens are the point")
     return ttl
+
+
+_LOOPBACK_V4 = re.compile(r"^127(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: where plain http may carry a token.
+
+    Not ipaddress (its import is a cost every git operation would pay). Forms it would
+    also accept, such as a long-form ::1, count as not loopback: the safe side.
+    """
+    return host.lower() in ("localhost", "::1") or bool(_LOOPBACK_V4.match(host))
 
 
 def split_repo_path(path: str) -> tuple[str, bool]:

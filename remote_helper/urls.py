@@ -19,7 +19,7 @@ import re
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from git_credential_codestore.config import EPHEMERAL_SUFFIX, Config, split_repo_path
+from git_credential_codestore.config import EPHEMERAL_SUFFIX, Config, is_loopback, split_repo_path
 from git_credential_codestore.errors import ConfigError
 
 SCHEME = "codestore://"
@@ -43,12 +43,6 @@ class Remote(NamedTuple):
         return "the +ephemeral namespace" if self.ephemeral else "the default namespace"
 
 
-_LOOPBACK_V4 = re.compile(r"^127(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$")
-
-
-def is_loopback(host: str) -> bool:
-    # Not ipaddress: its import is a cost every git operation would pay.
-    return host.lower() in ("localhost", "::1") or bool(_LOOPBACK_V4.match(host))
 
 
 def parse(url: str, cfg: Config) -> tuple[Remote, Config]:

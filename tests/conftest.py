@@ -189,6 +189,33 @@ def dev_server(tmp_path: Path, org_key: OrgKey, monkeypatch: pytest.MonkeyPatch)
             server.proc.wait()
 
 
+@dataclass
+class Clock:
+    offset_file: Path
+
+    def set_offset(self, seconds: int) -> None:
+        """Move the shared clock to real time + seconds, for every process at once."""
+        self.offset_file.write_text(f"+{seconds}\n")
+
+
+@pytest.fixture
+def shared_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """One fake clock for git, the helpers and every server started after this fixture.
+
+    libfaketime, preloaded into every child process, re-reads its offset from a file on
+    each call, so the test can move time forward mid-session for all of them together.
+    """
+    libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    assert libs, "libfaketime is required for this test (tests/run.sh installs it)"
+    clock = Clock(tmp_path / "clock")
+    clock.set_offset(0)
+    monkeypatch.setenv("LD_PRELOAD", str(libs[0]))
+    monkeypatch.setenv("FAKETIME_TIMESTAMP_FILE", str(clock.offset_file))
+    monkeypatch.setenv("FAKETIME_NO_CACHE", "1")
+    monkeypatch.setenv("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+    return clock
+
+
 def git(*args: str, cwd: Path | str | None = None, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real git; on failure the assertion shows git's output."""
     proc = subprocess.run(

@@ -108,3 +108,16 @@ def test_set_value_refuses_a_bad_value_and_keeps_the_file(tmp_path: Path) -> Non
     with pytest.raises(ConfigError):
         config.set_value("ttl", "99999", env)
     assert config.load(env).org == "acme" and config.load(env).ttl == 300
+
+
+@pytest.mark.parametrize(
+    "host,expected",
+    [
+        ("127.0.0.1", True), ("127.255.0.9", True), ("localhost", True), ("::1", True), ("LOCALHOST", True),
+        ("127.0.0.256", False), ("127.1", False), ("10.0.0.1", False), ("128.0.0.1", False),
+        ("127.0.0.1.evil.com", False), ("0:0:0:0:0:0:0:1", False), ("", False),
+    ],
+)
+def test_only_loopback_hosts_may_carry_tokens_over_plain_http(host: str, expected: bool) -> None:
+    # Threat: a token sent unencrypted across a network because a host "looked" local.
+    assert config.is_loopback(host) is expected

@@ -9,7 +9,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.conftest import ORG, DevServer, git, run_cli, start_dev_server
+from tests.conftest import Clock, DevServer, OrgKey, git, run_cli, start_dev_server
 from tests.leakscan import ArgvSampler, files_with_secrets, key_needles, secrets_in_text
 
 REPO = "team/app"
@@ -109,17 +109,11 @@ def test_no_token_or_key_is_left_anywhere_after_clone_fetch_and_push(configured:
     assert secrets_in_text("\n".join(outputs), needles) == []
 
 
-def test_a_session_longer_than_many_ttls_keeps_working(tmp_path: Path, org_key, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    # git, the helpers and the dev server share one fake clock (libfaketime reading an
-    # offset from a file), which the test moves forward sixty token lifetimes mid-session.
-    libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
-    assert libs, "libfaketime is required (tests/run.sh installs it)"
-    clock = tmp_path / "clock"
-    clock.write_text("+0\n")
-    monkeypatch.setenv("LD_PRELOAD", str(libs[0]))
-    monkeypatch.setenv("FAKETIME_TIMESTAMP_FILE", str(clock))
-    monkeypatch.setenv("FAKETIME_NO_CACHE", "1")
-    monkeypatch.setenv("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+def test_a_session_longer_than_many_ttls_keeps_working(
+    tmp_path: Path, org_key: OrgKey, shared_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # git, the helpers and the dev server share one fake clock, which the test moves
+    # forward sixty token lifetimes mid-session.
     monkeypatch.setenv("CODESTORE_TTL", "60")
     monkeypatch.setenv("CODESTORE_SCOPES", "git:read git:write")
     server = start_dev_server(tmp_path / "server", org_key)
@@ -132,7 +126,7 @@ def test_a_session_longer_than_many_ttls_keeps_working(tmp_path: Path, org_key, 
         fill = subprocess.run(["git", "credential", "fill"], input=f"url={url}\n\n", capture_output=True, text=True, check=True)
         old_token = dict(line.split("=", 1) for line in fill.stdout.splitlines())["password"]
 
-        clock.write_text("+3600\n")  # an hour later: sixty 60-second lifetimes
+        shared_clock.set_offset(3600)  # an hour later: sixty 60-second lifetimes
 
         commit(work, "late.txt")
         git("push", "-q", "origin", "HEAD:main", cwd=work)

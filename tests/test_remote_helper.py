@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ORG, DevServer, git, run_cli, start_dev_server
+from tests.conftest import ORG, Clock, DevServer, OrgKey, git, run_cli, start_dev_server
 from tests.leakscan import ArgvSampler, files_with_secrets, key_needles, secrets_in_text
 
 REPO = "team/app"
@@ -419,19 +419,12 @@ def test_promote_is_refused_when_configuration_forbids_default_writes(seeded: tu
 # ---------------------------------------------------------------- long sessions
 
 
-def test_a_session_longer_than_many_ttls_keeps_working(tmp_path: Path, org_key, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_session_longer_than_many_ttls_keeps_working(
+    tmp_path: Path, org_key: OrgKey, shared_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Each git transport process gets a fresh token, so a 60 s TTL outlives no session
     # and still every operation an hour later works. git, the helper and the server share
-    # one fake clock (libfaketime), moved forward mid-session.
-    libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
-    if not libs:
-        pytest.skip("libfaketime is not installed (tests/run.sh installs it)")
-    clock = tmp_path / "clock"
-    clock.write_text("+0\n")
-    monkeypatch.setenv("LD_PRELOAD", str(libs[0]))
-    monkeypatch.setenv("FAKETIME_TIMESTAMP_FILE", str(clock))
-    monkeypatch.setenv("FAKETIME_NO_CACHE", "1")
-    monkeypatch.setenv("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+    # one fake clock, moved forward mid-session.
     monkeypatch.setenv("CODESTORE_TTL", "60")
     monkeypatch.setenv("CODESTORE_SCOPES", "git:read git:write")
     server = start_dev_server(tmp_path / "server", org_key)
@@ -444,7 +437,7 @@ def test_a_session_longer_than_many_ttls_keeps_working(tmp_path: Path, org_key, 
         git("remote", "add", "origin", URL, cwd=work)
         git("push", "-q", "origin", "main", cwd=work)
 
-        clock.write_text("+3600\n")  # an hour later: sixty 60-second lifetimes
+        shared_clock.set_offset(3600)  # an hour later: sixty 60-second lifetimes
 
         commit(work, "late.txt")
         git("push", "-q", "origin", "main", cwd=work)

@@ -10,24 +10,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import DevServer, OrgKey, git
 from tests.leakscan import files_with_secrets, key_needles
-from tests.test_agent import REPO, Agent, start_agent
+from tests.test_agent import REPO, Agent, agent  # noqa: F401 - agent is a fixture
 from tests.test_install import install
-
-
-@pytest.fixture
-def agent(tmp_path: Path, org_key: OrgKey) -> Iterator[Agent]:
-    a = start_agent(tmp_path)
-    try:
-        yield a
-    finally:
-        a.stop()
 
 
 def clean_env(home: Path, bin_dir: Path, **extra: str) -> dict[str, str]:

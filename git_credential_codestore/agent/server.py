@@ -29,7 +29,6 @@ request is a 500 for that request only.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -47,7 +46,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import TextIO
 
 from .. import tokens
-from ..config import Config, parse_scopes
+from ..config import Config, is_loopback, parse_scopes
 from ..errors import CodestoreError, ConfigError, redact
 from . import policy
 from .audit import AuditLog
@@ -548,15 +547,6 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"--listen wants HOST:PORT (e.g. 127.0.0.1:8765), not {value!r}")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _close_all(started: list[_Listener], sockets: list[_Listener], store: GrantStore, audit: AuditLog) -> None:

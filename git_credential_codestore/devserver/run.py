@@ -6,7 +6,6 @@ The first stdout line is a contract with scripts and tests:
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import socket
@@ -27,15 +26,6 @@ def default_data_dir() -> str:
     from platformdirs import user_data_dir
 
     return os.path.join(user_data_dir("codestore"), "dev-server")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_trust_key(spec: str) -> tuple[str, str | None]:
@@ -115,7 +105,7 @@ def serve(
     tls: bool,
     env: Mapping[str, str] | None = None,
 ) -> None:
-    if not tls and not is_loopback(host):
+    if not tls and not config.is_loopback(host):
         raise UsageError(
             f"refusing plain HTTP on non-loopback address {host}: tokens would cross the network in clear; add --tls"
         )
