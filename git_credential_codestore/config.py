@@ -26,13 +26,10 @@ This module is imported on every credential request, so it stays light: no crypt
 
 from __future__ import annotations
 
-import fnmatch
 import os
-import re
 import sys
+from collections import namedtuple
 from collections.abc import Mapping
-from typing import NamedTuple
-from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -82,16 +79,38 @@ def parse_ttl(value: object, where: str) -> int:
     return ttl
 
 
-_LOOPBACK_V4 = re.compile(r"^127(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$")
-
-
 def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or localhost: where plain http may carry a token.
+    """127.0.0.0/8 in dotted-quad form, ::1 or localhost: where plain http may carry a token.
 
     Not ipaddress (its import is a cost every git operation would pay). Forms it would
-    also accept, such as a long-form ::1, count as not loopback: the safe side.
+    also accept, such as a long-form ::1 or 127.1, count as not loopback: the safe side.
     """
-    return host.lower() in ("localhost", "::1") or bool(_LOOPBACK_V4.match(host))
+    if host.lower() in ("localhost", "::1"):
+        return True
+    parts = host.split(".")
+    return (
+        len(parts) == 4
+        and parts[0] == "127"
+        # ASCII digits, no leading zeros (0177 is octal to some parsers), at most 255.
+        and all(p.isascii() and p.isdigit() and str(int(p)) == p and int(p) <= 255 for p in parts)
+    )
+
+
+class SplitURL(namedtuple("SplitURL", "scheme netloc path query fragment")):
+    """`scheme://netloc/path?query#fragment`, split without urllib (an import every git
+    request would pay). Only for URLs we compare and validate, never to normalise."""
+
+    __slots__ = ()
+
+
+def split_url(url: str) -> SplitURL:
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme.isascii() or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        return SplitURL("", "", url, "", "")
+    rest, _, fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    return SplitURL(scheme.lower(), netloc, slash + path, query, fragment)
 
 
 def split_repo_path(path: str) -> tuple[str, bool]:
@@ -123,27 +142,40 @@ def validate_repo_id(repo: str) -> str:
     return repo
 
 
-class RepoRule(NamedTuple):
+class RepoRule(namedtuple("RepoRule", "pattern scopes ephemeral_scopes", defaults=(None, None))):
+    __slots__ = ()
     pattern: str
-    scopes: tuple[str, ...] | None = None
-    ephemeral_scopes: tuple[str, ...] | None = None
+    scopes: tuple[str, ...] | None
+    ephemeral_scopes: tuple[str, ...] | None
 
 
-class Config(NamedTuple):
-    """The effective settings. A NamedTuple, not a dataclass: dataclasses imports
-    inspect, a cost every git request would pay."""
+_CONFIG_FIELDS = (
+    "org", "base_url_setting", "api_url_setting", "kid", "ttl", "scopes",
+    "ephemeral_scopes", "sub_setting", "private_key_file", "repos", "path",
+)
 
-    org: str | None = None
-    base_url_setting: str | None = None
-    api_url_setting: str | None = None
-    kid: str | None = None
-    ttl: int = DEFAULT_TTL
-    scopes: tuple[str, ...] = ("git:read",)
-    ephemeral_scopes: tuple[str, ...] | None = None
-    sub_setting: str | None = None
-    private_key_file: str | None = None
-    repos: tuple[RepoRule, ...] = ()
-    path: str = ""
+
+class Config(
+    namedtuple(
+        "Config", _CONFIG_FIELDS,
+        defaults=(None, None, None, None, DEFAULT_TTL, ("git:read",), None, None, None, (), ""),
+    )
+):
+    """The effective settings. A collections.namedtuple: a dataclass would import
+    inspect and typing.NamedTuple would import typing, costs every git request pays."""
+
+    __slots__ = ()
+    org: str | None
+    base_url_setting: str | None
+    api_url_setting: str | None
+    kid: str | None
+    ttl: int
+    scopes: tuple[str, ...]
+    ephemeral_scopes: tuple[str, ...] | None
+    sub_setting: str | None
+    private_key_file: str | None
+    repos: tuple[RepoRule, ...]
+    path: str
 
     @property
     def base_url(self) -> str:
@@ -178,6 +210,8 @@ class Config(NamedTuple):
     def scopes_for(self, repo: str, ephemeral: bool) -> tuple[str, ...]:
         """The scopes the credential helper mints for this repository and namespace."""
         scopes, eph = self.scopes, self.ephemeral_scopes
+        if self.repos:
+            import fnmatch  # only with [repos] rules: it imports re
         for rule in self.repos:
             if fnmatch.fnmatchcase(repo, rule.pattern):
                 scopes = rule.scopes or scopes
@@ -189,12 +223,12 @@ class Config(NamedTuple):
         """True when git's (protocol, host[:port]) is our configured Git base URL."""
         if not (self.org or self.base_url_setting):
             return False
-        parts = urlsplit(self.base_url)
+        parts = split_url(self.base_url)
         return protocol == parts.scheme and host.lower() == (parts.netloc.rpartition("@")[2]).lower()
 
     def repo_from_path(self, path: str) -> tuple[str, bool]:
         """The repository and namespace named by a credential `path` under our base URL."""
-        prefix = urlsplit(self.base_url).path.strip("/")
+        prefix = split_url(self.base_url).path.strip("/")
         path = path.strip("/")
         if prefix:
             if not path.startswith(prefix + "/"):
@@ -242,9 +276,9 @@ def load(env: Mapping[str, str] | None = None) -> Config:
             raise ConfigError(f"{path}: {k} must be a string")
     for k in ("base_url", "api_url"):
         if k in values:
-            u = urlsplit(str(values[k]))
-            if u.scheme not in ("http", "https") or not u.netloc or "@" in u.netloc or u.query:
-                raise ConfigError(f"{k} {values[k]!r} must be an http(s) URL without credentials or query")
+            u = split_url(str(values[k]))
+            if u.scheme not in ("http", "https") or not u.netloc or "@" in u.netloc or u.query or u.fragment:
+                raise ConfigError(f"{k} {values[k]!r} must be an http(s) URL without credentials, query or fragment")
     rules = []
     repos = raw.get("repos", {})
     if not isinstance(repos, dict):

@@ -18,7 +18,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import BinaryIO
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 PROG = "git-credential-codestore"
 MAX_INPUT = 64 * 1024  # git's own requests are a few hundred bytes

@@ -8,24 +8,40 @@ build them from names and ids only, and `redact` scrubs anything that slipped in
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Callable
-from typing import TextIO
 
-# Anything shaped like a JWT, Basic credentials, or userinfo in a URL.
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_BASIC = re.compile(r"(?i)(authorization:\s*(?:basic|bearer)\s+)\S+")
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
-_PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S)
+# Every git helper imports this module; `typing` and `re` cost milliseconds each to
+# import, so type-only names are imported for type checkers alone and the patterns
+# below are compiled on first use.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TextIO
+
+
+def _patterns() -> list[tuple[object, str]]:
+    import re
+
+    global _PATTERNS
+    if not _PATTERNS:
+        _PATTERNS = [
+            (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S), "<redacted key>"),
+            # Anything shaped like a JWT, Basic/Bearer credentials, or userinfo in a URL.
+            (re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "<redacted>"),
+            (re.compile(r"(?i)(authorization:\s*(?:basic|bearer)\s+)\S+"), r"\1<redacted>"),
+            (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@"), r"\1<redacted>@"),
+        ]
+    return _PATTERNS
+
+
+_PATTERNS: list[tuple[object, str]] = []
 
 
 def redact(text: str) -> str:
     """Remove token- and key-shaped material from text meant for a human."""
-    text = _PEM.sub("<redacted key>", text)
-    text = _JWT.sub("<redacted>", text)
-    text = _BASIC.sub(r"\1<redacted>", text)
-    return _URL_USERINFO.sub(r"\1<redacted>@", text)
+    for pattern, replacement in _patterns():
+        text = pattern.sub(replacement, text)  # type: ignore[attr-defined]
+    return text
 
 
 class CodestoreError(Exception):

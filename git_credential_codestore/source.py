@@ -7,32 +7,46 @@ imports only that source's dependencies (the agent path needs no crypto at all).
 from __future__ import annotations
 
 import os
+from collections import namedtuple
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, Protocol
 
 from .config import Config
 from .secrets import Token
 
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+if TYPE_CHECKING:
+    from typing import Protocol
 
-class TokenRequest(NamedTuple):
-    """What a helper needs: one repository, in one namespace, with these scopes."""
+    class TokenSource(Protocol):
+        def mint(self, request: TokenRequest) -> Token: ...
 
+
+class TokenRequest(
+    namedtuple(
+        "TokenRequest",
+        ["repo", "scopes", "ephemeral", "ttl", "refs", "purpose", "narrow"],
+        defaults=(False, None, (), "cli", False),
+    )
+):
+    """What a helper needs: one repository, in one namespace, with these scopes.
+
+    (A collections.namedtuple, not typing.NamedTuple: typing's import is a cost on
+    every git request.)
+    """
+
+    __slots__ = ()
     repo: str
     scopes: tuple[str, ...]
-    ephemeral: bool = False
-    ttl: int | None = None
+    ephemeral: bool
+    ttl: int | None
     # [pattern, [ops]] rules for the `refs` claim (Code Storage enforces them on push).
-    refs: Sequence[tuple[str, list[str]]] = ()
+    refs: Sequence[tuple[str, list[str]]]
     # Which program asks, for the audit log: "credential", "remote", "cli".
-    purpose: str = "cli"
+    purpose: str
     # Ask for *at most* these scopes: an agent narrows them to what the grant allows
     # (never widens, never below one scope). For the credential helper, which cannot
     # tell a fetch from a push and so asks for what the grant would give.
-    narrow: bool = False
-
-
-class TokenSource(Protocol):
-    def mint(self, request: TokenRequest) -> Token: ...
+    narrow: bool
 
 
 class LocalKeySource:

@@ -121,3 +121,39 @@ def test_set_value_refuses_a_bad_value_and_keeps_the_file(tmp_path: Path) -> Non
 def test_only_loopback_hosts_may_carry_tokens_over_plain_http(host: str, expected: bool) -> None:
     # Threat: a token sent unencrypted across a network because a host "looked" local.
     assert config.is_loopback(host) is expected
+
+
+@pytest.mark.parametrize(
+    "url,expected",
+    [
+        ("https://acme.code.storage", ("https", "acme.code.storage", "", "", "")),
+        ("HTTP://127.0.0.1:8080/git/", ("http", "127.0.0.1:8080", "/git/", "", "")),
+        ("https://h/p?q=1#f", ("https", "h", "/p", "q=1", "f")),
+        ("https://t:x@h/p", ("https", "t:x@h", "/p", "", "")),
+        ("acme.code.storage", ("", "", "acme.code.storage", "", "")),
+        ("ht tp://h", ("", "", "ht tp://h", "", "")),
+    ],
+)
+def test_split_url_splits_without_normalising(url: str, expected: tuple[str, ...]) -> None:
+    assert tuple(config.split_url(url)) == expected
+
+
+def test_a_base_url_with_a_fragment_is_refused() -> None:
+    with pytest.raises(ConfigError, match="fragment"):
+        config.load({"CODESTORE_BASE_URL": "https://h/#x", "CODESTORE_CONFIG": "/x"})
+
+
+def test_the_credential_helpers_silent_path_imports_neither_typing_nor_re(tmp_path: Path) -> None:
+    # Startup is paid on every git request: a foreign host must cost no more than Python.
+    import subprocess
+    import sys
+
+    code = (
+        "import io, os, sys; from git_credential_codestore import credential;"
+        "credential.run(['get'], io.BytesIO(b'protocol=https\\nhost=github.com\\npath=a.git\\n\\n'), io.BytesIO(), io.BytesIO(), os.environ);"
+        "print(sorted(m for m in ('typing', 're', 'urllib.parse', 'dataclasses', 'jwt', 'cryptography') if m in sys.modules))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CODESTORE_ORG": "acme"}
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path[:0] = {sys.path!r}; " + code],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "[]"

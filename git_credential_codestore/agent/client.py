@@ -16,9 +16,10 @@ import json
 import os
 import socket
 import sys
+from collections import namedtuple
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, NamedTuple
-from urllib.parse import urlsplit
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
 
 if TYPE_CHECKING:
     import subprocess
@@ -89,15 +90,18 @@ def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
     return "store:" + (cfg.org or "default")
 
 
-class Endpoint(NamedTuple):
+class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
     """Where the agent listens: a Unix socket path, or an http(s) URL."""
 
+    __slots__ = ()
     kind: str  # "unix" | "http" | "https"
     address: str  # socket path, or host
-    port: int = 0
+    port: int
 
     @classmethod
     def from_url(cls, url: str) -> Endpoint:
+        from urllib.parse import urlsplit  # only for agents reached over the network
+
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"CODESTORE_AGENT_URL must be http(s)://HOST:PORT, not {parts.scheme or url[:20]!r}")
