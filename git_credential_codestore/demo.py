@@ -42,6 +42,7 @@ def find_secrets(root: str, needles: list[bytes]) -> list[str]:
 
 def run(say: Callable[[str], None], keep: bool = False) -> int:
     from . import api, keys, tokens
+    from .git import run as git_run
     from .setup import setup as git_setup
 
     work = tempfile.mkdtemp(prefix="codestore-demo-")
@@ -112,10 +113,7 @@ def run(say: Callable[[str], None], keep: bool = False) -> int:
         git_setup(config.load())
 
         def git(*args: str, cwd: str | None = None) -> str:
-            proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-            if proc.returncode != 0:
-                raise CodestoreError(f"git {args[0]} failed: {proc.stderr.strip().splitlines()[-1:]}")
-            return proc.stdout
+            return git_run(list(args), cwd=cwd).stdout
 
         remote = f"codestore://{ORG}/{REPO}"
         clone = os.path.join(work, "app")

@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import BinaryIO
 from urllib.parse import parse_qsl
 
+from .. import git
 from ..errors import CodestoreError, ConfigError, redact
 from ..tokens import Claims, PublicKey
 from . import api
@@ -599,14 +600,9 @@ def _printable(text: str) -> str:
 
 
 def find_http_backend(env: Mapping[str, str]) -> str:
-    try:
-        out = subprocess.run(
-            ["git", "--exec-path"], capture_output=True, text=True, env=dict(env), stdin=subprocess.DEVNULL
-        )
-    except FileNotFoundError:
-        raise CodestoreError("git is not installed or not on PATH; install git 2.39 or newer") from None
+    out = git.run(["--exec-path"], env=env)
     path = os.path.join(out.stdout.strip(), "git-http-backend")
-    if out.returncode != 0 or not os.access(path, os.X_OK):
+    if not os.access(path, os.X_OK):
         raise CodestoreError(f"git http-backend not found at {path}; install git's full package (git-core)")
     return path
 
