@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import ORG, git
+from tests.conftest import ORG, git, make_key
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = ("codestore", "git-credential-codestore", "git-remote-codestore")
@@ -34,6 +34,18 @@ def test_install_links_the_programs_configures_git_and_is_idempotent(tmp_path: P
     helpers = git("config", "--global", "--get-all", f"credential.https://{ORG}.code.storage.helper").stdout
     assert helpers.splitlines() == ["", "codestore"]
     gitconfig = (hermetic / ".gitconfig").read_text()
+
+    # The git helpers start through install.sh's lean launchers, and work through them.
+    for prog in ("git-credential-codestore", "git-remote-codestore"):
+        first_line = (prefix / "venv" / "bin" / prog).read_text().splitlines()[0]
+        assert first_line == f"#!{prefix}/venv/bin/python -IS"
+    key = make_key(tmp_path)
+    fill = subprocess.run(
+        ["git", "credential", "fill"], input=f"url=https://{ORG}.code.storage/team/app.git\n\n",
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PATH=f"{bin_dir}:/usr/bin:/bin", CODESTORE_PRIVATE_KEY_FILE=str(key.path)),
+    )
+    assert fill.returncode == 0 and "password=eyJ" in fill.stdout, fill.stderr
 
     second = install(prefix, bin_dir, "--org", ORG, "--setup")
     assert second.returncode == 0, second.stderr

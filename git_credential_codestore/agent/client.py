@@ -1,9 +1,11 @@
 """Talking to the agent: the token source helpers use, and the admin calls the CLI makes.
 
-Helpers run this on every git fetch and push, so it imports only the standard library's
-cheapest modules (`socket`, `json`; `ssl` only for an https agent) and speaks a small
-subset of HTTP/1.1 by hand: `http.client` alone costs more start-up time than the whole
-round trip to the agent. One request per connection, `Connection: close`.
+Helpers run this on every git fetch and push, so it speaks a small subset of HTTP/1.1 by
+hand (`http.client` alone costs more start-up time than the whole round trip to the
+agent), mints in the JSON-free line format of `wire.py`, and reaches a Unix socket
+through the C-level `_socket`: `json` and `socket` (with `re` and `enum` behind them) are
+imported only for admin calls and agents over TCP, `ssl` only for https. One request
+per connection, `Connection: close`.
 
 The grant travels in the `Authorization: Grant ...` header, never in a URL or argv.
 Every failure is one line that says what to do; nothing here can hang git: connects
@@ -12,9 +14,8 @@ and replies have short timeouts.
 
 from __future__ import annotations
 
-import json
+import _socket
 import os
-import socket
 import sys
 from collections import namedtuple
 from collections.abc import Mapping
@@ -22,11 +23,13 @@ from collections.abc import Mapping
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 
 if TYPE_CHECKING:
+    import socket
     import subprocess
 
 from ..config import Config
 from ..errors import ConfigError, PolicyError, RemoteError
 from ..secrets import Secret, Token
+from . import wire
 
 MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0
@@ -114,7 +117,7 @@ class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
         return self.address if self.kind == "unix" else f"{self.kind}://{self.address}:{self.port}"
 
 
-def _connect_unix(sock: socket.socket, addr: str, timeout: float) -> None:
+def _connect_unix(sock: _socket.socket, addr: str, timeout: float) -> None:
     """connect(), retrying while the agent's backlog is full (EAGAIN on a Unix socket)."""
     import time
 
@@ -129,10 +132,10 @@ def _connect_unix(sock: socket.socket, addr: str, timeout: float) -> None:
             time.sleep(0.005)
 
 
-def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> socket.socket:
+def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> _socket.socket | socket.socket:
     try:
         if ep.kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
             sock.settimeout(timeout)
             addr, fd = unix_address(ep.address)
             try:
@@ -144,6 +147,8 @@ def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> socket.soc
                 if fd is not None:
                     os.close(fd)
             return sock
+        import socket
+
         sock = socket.create_connection((ep.address, ep.port), timeout=timeout)
     except (FileNotFoundError, ConnectionRefusedError) as e:
         raise AgentUnavailable(f"no codestore agent at {ep} ({e.strerror or type(e).__name__}); {START_HINT}") from None
@@ -161,23 +166,23 @@ def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> socket.soc
     return sock
 
 
-def call(
+def exchange(
     ep: Endpoint,
     method: str,
     path: str,
-    body: Mapping[str, object] | None = None,
+    payload: bytes,
+    content_type: str | None,
     *,
     grant: Secret | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = REPLY_TIMEOUT,
-) -> tuple[int, dict[str, object]]:
-    """One request; returns (HTTP status, JSON object). Raises AgentUnavailable."""
+) -> tuple[int, bytes]:
+    """One HTTP request on a fresh connection; returns (status, body). Raises AgentUnavailable."""
     env = os.environ if env is None else env
-    payload = json.dumps(body).encode() if body is not None else b""
     host = "agent" if ep.kind == "unix" else f"{ep.address}:{ep.port}"
     head = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close", f"Content-Length: {len(payload)}"]
-    if body is not None:
-        head.append("Content-Type: application/json")
+    if content_type is not None:
+        head.append(f"Content-Type: {content_type}")
     if grant is not None:
         head.append(f"Authorization: Grant {grant.reveal()}")
     sock = _connect(ep, min(timeout, CONNECT_TIMEOUT), env)
@@ -193,7 +198,7 @@ def call(
             size += len(chunk)
             if size > MAX_REPLY:
                 raise RemoteError(f"the codestore agent at {ep} sent an oversized reply")
-    except socket.timeout:
+    except TimeoutError:  # socket.timeout is TimeoutError since Python 3.10
         raise AgentUnavailable(f"the codestore agent at {ep} did not answer within {timeout:.0f}s; check: codestore agent status") from None
     except OSError as e:
         raise AgentUnavailable(f"the codestore agent at {ep} dropped the connection ({e.strerror or type(e).__name__}); {START_HINT}") from None
@@ -203,10 +208,31 @@ def call(
     header, _, content = raw.partition(b"\r\n\r\n")
     status_line = header.split(b"\r\n", 1)[0].split()
     try:
-        status = int(status_line[1])
-        reply = json.loads(content) if content else {}
+        return int(status_line[1]), content
     except (IndexError, ValueError):
-        raise RemoteError(f"the codestore agent at {ep} sent a reply that is not JSON over HTTP; is it a codestore agent?") from None
+        raise RemoteError(f"the codestore agent at {ep} sent a reply that is not HTTP; is it a codestore agent?") from None
+
+
+def call(
+    ep: Endpoint,
+    method: str,
+    path: str,
+    body: Mapping[str, object] | None = None,
+    *,
+    grant: Secret | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = REPLY_TIMEOUT,
+) -> tuple[int, dict[str, object]]:
+    """One JSON request (admin calls, ping); returns (HTTP status, JSON object)."""
+    import json
+
+    payload = json.dumps(body).encode() if body is not None else b""
+    status, content = exchange(ep, method, path, payload, "application/json" if body is not None else None,
+                               grant=grant, env=env, timeout=timeout)
+    try:
+        reply = json.loads(content) if content else {}
+    except ValueError:
+        raise RemoteError(f"the codestore agent at {ep} sent a reply that is not JSON; is it a codestore agent?") from None
     if not isinstance(reply, dict):
         raise RemoteError(f"the codestore agent at {ep} sent an unexpected reply")
     return status, reply
@@ -258,31 +284,33 @@ class AgentSource:
 
     def mint(self, request: object) -> Token:
         # `request` is a source.TokenRequest; not imported here to keep this module a leaf.
-        body: dict[str, object] = {
-            "repo": request.repo,  # type: ignore[attr-defined]
-            "scopes": list(request.scopes),  # type: ignore[attr-defined]
-            "ephemeral": bool(request.ephemeral),  # type: ignore[attr-defined]
-            "ttl": request.ttl,  # type: ignore[attr-defined]
-            "refs": [[p, list(ops)] for p, ops in request.refs],  # type: ignore[attr-defined]
-            "purpose": request.purpose,  # type: ignore[attr-defined]
-        }
-        if getattr(request, "narrow", False):
-            body["narrow"] = True
+        owner = None
         if self.grant is None:
             # The owner signs as itself; the agent checks it holds the same key and org.
-            body["owner"] = {
+            owner = {
                 "org": self.cfg.org,
                 "kid": self.cfg.kid,
                 "key": key_identity(self.cfg, self.env),
                 "sub": self.cfg.sub,
             }
-        status, reply = call(self.endpoint, "POST", "/v1/token", body, grant=self.grant, env=self.env)
+        try:
+            body = wire.request_to_lines(
+                request.repo, request.scopes, bool(request.ephemeral), request.ttl,  # type: ignore[attr-defined]
+                request.refs, request.purpose, bool(getattr(request, "narrow", False)), owner,  # type: ignore[attr-defined]
+            )
+        except wire.WireError as e:
+            raise ConfigError(f"cannot ask the codestore agent for this token: {e}") from None
+        status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env)
+        try:
+            reply = wire.decode(content)
+        except wire.WireError:
+            raise RemoteError(f"the codestore agent at {self.endpoint} sent an unreadable reply; is it a codestore agent of this version?") from None
         if status != 200:
             raise refusal(self.endpoint, status, reply)
-        token, exp = reply.get("token"), reply.get("expires_at")
-        if not isinstance(token, str) or not isinstance(exp, int):
+        token, exp = reply.get("token", ""), reply.get("expires_at", "")
+        if not token or not exp.isdigit():
             raise RemoteError(f"the codestore agent at {self.endpoint} sent a reply without a token")
-        return Token(token, exp)
+        return Token(token, int(exp))
 
 
 def spawn(socket_path: str, *, idle_timeout: int = 0, extra: tuple[str, ...] = (), log_path: str | None = None,

@@ -48,7 +48,7 @@ from typing import TextIO
 from .. import tokens
 from ..config import Config, is_loopback, parse_scopes
 from ..errors import CodestoreError, ConfigError, redact
-from . import policy
+from . import policy, wire
 from .audit import AuditLog
 from .client import default_socket, key_identity, unix_address
 from .grants import Grant, GrantStore, grant_id_of
@@ -416,20 +416,31 @@ class Handler(BaseHTTPRequestHandler):
         if len(body) != length:
             return  # the client hung up mid-body
         self.unread = False
+        lines = (self.headers.get("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE
+        if lines:
+            # The helpers' JSON-free form of a token request (see wire.py); nothing else.
+            if (self.command, self.path) != ("POST", "/v1/token"):
+                self._reply(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"})
+                return
+            try:
+                body = json.dumps(wire.request_from_lines(body)).encode()
+            except wire.WireError as e:
+                self._reply(400, {"error": f"bad token request: {e}"}, lines=True)
+                return
         try:
             status, reply = self.server.agent.dispatch(self.caller, self.command, self.path, self.headers.get("Authorization"), body)
         except Exception as e:  # noqa: BLE001 - one request's bug must not take down the agent
             print(f"codestore agent: internal error on {self.command} {self.path[:60]}: {redact(repr(e))}", file=sys.stderr, flush=True)
             status, reply = 500, {"error": f"internal error in the agent ({type(e).__name__}); see its log"}
-        self._reply(status, reply)
+        self._reply(status, reply, lines=lines)
 
     do_GET = do_POST = do_PUT = do_DELETE = _serve
 
-    def _reply(self, status: int, reply: Mapping[str, object]) -> None:
-        data = json.dumps(reply).encode()
+    def _reply(self, status: int, reply: Mapping[str, object], lines: bool = False) -> None:
+        data = wire.reply_to_lines(reply) if lines else json.dumps(reply).encode()
         try:
             self.send_response_only(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", wire.CONTENT_TYPE if lines else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Connection", "close")
             self.send_header("Cache-Control", "no-store")

@@ -1,0 +1,100 @@
+"""The agent's JSON-free token request format (git's key=value lines)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from git_credential_codestore.agent import wire
+from git_credential_codestore.agent.client import Endpoint, exchange
+from git_credential_codestore.secrets import Secret
+from tests.test_agent import REPO, Agent, agent  # noqa: F401 - agent is a fixture
+
+
+def test_a_request_round_trips_to_the_json_shape() -> None:
+    body = wire.request_to_lines(
+        "team/app", ("git:read", "git:write"), True, 120,
+        [("refs/heads/main", ["no-push"]), ("refs/heads/f/*", ["no-force-push", "no-push"])],
+        "credential", True, {"org": "acme", "kid": None, "key": "file:/k", "sub": "me"},
+    )
+    assert wire.request_from_lines(body) == {
+        "repo": "team/app", "scopes": ["git:read", "git:write"], "ephemeral": True, "narrow": True,
+        "ttl": 120, "purpose": "credential",
+        "refs": [["refs/heads/main", ["no-push"]], ["refs/heads/f/*", ["no-force-push", "no-push"]]],
+        "owner": {"org": "acme", "key": "file:/k", "sub": "me"},
+    }
+
+
+@pytest.mark.parametrize(
+    "body,fragment",
+    [
+        (b"repo=a\nrepo=b\n", "twice"),
+        (b"repo\n", "not key=value"),
+        (b"=x\n", "not key=value"),
+        (b"repo=a\x1b[2J\n", "not key=value"),
+        (b"admin=1\n", "unknown field"),
+        (b"owner.password=x\n", "unknown field"),
+        (b"ephemeral=yes\n", "0 or 1"),
+        (b"ttl=-5\n", "whole number"),
+        (b"ttl=99999999999\n", "whole number"),
+        (b"ref=refs/heads/main\n", "OPS:PATTERN"),
+        (b"\xff\n", "UTF-8"),
+        (b"a=1\n" * (wire.MAX_LINES + 1), "more than"),
+    ],
+)
+def test_malformed_lines_are_refused_not_skipped(body: bytes, fragment: str) -> None:
+    with pytest.raises(wire.WireError, match=fragment):
+        wire.request_from_lines(body)
+
+
+def test_values_with_line_breaks_cannot_be_encoded() -> None:
+    # Threat: a value smuggling a second field (say `narrow=0` or an owner key) into the request.
+    with pytest.raises(wire.WireError):
+        wire.encode({"repo": "a\nscopes=git:write"})
+
+
+def test_the_agent_answers_a_malformed_line_request_with_400_and_one_line(agent: Agent) -> None:
+    status, body = exchange(Endpoint("unix", agent.socket), "POST", "/v1/token", b"repo=a\nrepo=b\n", wire.CONTENT_TYPE)
+    assert status == 400 and wire.decode(body)["error"] == "bad token request: repo appears twice"
+    # ...and keeps serving.
+    ok_status, ok = exchange(Endpoint("unix", agent.socket), "POST", "/v1/token",
+                             wire.request_to_lines(REPO, ("git:read",), False, None, (), "test", False, None),
+                             wire.CONTENT_TYPE)
+    assert ok_status == 200, ok
+
+
+def test_line_requests_are_accepted_only_for_minting(agent: Agent) -> None:
+    # Threat: admin endpoints reached through a second, less-tested body parser.
+    status, body = exchange(Endpoint("unix", agent.socket), "POST", "/v1/grants", b"repos=*\n", wire.CONTENT_TYPE)
+    assert status == 415
+
+
+def test_a_grant_holder_cannot_claim_owner_fields_in_lines(agent: Agent) -> None:
+    # Threat: a grant holder adding owner.* lines to be treated as the owner.
+    g = agent.grant("--repo", REPO)
+    body = wire.request_to_lines(REPO, ("git:read", "git:write"), False, None, (), "test", False,
+                                 {"org": "acme", "kid": "k1", "key": "x", "sub": "owner"})
+    status, reply = exchange(Endpoint("unix", agent.socket), "POST", "/v1/token", body, wire.CONTENT_TYPE,
+                             grant=Secret(str(g["grant"])))
+    assert status == 403 and "does not allow git:write" in wire.decode(reply)["error"]
+
+
+def test_minting_through_a_local_agent_imports_no_json_socket_re_or_typing(agent: Agent, tmp_path: Path) -> None:
+    # Startup is paid on every git request: the agent path must stay this lean.
+    g = agent.grant("--repo", REPO)
+    code = (
+        "import os, sys; from git_credential_codestore import config;"
+        "from git_credential_codestore.source import TokenRequest, get_token;"
+        f"t = get_token(TokenRequest({REPO!r}, ('git:read',), purpose='test'), config.load());"
+        "assert t.reveal().startswith('eyJ');"
+        "print(sorted(m for m in ('json', 'socket', 're', 'typing', 'jwt', 'cryptography', 'keyring') if m in sys.modules))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CODESTORE_ORG": "acme",
+           "CODESTORE_AGENT_SOCK": agent.socket, "CODESTORE_GRANT": str(g["grant"])}
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path[:0] = {sys.path!r}; " + code],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
