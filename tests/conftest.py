@@ -115,6 +115,10 @@ class DevServer:
     proc: subprocess.Popen[str]
     key: OrgKey
 
+    def stop(self) -> None:
+        """Terminate (kill after 10 s), and close our ends of its pipes."""
+        stop_process(self.proc)
+
     def requests(self) -> list[dict[str, object]]:
         """The server's request log: one JSON object per request (never a token)."""
         if not self.log_path.exists():
@@ -181,12 +185,20 @@ def dev_server(tmp_path: Path, org_key: OrgKey, monkeypatch: pytest.MonkeyPatch)
     try:
         yield server
     finally:
-        server.proc.terminate()
+        server.stop()
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
         try:
-            server.proc.wait(timeout=10)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
 
 
 @dataclass

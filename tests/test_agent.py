@@ -25,7 +25,7 @@ from git_credential_codestore import config, keys, tokens
 from git_credential_codestore.agent.client import AgentRefused, AgentUnavailable, Endpoint, call
 from git_credential_codestore.secrets import Secret
 from git_credential_codestore.source import TokenRequest, get_token
-from tests.conftest import BIN, KID, ORG, OrgKey, run_cli, wait_for
+from tests.conftest import BIN, KID, ORG, OrgKey, run_cli, stop_process, wait_for
 
 REPO = "team/app"
 
@@ -54,13 +54,7 @@ class Agent:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_agent(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> Agent:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import BIN, KID, ORG, DevServer, OrgKey, git, make_key, start_dev_server
+from tests.conftest import BIN, KID, ORG, DevServer, OrgKey, git, make_key, start_dev_server, stop_process
 
 
 def auth_env(token: str) -> dict[str, str]:
@@ -585,8 +585,7 @@ def test_tls_serves_https_that_git_clones_with_ssl_ca_info(tmp_path: Path, org_k
         git("clone", "-q", f"{server.url}/secure.git", str(tmp_path / "clone"), env=env)
         assert (tmp_path / "clone" / "file.txt").read_text() == "over tls"
     finally:
-        server.proc.terminate()
-        server.proc.wait(timeout=10)
+        server.stop()
 
 
 def test_the_default_namespace_cannot_push_into_the_ephemeral_one(seeded: tuple[DevServer, str, Path]) -> None:
@@ -675,8 +674,7 @@ def test_without_trust_key_the_configured_key_is_trusted(org_key: OrgKey, tmp_pa
         assert server.api("POST", "/api/v1/repos", server.token("r", ["repo:write"]), {})[0] == 201
         assert f"org {ORG}, keys {KID}," in line
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def test_a_failing_http_backend_is_a_one_line_500(seeded: tuple[DevServer, str, Path]) -> None:

@@ -146,5 +146,4 @@ def test_a_session_longer_than_many_ttls_keeps_working(
         expired = [r for r in server.requests() if "expired" in str(r.get("reason", ""))]
         assert expired, server.requests()[-3:]
     finally:
-        server.proc.terminate()
-        server.proc.wait(timeout=10)
+        server.stop()

@@ -317,6 +317,7 @@ def redirector(served: DevServer) -> Iterator[str]:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.mark.parametrize("config", [[], ["-c", "http.followRedirects=true"]])
@@ -445,5 +446,4 @@ def test_a_session_longer_than_many_ttls_keeps_working(
         git("clone", "-q", URL, str(tmp_path / "again"))
         assert (tmp_path / "again" / "late.txt").exists()
     finally:
-        server.proc.terminate()
-        server.proc.wait(timeout=10)
+        server.stop()
