@@ -131,3 +131,23 @@ def test_a_read_only_grant_clones_through_the_credential_helper_but_cannot_push(
     assert git("push", "origin", "HEAD:refs/heads/nope", cwd=work, env=env, check=False).returncode != 0
     mints = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == reader["id"]]
     assert mints and all(e["scopes"] == ["git:read"] for e in mints)
+
+
+def test_a_grants_ref_policy_travels_in_the_token_and_the_server_enforces_it(
+    world: tuple[DevServer, Agent, dict[str, object]], tmp_path: Path
+) -> None:
+    # Threat: a sandbox rewriting a protected branch; the rule is in the token, so a
+    # server enforces it even if the sandbox bypassed every codestore check.
+    server, agent, _ = world
+    g = agent.grant("--repo", REPO, "--scopes", "git:write", "--ephemeral-only", "--ref-policy", "refs/heads/base=no-push")
+    env = sandbox(agent, g, "socket")
+    url = f"codestore://acme/{REPO}+ephemeral"
+    work = tmp_path / "work"
+    git("clone", "-q", "--branch", "base", url, str(work), env=env)
+    commit(work, "change.txt", env)
+    refused = git("push", "origin", "HEAD:refs/heads/base", cwd=work, env=env, check=False)
+    assert refused.returncode != 0
+    assert "no-push" in refused.stderr and "refs/heads/base" in refused.stderr
+    git("push", "-q", "origin", "HEAD:refs/heads/other", cwd=work, env=env)  # other branches are fine
+    writes = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == g["id"] and "git:write" in e["scopes"]]
+    assert len(writes) == 2 and all(e["refs"] == [["refs/heads/base", ["no-push"]]] for e in writes)
