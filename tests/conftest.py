@@ -228,6 +228,21 @@ def shared_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Clock:
     return clock
 
 
+@pytest.fixture
+def clocked_server(
+    tmp_path: Path, org_key: OrgKey, shared_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[DevServer, Clock]]:
+    """A dev server on the shared fake clock; tokens live 60 s and may write."""
+    monkeypatch.setenv("CODESTORE_TTL", "60")
+    monkeypatch.setenv("CODESTORE_SCOPES", "git:read git:write")
+    server = start_dev_server(tmp_path / "clocked-server", org_key)
+    monkeypatch.setenv("CODESTORE_BASE_URL", server.url)
+    try:
+        yield server, shared_clock
+    finally:
+        server.stop()
+
+
 def git(*args: str, cwd: Path | str | None = None, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real git; on failure the assertion shows git's output."""
     proc = subprocess.run(

@@ -23,6 +23,21 @@ import pytest
 from tests.conftest import BIN, KID, ORG, DevServer, OrgKey, git, make_key, start_dev_server, stop_process
 
 
+
+def all_at_once(commands: list[list[str]], env: dict[str, str], cwd: Path | None = None) -> list[int]:
+    """Run the commands concurrently (one thread each); their exit codes, in order."""
+    results = [-1] * len(commands)
+
+    def run(i: int) -> None:
+        results[i] = subprocess.run(commands[i], cwd=cwd, env=env, capture_output=True, timeout=120).returncode
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(commands))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
 def auth_env(token: str) -> dict[str, str]:
     """git's environment carrying the token as an Authorization header (no 401 round trip)."""
     basic = base64.b64encode(f"t:{token}".encode()).decode()
@@ -178,18 +193,7 @@ def test_dumb_http_is_not_served(seeded: tuple[DevServer, str, Path]) -> None:
 def test_concurrent_clones_all_succeed(seeded: tuple[DevServer, str, Path], tmp_path: Path) -> None:
     server, url, _ = seeded
     env = auth_env(server.token("team/app", ["git:read"]))
-    results: list[int] = []
-
-    def clone(i: int) -> None:
-        p = subprocess.run(["git", "clone", "-q", url, str(tmp_path / f"c{i}")], env=env, capture_output=True, timeout=120)
-        results.append(p.returncode)
-
-    threads = [threading.Thread(target=clone, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [0] * 8
+    assert all_at_once([["git", "clone", "-q", url, str(tmp_path / f"c{i}")] for i in range(8)], env) == [0] * 8
 
 
 def test_a_multi_megabyte_push_streams_through(seeded: tuple[DevServer, str, Path], tmp_path: Path) -> None:
@@ -688,18 +692,7 @@ def test_a_failing_http_backend_is_a_one_line_500(seeded: tuple[DevServer, str, 
 def test_concurrent_pushes_to_different_branches_all_land(seeded: tuple[DevServer, str, Path], tmp_path: Path) -> None:
     server, url, work = seeded
     env = auth_env(server.token("team/app", ["git:write"]))
-    results: list[int] = []
-
-    def push(i: int) -> None:
-        p = subprocess.run(["git", "push", "-q", url, f"main:refs/heads/b{i}"], cwd=work, env=env, capture_output=True, timeout=120)
-        results.append(p.returncode)
-
-    threads = [threading.Thread(target=push, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [0] * 6
+    assert all_at_once([["git", "push", "-q", url, f"main:refs/heads/b{i}"] for i in range(6)], env, cwd=work) == [0] * 6
     refs = git("ls-remote", url, env=env).stdout
     assert all(f"refs/heads/b{i}" in refs for i in range(6))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.conftest import Clock, DevServer, OrgKey, git, run_cli, start_dev_server
+from tests.conftest import Clock, DevServer, git, run_cli
 from tests.leakscan import ArgvSampler, files_with_secrets, key_needles, secrets_in_text
 
 REPO = "team/app"
@@ -109,41 +109,33 @@ def test_no_token_or_key_is_left_anywhere_after_clone_fetch_and_push(configured:
     assert secrets_in_text("\n".join(outputs), needles) == []
 
 
-def test_a_session_longer_than_many_ttls_keeps_working(
-    tmp_path: Path, org_key: OrgKey, shared_clock: Clock, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_session_longer_than_many_ttls_keeps_working(clocked_server: tuple[DevServer, Clock], tmp_path: Path) -> None:
     # git, the helpers and the dev server share one fake clock, which the test moves
     # forward sixty token lifetimes mid-session.
-    monkeypatch.setenv("CODESTORE_TTL", "60")
-    monkeypatch.setenv("CODESTORE_SCOPES", "git:read git:write")
-    server = start_dev_server(tmp_path / "server", org_key)
-    try:
-        monkeypatch.setenv("CODESTORE_BASE_URL", server.url)
-        run_cli("codestore", "setup")
-        url = server.create_repo(REPO)
-        work = tmp_path / "w"
-        git("clone", "-q", url, str(work))
-        fill = subprocess.run(["git", "credential", "fill"], input=f"url={url}\n\n", capture_output=True, text=True, check=True)
-        old_token = dict(line.split("=", 1) for line in fill.stdout.splitlines())["password"]
+    server, clock = clocked_server
+    run_cli("codestore", "setup")
+    url = server.create_repo(REPO)
+    work = tmp_path / "w"
+    git("clone", "-q", url, str(work))
+    fill = subprocess.run(["git", "credential", "fill"], input=f"url={url}\n\n", capture_output=True, text=True, check=True)
+    old_token = dict(line.split("=", 1) for line in fill.stdout.splitlines())["password"]
 
-        shared_clock.set_offset(3600)  # an hour later: sixty 60-second lifetimes
+    clock.set_offset(3600)  # an hour later: sixty 60-second lifetimes
 
-        commit(work, "late.txt")
-        git("push", "-q", "origin", "HEAD:main", cwd=work)
-        git("fetch", "-q", cwd=work)
-        git("clone", "-q", url, str(tmp_path / "again"))
-        assert (tmp_path / "again" / "late.txt").exists()
-        # The clock really moved for the server: the first token is now refused.
-        claims = jwt.decode(old_token, options={"verify_signature": False})
-        assert claims["exp"] - claims["iat"] == 60
-        refused = subprocess.run(
-            ["git", "-c", "credential.helper=", "ls-remote", url],
-            env=dict(os.environ, GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="http.extraHeader",
-                     GIT_CONFIG_VALUE_0="Authorization: Bearer " + old_token),
-            capture_output=True, text=True, timeout=60,
-        )
-        assert refused.returncode != 0
-        expired = [r for r in server.requests() if "expired" in str(r.get("reason", ""))]
-        assert expired, server.requests()[-3:]
-    finally:
-        server.stop()
+    commit(work, "late.txt")
+    git("push", "-q", "origin", "HEAD:main", cwd=work)
+    git("fetch", "-q", cwd=work)
+    git("clone", "-q", url, str(tmp_path / "again"))
+    assert (tmp_path / "again" / "late.txt").exists()
+    # The clock really moved for the server: the first token is now refused.
+    claims = jwt.decode(old_token, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 60
+    refused = subprocess.run(
+        ["git", "-c", "credential.helper=", "ls-remote", url],
+        env=dict(os.environ, GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="http.extraHeader",
+                 GIT_CONFIG_VALUE_0="Authorization: Bearer " + old_token),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode != 0
+    expired = [r for r in server.requests() if "expired" in str(r.get("reason", ""))]
+    assert expired, server.requests()[-3:]

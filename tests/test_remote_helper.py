@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ORG, Clock, DevServer, OrgKey, git, run_cli, start_dev_server
+from tests.conftest import ORG, Clock, DevServer, git, run_cli
 from tests.leakscan import ArgvSampler, files_with_secrets, key_needles, secrets_in_text
 
 REPO = "team/app"
@@ -420,30 +420,22 @@ def test_promote_is_refused_when_configuration_forbids_default_writes(seeded: tu
 # ---------------------------------------------------------------- long sessions
 
 
-def test_a_session_longer_than_many_ttls_keeps_working(
-    tmp_path: Path, org_key: OrgKey, shared_clock: Clock, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_session_longer_than_many_ttls_keeps_working(clocked_server: tuple[DevServer, Clock], tmp_path: Path) -> None:
     # Each git transport process gets a fresh token, so a 60 s TTL outlives no session
     # and still every operation an hour later works. git, the helper and the server share
     # one fake clock, moved forward mid-session.
-    monkeypatch.setenv("CODESTORE_TTL", "60")
-    monkeypatch.setenv("CODESTORE_SCOPES", "git:read git:write")
-    server = start_dev_server(tmp_path / "server", org_key)
-    try:
-        monkeypatch.setenv("CODESTORE_BASE_URL", server.url)
-        server.create_repo(REPO)
-        work = tmp_path / "w"
-        git("init", "-q", str(work))
-        commit(work, "first.txt")
-        git("remote", "add", "origin", URL, cwd=work)
-        git("push", "-q", "origin", "main", cwd=work)
+    server, clock = clocked_server
+    server.create_repo(REPO)
+    work = tmp_path / "w"
+    git("init", "-q", str(work))
+    commit(work, "first.txt")
+    git("remote", "add", "origin", URL, cwd=work)
+    git("push", "-q", "origin", "main", cwd=work)
 
-        shared_clock.set_offset(3600)  # an hour later: sixty 60-second lifetimes
+    clock.set_offset(3600)  # an hour later: sixty 60-second lifetimes
 
-        commit(work, "late.txt")
-        git("push", "-q", "origin", "main", cwd=work)
-        git("fetch", "-q", cwd=work)
-        git("clone", "-q", URL, str(tmp_path / "again"))
-        assert (tmp_path / "again" / "late.txt").exists()
-    finally:
-        server.stop()
+    commit(work, "late.txt")
+    git("push", "-q", "origin", "main", cwd=work)
+    git("fetch", "-q", cwd=work)
+    git("clone", "-q", URL, str(tmp_path / "again"))
+    assert (tmp_path / "again" / "late.txt").exists()
