@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import os
 import re
+import subprocess
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
@@ -75,3 +76,26 @@ class ArgvSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def run_git_traced(
+    steps: Sequence[tuple[list[str], Path | None]], trace: Path, **extra_env: str
+) -> tuple[list[str], ArgvSampler]:
+    """Run git steps with GIT_TRACE, GIT_TRACE_CURL and GIT_TRACE_PACKET written under
+    `trace`, while sampling every process's argv. Returns each step's output and the
+    sampler; a failing step fails the test."""
+    trace.mkdir(exist_ok=True)
+    env = dict(
+        os.environ,
+        GIT_TRACE=str(trace / "trace"),
+        GIT_TRACE_CURL=str(trace / "curl"),
+        GIT_TRACE_PACKET=str(trace / "packet"),
+        **extra_env,
+    )
+    outputs = []
+    with ArgvSampler() as sampler:
+        for args, cwd in steps:
+            proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            outputs.append(proc.stdout + proc.stderr)
+    return outputs, sampler

@@ -10,7 +10,7 @@ import jwt
 import pytest
 
 from tests.conftest import Clock, DevServer, git, run_cli
-from tests.leakscan import ArgvSampler, files_with_secrets, key_needles, secrets_in_text
+from tests.leakscan import files_with_secrets, key_needles, run_git_traced, secrets_in_text
 
 REPO = "team/app"
 
@@ -77,28 +77,15 @@ def test_no_token_or_key_is_left_anywhere_after_clone_fetch_and_push(configured:
     # Threat: the token or key leaking into .git, the home directory, server logs,
     # git's traces, or any process's argv.
     trace = tmp_path / "trace"
-    trace.mkdir()
-    env = dict(
-        os.environ,
-        GIT_TRACE=str(trace / "trace"),
-        GIT_TRACE_CURL=str(trace / "curl"),
-        GIT_TRACE_PACKET=str(trace / "packet"),
-        GIT_TRACE_SETUP=str(trace / "setup"),
-    )
     url = f"{configured.url}/{REPO}.git"
     clone = tmp_path / "clone"
-    outputs = []
-    with ArgvSampler() as sampler:
-        for args, cwd in [
-            (["clone", url, str(clone)], None),
-            (["-c", "user.name=T", "commit", "--allow-empty", "-m", "c"], clone),
-            (["push", "origin", "HEAD:main"], clone),
-            (["fetch", "origin"], clone),
-            (["remote", "-v"], clone),
-        ]:
-            proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-            assert proc.returncode == 0, proc.stderr
-            outputs.append(proc.stdout + proc.stderr)
+    outputs, sampler = run_git_traced([
+        (["clone", url, str(clone)], None),
+        (["-c", "user.name=T", "commit", "--allow-empty", "-m", "c"], clone),
+        (["push", "origin", "HEAD:main"], clone),
+        (["fetch", "origin"], clone),
+        (["remote", "-v"], clone),
+    ], trace, GIT_TRACE_SETUP=str(trace / "setup"))
     needles = key_needles(configured.key.pem)
     assert sampler.samples > 0 and sampler.hits == []
     assert "Authorization: Basic <redacted>" in (trace / "curl").read_text()  # the curl trace was really on

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ORG, Clock, DevServer, git, run_cli
-from tests.leakscan import ArgvSampler, files_with_secrets, key_needles, secrets_in_text
+from tests.leakscan import files_with_secrets, key_needles, run_git_traced, secrets_in_text
 
 REPO = "team/app"
 URL = f"codestore://{ORG}/{REPO}"
@@ -260,28 +260,14 @@ def test_no_token_in_argv_git_dir_or_traces_during_clone_and_push(
     # GIT_TRACE / GIT_TRACE_CURL / GIT_TRACE_PACKET output that agents paste into logs.
     server, _ = seeded
     trace = tmp_path / "trace"
-    trace.mkdir()
-    env = dict(
-        os.environ,
-        GIT_TRACE=str(trace / "trace"),
-        GIT_TRACE_CURL=str(trace / "curl"),
-        GIT_TRACE_PACKET=str(trace / "packet"),
-        # Even when a user (or an agent) asks git not to redact its traces.
-        GIT_TRACE_REDACT="0",
-    )
     clone = tmp_path / "clone"
-    outputs = []
-    with ArgvSampler() as sampler:
-        for args, cwd in [
-            (["clone", URL, str(clone)], None),
-            (["commit", "--allow-empty", "-m", "c"], clone),
-            (["push", "origin", "HEAD:main"], clone),
-            (["push", EPHEMERAL_URL, "HEAD:refs/heads/feat"], clone),
-            (["fetch", "origin"], clone),
-        ]:
-            proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-            assert proc.returncode == 0, proc.stderr
-            outputs.append(proc.stdout + proc.stderr)
+    outputs, sampler = run_git_traced([
+        (["clone", URL, str(clone)], None),
+        (["commit", "--allow-empty", "-m", "c"], clone),
+        (["push", "origin", "HEAD:main"], clone),
+        (["push", EPHEMERAL_URL, "HEAD:refs/heads/feat"], clone),
+        (["fetch", "origin"], clone),
+    ], trace, GIT_TRACE_REDACT="0")  # even when a user (or an agent) asks git not to redact
     needles = key_needles(server.key.pem)
     assert sampler.samples > 0 and sampler.hits == []
     curl = (trace / "curl").read_text()
