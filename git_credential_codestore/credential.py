@@ -59,6 +59,20 @@ def _read_request(stdin: BinaryIO) -> bytes:
     return data
 
 
+_GIT_FALSE = ("", "0", "false", "no", "off")
+
+
+def trace_would_print_token(env: Mapping[str, str]) -> bool:
+    """git prints the Authorization header in curl traces when redaction is turned off.
+
+    We run inside git's environment, so we can see it coming: GIT_TRACE_REDACT=0 with
+    GIT_TRACE_CURL or GIT_CURL_VERBOSE on.
+    """
+    redaction_off = env.get("GIT_TRACE_REDACT", "1").strip().lower() in _GIT_FALSE
+    tracing = any(env.get(k, "").strip().lower() not in _GIT_FALSE for k in ("GIT_TRACE_CURL", "GIT_CURL_VERBOSE"))
+    return redaction_off and tracing
+
+
 def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
     """The reply lines for a `get` request; [] when the host is not ours."""
     from . import config
@@ -68,6 +82,11 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
         return []
     from .errors import CodestoreError, ConfigError
 
+    if trace_would_print_token(env):
+        raise ConfigError(
+            "GIT_TRACE_REDACT=0 with GIT_TRACE_CURL (or GIT_CURL_VERBOSE) would write the token into the trace; "
+            "unset GIT_TRACE_REDACT to trace with the header redacted"
+        )
     path = fields.get("path")
     if not path:
         raise ConfigError(

@@ -126,3 +126,22 @@ def test_a_session_longer_than_many_ttls_keeps_working(clocked_server: tuple[Dev
     assert refused.returncode != 0
     expired = [r for r in server.requests() if "expired" in str(r.get("reason", ""))]
     assert expired, server.requests()[-3:]
+
+
+@pytest.mark.parametrize("tracing", [{"GIT_TRACE_CURL": "1"}, {"GIT_CURL_VERBOSE": "1"}, {"GIT_TRACE_CURL": "/tmp/x"}])
+def test_no_token_is_handed_to_a_git_that_would_print_it_unredacted(configured: DevServer, tmp_path: Path, tracing: dict[str, str]) -> None:
+    # Threat: GIT_TRACE_REDACT=0 makes git print the Authorization header in curl traces,
+    # which agents paste into logs; the helper sees git's environment and refuses.
+    trace = tmp_path / "curl"
+    env = dict(os.environ, GIT_TRACE_REDACT="0", **{k: (str(trace) if v == "/tmp/x" else v) for k, v in tracing.items()})
+    proc = subprocess.run(["git", "ls-remote", f"{configured.url}/{REPO}.git"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "GIT_TRACE_REDACT" in proc.stderr
+    assert secrets_in_text(proc.stdout + proc.stderr + (trace.read_text() if trace.exists() else "")) == []
+
+
+def test_tracing_with_redaction_on_still_works(configured: DevServer, tmp_path: Path) -> None:
+    env = dict(os.environ, GIT_TRACE_CURL=str(tmp_path / "curl"), GIT_TRACE_REDACT="1")
+    proc = subprocess.run(["git", "ls-remote", f"{configured.url}/{REPO}.git"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Authorization: Basic <redacted>" in (tmp_path / "curl").read_text()
