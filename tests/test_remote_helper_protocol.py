@@ -30,6 +30,14 @@ def cfg(**kw: object) -> config.Config:
     return config.Config(**kw)  # type: ignore[arg-type]
 
 
+def trusting(url: str) -> config.Config:
+    """Org acme, with an explicit http(s) URL's own server configured as the base URL."""
+    if url.startswith(("http://", "https://")):
+        scheme, _, rest = url.partition("://")
+        return cfg(org="acme", base_url_setting=f"{scheme}://{rest.split('/', 1)[0]}")
+    return cfg(org="acme")
+
+
 # ---------------------------------------------------------------- URLs
 
 
@@ -51,8 +59,28 @@ def cfg(**kw: object) -> config.Config:
     ],
 )
 def test_urls_name_a_repository_namespace_and_endpoint(url: str, repo: str, ephemeral: bool, https_url: str) -> None:
-    remote, _ = urls.parse(url, cfg(org="acme"))
+    remote, _ = urls.parse(url, trusting(url))
     assert (remote.repo, remote.ephemeral, remote.https_url) == (repo, ephemeral, https_url)
+
+
+@pytest.mark.parametrize(
+    ("url", "configured", "message"),
+    [
+        # Threat: a URL handed to an agent sending an org token to someone else's server.
+        ("https://attacker.example/team/secret.git", {"org": "acme"}, "not the configured server"),
+        ("https://acme.code.storage.attacker.example/a.git", {"org": "acme"}, "not the configured server"),
+        ("http://127.0.0.1:9999/a.git", {"base_url_setting": "http://127.0.0.1:8080"}, "not the configured server"),
+        ("https://acme.code.storage/a.git", {}, "no Code Storage server is configured"),
+    ],
+)
+def test_explicit_urls_get_tokens_only_for_the_configured_server(url: str, configured: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        urls.parse(url, cfg(**configured))
+
+
+def test_the_default_base_url_of_the_configured_org_is_trusted() -> None:
+    remote, _ = urls.parse("https://acme.code.storage/team/app.git", cfg(org="acme"))
+    assert remote.https_url == "https://acme.code.storage/team/app.git"
 
 
 @pytest.mark.parametrize(
@@ -82,7 +110,7 @@ def test_urls_name_a_repository_namespace_and_endpoint(url: str, repo: str, ephe
 )
 def test_bad_urls_are_refused_with_a_reason(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as e:
-        urls.parse(url, cfg(org="acme"))
+        urls.parse(url, trusting(url))
     assert "secret" not in str(e.value) and "eyJabc" not in str(e.value)
 
 

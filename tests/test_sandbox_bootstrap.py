@@ -2,8 +2,10 @@
 
 A clean environment (no inherited variables, a fresh HOME, no key, no keychain, no
 codestore or git configuration) gets codestore from install.sh and then only
-CODESTORE_AGENT_URL and CODESTORE_GRANT. Plain git must then clone from and push to
-the ephemeral namespace of the dev server, and be refused the default namespace.
+CODESTORE_AGENT_URL and CODESTORE_GRANT, plus CODESTORE_BASE_URL because the dev
+server is not https://<org>.code.storage (tokens go only to the configured server).
+Plain git must then clone from and push to the ephemeral namespace of the dev server
+through codestore://acme/..., and be refused the default namespace.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def test_install_sh_and_two_variables_make_a_working_keyless_sandbox(
     installed = install(prefix, bin_dir)
     assert installed.returncode == 0, installed.stderr
 
-    env = clean_env(home, bin_dir, CODESTORE_AGENT_URL=agent.url, CODESTORE_GRANT=str(grant["grant"]))
-    eph = f"codestore::{dev_server.url}/{REPO}+ephemeral.git"
+    env = clean_env(home, bin_dir, CODESTORE_AGENT_URL=agent.url, CODESTORE_GRANT=str(grant["grant"]),
+                    CODESTORE_BASE_URL=dev_server.url)
+    eph = f"codestore://acme/{REPO}+ephemeral"
     work = tmp_path / "work"
     proc = sh(["git", "clone", eph, str(work)], env)
     assert proc.returncode == 0, proc.stderr
@@ -61,7 +64,7 @@ def test_install_sh_and_two_variables_make_a_working_keyless_sandbox(
     assert "refs/heads/sandbox-work" in git("ls-remote", f"{dev_server.url}/{REPO}+ephemeral.git", env=owner).stdout
 
     # Threat: untrusted code in the sandbox writing the default namespace.
-    default = sh(["git", "push", f"codestore::{dev_server.url}/{REPO}.git", "HEAD:refs/heads/main"], env, work)
+    default = sh(["git", "push", f"codestore://acme/{REPO}", "HEAD:refs/heads/main"], env, work)
     assert default.returncode != 0 and "ephemeral-only" in default.stderr
     # Nothing secret left in the sandbox's home or clone; the grant lives only in its environment.
     assert files_with_secrets(home, key_needles(org_key.pem) + [str(grant["grant"])]) == {}
