@@ -17,6 +17,16 @@ from .secrets import Token
 TIMEOUT = 30
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects and copies Authorization to the new host; we never do."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None  # the 3xx then surfaces as an HTTPError, reported below
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def call(
     api_url: str, method: str, path: str, token: Token, body: Mapping[str, object] | None = None
 ) -> tuple[int, dict[str, object]]:
@@ -33,7 +43,7 @@ def call(
         },
     )
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+        with _OPENER.open(req, timeout=TIMEOUT) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read()
@@ -50,6 +60,8 @@ def call(
 
 
 def reason(status: int, data: Mapping[str, object]) -> str:
+    if 300 <= status < 400:
+        return f"HTTP {status}: the server redirected, and a token is never sent on to another address; check CODESTORE_API_URL"
     text = str(data.get("error") or data.get("message") or "").strip()
     return redact(" ".join(text.split())) or f"HTTP {status}"
 

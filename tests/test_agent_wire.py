@@ -98,3 +98,24 @@ def test_minting_through_a_local_agent_imports_no_json_socket_re_or_typing(agent
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "url,ok",
+    [
+        ("http://127.0.0.1:8765", True),
+        ("http://localhost:8765", True),
+        ("https://agent.example:8765", True),
+        ("http://agent.example:8765", False),
+        ("http://10.0.0.5:8765", False),
+    ],
+)
+def test_a_grant_never_crosses_a_network_in_clear_text(url: str, ok: bool) -> None:
+    # Threat: CODESTORE_AGENT_URL=http://remote-host sending the reusable grant unencrypted.
+    from git_credential_codestore.errors import ConfigError
+
+    if ok:
+        assert Endpoint.from_url(url).kind in ("http", "https")
+    else:
+        with pytest.raises(ConfigError, match="plain http"):
+            Endpoint.from_url(url)

@@ -90,3 +90,47 @@ def test_config_set_then_show(hermetic: Path) -> None:
     assert run_cli("codestore", "config", "set", "scopes", "git:write").returncode == 0
     shown = run_cli("codestore", "config", "show").stdout
     assert "org:      acme" in shown and "git:read git:write" in shown
+
+
+def test_rest_calls_never_follow_a_redirect_with_the_token(org_key: OrgKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Threat: a redirect from the API origin carrying the Bearer token to another host.
+    import http.server
+    import threading
+
+    received: list[str] = []
+
+    class Capture(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            received.append(self.headers.get("Authorization", ""))
+            self.send_response(200)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    capture = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Capture)
+    target = f"http://localhost:{capture.server_address[1]}"
+
+    class Redirect(Capture):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(307)
+            self.send_header("Location", target + self.path)
+            self.end_headers()
+
+        do_POST = do_GET
+
+    redirector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    servers = [capture, redirector]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("CODESTORE_BASE_URL", f"http://127.0.0.1:{redirector.server_address[1]}")
+        proc = run_cli("codestore", "repo", "create", "team/app")
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "redirected" in proc.stderr
+        assert received == []
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import socket
     import subprocess
 
-from ..config import Config
+from ..config import Config, is_loopback
 from ..errors import ConfigError, PolicyError, RemoteError
 from ..secrets import Secret, Token
 from . import wire
@@ -111,6 +111,12 @@ class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
         if parts.username or parts.password or parts.query:
             # A grant in a URL would land in logs and argv: exactly what we exist to prevent.
             raise ConfigError("CODESTORE_AGENT_URL must not carry credentials or a query; put the grant in CODESTORE_GRANT_FILE")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            # The grant is a reusable secret: never in clear text across a network.
+            raise ConfigError(
+                f"refusing to send a grant over plain http to {parts.hostname}; use https:// "
+                "(the agent serves TLS with --tls-cert/--tls-key) or a loopback address"
+            )
         return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
 
     def __str__(self) -> str:
