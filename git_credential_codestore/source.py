@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     class TokenSource(Protocol):
         def mint(self, request: TokenRequest) -> Token: ...
 
+        # Put a checked push/promote report (audit.validate_report) in the audit trail
+        # that belongs with this source: the agent's, or the local file.
+        def record(self, report: Mapping[str, object]) -> None: ...
+
 
 class TokenRequest(
     namedtuple(
@@ -71,6 +75,11 @@ class LocalKeySource:
             refs=list(request.refs) or None,
         )
 
+    def record(self, report: Mapping[str, object]) -> None:
+        from . import audit
+
+        audit.append_local(audit.local_trail(self.env), {**report, "grant": None, "sub": self.cfg.sub, "via": "local-key"})
+
 
 AGENT_VARS = ("CODESTORE_AGENT_URL", "CODESTORE_AGENT_SOCK", "CODESTORE_GRANT", "CODESTORE_GRANT_FILE")
 AUTOSTART_IDLE = 900  # seconds an on-demand agent lives without requests
@@ -86,18 +95,30 @@ class FallbackSource:
     def __init__(self, agent: TokenSource, local: TokenSource) -> None:
         self.agent = agent
         self.local = local
+        self.used: TokenSource = agent
 
     def mint(self, request: TokenRequest) -> Token:
         from .agent.client import AgentMismatch, AgentUnavailable
         from .errors import KeyNotFound
 
         try:
+            self.used = self.agent
             return self.agent.mint(request)
         except (AgentUnavailable, AgentMismatch) as agent_error:
             try:
+                self.used = self.local
                 return self.local.mint(request)
             except KeyNotFound:
                 raise agent_error from None
+
+    def record(self, report: Mapping[str, object]) -> None:
+        """Into the trail of whichever source minted; the local file if the agent went away."""
+        from .agent.client import AgentUnavailable
+
+        try:
+            self.used.record(report)
+        except AgentUnavailable:
+            self.local.record(report)
 
 
 def _key_file_present(cfg: Config, env: Mapping[str, str]) -> bool:

@@ -22,9 +22,9 @@ from typing import BinaryIO
 
 from git_credential_codestore import config
 from git_credential_codestore.errors import CodestoreError, PolicyError, boundary
-from git_credential_codestore.source import TokenRequest, get_token, holds_grant
+from git_credential_codestore.source import TokenRequest, choose_source, holds_grant
 
-from . import protocol, transport, urls
+from . import protocol, pushwatch, transport, urls
 
 PROG = "codestore"
 READ_SCOPES = ("git:read",)
@@ -69,6 +69,40 @@ def scopes_for(operation: str, remote: urls.Remote, cfg: config.Config, grant: b
     return READ_SCOPES
 
 
+def _resolver(env: Mapping[str, str]) -> Callable[[str], str | None]:
+    """The object a push's source names in the local repository (git gives a ref name)."""
+
+    def resolve(src: str) -> str | None:
+        try:
+            proc = subprocess.run(
+                ["git", "rev-parse", "--verify", "--quiet", src], env=dict(env),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            return None
+        out = proc.stdout.decode("ascii", "replace").strip()
+        return out if proc.returncode == 0 and out else None
+
+    return resolve
+
+
+def _record_push(source: object, remote: urls.Remote, watch: pushwatch.PushWatch, git_err: transport.Endpoint) -> None:
+    """Put what the push changed in the audit trail; a failure to do so is a warning, not
+    a failed push (the server has already taken it)."""
+    from git_credential_codestore.audit import BadReport, validate_report
+
+    try:
+        report = validate_report({"event": "push", "repo": remote.repo, "ephemeral": remote.ephemeral, "refs": watch.report()})
+        if watch.unfollowed:
+            report["incomplete"] = True
+        source.record(report)  # type: ignore[attr-defined]
+    except (CodestoreError, BadReport) as e:
+        try:
+            git_err.write(f"codestore: warning: this push is not in the audit trail: {e}\n".encode())
+        except OSError:
+            pass
+
+
 def run(
     argv: Sequence[str],
     stdin: BinaryIO,
@@ -96,7 +130,8 @@ def run(
         if decision.operation == "end":
             return 0
         scopes = scopes_for(decision.operation, remote, cfg, holds_grant(env))
-        token = get_token(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"), cfg, env)
+        source = choose_source(cfg, env)
+        token = source.mint(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"))
         # git passes the URL itself as the remote name for a URL given on the command line.
         name = remote.https_url if remote_name == url else remote_name
         child = (launch or transport.spawn)(
@@ -110,7 +145,20 @@ def run(
             "scopes": " ".join(scopes),
             "base": remote.base_url,
         }
-        return transport.proxy(child, decision, reader.take_buffer(), git_in, git_out, git_err, fields)
+        if decision.command != b"list for-push":
+            return transport.proxy(child, decision, reader.take_buffer(), git_in, git_out, git_err, fields)
+        watched: list[pushwatch.PushWatch] = []
+
+        def watch_push(git_lines: protocol.LineReader, child_lines: protocol.LineReader,
+                       to_git: Callable[[bytes], None], to_child: Callable[[bytes], None]) -> bool:
+            watch, finished = pushwatch.relay(git_lines, child_lines, to_git, to_child, _resolver(env))
+            watched.append(watch)
+            return finished
+
+        status = transport.proxy(child, decision, reader.take_buffer(), git_in, git_out, git_err, fields, watch_push)
+        if watched and watched[0].updates and not watched[0].dry_run:
+            _record_push(source, remote, watched[0], git_err)
+        return status
 
     messages = io.StringIO()
     status = boundary(PROG, session, messages)

@@ -18,7 +18,7 @@ import os
 import re
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
 from git_credential_codestore.errors import ConfigError
@@ -218,18 +218,24 @@ def proxy(
     git_out: Endpoint,
     git_err: Endpoint,
     hint_fields: Mapping[str, str],
+    watch_push: Callable[[LineReader, LineReader, Callable[[bytes], None], Callable[[bytes], None]], bool] | None = None,
 ) -> int:
     """Replay what git said to the transport, swallow its answers, then join the two.
 
     `pending` is input git sent after the deciding command (normally nothing: git waits
-    for the answer). Returns the transport's exit status, as git would see it.
+    for the answer). With `watch_push`, a push session is first relayed line by line by
+    it (see pushwatch.py); it returns False to hand the rest over to the byte copy.
+    Returns the transport's exit status, as git would see it.
     """
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     tee = StderrTee(child.stderr, git_err)
     tee.thread.start()
     child_in = Endpoint(child.stdin)
     child_out = Endpoint(child.stdout)
-    replay = b"".join(line + b"\n" for line, _ in decision.replay) + decision.command + b"\n" + pending
+    # A watched push reads git's later lines itself; the rest go to the transport now.
+    replay = b"".join(line + b"\n" for line, _ in decision.replay) + decision.command + b"\n"
+    if watch_push is None:
+        replay += pending
     try:
         child_in.write(replay)
         leftover = _swallow(LineReader(child_out.read), decision)
@@ -239,6 +245,24 @@ def proxy(
         child.kill()
         child.wait()
         raise
+    if leftover is not None and watch_push is not None:
+        git_lines, child_lines = LineReader(git_in.read), LineReader(child_out.read)
+        git_lines.buffer, child_lines.buffer = pending, leftover
+        try:
+            finished = watch_push(git_lines, child_lines, git_out.write, child_in.write)
+        except (BrokenPipeError, ProtocolError):
+            child.terminate()
+            finished = True
+        if finished:
+            try:
+                child.stdin.close()
+            except OSError:
+                pass
+            leftover = None
+        else:
+            # Whatever the readers already hold goes first, then bytes as they come.
+            child_in.write(git_lines.take_buffer())
+            leftover = child_lines.take_buffer()
     if leftover is not None:
         upstream = threading.Thread(target=_upstream, args=(git_in, child), daemon=True)
         upstream.start()
@@ -250,7 +274,10 @@ def proxy(
             # git went away: the transport has nobody to talk to either.
             child.terminate()
     else:
-        child.stdin.close()
+        try:
+            child.stdin.close()
+        except OSError:
+            pass
     status = _exit_status(child.wait())
     tee.thread.join(timeout=5)
     if status != 0:

@@ -319,6 +319,16 @@ class AgentSource:
         return Token(token, int(exp))
 
 
+    def record(self, report: Mapping[str, object]) -> None:
+        """POST the report to the agent's audit trail (agent/report.py); the agent names who."""
+        body = dict(report)
+        if self.grant is None:
+            body["owner_sub"] = self.cfg.sub
+        status, reply = call(self.endpoint, "POST", "/v1/audit/report", body, grant=self.grant, env=self.env)
+        if status != 201:
+            raise refusal(self.endpoint, status, reply)
+
+
 def spawn(socket_path: str, *, idle_timeout: int = 0, extra: tuple[str, ...] = (), log_path: str | None = None,
           env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start `codestore agent serve` detached from this process.

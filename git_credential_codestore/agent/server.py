@@ -18,6 +18,8 @@ Routes (anchored; anything else is 404):
 
     GET  /v1/ping                       anyone who can connect
     POST /v1/token                      owner or grant holder
+    POST /v1/audit/report               owner or grant holder (report.py: pushes, promotions)
+    POST /v1/audit/query                owner only (report.py)
     GET  /v1/status, GET/POST /v1/grants, POST /v1/grants/<id>/revoke, POST /v1/shutdown
                                         owner only (owner socket, owner uid, no grant)
 
@@ -48,7 +50,7 @@ from typing import TextIO
 from .. import tokens
 from ..config import Config, is_loopback, parse_scopes
 from ..errors import CodestoreError, ConfigError, redact
-from . import policy, wire
+from . import policy, report, wire
 from .audit import AuditLog
 from .client import default_socket, key_identity, unix_address
 from .grants import Grant, GrantStore, grant_id_of
@@ -105,8 +107,8 @@ class Agent:
         ("POST", re.compile(r"/v1/grants"), "create_grant"),
         ("POST", re.compile(r"/v1/grants/([0-9a-f]{1,32})/revoke"), "revoke_grant"),
         ("POST", re.compile(r"/v1/shutdown"), "shutdown"),
-    )
-    _ADMIN = frozenset({"status", "list_grants", "create_grant", "revoke_grant", "shutdown"})
+    ) + report.ROUTES
+    _ADMIN = frozenset({"status", "list_grants", "create_grant", "revoke_grant", "shutdown"}) | report.ADMIN
 
     def dispatch(self, caller: Caller, method: str, path: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
         self.last_activity = time.monotonic()
@@ -125,6 +127,8 @@ class Agent:
             data = json.loads(body) if body else {}
         except (ValueError, UnicodeDecodeError):
             return 400, {"error": "request body is not JSON"}
+        if name in report.HANDLERS:
+            return report.HANDLERS[name](self, caller, authorization, data)
         if name == "ping":
             return 200, {"ok": True, "agent": "codestore"}
         if name == "token":
