@@ -147,17 +147,15 @@ def run(
         }
         if decision.command != b"list for-push":
             return transport.proxy(child, decision, reader.take_buffer(), git_in, git_out, git_err, fields)
-        watched: list[pushwatch.PushWatch] = []
+        watch = pushwatch.PushWatch()
 
         def watch_push(git_lines: protocol.LineReader, child_lines: protocol.LineReader,
                        to_git: Callable[[bytes], None], to_child: Callable[[bytes], None]) -> bool:
-            watch, finished = pushwatch.relay(git_lines, child_lines, to_git, to_child, _resolver(env))
-            watched.append(watch)
-            return finished
+            return pushwatch.relay(watch, git_lines, child_lines, to_git, to_child, _resolver(env))
 
         status = transport.proxy(child, decision, reader.take_buffer(), git_in, git_out, git_err, fields, watch_push)
-        if watched and watched[0].updates and not watched[0].dry_run:
-            _record_push(source, remote, watched[0], git_err)
+        if watch.updates and not watch.dry_run:
+            _record_push(source, remote, watch, git_err)
         return status
 
     messages = io.StringIO()

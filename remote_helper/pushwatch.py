@@ -43,20 +43,21 @@ class PushWatch:
 
 
 def relay(
+    watch: PushWatch,
     git: LineReader,
     child: LineReader,
     to_git: Write,
     to_child: Write,
     resolve: Resolve,
-) -> tuple[PushWatch, bool]:
-    """Relay until git ends the session. Returns (watch, finished): not finished means the
+) -> bool:
+    """Relay until git ends the session, noting what happens in `watch` as it happens (so
+    it holds the results even when a pipe breaks afterwards). Returns False when the
     caller must copy whatever is left blind, both ways (buffers are left in the readers)."""
-    watch = PushWatch()
     # 1. The advertisement, answering `list for-push`.
     while True:
         line = child.readline()
         if line is None:
-            return watch, True
+            return True
         to_git(line + b"\n")
         if line == b"":
             break
@@ -67,15 +68,18 @@ def relay(
     while True:
         line = git.readline()
         if line is None:
-            return watch, True
+            return True
         if line == b"":
-            to_child(b"\n")  # git's goodbye; the transport exits on it
+            try:
+                to_child(b"\n")  # git's goodbye; the transport exits on it
+            except BrokenPipeError:
+                return True  # it already has (after a failed push, remote-curl may die first)
             continue
         if line.startswith(b"option "):
             to_child(line + b"\n")
             reply = child.readline()
             if reply is None:
-                return watch, True
+                return True
             to_git(reply + b"\n")
             name, _, value = line[len(b"option ") :].partition(b" ")
             if name == b"dry-run" and reply == b"ok":
@@ -92,12 +96,12 @@ def relay(
             pending = [_update(b, watch.advertised, resolve) for b in batch]
             watch.updates.extend(pending)
             if not _results(child, to_git, pending):
-                return watch, True
+                return True
             continue
         # Not a push command we know: hand it over and stop reading along.
         to_child(line + b"\n")
         watch.unfollowed = True
-        return watch, False
+        return False
 
 
 def _update(line: bytes, advertised: dict[str, str], resolve: Resolve) -> dict[str, object]:
