@@ -20,11 +20,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
-from git_credential_codestore import config
-from git_credential_codestore.errors import CodestoreError, PolicyError, boundary
+from git_credential_codestore import config, remotes
+from git_credential_codestore.errors import CodestoreError, PolicyError, UsageError, boundary
 from git_credential_codestore.source import TokenRequest, choose_source, holds_grant
 
-from . import protocol, pushwatch, transport, urls
+from . import protocol, pushwatch, transport
 
 PROG = "codestore"
 READ_SCOPES = ("git:read",)
@@ -33,11 +33,7 @@ PUSH_SCOPES = ("git:read", "git:write")
 Launcher = Callable[[Sequence[str], Mapping[str, str]], "subprocess.Popen[bytes]"]
 
 
-class UsageError(CodestoreError):
-    exit_code = 2
-
-
-def scopes_for(operation: str, remote: urls.Remote, cfg: config.Config, grant: bool = False) -> tuple[str, ...]:
+def scopes_for(operation: str, remote: remotes.Remote, cfg: config.Config, grant: bool = False) -> tuple[str, ...]:
     """The least privilege for the operation, if configuration allows it at all.
 
     With a grant the agent is the policy: it refuses what the grant does not allow, with
@@ -86,7 +82,7 @@ def _resolver(env: Mapping[str, str]) -> Callable[[str], str | None]:
     return resolve
 
 
-def _record_push(source: object, remote: urls.Remote, watch: pushwatch.PushWatch, git_err: transport.Endpoint) -> None:
+def _record_push(source: object, remote: remotes.Remote, watch: pushwatch.PushWatch, git_err: transport.Endpoint) -> None:
     """Put what the push changed in the audit trail; a failure to do so is a warning, not
     a failed push (the server has already taken it)."""
     from git_credential_codestore.audit import BadReport, validate_report
@@ -124,7 +120,7 @@ def run(
                 "e.g. git clone codestore://<org>/<repo>"
             )
         remote_name, url = argv
-        remote, cfg = urls.parse(url, config.load(env))
+        remote, cfg = remotes.parse(url, config.load(env))
         reader = protocol.LineReader(git_in.read)
         decision = protocol.negotiate(reader, git_out.write)
         if decision.operation == "end":
