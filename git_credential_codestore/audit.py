@@ -246,3 +246,62 @@ def pushes_to(entries: Iterable[Mapping[str, Any]], repo: str, ref: str, ephemer
                     "result": r.get("result"), "reason": r.get("reason"),
                 })
     return out
+
+
+# -- the whole trail, as the owner sees it ------------------------------------------------
+
+
+def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 1000,
+            files: Iterable[str] = ()) -> tuple[list[dict[str, Any]], list[str]]:
+    """Entries matching `query` from every trail this user owns, oldest first, and where from.
+
+    The agent's trail through the agent when it answers (it may live in a database),
+    else its default file; the local trail of pushes made with a local key; and any
+    `files` given. A sandbox (holding a grant) is refused by the agent: only the owner
+    reads the trail.
+    """
+    from .agent.client import AgentUnavailable, Endpoint, call, endpoint_from_env, read_grant, refusal
+
+    env = os.environ if env is None else env
+    trails: list[list[dict[str, Any]]] = []
+    sources: list[str] = []
+    ep: Endpoint = endpoint_from_env(env)
+    try:
+        status, reply = call(ep, "POST", "/v1/audit/query", {**query.to_json(), "limit": limit}, grant=read_grant(env), env=env)
+    except AgentUnavailable:
+        status, reply = 0, {}
+    if status == 200:
+        entries = reply.get("entries")
+        trails.append([e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else [])
+        sources.append(f"agent {ep} ({reply.get('trail')})")
+    elif status:
+        raise refusal(ep, status, reply)
+    else:
+        path = agent_trail()
+        trails.append(query.select(read(path)))
+        sources.append(path)
+    paths = [local_trail(env), *files]
+    for path in paths:
+        trails.append(query.select(read(path)))
+        sources.append(path)
+    return merge(*trails)[-limit:], sources
+
+
+def describe(e: Mapping[str, Any]) -> str:
+    """One line per entry for people."""
+    who = f"grant {e['grant']} ({e.get('sub')})" if e.get("grant") else str(e.get("sub") or e.get("peer") or "owner")
+    where = f"{e.get('repo', '-')}{'+ephemeral' if e.get('ephemeral') else ''}"
+    head = f"{e.get('time', '?')}  {str(e.get('event', '?')):<12} {where:<30} {who}"
+    if e.get("event") in EVENTS:
+        refs = "; ".join(
+            f"{str(r.get('ref', '')).removeprefix('refs/heads/')} {str(r.get('old', ''))[:10]}->{str(r.get('new', ''))[:10]} {r.get('result')}"
+            + (f" ({r['reason']})" if r.get("reason") else "")
+            for r in e.get("refs") or () if isinstance(r, dict)
+        )
+        extra = f"  from {e['branch']}" if e.get("event") == "promote" and e.get("branch") else ""
+        return f"{head}  {refs}{extra}"
+    if e.get("event") == "mint":
+        return f"{head}  {' '.join(e.get('scopes') or ())} ttl={e.get('ttl')} ({e.get('purpose')})"
+    if e.get("reason"):
+        return f"{head}  {e['reason']}"
+    return head

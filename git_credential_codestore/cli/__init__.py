@@ -8,8 +8,11 @@ that owns the job, and every command runs inside the one error boundary
     config.py      codestore config show|set
     key.py         codestore key generate|import|public|delete
     token.py       codestore token
-    repo.py        codestore repo create|list
+    repo.py        codestore repo create|list|delete
+    branch.py      codestore branch list|delete (both namespaces)
     ephemeral.py   codestore clone|promote (the +ephemeral namespace)
+    review.py      codestore review (what a sandbox pushed, before promotion)
+    audit.py       codestore audit (the audit trail)
     setup.py       codestore setup|doctor
     demo.py        codestore demo
     dev_server.py  codestore dev-server
@@ -28,7 +31,7 @@ import click
 
 from .. import __version__
 from ..errors import boundary
-from . import agent, config, demo, dev_server, ephemeral, grant, key, repo, setup, token
+from . import agent, audit, branch, config, demo, dev_server, ephemeral, grant, key, repo, review, setup, token
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,6 +51,9 @@ for command in (
     dev_server.dev_server,
     ephemeral.clone,
     ephemeral.promote,
+    review.review_cmd,
+    audit.audit_cmd,
+    branch.branch_group,
     agent.agent,
     grant.grant,
 ):
