@@ -47,8 +47,13 @@ class BadReport(ValueError):
     """A report that is not well formed; the text names the field, never a long value."""
 
 
+def is_sha(value: object) -> bool:
+    """A full object id (SHA-1 or SHA-256), lower-case hex: the only form the trail holds."""
+    return isinstance(value, str) and bool(_SHA.match(value))
+
+
 def _sha(value: object, where: str) -> str:
-    if not isinstance(value, str) or not _SHA.match(value):
+    if not is_sha(value):
         raise BadReport(f"{where} must be a full hex object id")
     return value
 

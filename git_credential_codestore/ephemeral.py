@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -86,7 +85,9 @@ def promote(cfg: Config, repo: str, branch: str, target: str | None = None, env:
     if not 200 <= status < 300:
         raise RemoteError(f"promoting {branch} of {repo} failed: {api.reason(status, data)}{api.hint(status)}")
     sha = str(data.get("commit_sha") or data.get("sha") or "?")
-    if _FULL_SHA.match(sha):
+    from . import audit
+
+    if audit.is_sha(sha):
         warning = _record_promotion(cfg, env, repo, branch, target, None, sha, "ok", None)
         if warning:
             import sys
@@ -115,9 +116,6 @@ def _record_promotion(cfg: Config, env: Mapping[str, str] | None, repo: str, bra
     return None
 
 
-_FULL_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
-
-
 class Promoted(NamedTuple):
     sha: str
     target: str
@@ -133,14 +131,14 @@ def promote_exact(cfg: Config, repo: str, branch: str, expect_sha: str, target: 
     that cannot change the outcome, because what is pushed is the SHA itself, fetched
     into the review cache, never "whatever the branch holds now".
     """
-    from . import review
+    from . import audit, review
     from .config import validate_repo_id
 
     validate_repo_id(repo)
     review.check_branch(branch)
     target = review.check_branch(target or branch)
     sha = expect_sha.strip().lower()
-    if not _FULL_SHA.match(sha):
+    if not audit.is_sha(sha):
         raise ConfigError(f"--expect-sha takes the full commit id that `codestore review {repo} {branch}` printed, not {expect_sha[:20]!r}")
     if "git:write" not in cfg.scopes_for(repo, False):
         raise PolicyError(

@@ -18,13 +18,16 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from git_credential_codestore import config, remotes
 from git_credential_codestore.errors import CodestoreError, PolicyError, UsageError, boundary
 from git_credential_codestore.source import TokenRequest, choose_source, holds_grant
 
-from . import protocol, pushwatch, transport
+from . import protocol, transport
+
+if TYPE_CHECKING:
+    from . import pushwatch  # imported for pushes only: it brings the audit module
 
 PROG = "codestore"
 READ_SCOPES = ("git:read",)
@@ -143,6 +146,8 @@ def run(
         }
         if decision.command != b"list for-push":
             return transport.proxy(child, decision, reader.take_buffer(), git_in, git_out, git_err, fields)
+        from . import pushwatch
+
         watch = pushwatch.PushWatch()
 
         def watch_push(git_lines: protocol.LineReader, child_lines: protocol.LineReader,

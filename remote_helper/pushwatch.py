@@ -10,19 +10,18 @@ remote-helper protocol a line at a time and read along:
     transport -> git   `ok <dst>` / `error <dst> <why>` (report-status-v2 may add
                        `option old-oid|new-oid|...` lines), then a blank line -> results
 
+Imported only for pushes (it brings the audit module along).
 A command this module does not know ends the reading-along: the rest is copied blind,
 so an unexpected git never breaks a push (it only goes unrecorded).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
-from .protocol import LineReader
+from git_credential_codestore.audit import ZERO, is_sha
 
-ZERO = "0" * 40
-_HEX = re.compile(rb"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+from .protocol import LineReader
 
 Write = Callable[[bytes], None]
 Resolve = Callable[[str], "str | None"]
@@ -61,9 +60,9 @@ def relay(
         to_git(line + b"\n")
         if line == b"":
             break
-        sha, _, ref = line.partition(b" ")
-        if _HEX.match(sha):
-            watch.advertised[ref.decode("utf-8", "replace")] = sha.decode()
+        sha, _, ref = line.decode("utf-8", "replace").partition(" ")
+        if is_sha(sha):
+            watch.advertised[ref] = sha
     # 2. git's commands, each answered before the next.
     while True:
         line = git.readline()
@@ -108,7 +107,7 @@ def _update(line: bytes, advertised: dict[str, str], resolve: Resolve) -> dict[s
     spec = line[len(b"push ") :].decode("utf-8", "replace")
     forced = spec.startswith("+")
     src, _, dst = spec.lstrip("+").rpartition(":")
-    new = ZERO if not src else (src if _HEX.match(src.encode()) else resolve(src))
+    new = ZERO if not src else (src if is_sha(src) else resolve(src))
     return {
         "ref": dst,
         "old": advertised.get(dst, ZERO),
@@ -141,7 +140,7 @@ def _results(child: LineReader, to_git: Write, pending: list[dict[str, object]])
         elif word == "option" and last is not None:
             # report-status-v2: the server may say what it really did to the ref.
             key, _, value = rest.partition(" ")
-            if key in ("old-oid", "new-oid") and _HEX.match(value.encode()):
+            if key in ("old-oid", "new-oid") and is_sha(value):
                 last["old" if key == "old-oid" else "new"] = value
             elif key == "forced-update":
                 last["forced"] = True
