@@ -176,6 +176,8 @@ REFUSALS = [
     (("promote", REPO, "nope", "--expect-sha", "a" * 40), "there is no branch 'nope'"),
     (("audit", "--since", "yesterday"), "--since takes a UTC time"),
     (("repo", "delete", REPO), "cannot be undone; confirm with: codestore repo delete team/app --yes"),
+    (("branch", "list", "../x"), "is not a repository id"),
+    (("branch", "delete", REPO, "refs/heads/feat", "--ephemeral"), "give the short name"),
 ]
 
 
