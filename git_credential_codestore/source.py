@@ -7,11 +7,11 @@ imports only that source's dependencies (the agent path needs no crypto at all).
 from __future__ import annotations
 
 import os
-from collections import namedtuple
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from .config import Config
 from .secrets import Token
+from .vocab import TokenRequest
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
@@ -19,34 +19,6 @@ if TYPE_CHECKING:
 
     class TokenSource(Protocol):
         def mint(self, request: TokenRequest) -> Token: ...
-
-
-class TokenRequest(
-    namedtuple(
-        "TokenRequest",
-        ["repo", "scopes", "ephemeral", "ttl", "refs", "purpose", "narrow"],
-        defaults=(False, None, (), "cli", False),
-    )
-):
-    """What a helper needs: one repository, in one namespace, with these scopes.
-
-    (A collections.namedtuple, not typing.NamedTuple: typing's import is a cost on
-    every git request.)
-    """
-
-    __slots__ = ()
-    repo: str
-    scopes: tuple[str, ...]
-    ephemeral: bool
-    ttl: int | None
-    # [pattern, [ops]] rules for the `refs` claim (Code Storage enforces them on push).
-    refs: Sequence[tuple[str, list[str]]]
-    # Which program asks, for the audit log: "credential", "remote", "cli".
-    purpose: str
-    # Ask for *at most* these scopes: an agent narrows them to what the grant allows
-    # (never widens, never below one scope). For the credential helper, which cannot
-    # tell a fetch from a push and so asks for what the grant would give.
-    narrow: bool
 
 
 class LocalKeySource:

@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     import socket
     import subprocess
 
-from ..config import Config, is_loopback
+from ..config import Config
 from ..errors import ConfigError, PolicyError, ProtocolError, RemoteError
 from ..secrets import Secret, Token
+from ..vocab import TokenRequest, is_loopback, split_url
 from . import wire
 
 MAX_REPLY = 1 << 20
@@ -103,21 +104,23 @@ class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
 
     @classmethod
     def from_url(cls, url: str) -> Endpoint:
-        from urllib.parse import urlsplit  # only for agents reached over the network
-
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        parts = split_url(url)
+        if parts.scheme not in ("http", "https") or not parts.host:
             raise ConfigError(f"CODESTORE_AGENT_URL must be http(s)://HOST:PORT, not {parts.scheme or url[:20]!r}")
-        if parts.username or parts.password or parts.query:
+        if parts.userinfo is not None or parts.query:
             # A grant in a URL would land in logs and argv: exactly what we exist to prevent.
             raise ConfigError("CODESTORE_AGENT_URL must not carry credentials or a query; put the grant in CODESTORE_GRANT_FILE")
-        if parts.scheme == "http" and not is_loopback(parts.hostname):
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError("CODESTORE_AGENT_URL has a bad port; use http(s)://HOST:PORT") from None
+        if parts.scheme == "http" and not is_loopback(parts.host):
             # The grant is a reusable secret: never in clear text across a network.
             raise ConfigError(
-                f"refusing to send a grant over plain http to {parts.hostname}; use https:// "
+                f"refusing to send a grant over plain http to {parts.host}; use https:// "
                 "(the agent serves TLS with --tls-cert/--tls-key) or a loopback address"
             )
-        return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        return cls(parts.scheme, parts.host, port or (443 if parts.scheme == "https" else 80))
 
     def __str__(self) -> str:
         return self.address if self.kind == "unix" else f"{self.kind}://{self.address}:{self.port}"
@@ -288,8 +291,7 @@ class AgentSource:
         env = os.environ if env is None else env
         return cls(endpoint_from_env(env), read_grant(env), cfg, env)
 
-    def mint(self, request: object) -> Token:
-        # `request` is a source.TokenRequest; not imported here to keep this module a leaf.
+    def mint(self, request: TokenRequest) -> Token:
         owner = None
         if self.grant is None:
             # The owner signs as itself; the agent checks it holds the same key and org.
@@ -300,10 +302,7 @@ class AgentSource:
                 "sub": self.cfg.sub,
             }
         try:
-            body = wire.request_to_lines(
-                request.repo, request.scopes, bool(request.ephemeral), request.ttl,  # type: ignore[attr-defined]
-                request.refs, request.purpose, bool(getattr(request, "narrow", False)), owner,  # type: ignore[attr-defined]
-            )
+            body = wire.encode_request(request, owner)
         except ProtocolError as e:
             raise ConfigError(f"cannot ask the codestore agent for this token: {e}") from None
         status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env)
