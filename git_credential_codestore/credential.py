@@ -82,7 +82,8 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
         repo, ephemeral = cfg.repo_from_path(path)
     except CodestoreError as e:
         raise ConfigError(f"{e}; use a URL like {cfg.base_url}/<repo>.git") from None
-    from .source import get_token, holds_grant
+    from .agent.discovery import holds_grant
+    from .source import get_token
     from .vocab import TokenRequest
 
     if holds_grant(env):

@@ -51,7 +51,8 @@ from ..errors import CodestoreError, ConfigError, ProtocolError, redact
 from ..vocab import check_ttl, is_loopback, parse_scopes, ref_policy
 from . import policy, wire
 from .audit import AuditLog
-from .client import default_socket, key_identity, unix_address
+from .client import key_identity
+from .discovery import default_socket, grant_socket, unix_address
 from .grants import Grant, GrantStore, grant_id_of
 
 MAX_BODY = 64 * 1024
@@ -628,7 +629,7 @@ def serve(
     lock = threading.Lock()
 
     def grant_socket_path(gid: str) -> str:
-        return os.path.join(os.path.dirname(socket_path), f"grant-{gid}.sock")
+        return grant_socket(socket_path, gid)
 
     def open_grant_socket(grant: Grant) -> str | None:
         path = grant_socket_path(grant.id)
