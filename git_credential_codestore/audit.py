@@ -68,7 +68,7 @@ def validate_report(data: object) -> dict[str, object]:
     repo = data.get("repo")
     if not isinstance(repo, str):
         raise BadReport("repo is required")
-    from .config import validate_repo_id
+    from .vocab import validate_repo_id
 
     try:
         validate_repo_id(repo)
@@ -265,7 +265,8 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
     `files` given. A sandbox (holding a grant) is refused by the agent: only the owner
     reads the trail.
     """
-    from .agent.client import AgentUnavailable, Endpoint, call, endpoint_from_env, read_grant, refusal
+    from .agent.client import AgentUnavailable, call, refusal
+    from .agent.discovery import Endpoint, endpoint_from_env, read_grant
 
     env = os.environ if env is None else env
     trails: list[list[dict[str, Any]]] = []

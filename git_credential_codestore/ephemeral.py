@@ -64,8 +64,8 @@ def clone(
 def promote(cfg: Config, repo: str, branch: str, target: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """Copy BRANCH of REPO's ephemeral namespace into its default namespace; returns the commit."""
     from . import api
-    from .config import validate_repo_id
-    from .source import TokenRequest, get_token
+    from .source import get_token
+    from .vocab import TokenRequest, validate_repo_id
 
     validate_repo_id(repo)
     target = target or branch
@@ -132,7 +132,7 @@ def promote_exact(cfg: Config, repo: str, branch: str, expect_sha: str, target: 
     into the review cache, never "whatever the branch holds now".
     """
     from . import audit, review
-    from .config import validate_repo_id
+    from .vocab import validate_repo_id
 
     validate_repo_id(repo)
     review.check_branch(branch)

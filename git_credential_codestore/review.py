@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import git, remotes
-from .config import Config, validate_repo_id
+from .config import Config
+from .vocab import validate_repo_id
 from .errors import ConfigError, GitError, RemoteError
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"

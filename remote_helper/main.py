@@ -21,8 +21,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
 from git_credential_codestore import config, remotes
+from git_credential_codestore.agent.discovery import holds_grant
 from git_credential_codestore.errors import CodestoreError, PolicyError, UsageError, boundary
-from git_credential_codestore.source import TokenRequest, choose_source, holds_grant
+from git_credential_codestore.source import choose_source
+from git_credential_codestore.vocab import TokenRequest
 
 from . import protocol, transport
 

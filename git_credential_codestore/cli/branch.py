@@ -22,8 +22,8 @@ def branch_list(repo: str, namespace: str, as_json: bool) -> None:
     import json
 
     from .. import api, config
-    from ..config import validate_repo_id
-    from ..source import TokenRequest, get_token
+    from ..source import get_token
+    from ..vocab import TokenRequest, validate_repo_id
 
     cfg = config.load()
     validate_repo_id(repo)
@@ -47,9 +47,9 @@ def branch_list(repo: str, namespace: str, as_json: bool) -> None:
 def branch_delete(repo: str, branch: str, ephemeral: bool) -> None:
     """Delete BRANCH of REPO (a git:write token)."""
     from .. import api, config
-    from ..config import validate_repo_id
     from ..review import check_branch
-    from ..source import TokenRequest, get_token
+    from ..source import get_token
+    from ..vocab import TokenRequest, validate_repo_id
 
     cfg = config.load()
     validate_repo_id(repo)

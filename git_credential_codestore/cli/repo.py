@@ -16,8 +16,8 @@ def repo_group() -> None:
 def repo_create(repo: str, default_branch: str) -> None:
     """Create REPO (a repo:write token for that id only)."""
     from .. import api, config
-    from ..config import validate_repo_id
-    from ..source import TokenRequest, get_token
+    from ..source import get_token
+    from ..vocab import TokenRequest, validate_repo_id
 
     cfg = config.load()
     validate_repo_id(repo)
@@ -33,7 +33,8 @@ def repo_list(as_json: bool) -> None:
     import json
 
     from .. import api, config
-    from ..source import TokenRequest, get_token
+    from ..source import get_token
+    from ..vocab import TokenRequest
 
     cfg = config.load()
     token = get_token(TokenRequest("org", ("org:read",), ttl=60), cfg)
@@ -53,9 +54,9 @@ def repo_delete(repo: str, yes: bool) -> None:
     import sys
 
     from .. import api, config
-    from ..config import validate_repo_id
     from ..errors import UsageError
-    from ..source import TokenRequest, get_token
+    from ..source import get_token
+    from ..vocab import TokenRequest, validate_repo_id
 
     cfg = config.load()
     validate_repo_id(repo)
