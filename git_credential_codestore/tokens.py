@@ -52,8 +52,29 @@ def algorithm_for(key: PrivateKey | PublicKey) -> str:
     raise TokenError(f"unsupported key type {type(key).__name__}; use EC P-256, RSA or Ed25519")
 
 
+def ref_pattern(pattern: object) -> str:
+    """One rule's pattern as Code Storage reads it, or TokenError.
+
+    `*` (every ref), a full ref (`refs/heads/main`), a prefix glob ending in `*`
+    (`refs/heads/feat/*`), or a short branch name taken under `refs/heads/` (`main`,
+    `feat/*`). A `*` anywhere but the end would match no ref at all, so a rule meant to
+    protect something would silently protect nothing: refused rather than guessed at.
+    """
+    if not isinstance(pattern, str) or not pattern or len(pattern) > 256 or any(c.isspace() for c in pattern):
+        raise TokenError(f"bad refs pattern {str(pattern)[:80]!r}: want *, refs/heads/NAME, NAME or a prefix ending in *")
+    if "*" in pattern[:-1]:
+        raise TokenError(f"bad refs pattern {pattern[:80]!r}: * may only end a pattern (a prefix glob)")
+    if pattern == "*" or pattern.startswith("refs/"):
+        return pattern
+    return "refs/heads/" + pattern
+
+
 def validate_refs(refs: object) -> RefPolicy:
-    """The `refs` claim: an ordered list of [pattern, [ops...]]; first match wins."""
+    """The `refs` claim: an ordered list of [pattern, [ops...]]; first match wins.
+
+    Patterns come back in their full form (see `ref_pattern`); empty ops is an explicit
+    allow that stops the search, as in Code Storage.
+    """
     if not isinstance(refs, list):
         raise TokenError("refs policy must be a list of [pattern, [ops]] pairs")
     out: RefPolicy = []
@@ -61,16 +82,31 @@ def validate_refs(refs: object) -> RefPolicy:
         if (
             not isinstance(rule, (list, tuple))
             or len(rule) != 2
-            or not isinstance(rule[0], str)
-            or not rule[0].startswith("refs/")
             or not isinstance(rule[1], list)
             or any(op not in REF_OPS for op in rule[1])
         ):
             raise TokenError(
-                f"bad refs rule {rule!r}: want [\"refs/heads/main\", [\"no-push\"]] with ops {', '.join(REF_OPS)}"
+                f"bad refs rule {str(rule)[:120]}: want [\"refs/heads/main\", [\"no-push\"]] with ops {', '.join(REF_OPS)}"
             )
-        out.append((rule[0], list(rule[1])))
+        out.append((ref_pattern(rule[0]), list(rule[1])))
     return out
+
+
+def claims_ref_policy(raw: Mapping[str, object]) -> RefPolicy:
+    """The policy a token's claims carry: `refs`, then the legacy top-level `ops`.
+
+    The SDK still mints `ops: [...]` (deprecated: "use ref_policies=[{'pattern': '*',
+    'ops': [...]}]"), and Code Storage enforces it as exactly that `*` rule. It goes last:
+    the explicit per-ref rules are the more specific ones, and first match wins.
+    """
+    refs = validate_refs(raw["refs"]) if raw.get("refs") is not None else []
+    ops = raw.get("ops")
+    if ops is not None:
+        if not isinstance(ops, list) or any(op not in REF_OPS for op in ops):
+            raise TokenError(f"bad ops claim: want a list of {', '.join(REF_OPS)}")
+        if ops:
+            refs.append(("*", [str(op) for op in ops]))
+    return refs
 
 
 def parse_ref_policy(text: str) -> RefPolicy:
@@ -200,7 +236,9 @@ def verify(
             token,
             key,
             algorithms=[alg],
-            options={"require": ["iss", "repo", "scopes", "iat", "exp"], "verify_exp": False, "verify_iat": False},
+            # `repo` is optional: org-wide tokens (`org:read`, as Code Storage's docs allow
+            # and the SDK mints for listing) need none; every repository check then fails.
+            options={"require": ["iss", "scopes", "iat", "exp"], "verify_exp": False, "verify_iat": False},
         )
     except jwt.InvalidSignatureError:
         raise TokenError("signature does not verify: token signed by an unregistered key") from None
@@ -220,13 +258,14 @@ def verify(
     scopes = raw["scopes"]
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
         raise TokenError("scopes must be a list of strings")
-    if not isinstance(raw["repo"], str):
+    repo = raw.get("repo", "")
+    if not isinstance(repo, str):
         raise TokenError("repo must be a string")
-    refs = validate_refs(raw["refs"]) if raw.get("refs") is not None else []
+    refs = claims_ref_policy(raw)
     return Claims(
         iss=raw["iss"],
         sub=str(raw.get("sub", "")),
-        repo=raw["repo"],
+        repo=repo,
         scopes=tuple(scopes),
         iat=iat,
         exp=exp,

@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     errors = refusals(sys.stdin.read().splitlines(), policy, os.environ.get("GIT_NAMESPACE"))
     for message in errors:
-        print(f"codestore: refused {message}", file=sys.stderr)
+        print(f"codestore: refused (denied by policy): {message}", file=sys.stderr)
     return 1 if errors else 0
 
 
