@@ -452,6 +452,14 @@ def test_the_import_namespace_enforces_the_ref_policy(seeded: tuple[DevServer, s
     assert proc.returncode != 0 and "denied by policy" in proc.stderr
 
 
+def test_a_verify_sig_rule_refuses_the_push_saying_the_dev_server_cannot_check_it(seeded: tuple[DevServer, str, Path]) -> None:
+    # Threat: a push Code Storage would refuse (unsigned, under verify-sig) passing here.
+    server, url, work = seeded
+    commit(work, "unsigned")
+    proc = git("push", url, "main", cwd=work, env=auth_env(policy_token(server, [["main", ["verify-sig"]]])), check=False)
+    assert proc.returncode != 0 and "verify-sig" in proc.stderr and "cannot check" in proc.stderr
+
+
 def test_short_ref_patterns_and_star_work_on_push(seeded: tuple[DevServer, str, Path]) -> None:
     # Code Storage reads `main` as refs/heads/main; the dev server used to refuse the token (401).
     server, url, work = seeded

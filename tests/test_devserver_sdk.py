@@ -55,17 +55,17 @@ CONTRACT: dict[str, str] = {
     "list_files_with_metadata": "501",
     "merge": "501",
     "preview_merge": "501",
-    "list_tags": "501",
+    "list_tags": "works",
     "create_tag": "501",
     "delete_tag": "501",
-    "get_commit": "501",
+    "get_commit": "works",
     "get_blame": "501",
     "get_note": "501",
     "create_note": "501",
     "append_note": "501",
     "delete_note": "501",
     "list_notes_refs": "501",
-    "get_commit_diff": "501",
+    "get_commit_diff": "works",
     "grep": "501",
     "pull_upstream": "501",
     "restore_commit": "501",
@@ -316,6 +316,34 @@ def test_list_repos_accepts_an_org_token_that_names_no_repository(sdk: Setup) ->
     assert status == 401 and "names none" in str(body["error"])
 
 
+def test_list_tags_peels_annotated_tags(sdk: Setup) -> None:
+    url = http_url(run(sdk.repo.get_remote_url(ttl=300)))
+    git("tag", "v1", sdk.main, cwd=sdk.work)
+    git("tag", "-a", "-m", "release", "v2", sdk.main, cwd=sdk.work)
+    git("push", "-q", url, "v1", "v2", cwd=sdk.work)
+    page = run(sdk.repo.list_tags(limit=1))
+    assert [(t["name"], t["sha"]) for t in page["tags"]] == [("v1", sdk.main)] and page["has_more"] is True
+    rest = run(sdk.repo.list_tags(cursor=page["next_cursor"]))
+    assert [(t["name"], t["sha"]) for t in rest["tags"]] == [("v2", sdk.main)] and rest["next_cursor"] is None
+
+
+def test_get_commit_by_sha_short_sha_or_branch(sdk: Setup) -> None:
+    for rev in (sdk.main, sdk.main[:10], "main"):
+        c = run(sdk.repo.get_commit(sha=rev))["commit"]
+        assert c["sha"] == sdk.main and c["message"] == "edit a.txt" and "signature" not in c
+
+
+def test_get_commit_diff_against_the_parent_and_against_a_base(sdk: Setup) -> None:
+    diff = run(sdk.repo.get_commit_diff(sha=sdk.main))
+    assert diff["sha"] == sdk.main and diff["stats"] == {"files": 1, "additions": 1, "deletions": 0, "changes": 1}
+    assert diff["files"][0]["path"] == "a.txt" and "+world" in diff["files"][0]["raw"]
+    root = git("rev-list", "--max-parents=0", sdk.main, cwd=sdk.work).stdout.strip()
+    first = run(sdk.repo.get_commit_diff(sha=root))
+    assert first["files"][0]["raw_state"] == "A" and "base_sha" not in first
+    against = run(sdk.repo.get_commit_diff(sha=sdk.main, base_sha=root))
+    assert against["base_sha"] == root and against["merge_base_sha"] == root
+
+
 # ---- what answers 501 ----------------------------------------------------------------------
 
 
@@ -333,17 +361,14 @@ def unimplemented(setup: Setup) -> dict[str, Callable[[], Awaitable[Any]]]:
         "list_files_with_metadata": lambda: r.list_files_with_metadata(),
         "merge": lambda: r.merge(source_branch="feat", target_branch="main", strategy="ff_only"),
         "preview_merge": lambda: r.preview_merge(source_branch="feat", target_branch="main"),
-        "list_tags": lambda: r.list_tags(),
         "create_tag": lambda: r.create_tag(name="v1", target="main"),
         "delete_tag": lambda: r.delete_tag(name="v1"),
-        "get_commit": lambda: r.get_commit(sha=setup.main),
         "get_blame": lambda: r.get_blame(path="a.txt"),
         "get_note": lambda: r.get_note(sha=setup.main),
         "create_note": lambda: r.create_note(sha=setup.main, note="n"),
         "append_note": lambda: r.append_note(sha=setup.main, note="n"),
         "delete_note": lambda: r.delete_note(sha=setup.main),
         "list_notes_refs": lambda: r.list_notes_refs(),
-        "get_commit_diff": lambda: r.get_commit_diff(sha=setup.main),
         "grep": lambda: r.grep(pattern="x"),
         "pull_upstream": lambda: r.pull_upstream(),
         "restore_commit": lambda: r.restore_commit(target_branch="main", target_commit_sha=setup.main, author=SIGNATURE),

@@ -412,6 +412,62 @@ def list_files(call: Call) -> Reply:
     return Reply(200, result)
 
 
+def list_tags(call: Call) -> Reply:
+    call.only(query=("cursor", "limit"))
+    repo, limit, cursor = _exists(call), call.limit(), call.param("cursor") or ""
+    rows = [r for r in call.store.tags(repo) if not cursor or r[0] > cursor]
+    page, has_more = rows[:limit], len(rows) > limit
+    tags = [{"cursor": name, "name": name, "sha": sha} for name, sha in page]
+    return Reply(200, {"tags": tags, "next_cursor": page[-1][0] if has_more else None, "has_more": has_more})
+
+
+def get_commit(call: Call) -> Reply:
+    """One commit by sha or any name that resolves in the default namespace."""
+    call.only(query=("sha", "ref"))  # the SDK's main line names it `ref`
+    repo = _exists(call)
+    rev = call.param("sha") or call.param("ref")
+    if not rev:
+        raise RepoError(400, "sha is required")
+    _, sha = _resolve(call, repo, rev, False, "commit")
+    return Reply(200, {"commit": call.store.commit(repo, sha)})
+
+
+def commit_diff(call: Call) -> Reply:
+    """A commit against `baseSha`, or against its first parent (the empty tree for a root)."""
+    call.only(query=("sha", "ref", "baseSha", "gitApplyCompatible", "path"))
+    repo = _exists(call)
+    rev = call.param("sha") or call.param("ref")
+    if not rev:
+        raise RepoError(400, "sha is required")
+    call.flag("gitApplyCompatible")  # validated; the patches served are `git diff` output, which git apply takes
+    _, sha = _resolve(call, repo, rev, False, "commit")
+    base_rev = call.param("baseSha")
+    result: Json = {"sha": sha}
+    if base_rev:
+        _, base = _resolve(call, repo, base_rev, False, "baseSha")
+        merge_base = call.store.merge_base(repo, base, sha)
+        result["base_sha"] = base
+        if merge_base:
+            result["merge_base_sha"] = merge_base
+    else:
+        parents = call.store.log(repo, sha, 0, 1, None, walk=False)[0]["parent_shas"]
+        base = parents[0] if parents else EMPTY_TREE  # type: ignore[index]
+        if parents:
+            result["base_sha"] = base
+    files = call.store.diff(repo, result.get("merge_base_sha", base), sha, [_file_path(p) for p in call.params("path")])  # type: ignore[arg-type]
+    additions = sum(int(f["additions"]) for f in files)  # type: ignore[call-overload]
+    deletions = sum(int(f["deletions"]) for f in files)  # type: ignore[call-overload]
+    result.update(
+        stats={"files": len(files), "additions": additions, "deletions": deletions, "changes": additions + deletions},
+        files=files,
+        filtered_files=[],
+    )
+    return Reply(200, result)
+
+
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+
+
 def get_file(call: Call) -> Reply:
     """The file's bytes (GET) or only its headers (HEAD), with Code Storage's metadata headers.
 
@@ -516,17 +572,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("get_branch_diff", "GET", "repos/branches/diff", "branches/diff", "git:read", branch_diff),
     Endpoint("merge", "POST", "repos/merge", "merge", None),
     Endpoint("preview_merge", "GET", "repos/merge/preview", "merge/preview", None),
-    Endpoint("list_tags", "GET", "repos/tags", "tags", None),
+    Endpoint("list_tags", "GET", "repos/tags", "tags", "git:read", list_tags),
     Endpoint("create_tag", "POST", "repos/tags", "tags", None),
     Endpoint("delete_tag", "DELETE", "repos/tags", "tags/*", None),
     Endpoint("list_commits", "GET", "repos/commits", "commits", "git:read", list_commits),
-    Endpoint("get_commit", "GET", "repos/commit", "commit", None),
+    Endpoint("get_commit", "GET", "repos/commit", "commit", "git:read", get_commit),
     Endpoint("get_blame", "GET", "repos/blame", "blame", None),
     Endpoint("get_note", "GET", "repos/notes", "notes", None),
     Endpoint("create_note/append_note", "POST", "repos/notes", "notes", None),
     Endpoint("delete_note", "DELETE", "repos/notes", "notes", None),
     Endpoint("list_notes_refs", "GET", "repos/notes/refs", "notes/refs", None),
-    Endpoint("get_commit_diff", "GET", "repos/diff", "diff", None),
+    Endpoint("get_commit_diff", "GET", "repos/diff", "diff", "git:read", commit_diff),
     Endpoint("grep", "POST", "repos/grep", "grep", None),
     Endpoint("pull_upstream", "POST", "repos/pull-upstream", "pull-upstream", None),
     Endpoint("restore_commit", "POST", "repos/restore-commit", "restore-commit", None),

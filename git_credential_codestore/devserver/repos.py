@@ -30,7 +30,7 @@ IMPORT_NS = "import"
 NAMESPACES = (EPHEMERAL_NS, IMPORT_NS)
 META_FILE = "codestore.json"
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
-_SHA = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
+_SHA = re.compile(r"^[0-9a-f]{4,64}$")  # a full or abbreviated commit id
 
 
 class RepoError(CodestoreError):
@@ -164,7 +164,7 @@ class RepoStore:
         return iter(sorted(found))
 
     def resolve(self, repo: str, ref: str, ephemeral: bool) -> str | None:
-        """A branch, then a tag, then a full commit id, in the chosen namespace."""
+        """A branch, then a tag, then a (possibly abbreviated) commit id, in the chosen namespace."""
         prefix = EPHEMERAL_PREFIX if ephemeral else ""
         candidates = [f"{prefix}refs/heads/{ref}", f"{prefix}refs/tags/{ref}"]
         if ref.startswith("refs/"):
@@ -243,12 +243,12 @@ class RepoStore:
     def merge_base(self, repo: str, a: str, b: str) -> str | None:
         return self._git(repo, "merge-base", a, b, ok=(0, 1)).strip() or None
 
-    def log(self, repo: str, sha: str, skip: int, count: int, path: str | None) -> list[dict[str, object]]:
+    def log(self, repo: str, sha: str, skip: int, count: int, path: str | None, walk: bool = True) -> list[dict[str, object]]:
         """Commits reachable from `sha`, newest first, as Code Storage lists them."""
         # Fields end in NUL, records in RS (0x1e): the message is the last field, so a NUL
         # (which git refuses in messages) never splits it and an empty parent list is safe.
         fmt = "%H%x00%P%x00%an%x00%ae%x00%cn%x00%ce%x00%at%x00%B%x1e"
-        args = ["log", f"--format={fmt}", f"--skip={skip}", f"--max-count={count}", sha, "--"]
+        args = ["log", f"--format={fmt}", f"--skip={skip}", f"--max-count={count}", *([] if walk else ["--no-walk"]), sha, "--"]
         if path:
             args.append(path)
         out = self._git(repo, *args)
@@ -310,6 +310,35 @@ class RepoStore:
                 }
             )
         return files
+
+    def tags(self, repo: str) -> list[tuple[str, str]]:
+        """(name, the commit it points at) of every tag, by name; annotated tags peeled."""
+        fmt = "%(refname:strip=2)%00%(objectname)%00%(*objectname)"
+        rows = []
+        for line in self._git(repo, "for-each-ref", f"--format={fmt}", "refs/tags/").splitlines():
+            name, obj, peeled = line.split("\0")
+            rows.append((name, peeled or obj))
+        return sorted(rows)
+
+    def commit(self, repo: str, sha: str) -> dict[str, object]:
+        """One commit as Code Storage describes it; `signature`/`payload` when it is signed."""
+        (info,) = self.log(repo, sha, 0, 1, None, walk=False)
+        raw = git.output(["--git-dir", self.path(repo), "cat-file", "commit", sha], env=self.env)
+        header, sep, message = raw.partition(b"\n\n")
+        kept, signature, in_sig = [], [], False
+        for line in header.split(b"\n"):
+            if line.startswith((b"gpgsig ", b"gpgsig-sha256 ")):
+                in_sig = True
+                signature.append(line.split(b" ", 1)[1])
+            elif in_sig and line.startswith(b" "):
+                signature.append(line[1:])
+            else:
+                in_sig = False
+                kept.append(line)
+        if signature:
+            info["signature"] = b"\n".join(signature).decode("utf-8", "replace") + "\n"
+            info["payload"] = (b"\n".join(kept) + sep + message).decode("utf-8", "replace")
+        return info
 
     def tree(self, repo: str, sha: str, path: str | None, recursive: bool) -> list[tuple[str, str, str]]:
         """(path, type, mode) under `path` at `sha`: blob, tree, symlink or submodule."""
