@@ -38,11 +38,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from ..errors import ConfigError, TokenError
+from ..errors import ConfigError, Refused, TokenError
 from ..tokens import Claims, PublicKey, verify
-from .auth import AuthFailure, require_scope
+from .auth import require_scope
 from .hooks import ops_for
-from .repos import RepoError, RepoStore, check_branch, check_repo_id
+from .repos import RepoStore, check_branch, check_repo_id
 
 Json = dict[str, object]
 
@@ -80,24 +80,24 @@ class Call:
             return False
         if value == "true":
             return True
-        raise RepoError(400, f"{name} must be true or false")
+        raise Refused(400, f"{name} must be true or false")
 
     def limit(self) -> int:
         raw = self.param("limit")
         if raw is None or raw == "":
             return DEFAULT_LIMIT
         if not re.fullmatch(r"[0-9]{1,6}", raw) or int(raw) < 1:
-            raise RepoError(400, f"limit must be a whole number from 1 to {MAX_LIMIT}")
+            raise Refused(400, f"limit must be a whole number from 1 to {MAX_LIMIT}")
         return min(int(raw), MAX_LIMIT)  # Code Storage caps rather than refuses
 
     def only(self, query: Sequence[str] = (), body: Sequence[str] = ()) -> None:
         """Refuse what this handler would otherwise ignore."""
         for k, _ in self.query:
             if k not in query:
-                raise RepoError(400, f"query parameter {k[:40]!r} is not supported by the dev server")
+                raise Refused(400, f"query parameter {k[:40]!r} is not supported by the dev server")
         for k in self.body:
             if k not in body:
-                raise RepoError(400, f"field {str(k)[:40]!r} is not supported by the dev server")
+                raise Refused(400, f"field {str(k)[:40]!r} is not supported by the dev server")
 
 
 @dataclass
@@ -115,7 +115,7 @@ Handler = Callable[[Call], Reply]
 def _bool(body: Mapping[str, object], key: str) -> bool:
     value = body.get(key, False)
     if not isinstance(value, bool):
-        raise RepoError(400, f"{key} must be true or false")
+        raise Refused(400, f"{key} must be true or false")
     return value
 
 
@@ -124,13 +124,13 @@ def _str(body: Mapping[str, object], key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise RepoError(400, f"{key} must be a string")
+        raise Refused(400, f"{key} must be a string")
     return value.strip() or None
 
 
 def _exists(call: Call) -> str:
     if not call.store.exists(call.repo):
-        raise RepoError(404, f"repository {call.repo!r} does not exist")
+        raise Refused(404, f"repository {call.repo!r} does not exist")
     return call.repo
 
 
@@ -154,7 +154,7 @@ def _resolve(call: Call, repo: str, ref: str | None, ephemeral: bool, what: str)
     sha = call.store.resolve(repo, _ref_arg(name, what), ephemeral)
     if sha is None:
         where = "the ephemeral namespace" if ephemeral else "the default namespace"
-        raise RepoError(404, f"{what} {name!r} not found in {where} of {repo!r}")
+        raise Refused(404, f"{what} {name!r} not found in {where} of {repo!r}")
     return name, sha
 
 
@@ -174,16 +174,16 @@ def create_repo(call: Call) -> Reply:
     call.only(body=("default_branch", "base_repo", "initial_commit", "id", "repo_id"))
     for key in ("id", "repo_id"):
         if key in call.body and call.body[key] != call.repo:
-            raise AuthFailure(403, f"wrong repo: token is for repository {call.repo[:200]!r}, not {str(call.body[key])[:200]!r}", call.claims)
+            raise Refused(403, f"wrong repo: token is for repository {call.repo[:200]!r}, not {str(call.body[key])[:200]!r}", call.claims)
     try:
         repo = check_repo_id(call.repo)
     except ConfigError as e:
-        raise RepoError(400, str(e)) from None
+        raise Refused(400, str(e)) from None
     if call.body.get("initial_commit") is not None:
-        raise RepoError(400, "initial_commit (snapshot create) cannot be honoured by the dev server; create the repository and push the commit")
+        raise Refused(400, "initial_commit (snapshot create) cannot be honoured by the dev server; create the repository and push the commit")
     branch = call.body.get("default_branch")
     if branch is not None and not isinstance(branch, str):
-        raise RepoError(400, "default_branch must be a string")
+        raise Refused(400, "default_branch must be a string")
     base = call.body.get("base_repo")
     if base is not None:
         return _fork(call, repo, base, branch)
@@ -194,43 +194,43 @@ def create_repo(call: Call) -> Reply:
 def _fork(call: Call, repo: str, base: object, branch: str | None) -> Reply:
     """`base_repo` with `provider: code`, `operation: fork`: a copy of one of this org's repositories."""
     if not isinstance(base, dict):
-        raise RepoError(400, "base_repo must be an object")
+        raise Refused(400, "base_repo must be an object")
     provider, operation = base.get("provider"), base.get("operation")
     if provider != "code" or operation != "fork":
-        raise RepoError(
+        raise Refused(
             400,
             f"base_repo provider {str(provider)[:40]!r} operation {str(operation)[:40]!r} cannot be honoured by the dev server "
             "(it reaches no other host); only forks of this org's repositories are served",
         )
     unknown = set(base) - {"provider", "operation", "owner", "name", "auth", "ref", "sha"}
     if unknown:
-        raise RepoError(400, f"base_repo field {sorted(unknown)[0][:40]!r} is not supported by the dev server")
+        raise Refused(400, f"base_repo field {sorted(unknown)[0][:40]!r} is not supported by the dev server")
     source = base.get("name")
     auth = base.get("auth")
     token = auth.get("token") if isinstance(auth, dict) else None
     if not isinstance(source, str) or not isinstance(token, str):
-        raise RepoError(400, "base_repo needs name (the source repository) and auth.token (a git:read token for it)")
+        raise Refused(400, "base_repo needs name (the source repository) and auth.token (a git:read token for it)")
     if base.get("owner") not in (None, call.org):
-        raise RepoError(400, f"base_repo owner {str(base.get('owner'))[:60]!r} is not this org {call.org!r}")
+        raise Refused(400, f"base_repo owner {str(base.get('owner'))[:60]!r} is not this org {call.org!r}")
     try:
         source_claims = verify(token, call.keys, org=call.org)
     except TokenError as e:
-        raise AuthFailure(401, f"base_repo.auth.token: {e}", call.claims) from None
+        raise Refused(401, f"base_repo.auth.token: {e}", call.claims) from None
     if source_claims.repo != source:
-        raise AuthFailure(403, f"base_repo.auth.token is for repository {source_claims.repo[:200]!r}, not {source[:200]!r}", call.claims)
+        raise Refused(403, f"base_repo.auth.token is for repository {source_claims.repo[:200]!r}, not {source[:200]!r}", call.claims)
     require_scope(source_claims, "git:read")
     try:
         check_repo_id(source)
     except ConfigError as e:
-        raise RepoError(400, str(e)) from None
+        raise Refused(400, str(e)) from None
     if not call.store.exists(source):
-        raise RepoError(404, f"base repository {source!r} does not exist")
+        raise Refused(404, f"base repository {source!r} does not exist")
     ref, sha = _str(base, "ref"), _str(base, "sha")
     start = None
     if sha is not None or ref is not None:
         start = call.store.resolve(source, _ref_arg(sha or ref or "", "base_repo.sha" if sha else "base_repo.ref"), False)
         if start is None:
-            raise RepoError(404, f"base_repo {'sha' if sha else 'ref'} {(sha or ref)!r} not found in {source!r}")
+            raise Refused(404, f"base_repo {'sha' if sha else 'ref'} {(sha or ref)!r} not found in {source!r}")
     default = branch or (ref if ref and not ref.startswith("refs/") else None) or call.store.info(source).default_branch
     info = call.store.create(repo, check_branch(default, "default_branch"), source=source, start=start)
     return Reply(201, _info(call, info.repo_id))
@@ -297,27 +297,27 @@ def create_branch(call: Call) -> Reply:
     repo = _exists(call)
     base = _str(call.body, "base_ref") or _str(call.body, "base_branch")
     if base is None:
-        raise RepoError(400, "base_ref is required")
+        raise Refused(400, "base_ref is required")
     target = _str(call.body, "target_branch")
     if target is None:
-        raise RepoError(400, "target_branch is required")
+        raise Refused(400, "target_branch is required")
     target = check_branch(target, "target_branch")
     base_eph, target_eph, force = _bool(call.body, "base_is_ephemeral"), _bool(call.body, "target_is_ephemeral"), _bool(call.body, "force")
     target_ref = f"refs/heads/{target}"
     refused = _policy_refuses(call.claims, target_ref, forced=False)
     if refused:
-        raise AuthFailure(403, refused, call.claims)
+        raise Refused(403, refused, call.claims)
     _, sha = _resolve(call, repo, base, base_eph, "base ref")
     if not call.store.create_branch(repo, target, sha, target_eph):
         existing = call.store.branch_sha(repo, target, target_eph)
         if existing is not None and existing != sha:
             if not force:
-                raise RepoError(409, f"branch {target!r} already exists at another commit; pass force to move it, or push")
+                raise Refused(409, f"branch {target!r} already exists at another commit; pass force to move it, or push")
             refused = _policy_refuses(call.claims, target_ref, forced=not call.store.is_ancestor(repo, existing, sha))
             if refused:
-                raise AuthFailure(403, refused, call.claims)
+                raise Refused(403, refused, call.claims)
             if not call.store.move_branch(repo, target, sha, target_eph, existing):
-                raise RepoError(409, f"branch {target!r} moved while being updated; retry")
+                raise Refused(409, f"branch {target!r} moved while being updated; retry")
     return Reply(200, {"message": "branch created", "target_branch": target, "target_is_ephemeral": target_eph, "commit_sha": sha})
 
 
@@ -326,18 +326,18 @@ def delete_branch(call: Call) -> Reply:
     repo = _exists(call)
     name = _str(call.body, "name") or _str(call.body, "target_branch")
     if name is None:
-        raise RepoError(400, "name is required")
+        raise Refused(400, "name is required")
     if name.startswith("refs/"):
-        raise RepoError(400, "name must be a branch name, not a full ref")
+        raise Refused(400, "name must be a branch name, not a full ref")
     name = check_branch(name, "name")
     ephemeral = _bool(call.body, "ephemeral")
     refused = _policy_refuses(call.claims, f"refs/heads/{name}", forced=True)
     if refused:
-        raise AuthFailure(403, refused, call.claims)
+        raise Refused(403, refused, call.claims)
     sha = call.store.branch_sha(repo, name, ephemeral)
     if sha is None or not call.store.delete_branch(repo, name, ephemeral, sha):
         where = "the ephemeral namespace" if ephemeral else "the default namespace"
-        raise RepoError(404, f"branch {name!r} not found in {where} of {repo!r}")
+        raise Refused(404, f"branch {name!r} not found in {where} of {repo!r}")
     return Reply(200, {"name": name, "message": "branch deleted", "ephemeral": ephemeral})
 
 
@@ -350,7 +350,7 @@ def list_commits(call: Call) -> Reply:
     _, sha = _resolve(call, repo, call.param("branch"), call.flag("ephemeral"), "branch")
     cursor = call.param("cursor") or "0"
     if not re.fullmatch(r"[0-9]{1,9}", cursor):
-        raise RepoError(400, "cursor must be a value returned as next_cursor")
+        raise Refused(400, "cursor must be a value returned as next_cursor")
     skip = int(cursor)
     path = call.param("path")
     if path is not None:
@@ -366,7 +366,7 @@ def branch_diff(call: Call) -> Reply:
     repo = _exists(call)
     branch = call.param("branch")
     if not branch:
-        raise RepoError(400, "branch is required")
+        raise Refused(400, "branch is required")
     branch, head = _resolve(call, repo, branch, call.flag("ephemeral"), "branch")
     base, base_sha = _resolve(call, repo, call.param("base"), call.flag("ephemeral_base"), "base")
     merge_base = call.store.merge_base(repo, base_sha, head)
@@ -393,11 +393,11 @@ def list_files(call: Call) -> Reply:
     recursive = call.flag("recursive") if call.param("recursive") is not None else True
     raw_limit = call.param("limit")
     if raw_limit is not None and not re.fullmatch(r"[0-9]{1,6}", raw_limit):
-        raise RepoError(400, "limit must be a whole number from 1 to 5000")
+        raise Refused(400, "limit must be a whole number from 1 to 5000")
     limit = min(int(raw_limit or 1000), 5000) or 1000
     cursor = call.param("cursor") or "0"
     if not re.fullmatch(r"[0-9]{1,9}", cursor):
-        raise RepoError(400, "cursor must be a value returned as next_cursor")
+        raise Refused(400, "cursor must be a value returned as next_cursor")
     rows = call.store.tree(repo, sha, _file_path(path.strip("/")) if path and path.strip("/") else None, recursive)
     page = rows[int(cursor) : int(cursor) + limit]
     has_more = int(cursor) + limit < len(rows)
@@ -427,7 +427,7 @@ def get_commit(call: Call) -> Reply:
     repo = _exists(call)
     rev = call.param("sha") or call.param("ref")
     if not rev:
-        raise RepoError(400, "sha is required")
+        raise Refused(400, "sha is required")
     _, sha = _resolve(call, repo, rev, False, "commit")
     return Reply(200, {"commit": call.store.commit(repo, sha)})
 
@@ -438,7 +438,7 @@ def commit_diff(call: Call) -> Reply:
     repo = _exists(call)
     rev = call.param("sha") or call.param("ref")
     if not rev:
-        raise RepoError(400, "sha is required")
+        raise Refused(400, "sha is required")
     call.flag("gitApplyCompatible")  # validated; the patches served are `git diff` output, which git apply takes
     _, sha = _resolve(call, repo, rev, False, "commit")
     base_rev = call.param("baseSha")
@@ -476,19 +476,19 @@ def get_file(call: Call) -> Reply:
     """
     call.only(query=("path", "ref", "ephemeral", "ephemeral_base"))
     if call.flag("ephemeral_base"):
-        raise RepoError(400, "ephemeral_base cannot be honoured by the dev server for file reads; pass ephemeral=true with the ref")
+        raise Refused(400, "ephemeral_base cannot be honoured by the dev server for file reads; pass ephemeral=true with the ref")
     for header in ("If-Modified-Since", "If-Unmodified-Since", "If-Range"):
         if call.headers.get(header):
-            raise RepoError(400, f"{header} cannot be honoured by the dev server; use If-None-Match with the ETag")
+            raise Refused(400, f"{header} cannot be honoured by the dev server; use If-None-Match with the ETag")
     repo = _exists(call)
     raw_path = call.param("path")
     if not raw_path:
-        raise RepoError(400, "path is required")
+        raise Refused(400, "path is required")
     path = _file_path(raw_path)
     _, sha = _resolve(call, repo, call.param("ref"), call.flag("ephemeral"), "ref")
     found = call.store.read_blob(repo, sha, path)
     if found is None:
-        raise RepoError(404, f"{path!r} is not a file at that ref")
+        raise Refused(404, f"{path!r} is not a file at that ref")
     blob, data, last = found
     etag = f'"{blob}"'
     headers = {"ETag": etag, "X-Blob-Sha": blob, "X-Last-Commit-Sha": last, "Accept-Ranges": "bytes"}
@@ -513,7 +513,7 @@ def get_file(call: Call) -> Reply:
 def _byte_range(value: str, size: int) -> tuple[int, int] | None:
     m = re.fullmatch(r"\s*bytes=([0-9]{0,15})-([0-9]{0,15})\s*", value)
     if not m or not (m.group(1) or m.group(2)):
-        raise RepoError(400, "Range must be one byte range (bytes=START-END); several ranges cannot be honoured by the dev server")
+        raise Refused(400, "Range must be one byte range (bytes=START-END); several ranges cannot be honoured by the dev server")
     if not m.group(1):
         n = int(m.group(2))
         return (max(0, size - n), size - 1) if n and size else None
@@ -525,7 +525,7 @@ def _byte_range(value: str, size: int) -> tuple[int, int] | None:
 def _file_path(path: str) -> str:
     parts = path.split("/")
     if len(path) > 4096 or "\0" in path or path.startswith("-") or any(p in ("", ".", "..") for p in parts):
-        raise RepoError(400, f"path {path[:100]!r} is not a repository-relative file path")
+        raise Refused(400, f"path {path[:100]!r} is not a repository-relative file path")
     return path
 
 
@@ -596,17 +596,11 @@ _VERSIONLESS = re.compile(r"^/api/repos(?:/(?P<id>[A-Za-z0-9._~%-]{1,600})(?:/(?
 _V1 = re.compile(r"^/api/v1/(?P<rest>[a-z/-]{1,100})$")
 
 
-class NotFound(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
 def route(method: str, path: str) -> tuple[Endpoint, str | None]:
     """The endpoint for `method path`, and the repository id the path names (versionless).
 
-    NotFound(404) for a path Code Storage does not have, NotFound(405) for a known path
-    with another method, RepoError(400) for an id that is not one.
+    Refused(404) for a path Code Storage does not have, Refused(405) for a known path
+    with another method, Refused(400) for an id that is not one.
     """
     m = _V1.match(path)
     if m:
@@ -615,7 +609,7 @@ def route(method: str, path: str) -> tuple[Endpoint, str | None]:
     else:
         m = _VERSIONLESS.match(path)
         if not m:
-            raise NotFound(404, f"no such endpoint: {method} {path[:100]}")
+            raise Refused(404, f"no such endpoint: {method} {path[:100]}")
         raw_id, rest = m.group("id"), m.group("rest")
         if raw_id is None:
             candidates = [e for e in ENDPOINTS if e.path is None]
@@ -624,22 +618,22 @@ def route(method: str, path: str) -> tuple[Endpoint, str | None]:
             candidates = [e for e in ENDPOINTS if e.path is not None and e.matches_versionless(rest or "")]
             path_repo = _decode_id(raw_id)
     if not candidates:
-        raise NotFound(404, f"no such endpoint: {method} {path[:100]}")
+        raise Refused(404, f"no such endpoint: {method} {path[:100]}")
     for e in candidates:
         if e.method == method:
             return e, path_repo
     allowed = ", ".join(sorted({e.method for e in candidates}))
-    raise NotFound(405, f"{method} is not allowed on {path[:100]} (allowed: {allowed})")
+    raise Refused(405, f"{method} is not allowed on {path[:100]} (allowed: {allowed})")
 
 
 def _decode_id(raw: str) -> str:
     if re.search(r"%(?![0-9A-Fa-f]{2})", raw):
-        raise RepoError(400, "malformed percent-encoding in the repository id")
+        raise Refused(400, "malformed percent-encoding in the repository id")
     try:
         repo = unquote(raw, errors="strict")
     except UnicodeDecodeError:
-        raise RepoError(400, "the repository id is not UTF-8 once decoded") from None
+        raise Refused(400, "the repository id is not UTF-8 once decoded") from None
     try:
         return check_repo_id(repo)
     except ConfigError:
-        raise RepoError(400, f"{repo[:200]!r} is not a repository id") from None
+        raise Refused(400, f"{repo[:200]!r} is not a repository id") from None

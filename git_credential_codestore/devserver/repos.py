@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .. import git
 from ..config import validate_repo_id
-from ..errors import CodestoreError, ConfigError, GitError
+from ..errors import ConfigError, GitError, Refused
 
 EPHEMERAL_NS = "ephemeral"
 EPHEMERAL_PREFIX = f"refs/namespaces/{EPHEMERAL_NS}/"
@@ -31,14 +31,6 @@ NAMESPACES = (EPHEMERAL_NS, IMPORT_NS)
 META_FILE = "codestore.json"
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _SHA = re.compile(r"^[0-9a-f]{4,64}$")  # a full or abbreviated commit id
-
-
-class RepoError(CodestoreError):
-    """A repository operation refused, with the HTTP status that says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def check_repo_id(repo: str) -> str:
@@ -63,7 +55,7 @@ def check_branch(name: str, what: str) -> str:
         or "/." in name
         or "@{" in name
     ):
-        raise RepoError(400, f"{what} {str(name)[:100]!r} is not a valid branch name")
+        raise Refused(400, f"{what} {str(name)[:100]!r} is not a valid branch name")
     return name
 
 
@@ -101,7 +93,7 @@ class RepoStore:
         parent = os.path.dirname(final)
         os.makedirs(parent, exist_ok=True)
         if os.path.exists(final):
-            raise RepoError(409, f"repository {repo!r} already exists")
+            raise Refused(409, f"repository {repo!r} already exists")
         tmp = tempfile.mkdtemp(prefix=".creating-", dir=parent)
         try:
             git.run(["init", "--quiet", "--bare", f"--initial-branch={default_branch}", tmp], env=self.env)
@@ -124,7 +116,7 @@ class RepoStore:
                 os.rename(tmp, final)
             except OSError:
                 # Someone created it between our check and the rename.
-                raise RepoError(409, f"repository {repo!r} already exists") from None
+                raise Refused(409, f"repository {repo!r} already exists") from None
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -198,14 +190,14 @@ class RepoStore:
     def delete(self, repo: str) -> None:
         """Rename out of the way, then remove: no request ever sees half a repository."""
         if not self.exists(repo):
-            raise RepoError(404, f"repository {repo!r} does not exist")
+            raise Refused(404, f"repository {repo!r} does not exist")
         final = self.path(repo)
         doomed = tempfile.mkdtemp(prefix=".deleting-", dir=self.root)
         try:
             os.rename(final, os.path.join(doomed, "repo.git"))
         except OSError:
             os.rmdir(doomed)
-            raise RepoError(404, f"repository {repo!r} does not exist") from None
+            raise Refused(404, f"repository {repo!r} does not exist") from None
         shutil.rmtree(doomed, ignore_errors=True)
 
     def branches(self, repo: str, ephemeral: bool) -> list[tuple[str, str, int]]:

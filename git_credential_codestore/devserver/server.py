@@ -26,12 +26,12 @@ from typing import BinaryIO
 from urllib.parse import parse_qsl
 
 from .. import git
-from ..errors import CodestoreError, ConfigError, redact
+from ..errors import CodestoreError, ConfigError, Refused, redact
 from ..tokens import Claims, PublicKey
 from . import api
-from .auth import REALM, AuthFailure, authenticate, authorize_git, require_scope
+from .auth import REALM, authenticate, authorize_git, require_scope
 from .hooks import POLICY_ENV
-from .repos import EPHEMERAL_NS, RepoError, RepoStore, check_repo_id
+from .repos import EPHEMERAL_NS, RepoStore, check_repo_id
 
 MAX_JSON_BODY = 64 * 1024
 MAX_CHUNK_LINE = 1024
@@ -66,15 +66,6 @@ _GIT_PROTOCOL = re.compile(r"^[A-Za-z0-9=:._-]{1,256}$")
 _CONTENT_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+/ ;=-]{1,200}$")
 # ASCII digits only: `str.isdigit` also accepts `²` and `٣`, which `int()` then rejects.
 _LENGTH = re.compile(r"^[0-9]{1,18}$")
-
-
-class HttpError(Exception):
-    """A one-line refusal (4xx/5xx) decided before any response was started."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = redact(" ".join(reason.split()))[:300]
 
 
 @dataclass
@@ -123,7 +114,7 @@ class ChunkedReader(io.RawIOBase):
     def _line(self) -> bytes:
         line = self.raw.readline(MAX_CHUNK_LINE)
         if not line.endswith(b"\n"):
-            raise HttpError(400, "malformed chunked body")
+            raise Refused(400, "malformed chunked body")
         return line
 
     def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
@@ -134,9 +125,9 @@ class ChunkedReader(io.RawIOBase):
             try:
                 self.left = int(size, 16)
             except ValueError:
-                raise HttpError(400, "malformed chunk size") from None
+                raise Refused(400, "malformed chunk size") from None
             if self.left < 0:
-                raise HttpError(400, "malformed chunk size")
+                raise Refused(400, "malformed chunk size")
             if self.left == 0:
                 while self._line().strip():  # trailers, up to the empty line
                     pass
@@ -144,10 +135,10 @@ class ChunkedReader(io.RawIOBase):
                 return 0
         n = self.raw.readinto(memoryview(buf)[: min(len(buf), self.left)])  # type: ignore[attr-defined]
         if not n:
-            raise HttpError(400, "request body ended early")
+            raise Refused(400, "request body ended early")
         self.left -= n
         if self.left == 0 and self._line().strip():
-            raise HttpError(400, "malformed chunked body")
+            raise Refused(400, "malformed chunked body")
         return n
 
 
@@ -164,7 +155,7 @@ class LengthReader(io.RawIOBase):
             return 0
         n = self.raw.readinto(memoryview(buf)[: min(len(buf), self.left)])  # type: ignore[attr-defined]
         if not n:
-            raise HttpError(400, "request body ended early")
+            raise Refused(400, "request body ended early")
         self.left -= n
         return n
 
@@ -245,16 +236,14 @@ class Handler(BaseHTTPRequestHandler):
             self._framing()
             self.body_consumed = self.command in ("GET", "HEAD") and not self._has_body()
             self._dispatch(raw_path, query)
-        except AuthFailure as e:
-            self._note_claims(e.claims)
+        except Refused as e:
+            self._note_claims(e.claims)  # type: ignore[arg-type]
             headers = {}
             if e.status == 401:
                 # git needs the Basic challenge to ask its credential helper.
                 scheme = "Bearer" if self.entry.get("api") else "Basic"
                 headers["WWW-Authenticate"] = f'{scheme} realm="{REALM}"'
             self._refuse(e.status, e.reason, headers)
-        except (HttpError, RepoError) as e:
-            self._refuse(e.status, getattr(e, "reason", None) or str(e))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             self.entry["reason"] = self.entry["reason"] or "client went away"
@@ -288,20 +277,20 @@ class Handler(BaseHTTPRequestHandler):
         encodings = self.headers.get_all("Transfer-Encoding") or []
         self.body_length: int | None = 0
         if len(lengths) > 1:
-            raise HttpError(400, "conflicting Content-Length headers")
+            raise Refused(400, "conflicting Content-Length headers")
         if len(encodings) > 1:
-            raise HttpError(400, "more than one Transfer-Encoding header")
+            raise Refused(400, "more than one Transfer-Encoding header")
         if lengths and encodings:
-            raise HttpError(400, "both Content-Length and Transfer-Encoding sent")
+            raise Refused(400, "both Content-Length and Transfer-Encoding sent")
         if encodings:
             te = encodings[0].strip().lower()
             if te != "chunked":
-                raise HttpError(501, f"transfer encoding {te[:40]!r} is not supported")
+                raise Refused(501, f"transfer encoding {te[:40]!r} is not supported")
             self.body_length = None
         elif lengths:
             (length,) = lengths
             if not _LENGTH.match(length):
-                raise HttpError(400, f"bad Content-Length {length[:20]!r}: want a decimal number of bytes")
+                raise Refused(400, f"bad Content-Length {length[:20]!r}: want a decimal number of bytes")
             self.body_length = int(length)
 
     def _has_body(self) -> bool:
@@ -368,19 +357,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, path: str, query: str) -> None:
         if not path.startswith("/") or len(path) > 1024:
-            raise HttpError(400, "bad request target")
+            raise Refused(400, "bad request target")
         if path == "/api" or path.startswith("/api/"):
             self.entry["api"] = True
-            try:
-                endpoint, path_repo = api.route(self.command, path)
-            except api.NotFound as e:
-                raise HttpError(e.status, e.reason) from None
+            endpoint, path_repo = api.route(self.command, path)
             return self._api(endpoint, path_repo, path, query)
         for method, pattern, service in GIT_ROUTES:
             m = pattern.match(path)
             if m and self.command == method:
                 return self._git(m.group("repo"), m.group("ns"), service, query)
-        raise HttpError(404, "not found: this server speaks only Git smart HTTP and /api/")
+        raise Refused(404, "not found: this server speaks only Git smart HTTP and /api/")
 
     def _git(self, repo: str, namespace: str | None, service: str | None, query: str) -> None:
         state = self.server.state
@@ -389,11 +375,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             check_repo_id(repo)
         except ConfigError as e:
-            raise HttpError(404, str(e)) from None
+            raise Refused(404, str(e)) from None
         if service is None:
             params = parse_qsl(query, keep_blank_values=True)
             if len(params) != 1 or params[0][0] != "service" or params[0][1] not in SERVICES:
-                raise HttpError(404, "only the smart protocol is served: want ?service=git-upload-pack or git-receive-pack")
+                raise Refused(404, "only the smart protocol is served: want ?service=git-upload-pack or git-receive-pack")
             service = params[0][1]
             suffix, cgi_query = "/info/refs", f"service={service}"
         else:
@@ -404,7 +390,7 @@ class Handler(BaseHTTPRequestHandler):
         self._note_claims(claims)
         authorize_git(claims, repo, service)
         if not state.store.exists(repo):
-            raise HttpError(404, f"repository {repo!r} does not exist; create it with: codestore repo create {repo}")
+            raise Refused(404, f"repository {repo!r} does not exist; create it with: codestore repo create {repo}")
         self._run_cgi(repo, namespace, suffix, cgi_query, claims)
 
     # ---- CGI --------------------------------------------------------------------------
@@ -436,7 +422,7 @@ class Handler(BaseHTTPRequestHandler):
         encoding = self.headers.get("Content-Encoding")
         if encoding:
             if encoding.strip().lower() not in ("gzip", "x-gzip", "identity"):
-                raise HttpError(415, f"content encoding {encoding[:20]!r} is not supported")
+                raise Refused(415, f"content encoding {encoding[:20]!r} is not supported")
             env["HTTP_CONTENT_ENCODING"] = encoding.strip().lower()
         proto = self.headers.get("Git-Protocol")
         if proto and _GIT_PROTOCOL.match(proto):
@@ -453,7 +439,7 @@ class Handler(BaseHTTPRequestHandler):
                 cwd=state.store.root,
             )
         except OSError as e:
-            raise HttpError(500, f"cannot run git http-backend: {e.strerror}") from None
+            raise Refused(500, f"cannot run git http-backend: {e.strerror}") from None
         assert proc.stdin and proc.stdout and proc.stderr
         feeder = _Feeder(body, proc.stdin)
         errors = _Drain(proc.stderr)
@@ -497,7 +483,7 @@ class Handler(BaseHTTPRequestHandler):
         while True:
             line = out.readline(8192)
             if not line:
-                raise HttpError(500, f"git http-backend failed: {errors.wait_last_line() or 'no output'}")
+                raise Refused(500, f"git http-backend failed: {errors.wait_last_line() or 'no output'}")
             line = line.rstrip(b"\r\n")
             if not line:
                 break
@@ -515,7 +501,7 @@ class Handler(BaseHTTPRequestHandler):
             # its own words (stderr) over a bare status.
             text = out.read(IO_SIZE).decode("utf-8", "replace").strip().splitlines()
             why = errors.wait_last_line() if status >= 500 or not text else text[-1]
-            raise HttpError(status, f"git http-backend failed: {why or reason or status}")
+            raise Refused(status, f"git http-backend failed: {why or reason or status}")
         self.entry["status"] = status
         chunked = length is None and self.request_version == "HTTP/1.1"
         if length is None and not chunked:
@@ -555,22 +541,22 @@ class Handler(BaseHTTPRequestHandler):
             # Whatever the body holds (a commit pack is not JSON), the answer is the same;
             # it is left unread and the connection closed after the answer.
             self._note_claims(authenticate(self.headers.get("Authorization"), state.keys, state.org))
-            raise HttpError(501, f"{endpoint.name} ({endpoint.method} {path[:100]}) is not implemented by codestore dev-server; see docs/dev-server.md")
+            raise Refused(501, f"{endpoint.name} ({endpoint.method} {path[:100]}) is not implemented by codestore dev-server; see docs/dev-server.md")
         body: dict[str, object] = {}
         if self._has_body():
             data = _read_upto(self._body_reader(), MAX_JSON_BODY + 1)
             if len(data) > MAX_JSON_BODY:
-                raise HttpError(413, f"request body larger than {MAX_JSON_BODY // 1024} KiB")
+                raise Refused(413, f"request body larger than {MAX_JSON_BODY // 1024} KiB")
             self.body_consumed = True
             if data.strip():
                 if self.command in ("GET", "HEAD"):
-                    raise HttpError(400, f"a {self.command} request carries no body")
+                    raise Refused(400, f"a {self.command} request carries no body")
                 try:
                     parsed = json.loads(data)
                 except ValueError:
-                    raise HttpError(400, "request body is not JSON") from None
+                    raise Refused(400, "request body is not JSON") from None
                 if not isinstance(parsed, dict):
-                    raise HttpError(400, "request body must be a JSON object")
+                    raise Refused(400, "request body must be a JSON object")
                 body = parsed
         self.body_consumed = True
         claims = authenticate(self.headers.get("Authorization"), state.keys, state.org)
@@ -582,13 +568,13 @@ class Handler(BaseHTTPRequestHandler):
             # The token says which repository may be touched; a versionless path only
             # says which one the caller means, and must agree.
             if not claims.repo:
-                raise AuthFailure(401, f"{endpoint.name} needs a token for one repository; this one names none (org-wide)", claims)
+                raise Refused(401, f"{endpoint.name} needs a token for one repository; this one names none (org-wide)", claims)
             if path_repo is not None and path_repo != claims.repo:
-                raise AuthFailure(403, f"wrong repo: token is for repository {claims.repo[:200]!r}, not {path_repo[:200]!r}", claims)
+                raise Refused(403, f"wrong repo: token is for repository {claims.repo[:200]!r}, not {path_repo[:200]!r}", claims)
             try:
                 check_repo_id(claims.repo)
             except ConfigError as e:
-                raise HttpError(400, str(e)) from None
+                raise Refused(400, str(e)) from None
         if body.get("target_is_ephemeral") is True or body.get("ephemeral") is True or "ephemeral=true" in query:
             self.entry["ephemeral"] = True
         call = api.Call(
@@ -621,7 +607,7 @@ class _Feeder(threading.Thread):
                     self.complete = True
                     break
                 self.sink.write(view[:n])
-        except HttpError as e:
+        except Refused as e:
             self.error = e.reason
         except BrokenPipeError:
             self.error = "http-backend stopped reading the request body"
