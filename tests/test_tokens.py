@@ -149,26 +149,6 @@ def test_non_p256_curves_are_refused() -> None:
         mint(ec.generate_private_key(ec.SECP384R1()))
 
 
-@pytest.mark.parametrize(
-    "text,expected",
-    [
-        ("refs/heads/main=no-push", [("refs/heads/main", ["no-push"])]),
-        ("refs/heads/main=no-push;refs/heads/f/*=no-force-push", [("refs/heads/main", ["no-push"]), ("refs/heads/f/*", ["no-force-push"])]),
-        # Code Storage's short forms: a branch name means refs/heads/NAME; `*` is every ref.
-        ("main=no-push", [("refs/heads/main", ["no-push"])]),
-        ("feat/*=no-force-push;*=no-push", [("refs/heads/feat/*", ["no-force-push"]), ("*", ["no-push"])]),
-    ],
-)
-def test_ref_policies_parse_from_the_command_line_form(text: str, expected: list) -> None:  # type: ignore[type-arg]
-    assert tokens.parse_ref_policy(text) == expected
-
-
-@pytest.mark.parametrize("text", ["refs/heads/*/x=no-push", "refs/heads/main=delete-all", "refs/heads/main", "=no-push"])
-def test_bad_ref_policies_are_refused(text: str) -> None:
-    with pytest.raises(TokenError):
-        tokens.parse_ref_policy(text)
-
-
 def test_tokens_minted_by_the_official_sdk_verify_like_ours() -> None:
     from pierre_storage.auth import generate_jwt
 
@@ -212,3 +192,20 @@ def test_a_token_without_a_repo_claim_verifies_with_an_empty_repo() -> None:
     now = int(time.time())
     t = pyjwt.encode({"iss": "acme", "scopes": ["org:read"], "iat": now, "exp": now + 60}, key, algorithm="ES256")
     assert tokens.verify(t, {"k": key.public_key()}, org="acme").repo == ""
+
+
+def test_verify_reads_code_storages_short_names_and_the_legacy_ops_claim() -> None:
+    # Tokens from the official SDK may use `main` for refs/heads/main, and its deprecated
+    # top-level `ops`, which means a catch-all rule after any `refs` rules.
+    key = keys.generate("ec")
+    now = int(time.time())
+    claims = {"iss": "acme", "sub": "sdk", "repo": "team/app", "scopes": ["git:write"], "iat": now, "exp": now + 60,
+              "refs": [["main", ["no-push"]]], "ops": ["no-force-push"]}
+    t = jwt.encode(claims, key, algorithm="ES256")
+    assert tokens.verify(t, {"k1": key.public_key()}, org="acme").refs == [("refs/heads/main", ["no-push"]), ("*", ["no-force-push"])]
+
+
+def test_minted_ref_rules_are_written_in_full() -> None:
+    key = keys.generate("ec")
+    t = mint(key, refs=[("main", ["no-push"]), ("*", [])]).reveal()
+    assert tokens.verify(t, {"k1": key.public_key()}, org="acme").refs == [("refs/heads/main", ["no-push"]), ("*", [])]

@@ -26,7 +26,7 @@ anything, then checks the scope below, then the repository):
 - Commits, the branch diff, files (git:read): read-only views of what a clone shows.
 - In the versionless form the path's repository must be the claim's (403 otherwise): the
   path only says which repository the caller means, the token says which it may touch.
-- Ids in the path are decoded once and then must pass `check_repo_id`: an encoded `..`
+- Ids in the path are decoded once and then must pass `vocab.validate_repo_id`: an encoded `..`
   or `/` cannot reach another directory, and `%25` cannot smuggle a second decoding.
 """
 
@@ -41,8 +41,8 @@ from urllib.parse import unquote
 from ..errors import ConfigError, Refused, TokenError
 from ..tokens import Claims, PublicKey, verify
 from .auth import require_scope
-from .hooks import ops_for
-from .repos import RepoStore, check_branch, check_repo_id
+from ..vocab import ref_ops, validate_repo_id
+from .repos import RepoStore, check_branch
 
 Json = dict[str, object]
 
@@ -159,7 +159,7 @@ def _resolve(call: Call, repo: str, ref: str | None, ephemeral: bool, what: str)
 
 
 def _policy_refuses(claims: Claims, ref: str, forced: bool) -> str | None:
-    ops = ops_for(claims.refs, ref)
+    ops = ref_ops(claims.refs, ref)
     if "no-push" in ops:
         return f"{ref}: the token's ref policy forbids pushing to it (no-push)"
     if forced and "no-force-push" in ops:
@@ -176,7 +176,7 @@ def create_repo(call: Call) -> Reply:
         if key in call.body and call.body[key] != call.repo:
             raise Refused(403, f"wrong repo: token is for repository {call.repo[:200]!r}, not {str(call.body[key])[:200]!r}", call.claims)
     try:
-        repo = check_repo_id(call.repo)
+        repo = validate_repo_id(call.repo)
     except ConfigError as e:
         raise Refused(400, str(e)) from None
     if call.body.get("initial_commit") is not None:
@@ -220,7 +220,7 @@ def _fork(call: Call, repo: str, base: object, branch: str | None) -> Reply:
         raise Refused(403, f"base_repo.auth.token is for repository {source_claims.repo[:200]!r}, not {source[:200]!r}", call.claims)
     require_scope(source_claims, "git:read")
     try:
-        check_repo_id(source)
+        validate_repo_id(source)
     except ConfigError as e:
         raise Refused(400, str(e)) from None
     if not call.store.exists(source):
@@ -634,6 +634,6 @@ def _decode_id(raw: str) -> str:
     except UnicodeDecodeError:
         raise Refused(400, "the repository id is not UTF-8 once decoded") from None
     try:
-        return check_repo_id(repo)
+        return validate_repo_id(repo)
     except ConfigError:
         raise Refused(400, f"{repo[:200]!r} is not a repository id") from None

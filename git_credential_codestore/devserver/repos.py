@@ -18,31 +18,18 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from .. import git
-from ..config import validate_repo_id
-from ..errors import ConfigError, GitError, Refused
+from ..errors import GitError, Refused
+from ..vocab import SUFFIXES, validate_repo_id
 
 EPHEMERAL_NS = "ephemeral"
 EPHEMERAL_PREFIX = f"refs/namespaces/{EPHEMERAL_NS}/"
 # `{repo}+import.git` (the SDK's `get_import_remote_url`): a second namespace inside the
 # same repository, served exactly like `+ephemeral` (same token, shared objects, refs of
 # its own). Code Storage does not document it beyond "points to import namespace".
-IMPORT_NS = "import"
-NAMESPACES = (EPHEMERAL_NS, IMPORT_NS)
+NAMESPACES = tuple(suffix[1:] for suffix in SUFFIXES)  # ("ephemeral", "import")
 META_FILE = "codestore.json"
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _SHA = re.compile(r"^[0-9a-f]{4,64}$")  # a full or abbreviated commit id
-
-
-def check_repo_id(repo: str) -> str:
-    """`config.validate_repo_id`, plus: no path component may end in `.git`.
-
-    Without that rule `a.git/objects` would be a valid id stored *inside* repository
-    `a`'s directory.
-    """
-    validate_repo_id(repo)
-    if any(part.endswith(".git") for part in repo.split("/")):
-        raise ConfigError(f"{repo!r} is not a repository id (no path component may end in .git)")
-    return repo
 
 
 def check_branch(name: str, what: str) -> str:
@@ -73,7 +60,7 @@ class RepoStore:
         os.makedirs(root, exist_ok=True)
 
     def path(self, repo: str) -> str:
-        return os.path.join(self.root, *check_repo_id(repo).split("/")) + ".git"
+        return os.path.join(self.root, *validate_repo_id(repo).split("/")) + ".git"
 
     def exists(self, repo: str) -> bool:
         p = self.path(repo)

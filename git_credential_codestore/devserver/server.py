@@ -28,10 +28,11 @@ from urllib.parse import parse_qsl
 from .. import git
 from ..errors import CodestoreError, ConfigError, Refused, redact
 from ..tokens import Claims, PublicKey
+from ..vocab import SUFFIXES, validate_repo_id
 from . import api
 from .auth import REALM, authenticate, authorize_git, require_scope
 from .hooks import POLICY_ENV
-from .repos import EPHEMERAL_NS, RepoStore, check_repo_id
+from .repos import EPHEMERAL_NS, RepoStore
 
 MAX_JSON_BODY = 64 * 1024
 MAX_CHUNK_LINE = 1024
@@ -50,11 +51,12 @@ IO_SIZE = 64 * 1024
 #   `+ephemeral` or `+import` suffix the pattern itself recognises (each a namespace of
 #   the same repository, reached with the base repository's token), no `\`. `..`, `.`, empty
 #   components (`//`) and components ending in `.git` are then refused by
-#   `check_repo_id` rather than cleaned up, so one repository's path can never name
-#   another's directory or a file inside it.
+#   `vocab.validate_repo_id` (the one validator) rather than cleaned up, so one
+#   repository's path can never name another's directory or a file inside it.
 # - The repository id is matched non-greedily up to the first `.git/` that is followed
 #   by a known endpoint, and `.git` cannot end any component, so the split is unique.
-_REPO = r"(?P<repo>[A-Za-z0-9][A-Za-z0-9._/-]*?)(?:\+(?P<ns>ephemeral|import))?\.git"
+_NAMESPACES = "|".join(re.escape(suffix[1:]) for suffix in SUFFIXES)  # ephemeral|import
+_REPO = rf"(?P<repo>[A-Za-z0-9][A-Za-z0-9._/-]*?)(?:\+(?P<ns>{_NAMESPACES}))?\.git"
 GIT_ROUTES: list[tuple[str, re.Pattern[str], str | None]] = [
     ("GET", re.compile(rf"^/{_REPO}/info/refs$"), None),  # service from the query
     ("POST", re.compile(rf"^/{_REPO}/git-upload-pack$"), "git-upload-pack"),
@@ -373,7 +375,7 @@ class Handler(BaseHTTPRequestHandler):
         self.entry["repo"], self.entry["ephemeral"] = repo, namespace == EPHEMERAL_NS
         self.entry["namespace"] = namespace
         try:
-            check_repo_id(repo)
+            validate_repo_id(repo)
         except ConfigError as e:
             raise Refused(404, str(e)) from None
         if service is None:
@@ -572,7 +574,7 @@ class Handler(BaseHTTPRequestHandler):
             if path_repo is not None and path_repo != claims.repo:
                 raise Refused(403, f"wrong repo: token is for repository {claims.repo[:200]!r}, not {path_repo[:200]!r}", claims)
             try:
-                check_repo_id(claims.repo)
+                validate_repo_id(claims.repo)
             except ConfigError as e:
                 raise Refused(400, str(e)) from None
         if body.get("target_is_ephemeral") is True or body.get("ephemeral") is True or "ephemeral=true" in query:
