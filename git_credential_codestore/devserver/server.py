@@ -545,6 +545,9 @@ class Handler(BaseHTTPRequestHandler):
             self._note_claims(authenticate(self.headers.get("Authorization"), state.keys, state.org))
             raise Refused(501, f"{endpoint.name} ({endpoint.method} {path[:100]}) is not implemented by codestore dev-server; see docs/dev-server.md")
         body: dict[str, object] = {}
+        if self.body_length is not None and self.body_length > MAX_JSON_BODY:
+            # Refused before reading: a declared length alone must not hold a thread.
+            raise Refused(413, f"request body larger than {MAX_JSON_BODY // 1024} KiB")
         if self._has_body():
             data = _read_upto(self._body_reader(), MAX_JSON_BODY + 1)
             if len(data) > MAX_JSON_BODY:
