@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from git_credential_codestore import keys, tokens  # noqa: E402
+from git_credential_codestore.processes import start_dev_server, stop  # noqa: E402
 
 ORG = "bench"
 
@@ -48,15 +49,11 @@ def main() -> int:
             "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@example", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@example",
         }
         open(env["GIT_CONFIG_GLOBAL"], "w").close()
-        proc = subprocess.Popen(
-            [os.path.join(BIN, "codestore"), "dev-server", "--port", "0", "--data-dir", os.path.join(tmp, "srv"),
-             "--org", ORG, "--trust-key", key_path],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True, env=env,
+        proc, url = start_dev_server(
+            ["--port", "0", "--data-dir", os.path.join(tmp, "srv"), "--org", ORG, "--trust-key", key_path],
+            env=env, program=[os.path.join(BIN, "codestore")],
         )
         try:
-            assert proc.stdout is not None
-            url = proc.stdout.readline().split("serving ", 1)[1].split()[0]
-
             def tok(scopes: list[str], repo: str = "b/app") -> str:
                 return tokens.mint(key, org=ORG, repo=repo, scopes=scopes, ttl=600, sub="bench").reveal()
 
@@ -87,8 +84,7 @@ def main() -> int:
             out = {k: round(statistics.median(v), 1) for k, v in results.items()}
             print(json.dumps({"median_ms": out, "runs": args.runs}))
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            stop(proc)
     return 0
 
 
