@@ -98,10 +98,6 @@ def repo_with_branches(dev_server: DevServer, tmp_path: Path, monkeypatch: pytes
     git("commit", "-qm", "f", cwd=w)
     git("push", "-q", f"codestore://{ORG}/{REPO}", "main", cwd=w)
     git("push", "-q", f"codestore://{ORG}/{REPO}+ephemeral", "main:refs/heads/feat", cwd=w)
-    status, _ = dev_server.api("GET", "/api/v1/repos/branches", dev_server.token(REPO, ["git:read"]))
-    if status == 404:
-        # Until branch devsrv (issue 10 part 1) lands on main; then these run. Reported as skipped.
-        pytest.skip("this dev server does not serve GET /api/v1/repos/branches yet")
     return dev_server, git("rev-parse", "HEAD", cwd=w).stdout.strip()
 
 
