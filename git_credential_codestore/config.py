@@ -13,6 +13,12 @@ The environment names are a contract with users and tests:
     CODESTORE_EPHEMERAL_SCOPES  scopes for the +ephemeral namespace (default: CODESTORE_SCOPES)
     CODESTORE_SUB               the `sub` claim (default codestore@<hostname>)
     CODESTORE_CONFIG            path of the TOML file itself
+    CODESTORE_DEBUG             trace each credential request to stderr (never a secret)
+
+The official `git-credential-code-storage` reads PIERRE_PRIVATE_KEY,
+PIERRE_PRIVATE_KEY_FILE, PIERRE_TOKEN_TTL and PIERRE_DEBUG: each is accepted where its
+CODESTORE_* name is unset (`getenv`, the one reader of these names), so an image moving
+from it keeps working.
 
 The file holds the same settings in lower case, plus per-repository rules:
 
@@ -38,6 +44,32 @@ MAX_TTL = 3600
 MIN_TTL = 30
 KNOWN_SCOPES = ("git:read", "git:write", "repo:write", "org:read")
 EPHEMERAL_SUFFIX = "+ephemeral"
+
+
+# Our name -> the official helper's name for the same setting (see the module docstring).
+OFFICIAL_NAMES = {
+    "CODESTORE_PRIVATE_KEY": "PIERRE_PRIVATE_KEY",
+    "CODESTORE_PRIVATE_KEY_FILE": "PIERRE_PRIVATE_KEY_FILE",
+    "CODESTORE_TTL": "PIERRE_TOKEN_TTL",
+    "CODESTORE_DEBUG": "PIERRE_DEBUG",
+}
+
+
+def getenv(env: Mapping[str, str], name: str) -> str:
+    """The value of CODESTORE_* `name`, else of the official helper's name for it, else ""."""
+    value = env.get(name, "")
+    if not value.strip() and name in OFFICIAL_NAMES:
+        value = env.get(OFFICIAL_NAMES[name], "")
+    return value
+
+
+def env_name(env: Mapping[str, str], name: str) -> str:
+    """Which variable `getenv` took the value from, for messages that say what to fix."""
+    return name if env.get(name, "").strip() or name not in OFFICIAL_NAMES else OFFICIAL_NAMES[name]
+
+
+def debug_enabled(env: Mapping[str, str]) -> bool:
+    return getenv(env, "CODESTORE_DEBUG").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def config_path(env: Mapping[str, str] | None = None) -> str:
@@ -113,9 +145,41 @@ def split_url(url: str) -> SplitURL:
     return SplitURL(scheme.lower(), netloc, slash + path, query, fragment)
 
 
+def percent_decode(text: str) -> str:
+    """`team%2Fapp` -> `team/app`, as Code Storage reads repository ids in URL paths.
+
+    UTF-8 %XX escapes only (no `+` for space: this is a path). A malformed escape is
+    an error, not literal text. Not urllib.parse: its import is a cost every git
+    request would pay.
+    """
+    if "%" not in text:
+        return text
+    out, i = bytearray(), 0
+    raw = text.encode("utf-8")
+    while i < len(raw):
+        if raw[i] == 0x25:  # %
+            pair = raw[i + 1 : i + 3]
+            if len(pair) != 2 or any(c not in b"0123456789abcdefABCDEF" for c in pair):
+                raise ConfigError(f"{text!r} has a bad %-escape; write %XX with two hex digits")
+            out.append(int(pair, 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{text!r} does not decode to UTF-8 text") from None
+
+
 def split_repo_path(path: str) -> tuple[str, bool]:
-    """`team/app+ephemeral.git` -> ("team/app", True). Raises ConfigError on a bad id."""
-    repo = path.strip("/")
+    """`team/app+ephemeral.git` (or `team%2Fapp+ephemeral.git`) -> ("team/app", True).
+
+    The one place a URL path becomes a repository id. Escapes are decoded once, before
+    the suffixes are read and the id is validated, so an encoded `..`, `+` or `.git`
+    is judged exactly like a literal one. Raises ConfigError on a bad id.
+    """
+    repo = percent_decode(path.strip("/"))
     if repo.endswith(".git"):
         repo = repo[:-4]
     ephemeral = repo.endswith(EPHEMERAL_SUFFIX)
@@ -267,10 +331,13 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     unknown = set(raw) - set(_SETTINGS) - {"repos"}
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    sources = {k: path for k in values}
     for k in _SETTINGS:
-        v = env.get("CODESTORE_" + k.upper())
+        name = "CODESTORE_" + k.upper()
+        v = getenv(env, name)
         if v:
             values[k] = v
+            sources[k] = env_name(env, name)
     for k in ("org", "base_url", "api_url", "kid", "sub", "private_key_file"):
         if k in values and not isinstance(values[k], str):
             raise ConfigError(f"{path}: {k} must be a string")
@@ -300,7 +367,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         base_url_setting=values.get("base_url") or None,  # type: ignore[arg-type]
         api_url_setting=values.get("api_url") or None,  # type: ignore[arg-type]
         kid=values.get("kid") or None,  # type: ignore[arg-type]
-        ttl=parse_ttl(values["ttl"], "ttl") if "ttl" in values else DEFAULT_TTL,
+        ttl=parse_ttl(values["ttl"], sources["ttl"]) if "ttl" in values else DEFAULT_TTL,
         scopes=parse_scopes(values["scopes"], "scopes") if "scopes" in values else ("git:read",),
         ephemeral_scopes=parse_scopes(values["ephemeral_scopes"], "ephemeral_scopes")
         if "ephemeral_scopes" in values

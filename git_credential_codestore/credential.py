@@ -147,6 +147,14 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO
     if reply:
         stdout.write(("\n".join(reply) + "\n").encode())
     stderr.write(err.getvalue().encode())
+    from .config import debug_enabled
+
+    if debug_enabled(env):
+        # CODESTORE_DEBUG (or the official helper's PIERRE_DEBUG): what was asked and how
+        # it ended. Only protocol, host and path: never a password field or the token.
+        where = f"{fields.get('protocol', '?')}://{fields.get('host', '?')}/{fields.get('path', '')}"
+        outcome = "quit" if reply == ["quit=1"] else ("a token" if reply else "not this helper's host")
+        stderr.write(f"{PROG}: debug: get {where}: {outcome}\n".encode())
     # git ignores a helper's exit status; 0 keeps `quit=1` the only signal it acts on.
     return 0 if status in (0, 1) else status
 

@@ -10,7 +10,7 @@ import os
 from collections import namedtuple
 from collections.abc import Mapping, Sequence
 
-from .config import Config
+from .config import Config, getenv
 from .secrets import Token
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
@@ -102,9 +102,9 @@ class FallbackSource:
 
 def _key_file_present(cfg: Config, env: Mapping[str, str]) -> bool:
     """A key an agent could load, found without touching the keychain (that import is slow)."""
-    if env.get("CODESTORE_PRIVATE_KEY", "").strip():
+    if getenv(env, "CODESTORE_PRIVATE_KEY").strip():
         return True
-    path = env.get("CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
+    path = getenv(env, "CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
     if path:
         return os.path.exists(os.path.expanduser(path))
     from platformdirs import user_data_dir
