@@ -382,3 +382,9 @@ def test_every_image_recipe_installs_as_root_with_the_tested_command() -> None:
         before_install = text.split(f"RUN {RECIPE_INSTALL}")[0]
         assert f"RUN {RECIPE_INSTALL}" in text and "USER" not in before_install, dockerfile
         assert "GRANT" not in text, dockerfile  # Threat: a grant baked into an image layer
+
+
+def test_the_sandbox_docs_point_at_every_recipe_file() -> None:
+    docs = (ROOT / "docs" / "sandboxes.md").read_text()
+    for path in sorted(p for p in EXAMPLES.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        assert f"../{path.relative_to(ROOT)}" in docs or path.name == "Dockerfile" and "examples/docker/Dockerfile" in docs, path
