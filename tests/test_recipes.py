@@ -19,6 +19,7 @@ import os
 import re
 import runpy
 import stat
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,10 +252,11 @@ def run_recipe(path: Path) -> int:
     return 0
 
 
-def pushed_branch(scene: Scene) -> str:
+def pushed_branch(scene: Scene | DevServer) -> str:
+    server = scene.dev_server if isinstance(scene, Scene) else scene
     owner = dict(os.environ, GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="http.extraHeader",
-                 GIT_CONFIG_VALUE_0="Authorization: Bearer " + scene.dev_server.token(REPO, ["git:read"]))
-    return git("ls-remote", f"{scene.dev_server.url}/{REPO}+ephemeral.git", f"refs/heads/{BRANCH}", env=owner).stdout
+                 GIT_CONFIG_VALUE_0="Authorization: Bearer " + server.token(REPO, ["git:read"]))
+    return git("ls-remote", f"{server.url}/{REPO}+ephemeral.git", f"refs/heads/{BRANCH}", env=owner).stdout
 
 
 def assert_grant_only_in(scene: Scene, allowed: set[str]) -> None:
@@ -388,3 +390,84 @@ def test_the_sandbox_docs_point_at_every_recipe_file() -> None:
     docs = (ROOT / "docs" / "sandboxes.md").read_text()
     for path in sorted(p for p in EXAMPLES.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         assert f"../{path.relative_to(ROOT)}" in docs or path.name == "Dockerfile" and "examples/docker/Dockerfile" in docs, path
+
+
+FAKE_DOCKER = r'''#!/usr/bin/env python3
+"""`docker run` for tests/test_recipes.py: runs the container's command on this machine.
+
+What a container would give it: the image's PATH, only the -e variables, the --user,
+and the -v mounts (a container path in a variable or argument becomes the host path).
+The container's own filesystem is SIM_ROOT. Any other option is refused, so the recipe
+cannot use one this stand-in does not honour.
+"""
+import os, subprocess, sys
+
+args = sys.argv[1:]
+if not args or args[0] != "run":
+    sys.exit("fake docker: only `docker run` is simulated")
+env, mounts, user, i = {}, {}, None, 1
+while args[i].startswith("-"):
+    opt = args[i]
+    if opt == "--rm":
+        i += 1
+        continue
+    value = args[i + 1]
+    if opt == "--user":
+        user = value
+    elif opt == "-v":
+        src, dst = value.split(":")[:2]
+        mounts[dst] = src
+    elif opt == "-e":
+        k, _, v = value.partition("=")
+        env[k] = v
+    else:
+        sys.exit(f"fake docker: unsupported option {opt}")
+    i += 2
+cmd = args[i + 1:]
+root = os.environ["SIM_ROOT"]
+def local(text):
+    for dst, src in mounts.items():
+        if dst in text:
+            return text.replace(dst, src)
+    return root + text if text.startswith("/tmp/") else text
+env = {k: local(v) for k, v in env.items()}
+env["PATH"] = os.environ["SIM_IMAGE_PATH"]
+for k, v in os.environ.items():
+    if k.startswith("SIM_ENV_"):
+        env[k[len("SIM_ENV_"):]] = v
+uid, gid = (int(x) for x in user.split(":"))
+sys.exit(subprocess.run([local(c) for c in cmd], env=env, user=uid, group=gid, extra_groups=[] if os.geteuid() == 0 else None).returncode)
+'''
+
+
+def test_docker_recipe_runs_with_a_grant_socket_and_revokes_the_grant(
+    image: Image, sandbox_base: Path, dev_server: DevServer, agent: Agent, tmp_path: Path
+) -> None:
+    # Docker itself is not here: a stand-in `docker run` (above) runs the container's
+    # command as the --user the recipe asks for (your uid: the grant socket is 0600 and
+    # yours; here the agent's owner is this test's user), with only the -e variables.
+    dev_server.create_repo(REPO)
+    bin_dir = tmp_path / "docker-bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    sim_root = sandbox_base / "container"
+    (sim_root / "tmp").mkdir(parents=True)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SIM_ROOT=str(sim_root),
+               SIM_IMAGE_PATH=f"{image.bin_dir}:/usr/bin:/bin", SIM_ENV_CODESTORE_BASE_URL=dev_server.url,
+               CODESTORE_REPO=f"acme/{REPO}", CODESTORE_BRANCH=BRANCH)
+    env.pop("CODESTORE_PRIVATE_KEY_FILE")  # the recipe's host side needs the agent, not the key
+    proc = subprocess.run(["sh", str(EXAMPLES / "docker" / "run.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "pushed" in proc.stdout and BRANCH in proc.stdout
+    assert BRANCH in pushed_branch(dev_server)
+    grants = json.loads(agent.cli("grant", "list", "--json").stdout)
+    assert [g["state"] for g in grants] == ["revoked"]  # the trap revoked it when the container ended
+    mints = [e for e in agent.audit() if e["event"] == "mint"]
+    assert mints and {e["via"] for e in mints} == {"grant-socket"}  # the socket was the grant
+
+    # A failing container fails the recipe, and the grant is still revoked.
+    env["SIM_ENV_CODESTORE_BASE_URL"] = "http://127.0.0.1:9"
+    failed = subprocess.run(["sh", str(EXAMPLES / "docker" / "run.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    assert all(g["state"] == "revoked" for g in json.loads(agent.cli("grant", "list", "--json").stdout))
