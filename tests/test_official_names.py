@@ -73,7 +73,7 @@ def test_pierre_debug_traces_each_request_without_the_token(org_key: OrgKey) -> 
     [
         ("team%2Fapp.git", ("team/app", False)),
         ("team%2fapp%2Bephemeral.git", ("team/app", True)),
-        ("team/caf%C3%A9", ("team/café", False)),
+        ("team/my%2Dapp", ("team/my-app", False)),
     ],
 )
 def test_percent_encoded_repository_ids_are_decoded(path: str, expected: tuple[str, bool]) -> None:

@@ -12,32 +12,11 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..config import KNOWN_SCOPES, MAX_TTL, MIN_TTL, validate_repo_id
-from ..errors import CodestoreError
+from ..errors import Refused
+from ..vocab import MAX_TTL, MIN_TTL, TokenRequest, with_implied
 from .grants import Grant
-
-
-class Refused(Exception):
-    """A request the agent will not serve; the text is the reason shown to the caller."""
-
-    def __init__(self, reason: str, status: int = 403) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Request:
-    repo: str
-    scopes: tuple[str, ...]
-    ephemeral: bool
-    ttl: int | None
-    refs: tuple[tuple[str, tuple[str, ...]], ...]
-    purpose: str
-    narrow: bool = False  # scopes are a ceiling: grant holders get the intersection
 
 
 @dataclass(frozen=True)
@@ -49,91 +28,37 @@ class Decision:
     sub: str
 
 
-def parse_request(obj: object) -> Request:
-    """Validate the JSON body of a token request; every error is a 400 with a reason."""
-    if not isinstance(obj, Mapping):
-        raise Refused("request body must be a JSON object", 400)
-    repo = obj.get("repo")
-    if not isinstance(repo, str):
-        raise Refused("request needs \"repo\": a repository id", 400)
-    if repo != "org":  # org:read tokens are org-wide and name no repository
-        try:
-            validate_repo_id(repo)
-        except CodestoreError as e:
-            raise Refused(str(e), 400) from None
-    scopes = obj.get("scopes")
-    if not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes):
-        raise Refused("request needs \"scopes\": a non-empty list of strings", 400)
-    unknown = [s for s in scopes if s not in KNOWN_SCOPES]
-    if unknown:
-        raise Refused(f"unknown scope {unknown[0][:40]!r}; known: {' '.join(KNOWN_SCOPES)}", 400)
-    ephemeral = obj.get("ephemeral", False)
-    if not isinstance(ephemeral, bool):
-        raise Refused("\"ephemeral\" must be true or false", 400)
-    ttl = obj.get("ttl")
-    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool)):
-        raise Refused("\"ttl\" must be a whole number of seconds", 400)
-    if ttl is not None and not MIN_TTL <= ttl <= MAX_TTL:
-        raise Refused(f"TTL {ttl}s is outside {MIN_TTL}..{MAX_TTL}s", 400)
-    refs_raw = obj.get("refs") or []
-    if not isinstance(refs_raw, list):
-        raise Refused("\"refs\" must be a list of [pattern, [ops]]", 400)
-    from ..tokens import validate_refs  # noqa: PLC0415 - the agent has it loaded already
-
-    try:
-        refs = validate_refs(refs_raw)
-    except CodestoreError as e:
-        raise Refused(str(e), 400) from None
-    narrow = obj.get("narrow", False)
-    if not isinstance(narrow, bool):
-        raise Refused("\"narrow\" must be true or false", 400)
-    purpose = obj.get("purpose", "cli")
-    if not isinstance(purpose, str):
-        purpose = "?"
-    return Request(
-        repo=repo,
-        scopes=tuple(dict.fromkeys(scopes)),
-        ephemeral=ephemeral,
-        ttl=ttl,
-        refs=tuple((p, tuple(ops)) for p, ops in refs),
-        purpose=purpose[:20],
-        narrow=narrow,
-    )
+def check_request(req: TokenRequest) -> TokenRequest:
+    """Validate a decoded token request (vocab's one check); every error is a 400 with a reason."""
+    return req.checked(lambda reason: Refused(400, reason))
 
 
-def allowed_scopes(granted: tuple[str, ...] | list[str]) -> set[str]:
-    out = set(granted)
-    if "git:write" in out:
-        out.add("git:read")  # Code Storage: write includes read
-    return out
-
-
-def clamp_to_grant(grant: Grant, req: Request, default_ttl: int, now: float | None = None) -> Decision:
+def clamp_to_grant(grant: Grant, req: TokenRequest, default_ttl: int, now: float | None = None) -> Decision:
     """The token a grant holder gets for `req`, or Refused naming the first excess."""
     now = time.time() if now is None else now
     state = grant.state(now)
     if state != "active":
-        raise Refused(f"grant {grant.id} is {state}; ask its owner for a new one", 401)
+        raise Refused(401, f"grant {grant.id} is {state}; ask its owner for a new one")
     if not any(fnmatch.fnmatchcase(req.repo, pattern) for pattern in grant.repos):
-        raise Refused(f"grant {grant.id} does not cover repository {req.repo!r} (it covers {', '.join(grant.repos)})")
+        raise Refused(403, f"grant {grant.id} does not cover repository {req.repo!r} (it covers {', '.join(grant.repos)})")
     scopes = req.scopes
     if req.narrow:
         # A ceiling, not a demand: keep what the grant allows. Still refused below.
-        scopes = tuple(s for s in req.scopes if s in allowed_scopes(grant.scopes)) or req.scopes
-    extra = [s for s in scopes if s not in allowed_scopes(grant.scopes)]
+        scopes = tuple(s for s in req.scopes if s in with_implied(grant.scopes)) or req.scopes
+    extra = [s for s in scopes if s not in with_implied(grant.scopes)]
     if extra:
-        raise Refused(f"grant {grant.id} does not allow {' '.join(extra)} (it allows {' '.join(grant.scopes)})")
+        raise Refused(403, f"grant {grant.id} does not allow {' '.join(extra)} (it allows {' '.join(grant.scopes)})")
     if grant.ephemeral_only and not req.ephemeral:
         raise Refused(
-            f"grant {grant.id} is ephemeral-only; use the {req.repo}+ephemeral.git namespace"
+            403, f"grant {grant.id} is ephemeral-only; use the {req.repo}+ephemeral.git namespace"
         )
     if req.ttl is not None and req.ttl > grant.max_ttl:
-        raise Refused(f"TTL {req.ttl}s exceeds grant {grant.id}'s maximum of {grant.max_ttl}s")
+        raise Refused(403, f"TTL {req.ttl}s exceeds grant {grant.id}'s maximum of {grant.max_ttl}s")
     ttl = req.ttl if req.ttl is not None else min(default_ttl, grant.max_ttl)
     if grant.expires_at is not None:
         left = int(grant.expires_at - now)
         if left < MIN_TTL:
-            raise Refused(f"grant {grant.id} expires in {left}s, too soon for a token; ask for a new grant", 401)
+            raise Refused(401, f"grant {grant.id} expires in {left}s, too soon for a token; ask for a new grant")
         ttl = min(ttl, left)  # a token never outlives its grant
     ttl = max(MIN_TTL, min(ttl, MAX_TTL))
     refs = [(str(p), [str(o) for o in ops]) for p, ops in grant.refs]  # type: ignore[misc]
@@ -141,7 +66,7 @@ def clamp_to_grant(grant: Grant, req: Request, default_ttl: int, now: float | No
     return Decision(repo=req.repo, scopes=scopes, ttl=ttl, refs=refs, sub=grant.sub)
 
 
-def clamp_for_owner(req: Request, default_ttl: int, sub: str) -> Decision:
+def clamp_for_owner(req: TokenRequest, default_ttl: int, sub: str) -> Decision:
     """The owner signs what the local key would: the request as asked, TTL defaulted."""
     ttl = req.ttl if req.ttl is not None else default_ttl
     return Decision(

@@ -103,7 +103,7 @@ def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, 
     a 0600 file and prints the id; `--secret-only` prints the secret alone;
     `--print id --print socket` prints just those values, one per line.
     """
-    from ..config import parse_scopes
+    from ..vocab import parse_scopes
 
     fields = ("grant", *fields) if secret_only else fields
     if as_json and (fields or secret_file):
@@ -125,9 +125,9 @@ def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, 
         "own_socket": own_socket,
     }
     if ref_policy:
-        from ..tokens import parse_ref_policy
+        from ..vocab import parse_ref_policy, ref_policy_json
 
-        body["refs"] = [[p, ops] for p, ops in parse_ref_policy(ref_policy)]
+        body["refs"] = ref_policy_json(parse_ref_policy(ref_policy))
     g = admin(socket_opt, "POST", "/v1/grants", body)
     if secret_file:
         _write_secret(secret_file, str(g["grant"]))
