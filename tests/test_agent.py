@@ -236,9 +236,11 @@ def test_the_audit_log_records_mints_and_refusals_but_never_a_token_or_grant_sec
 def test_grant_secrets_are_stored_only_as_hashes(agent: Agent) -> None:
     # Threat: reading the agent's state directory yields working grants.
     g = agent.grant("--repo", REPO)
-    store = agent.state_dir / "grants.json"
-    assert str(g["grant"]) not in store.read_text()
-    assert stat.S_IMODE(store.stat().st_mode) == 0o600
+    store = agent.state_dir / "agent.sqlite3"
+    assert store.exists()
+    for f in agent.state_dir.iterdir():  # the database, its write-ahead log, the audit log
+        assert str(g["grant"]).encode() not in f.read_bytes(), f
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     assert stat.S_IMODE(agent.state_dir.stat().st_mode) == 0o700
 
 

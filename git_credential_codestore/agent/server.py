@@ -51,7 +51,8 @@ from ..errors import CodestoreError, ConfigError, redact
 from . import policy, wire
 from .audit import AuditLog
 from .client import default_socket, key_identity, unix_address
-from .grants import Grant, GrantStore, grant_id_of
+from .db import StoreError
+from .grants import STATES, Grant, GrantStore, grant_id_of
 
 MAX_BODY = 64 * 1024
 MAX_CONNECTIONS = 256
@@ -108,8 +109,9 @@ class Agent:
     )
     _ADMIN = frozenset({"status", "list_grants", "create_grant", "revoke_grant", "shutdown"})
 
-    def dispatch(self, caller: Caller, method: str, path: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
+    def dispatch(self, caller: Caller, method: str, target: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
         self.last_activity = time.monotonic()
+        path, _, query = target.partition("?")
         for m, pattern, name in self._ROUTES:
             match = pattern.fullmatch(path)
             if match and m == method:
@@ -132,7 +134,7 @@ class Agent:
         if name == "status":
             return 200, self.status()
         if name == "list_grants":
-            return 200, {"grants": [g.public() for g in self.store.all()]}
+            return self.list_grants(query)
         if name == "create_grant":
             return self.create_grant(data)
         if name == "revoke_grant":
@@ -151,7 +153,7 @@ class Agent:
                 return None, "the Authorization header must be `Grant <secret>`"
             secret = value.strip()
         if caller.bound_grant is not None:
-            grant = self.store.get(caller.bound_grant)
+            grant = self.store.get(caller.bound_grant)  # StoreError: the caller refuses
             if grant is None:
                 return None, "this grant socket's grant no longer exists"
             if secret is not None and self.store.authenticate(secret) is not grant:
@@ -169,12 +171,18 @@ class Agent:
         return None, None
 
     def mint(self, caller: Caller, authorization: str | None, data: object) -> tuple[int, dict[str, object]]:
-        grant, reason = self._grant_for(caller, authorization)
+        try:
+            grant, reason = self._grant_for(caller, authorization)
+        except StoreError as e:
+            # Never mint under a grant that cannot be checked (it may have been revoked).
+            grant, reason, status = None, str(e), 503
+        else:
+            status = 401
         who: dict[str, object] = {"grant": grant.id if grant else None, "via": caller.transport, "peer": caller.peer}
         if reason is not None:
             secret = (authorization or "").partition(" ")[2].strip()
             who["grant"] = grant_id_of(secret)  # the id a presented secret claims, never the secret
-            return self._refuse(who, data, reason, 401)
+            return self._refuse(who, data, reason, status)
         try:
             req = policy.parse_request(data)
         except policy.Refused as e:
@@ -188,6 +196,13 @@ class Agent:
                 decision = policy.clamp_for_owner(req, self.cfg.ttl, sub)
         except policy.Refused as e:
             return self._refuse(who, data, e.reason, e.status, grant)
+        if grant is not None and grant.max_per_minute:
+            try:
+                used = self.store.take_rate(grant)
+            except StoreError as e:
+                return self._refuse(who, data, f"{e}; the grant's rate limit cannot be checked", 503, grant)
+            if used > grant.max_per_minute:
+                return self._refuse(who, data, f"grant {grant.id} allows {grant.max_per_minute} tokens a minute; try again shortly", 429, grant)
         try:
             token = tokens.mint(
                 self.key, org=self.org, repo=decision.repo, scopes=decision.scopes, ttl=decision.ttl,
@@ -195,13 +210,17 @@ class Agent:
             )
         except CodestoreError as e:
             return self._refuse(who, data, str(e), 400, grant)
+        try:
+            self.audit.record("mint", {
+                **who, "sub": decision.sub, "repo": decision.repo, "ephemeral": req.ephemeral,
+                "scopes": list(decision.scopes), "ttl": decision.ttl, "refs": decision.refs or None,
+                "purpose": req.purpose, "result": "ok",
+            })
+        except OSError as e:
+            # Every token handed out is in the audit log, or it is not handed out.
+            return 503, {"error": f"cannot write the audit log {self.audit.path} ({e.strerror}); nothing was minted", "code": "refused"}
         if grant is not None:
             self.store.record_use(grant, ok=True)
-        self.audit.record("mint", {
-            **who, "sub": decision.sub, "repo": decision.repo, "ephemeral": req.ephemeral,
-            "scopes": list(decision.scopes), "ttl": decision.ttl, "refs": decision.refs or None,
-            "purpose": req.purpose, "result": "ok",
-        })
         return 200, {"token": token.reveal(), "expires_at": token.expires_at, "ttl": decision.ttl, "scopes": list(decision.scopes), "sub": decision.sub}
 
     def _check_owner(self, owner: object) -> str:
@@ -234,7 +253,10 @@ class Agent:
         fields["reason"] = reason
         if grant is not None:
             self.store.record_use(grant, ok=False)
-        self.audit.record("refuse", fields)
+        try:
+            self.audit.record("refuse", fields)
+        except OSError:
+            pass  # a refusal hands out nothing; its reason still reaches the caller
         code = "mismatch" if status == 409 else "refused"
         return status, {"error": reason, "code": code}
 
@@ -258,39 +280,93 @@ class Agent:
             sub = data.get("sub")
             if sub is not None and (not isinstance(sub, str) or not 0 < len(sub) <= 200):
                 raise ConfigError("--sub must be a short identifier")
+            rate = data.get("max_per_minute")
+            if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or not 1 <= rate <= 1_000_000):
+                raise ConfigError(f"--max-per-minute must be 1..1000000, not {rate!r}")
         except CodestoreError as e:
             return 400, {"error": str(e)}
-        grant, secret = self.store.create(
-            repos=repos, scopes=scopes, max_ttl=max_ttl, sub=sub,
-            expires_at=int(time.time()) + expires_in if expires_in else None,
-            ephemeral_only=bool(data.get("ephemeral_only")), refs=[[p, ops] for p, ops in refs],
-            own_socket=bool(data.get("own_socket")),
-        )
-        sock = self.on_grant_created(grant) if grant.own_socket else None
-        self.audit.record("grant-create", {"grant": grant.id, "sub": grant.sub, "repos": grant.repos, "scopes": grant.scopes,
-                                           "max_ttl": grant.max_ttl, "expires_at": grant.expires_at,
-                                           "ephemeral_only": grant.ephemeral_only, "refs": grant.refs or None})
+        after: list[object] = []
+
+        def audit(tx: object, grant: Grant) -> None:
+            write, after_commit = self.audit.in_transaction("grant-create", {
+                "grant": grant.id, "sub": grant.sub, "repos": grant.repos, "scopes": grant.scopes,
+                "max_ttl": grant.max_ttl, "expires_at": grant.expires_at, "ephemeral_only": grant.ephemeral_only,
+                "refs": grant.refs or None, "max_per_minute": grant.max_per_minute,
+            })
+            write(tx)  # type: ignore[arg-type]
+            after.append(after_commit)
+
+        try:
+            grant, secret = self.store.create(
+                repos=repos, scopes=scopes, max_ttl=max_ttl, sub=sub,
+                expires_at=int(time.time()) + expires_in if expires_in else None,
+                ephemeral_only=bool(data.get("ephemeral_only")), refs=[[p, ops] for p, ops in refs],
+                own_socket=bool(data.get("own_socket")), max_per_minute=rate, audit=audit,
+            )
+        except StoreError as e:
+            return 503, {"error": f"no grant was created: {e}"}
+        # Durable from here on: whatever fails next, the admin hears that the grant exists.
         reply = grant.public()
         reply["grant"] = secret.reveal()
-        reply["socket"] = sock
+        warnings = [w for w in (after[0](),) if w]  # type: ignore[operator]
+        try:
+            reply["socket"] = self.on_grant_created(grant) if grant.own_socket else None
+        except (OSError, CodestoreError) as e:
+            reply["socket"] = None
+            warnings.append(f"its socket could not be opened ({getattr(e, 'strerror', None) or e})")
+        if warnings:
+            reply["warning"] = f"grant {grant.id} was created, but " + "; ".join(warnings)
         return 201, reply
 
     def revoke_grant(self, gid: str) -> tuple[int, dict[str, object]]:
-        grant = self.store.revoke(gid)
+        after: list[object] = []
+
+        def audit(tx: object, grant: Grant) -> None:
+            write, after_commit = self.audit.in_transaction("grant-revoke", {"grant": grant.id, "sub": grant.sub})
+            write(tx)  # type: ignore[arg-type]
+            after.append(after_commit)
+
+        try:
+            grant = self.store.revoke(gid, audit=audit)
+        except StoreError as e:
+            return 503, {"error": f"grant {gid} was NOT revoked: {e}; try again"}
         if grant is None:
             return 404, {"error": f"no grant {gid}; see: codestore grant list"}
-        self.on_grant_revoked(grant)
-        self.audit.record("grant-revoke", {"grant": grant.id, "sub": grant.sub})
-        return 200, grant.public()
+        reply = grant.public()
+        warnings = [w for w in (after[0](),) if w]  # type: ignore[operator]
+        try:
+            self.on_grant_revoked(grant)
+        except OSError as e:
+            warnings.append(f"its socket could not be closed ({e.strerror})")
+        if warnings:
+            reply["warning"] = f"grant {grant.id} is revoked, but " + "; ".join(warnings)
+        return 200, reply
+
+    def list_grants(self, query: str) -> tuple[int, dict[str, object]]:
+        from urllib.parse import parse_qs
+
+        q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        state = q.get("state")
+        if state is not None and state not in STATES:
+            return 400, {"error": f"state must be one of {', '.join(STATES)}, not {state[:20]!r}"}
+        limit = q.get("limit", "100")
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            return 400, {"error": "limit must be 1..1000"}
+        try:
+            grants, cursor = self.store.page(repo=q.get("repo"), sub=q.get("sub"), state=state, after=q.get("after"), limit=int(limit))
+        except CodestoreError as e:
+            return (503 if isinstance(e, StoreError) else 400), {"error": str(e)}
+        return 200, {"grants": [g.public() for g in grants], "next_cursor": cursor}
 
     def status(self) -> dict[str, object]:
-        states: dict[str, int] = {"active": 0, "revoked": 0, "expired": 0}
-        for g in self.store.all():
-            states[g.state()] += 1
+        try:
+            states: dict[str, object] = dict(self.store.counts())
+        except StoreError as e:
+            states = {"error": str(e)}
         return {
             "pid": os.getpid(), "socket": self.socket_path, "listen": self.listen_url or None,
             "org": self.org, "kid": self.cfg.kid, "key": self.key_where,
-            "state_dir": self.store.state_dir, "audit_log": self.audit.path,
+            "state_dir": self.store.state_dir, "store": self.store.where, "audit_log": self.audit.path,
             "uptime": int(time.time() - self.started), "grants": states,
             "mints": self.audit.counts.get("mint", 0), "refusals": self.audit.counts.get("refuse", 0),
         }
@@ -591,6 +667,7 @@ def serve(
     tls_key: str | None = None,
     idle_timeout: float = 0,
     state_dir: str | None = None,
+    store_url: str | None = None,
     out: TextIO = sys.stdout,
 ) -> int:
     """Run the agent in the foreground until SIGTERM/SIGINT, `agent stop` or idle timeout."""
@@ -619,8 +696,14 @@ def serve(
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(f"cannot load the TLS certificate/key ({type(e).__name__}); check --tls-cert and --tls-key") from None
 
-    store = GrantStore(state_dir).open()
-    audit = AuditLog(audit_path or os.path.join(state_dir, "audit.log"))
+    store = GrantStore(state_dir, store_url).open()
+    try:
+        audit = AuditLog(audit_path or os.path.join(state_dir, "audit.log"))
+    except BaseException:
+        store.close()
+        raise
+    store.on_flush = audit.flush_into
+    store.start()
     agent = Agent(cfg, key, where, key_identity(cfg, env), store, audit)
     agent.socket_path = socket_path
     reaper = Reaper()
@@ -676,9 +759,13 @@ def serve(
             host, port = tcp.server_address[:2]  # type: ignore[misc]
             agent.listen_url = f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
             start(tcp)
-        for grant in store.all():
-            if grant.own_socket and grant.state() == "active":
+        cursor: str | None = None
+        while True:
+            page, cursor = store.page(own_socket=True, state="active", after=cursor, limit=1000)
+            for grant in page:
                 open_grant_socket(grant)
+            if cursor is None:
+                break
     except BaseException:
         _close_all(started, [main, *grant_listeners.values()], store, audit)
         raise
@@ -697,7 +784,6 @@ def serve(
     reason = "stopped"
     try:
         while not agent.stop.wait(1.0):
-            store.flush()
             if idle_timeout and time.monotonic() - agent.last_activity > idle_timeout:
                 reason = f"idle for {int(idle_timeout)}s"
                 break
