@@ -270,3 +270,7 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool: 
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+# Real PostgreSQL for the agent's fleet tests (one server per session).
+from tests.realparts import pg_url, postgres  # noqa: E402, F401

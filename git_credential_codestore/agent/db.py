@@ -120,7 +120,6 @@ class Database:
     def _connect(self) -> object:
         if self.dialect == "sqlite":
             conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk before we acknowledge a grant change.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
@@ -262,8 +261,16 @@ class Database:
                         tx.execute("INSERT INTO codestore_schema (component, version) VALUES (?, ?)", (component, len(steps)))
                     elif have < len(steps):
                         tx.execute("UPDATE codestore_schema SET version = ? WHERE component = ?", (len(steps), component))
+            if self.dialect == "sqlite":
+                # Readers never wait for the writer. Set only once the file is known to be ours
+                # (it changes the file's header).
+                conn = self._get()
+                conn.execute("PRAGMA journal_mode=WAL")  # type: ignore[attr-defined]
+                self._put(conn)
         except StoreError as e:
             raise ConfigError(f"cannot open {e}") from None
+        except sqlite3.Error as e:
+            raise ConfigError(f"cannot open the grant store {self.where} ({e})") from None
         return self
 
     def _tables(self, tx: Tx) -> set[str]:
