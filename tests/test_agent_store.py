@@ -141,6 +141,11 @@ def test_on_a_full_filesystem_nothing_acknowledged_is_lost_and_nothing_refused_i
                     assert status == 503 and "no grant was created" in str(reply["error"]), reply
             listed = {g["id"]: g["state"] for g in admin(a, "GET", "/v1/grants")[1]["grants"]}  # type: ignore[union-attr]
             assert {gid: listed[gid] for gid in acknowledged} == acknowledged  # memory says what the disk says
+            # Issue 8 item 9: stopping on a full disk is a clean exit, not an internal error.
+            a.proc.terminate()
+            assert a.proc.wait(timeout=20) == 0
+            err = a.proc.stderr.read()  # type: ignore[union-attr]
+            assert "Traceback" not in err and "internal error" not in err, err
             filler.unlink()
         finally:
             a.stop()

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from ..errors import ConfigError, redact
+from ..errors import UsageError, redact
 from . import db
 
 MAX_BUFFER = 100_000  # rows waiting for the database; beyond it the file alone has them
@@ -61,9 +61,9 @@ class AuditLog:
             # O_APPEND: each line lands whole even if another process appends too.
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except IsADirectoryError:
-            raise ConfigError(f"--audit-log {path} is a directory; name a file in it, e.g. {os.path.join(path, 'audit.log')}") from None
+            raise UsageError(f"--audit-log {path} is a directory; name a file in it, e.g. {os.path.join(path, 'audit.log')}") from None
         except OSError as e:
-            raise ConfigError(f"cannot open the audit log {path} ({e.strerror}); pass --audit-log FILE") from None
+            raise UsageError(f"cannot open the audit log {path} ({e.strerror}); pass --audit-log FILE") from None
         self._lock = threading.Lock()
         self._buffer: list[tuple[object, ...]] = []
         self.replica = f"{socket.gethostname()}:{os.getpid()}"

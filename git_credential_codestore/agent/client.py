@@ -51,9 +51,17 @@ class AgentRefused(PolicyError):
 
 
 def runtime_dir(env: Mapping[str, str] | None = None) -> str:
+    """Where the agent's sockets live: $XDG_RUNTIME_DIR/codestore, else /run/user/<uid>/codestore.
+
+    Without either (containers, cron, su), a private directory of our own in the temp dir,
+    as tmux and ssh-agent do: `$TMPDIR/codestore-<uid>`. The agent creates it 0700 and
+    refuses it when it belongs to someone else.
+    """
     env = os.environ if env is None else env
     if sys.platform.startswith(("linux", "freebsd", "openbsd")):
         base = env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+        if not env.get("XDG_RUNTIME_DIR") and not os.path.isdir(base):
+            return os.path.join(env.get("TMPDIR") or "/tmp", f"codestore-{os.getuid()}")  # noqa: S108 - private, checked
         return os.path.join(base, "codestore")
     from platformdirs import user_runtime_dir
 

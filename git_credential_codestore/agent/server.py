@@ -47,7 +47,7 @@ from typing import TextIO
 
 from .. import tokens
 from ..config import Config, is_loopback, parse_scopes
-from ..errors import CodestoreError, ConfigError, redact
+from ..errors import CodestoreError, ConfigError, UsageError, redact
 from . import policy, wire
 from .audit import AuditLog
 from .client import default_socket, key_identity, unix_address
@@ -601,31 +601,78 @@ def _new(cls: type[_Listener], agent: Agent, reaper: Reaper, address: object, **
     return srv
 
 
-def prepare_socket_dir(path: str, is_default: bool) -> None:
-    """0700 directory; a stale socket (nothing listening) is removed, a live one refused."""
+def prepare_socket_dir(path: str, is_default: bool) -> int:
+    """Make the socket's 0700 directory and claim `path`; returns a lock held for the agent's life.
+
+    Only a socket that no agent answers is ever removed: a regular file (or anything that
+    is not a socket) at `path` is refused, not deleted. Two agents starting at once for one
+    path are serialised by an exclusive lock on `<path>.lock`: the second is told an agent
+    is running, and the first keeps serving.
+    """
+    import fcntl
+    import stat
+
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    st = os.stat(d)
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.lstat(d) if is_default else os.stat(d)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"{d} is not a directory; pass --socket with a path in a private directory") from None
+    except OSError as e:
+        hint = "set XDG_RUNTIME_DIR to a private directory of yours, or pass --socket" if is_default else "pass --socket with a path in a directory you own"
+        raise UsageError(f"cannot create {d} ({e.strerror}); {hint}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{d} is not a directory (a symlink?); set XDG_RUNTIME_DIR to a private directory of yours")
+    if st.st_uid != os.getuid():
+        raise UsageError(f"{d} belongs to uid {st.st_uid}, not you; set XDG_RUNTIME_DIR or pass --socket in a directory you own")
     if is_default:
         os.chmod(d, 0o700)
     elif st.st_mode & 0o077:
-        raise ConfigError(f"{d} is open to other users (mode {st.st_mode & 0o777:o}); put the socket in a private 0700 directory")
-    if st.st_uid != os.getuid():
-        raise ConfigError(f"{d} belongs to uid {st.st_uid}, not you; put the socket in a directory you own")
-    if os.path.lexists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        addr, fd = unix_address(path)
-        try:
-            probe.connect(addr)
-        except OSError:
-            os.unlink(path)  # stale: left by an agent that died
-        else:
-            raise ConfigError(f"an agent is already running at {path}; stop it with: codestore agent stop")
-        finally:
-            probe.close()
-            if fd is not None:
-                os.close(fd)
+        raise UsageError(f"{d} is open to other users (mode {st.st_mode & 0o777:o}); put the socket in a private 0700 directory")
+    if os.path.isdir(path):
+        raise UsageError(f"--socket {path} is a directory; name a socket file in it, e.g. {os.path.join(path, 'agent.sock')}")
+    try:
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise UsageError(f"cannot create {path}.lock ({e.strerror}); pass --socket with a path in a directory you own") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise ConfigError(f"an agent is already running at {path}; stop it with: codestore agent stop") from None
+    try:
+        _claim(path)
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock
+
+
+def _claim(path: str) -> None:
+    """Remove a stale socket at `path`; refuse anything else that is there."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"{path} exists and is not a socket; refusing to replace it: move it away or pass another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    addr, fd = unix_address(path)
+    try:
+        probe.connect(addr)
+    except ConnectionRefusedError:
+        os.unlink(path)  # a socket nobody listens on: left by an agent that died
+    except OSError as e:
+        raise ConfigError(f"cannot tell whether an agent answers at {path} ({e.strerror}); remove it if none does") from None
+    else:
+        raise ConfigError(f"an agent is already running at {path}; stop it with: codestore agent stop")
+    finally:
+        probe.close()
+        if fd is not None:
+            os.close(fd)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -687,7 +734,7 @@ def serve(
     state_dir = state_dir or default_state_dir()
     is_default = socket_path is None
     socket_path = os.path.abspath(socket_path or default_socket(env))
-    prepare_socket_dir(socket_path, is_default)
+    socket_lock = prepare_socket_dir(socket_path, is_default)
     tls = None
     if tls_cert:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -718,8 +765,7 @@ def serve(
         with lock:
             if grant.id in grant_listeners:
                 return path
-            if os.path.lexists(path):
-                os.unlink(path)
+            _claim(path)
             srv = _new(UnixListener, agent, reaper, path, transport="grant-socket", bound_grant=grant.id)
             grant_listeners[grant.id] = srv  # type: ignore[assignment]
         start(srv)
