@@ -129,6 +129,10 @@ class AuditLog:
 
         return committed
 
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
     def close(self) -> None:
         try:
             os.close(self._fd)

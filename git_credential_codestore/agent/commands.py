@@ -69,8 +69,10 @@ def agent() -> None:
 @click.option("--state-dir", metavar="DIR", help="Where grants live (default: the user state dir).")
 @click.option("--store", "store_url", metavar="URL", envvar="CODESTORE_AGENT_STORE",
               help="Grant database: postgresql://... shared by replicas (default: SQLite in the state dir).")
+@click.option("--server", type=click.Choice(["auto", "uvicorn", "threads"]), default="auto", show_default=True, envvar="CODESTORE_AGENT_SERVER",
+              help="HTTP front: uvicorn (the fleet extra) when installed, else the standard library's threads.")
 def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | None, tls_cert: str | None,
-                tls_key: str | None, idle_timeout: int, state_dir: str | None, store_url: str | None) -> None:
+                tls_key: str | None, idle_timeout: int, state_dir: str | None, store_url: str | None, server: str) -> None:
     """Run the agent in the foreground (containers, service managers)."""
     from .. import config
     from .server import serve
@@ -79,7 +81,7 @@ def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | Non
         config.load(), os.environ,
         socket_path=os.path.expanduser(socket_opt) if socket_opt else (os.environ.get("CODESTORE_AGENT_SOCK") or None),
         listen=listen, audit_path=audit_log, tls_cert=tls_cert, tls_key=tls_key,
-        idle_timeout=idle_timeout, state_dir=state_dir, store_url=store_url,
+        idle_timeout=idle_timeout, state_dir=state_dir, store_url=store_url, server=server,
     )
 
 

@@ -34,7 +34,6 @@ import os
 import re
 import signal
 import socket
-import socketserver
 import ssl
 import struct
 import sys
@@ -42,8 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from .. import tokens
 from ..config import Config, is_loopback, parse_scopes
@@ -53,11 +51,15 @@ from .audit import AuditLog
 from .client import default_socket, key_identity, unix_address
 from .db import StoreError
 from .grants import STATES, Grant, GrantStore, grant_id_of
+from .metrics import Metrics
 
 MAX_BODY = 64 * 1024
-MAX_CONNECTIONS = 256
-IO_TIMEOUT = 5.0  # per read or write
+MAX_HEAD = 16 * 1024  # request line and headers
+MAX_CONNECTIONS = 1024
+PER_PEER = 128  # connections one network address may hold at once: its fair share
+IO_TIMEOUT = 5.0  # per read or write, and a TLS handshake
 CONNECTION_DEADLINE = 15.0  # a whole request, however slowly it trickles in
+DRAIN_TIMEOUT = 10.0  # shutdown: how long requests in flight may take to finish
 
 
 def default_state_dir() -> str:
@@ -91,6 +93,12 @@ class Agent:
         self.socket_path = ""
         self.listen_url = ""
         self.stop = threading.Event()
+        self.draining = False
+        self.metrics = Metrics()
+        self.front_name = ""
+        self.in_flight: Callable[[], int] = lambda: 0
+        # The signer's health, for /readyz (a PKCS#11 token can go away; a key in memory cannot).
+        self.signer_health: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
         # Set by the daemon: open or close a grant's dedicated socket.
         self.on_grant_created: Callable[[Grant], str | None] = lambda g: None
         self.on_grant_revoked: Callable[[Grant], None] = lambda g: None
@@ -100,6 +108,10 @@ class Agent:
 
     _ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
         ("GET", re.compile(r"/v1/ping"), "ping"),
+        # For load balancers and Prometheus, on every listener: counts and health, no secrets.
+        ("GET", re.compile(r"/healthz"), "healthz"),
+        ("GET", re.compile(r"/readyz"), "readyz"),
+        ("GET", re.compile(r"/metrics"), "metrics"),
         ("POST", re.compile(r"/v1/token"), "token"),
         ("GET", re.compile(r"/v1/status"), "status"),
         ("GET", re.compile(r"/v1/grants"), "list_grants"),
@@ -129,8 +141,17 @@ class Agent:
             return 400, {"error": "request body is not JSON"}
         if name == "ping":
             return 200, {"ok": True, "agent": "codestore"}
+        if name == "healthz":
+            return 200, {"ok": True}
+        if name == "readyz":
+            return self.readyz()
+        if name == "metrics":
+            return 200, {"text": self.render_metrics()}
         if name == "token":
-            return self.mint(caller, authorization, data)
+            t0 = time.perf_counter()
+            status, reply = self.mint(caller, authorization, data)
+            self.metrics.observe(status, time.perf_counter() - t0)
+            return status, reply
         if name == "status":
             return 200, self.status()
         if name == "list_grants":
@@ -358,6 +379,36 @@ class Agent:
             return (503 if isinstance(e, StoreError) else 400), {"error": str(e)}
         return 200, {"grants": [g.public() for g in grants], "next_cursor": cursor}
 
+    def readyz(self) -> tuple[int, dict[str, object]]:
+        """Ready when the store and the signer answer and the agent is not draining."""
+        store_ok, store_why = self.store.healthy
+        if store_ok:
+            try:
+                self.store.db.ping()
+            except StoreError as e:
+                store_ok, store_why = False, str(e)
+        signer_ok, signer_why = self.signer_health()
+        ready = store_ok and signer_ok and not self.draining
+        reply: dict[str, object] = {"ready": ready, "store": store_why, "signer": signer_why}
+        if self.draining:
+            reply["draining"] = True
+        return (200 if ready else 503), reply
+
+    def render_metrics(self) -> str:
+        grants: dict[str, float] = {}
+        try:
+            grants = dict(self.store.counts())
+        except StoreError:
+            pass
+        store_ok, _ = self.store.healthy
+        signer_ok, _ = self.signer_health()
+        return self.metrics.render(
+            gauges={"store_up": int(store_ok), "signer_up": int(signer_ok), "requests_in_flight": self.in_flight(),
+                    "draining": int(self.draining), "audit_rows_buffered": self.audit.buffered},
+            labelled={"grants": grants} if grants else {},
+            counters={"store_errors": self.store.errors, "audit_rows_dropped": self.audit.dropped},
+        )
+
     def status(self) -> dict[str, object]:
         try:
             states: dict[str, object] = dict(self.store.counts())
@@ -372,38 +423,7 @@ class Agent:
         }
 
 
-# -- the wire ---------------------------------------------------------------------------
-
-
-class Reaper:
-    """Cuts connections that outlive CONNECTION_DEADLINE (slowloris), one thread for all."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._socks: dict[int, tuple[socket.socket, float]] = {}
-        threading.Thread(target=self._run, name="reaper", daemon=True).start()
-
-    def watch(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._socks[id(sock)] = (sock, time.monotonic() + CONNECTION_DEADLINE)
-
-    def forget(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._socks.pop(id(sock), None)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(1.0)
-            now = time.monotonic()
-            with self._lock:
-                late = [s for s, deadline in self._socks.values() if deadline < now]
-                for s in late:
-                    self._socks.pop(id(s), None)
-            for s in late:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+# -- the wire, whichever front carries it ----------------------------------------------
 
 
 def peer_uid(sock: socket.socket) -> int | None:
@@ -417,188 +437,65 @@ def peer_uid(sock: socket.socket) -> int | None:
     return None  # pragma: no cover - unknown platform: treated as not the owner
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "codestore-agent"
-    sys_version = ""
-    timeout = IO_TIMEOUT
-    server: _Listener  # type: ignore[assignment]
+def identify(sock: socket.socket, address: object, transport: str, bound_grant: str | None) -> Caller:
+    if transport == "tcp":
+        host = address[0] if isinstance(address, tuple) else str(address)
+        return Caller("tcp", None, str(host))
+    uid = peer_uid(sock)
+    return Caller(transport, uid, f"uid:{uid}", bound_grant)
 
-    def setup(self) -> None:
-        self.server.reaper.watch(self.request)
-        if self.server.tls is not None:
-            self.request.settimeout(IO_TIMEOUT)
-            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
-        super().setup()
 
-    unread = False  # the reply went out before the request was read in full
+Reply = tuple[int, Mapping[str, object]]
 
-    def finish(self) -> None:
+
+def admit(agent: Agent, caller: Caller) -> Reply | None:
+    """The Unix sockets' rule: the owner's uid or root, nobody else, whatever the file modes say."""
+    if caller.transport == "tcp" or caller.uid in {agent.owner_uid, 0}:  # root can read our memory anyway
+        return None
+    try:
+        agent.audit.record("refuse", {"via": caller.transport, "peer": caller.peer, "result": "refused", "reason": "peer uid is not the owner"})
+    except OSError:
+        pass
+    return 403, {"error": f"peer uid {caller.uid} may not use this agent (owner uid {agent.owner_uid})"}
+
+
+def framing(header: Callable[[str], str | None]) -> tuple[Reply | None, int]:
+    """(refusal, 0) for a body we will not read, else (None, its length)."""
+    if header("Transfer-Encoding"):
+        return (411, {"error": "send a Content-Length, not chunked encoding"}), 0
+    raw = (header("Content-Length") or "0").strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 12:
+        return (400, {"error": "bad Content-Length"}), 0
+    if int(raw) > MAX_BODY:
+        return (413, {"error": f"request body over {MAX_BODY} bytes"}), 0
+    return None, int(raw)
+
+
+def encode(status: int, reply: Mapping[str, object], lines: bool = False) -> tuple[bytes, str]:
+    if lines:
+        return wire.reply_to_lines(reply), wire.CONTENT_TYPE
+    return json.dumps(reply).encode(), "application/json"
+
+
+def respond(agent: Agent, caller: Caller, method: str, target: str, header: Callable[[str], str | None], body: bytes) -> tuple[int, bytes, str]:
+    """One request, already framed, to (status, body, content type)."""
+    lines = (header("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE
+    if lines:
+        # The helpers' JSON-free form of a token request (see wire.py); nothing else.
+        if (method, target) != ("POST", "/v1/token"):
+            return (415, *encode(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"}))
         try:
-            super().finish()
-            if self.unread:
-                self._linger()
-        finally:
-            self.server.reaper.forget(self.request)
-
-    def _linger(self) -> None:
-        """Close only after the client has read our refusal.
-
-        Closing a socket with unread input resets the connection, and the reset can
-        destroy the reply in flight: the caller would see "connection reset" instead of
-        the reason. Bounded by the reaper's deadline like any other read.
-        """
-        try:
-            self.request.shutdown(socket.SHUT_WR)
-            self.request.settimeout(1.0)
-            for _ in range(64):
-                if not self.request.recv(65536):
-                    break
-        except OSError:
-            pass
-
-    def handle(self) -> None:
-        self.close_connection = True
-        self.request_version = self.protocol_version  # for a reply sent before parsing
-        self.caller = self.server.identify(self.request, self.client_address)
-        if self.caller.transport != "tcp":
-            allowed = {self.server.agent.owner_uid, 0}  # root can read our memory anyway
-            if self.caller.uid not in allowed:
-                self.unread = True
-                self.server.agent.audit.record("refuse", {"via": self.caller.transport, "peer": self.caller.peer, "result": "refused", "reason": "peer uid is not the owner"})
-                self._reply(403, {"error": f"peer uid {self.caller.uid} may not use this agent (owner uid {self.server.agent.owner_uid})"})
-                return
-        try:
-            self.handle_one_request()
-        except (OSError, ssl.SSLError):
-            pass  # the client went away or timed out; nothing to answer
-
-    def _serve(self) -> None:
-        self.unread = True
-        if self.headers.get("Transfer-Encoding"):
-            self._reply(411, {"error": "send a Content-Length, not chunked encoding"})
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._reply(400, {"error": "bad Content-Length"})
-            return
-        if length > MAX_BODY:
-            self._reply(413, {"error": f"request body over {MAX_BODY} bytes"})
-            return
-        body = self.rfile.read(length) if length else b""
-        if len(body) != length:
-            return  # the client hung up mid-body
-        self.unread = False
-        lines = (self.headers.get("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE
-        if lines:
-            # The helpers' JSON-free form of a token request (see wire.py); nothing else.
-            if (self.command, self.path) != ("POST", "/v1/token"):
-                self._reply(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"})
-                return
-            try:
-                body = json.dumps(wire.request_from_lines(body)).encode()
-            except wire.WireError as e:
-                self._reply(400, {"error": f"bad token request: {e}"}, lines=True)
-                return
-        try:
-            status, reply = self.server.agent.dispatch(self.caller, self.command, self.path, self.headers.get("Authorization"), body)
-        except Exception as e:  # noqa: BLE001 - one request's bug must not take down the agent
-            print(f"codestore agent: internal error on {self.command} {self.path[:60]}: {redact(repr(e))}", file=sys.stderr, flush=True)
-            status, reply = 500, {"error": f"internal error in the agent ({type(e).__name__}); see its log"}
-        self._reply(status, reply, lines=lines)
-
-    do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-    def _reply(self, status: int, reply: Mapping[str, object], lines: bool = False) -> None:
-        data = wire.reply_to_lines(reply) if lines else json.dumps(reply).encode()
-        try:
-            self.send_response_only(status)
-            self.send_header("Content-Type", wire.CONTENT_TYPE if lines else "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Connection", "close")
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(data)
-            self.wfile.flush()
-        except OSError:
-            pass
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        self.close_connection = True
-        self.unread = True
-        self.request_version = self.protocol_version  # no HTTP/0.9 replies without a status
-        self._reply(code, {"error": f"bad request ({message or code})"})
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass  # the audit log is the record; request lines could carry a mistaken secret
-
-
-class _Listener(socketserver.ThreadingMixIn, socketserver.BaseServer):
-    """Shared by the Unix and TCP listeners: thread per connection, bounded."""
-
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 1024  # bursts of helpers (the kernel caps it at somaxconn)
-    agent: Agent
-    reaper: Reaper
-    tls: ssl.SSLContext | None = None
-    transport = "socket"
-    bound_grant: str | None = None
-    slots: threading.BoundedSemaphore
-
-    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.sendall(b'HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n')
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)  # type: ignore[arg-type]
-
-    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        try:
-            super().process_request_thread(request, client_address)  # type: ignore[misc]
-        finally:
-            self.slots.release()
-
-    def identify(self, sock: socket.socket, address: object) -> Caller:
-        if self.transport == "tcp":
-            host = address[0] if isinstance(address, tuple) else str(address)
-            return Caller("tcp", None, str(host))
-        uid = peer_uid(sock)
-        return Caller(self.transport, uid, f"uid:{uid}", self.bound_grant)
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        print(f"codestore agent: connection error: {redact(repr(sys.exc_info()[1]))}", file=sys.stderr, flush=True)
-
-
-class UnixListener(_Listener, socketserver.UnixStreamServer):
-    def server_bind(self) -> None:
-        addr, fd = unix_address(self.server_address)  # type: ignore[arg-type]
-        try:
-            self.socket.bind(addr)
-        finally:
-            if fd is not None:
-                os.close(fd)
-        os.chmod(self.server_address, 0o600)  # type: ignore[arg-type]
-        self.inode = os.stat(self.server_address).st_ino  # type: ignore[arg-type]
-
-
-class TCPListener(_Listener, socketserver.TCPServer):
-    allow_reuse_address = True
-    transport = "tcp"
-
-
-def _new(cls: type[_Listener], agent: Agent, reaper: Reaper, address: object, **attrs: object) -> _Listener:
-    srv = cls(address, Handler)  # type: ignore[call-arg]
-    srv.agent, srv.reaper, srv.slots = agent, reaper, threading.BoundedSemaphore(MAX_CONNECTIONS)
-    for k, v in attrs.items():
-        setattr(srv, k, v)
-    return srv
+            body = json.dumps(wire.request_from_lines(body)).encode()
+        except wire.WireError as e:
+            return (400, *encode(400, {"error": f"bad token request: {e}"}, lines=True))
+    try:
+        status, reply = agent.dispatch(caller, method, target, header("Authorization"), body)
+    except Exception as e:  # noqa: BLE001 - one request's bug must not take down the agent
+        print(f"codestore agent: internal error on {method} {target[:60]}: {redact(repr(e))}", file=sys.stderr, flush=True)
+        status, reply = 500, {"error": f"internal error in the agent ({type(e).__name__}); see its log"}
+    if "text" in reply and len(reply) == 1 and status == 200:  # /metrics: Prometheus' text format
+        return status, str(reply["text"]).encode(), "text/plain; version=0.0.4"
+    return (status, *encode(status, reply, lines))
 
 
 def prepare_socket_dir(path: str, is_default: bool) -> int:
@@ -683,24 +580,38 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _close_all(started: list[_Listener], sockets: list[_Listener], store: GrantStore, audit: AuditLog) -> None:
-    # In parallel: each serve_forever notices only at its next poll.
-    stoppers = [threading.Thread(target=srv.shutdown) for srv in started]
-    for t in stoppers:
-        t.start()
-    for t in stoppers:
-        t.join()
-    for srv in started:
-        srv.server_close()
-    for srv in sockets:
+def _remove_socket(lst: object) -> None:
+    try:
+        # Only our own socket: a newer agent may have taken the path over.
+        if os.stat(lst.path).st_ino == lst.inode:  # type: ignore[attr-defined]
+            os.unlink(lst.path)  # type: ignore[attr-defined]
+    except OSError:
+        pass
+
+
+def make_front(agent: Agent, which: str) -> Front:
+    """uvicorn's front when the fleet extra is installed (or asked for), else the threaded one."""
+    if which in ("auto", "uvicorn"):
         try:
-            # Only our own socket: a newer agent may have taken the path over.
-            if os.stat(srv.server_address).st_ino == srv.inode:  # type: ignore[arg-type, attr-defined]
-                os.unlink(srv.server_address)  # type: ignore[arg-type]
-        except OSError:
-            pass
-    store.close()
-    audit.close()
+            from .asgi import AsgiFront
+        except ImportError:
+            if which == "uvicorn":
+                raise UsageError("--server uvicorn needs the fleet extra: pip install 'codestore[fleet]'") from None
+        else:
+            return AsgiFront(agent)
+    from .threads import ThreadFront
+
+    return ThreadFront(agent)
+
+
+class Front(Protocol):
+    name: str
+    in_flight: int
+
+    def listen_unix(self, path: str, transport: str = ..., bound_grant: str | None = ...) -> object: ...
+    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None) -> tuple[object, tuple[str, int]]: ...
+    def stop_listener(self, lst: object) -> None: ...
+    def drain(self, timeout: float) -> None: ...
 
 
 def serve(
@@ -715,6 +626,7 @@ def serve(
     idle_timeout: float = 0,
     state_dir: str | None = None,
     store_url: str | None = None,
+    server: str = "auto",
     out: TextIO = sys.stdout,
 ) -> int:
     """Run the agent in the foreground until SIGTERM/SIGINT, `agent stop` or idle timeout."""
@@ -722,7 +634,7 @@ def serve(
 
     os.umask(0o077)  # everything the agent creates is private to its owner
     if bool(tls_cert) != bool(tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together")
+        raise UsageError("--tls-cert and --tls-key go together")
     tcp_address = parse_listen(listen) if listen else None
     if tcp_address and not tls_cert and not is_loopback(tcp_address[0]):
         raise ConfigError(
@@ -734,7 +646,7 @@ def serve(
     state_dir = state_dir or default_state_dir()
     is_default = socket_path is None
     socket_path = os.path.abspath(socket_path or default_socket(env))
-    socket_lock = prepare_socket_dir(socket_path, is_default)
+    prepare_socket_dir(socket_path, is_default)  # its lock is held until this process exits
     tls = None
     if tls_cert:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -753,8 +665,10 @@ def serve(
     store.start()
     agent = Agent(cfg, key, where, key_identity(cfg, env), store, audit)
     agent.socket_path = socket_path
-    reaper = Reaper()
-    grant_listeners: dict[str, UnixListener] = {}
+    front = make_front(agent, server)
+    agent.front_name = front.name
+    agent.in_flight = lambda: front.in_flight
+    grant_listeners: dict[str, object] = {}
     lock = threading.Lock()
 
     def grant_socket_path(gid: str) -> str:
@@ -763,48 +677,43 @@ def serve(
     def open_grant_socket(grant: Grant) -> str | None:
         path = grant_socket_path(grant.id)
         with lock:
-            if grant.id in grant_listeners:
-                return path
-            _claim(path)
-            srv = _new(UnixListener, agent, reaper, path, transport="grant-socket", bound_grant=grant.id)
-            grant_listeners[grant.id] = srv  # type: ignore[assignment]
-        start(srv)
+            if grant.id not in grant_listeners:
+                _claim(path)
+                grant_listeners[grant.id] = front.listen_unix(path, "grant-socket", grant.id)
         return path
 
     def close_grant_socket(grant: Grant) -> None:
         with lock:
-            srv = grant_listeners.pop(grant.id, None)
-        if srv is not None:
-            started.remove(srv)
-            srv.shutdown()
-            srv.server_close()
-            try:
-                os.unlink(srv.server_address)  # type: ignore[arg-type]
-            except OSError:
-                pass
+            lst = grant_listeners.pop(grant.id, None)
+        if lst is not None:
+            front.stop_listener(lst)
+            _remove_socket(lst)
 
     agent.on_grant_created = open_grant_socket
     agent.on_grant_revoked = close_grant_socket
     agent.grant_socket_path = grant_socket_path
 
-    started: list[_Listener] = []
+    def close_all() -> None:
+        agent.draining = True
+        front.drain(DRAIN_TIMEOUT)
+        for lst in [main, *grant_listeners.values()]:
+            _remove_socket(lst)
+        store.close()
+        audit.close()
 
-    def start(srv: _Listener) -> None:
-        started.append(srv)
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.25}, daemon=True).start()
-
-    main = _new(UnixListener, agent, reaper, socket_path)
-    start(main)
+    try:
+        main = front.listen_unix(socket_path)
+    except BaseException:
+        front.drain(0)
+        store.close()
+        raise
     try:
         if tcp_address:
-            TCPListener.address_family = socket.AF_INET6 if ":" in tcp_address[0] else socket.AF_INET
             try:
-                tcp = _new(TCPListener, agent, reaper, tcp_address, tls=tls)
+                _tcp, (host, port) = front.listen_tcp(tcp_address, tls)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from None
-            host, port = tcp.server_address[:2]  # type: ignore[misc]
             agent.listen_url = f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
-            start(tcp)
         cursor: str | None = None
         while True:
             page, cursor = store.page(own_socket=True, state="active", after=cursor, limit=1000)
@@ -813,7 +722,7 @@ def serve(
             if cursor is None:
                 break
     except BaseException:
-        _close_all(started, [main, *grant_listeners.values()], store, audit)
+        close_all()
         raise
 
     def on_signal(signum: int, frame: object) -> None:
@@ -825,7 +734,8 @@ def serve(
     print(f"serving unix:{socket_path}", file=out)
     if agent.listen_url:
         print(f"serving {agent.listen_url}", file=out)
-    print(f"ready pid={os.getpid()} org={agent.org} key={where} audit={audit.path}", file=out, flush=True)
+    print(f"ready pid={os.getpid()} org={agent.org} key={where} audit={audit.path} store={store.where} server={front.name}",
+          file=out, flush=True)
 
     reason = "stopped"
     try:
@@ -841,6 +751,6 @@ def serve(
                 reason = "socket removed"  # its directory was cleaned up: nobody can reach us
                 break
     finally:
-        _close_all(started, [main, *grant_listeners.values()], store, audit)
+        close_all()
     print(f"codestore agent exiting: {reason}", file=sys.stderr, flush=True)
     return 0
