@@ -33,6 +33,7 @@ from . import wire
 
 MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0
+FAILOVER_CONNECT_TIMEOUT = 0.5  # per replica when CODESTORE_AGENT_URL names several
 REPLY_TIMEOUT = 15.0
 SOCKET_NAME = "agent.sock"
 START_HINT = "start it where the key lives (codestore agent start), or fix CODESTORE_AGENT_URL/CODESTORE_AGENT_SOCK"
@@ -190,6 +191,7 @@ def exchange(
     grant: Secret | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = REPLY_TIMEOUT,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> tuple[int, bytes]:
     """One HTTP request on a fresh connection; returns (status, body). Raises AgentUnavailable."""
     env = os.environ if env is None else env
@@ -199,7 +201,7 @@ def exchange(
         head.append(f"Content-Type: {content_type}")
     if grant is not None:
         head.append(f"Authorization: Grant {grant.reveal()}")
-    sock = _connect(ep, min(timeout, CONNECT_TIMEOUT), env)
+    sock = _connect(ep, min(timeout, connect_timeout), env)
     try:
         sock.settimeout(timeout)
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
@@ -269,10 +271,16 @@ def read_grant(env: Mapping[str, str]) -> Secret | None:
     return Secret(value)
 
 
+def endpoints_from_env(env: Mapping[str, str]) -> list[Endpoint]:
+    """The agent replicas to try, in order: CODESTORE_AGENT_URL (comma-separated), else the socket."""
+    urls = [u.strip() for u in env.get("CODESTORE_AGENT_URL", "").split(",") if u.strip()]
+    if urls:
+        return [Endpoint.from_url(u) for u in urls]
+    return [Endpoint("unix", os.path.expanduser(env.get("CODESTORE_AGENT_SOCK") or default_socket(env)))]
+
+
 def endpoint_from_env(env: Mapping[str, str]) -> Endpoint:
-    if env.get("CODESTORE_AGENT_URL"):
-        return Endpoint.from_url(env["CODESTORE_AGENT_URL"])
-    return Endpoint("unix", os.path.expanduser(env.get("CODESTORE_AGENT_SOCK") or default_socket(env)))
+    return endpoints_from_env(env)[0]
 
 
 def refusal(ep: Endpoint, status: int, reply: Mapping[str, object]) -> Exception:
@@ -285,8 +293,11 @@ def refusal(ep: Endpoint, status: int, reply: Mapping[str, object]) -> Exception
 class AgentSource:
     """Tokens from an agent: with a grant (a sandbox) or as the owner (same uid, no grant)."""
 
-    def __init__(self, endpoint: Endpoint, grant: Secret | None, cfg: Config, env: Mapping[str, str]) -> None:
-        self.endpoint = endpoint
+    def __init__(self, endpoint: Endpoint | list[Endpoint], grant: Secret | None, cfg: Config, env: Mapping[str, str]) -> None:
+        # Several replicas: tried in order, each with a short connect timeout, so a dead one
+        # costs a sandbox a refused connect (or FAILOVER_CONNECT_TIMEOUT), not a failed git.
+        self.endpoints = endpoint if isinstance(endpoint, list) else [endpoint]
+        self.endpoint = self.endpoints[0]
         self.grant = grant
         self.cfg = cfg
         self.env = env
@@ -294,7 +305,7 @@ class AgentSource:
     @classmethod
     def from_env(cls, cfg: Config, env: Mapping[str, str] | None = None) -> AgentSource:
         env = os.environ if env is None else env
-        return cls(endpoint_from_env(env), read_grant(env), cfg, env)
+        return cls(endpoints_from_env(env), read_grant(env), cfg, env)
 
     def mint(self, request: object) -> Token:
         # `request` is a source.TokenRequest; not imported here to keep this module a leaf.
@@ -314,7 +325,7 @@ class AgentSource:
             )
         except wire.WireError as e:
             raise ConfigError(f"cannot ask the codestore agent for this token: {e}") from None
-        status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env)
+        status, content = self._exchange(body)
         try:
             reply = wire.decode(content)
         except wire.WireError:
@@ -325,6 +336,21 @@ class AgentSource:
         if not token or not exp.isdigit():
             raise RemoteError(f"the codestore agent at {self.endpoint} sent a reply without a token")
         return Token(token, int(exp))
+
+
+    def _exchange(self, body: bytes) -> tuple[int, bytes]:
+        """POST the token request to the first replica that answers; `self.endpoint` is it."""
+        if len(self.endpoints) == 1:
+            return exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env)
+        for ep in self.endpoints:
+            try:
+                result = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
+                                  connect_timeout=FAILOVER_CONNECT_TIMEOUT)
+            except AgentUnavailable:
+                continue  # minting changes nothing: safe to ask the next replica
+            self.endpoint = ep
+            return result
+        raise AgentUnavailable(f"no codestore agent answered at any of {', '.join(map(str, self.endpoints))}; {START_HINT}")
 
 
 def spawn(socket_path: str, *, idle_timeout: int = 0, extra: tuple[str, ...] = (), log_path: str | None = None,
