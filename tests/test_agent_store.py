@@ -215,6 +215,8 @@ def test_with_the_database_gone_a_replica_refuses_to_mint_in_one_line_and_recove
             assert "\n" not in str(refused.value)
             status, reply = admin(a, "POST", "/v1/grants", {"repos": [REPO]})
             assert status == 503 and "no grant was created" in str(reply["error"])
+            status, ready = admin(a, "GET", "/readyz")  # what a load balancer asks
+            assert status == 503 and ready["ready"] is False and "unreachable" in str(ready["store"]), ready
             pg.start()
             deadline = time.monotonic() + 10
             while True:
@@ -224,6 +226,7 @@ def test_with_the_database_gone_a_replica_refuses_to_mint_in_one_line_and_recove
                 except AgentRefused:
                     assert time.monotonic() < deadline, "the replica did not recover when the database came back"
                     time.sleep(0.1)
+            assert admin(a, "GET", "/readyz")[0] == 200
         finally:
             a.stop()
     finally:

@@ -12,7 +12,7 @@ Around uvicorn's protocol we keep what it does not do, each for a reason:
   from the moment it is accepted, TLS handshakes included, and a TLS handshake has a
   deadline (IO_TIMEOUT) instead of asyncio's 60 s. Over the limit, a TLS connection is
   closed silently: a cleartext refusal on a TLS port only reads as a TLS error.
-- a deadline per request (CONNECTION_DEADLINE, from its first byte to its reply) on
+- a deadline per request (`--request-deadline`, from its first byte to its reply) on
   every listener, TLS included: uvicorn times out idle keep-alive connections but not a
   request that trickles in a byte at a time (issue 8 item 6).
 - caps on the request target and the headers (uvicorn's httptools protocol has none).
@@ -42,7 +42,7 @@ from uvicorn.server import ServerState
 from ..errors import redact
 from .client import unix_address
 from .server import (
-    CONNECTION_DEADLINE, IO_TIMEOUT, MAX_CONNECTIONS, MAX_HEAD, PER_PEER, Agent, Caller, admit, encode, framing, identify,
+    IO_TIMEOUT, MAX_CONNECTIONS, MAX_HEAD, PER_PEER, Agent, Caller, admit, encode, framing, identify,
     respond,
 )
 
@@ -70,9 +70,10 @@ _STATUS = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 4
 class AgentProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with a request deadline, head caps and the caller in the scope."""
 
-    def __init__(self, *, caller: Caller, slot: _Slot, **kwargs: object) -> None:
+    def __init__(self, *, caller: Caller, slot: _Slot, deadline: float, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.caller = caller
+        self.deadline = deadline
         self.slot = slot
         self._deadline: asyncio.TimerHandle | None = None
         self._head = 0
@@ -84,7 +85,7 @@ class AgentProtocol(HttpToolsProtocol):
 
     def _arm(self) -> None:
         if self._deadline is None:
-            self._deadline = self.loop.call_later(CONNECTION_DEADLINE, self._expire)
+            self._deadline = self.loop.call_later(self.deadline, self._expire)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -271,10 +272,10 @@ class AsgiFront:
 
             def factory() -> AgentProtocol:
                 return AgentProtocol(config=self.config, server_state=self.state, app_state=self.app_state,
-                                     _loop=self.loop, caller=caller, slot=slot)
+                                     _loop=self.loop, caller=caller, slot=slot, deadline=self.agent.request_deadline)
 
-            await self.loop.connect_accepted_socket(
-                factory, conn, ssl=lst.tls, ssl_handshake_timeout=IO_TIMEOUT if lst.tls else None)
+            handshake = min(IO_TIMEOUT, self.agent.request_deadline)
+            await self.loop.connect_accepted_socket(factory, conn, ssl=lst.tls, ssl_handshake_timeout=handshake if lst.tls else None)
         except Exception:  # noqa: BLE001 - a failed handshake or a peer gone: nothing to serve
             slot.release()
             conn.close()

@@ -94,6 +94,7 @@ class Agent:
         self.listen_url = ""
         self.stop = threading.Event()
         self.draining = False
+        self.request_deadline = CONNECTION_DEADLINE
         self.metrics = Metrics()
         self.front_name = ""
         self.in_flight: Callable[[], int] = lambda: 0
@@ -627,6 +628,7 @@ def serve(
     state_dir: str | None = None,
     store_url: str | None = None,
     server: str = "auto",
+    request_deadline: float | None = None,
     out: TextIO = sys.stdout,
 ) -> int:
     """Run the agent in the foreground until SIGTERM/SIGINT, `agent stop` or idle timeout."""
@@ -665,6 +667,7 @@ def serve(
     store.start()
     agent = Agent(cfg, key, where, key_identity(cfg, env), store, audit)
     agent.socket_path = socket_path
+    agent.request_deadline = request_deadline or CONNECTION_DEADLINE
     front = make_front(agent, server)
     agent.front_name = front.name
     agent.in_flight = lambda: front.in_flight

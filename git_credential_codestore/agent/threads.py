@@ -31,16 +31,17 @@ from .server import (
 
 
 class Reaper:
-    """Cuts connections that outlive CONNECTION_DEADLINE (slowloris), one thread for all."""
+    """Cuts connections that outlive the request deadline (slowloris), one thread for all."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float = CONNECTION_DEADLINE) -> None:
+        self.deadline = deadline
         self._lock = threading.Lock()
         self._fds: dict[int, float] = {}
         threading.Thread(target=self._run, name="reaper", daemon=True).start()
 
     def watch(self, fd: int) -> None:
         with self._lock:
-            self._fds[fd] = time.monotonic() + CONNECTION_DEADLINE
+            self._fds[fd] = time.monotonic() + self.deadline
 
     def forget(self, fd: int) -> None:
         with self._lock:
@@ -231,7 +232,7 @@ class ThreadFront:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self.reaper = Reaper()
+        self.reaper = Reaper(agent.request_deadline)
         self._lock = threading.Lock()
         self._total = 0
         self._peers: dict[str, int] = {}
