@@ -272,5 +272,5 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool: 
     return bool(predicate())
 
 
-# Real PostgreSQL for the agent's fleet tests (one server per session).
-from tests.realparts import pg_url, postgres  # noqa: E402, F401
+# Real PostgreSQL (one server per session) and SoftHSM2 tokens for the agent's fleet tests.
+from tests.realparts import pg_url, postgres, softhsm  # noqa: E402, F401

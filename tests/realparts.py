@@ -92,3 +92,41 @@ def postgres() -> Iterator[Postgres]:
 def pg_url(postgres: Postgres) -> str:
     """A fresh, empty database on the session's PostgreSQL."""
     return postgres.create_database()
+
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+class SoftHsm:
+    """A SoftHSM2 token in a temporary SOFTHSM2_CONF; `away`/`back` take it from under the agent."""
+
+    def __init__(self, root: str, label: str = "codestore", pin: str = "1234") -> None:
+        if not os.path.exists(SOFTHSM_MODULE) or not shutil.which("softhsm2-util"):
+            raise RuntimeError("SoftHSM2 is not installed; tests/run.sh installs Debian's softhsm2 package")
+        self.root, self.label, self.pin = root, label, pin
+        self.tokens = os.path.join(root, "tokens")
+        os.makedirs(self.tokens)
+        self.conf = os.path.join(root, "softhsm2.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"directories.tokendir = {self.tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", "5678"],
+                       check=True, capture_output=True, env=self.env())
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        env.update(SOFTHSM2_CONF=self.conf, CODESTORE_PKCS11_MODULE=SOFTHSM_MODULE, CODESTORE_PKCS11_PIN=self.pin)
+        return env
+
+    def uri(self, obj: str) -> str:
+        return f"pkcs11:token={self.label};object={obj}"
+
+    def away(self) -> None:
+        os.rename(self.tokens, self.tokens + ".away")
+
+    def back(self) -> None:
+        os.rename(self.tokens + ".away", self.tokens)
+
+
+@pytest.fixture
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
+    return SoftHsm(str(tmp_path_factory.mktemp("softhsm")))

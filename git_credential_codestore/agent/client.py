@@ -91,6 +91,9 @@ def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
     The agent compares this with its own, so a helper never gets a token signed with a
     key other than the one its configuration chose.
     """
+    uri = env.get("CODESTORE_AGENT_KEY", "")
+    if uri.startswith("pkcs11:"):
+        return "pkcs11:" + uri[len("pkcs11:"):].split("?", 1)[0]  # a token's key: never its module or PIN file
     pem = env.get("CODESTORE_PRIVATE_KEY", "")
     if pem.strip():
         import hashlib

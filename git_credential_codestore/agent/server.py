@@ -79,7 +79,7 @@ class Caller:
 class Agent:
     """Request handling, independent of the wire: (caller, method, path, body) -> reply."""
 
-    def __init__(self, cfg: Config, key: tokens.PrivateKey, key_where: str, key_id: str, store: GrantStore, audit: AuditLog) -> None:
+    def __init__(self, cfg: Config, key: tokens.PrivateKey | tokens.Signer, key_where: str, key_id: str, store: GrantStore, audit: AuditLog) -> None:
         self.cfg = cfg
         self.org = cfg.require_org()
         self.key = key
@@ -230,6 +230,9 @@ class Agent:
                 self.key, org=self.org, repo=decision.repo, scopes=decision.scopes, ttl=decision.ttl,
                 sub=decision.sub, kid=self.cfg.kid, refs=decision.refs or None,
             )
+        except tokens.SignerUnavailable as e:
+            self.metrics.signer_errors += 1
+            return self._refuse(who, data, str(e), 503, grant)
         except CodestoreError as e:
             return self._refuse(who, data, str(e), 400, grant)
         try:
@@ -629,6 +632,7 @@ def serve(
     store_url: str | None = None,
     server: str = "auto",
     request_deadline: float | None = None,
+    key_uri: str | None = None,
     out: TextIO = sys.stdout,
 ) -> int:
     """Run the agent in the foreground until SIGTERM/SIGINT, `agent stop` or idle timeout."""
@@ -644,7 +648,14 @@ def serve(
             "or listen on 127.0.0.1 behind a TLS tunnel"
         )
     cfg.require_org()
-    key, where = keys.load_private_key(cfg, env)
+    signer: tokens.PrivateKey | tokens.Signer
+    if key_uri:
+        from ..hsm import Pkcs11Signer
+
+        signer = Pkcs11Signer(key_uri, env)  # the key stays in the token
+        where = str(signer.uri)
+    else:
+        signer, where = keys.load_private_key(cfg, env)
     state_dir = state_dir or default_state_dir()
     is_default = socket_path is None
     socket_path = os.path.abspath(socket_path or default_socket(env))
@@ -665,7 +676,10 @@ def serve(
         raise
     store.on_flush = audit.flush_into
     store.start()
-    agent = Agent(cfg, key, where, key_identity(cfg, env), store, audit)
+    key_id = key_identity(cfg, {**env, "CODESTORE_AGENT_KEY": key_uri} if key_uri else env)
+    agent = Agent(cfg, signer, where, key_id, store, audit)
+    if key_uri:
+        agent.signer_health = signer.health  # type: ignore[union-attr]
     agent.socket_path = socket_path
     agent.request_deadline = request_deadline or CONNECTION_DEADLINE
     front = make_front(agent, server)

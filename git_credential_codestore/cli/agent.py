@@ -56,9 +56,11 @@ def agent() -> None:
               help="HTTP front: uvicorn (the fleet extra) when installed, else the standard library's threads.")
 @click.option("--request-deadline", type=click.FloatRange(0.5, 300), metavar="SECONDS",
               help="Longest a request may take from its first byte to its reply; slower clients are cut (default 15).")
+@click.option("--key", "key_uri", metavar="pkcs11:URI", envvar="CODESTORE_AGENT_KEY",
+              help="Sign through a PKCS#11 token (RFC 7512 URI) instead of holding the key in memory.")
 def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | None, tls_cert: str | None,
                 tls_key: str | None, idle_timeout: int, state_dir: str | None, store_url: str | None, server: str,
-                request_deadline: float | None) -> None:
+                request_deadline: float | None, key_uri: str | None) -> None:
     """Run the agent in the foreground (containers, service managers)."""
     from .. import config
     from ..agent.server import serve
@@ -68,7 +70,7 @@ def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | Non
         socket_path=os.path.expanduser(socket_opt) if socket_opt else (os.environ.get("CODESTORE_AGENT_SOCK") or None),
         listen=listen, audit_path=audit_log, tls_cert=tls_cert, tls_key=tls_key,
         idle_timeout=idle_timeout, state_dir=state_dir, store_url=store_url, server=server,
-        request_deadline=request_deadline,
+        request_deadline=request_deadline, key_uri=key_uri,
     )
 
 

@@ -15,10 +15,23 @@ def key_group() -> None:
 @key_group.command("generate")
 @click.option("--type", "kind", type=click.Choice(["ec", "rsa", "ed25519"]), default="ec", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing stored key.")
-def key_generate(kind: str, force: bool) -> None:
+@click.option("--pkcs11", "pkcs11_uri", metavar="URI",
+              help="Make the key inside a PKCS#11 token (non-extractable), e.g. pkcs11:token=codestore;object=org-key.")
+def key_generate(kind: str, force: bool, pkcs11_uri: str | None) -> None:
     """Make a new key and keep it in the OS keychain (or a 0600 file where there is none)."""
+    import os
+
     from .. import config, keys
 
+    if pkcs11_uri:
+        from .. import hsm
+
+        if kind == "ed25519":
+            raise CodestoreError("a PKCS#11 key is --type ec or rsa")
+        public = hsm.generate(pkcs11_uri, kind, os.environ)
+        click.echo(f"made a non-extractable {kind} key in {hsm.parse_uri(pkcs11_uri, os.environ)}; register its public half with Code Storage:", err=True)
+        click.echo(keys.public_pem(public), nl=False)  # type: ignore[arg-type]
+        return
     cfg = config.load()
     if not force:
         try:
