@@ -45,7 +45,7 @@ from typing import Protocol, TextIO
 
 from .. import tokens
 from ..config import Config, is_loopback, parse_scopes
-from ..errors import CodestoreError, ConfigError, UsageError, redact
+from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, redact
 from . import policy, wire
 from .audit import AuditLog
 from .client import default_socket, key_identity, unix_address
@@ -256,9 +256,9 @@ class Agent:
         for field_name, value in mine.items():
             if owner.get(field_name) != value:
                 raise policy.Refused(
+                    409,
                     f"signs for org {self.org!r} with kid {self.cfg.kid!r} ({self.key_where}); "
                     f"this helper is configured differently ({field_name}); restart the agent with the same settings",
-                    409,
                 )
         sub = owner.get("sub")
         return sub if isinstance(sub, str) and 0 < len(sub) <= 200 else self.cfg.sub
@@ -490,7 +490,7 @@ def respond(agent: Agent, caller: Caller, method: str, target: str, header: Call
             return (415, *encode(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"}))
         try:
             body = json.dumps(wire.request_from_lines(body)).encode()
-        except wire.WireError as e:
+        except ProtocolError as e:
             return (400, *encode(400, {"error": f"bad token request: {e}"}, lines=True))
     try:
         status, reply = agent.dispatch(caller, method, target, header("Authorization"), body)
