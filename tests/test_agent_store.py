@@ -308,3 +308,20 @@ def test_grant_list_pages_and_filters(tmp_path: Path, org_key: OrgKey) -> None:
         assert "--after " in out.stderr  # where the next page starts
     finally:
         a.stop()
+
+
+def test_a_per_minute_limit_holds_across_replicas(tmp_path: Path, org_key: OrgKey, pg_url: str) -> None:
+    # Threat: a leaked grant used at full speed by spreading requests over replicas.
+    a, b = replica(tmp_path, "a", pg_url), replica(tmp_path, "b", pg_url)
+    try:
+        g = create(a, max_per_minute=3)
+        while time.time() % 60 > 50:  # the count is per calendar minute: do not straddle one
+            time.sleep(0.5)
+        mint(sandbox_env(g["grant"], sock=a.socket))
+        mint(sandbox_env(g["grant"], sock=a.socket))
+        mint(sandbox_env(g["grant"], sock=b.socket))
+        with pytest.raises(AgentRefused, match="3 tokens a minute"):
+            mint(sandbox_env(g["grant"], sock=b.socket))
+    finally:
+        a.stop()
+        b.stop()

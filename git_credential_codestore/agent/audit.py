@@ -70,7 +70,7 @@ class AuditLog:
         self.counts: dict[str, int] = {"mint": 0, "refuse": 0}
         self.dropped = 0
 
-    def _entry(self, event: str, fields: Mapping[str, object]) -> tuple[dict[str, object], tuple[object, ...]]:
+    def _entry(self, event: str, fields: Mapping[str, object]) -> tuple[str, tuple[object, ...]]:
         now = time.time()
         entry: dict[str, object] = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "event": event}
         entry.update(fields)
@@ -78,21 +78,21 @@ class AuditLog:
             entry["reason"] = redact(str(entry["reason"]))
         text = json.dumps(entry, separators=(",", ":"), default=str)
         row = (int(now), event, entry.get("grant"), entry.get("sub"), entry.get("repo"), entry.get("result"), self.replica, text)
-        return entry, tuple(None if v is not None and not isinstance(v, (str, int)) else v for v in row)
+        return text, tuple(None if v is not None and not isinstance(v, (str, int)) else v for v in row)
 
-    def _append(self, entry: Mapping[str, object]) -> None:
-        os.write(self._fd, (json.dumps(entry, separators=(",", ":"), default=str) + "\n").encode("utf-8"))
+    def _append(self, text: str) -> None:
+        os.write(self._fd, (text + "\n").encode("utf-8"))
 
     def record(self, event: str, fields: Mapping[str, object]) -> None:
         """A mint or refusal: to the file now (OSError if it cannot be), to the database soon."""
-        entry, row = self._entry(event, fields)
+        text, row = self._entry(event, fields)
         with self._lock:
             self.counts[event] = self.counts.get(event, 0) + 1
             if len(self._buffer) < MAX_BUFFER:
                 self._buffer.append(row)
             else:
                 self.dropped += 1
-            self._append(entry)
+            self._append(text)
 
     def in_transaction(self, event: str, fields: Mapping[str, object]) -> tuple[Callable[[db.Tx], None], Callable[[], str | None]]:
         """For a grant change: (write the row inside its transaction, then append the file line).
@@ -100,7 +100,7 @@ class AuditLog:
         The second returns None, or what went wrong with the file: the change and its row
         are committed by then, so the caller reports success and this as a warning.
         """
-        entry, row = self._entry(event, fields)
+        text, row = self._entry(event, fields)
 
         def write(tx: db.Tx) -> None:
             tx.execute(_INSERT, row)
@@ -109,7 +109,7 @@ class AuditLog:
             with self._lock:
                 self.counts[event] = self.counts.get(event, 0) + 1
                 try:
-                    self._append(entry)
+                    self._append(text)
                 except OSError as e:
                     return f"the audit log file {self.path} could not be written ({e.strerror}); the database has the record"
             return None
