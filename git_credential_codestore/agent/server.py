@@ -122,7 +122,9 @@ class Agent:
     )
     _ADMIN = frozenset({"status", "list_grants", "create_grant", "revoke_grant", "shutdown"})
 
-    def dispatch(self, caller: Caller, method: str, target: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
+    def dispatch(self, caller: Caller, method: str, target: str, authorization: str | None, body: bytes,
+                 parsed: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
+        """One request; `parsed` is a body already decoded from the line format (no JSON round trip)."""
         self.last_activity = time.monotonic()
         path, _, query = target.partition("?")
         for m, pattern, name in self._ROUTES:
@@ -137,7 +139,7 @@ class Agent:
                 self.audit.record("refuse", {"action": name, "peer": caller.peer, "via": caller.transport, "reason": "admin call from a non-owner"})
                 return 403, {"error": "administrative calls are accepted only from the owner on the agent's own socket, without a grant"}
         try:
-            data = json.loads(body) if body else {}
+            data = parsed if parsed is not None else json.loads(body) if body else {}
         except (ValueError, UnicodeDecodeError):
             return 400, {"error": "request body is not JSON"}
         if name == "ping":
@@ -484,16 +486,17 @@ def encode(status: int, reply: Mapping[str, object], lines: bool = False) -> tup
 def respond(agent: Agent, caller: Caller, method: str, target: str, header: Callable[[str], str | None], body: bytes) -> tuple[int, bytes, str]:
     """One request, already framed, to (status, body, content type)."""
     lines = (header("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE
+    parsed = None
     if lines:
         # The helpers' JSON-free form of a token request (see wire.py); nothing else.
         if (method, target) != ("POST", "/v1/token"):
             return (415, *encode(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"}))
         try:
-            body = json.dumps(wire.request_from_lines(body)).encode()
+            parsed = wire.request_from_lines(body)
         except ProtocolError as e:
             return (400, *encode(400, {"error": f"bad token request: {e}"}, lines=True))
     try:
-        status, reply = agent.dispatch(caller, method, target, header("Authorization"), body)
+        status, reply = agent.dispatch(caller, method, target, header("Authorization"), body, parsed)
     except Exception as e:  # noqa: BLE001 - one request's bug must not take down the agent
         print(f"codestore agent: internal error on {method} {target[:60]}: {redact(repr(e))}", file=sys.stderr, flush=True)
         status, reply = 500, {"error": f"internal error in the agent ({type(e).__name__}); see its log"}
