@@ -40,7 +40,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from ..errors import redact
-from .client import unix_address
+from .discovery import unix_address
 from .server import (
     IO_TIMEOUT, MAX_CONNECTIONS, MAX_HEAD, PER_PEER, Agent, Caller, admit, encode, framing, identify,
     respond,

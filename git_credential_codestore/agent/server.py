@@ -44,11 +44,13 @@ from dataclasses import dataclass
 from typing import Protocol, TextIO
 
 from .. import tokens
-from ..config import Config, is_loopback, parse_scopes
+from ..config import Config
 from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, redact
+from ..vocab import check_ttl, is_loopback, parse_scopes, ref_policy
 from . import policy, wire
 from .audit import AuditLog
-from .client import default_socket, key_identity, unix_address
+from .client import key_identity
+from .discovery import AGENT_KEY, default_socket, grant_socket, unix_address
 from .db import StoreError
 from .grants import STATES, Grant, GrantStore, grant_id_of
 from .metrics import Metrics
@@ -122,9 +124,7 @@ class Agent:
     )
     _ADMIN = frozenset({"status", "list_grants", "create_grant", "revoke_grant", "shutdown"})
 
-    def dispatch(self, caller: Caller, method: str, target: str, authorization: str | None, body: bytes,
-                 parsed: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
-        """One request; `parsed` is a body already decoded from the line format (no JSON round trip)."""
+    def dispatch(self, caller: Caller, method: str, target: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
         self.last_activity = time.monotonic()
         path, _, query = target.partition("?")
         for m, pattern, name in self._ROUTES:
@@ -138,8 +138,13 @@ class Agent:
                 # A grant holder must never create grants (it would widen its own).
                 self.audit.record("refuse", {"action": name, "peer": caller.peer, "via": caller.transport, "reason": "admin call from a non-owner"})
                 return 403, {"error": "administrative calls are accepted only from the owner on the agent's own socket, without a grant"}
+        if name == "token":
+            t0 = time.perf_counter()
+            status, reply = self.mint(caller, authorization, body)  # lines, not JSON (wire.py)
+            self.metrics.observe(status, time.perf_counter() - t0)
+            return status, reply
         try:
-            data = parsed if parsed is not None else json.loads(body) if body else {}
+            data = json.loads(body) if body else {}
         except (ValueError, UnicodeDecodeError):
             return 400, {"error": "request body is not JSON"}
         if name == "ping":
@@ -150,11 +155,6 @@ class Agent:
             return self.readyz()
         if name == "metrics":
             return 200, {"text": self.render_metrics()}
-        if name == "token":
-            t0 = time.perf_counter()
-            status, reply = self.mint(caller, authorization, data)
-            self.metrics.observe(status, time.perf_counter() - t0)
-            return status, reply
         if name == "status":
             return 200, self.status()
         if name == "list_grants":
@@ -194,7 +194,12 @@ class Agent:
             return None, f"peer uid {caller.uid} is not the agent's owner; present a grant"
         return None, None
 
-    def mint(self, caller: Caller, authorization: str | None, data: object) -> tuple[int, dict[str, object]]:
+    def mint(self, caller: Caller, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
+        try:
+            request, owner = wire.decode_request(body)
+        except ProtocolError as e:
+            return 400, {"error": f"bad token request: {e}"}
+        data = {"repo": request.repo, "scopes": list(request.scopes), "ttl": request.ttl, "ephemeral": request.ephemeral}
         try:
             grant, reason = self._grant_for(caller, authorization)
         except StoreError as e:
@@ -208,15 +213,14 @@ class Agent:
             who["grant"] = grant_id_of(secret)  # the id a presented secret claims, never the secret
             return self._refuse(who, data, reason, status)
         try:
-            req = policy.parse_request(data)
+            req = policy.check_request(request)
         except policy.Refused as e:
             return self._refuse(who, data, e.reason, e.status, grant)
         try:
             if grant is not None:
                 decision = policy.clamp_to_grant(grant, req, self.cfg.ttl)
             else:
-                owner = data.get("owner") if isinstance(data, dict) else None
-                sub = self._check_owner(owner)
+                sub = self._check_owner(owner or None)
                 decision = policy.clamp_for_owner(req, self.cfg.ttl, sub)
         except policy.Refused as e:
             return self._refuse(who, data, e.reason, e.status, grant)
@@ -298,12 +302,13 @@ class Agent:
                 raise ConfigError("a grant needs --repo (a repository id or glob such as team/*)")
             scopes = parse_scopes(data.get("scopes") or "git:read", "--scopes")
             max_ttl = data.get("max_ttl", 900)
-            if not isinstance(max_ttl, int) or not 30 <= max_ttl <= 3600:
-                raise ConfigError(f"--max-ttl must be 30..3600 seconds, not {max_ttl!r}")
+            if not isinstance(max_ttl, int):
+                raise ConfigError(f"--max-ttl must be a whole number of seconds, not {max_ttl!r}")
+            check_ttl(max_ttl, "--max-ttl")
             expires_in = data.get("expires_in")
             if expires_in is not None and (not isinstance(expires_in, int) or expires_in <= 0):
                 raise ConfigError("--expires-in must be a positive duration")
-            refs = tokens.validate_refs(data.get("refs") or [])
+            refs = ref_policy(data.get("refs") or [])
             sub = data.get("sub")
             if sub is not None and (not isinstance(sub, str) or not 0 < len(sub) <= 200):
                 raise ConfigError("--sub must be a short identifier")
@@ -479,24 +484,18 @@ def framing(header: Callable[[str], str | None]) -> tuple[Reply | None, int]:
 
 def encode(status: int, reply: Mapping[str, object], lines: bool = False) -> tuple[bytes, str]:
     if lines:
-        return wire.reply_to_lines(reply), wire.CONTENT_TYPE
+        return wire.encode_reply(reply), wire.CONTENT_TYPE
     return json.dumps(reply).encode(), "application/json"
 
 
 def respond(agent: Agent, caller: Caller, method: str, target: str, header: Callable[[str], str | None], body: bytes) -> tuple[int, bytes, str]:
     """One request, already framed, to (status, body, content type)."""
-    lines = (header("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE
-    parsed = None
-    if lines:
-        # The helpers' JSON-free form of a token request (see wire.py); nothing else.
-        if (method, target) != ("POST", "/v1/token"):
-            return (415, *encode(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"}))
-        try:
-            parsed = wire.request_from_lines(body)
-        except ProtocolError as e:
-            return (400, *encode(400, {"error": f"bad token request: {e}"}, lines=True))
+    # POST /v1/token speaks lines both ways (wire.py); every other endpoint JSON.
+    lines = (method, target) == ("POST", "/v1/token")
+    if not lines and (header("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE:
+        return (415, *encode(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"}))
     try:
-        status, reply = agent.dispatch(caller, method, target, header("Authorization"), body, parsed)
+        status, reply = agent.dispatch(caller, method, target, header("Authorization"), body)
     except Exception as e:  # noqa: BLE001 - one request's bug must not take down the agent
         print(f"codestore agent: internal error on {method} {target[:60]}: {redact(repr(e))}", file=sys.stderr, flush=True)
         status, reply = 500, {"error": f"internal error in the agent ({type(e).__name__}); see its log"}
@@ -679,7 +678,7 @@ def serve(
         raise
     store.on_flush = audit.flush_into
     store.start()
-    key_id = key_identity(cfg, {**env, "CODESTORE_AGENT_KEY": key_uri} if key_uri else env)
+    key_id = key_identity(cfg, {**env, AGENT_KEY: key_uri} if key_uri else env)
     agent = Agent(cfg, signer, where, key_id, store, audit)
     if key_uri:
         agent.signer_health = signer.health  # type: ignore[union-attr]
@@ -692,7 +691,7 @@ def serve(
     lock = threading.Lock()
 
     def grant_socket_path(gid: str) -> str:
-        return os.path.join(os.path.dirname(socket_path), f"grant-{gid}.sock")
+        return grant_socket(socket_path, gid)
 
     def open_grant_socket(grant: Grant) -> str | None:
         path = grant_socket_path(grant.id)

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler
 
 from ..errors import redact
-from .client import unix_address
+from .discovery import unix_address
 from .server import (
     CONNECTION_DEADLINE, IO_TIMEOUT, MAX_CONNECTIONS, PER_PEER, Agent, Caller, admit, encode, framing, identify, respond,
 )
