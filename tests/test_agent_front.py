@@ -6,7 +6,6 @@ Each test runs against both fronts, through the installed `codestore agent serve
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import signal
 import socket
@@ -124,7 +123,7 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, org_key: OrgKey, fron
     # A rolling restart: a request the agent has accepted gets its whole reply.
     a = start_agent(tmp_path, "--server", front)
     g = create(a)
-    body = json.dumps({"repo": REPO, "scopes": ["git:read"]}).encode()
+    body = f"repo={REPO}\nscopes=git:read\n".encode()  # wire.py's line format
     request = (b"POST /v1/token HTTP/1.1\r\nHost: a\r\nAuthorization: Grant %s\r\nContent-Length: %d\r\n\r\n%s"
                % (str(g["grant"]).encode(), len(body), body))
     partial: list[bytes] = []
@@ -147,7 +146,7 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, org_key: OrgKey, fron
             if not out:
                 continue
             head, _, content = out.partition(b"\r\n\r\n")
-            if head.startswith(b"HTTP/1.1 200") and b'"token"' in content and content.endswith(b"}"):
+            if head.startswith(b"HTTP/1.1 200") and b"token=eyJ" in content and content.endswith(b"\n"):
                 complete[0] += 1
             else:
                 partial.append(out[:200])
