@@ -325,3 +325,27 @@ def test_a_per_minute_limit_holds_across_replicas(tmp_path: Path, org_key: OrgKe
     finally:
         a.stop()
         b.stop()
+
+
+def test_when_only_the_audit_file_fails_the_admin_is_told_what_is_true(tmp_path: Path, org_key: OrgKey) -> None:
+    # Issue 8 item 4: a 500 for a change that was in fact made sends the admin the wrong way.
+    a = start_agent(tmp_path, "--audit-log", "/dev/full")  # every write: ENOSPC
+    try:
+        status, g = admin(a, "POST", "/v1/grants", {"repos": [REPO]})
+        assert status == 201 and g["grant"] and "was created, but the audit log file" in str(g["warning"]), g
+        status, r = admin(a, "POST", f"/v1/grants/{g['id']}/revoke")
+        assert status == 200 and r["state"] == "revoked" and "is revoked, but" in str(r["warning"]), r
+        cli = a.cli("grant", "create", "--repo", REPO)
+        assert cli.returncode == 0 and "codestore: warning: grant" in cli.stderr
+        live = json.loads(a.cli("grant", "list", "--json", "--state", "active").stdout)[0]
+        # Every token handed out is in the audit log, or it is not handed out.
+        with pytest.raises(AgentRefused, match="cannot write the audit log"):
+            mint(sandbox_env(str(cli.stdout.split("grant:")[1].split()[0]), sock=a.socket))
+    finally:
+        a.stop()
+    b = start_agent(tmp_path)
+    try:
+        listed = {x["id"]: x["state"] for x in admin(b, "GET", "/v1/grants")[1]["grants"]}  # type: ignore[union-attr]
+        assert listed == {g["id"]: "revoked", live["id"]: "active"}
+    finally:
+        b.stop()
