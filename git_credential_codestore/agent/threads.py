@@ -78,7 +78,12 @@ class Handler(BaseHTTPRequestHandler):
         self.server.front.reaper.watch(self.fd)
         if self.server.tls is not None:
             self.request.settimeout(IO_TIMEOUT)
-            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+            try:
+                self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+            except BaseException:
+                # finish() will not run: stop watching before the fd is closed and reused.
+                self.server.front.reaper.forget(self.fd)
+                raise
         super().setup()
 
     unread = False  # the reply went out before the request was read in full
