@@ -6,7 +6,6 @@ them in order. Replicas share grants and revocations through the database.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import time
@@ -15,25 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DevServer, OrgKey, git, run_cli, wait_for
+from tests.conftest import DevServer, OrgKey, git, wait_for
 from tests.realparts import free_port
 from tests.test_agent import REPO, Agent, sandbox_env
-from tests.test_agent_e2e import commit
+from tests.test_agent_e2e import commit, seed_repo
 from tests.test_agent_store import create, replica
 
 
 @pytest.fixture
 def fleet(tmp_path: Path, dev_server: DevServer, org_key: OrgKey, pg_url: str) -> Iterator[tuple[DevServer, Agent, Agent]]:
     """The dev server with team/app (an ephemeral `base` branch), and two replicas on one database."""
-    owner = dict(os.environ, CODESTORE_EPHEMERAL_SCOPES="git:read git:write", CODESTORE_SCOPES="git:read git:write")
-    assert run_cli("codestore", "setup", env=owner).returncode == 0
-    dev_server.create_repo(REPO)
-    seed = tmp_path / "seed"
-    git("init", "-q", str(seed))
-    (seed / "README").write_text("hello\n")
-    git("add", "README", cwd=seed)
-    git("commit", "-qm", "seed", cwd=seed)
-    git("push", "-q", f"{dev_server.url}/{REPO}+ephemeral.git", "HEAD:refs/heads/base", cwd=seed, env=owner)
+    seed_repo(dev_server, tmp_path)
     a, b = replica(tmp_path, "a", pg_url), replica(tmp_path, "b", pg_url)
     try:
         yield dev_server, a, b

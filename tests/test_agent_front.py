@@ -5,7 +5,6 @@ Each test runs against both fronts, through the installed `codestore agent serve
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
 import socket
@@ -19,29 +18,10 @@ import pytest
 from git_credential_codestore.agent.client import Endpoint, call
 from git_credential_codestore.agent.server import PER_PEER
 from tests.conftest import OrgKey
-from tests.test_agent import REPO, mint, sandbox_env, start_agent
+from tests.test_agent import REPO, mint, sandbox_env, start_agent, tls_pair
 from tests.test_agent_store import create
 
 FRONTS = ["uvicorn", "threads"]
-
-
-def tls_pair(tmp_path: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    k = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(k.public_key())
-            .serial_number(1).not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(k, hashes.SHA256()))
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return tmp_path / "cert.pem", tmp_path / "key.pem"
 
 
 @pytest.mark.parametrize("front", FRONTS)

@@ -42,8 +42,7 @@ from uvicorn.server import ServerState
 from ..errors import redact
 from .discovery import unix_address
 from .server import (
-    IO_TIMEOUT, MAX_CONNECTIONS, MAX_HEAD, PER_PEER, Agent, Caller, admit, encode, framing, identify,
-    respond,
+    IO_TIMEOUT, MAX_HEAD, Agent, Caller, Slots, admit, encode, framing, identify, respond,
 )
 
 WORKERS = 16  # threads running handlers; more only contend for the GIL
@@ -169,8 +168,7 @@ class AsgiFront:
         self.state = ServerState()
         self.app_state: dict[str, object] = {}
         self.executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="agent")
-        self._total = 0
-        self._peers: dict[str, int] = {}
+        self.slots = Slots()
         self._listeners: list[_Listener] = []
         self.loop = _new_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="agent-http", daemon=True)
@@ -179,19 +177,10 @@ class AsgiFront:
     # -- counts (on the loop thread only) -------------------------------------------------
 
     def _take(self, peer: str) -> _Slot | None:
-        if self._total >= MAX_CONNECTIONS or (peer and self._peers.get(peer, 0) >= PER_PEER):
-            return None
-        self._total += 1
-        if peer:
-            self._peers[peer] = self._peers.get(peer, 0) + 1
-        return _Slot(self, peer)
+        return _Slot(self, peer) if self.slots.take(peer) else None
 
     def _release(self, peer: str) -> None:
-        self._total -= 1
-        if peer:
-            n = self._peers.pop(peer) - 1
-            if n:
-                self._peers[peer] = n
+        self.slots.release(peer)
 
     @property
     def in_flight(self) -> int:

@@ -437,6 +437,35 @@ class Agent:
 # -- the wire, whichever front carries it ----------------------------------------------
 
 
+class Slots:
+    """Connections held, overall (MAX_CONNECTIONS) and per network address (PER_PEER).
+
+    Both HTTP fronts count here from accept; "" is a Unix-socket peer, bounded only overall.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = 0
+        self._peers: dict[str, int] = {}
+
+    def take(self, peer: str) -> bool:
+        with self._lock:
+            if self.total >= MAX_CONNECTIONS or (peer and self._peers.get(peer, 0) >= PER_PEER):
+                return False
+            self.total += 1
+            if peer:
+                self._peers[peer] = self._peers.get(peer, 0) + 1
+            return True
+
+    def release(self, peer: str) -> None:
+        with self._lock:
+            self.total -= 1
+            if peer:
+                n = self._peers.pop(peer) - 1
+                if n:
+                    self._peers[peer] = n
+
+
 def peer_uid(sock: socket.socket) -> int | None:
     """The connecting process's uid (Linux SO_PEERCRED, BSD/macOS LOCAL_PEERCRED)."""
     if hasattr(socket, "SO_PEERCRED"):

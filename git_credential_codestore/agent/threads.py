@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler
 from ..errors import redact
 from .discovery import unix_address
 from .server import (
-    CONNECTION_DEADLINE, IO_TIMEOUT, MAX_CONNECTIONS, PER_PEER, Agent, Caller, admit, encode, framing, identify, respond,
+    CONNECTION_DEADLINE, IO_TIMEOUT, Agent, Caller, Slots, admit, encode, framing, identify, respond,
 )
 
 
@@ -238,31 +238,13 @@ class ThreadFront:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.reaper = Reaper(agent.request_deadline)
-        self._lock = threading.Lock()
-        self._total = 0
-        self._peers: dict[str, int] = {}
+        self.slots = Slots()
+        self.take, self.release = self.slots.take, self.slots.release
         self._listeners: list[_Listener] = []
-
-    def take(self, peer: str) -> bool:
-        with self._lock:
-            if self._total >= MAX_CONNECTIONS or (peer and self._peers.get(peer, 0) >= PER_PEER):
-                return False
-            self._total += 1
-            if peer:
-                self._peers[peer] = self._peers.get(peer, 0) + 1
-            return True
-
-    def release(self, peer: str) -> None:
-        with self._lock:
-            self._total -= 1
-            if peer:
-                n = self._peers.pop(peer) - 1
-                if n:
-                    self._peers[peer] = n
 
     @property
     def in_flight(self) -> int:
-        return self._total
+        return self.slots.total
 
     def _start(self, srv: _Listener, **attrs: object) -> _Listener:
         srv.agent, srv.front = self.agent, self
@@ -294,5 +276,5 @@ class ThreadFront:
             t.join()
         self._listeners.clear()
         deadline = time.monotonic() + timeout
-        while self._total and time.monotonic() < deadline:
+        while self.slots.total and time.monotonic() < deadline:
             time.sleep(0.02)
