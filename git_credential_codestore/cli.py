@@ -244,6 +244,10 @@ from .agent.commands import agent, grant  # noqa: E402
 cli.add_command(agent)
 cli.add_command(grant)
 
+from .agent.trust_commands import trust  # noqa: E402
+
+cli.add_command(trust)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:

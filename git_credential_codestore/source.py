@@ -72,7 +72,8 @@ class LocalKeySource:
         )
 
 
-AGENT_VARS = ("CODESTORE_AGENT_URL", "CODESTORE_AGENT_SOCK", "CODESTORE_GRANT", "CODESTORE_GRANT_FILE")
+AGENT_VARS = ("CODESTORE_AGENT_URL", "CODESTORE_AGENT_SOCK", "CODESTORE_GRANT", "CODESTORE_GRANT_FILE",
+              "CODESTORE_IDENTITY_TOKEN", "CODESTORE_IDENTITY_TOKEN_FILE")
 AUTOSTART_IDLE = 900  # seconds an on-demand agent lives without requests
 
 
@@ -132,7 +133,8 @@ def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSou
         from .agent.client import AgentSource
 
         agent = AgentSource.from_env(cfg, env)
-        return agent if agent.grant is not None else FallbackSource(agent, local)
+        # A grant or a workload identity: the agent's answer or nothing, never the local key.
+        return agent if agent.grant is not None or agent.identity is not None else FallbackSource(agent, local)
     mode = env.get("CODESTORE_AGENT", "").strip().lower()
     if mode in ("off", "0", "no", "false"):
         return local
@@ -173,9 +175,14 @@ def _answers(path: str, exists: bool) -> bool:
 
 
 def holds_grant(env: Mapping[str, str] | None = None) -> bool:
-    """A sandbox holding a grant: the grant, not local configuration, is the policy."""
+    """A sandbox holding a grant or a workload identity: the agent's grant or trust policy,
+    not local configuration, is the policy."""
     env = os.environ if env is None else env
-    return bool(env.get("CODESTORE_GRANT") or env.get("CODESTORE_GRANT_FILE"))
+    if env.get("CODESTORE_GRANT") or env.get("CODESTORE_GRANT_FILE"):
+        return True
+    from .agent.workload import find
+
+    return find(env) is not None
 
 
 def get_token(request: TokenRequest, cfg: Config, env: Mapping[str, str] | None = None) -> Token:

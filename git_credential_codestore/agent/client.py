@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 from ..config import Config, is_loopback
 from ..errors import ConfigError, PolicyError, RemoteError
 from ..secrets import Secret, Token
-from . import wire
+from . import wire, workload
+from .workload import WorkloadIdentity
 
 MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0
@@ -182,6 +183,7 @@ def exchange(
     grant: Secret | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = REPLY_TIMEOUT,
+    identity: Secret | None = None,
 ) -> tuple[int, bytes]:
     """One HTTP request on a fresh connection; returns (status, body). Raises AgentUnavailable."""
     env = os.environ if env is None else env
@@ -191,6 +193,8 @@ def exchange(
         head.append(f"Content-Type: {content_type}")
     if grant is not None:
         head.append(f"Authorization: Grant {grant.reveal()}")
+    elif identity is not None:  # a workload identity token (workload.py), for the agent alone
+        head.append(f"Authorization: Identity {identity.reveal()}")
     sock = _connect(ep, min(timeout, CONNECT_TIMEOUT), env)
     try:
         sock.settimeout(timeout)
@@ -277,21 +281,25 @@ def refusal(ep: Endpoint, status: int, reply: Mapping[str, object]) -> Exception
 class AgentSource:
     """Tokens from an agent: with a grant (a sandbox) or as the owner (same uid, no grant)."""
 
-    def __init__(self, endpoint: Endpoint, grant: Secret | None, cfg: Config, env: Mapping[str, str]) -> None:
+    def __init__(self, endpoint: Endpoint, grant: Secret | None, cfg: Config, env: Mapping[str, str],
+                 identity: WorkloadIdentity | None = None) -> None:
         self.endpoint = endpoint
         self.grant = grant
         self.cfg = cfg
         self.env = env
+        self.identity = identity  # used only without a grant
 
     @classmethod
     def from_env(cls, cfg: Config, env: Mapping[str, str] | None = None) -> AgentSource:
         env = os.environ if env is None else env
-        return cls(endpoint_from_env(env), read_grant(env), cfg, env)
+        grant = read_grant(env)
+        return cls(endpoint_from_env(env), grant, cfg, env, None if grant is not None else workload.find(env))
 
     def mint(self, request: object) -> Token:
         # `request` is a source.TokenRequest; not imported here to keep this module a leaf.
         owner = None
-        if self.grant is None:
+        identity = self.identity.token() if self.grant is None and self.identity is not None else None
+        if self.grant is None and identity is None:
             # The owner signs as itself; the agent checks it holds the same key and org.
             owner = {
                 "org": self.cfg.org,
@@ -306,13 +314,18 @@ class AgentSource:
             )
         except wire.WireError as e:
             raise ConfigError(f"cannot ask the codestore agent for this token: {e}") from None
-        status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env)
+        status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
+                                   identity=identity)
+        del identity
         try:
             reply = wire.decode(content)
         except wire.WireError:
             raise RemoteError(f"the codestore agent at {self.endpoint} sent an unreadable reply; is it a codestore agent of this version?") from None
         if status != 200:
-            raise refusal(self.endpoint, status, reply)
+            error = refusal(self.endpoint, status, reply)
+            if self.grant is None and self.identity is not None:
+                error.args = (f"{error.args[0]} (identity from {self.identity.where})",)
+            raise error
         token, exp = reply.get("token", ""), reply.get("expires_at", "")
         if not token or not exp.isdigit():
             raise RemoteError(f"the codestore agent at {self.endpoint} sent a reply without a token")

@@ -15,9 +15,27 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..config import KNOWN_SCOPES, MAX_TTL, MIN_TTL, validate_repo_id
-from ..errors import CodestoreError
-from .grants import Grant
+from ..config import KNOWN_SCOPES, MAX_TTL, MIN_TTL, parse_scopes, validate_repo_id
+from ..errors import CodestoreError, ConfigError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class Permission(Protocol):
+        """What a token may carry: a grant, or a trust policy applied to one workload."""
+
+        id: str
+        label: str  # "grant 3fa2..." / "trust policy 9c1e...": names it in refusals
+        repos: list[str]
+        scopes: list[str]
+        max_ttl: int
+        sub: str
+        expires_at: int | None
+        ephemeral_only: bool
+        refs: list[list[object]]
+
+        def state(self, now: float | None = None) -> str: ...
 
 
 class Refused(Exception):
@@ -108,37 +126,63 @@ def allowed_scopes(granted: tuple[str, ...] | list[str]) -> set[str]:
     return out
 
 
-def clamp_to_grant(grant: Grant, req: Request, default_ttl: int, now: float | None = None) -> Decision:
+def clamp_to_grant(grant: Permission, req: Request, default_ttl: int, now: float | None = None) -> Decision:
     """The token a grant holder gets for `req`, or Refused naming the first excess."""
     now = time.time() if now is None else now
     state = grant.state(now)
     if state != "active":
-        raise Refused(f"grant {grant.id} is {state}; ask its owner for a new one", 401)
+        raise Refused(f"{grant.label} is {state}; ask its owner for a new one", 401)
     if not any(fnmatch.fnmatchcase(req.repo, pattern) for pattern in grant.repos):
-        raise Refused(f"grant {grant.id} does not cover repository {req.repo!r} (it covers {', '.join(grant.repos)})")
+        raise Refused(f"{grant.label} does not cover repository {req.repo!r} (it covers {', '.join(grant.repos)})")
     scopes = req.scopes
     if req.narrow:
         # A ceiling, not a demand: keep what the grant allows. Still refused below.
         scopes = tuple(s for s in req.scopes if s in allowed_scopes(grant.scopes)) or req.scopes
     extra = [s for s in scopes if s not in allowed_scopes(grant.scopes)]
     if extra:
-        raise Refused(f"grant {grant.id} does not allow {' '.join(extra)} (it allows {' '.join(grant.scopes)})")
+        raise Refused(f"{grant.label} does not allow {' '.join(extra)} (it allows {' '.join(grant.scopes)})")
     if grant.ephemeral_only and not req.ephemeral:
         raise Refused(
-            f"grant {grant.id} is ephemeral-only; use the {req.repo}+ephemeral.git namespace"
+            f"{grant.label} is ephemeral-only; use the {req.repo}+ephemeral.git namespace"
         )
     if req.ttl is not None and req.ttl > grant.max_ttl:
-        raise Refused(f"TTL {req.ttl}s exceeds grant {grant.id}'s maximum of {grant.max_ttl}s")
+        raise Refused(f"TTL {req.ttl}s exceeds {grant.label}'s maximum of {grant.max_ttl}s")
     ttl = req.ttl if req.ttl is not None else min(default_ttl, grant.max_ttl)
     if grant.expires_at is not None:
         left = int(grant.expires_at - now)
         if left < MIN_TTL:
-            raise Refused(f"grant {grant.id} expires in {left}s, too soon for a token; ask for a new grant", 401)
+            raise Refused(f"{grant.label} expires in {left}s, too soon for a token; ask for a new grant", 401)
         ttl = min(ttl, left)  # a token never outlives its grant
     ttl = max(MIN_TTL, min(ttl, MAX_TTL))
     refs = [(str(p), [str(o) for o in ops]) for p, ops in grant.refs]  # type: ignore[misc]
     refs += [(p, list(ops)) for p, ops in req.refs]
     return Decision(repo=req.repo, scopes=scopes, ttl=ttl, refs=refs, sub=grant.sub)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What a grant or a trust policy may hand out: validated once, for both."""
+
+    repos: list[str]
+    scopes: tuple[str, ...]
+    max_ttl: int
+    ephemeral_only: bool
+    refs: list[list[object]]
+
+
+def parse_terms(data: Mapping[str, object]) -> Terms:
+    """`repos`, `scopes`, `max_ttl`, `ephemeral_only`, `refs` of an admin request; ConfigError names the option."""
+    from ..tokens import validate_refs  # noqa: PLC0415 - the agent has it loaded already
+
+    repos = data.get("repos")
+    if not isinstance(repos, list) or not repos or not all(isinstance(r, str) and r.strip() for r in repos):
+        raise ConfigError("a grant needs --repo (a repository id or glob such as team/*)")
+    scopes = parse_scopes(data.get("scopes") or "git:read", "--scopes")
+    max_ttl = data.get("max_ttl", 900)
+    if not isinstance(max_ttl, int) or isinstance(max_ttl, bool) or not MIN_TTL <= max_ttl <= MAX_TTL:
+        raise ConfigError(f"--max-ttl must be {MIN_TTL}..{MAX_TTL} seconds, not {max_ttl!r}")
+    refs = validate_refs(data.get("refs") or [])
+    return Terms(list(repos), scopes, max_ttl, bool(data.get("ephemeral_only")), [[p, ops] for p, ops in refs])
 
 
 def clamp_for_owner(req: Request, default_ttl: int, sub: str) -> Decision:
