@@ -66,7 +66,7 @@ class Identity:
     @property
     def subject(self) -> str:
         sub = self.claims.get("sub")
-        return printable(sub) if isinstance(sub, str) else "?"
+        return printable(sub, 300) if isinstance(sub, str) else "?"
 
 
 def printable(value: str, limit: int = 120) -> str:
