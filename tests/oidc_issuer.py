@@ -162,6 +162,7 @@ class Issuer:
             "actor_id": "12", "event_name": "push", "run_id": "6", "run_number": "1", "run_attempt": "1",
             "runner_environment": "github-hosted", **self._times(lifetime, issued),
         }
+        c["nbf"] = int(c["iat"]) - 600  # as in GitHub's documented example: nbf 10 min before iat
         c.update(over)
         return c
 

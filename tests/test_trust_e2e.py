@@ -219,3 +219,23 @@ def test_trust_calls_are_refused_to_anyone_but_the_owner(world: World) -> None:
 
     status, reply = call(Endpoint.from_url(world.agent.url), "POST", "/v1/trust", {"issuer": world.issuer.url})
     assert status == 403 and "owner" in str(reply["error"])
+
+
+def test_exchanging_an_identity_imports_no_jwt_or_crypto_in_the_helper(world: World, tmp_path: Path) -> None:
+    # Startup is paid on every git request: the agent verifies the identity, the helper only forwards it.
+    import sys
+
+    world.trust(*MODAL_POLICY)
+    code = (
+        "import os, sys; from git_credential_codestore import config;"
+        "from git_credential_codestore.source import TokenRequest, get_token;"
+        f"t = get_token(TokenRequest({REPO!r}, ('git:read',), True, purpose='test'), config.load());"
+        "assert t.reveal().startswith('eyJ');"
+        "print(sorted(m for m in ('jwt', 'cryptography', 'keyring', 'click') if m in sys.modules))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CODESTORE_ORG": "acme", "CODESTORE_AGENT_URL": world.agent.url,
+           "MODAL_IDENTITY_TOKEN": world.issuer.sign(world.issuer.modal_claims())}
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path[:0] = {sys.path!r}; " + code],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -18,8 +18,12 @@ Routes (anchored; anything else is 404):
 
     GET  /v1/ping                       anyone who can connect
     POST /v1/token                      owner or grant holder
-    GET  /v1/status, GET/POST /v1/grants, POST /v1/grants/<id>/revoke, POST /v1/shutdown
+    GET  /v1/status, GET/POST /v1/grants, POST /v1/grants/<id>/revoke, POST /v1/shutdown,
+    GET/POST /v1/trust, POST /v1/trust/<id>/remove
                                         owner only (owner socket, owner uid, no grant)
+
+A token request with `Authorization: Identity <jwt>` (a workload's OIDC token) is an
+exchange under a trust policy (trust.py), on any listener; the grant rules do not apply.
 
 Robustness: a thread per connection, at most MAX_CONNECTIONS at once; a read timeout
 per operation and a whole-connection deadline enforced by a reaper thread (slow
