@@ -330,3 +330,34 @@ def test_an_identity_token_that_is_not_a_jwt_is_refused_before_it_reaches_a_head
     assert found is not None
     with pytest.raises(ConfigError, match="does not hold an identity token"):
         found.token()
+
+
+def test_the_audit_line_shows_matched_claims_shortened_and_printable() -> None:
+    # Threat: a workload stuffing its claims to flood or garble the audit trail.
+    p = make_policy(claims=[["repository", "acme/*"], ["groups", "*"]])
+    shown = p.matched_claims(ident(repository="acme/" + "x" * 500 + "\x1b[2J", groups=[f"g{i}" for i in range(100)]))
+    assert len(str(shown["repository"])) <= 200 and "\x1b" not in str(shown["repository"])
+    assert shown["groups"] == [f"g{i}" for i in range(20)]
+
+
+def test_github_refusing_the_request_token_is_one_line_naming_the_permission(issuer: Issuer, ca: CertAuthority,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from git_credential_codestore.agent.workload import github_token
+    from git_credential_codestore.errors import RemoteError
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.cert))
+    env = {"ACTIONS_ID_TOKEN_REQUEST_URL": f"{issuer.url}/github/idtoken?api-version=2.0", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "wrong"}
+    with pytest.raises(RemoteError, match="HTTP 401; does the job have `permissions: id-token: write`"):
+        github_token(env, AUD)
+    env["ACTIONS_ID_TOKEN_REQUEST_TOKEN"] = issuer.github_request_token
+    token = github_token(env, AUD)
+    assert jwt.decode(token, options={"verify_signature": False})["aud"] == AUD
+    assert issuer.github_audiences == [AUD]
+
+
+def test_the_github_request_token_never_travels_in_clear_off_loopback() -> None:
+    # Threat: the runner's request token sent over plain http to a network host.
+    from git_credential_codestore.agent.workload import github_token
+
+    with pytest.raises(ConfigError, match="plain http"):
+        github_token({"ACTIONS_ID_TOKEN_REQUEST_URL": "http://10.0.0.1/token", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "t"}, AUD)

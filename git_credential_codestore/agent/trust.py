@@ -119,8 +119,13 @@ class TrustPolicy:
         return None
 
     def matched_claims(self, identity: Identity) -> dict[str, object]:
-        """The claims this policy's conditions looked at, for the audit line."""
-        return {name: identity.claims.get(name) for name, _ in self.claims}
+        """The claims this policy's conditions looked at, for the audit line (shortened, printable)."""
+        out: dict[str, object] = {}
+        for name, _ in self.claims:
+            values = _claim_text(identity.claims.get(name)) or []
+            shown = [printable(v, 200) for v in values[:20]]
+            out[name] = shown[0] if len(shown) == 1 and not isinstance(identity.claims.get(name), list) else shown
+        return out
 
     def render_sub(self, identity: Identity) -> str:
         def one(m: re.Match[str]) -> str:
