@@ -25,16 +25,22 @@ if TYPE_CHECKING:
     class Permission(Protocol):
         """What a token may carry: a grant, or a trust policy applied to one workload."""
 
-        id: str
-        label: str  # "grant 3fa2..." / "trust policy 9c1e...": names it in refusals
-        repos: list[str]
-        scopes: list[str]
-        max_ttl: int
-        sub: str
-        expires_at: int | None
-        ephemeral_only: bool
-        refs: list[list[object]]
-
+        @property
+        def label(self) -> str: ...  # "grant 3fa2..." / "trust policy 9c1e...": names it in refusals
+        @property
+        def repos(self) -> list[str]: ...
+        @property
+        def scopes(self) -> list[str]: ...
+        @property
+        def max_ttl(self) -> int: ...
+        @property
+        def sub(self) -> str: ...
+        @property
+        def expires_at(self) -> int | None: ...
+        @property
+        def ephemeral_only(self) -> bool: ...
+        @property
+        def refs(self) -> list[list[object]]: ...
         def state(self, now: float | None = None) -> str: ...
 
 

@@ -186,7 +186,7 @@ class Agent:
 
     def mint(self, caller: Caller, authorization: str | None, data: object) -> tuple[int, dict[str, object]]:
         if self.trust is not None and self.trust.presented(authorization):
-            return self.trust.exchange(self, caller, authorization, data)  # a workload identity, not a grant
+            return self.trust.exchange(self, caller, authorization or "", data)  # a workload identity, not a grant
         grant, reason = self._grant_for(caller, authorization)
         who: dict[str, object] = {"grant": grant.id if grant else None, "via": caller.transport, "peer": caller.peer}
         if reason is not None:
