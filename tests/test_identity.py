@@ -361,3 +361,8 @@ def test_the_github_request_token_never_travels_in_clear_off_loopback() -> None:
 
     with pytest.raises(ConfigError, match="plain http"):
         github_token({"ACTIONS_ID_TOKEN_REQUEST_URL": "http://10.0.0.1/token", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "t"}, AUD)
+
+
+def test_an_unreadable_oidc_ca_bundle_is_one_line_naming_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="CODESTORE_OIDC_CA_FILE"):
+        https_fetcher(str(tmp_path / "missing.pem"))
