@@ -1,4 +1,4 @@
-"""`codestore trust ...`: which workload identities (OIDC) may exchange their token for ours.
+"""`codestore trust add|list|remove`: which workload identities (OIDC) may exchange their token for ours.
 
 Admin calls to the running agent over its own socket, like `codestore grant`; the agent
 validates a policy with the grant's own rules, so a policy can give no more than a grant.
@@ -11,7 +11,8 @@ import json
 import click
 
 from ..errors import ConfigError
-from .commands import SOCKET_HELP, _admin, _when, parse_duration
+from .agent import SOCKET_HELP, admin
+from .grant import _when, parse_duration
 
 
 @click.group("trust")
@@ -58,7 +59,7 @@ def trust_add(issuer: str, audience: str, claims: tuple[str, ...], repos: tuple[
         from ..tokens import parse_ref_policy
 
         body["refs"] = [[p, ops] for p, ops in parse_ref_policy(ref_policy)]
-    p = _admin(socket_opt, "POST", "/v1/trust", body)
+    p = admin(socket_opt, "POST", "/v1/trust", body)
     if as_json:
         click.echo(json.dumps(p, indent=2))
         return
@@ -80,7 +81,7 @@ def _describe(p: dict[str, object]) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def trust_list(socket_opt: str | None, as_json: bool) -> None:
     """The trust policies, oldest first (the first that admits a workload decides)."""
-    policies = _admin(socket_opt, "GET", "/v1/trust")["policies"]
+    policies = admin(socket_opt, "GET", "/v1/trust")["policies"]
     assert isinstance(policies, list)
     if as_json:
         click.echo(json.dumps(policies, indent=2))
@@ -100,5 +101,5 @@ def trust_remove(policy_id: str, socket_opt: str | None) -> None:
     """Remove a policy: no new exchange under it from now on (minted tokens end at their short expiry)."""
     if not policy_id.isalnum():
         raise ConfigError(f"{policy_id!r} is not a trust policy id; see: codestore trust list")
-    p = _admin(socket_opt, "POST", f"/v1/trust/{policy_id.lower()}/remove")
+    p = admin(socket_opt, "POST", f"/v1/trust/{policy_id.lower()}/remove")
     click.echo(f"removed {p['id']} ({p['issuer']}); it admits nothing from now on")
