@@ -239,3 +239,31 @@ def test_exchanging_an_identity_imports_no_jwt_or_crypto_in_the_helper(world: Wo
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_minted_token_never_outlives_the_identity_token_that_bought_it(world: World, org_key: OrgKey) -> None:
+    # Threat: an identity about to expire buying a Code Storage token that lives on.
+    import time
+
+    from git_credential_codestore.agent import wire
+    from git_credential_codestore.agent.client import Endpoint, exchange
+    from git_credential_codestore.secrets import Secret
+    from tests.test_agent import verify
+
+    world.trust(*MODAL_POLICY)
+    claims = world.issuer.modal_claims(lifetime=200, issued=int(time.time()) - 100)  # 100 s left
+    body = wire.request_to_lines(REPO, ("git:read",), True, 900, (), "test", False, None)
+    status, reply = exchange(Endpoint.from_url(world.agent.url), "POST", "/v1/token", body, wire.CONTENT_TYPE,
+                             identity=Secret(world.issuer.sign(claims)))
+    fields = wire.decode(reply)
+    assert status == 200, fields
+    minted = verify(fields["token"], org_key)
+    assert minted.exp <= claims["exp"]  # type: ignore[operator]
+
+
+def test_modals_48_hour_tokens_are_refused_unless_the_policy_allows_that_lifetime(world: World) -> None:
+    # Threat: a long-lived identity token accepted by default.
+    p = world.trust(*[a for a in MODAL_POLICY if a not in ("--max-identity-lifetime", "2d")])
+    proc = ls_remote(f"{world.server.url}/{REPO}+ephemeral.git", world.sandbox(MODAL_IDENTITY_TOKEN=world.issuer.sign(world.issuer.modal_claims())))
+    assert proc.returncode != 0
+    assert f"trust policy {p['id']}: the identity token lives 172800s, longer than the policy's --max-identity-lifetime of 3600s" in proc.stderr
