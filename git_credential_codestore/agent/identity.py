@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import jwt
 from jwt import PyJWK, PyJWKSet
 
-from .policy import Refused
+from ..errors import Refused
 
 # Asymmetric only. HS* would let anyone holding the (public) JWKS sign; "none" signs nothing.
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -168,7 +168,7 @@ class IssuerKeys:
             if self._fetched_at is None or now - self._fetched_at > self._fresh:
                 problem = self._try_refresh(now)
                 if problem is not None and (self._fetched_at is None or now - self._fetched_at > self._grace):
-                    raise Refused(f"cannot get the signing keys of {self.issuer}: {problem}; try again later", 503)
+                    raise Refused(503, f"cannot get the signing keys of {self.issuer}: {problem}; try again later")
             found = self._find(kid)
             if found is None and now - self._forced_at >= self._interval:
                 self._forced_at = now  # rate limit: forged kids cannot make us hammer the issuer
@@ -176,7 +176,7 @@ class IssuerKeys:
                 found = self._find(kid)
             if found is None:
                 what = f"key id {printable(kid, 60)!r}" if kid is not None else "a key id (it publishes several keys)"
-                raise Refused(f"the identity token names {what} that issuer {self.issuer} does not publish", 401)
+                raise Refused(401, f"the identity token names {what} that issuer {self.issuer} does not publish")
             return found
 
 
@@ -202,24 +202,24 @@ class Verifier:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError:
-            raise Refused("the identity token is not a well-formed JWT", 401) from None
+            raise Refused(401, "the identity token is not a well-formed JWT") from None
         alg = header.get("alg")
         if alg not in ALGORITHMS:
             shown = printable(alg, 20) if isinstance(alg, str) else repr(type(alg).__name__)
-            raise Refused(f"identity tokens signed with {shown} are not accepted (only {', '.join(ALGORITHMS)})", 401)
+            raise Refused(401, f"identity tokens signed with {shown} are not accepted (only {', '.join(ALGORITHMS)})")
         named = [h for h in HEADER_KEYS if h in header]
         if named:
-            raise Refused(f"the identity token names its own key ({named[0]}); keys come only from the issuer's JWKS", 401)
+            raise Refused(401, f"the identity token names its own key ({named[0]}); keys come only from the issuer's JWKS")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
-            raise Refused("the identity token's kid is not a string", 401)
+            raise Refused(401, "the identity token's kid is not a string")
         issuer = unverified.get("iss")
         if not isinstance(issuer, str) or issuer not in trusted:
             shown = printable(issuer, 80) if isinstance(issuer, str) else "no issuer"
-            raise Refused(f"no trust policy trusts identity tokens from {shown}; see: codestore trust list", 403)
+            raise Refused(403, f"no trust policy trusts identity tokens from {shown}; see: codestore trust list")
         key = self.keys(issuer).key(kid)
         if key.algorithm_name != alg and not _same_family(key, alg):
-            raise Refused(f"the identity token's algorithm {alg} does not match the issuer's key", 401)
+            raise Refused(401, f"the identity token's algorithm {alg} does not match the issuer's key")
         audiences = sorted(trusted[issuer])
         try:
             claims = jwt.decode(
@@ -227,20 +227,20 @@ class Verifier:
                 options={"require": ["exp", "iat", "iss", "aud"]},
             )
         except jwt.ExpiredSignatureError:
-            raise Refused("the identity token has expired; get a fresh one from the provider", 401) from None
+            raise Refused(401, "the identity token has expired; get a fresh one from the provider") from None
         except jwt.ImmatureSignatureError:
-            raise Refused("the identity token is not valid yet (nbf or iat in the future)", 401) from None
+            raise Refused(401, "the identity token is not valid yet (nbf or iat in the future)") from None
         except jwt.InvalidAudienceError:
-            raise Refused(f"the identity token's audience is not {' or '.join(audiences)}, which the trust policies for {issuer} expect", 401) from None
+            raise Refused(401, f"the identity token's audience is not {' or '.join(audiences)}, which the trust policies for {issuer} expect") from None
         except jwt.MissingRequiredClaimError as e:
-            raise Refused(f"the identity token has no {e.claim} claim", 401) from None
+            raise Refused(401, f"the identity token has no {e.claim} claim") from None
         except jwt.InvalidSignatureError:
-            raise Refused(f"the identity token's signature does not verify with the key {issuer} publishes", 401) from None
+            raise Refused(401, f"the identity token's signature does not verify with the key {issuer} publishes") from None
         except (jwt.PyJWTError, ValueError, TypeError) as e:
-            raise Refused(f"the identity token is invalid ({type(e).__name__})", 401) from None
+            raise Refused(401, f"the identity token is invalid ({type(e).__name__})") from None
         exp, iat = claims["exp"], claims["iat"]
         if not isinstance(exp, (int, float)) or not isinstance(iat, (int, float)):
-            raise Refused("the identity token's exp and iat must be numbers", 401)
+            raise Refused(401, "the identity token's exp and iat must be numbers")
         return Identity(issuer, claims, int(exp), int(exp) - int(iat))
 
 

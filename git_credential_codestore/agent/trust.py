@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from ..config import MIN_TTL
-from ..errors import CodestoreError, ConfigError
+from ..errors import CodestoreError, ConfigError, Refused
 from . import policy
 from .identity import Identity, Verifier, printable
 
@@ -131,12 +131,12 @@ class TrustPolicy:
         def one(m: re.Match[str]) -> str:
             values = _claim_text(identity.claims.get(m.group(1)))
             if values is None or len(values) != 1:
-                raise policy.Refused(f"{self.label}: claim {m.group(1)} for --sub-template is missing or not a single value")
+                raise Refused(403, f"{self.label}: claim {m.group(1)} for --sub-template is missing or not a single value")
             return values[0]
 
         sub = _PLACEHOLDER.sub(one, self.sub_template)
         if not sub or len(sub) > MAX_SUB or not sub.isprintable():
-            raise policy.Refused(f"{self.label}: the workload's sub would be empty, over {MAX_SUB} characters or unprintable")
+            raise Refused(403, f"{self.label}: the workload's sub would be empty, over {MAX_SUB} characters or unprintable")
         return sub
 
 
@@ -272,7 +272,7 @@ class Trust:
         who: dict[str, object] = {"grant": None, "via": caller.transport, "peer": caller.peer}
         try:
             req = policy.parse_request(data)
-        except policy.Refused as e:
+        except Refused as e:
             return agent._refuse(who, data, e.reason, e.status)
         policies = self.store.all()
         trusted: dict[str, set[str]] = {}
@@ -280,7 +280,7 @@ class Trust:
             trusted.setdefault(p.issuer, set()).add(p.audience)
         try:
             identity = self.verifier.verify(token, trusted)
-        except policy.Refused as e:
+        except Refused as e:
             return agent._refuse(who, data, e.reason, e.status)
         del token
         who.update({"issuer": identity.issuer, "subject": identity.subject})
@@ -297,7 +297,7 @@ class Trust:
                 bound = Bound(p.id, p.label, p.repos, p.scopes, p.max_ttl, p.render_sub(identity),
                               identity.expires_at, p.ephemeral_only, p.refs)
                 decision = policy.clamp_to_grant(bound, req, agent.cfg.ttl)
-            except policy.Refused as e:
+            except Refused as e:
                 failures.append(e.reason)
                 continue
             who.update({"policy": p.id, "claims": p.matched_claims(identity)})
