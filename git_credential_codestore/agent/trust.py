@@ -274,7 +274,10 @@ class Trust:
             req = policy.parse_request(data)
         except Refused as e:
             return agent._refuse(who, data, e.reason, e.status)
-        policies = self.store.all()
+        try:
+            policies = self.store.all()  # every exchange reads the store: a removal counts at once
+        except CodestoreError as e:
+            return agent._refuse(who, data, f"cannot read the trust policies ({e}); try again", 503)  # fail closed
         trusted: dict[str, set[str]] = {}
         for p in policies:
             trusted.setdefault(p.issuer, set()).add(p.audience)
