@@ -16,7 +16,8 @@ import pytest
 
 from git_credential_codestore.agent import identity, policy, trust
 from git_credential_codestore.agent.identity import Verifier, https_fetcher
-from git_credential_codestore.agent.workload import find
+from git_credential_codestore.agent.workload import find_identity
+from git_credential_codestore.vocab import TokenRequest
 from git_credential_codestore.errors import ConfigError
 from tests.oidc_issuer import Issuer, CertAuthority, hs256, make_ca, new_key, raw_jwt, start_issuer
 
@@ -299,8 +300,8 @@ def test_a_policy_is_clamped_by_the_grant_code() -> None:
     bound = trust.Bound(p.id, p.label, p.repos, p.scopes, p.max_ttl, p.render_sub(ident()), int(time.time()) + 100,
                         p.ephemeral_only, p.refs)
     with pytest.raises(policy.Refused, match=f"trust policy {p.id} is ephemeral-only"):
-        policy.clamp_to_grant(bound, policy.parse_request({"repo": "team/app", "scopes": ["git:read"]}), 300)
-    d = policy.clamp_to_grant(bound, policy.parse_request({"repo": "team/app", "scopes": ["git:write"], "ephemeral": True}), 300)
+        policy.clamp_to_grant(bound, TokenRequest("team/app", ("git:read",)).checked(), 300)
+    d = policy.clamp_to_grant(bound, TokenRequest("team/app", ("git:write",), True).checked(), 300)
     assert d.ttl <= 100  # never outlives the identity token
     assert d.sub == "github:acme/app@refs/heads/main"
 
@@ -316,17 +317,19 @@ def test_a_policy_is_clamped_by_the_grant_code() -> None:
     ({"CODESTORE_AGENT_URL": "https://a", "ACTIONS_ID_TOKEN_REQUEST_URL": "https://g", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "x"},
      "ACTIONS_ID_TOKEN_REQUEST_URL"),
     ({"CODESTORE_AGENT_SOCK": "/s", "MODAL_IDENTITY_TOKEN": "d.e.f"}, None),  # the owner's own agent: no provider identity
+    ({"CODESTORE_AGENT_SOCK": "/s", "CODESTORE_IDENTITY_TOKEN": "a.b.c"}, "CODESTORE_IDENTITY_TOKEN"),
+    ({"CODESTORE_IDENTITY_TOKEN": "a.b.c"}, None),  # no agent named: nobody to send it to
     ({"CODESTORE_AGENT_URL": "https://a"}, None),
 ])
 def test_helpers_find_the_identity_in_order(env: dict[str, str], where: str | None) -> None:
-    found = find(env)
+    found = find_identity(env)
     assert (found.where if found else None) == where
 
 
 @pytest.mark.parametrize("value", ["a.b.c\r\nX-Evil: 1", "not a jwt", "a.b.c d"])
 def test_an_identity_token_that_is_not_a_jwt_is_refused_before_it_reaches_a_header(value: str) -> None:
     # Threat: header injection into the request to the agent.
-    found = find({"CODESTORE_IDENTITY_TOKEN": value})
+    found = find_identity({"CODESTORE_AGENT_URL": "https://a", "CODESTORE_IDENTITY_TOKEN": value})
     assert found is not None
     with pytest.raises(ConfigError, match="does not hold an identity token"):
         found.token()

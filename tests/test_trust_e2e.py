@@ -108,7 +108,8 @@ def test_a_modal_sandbox_with_only_the_agent_url_and_its_identity_clones_and_pus
 
 def test_a_github_actions_job_asks_for_the_agents_audience_and_pushes_through_codestore_urls(world: World, tmp_path: Path) -> None:
     world.trust("--audience", world.agent.url, "--claim", "repository=acme/app", "--claim", "ref=refs/heads/main",
-                "--repo", REPO, "--scopes", "git:read git:write", "--ephemeral-only", "--sub-template", "github:{repository}@{ref}")
+                "--repo", REPO, "--scopes", "git:read git:write", "--ephemeral-only", "--sub-template", "github:{repository}@{ref}",
+                "--ref-policy", "refs/heads/main=no-push")
     env = world.sandbox(
         ACTIONS_ID_TOKEN_REQUEST_URL=f"{world.issuer.url}/github/idtoken?api-version=2.0",
         ACTIONS_ID_TOKEN_REQUEST_TOKEN=world.issuer.github_request_token,
@@ -121,6 +122,7 @@ def test_a_github_actions_job_asks_for_the_agents_audience_and_pushes_through_co
     assert world.issuer.github_audiences and set(world.issuer.github_audiences) == {world.agent.url}
     mints = [e for e in world.exchanges() if e["event"] == "mint"]
     assert [e["sub"] for e in mints] == ["github:acme/app@refs/heads/main"] * len(mints)
+    assert all(e["refs"] == [["refs/heads/main", ["no-push"]]] for e in mints)  # the policy's rules, in every token
     assert any("git:write" in e["scopes"] for e in mints) and any("git:write" not in e["scopes"] for e in mints)
 
 
@@ -248,11 +250,12 @@ def test_a_minted_token_never_outlives_the_identity_token_that_bought_it(world: 
     from git_credential_codestore.agent import wire
     from git_credential_codestore.agent.client import Endpoint, exchange
     from git_credential_codestore.secrets import Secret
+    from git_credential_codestore.vocab import TokenRequest
     from tests.test_agent import verify
 
     world.trust(*MODAL_POLICY)
     claims = world.issuer.modal_claims(lifetime=200, issued=int(time.time()) - 100)  # 100 s left
-    body = wire.request_to_lines(REPO, ("git:read",), True, 900, (), "test", False, None)
+    body = wire.encode_request(TokenRequest(REPO, ("git:read",), True, 900, purpose="test"))
     status, reply = exchange(Endpoint.from_url(world.agent.url), "POST", "/v1/token", body, wire.CONTENT_TYPE,
                              identity=Secret(world.issuer.sign(claims)))
     fields = wire.decode(reply)

@@ -15,8 +15,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..config import KNOWN_SCOPES, MAX_TTL, MIN_TTL, parse_scopes, validate_repo_id
-from ..errors import CodestoreError, ConfigError, Refused
+from ..errors import ConfigError, Refused
+from ..vocab import MAX_TTL, MIN_TTL, TokenRequest, check_ttl, parse_scopes, ref_policy, with_implied
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -45,17 +45,6 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Request:
-    repo: str
-    scopes: tuple[str, ...]
-    ephemeral: bool
-    ttl: int | None
-    refs: tuple[tuple[str, tuple[str, ...]], ...]
-    purpose: str
-    narrow: bool = False  # scopes are a ceiling: grant holders get the intersection
-
-
-@dataclass(frozen=True)
 class Decision:
     repo: str
     scopes: tuple[str, ...]
@@ -64,66 +53,12 @@ class Decision:
     sub: str
 
 
-def parse_request(obj: object) -> Request:
-    """Validate the JSON body of a token request; every error is a 400 with a reason."""
-    if not isinstance(obj, Mapping):
-        raise Refused(400, "request body must be a JSON object")
-    repo = obj.get("repo")
-    if not isinstance(repo, str):
-        raise Refused(400, "request needs \"repo\": a repository id")
-    if repo != "org":  # org:read tokens are org-wide and name no repository
-        try:
-            validate_repo_id(repo)
-        except CodestoreError as e:
-            raise Refused(400, str(e)) from None
-    scopes = obj.get("scopes")
-    if not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes):
-        raise Refused(400, "request needs \"scopes\": a non-empty list of strings")
-    unknown = [s for s in scopes if s not in KNOWN_SCOPES]
-    if unknown:
-        raise Refused(400, f"unknown scope {unknown[0][:40]!r}; known: {' '.join(KNOWN_SCOPES)}")
-    ephemeral = obj.get("ephemeral", False)
-    if not isinstance(ephemeral, bool):
-        raise Refused(400, "\"ephemeral\" must be true or false")
-    ttl = obj.get("ttl")
-    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool)):
-        raise Refused(400, "\"ttl\" must be a whole number of seconds")
-    if ttl is not None and not MIN_TTL <= ttl <= MAX_TTL:
-        raise Refused(400, f"TTL {ttl}s is outside {MIN_TTL}..{MAX_TTL}s")
-    refs_raw = obj.get("refs") or []
-    if not isinstance(refs_raw, list):
-        raise Refused(400, "\"refs\" must be a list of [pattern, [ops]]")
-    from ..tokens import validate_refs  # noqa: PLC0415 - the agent has it loaded already
-
-    try:
-        refs = validate_refs(refs_raw)
-    except CodestoreError as e:
-        raise Refused(400, str(e)) from None
-    narrow = obj.get("narrow", False)
-    if not isinstance(narrow, bool):
-        raise Refused(400, "\"narrow\" must be true or false")
-    purpose = obj.get("purpose", "cli")
-    if not isinstance(purpose, str):
-        purpose = "?"
-    return Request(
-        repo=repo,
-        scopes=tuple(dict.fromkeys(scopes)),
-        ephemeral=ephemeral,
-        ttl=ttl,
-        refs=tuple((p, tuple(ops)) for p, ops in refs),
-        purpose=purpose[:20],
-        narrow=narrow,
-    )
+def check_request(req: TokenRequest) -> TokenRequest:
+    """Validate a decoded token request (vocab's one check); every error is a 400 with a reason."""
+    return req.checked(lambda reason: Refused(400, reason))
 
 
-def allowed_scopes(granted: tuple[str, ...] | list[str]) -> set[str]:
-    out = set(granted)
-    if "git:write" in out:
-        out.add("git:read")  # Code Storage: write includes read
-    return out
-
-
-def clamp_to_grant(grant: Permission, req: Request, default_ttl: int, now: float | None = None) -> Decision:
+def clamp_to_grant(grant: Permission, req: TokenRequest, default_ttl: int, now: float | None = None) -> Decision:
     """The token a grant holder gets for `req`, or Refused naming the first excess."""
     now = time.time() if now is None else now
     state = grant.state(now)
@@ -134,8 +69,8 @@ def clamp_to_grant(grant: Permission, req: Request, default_ttl: int, now: float
     scopes = req.scopes
     if req.narrow:
         # A ceiling, not a demand: keep what the grant allows. Still refused below.
-        scopes = tuple(s for s in req.scopes if s in allowed_scopes(grant.scopes)) or req.scopes
-    extra = [s for s in scopes if s not in allowed_scopes(grant.scopes)]
+        scopes = tuple(s for s in req.scopes if s in with_implied(grant.scopes)) or req.scopes
+    extra = [s for s in scopes if s not in with_implied(grant.scopes)]
     if extra:
         raise Refused(403, f"{grant.label} does not allow {' '.join(extra)} (it allows {' '.join(grant.scopes)})")
     if grant.ephemeral_only and not req.ephemeral:
@@ -169,20 +104,19 @@ class Terms:
 
 def parse_terms(data: Mapping[str, object]) -> Terms:
     """`repos`, `scopes`, `max_ttl`, `ephemeral_only`, `refs` of an admin request; ConfigError names the option."""
-    from ..tokens import validate_refs  # noqa: PLC0415 - the agent has it loaded already
-
     repos = data.get("repos")
     if not isinstance(repos, list) or not repos or not all(isinstance(r, str) and r.strip() for r in repos):
         raise ConfigError("a grant needs --repo (a repository id or glob such as team/*)")
     scopes = parse_scopes(data.get("scopes") or "git:read", "--scopes")
     max_ttl = data.get("max_ttl", 900)
-    if not isinstance(max_ttl, int) or isinstance(max_ttl, bool) or not MIN_TTL <= max_ttl <= MAX_TTL:
-        raise ConfigError(f"--max-ttl must be {MIN_TTL}..{MAX_TTL} seconds, not {max_ttl!r}")
-    refs = validate_refs(data.get("refs") or [])
-    return Terms(list(repos), scopes, max_ttl, bool(data.get("ephemeral_only")), [[p, ops] for p, ops in refs])
+    if not isinstance(max_ttl, int):
+        raise ConfigError(f"--max-ttl must be a whole number of seconds, not {max_ttl!r}")
+    check_ttl(max_ttl, "--max-ttl")
+    refs = ref_policy(data.get("refs") or [])
+    return Terms(list(repos), scopes, max_ttl, bool(data.get("ephemeral_only")), [[p, list(ops)] for p, ops in refs])
 
 
-def clamp_for_owner(req: Request, default_ttl: int, sub: str) -> Decision:
+def clamp_for_owner(req: TokenRequest, default_ttl: int, sub: str) -> Decision:
     """The owner signs what the local key would: the request as asked, TTL defaulted."""
     ttl = req.ttl if req.ttl is not None else default_ttl
     return Decision(

@@ -50,11 +50,13 @@ from http.server import BaseHTTPRequestHandler
 from typing import TextIO
 
 from .. import tokens
-from ..config import Config, is_loopback
+from ..config import Config
 from ..errors import CodestoreError, ConfigError, ProtocolError, redact
+from ..vocab import TokenRequest, is_loopback
 from . import policy, wire
 from .audit import AuditLog
-from .client import default_socket, key_identity, unix_address
+from .client import key_identity
+from .discovery import default_socket, grant_socket, unix_address
 from .grants import Grant, GrantStore, grant_id_of
 from .identity import Verifier, https_fetcher
 from .trust import FileTrustStore, Trust
@@ -131,14 +133,14 @@ class Agent:
                 # A grant holder must never create grants (it would widen its own).
                 self.audit.record("refuse", {"action": name, "peer": caller.peer, "via": caller.transport, "reason": "admin call from a non-owner"})
                 return 403, {"error": "administrative calls are accepted only from the owner on the agent's own socket, without a grant"}
+        if name == "token":
+            return self.mint(caller, authorization, body)  # lines, not JSON (wire.py)
         try:
             data = json.loads(body) if body else {}
         except (ValueError, UnicodeDecodeError):
             return 400, {"error": "request body is not JSON"}
         if name == "ping":
             return 200, {"ok": True, "agent": "codestore"}
-        if name == "token":
-            return self.mint(caller, authorization, data)
         if name == "status":
             return 200, self.status()
         if name == "list_grants":
@@ -184,9 +186,14 @@ class Agent:
             return None, f"peer uid {caller.uid} is not the agent's owner; present a grant"
         return None, None
 
-    def mint(self, caller: Caller, authorization: str | None, data: object) -> tuple[int, dict[str, object]]:
+    def mint(self, caller: Caller, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
+        try:
+            request, owner = wire.decode_request(body)
+        except ProtocolError as e:
+            return 400, {"error": f"bad token request: {e}"}
+        data = {"repo": request.repo, "scopes": list(request.scopes), "ttl": request.ttl, "ephemeral": request.ephemeral}
         if self.trust is not None and self.trust.presented(authorization):
-            return self.trust.exchange(self, caller, authorization or "", data)  # a workload identity, not a grant
+            return self.trust.exchange(self, caller, authorization or "", request, data)  # a workload identity, not a grant
         grant, reason = self._grant_for(caller, authorization)
         who: dict[str, object] = {"grant": grant.id if grant else None, "via": caller.transport, "peer": caller.peer}
         if reason is not None:
@@ -194,21 +201,20 @@ class Agent:
             who["grant"] = grant_id_of(secret)  # the id a presented secret claims, never the secret
             return self._refuse(who, data, reason, 401)
         try:
-            req = policy.parse_request(data)
+            req = policy.check_request(request)
         except policy.Refused as e:
             return self._refuse(who, data, e.reason, e.status, grant)
         try:
             if grant is not None:
                 decision = policy.clamp_to_grant(grant, req, self.cfg.ttl)
             else:
-                owner = data.get("owner") if isinstance(data, dict) else None
-                sub = self._check_owner(owner)
+                sub = self._check_owner(owner or None)
                 decision = policy.clamp_for_owner(req, self.cfg.ttl, sub)
         except policy.Refused as e:
             return self._refuse(who, data, e.reason, e.status, grant)
         return self.issue(decision, req, who, data, grant)
 
-    def issue(self, decision: policy.Decision, req: policy.Request, who: Mapping[str, object], data: object,
+    def issue(self, decision: policy.Decision, req: TokenRequest, who: Mapping[str, object], data: object,
               grant: Grant | None = None) -> tuple[int, dict[str, object]]:
         """Sign a decided token and write its audit line; `who` says on whose authority."""
         try:
@@ -267,7 +273,7 @@ class Agent:
         if not isinstance(data, dict):
             return 400, {"error": "grant request must be a JSON object"}
         try:
-            terms = policy.parse_terms(data)
+            terms = policy.parse_terms(data)  # shared with trust policies: the same limits
             expires_in = data.get("expires_in")
             if expires_in is not None and (not isinstance(expires_in, int) or expires_in <= 0):
                 raise ConfigError("--expires-in must be a positive duration")
@@ -432,17 +438,11 @@ class Handler(BaseHTTPRequestHandler):
         if len(body) != length:
             return  # the client hung up mid-body
         self.unread = False
-        lines = (self.headers.get("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE
-        if lines:
-            # The helpers' JSON-free form of a token request (see wire.py); nothing else.
-            if (self.command, self.path) != ("POST", "/v1/token"):
-                self._reply(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"})
-                return
-            try:
-                body = json.dumps(wire.request_from_lines(body)).encode()
-            except ProtocolError as e:
-                self._reply(400, {"error": f"bad token request: {e}"}, lines=True)
-                return
+        # POST /v1/token speaks lines both ways (wire.py); every other endpoint JSON.
+        lines = (self.command, self.path) == ("POST", "/v1/token")
+        if not lines and (self.headers.get("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE:
+            self._reply(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"})
+            return
         try:
             status, reply = self.server.agent.dispatch(self.caller, self.command, self.path, self.headers.get("Authorization"), body)
         except Exception as e:  # noqa: BLE001 - one request's bug must not take down the agent
@@ -453,7 +453,7 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = _serve
 
     def _reply(self, status: int, reply: Mapping[str, object], lines: bool = False) -> None:
-        data = wire.reply_to_lines(reply) if lines else json.dumps(reply).encode()
+        data = wire.encode_reply(reply) if lines else json.dumps(reply).encode()
         try:
             self.send_response_only(status)
             self.send_header("Content-Type", wire.CONTENT_TYPE if lines else "application/json")
@@ -645,7 +645,7 @@ def serve(
     lock = threading.Lock()
 
     def grant_socket_path(gid: str) -> str:
-        return os.path.join(os.path.dirname(socket_path), f"grant-{gid}.sock")
+        return grant_socket(socket_path, gid)
 
     def open_grant_socket(grant: Grant) -> str | None:
         path = grant_socket_path(grant.id)

@@ -33,8 +33,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from ..config import MIN_TTL
 from ..errors import CodestoreError, ConfigError, Refused
+from ..vocab import MIN_TTL
 from . import policy
 from .identity import Identity, Verifier, printable
 
@@ -42,6 +42,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Protocol
 
+    from ..vocab import TokenRequest
     from .server import Agent, Caller
 
     class TrustStore(Protocol):
@@ -267,11 +268,13 @@ class Trust:
     def presented(authorization: str | None) -> bool:
         return authorization is not None and authorization.partition(" ")[0] == SCHEME
 
-    def exchange(self, agent: Agent, caller: Caller, authorization: str, data: object) -> tuple[int, dict[str, object]]:
+    def exchange(self, agent: Agent, caller: Caller, authorization: str, request: TokenRequest,
+                 data: Mapping[str, object]) -> tuple[int, dict[str, object]]:
+        """Mint for `request` under the first policy that admits the identity; `data` is for the audit line."""
         token = authorization.partition(" ")[2].strip()
         who: dict[str, object] = {"grant": None, "via": caller.transport, "peer": caller.peer}
         try:
-            req = policy.parse_request(data)
+            req = policy.check_request(request)
         except Refused as e:
             return agent._refuse(who, data, e.reason, e.status)
         try:

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 
 from ..errors import ConfigError, RemoteError
 from ..secrets import Secret
+from .discovery import AGENT_SOCK, AGENT_URL
 
 EXPLICIT = ("CODESTORE_IDENTITY_TOKEN", "CODESTORE_IDENTITY_TOKEN_FILE")
 PROVIDED = ("MODAL_IDENTITY_TOKEN", "ACTIONS_ID_TOKEN_REQUEST_URL")
@@ -77,15 +78,17 @@ def audience(env: Mapping[str, str]) -> str:
     The agent's own URL by default: a token minted for one agent is then useless at any
     other relying party. `codestore trust add --audience` must name the same string.
     """
-    return (env.get("CODESTORE_IDENTITY_AUDIENCE") or env.get("CODESTORE_AGENT_URL") or "").strip().rstrip("/")
+    return (env.get("CODESTORE_IDENTITY_AUDIENCE") or env.get(AGENT_URL) or "").strip().rstrip("/")
 
 
-def find(env: Mapping[str, str]) -> WorkloadIdentity | None:
+def find_identity(env: Mapping[str, str]) -> WorkloadIdentity | None:
     """The first identity present (see the module docstring), or None. Reads no file and no network."""
+    if not (env.get(AGENT_URL) or env.get(AGENT_SOCK)):
+        return None  # no agent named: nobody to send an identity to
     for name in EXPLICIT:
         if env.get(name, "").strip():
             return WorkloadIdentity(name, env)
-    if not env.get("CODESTORE_AGENT_URL"):
+    if not env.get(AGENT_URL):
         return None
     if env.get("MODAL_IDENTITY_TOKEN", "").strip():
         return WorkloadIdentity("MODAL_IDENTITY_TOKEN", env)
@@ -104,7 +107,7 @@ def github_token(env: Mapping[str, str], aud: str) -> str:
     import json
     from urllib.parse import quote, urlsplit
 
-    from ..config import is_loopback
+    from ..vocab import is_loopback
 
     url = env["ACTIONS_ID_TOKEN_REQUEST_URL"]
     if not aud:

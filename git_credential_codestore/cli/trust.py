@@ -47,7 +47,7 @@ def trust_add(issuer: str, audience: str, claims: tuple[str, ...], repos: tuple[
               max_ttl: int, ephemeral_only: bool, ref_policy: str | None, sub_template: str | None,
               max_identity_lifetime: str | None, socket_opt: str | None, as_json: bool) -> None:
     """Trust workloads whose identity tokens match; they get what a grant with these terms would."""
-    from ..config import parse_scopes
+    from ..vocab import parse_scopes
 
     body: dict[str, object] = {
         "issuer": issuer, "audience": audience, "claims": _claims(claims), "repos": list(repos),
@@ -56,9 +56,9 @@ def trust_add(issuer: str, audience: str, claims: tuple[str, ...], repos: tuple[
         "max_identity_lifetime": parse_duration(max_identity_lifetime) if max_identity_lifetime else None,
     }
     if ref_policy:
-        from ..tokens import parse_ref_policy
+        from ..vocab import parse_ref_policy, ref_policy_json
 
-        body["refs"] = [[p, ops] for p, ops in parse_ref_policy(ref_policy)]
+        body["refs"] = ref_policy_json(parse_ref_policy(ref_policy))
     p = admin(socket_opt, "POST", "/v1/trust", body)
     if as_json:
         click.echo(json.dumps(p, indent=2))
