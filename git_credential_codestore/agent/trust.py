@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from ..errors import CodestoreError, ConfigError, Refused
+from ..files import write_atomic
 from ..vocab import MIN_TTL
 from . import policy
 from .identity import Identity, Verifier, printable
@@ -232,13 +233,8 @@ class FileTrustStore:
         return self
 
     def _write(self) -> None:
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": 1, "policies": [asdict(p) for p in self._policies.values()]}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        data = {"version": 1, "policies": [asdict(p) for p in self._policies.values()]}
+        write_atomic(self.path, json.dumps(data, indent=1), 0o600, fsync=True)
 
     def add(self, p: TrustPolicy) -> None:
         with self._lock:
