@@ -59,20 +59,6 @@ def _read_request(stdin: BinaryIO) -> bytes:
     return data
 
 
-_GIT_FALSE = ("", "0", "false", "no", "off")
-
-
-def trace_would_print_token(env: Mapping[str, str]) -> bool:
-    """git prints the Authorization header in curl traces when redaction is turned off.
-
-    We run inside git's environment, so we can see it coming: GIT_TRACE_REDACT=0 with
-    GIT_TRACE_CURL or GIT_CURL_VERBOSE on.
-    """
-    redaction_off = env.get("GIT_TRACE_REDACT", "1").strip().lower() in _GIT_FALSE
-    tracing = any(env.get(k, "").strip().lower() not in _GIT_FALSE for k in ("GIT_TRACE_CURL", "GIT_CURL_VERBOSE"))
-    return redaction_off and tracing
-
-
 def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
     """The reply lines for a `get` request; [] when the host is not ours."""
     from . import config
@@ -82,10 +68,13 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
         return []
     from .errors import CodestoreError, ConfigError
 
-    if trace_would_print_token(env):
+    from .gitenv import would_print_authorization
+
+    if would_print_authorization(env):
+        # git reads these exactly as gitenv does, so this is the case where it would print.
         raise ConfigError(
-            "GIT_TRACE_REDACT=0 with GIT_TRACE_CURL (or GIT_CURL_VERBOSE) would write the token into the trace; "
-            "unset GIT_TRACE_REDACT to trace with the header redacted"
+            f"GIT_TRACE_REDACT={env.get('GIT_TRACE_REDACT', '')!r} with GIT_TRACE_CURL (or GIT_CURL_VERBOSE, set to anything) "
+            "would write the token into the trace; unset GIT_TRACE_REDACT to trace with the header redacted"
         )
     path = fields.get("path")
     if not path:

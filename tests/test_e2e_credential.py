@@ -128,12 +128,28 @@ def test_a_session_longer_than_many_ttls_keeps_working(clocked_server: tuple[Dev
     assert expired, server.requests()[-3:]
 
 
-@pytest.mark.parametrize("tracing", [{"GIT_TRACE_CURL": "1"}, {"GIT_CURL_VERBOSE": "1"}, {"GIT_TRACE_CURL": "/tmp/x"}])
+@pytest.mark.parametrize(
+    "tracing",
+    [
+        {"GIT_TRACE_REDACT": "0", "GIT_TRACE_CURL": "1"},
+        {"GIT_TRACE_REDACT": "0", "GIT_CURL_VERBOSE": "1"},
+        {"GIT_TRACE_REDACT": "0", "GIT_TRACE_CURL": "/tmp/x"},
+        # Spellings git reads as false (git_config_bool), and GIT_CURL_VERBOSE set at all:
+        {"GIT_TRACE_REDACT": "00", "GIT_TRACE_CURL": "1"},
+        {"GIT_TRACE_REDACT": "0x0", "GIT_TRACE_CURL": "true"},
+        {"GIT_TRACE_REDACT": "-0", "GIT_TRACE_CURL": "/tmp/x"},
+        {"GIT_TRACE_REDACT": "0k", "GIT_TRACE_CURL": "2"},
+        {"GIT_TRACE_REDACT": " 0", "GIT_CURL_VERBOSE": "0"},
+        {"GIT_TRACE_REDACT": "No", "GIT_CURL_VERBOSE": ""},
+    ],
+    ids=lambda e: " ".join(f"{k}={v!r}" for k, v in e.items()),
+)
 def test_no_token_is_handed_to_a_git_that_would_print_it_unredacted(configured: DevServer, tmp_path: Path, tracing: dict[str, str]) -> None:
-    # Threat: GIT_TRACE_REDACT=0 makes git print the Authorization header in curl traces,
-    # which agents paste into logs; the helper sees git's environment and refuses.
+    # Threat: GIT_TRACE_REDACT=0 (or 00, 0x0, -0, ...) makes git print the Authorization
+    # header in curl traces, which agents paste into logs; the helper sees git's
+    # environment, reads it exactly as git does, and refuses.
     trace = tmp_path / "curl"
-    env = dict(os.environ, GIT_TRACE_REDACT="0", **{k: (str(trace) if v == "/tmp/x" else v) for k, v in tracing.items()})
+    env = dict(os.environ, **{k: (str(trace) if v == "/tmp/x" else v) for k, v in tracing.items()})
     proc = subprocess.run(["git", "ls-remote", f"{configured.url}/{REPO}.git"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "GIT_TRACE_REDACT" in proc.stderr
