@@ -30,7 +30,7 @@ PROG = "codestore"
 READ_SCOPES = ("git:read",)
 PUSH_SCOPES = ("git:read", "git:write")
 
-Launcher = Callable[[Sequence[str], Mapping[str, str]], "subprocess.Popen[bytes]"]
+Launcher = Callable[[Sequence[str], Mapping[str, str], Sequence[int]], "subprocess.Popen[bytes]"]
 
 
 class UsageError(CodestoreError):
@@ -99,18 +99,24 @@ def run(
         token = get_token(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"), cfg, env)
         # git passes the URL itself as the remote name for a URL given on the command line.
         name = remote.https_url if remote_name == url else remote_name
-        child = (launch or transport.spawn)(
-            transport.transport_argv(name, remote.https_url, env), transport.child_env(env, token)
-        )
+        private = transport.PrivateConfig(transport.token_config(token, remote.https_url))
         del token
-        fields = {
-            "repo": remote.repo,
-            "org": cfg.org or "(unset)",
-            "kid": cfg.kid or "(none)",
-            "scopes": " ".join(scopes),
-            "base": remote.base_url,
-        }
-        return transport.proxy(child, decision, reader.take_buffer(), git_in, git_out, git_err, fields)
+        try:
+            child = (launch or transport.spawn)(
+                transport.transport_argv(name, remote.https_url, env), transport.child_env(env, private), private.pass_fds
+            )
+            fields = {
+                "repo": remote.repo,
+                "org": cfg.org or "(unset)",
+                "kid": cfg.kid or "(none)",
+                "scopes": " ".join(scopes),
+                "base": remote.base_url,
+            }
+            return transport.proxy(
+                child, decision, reader.take_buffer(), git_in, git_out, git_err, fields, configured=private.forget
+            )
+        finally:
+            private.forget()
 
     messages = io.StringIO()
     status = boundary(PROG, session, messages)
