@@ -53,6 +53,12 @@ class CodestoreError(Exception):
         return redact(" ".join(super().__str__().split()))
 
 
+class UsageError(CodestoreError):
+    """A command line that cannot run as given (exit status 2, as usage errors are)."""
+
+    exit_code = 2
+
+
 class ConfigError(CodestoreError):
     """Configuration is missing or invalid."""
 

@@ -20,11 +20,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
-from git_credential_codestore import config
-from git_credential_codestore.errors import CodestoreError, PolicyError, boundary
+from git_credential_codestore import config, remotes
+from git_credential_codestore.errors import PolicyError, UsageError, boundary
 from git_credential_codestore.source import TokenRequest, get_token, holds_grant
 
-from . import protocol, transport, urls
+from . import protocol, transport
 
 PROG = "codestore"
 READ_SCOPES = ("git:read",)
@@ -33,11 +33,7 @@ PUSH_SCOPES = ("git:read", "git:write")
 Launcher = Callable[[Sequence[str], Mapping[str, str], Sequence[int]], "subprocess.Popen[bytes]"]
 
 
-class UsageError(CodestoreError):
-    exit_code = 2
-
-
-def scopes_for(operation: str, remote: urls.Remote, cfg: config.Config, grant: bool = False) -> tuple[str, ...]:
+def scopes_for(operation: str, remote: remotes.Remote, cfg: config.Config, grant: bool = False) -> tuple[str, ...]:
     """The least privilege for the operation, if configuration allows it at all.
 
     With a grant the agent is the policy: it refuses what the grant does not allow, with
@@ -90,7 +86,7 @@ def run(
                 "e.g. git clone codestore://<org>/<repo>"
             )
         remote_name, url = argv
-        remote, cfg = urls.parse(url, config.load(env))
+        remote, cfg = remotes.parse(url, config.load(env))
         reader = protocol.LineReader(git_in.read)
         decision = protocol.negotiate(reader, git_out.write)
         if decision.operation == "end":

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from git_credential_codestore import config
+from git_credential_codestore import config, remotes
 from git_credential_codestore.errors import ConfigError
 from git_credential_codestore.secrets import Token
 from remote_helper import main as helper
-from remote_helper import protocol, transport, urls
+from remote_helper import protocol, transport
 from tests.conftest import OrgKey
 from tests.leakscan import secrets_in_text
 
@@ -59,7 +59,7 @@ def trusting(url: str) -> config.Config:
     ],
 )
 def test_urls_name_a_repository_namespace_and_endpoint(url: str, repo: str, ephemeral: bool, https_url: str) -> None:
-    remote, _ = urls.parse(url, trusting(url))
+    remote, _ = remotes.parse(url, trusting(url))
     assert (remote.repo, remote.ephemeral, remote.https_url) == (repo, ephemeral, https_url)
 
 
@@ -75,11 +75,11 @@ def test_urls_name_a_repository_namespace_and_endpoint(url: str, repo: str, ephe
 )
 def test_explicit_urls_get_tokens_only_for_the_configured_server(url: str, configured: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        urls.parse(url, cfg(**configured))
+        remotes.parse(url, cfg(**configured))
 
 
 def test_the_default_base_url_of_the_configured_org_is_trusted() -> None:
-    remote, _ = urls.parse("https://acme.code.storage/team/app.git", cfg(org="acme"))
+    remote, _ = remotes.parse("https://acme.code.storage/team/app.git", cfg(org="acme"))
     assert remote.https_url == "https://acme.code.storage/team/app.git"
 
 
@@ -110,28 +110,28 @@ def test_the_default_base_url_of_the_configured_org_is_trusted() -> None:
 )
 def test_bad_urls_are_refused_with_a_reason(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as e:
-        urls.parse(url, trusting(url))
+        remotes.parse(url, trusting(url))
     assert "secret" not in str(e.value) and "eyJabc" not in str(e.value)
 
 
 def test_the_configured_org_uses_the_configured_base_url() -> None:
-    remote, _ = urls.parse("codestore://acme/app", cfg(org="acme", base_url_setting="http://127.0.0.1:9/git"))
+    remote, _ = remotes.parse("codestore://acme/app", cfg(org="acme", base_url_setting="http://127.0.0.1:9/git"))
     assert remote.https_url == "http://127.0.0.1:9/git/app.git"
 
 
 def test_an_explicit_url_under_the_base_url_drops_its_path_prefix() -> None:
-    remote, _ = urls.parse("http://127.0.0.1:9/git/team/app.git", cfg(org="acme", base_url_setting="http://127.0.0.1:9/git"))
+    remote, _ = remotes.parse("http://127.0.0.1:9/git/team/app.git", cfg(org="acme", base_url_setting="http://127.0.0.1:9/git"))
     assert (remote.repo, remote.https_url) == ("team/app", "http://127.0.0.1:9/git/team/app.git")
 
 
 def test_the_url_supplies_the_org_when_none_is_configured() -> None:
-    remote, c = urls.parse("codestore://acme/app", cfg())
+    remote, c = remotes.parse("codestore://acme/app", cfg())
     assert c.org == "acme" and remote.https_url == "https://acme.code.storage/app.git"
 
 
 def test_another_org_than_the_configured_one_is_refused() -> None:
     with pytest.raises(ConfigError, match="not the configured org"):
-        urls.parse("codestore://other/app", cfg(org="acme"))
+        remotes.parse("codestore://other/app", cfg(org="acme"))
 
 
 # ---------------------------------------------------------------- the preamble

@@ -1,6 +1,7 @@
 """A local Code Storage-compatible server: real git http-backend behind JWT checks.
 
-- `command`: the `codestore dev-server` click command (imports nothing heavy).
+Its command line is `cli/dev_server.py`; nothing here imports click.
+
 - `run`: options, data directory, trusted keys, the server's git environment, signals.
 - `server`: HTTP, the anchored routing table (with its security reasoning), streaming
   CGI to `git http-backend`, the JSON request log.

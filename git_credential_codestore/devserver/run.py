@@ -14,9 +14,8 @@ import threading
 from collections.abc import Mapping, Sequence
 
 from .. import config, keys
-from ..errors import ConfigError, KeyNotFound
+from ..errors import ConfigError, KeyNotFound, UsageError
 from ..tokens import PublicKey
-from .command import UsageError
 from .hooks import install
 from .repos import RepoStore
 from .server import ServerState, find_http_backend, make_server

@@ -4,15 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..errors import CodestoreError
-
-
-class UsageError(CodestoreError):
-    """A command line the dev server refuses to run with."""
-
-    exit_code = 2
-
-
 @click.command("dev-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port; 0 picks a free one.")
@@ -31,6 +22,6 @@ def dev_server(
     host: str, port: int, data_dir: str | None, org: str | None, trust_keys: tuple[str, ...], log_path: str | None, tls: bool
 ) -> None:
     """Run a local Code Storage-compatible server (git smart HTTP + REST)."""
-    from .run import serve
+    from ..devserver.run import serve
 
     serve(host=host, port=port, data_dir=data_dir, org=org, trust_keys=trust_keys, log_path=log_path, tls=tls)

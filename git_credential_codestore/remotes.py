@@ -1,5 +1,7 @@
 """Which repository a `codestore` remote names, and the HTTPS URL that serves it.
 
+Used by the remote helper (git-remote-codestore) and by `codestore clone`.
+
 Accepted forms (git hands the helper everything after `codestore::`, or the whole
 `codestore://` URL):
 

@@ -1,0 +1,71 @@
+"""The `codestore` command line: one module per command group, as pre-commit does.
+
+This package is the only place that imports click; the git helpers and the core stay
+lean and click-free. Each command is a thin layer over a function in the core module
+that owns the job, and every command runs inside the one error boundary
+(`errors.boundary`).
+
+    config.py      codestore config show|set
+    key.py         codestore key generate|import|public|delete
+    token.py       codestore token
+    repo.py        codestore repo create|list
+    ephemeral.py   codestore clone|promote (the +ephemeral namespace)
+    setup.py       codestore setup|doctor
+    demo.py        codestore demo
+    dev_server.py  codestore dev-server
+    agent.py       codestore agent serve|start|stop|status
+    grant.py       codestore grant create|revoke|list
+
+A new command: a module here with a click command calling into the core, and one
+`cli.add_command` line below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import click
+
+from .. import __version__
+from ..errors import boundary
+from . import agent, config, demo, dev_server, ephemeral, grant, key, repo, setup, token
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="codestore")
+def cli() -> None:
+    """Short-lived, least-privilege Code Storage credentials for plain git."""
+
+
+for command in (
+    config.config_group,
+    key.key_group,
+    token.token_cmd,
+    repo.repo_group,
+    setup.setup_cmd,
+    setup.doctor_cmd,
+    demo.demo_cmd,
+    dev_server.dev_server,
+    ephemeral.clone,
+    ephemeral.promote,
+    agent.agent,
+    grant.grant,
+):
+    cli.add_command(command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def run() -> int:
+        try:
+            # Without standalone mode click returns a command's exit code instead of exiting.
+            result = cli.main(args=list(argv) if argv is not None else None, prog_name="codestore", standalone_mode=False)
+        except click.exceptions.Abort:
+            raise KeyboardInterrupt from None
+        except click.exceptions.ClickException as e:
+            click.echo(f"codestore: {e.format_message()}", err=True)
+            return e.exit_code
+        except click.exceptions.Exit as e:
+            return e.exit_code
+        return result if isinstance(result, int) else 0
+
+    return boundary("codestore", run)

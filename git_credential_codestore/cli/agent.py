@@ -1,0 +1,152 @@
+"""`codestore agent serve|start|stop|status`: run the agent and ask it how it is.
+
+Status and stop are admin calls to a running agent over its own socket (see `grant.py`
+for the others); they never send a grant, and the agent refuses them from anyone but
+its owner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import click
+
+from ..errors import CodestoreError
+
+SOCKET_HELP = "Agent socket (default: $CODESTORE_AGENT_SOCK, else the user's runtime dir)."
+
+
+def _socket_path(socket_opt: str | None) -> str:
+    from ..agent.client import default_socket
+
+    return os.path.abspath(os.path.expanduser(socket_opt or os.environ.get("CODESTORE_AGENT_SOCK") or default_socket()))
+
+
+def admin(socket_opt: str | None, method: str, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
+    from ..agent.client import Endpoint, call
+
+    ep = Endpoint("unix", _socket_path(socket_opt))
+    status, reply = call(ep, method, path, body)
+    if status >= 300:
+        raise CodestoreError(f"the agent refused: {reply.get('error') or status}")
+    return reply
+
+
+
+
+
+@click.group("agent")
+def agent() -> None:
+    """The daemon that holds the key and mints tokens for helpers and sandboxes."""
+
+
+@agent.command("serve")
+@click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
+@click.option("--listen", metavar="HOST:PORT", help="Also serve grant holders over HTTP(S) (port 0: any free port).")
+@click.option("--audit-log", metavar="PATH", help="Audit log file (default: in the state dir).")
+@click.option("--tls-cert", metavar="PEM", help="Certificate for --listen (HTTPS).")
+@click.option("--tls-key", metavar="PEM", help="Private key for --tls-cert.")
+@click.option("--idle-timeout", type=int, default=0, show_default=True, help="Exit after this many idle seconds (0: never).")
+@click.option("--state-dir", metavar="DIR", help="Where grants live (default: the user state dir).")
+def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | None, tls_cert: str | None,
+                tls_key: str | None, idle_timeout: int, state_dir: str | None) -> None:
+    """Run the agent in the foreground (containers, service managers)."""
+    from .. import config
+    from ..agent.server import serve
+
+    serve(
+        config.load(), os.environ,
+        socket_path=os.path.expanduser(socket_opt) if socket_opt else (os.environ.get("CODESTORE_AGENT_SOCK") or None),
+        listen=listen, audit_path=audit_log, tls_cert=tls_cert, tls_key=tls_key,
+        idle_timeout=idle_timeout, state_dir=state_dir,
+    )
+
+
+@agent.command("start")
+@click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
+@click.option("--listen", metavar="HOST:PORT", help="Also serve grant holders over HTTP(S).")
+@click.option("--audit-log", metavar="PATH")
+@click.option("--idle-timeout", type=int, default=0, show_default=True, help="Exit after this many idle seconds (0: never).")
+def agent_start(socket_opt: str | None, listen: str | None, audit_log: str | None, idle_timeout: int) -> None:
+    """Start the agent in the background (no-op when it is already running)."""
+    from ..agent.client import AgentUnavailable, Endpoint, call, spawn
+    from ..agent.server import default_state_dir
+
+    path = _socket_path(socket_opt)
+    ep = Endpoint("unix", path)
+    try:
+        call(ep, "GET", "/v1/ping", timeout=3)
+    except AgentUnavailable:
+        pass
+    else:
+        click.echo(f"the agent is already running at {path}")
+        return
+    from .. import config, keys
+
+    keys.load_private_key(config.load())  # say now, not in a log file, that there is no key
+    extra: tuple[str, ...] = ()
+    if listen:
+        extra += ("--listen", listen)
+    if audit_log:
+        extra += ("--audit-log", audit_log)
+    log = os.path.join(default_state_dir(), "agent.log")
+    proc = spawn(path, idle_timeout=idle_timeout, extra=extra, log_path=log)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            last = ""
+            try:
+                with open(log, encoding="utf-8", errors="replace") as f:
+                    last = (f.read().strip().splitlines() or [""])[-1]
+            except OSError:
+                pass
+            raise CodestoreError(f"the agent exited at start: {last or 'see ' + log}")
+        try:
+            call(ep, "GET", "/v1/ping", timeout=3)
+        except CodestoreError:
+            time.sleep(0.05)
+            continue
+        click.echo(f"agent started (pid {proc.pid}) at {path}")
+        return
+    raise CodestoreError(f"the agent did not come up within 20s; see {log}")
+
+
+@agent.command("stop")
+@click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
+def agent_stop(socket_opt: str | None) -> None:
+    """Stop the agent (tokens already minted stay valid until their short expiry)."""
+    from ..agent.client import AgentUnavailable
+
+    path = _socket_path(socket_opt)
+    try:
+        reply = admin(socket_opt, "POST", "/v1/shutdown")
+    except AgentUnavailable:
+        click.echo(f"no agent is running at {path}")
+        return
+    deadline = time.monotonic() + 10
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    click.echo(f"agent stopped (pid {reply.get('pid')})")
+
+
+@agent.command("status")
+@click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
+@click.option("--json", "as_json", is_flag=True)
+def agent_status(socket_opt: str | None, as_json: bool) -> None:
+    """Is the agent running; its socket, key, grants and counts."""
+    s = admin(socket_opt, "GET", "/v1/status")
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    g = s.get("grants") or {}
+    assert isinstance(g, dict)
+    click.echo(f"running    pid {s.get('pid')}, up {s.get('uptime')}s")
+    click.echo(f"socket     {s.get('socket')}")
+    if s.get("listen"):
+        click.echo(f"listen     {s.get('listen')}")
+    click.echo(f"signs for  org {s.get('org')}, kid {s.get('kid')}, key from {s.get('key')}")
+    click.echo(f"grants     {g.get('active', 0)} active, {g.get('revoked', 0)} revoked, {g.get('expired', 0)} expired")
+    click.echo(f"tokens     {s.get('mints')} minted, {s.get('refusals')} refused since start")
+    click.echo(f"audit log  {s.get('audit_log')}")

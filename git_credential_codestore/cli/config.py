@@ -1,0 +1,43 @@
+"""`codestore config show|set`: the effective settings, and writing one into the file."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import CodestoreError
+
+
+@click.group("config")
+def config_group() -> None:
+    """Show or change settings (environment variables override the file)."""
+
+
+@config_group.command("show")
+def config_show() -> None:
+    """Print the effective configuration (no secrets)."""
+    from .. import config
+
+    cfg = config.load()
+    click.echo(f"file:     {cfg.path}")
+    for name, value in (
+        ("org", cfg.org), ("base_url", cfg.base_url if cfg.org or cfg.base_url_setting else None),
+        ("api_url", cfg.api_url if cfg.org or cfg.api_url_setting or cfg.base_url_setting else None),
+        ("kid", cfg.kid), ("ttl", cfg.ttl), ("scopes", " ".join(cfg.scopes)),
+        ("ephemeral_scopes", " ".join(cfg.ephemeral_scopes) if cfg.ephemeral_scopes else None),
+        ("sub", cfg.sub),
+    ):
+        click.echo(f"{name + ':':<9} {value if value is not None else '(unset)'}")
+    for rule in cfg.repos:
+        click.echo(f"repos.{rule.pattern}: scopes={' '.join(rule.scopes or ()) or '-'} ephemeral_scopes={' '.join(rule.ephemeral_scopes or ()) or '-'}")
+
+
+@config_group.command("set")
+@click.argument("key")
+@click.argument("value")
+def config_set(key: str, value: str) -> None:
+    """Set KEY (org, base_url, api_url, kid, ttl, scopes, ephemeral_scopes, sub, private_key_file)."""
+    from .. import config
+
+    if key == "private_key":
+        raise CodestoreError("keys never go in the config file or argv; use: codestore key import FILE")
+    click.echo(f"set {key} in {config.set_value(key, value)}")

@@ -1,0 +1,118 @@
+"""`codestore grant create|revoke|list`: narrow, revocable permissions for sandboxes.
+
+Grant commands are admin calls to a running agent over its own socket (the agent is
+the only writer of the grant store, so a revocation takes effect at once); they never
+send a grant, and the agent refuses them from anyone but its owner.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from ..errors import ConfigError
+from .agent import SOCKET_HELP, admin
+
+
+def parse_duration(value: str) -> int:
+    """`90`, `45s`, `30m`, `8h`, `7d`, `2w` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    v = value.strip().lower()
+    mult = units.get(v[-1:], None)
+    num = v[:-1] if mult else v
+    if not num.isdigit() or int(num) <= 0:
+        raise ConfigError(f"bad duration {value!r}: use e.g. 3600, 30m, 8h, 7d")
+    return int(num) * (mult or 1)
+
+
+def _when(ts: object) -> str:
+    if not isinstance(ts, int):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
+
+
+# -- grant --------------------------------------------------------------------------------
+
+
+@click.group("grant")
+def grant() -> None:
+    """Narrow, revocable permissions for sandboxes that must not hold the key."""
+
+
+@grant.command("create")
+@click.option("--repo", "repos", multiple=True, required=True, help="Repository id or glob (repeatable), e.g. team/app or team/*.")
+@click.option("--scopes", "scopes", multiple=True, help='Scopes (default git:read), e.g. --scopes "git:read git:write".')
+@click.option("--max-ttl", type=int, default=900, show_default=True, help="Longest token lifetime in seconds (<= 3600).")
+@click.option("--expires-in", metavar="DURATION", help="The grant itself ends after this: 3600, 30m, 8h, 7d.")
+@click.option("--ephemeral-only", is_flag=True, help="Only the +ephemeral namespace. Checked by the agent at mint time: a minted token itself can also write the default namespace until it expires; protect branches with --ref-policy.")
+@click.option("--ref-policy", metavar="RULES", help="refs rules put in every token, e.g. 'refs/heads/main=no-push'.")
+@click.option("--sub", metavar="ID", help="Identity stamped as `sub` in every token (default codestore-grant:<id>).")
+@click.option("--own-socket", is_flag=True, help="Also serve this grant on a dedicated socket (mount it into a container).")
+@click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with `id` and `grant`).")
+def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, expires_in: str | None,
+                 ephemeral_only: bool, ref_policy: str | None, sub: str | None, own_socket: bool,
+                 socket_opt: str | None, as_json: bool) -> None:
+    """Create a grant; its secret is printed once and stored only as a hash."""
+    from ..config import parse_scopes
+
+    body: dict[str, object] = {
+        "repos": list(repos),
+        "scopes": list(parse_scopes(" ".join(scopes) or "git:read", "--scopes")),
+        "max_ttl": max_ttl,
+        "expires_in": parse_duration(expires_in) if expires_in else None,
+        "ephemeral_only": ephemeral_only,
+        "sub": sub,
+        "own_socket": own_socket,
+    }
+    if ref_policy:
+        from ..tokens import parse_ref_policy
+
+        body["refs"] = [[p, ops] for p, ops in parse_ref_policy(ref_policy)]
+    g = admin(socket_opt, "POST", "/v1/grants", body)
+    if as_json:
+        click.echo(json.dumps(g, indent=2))
+        return
+    click.echo(f"id:      {g['id']}")
+    click.echo(f"grant:   {g['grant']}")
+    if g.get("socket"):
+        click.echo(f"socket:  {g['socket']}")
+    click.echo(
+        f"covers:  {' '.join(g['repos'])}  scopes {' '.join(g['scopes'])}  max ttl {g['max_ttl']}s"  # type: ignore[arg-type]
+        f"{'  ephemeral only' if g['ephemeral_only'] else ''}  expires {_when(g['expires_at'])}"
+    )
+    click.echo("The grant is shown once: put it in the sandbox's CODESTORE_GRANT_FILE or CODESTORE_GRANT, never in a URL.", err=True)
+
+
+@grant.command("revoke")
+@click.argument("grant_id")
+@click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
+def grant_revoke(grant_id: str, socket_opt: str | None) -> None:
+    """Revoke a grant at once (tokens already minted end at their short expiry)."""
+    if not grant_id.isalnum():
+        raise ConfigError(f"{grant_id!r} is not a grant id; see: codestore grant list")
+    g = admin(socket_opt, "POST", f"/v1/grants/{grant_id.lower()}/revoke")
+    click.echo(f"revoked {g['id']} ({g['sub']}); it mints nothing from now on")
+
+
+@grant.command("list")
+@click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
+@click.option("--json", "as_json", is_flag=True)
+def grant_list(socket_opt: str | None, as_json: bool) -> None:
+    """Grants with their state, use count and last use."""
+    grants = admin(socket_opt, "GET", "/v1/grants")["grants"]
+    assert isinstance(grants, list)
+    if as_json:
+        click.echo(json.dumps(grants, indent=2))
+        return
+    if not grants:
+        click.echo("no grants; create one with: codestore grant create --repo REPO")
+        return
+    click.echo(f"{'ID':<13} {'STATE':<8} {'USES':>5} {'REFUSED':>7}  {'LAST USE':<20}  {'SCOPES':<20} REPOS / SUB")
+    for g in grants:
+        click.echo(
+            f"{g['id']:<13} {g['state']:<8} {g['uses']:>5} {g['refusals']:>7}  {_when(g['last_use']):<20}  "
+            f"{' '.join(g['scopes']):<20} {' '.join(g['repos'])}{' (ephemeral only)' if g['ephemeral_only'] else ''} / {g['sub']}"
+        )

@@ -1,0 +1,77 @@
+"""`codestore key ...`: the org's private key (generate, import, show the public half, delete)."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import CodestoreError
+
+
+@click.group("key")
+def key_group() -> None:
+    """The org's private key: generate, import, show the public half."""
+
+
+@key_group.command("generate")
+@click.option("--type", "kind", type=click.Choice(["ec", "rsa", "ed25519"]), default="ec", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing stored key.")
+def key_generate(kind: str, force: bool) -> None:
+    """Make a new key and keep it in the OS keychain (or a 0600 file where there is none)."""
+    from .. import config, keys
+
+    cfg = config.load()
+    if not force:
+        try:
+            _, where = keys.load_private_key(cfg)
+        except CodestoreError:
+            pass
+        else:
+            raise CodestoreError(f"a key already exists in {where}; pass --force to replace it")
+    key = keys.generate(kind)
+    where = keys.store_private_key(key, cfg)
+    if where != "the OS keychain":
+        click.echo(f"no OS keychain backend works here; stored in {where} (mode 0600)", err=True)
+    click.echo(f"stored a new {kind} key in {where}; register its public half with Code Storage:")
+    click.echo(keys.public_pem(key), nl=False)
+
+
+@key_group.command("import")
+@click.argument("source", default="-", metavar="[FILE|-]")
+def key_import(source: str) -> None:
+    """Store a PEM private key read from FILE or stdin (never from argv)."""
+    from .. import config, keys
+    from ..secrets import Secret
+
+    if source == "-":
+        pem = Secret(click.get_text_stream("stdin").read())
+    else:
+        try:
+            with open(source, encoding="utf-8") as f:
+                pem = Secret(f.read())
+        except (OSError, UnicodeDecodeError) as e:
+            raise CodestoreError(f"cannot read {source}: {getattr(e, 'strerror', e)}") from None
+    key = keys.parse_private_key(pem, source if source != "-" else "stdin")
+    where = keys.store_private_key(key, config.load())
+    click.echo(f"stored the key in {where}")
+
+
+@key_group.command("public")
+@click.option("--jwk", is_flag=True, help="Print a JWK instead of PEM.")
+def key_public(jwk: bool) -> None:
+    """Print the public key to register with Code Storage."""
+    import json
+
+    from .. import config, keys
+
+    cfg = config.load()
+    key, _ = keys.load_private_key(cfg)
+    click.echo(json.dumps(keys.public_jwk(key, cfg.kid), indent=2) if jwk else keys.public_pem(key).rstrip())
+
+
+@key_group.command("delete")
+def key_delete() -> None:
+    """Remove the stored key from the keychain and the fallback file."""
+    from .. import config, keys
+
+    removed = keys.delete_stored_key(config.load())
+    click.echo(f"removed the key from {', '.join(removed)}" if removed else "no stored key to remove")

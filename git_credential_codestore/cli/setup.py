@@ -1,0 +1,40 @@
+"""`codestore setup` and `codestore doctor`: configure git for the host, and check it all."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("setup")
+@click.option("--undo", is_flag=True, help="Remove exactly what setup added.")
+def setup_cmd(undo: bool) -> None:
+    """Configure git to ask codestore for credentials for the Code Storage host."""
+    from .. import config, setup
+
+    cfg = config.load()
+    if undo:
+        removed = setup.undo(cfg)
+        click.echo(f"restored {', '.join(removed)}" if removed else f"nothing to undo for {cfg.base_url}")
+        return
+    changed = setup.setup(cfg)
+    click.echo(f"configured git for {cfg.base_url}: {', '.join(changed)}" if changed else f"git is already set up for {cfg.base_url}")
+    others = [h for h in setup.effective_chain(cfg.base_url) if h != setup.HELPER]
+    if others:
+        click.echo(
+            f"warning: git would still run {', '.join(repr(h) for h in others)} after codestore for this host "
+            "(a later credential.helper entry); it may store tokens: remove it or move it above codestore's entries",
+            err=True,
+        )
+
+
+@click.command("doctor")
+def doctor_cmd() -> None:
+    """Check configuration, key, git, helper set-up and the server; say what to fix."""
+    from ..doctor import run_checks
+
+    checks = run_checks()
+    for c in checks:
+        mark = "ok  " if c.ok and not c.warning else ("warn" if c.ok else "FAIL")
+        click.echo(f"{mark} {c.name}: {c.detail}")
+    if not all(c.ok for c in checks):
+        raise click.exceptions.Exit(1)
