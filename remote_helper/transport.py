@@ -29,10 +29,11 @@ import os
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
-from git_credential_codestore.errors import ConfigError
+from git_credential_codestore.errors import ConfigError, expired_during_push
 from git_credential_codestore.secrets import Token
 
 from .protocol import CAPABILITIES, Decision, LineReader, ProtocolError
@@ -218,10 +219,16 @@ _HINTS: tuple[tuple[re.Pattern[bytes], str], ...] = (
 )
 
 
-def hint_for(stderr_tail: bytes) -> str | None:
-    """One line explaining a transport failure, from what git printed (None: git said enough)."""
+def hint_for(stderr_tail: bytes, expired: bool = False) -> str | None:
+    """One line explaining a transport failure, from what git printed (None: git said enough).
+
+    `expired`: the token had run out by the time the transport failed, so a 401 means
+    exactly that, not a wrong key, org or clock.
+    """
     for pattern, text in _HINTS:
         if pattern.search(stderr_tail):
+            if expired and text is _HINTS[0][1]:
+                return expired_during_push("CODESTORE_TTL, at most 3600")
             # Beyond 401 (where git's own words mislead), a server that explained itself
             # on a `remote:` line has said more than a guess of ours could.
             if b"remote: " in stderr_tail and "HTTP 401" not in text:
@@ -272,13 +279,19 @@ def proxy(
     git_err: Endpoint,
     hint_fields: Mapping[str, str],
     configured: Callable[[], None] = lambda: None,
+    *,
+    advertisement_only: bool = False,
+    expires_at: int = 0,
 ) -> int:
     """Replay what git said to the transport, swallow its answers, then join the two.
 
     `pending` is input git sent after the deciding command (normally nothing: git waits
     for the answer). `configured` is called once the transport has answered its first
-    line: by then it has read all its configuration. Returns the transport's exit
-    status, as git would see it.
+    line: by then it has read all its configuration. With `advertisement_only`, only the
+    answer to `list for-push` (up to its blank line) reaches git, and the transport is
+    then told to end: the push commands get a transport of their own. `expires_at` is
+    the token's expiry, to tell a token that ran out from one that was refused. Returns
+    the transport's exit status, as git would see it.
     """
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     tee = StderrTee(child.stderr, git_err)
@@ -289,21 +302,32 @@ def proxy(
     # transport is past its configuration.
     lines = decision.replay or [(b"capabilities", None)]
     replay = b"".join(line + b"\n" for line, _ in lines) + decision.command + b"\n" + pending
+    reader = LineReader(child_out.read)
     try:
         child_in.write(replay)
-        leftover = _swallow(LineReader(child_out.read), lines)
+        _swallow(reader, lines)
+        configured()
+        if advertisement_only:
+            while (line := _line(reader)) != b"":
+                git_out.write(line + b"\n")
+            git_out.write(b"\n")
+            child_in.write(b"\n")  # the end of the session, as git ends one (else it exits 1)
+            connected = False
+        else:
+            connected = True
     except (BrokenPipeError, _TransportEnded):
-        leftover = None
+        connected = False
     except ProtocolError:
         child.kill()
         child.wait()
         raise
     finally:
         configured()
-    if leftover is not None:
+    if connected:
         upstream = threading.Thread(target=_upstream, args=(git_in, child), daemon=True)
         upstream.start()
         try:
+            leftover = reader.take_buffer()
             if leftover:
                 git_out.write(leftover)
             copy(child_out, git_out)
@@ -315,7 +339,7 @@ def proxy(
     status = _exit_status(child.wait())
     tee.thread.join(timeout=5)
     if status != 0:
-        hint = hint_for(tee.tail)
+        hint = hint_for(tee.tail, expired=bool(expires_at) and time.time() >= expires_at)
         if hint:
             try:
                 git_err.write(f"codestore: {hint.format(**hint_fields)}\n".encode())
@@ -328,8 +352,8 @@ class _TransportEnded(Exception):
     """The transport closed its output before answering the replayed lines."""
 
 
-def _swallow(reader: LineReader, replay: Sequence[tuple[bytes, bytes | None]]) -> bytes:
-    """Read the transport's answers to the replayed lines; return what came after them."""
+def _swallow(reader: LineReader, replay: Sequence[tuple[bytes, bytes | None]]) -> None:
+    """Read the transport's answers to the replayed lines (what follows stays in `reader`)."""
     for line, ours in replay:
         if ours is None:
             offered: set[bytes] = set()
@@ -351,7 +375,6 @@ def _swallow(reader: LineReader, replay: Sequence[tuple[bytes, bytes | None]]) -
                 raise ProtocolError(
                     f"git's HTTPS transport answered option {name!r} differently than codestore did; please report it"
                 )
-    return reader.take_buffer()
 
 
 def _line(reader: LineReader) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.conftest import Clock, DevServer, git, run_cli
+from tests.conftest import Clock, DevServer, git, run_cli, slow_pre_push_hook
 from tests.leakscan import files_with_secrets, key_needles, run_git_traced, secrets_in_text
 
 REPO = "team/app"
@@ -126,6 +126,23 @@ def test_a_session_longer_than_many_ttls_keeps_working(clocked_server: tuple[Dev
     assert refused.returncode != 0
     expired = [r for r in server.requests() if "expired" in str(r.get("reason", ""))]
     assert expired, server.requests()[-3:]
+
+
+def test_a_pre_push_hook_that_outlasts_the_token_is_named_as_the_cause(clocked_server: tuple[DevServer, Clock], tmp_path: Path) -> None:
+    # git caches the credential helper's token for the whole process, so a hook longer
+    # than the TTL makes the pack's POST fail; the helper sees git's erase after the 401,
+    # with the token it gave, and says what happened instead of blaming key, org or clock.
+    server, _ = clocked_server
+    run_cli("codestore", "setup")
+    url = server.create_repo(REPO)
+    work = tmp_path / "w"
+    git("init", "-q", str(work))
+    commit(work, "first.txt")
+    slow_pre_push_hook(work, 3600)
+    proc = git("push", url, "HEAD:refs/heads/main", cwd=work, check=False)
+    assert proc.returncode != 0
+    assert "the token expired during the push: a hook or a slow step took longer than the TTL" in proc.stderr
+    assert "CODESTORE_TTL" in proc.stderr and "codestore://" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -451,3 +451,36 @@ def test_a_transport_that_disagrees_with_our_preamble_is_caught(
 ) -> None:
     got, _, err = run(stdin, env={**os.environ, "FAKE_MODE": mode}, launch=fake_launcher([]))
     assert got == status and message in err
+
+
+def test_a_401_after_the_token_ran_out_is_named_as_such() -> None:
+    tail = b"error: RPC failed; HTTP 401 curl 22 The requested URL returned error: 401\n"
+    assert "HTTP 401" in (transport.hint_for(tail) or "")
+    hint = transport.hint_for(tail, expired=True) or ""
+    assert "the token expired during the push" in hint and "clock" not in hint
+
+
+@pytest.mark.parametrize(
+    ("after", "operation", "command", "options"),
+    [
+        (b"", "end", b"", []),  # nothing to push: git ends the session
+        (b"\n", "end", b"", []),
+        (b"option atomic true\noption push-option x\npush refs/heads/a:refs/heads/a\npush :refs/heads/b\n\n", "push",
+         b"push refs/heads/a:refs/heads/a\npush :refs/heads/b\n", [b"option atomic true", b"option push-option x"]),
+    ],
+)
+def test_after_the_advertisement_options_are_answered_and_the_push_batch_is_kept_whole(
+    after: bytes, operation: str, command: bytes, options: list[bytes]
+) -> None:
+    first = protocol.negotiate(protocol.LineReader(io.BytesIO(b"capabilities\nlist for-push\n").read), lambda b: None)
+    written: list[bytes] = []
+    push = protocol.after_advertisement(protocol.LineReader(io.BytesIO(after).read), written.append, first)
+    assert (push.operation, push.command) == (operation, command)
+    assert [line for line, _ in push.replay] == [b"capabilities", *options]
+    assert written == [b"ok\n"] * len(options)
+
+
+def test_anything_but_push_commands_after_the_advertisement_is_refused() -> None:
+    first = protocol.negotiate(protocol.LineReader(io.BytesIO(b"list for-push\n").read), lambda b: None)
+    with pytest.raises(protocol.ProtocolError, match="'fetch' after the push advertisement"):
+        protocol.after_advertisement(protocol.LineReader(io.BytesIO(b"fetch a b\n").read), lambda b: None, first)
