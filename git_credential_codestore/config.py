@@ -238,9 +238,10 @@ class Config(
 
 
 def _read_file(path: str) -> dict[str, object]:
+    from .files import read_bounded
+
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_bounded(path, "the configuration file")
     except FileNotFoundError:
         return {}
     except OSError as e:

@@ -33,9 +33,10 @@ def state_path() -> str:
 
 
 def _load_state() -> dict[str, dict[str, list[str]]]:
+    from .files import read_bounded
+
     try:
-        with open(state_path(), encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_bounded(state_path(), "codestore's setup record"))
         return data if isinstance(data, dict) else {}
     except (FileNotFoundError, ValueError):
         return {}

@@ -8,8 +8,8 @@ imported only for admin calls and agents over TCP, `ssl` only for https. One req
 per connection, `Connection: close`.
 
 The grant travels in the `Authorization: Grant ...` header, never in a URL or argv.
-Every failure is one line that says what to do; nothing here can hang git: connects
-and replies have short timeouts.
+Every failure is one line that says what to do; nothing here can hang git: every
+exchange has one total deadline (connect, TLS handshake, request and reply together).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import _socket
 import os
 import sys
+import time
 from collections import namedtuple
 from collections.abc import Mapping
 
@@ -24,10 +25,11 @@ TYPE_CHECKING = False  # typing's import is a cost on every git request
 
 if TYPE_CHECKING:
     import socket
+    import ssl
     import subprocess
 
 from ..config import Config, is_loopback
-from ..errors import ConfigError, PolicyError, ProtocolError, RemoteError
+from ..errors import ConfigError, PolicyError, ProtocolError, RemoteError, UsageError
 from ..secrets import Secret, Token
 from . import wire
 
@@ -105,9 +107,16 @@ class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
     def from_url(cls, url: str) -> Endpoint:
         from urllib.parse import urlsplit  # only for agents reached over the network
 
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"CODESTORE_AGENT_URL must be http(s)://HOST:PORT, not {parts.scheme or url[:20]!r}")
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # raises ValueError for a port that is not 0..65535
+        except ValueError:
+            raise UsageError(
+                "CODESTORE_AGENT_URL has a bad host or port (a port is 1-65535, an IPv6 host is in []); "
+                "it must be http(s)://HOST:PORT, e.g. https://agent.internal:7878"
+            ) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == 0 or parts.netloc.endswith(":"):
+            raise UsageError(f"CODESTORE_AGENT_URL must be http(s)://HOST:PORT, not {parts.scheme or url[:20]!r}")
         if parts.username or parts.password or parts.query:
             # A grant in a URL would land in logs and argv: exactly what we exist to prevent.
             raise ConfigError("CODESTORE_AGENT_URL must not carry credentials or a query; put the grant in CODESTORE_GRANT_FILE")
@@ -117,7 +126,7 @@ class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
                 f"refusing to send a grant over plain http to {parts.hostname}; use https:// "
                 "(the agent serves TLS with --tls-cert/--tls-key) or a loopback address"
             )
-        return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        return cls(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80))
 
     def __str__(self) -> str:
         return self.address if self.kind == "unix" else f"{self.kind}://{self.address}:{self.port}"
@@ -125,8 +134,6 @@ class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
 
 def _connect_unix(sock: _socket.socket, addr: str, timeout: float) -> None:
     """connect(), retrying while the agent's backlog is full (EAGAIN on a Unix socket)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -138,7 +145,7 @@ def _connect_unix(sock: _socket.socket, addr: str, timeout: float) -> None:
             time.sleep(0.005)
 
 
-def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> _socket.socket | socket.socket:
+def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str], deadline: float) -> _socket.socket | socket.socket:
     try:
         if ep.kind == "unix":
             sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -165,11 +172,37 @@ def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> _socket.so
 
         ctx = ssl.create_default_context(cafile=env.get("CODESTORE_AGENT_CA") or None)
         try:
-            sock = ctx.wrap_socket(sock, server_hostname=ep.address)
+            sock = ctx.wrap_socket(sock, server_hostname=ep.address, do_handshake_on_connect=False)
+            _handshake(sock, deadline)
+        except TimeoutError:
+            sock.close()
+            raise AgentUnavailable(f"TLS with the codestore agent at {ep} did not finish in time; check: codestore agent status") from None
         except (ssl.SSLError, OSError) as e:
             sock.close()
             raise AgentUnavailable(f"TLS with the codestore agent at {ep} failed ({type(e).__name__}); set CODESTORE_AGENT_CA to its CA file") from None
     return sock
+
+
+def _handshake(sock: ssl.SSLSocket, deadline: float) -> None:
+    """The TLS handshake within the exchange's deadline (a dripping peer cannot stretch it)."""
+    import select
+    import ssl
+
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                want: tuple[list[object], list[object]] = ([sock], [])
+            except ssl.SSLWantWriteError:
+                want = ([], [sock])
+            left = deadline - time.monotonic()
+            if left <= 0 or not any(select.select(*want, [], left)[:2]):
+                raise TimeoutError
+    finally:
+        sock.setblocking(True)
 
 
 def exchange(
@@ -191,12 +224,19 @@ def exchange(
         head.append(f"Content-Type: {content_type}")
     if grant is not None:
         head.append(f"Authorization: Grant {grant.reveal()}")
-    sock = _connect(ep, min(timeout, CONNECT_TIMEOUT), env)
+    # One deadline for the whole exchange: a peer dripping a byte at a time must not
+    # restart a per-read timeout (each recv waits at most what is left).
+    deadline = time.monotonic() + timeout
+    sock = _connect(ep, min(timeout, CONNECT_TIMEOUT), env, deadline)
+    chunks, size = [], 0
     try:
-        sock.settimeout(timeout)
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
-        chunks, size = [], 0
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
             chunk = sock.recv(65536)
             if not chunk:
                 break
@@ -251,9 +291,10 @@ def read_grant(env: Mapping[str, str]) -> Secret | None:
     path = env.get("CODESTORE_GRANT_FILE")
     if not path:
         return None
+    from ..files import read_bounded
+
     try:
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            value = f.read().strip()
+        value = read_bounded(os.path.expanduser(path), "CODESTORE_GRANT_FILE").decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read CODESTORE_GRANT_FILE {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
     if not value:
