@@ -70,10 +70,15 @@ def parse_scopes(value: object, where: str) -> tuple[str, ...]:
 
 
 def parse_ttl(value: object, where: str) -> int:
-    try:
-        ttl = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: TTL must be a whole number of seconds, got {value!r}") from None
+    # A TOML integer, or ASCII digits from the environment: not a float (1e400 is
+    # infinite, 45.9 would be cut), not a boolean, not "²" (str.isdigit accepts it).
+    text = value.strip() if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        ttl = value
+    elif text and text.isascii() and text.isdigit() and len(text) < 10:
+        ttl = int(text)
+    else:
+        raise ConfigError(f"{where}: TTL must be a whole number of seconds, got {str(value)[:40]!r}")
     if not MIN_TTL <= ttl <= MAX_TTL:
         raise ConfigError(f"{where}: TTL {ttl}s is outside {MIN_TTL}..{MAX_TTL}s; short-lived tokens are the point")
     return ttl

@@ -250,13 +250,18 @@ def exchange(
         raise AgentUnavailable(f"the codestore agent at {ep} dropped the connection ({e.strerror or type(e).__name__}); {START_HINT}") from None
     finally:
         sock.close()
-    raw = b"".join(chunks)
+    return parse_reply(b"".join(chunks), ep)
+
+
+def parse_reply(raw: bytes, ep: Endpoint) -> tuple[int, bytes]:
+    """(status, body) of an HTTP/1.x reply read to its end; RemoteError if it is not one."""
     header, _, content = raw.partition(b"\r\n\r\n")
     status_line = header.split(b"\r\n", 1)[0].split()
-    try:
-        return int(status_line[1]), content
-    except (IndexError, ValueError):
-        raise RemoteError(f"the codestore agent at {ep} sent a reply that is not HTTP; is it a codestore agent?") from None
+    if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1.") or not (
+        len(status_line[1]) == 3 and status_line[1].isdigit()
+    ):
+        raise RemoteError(f"the codestore agent at {ep} sent a reply that is not HTTP; is it a codestore agent?")
+    return int(status_line[1]), content
 
 
 def call(
@@ -348,16 +353,22 @@ class AgentSource:
         except ProtocolError as e:
             raise ConfigError(f"cannot ask the codestore agent for this token: {e}") from None
         status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env)
-        try:
-            reply = wire.decode(content)
-        except ProtocolError:
-            raise RemoteError(f"the codestore agent at {self.endpoint} sent an unreadable reply; is it a codestore agent of this version?") from None
-        if status != 200:
-            raise refusal(self.endpoint, status, reply)
-        token, exp = reply.get("token", ""), reply.get("expires_at", "")
-        if not token or not exp.isdigit():
-            raise RemoteError(f"the codestore agent at {self.endpoint} sent a reply without a token")
-        return Token(token, int(exp))
+        return token_from_reply(status, content, self.endpoint)
+
+
+def token_from_reply(status: int, content: bytes, ep: Endpoint) -> Token:
+    """The token in the agent's line-format reply, or the refusal it states."""
+    try:
+        reply = wire.decode(content)
+    except ProtocolError:
+        raise RemoteError(f"the codestore agent at {ep} sent an unreadable reply; is it a codestore agent of this version?") from None
+    if status != 200:
+        raise refusal(ep, status, reply)
+    token, exp = reply.get("token", ""), reply.get("expires_at", "")
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not token or not (exp.isascii() and exp.isdigit()) or len(exp) > 12:
+        raise RemoteError(f"the codestore agent at {ep} sent a reply without a token")
+    return Token(token, int(exp))
 
 
 def spawn(socket_path: str, *, idle_timeout: int = 0, extra: tuple[str, ...] = (), log_path: str | None = None,

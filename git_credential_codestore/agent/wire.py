@@ -43,10 +43,15 @@ def encode(fields: Mapping[str, object]) -> bytes:
         elif isinstance(value, (list, tuple)):
             value = " ".join(str(v) for v in value)
         text = str(value)
-        if "\n" in text or "\r" in text or "\0" in text:
-            raise ProtocolError(f"the value of {key} has a line break")
+        if _has_control(key + text):
+            raise ProtocolError(f"the value of {key} has a line break or another control character")
         out.append(f"{key}={text}\n")
     return "".join(out).encode("utf-8")
+
+
+def _has_control(text: str) -> bool:
+    """The one rule for both directions: no C0 control character and no DEL in a line."""
+    return any(ord(c) < 32 or c == "\x7f" for c in text)
 
 
 def decode(body: bytes) -> dict[str, str]:
@@ -61,7 +66,7 @@ def decode(body: bytes) -> dict[str, str]:
         raise ProtocolError(f"more than {MAX_LINES} lines")
     for n, line in enumerate(lines, 1):
         key, sep, value = line.partition("=")
-        if not sep or not key or any(ord(c) < 32 or c == "\x7f" for c in line):
+        if not sep or not key or _has_control(line):
             raise ProtocolError(f"line {n} is not key=value")
         if key == "ref":
             fields["ref"] = fields["ref"] + "\n" + value if "ref" in fields else value
@@ -83,7 +88,9 @@ def request_from_lines(body: bytes) -> dict[str, object]:
                 raise ProtocolError(f"{key} must be 0 or 1")
             data[key] = value == "1"
         elif key == "scopes":
-            data["scopes"] = value.split()
+            # ASCII spaces only, as encode() joins them: str.split() also splits on
+            # \x85 and other Unicode spaces, which would turn one odd scope into none.
+            data["scopes"] = [scope for scope in value.split(" ") if scope]
         elif key == "ttl":
             if not value.isascii() or not value.isdigit() or len(value) > 9:
                 raise ProtocolError("ttl must be a whole number of seconds")
