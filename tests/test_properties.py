@@ -18,12 +18,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from git_credential_codestore import config, credential, gitenv, keys, remotes, tokens
+from git_credential_codestore import config, credential, gitenv, keys, remotes, tokens, vocab
 from git_credential_codestore.agent import client, wire
 from git_credential_codestore.errors import CodestoreError, ConfigError, ProtocolError, RemoteError, TokenError
+from git_credential_codestore.vocab import TokenRequest
 from remote_helper import protocol
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SECRET = "eyJzZWNyZXQiOiJ2YWx1ZSJ9"  # what must never be echoed back
 
 # Text made of the characters each format cares about, plus anything at all.
@@ -82,7 +83,7 @@ def test_the_credential_helper_answers_anything_without_crashing(operation: str,
 @given(LINE_BYTES)
 def test_wire_decoding_returns_fields_or_a_protocol_error(body: bytes) -> None:
     try:
-        wire.request_from_lines(body)
+        wire.decode_request(body)
     except ProtocolError as e:
         assert SECRET not in str(e)
 
@@ -102,16 +103,18 @@ def test_token_requests_round_trip_through_lines(
     repo: str, scopes: list[str], ephemeral: bool, narrow: bool, ttl: int | None, purpose: str, refs: list[tuple[str, list[str]]]
 ) -> None:
     texts = [repo, purpose, *scopes, *(p for p, _ in refs), *(op for _, ops in refs for op in ops)]
+    request = TokenRequest(repo, tuple(scopes), ephemeral, ttl, refs, purpose, narrow)
     try:
-        body = wire.request_to_lines(repo, scopes, ephemeral, ttl, refs, purpose, narrow, None)
+        body = wire.encode_request(request)
     except ProtocolError:
         # Refused at the source exactly when decoding would refuse it.
         assert any(ord(c) < 32 or c == "\x7f" for c in "".join(texts))
         return
-    got = wire.request_from_lines(body)
-    assert got["repo"] == repo and got["scopes"] == scopes and got["ephemeral"] is ephemeral and got["narrow"] is narrow
-    assert got.get("ttl") == ttl and got["purpose"] == purpose
-    assert got.get("refs", []) == [[p, ops] for p, ops in refs]
+    got, owner = wire.decode_request(body)
+    assert owner == {}
+    assert got._replace(refs=[(p, list(ops)) for p, ops in got.refs]) == request._replace(
+        refs=[(p, list(ops)) for p, ops in refs]
+    )
 
 
 EP = client.Endpoint("unix", "/run/agent.sock")
@@ -162,7 +165,7 @@ def test_remote_urls_give_a_repository_on_the_configured_server_or_a_config_erro
         return
     # Threat: a URL that mints a token for one server and sends it to another.
     assert remote.https_url.startswith("https://acme.code.storage/")
-    assert config.validate_repo_id(remote.repo) == remote.repo
+    assert vocab.validate_repo_id(remote.repo) == remote.repo
     assert "@" not in remote.https_url
 
 
@@ -213,8 +216,8 @@ def test_any_config_file_loads_or_is_one_config_error(tmp_path_factory: pytest.T
     except ConfigError as e:
         assert "\n" not in str(e)
         return
-    assert config.MIN_TTL <= cfg.ttl <= config.MAX_TTL
-    assert set(cfg.scopes) <= set(config.KNOWN_SCOPES)
+    assert vocab.MIN_TTL <= cfg.ttl <= vocab.MAX_TTL
+    assert set(cfg.scopes) <= set(vocab.SCOPES)
 
 
 @FAST
