@@ -53,12 +53,16 @@ def _subsection(url: str) -> str:
 def token_config(token: Token, url: str) -> bytes:
     """The transport's private configuration: the header and the guards, for `url` exactly."""
     basic = base64.b64encode(f"t:{token.reveal()}".encode()).decode("ascii")
+    # Plain http is for a loopback server only, where a proxy has no business: a proxy
+    # would read the header in clear text (an empty value turns every proxy off).
+    no_proxy = "\tproxy =\n" if url.startswith("http://") else ""
     return (
         "[credential]\n\thelper =\n"
         "[http]\n\tfollowRedirects = false\n"
         f"[http {_subsection(url)}]\n"
         f"\textraHeader = Authorization: Basic {basic}\n"
         "\tfollowRedirects = false\n"
+        f"{no_proxy}"
     ).encode()
 
 

@@ -184,6 +184,21 @@ def test_no_redirect_setting_sends_the_remote_helpers_token_elsewhere(
     assert hosts.seen == [], f"a token reached {hosts.elsewhere}: {hosts.requests}"
 
 
+@pytest.mark.parametrize("source", ["-c", "repository"])
+def test_no_proxy_setting_sends_the_remote_helpers_token_over_plain_http_elsewhere(
+    hosts: Hosts, work: Path, tmp_path: Path, hermetic: Path, source: str
+) -> None:
+    # Threat: http.<url>.proxy (or http_proxy) pointing plain-http traffic, header and
+    # all, at another host. A loopback server needs no proxy: the transport ignores them.
+    key = f"http.{hosts.configured}/{REPO}.git.proxy"
+    args, env = _configure(source, key, tmp_path, work, hermetic)
+    args = [a.replace("=true", "=" + hosts.elsewhere) for a in args]
+    if source == "repository":
+        git("config", key, hosts.elsewhere, cwd=work)
+    _run(hosts, work, "fetch", f"codestore://{ORG}/{REPO}", args, {**env, "http_proxy": hosts.elsewhere})
+    assert hosts.seen == [], f"a token reached {hosts.elsewhere}: {hosts.requests}"
+
+
 @pytest.mark.parametrize("op", ["fetch", "push"])
 def test_no_redirect_setting_sends_the_credential_helpers_token_elsewhere(
     hosts: Hosts, work: Path, tmp_path: Path, hermetic: Path, op: str
