@@ -118,11 +118,23 @@ def refused_because_expired(fields: Mapping[str, str], env: Mapping[str, str]) -
     )
 
 
+# Options git passes from the helper line (`helper = codestore --org acme`, written by
+# `codestore setup --system`): they name the host this line serves, for users who have
+# no codestore configuration of their own, and win over the environment.
+HELPER_OPTIONS = {"--org": "CODESTORE_ORG", "--base-url": "CODESTORE_BASE_URL"}
+
+
 def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO, env: Mapping[str, str]) -> int:
-    if len(argv) != 1:
-        stderr.write(f"{PROG}: usage: {PROG} get|store|erase (git runs this for you)\n".encode())
+    options, overrides = list(argv[:-1]), {}
+    while len(options) >= 2 and options[0] in HELPER_OPTIONS:
+        name = options.pop(0)
+        overrides[HELPER_OPTIONS[name]] = options.pop(0)
+    if len(argv) < 1 or options:
+        stderr.write(f"{PROG}: usage: {PROG} [--org ORG] [--base-url URL] get|store|erase (git runs this for you)\n".encode())
         return 2
-    operation = argv[0]
+    if overrides:
+        env = {**env, **overrides}
+    operation = argv[-1]
     try:
         data = _read_request(stdin)
     except ProtocolError as e:
@@ -163,6 +175,14 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO
     if reply:
         stdout.write(("\n".join(reply) + "\n").encode())
     stderr.write(err.getvalue().encode())
+    from .config import debug_enabled
+
+    if debug_enabled(env):
+        # CODESTORE_DEBUG (or the official helper's PIERRE_DEBUG): what was asked and how
+        # it ended. Only protocol, host and path: never a password field or the token.
+        where = f"{fields.get('protocol', '?')}://{fields.get('host', '?')}/{fields.get('path', '')}"
+        outcome = "quit" if reply == ["quit=1"] else ("a token" if reply else "not this helper's host")
+        stderr.write(f"{PROG}: debug: get {where}: {outcome}\n".encode())
     # git ignores a helper's exit status; 0 keeps `quit=1` the only signal it acts on.
     return 0 if status in (0, 1) else status
 

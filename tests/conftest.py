@@ -43,6 +43,8 @@ def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "XDG_RUNTIME_DIR": str(tmp_path / "run"),
         "GIT_CONFIG_GLOBAL": str(home / ".gitconfig"),
         "GIT_CONFIG_NOSYSTEM": "1",
+        # `git config --system` (setup --system) writes here, never to this machine's /etc.
+        "GIT_CONFIG_SYSTEM": str(tmp_path / "etc-gitconfig"),
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_ASKPASS": "",
         "SSH_ASKPASS": "",

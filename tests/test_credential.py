@@ -183,3 +183,16 @@ def test_git_does_not_fall_back_to_a_prompt_when_the_helper_cannot_mint(hermetic
     )
     assert proc.returncode != 0 and "password=" not in proc.stdout
     assert "codestore key generate" in proc.stderr
+
+
+def test_options_from_the_helper_line_name_the_host_for_users_without_configuration(org_key: OrgKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `codestore setup --system` writes `helper = codestore --org ORG [--base-url URL]`.
+    monkeypatch.delenv("CODESTORE_ORG")
+    out, err = io.BytesIO(), io.BytesIO()
+    request = b"protocol=http\nhost=127.0.0.1:9\npath=team/app.git\n\n"
+    status = credential.run(["--org", ORG, "--base-url", "http://127.0.0.1:9", "get"], io.BytesIO(request), out, err, dict(os.environ))
+    assert status == 0 and reply_fields(out.getvalue().decode())["password"].startswith("eyJ"), err.getvalue()
+    for bad in (["--org", "get"], ["--frob", "x", "get"], ["--org", ORG, "--base-url", "get"]):
+        out, err = io.BytesIO(), io.BytesIO()
+        status = credential.run(bad, io.BytesIO(request), out, err, dict(os.environ))
+        assert status == 2 and err.getvalue().decode().count("\n") == 1 and out.getvalue() == b"", bad

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import socket
     import ssl
 
-from ..config import Config
+from ..config import Config, getenv
 from ..errors import ConfigError, PolicyError, ProtocolError, RemoteError
 from ..secrets import Secret, Token
 from ..vocab import TokenRequest
@@ -57,12 +57,12 @@ def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
     The agent compares this with its own, so a helper never gets a token signed with a
     key other than the one its configuration chose.
     """
-    pem = env.get("CODESTORE_PRIVATE_KEY", "")
+    pem = getenv(env, "CODESTORE_PRIVATE_KEY")
     if pem.strip():
         import hashlib
 
         return "pem:" + hashlib.sha256(pem.encode()).hexdigest()[:16]
-    path = env.get("CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
+    path = getenv(env, "CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
     if path:
         return "file:" + os.path.realpath(os.path.expanduser(path))
     return "store:" + (cfg.org or "default")

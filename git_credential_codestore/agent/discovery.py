@@ -20,7 +20,7 @@ import sys
 from collections import namedtuple
 from collections.abc import Mapping
 
-from ..config import Config
+from ..config import Config, getenv
 from ..errors import ConfigError, UsageError
 from ..secrets import Secret
 from ..vocab import is_loopback, split_url
@@ -182,9 +182,9 @@ def answers(path: str, exists: bool) -> bool:
 
 def key_file_present(cfg: Config, env: Mapping[str, str]) -> bool:
     """A key an agent could load, found without touching the keychain (that import is slow)."""
-    if env.get("CODESTORE_PRIVATE_KEY", "").strip():
+    if getenv(env, "CODESTORE_PRIVATE_KEY").strip():
         return True
-    path = env.get("CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
+    path = getenv(env, "CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
     if path:
         return os.path.exists(os.path.expanduser(path))
     from platformdirs import user_data_dir
