@@ -185,9 +185,10 @@ class Config(
 
 
 def _read_file(path: str) -> dict[str, object]:
+    from .files import read_bounded
+
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_bounded(path, "the configuration file")
     except FileNotFoundError:
         return {}
     except OSError as e:
@@ -268,11 +269,14 @@ def set_value(key: str, value: str, env: Mapping[str, str] | None = None) -> str
         raise ConfigError(f"unknown setting {key!r}; settings: {', '.join(_SETTINGS)}")
     path = config_path(env)
     lines = []
+    from .files import read_bounded
+
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_bounded(path, "the configuration file").decode("utf-8").splitlines()
     except FileNotFoundError:
         pass
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
     import json
 
     new = f"{key} = {json.dumps(value)}"

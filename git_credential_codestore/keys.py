@@ -59,9 +59,10 @@ class FileSource:
         self.name = self.name or self.path
 
     def read(self) -> Secret | None:
+        from .files import read_bounded
+
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return Secret(f.read())
+            return Secret(read_bounded(self.path, "the key file").decode("utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as e:

@@ -222,6 +222,13 @@ def clocked_server(
         server.stop()
 
 
+def slow_pre_push_hook(repo: Path, seconds: int) -> None:
+    """A pre-push hook that takes `seconds` on the shared fake clock (it moves the clock)."""
+    hook = repo / ".git" / "hooks" / "pre-push"
+    hook.write_text(f'#!/bin/sh\necho "+{seconds}" > "$FAKETIME_TIMESTAMP_FILE"\n')
+    hook.chmod(0o755)
+
+
 def git(*args: str, cwd: Path | str | None = None, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real git; on failure the assertion shows git's output."""
     proc = subprocess.run(

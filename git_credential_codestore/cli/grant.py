@@ -23,7 +23,7 @@ def parse_duration(value: str) -> int:
     v = value.strip().lower()
     mult = units.get(v[-1:], None)
     num = v[:-1] if mult else v
-    if not num.isdigit() or int(num) <= 0:
+    if not (num.isascii() and num.isdigit()) or int(num) <= 0:  # "²".isdigit() is True
         raise ConfigError(f"bad duration {value!r}: use e.g. 3600, 30m, 8h, 7d")
     return int(num) * (mult or 1)
 
