@@ -90,7 +90,8 @@ def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSou
         from .agent.client import AgentSource
 
         agent = AgentSource.from_env(cfg, env)
-        return agent if agent.grant is not None else FallbackSource(agent, local)
+        # A grant or a workload identity: the agent's answer or nothing, never the local key.
+        return agent if agent.grant is not None or agent.identity is not None else FallbackSource(agent, local)
     mode = discovery.mode(env)
     if mode == "off":
         return local

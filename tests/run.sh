@@ -33,5 +33,5 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 }
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,recipes]'
 exec .venv/bin/python -m pytest -q "$@"

@@ -75,6 +75,10 @@ class Grant:
     max_per_minute: int | None = None
     seq: int = 0
 
+    @property
+    def label(self) -> str:
+        return f"grant {self.id}"
+
     def state(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
         if self.revoked_at is not None:

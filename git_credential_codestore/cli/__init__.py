@@ -15,6 +15,7 @@ that owns the job, and every command runs inside the one error boundary
     dev_server.py  codestore dev-server
     agent.py       codestore agent serve|start|stop|status
     grant.py       codestore grant create|revoke|list
+    trust.py       codestore trust add|list|remove (workload identities)
 
 A new command: a module here with a click command calling into the core, and one
 `cli.add_command` line below.
@@ -28,7 +29,7 @@ import click
 
 from .. import __version__
 from ..errors import boundary
-from . import agent, config, demo, dev_server, ephemeral, grant, key, repo, setup, token
+from . import agent, config, demo, dev_server, ephemeral, grant, key, repo, setup, token, trust
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,6 +51,7 @@ for command in (
     ephemeral.promote,
     agent.agent,
     grant.grant,
+    trust.trust,
 ):
     cli.add_command(command)
 
