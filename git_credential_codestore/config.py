@@ -267,10 +267,12 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     unknown = set(raw) - set(_SETTINGS) - {"repos"}
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    from_env: list[str] = []
     for k in _SETTINGS:
         v = env.get("CODESTORE_" + k.upper())
         if v:
             values[k] = v
+            from_env.append(k)
     for k in ("org", "base_url", "api_url", "kid", "sub", "private_key_file"):
         if k in values and not isinstance(values[k], str):
             raise ConfigError(f"{path}: {k} must be a string")
@@ -279,6 +281,10 @@ def load(env: Mapping[str, str] | None = None) -> Config:
             u = split_url(str(values[k]))
             if u.scheme not in ("http", "https") or not u.netloc or "@" in u.netloc or u.query or u.fragment:
                 raise ConfigError(f"{k} {values[k]!r} must be an http(s) URL without credentials, query or fragment")
+    from .trace import say
+
+    # Setting names only, never values.
+    say("config", f"{path} {'read' if raw else '(absent or empty)'}; from the environment: {', '.join(from_env) or 'nothing'}", env)
     rules = []
     repos = raw.get("repos", {})
     if not isinstance(repos, dict):

@@ -76,9 +76,13 @@ def trace_would_print_token(env: Mapping[str, str]) -> bool:
 def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
     """The reply lines for a `get` request; [] when the host is not ours."""
     from . import config
+    from .trace import say
 
+    # protocol, host and path only: git may also send a username or a stored password.
+    say("credential", f"get {fields.get('protocol', '?')}://{fields.get('host', '?')}/{fields.get('path', '')}", env)
     cfg = config.load(env)
     if not cfg.serves(fields.get("protocol", ""), fields.get("host", "")):
+        say("credential", f"not our host (this helper serves {cfg.base_url if cfg.org or cfg.base_url_setting else 'no host: no org configured'}); silent", env)
         return []
     from .errors import CodestoreError, ConfigError
 
@@ -104,7 +108,10 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
         request = TokenRequest(repo, ("git:read", "git:write"), ephemeral, purpose="credential", narrow=True)
     else:
         request = TokenRequest(repo, cfg.scopes_for(repo, ephemeral), ephemeral, purpose="credential")
+    say("credential", f"asking for {repo}{' (+ephemeral)' if ephemeral else ''}: {' '.join(request.scopes)}"
+        f"{' at most (the grant decides)' if request.narrow else ''}", env)
     token = get_token(request, cfg, env)
+    say("credential", f"answered with a token for {repo}, expiring at {token.expires_at}", env)
     return ["username=t", f"password={token.reveal()}", f"password_expiry_utc={token.expires_at}"]
 
 

@@ -23,6 +23,7 @@ from typing import BinaryIO
 from git_credential_codestore import config, remotes
 from git_credential_codestore.errors import PolicyError, UsageError, boundary
 from git_credential_codestore.source import TokenRequest, get_token, holds_grant
+from git_credential_codestore.trace import say
 
 from . import protocol, transport
 
@@ -91,7 +92,9 @@ def run(
         decision = protocol.negotiate(reader, git_out.write)
         if decision.operation == "end":
             return 0
+        say("remote", f"{remote_name} {url}: git wants to {decision.operation}", env)
         scopes = scopes_for(decision.operation, remote, cfg, holds_grant(env))
+        say("remote", f"asking for {remote.repo} in {remote.namespace}: {' '.join(scopes)}", env)
         token = get_token(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"), cfg, env)
         # git passes the URL itself as the remote name for a URL given on the command line.
         name = remote.https_url if remote_name == url else remote_name
@@ -99,6 +102,7 @@ def run(
             transport.transport_argv(name, remote.https_url, env), transport.child_env(env, token)
         )
         del token
+        say("remote", f"handed the token to git's transport for {remote.https_url} (in its environment only)", env)
         fields = {
             "repo": remote.repo,
             "org": cfg.org or "(unset)",

@@ -306,16 +306,27 @@ class AgentSource:
             )
         except wire.WireError as e:
             raise ConfigError(f"cannot ask the codestore agent for this token: {e}") from None
+        from ..trace import say
+
+        say(
+            "agent-client",
+            f"asking {self.endpoint} {'with a grant' if self.grant is not None else 'as the owner'} for "
+            f"{request.repo}{' (+ephemeral)' if request.ephemeral else ''} {' '.join(request.scopes)}"  # type: ignore[attr-defined]
+            f"{' (at most)' if getattr(request, 'narrow', False) else ''}",
+            self.env,
+        )
         status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env)
         try:
             reply = wire.decode(content)
         except wire.WireError:
             raise RemoteError(f"the codestore agent at {self.endpoint} sent an unreadable reply; is it a codestore agent of this version?") from None
         if status != 200:
+            say("agent-client", f"refused (HTTP {status}): {reply.get('error') or '-'}", self.env)
             raise refusal(self.endpoint, status, reply)
         token, exp = reply.get("token", ""), reply.get("expires_at", "")
         if not token or not exp.isdigit():
             raise RemoteError(f"the codestore agent at {self.endpoint} sent a reply without a token")
+        say("agent-client", f"got a token for {reply.get('scopes') or 'the scopes asked'}, expiring at {exp}", self.env)
         return Token(token, int(exp))
 
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import TextIO
 
-from .. import tokens
+from .. import tokens, trace
 from ..config import Config, is_loopback, parse_scopes
 from ..errors import CodestoreError, ConfigError, redact
 from . import policy, wire
@@ -202,6 +202,8 @@ class Agent:
             "scopes": list(decision.scopes), "ttl": decision.ttl, "refs": decision.refs or None,
             "purpose": req.purpose, "result": "ok",
         })
+        trace.say("agent", f"minted {decision.repo} {' '.join(decision.scopes)} ttl {decision.ttl}s for "
+                  f"{'grant ' + grant.id if grant else 'the owner'} ({caller.transport})")
         return 200, {"token": token.reveal(), "expires_at": token.expires_at, "ttl": decision.ttl, "scopes": list(decision.scopes), "sub": decision.sub}
 
     def _check_owner(self, owner: object) -> str:
@@ -235,6 +237,7 @@ class Agent:
         if grant is not None:
             self.store.record_use(grant, ok=False)
         self.audit.record("refuse", fields)
+        trace.say("agent", f"refused {fields.get('repo') or '-'} for grant {who.get('grant') or '(owner)'}: {reason}")
         code = "mismatch" if status == 409 else "refused"
         return status, {"error": reason, "code": code}
 
