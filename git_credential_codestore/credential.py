@@ -116,8 +116,13 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
 
 
 def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO, env: Mapping[str, str]) -> int:
+    if list(argv) == ["--version"]:
+        from . import __version__
+
+        stdout.write(f"{PROG} {__version__}\n".encode())
+        return 0
     if len(argv) != 1:
-        stderr.write(f"{PROG}: usage: {PROG} get|store|erase (git runs this for you)\n".encode())
+        stderr.write(f"{PROG}: usage: {PROG} get|store|erase|--version (git runs this for you)\n".encode())
         return 2
     operation = argv[0]
     try:

@@ -81,9 +81,14 @@ def run(
     git_err = transport.Endpoint(stderr if stderr is not None else sys.stderr.buffer)
 
     def session() -> int:
+        if list(argv) == ["--version"]:
+            from git_credential_codestore import __version__
+
+            git_out.write(f"git-remote-codestore {__version__}\n".encode())
+            return 0
         if len(argv) != 2:
             raise UsageError(
-                "usage: git-remote-codestore <remote> <url>; git runs it for codestore:// remotes, "
+                "usage: git-remote-codestore <remote> <url> (or --version); git runs it for codestore:// remotes, "
                 "e.g. git clone codestore://<org>/<repo>"
             )
         remote_name, url = argv

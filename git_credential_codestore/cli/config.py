@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .. import config as config_module
 from ..errors import CodestoreError
 
 
@@ -13,11 +14,17 @@ def config_group() -> None:
 
 
 @config_group.command("show")
-def config_show() -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (field names in docs/json.md).")
+def config_show(as_json: bool) -> None:
     """Print the effective configuration (no secrets)."""
     from .. import config
 
     cfg = config.load()
+    if as_json:
+        from .output import echo_json
+
+        echo_json(config_json(cfg))
+        return
     click.echo(f"file:     {cfg.path}")
     for name, value in (
         ("org", cfg.org), ("base_url", cfg.base_url if cfg.org or cfg.base_url_setting else None),
@@ -29,6 +36,28 @@ def config_show() -> None:
         click.echo(f"{name + ':':<9} {value if value is not None else '(unset)'}")
     for rule in cfg.repos:
         click.echo(f"repos.{rule.pattern}: scopes={' '.join(rule.scopes or ()) or '-'} ephemeral_scopes={' '.join(rule.ephemeral_scopes or ()) or '-'}")
+
+
+def config_json(cfg: config_module.Config) -> dict[str, object]:
+    """The effective settings by their setting names; unset values are null."""
+    served = bool(cfg.org or cfg.base_url_setting)
+    return {
+        "file": cfg.path,
+        "org": cfg.org,
+        "base_url": cfg.base_url if served else None,
+        "api_url": cfg.api_url if served else None,
+        "kid": cfg.kid,
+        "ttl": cfg.ttl,
+        "scopes": list(cfg.scopes),
+        "ephemeral_scopes": list(cfg.ephemeral_scopes) if cfg.ephemeral_scopes else None,
+        "sub": cfg.sub,
+        "private_key_file": cfg.private_key_file,
+        "repos": [
+            {"pattern": r.pattern, "scopes": list(r.scopes) if r.scopes else None,
+             "ephemeral_scopes": list(r.ephemeral_scopes) if r.ephemeral_scopes else None}
+            for r in cfg.repos
+        ],
+    }
 
 
 @config_group.command("set")

@@ -28,11 +28,21 @@ def setup_cmd(undo: bool) -> None:
 
 
 @click.command("doctor")
-def doctor_cmd() -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: {ok, checks: [{name, ok, warning, detail}]} (docs/json.md).")
+def doctor_cmd(as_json: bool) -> None:
     """Check configuration, key, git, helper set-up and the server; say what to fix."""
     from ..doctor import run_checks
 
     checks = run_checks()
+    if as_json:
+        from .output import echo_json
+
+        echo_json({"ok": all(c.ok for c in checks), "checks": [
+            {"name": c.name, "ok": c.ok, "warning": c.warning, "detail": c.detail} for c in checks
+        ]})
+        if not all(c.ok for c in checks):
+            raise click.exceptions.Exit(1)
+        return
     for c in checks:
         mark = "ok  " if c.ok and not c.warning else ("warn" if c.ok else "FAIL")
         click.echo(f"{mark} {c.name}: {c.detail}")
