@@ -80,7 +80,8 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
 
     # protocol, host and path only: git may also send a username or a stored password.
     say("credential", f"get {fields.get('protocol', '?')}://{fields.get('host', '?')}/{fields.get('path', '')}", env)
-    cfg = config.load(env)
+    # With several orgs configured, the host git asks about picks the org.
+    cfg = config.load(env, host=(fields.get("protocol", ""), fields.get("host", "")))
     if not cfg.serves(fields.get("protocol", ""), fields.get("host", "")):
         say("credential", f"not our host (this helper serves {cfg.base_url if cfg.org or cfg.base_url_setting else 'no host: no org configured'}); silent", env)
         return []
@@ -103,7 +104,7 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
         raise ConfigError(f"{e}; use a URL like {cfg.base_url}/<repo>.git") from None
     from .source import TokenRequest, get_token, holds_grant
 
-    if holds_grant(env):
+    if cfg.uses_env and holds_grant(env):  # a grant speaks for the env-configured org only
         # The grant is the policy: ask for at most read+write; the agent narrows it.
         request = TokenRequest(repo, ("git:read", "git:write"), ephemeral, purpose="credential", narrow=True)
     else:

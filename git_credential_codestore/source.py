@@ -111,6 +111,8 @@ class FallbackSource:
 
 def _key_file_present(cfg: Config, env: Mapping[str, str]) -> bool:
     """A key an agent could load, found without touching the keychain (that import is slow)."""
+    if not cfg.uses_env:
+        env = {}
     if env.get("CODESTORE_PRIVATE_KEY", "").strip():
         return True
     path = env.get("CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
@@ -139,7 +141,9 @@ def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSou
     from .trace import say
 
     local = LocalKeySource(cfg, env)
-    if any(env.get(k) for k in AGENT_VARS):
+    # A grant or agent address in the environment serves the org the environment configures,
+    # never an [orgs.*] section chosen by host or URL (its tokens would go to another server).
+    if cfg.uses_env and any(env.get(k) for k in AGENT_VARS):
         from .agent.client import AgentSource
 
         agent = AgentSource.from_env(cfg, env)

@@ -92,13 +92,13 @@ def run(
                 "e.g. git clone codestore://<org>/<repo>"
             )
         remote_name, url = argv
-        remote, cfg = remotes.parse(url, config.load(env))
+        remote, cfg = remotes.parse(url, remotes.config_for(url, env))
         reader = protocol.LineReader(git_in.read)
         decision = protocol.negotiate(reader, git_out.write)
         if decision.operation == "end":
             return 0
         say("remote", f"{remote_name} {url}: git wants to {decision.operation}", env)
-        scopes = scopes_for(decision.operation, remote, cfg, holds_grant(env))
+        scopes = scopes_for(decision.operation, remote, cfg, cfg.uses_env and holds_grant(env))
         say("remote", f"asking for {remote.repo} in {remote.namespace}: {' '.join(scopes)}", env)
         token = get_token(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"), cfg, env)
         # git passes the URL itself as the remote name for a URL given on the command line.

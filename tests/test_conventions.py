@@ -73,7 +73,7 @@ def test_config_show_json_names_the_settings(org_key: OrgKey) -> None:
     data = json.loads(proc.stdout)
     assert data["org"] == ORG and data["kid"] == "k1" and data["scopes"] == ["git:read"]
     assert data["private_key_file"] == str(org_key.path)
-    assert set(data) >= {"file", "org", "base_url", "api_url", "kid", "ttl", "scopes", "ephemeral_scopes", "sub", "repos"}
+    assert set(data) >= {"file", "org", "base_url", "api_url", "kid", "ttl", "scopes", "ephemeral_scopes", "sub", "repos", "orgs", "section"}
 
 
 def test_token_json_shows_the_claims_and_not_the_token(org_key: OrgKey) -> None:

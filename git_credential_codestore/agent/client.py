@@ -82,6 +82,8 @@ def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
     The agent compares this with its own, so a helper never gets a token signed with a
     key other than the one its configuration chose.
     """
+    if not cfg.uses_env:
+        env = {}  # as keys.sources: a section chosen by host or URL uses its own key
     pem = env.get("CODESTORE_PRIVATE_KEY", "")
     if pem.strip():
         import hashlib

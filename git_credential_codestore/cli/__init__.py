@@ -47,8 +47,15 @@ Completion: codestore completion bash|zsh|fish."""
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(__version__, prog_name="codestore")
-def cli() -> None:
+@click.option("--org", "org", metavar="NAME", help="Act for this org: an [orgs.NAME] section of the config file, "
+              "or the org's name (same as CODESTORE_ORG=NAME).")
+def cli(org: str | None) -> None:
     """Short-lived, least-privilege Code Storage credentials for plain git."""
+    if org:
+        import os
+
+        # One way to choose an org, whoever reads the configuration (and the agent this starts).
+        os.environ["CODESTORE_ORG"] = org
 
 
 for command in (

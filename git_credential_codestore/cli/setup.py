@@ -7,33 +7,41 @@ import click
 
 @click.command("setup")
 @click.option("--undo", is_flag=True, help="Remove exactly what setup added.")
-def setup_cmd(undo: bool) -> None:
-    """Configure git to ask codestore for credentials for the Code Storage host."""
+@click.pass_context
+def setup_cmd(ctx: click.Context, undo: bool) -> None:
+    """Configure git to ask codestore for credentials for the Code Storage host(s).
+
+    Every org configured here (the top level and each [orgs.NAME] section), or only the
+    one `codestore --org NAME setup` names.
+    """
     from .. import config, setup
 
-    cfg = config.load()
-    if undo:
-        removed = setup.undo(cfg)
-        click.echo(f"restored {', '.join(removed)}" if removed else f"nothing to undo for {cfg.base_url}")
-        return
-    changed = setup.setup(cfg)
-    click.echo(f"configured git for {cfg.base_url}: {', '.join(changed)}" if changed else f"git is already set up for {cfg.base_url}")
-    others = [h for h in setup.effective_chain(cfg.base_url) if h != setup.HELPER]
-    if others:
-        click.echo(
-            f"warning: git would still run {', '.join(repr(h) for h in others)} after codestore for this host "
-            "(a later credential.helper entry); it may store tokens: remove it or move it above codestore's entries",
-            err=True,
-        )
+    orgs = [config.load()] if ctx.find_root().params.get("org") else config.all_orgs()
+    for cfg in orgs:
+        if undo:
+            removed = setup.undo(cfg)
+            click.echo(f"restored {', '.join(removed)}" if removed else f"nothing to undo for {cfg.base_url}")
+            continue
+        changed = setup.setup(cfg)
+        click.echo(f"configured git for {cfg.base_url}: {', '.join(changed)}" if changed else f"git is already set up for {cfg.base_url}")
+        others = [h for h in setup.effective_chain(cfg.base_url) if h != setup.HELPER]
+        if others:
+            click.echo(
+                f"warning: git would still run {', '.join(repr(h) for h in others)} after codestore for {cfg.base_url} "
+                "(a later credential.helper entry); it may store tokens: remove it or move it above codestore's entries",
+                err=True,
+            )
 
 
 @click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: {ok, checks: [{name, ok, warning, detail}]} (docs/json.md).")
-def doctor_cmd(as_json: bool) -> None:
-    """Check configuration, key, git, helper set-up and the server; say what to fix."""
+@click.pass_context
+def doctor_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Check configuration, key, git, helper set-up and the server, for every org configured
+    here (or the one `codestore --org NAME doctor` names); say what to fix."""
     from ..doctor import run_checks
 
-    checks = run_checks()
+    checks = run_checks(every_org=not ctx.find_root().params.get("org"))
     if as_json:
         from .output import echo_json
 
