@@ -23,13 +23,10 @@ TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
     from typing import BinaryIO
 
+from .errors import ProtocolError
+
 PROG = "git-credential-codestore"
 MAX_INPUT = 64 * 1024  # git's own requests are a few hundred bytes
-
-
-class ProtocolError(Exception):
-    """The input is not git's credential format (the message never quotes a value)."""
-
 
 def parse(data: bytes) -> dict[str, str]:
     """`key=value` lines up to a blank line; `key[]` lines keep the last value.

@@ -83,6 +83,31 @@ class GitError(CodestoreError):
     """A git command failed."""
 
 
+class InvalidKey(CodestoreError):
+    """A key was found but cannot be used: an unsupported type or kind (not "no key")."""
+
+
+class ProtocolError(CodestoreError):
+    """A peer sent something that is not its protocol: git's credential or remote-helper
+    lines, the agent's wire format. The message names the line or field, never its value
+    (a malformed stream may hold a password)."""
+
+
+class Refused(CodestoreError):
+    """A request a server will not serve: an HTTP status and a one-line reason.
+
+    The one refusal type of the dev server (git and REST) and the agent. The reason goes
+    to the client and the request or audit log, so it is redacted and kept to one line
+    whatever went in; `claims` are the verified token's, when known (for the log).
+    """
+
+    def __init__(self, status: int, reason: str, claims: object = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = redact(" ".join(reason.split()))[:300]
+        self.claims = claims
+
+
 def crash_log_path() -> str:
     from platformdirs import user_state_dir
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .config import Config
-from .errors import KeyNotFound
+from .errors import InvalidKey, KeyNotFound, TokenError
 from .secrets import Secret
 from .tokens import PrivateKey, PublicKey, algorithm_for
 
@@ -145,8 +145,11 @@ def parse_private_key(pem: Secret, where: str) -> PrivateKey:
             "re-import it with: codestore key import FILE"
         ) from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
-        raise KeyNotFound(f"the key from {where} is a {type(key).__name__}; use EC P-256, RSA or Ed25519")
-    algorithm_for(key)
+        raise InvalidKey(f"the key from {where} is a {type(key).__name__}; use EC P-256, RSA or Ed25519")
+    try:
+        algorithm_for(key)
+    except TokenError as e:
+        raise InvalidKey(f"the key from {where}: {e}") from None
     return key
 
 
@@ -172,7 +175,7 @@ def generate(kind: str = "ec") -> PrivateKey:
         return rsa.generate_private_key(public_exponent=65537, key_size=3072)
     if kind == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
-    raise KeyNotFound(f"unknown key type {kind!r}; choose one of {', '.join(KEY_KINDS)}")
+    raise InvalidKey(f"unknown key type {kind!r}; choose one of {', '.join(KEY_KINDS)}")
 
 
 def private_pem(key: PrivateKey) -> Secret:
@@ -246,7 +249,7 @@ def load_public_key(pem: bytes, where: str) -> PublicKey:
             raise KeyNotFound(f"{where} holds no PEM public key") from None
         key = priv.public_key()
     if not isinstance(key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey)):
-        raise KeyNotFound(f"{where}: unsupported key type {type(key).__name__}")
+        raise InvalidKey(f"{where}: unsupported key type {type(key).__name__}")
     algorithm_for(key)
     return key
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from git_credential_codestore.errors import CodestoreError
+from git_credential_codestore.errors import ProtocolError
 
 # `printf 'capabilities\n\n' | git remote-https origin https://example.invalid/x.git`
 CAPABILITIES = (
@@ -64,10 +64,6 @@ OPTIONS: dict[bytes, Callable[[bytes], bool]] = {
     # remote-https dies on an unknown object format; refusing it here is the same outcome.
     b"object-format": {b"true", b"sha1", b"sha256"}.__contains__,
 }
-
-
-class ProtocolError(CodestoreError):
-    """git sent something this helper cannot serve (never quotes more than a command name)."""
 
 
 def option_reply(line: bytes) -> bytes:

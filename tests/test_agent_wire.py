@@ -10,6 +10,7 @@ import pytest
 
 from git_credential_codestore.agent import wire
 from git_credential_codestore.agent.client import Endpoint, exchange
+from git_credential_codestore.errors import ProtocolError
 from git_credential_codestore.secrets import Secret
 from tests.test_agent import REPO, Agent, agent  # noqa: F401 - agent is a fixture
 
@@ -46,13 +47,13 @@ def test_a_request_round_trips_to_the_json_shape() -> None:
     ],
 )
 def test_malformed_lines_are_refused_not_skipped(body: bytes, fragment: str) -> None:
-    with pytest.raises(wire.WireError, match=fragment):
+    with pytest.raises(ProtocolError, match=fragment):
         wire.request_from_lines(body)
 
 
 def test_values_with_line_breaks_cannot_be_encoded() -> None:
     # Threat: a value smuggling a second field (say `narrow=0` or an owner key) into the request.
-    with pytest.raises(wire.WireError):
+    with pytest.raises(ProtocolError):
         wire.encode({"repo": "a\nscopes=git:write"})
 
 

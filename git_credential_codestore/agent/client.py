@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import subprocess
 
 from ..config import Config, is_loopback
-from ..errors import ConfigError, PolicyError, RemoteError
+from ..errors import ConfigError, PolicyError, ProtocolError, RemoteError
 from ..secrets import Secret, Token
 from . import wire
 
@@ -306,7 +306,7 @@ class AgentSource:
                 request.repo, request.scopes, bool(request.ephemeral), request.ttl,  # type: ignore[attr-defined]
                 request.refs, request.purpose, bool(getattr(request, "narrow", False)), owner,  # type: ignore[attr-defined]
             )
-        except wire.WireError as e:
+        except ProtocolError as e:
             raise ConfigError(f"cannot ask the codestore agent for this token: {e}") from None
         from ..trace import say
 
@@ -320,7 +320,7 @@ class AgentSource:
         status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env)
         try:
             reply = wire.decode(content)
-        except wire.WireError:
+        except ProtocolError:
             raise RemoteError(f"the codestore agent at {self.endpoint} sent an unreadable reply; is it a codestore agent of this version?") from None
         if status != 200:
             say("agent-client", f"refused (HTTP {status}): {reply.get('error') or '-'}", self.env)

@@ -47,7 +47,7 @@ from typing import TextIO
 
 from .. import tokens, trace
 from ..config import Config, is_loopback, parse_scopes
-from ..errors import CodestoreError, ConfigError, redact
+from ..errors import CodestoreError, ConfigError, ProtocolError, redact
 from . import policy, wire
 from .audit import AuditLog
 from .client import default_socket, key_identity, unix_address
@@ -214,9 +214,9 @@ class Agent:
         for field_name, value in mine.items():
             if owner.get(field_name) != value:
                 raise policy.Refused(
+                    409,
                     f"signs for org {self.org!r} with kid {self.cfg.kid!r} ({self.key_where}); "
                     f"this helper is configured differently ({field_name}); restart the agent with the same settings",
-                    409,
                 )
         sub = owner.get("sub")
         return sub if isinstance(sub, str) and 0 < len(sub) <= 200 else self.cfg.sub
@@ -427,7 +427,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             try:
                 body = json.dumps(wire.request_from_lines(body)).encode()
-            except wire.WireError as e:
+            except ProtocolError as e:
                 self._reply(400, {"error": f"bad token request: {e}"}, lines=True)
                 return
         try:

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..errors import ProtocolError
+
 CONTENT_TYPE = "text/x-codestore-lines"
 MAX_LINES = 64
 _FLAGS = ("ephemeral", "narrow")
 _SINGLE = ("repo", "scopes", "ttl", "purpose", *_FLAGS)
 _OWNER = ("org", "kid", "key", "sub")
-
-
-class WireError(ValueError):
-    """A body that is not this format; the text names the line, never its value."""
 
 
 def encode(fields: Mapping[str, object]) -> bytes:
@@ -46,7 +44,7 @@ def encode(fields: Mapping[str, object]) -> bytes:
             value = " ".join(str(v) for v in value)
         text = str(value)
         if "\n" in text or "\r" in text or "\0" in text:
-            raise WireError(f"the value of {key} has a line break")
+            raise ProtocolError(f"the value of {key} has a line break")
         out.append(f"{key}={text}\n")
     return "".join(out).encode("utf-8")
 
@@ -56,19 +54,19 @@ def decode(body: bytes) -> dict[str, str]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise WireError("the body is not UTF-8") from None
+        raise ProtocolError("the body is not UTF-8") from None
     fields: dict[str, str] = {}
     lines = [ln for ln in text.split("\n") if ln]
     if len(lines) > MAX_LINES:
-        raise WireError(f"more than {MAX_LINES} lines")
+        raise ProtocolError(f"more than {MAX_LINES} lines")
     for n, line in enumerate(lines, 1):
         key, sep, value = line.partition("=")
         if not sep or not key or any(ord(c) < 32 or c == "\x7f" for c in line):
-            raise WireError(f"line {n} is not key=value")
+            raise ProtocolError(f"line {n} is not key=value")
         if key == "ref":
             fields["ref"] = fields["ref"] + "\n" + value if "ref" in fields else value
         elif key in fields:
-            raise WireError(f"{key} appears twice")
+            raise ProtocolError(f"{key} appears twice")
         else:
             fields[key] = value
     return fields
@@ -82,20 +80,20 @@ def request_from_lines(body: bytes) -> dict[str, object]:
     for key, value in fields.items():
         if key in _FLAGS:
             if value not in ("0", "1"):
-                raise WireError(f"{key} must be 0 or 1")
+                raise ProtocolError(f"{key} must be 0 or 1")
             data[key] = value == "1"
         elif key == "scopes":
             data["scopes"] = value.split()
         elif key == "ttl":
             if not value.isascii() or not value.isdigit() or len(value) > 9:
-                raise WireError("ttl must be a whole number of seconds")
+                raise ProtocolError("ttl must be a whole number of seconds")
             data["ttl"] = int(value)
         elif key == "ref":
             rules = []
             for rule in value.split("\n"):
                 ops, sep, pattern = rule.partition(":")
                 if not sep:
-                    raise WireError("ref must be OPS:PATTERN, e.g. no-push:refs/heads/main")
+                    raise ProtocolError("ref must be OPS:PATTERN, e.g. no-push:refs/heads/main")
                 rules.append([pattern, [op for op in ops.split(",") if op]])
             data["refs"] = rules
         elif key in _SINGLE:
@@ -103,7 +101,7 @@ def request_from_lines(body: bytes) -> dict[str, object]:
         elif key.startswith("owner.") and key[6:] in _OWNER:
             owner[key[6:]] = value
         else:
-            raise WireError(f"unknown field {key[:40]!r}")
+            raise ProtocolError(f"unknown field {key[:40]!r}")
     if owner:
         data["owner"] = owner
     return data
@@ -126,7 +124,7 @@ def request_to_lines(
     body = encode(fields)
     for pattern, ops in refs:  # type: ignore[attr-defined]
         if ":" in pattern:
-            raise WireError("a ref pattern cannot contain ':'")
+            raise ProtocolError("a ref pattern cannot contain ':'")
         body += encode({"ref": f"{','.join(ops)}:{pattern}"})
     if owner:
         body += encode({f"owner.{k}": v for k, v in owner.items()})

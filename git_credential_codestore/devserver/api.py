@@ -8,18 +8,18 @@
   how an ephemeral branch is promoted.
 
 Each handler takes verified claims and the parsed body and returns (status, JSON);
-refusals raise `AuthFailure` or `RepoError`, whose messages never hold a token.
+refusals raise `errors.Refused`, whose messages never hold a token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Refused
 from ..tokens import Claims
-from .auth import AuthFailure, require_scope
+from .auth import require_scope
 from .hooks import ops_for
-from .repos import RepoError, RepoStore, check_branch, check_repo_id
+from .repos import RepoStore, check_branch, check_repo_id
 
 Json = dict[str, object]
 
@@ -27,7 +27,7 @@ Json = dict[str, object]
 def _bool(body: Mapping[str, object], key: str) -> bool:
     value = body.get(key, False)
     if not isinstance(value, bool):
-        raise RepoError(400, f"{key} must be true or false")
+        raise Refused(400, f"{key} must be true or false")
     return value
 
 
@@ -36,14 +36,14 @@ def create_repo(store: RepoStore, claims: Claims, body: Mapping[str, object], ba
     # The claim decides which repository is created; a body id may only repeat it.
     for key in ("id", "repo_id"):
         if key in body and body[key] != claims.repo:
-            raise AuthFailure(403, f"wrong repo: token is for repository {claims.repo[:200]!r}, not {str(body[key])[:200]!r}", claims)
+            raise Refused(403, f"wrong repo: token is for repository {claims.repo[:200]!r}, not {str(body[key])[:200]!r}", claims)
     try:
         repo = check_repo_id(claims.repo)
     except ConfigError as e:
-        raise RepoError(400, str(e)) from None
+        raise Refused(400, str(e)) from None
     branch = body.get("default_branch", "main")
     if not isinstance(branch, str):
-        raise RepoError(400, "default_branch must be a string")
+        raise Refused(400, "default_branch must be a string")
     info = store.create(repo, branch)
     return 201, {
         "repo_id": info.repo_id,
@@ -59,9 +59,9 @@ def list_repos(store: RepoStore, claims: Claims, query: Mapping[str, str], base_
     try:
         limit = int(query.get("limit", "1000"))
     except ValueError:
-        raise RepoError(400, "limit must be a whole number") from None
+        raise Refused(400, "limit must be a whole number") from None
     if not 1 <= limit <= 1000:
-        raise RepoError(400, "limit must be between 1 and 1000")
+        raise Refused(400, "limit must be between 1 and 1000")
     cursor = query.get("cursor") or ""
     needle = (query.get("q") or "").strip().lower()
     repos: list[Json] = []
@@ -92,16 +92,16 @@ def create_branch(store: RepoStore, claims: Claims, body: Mapping[str, object]) 
     try:
         repo = check_repo_id(claims.repo)
     except ConfigError as e:
-        raise RepoError(400, str(e)) from None
+        raise Refused(400, str(e)) from None
     if not store.exists(repo):
-        raise RepoError(404, f"repository {repo!r} does not exist")
+        raise Refused(404, f"repository {repo!r} does not exist")
     base = body.get("base_ref", body.get("base_branch"))
     if not isinstance(base, str) or not base.strip():
-        raise RepoError(400, "base_ref is required")
+        raise Refused(400, "base_ref is required")
     base = base.strip()
     target = body.get("target_branch")
     if not isinstance(target, str) or not target.strip():
-        raise RepoError(400, "target_branch is required")
+        raise Refused(400, "target_branch is required")
     target = check_branch(target.strip(), "target_branch")
     if base.startswith("refs/"):
         check_branch(base[len("refs/") :], "base_ref")
@@ -110,15 +110,15 @@ def create_branch(store: RepoStore, claims: Claims, body: Mapping[str, object]) 
     base_eph, target_eph = _bool(body, "base_is_ephemeral"), _bool(body, "target_is_ephemeral")
     target_ref = f"refs/heads/{target}"
     if "no-push" in ops_for(claims.refs, target_ref):
-        raise AuthFailure(403, f"{target_ref}: the token's ref policy forbids pushing to it (no-push)", claims)
+        raise Refused(403, f"{target_ref}: the token's ref policy forbids pushing to it (no-push)", claims)
     sha = store.resolve(repo, base, base_eph)
     if sha is None:
         where = "the ephemeral namespace" if base_eph else "the default namespace"
-        raise RepoError(404, f"base ref {base!r} not found in {where} of {repo!r}")
+        raise Refused(404, f"base ref {base!r} not found in {where} of {repo!r}")
     if not store.create_branch(repo, target, sha, target_eph):
         existing = store.branch_sha(repo, target, target_eph)
         if existing != sha:
-            raise RepoError(409, f"branch {target!r} already exists at another commit; push to update it")
+            raise Refused(409, f"branch {target!r} already exists at another commit; push to update it")
     return 200, {
         "message": "branch created",
         "target_branch": target,

@@ -6,8 +6,8 @@ depends on the request: where the token comes from (HTTP Basic with the JWT as p
 for git, `Bearer` for REST and also accepted for git), that its `repo` claim names the
 requested repository, and that it carries the scope the operation needs.
 
-A refusal is an `AuthFailure` carrying the HTTP status and a one-line reason meant for
-the client and the request log; reasons are built from names and ids, never the token.
+A refusal is an `errors.Refused` carrying the HTTP status and a one-line reason meant
+for the client and the request log; reasons are built from names and ids, never the token.
 """
 
 from __future__ import annotations
@@ -16,48 +16,37 @@ import base64
 import binascii
 from collections.abc import Mapping
 
-from ..errors import TokenError, redact
+from ..errors import Refused, TokenError
 from ..tokens import Claims, PublicKey, verify
 
 MAX_TOKEN_BYTES = 16 * 1024
 REALM = "Code Storage"
 
 
-class AuthFailure(Exception):
-    """A request the rules refuse: 401 (no or bad credentials) or 403 (valid, not allowed)."""
-
-    def __init__(self, status: int, reason: str, claims: Claims | None = None) -> None:
-        super().__init__(reason)
-        self.status = status
-        # Redacted and on one line whatever went in: the reason goes to clients and logs.
-        self.reason = redact(" ".join(reason.split()))[:300]
-        self.claims = claims
-
-
 def token_from_header(value: str | None) -> str:
-    """The JWT in an `Authorization` header; AuthFailure(401) when absent or malformed."""
+    """The JWT in an `Authorization` header; Refused(401) when absent or malformed."""
     if not value:
-        raise AuthFailure(401, "authentication required: send a Code Storage token")
+        raise Refused(401, "authentication required: send a Code Storage token")
     scheme, _, rest = value.strip().partition(" ")
     rest = rest.strip()
     if len(rest) > MAX_TOKEN_BYTES * 2:
-        raise AuthFailure(401, "credentials too large")
+        raise Refused(401, "credentials too large")
     if scheme.lower() == "bearer":
         token = rest
     elif scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(rest, validate=True).decode("utf-8")
         except (binascii.Error, ValueError):
-            raise AuthFailure(401, "malformed Basic credentials") from None
+            raise Refused(401, "malformed Basic credentials") from None
         _user, sep, token = decoded.partition(":")
         if not sep:
-            raise AuthFailure(401, "malformed Basic credentials: want username t and the token as password")
+            raise Refused(401, "malformed Basic credentials: want username t and the token as password")
     else:
-        raise AuthFailure(401, f"unsupported authorization scheme {scheme[:20]!r}; use Basic or Bearer")
+        raise Refused(401, f"unsupported authorization scheme {scheme[:20]!r}; use Basic or Bearer")
     if not token:
-        raise AuthFailure(401, "empty token: the password must be a Code Storage JWT")
+        raise Refused(401, "empty token: the password must be a Code Storage JWT")
     if len(token) > MAX_TOKEN_BYTES:
-        raise AuthFailure(401, "token too large")
+        raise Refused(401, "token too large")
     return token
 
 
@@ -67,20 +56,20 @@ def authenticate(header: str | None, keys: Mapping[str, PublicKey], org: str) ->
     try:
         return verify(token, keys, org=org)
     except TokenError as e:
-        raise AuthFailure(401, str(e)) from None
+        raise Refused(401, str(e)) from None
 
 
 def require_repo(claims: Claims, repo: str) -> None:
     # 401, not 403: the token is simply not a credential for this repository, and git
     # then erases it and fails instead of retrying with the same token.
     if claims.repo != repo:
-        raise AuthFailure(401, f"wrong repo: token is for repository {claims.repo[:200]!r}, not {repo!r}", claims)
+        raise Refused(401, f"wrong repo: token is for repository {claims.repo[:200]!r}, not {repo!r}", claims)
 
 
 def require_scope(claims: Claims, scope: str) -> None:
     if not claims.has(scope):
         have = " ".join(claims.scopes) or "none"
-        raise AuthFailure(403, f"missing scope {scope}: token has {have}", claims)
+        raise Refused(403, f"missing scope {scope}: token has {have}", claims)
 
 
 SERVICE_SCOPES = {"git-upload-pack": "git:read", "git-receive-pack": "git:write"}

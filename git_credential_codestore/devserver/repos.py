@@ -19,21 +19,13 @@ from dataclasses import dataclass
 
 from .. import git
 from ..config import validate_repo_id
-from ..errors import CodestoreError, ConfigError, GitError
+from ..errors import ConfigError, GitError, Refused
 
 EPHEMERAL_NS = "ephemeral"
 EPHEMERAL_PREFIX = f"refs/namespaces/{EPHEMERAL_NS}/"
 META_FILE = "codestore.json"
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _SHA = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
-
-
-class RepoError(CodestoreError):
-    """A repository operation refused, with the HTTP status that says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def check_repo_id(repo: str) -> str:
@@ -58,7 +50,7 @@ def check_branch(name: str, what: str) -> str:
         or "/." in name
         or "@{" in name
     ):
-        raise RepoError(400, f"{what} {str(name)[:100]!r} is not a valid branch name")
+        raise Refused(400, f"{what} {str(name)[:100]!r} is not a valid branch name")
     return name
 
 
@@ -92,7 +84,7 @@ class RepoStore:
         parent = os.path.dirname(final)
         os.makedirs(parent, exist_ok=True)
         if os.path.exists(final):
-            raise RepoError(409, f"repository {repo!r} already exists")
+            raise Refused(409, f"repository {repo!r} already exists")
         tmp = tempfile.mkdtemp(prefix=".creating-", dir=parent)
         try:
             git.run(["init", "--quiet", "--bare", f"--initial-branch={default_branch}", tmp], env=self.env)
@@ -108,7 +100,7 @@ class RepoStore:
                 os.rename(tmp, final)
             except OSError:
                 # Someone created it between our check and the rename.
-                raise RepoError(409, f"repository {repo!r} already exists") from None
+                raise Refused(409, f"repository {repo!r} already exists") from None
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)

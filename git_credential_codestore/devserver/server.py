@@ -26,12 +26,12 @@ from typing import BinaryIO
 from urllib.parse import parse_qsl
 
 from .. import git
-from ..errors import CodestoreError, ConfigError, redact
+from ..errors import CodestoreError, ConfigError, Refused, redact
 from ..tokens import Claims, PublicKey
 from . import api
-from .auth import REALM, AuthFailure, authenticate, authorize_git
+from .auth import REALM, authenticate, authorize_git
 from .hooks import POLICY_ENV
-from .repos import EPHEMERAL_NS, RepoError, RepoStore, check_repo_id
+from .repos import EPHEMERAL_NS, RepoStore, check_repo_id
 
 MAX_JSON_BODY = 64 * 1024
 MAX_CHUNK_LINE = 1024
@@ -67,15 +67,6 @@ API_ROUTES: list[tuple[str, str, str]] = [
 SERVICES = ("git-upload-pack", "git-receive-pack")
 _GIT_PROTOCOL = re.compile(r"^[A-Za-z0-9=:._-]{1,256}$")
 _CONTENT_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+/ ;=-]{1,200}$")
-
-
-class HttpError(Exception):
-    """A one-line refusal (4xx/5xx) decided before any response was started."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = redact(" ".join(reason.split()))[:300]
 
 
 @dataclass
@@ -124,7 +115,7 @@ class ChunkedReader(io.RawIOBase):
     def _line(self) -> bytes:
         line = self.raw.readline(MAX_CHUNK_LINE)
         if not line.endswith(b"\n"):
-            raise HttpError(400, "malformed chunked body")
+            raise Refused(400, "malformed chunked body")
         return line
 
     def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
@@ -135,9 +126,9 @@ class ChunkedReader(io.RawIOBase):
             try:
                 self.left = int(size, 16)
             except ValueError:
-                raise HttpError(400, "malformed chunk size") from None
+                raise Refused(400, "malformed chunk size") from None
             if self.left < 0:
-                raise HttpError(400, "malformed chunk size")
+                raise Refused(400, "malformed chunk size")
             if self.left == 0:
                 while self._line().strip():  # trailers, up to the empty line
                     pass
@@ -145,10 +136,10 @@ class ChunkedReader(io.RawIOBase):
                 return 0
         n = self.raw.readinto(memoryview(buf)[: min(len(buf), self.left)])  # type: ignore[attr-defined]
         if not n:
-            raise HttpError(400, "request body ended early")
+            raise Refused(400, "request body ended early")
         self.left -= n
         if self.left == 0 and self._line().strip():
-            raise HttpError(400, "malformed chunked body")
+            raise Refused(400, "malformed chunked body")
         return n
 
 
@@ -165,7 +156,7 @@ class LengthReader(io.RawIOBase):
             return 0
         n = self.raw.readinto(memoryview(buf)[: min(len(buf), self.left)])  # type: ignore[attr-defined]
         if not n:
-            raise HttpError(400, "request body ended early")
+            raise Refused(400, "request body ended early")
         self.left -= n
         return n
 
@@ -224,16 +215,14 @@ class Handler(BaseHTTPRequestHandler):
         self.started_response = False
         try:
             self._dispatch(raw_path, query)
-        except AuthFailure as e:
-            self._note_claims(e.claims)
+        except Refused as e:
+            self._note_claims(e.claims)  # type: ignore[arg-type]
             headers = {}
             if e.status == 401:
                 # git needs the Basic challenge to ask its credential helper.
                 scheme = "Bearer" if self.entry.get("api") else "Basic"
                 headers["WWW-Authenticate"] = f'{scheme} realm="{REALM}"'
             self._refuse(e.status, e.reason, headers)
-        except (HttpError, RepoError) as e:
-            self._refuse(e.status, getattr(e, "reason", None) or str(e))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             self.entry["reason"] = self.entry["reason"] or "client went away"
@@ -304,33 +293,33 @@ class Handler(BaseHTTPRequestHandler):
         te = (self.headers.get("Transfer-Encoding") or "").strip().lower()
         if te:
             if te != "chunked":
-                raise HttpError(501, f"transfer encoding {te[:40]!r} is not supported")
+                raise Refused(501, f"transfer encoding {te[:40]!r} is not supported")
             if self.headers.get("Content-Length"):
-                raise HttpError(400, "both Content-Length and Transfer-Encoding sent")
+                raise Refused(400, "both Content-Length and Transfer-Encoding sent")
             return ChunkedReader(self.rfile)  # type: ignore[arg-type]
         length = self.headers.get("Content-Length")
         if length is None:
             return LengthReader(self.rfile, 0)  # type: ignore[arg-type]
         if not length.isdigit():
-            raise HttpError(400, "bad Content-Length")
+            raise Refused(400, "bad Content-Length")
         return LengthReader(self.rfile, int(length))  # type: ignore[arg-type]
 
     # ---- routing ----------------------------------------------------------------------
 
     def _dispatch(self, path: str, query: str) -> None:
         if not path.startswith("/") or len(path) > 1024:
-            raise HttpError(400, "bad request target")
+            raise Refused(400, "bad request target")
         if path == "/api/v1" or path.startswith("/api/v1/"):
             self.entry["api"] = True
             for method, route, name in API_ROUTES:
                 if path == route and self.command == method:
                     return self._api(name, query)
-            raise HttpError(404, f"no such endpoint: {self.command} {path[:100]}")
+            raise Refused(404, f"no such endpoint: {self.command} {path[:100]}")
         for method, pattern, service in GIT_ROUTES:
             m = pattern.match(path)
             if m and self.command == method:
                 return self._git(m.group("repo"), bool(m.group("ephemeral")), service, query)
-        raise HttpError(404, "not found: this server speaks only Git smart HTTP and /api/v1")
+        raise Refused(404, "not found: this server speaks only Git smart HTTP and /api/v1")
 
     def _git(self, repo: str, ephemeral: bool, service: str | None, query: str) -> None:
         state = self.server.state
@@ -338,11 +327,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             check_repo_id(repo)
         except ConfigError as e:
-            raise HttpError(404, str(e)) from None
+            raise Refused(404, str(e)) from None
         if service is None:
             params = parse_qsl(query, keep_blank_values=True)
             if len(params) != 1 or params[0][0] != "service" or params[0][1] not in SERVICES:
-                raise HttpError(404, "only the smart protocol is served: want ?service=git-upload-pack or git-receive-pack")
+                raise Refused(404, "only the smart protocol is served: want ?service=git-upload-pack or git-receive-pack")
             service = params[0][1]
             suffix, cgi_query = "/info/refs", f"service={service}"
         else:
@@ -353,7 +342,7 @@ class Handler(BaseHTTPRequestHandler):
         self._note_claims(claims)
         authorize_git(claims, repo, service)
         if not state.store.exists(repo):
-            raise HttpError(404, f"repository {repo!r} does not exist; create it with: codestore repo create {repo}")
+            raise Refused(404, f"repository {repo!r} does not exist; create it with: codestore repo create {repo}")
         self._run_cgi(repo, ephemeral, suffix, cgi_query, claims)
 
     # ---- CGI --------------------------------------------------------------------------
@@ -383,12 +372,12 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is not None and not self.headers.get("Transfer-Encoding"):
             if not length.isdigit():
-                raise HttpError(400, "bad Content-Length")
+                raise Refused(400, "bad Content-Length")
             env["CONTENT_LENGTH"] = length
         encoding = self.headers.get("Content-Encoding")
         if encoding:
             if encoding.strip().lower() not in ("gzip", "x-gzip", "identity"):
-                raise HttpError(415, f"content encoding {encoding[:20]!r} is not supported")
+                raise Refused(415, f"content encoding {encoding[:20]!r} is not supported")
             env["HTTP_CONTENT_ENCODING"] = encoding.strip().lower()
         proto = self.headers.get("Git-Protocol")
         if proto and _GIT_PROTOCOL.match(proto):
@@ -405,7 +394,7 @@ class Handler(BaseHTTPRequestHandler):
                 cwd=state.store.root,
             )
         except OSError as e:
-            raise HttpError(500, f"cannot run git http-backend: {e.strerror}") from None
+            raise Refused(500, f"cannot run git http-backend: {e.strerror}") from None
         assert proc.stdin and proc.stdout and proc.stderr
         feeder = _Feeder(body, proc.stdin)
         errors = _Drain(proc.stderr)
@@ -449,7 +438,7 @@ class Handler(BaseHTTPRequestHandler):
         while True:
             line = out.readline(8192)
             if not line:
-                raise HttpError(500, f"git http-backend failed: {errors.wait_last_line() or 'no output'}")
+                raise Refused(500, f"git http-backend failed: {errors.wait_last_line() or 'no output'}")
             line = line.rstrip(b"\r\n")
             if not line:
                 break
@@ -467,7 +456,7 @@ class Handler(BaseHTTPRequestHandler):
             # its own words (stderr) over a bare status.
             text = out.read(IO_SIZE).decode("utf-8", "replace").strip().splitlines()
             why = errors.wait_last_line() if status >= 500 or not text else text[-1]
-            raise HttpError(status, f"git http-backend failed: {why or reason or status}")
+            raise Refused(status, f"git http-backend failed: {why or reason or status}")
         self.entry["status"] = status
         chunked = length is None and self.request_version == "HTTP/1.1"
         if length is None and not chunked:
@@ -505,15 +494,15 @@ class Handler(BaseHTTPRequestHandler):
         if self.command == "POST":
             data = _read_upto(self._body_reader(), MAX_JSON_BODY + 1)
             if len(data) > MAX_JSON_BODY:
-                raise HttpError(413, f"request body larger than {MAX_JSON_BODY // 1024} KiB")
+                raise Refused(413, f"request body larger than {MAX_JSON_BODY // 1024} KiB")
             self.body_consumed = True
             if data.strip():
                 try:
                     parsed = json.loads(data)
                 except ValueError:
-                    raise HttpError(400, "request body is not JSON") from None
+                    raise Refused(400, "request body is not JSON") from None
                 if not isinstance(parsed, dict):
-                    raise HttpError(400, "request body must be a JSON object")
+                    raise Refused(400, "request body must be a JSON object")
                 body = parsed
         claims = authenticate(self.headers.get("Authorization"), state.keys, state.org)
         self._note_claims(claims)
@@ -547,7 +536,7 @@ class _Feeder(threading.Thread):
                     self.complete = True
                     break
                 self.sink.write(view[:n])
-        except HttpError as e:
+        except Refused as e:
             self.error = e.reason
         except BrokenPipeError:
             self.error = "http-backend stopped reading the request body"

@@ -1,0 +1,60 @@
+"""The one exception tree: every expected failure is a CodestoreError, with one refusal type."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+
+from git_credential_codestore import config, credential, errors, keys
+from git_credential_codestore.agent import policy
+from git_credential_codestore.errors import CodestoreError, InvalidKey, KeyNotFound, ProtocolError, Refused
+
+
+def test_the_helpers_and_the_agent_share_one_protocol_error() -> None:
+    from remote_helper import protocol
+
+    assert credential.ProtocolError is protocol.ProtocolError is ProtocolError
+    assert issubclass(ProtocolError, CodestoreError)
+
+
+def test_the_agent_and_the_dev_server_share_one_refusal_type() -> None:
+    from git_credential_codestore.devserver import auth
+
+    with pytest.raises(Refused) as e:
+        auth.token_from_header(None)
+    assert e.value.status == 401
+    assert policy.Refused is Refused and issubclass(Refused, CodestoreError)
+
+
+def test_a_refusal_reason_is_one_redacted_line() -> None:
+    # Threat: a token echoed back to a client or into a log inside a refusal reason.
+    jwt_shaped = "eyJhbGciOiJFUzI1NiJ9.eyJyZXBvIjoiYSJ9.c2lnbmF0dXJl"
+    e = Refused(403, f"bad\ntoken {jwt_shaped}\r\n" + "x" * 1000)
+    assert e.status == 403 and "\n" not in e.reason and jwt_shaped not in e.reason and len(e.reason) <= 300
+    assert jwt_shaped not in str(e)
+
+
+def test_usage_errors_exit_2() -> None:
+    assert errors.UsageError("x").exit_code == 2 and issubclass(errors.UsageError, CodestoreError)
+
+
+def _pem(key: object) -> keys.Secret:
+    return keys.Secret(key.private_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode())
+
+
+@pytest.mark.parametrize("make", [x25519.X25519PrivateKey.generate, lambda: ec.generate_private_key(ec.SECP384R1())])
+def test_a_key_of_the_wrong_type_is_invalid_not_missing(make) -> None:  # type: ignore[no-untyped-def]
+    # A key that was found but cannot sign must not read as "no key": that message
+    # would send the user to generate a key they already have.
+    cfg = config.Config(org="acme")
+    with pytest.raises(InvalidKey) as e:
+        keys.load_private_key(cfg, {"CODESTORE_PRIVATE_KEY": _pem(make()).reveal()})
+    assert not isinstance(e.value, KeyNotFound) and "CODESTORE_PRIVATE_KEY" in str(e.value)
+
+
+def test_an_unknown_key_kind_is_invalid_not_missing() -> None:
+    with pytest.raises(InvalidKey, match="unknown key type"):
+        keys.generate("dsa")
