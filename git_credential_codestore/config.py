@@ -142,6 +142,17 @@ def validate_repo_id(repo: str) -> str:
     return repo
 
 
+def hostname() -> str:
+    """This machine's name. os.uname where it exists (socket's import is a cost every git
+    request would pay); Windows has no os.uname, so there socket.gethostname."""
+    uname = getattr(os, "uname", None)
+    if uname is not None:
+        return str(uname().nodename)
+    import socket
+
+    return socket.gethostname()
+
+
 class RepoRule(namedtuple("RepoRule", "pattern scopes ephemeral_scopes", defaults=(None, None))):
     __slots__ = ()
     pattern: str
@@ -200,8 +211,7 @@ class Config(
 
     @property
     def sub(self) -> str:
-        # os.uname, not socket.gethostname: socket's import is a cost on every git request.
-        return self.sub_setting or f"codestore@{os.uname().nodename}"
+        return self.sub_setting or f"codestore@{hostname()}"
 
     def require_org(self) -> str:
         if not self.org:

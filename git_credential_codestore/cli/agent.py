@@ -18,7 +18,19 @@ from ..errors import CodestoreError
 SOCKET_HELP = "Agent socket (default: $CODESTORE_AGENT_SOCK, else the user's runtime dir)."
 
 
+def require_unix_sockets() -> None:
+    import _socket
+
+    if not hasattr(_socket, "AF_UNIX"):
+        # The agent is POSIX-only (Linux, macOS): its socket is a Unix socket.
+        raise CodestoreError(
+            "the agent listens on a Unix socket, which this platform lacks; run it on Linux or macOS "
+            "and point this machine at it with CODESTORE_AGENT_URL (the helpers work here without it)"
+        )
+
+
 def _socket_path(socket_opt: str | None) -> str:
+    require_unix_sockets()
     from ..agent.client import default_socket
 
     return os.path.abspath(os.path.expanduser(socket_opt or os.environ.get("CODESTORE_AGENT_SOCK") or default_socket()))
@@ -53,6 +65,7 @@ def agent() -> None:
 def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | None, tls_cert: str | None,
                 tls_key: str | None, idle_timeout: int, state_dir: str | None) -> None:
     """Run the agent in the foreground (containers, service managers)."""
+    require_unix_sockets()
     from .. import config
     from ..agent.server import serve
 
