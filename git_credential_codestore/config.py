@@ -8,7 +8,7 @@ The environment names are a contract with users and tests:
     CODESTORE_PRIVATE_KEY       PEM text of the org's private key
     CODESTORE_PRIVATE_KEY_FILE  path to the PEM file
     CODESTORE_KID               key id put in the JWT header
-    CODESTORE_TTL               token lifetime in seconds (default 300, at most MAX_TTL)
+    CODESTORE_TTL               token lifetime in seconds (default 300, at most vocab.MAX_TTL)
     CODESTORE_SCOPES            scopes the credential helper mints (default "git:read")
     CODESTORE_EPHEMERAL_SCOPES  scopes for the +ephemeral namespace (default: CODESTORE_SCOPES)
     CODESTORE_SUB               the `sub` claim (default codestore@<hostname>)
@@ -32,12 +32,7 @@ from collections import namedtuple
 from collections.abc import Mapping
 
 from .errors import ConfigError
-
-DEFAULT_TTL = 300
-MAX_TTL = 3600
-MIN_TTL = 30
-KNOWN_SCOPES = ("git:read", "git:write", "repo:write", "org:read")
-EPHEMERAL_SUFFIX = "+ephemeral"
+from .vocab import DEFAULT_TTL, EPHEMERAL_SUFFIX, check_ttl, parse_scopes, path_under, split_repo_path, split_url
 
 
 def config_path(env: Mapping[str, str] | None = None) -> str:
@@ -51,95 +46,6 @@ def config_path(env: Mapping[str, str] | None = None) -> str:
     from platformdirs import user_config_dir
 
     return os.path.join(user_config_dir("codestore"), "config.toml")
-
-
-def parse_scopes(value: object, where: str) -> tuple[str, ...]:
-    """Scopes as a space/comma separated string or a list; `git:write` implies `git:read`."""
-    if isinstance(value, str):
-        items = value.replace(",", " ").split()
-    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        items = list(value)
-    else:
-        raise ConfigError(f"{where}: scopes must be a string like \"git:read git:write\"")
-    for s in items:
-        if s not in KNOWN_SCOPES:
-            raise ConfigError(f"{where}: unknown scope {s!r}; known scopes: {' '.join(KNOWN_SCOPES)}")
-    if "git:write" in items and "git:read" not in items:
-        items.insert(0, "git:read")
-    return tuple(dict.fromkeys(items))
-
-
-def parse_ttl(value: object, where: str) -> int:
-    try:
-        ttl = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: TTL must be a whole number of seconds, got {value!r}") from None
-    if not MIN_TTL <= ttl <= MAX_TTL:
-        raise ConfigError(f"{where}: TTL {ttl}s is outside {MIN_TTL}..{MAX_TTL}s; short-lived tokens are the point")
-    return ttl
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8 in dotted-quad form, ::1 or localhost: where plain http may carry a token.
-
-    Not ipaddress (its import is a cost every git operation would pay). Forms it would
-    also accept, such as a long-form ::1 or 127.1, count as not loopback: the safe side.
-    """
-    if host.lower() in ("localhost", "::1"):
-        return True
-    parts = host.split(".")
-    return (
-        len(parts) == 4
-        and parts[0] == "127"
-        # ASCII digits, no leading zeros (0177 is octal to some parsers), at most 255.
-        and all(p.isascii() and p.isdigit() and str(int(p)) == p and int(p) <= 255 for p in parts)
-    )
-
-
-class SplitURL(namedtuple("SplitURL", "scheme netloc path query fragment")):
-    """`scheme://netloc/path?query#fragment`, split without urllib (an import every git
-    request would pay). Only for URLs we compare and validate, never to normalise."""
-
-    __slots__ = ()
-
-
-def split_url(url: str) -> SplitURL:
-    scheme, sep, rest = url.partition("://")
-    if not sep or not scheme.isascii() or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
-        return SplitURL("", "", url, "", "")
-    rest, _, fragment = rest.partition("#")
-    rest, _, query = rest.partition("?")
-    netloc, slash, path = rest.partition("/")
-    return SplitURL(scheme.lower(), netloc, slash + path, query, fragment)
-
-
-def split_repo_path(path: str) -> tuple[str, bool]:
-    """`team/app+ephemeral.git` -> ("team/app", True). Raises ConfigError on a bad id."""
-    repo = path.strip("/")
-    if repo.endswith(".git"):
-        repo = repo[:-4]
-    ephemeral = repo.endswith(EPHEMERAL_SUFFIX)
-    if ephemeral:
-        repo = repo[: -len(EPHEMERAL_SUFFIX)]
-    validate_repo_id(repo)
-    return repo, ephemeral
-
-
-def validate_repo_id(repo: str) -> str:
-    """Reject ids that no repository can have, rather than normalising them."""
-    bad = (
-        not repo
-        or len(repo) > 200
-        or repo.startswith(("/", "-", "."))
-        or repo.endswith("/")
-        or any(part in ("", ".", "..") for part in repo.split("/"))
-        or any(not (c.isalnum() or c in "-_./") for c in repo)
-        or repo.endswith(".git")
-        or "+" in repo
-    )
-    if bad:
-        raise ConfigError(f"{repo!r} is not a repository id (letters, digits, '-', '_', '.', '/' only)")
-    return repo
 
 
 def hostname() -> str:
@@ -240,17 +146,14 @@ class Config(
         if not (self.org or self.base_url_setting):
             return False
         parts = split_url(self.base_url)
-        return protocol == parts.scheme and host.lower() == (parts.netloc.rpartition("@")[2]).lower()
+        return protocol == parts.scheme and host.lower() == parts.hostport.lower()
 
     def repo_from_path(self, path: str) -> tuple[str, bool]:
         """The repository and namespace named by a credential `path` under our base URL."""
-        prefix = split_url(self.base_url).path.strip("/")
-        path = path.strip("/")
-        if prefix:
-            if not path.startswith(prefix + "/"):
-                raise ConfigError(f"path {path!r} is not under {self.base_url}")
-            path = path[len(prefix) + 1 :]
-        return split_repo_path(path)
+        under = path_under(self.base_url, path)
+        if under is None:
+            raise ConfigError(f"path {path.strip('/')!r} is not under {self.base_url}")
+        return split_repo_path(under)
 
 
 def _read_file(path: str) -> dict[str, object]:
@@ -401,7 +304,7 @@ def _build(raw: Mapping[str, object], env: Mapping[str, str], path: str, name: s
         base_url_setting=values.get("base_url") or None,  # type: ignore[arg-type]
         api_url_setting=values.get("api_url") or None,  # type: ignore[arg-type]
         kid=values.get("kid") or None,  # type: ignore[arg-type]
-        ttl=parse_ttl(values["ttl"], "ttl") if "ttl" in values else DEFAULT_TTL,
+        ttl=check_ttl(values["ttl"], "ttl") if "ttl" in values else DEFAULT_TTL,
         scopes=parse_scopes(values["scopes"], "scopes") if "scopes" in values else ("git:read",),
         ephemeral_scopes=parse_scopes(values["ephemeral_scopes"], "ephemeral_scopes")
         if "ephemeral_scopes" in values

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
 from .errors import ProtocolError
+from .lines import parse_lines
 
 PROG = "git-credential-codestore"
 MAX_INPUT = 64 * 1024  # git's own requests are a few hundred bytes
@@ -33,20 +34,7 @@ def parse(data: bytes) -> dict[str, str]:
 
     Values are never echoed in errors: a malformed stream may hold a password.
     """
-    fields: dict[str, str] = {}
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError("credential input is not UTF-8") from None
-    for n, line in enumerate(text.split("\n"), 1):
-        line = line.rstrip("\r")
-        if not line:
-            break
-        key, sep, value = line.partition("=")
-        if not sep or not key or "\0" in line:
-            raise ProtocolError(f"line {n} of the credential input is not key=value")
-        fields[key] = value
-    return fields
+    return dict(parse_lines(data, what="the credential input"))
 
 
 def _read_request(stdin: BinaryIO) -> bytes:
@@ -99,7 +87,9 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
         repo, ephemeral = cfg.repo_from_path(path)
     except CodestoreError as e:
         raise ConfigError(f"{e}; use a URL like {cfg.base_url}/<repo>.git") from None
-    from .source import TokenRequest, get_token, holds_grant
+    from .agent.discovery import holds_grant
+    from .source import get_token
+    from .vocab import TokenRequest
 
     if cfg.uses_env and holds_grant(env):  # a grant speaks for the env-configured org only
         # The grant is the policy: ask for at most read+write; the agent narrows it.

@@ -36,8 +36,11 @@ def check_config(cfg: Config) -> str:
 
 
 def check_key(cfg: Config, env: Mapping[str, str]) -> str:
-    if any(env.get(k) for k in ("CODESTORE_GRANT", "CODESTORE_GRANT_FILE", "CODESTORE_AGENT_SOCK", "CODESTORE_AGENT_URL")):
-        from .source import TokenRequest, get_token
+    from .agent import discovery
+
+    if discovery.configured(env):
+        from .source import get_token
+        from .vocab import TokenRequest
 
         get_token(TokenRequest("doctor-check", ("git:read",), purpose="doctor"), cfg, env)
         return "the agent minted a test token"

@@ -60,8 +60,8 @@ def clone(
 def promote(cfg: Config, repo: str, branch: str, target: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """Copy BRANCH of REPO's ephemeral namespace into its default namespace; returns the commit."""
     from . import api
-    from .config import validate_repo_id
-    from .source import TokenRequest, get_token
+    from .source import get_token
+    from .vocab import TokenRequest, validate_repo_id
 
     validate_repo_id(repo)
     target = target or branch

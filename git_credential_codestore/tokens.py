@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from .config import KNOWN_SCOPES, MAX_TTL, MIN_TTL
 from .errors import TokenError
 from .secrets import Token
+from .vocab import SCOPES, allows, check_ttl, legacy_ops_rule, ref_policy
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
@@ -32,10 +32,9 @@ PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519Public
 # Only asymmetric algorithms: accepting HS256 would let anyone who knows the public key
 # sign tokens with it (key confusion), and `none` needs no key at all.
 ALLOWED_ALGORITHMS = ("ES256", "RS256", "EdDSA")
-REF_OPS = ("no-push", "no-force-push", "verify-sig")
 LEEWAY = 30  # seconds of clock skew tolerated on exp/iat
 
-RefPolicy = list[tuple[str, list[str]]]
+RefPolicy = list[tuple[str, list[str]]]  # vocab.ref_policy's shape
 
 
 def algorithm_for(key: PrivateKey | PublicKey) -> str:
@@ -52,38 +51,6 @@ def algorithm_for(key: PrivateKey | PublicKey) -> str:
     raise TokenError(f"unsupported key type {type(key).__name__}; use EC P-256, RSA or Ed25519")
 
 
-def validate_refs(refs: object) -> RefPolicy:
-    """The `refs` claim: an ordered list of [pattern, [ops...]]; first match wins."""
-    if not isinstance(refs, list):
-        raise TokenError("refs policy must be a list of [pattern, [ops]] pairs")
-    out: RefPolicy = []
-    for rule in refs:
-        if (
-            not isinstance(rule, (list, tuple))
-            or len(rule) != 2
-            or not isinstance(rule[0], str)
-            or not rule[0].startswith("refs/")
-            or not isinstance(rule[1], list)
-            or any(op not in REF_OPS for op in rule[1])
-        ):
-            raise TokenError(
-                f"bad refs rule {rule!r}: want [\"refs/heads/main\", [\"no-push\"]] with ops {', '.join(REF_OPS)}"
-            )
-        out.append((rule[0], list(rule[1])))
-    return out
-
-
-def parse_ref_policy(text: str) -> RefPolicy:
-    """`refs/heads/main=no-push;refs/heads/feat/*=no-force-push` for command lines."""
-    rules = []
-    for item in filter(None, (p.strip() for p in text.split(";"))):
-        pattern, sep, ops = item.partition("=")
-        if not sep:
-            raise TokenError(f"bad ref policy {item!r}: want PATTERN=OP[,OP]")
-        rules.append([pattern.strip(), [o.strip() for o in ops.split(",") if o.strip()]])
-    return validate_refs(rules)
-
-
 def mint(
     key: PrivateKey,
     *,
@@ -97,11 +64,10 @@ def mint(
     now: int | None = None,
 ) -> Token:
     """Sign one token for one repository."""
-    if not MIN_TTL <= ttl <= MAX_TTL:
-        raise TokenError(f"TTL {ttl}s is outside {MIN_TTL}..{MAX_TTL}s")
-    unknown = [s for s in scopes if s not in KNOWN_SCOPES]
+    check_ttl(ttl, "token", TokenError)
+    unknown = [s for s in scopes if s not in SCOPES]
     if unknown or not scopes:
-        raise TokenError(f"bad scopes {' '.join(unknown) or '(none)'}; known: {' '.join(KNOWN_SCOPES)}")
+        raise TokenError(f"bad scopes {' '.join(unknown) or '(none)'}; known: {' '.join(SCOPES)}")
     iat = int(time.time()) if now is None else now
     claims: dict[str, object] = {
         "iss": org,
@@ -112,7 +78,7 @@ def mint(
         "exp": iat + ttl,
     }
     if refs:
-        claims["refs"] = [[p, list(ops)] for p, ops in validate_refs([list(r) for r in refs])]
+        claims["refs"] = [[p, list(ops)] for p, ops in ref_policy([list(r) for r in refs], TokenError)]
     alg = algorithm_for(key)
     header = {"alg": alg, "typ": "JWT", "kid": kid} if kid else {"alg": alg, "typ": "JWT"}
     signing_input = _b64json(header) + b"." + _b64json(claims)
@@ -150,8 +116,7 @@ class Claims:
     kid: str | None
 
     def has(self, scope: str) -> bool:
-        # git:write includes read, as Code Storage documents.
-        return scope in self.scopes or (scope == "git:read" and "git:write" in self.scopes)
+        return allows(self.scopes, scope)
 
 
 def unverified_header(token: str) -> Mapping[str, object]:
@@ -233,7 +198,10 @@ def verify(
         raise TokenError("scopes must be a list of strings")
     if not isinstance(raw["repo"], str):
         raise TokenError("repo must be a string")
-    refs = validate_refs(raw["refs"]) if raw.get("refs") is not None else []
+    refs = ref_policy(raw["refs"], TokenError) if raw.get("refs") is not None else []
+    if raw.get("ops") is not None:
+        # The deprecated top-level `ops` claim: a catch-all rule, after any `refs` rules.
+        refs += legacy_ops_rule(raw["ops"], TokenError)
     return Claims(
         iss=raw["iss"],
         sub=str(raw.get("sub", "")),

@@ -22,7 +22,9 @@ from typing import BinaryIO
 
 from git_credential_codestore import config, remotes
 from git_credential_codestore.errors import PolicyError, UsageError, boundary
-from git_credential_codestore.source import TokenRequest, get_token, holds_grant
+from git_credential_codestore.agent.discovery import holds_grant
+from git_credential_codestore.source import get_token
+from git_credential_codestore.vocab import TokenRequest
 from git_credential_codestore.trace import say
 
 from . import protocol, transport

@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 
 from git_credential_codestore import config, keys, tokens
-from git_credential_codestore.agent.client import AgentRefused, AgentUnavailable, Endpoint, call
+from git_credential_codestore.agent import wire
+from git_credential_codestore.agent.client import AgentRefused, AgentUnavailable, Endpoint, call, exchange
 from git_credential_codestore.secrets import Secret
-from git_credential_codestore.source import TokenRequest, get_token
+from git_credential_codestore.source import get_token
+from git_credential_codestore.vocab import TokenRequest
 from tests.conftest import BIN, KID, ORG, OrgKey, run_cli, stop_process, wait_for
 
 REPO = "team/app"
@@ -130,8 +132,10 @@ def test_keyless_sandbox_gets_a_token_clamped_to_its_grant(agent: Agent, org_key
 def test_tokens_carry_the_grants_ref_rules_ahead_of_the_requests(agent: Agent, org_key: OrgKey) -> None:
     # Threat: a sandbox overriding the grant's "no push to main" with its own first-match rule.
     g = agent.grant("--repo", REPO, "--scopes", "git:write", "--ref-policy", "refs/heads/main=no-push")
-    status, reply = call(Endpoint("unix", agent.socket), "POST", "/v1/token",
-                         {"repo": REPO, "scopes": ["git:write"], "refs": [["refs/heads/*", []]]}, grant=Secret(str(g["grant"])))
+    request = TokenRequest(REPO, ("git:write",), refs=[("refs/heads/*", [])])
+    status, body = exchange(Endpoint("unix", agent.socket), "POST", "/v1/token", wire.encode_request(request),
+                            wire.CONTENT_TYPE, grant=Secret(str(g["grant"])))
+    reply = wire.decode(body)
     assert status == 200, reply
     assert verify(str(reply["token"]), org_key).refs == [("refs/heads/main", ["no-push"]), ("refs/heads/*", [])]
 
@@ -455,7 +459,7 @@ def raw(sock_path: str, data: bytes, timeout: float = 10) -> bytes:
         (b"POST /v1/token HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n", b"413"),
         (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
         (b"POST /v1/token HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"411"),
-        (b"POST /v1/token HTTP/1.1\r\nContent-Length: 40\r\n\r\n" + json.dumps({"repo": "../x", "scopes": ["git:read"]}).encode().ljust(40), b"400"),
+        (b"POST /v1/token HTTP/1.1\r\nContent-Length: 40\r\n\r\n" + b"repo=../x\nscopes=git:read\n".ljust(40), b"400"),
         (b"GET /v1/../grants HTTP/1.1\r\n\r\n", b"404"),
     ],
     ids=["not-http", "bad-json", "not-an-object", "huge", "long-line", "chunked", "bad-repo", "odd-path"],

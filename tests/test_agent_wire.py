@@ -1,4 +1,4 @@
-"""The agent's JSON-free token request format (git's key=value lines)."""
+"""POST /v1/token's one wire format: git's key=value lines, both ways."""
 
 from __future__ import annotations
 
@@ -12,21 +12,18 @@ from git_credential_codestore.agent import wire
 from git_credential_codestore.agent.client import Endpoint, exchange
 from git_credential_codestore.errors import ProtocolError
 from git_credential_codestore.secrets import Secret
+from git_credential_codestore.vocab import TokenRequest
 from tests.test_agent import REPO, Agent, agent  # noqa: F401 - agent is a fixture
 
 
-def test_a_request_round_trips_to_the_json_shape() -> None:
-    body = wire.request_to_lines(
+def test_a_request_round_trips_to_the_one_request_type() -> None:
+    request = TokenRequest(
         "team/app", ("git:read", "git:write"), True, 120,
         [("refs/heads/main", ["no-push"]), ("refs/heads/f/*", ["no-force-push", "no-push"])],
-        "credential", True, {"org": "acme", "kid": None, "key": "file:/k", "sub": "me"},
+        "credential", True,
     )
-    assert wire.request_from_lines(body) == {
-        "repo": "team/app", "scopes": ["git:read", "git:write"], "ephemeral": True, "narrow": True,
-        "ttl": 120, "purpose": "credential",
-        "refs": [["refs/heads/main", ["no-push"]], ["refs/heads/f/*", ["no-force-push", "no-push"]]],
-        "owner": {"org": "acme", "key": "file:/k", "sub": "me"},
-    }
+    body = wire.encode_request(request, {"org": "acme", "kid": None, "key": "file:/k", "sub": "me"})
+    assert wire.decode_request(body) == (request, {"org": "acme", "key": "file:/k", "sub": "me"})
 
 
 @pytest.mark.parametrize(
@@ -48,7 +45,7 @@ def test_a_request_round_trips_to_the_json_shape() -> None:
 )
 def test_malformed_lines_are_refused_not_skipped(body: bytes, fragment: str) -> None:
     with pytest.raises(ProtocolError, match=fragment):
-        wire.request_from_lines(body)
+        wire.decode_request(body)
 
 
 def test_values_with_line_breaks_cannot_be_encoded() -> None:
@@ -62,7 +59,7 @@ def test_the_agent_answers_a_malformed_line_request_with_400_and_one_line(agent:
     assert status == 400 and wire.decode(body)["error"] == "bad token request: repo appears twice"
     # ...and keeps serving.
     ok_status, ok = exchange(Endpoint("unix", agent.socket), "POST", "/v1/token",
-                             wire.request_to_lines(REPO, ("git:read",), False, None, (), "test", False, None),
+                             wire.encode_request(TokenRequest(REPO, ("git:read",), purpose="test")),
                              wire.CONTENT_TYPE)
     assert ok_status == 200, ok
 
@@ -76,8 +73,8 @@ def test_line_requests_are_accepted_only_for_minting(agent: Agent) -> None:
 def test_a_grant_holder_cannot_claim_owner_fields_in_lines(agent: Agent) -> None:
     # Threat: a grant holder adding owner.* lines to be treated as the owner.
     g = agent.grant("--repo", REPO)
-    body = wire.request_to_lines(REPO, ("git:read", "git:write"), False, None, (), "test", False,
-                                 {"org": "acme", "kid": "k1", "key": "x", "sub": "owner"})
+    body = wire.encode_request(TokenRequest(REPO, ("git:read", "git:write"), purpose="test"),
+                              {"org": "acme", "kid": "k1", "key": "x", "sub": "owner"})
     status, reply = exchange(Endpoint("unix", agent.socket), "POST", "/v1/token", body, wire.CONTENT_TYPE,
                              grant=Secret(str(g["grant"])))
     assert status == 403 and "does not allow git:write" in wire.decode(reply)["error"]
@@ -88,7 +85,7 @@ def test_minting_through_a_local_agent_imports_no_json_socket_re_or_typing(agent
     g = agent.grant("--repo", REPO)
     code = (
         "import os, sys; from git_credential_codestore import config;"
-        "from git_credential_codestore.source import TokenRequest, get_token;"
+        "from git_credential_codestore.source import get_token; from git_credential_codestore.vocab import TokenRequest;"
         f"t = get_token(TokenRequest({REPO!r}, ('git:read',), purpose='test'), config.load());"
         "assert t.reveal().startswith('eyJ');"
         "print(sorted(m for m in ('json', 'socket', 're', 'typing', 'jwt', 'cryptography', 'keyring') if m in sys.modules))"

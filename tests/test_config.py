@@ -40,10 +40,6 @@ def test_unknown_scopes_are_a_config_error() -> None:
         config.load({"CODESTORE_SCOPES": "git:read git:admin", "CODESTORE_CONFIG": "/x"})
 
 
-def test_write_implies_read() -> None:
-    assert config.parse_scopes("git:write", "x") == ("git:read", "git:write")
-
-
 @pytest.mark.parametrize("url", ["https://t:secret@acme.code.storage", "ftp://x", "acme.code.storage", "https://h/?q=1"])
 def test_base_urls_with_credentials_or_odd_schemes_are_refused(url: str) -> None:
     # Threat: a token smuggled into configuration as URL userinfo.
@@ -75,25 +71,6 @@ def test_first_matching_repository_rule_wins(tmp_path: Path) -> None:
     assert cfg.scopes_for("other", True) == ("git:read",)
 
 
-@pytest.mark.parametrize(
-    "path,expected",
-    [
-        ("team/app.git", ("team/app", False)),
-        ("team/app+ephemeral.git", ("team/app", True)),
-        ("app", ("app", False)),
-        ("/a/b/c.git", ("a/b/c", False)),
-    ],
-)
-def test_repository_paths_split_into_id_and_namespace(path: str, expected: tuple[str, bool]) -> None:
-    assert config.split_repo_path(path) == expected
-
-
-@pytest.mark.parametrize("bad", ["", "..", "a/../b", "a//b", ".hidden", "-rf", "a b", "a+b", "a\nb", "x" * 201, "a/b.git.git"])
-def test_ids_that_name_no_repository_are_rejected_not_normalised(bad: str) -> None:
-    with pytest.raises(ConfigError):
-        config.split_repo_path(bad)
-
-
 def test_serves_only_the_exact_scheme_host_and_port() -> None:
     cfg = config.load({"CODESTORE_BASE_URL": "http://127.0.0.1:8080", "CODESTORE_CONFIG": "/x"})
     assert cfg.serves("http", "127.0.0.1:8080")
@@ -109,33 +86,6 @@ def test_set_value_refuses_a_bad_value_and_keeps_the_file(tmp_path: Path) -> Non
         config.set_value("ttl", "99999", env)
     assert config.load(env).org == "acme" and config.load(env).ttl == 300
 
-
-@pytest.mark.parametrize(
-    "host,expected",
-    [
-        ("127.0.0.1", True), ("127.255.0.9", True), ("localhost", True), ("::1", True), ("LOCALHOST", True),
-        ("127.0.0.256", False), ("127.1", False), ("10.0.0.1", False), ("128.0.0.1", False),
-        ("127.0.0.1.evil.com", False), ("0:0:0:0:0:0:0:1", False), ("", False),
-    ],
-)
-def test_only_loopback_hosts_may_carry_tokens_over_plain_http(host: str, expected: bool) -> None:
-    # Threat: a token sent unencrypted across a network because a host "looked" local.
-    assert config.is_loopback(host) is expected
-
-
-@pytest.mark.parametrize(
-    "url,expected",
-    [
-        ("https://acme.code.storage", ("https", "acme.code.storage", "", "", "")),
-        ("HTTP://127.0.0.1:8080/git/", ("http", "127.0.0.1:8080", "/git/", "", "")),
-        ("https://h/p?q=1#f", ("https", "h", "/p", "q=1", "f")),
-        ("https://t:x@h/p", ("https", "t:x@h", "/p", "", "")),
-        ("acme.code.storage", ("", "", "acme.code.storage", "", "")),
-        ("ht tp://h", ("", "", "ht tp://h", "", "")),
-    ],
-)
-def test_split_url_splits_without_normalising(url: str, expected: tuple[str, ...]) -> None:
-    assert tuple(config.split_url(url)) == expected
 
 
 def test_a_base_url_with_a_fragment_is_refused() -> None:

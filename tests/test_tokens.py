@@ -149,23 +149,6 @@ def test_non_p256_curves_are_refused() -> None:
         mint(ec.generate_private_key(ec.SECP384R1()))
 
 
-@pytest.mark.parametrize(
-    "text,expected",
-    [
-        ("refs/heads/main=no-push", [("refs/heads/main", ["no-push"])]),
-        ("refs/heads/main=no-push;refs/heads/f/*=no-force-push", [("refs/heads/main", ["no-push"]), ("refs/heads/f/*", ["no-force-push"])]),
-    ],
-)
-def test_ref_policies_parse_from_the_command_line_form(text: str, expected: list) -> None:  # type: ignore[type-arg]
-    assert tokens.parse_ref_policy(text) == expected
-
-
-@pytest.mark.parametrize("text", ["main=no-push", "refs/heads/main=delete-all", "refs/heads/main"])
-def test_bad_ref_policies_are_refused(text: str) -> None:
-    with pytest.raises(TokenError):
-        tokens.parse_ref_policy(text)
-
-
 def test_tokens_minted_by_the_official_sdk_verify_like_ours() -> None:
     from pierre_storage.auth import generate_jwt
 
@@ -177,3 +160,20 @@ def test_tokens_minted_by_the_official_sdk_verify_like_ours() -> None:
 
 def test_token_type_carries_its_expiry() -> None:
     assert Token("x", 5).expires_at == 5
+
+
+def test_verify_reads_code_storages_short_names_and_the_legacy_ops_claim() -> None:
+    # Tokens from the official SDK may use `main` for refs/heads/main, and its deprecated
+    # top-level `ops`, which means a catch-all rule after any `refs` rules.
+    key = keys.generate("ec")
+    now = int(time.time())
+    claims = {"iss": "acme", "sub": "sdk", "repo": "team/app", "scopes": ["git:write"], "iat": now, "exp": now + 60,
+              "refs": [["main", ["no-push"]]], "ops": ["no-force-push"]}
+    t = jwt.encode(claims, key, algorithm="ES256")
+    assert tokens.verify(t, {"k1": key.public_key()}, org="acme").refs == [("refs/heads/main", ["no-push"]), ("*", ["no-force-push"])]
+
+
+def test_minted_ref_rules_are_written_in_full() -> None:
+    key = keys.generate("ec")
+    t = mint(key, refs=[("main", ["no-push"]), ("*", [])]).reveal()
+    assert tokens.verify(t, {"k1": key.public_key()}, org="acme").refs == [("refs/heads/main", ["no-push"]), ("*", [])]

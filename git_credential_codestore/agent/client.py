@@ -1,5 +1,6 @@
 """Talking to the agent: the token source helpers use, and the admin calls the CLI makes.
 
+Where the agent is (its address, the grant, the sockets) is `discovery.py`'s business.
 Helpers run this on every git fetch and push, so it speaks a small subset of HTTP/1.1 by
 hand (`http.client` alone costs more start-up time than the whole round trip to the
 agent), mints in the JSON-free line format of `wire.py`, and reaches a Unix socket
@@ -16,25 +17,23 @@ from __future__ import annotations
 
 import _socket
 import os
-import sys
-from collections import namedtuple
 from collections.abc import Mapping
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 
 if TYPE_CHECKING:
     import socket
-    import subprocess
 
-from ..config import Config, is_loopback
+from ..config import Config
 from ..errors import ConfigError, PolicyError, ProtocolError, RemoteError
 from ..secrets import Secret, Token
+from ..vocab import TokenRequest
 from . import wire
+from .discovery import Endpoint, ca_file, endpoint_from_env, read_grant, unix_address
 
 MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0
 REPLY_TIMEOUT = 15.0
-SOCKET_NAME = "agent.sock"
 START_HINT = "start it where the key lives (codestore agent start), or fix CODESTORE_AGENT_URL/CODESTORE_AGENT_SOCK"
 
 
@@ -48,32 +47,6 @@ class AgentMismatch(RemoteError):
 
 class AgentRefused(PolicyError):
     """The agent answered and refused (beyond the grant, revoked grant, bad request)."""
-
-
-def runtime_dir(env: Mapping[str, str] | None = None) -> str:
-    env = os.environ if env is None else env
-    if sys.platform.startswith(("linux", "freebsd", "openbsd")):
-        base = env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-        return os.path.join(base, "codestore")
-    from platformdirs import user_runtime_dir
-
-    return user_runtime_dir("codestore")
-
-
-def default_socket(env: Mapping[str, str] | None = None) -> str:
-    return os.path.join(runtime_dir(env), SOCKET_NAME)
-
-
-def unix_address(path: str) -> tuple[str, int | None]:
-    """An AF_UNIX address for `path`, even beyond the ~107-byte sun_path limit.
-
-    Long paths (deep temp dirs) go through /proc/self/fd/N of the open directory on
-    Linux. Returns (address, fd to close afterwards).
-    """
-    if len(path.encode()) < 100 or not os.path.isdir("/proc/self/fd"):
-        return path, None
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    return f"/proc/self/fd/{fd}/{os.path.basename(path)}", fd
 
 
 def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
@@ -93,36 +66,6 @@ def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
     if path:
         return "file:" + os.path.realpath(os.path.expanduser(path))
     return "store:" + (cfg.org or "default")
-
-
-class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
-    """Where the agent listens: a Unix socket path, or an http(s) URL."""
-
-    __slots__ = ()
-    kind: str  # "unix" | "http" | "https"
-    address: str  # socket path, or host
-    port: int
-
-    @classmethod
-    def from_url(cls, url: str) -> Endpoint:
-        from urllib.parse import urlsplit  # only for agents reached over the network
-
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"CODESTORE_AGENT_URL must be http(s)://HOST:PORT, not {parts.scheme or url[:20]!r}")
-        if parts.username or parts.password or parts.query:
-            # A grant in a URL would land in logs and argv: exactly what we exist to prevent.
-            raise ConfigError("CODESTORE_AGENT_URL must not carry credentials or a query; put the grant in CODESTORE_GRANT_FILE")
-        if parts.scheme == "http" and not is_loopback(parts.hostname):
-            # The grant is a reusable secret: never in clear text across a network.
-            raise ConfigError(
-                f"refusing to send a grant over plain http to {parts.hostname}; use https:// "
-                "(the agent serves TLS with --tls-cert/--tls-key) or a loopback address"
-            )
-        return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-
-    def __str__(self) -> str:
-        return self.address if self.kind == "unix" else f"{self.kind}://{self.address}:{self.port}"
 
 
 def _connect_unix(sock: _socket.socket, addr: str, timeout: float) -> None:
@@ -165,7 +108,7 @@ def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> _socket.so
     if ep.kind == "https":
         import ssl
 
-        ctx = ssl.create_default_context(cafile=env.get("CODESTORE_AGENT_CA") or None)
+        ctx = ssl.create_default_context(cafile=ca_file(env))
         try:
             sock = ctx.wrap_socket(sock, server_hostname=ep.address)
         except (ssl.SSLError, OSError) as e:
@@ -246,29 +189,6 @@ def call(
     return status, reply
 
 
-def read_grant(env: Mapping[str, str]) -> Secret | None:
-    value = env.get("CODESTORE_GRANT", "").strip()
-    if value:
-        return Secret(value)
-    path = env.get("CODESTORE_GRANT_FILE")
-    if not path:
-        return None
-    try:
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            value = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read CODESTORE_GRANT_FILE {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
-    if not value:
-        raise ConfigError(f"CODESTORE_GRANT_FILE {path} is empty; write the grant from `codestore grant create` into it")
-    return Secret(value)
-
-
-def endpoint_from_env(env: Mapping[str, str]) -> Endpoint:
-    if env.get("CODESTORE_AGENT_URL"):
-        return Endpoint.from_url(env["CODESTORE_AGENT_URL"])
-    return Endpoint("unix", os.path.expanduser(env.get("CODESTORE_AGENT_SOCK") or default_socket(env)))
-
-
 def refusal(ep: Endpoint, status: int, reply: Mapping[str, object]) -> Exception:
     reason = str(reply.get("error") or f"HTTP {status}")
     if reply.get("code") == "mismatch":
@@ -290,8 +210,7 @@ class AgentSource:
         env = os.environ if env is None else env
         return cls(endpoint_from_env(env), read_grant(env), cfg, env)
 
-    def mint(self, request: object) -> Token:
-        # `request` is a source.TokenRequest; not imported here to keep this module a leaf.
+    def mint(self, request: TokenRequest) -> Token:
         owner = None
         if self.grant is None:
             # The owner signs as itself; the agent checks it holds the same key and org.
@@ -302,10 +221,7 @@ class AgentSource:
                 "sub": self.cfg.sub,
             }
         try:
-            body = wire.request_to_lines(
-                request.repo, request.scopes, bool(request.ephemeral), request.ttl,  # type: ignore[attr-defined]
-                request.refs, request.purpose, bool(getattr(request, "narrow", False)), owner,  # type: ignore[attr-defined]
-            )
+            body = wire.encode_request(request, owner)
         except ProtocolError as e:
             raise ConfigError(f"cannot ask the codestore agent for this token: {e}") from None
         from ..trace import say
@@ -332,27 +248,3 @@ class AgentSource:
         return Token(token, int(exp))
 
 
-def spawn(socket_path: str, *, idle_timeout: int = 0, extra: tuple[str, ...] = (), log_path: str | None = None,
-          env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start `codestore agent serve` detached from this process.
-
-    Used by `codestore agent start` and by helpers starting an agent on demand. The
-    child gets its own session, so git's or the shell's Ctrl-C and hang-up leave it alone.
-    """
-    import subprocess
-
-    args = [sys.executable, "-m", "git_credential_codestore.cli", "agent", "serve", "--socket", socket_path]
-    if idle_timeout:
-        args += ["--idle-timeout", str(idle_timeout)]
-    args += list(extra)
-    out = subprocess.DEVNULL
-    if log_path:
-        os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
-        out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # type: ignore[assignment]
-    try:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True,
-                                env=dict(env) if env is not None else None)
-    finally:
-        if log_path:
-            os.close(out)  # type: ignore[arg-type]
-    return proc

@@ -12,23 +12,11 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..config import KNOWN_SCOPES, MAX_TTL, MIN_TTL, validate_repo_id
-from ..errors import CodestoreError, Refused
+from ..errors import Refused
+from ..vocab import MAX_TTL, MIN_TTL, TokenRequest, with_implied
 from .grants import Grant
-
-
-@dataclass(frozen=True)
-class Request:
-    repo: str
-    scopes: tuple[str, ...]
-    ephemeral: bool
-    ttl: int | None
-    refs: tuple[tuple[str, tuple[str, ...]], ...]
-    purpose: str
-    narrow: bool = False  # scopes are a ceiling: grant holders get the intersection
 
 
 @dataclass(frozen=True)
@@ -40,66 +28,12 @@ class Decision:
     sub: str
 
 
-def parse_request(obj: object) -> Request:
-    """Validate the JSON body of a token request; every error is a 400 with a reason."""
-    if not isinstance(obj, Mapping):
-        raise Refused(400, "request body must be a JSON object")
-    repo = obj.get("repo")
-    if not isinstance(repo, str):
-        raise Refused(400, "request needs \"repo\": a repository id")
-    if repo != "org":  # org:read tokens are org-wide and name no repository
-        try:
-            validate_repo_id(repo)
-        except CodestoreError as e:
-            raise Refused(400, str(e)) from None
-    scopes = obj.get("scopes")
-    if not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes):
-        raise Refused(400, "request needs \"scopes\": a non-empty list of strings")
-    unknown = [s for s in scopes if s not in KNOWN_SCOPES]
-    if unknown:
-        raise Refused(400, f"unknown scope {unknown[0][:40]!r}; known: {' '.join(KNOWN_SCOPES)}")
-    ephemeral = obj.get("ephemeral", False)
-    if not isinstance(ephemeral, bool):
-        raise Refused(400, "\"ephemeral\" must be true or false")
-    ttl = obj.get("ttl")
-    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool)):
-        raise Refused(400, "\"ttl\" must be a whole number of seconds")
-    if ttl is not None and not MIN_TTL <= ttl <= MAX_TTL:
-        raise Refused(400, f"TTL {ttl}s is outside {MIN_TTL}..{MAX_TTL}s")
-    refs_raw = obj.get("refs") or []
-    if not isinstance(refs_raw, list):
-        raise Refused(400, "\"refs\" must be a list of [pattern, [ops]]")
-    from ..tokens import validate_refs  # noqa: PLC0415 - the agent has it loaded already
-
-    try:
-        refs = validate_refs(refs_raw)
-    except CodestoreError as e:
-        raise Refused(400, str(e)) from None
-    narrow = obj.get("narrow", False)
-    if not isinstance(narrow, bool):
-        raise Refused(400, "\"narrow\" must be true or false")
-    purpose = obj.get("purpose", "cli")
-    if not isinstance(purpose, str):
-        purpose = "?"
-    return Request(
-        repo=repo,
-        scopes=tuple(dict.fromkeys(scopes)),
-        ephemeral=ephemeral,
-        ttl=ttl,
-        refs=tuple((p, tuple(ops)) for p, ops in refs),
-        purpose=purpose[:20],
-        narrow=narrow,
-    )
+def check_request(req: TokenRequest) -> TokenRequest:
+    """Validate a decoded token request (vocab's one check); every error is a 400 with a reason."""
+    return req.checked(lambda reason: Refused(400, reason))
 
 
-def allowed_scopes(granted: tuple[str, ...] | list[str]) -> set[str]:
-    out = set(granted)
-    if "git:write" in out:
-        out.add("git:read")  # Code Storage: write includes read
-    return out
-
-
-def clamp_to_grant(grant: Grant, req: Request, default_ttl: int, now: float | None = None) -> Decision:
+def clamp_to_grant(grant: Grant, req: TokenRequest, default_ttl: int, now: float | None = None) -> Decision:
     """The token a grant holder gets for `req`, or Refused naming the first excess."""
     now = time.time() if now is None else now
     state = grant.state(now)
@@ -110,8 +44,8 @@ def clamp_to_grant(grant: Grant, req: Request, default_ttl: int, now: float | No
     scopes = req.scopes
     if req.narrow:
         # A ceiling, not a demand: keep what the grant allows. Still refused below.
-        scopes = tuple(s for s in req.scopes if s in allowed_scopes(grant.scopes)) or req.scopes
-    extra = [s for s in scopes if s not in allowed_scopes(grant.scopes)]
+        scopes = tuple(s for s in req.scopes if s in with_implied(grant.scopes)) or req.scopes
+    extra = [s for s in scopes if s not in with_implied(grant.scopes)]
     if extra:
         raise Refused(403, f"grant {grant.id} does not allow {' '.join(extra)} (it allows {' '.join(grant.scopes)})")
     if grant.ephemeral_only and not req.ephemeral:
@@ -132,7 +66,7 @@ def clamp_to_grant(grant: Grant, req: Request, default_ttl: int, now: float | No
     return Decision(repo=req.repo, scopes=scopes, ttl=ttl, refs=refs, sub=grant.sub)
 
 
-def clamp_for_owner(req: Request, default_ttl: int, sub: str) -> Decision:
+def clamp_for_owner(req: TokenRequest, default_ttl: int, sub: str) -> Decision:
     """The owner signs what the local key would: the request as asked, TTL defaulted."""
     ttl = req.ttl if req.ttl is not None else default_ttl
     return Decision(

@@ -46,11 +46,13 @@ from http.server import BaseHTTPRequestHandler
 from typing import TextIO
 
 from .. import tokens, trace
-from ..config import Config, is_loopback, parse_scopes
+from ..config import Config
 from ..errors import CodestoreError, ConfigError, ProtocolError, redact
+from ..vocab import check_ttl, is_loopback, parse_scopes, ref_policy
 from . import policy, wire
 from .audit import AuditLog
-from .client import default_socket, key_identity, unix_address
+from .client import key_identity
+from .discovery import default_socket, grant_socket, unix_address
 from .grants import Grant, GrantStore, grant_id_of
 
 MAX_BODY = 64 * 1024
@@ -121,14 +123,14 @@ class Agent:
                 # A grant holder must never create grants (it would widen its own).
                 self.audit.record("refuse", {"action": name, "peer": caller.peer, "via": caller.transport, "reason": "admin call from a non-owner"})
                 return 403, {"error": "administrative calls are accepted only from the owner on the agent's own socket, without a grant"}
+        if name == "token":
+            return self.mint(caller, authorization, body)  # lines, not JSON (wire.py)
         try:
             data = json.loads(body) if body else {}
         except (ValueError, UnicodeDecodeError):
             return 400, {"error": "request body is not JSON"}
         if name == "ping":
             return 200, {"ok": True, "agent": "codestore"}
-        if name == "token":
-            return self.mint(caller, authorization, data)
         if name == "status":
             return 200, self.status()
         if name == "list_grants":
@@ -168,7 +170,12 @@ class Agent:
             return None, f"peer uid {caller.uid} is not the agent's owner; present a grant"
         return None, None
 
-    def mint(self, caller: Caller, authorization: str | None, data: object) -> tuple[int, dict[str, object]]:
+    def mint(self, caller: Caller, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
+        try:
+            request, owner = wire.decode_request(body)
+        except ProtocolError as e:
+            return 400, {"error": f"bad token request: {e}"}
+        data = {"repo": request.repo, "scopes": list(request.scopes), "ttl": request.ttl, "ephemeral": request.ephemeral}
         grant, reason = self._grant_for(caller, authorization)
         who: dict[str, object] = {"grant": grant.id if grant else None, "via": caller.transport, "peer": caller.peer}
         if reason is not None:
@@ -176,15 +183,14 @@ class Agent:
             who["grant"] = grant_id_of(secret)  # the id a presented secret claims, never the secret
             return self._refuse(who, data, reason, 401)
         try:
-            req = policy.parse_request(data)
+            req = policy.check_request(request)
         except policy.Refused as e:
             return self._refuse(who, data, e.reason, e.status, grant)
         try:
             if grant is not None:
                 decision = policy.clamp_to_grant(grant, req, self.cfg.ttl)
             else:
-                owner = data.get("owner") if isinstance(data, dict) else None
-                sub = self._check_owner(owner)
+                sub = self._check_owner(owner or None)
                 decision = policy.clamp_for_owner(req, self.cfg.ttl, sub)
         except policy.Refused as e:
             return self._refuse(who, data, e.reason, e.status, grant)
@@ -252,12 +258,13 @@ class Agent:
                 raise ConfigError("a grant needs --repo (a repository id or glob such as team/*)")
             scopes = parse_scopes(data.get("scopes") or "git:read", "--scopes")
             max_ttl = data.get("max_ttl", 900)
-            if not isinstance(max_ttl, int) or not 30 <= max_ttl <= 3600:
-                raise ConfigError(f"--max-ttl must be 30..3600 seconds, not {max_ttl!r}")
+            if not isinstance(max_ttl, int):
+                raise ConfigError(f"--max-ttl must be a whole number of seconds, not {max_ttl!r}")
+            check_ttl(max_ttl, "--max-ttl")
             expires_in = data.get("expires_in")
             if expires_in is not None and (not isinstance(expires_in, int) or expires_in <= 0):
                 raise ConfigError("--expires-in must be a positive duration")
-            refs = tokens.validate_refs(data.get("refs") or [])
+            refs = ref_policy(data.get("refs") or [])
             sub = data.get("sub")
             if sub is not None and (not isinstance(sub, str) or not 0 < len(sub) <= 200):
                 raise ConfigError("--sub must be a short identifier")
@@ -419,17 +426,11 @@ class Handler(BaseHTTPRequestHandler):
         if len(body) != length:
             return  # the client hung up mid-body
         self.unread = False
-        lines = (self.headers.get("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE
-        if lines:
-            # The helpers' JSON-free form of a token request (see wire.py); nothing else.
-            if (self.command, self.path) != ("POST", "/v1/token"):
-                self._reply(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"})
-                return
-            try:
-                body = json.dumps(wire.request_from_lines(body)).encode()
-            except ProtocolError as e:
-                self._reply(400, {"error": f"bad token request: {e}"}, lines=True)
-                return
+        # POST /v1/token speaks lines both ways (wire.py); every other endpoint JSON.
+        lines = (self.command, self.path) == ("POST", "/v1/token")
+        if not lines and (self.headers.get("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE:
+            self._reply(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"})
+            return
         try:
             status, reply = self.server.agent.dispatch(self.caller, self.command, self.path, self.headers.get("Authorization"), body)
         except Exception as e:  # noqa: BLE001 - one request's bug must not take down the agent
@@ -440,7 +441,7 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = _serve
 
     def _reply(self, status: int, reply: Mapping[str, object], lines: bool = False) -> None:
-        data = wire.reply_to_lines(reply) if lines else json.dumps(reply).encode()
+        data = wire.encode_reply(reply) if lines else json.dumps(reply).encode()
         try:
             self.send_response_only(status)
             self.send_header("Content-Type", wire.CONTENT_TYPE if lines else "application/json")
@@ -631,7 +632,7 @@ def serve(
     lock = threading.Lock()
 
     def grant_socket_path(gid: str) -> str:
-        return os.path.join(os.path.dirname(socket_path), f"grant-{gid}.sock")
+        return grant_socket(socket_path, gid)
 
     def open_grant_socket(grant: Grant) -> str | None:
         path = grant_socket_path(grant.id)

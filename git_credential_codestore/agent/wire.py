@@ -1,22 +1,23 @@
-"""The token request's wire format: git's own `key=value` lines, no JSON.
+"""`POST /v1/token`'s one wire format: git's own `key=value` lines, no JSON.
 
 Helpers mint a token on every git fetch and push, and importing `json` (with `re` and
 `enum` behind it) costs a CPython helper more than the whole round trip to the agent.
-So `POST /v1/token` also accepts, and then answers in, this format:
+So a token request, and its reply, are lines (the admin endpoints speak JSON):
 
-    repo=team/app              one repository id
+    repo=team/app              one repository id (or "org")
     scopes=git:read git:write  space-separated
     ephemeral=1                0 or 1
     narrow=1                   0 or 1 (scopes are a ceiling)
     ttl=300                    optional
     purpose=credential         for the audit log
-    ref=no-push:refs/heads/main    repeatable, in order; ':' never occurs in a ref name
+    ref=no-push:refs/heads/main    repeatable, in order; ':' never occurs in a ref pattern
     owner.org=acme             the owner's configuration (owner.kid, owner.key, owner.sub)
 
 The reply is the same format (`token`, `expires_at`, `ttl`, `scopes`, `sub`, or `error`
 and `code`). Decoding is strict: an unknown or repeated key, a line without `=`, or a
-control character is an error, never skipped. The decoded request is the same object
-the JSON form gives, and `policy.parse_request` validates both alike.
+control character is an error, never skipped. A decoded request is a
+`vocab.TokenRequest`, the same type every token source serves; the agent's policy then
+checks its values (`TokenRequest.checked`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..errors import ProtocolError
+from ..lines import parse_lines
+from ..vocab import TokenRequest
 
 CONTENT_TYPE = "text/x-codestore-lines"
 MAX_LINES = 64
 _FLAGS = ("ephemeral", "narrow")
-_SINGLE = ("repo", "scopes", "ttl", "purpose", *_FLAGS)
 _OWNER = ("org", "kid", "key", "sub")
 
 
@@ -51,18 +53,8 @@ def encode(fields: Mapping[str, object]) -> bytes:
 
 def decode(body: bytes) -> dict[str, str]:
     """Lines to a flat dict of strings (repeated `ref` lines joined by newlines)."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError("the body is not UTF-8") from None
     fields: dict[str, str] = {}
-    lines = [ln for ln in text.split("\n") if ln]
-    if len(lines) > MAX_LINES:
-        raise ProtocolError(f"more than {MAX_LINES} lines")
-    for n, line in enumerate(lines, 1):
-        key, sep, value = line.partition("=")
-        if not sep or not key or any(ord(c) < 32 or c == "\x7f" for c in line):
-            raise ProtocolError(f"line {n} is not key=value")
+    for key, value in parse_lines(body, what="the body", max_lines=MAX_LINES, controls=False):
         if key == "ref":
             fields["ref"] = fields["ref"] + "\n" + value if "ref" in fields else value
         elif key in fields:
@@ -72,8 +64,23 @@ def decode(body: bytes) -> dict[str, str]:
     return fields
 
 
-def request_from_lines(body: bytes) -> dict[str, object]:
-    """A token request in lines, as the dict its JSON form would be."""
+def encode_request(request: TokenRequest, owner: Mapping[str, str | None] | None = None) -> bytes:
+    """A token request as lines (the owner's configuration too, when there is no grant)."""
+    body = encode({
+        "repo": request.repo, "scopes": list(request.scopes), "ephemeral": bool(request.ephemeral),
+        "narrow": bool(request.narrow), "ttl": request.ttl, "purpose": request.purpose,
+    })
+    for pattern, ops in request.refs:
+        if ":" in pattern:
+            raise ProtocolError("a ref pattern cannot contain ':'")
+        body += encode({"ref": f"{','.join(ops)}:{pattern}"})
+    if owner:
+        body += encode({f"owner.{k}": v for k, v in owner.items()})
+    return body
+
+
+def decode_request(body: bytes) -> tuple[TokenRequest, dict[str, str]]:
+    """Lines to (request, owner fields); ProtocolError on anything that is not this format."""
     fields = decode(body)
     data: dict[str, object] = {}
     owner: dict[str, str] = {}
@@ -83,7 +90,7 @@ def request_from_lines(body: bytes) -> dict[str, object]:
                 raise ProtocolError(f"{key} must be 0 or 1")
             data[key] = value == "1"
         elif key == "scopes":
-            data["scopes"] = value.split()
+            data["scopes"] = tuple(value.split())
         elif key == "ttl":
             if not value.isascii() or not value.isdigit() or len(value) > 9:
                 raise ProtocolError("ttl must be a whole number of seconds")
@@ -94,42 +101,20 @@ def request_from_lines(body: bytes) -> dict[str, object]:
                 ops, sep, pattern = rule.partition(":")
                 if not sep:
                     raise ProtocolError("ref must be OPS:PATTERN, e.g. no-push:refs/heads/main")
-                rules.append([pattern, [op for op in ops.split(",") if op]])
+                rules.append((pattern, [op for op in ops.split(",") if op]))
             data["refs"] = rules
-        elif key in _SINGLE:
+        elif key in ("repo", "purpose"):
             data[key] = value
         elif key.startswith("owner.") and key[6:] in _OWNER:
             owner[key[6:]] = value
         else:
             raise ProtocolError(f"unknown field {key[:40]!r}")
-    if owner:
-        data["owner"] = owner
-    return data
+    if "repo" not in data:
+        raise ProtocolError("a token request needs repo=")
+    if "scopes" not in data:
+        raise ProtocolError("a token request needs scopes=")
+    return TokenRequest(**data), owner  # type: ignore[arg-type]
 
 
-def request_to_lines(
-    repo: str,
-    scopes: tuple[str, ...] | list[str],
-    ephemeral: bool,
-    ttl: int | None,
-    refs: object,
-    purpose: str,
-    narrow: bool,
-    owner: Mapping[str, str | None] | None,
-) -> bytes:
-    fields: dict[str, object] = {
-        "repo": repo, "scopes": list(scopes), "ephemeral": ephemeral, "narrow": narrow,
-        "ttl": ttl, "purpose": purpose,
-    }
-    body = encode(fields)
-    for pattern, ops in refs:  # type: ignore[attr-defined]
-        if ":" in pattern:
-            raise ProtocolError("a ref pattern cannot contain ':'")
-        body += encode({"ref": f"{','.join(ops)}:{pattern}"})
-    if owner:
-        body += encode({f"owner.{k}": v for k, v in owner.items()})
-    return body
-
-
-def reply_to_lines(reply: Mapping[str, object]) -> bytes:
+def encode_reply(reply: Mapping[str, object]) -> bytes:
     return encode({k: v for k, v in reply.items() if isinstance(v, (str, int, bool, list, tuple))})

@@ -31,9 +31,9 @@ def require_unix_sockets() -> None:
 
 def _socket_path(socket_opt: str | None) -> str:
     require_unix_sockets()
-    from ..agent.client import default_socket
+    from ..agent.discovery import socket_path
 
-    return os.path.abspath(os.path.expanduser(socket_opt or os.environ.get("CODESTORE_AGENT_SOCK") or default_socket()))
+    return socket_path(socket_opt)
 
 
 def admin(socket_opt: str | None, method: str, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
@@ -67,11 +67,12 @@ def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | Non
     """Run the agent in the foreground (containers, service managers)."""
     require_unix_sockets()
     from .. import config
+    from ..agent.discovery import AGENT_SOCK
     from ..agent.server import serve
 
     serve(
         config.load(), os.environ,
-        socket_path=os.path.expanduser(socket_opt) if socket_opt else (os.environ.get("CODESTORE_AGENT_SOCK") or None),
+        socket_path=os.path.expanduser(socket_opt) if socket_opt else (os.environ.get(AGENT_SOCK) or None),
         listen=listen, audit_path=audit_log, tls_cert=tls_cert, tls_key=tls_key,
         idle_timeout=idle_timeout, state_dir=state_dir,
     )
@@ -84,7 +85,8 @@ def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | Non
 @click.option("--idle-timeout", type=int, default=0, show_default=True, help="Exit after this many idle seconds (0: never).")
 def agent_start(socket_opt: str | None, listen: str | None, audit_log: str | None, idle_timeout: int) -> None:
     """Start the agent in the background (no-op when it is already running)."""
-    from ..agent.client import AgentUnavailable, Endpoint, call, spawn
+    from ..agent.client import AgentUnavailable, Endpoint, call
+    from ..agent.discovery import spawn
     from ..agent.server import default_state_dir
 
     path = _socket_path(socket_opt)

@@ -56,7 +56,7 @@ def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, 
                  ephemeral_only: bool, ref_policy: str | None, sub: str | None, own_socket: bool,
                  socket_opt: str | None, as_json: bool) -> None:
     """Create a grant; its secret is printed once and stored only as a hash."""
-    from ..config import parse_scopes
+    from ..vocab import parse_scopes
 
     body: dict[str, object] = {
         "repos": list(repos),
@@ -68,9 +68,9 @@ def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, 
         "own_socket": own_socket,
     }
     if ref_policy:
-        from ..tokens import parse_ref_policy
+        from ..vocab import parse_ref_policy, ref_policy_json
 
-        body["refs"] = [[p, ops] for p, ops in parse_ref_policy(ref_policy)]
+        body["refs"] = ref_policy_json(parse_ref_policy(ref_policy))
     g = admin(socket_opt, "POST", "/v1/grants", body)
     if as_json:
         click.echo(json.dumps(g, indent=2))

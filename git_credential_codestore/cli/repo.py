@@ -16,8 +16,8 @@ def repo_group() -> None:
 def repo_create(repo: str, default_branch: str) -> None:
     """Create REPO (a repo:write token for that id only)."""
     from .. import api, config
-    from ..config import validate_repo_id
-    from ..source import TokenRequest, get_token
+    from ..source import get_token
+    from ..vocab import TokenRequest, validate_repo_id
 
     cfg = config.load()
     validate_repo_id(repo)
@@ -31,7 +31,8 @@ def repo_create(repo: str, default_branch: str) -> None:
 def repo_list(as_json: bool) -> None:
     """List the org's repositories (an org:read token)."""
     from .. import api, config
-    from ..source import TokenRequest, get_token
+    from ..source import get_token
+    from ..vocab import TokenRequest
 
     cfg = config.load()
     token = get_token(TokenRequest("org", ("org:read",), ttl=60), cfg)

@@ -15,15 +15,15 @@ import click
 def token_cmd(repo: str, scopes: tuple[str, ...], ttl: int | None, ephemeral: bool, as_json: bool, include_token: bool) -> None:
     """Print one token for REPO (for scripts and REST calls)."""
     from .. import config
-    from ..config import parse_scopes, parse_ttl, validate_repo_id
-    from ..source import TokenRequest, get_token
+    from ..source import get_token
+    from ..vocab import TokenRequest, check_ttl, parse_scopes, validate_repo_id
 
     if include_token and not as_json:
         raise click.UsageError("--include-token goes with --json")
     cfg = config.load()
     validate_repo_id(repo)
     wanted = parse_scopes(list(scopes), "--scope") if scopes else cfg.scopes_for(repo, ephemeral)
-    token = get_token(TokenRequest(repo, wanted, ephemeral, parse_ttl(ttl, "--ttl") if ttl else None), cfg)
+    token = get_token(TokenRequest(repo, wanted, ephemeral, check_ttl(ttl, "--ttl") if ttl else None), cfg)
     if as_json:
         from ..tokens import unverified_parts
         from .output import echo_json

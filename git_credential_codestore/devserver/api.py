@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from ..errors import ConfigError, Refused
 from ..tokens import Claims
 from .auth import require_scope
-from .hooks import ops_for
-from .repos import RepoStore, check_branch, check_repo_id
+from ..vocab import ref_ops, validate_repo_id
+from .repos import RepoStore, check_branch
 
 Json = dict[str, object]
 
@@ -38,7 +38,7 @@ def create_repo(store: RepoStore, claims: Claims, body: Mapping[str, object], ba
         if key in body and body[key] != claims.repo:
             raise Refused(403, f"wrong repo: token is for repository {claims.repo[:200]!r}, not {str(body[key])[:200]!r}", claims)
     try:
-        repo = check_repo_id(claims.repo)
+        repo = validate_repo_id(claims.repo)
     except ConfigError as e:
         raise Refused(400, str(e)) from None
     branch = body.get("default_branch", "main")
@@ -90,7 +90,7 @@ def create_branch(store: RepoStore, claims: Claims, body: Mapping[str, object]) 
     """
     require_scope(claims, "git:write")
     try:
-        repo = check_repo_id(claims.repo)
+        repo = validate_repo_id(claims.repo)
     except ConfigError as e:
         raise Refused(400, str(e)) from None
     if not store.exists(repo):
@@ -109,7 +109,7 @@ def create_branch(store: RepoStore, claims: Claims, body: Mapping[str, object]) 
         check_branch(base, "base_ref")
     base_eph, target_eph = _bool(body, "base_is_ephemeral"), _bool(body, "target_is_ephemeral")
     target_ref = f"refs/heads/{target}"
-    if "no-push" in ops_for(claims.refs, target_ref):
+    if "no-push" in ref_ops(claims.refs, target_ref):
         raise Refused(403, f"{target_ref}: the token's ref policy forbids pushing to it (no-push)", claims)
     sha = store.resolve(repo, base, base_eph)
     if sha is None:

@@ -22,24 +22,11 @@ import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 
+from git_credential_codestore.vocab import ref_ops
+
 POLICY_ENV = "CODESTORE_REF_POLICY"
 
 Policy = Sequence[tuple[str, Sequence[str]]]
-
-
-def matches(pattern: str, ref: str) -> bool:
-    """Code Storage patterns: exact, or a trailing `*` matching any suffix."""
-    if pattern.endswith("*"):
-        return ref.startswith(pattern[:-1])
-    return ref == pattern
-
-
-def ops_for(policy: Policy, ref: str) -> Sequence[str]:
-    """The ops of the first rule matching `ref` (first match wins), else none."""
-    for pattern, ops in policy:
-        if matches(pattern, ref):
-            return ops
-    return ()
 
 
 def strip_namespace(ref: str, namespace: str | None) -> str:
@@ -80,7 +67,7 @@ def refusals(lines: Iterable[str], policy: Policy, namespace: str | None = None)
             continue
         old, new, ref = parts
         name = strip_namespace(ref, namespace)
-        ops = ops_for(policy, name)
+        ops = ref_ops(policy, name)
         if "no-push" in ops:
             out.append(f"{name}: the token's ref policy forbids pushing to it (no-push)")
         elif "no-force-push" in ops and is_forced(old, new):

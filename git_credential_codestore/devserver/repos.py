@@ -18,26 +18,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from .. import git
-from ..config import validate_repo_id
-from ..errors import ConfigError, GitError, Refused
+from ..errors import GitError, Refused
+from ..vocab import validate_repo_id
 
 EPHEMERAL_NS = "ephemeral"
 EPHEMERAL_PREFIX = f"refs/namespaces/{EPHEMERAL_NS}/"
 META_FILE = "codestore.json"
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _SHA = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
-
-
-def check_repo_id(repo: str) -> str:
-    """`config.validate_repo_id`, plus: no path component may end in `.git`.
-
-    Without that rule `a.git/objects` would be a valid id stored *inside* repository
-    `a`'s directory.
-    """
-    validate_repo_id(repo)
-    if any(part.endswith(".git") for part in repo.split("/")):
-        raise ConfigError(f"{repo!r} is not a repository id (no path component may end in .git)")
-    return repo
 
 
 def check_branch(name: str, what: str) -> str:
@@ -68,7 +56,7 @@ class RepoStore:
         os.makedirs(root, exist_ok=True)
 
     def path(self, repo: str) -> str:
-        return os.path.join(self.root, *check_repo_id(repo).split("/")) + ".git"
+        return os.path.join(self.root, *validate_repo_id(repo).split("/")) + ".git"
 
     def exists(self, repo: str) -> bool:
         p = self.path(repo)

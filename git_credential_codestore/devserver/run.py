@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from .. import config, keys
 from ..errors import ConfigError, KeyNotFound, UsageError
 from ..tokens import PublicKey
+from ..vocab import is_loopback
 from .hooks import install
 from .repos import RepoStore
 from .server import ServerState, find_http_backend, make_server
@@ -104,7 +105,7 @@ def serve(
     tls: bool,
     env: Mapping[str, str] | None = None,
 ) -> None:
-    if not tls and not config.is_loopback(host):
+    if not tls and not is_loopback(host):
         raise UsageError(
             f"refusing plain HTTP on non-loopback address {host}: tokens would cross the network in clear; add --tls"
         )

@@ -28,10 +28,11 @@ from urllib.parse import parse_qsl
 from .. import git
 from ..errors import CodestoreError, ConfigError, Refused, redact
 from ..tokens import Claims, PublicKey
+from ..vocab import validate_repo_id
 from . import api
 from .auth import REALM, authenticate, authorize_git
 from .hooks import POLICY_ENV
-from .repos import EPHEMERAL_NS, RepoStore, check_repo_id
+from .repos import EPHEMERAL_NS, RepoStore
 
 MAX_JSON_BODY = 64 * 1024
 MAX_CHUNK_LINE = 1024
@@ -49,7 +50,7 @@ IO_SIZE = 64 * 1024
 #   sneaking past the check and being decoded later), no `+` except the one
 #   `+ephemeral` suffix the pattern itself recognises, no `\`. `..`, `.`, empty
 #   components (`//`) and components ending in `.git` are then refused by
-#   `check_repo_id` rather than cleaned up, so one repository's path can never name
+#   `vocab.validate_repo_id` (the one validator) rather than cleaned up, so one repository's path can never name
 #   another's directory or a file inside it.
 # - The repository id is matched non-greedily up to the first `.git/` that is followed
 #   by a known endpoint, and `.git` cannot end any component, so the split is unique.
@@ -325,7 +326,7 @@ class Handler(BaseHTTPRequestHandler):
         state = self.server.state
         self.entry["repo"], self.entry["ephemeral"] = repo, ephemeral
         try:
-            check_repo_id(repo)
+            validate_repo_id(repo)
         except ConfigError as e:
             raise Refused(404, str(e)) from None
         if service is None:

@@ -1,0 +1,216 @@
+"""How a helper finds the agent: the one place that reads the agent's environment.
+
+    CODESTORE_AGENT_URL   the agent over HTTP(S) (remote sandboxes); a grant is required
+    CODESTORE_AGENT_SOCK  the agent's Unix socket (default <runtime dir>/codestore/agent.sock)
+    CODESTORE_GRANT       the grant itself, or
+    CODESTORE_GRANT_FILE  a file holding it (a mounted secret)
+    CODESTORE_AGENT       "off": never use an agent; "auto": start one on demand
+    CODESTORE_AGENT_CA    the CA file for an https agent (read where TLS is set up, client.py)
+
+Also here: socket paths (the owner socket, per-grant sockets next to it, a --socket
+option), the AF_UNIX address of a long path, probing a socket, and starting an agent in
+the background. The git helpers import this module, so it stays light: no json, socket,
+re or typing at import (`socket` and `subprocess` only where a probe or a start needs them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import namedtuple
+from collections.abc import Mapping
+
+from ..config import Config
+from ..errors import ConfigError
+from ..secrets import Secret
+from ..vocab import is_loopback, split_url
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+if TYPE_CHECKING:
+    import subprocess
+
+AGENT_URL = "CODESTORE_AGENT_URL"
+AGENT_SOCK = "CODESTORE_AGENT_SOCK"
+GRANT = "CODESTORE_GRANT"
+GRANT_FILE = "CODESTORE_GRANT_FILE"
+AGENT_MODE = "CODESTORE_AGENT"
+AGENT_CA = "CODESTORE_AGENT_CA"
+AGENT_VARS = (AGENT_URL, AGENT_SOCK, GRANT, GRANT_FILE)
+AUTOSTART_IDLE = 900  # seconds an on-demand agent lives without requests
+SOCKET_NAME = "agent.sock"
+
+
+def configured(env: Mapping[str, str]) -> bool:
+    """An agent is named explicitly (its address, or a grant to present to it)."""
+    return any(env.get(k) for k in AGENT_VARS)
+
+
+def mode(env: Mapping[str, str]) -> str:
+    """CODESTORE_AGENT: "off" (never an agent), "auto" (start one on demand) or "" (use one if running)."""
+    value = env.get(AGENT_MODE, "").strip().lower()
+    if value in ("off", "0", "no", "false"):
+        return "off"
+    return "auto" if value == "auto" else ""
+
+
+def ca_file(env: Mapping[str, str]) -> str | None:
+    """The CA file to verify an https agent with (None: the system's CAs)."""
+    return env.get(AGENT_CA) or None
+
+
+def holds_grant(env: Mapping[str, str] | None = None) -> bool:
+    """A sandbox holding a grant: the grant, not local configuration, is the policy."""
+    env = os.environ if env is None else env
+    return bool(env.get(GRANT) or env.get(GRANT_FILE))
+
+
+def read_grant(env: Mapping[str, str]) -> Secret | None:
+    value = env.get(GRANT, "").strip()
+    if value:
+        return Secret(value)
+    path = env.get(GRANT_FILE)
+    if not path:
+        return None
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            value = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read CODESTORE_GRANT_FILE {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+    if not value:
+        raise ConfigError(f"CODESTORE_GRANT_FILE {path} is empty; write the grant from `codestore grant create` into it")
+    return Secret(value)
+
+
+def runtime_dir(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    if sys.platform.startswith(("linux", "freebsd", "openbsd")):
+        base = env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+        return os.path.join(base, "codestore")
+    from platformdirs import user_runtime_dir
+
+    return user_runtime_dir("codestore")
+
+
+def default_socket(env: Mapping[str, str] | None = None) -> str:
+    return os.path.join(runtime_dir(env), SOCKET_NAME)
+
+
+def grant_socket(owner_socket: str, grant_id: str) -> str:
+    """A grant's dedicated socket (`grant create --own-socket`), next to the owner socket."""
+    return os.path.join(os.path.dirname(owner_socket), f"grant-{grant_id}.sock")
+
+
+def socket_path(option: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The owner socket the CLI talks to: --socket, else CODESTORE_AGENT_SOCK, else the default."""
+    env = os.environ if env is None else env
+    return os.path.abspath(os.path.expanduser(option or env.get(AGENT_SOCK) or default_socket(env)))
+
+
+def unix_address(path: str) -> tuple[str, int | None]:
+    """An AF_UNIX address for `path`, even beyond the ~107-byte sun_path limit.
+
+    Long paths (deep temp dirs) go through /proc/self/fd/N of the open directory on
+    Linux. Returns (address, fd to close afterwards).
+    """
+    if len(path.encode()) < 100 or not os.path.isdir("/proc/self/fd"):
+        return path, None
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    return f"/proc/self/fd/{fd}/{os.path.basename(path)}", fd
+
+
+class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
+    """Where the agent listens: a Unix socket path, or an http(s) URL."""
+
+    __slots__ = ()
+    kind: str  # "unix" | "http" | "https"
+    address: str  # socket path, or host
+    port: int
+
+    @classmethod
+    def from_url(cls, url: str) -> Endpoint:
+        parts = split_url(url)
+        if parts.scheme not in ("http", "https") or not parts.host:
+            raise ConfigError(f"CODESTORE_AGENT_URL must be http(s)://HOST:PORT, not {parts.scheme or url[:20]!r}")
+        if parts.userinfo is not None or parts.query:
+            # A grant in a URL would land in logs and argv: exactly what we exist to prevent.
+            raise ConfigError("CODESTORE_AGENT_URL must not carry credentials or a query; put the grant in CODESTORE_GRANT_FILE")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError("CODESTORE_AGENT_URL has a bad port; use http(s)://HOST:PORT") from None
+        if parts.scheme == "http" and not is_loopback(parts.host):
+            # The grant is a reusable secret: never in clear text across a network.
+            raise ConfigError(
+                f"refusing to send a grant over plain http to {parts.host}; use https:// "
+                "(the agent serves TLS with --tls-cert/--tls-key) or a loopback address"
+            )
+        return cls(parts.scheme, parts.host, port or (443 if parts.scheme == "https" else 80))
+
+    def __str__(self) -> str:
+        return self.address if self.kind == "unix" else f"{self.kind}://{self.address}:{self.port}"
+
+
+def endpoint_from_env(env: Mapping[str, str]) -> Endpoint:
+    if env.get(AGENT_URL):
+        return Endpoint.from_url(env[AGENT_URL])
+    return Endpoint("unix", os.path.expanduser(env.get(AGENT_SOCK) or default_socket(env)))
+
+
+def answers(path: str, exists: bool) -> bool:
+    """True when something accepts connections at the socket (a 0.5 s bound, no request)."""
+    if not exists:
+        return False
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    addr, fd = unix_address(path)
+    try:
+        s.connect(addr)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+        if fd is not None:
+            os.close(fd)
+
+
+def key_file_present(cfg: Config, env: Mapping[str, str]) -> bool:
+    """A key an agent could load, found without touching the keychain (that import is slow)."""
+    if not cfg.uses_env:
+        env = {}  # an [orgs.*] section: the environment's key is another org's
+    if env.get("CODESTORE_PRIVATE_KEY", "").strip():
+        return True
+    path = env.get("CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
+    if path:
+        return os.path.exists(os.path.expanduser(path))
+    from platformdirs import user_data_dir
+
+    return os.path.exists(os.path.join(user_data_dir("codestore"), "keys", f"{cfg.org or 'default'}.pem"))
+
+
+def spawn(socket_path: str, *, idle_timeout: int = 0, extra: tuple[str, ...] = (), log_path: str | None = None,
+          env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start `codestore agent serve` detached from this process.
+
+    Used by `codestore agent start` and by helpers starting an agent on demand. The
+    child gets its own session, so git's or the shell's Ctrl-C and hang-up leave it alone.
+    """
+    import subprocess
+
+    args = [sys.executable, "-m", "git_credential_codestore.cli", "agent", "serve", "--socket", socket_path]
+    if idle_timeout:
+        args += ["--idle-timeout", str(idle_timeout)]
+    args += list(extra)
+    out = subprocess.DEVNULL
+    if log_path:
+        os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+        out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # type: ignore[assignment]
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True,
+                                env=dict(env) if env is not None else None)
+    finally:
+        if log_path:
+            os.close(out)  # type: ignore[arg-type]
+    return proc
