@@ -14,12 +14,18 @@ The environment names are a contract with users and tests:
     CODESTORE_SUB               the `sub` claim (default codestore@<hostname>)
     CODESTORE_CONFIG            path of the TOML file itself
 
-The file holds the same settings in lower case, plus per-repository rules:
+The file holds the same settings in lower case, plus per-repository rules, and other
+orgs in [orgs.NAME] sections with the same settings (see `load` for which one applies):
 
     org = "acme"
     scopes = "git:read"
     [repos."team/*"]
     ephemeral_scopes = "git:read git:write"
+    [orgs.personal]
+    org = "me"
+    kid = "me-key-1"
+
+(CODESTORE_TRACE, read by trace.py, says which file and section each request used.)
 
 This module is imported on every credential request, so it stays light: no crypto.
 """
@@ -229,6 +235,8 @@ def _sections(raw: Mapping[str, object], path: str) -> dict[str, dict[str, objec
 def _section_for(sections: Mapping[str, Mapping[str, object]], org: str) -> str | None:
     """The section named `org`, or whose `org` setting is `org` (case-insensitive)."""
     org = org.lower()
+    if not org:
+        return None
     for name, section in sections.items():
         if name.lower() == org or str(section.get("org", "")).lower() == org:
             return name
@@ -251,11 +259,16 @@ def all_orgs(env: Mapping[str, str] | None = None) -> list[Config]:
     env = os.environ if env is None else env
     path = config_path(env)
     raw = _read_file(path)
-    default = load(env)
-    out = [default] if default.org or default.base_url_setting or default.name else []
-    for name, section in _sections(raw, path).items():
-        if name != default.name:
-            out.append(_build(section, {}, path, name, False))
+    unknown = set(raw) - set(_SETTINGS) - {"repos", "orgs"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    sections = _sections(raw, path)
+    # CODESTORE_ORG naming a section chooses that section; it does not rename the default.
+    if _section_for(sections, env.get("CODESTORE_ORG", "")):
+        env = {k: v for k, v in env.items() if k != "CODESTORE_ORG"}
+    default = _build(raw, env, path, "")
+    out = [default] if default.org or default.base_url_setting else []
+    out += [_build(section, {}, path, name, False) for name, section in sections.items()]
     return out or [default]
 
 

@@ -38,7 +38,7 @@ def check_config(cfg: Config) -> str:
 def check_key(cfg: Config, env: Mapping[str, str]) -> str:
     from .agent import discovery
 
-    if discovery.configured(env):
+    if cfg.uses_env and discovery.configured(env):  # as source.choose_source: not for [orgs.*]
         from .source import get_token
         from .vocab import TokenRequest
 

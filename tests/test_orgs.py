@@ -93,6 +93,11 @@ def test_all_orgs_lists_the_default_and_every_section(tmp_path: Path) -> None:
     ]
 
 
+def test_all_orgs_keeps_the_default_when_codestore_org_names_a_section(tmp_path: Path) -> None:
+    env = {**write(tmp_path, TWO_ORGS), "CODESTORE_ORG": "personal"}
+    assert [(c.name, c.org) for c in config.all_orgs(env)] == [("", "acme"), ("personal", "me"), ("selfhosted", "selfhosted")]
+
+
 def test_sections_only_without_a_default_org(tmp_path: Path) -> None:
     env = write(tmp_path, '[orgs.a]\nkid = "1"\n[orgs.b]\nkid = "2"\n')
     assert [c.org for c in config.all_orgs(env)] == ["a", "b"]
