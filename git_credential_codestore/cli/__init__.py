@@ -76,6 +76,16 @@ for command in (
     cli.add_command(command)
 
 
+def echo_json(value: object) -> None:
+    """The one way a command prints machine-readable state (`--json`): one JSON document.
+
+    Field names are a contract (docs/json.md): fields may be added, never renamed or removed.
+    """
+    import json
+
+    click.echo(json.dumps(value, indent=2))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         try:

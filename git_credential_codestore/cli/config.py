@@ -22,7 +22,7 @@ def config_show(as_json: bool) -> None:
     cfg = config.load()
     others = [c for c in config.all_orgs() if c.name and c.name != cfg.name]
     if as_json:
-        from .output import echo_json
+        from . import echo_json
 
         echo_json({**config_json(cfg), "orgs": [config_json(c) for c in others]})
         return

@@ -67,7 +67,7 @@ def key_public(jwk: bool, as_json: bool) -> None:
     cfg = config.load()
     key, where = keys.load_private_key(cfg)
     if as_json:
-        from .output import echo_json
+        from . import echo_json
 
         echo_json({"org": cfg.org, "kid": cfg.kid, "alg": tokens.algorithm_for(key), "source": where,
                    "pem": keys.public_pem(key), "jwk": keys.public_jwk(key, cfg.kid)})

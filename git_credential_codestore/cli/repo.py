@@ -38,7 +38,7 @@ def repo_list(as_json: bool) -> None:
     token = get_token(TokenRequest("org", ("org:read",), ttl=60), cfg)
     repos = api.list_repos(cfg.api_url, token)
     if as_json:
-        from .output import echo_json
+        from . import echo_json
 
         echo_json([{"repo_id": r.get("repo_id"), "default_branch": r.get("default_branch")} for r in repos])
         return

@@ -43,7 +43,7 @@ def doctor_cmd(ctx: click.Context, as_json: bool) -> None:
 
     checks = run_checks(every_org=not ctx.find_root().params.get("org"))
     if as_json:
-        from .output import echo_json
+        from . import echo_json
 
         echo_json({"ok": all(c.ok for c in checks), "checks": [
             {"name": c.name, "ok": c.ok, "warning": c.warning, "detail": c.detail} for c in checks

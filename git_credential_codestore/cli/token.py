@@ -26,7 +26,7 @@ def token_cmd(repo: str, scopes: tuple[str, ...], ttl: int | None, ephemeral: bo
     token = get_token(TokenRequest(repo, wanted, ephemeral, check_ttl(ttl, "--ttl") if ttl else None), cfg)
     if as_json:
         from ..tokens import unverified_parts
-        from .output import echo_json
+        from . import echo_json
 
         header, claims = unverified_parts(token)
         out: dict[str, object] = {"header": header, "claims": claims, "expires_at": token.expires_at}
