@@ -4,8 +4,9 @@
     CODESTORE_TRACE=/abs/path/trace.log    append to that file (created 0600)
     unset, "", 0, false, no, off           off: the only cost is this env lookup
 
-The official helper's `PIERRE_DEBUG` is read the same way when CODESTORE_TRACE is
-unset, so an image moving from `git-credential-code-storage` keeps its switch. The values
+When CODESTORE_TRACE is unset, `CODESTORE_DEBUG` and then the official helper's
+`PIERRE_DEBUG` are read the same way, so an image moving from `git-credential-code-storage`
+keeps its switch. The values
 are read as git reads a trace key such as GIT_TRACE (`trace.c`): false words turn it off,
 true words mean stderr, an absolute path means a file; anything else is a mistake,
 reported in one line, and tracing stays off.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-VARIABLES = ("CODESTORE_TRACE", "PIERRE_DEBUG")
+VARIABLES = ("CODESTORE_TRACE", "CODESTORE_DEBUG", "PIERRE_DEBUG")  # first set one wins
 _FALSE = ("", "0", "false", "no", "off")
 _TRUE = ("1", "true", "yes", "on")
 
@@ -30,7 +31,7 @@ _TRUE = ("1", "true", "yes", "on")
 def target(env: Mapping[str, str] | None = None) -> str | None:
     """Where trace lines go: "" for stderr, a path, or None when tracing is off."""
     env = os.environ if env is None else env
-    value = env.get("CODESTORE_TRACE", "").strip() or env.get("PIERRE_DEBUG", "").strip()
+    value = next((v for v in (env.get(name, "").strip() for name in VARIABLES) if v), "")
     if value.lower() in _FALSE:
         return None
     if value.lower() in _TRUE:
@@ -40,7 +41,7 @@ def target(env: Mapping[str, str] | None = None) -> str | None:
     import sys
 
     print(
-        f"codestore: CODESTORE_TRACE={value!r} is neither 1 nor an absolute path; tracing is off "
+        f"codestore: {next(n for n in VARIABLES if env.get(n, '').strip())}={value!r} is neither 1 nor an absolute path; tracing is off "
         "(set CODESTORE_TRACE=1 for stderr, or an absolute file path)",
         file=sys.stderr,
     )

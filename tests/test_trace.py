@@ -40,6 +40,7 @@ def test_the_official_helpers_pierre_debug_turns_tracing_on() -> None:
     # Ours wins when both are set.
     assert trace.target({"PIERRE_DEBUG": "1", "CODESTORE_TRACE": "0"}) is None
     assert trace.target({"PIERRE_DEBUG": "1", "CODESTORE_TRACE": "/x/t"}) == "/x/t"
+    assert trace.target({"PIERRE_DEBUG": "1", "CODESTORE_DEBUG": "0"}) is None
 
 
 def test_tracing_off_writes_nothing(capsys: pytest.CaptureFixture[str]) -> None:
