@@ -41,17 +41,29 @@ from .errors import ConfigError
 from .vocab import DEFAULT_TTL, EPHEMERAL_SUFFIX, check_ttl, parse_scopes, path_under, split_repo_path, split_url
 
 
+_XDG = {"config": ("XDG_CONFIG_HOME", ".config"), "data": ("XDG_DATA_HOME", ".local/share"),
+        "state": ("XDG_STATE_HOME", ".local/state")}
+
+
+def user_dir(kind: str, env: Mapping[str, str] | None = None) -> str:
+    """codestore's per-user "config", "data" or "state" directory, as seen from `env`."""
+    env = os.environ if env is None else env
+    if sys.platform.startswith("linux"):
+        # platformdirs' own rule on Linux, without its import on every git request, and
+        # from the environment given (a demo or a test runs with its own HOME).
+        var, default = _XDG[kind]
+        home = env.get("HOME") or os.path.expanduser("~")
+        return os.path.join(env.get(var, "").strip() or os.path.join(home, default), "codestore")
+    import platformdirs
+
+    return str(getattr(platformdirs, f"user_{kind}_dir")("codestore"))
+
+
 def config_path(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     if env.get("CODESTORE_CONFIG"):
         return env["CODESTORE_CONFIG"]
-    if sys.platform.startswith("linux"):
-        # platformdirs' own rule on Linux, without its import on every git request.
-        base = env.get("XDG_CONFIG_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".config")
-        return os.path.join(base, "codestore", "config.toml")
-    from platformdirs import user_config_dir
-
-    return os.path.join(user_config_dir("codestore"), "config.toml")
+    return os.path.join(user_dir("config", env), "config.toml")
 
 
 def hostname() -> str:
@@ -367,14 +379,8 @@ def set_value(key: str, value: str, env: Mapping[str, str] | None = None, sectio
         while at > start and not lines[at - 1].strip():
             at -= 1
         lines.insert(at, new)
+    from .files import write_atomic
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    try:
-        all_orgs({"CODESTORE_CONFIG": tmp})  # refuse a bad value now, not at the next git fetch
-    except ConfigError:
-        os.unlink(tmp)
-        raise
-    os.replace(tmp, path)
-    return path
+    # Refuse a bad value now, not at the next git fetch: the new file (every org in it) is loaded first.
+    return write_atomic(path, "\n".join(lines) + "\n", 0o644, check=lambda tmp: all_orgs({"CODESTORE_CONFIG": tmp}))

@@ -4,7 +4,8 @@ A fresh key, the embedded dev server, a repository, `git clone`/commit/`push`/`f
 through the `codestore://` remote helper (read-only tokens for fetches, write only for
 the push) and a plain-URL clone through the credential helper, then proof that no token
 was left behind. Everything lives in a temporary directory with its own git config and key
-file: the user's ~/.gitconfig and keychain are never touched.
+file, in an environment handed to every step (this process's own is never rewritten): the
+user's ~/.gitconfig and keychain are never touched.
 """
 
 from __future__ import annotations
@@ -40,66 +41,61 @@ def find_secrets(root: str, needles: list[bytes]) -> list[str]:
     return hits
 
 
+def demo_environment(work: str, base: dict[str, str]) -> dict[str, str]:
+    """The demo's own environment: a throwaway HOME, git config, key file and codestore config."""
+    home = os.path.join(work, "home")
+    env = {k: v for k, v in base.items() if not k.startswith(("CODESTORE_", "GIT_"))}
+    env.update(
+        {
+            "HOME": home,
+            "XDG_CONFIG_HOME": os.path.join(home, ".config"),
+            "XDG_DATA_HOME": os.path.join(home, ".local", "share"),
+            "XDG_STATE_HOME": os.path.join(home, ".local", "state"),
+            "GIT_CONFIG_GLOBAL": os.path.join(home, ".gitconfig"),
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_TERMINAL_PROMPT": "0",
+            "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
+            "CODESTORE_CONFIG": os.path.join(home, "codestore.toml"),
+            "CODESTORE_ORG": ORG,
+            "CODESTORE_PRIVATE_KEY_FILE": os.path.join(work, "org-key.pem"),
+            "CODESTORE_KID": "demo-key-1",
+            # git finds git-credential-codestore and git-remote-codestore here.
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + base.get("PATH", ""),
+            "GIT_AUTHOR_NAME": base.get("GIT_AUTHOR_NAME", "codestore demo"),
+            "GIT_AUTHOR_EMAIL": base.get("GIT_AUTHOR_EMAIL", "demo@example.com"),
+            "GIT_COMMITTER_NAME": base.get("GIT_COMMITTER_NAME", "codestore demo"),
+            "GIT_COMMITTER_EMAIL": base.get("GIT_COMMITTER_EMAIL", "demo@example.com"),
+        }
+    )
+    return env
+
+
 def run(say: Callable[[str], None], keep: bool = False) -> int:
-    from . import api, keys, tokens
+    from . import api, config, keys, tokens
+    from .files import write_atomic
     from .git import run as git_run
+    from .processes import start_dev_server, stop
     from .setup import setup as git_setup
 
     work = tempfile.mkdtemp(prefix="codestore-demo-")
     server: subprocess.Popen[str] | None = None
     try:
-        home = os.path.join(work, "home")
-        os.makedirs(home)
-        key_path = os.path.join(work, "org-key.pem")
-        os.environ.update(
-            {
-                "HOME": home,
-                "XDG_CONFIG_HOME": os.path.join(home, ".config"),
-                "XDG_DATA_HOME": os.path.join(home, ".local", "share"),
-                "XDG_STATE_HOME": os.path.join(home, ".local", "state"),
-                "GIT_CONFIG_GLOBAL": os.path.join(home, ".gitconfig"),
-                "GIT_CONFIG_NOSYSTEM": "1",
-                "GIT_TERMINAL_PROMPT": "0",
-                "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
-                "CODESTORE_CONFIG": os.path.join(home, "codestore.toml"),
-                "CODESTORE_ORG": ORG,
-                "CODESTORE_PRIVATE_KEY_FILE": key_path,
-                "CODESTORE_KID": "demo-key-1",
-                # git finds git-credential-codestore and git-remote-codestore here.
-                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-            }
-        )
-        for k in [k for k in os.environ if k.startswith("CODESTORE_") and k not in (
-            "CODESTORE_CONFIG", "CODESTORE_ORG", "CODESTORE_PRIVATE_KEY_FILE", "CODESTORE_KID")]:
-            del os.environ[k]
-        os.environ.setdefault("GIT_AUTHOR_NAME", "codestore demo")
-        os.environ.setdefault("GIT_AUTHOR_EMAIL", "demo@example.com")
-        os.environ.setdefault("GIT_COMMITTER_NAME", "codestore demo")
-        os.environ.setdefault("GIT_COMMITTER_EMAIL", "demo@example.com")
+        # This process's environment is left alone: every git and codestore step gets this one.
+        env = demo_environment(work, dict(os.environ))
+        os.makedirs(env["HOME"])
+        key_path = env["CODESTORE_PRIVATE_KEY_FILE"]
 
         say(f"1. A fresh EC P-256 org key (kept in {key_path}, mode 0600)")
         key = keys.generate("ec")
         pem = keys.private_pem(key)
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(pem.reveal())
+        write_atomic(key_path, pem.reveal(), 0o600)
 
         say("2. The embedded dev server: real git http-backend behind Code Storage's JWT rules")
         data_dir = os.path.join(work, "server")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "git_credential_codestore.cli", "dev-server", "--port", "0",
-             "--data-dir", data_dir, "--org", ORG],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        )
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        if "serving " not in line:
-            err = server.stderr.read() if server.stderr else ""
-            raise CodestoreError(f"the dev server did not start: {(err or line).strip()[-300:]}")
-        base = line.split("serving ", 1)[1].split()[0]
-        os.environ["CODESTORE_BASE_URL"] = base
+        server, base = start_dev_server(["--port", "0", "--data-dir", data_dir, "--org", ORG], env=env)
+        env["CODESTORE_BASE_URL"] = base
         say(f"   serving {base}")
-        with open(os.environ["CODESTORE_CONFIG"], "w") as f:
+        with open(env["CODESTORE_CONFIG"], "w") as f:
             # Least privilege: read-only everywhere, write only where configured.
             f.write(f'[repos."{REPO}"]\nscopes = "git:read git:write"\n')
 
@@ -108,12 +104,10 @@ def run(say: Callable[[str], None], keep: bool = False) -> int:
         api.create_repo(base, token, "main")
 
         say("4. codestore setup: our helper for this host, with the helper chain reset")
-        from . import config
-
-        git_setup(config.load())
+        git_setup(config.load(env), env)
 
         def git(*args: str, cwd: str | None = None) -> str:
-            return git_run(list(args), cwd=cwd).stdout
+            return git_run(list(args), cwd=cwd, env=env).stdout
 
         remote = f"codestore://{ORG}/{REPO}"
         clone = os.path.join(work, "app")
@@ -153,11 +147,7 @@ def run(say: Callable[[str], None], keep: bool = False) -> int:
         return 0
     finally:
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
         if keep:
             say(f"(kept {work})")
         else:

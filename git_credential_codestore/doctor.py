@@ -63,12 +63,12 @@ def check_git(env: Mapping[str, str]) -> Check:
     return Check("git", True, f"git {text}")
 
 
-def check_helper(cfg: Config) -> str:
+def check_helper(cfg: Config, env: Mapping[str, str] | None = None) -> str:
     from .setup import HELPER, effective_chain, is_configured
 
-    if not is_configured(cfg.base_url):
+    if not is_configured(cfg.base_url, env):
         raise CodestoreError(f"git is not set up for {cfg.base_url}; run: codestore setup")
-    chain = effective_chain(cfg.base_url)
+    chain = effective_chain(cfg.base_url, env)
     if chain != [HELPER]:
         others = [h for h in chain if h != HELPER]
         raise CodestoreError(
@@ -114,7 +114,7 @@ def run_checks(env: Mapping[str, str] | None = None, every_org: bool = True) -> 
         if cfg is orgs[0]:
             out.append(check_git(env))
         out += [
-            _check("git setup" + tag, lambda: check_helper(cfg)),
+            _check("git setup" + tag, lambda: check_helper(cfg, env)),
             _check("server" + tag, lambda: check_server(cfg)),
         ]
     return out

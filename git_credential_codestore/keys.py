@@ -200,12 +200,9 @@ def store_private_key(key: PrivateKey, cfg: Config) -> str:
     path = fallback_key_path(account)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     os.chmod(os.path.dirname(path), 0o700)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(pem.reveal())
-    os.replace(tmp, path)
-    return path
+    from .files import write_atomic
+
+    return write_atomic(path, pem.reveal(), 0o600)
 
 
 def delete_stored_key(cfg: Config) -> list[str]:

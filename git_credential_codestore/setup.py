@@ -10,7 +10,8 @@ For the configured base URL it sets, in the global git config:
                                            names exactly one repository
 
 What it added is recorded in a state file, so `--undo` removes exactly that and
-nothing a user set by hand.
+nothing a user set by hand. Every function takes the environment git runs with
+(default: this process's), so a caller such as `codestore demo` never rewrites its own.
 """
 
 from __future__ import annotations
@@ -26,27 +27,27 @@ from .vocab import split_url
 HELPER = "codestore"
 
 
-def state_path() -> str:
-    from platformdirs import user_state_dir
+def state_path(env: Mapping[str, str] | None = None) -> str:
+    from .config import user_dir
 
-    return os.path.join(user_state_dir("codestore"), "setup.json")
+    return os.path.join(user_dir("state", env), "setup.json")
 
 
-def _load_state() -> dict[str, dict[str, list[str]]]:
+def _load_state(env: Mapping[str, str] | None = None) -> dict[str, dict[str, list[str]]]:
     try:
-        with open(state_path(), encoding="utf-8") as f:
+        with open(state_path(env), encoding="utf-8") as f:
             data = json.load(f)
         return data if isinstance(data, dict) else {}
     except (FileNotFoundError, ValueError):
         return {}
 
 
-def _save_state(state: Mapping[str, Mapping[str, list[str]]]) -> None:
-    path = state_path()
+def _save_state(state: Mapping[str, Mapping[str, list[str]]], env: Mapping[str, str] | None = None) -> None:
+    from .files import write_atomic
+
+    path = state_path(env)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps(state, indent=1), 0o600)
 
 
 def wanted(base_url: str) -> dict[str, list[str]]:
@@ -56,8 +57,8 @@ def wanted(base_url: str) -> dict[str, list[str]]:
     }
 
 
-def helper_chain(base_url: str) -> list[str]:
-    return git.config_get_all(f"credential.{base_url}.helper")
+def helper_chain(base_url: str, env: Mapping[str, str] | None = None) -> list[str]:
+    return git.config_get_all(f"credential.{base_url}.helper", env=env)
 
 
 def _applies(url: str, base_url: str) -> bool:
@@ -69,7 +70,7 @@ def _applies(url: str, base_url: str) -> bool:
     )
 
 
-def effective_chain(base_url: str) -> list[str]:
+def effective_chain(base_url: str, env: Mapping[str, str] | None = None) -> list[str]:
     """The helpers git will run for our URL, across every config file, in git's order.
 
     git appends `credential.helper` and matching `credential.<url>.helper` values in the
@@ -77,7 +78,7 @@ def effective_chain(base_url: str) -> list[str]:
     our entries (say `git config --global credential.helper store` run later) is still
     asked to `store` our tokens, so a reset before ours is not enough on its own.
     """
-    proc = git.run(["config", "--get-regexp", r"^credential\..*helper$"], ok=(0, 1))
+    proc = git.run(["config", "--get-regexp", r"^credential\..*helper$"], ok=(0, 1), env=env)
     chain: list[str] = []
     for line in proc.stdout.splitlines():
         key, _, value = line.partition(" ")
@@ -90,44 +91,44 @@ def effective_chain(base_url: str) -> list[str]:
     return chain
 
 
-def is_configured(base_url: str) -> bool:
-    return all(git.config_get_all(k) == v for k, v in wanted(base_url).items())
+def is_configured(base_url: str, env: Mapping[str, str] | None = None) -> bool:
+    return all(git.config_get_all(k, env=env) == v for k, v in wanted(base_url).items())
 
 
-def setup(cfg: Config) -> list[str]:
+def setup(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
     """Configure git for cfg.base_url; returns the keys it changed (none when already set)."""
     base = cfg.base_url
-    state = _load_state()
+    state = _load_state(env)
     originals = state.setdefault(base, {})
     changed = []
     for key, values in wanted(base).items():
-        current = git.config_get_all(key)
+        current = git.config_get_all(key, env=env)
         if current == values:
             continue
         # The whole list is replaced: a helper left after ours would still be asked
         # to `store` our tokens. The first setup's originals are what undo restores.
         originals.setdefault(key, current)
-        git.run(["config", "--global", "--unset-all", key], ok=(0, 5))
+        git.run(["config", "--global", "--unset-all", key], ok=(0, 5), env=env)
         for v in values:
-            git.run(["config", "--global", "--add", key, v])
+            git.run(["config", "--global", "--add", key, v], env=env)
         changed.append(key)
-    _save_state(state)
+    _save_state(state, env)
     return changed
 
 
-def undo(cfg: Config) -> list[str]:
+def undo(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
     """Remove exactly what setup changed for cfg.base_url, restoring what was there before."""
     base = cfg.base_url
-    state = _load_state()
+    state = _load_state(env)
     originals = state.pop(base, {})
     for key, values in originals.items():
-        git.run(["config", "--global", "--unset-all", key], ok=(0, 5))
+        git.run(["config", "--global", "--unset-all", key], ok=(0, 5), env=env)
         for v in values:
-            git.run(["config", "--global", "--add", key, v])
+            git.run(["config", "--global", "--add", key, v], env=env)
     prefix = f"credential.{base}.".lower()
-    names = git.run(["config", "--global", "--name-only", "--list"], ok=(0, 1)).stdout.splitlines()
+    names = git.run(["config", "--global", "--name-only", "--list"], ok=(0, 1), env=env).stdout.splitlines()
     if not any(n.lower().startswith(prefix) for n in names):
         # Leave no empty [credential "..."] section behind.
-        git.run(["config", "--global", "--remove-section", f"credential.{base}"], ok=(0, 128))
-    _save_state(state)
+        git.run(["config", "--global", "--remove-section", f"credential.{base}"], ok=(0, 128), env=env)
+    _save_state(state, env)
     return list(originals)

@@ -152,28 +152,12 @@ class DevServer:
 
 def start_dev_server(data_dir: Path, key: OrgKey, *extra: str) -> DevServer:
     """`codestore dev-server --port 0` prints `serving URL` on its first stdout line."""
+    from git_credential_codestore.processes import start_dev_server as start
+
     log_path = data_dir / "requests.log"
-    proc = subprocess.Popen(
-        [
-            os.path.join(BIN, "codestore"), "dev-server",
-            "--port", "0",
-            "--data-dir", str(data_dir),
-            "--org", ORG,
-            "--trust-key", f"{key.public_path}:{key.kid}",
-            "--log", str(log_path),
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "serving " not in line:
-        proc.kill()
-        raise AssertionError(f"dev server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
-    url = line.split("serving ", 1)[1].split()[0]
+    args = ["--port", "0", "--data-dir", str(data_dir), "--org", ORG, "--trust-key", f"{key.public_path}:{key.kid}",
+            "--log", str(log_path), *extra]
+    proc, url = start(args, program=[os.path.join(BIN, "codestore")])  # the installed entry point
     return DevServer(url, data_dir, log_path, proc, key)
 
 
@@ -189,16 +173,9 @@ def dev_server(tmp_path: Path, org_key: OrgKey, monkeypatch: pytest.MonkeyPatch)
 
 
 def stop_process(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
+    from git_credential_codestore.processes import stop
+
+    stop(proc)
 
 
 @dataclass

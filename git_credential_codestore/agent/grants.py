@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..errors import ConfigError
+from ..files import write_atomic
 from ..secrets import Secret
 
 SECRET_PREFIX = "csg_"
@@ -131,13 +132,7 @@ class GrantStore:
     def _write(self) -> None:
         """Atomic rewrite; caller holds the lock."""
         data = {"version": STORE_VERSION, "grants": [asdict(g) for g in self._grants.values()]}
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(data, indent=1), 0o600, fsync=True)
         self._dirty = False
 
     def flush(self) -> None:

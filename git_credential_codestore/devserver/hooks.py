@@ -103,12 +103,9 @@ sys.exit(main())
 def install(hooks_dir: str) -> str:
     """Write the pre-receive hook into `hooks_dir` (used as core.hooksPath); returns it."""
     os.makedirs(hooks_dir, exist_ok=True)
-    path = os.path.join(hooks_dir, "pre-receive")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(HOOK_SCRIPT.format(python=sys.executable))
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
+    from git_credential_codestore.files import write_atomic
+
+    write_atomic(os.path.join(hooks_dir, "pre-receive"), HOOK_SCRIPT.format(python=sys.executable), 0o755)
     return hooks_dir
 
 

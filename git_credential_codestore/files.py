@@ -1,0 +1,50 @@
+"""Files codestore owns: written atomically, with the mode set at creation.
+
+Every file codestore replaces (the config file, key files, the grant store, setup's
+state, the dev server's hook and certificates) goes through `write_atomic`: a reader
+sees the old file or the new one, never half of either, and a secret is never readable
+by others even for a moment (the mode is set when the file is created, not after).
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+def write_atomic(
+    path: str,
+    data: str | bytes,
+    mode: int = 0o600,
+    *,
+    fsync: bool = False,
+    check: Callable[[str], object] | None = None,
+) -> str:
+    """Write `data` to `path` through `path.tmp` and a rename; returns `path`.
+
+    `fsync`: make it durable before the rename (state that must survive a crash).
+    `check(tmp_path)`: validate the new file before it replaces the old one; if it
+    raises, the old file is left untouched and the temporary one removed.
+    """
+    tmp = path + ".tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # a leftover tmp keeps its old mode; the umask narrows O_CREAT's
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
