@@ -172,3 +172,15 @@ def test_one_helper_serves_two_orgs_each_with_its_own_key(two_servers: tuple[Dev
     doctor = json.loads(run_cli("codestore", "doctor", "--json", env=env).stdout)
     names = {c["name"]: c["ok"] for c in doctor["checks"]}
     assert names["key [acme]"] and names["key [me]"] and names["git setup [acme]"] and names["git setup [me]"]
+
+
+def test_keys_are_stored_per_org(tmp_path: Path, hermetic: Path) -> None:
+    # Threat: generating a key for one org replacing (or signing with) another org's key.
+    env = dict(os.environ, **write(tmp_path, 'org = "acme"\n[orgs.personal]\norg = "me"\n'))
+    assert run_cli("codestore", "key", "generate", env=env).returncode == 0
+    assert run_cli("codestore", "--org", "personal", "key", "generate", env=env).returncode == 0
+    keys_dir = hermetic / ".local/share/codestore/keys"
+    assert sorted(p.name for p in keys_dir.iterdir()) == ["acme.pem", "me.pem"]
+    acme = json.loads(run_cli("codestore", "key", "public", "--json", env=env).stdout)
+    me = json.loads(run_cli("codestore", "--org", "me", "key", "public", "--json", env=env).stdout)
+    assert (acme["org"], me["org"]) == ("acme", "me") and acme["pem"] != me["pem"]
