@@ -13,6 +13,12 @@ The environment names are a contract with users and tests:
     CODESTORE_EPHEMERAL_SCOPES  scopes for the +ephemeral namespace (default: CODESTORE_SCOPES)
     CODESTORE_SUB               the `sub` claim (default codestore@<hostname>)
     CODESTORE_CONFIG            path of the TOML file itself
+    CODESTORE_DEBUG             trace each credential request to stderr (never a secret)
+
+The official `git-credential-code-storage` reads PIERRE_PRIVATE_KEY,
+PIERRE_PRIVATE_KEY_FILE, PIERRE_TOKEN_TTL and PIERRE_DEBUG: each is accepted where its
+CODESTORE_* name is unset (`getenv`, the one reader of these names), so an image moving
+from it keeps working.
 
 The file holds the same settings in lower case, plus per-repository rules, and other
 orgs in [orgs.NAME] sections with the same settings (see `load` for which one applies):
@@ -39,6 +45,32 @@ from collections.abc import Mapping
 
 from .errors import ConfigError
 from .vocab import DEFAULT_TTL, EPHEMERAL_SUFFIX, check_ttl, parse_scopes, path_under, split_repo_path, split_url
+
+
+# Our name -> the official helper's name for the same setting (see the module docstring).
+OFFICIAL_NAMES = {
+    "CODESTORE_PRIVATE_KEY": "PIERRE_PRIVATE_KEY",
+    "CODESTORE_PRIVATE_KEY_FILE": "PIERRE_PRIVATE_KEY_FILE",
+    "CODESTORE_TTL": "PIERRE_TOKEN_TTL",
+    "CODESTORE_DEBUG": "PIERRE_DEBUG",
+}
+
+
+def getenv(env: Mapping[str, str], name: str) -> str:
+    """The value of CODESTORE_* `name`, else of the official helper's name for it, else ""."""
+    value = env.get(name, "")
+    if not value.strip() and name in OFFICIAL_NAMES:
+        value = env.get(OFFICIAL_NAMES[name], "")
+    return value
+
+
+def env_name(env: Mapping[str, str], name: str) -> str:
+    """Which variable `getenv` took the value from, for messages that say what to fix."""
+    return name if env.get(name, "").strip() or name not in OFFICIAL_NAMES else OFFICIAL_NAMES[name]
+
+
+def debug_enabled(env: Mapping[str, str]) -> bool:
+    return getenv(env, "CODESTORE_DEBUG").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 _XDG = {"config": ("XDG_CONFIG_HOME", ".config"), "data": ("XDG_DATA_HOME", ".local/share"),
@@ -175,9 +207,10 @@ class Config(
 
 
 def _read_file(path: str) -> dict[str, object]:
+    from .files import read_bounded
+
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_bounded(path, "the configuration file")
     except FileNotFoundError:
         return {}
     except OSError as e:
@@ -291,11 +324,14 @@ def _build(raw: Mapping[str, object], env: Mapping[str, str], path: str, name: s
     if name and "org" not in values:
         values["org"] = name  # [orgs.acme] with no org setting is the org acme
     from_env: list[str] = []
+    sources = {k: where for k in values}
     for k in _SETTINGS:
-        v = env.get("CODESTORE_" + k.upper())
+        var = "CODESTORE_" + k.upper()
+        v = getenv(env, var)
         if v:
             values[k] = v
             from_env.append(k)
+            sources[k] = env_name(env, var)
     for k in ("org", "base_url", "api_url", "kid", "sub", "private_key_file"):
         if k in values and not isinstance(values[k], str):
             raise ConfigError(f"{where}: {k} must be a string")
@@ -329,7 +365,7 @@ def _build(raw: Mapping[str, object], env: Mapping[str, str], path: str, name: s
         base_url_setting=values.get("base_url") or None,  # type: ignore[arg-type]
         api_url_setting=values.get("api_url") or None,  # type: ignore[arg-type]
         kid=values.get("kid") or None,  # type: ignore[arg-type]
-        ttl=check_ttl(values["ttl"], "ttl") if "ttl" in values else DEFAULT_TTL,
+        ttl=check_ttl(values["ttl"], sources["ttl"]) if "ttl" in values else DEFAULT_TTL,
         scopes=parse_scopes(values["scopes"], "scopes") if "scopes" in values else ("git:read",),
         ephemeral_scopes=parse_scopes(values["ephemeral_scopes"], "ephemeral_scopes")
         if "ephemeral_scopes" in values
@@ -352,11 +388,14 @@ def set_value(key: str, value: str, env: Mapping[str, str] | None = None, sectio
         raise ConfigError(f"{section!r} is not an org name (letters, digits and '-')")
     path = config_path(env)
     lines = []
+    from .files import read_bounded
+
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_bounded(path, "the configuration file").decode("utf-8").splitlines()
     except FileNotFoundError:
         pass
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
     import json
 
     new = f"{key} = {json.dumps(value)}"

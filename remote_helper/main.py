@@ -33,7 +33,7 @@ PROG = "codestore"
 READ_SCOPES = ("git:read",)
 PUSH_SCOPES = ("git:read", "git:write")
 
-Launcher = Callable[[Sequence[str], Mapping[str, str]], "subprocess.Popen[bytes]"]
+Launcher = Callable[[Sequence[str], Mapping[str, str], Sequence[int]], "subprocess.Popen[bytes]"]
 
 
 def scopes_for(operation: str, remote: remotes.Remote, cfg: config.Config, grant: bool = False) -> tuple[str, ...]:
@@ -102,14 +102,8 @@ def run(
         say("remote", f"{remote_name} {url}: git wants to {decision.operation}", env)
         scopes = scopes_for(decision.operation, remote, cfg, cfg.uses_env and holds_grant(env))
         say("remote", f"asking for {remote.repo} in {remote.namespace}: {' '.join(scopes)}", env)
-        token = get_token(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"), cfg, env)
         # git passes the URL itself as the remote name for a URL given on the command line.
         name = remote.https_url if remote_name == url else remote_name
-        child = (launch or transport.spawn)(
-            transport.transport_argv(name, remote.https_url, env), transport.child_env(env, token)
-        )
-        del token
-        say("remote", f"handed the token to git's transport for {remote.https_url} (in its environment only)", env)
         fields = {
             "repo": remote.repo,
             "org": cfg.org or "(unset)",
@@ -117,7 +111,33 @@ def run(
             "scopes": " ".join(scopes),
             "base": remote.base_url,
         }
-        return transport.proxy(child, decision, reader.take_buffer(), git_in, git_out, git_err, fields)
+
+        def transfer(decision: protocol.Decision, advertisement_only: bool = False) -> int:
+            """One transport process, with a token minted now, for this one step."""
+            token = get_token(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"), cfg, env)
+            expires_at = token.expires_at
+            private = transport.PrivateConfig(transport.token_config(token, remote.https_url))
+            del token
+            try:
+                child = (launch or transport.spawn)(
+                    transport.transport_argv(name, remote.https_url, env), transport.child_env(env, private), private.pass_fds
+                )
+                return transport.proxy(
+                    child, decision, reader.take_buffer(), git_in, git_out, git_err, fields,
+                    configured=private.forget, advertisement_only=advertisement_only, expires_at=expires_at,
+                )
+            finally:
+                private.forget()
+
+        if decision.command != b"list for-push":
+            return transfer(decision)
+        # git runs the pre-push hook between the advertisement and the push commands, for
+        # as long as it likes: the push gets its own token, minted when git sends it.
+        status = transfer(decision, advertisement_only=True)
+        if status != 0:
+            return status
+        push = protocol.after_advertisement(reader, git_out.write, decision)
+        return transfer(push) if push.operation == "push" else 0
 
     messages = io.StringIO()
     status = boundary(PROG, session, messages)

@@ -25,5 +25,5 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || {
 # The distribution was called "codestore" before it became codestore-git: drop a stale record
 # first (after the install, its uninstall would delete the scripts both share).
 .venv/bin/python -m pip uninstall -q -y --disable-pip-version-check codestore >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,recipes]'
 exec .venv/bin/python -m pytest -q "$@"

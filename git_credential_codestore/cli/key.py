@@ -43,11 +43,14 @@ def key_import(source: str) -> None:
     from ..secrets import Secret
 
     if source == "-":
-        pem = Secret(click.get_text_stream("stdin").read())
+        from ..files import MAX_FILE
+
+        pem = Secret(click.get_text_stream("stdin").read(MAX_FILE))
     else:
+        from ..files import read_bounded
+
         try:
-            with open(source, encoding="utf-8") as f:
-                pem = Secret(f.read())
+            pem = Secret(read_bounded(source, "the key file").decode("utf-8"))
         except (OSError, UnicodeDecodeError) as e:
             raise CodestoreError(f"cannot read {source}: {getattr(e, 'strerror', e)}") from None
     key = keys.parse_private_key(pem, source if source != "-" else "stdin")
