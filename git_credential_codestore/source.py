@@ -103,8 +103,10 @@ def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSou
         from .agent.client import AgentSource
 
         agent = AgentSource.from_env(cfg, env)
-        if agent.grant is not None:
-            say("source", f"the agent at {agent.endpoint} with a grant (no fallback: the grant is the policy)", env)
+        # A grant or a workload identity: the agent's answer or nothing, never the local key.
+        if agent.grant is not None or agent.identity is not None:
+            say("source", f"the agent at {agent.endpoint} with a {'grant' if agent.grant is not None else 'workload identity'} "
+                "(no fallback: the agent is the policy)", env)
             return agent
         say("source", f"the agent at {agent.endpoint}, falling back to the local key", env)
         return FallbackSource(agent, local)

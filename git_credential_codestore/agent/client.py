@@ -32,6 +32,7 @@ from ..secrets import Secret, Token
 from ..vocab import TokenRequest
 from . import wire
 from .discovery import Endpoint, ca_file, endpoint_from_env, read_grant, unix_address
+from .workload import WorkloadIdentity, find_identity
 
 MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0
@@ -153,6 +154,7 @@ def exchange(
     grant: Secret | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = REPLY_TIMEOUT,
+    identity: Secret | None = None,
 ) -> tuple[int, bytes]:
     """One HTTP request on a fresh connection; returns (status, body). Raises AgentUnavailable."""
     env = os.environ if env is None else env
@@ -162,6 +164,8 @@ def exchange(
         head.append(f"Content-Type: {content_type}")
     if grant is not None:
         head.append(f"Authorization: Grant {grant.reveal()}")
+    elif identity is not None:  # a workload identity token (workload.py), for the agent alone
+        head.append(f"Authorization: Identity {identity.reveal()}")
     # One deadline for the whole exchange: a peer dripping a byte at a time must not
     # restart a per-read timeout (each recv waits at most what is left).
     deadline = time.monotonic() + timeout
@@ -237,20 +241,24 @@ def refusal(ep: Endpoint, status: int, reply: Mapping[str, object]) -> Exception
 class AgentSource:
     """Tokens from an agent: with a grant (a sandbox) or as the owner (same uid, no grant)."""
 
-    def __init__(self, endpoint: Endpoint, grant: Secret | None, cfg: Config, env: Mapping[str, str]) -> None:
+    def __init__(self, endpoint: Endpoint, grant: Secret | None, cfg: Config, env: Mapping[str, str],
+                 identity: WorkloadIdentity | None = None) -> None:
         self.endpoint = endpoint
         self.grant = grant
         self.cfg = cfg
         self.env = env
+        self.identity = identity  # used only without a grant
 
     @classmethod
     def from_env(cls, cfg: Config, env: Mapping[str, str] | None = None) -> AgentSource:
         env = os.environ if env is None else env
-        return cls(endpoint_from_env(env), read_grant(env), cfg, env)
+        grant = read_grant(env)
+        return cls(endpoint_from_env(env), grant, cfg, env, None if grant is not None else find_identity(env))
 
     def mint(self, request: TokenRequest) -> Token:
         owner = None
-        if self.grant is None:
+        identity = self.identity.token() if self.grant is None and self.identity is not None else None
+        if self.grant is None and identity is None:
             # The owner signs as itself; the agent checks it holds the same key and org.
             owner = {
                 "org": self.cfg.org,
@@ -271,9 +279,16 @@ class AgentSource:
             f"{' (at most)' if getattr(request, 'narrow', False) else ''}",
             self.env,
         )
-        status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env)
+        status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
+                                   identity=identity)
+        del identity
         try:
             token = token_from_reply(status, content, self.endpoint)
+        except AgentRefused as e:
+            say("agent-client", f"refused (HTTP {status}): {e}", self.env)
+            if self.grant is None and self.identity is not None:
+                raise AgentRefused(f"{e} (identity from {self.identity.where})") from None
+            raise
         except (RemoteError, PolicyError) as e:
             say("agent-client", f"refused (HTTP {status}): {e}", self.env)
             raise

@@ -59,9 +59,14 @@ def ca_file(env: Mapping[str, str]) -> str | None:
 
 
 def holds_grant(env: Mapping[str, str] | None = None) -> bool:
-    """A sandbox holding a grant: the grant, not local configuration, is the policy."""
+    """A sandbox holding a grant or a workload identity (workload.py): the agent's grant or
+    trust policy, not local configuration, is the policy."""
     env = os.environ if env is None else env
-    return bool(env.get(GRANT) or env.get(GRANT_FILE))
+    if env.get(GRANT) or env.get(GRANT_FILE):
+        return True
+    from .workload import find_identity
+
+    return find_identity(env) is not None
 
 
 def read_grant(env: Mapping[str, str]) -> Secret | None:

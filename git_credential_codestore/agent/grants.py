@@ -64,6 +64,10 @@ class Grant:
     refusals: int = 0
     last_use: int | None = None
 
+    @property
+    def label(self) -> str:
+        return f"grant {self.id}"
+
     def state(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
         if self.revoked_at is not None:

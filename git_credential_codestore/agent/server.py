@@ -18,8 +18,12 @@ Routes (anchored; anything else is 404):
 
     GET  /v1/ping                       anyone who can connect
     POST /v1/token                      owner or grant holder
-    GET  /v1/status, GET/POST /v1/grants, POST /v1/grants/<id>/revoke, POST /v1/shutdown
+    GET  /v1/status, GET/POST /v1/grants, POST /v1/grants/<id>/revoke, POST /v1/shutdown,
+    GET/POST /v1/trust, POST /v1/trust/<id>/remove
                                         owner only (owner socket, owner uid, no grant)
+
+A token request with `Authorization: Identity <jwt>` (a workload's OIDC token) is an
+exchange under a trust policy (trust.py), on any listener; the grant rules do not apply.
 
 Robustness: a thread per connection, at most MAX_CONNECTIONS at once; a read timeout
 per operation and a whole-connection deadline enforced by a reaper thread (slow
@@ -48,12 +52,14 @@ from typing import TextIO
 from .. import tokens, trace
 from ..config import Config
 from ..errors import CodestoreError, ConfigError, ProtocolError, redact
-from ..vocab import check_ttl, is_loopback, parse_scopes, ref_policy
+from ..vocab import TokenRequest, is_loopback
 from . import policy, wire
 from .audit import AuditLog
 from .client import key_identity
 from .discovery import default_socket, grant_socket, unix_address
 from .grants import Grant, GrantStore, grant_id_of
+from .identity import Verifier, https_fetcher
+from .trust import FileTrustStore, Trust
 
 MAX_BODY = 64 * 1024
 MAX_CONNECTIONS = 256
@@ -96,6 +102,7 @@ class Agent:
         self.on_grant_created: Callable[[Grant], str | None] = lambda g: None
         self.on_grant_revoked: Callable[[Grant], None] = lambda g: None
         self.grant_socket_path: Callable[[str], str] = lambda gid: ""
+        self.trust: Trust | None = None  # workload-identity exchange (trust.py), set by the daemon
 
     # -- the router -------------------------------------------------------------------
 
@@ -107,8 +114,11 @@ class Agent:
         ("POST", re.compile(r"/v1/grants"), "create_grant"),
         ("POST", re.compile(r"/v1/grants/([0-9a-f]{1,32})/revoke"), "revoke_grant"),
         ("POST", re.compile(r"/v1/shutdown"), "shutdown"),
+        ("GET", re.compile(r"/v1/trust"), "list_trust"),
+        ("POST", re.compile(r"/v1/trust"), "add_trust"),
+        ("POST", re.compile(r"/v1/trust/([0-9a-f]{1,32})/remove"), "remove_trust"),
     )
-    _ADMIN = frozenset({"status", "list_grants", "create_grant", "revoke_grant", "shutdown"})
+    _ADMIN = frozenset({"status", "list_grants", "create_grant", "revoke_grant", "shutdown", "list_trust", "add_trust", "remove_trust"})
 
     def dispatch(self, caller: Caller, method: str, path: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
         self.last_activity = time.monotonic()
@@ -139,6 +149,12 @@ class Agent:
             return self.create_grant(data)
         if name == "revoke_grant":
             return self.revoke_grant(match.group(1))
+        if name.endswith("_trust"):
+            if self.trust is None:
+                return 404, {"error": "this agent has no workload-identity exchange"}
+            if name == "list_trust":
+                return self.trust.list()
+            return self.trust.add(self, data) if name == "add_trust" else self.trust.remove(self, match.group(1))
         self.stop.set()
         return 200, {"ok": True, "pid": os.getpid()}
 
@@ -176,6 +192,8 @@ class Agent:
         except ProtocolError as e:
             return 400, {"error": f"bad token request: {e}"}
         data = {"repo": request.repo, "scopes": list(request.scopes), "ttl": request.ttl, "ephemeral": request.ephemeral}
+        if self.trust is not None and self.trust.presented(authorization):
+            return self.trust.exchange(self, caller, authorization or "", request, data)  # a workload identity, not a grant
         grant, reason = self._grant_for(caller, authorization)
         who: dict[str, object] = {"grant": grant.id if grant else None, "via": caller.transport, "peer": caller.peer}
         if reason is not None:
@@ -194,6 +212,11 @@ class Agent:
                 decision = policy.clamp_for_owner(req, self.cfg.ttl, sub)
         except policy.Refused as e:
             return self._refuse(who, data, e.reason, e.status, grant)
+        return self.issue(decision, req, who, data, grant)
+
+    def issue(self, decision: policy.Decision, req: TokenRequest, who: Mapping[str, object], data: object,
+              grant: Grant | None = None) -> tuple[int, dict[str, object]]:
+        """Sign a decided token and write its audit line; `who` says on whose authority."""
         try:
             token = tokens.mint(
                 self.key, org=self.org, repo=decision.repo, scopes=decision.scopes, ttl=decision.ttl,
@@ -209,7 +232,7 @@ class Agent:
             "purpose": req.purpose, "result": "ok",
         })
         trace.say("agent", f"minted {decision.repo} {' '.join(decision.scopes)} ttl {decision.ttl}s for "
-                  f"{'grant ' + grant.id if grant else 'the owner'} ({caller.transport})")
+                  f"{'grant ' + grant.id if grant else 'the owner'} ({who.get('via')})")
         return 200, {"token": token.reveal(), "expires_at": token.expires_at, "ttl": decision.ttl, "scopes": list(decision.scopes), "sub": decision.sub}
 
     def _check_owner(self, owner: object) -> str:
@@ -253,27 +276,19 @@ class Agent:
         if not isinstance(data, dict):
             return 400, {"error": "grant request must be a JSON object"}
         try:
-            repos = data.get("repos")
-            if not isinstance(repos, list) or not repos or not all(isinstance(r, str) and r.strip() for r in repos):
-                raise ConfigError("a grant needs --repo (a repository id or glob such as team/*)")
-            scopes = parse_scopes(data.get("scopes") or "git:read", "--scopes")
-            max_ttl = data.get("max_ttl", 900)
-            if not isinstance(max_ttl, int):
-                raise ConfigError(f"--max-ttl must be a whole number of seconds, not {max_ttl!r}")
-            check_ttl(max_ttl, "--max-ttl")
+            terms = policy.parse_terms(data)  # shared with trust policies: the same limits
             expires_in = data.get("expires_in")
             if expires_in is not None and (not isinstance(expires_in, int) or expires_in <= 0):
                 raise ConfigError("--expires-in must be a positive duration")
-            refs = ref_policy(data.get("refs") or [])
             sub = data.get("sub")
             if sub is not None and (not isinstance(sub, str) or not 0 < len(sub) <= 200):
                 raise ConfigError("--sub must be a short identifier")
         except CodestoreError as e:
             return 400, {"error": str(e)}
         grant, secret = self.store.create(
-            repos=repos, scopes=scopes, max_ttl=max_ttl, sub=sub,
+            repos=terms.repos, scopes=terms.scopes, max_ttl=terms.max_ttl, sub=sub,
             expires_at=int(time.time()) + expires_in if expires_in else None,
-            ephemeral_only=bool(data.get("ephemeral_only")), refs=[[p, ops] for p, ops in refs],
+            ephemeral_only=terms.ephemeral_only, refs=terms.refs,
             own_socket=bool(data.get("own_socket")),
         )
         sock = self.on_grant_created(grant) if grant.own_socket else None
@@ -626,6 +641,7 @@ def serve(
     store = GrantStore(state_dir).open()
     audit = AuditLog(audit_path or os.path.join(state_dir, "audit.log"))
     agent = Agent(cfg, key, where, key_identity(cfg, env), store, audit)
+    agent.trust = Trust(FileTrustStore(state_dir).open(), Verifier(https_fetcher(env.get("CODESTORE_OIDC_CA_FILE"))))
     agent.socket_path = socket_path
     reaper = Reaper()
     grant_listeners: dict[str, UnixListener] = {}

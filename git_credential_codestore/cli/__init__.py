@@ -16,6 +16,7 @@ that owns the job, and every command runs inside the one error boundary
     agent.py       codestore agent serve|start|stop|status
     grant.py       codestore grant create|revoke|list
     completion.py  codestore completion bash|zsh|fish
+    trust.py       codestore trust add|list|remove (workload identities)
 
 A new command: a module here with a click command calling into the core, and one
 `cli.add_command` line below.
@@ -29,7 +30,7 @@ import click
 
 from .. import __version__
 from ..errors import boundary
-from . import agent, completion, config, demo, dev_server, ephemeral, grant, key, repo, setup, token
+from . import agent, completion, config, demo, dev_server, ephemeral, grant, key, repo, setup, token, trust
 
 
 EXIT_CODES = """\b
@@ -72,6 +73,7 @@ for command in (
     agent.agent,
     grant.grant,
     completion.completion,
+    trust.trust,
 ):
     cli.add_command(command)
 
