@@ -3,7 +3,11 @@
     get    for our host: username=t, a token for the repository in `path`, its expiry.
            for any other host: nothing at all, so git's other helpers serve it.
     store  accepted and ignored: a short-lived token is never saved anywhere.
-    erase  accepted and ignored, for the same reason.
+    erase  nothing to delete, for the same reason; but git erases after the server
+           refused the credential, so when the refused token is one of ours that had
+           expired, we say that the push outlasted its token (a pre-push hook, a slow
+           upload), which is what happened, instead of leaving git's "Authentication
+           failed" to suggest a bad key.
 
 git shows our stderr to the user, so every failure is one line; when we serve the host
 but cannot produce a token we answer `quit=1`, which stops git at once instead of
@@ -44,33 +48,27 @@ def _read_request(stdin: BinaryIO) -> bytes:
     return data
 
 
-_GIT_FALSE = ("", "0", "false", "no", "off")
-
-
-def trace_would_print_token(env: Mapping[str, str]) -> bool:
-    """git prints the Authorization header in curl traces when redaction is turned off.
-
-    We run inside git's environment, so we can see it coming: GIT_TRACE_REDACT=0 with
-    GIT_TRACE_CURL or GIT_CURL_VERBOSE on.
-    """
-    redaction_off = env.get("GIT_TRACE_REDACT", "1").strip().lower() in _GIT_FALSE
-    tracing = any(env.get(k, "").strip().lower() not in _GIT_FALSE for k in ("GIT_TRACE_CURL", "GIT_CURL_VERBOSE"))
-    return redaction_off and tracing
-
-
 def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
     """The reply lines for a `get` request; [] when the host is not ours."""
     from . import config
+    from .trace import say
 
-    cfg = config.load(env)
+    # protocol, host and path only: git may also send a username or a stored password.
+    say("credential", f"get {fields.get('protocol', '?')}://{fields.get('host', '?')}/{fields.get('path', '')}", env)
+    # With several orgs configured, the host git asks about picks the org.
+    cfg = config.load(env, host=(fields.get("protocol", ""), fields.get("host", "")))
     if not cfg.serves(fields.get("protocol", ""), fields.get("host", "")):
+        say("credential", f"not our host (this helper serves {cfg.base_url if cfg.org or cfg.base_url_setting else 'no host: no org configured'}); silent", env)
         return []
     from .errors import CodestoreError, ConfigError
 
-    if trace_would_print_token(env):
+    from .gitenv import would_print_authorization
+
+    if would_print_authorization(env):
+        # git reads these exactly as gitenv does, so this is the case where it would print.
         raise ConfigError(
-            "GIT_TRACE_REDACT=0 with GIT_TRACE_CURL (or GIT_CURL_VERBOSE) would write the token into the trace; "
-            "unset GIT_TRACE_REDACT to trace with the header redacted"
+            f"GIT_TRACE_REDACT={env.get('GIT_TRACE_REDACT', '')!r} with GIT_TRACE_CURL (or GIT_CURL_VERBOSE, set to anything) "
+            "would write the token into the trace; unset GIT_TRACE_REDACT to trace with the header redacted"
         )
     path = fields.get("path")
     if not path:
@@ -86,13 +84,46 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
     from .source import get_token
     from .vocab import TokenRequest
 
-    if holds_grant(env):
+    if cfg.uses_env and holds_grant(env):  # a grant speaks for the env-configured org only
         # The grant is the policy: ask for at most read+write; the agent narrows it.
         request = TokenRequest(repo, ("git:read", "git:write"), ephemeral, purpose="credential", narrow=True)
     else:
         request = TokenRequest(repo, cfg.scopes_for(repo, ephemeral), ephemeral, purpose="credential")
+    say("credential", f"asking for {repo}{' (+ephemeral)' if ephemeral else ''}: {' '.join(request.scopes)}"
+        f"{' at most (the grant decides)' if request.narrow else ''}", env)
     token = get_token(request, cfg, env)
+    say("credential", f"answered with a token for {repo}, expiring at {token.expires_at}", env)
     return ["username=t", f"password={token.reveal()}", f"password_expiry_utc={token.expires_at}"]
+
+
+def refused_because_expired(fields: Mapping[str, str], env: Mapping[str, str]) -> str | None:
+    """Why git erases this credential, when the answer is "our token ran out" (else None).
+
+    The token's own `exp` and `iat` say so; its signature does not matter here (we
+    only explain a refusal, we grant nothing), and a value that is not our JWT is
+    simply not explained. git runs `erase` only after a failure, so the cost is fine.
+    """
+    import base64
+    import json
+    import time
+
+    from . import config
+    from .errors import CodestoreError, expired_during_push
+
+    try:
+        if not config.load(env).serves(fields.get("protocol", ""), fields.get("host", "")):
+            return None
+        payload = fields["password"].split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        exp, iat = claims["exp"], claims["iat"]
+    except (CodestoreError, IndexError, KeyError, TypeError, ValueError):
+        return None
+    if not (isinstance(exp, int) and isinstance(iat, int)) or time.time() < exp:
+        return None
+    return (
+        expired_during_push(f"it was {exp - iat} s: CODESTORE_TTL, at most 3600")
+        + "; or push through codestore://, which mints the push's token after the hook"
+    )
 
 
 # Options git passes from the helper line (`helper = codestore --org acme`, written by
@@ -102,12 +133,17 @@ HELPER_OPTIONS = {"--org": "CODESTORE_ORG", "--base-url": "CODESTORE_BASE_URL"}
 
 
 def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO, env: Mapping[str, str]) -> int:
+    if list(argv) == ["--version"]:
+        from . import __version__
+
+        stdout.write(f"{PROG} {__version__}\n".encode())
+        return 0
     options, overrides = list(argv[:-1]), {}
     while len(options) >= 2 and options[0] in HELPER_OPTIONS:
         name = options.pop(0)
         overrides[HELPER_OPTIONS[name]] = options.pop(0)
     if len(argv) < 1 or options:
-        stderr.write(f"{PROG}: usage: {PROG} [--org ORG] [--base-url URL] get|store|erase (git runs this for you)\n".encode())
+        stderr.write(f"{PROG}: usage: {PROG} [--org ORG] [--base-url URL] get|store|erase|--version (git runs this for you)\n".encode())
         return 2
     if overrides:
         env = {**env, **overrides}
@@ -117,14 +153,20 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO
     except ProtocolError as e:
         stderr.write(f"{PROG}: {e}\n".encode())
         return 1
-    if operation != "get":
-        # store, erase, and operations added by future gits: nothing to save, nothing to say.
+    if operation not in ("get", "erase"):
+        # store, and operations added by future gits: nothing to save, nothing to say.
         return 0
     try:
         fields = parse(data)
     except ProtocolError as e:
         stderr.write(f"{PROG}: {e}\n".encode())
         return 1
+    if operation == "erase":
+        if fields.get("username") == "t" and fields.get("password", "").startswith("eyJ"):
+            explanation = refused_because_expired(fields, env)
+            if explanation:
+                stderr.write(f"{PROG}: {explanation}\n".encode())
+        return 0
     from .errors import CodestoreError, boundary
 
     reply: list[str] = []

@@ -108,6 +108,14 @@ class Refused(CodestoreError):
         self.claims = claims
 
 
+def expired_during_push(ttl_setting: str) -> str:
+    """Why a token the server accepted at the start of a push was refused at its end."""
+    return (
+        "the token expired during the push: a hook or a slow step took longer than the TTL; "
+        f"raise the TTL ({ttl_setting}) or make the slow step faster"
+    )
+
+
 def crash_log_path() -> str:
     from platformdirs import user_state_dir
 
@@ -124,6 +132,9 @@ def boundary(prog: str, func: Callable[[], int], stderr: TextIO | None = None) -
     try:
         return func()
     except CodestoreError as e:
+        from .trace import say
+
+        say(prog, f"refused ({type(e).__name__}, exit {e.exit_code}): {e}")
         print(f"{prog}: {e}", file=err)
         return e.exit_code
     except KeyboardInterrupt:
@@ -141,5 +152,8 @@ def boundary(prog: str, func: Callable[[], int], stderr: TextIO | None = None) -
             where = f"details in {path}"
         except OSError:
             where = "no crash log could be written"
+        from .trace import say
+
+        say(prog, f"internal error ({type(e).__name__}); {where}")
         print(f"{prog}: internal error ({type(e).__name__}); {where}; please report it", file=err)
         return 3

@@ -59,9 +59,10 @@ class FileSource:
         self.name = self.name or self.path
 
     def read(self) -> Secret | None:
+        from .files import read_bounded
+
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return Secret(f.read())
+            return Secret(read_bounded(self.path, "the key file").decode("utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as e:
@@ -120,6 +121,8 @@ def account_for(cfg: Config) -> str:
 
 def sources(cfg: Config, env: Mapping[str, str] | None = None) -> list[KeySource]:
     env = os.environ if env is None else env
+    if not cfg.uses_env:
+        env = {}  # an [orgs.*] section: the environment's key is another org's
     out: list[KeySource] = [EnvSource(env, env_name(env, "CODESTORE_PRIVATE_KEY"))]
     path = getenv(env, "CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
     if path:

@@ -41,9 +41,10 @@ def state_path(env: Mapping[str, str] | None = None) -> str:
 
 
 def _load_state(env: Mapping[str, str] | None = None) -> dict[str, dict[str, list[str]]]:
+    from .files import read_bounded
+
     try:
-        with open(state_path(env), encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_bounded(state_path(env), "codestore's setup record"))
         return data if isinstance(data, dict) else {}
     except (FileNotFoundError, ValueError):
         return {}

@@ -217,8 +217,11 @@ class SplitURL(namedtuple("SplitURL", "scheme netloc path query fragment")):
 
     @property
     def port(self) -> int | None:
-        """The explicit port; ValueError when it is not a number in 0..65535."""
+        """The explicit port; ValueError when it is not a number in 0..65535 (or when an
+        IPv6 host's "]" is missing, as in http://[::1, so nothing else guesses the host)."""
         hp = self.hostport
+        if hp.startswith("[") and "]" not in hp:
+            raise ValueError(f"unclosed [ in {hp[:60]!r}")
         rest = hp.partition("]")[2] if hp.startswith("[") else hp.partition(":")[1] + hp.partition(":")[2]
         if not rest:
             return None

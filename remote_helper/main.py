@@ -25,6 +25,7 @@ from git_credential_codestore.agent.discovery import holds_grant
 from git_credential_codestore.errors import CodestoreError, PolicyError, UsageError, boundary
 from git_credential_codestore.source import choose_source
 from git_credential_codestore.vocab import TokenRequest
+from git_credential_codestore.trace import say
 
 from . import protocol, transport
 
@@ -35,7 +36,7 @@ PROG = "codestore"
 READ_SCOPES = ("git:read",)
 PUSH_SCOPES = ("git:read", "git:write")
 
-Launcher = Callable[[Sequence[str], Mapping[str, str]], "subprocess.Popen[bytes]"]
+Launcher = Callable[[Sequence[str], Mapping[str, str], Sequence[int]], "subprocess.Popen[bytes]"]
 
 
 def scopes_for(operation: str, remote: remotes.Remote, cfg: config.Config, grant: bool = False) -> tuple[str, ...]:
@@ -94,8 +95,6 @@ def _record_push(source: object, remote: remotes.Remote, watch: pushwatch.PushWa
 
     try:
         report = validate_report({"event": "push", "repo": remote.repo, "ephemeral": remote.ephemeral, "refs": watch.report()})
-        if watch.unfollowed:
-            report["incomplete"] = True
         source.record(report)  # type: ignore[attr-defined]
     except (CodestoreError, BadReport) as e:
         try:
@@ -119,26 +118,27 @@ def run(
     git_err = transport.Endpoint(stderr if stderr is not None else sys.stderr.buffer)
 
     def session() -> int:
+        if list(argv) == ["--version"]:
+            from git_credential_codestore import __version__
+
+            git_out.write(f"git-remote-codestore {__version__}\n".encode())
+            return 0
         if len(argv) != 2:
             raise UsageError(
-                "usage: git-remote-codestore <remote> <url>; git runs it for codestore:// remotes, "
+                "usage: git-remote-codestore <remote> <url> (or --version); git runs it for codestore:// remotes, "
                 "e.g. git clone codestore://<org>/<repo>"
             )
         remote_name, url = argv
-        remote, cfg = remotes.parse(url, config.load(env))
+        remote, cfg = remotes.parse(url, remotes.config_for(url, env))
         reader = protocol.LineReader(git_in.read)
         decision = protocol.negotiate(reader, git_out.write)
         if decision.operation == "end":
             return 0
-        scopes = scopes_for(decision.operation, remote, cfg, holds_grant(env))
-        source = choose_source(cfg, env)
-        token = source.mint(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"))
+        say("remote", f"{remote_name} {url}: git wants to {decision.operation}", env)
+        scopes = scopes_for(decision.operation, remote, cfg, cfg.uses_env and holds_grant(env))
+        say("remote", f"asking for {remote.repo} in {remote.namespace}: {' '.join(scopes)}", env)
         # git passes the URL itself as the remote name for a URL given on the command line.
         name = remote.https_url if remote_name == url else remote_name
-        child = (launch or transport.spawn)(
-            transport.transport_argv(name, remote.https_url, env), transport.child_env(env, token)
-        )
-        del token
         fields = {
             "repo": remote.repo,
             "org": cfg.org or "(unset)",
@@ -146,19 +146,53 @@ def run(
             "scopes": " ".join(scopes),
             "base": remote.base_url,
         }
+
+        used: list[object] = []  # the source of each token (the push's takes its report)
+
+        def transfer(
+            decision: protocol.Decision,
+            advertisement_only: bool = False,
+            advertised: Callable[[bytes], None] | None = None,
+            results: Callable[[protocol.LineReader, Callable[[bytes], None]], None] | None = None,
+        ) -> int:
+            """One transport process, with a token minted now, for this one step."""
+            source = choose_source(cfg, env)
+            token = source.mint(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"))
+            used.append(source)
+            expires_at = token.expires_at
+            private = transport.PrivateConfig(transport.token_config(token, remote.https_url))
+            del token
+            try:
+                child = (launch or transport.spawn)(
+                    transport.transport_argv(name, remote.https_url, env), transport.child_env(env, private), private.pass_fds
+                )
+                return transport.proxy(
+                    child, decision, reader.take_buffer(), git_in, git_out, git_err, fields,
+                    configured=private.forget, advertisement_only=advertisement_only, expires_at=expires_at,
+                    advertised=advertised, results=results,
+                )
+            finally:
+                private.forget()
+
         if decision.command != b"list for-push":
-            return transport.proxy(child, decision, reader.take_buffer(), git_in, git_out, git_err, fields)
+            return transfer(decision)
         from . import pushwatch
 
+        # git runs the pre-push hook between the advertisement and the push commands, for
+        # as long as it likes: the push gets its own token, minted when git sends it.
+        # The push is audited across both transports: old SHAs from the advertisement the
+        # first one answers, new ones from git's push lines, results from the second.
         watch = pushwatch.PushWatch()
-
-        def watch_push(git_lines: protocol.LineReader, child_lines: protocol.LineReader,
-                       to_git: Callable[[bytes], None], to_child: Callable[[bytes], None]) -> bool:
-            return pushwatch.relay(watch, git_lines, child_lines, to_git, to_child, _resolver(env))
-
-        status = transport.proxy(child, decision, reader.take_buffer(), git_in, git_out, git_err, fields, watch_push)
+        status = transfer(decision, advertisement_only=True, advertised=watch.advertisement_line)
+        if status != 0:
+            return status
+        push = protocol.after_advertisement(reader, git_out.write, decision)
+        if push.operation != "push":
+            return 0
+        watch.push(push, _resolver(env))
+        status = transfer(push, results=watch.results)
         if watch.updates and not watch.dry_run:
-            _record_push(source, remote, watch, git_err)
+            _record_push(used[-1], remote, watch, git_err)
         return status
 
     messages = io.StringIO()

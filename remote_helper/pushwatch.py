@@ -1,18 +1,18 @@
-"""Relay a push session line by line, and note what it changed.
+"""Read along a push session, and note what it changed.
 
-For a push, everything between git and its transport is text (the pack goes from the
-transport to the server, never through here), so instead of splicing bytes we relay the
-remote-helper protocol a line at a time and read along:
+A push takes two transports (see main.py): the first answers `list for-push`, the second,
+with a token minted after git's pre-push hook, carries git's push commands. What passes
+through the helper on the way is all text (the pack goes from the transport to the server,
+never through here), and this module notes it:
 
-    transport -> git   the `list for-push` answer: `<sha> <ref>` per ref  -> old SHAs
-    git -> transport   `option NAME VALUE` (one reply line each)
-    git -> transport   `push [+]<src>:<dst>` lines, then a blank line       -> new SHAs
-    transport -> git   `ok <dst>` / `error <dst> <why>` (report-status-v2 may add
-                       `option old-oid|new-oid|...` lines), then a blank line -> results
+    first transport -> git   the `list for-push` answer: `<sha> <ref>` per ref  -> old SHAs
+    git -> helper            `option NAME VALUE` (answered by protocol.py; dry-run noted)
+    git -> helper            `push [+]<src>:<dst>` lines, then a blank line    -> new SHAs
+    second transport -> git  `ok <dst>` / `error <dst> <why>` (report-status-v2 may add
+                             `option old-oid|new-oid|...` lines), then a blank line -> results
 
-Imported only for pushes (it brings the audit module along).
-A command this module does not know ends the reading-along: the rest is copied blind,
-so an unexpected git never breaks a push (it only goes unrecorded).
+Imported only for pushes (it brings the audit module along). Every line reaches git
+unchanged; what follows the results is copied as bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from git_credential_codestore.audit import ZERO, is_sha
 
-from .protocol import LineReader
+from .protocol import Decision, LineReader
 
 Write = Callable[[bytes], None]
 Resolve = Callable[[str], "str | None"]
@@ -34,73 +34,29 @@ class PushWatch:
         self.advertised: dict[str, str] = {}
         self.updates: list[dict[str, object]] = []
         self.dry_run = False
-        self.unfollowed = False  # something we could not read along; the record may be incomplete
+
+    def advertisement_line(self, line: bytes) -> None:
+        """One line of the `list for-push` answer, on its way to git."""
+        sha, _, ref = line.decode("utf-8", "replace").partition(" ")
+        if is_sha(sha):
+            self.advertised[ref] = sha
+
+    def push(self, decision: Decision, resolve: Resolve) -> None:
+        """git's push batch (after the hook), with the options it set since the preamble."""
+        for line, reply in decision.replay:
+            name, _, value = line[len(b"option ") :].partition(b" ") if line.startswith(b"option ") else (b"", b"", b"")
+            if name == b"dry-run" and reply == b"ok":
+                self.dry_run = value in (b"", b"true")
+        self.updates.extend(_update(b, self.advertised, resolve) for b in decision.command.split(b"\n") if b)
+
+    def results(self, child: LineReader, to_git: Write) -> None:
+        """Pass the second transport's per-ref answers to git, noting each (a transport
+        that hangs up first leaves the rest "unknown")."""
+        _results(child, to_git, self.updates)
 
     def report(self) -> list[dict[str, object]]:
         """Ref updates in the audit trail's shape (only those git asked for)."""
         return [dict(u) for u in self.updates]
-
-
-def relay(
-    watch: PushWatch,
-    git: LineReader,
-    child: LineReader,
-    to_git: Write,
-    to_child: Write,
-    resolve: Resolve,
-) -> bool:
-    """Relay until git ends the session, noting what happens in `watch` as it happens (so
-    it holds the results even when a pipe breaks afterwards). Returns False when the
-    caller must copy whatever is left blind, both ways (buffers are left in the readers)."""
-    # 1. The advertisement, answering `list for-push`.
-    while True:
-        line = child.readline()
-        if line is None:
-            return True
-        to_git(line + b"\n")
-        if line == b"":
-            break
-        sha, _, ref = line.decode("utf-8", "replace").partition(" ")
-        if is_sha(sha):
-            watch.advertised[ref] = sha
-    # 2. git's commands, each answered before the next.
-    while True:
-        line = git.readline()
-        if line is None:
-            return True
-        if line == b"":
-            try:
-                to_child(b"\n")  # git's goodbye; the transport exits on it
-            except BrokenPipeError:
-                return True  # it already has (after a failed push, remote-curl may die first)
-            continue
-        if line.startswith(b"option "):
-            to_child(line + b"\n")
-            reply = child.readline()
-            if reply is None:
-                return True
-            to_git(reply + b"\n")
-            name, _, value = line[len(b"option ") :].partition(b" ")
-            if name == b"dry-run" and reply == b"ok":
-                watch.dry_run = value in (b"", b"true")
-            continue
-        if line.startswith(b"push "):
-            batch = [line]
-            while True:
-                more = git.readline()
-                if more is None or more == b"":
-                    break
-                batch.append(more)
-            to_child(b"".join(b + b"\n" for b in batch) + b"\n")
-            pending = [_update(b, watch.advertised, resolve) for b in batch]
-            watch.updates.extend(pending)
-            if not _results(child, to_git, pending):
-                return True
-            continue
-        # Not a push command we know: hand it over and stop reading along.
-        to_child(line + b"\n")
-        watch.unfollowed = True
-        return False
 
 
 def _update(line: bytes, advertised: dict[str, str], resolve: Resolve) -> dict[str, object]:

@@ -1,10 +1,21 @@
-"""Run git's own HTTPS transport with a token it finds only in its environment.
+"""Run git's own HTTPS transport with a token that only it can read, once.
 
-`git remote-https` does the real work. It gets the token as an `http.extraHeader`
-through GIT_CONFIG_COUNT/KEY/VALUE in its environment: never argv (world-readable in
-/proc), never a URL (GIT_TRACE prints those), never a config file. The same entries turn
-off redirects (the header would follow them to another host) and every credential helper
-(none may see or store the token), and prompts are off so a headless sandbox never hangs.
+`git remote-https` does the real work. It gets the token as an `http.extraHeader` from
+a configuration file that exists only in memory (a memfd, or a private file where there
+is none), included through GIT_CONFIG_PARAMETERS as `include.path=/dev/fd/N`. Not in
+argv (world-readable in /proc), not in a URL (GIT_TRACE prints those), not in a config
+file on disk, and not in the environment: the transport's children (send-pack,
+pack-objects, fetch-pack, index-pack) inherit the environment, and git's trace2 reports
+environment variables and config values in `def_param` events wherever
+GIT_TRACE2_ENV_VARS or trace2.configParams name them. Once the transport has answered
+its first line it has read its configuration, and the file is emptied: every later
+reader, its children included, finds nothing there.
+
+The same file, read last of all configuration, pins for the exact repository URL (the
+most specific key git's urlmatch knows, and last among equals) that redirects are not
+followed (the header would go to whatever host a redirect names), and empties the
+credential helper list (nothing may see or store the token); prompts are off so a
+headless sandbox never hangs.
 
 After the replay of what git already said, bytes pass both ways untouched: with
 os.splice between pipes, so a large pack never crosses Python's memory.
@@ -18,10 +29,11 @@ import os
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
-from git_credential_codestore.errors import ConfigError
+from git_credential_codestore.errors import ConfigError, expired_during_push
 from git_credential_codestore.secrets import Token
 
 from .protocol import CAPABILITIES, Decision, LineReader, ProtocolError
@@ -34,24 +46,69 @@ def _sq(text: str) -> str:
     return "'" + text.replace("'", "'\\''").replace("!", "'\\!'") + "'"
 
 
-def child_env(env: Mapping[str, str], token: Token) -> dict[str, str]:
-    """`env` plus the token header and the settings that keep it where it belongs."""
-    out = dict(env)
-    raw = out.get("GIT_CONFIG_COUNT", "").strip() or "0"
-    if not raw.isdigit():
-        raise ConfigError(f"GIT_CONFIG_COUNT={raw!r} is not a number; fix or unset it")
-    count = int(raw)
+def _subsection(url: str) -> str:
+    return '"' + url.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def token_config(token: Token, url: str) -> bytes:
+    """The transport's private configuration: the header and the guards, for `url` exactly."""
     basic = base64.b64encode(f"t:{token.reveal()}".encode()).decode("ascii")
-    out[f"GIT_CONFIG_KEY_{count}"] = "http.extraHeader"
-    out[f"GIT_CONFIG_VALUE_{count}"] = f"Authorization: Basic {basic}"
-    out["GIT_CONFIG_COUNT"] = str(count + 1)
-    # The guards go last of all config (GIT_CONFIG_PARAMETERS is read after GIT_CONFIG_COUNT),
-    # so not even `git -c http.followRedirects=true` can undo them for this process:
-    # the header would follow a redirect to another host; an empty helper value empties
-    # the helper list, so nothing is asked and nothing could store a token.
-    guards = " ".join(f"{_sq(k)}={_sq(v)}" for k, v in (("credential.helper", ""), ("http.followRedirects", "false")))
+    # Plain http is for a loopback server only, where a proxy has no business: a proxy
+    # would read the header in clear text (an empty value turns every proxy off).
+    no_proxy = "\tproxy =\n" if url.startswith("http://") else ""
+    return (
+        "[credential]\n\thelper =\n"
+        "[http]\n\tfollowRedirects = false\n"
+        f"[http {_subsection(url)}]\n"
+        f"\textraHeader = Authorization: Basic {basic}\n"
+        "\tfollowRedirects = false\n"
+        f"{no_proxy}"
+    ).encode()
+
+
+class PrivateConfig:
+    """A configuration file for one transport process, read while it starts, then emptied."""
+
+    def __init__(self, text: bytes) -> None:
+        self._dir: str | None = None
+        if hasattr(os, "memfd_create"):
+            self.fd: int | None = os.memfd_create("codestore-transport", os.MFD_CLOEXEC)
+            os.write(self.fd, text)
+            self.path = f"/dev/fd/{self.fd}"
+            self.pass_fds: tuple[int, ...] = (self.fd,)
+        else:  # pragma: no cover - platforms without memfd
+            import tempfile
+
+            self.fd = None
+            self._dir = tempfile.mkdtemp(prefix="codestore-")  # 0700
+            self.path = os.path.join(self._dir, "config")
+            with open(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(text)
+            self.pass_fds = ()
+
+    def forget(self) -> None:
+        """Empty it: later readers (the transport's children) find nothing. Idempotent."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+        if self._dir is not None:
+            for path in (self.path, self._dir):
+                try:
+                    (os.rmdir if path == self._dir else os.unlink)(path)
+                except OSError:
+                    pass
+            self._dir = None
+
+
+def child_env(env: Mapping[str, str], config: PrivateConfig) -> dict[str, str]:
+    """`env` plus the include of the private configuration, read after all other config."""
+    out = dict(env)
+    # GIT_CONFIG_PARAMETERS is read after every file and after GIT_CONFIG_COUNT, and an
+    # include is expanded where it stands: last of all, so nothing can override it.
+    include = f"{_sq('include.path')}={_sq(config.path)}"
     params = out.get("GIT_CONFIG_PARAMETERS", "").strip()
-    out["GIT_CONFIG_PARAMETERS"] = f"{params} {guards}" if params else guards
+    out["GIT_CONFIG_PARAMETERS"] = f"{params} {include}" if params else include
     out["GIT_TERMINAL_PROMPT"] = "0"
     # GIT_TRACE_REDACT=0 would print the header in GIT_TRACE_CURL: the token is ours to guard.
     out["GIT_TRACE_REDACT"] = "1"
@@ -69,10 +126,11 @@ def transport_argv(remote_name: str, url: str, env: Mapping[str, str]) -> list[s
     return ["git", name, remote_name, url]
 
 
-def spawn(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+def spawn(argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
     try:
         return subprocess.Popen(
-            list(argv), env=dict(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+            list(argv), env=dict(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+            pass_fds=tuple(pass_fds),
         )
     except OSError as e:
         raise ConfigError(f"cannot run git's HTTPS transport ({e.strerror}); is git 2.39 or newer installed?") from None
@@ -165,10 +223,16 @@ _HINTS: tuple[tuple[re.Pattern[bytes], str], ...] = (
 )
 
 
-def hint_for(stderr_tail: bytes) -> str | None:
-    """One line explaining a transport failure, from what git printed (None: git said enough)."""
+def hint_for(stderr_tail: bytes, expired: bool = False) -> str | None:
+    """One line explaining a transport failure, from what git printed (None: git said enough).
+
+    `expired`: the token had run out by the time the transport failed, so a 401 means
+    exactly that, not a wrong key, org or clock.
+    """
     for pattern, text in _HINTS:
         if pattern.search(stderr_tail):
+            if expired and text is _HINTS[0][1]:
+                return expired_during_push("CODESTORE_TTL, at most 3600")
             # Beyond 401 (where git's own words mislead), a server that explained itself
             # on a `remote:` line has said more than a guess of ours could.
             if b"remote: " in stderr_tail and "HTTP 401" not in text:
@@ -218,55 +282,64 @@ def proxy(
     git_out: Endpoint,
     git_err: Endpoint,
     hint_fields: Mapping[str, str],
-    watch_push: Callable[[LineReader, LineReader, Callable[[bytes], None], Callable[[bytes], None]], bool] | None = None,
+    configured: Callable[[], None] = lambda: None,
+    *,
+    advertisement_only: bool = False,
+    expires_at: int = 0,
+    advertised: Callable[[bytes], None] | None = None,
+    results: Callable[[LineReader, Callable[[bytes], None]], None] | None = None,
 ) -> int:
     """Replay what git said to the transport, swallow its answers, then join the two.
 
     `pending` is input git sent after the deciding command (normally nothing: git waits
-    for the answer). With `watch_push`, a push session is first relayed line by line by
-    it (see pushwatch.py); it returns False to hand the rest over to the byte copy.
-    Returns the transport's exit status, as git would see it.
+    for the answer). `configured` is called once the transport has answered its first
+    line: by then it has read all its configuration. With `advertisement_only`, only the
+    answer to `list for-push` (up to its blank line) reaches git, and the transport is
+    then told to end: the push commands get a transport of their own; `advertised` sees
+    each of its lines on the way. `results`, for a push, reads the transport's answer to
+    the push commands (passing it on to git) before the rest is copied as bytes (see
+    pushwatch.py). `expires_at` is the token's expiry, to tell a token that ran out from
+    one that was refused. Returns the transport's exit status, as git would see it.
     """
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     tee = StderrTee(child.stderr, git_err)
     tee.thread.start()
     child_in = Endpoint(child.stdin)
     child_out = Endpoint(child.stdout)
-    # A watched push reads git's later lines itself; the rest go to the transport now.
-    replay = b"".join(line + b"\n" for line, _ in decision.replay) + decision.command + b"\n"
-    if watch_push is None:
-        replay += pending
+    # git always starts with `capabilities`; if it did not, we ask, to know when the
+    # transport is past its configuration.
+    lines = decision.replay or [(b"capabilities", None)]
+    replay = b"".join(line + b"\n" for line, _ in lines) + decision.command + b"\n" + pending
+    reader = LineReader(child_out.read)
     try:
         child_in.write(replay)
-        leftover = _swallow(LineReader(child_out.read), decision)
+        _swallow(reader, lines)
+        configured()
+        if advertisement_only:
+            while (line := _line(reader)) != b"":
+                if advertised is not None:
+                    advertised(line)
+                git_out.write(line + b"\n")
+            git_out.write(b"\n")
+            child_in.write(b"\n")  # the end of the session, as git ends one (else it exits 1)
+            connected = False
+        else:
+            if results is not None:
+                results(reader, git_out.write)
+            connected = True
     except (BrokenPipeError, _TransportEnded):
-        leftover = None
+        connected = False
     except ProtocolError:
         child.kill()
         child.wait()
         raise
-    if leftover is not None and watch_push is not None:
-        git_lines, child_lines = LineReader(git_in.read), LineReader(child_out.read)
-        git_lines.buffer, child_lines.buffer = pending, leftover
-        try:
-            finished = watch_push(git_lines, child_lines, git_out.write, child_in.write)
-        except (BrokenPipeError, ProtocolError):
-            child.terminate()
-            finished = True
-        if finished:
-            try:
-                child.stdin.close()
-            except OSError:
-                pass
-            leftover = None
-        else:
-            # Whatever the readers already hold goes first, then bytes as they come.
-            child_in.write(git_lines.take_buffer())
-            leftover = child_lines.take_buffer()
-    if leftover is not None:
+    finally:
+        configured()
+    if connected:
         upstream = threading.Thread(target=_upstream, args=(git_in, child), daemon=True)
         upstream.start()
         try:
+            leftover = reader.take_buffer()
             if leftover:
                 git_out.write(leftover)
             copy(child_out, git_out)
@@ -281,7 +354,7 @@ def proxy(
     status = _exit_status(child.wait())
     tee.thread.join(timeout=5)
     if status != 0:
-        hint = hint_for(tee.tail)
+        hint = hint_for(tee.tail, expired=bool(expires_at) and time.time() >= expires_at)
         if hint:
             try:
                 git_err.write(f"codestore: {hint.format(**hint_fields)}\n".encode())
@@ -294,9 +367,9 @@ class _TransportEnded(Exception):
     """The transport closed its output before answering the replayed lines."""
 
 
-def _swallow(reader: LineReader, decision: Decision) -> bytes:
-    """Read the transport's answers to the replayed lines; return what came after them."""
-    for line, ours in decision.replay:
+def _swallow(reader: LineReader, replay: Sequence[tuple[bytes, bytes | None]]) -> None:
+    """Read the transport's answers to the replayed lines (what follows stays in `reader`)."""
+    for line, ours in replay:
         if ours is None:
             offered: set[bytes] = set()
             while (cap := _line(reader)) != b"":
@@ -317,7 +390,6 @@ def _swallow(reader: LineReader, decision: Decision) -> bytes:
                 raise ProtocolError(
                     f"git's HTTPS transport answered option {name!r} differently than codestore did; please report it"
                 )
-    return reader.take_buffer()
 
 
 def _line(reader: LineReader) -> bytes:

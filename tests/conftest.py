@@ -222,6 +222,13 @@ def clocked_server(
         server.stop()
 
 
+def slow_pre_push_hook(repo: Path, seconds: int) -> None:
+    """A pre-push hook that takes `seconds` on the shared fake clock (it moves the clock)."""
+    hook = repo / ".git" / "hooks" / "pre-push"
+    hook.write_text(f'#!/bin/sh\necho "+{seconds}" > "$FAKETIME_TIMESTAMP_FILE"\n')
+    hook.chmod(0o755)
+
+
 def git(*args: str, cwd: Path | str | None = None, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real git; on failure the assertion shows git's output."""
     proc = subprocess.run(
@@ -249,3 +256,7 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool: 
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+# Real PostgreSQL (one server per session) and SoftHSM2 tokens for the agent's fleet tests.
+from tests.realparts import pg_url, postgres, softhsm  # noqa: E402, F401

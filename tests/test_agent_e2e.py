@@ -18,9 +18,8 @@ from tests.leakscan import files_with_secrets
 from tests.test_agent import REPO, Agent, sandbox_env, start_agent
 
 
-@pytest.fixture
-def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey) -> Iterator[tuple[DevServer, Agent, dict[str, object]]]:
-    """The dev server with team/app, its ephemeral `base` branch seeded by the owner; an agent; a grant."""
+def seed_repo(dev_server: DevServer, tmp_path: Path) -> None:
+    """team/app on the dev server, its ephemeral `base` branch pushed by the owner."""
     owner = dict(os.environ, CODESTORE_EPHEMERAL_SCOPES="git:read git:write", CODESTORE_SCOPES="git:read git:write")
     assert run_cli("codestore", "setup", env=owner).returncode == 0
     dev_server.create_repo(REPO)
@@ -30,6 +29,12 @@ def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey) -> Iterator[tu
     git("add", "README", cwd=seed)
     git("commit", "-qm", "seed", cwd=seed)
     git("push", "-q", f"{dev_server.url}/{REPO}+ephemeral.git", "HEAD:refs/heads/base", cwd=seed, env=owner)
+
+
+@pytest.fixture
+def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey) -> Iterator[tuple[DevServer, Agent, dict[str, object]]]:
+    """The dev server with team/app, its ephemeral `base` branch seeded by the owner; an agent; a grant."""
+    seed_repo(dev_server, tmp_path)
     agent = start_agent(tmp_path)
     try:
         grant = agent.grant("--repo", REPO, "--scopes", "git:read git:write", "--ephemeral-only", "--sub", "sandbox-e2e")
@@ -87,7 +92,9 @@ def test_a_keyless_sandbox_clones_and_pushes_through_codestore_urls(
     mints = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == grant["id"]]
     reads = [e for e in mints if "git:write" not in e["scopes"]]
     writes = [e for e in mints if "git:write" in e["scopes"]]
-    assert len(writes) == 1 and len(reads) >= 2  # one push; clone and ls-remote read only
+    # One push: a write token for the advertisement, and one minted for the pack after
+    # the pre-push hook would have run; clone and ls-remote read only.
+    assert len(writes) == 2 and len(reads) >= 2
     assert all(e["via"] == "tcp" for e in mints)
 
 
@@ -150,4 +157,5 @@ def test_a_grants_ref_policy_travels_in_the_token_and_the_server_enforces_it(
     assert "no-push" in refused.stderr and "refs/heads/base" in refused.stderr
     git("push", "-q", "origin", "HEAD:refs/heads/other", cwd=work, env=env)  # other branches are fine
     writes = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == g["id"] and "git:write" in e["scopes"]]
-    assert len(writes) == 2 and all(e["refs"] == [["refs/heads/base", ["no-push"]]] for e in writes)
+    # Two pushes, each with an advertisement token and a push token.
+    assert len(writes) == 4 and all(e["refs"] == [["refs/heads/base", ["no-push"]]] for e in writes)

@@ -185,23 +185,6 @@ def test_git_does_not_fall_back_to_a_prompt_when_the_helper_cannot_mint(hermetic
     assert "codestore key generate" in proc.stderr
 
 
-@pytest.mark.parametrize(
-    "env,expected",
-    [
-        ({"GIT_TRACE_REDACT": "0", "GIT_TRACE_CURL": "1"}, True),
-        ({"GIT_TRACE_REDACT": "false", "GIT_CURL_VERBOSE": "1"}, True),
-        ({"GIT_TRACE_REDACT": "off", "GIT_TRACE_CURL": "/tmp/trace"}, True),
-        ({"GIT_TRACE_REDACT": "1", "GIT_TRACE_CURL": "1"}, False),
-        ({"GIT_TRACE_CURL": "1"}, False),  # git redacts by default
-        ({"GIT_TRACE_REDACT": "0"}, False),
-        ({"GIT_TRACE_REDACT": "0", "GIT_TRACE_CURL": "0"}, False),
-        ({"GIT_TRACE_REDACT": "0", "GIT_TRACE": "1"}, False),  # GIT_TRACE never shows headers
-    ],
-)
-def test_the_helper_knows_when_git_would_print_its_token(env: dict[str, str], expected: bool) -> None:
-    assert credential.trace_would_print_token(env) is expected
-
-
 def test_options_from_the_helper_line_name_the_host_for_users_without_configuration(org_key: OrgKey, monkeypatch: pytest.MonkeyPatch) -> None:
     # `codestore setup --system` writes `helper = codestore --org ORG [--base-url URL]`.
     monkeypatch.delenv("CODESTORE_ORG")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from git_credential_codestore import audit
-from remote_helper import pushwatch
+from remote_helper import protocol, pushwatch
 from remote_helper.protocol import LineReader
 from tests.conftest import ORG, DevServer, git, run_cli
 from tests.test_agent import Agent, sandbox_env, start_agent
@@ -41,28 +41,32 @@ def work(dev_server: DevServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     return w
 
 
-# ---------------------------------------------------------------- the relay, in memory
+# ---------------------------------------------------------------- the watch, in memory
 
 
-def relay(child_says: bytes, git_says: bytes, resolve: dict[str, str] | None = None) -> tuple[pushwatch.PushWatch, bytes, bytes]:
-    to_git, to_child = io.BytesIO(), io.BytesIO()
+def watched(advertisement: bytes, gits: bytes, answer: bytes, resolve: dict[str, str] | None = None) -> tuple[pushwatch.PushWatch, bytes]:
+    """The advertisement lines the first transport returned, git's commands after the hook
+    (as protocol.after_advertisement reads them), the second transport's answer."""
     watch = pushwatch.PushWatch()
-    assert pushwatch.relay(
-        watch, LineReader(io.BytesIO(git_says).read), LineReader(io.BytesIO(child_says).read),
-        to_git.write, to_child.write, (resolve or {}).get,
-    )
-    return watch, to_git.getvalue(), to_child.getvalue()
+    for line in advertisement.split(b"\n"):
+        if line:
+            watch.advertisement_line(line)
+    push = protocol.after_advertisement(LineReader(io.BytesIO(gits).read), io.BytesIO().write, protocol.Decision("push"))
+    assert push.operation == "push"
+    watch.push(push, (resolve or {}).get)
+    to_git = io.BytesIO()
+    watch.results(LineReader(io.BytesIO(answer).read), to_git.write)
+    return watch, to_git.getvalue()
 
 
 A, B, C = "a" * 40, "b" * 40, "c" * 40
 
 
-def test_the_relay_passes_every_line_through_unchanged_and_notes_old_new_and_result() -> None:
-    child = f"{A} refs/heads/main\n@refs/heads/main HEAD\n\nok\nok refs/heads/main\nerror refs/heads/gone deny deleting\n\n".encode()
-    gits = b"option atomic false\npush +refs/heads/x:refs/heads/main\npush :refs/heads/gone\n\n\n"
-    watch, to_git, to_child = relay(child, gits, {"refs/heads/x": B})
-    assert to_git == child
-    assert to_child == gits
+def test_the_watch_passes_the_answer_through_unchanged_and_notes_old_new_and_result() -> None:
+    answer = b"ok refs/heads/main\nerror refs/heads/gone deny deleting\n\n"
+    gits = b"option atomic false\npush +refs/heads/x:refs/heads/main\npush :refs/heads/gone\n\n"
+    watch, to_git = watched(f"{A} refs/heads/main\n@refs/heads/main HEAD\n".encode(), gits, answer, {"refs/heads/x": B})
+    assert to_git == answer
     assert watch.report() == [
         {"ref": "refs/heads/main", "old": A, "new": B, "forced": True, "result": "ok"},
         {"ref": "refs/heads/gone", "old": ZERO, "new": ZERO, "forced": False, "result": "error", "reason": "deny deleting"},
@@ -70,40 +74,20 @@ def test_the_relay_passes_every_line_through_unchanged_and_notes_old_new_and_res
 
 
 def test_report_status_v2_options_say_what_the_server_really_did() -> None:
-    child = f"{A} refs/heads/main\n\nok refs/heads/main\noption new-oid {C}\noption forced-update\n\n".encode()
-    watch, _, _ = relay(child, b"push refs/heads/main:refs/heads/main\n\n", {"refs/heads/main": B})
+    answer = f"ok refs/heads/main\noption new-oid {C}\noption forced-update\n\n".encode()
+    watch, _ = watched(f"{A} refs/heads/main\n".encode(), b"push refs/heads/main:refs/heads/main\n\n", answer, {"refs/heads/main": B})
     assert watch.report()[0] == {"ref": "refs/heads/main", "old": A, "new": C, "forced": True, "result": "ok"}
 
 
 def test_a_transport_that_dies_mid_push_leaves_the_result_unknown() -> None:
-    watch, _, _ = relay(f"{A} refs/heads/main\n\n".encode(), b"push refs/heads/main:refs/heads/main\n\n", {"refs/heads/main": B})
+    watch, _ = watched(f"{A} refs/heads/main\n".encode(), b"push refs/heads/main:refs/heads/main\n\n", b"", {"refs/heads/main": B})
     assert watch.report()[0]["result"] == "unknown"
 
 
-def test_results_survive_a_transport_that_exits_before_git_says_goodbye() -> None:
-    def broken(data: bytes) -> None:
-        if data == b"\n":
-            raise BrokenPipeError
-    watch = pushwatch.PushWatch()
-    child = f"{A} refs/heads/main\n\nerror refs/heads/main pre-receive hook declined\n\n".encode()
-    assert pushwatch.relay(watch, LineReader(io.BytesIO(b"push refs/heads/main:refs/heads/main\n\n\n").read),
-                           LineReader(io.BytesIO(child).read), io.BytesIO().write, broken, {"refs/heads/main": B}.get)
-    assert watch.report()[0]["result"] == "error"
-
-
 def test_a_dry_run_is_noted() -> None:
-    watch, _, _ = relay(b"\nok\nok refs/heads/a\n\n", b"option dry-run true\npush refs/heads/a:refs/heads/a\n\n", {"refs/heads/a": A})
+    watch, _ = watched(b"", b"option dry-run true\npush refs/heads/a:refs/heads/a\n\n", b"ok refs/heads/a\n\n", {"refs/heads/a": A})
     assert watch.dry_run
-
-
-def test_an_unknown_command_hands_the_rest_over_unread() -> None:
-    to_git, to_child = io.BytesIO(), io.BytesIO()
-    g = LineReader(io.BytesIO(b"frobnicate now\nmore bytes").read)
-    watch = pushwatch.PushWatch()
-    assert not pushwatch.relay(watch, g, LineReader(io.BytesIO(b"\n").read), to_git.write, to_child.write, {}.get)
-    assert watch.unfollowed
-    assert to_child.getvalue() == b"frobnicate now\n"
-    assert g.take_buffer() == b"more bytes"
+    assert watch.report()[0]["result"] == "ok"
 
 
 # ---------------------------------------------------------------- with a local key

@@ -9,30 +9,34 @@ imported only for admin calls and agents over TCP, `ssl` only for https. One req
 per connection, `Connection: close`.
 
 The grant travels in the `Authorization: Grant ...` header, never in a URL or argv.
-Every failure is one line that says what to do; nothing here can hang git: connects
-and replies have short timeouts.
+Every failure is one line that says what to do; nothing here can hang git: every
+exchange has one total deadline (connect, TLS handshake, request and reply together).
 """
 
 from __future__ import annotations
 
 import _socket
 import os
+import time
 from collections.abc import Mapping
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 
 if TYPE_CHECKING:
     import socket
+    import ssl
 
 from ..config import Config, getenv
 from ..errors import ConfigError, PolicyError, ProtocolError, RemoteError
 from ..secrets import Secret, Token
 from ..vocab import TokenRequest
 from . import wire
-from .discovery import Endpoint, ca_file, endpoint_from_env, read_grant, unix_address
+from .discovery import Endpoint, ca_file, endpoints_from_env, key_uri, read_grant, unix_address
+from .workload import WorkloadIdentity, find_identity
 
 MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0
+FAILOVER_CONNECT_TIMEOUT = 0.5  # per replica when CODESTORE_AGENT_URL names several
 REPLY_TIMEOUT = 15.0
 START_HINT = "start it where the key lives (codestore agent start), or fix CODESTORE_AGENT_URL/CODESTORE_AGENT_SOCK"
 
@@ -55,6 +59,11 @@ def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
     The agent compares this with its own, so a helper never gets a token signed with a
     key other than the one its configuration chose.
     """
+    if not cfg.uses_env:
+        env = {}  # as keys.sources: an [orgs.*] section uses its own key
+    uri = key_uri(env)
+    if uri.startswith("pkcs11:"):
+        return "pkcs11:" + uri[len("pkcs11:"):].split("?", 1)[0]  # a token's key: never its module or PIN file
     pem = getenv(env, "CODESTORE_PRIVATE_KEY")
     if pem.strip():
         import hashlib
@@ -68,8 +77,6 @@ def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
 
 def _connect_unix(sock: _socket.socket, addr: str, timeout: float) -> None:
     """connect(), retrying while the agent's backlog is full (EAGAIN on a Unix socket)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -81,7 +88,7 @@ def _connect_unix(sock: _socket.socket, addr: str, timeout: float) -> None:
             time.sleep(0.005)
 
 
-def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> _socket.socket | socket.socket:
+def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str], deadline: float) -> _socket.socket | socket.socket:
     try:
         if ep.kind == "unix":
             sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -108,11 +115,37 @@ def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> _socket.so
 
         ctx = ssl.create_default_context(cafile=ca_file(env))
         try:
-            sock = ctx.wrap_socket(sock, server_hostname=ep.address)
+            sock = ctx.wrap_socket(sock, server_hostname=ep.address, do_handshake_on_connect=False)
+            _handshake(sock, deadline)
+        except TimeoutError:
+            sock.close()
+            raise AgentUnavailable(f"TLS with the codestore agent at {ep} did not finish in time; check: codestore agent status") from None
         except (ssl.SSLError, OSError) as e:
             sock.close()
             raise AgentUnavailable(f"TLS with the codestore agent at {ep} failed ({type(e).__name__}); set CODESTORE_AGENT_CA to its CA file") from None
     return sock
+
+
+def _handshake(sock: ssl.SSLSocket, deadline: float) -> None:
+    """The TLS handshake within the exchange's deadline (a dripping peer cannot stretch it)."""
+    import select
+    import ssl
+
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                want: tuple[list[object], list[object]] = ([sock], [])
+            except ssl.SSLWantWriteError:
+                want = ([], [sock])
+            left = deadline - time.monotonic()
+            if left <= 0 or not any(select.select(*want, [], left)[:2]):
+                raise TimeoutError
+    finally:
+        sock.setblocking(True)
 
 
 def exchange(
@@ -125,6 +158,8 @@ def exchange(
     grant: Secret | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = REPLY_TIMEOUT,
+    identity: Secret | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> tuple[int, bytes]:
     """One HTTP request on a fresh connection; returns (status, body). Raises AgentUnavailable."""
     env = os.environ if env is None else env
@@ -134,12 +169,21 @@ def exchange(
         head.append(f"Content-Type: {content_type}")
     if grant is not None:
         head.append(f"Authorization: Grant {grant.reveal()}")
-    sock = _connect(ep, min(timeout, CONNECT_TIMEOUT), env)
+    elif identity is not None:  # a workload identity token (workload.py), for the agent alone
+        head.append(f"Authorization: Identity {identity.reveal()}")
+    # One deadline for the whole exchange: a peer dripping a byte at a time must not
+    # restart a per-read timeout (each recv waits at most what is left).
+    deadline = time.monotonic() + timeout
+    sock = _connect(ep, min(timeout, connect_timeout), env, deadline)
+    chunks, size = [], 0
     try:
-        sock.settimeout(timeout)
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
-        chunks, size = [], 0
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
             chunk = sock.recv(65536)
             if not chunk:
                 break
@@ -153,13 +197,18 @@ def exchange(
         raise AgentUnavailable(f"the codestore agent at {ep} dropped the connection ({e.strerror or type(e).__name__}); {START_HINT}") from None
     finally:
         sock.close()
-    raw = b"".join(chunks)
+    return parse_reply(b"".join(chunks), ep)
+
+
+def parse_reply(raw: bytes, ep: Endpoint) -> tuple[int, bytes]:
+    """(status, body) of an HTTP/1.x reply read to its end; RemoteError if it is not one."""
     header, _, content = raw.partition(b"\r\n\r\n")
     status_line = header.split(b"\r\n", 1)[0].split()
-    try:
-        return int(status_line[1]), content
-    except (IndexError, ValueError):
-        raise RemoteError(f"the codestore agent at {ep} sent a reply that is not HTTP; is it a codestore agent?") from None
+    if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1.") or not (
+        len(status_line[1]) == 3 and status_line[1].isdigit()
+    ):
+        raise RemoteError(f"the codestore agent at {ep} sent a reply that is not HTTP; is it a codestore agent?")
+    return int(status_line[1]), content
 
 
 def call(
@@ -197,20 +246,27 @@ def refusal(ep: Endpoint, status: int, reply: Mapping[str, object]) -> Exception
 class AgentSource:
     """Tokens from an agent: with a grant (a sandbox) or as the owner (same uid, no grant)."""
 
-    def __init__(self, endpoint: Endpoint, grant: Secret | None, cfg: Config, env: Mapping[str, str]) -> None:
-        self.endpoint = endpoint
+    def __init__(self, endpoint: Endpoint | list[Endpoint], grant: Secret | None, cfg: Config, env: Mapping[str, str],
+                 identity: WorkloadIdentity | None = None) -> None:
+        # Several replicas: tried in order, each with a short connect timeout, so a dead one
+        # costs a sandbox a refused connect (or FAILOVER_CONNECT_TIMEOUT), not a failed git.
+        self.endpoints = endpoint if isinstance(endpoint, list) else [endpoint]
+        self.endpoint = self.endpoints[0]
         self.grant = grant
         self.cfg = cfg
         self.env = env
+        self.identity = identity  # used only without a grant
 
     @classmethod
     def from_env(cls, cfg: Config, env: Mapping[str, str] | None = None) -> AgentSource:
         env = os.environ if env is None else env
-        return cls(endpoint_from_env(env), read_grant(env), cfg, env)
+        grant = read_grant(env)
+        return cls(endpoints_from_env(env), grant, cfg, env, None if grant is not None else find_identity(env))
 
     def mint(self, request: TokenRequest) -> Token:
         owner = None
-        if self.grant is None:
+        identity = self.identity.token() if self.grant is None and self.identity is not None else None
+        if self.grant is None and identity is None:
             # The owner signs as itself; the agent checks it holds the same key and org.
             owner = {
                 "org": self.cfg.org,
@@ -222,17 +278,44 @@ class AgentSource:
             body = wire.encode_request(request, owner)
         except ProtocolError as e:
             raise ConfigError(f"cannot ask the codestore agent for this token: {e}") from None
-        status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env)
+        from ..trace import say
+
+        say(
+            "agent-client",
+            f"asking {self.endpoint} {'with a grant' if self.grant is not None else 'as the owner'} for "
+            f"{request.repo}{' (+ephemeral)' if request.ephemeral else ''} {' '.join(request.scopes)}"  # type: ignore[attr-defined]
+            f"{' (at most)' if getattr(request, 'narrow', False) else ''}",
+            self.env,
+        )
+        status, content = self._exchange(body, identity)
+        del identity
         try:
-            reply = wire.decode(content)
-        except ProtocolError:
-            raise RemoteError(f"the codestore agent at {self.endpoint} sent an unreadable reply; is it a codestore agent of this version?") from None
-        if status != 200:
-            raise refusal(self.endpoint, status, reply)
-        token, exp = reply.get("token", ""), reply.get("expires_at", "")
-        if not token or not exp.isdigit():
-            raise RemoteError(f"the codestore agent at {self.endpoint} sent a reply without a token")
-        return Token(token, int(exp))
+            token = token_from_reply(status, content, self.endpoint)
+        except AgentRefused as e:
+            say("agent-client", f"refused (HTTP {status}): {e}", self.env)
+            if self.grant is None and self.identity is not None:
+                raise AgentRefused(f"{e} (identity from {self.identity.where})") from None
+            raise
+        except (RemoteError, PolicyError) as e:
+            say("agent-client", f"refused (HTTP {status}): {e}", self.env)
+            raise
+        say("agent-client", f"got a token expiring at {token.expires_at}", self.env)
+        return token
+
+    def _exchange(self, body: bytes, identity: Secret | None) -> tuple[int, bytes]:
+        """POST the token request to the first replica that answers; `self.endpoint` is it."""
+        if len(self.endpoints) == 1:
+            return exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
+                            identity=identity)
+        for ep in self.endpoints:
+            try:
+                result = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
+                                  identity=identity, connect_timeout=FAILOVER_CONNECT_TIMEOUT)
+            except AgentUnavailable:
+                continue  # minting changes nothing: safe to ask the next replica
+            self.endpoint = ep
+            return result
+        raise AgentUnavailable(f"no codestore agent answered at any of {', '.join(map(str, self.endpoints))}; {START_HINT}")
 
     def record(self, report: Mapping[str, object]) -> None:
         """POST the report to the agent's audit trail (agent/report.py); the agent names who."""
@@ -242,3 +325,19 @@ class AgentSource:
         status, reply = call(self.endpoint, "POST", "/v1/audit/report", body, grant=self.grant, env=self.env)
         if status != 201:
             raise refusal(self.endpoint, status, reply)
+
+
+def token_from_reply(status: int, content: bytes, ep: Endpoint) -> Token:
+    """The token in the agent's line-format reply, or the refusal it states."""
+    try:
+        reply = wire.decode(content)
+    except ProtocolError:
+        raise RemoteError(f"the codestore agent at {ep} sent an unreadable reply; is it a codestore agent of this version?") from None
+    if status != 200:
+        raise refusal(ep, status, reply)
+    token, exp = reply.get("token", ""), reply.get("expires_at", "")
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not token or not (exp.isascii() and exp.isdigit()) or len(exp) > 12:
+        raise RemoteError(f"the codestore agent at {ep} sent a reply without a token")
+    return Token(token, int(exp))
+

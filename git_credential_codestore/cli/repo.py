@@ -27,11 +27,9 @@ def repo_create(repo: str, default_branch: str) -> None:
 
 
 @repo_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="A JSON list, for tools.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of {repo_id, default_branch} (docs/json.md).")
 def repo_list(as_json: bool) -> None:
     """List every repository of the org (all pages; an org:read token)."""
-    import json
-
     from .. import api, config
     from ..source import get_token
     from ..vocab import TokenRequest
@@ -40,7 +38,9 @@ def repo_list(as_json: bool) -> None:
     token = get_token(TokenRequest("org", ("org:read",), ttl=60), cfg)
     repos = api.list_repos(cfg.api_url, token)
     if as_json:
-        click.echo(json.dumps(repos, indent=2))
+        from . import echo_json
+
+        echo_json([{"repo_id": r.get("repo_id"), "default_branch": r.get("default_branch")} for r in repos])
         return
     for r in repos:
         click.echo(f"{r.get('repo_id')}\t{r.get('default_branch', '')}")
