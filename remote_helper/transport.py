@@ -309,12 +309,18 @@ def proxy(
     # git always starts with `capabilities`; if it did not, we ask, to know when the
     # transport is past its configuration.
     lines = decision.replay or [(b"capabilities", None)]
-    replay = b"".join(line + b"\n" for line, _ in lines) + decision.command + b"\n" + pending
     reader = LineReader(child_out.read)
     try:
-        child_in.write(replay)
-        _swallow(reader, lines)
+        # The first answer proves the transport has read its configuration: only then is
+        # the private configuration emptied, and only then does the transport get the
+        # command that makes it start children (send-pack, pack-objects) that must find
+        # it empty. Writing everything at once raced the command against the emptying.
+        first, rest = lines[:1], lines[1:]
+        child_in.write(first[0][0] + b"\n")
+        _swallow(reader, first)
         configured()
+        child_in.write(b"".join(line + b"\n" for line, _ in rest) + decision.command + b"\n" + pending)
+        _swallow(reader, rest)
         if advertisement_only:
             while (line := _line(reader)) != b"":
                 if advertised is not None:
