@@ -98,7 +98,7 @@ def _lib() -> object:
     try:
         import pkcs11
     except ImportError:
-        raise ConfigError("--key pkcs11:... needs python-pkcs11: pip install 'codestore[fleet]'") from None
+        raise ConfigError("--key pkcs11:... needs python-pkcs11: pip install 'codestore-git[fleet]'") from None
     return pkcs11
 
 

@@ -145,6 +145,17 @@ def unverified_header(token: str) -> Mapping[str, object]:
         raise TokenError("malformed token: not a JWT") from None
 
 
+def unverified_parts(token: Token) -> tuple[dict[str, object], dict[str, object]]:
+    """The header and claims of a token we hold (for showing them; never for trusting them)."""
+    import jwt
+
+    raw = token.reveal()
+    try:
+        return dict(jwt.get_unverified_header(raw)), dict(jwt.decode(raw, options={"verify_signature": False}))
+    except jwt.PyJWTError:
+        raise TokenError("malformed token: not a JWT") from None
+
+
 def verify(
     token: str,
     keys: Mapping[str, PublicKey],

@@ -25,6 +25,7 @@ from git_credential_codestore.errors import PolicyError, UsageError, boundary
 from git_credential_codestore.agent.discovery import holds_grant
 from git_credential_codestore.source import get_token
 from git_credential_codestore.vocab import TokenRequest
+from git_credential_codestore.trace import say
 
 from . import protocol, transport
 
@@ -82,18 +83,25 @@ def run(
     git_err = transport.Endpoint(stderr if stderr is not None else sys.stderr.buffer)
 
     def session() -> int:
+        if list(argv) == ["--version"]:
+            from git_credential_codestore import __version__
+
+            git_out.write(f"git-remote-codestore {__version__}\n".encode())
+            return 0
         if len(argv) != 2:
             raise UsageError(
-                "usage: git-remote-codestore <remote> <url>; git runs it for codestore:// remotes, "
+                "usage: git-remote-codestore <remote> <url> (or --version); git runs it for codestore:// remotes, "
                 "e.g. git clone codestore://<org>/<repo>"
             )
         remote_name, url = argv
-        remote, cfg = remotes.parse(url, config.load(env))
+        remote, cfg = remotes.parse(url, remotes.config_for(url, env))
         reader = protocol.LineReader(git_in.read)
         decision = protocol.negotiate(reader, git_out.write)
         if decision.operation == "end":
             return 0
-        scopes = scopes_for(decision.operation, remote, cfg, holds_grant(env))
+        say("remote", f"{remote_name} {url}: git wants to {decision.operation}", env)
+        scopes = scopes_for(decision.operation, remote, cfg, cfg.uses_env and holds_grant(env))
+        say("remote", f"asking for {remote.repo} in {remote.namespace}: {' '.join(scopes)}", env)
         # git passes the URL itself as the remote name for a URL given on the command line.
         name = remote.https_url if remote_name == url else remote_name
         fields = {

@@ -33,5 +33,8 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 }
 [ -x .venv/bin/python ] || python3 -m venv .venv
+# The distribution was called "codestore" before it became codestore-git: drop a stale record
+# first (after the install, its uninstall would delete the scripts both share).
+.venv/bin/python -m pip uninstall -q -y --disable-pip-version-check codestore >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,recipes]'
 exec .venv/bin/python -m pytest -q "$@"

@@ -59,6 +59,8 @@ def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
     The agent compares this with its own, so a helper never gets a token signed with a
     key other than the one its configuration chose.
     """
+    if not cfg.uses_env:
+        env = {}  # as keys.sources: an [orgs.*] section uses its own key
     uri = key_uri(env)
     if uri.startswith("pkcs11:"):
         return "pkcs11:" + uri[len("pkcs11:"):].split("?", 1)[0]  # a token's key: never its module or PIN file
@@ -276,14 +278,29 @@ class AgentSource:
             body = wire.encode_request(request, owner)
         except ProtocolError as e:
             raise ConfigError(f"cannot ask the codestore agent for this token: {e}") from None
+        from ..trace import say
+
+        say(
+            "agent-client",
+            f"asking {self.endpoint} {'with a grant' if self.grant is not None else 'as the owner'} for "
+            f"{request.repo}{' (+ephemeral)' if request.ephemeral else ''} {' '.join(request.scopes)}"  # type: ignore[attr-defined]
+            f"{' (at most)' if getattr(request, 'narrow', False) else ''}",
+            self.env,
+        )
         status, content = self._exchange(body, identity)
         del identity
         try:
-            return token_from_reply(status, content, self.endpoint)
+            token = token_from_reply(status, content, self.endpoint)
         except AgentRefused as e:
+            say("agent-client", f"refused (HTTP {status}): {e}", self.env)
             if self.grant is None and self.identity is not None:
                 raise AgentRefused(f"{e} (identity from {self.identity.where})") from None
             raise
+        except (RemoteError, PolicyError) as e:
+            say("agent-client", f"refused (HTTP {status}): {e}", self.env)
+            raise
+        say("agent-client", f"got a token expiring at {token.expires_at}", self.env)
+        return token
 
     def _exchange(self, body: bytes, identity: Secret | None) -> tuple[int, bytes]:
         """POST the token request to the first replica that answers; `self.endpoint` is it."""

@@ -16,7 +16,7 @@ SQL is written once with `?` placeholders and these words, filled in per dialect
 A state change is acknowledged only after `transaction()` has committed; a failed write
 raises `StoreError` and rolls back, so nothing refused is kept.
 
-PostgreSQL is an optional extra (`codestore[fleet]`: psycopg 3); SQLite is the standard
+PostgreSQL is an optional extra (`codestore-git[fleet]`: psycopg 3); SQLite is the standard
 library's.
 """
 
@@ -127,7 +127,7 @@ class Database:
         try:
             import psycopg
         except ImportError:
-            raise ConfigError("--store postgresql://... needs psycopg: pip install 'codestore[fleet]'") from None
+            raise ConfigError("--store postgresql://... needs psycopg: pip install 'codestore-git[fleet]'") from None
         return psycopg.connect(
             self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
             options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", application_name="codestore-agent",

@@ -210,6 +210,8 @@ def answers(path: str, exists: bool) -> bool:
 
 def key_file_present(cfg: Config, env: Mapping[str, str]) -> bool:
     """A key an agent could load, found without touching the keychain (that import is slow)."""
+    if not cfg.uses_env:
+        env = {}  # an [orgs.*] section: the environment's key is another org's
     if getenv(env, "CODESTORE_PRIVATE_KEY").strip():
         return True
     path = getenv(env, "CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file

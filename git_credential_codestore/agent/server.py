@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TextIO
 
-from .. import tokens
+from .. import tokens, trace
 from ..config import Config
 from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, redact
 from ..vocab import TokenRequest, is_loopback
@@ -275,6 +275,8 @@ class Agent:
             return 503, {"error": f"cannot write the audit log {self.audit.path} ({e.strerror}); nothing was minted", "code": "refused"}
         if grant is not None:
             self.store.record_use(grant, ok=True)
+        trace.say("agent", f"minted {decision.repo} {' '.join(decision.scopes)} ttl {decision.ttl}s for "
+                  f"{'grant ' + grant.id if grant else 'the owner'} ({who.get('via')})")
         return 200, {"token": token.reveal(), "expires_at": token.expires_at, "ttl": decision.ttl, "scopes": list(decision.scopes), "sub": decision.sub}
 
     def _check_owner(self, owner: object) -> str:
@@ -311,6 +313,7 @@ class Agent:
             self.audit.record("refuse", fields)
         except OSError:
             pass  # a refusal hands out nothing; its reason still reaches the caller
+        trace.say("agent", f"refused {fields.get('repo') or '-'} for grant {who.get('grant') or '(owner)'}: {reason}")
         code = "mismatch" if status == 409 else "refused"
         return status, {"error": reason, "code": code}
 
@@ -646,7 +649,7 @@ def make_front(agent: Agent, which: str) -> Front:
             from .asgi import AsgiFront
         except ImportError:
             if which == "uvicorn":
-                raise UsageError("--server uvicorn needs the fleet extra: pip install 'codestore[fleet]'") from None
+                raise UsageError("--server uvicorn needs the fleet extra: pip install 'codestore-git[fleet]'") from None
         else:
             return AsgiFront(agent)
     from .threads import ThreadFront

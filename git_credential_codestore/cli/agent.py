@@ -18,7 +18,19 @@ from ..errors import CodestoreError
 SOCKET_HELP = "Agent socket (default: $CODESTORE_AGENT_SOCK, else the user's runtime dir)."
 
 
+def require_unix_sockets() -> None:
+    import _socket
+
+    if not hasattr(_socket, "AF_UNIX"):
+        # The agent is POSIX-only (Linux, macOS): its socket is a Unix socket.
+        raise CodestoreError(
+            "the agent listens on a Unix socket, which this platform lacks; run it on Linux or macOS "
+            "and point this machine at it with CODESTORE_AGENT_URL (the helpers work here without it)"
+        )
+
+
 def _socket_path(socket_opt: str | None) -> str:
+    require_unix_sockets()
     from ..agent.discovery import socket_path
 
     return socket_path(socket_opt)
@@ -62,6 +74,7 @@ def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | Non
                 tls_key: str | None, idle_timeout: int, state_dir: str | None, store_url: str | None, server: str,
                 request_deadline: float | None, key_uri: str | None) -> None:
     """Run the agent in the foreground (containers, service managers)."""
+    require_unix_sockets()
     from .. import config
     from ..agent.discovery import AGENT_SOCK
     from ..agent.server import serve

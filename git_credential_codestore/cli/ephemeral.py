@@ -18,9 +18,11 @@ import click
 )
 def clone(spec: str, directory: str | None, ephemeral_push: bool) -> None:
     """Clone ORG/REPO shallow and single-branch through codestore://."""
-    from .. import config, ephemeral
+    from .. import ephemeral, remotes
 
-    done = ephemeral.clone(spec, directory, ephemeral_push, config.load())
+    # The org in ORG/REPO picks its configuration, as the remote helper will.
+    url = spec if spec.lower().startswith(remotes.SCHEME) else remotes.SCHEME + spec
+    done = ephemeral.clone(spec, directory, ephemeral_push, remotes.config_for(url))
     if done.status != 0:
         # git and the remote helper have already said why, one line each.
         raise click.exceptions.Exit(done.status)

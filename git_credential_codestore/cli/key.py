@@ -73,14 +73,21 @@ def key_import(source: str) -> None:
 
 @key_group.command("public")
 @click.option("--jwk", is_flag=True, help="Print a JWK instead of PEM.")
-def key_public(jwk: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: {org, kid, alg, source, pem, jwk} (docs/json.md).")
+def key_public(jwk: bool, as_json: bool) -> None:
     """Print the public key to register with Code Storage."""
     import json
 
-    from .. import config, keys
+    from .. import config, keys, tokens
 
     cfg = config.load()
-    key, _ = keys.load_private_key(cfg)
+    key, where = keys.load_private_key(cfg)
+    if as_json:
+        from . import echo_json
+
+        echo_json({"org": cfg.org, "kid": cfg.kid, "alg": tokens.algorithm_for(key), "source": where,
+                   "pem": keys.public_pem(key), "jwk": keys.public_jwk(key, cfg.kid)})
+        return
     click.echo(json.dumps(keys.public_jwk(key, cfg.kid), indent=2) if jwk else keys.public_pem(key).rstrip())
 
 

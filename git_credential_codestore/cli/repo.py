@@ -27,7 +27,8 @@ def repo_create(repo: str, default_branch: str) -> None:
 
 
 @repo_group.command("list")
-def repo_list() -> None:
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of {repo_id, default_branch} (docs/json.md).")
+def repo_list(as_json: bool) -> None:
     """List the org's repositories (an org:read token)."""
     from .. import api, config
     from ..source import get_token
@@ -35,5 +36,11 @@ def repo_list() -> None:
 
     cfg = config.load()
     token = get_token(TokenRequest("org", ("org:read",), ttl=60), cfg)
-    for r in api.list_repos(cfg.api_url, token):
+    repos = api.list_repos(cfg.api_url, token)
+    if as_json:
+        from . import echo_json
+
+        echo_json([{"repo_id": r.get("repo_id"), "default_branch": r.get("default_branch")} for r in repos])
+        return
+    for r in repos:
         click.echo(f"{r.get('repo_id')}\t{r.get('default_branch', '')}")
