@@ -11,6 +11,7 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from git_credential_codestore.agent.client import AgentRefused
 from tests.conftest import OrgKey
 from tests.oidc_issuer import CertAuthority, Issuer, make_ca, start_issuer
+from tests.realparts import Postgres
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
 from tests.test_agent_store import admin
 
@@ -28,10 +30,12 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
 
 
 @pytest.fixture
-def issuer(ca: CertAuthority) -> Issuer:
+def issuer(ca: CertAuthority) -> Iterator[Issuer]:
     i = start_issuer(ca)
-    yield i  # type: ignore[misc]
-    i.stop()
+    try:
+        yield i
+    finally:
+        i.stop()
 
 
 def policy_body(issuer: Issuer) -> dict[str, object]:
@@ -141,3 +145,38 @@ def test_an_unreadable_trust_file_stops_the_agent_in_one_line(tmp_path: Path, or
     with pytest.raises(AssertionError, match="cannot migrate the trust policies") as e:
         replica(tmp_path, "a", ca)
     assert "Traceback" not in str(e.value)
+
+
+def test_with_the_database_gone_exchanges_and_policy_changes_are_refused_in_one_line(
+        tmp_path: Path, org_key: OrgKey, ca: CertAuthority, issuer: Issuer) -> None:
+    # Threat: admitting a workload under a policy that may have been removed while the store was away.
+    pg = Postgres()  # a server of its own: this test stops it
+    pg.start()
+    try:
+        a = replica(tmp_path, "a", ca, "--store", pg.url())
+        try:
+            status, p = admin(a, "POST", "/v1/trust", policy_body(issuer))
+            assert status == 201, p
+            assert exchange(a, issuer)
+            pg.stop()
+            with pytest.raises(AgentRefused) as refused:
+                exchange(a, issuer)
+            assert "cannot read the trust policies" in str(refused.value) and "\n" not in str(refused.value)
+            status, reply = admin(a, "POST", f"/v1/trust/{p['id']}/remove")
+            assert status == 503 and "was NOT removed" in str(reply["error"])
+            status, reply = admin(a, "POST", "/v1/trust", policy_body(issuer))
+            assert status == 503 and "no trust policy was added" in str(reply["error"])
+            pg.start()
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert exchange(a, issuer)
+                    break
+                except AgentRefused:
+                    assert time.monotonic() < deadline, "exchanges did not come back with the database"
+                    time.sleep(0.1)
+            assert [q["id"] for q in admin(a, "GET", "/v1/trust")[1]["policies"]] == [p["id"]]  # type: ignore[union-attr]
+        finally:
+            a.stop()
+    finally:
+        pg.destroy()
