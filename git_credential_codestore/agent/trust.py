@@ -282,11 +282,12 @@ class TrustStore:
     def remove(self, pid: str, audit: Callable[[Tx, TrustPolicy], None] = _no_audit) -> TrustPolicy | None:
         """Delete durably (with its audit row); None when there is no such policy."""
         with self.db.transaction() as tx:
-            rows = tx.execute(f"{_SELECT} WHERE id = ?", (pid,))
+            # One statement: of two replicas removing the same policy at once, one removes it
+            # (and writes the audit row), the other hears "no such policy".
+            rows = tx.execute(f"DELETE FROM trust_policies WHERE id = ? RETURNING {', '.join(_COLUMNS)}", (pid,))
             if not rows:
                 return None
             p = _policy(rows[0])
-            tx.execute("DELETE FROM trust_policies WHERE id = ?", (pid,))
             audit(tx, p)
         return p
 
