@@ -72,8 +72,9 @@ def test_a_second_sandbox_continues_the_branch_a_killed_one_pushed(
     authors = git("log", "--format=%an", cwd=check).stdout.split()
     assert authors == ["sandbox-b", "sandbox-a"]  # B's commit sits on top of A's
 
-    # The audit trail: write tokens minted for the one grant before and after the kill.
+    # The audit trail: write tokens minted for the one grant before and after the kill. A push
+    # through codestore:// mints two: one for the advertisement, one after the pre-push hook.
     pushes = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == grant_id and "git:write" in e["scopes"]]  # type: ignore[operator]
-    assert len(pushes) == 2 and {e["sub"] for e in pushes} == {"task-7"}
+    assert len(pushes) == 2 * 2 and {e["sub"] for e in pushes} == {"task-7"}
     served = [r for r in dev_server.requests() if "git-receive-pack" in str(r.get("path")) and r.get("status") == 200]
     assert len(served) == 2
