@@ -61,7 +61,7 @@ from .db import StoreError
 from .grants import STATES, Grant, GrantStore, grant_id_of
 from .identity import Verifier, https_fetcher
 from .metrics import Metrics
-from .trust import FileTrustStore, Trust
+from .trust import Trust, TrustStore
 
 MAX_BODY = 64 * 1024
 MAX_HEAD = 16 * 1024  # request line and headers
@@ -725,6 +725,7 @@ def serve(
 
     store = GrantStore(state_dir, store_url).open()
     try:
+        trust_store = TrustStore(store.db, state_dir).open()
         audit = AuditLog(audit_path or os.path.join(state_dir, "audit.log"))
     except BaseException:
         store.close()
@@ -733,7 +734,7 @@ def serve(
     store.start()
     key_id = key_identity(cfg, {**env, AGENT_KEY: key_uri} if key_uri else env)
     agent = Agent(cfg, signer, where, key_id, store, audit)
-    agent.trust = Trust(FileTrustStore(state_dir).open(), Verifier(https_fetcher(env.get("CODESTORE_OIDC_CA_FILE"))))
+    agent.trust = Trust(trust_store, Verifier(https_fetcher(env.get("CODESTORE_OIDC_CA_FILE"))))
     if key_uri:
         agent.signer_health = signer.health  # type: ignore[union-attr]
     agent.socket_path = socket_path

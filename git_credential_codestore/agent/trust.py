@@ -16,42 +16,36 @@ names the condition that failed in each policy (never the token), and every exch
 granted or refused, is an audit line with the issuer, the subject and the claims the
 policy matched.
 
-Storage is a small seam (`TrustStore`): the file store below, read on every exchange,
-so removing a policy stops new exchanges at once.
+Policies live in the agent's database (`db.py`, table `trust_policies`), next to the
+grants: SQLite in the state dir, or the PostgreSQL every replica of a fleet shares. Adding
+and removing are one committed transaction each, with their audit row, before the owner
+is answered. Every exchange reads the table (no cache: an exchange is one indexed read,
+and a policy removed on any replica refuses the very next exchange on all of them); a
+store that cannot be read refuses the exchange (fail closed). A `trust.json` left by
+earlier versions is imported on first start and kept as `trust.json.migrated`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import json
 import os
 import re
 import secrets as pysecrets
-import threading
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import CodestoreError, ConfigError, Refused
-from ..files import write_atomic
 from ..vocab import MIN_TTL
-from . import policy
+from . import db, policy
+from .db import Database, StoreError, Tx
 from .identity import Identity, Verifier, printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Protocol
-
     from ..vocab import TokenRequest
     from .server import Agent, Caller
-
-    class TrustStore(Protocol):
-        """Where trust policies live; every replica reads the same ones."""
-
-        def add(self, policy: TrustPolicy) -> None: ...
-        def remove(self, pid: str) -> TrustPolicy | None: ...
-        def all(self) -> list[TrustPolicy]: ...
 
 
 SCHEME = "Identity"
@@ -207,50 +201,100 @@ def parse_policy(data: object) -> TrustPolicy:
     )
 
 
-class FileTrustStore:
-    """Policies in `<state_dir>/trust.json` (0600), rewritten atomically on every change.
-
-    One agent per state directory (GrantStore holds its lock); the in-memory list is
-    the truth between writes, so a removal is seen by the very next exchange.
+db.register("trust", [
     """
+    CREATE TABLE trust_policies (
+        id TEXT PRIMARY KEY,
+        issuer TEXT NOT NULL,
+        audience TEXT NOT NULL,
+        claims TEXT NOT NULL,
+        repos TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        max_ttl INTEGER NOT NULL,
+        ephemeral_only INTEGER NOT NULL DEFAULT 0,
+        refs TEXT NOT NULL DEFAULT '[]',
+        sub_template TEXT NOT NULL,
+        max_identity_lifetime INTEGER NOT NULL,
+        created_at {bigint} NOT NULL
+    );
+    CREATE INDEX trust_policies_created ON trust_policies (created_at, id)
+    """,
+])
 
-    def __init__(self, state_dir: str) -> None:
-        self.path = os.path.join(state_dir, "trust.json")
-        self._lock = threading.Lock()
-        self._policies: dict[str, TrustPolicy] = {}
+_COLUMNS = tuple(f.name for f in fields(TrustPolicy))
+_JSON = frozenset({"claims", "repos", "scopes", "refs"})
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM trust_policies"
 
-    def open(self) -> FileTrustStore:
+
+def _row(p: TrustPolicy) -> tuple[object, ...]:
+    return tuple(json.dumps(getattr(p, n)) if n in _JSON else int(p.ephemeral_only) if n == "ephemeral_only" else getattr(p, n)
+                 for n in _COLUMNS)
+
+
+def _policy(row: Sequence[object]) -> TrustPolicy:
+    values = {n: json.loads(v) if n in _JSON else bool(v) if n == "ephemeral_only" else v  # type: ignore[arg-type]
+              for n, v in zip(_COLUMNS, row)}
+    return TrustPolicy(**values)  # type: ignore[arg-type]
+
+
+def _no_audit(tx: Tx, p: TrustPolicy) -> None:
+    pass
+
+
+class TrustStore:
+    """Trust policies in the agent's database (the grants' `Database`; see the module doc)."""
+
+    def __init__(self, database: Database, state_dir: str) -> None:
+        self.db = database
+        self.legacy_path = os.path.join(state_dir, "trust.json")
+
+    def open(self) -> TrustStore:
+        """Import the trust file of earlier versions once, losing nothing."""
         try:
-            with open(self.path, encoding="utf-8") as f:
-                fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+            with open(self.legacy_path, encoding="utf-8") as f:
                 raw = json.load(f)
-            self._policies = {p["id"]: TrustPolicy(**p) for p in raw["policies"]}
+            old = [TrustPolicy(**p) for p in raw["policies"]]
         except FileNotFoundError:
-            pass
+            return self
         except (OSError, ValueError, KeyError, TypeError) as e:
             # Refuse to start rather than serve with a policy set we could not read.
-            raise ConfigError(f"cannot read the trust policies in {self.path} ({type(e).__name__}); fix or move it") from None
+            raise ConfigError(f"cannot migrate the trust policies in {self.legacy_path} ({type(e).__name__}); fix or move it") from None
+        try:
+            with self.db.transaction() as tx:
+                for p in old:
+                    if not tx.execute("SELECT 1 FROM trust_policies WHERE id = ?", (p.id,)):  # imported before a crash
+                        self._insert(tx, p)
+        except StoreError as e:
+            raise ConfigError(f"cannot import {self.legacy_path}: {e}") from None
+        os.replace(self.legacy_path, self.legacy_path + ".migrated")
         return self
 
-    def _write(self) -> None:
-        data = {"version": 1, "policies": [asdict(p) for p in self._policies.values()]}
-        write_atomic(self.path, json.dumps(data, indent=1), 0o600, fsync=True)
+    @staticmethod
+    def _insert(tx: Tx, p: TrustPolicy) -> None:
+        tx.execute(f"INSERT INTO trust_policies ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", _row(p))
 
-    def add(self, p: TrustPolicy) -> None:
-        with self._lock:
-            self._policies[p.id] = p
-            self._write()  # durable before the owner is told
+    def add(self, p: TrustPolicy, audit: Callable[[Tx, TrustPolicy], None] = _no_audit) -> None:
+        """Durable (with its audit row) when this returns; StoreError and nothing kept otherwise."""
+        with self.db.transaction() as tx:
+            self._insert(tx, p)
+            audit(tx, p)
 
-    def remove(self, pid: str) -> TrustPolicy | None:
-        with self._lock:
-            p = self._policies.pop(pid, None)
-            if p is not None:
-                self._write()
-            return p
+    def remove(self, pid: str, audit: Callable[[Tx, TrustPolicy], None] = _no_audit) -> TrustPolicy | None:
+        """Delete durably (with its audit row); None when there is no such policy."""
+        with self.db.transaction() as tx:
+            # One statement: of two replicas removing the same policy at once, one removes it
+            # (and writes the audit row), the other hears "no such policy".
+            rows = tx.execute(f"DELETE FROM trust_policies WHERE id = ? RETURNING {', '.join(_COLUMNS)}", (pid,))
+            if not rows:
+                return None
+            p = _policy(rows[0])
+            audit(tx, p)
+        return p
 
     def all(self) -> list[TrustPolicy]:
-        with self._lock:
-            return sorted(self._policies.values(), key=lambda p: (p.created_at, p.id))
+        """Every policy as committed now, oldest first; StoreError when the store cannot say."""
+        with self.db.transaction(write=False) as tx:
+            return [_policy(r) for r in tx.execute(f"{_SELECT} ORDER BY created_at, id")]
 
 
 class Trust:
@@ -314,16 +358,39 @@ class Trust:
             p = parse_policy(data)
         except CodestoreError as e:
             return 400, {"error": str(e)}
-        self.store.add(p)
-        agent.audit.record("trust-add", {k: v for k, v in p.public().items() if k != "created_at"})
-        return 201, p.public()
+        write, after = agent.audit.in_transaction("trust-add", {k: v for k, v in p.public().items() if k != "created_at"})
+        try:
+            self.store.add(p, audit=lambda tx, _: write(tx))
+        except StoreError as e:
+            return 503, {"error": f"no trust policy was added: {e}; try again"}
+        return 201, self._told(p, after(), "added")
 
     def remove(self, agent: Agent, pid: str) -> tuple[int, dict[str, object]]:
-        p = self.store.remove(pid)
+        after: list[Callable[[], str | None]] = []
+
+        def audit(tx: Tx, p: TrustPolicy) -> None:
+            write, done = agent.audit.in_transaction("trust-remove", {"id": p.id, "issuer": p.issuer})
+            write(tx)
+            after.append(done)
+
+        try:
+            p = self.store.remove(pid, audit=audit)
+        except StoreError as e:
+            return 503, {"error": f"trust policy {pid} was NOT removed: {e}; try again"}
         if p is None:
             return 404, {"error": f"no trust policy {pid}; see: codestore trust list"}
-        agent.audit.record("trust-remove", {"id": p.id, "issuer": p.issuer})
-        return 200, p.public()
+        return 200, self._told(p, after[0](), "removed")
+
+    @staticmethod
+    def _told(p: TrustPolicy, warning: str | None, done: str) -> dict[str, object]:
+        """The reply once committed: the policy, and what failed after the commit, if anything."""
+        reply = p.public()
+        if warning:
+            reply["warning"] = f"{p.label} was {done}, but {warning}"
+        return reply
 
     def list(self) -> tuple[int, dict[str, object]]:
-        return 200, {"policies": [p.public() for p in self.store.all()]}
+        try:
+            return 200, {"policies": [p.public() for p in self.store.all()]}
+        except StoreError as e:
+            return 503, {"error": f"cannot read the trust policies: {e}; try again"}

@@ -60,11 +60,18 @@ def trust_add(issuer: str, audience: str, claims: tuple[str, ...], repos: tuple[
 
         body["refs"] = ref_policy_json(parse_ref_policy(ref_policy))
     p = admin(socket_opt, "POST", "/v1/trust", body)
+    _warn(p)
     if as_json:
         click.echo(json.dumps(p, indent=2))
         return
     click.echo(f"id:      {p['id']}")
     _describe(p)
+
+
+def _warn(p: dict[str, object]) -> None:
+    """The change is committed; say what failed after it (the audit file), if anything."""
+    if p.get("warning"):
+        click.echo(f"codestore: warning: {p['warning']}", err=True)
 
 
 def _describe(p: dict[str, object]) -> None:
@@ -102,4 +109,5 @@ def trust_remove(policy_id: str, socket_opt: str | None) -> None:
     if not policy_id.isalnum():
         raise ConfigError(f"{policy_id!r} is not a trust policy id; see: codestore trust list")
     p = admin(socket_opt, "POST", f"/v1/trust/{policy_id.lower()}/remove")
+    _warn(p)
     click.echo(f"removed {p['id']} ({p['issuer']}); it admits nothing from now on")
