@@ -34,7 +34,6 @@ from collections.abc import Mapping
 from .errors import ConfigError
 from .vocab import DEFAULT_TTL, EPHEMERAL_SUFFIX, check_ttl, parse_scopes, path_under, split_repo_path, split_url
 
-
 _XDG = {"config": ("XDG_CONFIG_HOME", ".config"), "data": ("XDG_DATA_HOME", ".local/share"),
         "state": ("XDG_STATE_HOME", ".local/state")}
 
@@ -67,15 +66,10 @@ class RepoRule(namedtuple("RepoRule", "pattern scopes ephemeral_scopes", default
     ephemeral_scopes: tuple[str, ...] | None
 
 
-_CONFIG_FIELDS = (
-    "org", "base_url_setting", "api_url_setting", "kid", "ttl", "scopes",
-    "ephemeral_scopes", "sub_setting", "private_key_file", "repos", "path",
-)
-
-
 class Config(
     namedtuple(
-        "Config", _CONFIG_FIELDS,
+        "Config",
+        "org base_url_setting api_url_setting kid ttl scopes ephemeral_scopes sub_setting private_key_file repos path",
         defaults=(None, None, None, None, DEFAULT_TTL, ("git:read",), None, None, None, (), ""),
     )
 ):
@@ -211,17 +205,17 @@ def load(env: Mapping[str, str] | None = None) -> Config:
             )
         )
     return Config(
-        org=values.get("org") or None,  # type: ignore[arg-type]
-        base_url_setting=values.get("base_url") or None,  # type: ignore[arg-type]
-        api_url_setting=values.get("api_url") or None,  # type: ignore[arg-type]
-        kid=values.get("kid") or None,  # type: ignore[arg-type]
+        org=values.get("org") or None,
+        base_url_setting=values.get("base_url") or None,
+        api_url_setting=values.get("api_url") or None,
+        kid=values.get("kid") or None,
         ttl=check_ttl(values["ttl"], "ttl") if "ttl" in values else DEFAULT_TTL,
         scopes=parse_scopes(values["scopes"], "scopes") if "scopes" in values else ("git:read",),
         ephemeral_scopes=parse_scopes(values["ephemeral_scopes"], "ephemeral_scopes")
         if "ephemeral_scopes" in values
         else None,
-        sub_setting=values.get("sub") or None,  # type: ignore[arg-type]
-        private_key_file=values.get("private_key_file") or None,  # type: ignore[arg-type]
+        sub_setting=values.get("sub") or None,
+        private_key_file=values.get("private_key_file") or None,
         repos=tuple(rules),
         path=path,
     )

@@ -19,12 +19,12 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from .errors import ProtocolError
+from .lines import parse_lines
+
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
     from typing import BinaryIO
-
-from .errors import ProtocolError
-from .lines import parse_lines
 
 PROG = "git-credential-codestore"
 MAX_INPUT = 64 * 1024  # git's own requests are a few hundred bytes

@@ -257,8 +257,9 @@ def public_jwk(key: PrivateKey | PublicKey, kid: str | None = None) -> dict[str,
     pub = key.public_key() if hasattr(key, "private_bytes") else key  # type: ignore[union-attr]
     jwk: dict[str, str]
     if isinstance(pub, ec.EllipticCurvePublicKey):
-        nums = pub.public_numbers()
-        jwk = {"kty": "EC", "crv": "P-256", "x": _b64(nums.x.to_bytes(32, "big")), "y": _b64(nums.y.to_bytes(32, "big"))}
+        ec_nums = pub.public_numbers()
+        jwk = {"kty": "EC", "crv": "P-256", "x": _b64(ec_nums.x.to_bytes(32, "big")),
+               "y": _b64(ec_nums.y.to_bytes(32, "big"))}
     elif isinstance(pub, rsa.RSAPublicKey):
         nums = pub.public_numbers()
         jwk = {

@@ -60,7 +60,7 @@ def mint(
     ttl: int,
     sub: str,
     kid: str | None = None,
-    refs: RefPolicy | None = None,
+    refs: Sequence[tuple[str, Sequence[str]]] | None = None,
     now: int | None = None,
 ) -> Token:
     """Sign one token for one repository."""

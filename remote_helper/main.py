@@ -7,26 +7,29 @@ process reads or pushes, and only then is a token minted: `git:read` for a read,
 repository and namespace). git's own `git remote-https` then does the transfer with the
 token in its environment alone (see transport.py).
 
-Startup is paid by every git operation, so only the standard library and the light core
-modules (config, source) are imported here.
+Startup is paid by every git operation: this module is on the helpers' fast path
+(git_credential_codestore/fastpath.py names it and what it must not import).
 """
 
 from __future__ import annotations
 
 import io
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import BinaryIO
 
 from git_credential_codestore import config, remotes
-from git_credential_codestore.errors import PolicyError, UsageError, boundary
 from git_credential_codestore.agent.discovery import holds_grant
+from git_credential_codestore.errors import PolicyError, UsageError, boundary
 from git_credential_codestore.source import get_token
 from git_credential_codestore.vocab import TokenRequest
 
 from . import protocol, transport
+
+TYPE_CHECKING = False  # typing and subprocess are costs on every git operation
+if TYPE_CHECKING:
+    import subprocess
+    from typing import BinaryIO
 
 PROG = "codestore"
 READ_SCOPES = ("git:read",)

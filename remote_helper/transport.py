@@ -12,19 +12,22 @@ os.splice between pipes, so a large pack never crosses Python's memory.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import errno
 import os
-import re
-import subprocess
-import threading
 from collections.abc import Mapping, Sequence
-from typing import BinaryIO
 
 from git_credential_codestore.errors import ConfigError
 from git_credential_codestore.secrets import Token
 
 from .protocol import CAPABILITIES, Decision, LineReader, ProtocolError
+
+# This module is inside the helpers' fast path (fastpath.py): subprocess, threading and
+# re are imported only once a transfer starts or fails, typing only by the type checker.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import subprocess
+    from typing import IO
 
 CHUNK = 1 << 20
 
@@ -41,7 +44,7 @@ def child_env(env: Mapping[str, str], token: Token) -> dict[str, str]:
     if not raw.isdigit():
         raise ConfigError(f"GIT_CONFIG_COUNT={raw!r} is not a number; fix or unset it")
     count = int(raw)
-    basic = base64.b64encode(f"t:{token.reveal()}".encode()).decode("ascii")
+    basic = binascii.b2a_base64(f"t:{token.reveal()}".encode(), newline=False).decode("ascii")
     out[f"GIT_CONFIG_KEY_{count}"] = "http.extraHeader"
     out[f"GIT_CONFIG_VALUE_{count}"] = f"Authorization: Basic {basic}"
     out["GIT_CONFIG_COUNT"] = str(count + 1)
@@ -70,6 +73,8 @@ def transport_argv(remote_name: str, url: str, env: Mapping[str, str]) -> list[s
 
 
 def spawn(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    import subprocess
+
     try:
         return subprocess.Popen(
             list(argv), env=dict(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
@@ -84,7 +89,7 @@ def spawn(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes
 class Endpoint:
     """One side of a copy: a raw fd when there is one, else a Python binary stream."""
 
-    def __init__(self, stream: BinaryIO | None = None, fd: int | None = None) -> None:
+    def __init__(self, stream: IO[bytes] | None = None, fd: int | None = None) -> None:
         self.stream = stream
         self.fd = fd if fd is not None else _fileno(stream)
 
@@ -107,7 +112,7 @@ class Endpoint:
             view = view[n:]
 
 
-def _fileno(stream: BinaryIO | None) -> int | None:
+def _fileno(stream: IO[bytes] | None) -> int | None:
     if stream is None:
         return None
     try:
@@ -136,30 +141,34 @@ def copy(src: Endpoint, dst: Endpoint) -> None:
 
 # ---------------------------------------------------------------- hints on failure
 
-_HINTS: tuple[tuple[re.Pattern[bytes], str], ...] = (
+# (pattern, ignore case, hint): compiled only when a transfer failed, so `re` stays off the fast path.
+_HINTS: tuple[tuple[bytes, bool, str], ...] = (
     (
-        re.compile(rb"error: 401|HTTP 401|Authentication failed|terminal prompts disabled|could not read Username"),
+        rb"error: 401|HTTP 401|Authentication failed|terminal prompts disabled|could not read Username",
+        False,
         "the server rejected the token (HTTP 401) for {repo}: is the public key registered with kid "
         "{kid}, is the org {org} right, and is this machine's clock correct? check with: codestore doctor",
     ),
     (
-        re.compile(rb"error: 403|HTTP 403"),
+        rb"error: 403|HTTP 403",
+        False,
         "the server refused {repo} (HTTP 403): the token's scopes ({scopes}) or a ref policy do not allow this",
     ),
     (
-        re.compile(rb"error: 404|HTTP 404|not found|does not appear to be a git repository"),
+        rb"error: 404|HTTP 404|not found|does not appear to be a git repository",
+        False,
         "{repo} was not found at {base}; check the name, or create it: codestore repo create {repo}",
     ),
     (
-        re.compile(rb"error: 30[0-9]|redirect", re.I),
+        rb"error: 30[0-9]|redirect",
+        True,
         "the server answered with a redirect, which codestore never follows with a token; "
         "set CODESTORE_BASE_URL to the final URL",
     ),
     (
-        re.compile(
-            rb"Could not resolve|Failed to connect|Couldn't connect|Connection refused|timed out|"
-            rb"SSL|certificate|Connection reset|Empty reply|Recv failure|Send failure"
-        ),
+        rb"Could not resolve|Failed to connect|Couldn't connect|Connection refused|timed out|"
+        rb"SSL|certificate|Connection reset|Empty reply|Recv failure|Send failure",
+        False,
         "cannot reach {base}; check the network, and CODESTORE_BASE_URL if this is not Code Storage",
     ),
 )
@@ -167,8 +176,10 @@ _HINTS: tuple[tuple[re.Pattern[bytes], str], ...] = (
 
 def hint_for(stderr_tail: bytes) -> str | None:
     """One line explaining a transport failure, from what git printed (None: git said enough)."""
-    for pattern, text in _HINTS:
-        if pattern.search(stderr_tail):
+    import re  # only when a transfer failed
+
+    for pattern, ignore_case, text in _HINTS:
+        if re.search(pattern, stderr_tail, re.IGNORECASE if ignore_case else 0):
             # Beyond 401 (where git's own words mislead), a server that explained itself
             # on a `remote:` line has said more than a guess of ours could.
             if b"remote: " in stderr_tail and "HTTP 401" not in text:
@@ -182,7 +193,9 @@ class StderrTee:
 
     KEEP = 16 * 1024
 
-    def __init__(self, src: BinaryIO, dst: Endpoint) -> None:
+    def __init__(self, src: IO[bytes], dst: Endpoint) -> None:
+        import threading
+
         self.src = Endpoint(src)
         self.dst = dst
         self.tail = b""
@@ -240,6 +253,8 @@ def proxy(
         child.wait()
         raise
     if leftover is not None:
+        import threading
+
         upstream = threading.Thread(target=_upstream, args=(git_in, child), daemon=True)
         upstream.start()
         try:

@@ -69,7 +69,7 @@ class ArgvSampler:
                     self.hits.append(argv)
             self.samples += 1
 
-    def __enter__(self) -> "ArgvSampler":
+    def __enter__(self) -> ArgvSampler:
         self._thread.start()
         return self
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, CI): install what the tests need, then run them all.
 # git (with git-http-backend) and libfaketime come from apt-get when missing; Python packages from PyPI
-# into ./.venv. Extra arguments go to pytest.
+# into ./.venv. ruff and mypy check the tree, then pytest runs. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -23,4 +23,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || {
 }
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# Lint and types first (configured in pyproject.toml): either failing fails the run.
+.venv/bin/python -m ruff check --quiet .
+.venv/bin/python -m mypy
 exec .venv/bin/python -m pytest -q "$@"

@@ -13,7 +13,7 @@ from git_credential_codestore.agent.client import Endpoint, exchange
 from git_credential_codestore.errors import ProtocolError
 from git_credential_codestore.secrets import Secret
 from git_credential_codestore.vocab import TokenRequest
-from tests.test_agent import REPO, Agent, agent  # noqa: F401 - agent is a fixture
+from tests.test_agent import REPO, Agent
 
 
 def test_a_request_round_trips_to_the_one_request_type() -> None:

@@ -64,7 +64,7 @@ def test_with_a_working_keychain_the_key_goes_there_and_no_file_is_written(herme
     store: dict[tuple[str, str], str] = {}
 
     class Backend(KeyringBackend):
-        priority = 1  # type: ignore[assignment]
+        priority = 1
 
         def get_password(self, service: str, username: str) -> str | None:
             return store.get((service, username))

@@ -27,7 +27,7 @@ CAPS = b"\n".join(protocol.CAPABILITIES) + b"\n\n"
 
 
 def cfg(**kw: object) -> config.Config:
-    return config.Config(**kw)  # type: ignore[arg-type]
+    return config.Config(**kw)
 
 
 def trusting(url: str) -> config.Config:
@@ -274,10 +274,12 @@ def test_a_push_that_configuration_forbids_is_refused_before_minting(
     org_key: OrgKey, url: str, env_scopes: dict[str, str], message: str
 ) -> None:
     launched: list[object] = []
-    status, _, err = run(
-        b"capabilities\nlist for-push\n", url=url, env={**os.environ, **env_scopes},
-        launch=lambda argv, env: launched.append(argv),  # type: ignore[func-returns-value,return-value]
-    )
+
+    def launch(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        launched.append(argv)
+        raise AssertionError("the transport must not start")
+
+    status, _, err = run(b"capabilities\nlist for-push\n", url=url, env={**os.environ, **env_scopes}, launch=launch)
     assert status == 1 and message in err and err.count("\n") == 1 and not launched
 
 

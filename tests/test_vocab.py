@@ -131,7 +131,7 @@ def test_a_base_urls_path_prefix_is_stripped_in_one_place(base: str, path: str, 
         ("refs/heads/main=", [("refs/heads/main", [])]),
     ],
 )
-def test_ref_policies_parse_from_the_command_line_form(text: str, expected: list) -> None:  # type: ignore[type-arg]
+def test_ref_policies_parse_from_the_command_line_form(text: str, expected: list) -> None:
     assert vocab.parse_ref_policy(text) == expected
 
 

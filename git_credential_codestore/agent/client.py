@@ -19,17 +19,17 @@ import _socket
 import os
 from collections.abc import Mapping
 
-TYPE_CHECKING = False  # typing's import is a cost on every git request
-
-if TYPE_CHECKING:
-    import socket
-
 from ..config import Config
 from ..errors import ConfigError, PolicyError, ProtocolError, RemoteError
 from ..secrets import Secret, Token
 from ..vocab import TokenRequest
 from . import wire
 from .discovery import Endpoint, ca_file, endpoint_from_env, read_grant, unix_address
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+
+if TYPE_CHECKING:
+    import socket
 
 MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0

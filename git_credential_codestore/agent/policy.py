@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import Refused
-from ..vocab import MAX_TTL, MIN_TTL, TokenRequest, with_implied
+from ..vocab import MAX_TTL, MIN_TTL, TokenRequest, ref_policy, with_implied
 from .grants import Grant
 
 
@@ -61,7 +61,7 @@ def clamp_to_grant(grant: Grant, req: TokenRequest, default_ttl: int, now: float
             raise Refused(401, f"grant {grant.id} expires in {left}s, too soon for a token; ask for a new grant")
         ttl = min(ttl, left)  # a token never outlives its grant
     ttl = max(MIN_TTL, min(ttl, MAX_TTL))
-    refs = [(str(p), [str(o) for o in ops]) for p, ops in grant.refs]  # type: ignore[misc]
+    refs = ref_policy(grant.refs)  # checked when the grant was made; typed here
     refs += [(p, list(ops)) for p, ops in req.refs]
     return Decision(repo=req.repo, scopes=scopes, ttl=ttl, refs=refs, sub=grant.sub)
 

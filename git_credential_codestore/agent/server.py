@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from .. import tokens
 from ..config import Config
@@ -112,7 +112,7 @@ class Agent:
 
     def dispatch(self, caller: Caller, method: str, path: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
         self.last_activity = time.monotonic()
-        for m, pattern, name in self._ROUTES:
+        for m, pattern, name in self._ROUTES:  # noqa: B007 - the route found is used after the break
             match = pattern.fullmatch(path)
             if match and m == method:
                 break
@@ -353,7 +353,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "codestore-agent"
     sys_version = ""
     timeout = IO_TIMEOUT
-    server: _Listener  # type: ignore[assignment]
+    server: _Listener
 
     def setup(self) -> None:
         self.server.reaper.watch(self.request)
@@ -396,7 +396,11 @@ class Handler(BaseHTTPRequestHandler):
             allowed = {self.server.agent.owner_uid, 0}  # root can read our memory anyway
             if self.caller.uid not in allowed:
                 self.unread = True
-                self.server.agent.audit.record("refuse", {"via": self.caller.transport, "peer": self.caller.peer, "result": "refused", "reason": "peer uid is not the owner"})
+                self.server.agent.audit.record(
+                    "refuse",
+                    {"via": self.caller.transport, "peer": self.caller.peer, "result": "refused",
+                     "reason": "peer uid is not the owner"},
+                )
                 self._reply(403, {"error": f"peer uid {self.caller.uid} may not use this agent (owner uid {self.server.agent.owner_uid})"})
                 return
         try:
@@ -482,11 +486,11 @@ class _Listener(socketserver.ThreadingMixIn, socketserver.BaseServer):
                 pass
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)  # type: ignore[arg-type]
+        super().process_request(request, client_address)
 
     def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         try:
-            super().process_request_thread(request, client_address)  # type: ignore[misc]
+            super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
 
@@ -518,8 +522,11 @@ class TCPListener(_Listener, socketserver.TCPServer):
     transport = "tcp"
 
 
-def _new(cls: type[_Listener], agent: Agent, reaper: Reaper, address: object, **attrs: object) -> _Listener:
-    srv = cls(address, Handler)  # type: ignore[call-arg]
+_L = TypeVar("_L", bound=_Listener)
+
+
+def _new(cls: type[_L], agent: Agent, reaper: Reaper, address: str | tuple[str, int], **attrs: object) -> _L:
+    srv = cls(address, Handler)
     srv.agent, srv.reaper, srv.slots = agent, reaper, threading.BoundedSemaphore(MAX_CONNECTIONS)
     for k, v in attrs.items():
         setattr(srv, k, v)
@@ -639,7 +646,7 @@ def serve(
             if os.path.lexists(path):
                 os.unlink(path)
             srv = _new(UnixListener, agent, reaper, path, transport="grant-socket", bound_grant=grant.id)
-            grant_listeners[grant.id] = srv  # type: ignore[assignment]
+            grant_listeners[grant.id] = srv
         start(srv)
         return path
 
@@ -674,7 +681,7 @@ def serve(
                 tcp = _new(TCPListener, agent, reaper, tcp_address, tls=tls)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from None
-            host, port = tcp.server_address[:2]  # type: ignore[misc]
+            host, port = tcp.socket.getsockname()[:2]
             agent.listen_url = f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
             start(tcp)
         for grant in store.all():
@@ -703,7 +710,7 @@ def serve(
                 reason = f"idle for {int(idle_timeout)}s"
                 break
             try:
-                if os.stat(socket_path).st_ino != main.inode:  # type: ignore[attr-defined]
+                if os.stat(socket_path).st_ino != main.inode:
                     reason = "socket replaced"
                     break
             except FileNotFoundError:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ..errors import CodestoreError
@@ -43,7 +45,7 @@ def key_import(source: str) -> None:
     from ..secrets import Secret
 
     if source == "-":
-        pem = Secret(click.get_text_stream("stdin").read())
+        pem = Secret(sys.stdin.read())  # click.get_text_stream is deprecated (click 9 drops it)
     else:
         try:
             with open(source, encoding="utf-8") as f:

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 
 from ..errors import ConfigError, Refused
 from ..tokens import Claims
-from .auth import require_scope
 from ..vocab import ref_ops, validate_repo_id
+from .auth import require_scope
 from .repos import RepoStore, check_branch
 
 Json = dict[str, object]

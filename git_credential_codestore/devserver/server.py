@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import BinaryIO
+from typing import IO, BinaryIO
 from urllib.parse import parse_qsl
 
 from .. import git
@@ -432,7 +432,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             finish()
 
-    def _relay(self, out: BinaryIO, errors: _Drain, finish: Callable[[], None]) -> None:
+    def _relay(self, out: IO[bytes], errors: _Drain, finish: Callable[[], None]) -> None:
         """Parse the CGI's header block, then stream its body to the client."""
         status, reason, headers = 200, "OK", []
         length: int | None = None
@@ -521,7 +521,7 @@ class Handler(BaseHTTPRequestHandler):
 class _Feeder(threading.Thread):
     """Copies the request body into the CGI's stdin, then closes it."""
 
-    def __init__(self, body: io.RawIOBase, sink: BinaryIO) -> None:
+    def __init__(self, body: io.RawIOBase, sink: IO[bytes]) -> None:
         super().__init__(daemon=True)
         self.body, self.sink = body, sink
         self.error: str | None = None
@@ -553,7 +553,7 @@ class _Feeder(threading.Thread):
 class _Drain(threading.Thread):
     """Collects the CGI's stderr (the tail only) so a failure can be reported in one line."""
 
-    def __init__(self, src: BinaryIO) -> None:
+    def __init__(self, src: IO[bytes]) -> None:
         super().__init__(daemon=True)
         self.src = src
         self.tail = b""
