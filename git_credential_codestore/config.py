@@ -35,11 +35,11 @@ from .errors import ConfigError
 from .vocab import DEFAULT_TTL, EPHEMERAL_SUFFIX, check_ttl, parse_scopes, path_under, split_repo_path, split_url
 
 _XDG = {"config": ("XDG_CONFIG_HOME", ".config"), "data": ("XDG_DATA_HOME", ".local/share"),
-        "state": ("XDG_STATE_HOME", ".local/state")}
+        "state": ("XDG_STATE_HOME", ".local/state"), "cache": ("XDG_CACHE_HOME", ".cache")}
 
 
 def user_dir(kind: str, env: Mapping[str, str] | None = None) -> str:
-    """codestore's per-user "config", "data" or "state" directory, as seen from `env`."""
+    """codestore's per-user "config", "data", "state" or "cache" directory, as seen from `env`."""
     env = os.environ if env is None else env
     if sys.platform.startswith("linux"):
         # platformdirs' own rule on Linux, without its import on every git request, and
@@ -146,14 +146,28 @@ class Config(
         return split_repo_path(under)
 
 
-def _read_file(path: str) -> dict[str, object]:
+def _read_file(path: str, env: Mapping[str, str], cache: bool = True) -> dict[str, object]:
+    """The parsed file ({} when there is none), through config_cache when `cache`."""
+    from . import config_cache
+
     try:
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            cached = config_cache.read(path, st, env) if cache else None
+            if cached is not None:
+                return cached
             data = f.read()
     except FileNotFoundError:
         return {}
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    parsed = _parse(path, data)
+    if cache:
+        config_cache.write(path, st, parsed, env)
+    return parsed
+
+
+def _parse(path: str, data: bytes) -> dict[str, object]:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -167,11 +181,15 @@ def _read_file(path: str) -> dict[str, object]:
 _SETTINGS = ("org", "base_url", "api_url", "kid", "ttl", "scopes", "ephemeral_scopes", "sub", "private_key_file")
 
 
-def load(env: Mapping[str, str] | None = None) -> Config:
-    """Read the file, then let CODESTORE_* environment variables override it."""
+def load(env: Mapping[str, str] | None = None, *, cache: bool = True) -> Config:
+    """Read the file, then let CODESTORE_* environment variables override it.
+
+    `cache`: use and refresh the parsed copy (config_cache.py); off for a file that is
+    about to be replaced or removed.
+    """
     env = os.environ if env is None else env
     path = config_path(env)
-    raw = _read_file(path)
+    raw = _read_file(path, env, cache)
     values: dict[str, object] = {k: raw[k] for k in _SETTINGS if k in raw}
     unknown = set(raw) - set(_SETTINGS) - {"repos"}
     if unknown:
@@ -247,4 +265,6 @@ def set_value(key: str, value: str, env: Mapping[str, str] | None = None) -> str
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     # Refuse a bad value now, not at the next git fetch: the new file is loaded first.
-    return write_atomic(path, "\n".join(lines) + "\n", 0o644, check=lambda tmp: load({"CODESTORE_CONFIG": tmp}))
+    write_atomic(path, "\n".join(lines) + "\n", 0o644, check=lambda tmp: load({"CODESTORE_CONFIG": tmp}, cache=False))
+    _read_file(path, os.environ if env is None else env)  # the next git request reads the parsed copy
+    return path

@@ -22,14 +22,17 @@ def write_atomic(
     *,
     fsync: bool = False,
     check: Callable[[str], object] | None = None,
+    concurrent: bool = False,
 ) -> str:
     """Write `data` to `path` through `path.tmp` and a rename; returns `path`.
 
     `fsync`: make it durable before the rename (state that must survive a crash).
     `check(tmp_path)`: validate the new file before it replaces the old one; if it
     raises, the old file is left untouched and the temporary one removed.
+    `concurrent`: several processes may write the same file at once (a cache the git
+    helpers refresh), so each writes its own temporary file.
     """
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp" if concurrent else path + ".tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as f:
