@@ -40,8 +40,19 @@ def cache_path(config_path: str, env: Mapping[str, str]) -> str:
 
 def read(config_path: str, st: os.stat_result, env: Mapping[str, str]) -> dict[str, object] | None:
     """The parsed file, if the cache holds this very file; None otherwise."""
+    value = load(cache_path(config_path, env), (FORMAT, os.path.abspath(config_path), _identity(st)))
+    return value if isinstance(value, dict) else None
+
+
+def write(config_path: str, st: os.stat_result, parsed: Mapping[str, object], env: Mapping[str, str]) -> None:
+    """Keep `parsed` for the next request; a cache that cannot be written is no error."""
+    store(cache_path(config_path, env), (FORMAT, os.path.abspath(config_path), _identity(st)), dict(parsed))
+
+
+def load(path: str, key: object) -> object:
+    """The value stored under `key` at `path` by `store`; None when absent, stale or not ours."""
     try:
-        fd = os.open(cache_path(config_path, env), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return None
     try:
@@ -56,19 +67,17 @@ def read(config_path: str, st: os.stat_result, env: Mapping[str, str]) -> dict[s
     finally:
         if fd >= 0:
             os.close(fd)
-    key = (FORMAT, os.path.abspath(config_path), _identity(st))
-    if isinstance(entry, tuple) and len(entry) == 2 and entry[0] == key and isinstance(entry[1], dict):
+    if isinstance(entry, tuple) and len(entry) == 2 and entry[0] == key:
         return entry[1]
     return None
 
 
-def write(config_path: str, st: os.stat_result, parsed: Mapping[str, object], env: Mapping[str, str]) -> None:
-    """Keep `parsed` for the next request; a cache that cannot be written is no error."""
+def store(path: str, key: object, value: object) -> None:
+    """Write (key, value) with marshal, atomically, 0600; failures are silent (it is a cache)."""
     try:
-        data = marshal.dumps(((FORMAT, os.path.abspath(config_path), _identity(st)), dict(parsed)))
+        data = marshal.dumps((key, value))  # type: ignore[arg-type]  # marshal itself checks (ValueError)
     except ValueError:
-        return  # a value marshal cannot hold (a TOML date): tomllib parses it each time
-    path = cache_path(config_path, env)
+        return  # a value marshal cannot hold (a TOML date): it is computed each time
     try:
         from .files import write_atomic
 
