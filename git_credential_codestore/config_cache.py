@@ -29,13 +29,14 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
 
 
 def cache_path(config_path: str, env: Mapping[str, str]) -> str:
-    """Where the parsed copy of `config_path` lives: one small file per config path."""
-    import binascii
+    """Where the parsed copy lives: one file per user, holding the last config file read.
 
+    One file, not one per config path, so configs in temporary places (a demo, a test,
+    CODESTORE_CONFIG) leave nothing behind that grows; its key names the path it holds.
+    """
     from .config import user_dir
 
-    name = f"config-{binascii.crc32(os.path.abspath(config_path).encode()):08x}.marshal"
-    return os.path.join(user_dir("cache", env), name)
+    return os.path.join(user_dir("cache", env), "config.marshal")
 
 
 def read(config_path: str, st: os.stat_result, env: Mapping[str, str]) -> dict[str, object] | None:
