@@ -10,9 +10,9 @@ likes: the speed tricks live here, the rest of the code stays plain.
 
 What a helper may import depends on what it has to do, so the rule is per path (PATHS):
 a request for another host, or `store`/`erase`, costs no more than the interpreter;
-asking the agent for a token adds the agent client; only a transfer (the remote helper
-starting `git remote-https`) brings `subprocess`, and with it `re`, once the token is
-in hand. Signing with the local key is the slow path: it needs cryptography, PyJWT and
+asking the agent for a token adds the agent client; a transfer adds `threading` (the
+remote helper pumps stderr and stdin), and starts `git remote-https` with os.posix_spawn
+rather than subprocess, whose import brings `re` through `locale`. Signing with the local key is the slow path: it needs cryptography, PyJWT and
 keyring, so it is not part of the boundary (bench/ measures it).
 
 tests/test_fastpath.py runs each path in its own interpreter, as the installed launchers
@@ -62,7 +62,6 @@ PATHS = {
     "credential get via a grant": (),
     # git starts the remote helper and asks for its capabilities before any command.
     "remote helper, capabilities only": (),
-    # A read through codestore://: a token from the agent, then git remote-https runs;
-    # subprocess starts it (and imports re, through locale), after the token is minted.
-    "remote helper ls-remote via the agent": ("subprocess", "re"),
+    # A read through codestore://: a token from the agent, then git remote-https runs.
+    "remote helper ls-remote via the agent": (),
 }

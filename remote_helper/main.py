@@ -28,14 +28,13 @@ from . import protocol, transport
 
 TYPE_CHECKING = False  # typing and subprocess are costs on every git operation
 if TYPE_CHECKING:
-    import subprocess
     from typing import BinaryIO
 
 PROG = "codestore"
 READ_SCOPES = ("git:read",)
 PUSH_SCOPES = ("git:read", "git:write")
 
-Launcher = Callable[[Sequence[str], Mapping[str, str]], "subprocess.Popen[bytes]"]
+Launcher = Callable[[Sequence[str], Mapping[str, str]], "transport.Child"]
 
 
 def scopes_for(operation: str, remote: remotes.Remote, cfg: config.Config, grant: bool = False) -> tuple[str, ...]:

@@ -22,12 +22,25 @@ from git_credential_codestore.secrets import Token
 
 from .protocol import CAPABILITIES, Decision, LineReader, ProtocolError
 
-# This module is inside the helpers' fast path (fastpath.py): subprocess, threading and
-# re are imported only once a transfer starts or fails, typing only by the type checker.
+# This module is inside the helpers' fast path (fastpath.py): threading and re are
+# imported only once a transfer starts or fails, typing only by the type checker, and the
+# transport is started without subprocess (whose import brings re, through locale).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import subprocess
-    from typing import IO
+    from typing import IO, Protocol
+
+    class Child(Protocol):
+        """What the session needs of the transport's process (a Popen fits, as does Spawned)."""
+
+        @property
+        def stdin(self) -> IO[bytes] | None: ...
+        @property
+        def stdout(self) -> IO[bytes] | None: ...
+        @property
+        def stderr(self) -> IO[bytes] | None: ...
+        def wait(self) -> int: ...
+        def kill(self) -> None: ...
+        def terminate(self) -> None: ...
 
 CHUNK = 1 << 20
 
@@ -72,15 +85,79 @@ def transport_argv(remote_name: str, url: str, env: Mapping[str, str]) -> list[s
     return ["git", name, remote_name, url]
 
 
-def spawn(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    import subprocess
-
+def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Child:
     try:
+        if hasattr(os, "posix_spawn"):
+            return Spawned(argv, env)
+        import subprocess
+
         return subprocess.Popen(
             list(argv), env=dict(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
         )
     except OSError as e:
         raise ConfigError(f"cannot run git's HTTPS transport ({e.strerror}); is git 2.39 or newer installed?") from None
+
+
+def _which(program: str, env: Mapping[str, str]) -> str:
+    """`program` found on the PATH of `env` (as subprocess looks it up), or as given."""
+    if os.sep in program:
+        return program
+    for d in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(d or ".", program)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    raise FileNotFoundError(errno.ENOENT, f"{program} not found on PATH", program)
+
+
+class Spawned:
+    """A child on three pipes, started with os.posix_spawn: the part of subprocess.Popen
+    the session uses. Our pipe ends are close-on-exec, so the child holds only its own."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        child_in, self_in = os.pipe()
+        self_out, child_out = os.pipe()
+        self_err, child_err = os.pipe()
+        try:
+            self.pid = os.posix_spawn(
+                _which(argv[0], env), list(argv), dict(env),
+                file_actions=[(os.POSIX_SPAWN_DUP2, child_in, 0), (os.POSIX_SPAWN_DUP2, child_out, 1),
+                              (os.POSIX_SPAWN_DUP2, child_err, 2)],
+            )
+        except BaseException:
+            for fd in (self_in, self_out, self_err):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (child_in, child_out, child_err):
+                os.close(fd)
+        self.stdin: IO[bytes] | None = open(self_in, "wb", buffering=0)
+        self.stdout: IO[bytes] | None = open(self_out, "rb", buffering=0)
+        self.stderr: IO[bytes] | None = open(self_err, "rb", buffering=0)
+        self.returncode: int | None = None
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            while True:
+                try:
+                    _, status = os.waitpid(self.pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def _signal(self, signum: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self._signal(9)  # SIGKILL (the signal module's import is not needed for two numbers)
+
+    def terminate(self) -> None:
+        self._signal(15)  # SIGTERM
 
 
 # ---------------------------------------------------------------- byte pumps
@@ -224,7 +301,7 @@ def _exit_status(returncode: int) -> int:
 
 
 def proxy(
-    child: subprocess.Popen[bytes],
+    child: Child,
     decision: Decision,
     pending: bytes,
     git_in: Endpoint,
@@ -315,7 +392,7 @@ def _line(reader: LineReader) -> bytes:
     return line
 
 
-def _upstream(git_in: Endpoint, child: subprocess.Popen[bytes]) -> None:
+def _upstream(git_in: Endpoint, child: Child) -> None:
     assert child.stdin is not None
     try:
         copy(git_in, Endpoint(child.stdin))

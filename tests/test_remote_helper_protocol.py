@@ -275,7 +275,7 @@ def test_a_push_that_configuration_forbids_is_refused_before_minting(
 ) -> None:
     launched: list[object] = []
 
-    def launch(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    def launch(argv: Sequence[str], env: Mapping[str, str]) -> transport.Child:
         launched.append(argv)
         raise AssertionError("the transport must not start")
 
@@ -312,7 +312,7 @@ sys.exit(7)
 
 
 def fake_launcher(seen: list[Sequence[str]]) -> helper.Launcher:
-    def launch(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    def launch(argv: Sequence[str], env: Mapping[str, str]) -> transport.Child:
         seen.append(argv)
         return transport.spawn([sys.executable, "-c", FAKE_TRANSPORT, *argv[-2:]], env)
 
