@@ -52,7 +52,7 @@ HEAVY = (
 )
 
 # path -> the HEAVY modules that path may import, and why.
-PATHS = {
+PATHS: dict[str, tuple[str, ...]] = {
     # git asks every helper about every host: ours must answer "not mine" at once.
     "credential get, another host": (),
     "credential store and erase": (),

@@ -425,3 +425,22 @@ def test_a_transport_that_disagrees_with_our_preamble_is_caught(
 ) -> None:
     got, _, err = run(stdin, env={**os.environ, "FAKE_MODE": mode}, launch=fake_launcher([]))
     assert got == status and message in err
+
+
+def test_a_transport_that_cannot_start_is_one_line_naming_the_fix(tmp_path: Path) -> None:
+    for argv, env in ((["git-no-such-transport", "origin", "x"], {"PATH": str(tmp_path)}),
+                      ([str(tmp_path / "missing"), "origin", "x"], {})):
+        with pytest.raises(ConfigError, match="cannot run git's HTTPS transport .*is git 2.39 or newer installed"):
+            transport.spawn(argv, env)
+
+
+def test_the_spawned_transport_gets_its_pipes_and_its_exit_status() -> None:
+    child = transport.spawn([sys.executable, "-c", "import sys; sys.stdout.write(sys.stdin.read().upper());"
+                             "sys.stderr.write('e'); sys.exit(3)"], dict(os.environ))
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    child.stdin.write(b"abc")
+    child.stdin.close()
+    assert child.stdout.read() == b"ABC" and child.stderr.read() == b"e"
+    assert child.wait() == 3
+    child.stdout.close()
+    child.stderr.close()
