@@ -11,7 +11,8 @@ numbers the README quotes:
 1. `git credential fill` via the agent, config.toml present      / git credential-store
 2. `git credential fill` signing with the key from its default store / git credential-store
 3. `git ls-remote codestore://...` minus `git ls-remote http://t:JWT@...` (same server)
-4. one chunked response from the dev server (a Nagle stall shows as ~40 ms)
+4. one chunked response from the dev server (a Nagle stall shows as ~40 ms;
+   bench/devserver_latency.py measures the dev server's latency in detail)
 
 Run: <venv>/bin/python bench/fast_path.py [--runs 30]
 """

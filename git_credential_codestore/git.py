@@ -35,6 +35,18 @@ def run(
     return proc
 
 
+def output(args: Sequence[str], *, env: Mapping[str, str] | None = None) -> bytes:
+    """`git ARGS`'s stdout as bytes (file contents, patches in any encoding); GitError as `run`."""
+    try:
+        proc = subprocess.run(["git", *args], env=dict(env) if env is not None else None, capture_output=True, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise GitError("git is not installed or not on PATH; install git 2.39 or newer") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr.decode("utf-8", "replace").strip().splitlines() or ["no output"])[-1]
+        raise GitError(f"git {args[0]} failed (exit {proc.returncode}): {redact(detail)}")
+    return proc.stdout
+
+
 def config_get_all(key: str, *, scope: str = "--global", env: Mapping[str, str] | None = None) -> list[str]:
     # `git config --get-all` exits 1 when the key is unset: that is an answer, not an error.
     proc = run(["config", scope, "--get-all", key], env=env, ok=(0, 1))

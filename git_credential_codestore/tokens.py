@@ -165,7 +165,9 @@ def verify(
             token,
             key,
             algorithms=[alg],
-            options={"require": ["iss", "repo", "scopes", "iat", "exp"], "verify_exp": False, "verify_iat": False},
+            # `repo` is optional: org-wide tokens (`org:read`, as Code Storage's docs allow
+            # and the SDK mints for listing) need none; every repository check then fails.
+            options={"require": ["iss", "scopes", "iat", "exp"], "verify_exp": False, "verify_iat": False},
         )
     except jwt.InvalidSignatureError:
         raise TokenError("signature does not verify: token signed by an unregistered key") from None
@@ -185,7 +187,8 @@ def verify(
     scopes = raw["scopes"]
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
         raise TokenError("scopes must be a list of strings")
-    if not isinstance(raw["repo"], str):
+    repo = raw.get("repo", "")
+    if not isinstance(repo, str):
         raise TokenError("repo must be a string")
     refs = ref_policy(raw["refs"], TokenError) if raw.get("refs") is not None else []
     if raw.get("ops") is not None:
@@ -194,7 +197,7 @@ def verify(
     return Claims(
         iss=raw["iss"],
         sub=str(raw.get("sub", "")),
-        repo=raw["repo"],
+        repo=repo,
         scopes=tuple(scopes),
         iat=iat,
         exp=exp,

@@ -432,6 +432,43 @@ def test_the_namespaces_share_objects(seeded: tuple[DevServer, str, Path], tmp_p
     assert git("--git-dir", str(repo), "rev-parse", "refs/namespaces/ephemeral/refs/heads/feat").stdout.strip() == head
 
 
+def test_the_import_namespace_takes_the_base_token_and_keeps_its_own_refs(seeded: tuple[DevServer, str, Path]) -> None:
+    # `+import` (the SDK's get_import_remote_url) is a namespace like `+ephemeral`, not a 404.
+    server, url, work = seeded
+    write = auth_env(server.token("team/app", ["git:write"]))
+    head = commit(work, "imported history")
+    imp = url.replace(".git", "+import.git")
+    git("push", "-q", imp, "main:refs/heads/imported", cwd=work, env=write)
+    assert f"{head}\trefs/heads/imported" in git("ls-remote", imp, env=write).stdout
+    assert "imported" not in git("ls-remote", url, env=write).stdout
+    assert "imported" not in git("ls-remote", url.replace(".git", "+ephemeral.git"), env=write).stdout
+    assert any(e.get("namespace") == "import" and e["status"] == 200 for e in server.requests())
+
+
+def test_the_import_namespace_enforces_the_ref_policy(seeded: tuple[DevServer, str, Path]) -> None:
+    # Threat: a namespace where the token's ref policy does not reach.
+    server, url, work = seeded
+    proc = git("push", url.replace(".git", "+import.git"), "main", cwd=work, env=auth_env(policy_token(server, [["*", ["no-push"]]])), check=False)
+    assert proc.returncode != 0 and "denied by policy" in proc.stderr
+
+
+def test_a_verify_sig_rule_refuses_the_push_saying_the_dev_server_cannot_check_it(seeded: tuple[DevServer, str, Path]) -> None:
+    # Threat: a push Code Storage would refuse (unsigned, under verify-sig) passing here.
+    server, url, work = seeded
+    commit(work, "unsigned")
+    proc = git("push", url, "main", cwd=work, env=auth_env(policy_token(server, [["main", ["verify-sig"]]])), check=False)
+    assert proc.returncode != 0 and "verify-sig" in proc.stderr and "cannot check" in proc.stderr
+
+
+def test_short_ref_patterns_and_star_work_on_push(seeded: tuple[DevServer, str, Path]) -> None:
+    # Code Storage reads `main` as refs/heads/main; the dev server used to refuse the token (401).
+    server, url, work = seeded
+    env = auth_env(policy_token(server, [["main", ["no-push"]], ["*", []]]))
+    commit(work, "second")
+    assert git("push", url, "main", cwd=work, env=env, check=False).returncode != 0
+    git("push", "-q", url, "main:refs/heads/other", cwd=work, env=env)
+
+
 # ---- REST ------------------------------------------------------------------------------------
 
 
@@ -547,6 +584,11 @@ def test_malformed_json_is_400(dev_server: DevServer) -> None:
         "/-x.git/info/refs?service=git-upload-pack",
         "/app.git/objects.git/info/refs?service=git-upload-pack",  # a repo inside a repo's directory
         "/api/v1/../v1/repos",
+        "/api/repos/team%2Fapp/../x/branches",
+        "/api/repos/team/app/branches",  # an id's `/` must be encoded: one path component
+        "/api/repos/team%2F..%2Fx/branches",
+        "/api/repos/team%252Fapp",  # decoded once only
+        "/api/v1/repos/branches/",
         "/",
     ],
 )

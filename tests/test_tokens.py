@@ -163,6 +163,38 @@ def test_token_type_carries_its_expiry() -> None:
     assert Token("x", 5).expires_at == 5
 
 
+def test_sdk_ref_policies_verify_with_short_patterns_star_and_explicit_allows() -> None:
+    from pierre_storage.auth import generate_jwt
+
+    key = keys.generate("ec")
+    refs = [{"pattern": "main", "ops": ["no-push"]}, {"pattern": "feat/*"}, {"pattern": "*", "ops": ["no-force-push"]}]
+    sdk = generate_jwt(keys.private_pem(key).reveal(), "acme", "team/app", ["git:write"], 300, refs=refs)  # type: ignore[arg-type]
+    c = tokens.verify(sdk, {"only": key.public_key()}, org="acme")
+    assert c.refs == [("refs/heads/main", ["no-push"]), ("refs/heads/feat/*", []), ("*", ["no-force-push"])]
+
+
+def test_the_legacy_ops_claim_is_a_star_rule_after_the_refs_rules() -> None:
+    # Threat: `ops: ["no-force-push"]` (the SDK's deprecated form) silently ignored.
+    from pierre_storage.auth import generate_jwt
+
+    key = keys.generate("ec")
+    pem = keys.private_pem(key).reveal()
+    only_ops = generate_jwt(pem, "acme", "team/app", ["git:write"], 300, ops=["no-force-push"])
+    assert tokens.verify(only_ops, {"k": key.public_key()}, org="acme").refs == [("*", ["no-force-push"])]
+    both = generate_jwt(pem, "acme", "team/app", ["git:write"], 300, ops=["no-push"], refs=[{"pattern": "main", "ops": []}])
+    assert tokens.verify(both, {"k": key.public_key()}, org="acme").refs == [("refs/heads/main", []), ("*", ["no-push"])]
+
+
+def test_a_token_without_a_repo_claim_verifies_with_an_empty_repo() -> None:
+    # org-wide tokens (org:read) need not name a repository; every repository check then fails.
+    import jwt as pyjwt
+
+    key = keys.generate("ec")
+    now = int(time.time())
+    t = pyjwt.encode({"iss": "acme", "scopes": ["org:read"], "iat": now, "exp": now + 60}, key, algorithm="ES256")
+    assert tokens.verify(t, {"k": key.public_key()}, org="acme").repo == ""
+
+
 def test_verify_reads_code_storages_short_names_and_the_legacy_ops_claim() -> None:
     # Tokens from the official SDK may use `main` for refs/heads/main, and its deprecated
     # top-level `ops`, which means a catch-all rule after any `refs` rules.

@@ -63,6 +63,8 @@ def require_repo(claims: Claims, repo: str) -> None:
     # 401, not 403: the token is simply not a credential for this repository, and git
     # then erases it and fails instead of retrying with the same token.
     if claims.repo != repo:
+        if not claims.repo:
+            raise Refused(401, f"wrong repo: the token names no repository (org-wide tokens only list repositories), not {repo!r}", claims)
         raise Refused(401, f"wrong repo: token is for repository {claims.repo[:200]!r}, not {repo!r}", claims)
 
 

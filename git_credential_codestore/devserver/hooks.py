@@ -9,7 +9,9 @@ Under `GIT_NAMESPACE` git 2.39 gives the hook the un-namespaced names
 (`refs/heads/feat`, not `refs/namespaces/ephemeral/refs/heads/feat`); the prefix is
 stripped anyway so a pattern always matches the name the client pushed.
 
-The `verify-sig` op is accepted in a policy but not enforced by the dev server.
+The `verify-sig` op cannot be checked here (the dev server holds no signing keys), so a
+push it covers is refused saying so, never let through unchecked: a push that passes
+here must not be one Code Storage would refuse.
 
 This module is imported by the hook process on every push: standard library only.
 """
@@ -73,6 +75,8 @@ def refusals(lines: Iterable[str], policy: Policy, namespace: str | None = None)
         elif "no-force-push" in ops and is_forced(old, new):
             what = "deleting it" if _is_zero(new) else "a non-fast-forward update"
             out.append(f"{name}: the token's ref policy forbids {what} (no-force-push)")
+        elif "verify-sig" in ops:
+            out.append(f"{name}: the token's ref policy requires verified signatures (verify-sig), which the dev server cannot check")
     return out
 
 
@@ -88,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     errors = refusals(sys.stdin.read().splitlines(), policy, os.environ.get("GIT_NAMESPACE"))
     for message in errors:
-        print(f"codestore: refused {message}", file=sys.stderr)
+        print(f"codestore: refused (denied by policy): {message}", file=sys.stderr)
     return 1 if errors else 0
 
 

@@ -19,13 +19,17 @@ from dataclasses import dataclass
 
 from .. import git
 from ..errors import GitError, Refused
-from ..vocab import validate_repo_id
+from ..vocab import SUFFIXES, validate_repo_id
 
 EPHEMERAL_NS = "ephemeral"
 EPHEMERAL_PREFIX = f"refs/namespaces/{EPHEMERAL_NS}/"
+# `{repo}+import.git` (the SDK's `get_import_remote_url`): a second namespace inside the
+# same repository, served exactly like `+ephemeral` (same token, shared objects, refs of
+# its own). Code Storage does not document it beyond "points to import namespace".
+NAMESPACES = tuple(suffix[1:] for suffix in SUFFIXES)  # ("ephemeral", "import")
 META_FILE = "codestore.json"
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
-_SHA = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
+_SHA = re.compile(r"^[0-9a-f]{4,64}$")  # a full or abbreviated commit id
 
 
 def check_branch(name: str, what: str) -> str:
@@ -65,8 +69,12 @@ class RepoStore:
     def _git(self, repo: str, *args: str, ok: tuple[int, ...] = (0,)) -> str:
         return git.run(["--git-dir", self.path(repo), *args], env=self.env, ok=ok).stdout
 
-    def create(self, repo: str, default_branch: str) -> RepoInfo:
-        """`git init --bare` into a temporary directory, then rename: creation is atomic."""
+    def create(self, repo: str, default_branch: str, source: str | None = None, start: str | None = None) -> RepoInfo:
+        """`git init --bare` into a temporary directory, then rename: creation is atomic.
+
+        With `source` (a fork), its branches and tags are copied in before the rename, and
+        `start` (a commit of the source) becomes the default branch's head.
+        """
         check_branch(default_branch, "default_branch")
         final = self.path(repo)
         parent = os.path.dirname(final)
@@ -76,11 +84,18 @@ class RepoStore:
         tmp = tempfile.mkdtemp(prefix=".creating-", dir=parent)
         try:
             git.run(["init", "--quiet", "--bare", f"--initial-branch={default_branch}", tmp], env=self.env)
-            # Clones of `repo+ephemeral.git` check out the same default branch.
-            git.run(
-                ["--git-dir", tmp, "symbolic-ref", f"{EPHEMERAL_PREFIX}HEAD", f"{EPHEMERAL_PREFIX}refs/heads/{default_branch}"],
-                env=self.env,
-            )
+            # Clones of `repo+ephemeral.git` (and `+import`) check out the same default branch.
+            for ns in NAMESPACES:
+                prefix = f"refs/namespaces/{ns}/"
+                git.run(["--git-dir", tmp, "symbolic-ref", f"{prefix}HEAD", f"{prefix}refs/heads/{default_branch}"], env=self.env)
+            if source is not None:
+                git.run(
+                    ["--git-dir", tmp, "fetch", "--quiet", "--no-tags", self.path(source),
+                     "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+                    env=self.env,
+                )
+                if start is not None:
+                    git.run(["--git-dir", tmp, "update-ref", f"refs/heads/{default_branch}", start], env=self.env)
             created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
                 json.dump({"repo_id": repo, "created_at": created}, f)
@@ -128,7 +143,7 @@ class RepoStore:
         return iter(sorted(found))
 
     def resolve(self, repo: str, ref: str, ephemeral: bool) -> str | None:
-        """A branch, then a tag, then a full commit id, in the chosen namespace."""
+        """A branch, then a tag, then a (possibly abbreviated) commit id, in the chosen namespace."""
         prefix = EPHEMERAL_PREFIX if ephemeral else ""
         candidates = [f"{prefix}refs/heads/{ref}", f"{prefix}refs/tags/{ref}"]
         if ref.startswith("refs/"):
@@ -156,3 +171,179 @@ class RepoStore:
         ref = f"{EPHEMERAL_PREFIX if ephemeral else ''}refs/heads/{target}"
         out = self._git(repo, "rev-parse", "--verify", "--quiet", ref, ok=(0, 1))
         return out.strip() or None
+
+    # ---- what the REST endpoints read and change ------------------------------------------
+
+    def delete(self, repo: str) -> None:
+        """Rename out of the way, then remove: no request ever sees half a repository."""
+        if not self.exists(repo):
+            raise Refused(404, f"repository {repo!r} does not exist")
+        final = self.path(repo)
+        doomed = tempfile.mkdtemp(prefix=".deleting-", dir=self.root)
+        try:
+            os.rename(final, os.path.join(doomed, "repo.git"))
+        except OSError:
+            os.rmdir(doomed)
+            raise Refused(404, f"repository {repo!r} does not exist") from None
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def branches(self, repo: str, ephemeral: bool) -> list[tuple[str, str, int]]:
+        """(name, head sha, head commit time) of every branch in one namespace, by name."""
+        prefix = f"{EPHEMERAL_PREFIX if ephemeral else ''}refs/heads/"
+        out = self._git(repo, "for-each-ref", "--format=%(refname)%00%(objectname)%00%(committerdate:unix)", prefix)
+        rows = []
+        for line in out.splitlines():
+            ref, sha, when = line.split("\0")
+            rows.append((ref[len(prefix) :], sha, int(when or 0)))
+        return sorted(rows)
+
+    def delete_branch(self, repo: str, name: str, ephemeral: bool, expect: str) -> bool:
+        """Delete `name` if it is still at `expect`; False when it moved or is gone."""
+        ref = f"{EPHEMERAL_PREFIX if ephemeral else ''}refs/heads/{name}"
+        try:
+            self._git(repo, "update-ref", "-d", ref, expect)
+        except GitError:
+            return False
+        return True
+
+    def move_branch(self, repo: str, target: str, sha: str, ephemeral: bool, expect: str) -> bool:
+        """Move an existing branch from `expect` to `sha`; False when it moved meanwhile."""
+        ref = f"{EPHEMERAL_PREFIX if ephemeral else ''}refs/heads/{target}"
+        try:
+            self._git(repo, "update-ref", "-m", "codestore: branches/create force", ref, sha, expect)
+        except GitError:
+            return False
+        return True
+
+    def is_ancestor(self, repo: str, old: str, new: str) -> bool:
+        proc = git.run(["--git-dir", self.path(repo), "merge-base", "--is-ancestor", old, new], env=self.env, ok=(0, 1))
+        return proc.returncode == 0
+
+    def merge_base(self, repo: str, a: str, b: str) -> str | None:
+        return self._git(repo, "merge-base", a, b, ok=(0, 1)).strip() or None
+
+    def log(self, repo: str, sha: str, skip: int, count: int, path: str | None, walk: bool = True) -> list[dict[str, object]]:
+        """Commits reachable from `sha`, newest first, as Code Storage lists them."""
+        # Fields end in NUL, records in RS (0x1e): the message is the last field, so a NUL
+        # (which git refuses in messages) never splits it and an empty parent list is safe.
+        fmt = "%H%x00%P%x00%an%x00%ae%x00%cn%x00%ce%x00%at%x00%B%x1e"
+        args = ["log", f"--format={fmt}", f"--skip={skip}", f"--max-count={count}", *([] if walk else ["--no-walk"]), sha, "--"]
+        if path:
+            args.append(path)
+        out = self._git(repo, *args)
+        commits: list[dict[str, object]] = []
+        for record in out.split("\x1e"):
+            record = record.lstrip("\n")
+            if not record:
+                continue
+            sha_, parents, an, ae, cn, ce, at, message = record.split("\0", 7)
+            commits.append(
+                {
+                    "sha": sha_,
+                    "parent_shas": parents.split(),
+                    "message": message.rstrip("\n"),
+                    "author_name": an,
+                    "author_email": ae,
+                    "committer_name": cn,
+                    "committer_email": ce,
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(at))),
+                }
+            )
+        return commits
+
+    def diff(self, repo: str, base: str, head: str, paths: list[str]) -> list[dict[str, object]]:
+        """Per-file changes from `base` to `head` (rename detection on), with each patch."""
+        limit = ["--", *paths] if paths else []
+        status = self._git(repo, "diff", "--name-status", "-z", "-M", base, head, *limit).split("\0")
+        numstat = self._git(repo, "diff", "--numstat", "-z", "-M", base, head, *limit).split("\0")
+        counts: dict[str, tuple[int, int]] = {}
+        i = 0
+        while i < len(numstat) and numstat[i]:
+            added, deleted, name = numstat[i].split("\t", 2)
+            if not name:  # a rename: the two names follow as their own fields
+                name, i = numstat[i + 2], i + 3
+            else:
+                i += 1
+            counts[name] = (int(added) if added.isdigit() else 0, int(deleted) if deleted.isdigit() else 0)
+        files: list[dict[str, object]] = []
+        i = 0
+        while i < len(status) and status[i]:
+            state = status[i]
+            if state[0] in "RC":
+                old, new, i = status[i + 1], status[i + 2], i + 3
+            else:
+                old, new, i = None, status[i + 1], i + 2
+            patch = git.output(["--git-dir", self.path(repo), "diff", "-M", base, head, "--", *([old] if old else []), new], env=self.env)
+            raw = patch.decode("utf-8", "replace")
+            additions, deletions = counts.get(new, (0, 0))
+            files.append(
+                {
+                    "path": new,
+                    "state": state,
+                    "old_path": old,
+                    "raw": raw,
+                    "bytes": len(patch),
+                    "is_eof": True,
+                    "additions": additions,
+                    "deletions": deletions,
+                }
+            )
+        return files
+
+    def tags(self, repo: str) -> list[tuple[str, str]]:
+        """(name, the commit it points at) of every tag, by name; annotated tags peeled."""
+        fmt = "%(refname:strip=2)%00%(objectname)%00%(*objectname)"
+        rows = []
+        for line in self._git(repo, "for-each-ref", f"--format={fmt}", "refs/tags/").splitlines():
+            name, obj, peeled = line.split("\0")
+            rows.append((name, peeled or obj))
+        return sorted(rows)
+
+    def commit(self, repo: str, sha: str) -> dict[str, object]:
+        """One commit as Code Storage describes it; `signature`/`payload` when it is signed."""
+        (info,) = self.log(repo, sha, 0, 1, None, walk=False)
+        raw = git.output(["--git-dir", self.path(repo), "cat-file", "commit", sha], env=self.env)
+        header, sep, message = raw.partition(b"\n\n")
+        kept, signature, in_sig = [], [], False
+        for line in header.split(b"\n"):
+            if line.startswith((b"gpgsig ", b"gpgsig-sha256 ")):
+                in_sig = True
+                signature.append(line.split(b" ", 1)[1])
+            elif in_sig and line.startswith(b" "):
+                signature.append(line[1:])
+            else:
+                in_sig = False
+                kept.append(line)
+        if signature:
+            info["signature"] = b"\n".join(signature).decode("utf-8", "replace") + "\n"
+            info["payload"] = (b"\n".join(kept) + sep + message).decode("utf-8", "replace")
+        return info
+
+    def tree(self, repo: str, sha: str, path: str | None, recursive: bool) -> list[tuple[str, str, str]]:
+        """(path, type, mode) under `path` at `sha`: blob, tree, symlink or submodule."""
+        args = ["ls-tree", "-z", *(["-r", "-t"] if recursive else []), sha]
+        if path:
+            args += ["--", path.rstrip("/") + "/"]
+        out = []
+        for line in self._git(repo, *args).split("\0"):
+            if not line:
+                continue
+            meta, name = line.split("\t", 1)
+            mode, kind, _ = meta.split(" ", 2)
+            kind = {"commit": "submodule"}.get(kind, kind)
+            if mode == "120000":
+                kind = "symlink"
+            out.append((name, kind, mode))
+        return out
+
+    def read_blob(self, repo: str, sha: str, path: str) -> tuple[str, bytes, str] | None:
+        """(blob sha, content, last commit touching it) of `path` at commit `sha`; None if absent."""
+        proc = git.run(["--git-dir", self.path(repo), "rev-parse", "--verify", "--quiet", f"{sha}:{path}"], env=self.env, ok=(0, 1, 128))
+        blob = proc.stdout.strip()
+        if proc.returncode != 0 or not blob:
+            return None
+        if self._git(repo, "cat-file", "-t", blob).strip() != "blob":
+            return None
+        data = git.output(["--git-dir", self.path(repo), "cat-file", "blob", blob], env=self.env)
+        last = self._git(repo, "log", "-1", "--format=%H", sha, "--", path).strip()
+        return blob, data, last

@@ -28,9 +28,9 @@ from urllib.parse import parse_qsl
 from .. import git
 from ..errors import CodestoreError, ConfigError, Refused, redact
 from ..tokens import Claims, PublicKey
-from ..vocab import validate_repo_id
+from ..vocab import SUFFIXES, validate_repo_id
 from . import api
-from .auth import REALM, authenticate, authorize_git
+from .auth import REALM, authenticate, authorize_git, require_scope
 from .hooks import POLICY_ENV
 from .repos import EPHEMERAL_NS, RepoStore
 
@@ -48,26 +48,26 @@ IO_SIZE = 64 * 1024
 #   the namespace: it is a 404 here.
 # - A repository id is letters, digits and `-_./` only: no `%` (no encoded `/` or `..`
 #   sneaking past the check and being decoded later), no `+` except the one
-#   `+ephemeral` suffix the pattern itself recognises, no `\`. `..`, `.`, empty
+#   `+ephemeral` or `+import` suffix the pattern itself recognises (each a namespace of
+#   the same repository, reached with the base repository's token), no `\`. `..`, `.`, empty
 #   components (`//`) and components ending in `.git` are then refused by
-#   `vocab.validate_repo_id` (the one validator) rather than cleaned up, so one repository's path can never name
-#   another's directory or a file inside it.
+#   `vocab.validate_repo_id` (the one validator) rather than cleaned up, so one
+#   repository's path can never name another's directory or a file inside it.
 # - The repository id is matched non-greedily up to the first `.git/` that is followed
 #   by a known endpoint, and `.git` cannot end any component, so the split is unique.
-_REPO = r"(?P<repo>[A-Za-z0-9][A-Za-z0-9._/-]*?)(?P<ephemeral>\+ephemeral)?\.git"
+_NAMESPACES = "|".join(re.escape(suffix[1:]) for suffix in SUFFIXES)  # ephemeral|import
+_REPO = rf"(?P<repo>[A-Za-z0-9][A-Za-z0-9._/-]*?)(?:\+(?P<ns>{_NAMESPACES}))?\.git"
 GIT_ROUTES: list[tuple[str, re.Pattern[str], str | None]] = [
     ("GET", re.compile(rf"^/{_REPO}/info/refs$"), None),  # service from the query
     ("POST", re.compile(rf"^/{_REPO}/git-upload-pack$"), "git-upload-pack"),
     ("POST", re.compile(rf"^/{_REPO}/git-receive-pack$"), "git-receive-pack"),
 ]
-API_ROUTES: list[tuple[str, str, str]] = [
-    ("POST", "/api/v1/repos", "create_repo"),
-    ("GET", "/api/v1/repos", "list_repos"),
-    ("POST", "/api/v1/repos/branches/create", "create_branch"),
-]
+# The REST routes, with their own reasoning, are `api.ENDPOINTS`: everything under /api/.
 SERVICES = ("git-upload-pack", "git-receive-pack")
 _GIT_PROTOCOL = re.compile(r"^[A-Za-z0-9=:._-]{1,256}$")
 _CONTENT_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+/ ;=-]{1,200}$")
+# ASCII digits only: `str.isdigit` also accepts `²` and `٣`, which `int()` then rejects.
+_LENGTH = re.compile(r"^[0-9]{1,18}$")
 
 
 @dataclass
@@ -168,13 +168,34 @@ def _now() -> str:
 
 
 class Handler(BaseHTTPRequestHandler):
+    _headers_buffer: list[bytes]  # BaseHTTPRequestHandler's, undeclared in its stubs
     protocol_version = "HTTP/1.1"
+    # A request line without a version is HTTP/0.9, whose answers carry no status line:
+    # a client would see a bare body it cannot tell from success. Answer as HTTP/1.1.
+    default_request_version = "HTTP/1.1"
     server_version = "codestore-dev-server"
     sys_version = ""
     timeout = 300  # an idle or stalled connection frees its thread
     server: DevServer
 
     # ---- plumbing -------------------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        # A response is a few small writes (headers, chunks, the terminator). With Nagle on,
+        # the second small write waits for the client's delayed ACK: ~40 ms per exchange.
+        # Writes are also coalesced below, so NODELAY costs no extra packets.
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def _take_headers(self) -> bytes:
+        """The buffered status line and headers plus the blank line, not yet written."""
+        self._headers_buffer.append(b"\r\n")
+        head = b"".join(self._headers_buffer)
+        self._headers_buffer = []
+        return head
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass  # the JSON request log replaces http.server's stderr lines
@@ -212,9 +233,11 @@ class Handler(BaseHTTPRequestHandler):
             "kid": None,
             "reason": None,
         }
-        self.body_consumed = self.command in ("GET", "HEAD") and not self._has_body()
+        self.body_consumed = False  # until the framing headers are understood
         self.started_response = False
         try:
+            self._framing()
+            self.body_consumed = self.command in ("GET", "HEAD") and not self._has_body()
             self._dispatch(raw_path, query)
         except Refused as e:
             self._note_claims(e.claims)  # type: ignore[arg-type]
@@ -251,8 +274,47 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:  # noqa: BLE001 - a full disk must not kill request threads
             pass
 
+    def _framing(self) -> None:
+        """Decide how long the body is, or refuse: ambiguity here is request smuggling."""
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        encodings = self.headers.get_all("Transfer-Encoding") or []
+        self.body_length: int | None = 0
+        if len(lengths) > 1:
+            raise Refused(400, "conflicting Content-Length headers")
+        if len(encodings) > 1:
+            raise Refused(400, "more than one Transfer-Encoding header")
+        if lengths and encodings:
+            raise Refused(400, "both Content-Length and Transfer-Encoding sent")
+        if encodings:
+            te = encodings[0].strip().lower()
+            if te != "chunked":
+                raise Refused(501, f"transfer encoding {te[:40]!r} is not supported")
+            self.body_length = None
+        elif lengths:
+            (length,) = lengths
+            if not _LENGTH.match(length):
+                raise Refused(400, f"bad Content-Length {length[:20]!r}: want a decimal number of bytes")
+            self.body_length = int(length)
+
     def _has_body(self) -> bool:
-        return bool(self.headers.get("Transfer-Encoding")) or int_or_zero(self.headers.get("Content-Length")) > 0
+        return self.body_length is None or self.body_length > 0
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (bad request line, oversized headers): logged like ours."""
+        entry = {
+            "time": _now(),
+            "method": getattr(self, "command", None),
+            "path": (getattr(self, "path", "") or "")[:500],
+            "remote": self.client_address[0] if self.client_address else None,
+            "status": code,
+            "reason": redact(" ".join((message or explain or "").split()))[:300] or None,
+        }
+        try:
+            self.server.state.log(entry)
+        except Exception:  # noqa: BLE001 - a full disk must not kill request threads
+            pass
+        self.close_connection = True
+        super().send_error(code, message, explain)
 
     def _note_claims(self, claims: Claims | None) -> None:
         if claims is not None:
@@ -286,45 +348,33 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self._write_log()
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        # One write for headers and body: one segment on the wire for a small answer.
+        self.wfile.write(self._take_headers() + (body if self.command != "HEAD" else b""))
 
     def _body_reader(self) -> io.RawIOBase:
-        te = (self.headers.get("Transfer-Encoding") or "").strip().lower()
-        if te:
-            if te != "chunked":
-                raise Refused(501, f"transfer encoding {te[:40]!r} is not supported")
-            if self.headers.get("Content-Length"):
-                raise Refused(400, "both Content-Length and Transfer-Encoding sent")
+        if self.body_length is None:
             return ChunkedReader(self.rfile)  # type: ignore[arg-type]
-        length = self.headers.get("Content-Length")
-        if length is None:
-            return LengthReader(self.rfile, 0)  # type: ignore[arg-type]
-        if not length.isdigit():
-            raise Refused(400, "bad Content-Length")
-        return LengthReader(self.rfile, int(length))  # type: ignore[arg-type]
+        return LengthReader(self.rfile, self.body_length)  # type: ignore[arg-type]
 
     # ---- routing ----------------------------------------------------------------------
 
     def _dispatch(self, path: str, query: str) -> None:
         if not path.startswith("/") or len(path) > 1024:
             raise Refused(400, "bad request target")
-        if path == "/api/v1" or path.startswith("/api/v1/"):
+        if path == "/api" or path.startswith("/api/"):
             self.entry["api"] = True
-            for method, route, name in API_ROUTES:
-                if path == route and self.command == method:
-                    return self._api(name, query)
-            raise Refused(404, f"no such endpoint: {self.command} {path[:100]}")
+            endpoint, path_repo = api.route(self.command, path)
+            return self._api(endpoint, path_repo, path, query)
         for method, pattern, service in GIT_ROUTES:
             m = pattern.match(path)
             if m and self.command == method:
-                return self._git(m.group("repo"), bool(m.group("ephemeral")), service, query)
-        raise Refused(404, "not found: this server speaks only Git smart HTTP and /api/v1")
+                return self._git(m.group("repo"), m.group("ns"), service, query)
+        raise Refused(404, "not found: this server speaks only Git smart HTTP and /api/")
 
-    def _git(self, repo: str, ephemeral: bool, service: str | None, query: str) -> None:
+    def _git(self, repo: str, namespace: str | None, service: str | None, query: str) -> None:
         state = self.server.state
-        self.entry["repo"], self.entry["ephemeral"] = repo, ephemeral
+        self.entry["repo"], self.entry["ephemeral"] = repo, namespace == EPHEMERAL_NS
+        self.entry["namespace"] = namespace
         try:
             validate_repo_id(repo)
         except ConfigError as e:
@@ -344,11 +394,11 @@ class Handler(BaseHTTPRequestHandler):
         authorize_git(claims, repo, service)
         if not state.store.exists(repo):
             raise Refused(404, f"repository {repo!r} does not exist; create it with: codestore repo create {repo}")
-        self._run_cgi(repo, ephemeral, suffix, cgi_query, claims)
+        self._run_cgi(repo, namespace, suffix, cgi_query, claims)
 
     # ---- CGI --------------------------------------------------------------------------
 
-    def _run_cgi(self, repo: str, ephemeral: bool, suffix: str, query: str, claims: Claims) -> None:
+    def _run_cgi(self, repo: str, namespace: str | None, suffix: str, query: str, claims: Claims) -> None:
         state = self.server.state
         env = dict(state.git_env)
         env.update(
@@ -365,16 +415,13 @@ class Handler(BaseHTTPRequestHandler):
             REMOTE_USER=_printable(claims.sub) or "t",
             **{POLICY_ENV: json.dumps([[p, list(ops)] for p, ops in claims.refs])},
         )
-        if ephemeral:
-            env["GIT_NAMESPACE"] = EPHEMERAL_NS
+        if namespace:
+            env["GIT_NAMESPACE"] = namespace
         ctype = self.headers.get("Content-Type")
         if ctype and _CONTENT_TYPE.match(ctype):
             env["CONTENT_TYPE"] = ctype
-        length = self.headers.get("Content-Length")
-        if length is not None and not self.headers.get("Transfer-Encoding"):
-            if not length.isdigit():
-                raise Refused(400, "bad Content-Length")
-            env["CONTENT_LENGTH"] = length
+        if self.body_length is not None and self.headers.get("Content-Length") is not None:
+            env["CONTENT_LENGTH"] = str(self.body_length)
         encoding = self.headers.get("Content-Encoding")
         if encoding:
             if encoding.strip().lower() not in ("gzip", "x-gzip", "identity"):
@@ -472,32 +519,44 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
+        # The header block rides with the first piece of body, and each chunk's framing with
+        # its data: one write per piece, never a tiny write waiting behind another.
+        head = self._take_headers()
         while True:
             data = out.read1(IO_SIZE)  # type: ignore[attr-defined]
             if not data:
                 break
-            if chunked:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            else:
-                self.wfile.write(data)
+            self.wfile.write(head + (b"%x\r\n%s\r\n" % (len(data), data) if chunked else data))
+            head = b""
         finish()
         self._write_log()
-        if chunked:
-            self.wfile.write(b"0\r\n\r\n")
+        tail = head + (b"0\r\n\r\n" if chunked else b"")
+        if tail:
+            self.wfile.write(tail)
         self.wfile.flush()
 
     # ---- REST -------------------------------------------------------------------------
 
-    def _api(self, name: str, query: str) -> None:
+    def _api(self, endpoint: api.Endpoint, path_repo: str | None, path: str, query: str) -> None:
         state = self.server.state
+        self.entry["endpoint"] = endpoint.name
+        if endpoint.handler is None:
+            # Whatever the body holds (a commit pack is not JSON), the answer is the same;
+            # it is left unread and the connection closed after the answer.
+            self._note_claims(authenticate(self.headers.get("Authorization"), state.keys, state.org))
+            raise Refused(501, f"{endpoint.name} ({endpoint.method} {path[:100]}) is not implemented by codestore dev-server; see docs/dev-server.md")
         body: dict[str, object] = {}
-        if self.command == "POST":
+        if self.body_length is not None and self.body_length > MAX_JSON_BODY:
+            # Refused before reading: a declared length alone must not hold a thread.
+            raise Refused(413, f"request body larger than {MAX_JSON_BODY // 1024} KiB")
+        if self._has_body():
             data = _read_upto(self._body_reader(), MAX_JSON_BODY + 1)
             if len(data) > MAX_JSON_BODY:
                 raise Refused(413, f"request body larger than {MAX_JSON_BODY // 1024} KiB")
             self.body_consumed = True
             if data.strip():
+                if self.command in ("GET", "HEAD"):
+                    raise Refused(400, f"a {self.command} request carries no body")
                 try:
                     parsed = json.loads(data)
                 except ValueError:
@@ -505,17 +564,34 @@ class Handler(BaseHTTPRequestHandler):
                 if not isinstance(parsed, dict):
                     raise Refused(400, "request body must be a JSON object")
                 body = parsed
+        self.body_consumed = True
         claims = authenticate(self.headers.get("Authorization"), state.keys, state.org)
         self._note_claims(claims)
-        self.entry["repo"] = claims.repo[:200]
-        if name == "create_repo":
-            status, result = api.create_repo(state.store, claims, body, state.base_url)
-        elif name == "list_repos":
-            status, result = api.list_repos(state.store, claims, dict(parse_qsl(query)), state.base_url)
+        self.entry["repo"] = (path_repo or claims.repo)[:200] or None
+        if endpoint.scope:
+            require_scope(claims, endpoint.scope)
+        if endpoint.path is not None or endpoint.name == "create_repo":
+            # The token says which repository may be touched; a versionless path only
+            # says which one the caller means, and must agree.
+            if not claims.repo:
+                raise Refused(401, f"{endpoint.name} needs a token for one repository; this one names none (org-wide)", claims)
+            if path_repo is not None and path_repo != claims.repo:
+                raise Refused(403, f"wrong repo: token is for repository {claims.repo[:200]!r}, not {path_repo[:200]!r}", claims)
+            try:
+                validate_repo_id(claims.repo)
+            except ConfigError as e:
+                raise Refused(400, str(e)) from None
+        if body.get("target_is_ephemeral") is True or body.get("ephemeral") is True or "ephemeral=true" in query:
+            self.entry["ephemeral"] = True
+        call = api.Call(
+            store=state.store, claims=claims, repo=claims.repo, query=parse_qsl(query, keep_blank_values=True),
+            body=body, headers=self.headers, method=self.command, base_url=state.base_url, org=state.org, keys=state.keys,
+        )
+        reply = endpoint.handler(call)
+        if reply.json is not None:
+            self._send(reply.status, (json.dumps(reply.json) + "\n").encode(), "application/json", reply.headers)
         else:
-            self.entry["ephemeral"] = bool(body.get("target_is_ephemeral"))
-            status, result = api.create_branch(state.store, claims, body)
-        self._send(status, (json.dumps(result) + "\n").encode(), "application/json")
+            self._send(reply.status, reply.data, reply.ctype, reply.headers)
 
 
 class _Feeder(threading.Thread):
@@ -579,10 +655,6 @@ def _read_upto(reader: io.RawIOBase, limit: int) -> bytes:
             break
         data += chunk
     return bytes(data)
-
-
-def int_or_zero(value: str | None) -> int:
-    return int(value) if value and value.isdigit() else 0
 
 
 def _printable(text: str) -> str:
