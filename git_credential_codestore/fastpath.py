@@ -30,6 +30,7 @@ MODULES = (
     "git_credential_codestore.vocab",
     "git_credential_codestore.config",
     "git_credential_codestore.config_cache",
+    "git_credential_codestore.files",  # only to refresh the parsed config after an edit
     "git_credential_codestore.secrets",
     "git_credential_codestore.source",
     "git_credential_codestore.remotes",

@@ -115,7 +115,8 @@ def _keychain_verdict(env: Mapping[str, str]) -> tuple[str, object]:
     """Where the verdict is kept, and what keyring's choice of backend depends on here."""
     from .config import user_dir
 
-    rc = os.path.join(env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME", "~"), ".config"),
+    home = env.get("HOME") or os.path.expanduser("~")
+    rc = os.path.join(env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"),
                       "python_keyring", "keyringrc.cfg")
     try:
         rc_st = os.stat(rc)
