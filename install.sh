@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Install codestore into its own virtual environment and put its three programs on PATH.
 #
-#   ./install.sh [--prefix DIR] [--bin-dir DIR] [--org ORG] [--setup] [--demo]
+#   ./install.sh [--system|--user] [--prefix DIR] [--bin-dir DIR] [--org ORG] [--base-url URL] [--setup] [--demo]
 #
+# As root it installs system-wide (--system): into /opt/codestore, programs in
+# /usr/local/bin, readable by every user, and --setup writes git's system config
+# (`codestore setup --system`), so an image built as root works for the non-root user
+# it runs as. Otherwise (or with --user) it installs for the current user: into
+# ~/.local/share/codestore, programs in ~/.local/bin, and --setup writes ~/.gitconfig.
 # Idempotent and non-interactive: safe to run again to upgrade, and inside a sandbox
 # image build (Dockerfile RUN, Modal/E2B/Daytona image steps). It needs python3 (3.10+)
 # and git; as root on Debian/Ubuntu it installs them with apt-get when they are missing.
-# It reaches no network but the package registries.
+# It reaches no network but the package registries; setting up needs no key.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-data_home=${XDG_DATA_HOME:-$HOME/.local/share}
-prefix="$data_home/codestore"
-bin_dir="$HOME/.local/bin"
+system=""
+prefix=""
+bin_dir=""
 org=""
+base_url=""
 do_setup=0
 do_demo=0
 
@@ -21,15 +27,36 @@ die() { echo "install.sh: $*" >&2; exit 1; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
+    --system) system=1; shift ;;
+    --user) system=0; shift ;;
     --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; prefix=$2; shift 2 ;;
     --bin-dir) [ $# -ge 2 ] || die "--bin-dir needs a directory"; bin_dir=$2; shift 2 ;;
     --org) [ $# -ge 2 ] || die "--org needs a name"; org=$2; shift 2 ;;
+    --base-url) [ $# -ge 2 ] || die "--base-url needs a URL"; base_url=$2; shift 2 ;;
     --setup) do_setup=1; shift ;;
     --demo) do_demo=1; shift ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
+
+if [ -z "$system" ]; then
+  if [ "$(id -u)" = 0 ]; then system=1; else system=0; fi
+fi
+if [ "$system" = 1 ]; then
+  prefix=${prefix:-/opt/codestore}
+  bin_dir=${bin_dir:-/usr/local/bin}
+  # Every user must read and run what root installs here (an image built as root runs
+  # as another user): no group/other bits masked, whatever umask the build has.
+  umask 022
+  if [ -n "$org$base_url" ] && [ "$do_setup" = 0 ]; then
+    die "--org/--base-url go into git's system config with --setup; add --setup"
+  fi
+else
+  data_home=${XDG_DATA_HOME:-$HOME/.local/share}
+  prefix=${prefix:-$data_home/codestore}
+  bin_dir=${bin_dir:-$HOME/.local/bin}
+fi
 
 apt_install() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -47,6 +74,20 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
   || die "python3 is $(python3 -V 2>&1); codestore needs 3.10 or newer"
 # Debian splits venv (and ensurepip) out of python3.
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+
+if [ "$system" = 1 ]; then
+  # The venv's python is a link to this interpreter: one under root's home (pyenv,
+  # conda) would be unreadable by the users the image runs as.
+  python3 - <<'CHECK' || die "python3 resolves to $(python3 -c 'import os, sys; print(os.path.realpath(sys.executable))') which other users cannot run; put a system python3 (e.g. /usr/bin) first on PATH for a system install"
+import os, stat, sys
+p = os.path.realpath(sys.executable)
+ok = os.stat(p).st_mode & stat.S_IXOTH
+while ok and p != "/":
+    p = os.path.dirname(p)
+    ok = os.stat(p).st_mode & stat.S_IXOTH
+sys.exit(0 if ok else 1)
+CHECK
+fi
 
 venv="$prefix/venv"
 if [ ! -x "$venv/bin/python" ]; then
@@ -77,6 +118,10 @@ LAUNCHER
 write_launcher git-credential-codestore git_credential_codestore.credential
 write_launcher git-remote-codestore remote_helper.main
 
+if [ "$system" = 1 ]; then
+  chmod -R a+rX "$prefix"
+fi
+
 mkdir -p "$bin_dir"
 for prog in codestore git-credential-codestore git-remote-codestore; do
   # A link by name: git finds git-credential-codestore and git-remote-codestore on PATH,
@@ -89,11 +134,20 @@ case ":$PATH:" in
   *) echo "install.sh: add $bin_dir to PATH (e.g. export PATH=\"$bin_dir:\$PATH\") so git finds the helpers" ;;
 esac
 
-if [ -n "$org" ]; then
-  "$bin_dir/codestore" config set org "$org"
-fi
-if [ "$do_setup" = 1 ]; then
-  PATH="$bin_dir:$PATH" "$bin_dir/codestore" setup
+if [ "$system" = 1 ]; then
+  if [ "$do_setup" = 1 ]; then
+    PATH="$bin_dir:$PATH" "$bin_dir/codestore" setup --system ${org:+--org "$org"} ${base_url:+--base-url "$base_url"}
+  fi
+else
+  if [ -n "$org" ]; then
+    "$bin_dir/codestore" config set org "$org"
+  fi
+  if [ -n "$base_url" ]; then
+    "$bin_dir/codestore" config set base_url "$base_url"
+  fi
+  if [ "$do_setup" = 1 ]; then
+    PATH="$bin_dir:$PATH" "$bin_dir/codestore" setup
+  fi
 fi
 if [ "$do_demo" = 1 ]; then
   PATH="$bin_dir:$PATH" exec "$bin_dir/codestore" demo

@@ -13,6 +13,12 @@ The environment names are a contract with users and tests:
     CODESTORE_EPHEMERAL_SCOPES  scopes for the +ephemeral namespace (default: CODESTORE_SCOPES)
     CODESTORE_SUB               the `sub` claim (default codestore@<hostname>)
     CODESTORE_CONFIG            path of the TOML file itself
+    CODESTORE_DEBUG             trace each credential request to stderr (never a secret)
+
+The official `git-credential-code-storage` reads PIERRE_PRIVATE_KEY,
+PIERRE_PRIVATE_KEY_FILE, PIERRE_TOKEN_TTL and PIERRE_DEBUG: each is accepted where its
+CODESTORE_* name is unset (`getenv`, the one reader of these names), so an image moving
+from it keeps working.
 
 The file holds the same settings in lower case, plus per-repository rules:
 
@@ -33,6 +39,32 @@ from collections.abc import Mapping
 
 from .errors import ConfigError
 from .vocab import DEFAULT_TTL, EPHEMERAL_SUFFIX, check_ttl, parse_scopes, path_under, split_repo_path, split_url
+
+# Our name -> the official helper's name for the same setting (see the module docstring).
+OFFICIAL_NAMES = {
+    "CODESTORE_PRIVATE_KEY": "PIERRE_PRIVATE_KEY",
+    "CODESTORE_PRIVATE_KEY_FILE": "PIERRE_PRIVATE_KEY_FILE",
+    "CODESTORE_TTL": "PIERRE_TOKEN_TTL",
+    "CODESTORE_DEBUG": "PIERRE_DEBUG",
+}
+
+
+def getenv(env: Mapping[str, str], name: str) -> str:
+    """The value of CODESTORE_* `name`, else of the official helper's name for it, else ""."""
+    value = env.get(name, "")
+    if not value.strip() and name in OFFICIAL_NAMES:
+        value = env.get(OFFICIAL_NAMES[name], "")
+    return value
+
+
+def env_name(env: Mapping[str, str], name: str) -> str:
+    """Which variable `getenv` took the value from, for messages that say what to fix."""
+    return name if env.get(name, "").strip() or name not in OFFICIAL_NAMES else OFFICIAL_NAMES[name]
+
+
+def debug_enabled(env: Mapping[str, str]) -> bool:
+    return getenv(env, "CODESTORE_DEBUG").strip().lower() not in ("", "0", "false", "no", "off")
+
 
 _XDG = {"config": ("XDG_CONFIG_HOME", ".config"), "data": ("XDG_DATA_HOME", ".local/share"),
         "state": ("XDG_STATE_HOME", ".local/state"), "cache": ("XDG_CACHE_HOME", ".cache")}
@@ -149,6 +181,7 @@ class Config(
 def _read_file(path: str, env: Mapping[str, str], cache: bool = True) -> dict[str, object]:
     """The parsed file ({} when there is none), through config_cache when `cache`."""
     from . import config_cache
+    from .files import read_open_bounded
 
     try:
         with open(path, "rb") as f:
@@ -156,7 +189,7 @@ def _read_file(path: str, env: Mapping[str, str], cache: bool = True) -> dict[st
             cached = config_cache.read(path, st, env) if cache else None
             if cached is not None:
                 return cached
-            data = f.read()
+            data = read_open_bounded(f, path, "the configuration file")
     except FileNotFoundError:
         return {}
     except OSError as e:
@@ -194,10 +227,13 @@ def load(env: Mapping[str, str] | None = None, *, cache: bool = True) -> Config:
     unknown = set(raw) - set(_SETTINGS) - {"repos"}
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    sources = {k: path for k in values}
     for k in _SETTINGS:
-        v = env.get("CODESTORE_" + k.upper())
+        name = "CODESTORE_" + k.upper()
+        v = getenv(env, name)
         if v:
             values[k] = v
+            sources[k] = env_name(env, name)
     for k in ("org", "base_url", "api_url", "kid", "sub", "private_key_file"):
         if k in values and not isinstance(values[k], str):
             raise ConfigError(f"{path}: {k} must be a string")
@@ -227,7 +263,7 @@ def load(env: Mapping[str, str] | None = None, *, cache: bool = True) -> Config:
         base_url_setting=values.get("base_url") or None,
         api_url_setting=values.get("api_url") or None,
         kid=values.get("kid") or None,
-        ttl=check_ttl(values["ttl"], "ttl") if "ttl" in values else DEFAULT_TTL,
+        ttl=check_ttl(values["ttl"], sources["ttl"]) if "ttl" in values else DEFAULT_TTL,
         scopes=parse_scopes(values["scopes"], "scopes") if "scopes" in values else ("git:read",),
         ephemeral_scopes=parse_scopes(values["ephemeral_scopes"], "ephemeral_scopes")
         if "ephemeral_scopes" in values
@@ -245,11 +281,14 @@ def set_value(key: str, value: str, env: Mapping[str, str] | None = None) -> str
         raise ConfigError(f"unknown setting {key!r}; settings: {', '.join(_SETTINGS)}")
     path = config_path(env)
     lines = []
+    from .files import read_bounded
+
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_bounded(path, "the configuration file").decode("utf-8").splitlines()
     except FileNotFoundError:
         pass
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
     import json
 
     new = f"{key} = {json.dumps(value)}"

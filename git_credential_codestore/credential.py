@@ -3,7 +3,11 @@
     get    for our host: username=t, a token for the repository in `path`, its expiry.
            for any other host: nothing at all, so git's other helpers serve it.
     store  accepted and ignored: a short-lived token is never saved anywhere.
-    erase  accepted and ignored, for the same reason.
+    erase  nothing to delete, for the same reason; but git erases after the server
+           refused the credential, so when the refused token is one of ours that had
+           expired, we say that the push outlasted its token (a pre-push hook, a slow
+           upload), which is what happened, instead of leaving git's "Authentication
+           failed" to suggest a bad key.
 
 git shows our stderr to the user, so every failure is one line; when we serve the host
 but cannot produce a token we answer `quit=1`, which stops git at once instead of
@@ -44,20 +48,6 @@ def _read_request(stdin: BinaryIO) -> bytes:
     return data
 
 
-_GIT_FALSE = ("", "0", "false", "no", "off")
-
-
-def trace_would_print_token(env: Mapping[str, str]) -> bool:
-    """git prints the Authorization header in curl traces when redaction is turned off.
-
-    We run inside git's environment, so we can see it coming: GIT_TRACE_REDACT=0 with
-    GIT_TRACE_CURL or GIT_CURL_VERBOSE on.
-    """
-    redaction_off = env.get("GIT_TRACE_REDACT", "1").strip().lower() in _GIT_FALSE
-    tracing = any(env.get(k, "").strip().lower() not in _GIT_FALSE for k in ("GIT_TRACE_CURL", "GIT_CURL_VERBOSE"))
-    return redaction_off and tracing
-
-
 def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
     """The reply lines for a `get` request; [] when the host is not ours."""
     from . import config
@@ -66,11 +56,13 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
     if not cfg.serves(fields.get("protocol", ""), fields.get("host", "")):
         return []
     from .errors import CodestoreError, ConfigError
+    from .gitenv import would_print_authorization
 
-    if trace_would_print_token(env):
+    if would_print_authorization(env):
+        # git reads these exactly as gitenv does, so this is the case where it would print.
         raise ConfigError(
-            "GIT_TRACE_REDACT=0 with GIT_TRACE_CURL (or GIT_CURL_VERBOSE) would write the token into the trace; "
-            "unset GIT_TRACE_REDACT to trace with the header redacted"
+            f"GIT_TRACE_REDACT={env.get('GIT_TRACE_REDACT', '')!r} with GIT_TRACE_CURL (or GIT_CURL_VERBOSE, set to anything) "
+            "would write the token into the trace; unset GIT_TRACE_REDACT to trace with the header redacted"
         )
     path = fields.get("path")
     if not path:
@@ -95,24 +87,72 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
     return ["username=t", f"password={token.reveal()}", f"password_expiry_utc={token.expires_at}"]
 
 
+def refused_because_expired(fields: Mapping[str, str], env: Mapping[str, str]) -> str | None:
+    """Why git erases this credential, when the answer is "our token ran out" (else None).
+
+    The token's own `exp` and `iat` say so; its signature does not matter here (we
+    only explain a refusal, we grant nothing), and a value that is not our JWT is
+    simply not explained. git runs `erase` only after a failure, so the cost is fine.
+    """
+    import base64
+    import json
+    import time
+
+    from . import config
+    from .errors import CodestoreError, expired_during_push
+
+    try:
+        if not config.load(env).serves(fields.get("protocol", ""), fields.get("host", "")):
+            return None
+        payload = fields["password"].split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        exp, iat = claims["exp"], claims["iat"]
+    except (CodestoreError, IndexError, KeyError, TypeError, ValueError):
+        return None
+    if not (isinstance(exp, int) and isinstance(iat, int)) or time.time() < exp:
+        return None
+    return (
+        expired_during_push(f"it was {exp - iat} s: CODESTORE_TTL, at most 3600")
+        + "; or push through codestore://, which mints the push's token after the hook"
+    )
+
+
+# Options git passes from the helper line (`helper = codestore --org acme`, written by
+# `codestore setup --system`): they name the host this line serves, for users who have
+# no codestore configuration of their own, and win over the environment.
+HELPER_OPTIONS = {"--org": "CODESTORE_ORG", "--base-url": "CODESTORE_BASE_URL"}
+
+
 def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO, env: Mapping[str, str]) -> int:
-    if len(argv) != 1:
-        stderr.write(f"{PROG}: usage: {PROG} get|store|erase (git runs this for you)\n".encode())
+    options, overrides = list(argv[:-1]), {}
+    while len(options) >= 2 and options[0] in HELPER_OPTIONS:
+        name = options.pop(0)
+        overrides[HELPER_OPTIONS[name]] = options.pop(0)
+    if len(argv) < 1 or options:
+        stderr.write(f"{PROG}: usage: {PROG} [--org ORG] [--base-url URL] get|store|erase (git runs this for you)\n".encode())
         return 2
-    operation = argv[0]
+    if overrides:
+        env = {**env, **overrides}
+    operation = argv[-1]
     try:
         data = _read_request(stdin)
     except ProtocolError as e:
         stderr.write(f"{PROG}: {e}\n".encode())
         return 1
-    if operation != "get":
-        # store, erase, and operations added by future gits: nothing to save, nothing to say.
+    if operation not in ("get", "erase"):
+        # store, and operations added by future gits: nothing to save, nothing to say.
         return 0
     try:
         fields = parse(data)
     except ProtocolError as e:
         stderr.write(f"{PROG}: {e}\n".encode())
         return 1
+    if operation == "erase":
+        if fields.get("username") == "t" and fields.get("password", "").startswith("eyJ"):
+            explanation = refused_because_expired(fields, env)
+            if explanation:
+                stderr.write(f"{PROG}: {explanation}\n".encode())
+        return 0
     from .errors import CodestoreError, boundary
 
     reply: list[str] = []
@@ -134,6 +174,14 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO
     if reply:
         stdout.write(("\n".join(reply) + "\n").encode())
     stderr.write(err.getvalue().encode())
+    from .config import debug_enabled
+
+    if debug_enabled(env):
+        # CODESTORE_DEBUG (or the official helper's PIERRE_DEBUG): what was asked and how
+        # it ended. Only protocol, host and path: never a password field or the token.
+        where = f"{fields.get('protocol', '?')}://{fields.get('host', '?')}/{fields.get('path', '')}"
+        outcome = "quit" if reply == ["quit=1"] else ("a token" if reply else "not this helper's host")
+        stderr.write(f"{PROG}: debug: get {where}: {outcome}\n".encode())
     # git ignores a helper's exit status; 0 keeps `quit=1` the only signal it acts on.
     return 0 if status in (0, 1) else status
 

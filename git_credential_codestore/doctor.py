@@ -64,13 +64,13 @@ def check_git(env: Mapping[str, str]) -> Check:
 
 
 def check_helper(cfg: Config, env: Mapping[str, str] | None = None) -> str:
-    from .setup import HELPER, effective_chain, is_configured
+    from .setup import effective_chain, is_configured, is_ours
 
     if not is_configured(cfg.base_url, env):
         raise CodestoreError(f"git is not set up for {cfg.base_url}; run: codestore setup")
     chain = effective_chain(cfg.base_url, env)
-    if chain != [HELPER]:
-        others = [h for h in chain if h != HELPER]
+    if len(chain) != 1 or not is_ours(chain[0]):
+        others = [h for h in chain if not is_ours(h)]
         raise CodestoreError(
             f"git would also run {', '.join(repr(h) for h in others)} for {cfg.base_url}, which can store our tokens; "
             "remove it or move it above codestore's entries (then run: codestore setup)"

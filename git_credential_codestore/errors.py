@@ -108,6 +108,14 @@ class Refused(CodestoreError):
         self.claims = claims
 
 
+def expired_during_push(ttl_setting: str) -> str:
+    """Why a token the server accepted at the start of a push was refused at its end."""
+    return (
+        "the token expired during the push: a hook or a slow step took longer than the TTL; "
+        f"raise the TTL ({ttl_setting}) or make the slow step faster"
+    )
+
+
 def crash_log_path() -> str:
     from platformdirs import user_state_dir
 

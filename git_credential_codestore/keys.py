@@ -24,7 +24,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .config import Config
+from .config import Config, env_name, getenv
 from .errors import InvalidKey, KeyNotFound, TokenError
 from .secrets import Secret
 from .tokens import PrivateKey, PublicKey, algorithm_for
@@ -47,7 +47,7 @@ class EnvSource:
     name: str = "CODESTORE_PRIVATE_KEY"
 
     def read(self) -> Secret | None:
-        value = self.env.get("CODESTORE_PRIVATE_KEY", "")
+        value = getenv(self.env, "CODESTORE_PRIVATE_KEY")
         return Secret(value) if value.strip() else None
 
 
@@ -60,9 +60,10 @@ class FileSource:
         self.name = self.name or self.path
 
     def read(self) -> Secret | None:
+        from .files import read_bounded
+
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return Secret(f.read())
+            return Secret(read_bounded(self.path, "the key file").decode("utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as e:
@@ -165,8 +166,8 @@ def account_for(cfg: Config) -> str:
 
 def sources(cfg: Config, env: Mapping[str, str] | None = None) -> list[KeySource]:
     env = os.environ if env is None else env
-    out: list[KeySource] = [EnvSource(env)]
-    path = env.get("CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
+    out: list[KeySource] = [EnvSource(env, env_name(env, "CODESTORE_PRIVATE_KEY"))]
+    path = getenv(env, "CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
     if path:
         # An explicitly named file is the only file source: falling through to the
         # keychain when it is missing would sign with a key the user did not choose.

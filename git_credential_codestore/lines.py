@@ -9,6 +9,11 @@ from __future__ import annotations
 from .errors import ProtocolError
 
 
+def has_control(text: str) -> bool:
+    """A C0 control character or DEL: what the agent's wire refuses, in either direction."""
+    return any(ord(c) < 32 or c == "\x7f" for c in text)
+
+
 def parse_lines(
     data: bytes, *, what: str, max_lines: int | None = None, controls: bool = True, stop_at_blank: bool = True
 ) -> list[tuple[str, str]]:
@@ -34,7 +39,7 @@ def parse_lines(
         if max_lines is not None and len(pairs) >= max_lines:
             raise ProtocolError(f"{what} has more than {max_lines} lines")
         key, sep, value = line.partition("=")
-        if not sep or not key or "\0" in line or (not controls and any(ord(c) < 32 or c == "\x7f" for c in line)):
+        if not sep or not key or "\0" in line or (not controls and has_control(line)):
             raise ProtocolError(f"line {n} of {what} is not key=value")
         pairs.append((key, value))
     return pairs

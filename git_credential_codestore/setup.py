@@ -12,6 +12,13 @@ For the configured base URL it sets, in the global git config:
 What it added is recorded in a state file, so `--undo` removes exactly that and
 nothing a user set by hand. Every function takes the environment git runs with
 (default: this process's), so a caller such as `codestore demo` never rewrites its own.
+
+`codestore setup --system` (run as root while building an image) writes the same
+entries to git's system config instead, for every user of the machine, and names the
+org and base URL in the helper line itself (`helper = codestore --org acme`): the users
+who run git later have no codestore configuration of their own, and setting up needs
+no key and no network. `--system --undo` removes entries that still hold what setup
+wrote (no state file: the image's root is not the user who will undo).
 """
 
 from __future__ import annotations
@@ -34,9 +41,10 @@ def state_path(env: Mapping[str, str] | None = None) -> str:
 
 
 def _load_state(env: Mapping[str, str] | None = None) -> dict[str, dict[str, list[str]]]:
+    from .files import read_bounded
+
     try:
-        with open(state_path(env), encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_bounded(state_path(env), "codestore's setup record"))
         return data if isinstance(data, dict) else {}
     except (FileNotFoundError, ValueError):
         return {}
@@ -50,9 +58,21 @@ def _save_state(state: Mapping[str, Mapping[str, list[str]]], env: Mapping[str, 
     write_atomic(path, json.dumps(state, indent=1), 0o600)
 
 
-def wanted(base_url: str) -> dict[str, list[str]]:
+def helper_line(cfg: Config, system: bool) -> str:
+    """What git runs: `codestore`, or for a system set-up `codestore --org ORG [--base-url URL]`."""
+    if not system:
+        return HELPER
+    line = f"{HELPER} --org {cfg.require_org()}"
+    return line + (f" --base-url {cfg.base_url}" if cfg.base_url_setting else "")
+
+
+def is_ours(helper: str) -> bool:
+    return helper == HELPER or helper.startswith(HELPER + " ")
+
+
+def wanted(base_url: str, helper: str = HELPER) -> dict[str, list[str]]:
     return {
-        f"credential.{base_url}.helper": ["", HELPER],
+        f"credential.{base_url}.helper": ["", helper],
         f"credential.{base_url}.useHttpPath": ["true"],
     }
 
@@ -92,28 +112,56 @@ def effective_chain(base_url: str, env: Mapping[str, str] | None = None) -> list
 
 
 def is_configured(base_url: str, env: Mapping[str, str] | None = None) -> bool:
-    return all(git.config_get_all(k, env=env) == v for k, v in wanted(base_url).items())
+    """Set up for base_url in the global config, or in the system config (`--system`)."""
+    for scope in ("--global", "--system"):
+        helpers = git.config_get_all(f"credential.{base_url}.helper", scope=scope, env=env)
+        if len(helpers) == 2 and helpers[0] == "" and is_ours(helpers[1]):
+            return git.config_get_all(f"credential.{base_url}.useHttpPath", scope=scope, env=env) == ["true"]
+    return False
 
 
-def setup(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
+def setup(cfg: Config, env: Mapping[str, str] | None = None, system: bool = False) -> list[str]:
     """Configure git for cfg.base_url; returns the keys it changed (none when already set)."""
     base = cfg.base_url
-    state = _load_state(env)
+    scope = "--system" if system else "--global"
+    state = {} if system else _load_state(env)
     originals = state.setdefault(base, {})
     changed = []
-    for key, values in wanted(base).items():
-        current = git.config_get_all(key, env=env)
+    for key, values in wanted(base, helper_line(cfg, system)).items():
+        current = git.config_get_all(key, scope=scope, env=env)
         if current == values:
             continue
         # The whole list is replaced: a helper left after ours would still be asked
         # to `store` our tokens. The first setup's originals are what undo restores.
         originals.setdefault(key, current)
-        git.run(["config", "--global", "--unset-all", key], ok=(0, 5), env=env)
+        git.run(["config", scope, "--unset-all", key], ok=(0, 5), env=env)
         for v in values:
-            git.run(["config", "--global", "--add", key, v], env=env)
+            git.run(["config", scope, "--add", key, v], env=env)
         changed.append(key)
-    _save_state(state, env)
+    if not system:
+        _save_state(state, env)
     return changed
+
+
+def undo_system(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
+    """Remove the system entries that still hold exactly what `setup --system` wrote."""
+    base = cfg.base_url
+    removed = []
+    for key, values in wanted(base, helper_line(cfg, True)).items():
+        if git.config_get_all(key, scope="--system", env=env) == values:
+            git.run(["config", "--system", "--unset-all", key], ok=(0, 5), env=env)
+            removed.append(key)
+    if removed:
+        _drop_empty_section(base, "--system", env)
+    return removed
+
+
+def _drop_empty_section(base: str, scope: str, env: Mapping[str, str] | None) -> None:
+    """Leave no empty [credential "..."] section behind."""
+    prefix = f"credential.{base}.".lower()
+    names = git.run(["config", scope, "--name-only", "--list"], ok=(0, 1), env=env).stdout.splitlines()
+    if not any(n.lower().startswith(prefix) for n in names):
+        git.run(["config", scope, "--remove-section", f"credential.{base}"], ok=(0, 128), env=env)
 
 
 def undo(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
@@ -125,10 +173,6 @@ def undo(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
         git.run(["config", "--global", "--unset-all", key], ok=(0, 5), env=env)
         for v in values:
             git.run(["config", "--global", "--add", key, v], env=env)
-    prefix = f"credential.{base}.".lower()
-    names = git.run(["config", "--global", "--name-only", "--list"], ok=(0, 1), env=env).stdout.splitlines()
-    if not any(n.lower().startswith(prefix) for n in names):
-        # Leave no empty [credential "..."] section behind.
-        git.run(["config", "--global", "--remove-section", f"credential.{base}"], ok=(0, 128), env=env)
+    _drop_empty_section(base, "--global", env)
     _save_state(state, env)
     return list(originals)

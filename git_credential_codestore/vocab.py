@@ -119,9 +119,41 @@ def validate_repo_id(repo: str) -> str:
     return repo
 
 
+def percent_decode(text: str) -> str:
+    """`team%2Fapp` -> `team/app`, as Code Storage reads repository ids in URL paths.
+
+    UTF-8 %XX escapes only (no `+` for space: this is a path). A malformed escape is
+    an error, not literal text. Not urllib.parse: its import is a cost every git
+    request would pay.
+    """
+    if "%" not in text:
+        return text
+    out, i = bytearray(), 0
+    raw = text.encode("utf-8")
+    while i < len(raw):
+        if raw[i] == 0x25:  # %
+            pair = raw[i + 1 : i + 3]
+            if len(pair) != 2 or any(c not in b"0123456789abcdefABCDEF" for c in pair):
+                raise ConfigError(f"{text!r} has a bad %-escape; write %XX with two hex digits")
+            out.append(int(pair, 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{text!r} does not decode to UTF-8 text") from None
+
+
 def split_repo_suffix(path: str) -> tuple[str, str]:
-    """`team/app+import.git` -> ("team/app", "+import"); the suffix is "" for the default namespace."""
-    repo = path.strip("/")
+    """`team/app+import.git` (or `team%2Fapp%2Bimport.git`) -> ("team/app", "+import").
+
+    The suffix is "" for the default namespace. The one place a URL path becomes a
+    repository id: escapes are decoded once, before the suffixes are read and the id is
+    validated, so an encoded `..`, `+` or `.git` is judged exactly like a literal one.
+    """
+    repo = percent_decode(path.strip("/"))
     if repo.endswith(".git"):
         repo = repo[:-4]
     suffix = ""
@@ -185,8 +217,11 @@ class SplitURL(namedtuple("SplitURL", "scheme netloc path query fragment")):
 
     @property
     def port(self) -> int | None:
-        """The explicit port; ValueError when it is not a number in 0..65535."""
+        """The explicit port; ValueError when it is not a number in 0..65535 (or when an
+        IPv6 host's "]" is missing, as in http://[::1, so nothing else guesses the host)."""
         hp = self.hostport
+        if hp.startswith("[") and "]" not in hp:
+            raise ValueError(f"unclosed [ in {hp[:60]!r}")
         rest = hp.partition("]")[2] if hp.startswith("[") else hp.partition(":")[1] + hp.partition(":")[2]
         if not rest:
             return None

@@ -26,7 +26,7 @@ from git_credential_codestore.vocab import TokenRequest
 
 from . import protocol, transport
 
-TYPE_CHECKING = False  # typing and subprocess are costs on every git operation
+TYPE_CHECKING = False  # typing is a cost on every git operation
 if TYPE_CHECKING:
     from typing import BinaryIO
 
@@ -34,7 +34,7 @@ PROG = "codestore"
 READ_SCOPES = ("git:read",)
 PUSH_SCOPES = ("git:read", "git:write")
 
-Launcher = Callable[[Sequence[str], Mapping[str, str]], "transport.Child"]
+Launcher = Callable[[Sequence[str], Mapping[str, str], Sequence[int]], "transport.Child"]
 
 
 def scopes_for(operation: str, remote: remotes.Remote, cfg: config.Config, grant: bool = False) -> tuple[str, ...]:
@@ -96,13 +96,8 @@ def run(
         if decision.operation == "end":
             return 0
         scopes = scopes_for(decision.operation, remote, cfg, holds_grant(env))
-        token = get_token(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"), cfg, env)
         # git passes the URL itself as the remote name for a URL given on the command line.
         name = remote.https_url if remote_name == url else remote_name
-        child = (launch or transport.spawn)(
-            transport.transport_argv(name, remote.https_url, env), transport.child_env(env, token)
-        )
-        del token
         fields = {
             "repo": remote.repo,
             "org": cfg.org or "(unset)",
@@ -110,7 +105,33 @@ def run(
             "scopes": " ".join(scopes),
             "base": remote.base_url,
         }
-        return transport.proxy(child, decision, reader.take_buffer(), git_in, git_out, git_err, fields)
+
+        def transfer(decision: protocol.Decision, advertisement_only: bool = False) -> int:
+            """One transport process, with a token minted now, for this one step."""
+            token = get_token(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"), cfg, env)
+            expires_at = token.expires_at
+            private = transport.PrivateConfig(transport.token_config(token, remote.https_url))
+            del token
+            try:
+                child = (launch or transport.spawn)(
+                    transport.transport_argv(name, remote.https_url, env), transport.child_env(env, private), private.pass_fds
+                )
+                return transport.proxy(
+                    child, decision, reader.take_buffer(), git_in, git_out, git_err, fields,
+                    configured=private.forget, advertisement_only=advertisement_only, expires_at=expires_at,
+                )
+            finally:
+                private.forget()
+
+        if decision.command != b"list for-push":
+            return transfer(decision)
+        # git runs the pre-push hook between the advertisement and the push commands, for
+        # as long as it likes: the push gets its own token, minted when git sends it.
+        status = transfer(decision, advertisement_only=True)
+        if status != 0:
+            return status
+        push = protocol.after_advertisement(reader, git_out.write, decision)
+        return transfer(push) if push.operation == "push" else 0
 
     messages = io.StringIO()
     status = boundary(PROG, session, messages)

@@ -8,6 +8,11 @@ tests/test_remote_helper_protocol.py), and remember every line to replay to it l
     list for-push, push, stateless-connect git-receive-pack     -> push (write token)
     stateless-connect git-upload-pack, list, fetch, get         -> read (read-only token)
 
+A push is two steps for git: `list for-push` (the advertisement), then the pre-push
+hook, which may run for minutes, then `option` lines and a batch of `push` lines. The
+push commands get a transport (and a token) of their own, started when they arrive:
+`after_advertisement` answers git until then.
+
 A capability list that differs from the transport's makes `git clone` produce an empty
 repository and exit 0, so ours is a copy of git 2.39's, and `connect` is never offered.
 """
@@ -163,3 +168,35 @@ def negotiate(reader: LineReader, write: Callable[[bytes], None]) -> Decision:
             decision.operation = operation
             decision.command = line
             return decision
+
+
+def after_advertisement(reader: LineReader, write: Callable[[bytes], None], first: Decision) -> Decision:
+    """After `list for-push` was answered: answer options until git's `push` batch.
+
+    Returns the push to run (the batch, up to its blank line, as its command, replayed
+    after the first preamble and every option since), or "end" when git has nothing to
+    push (it closes the session without sending any).
+    """
+    decision = Decision("end")
+    decision.replay = list(first.replay)
+    while True:
+        line = reader.readline()
+        if line is None or line == b"":
+            return decision
+        if line.startswith(b"option "):
+            reply = option_reply(line)
+            write(reply + b"\n")
+            decision.replay.append((line, reply))
+            continue
+        if not line.startswith(b"push "):
+            name = line.split(b" ", 1)[0][:40].decode("ascii", "replace")
+            raise ProtocolError(f"git sent {name!r} after the push advertisement, where codestore expects push commands; please report it")
+        batch = [line]
+        while (more := reader.readline()) not in (b"", None):
+            if not more.startswith(b"push "):
+                raise ProtocolError("git mixed other commands into a batch of push commands; please report it")
+            batch.append(more)
+        decision.operation = "push"
+        # The blank line that ends the batch is the command's own line end.
+        decision.command = b"\n".join(batch) + b"\n"
+        return decision

@@ -1,10 +1,21 @@
-"""Run git's own HTTPS transport with a token it finds only in its environment.
+"""Run git's own HTTPS transport with a token that only it can read, once.
 
-`git remote-https` does the real work. It gets the token as an `http.extraHeader`
-through GIT_CONFIG_COUNT/KEY/VALUE in its environment: never argv (world-readable in
-/proc), never a URL (GIT_TRACE prints those), never a config file. The same entries turn
-off redirects (the header would follow them to another host) and every credential helper
-(none may see or store the token), and prompts are off so a headless sandbox never hangs.
+`git remote-https` does the real work. It gets the token as an `http.extraHeader` from
+a configuration file that exists only in memory (a memfd, or a private file where there
+is none), included through GIT_CONFIG_PARAMETERS as `include.path=/dev/fd/N`. Not in
+argv (world-readable in /proc), not in a URL (GIT_TRACE prints those), not in a config
+file on disk, and not in the environment: the transport's children (send-pack,
+pack-objects, fetch-pack, index-pack) inherit the environment, and git's trace2 reports
+environment variables and config values in `def_param` events wherever
+GIT_TRACE2_ENV_VARS or trace2.configParams name them. Once the transport has answered
+its first line it has read its configuration, and the file is emptied: every later
+reader, its children included, finds nothing there.
+
+The same file, read last of all configuration, pins for the exact repository URL (the
+most specific key git's urlmatch knows, and last among equals) that redirects are not
+followed (the header would go to whatever host a redirect names), and empties the
+credential helper list (nothing may see or store the token); prompts are off so a
+headless sandbox never hangs.
 
 After the replay of what git already said, bytes pass both ways untouched: with
 os.splice between pipes, so a large pack never crosses Python's memory.
@@ -15,9 +26,10 @@ from __future__ import annotations
 import binascii
 import errno
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
-from git_credential_codestore.errors import ConfigError
+from git_credential_codestore.errors import ConfigError, expired_during_push
 from git_credential_codestore.secrets import Token
 
 from .protocol import CAPABILITIES, Decision, LineReader, ProtocolError
@@ -50,24 +62,69 @@ def _sq(text: str) -> str:
     return "'" + text.replace("'", "'\\''").replace("!", "'\\!'") + "'"
 
 
-def child_env(env: Mapping[str, str], token: Token) -> dict[str, str]:
-    """`env` plus the token header and the settings that keep it where it belongs."""
-    out = dict(env)
-    raw = out.get("GIT_CONFIG_COUNT", "").strip() or "0"
-    if not raw.isdigit():
-        raise ConfigError(f"GIT_CONFIG_COUNT={raw!r} is not a number; fix or unset it")
-    count = int(raw)
+def _subsection(url: str) -> str:
+    return '"' + url.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def token_config(token: Token, url: str) -> bytes:
+    """The transport's private configuration: the header and the guards, for `url` exactly."""
     basic = binascii.b2a_base64(f"t:{token.reveal()}".encode(), newline=False).decode("ascii")
-    out[f"GIT_CONFIG_KEY_{count}"] = "http.extraHeader"
-    out[f"GIT_CONFIG_VALUE_{count}"] = f"Authorization: Basic {basic}"
-    out["GIT_CONFIG_COUNT"] = str(count + 1)
-    # The guards go last of all config (GIT_CONFIG_PARAMETERS is read after GIT_CONFIG_COUNT),
-    # so not even `git -c http.followRedirects=true` can undo them for this process:
-    # the header would follow a redirect to another host; an empty helper value empties
-    # the helper list, so nothing is asked and nothing could store a token.
-    guards = " ".join(f"{_sq(k)}={_sq(v)}" for k, v in (("credential.helper", ""), ("http.followRedirects", "false")))
+    # Plain http is for a loopback server only, where a proxy has no business: a proxy
+    # would read the header in clear text (an empty value turns every proxy off).
+    no_proxy = "\tproxy =\n" if url.startswith("http://") else ""
+    return (
+        "[credential]\n\thelper =\n"
+        "[http]\n\tfollowRedirects = false\n"
+        f"[http {_subsection(url)}]\n"
+        f"\textraHeader = Authorization: Basic {basic}\n"
+        "\tfollowRedirects = false\n"
+        f"{no_proxy}"
+    ).encode()
+
+
+class PrivateConfig:
+    """A configuration file for one transport process, read while it starts, then emptied."""
+
+    def __init__(self, text: bytes) -> None:
+        self._dir: str | None = None
+        if hasattr(os, "memfd_create"):
+            self.fd: int | None = os.memfd_create("codestore-transport", os.MFD_CLOEXEC)
+            os.write(self.fd, text)
+            self.path = f"/dev/fd/{self.fd}"
+            self.pass_fds: tuple[int, ...] = (self.fd,)
+        else:  # pragma: no cover - platforms without memfd
+            import tempfile
+
+            self.fd = None
+            self._dir = tempfile.mkdtemp(prefix="codestore-")  # 0700
+            self.path = os.path.join(self._dir, "config")
+            with open(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(text)
+            self.pass_fds = ()
+
+    def forget(self) -> None:
+        """Empty it: later readers (the transport's children) find nothing. Idempotent."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+        if self._dir is not None:
+            for path in (self.path, self._dir):
+                try:
+                    (os.rmdir if path == self._dir else os.unlink)(path)
+                except OSError:
+                    pass
+            self._dir = None
+
+
+def child_env(env: Mapping[str, str], config: PrivateConfig) -> dict[str, str]:
+    """`env` plus the include of the private configuration, read after all other config."""
+    out = dict(env)
+    # GIT_CONFIG_PARAMETERS is read after every file and after GIT_CONFIG_COUNT, and an
+    # include is expanded where it stands: last of all, so nothing can override it.
+    include = f"{_sq('include.path')}={_sq(config.path)}"
     params = out.get("GIT_CONFIG_PARAMETERS", "").strip()
-    out["GIT_CONFIG_PARAMETERS"] = f"{params} {guards}" if params else guards
+    out["GIT_CONFIG_PARAMETERS"] = f"{params} {include}" if params else include
     out["GIT_TERMINAL_PROMPT"] = "0"
     # GIT_TRACE_REDACT=0 would print the header in GIT_TRACE_CURL: the token is ours to guard.
     out["GIT_TRACE_REDACT"] = "1"
@@ -85,14 +142,15 @@ def transport_argv(remote_name: str, url: str, env: Mapping[str, str]) -> list[s
     return ["git", name, remote_name, url]
 
 
-def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Child:
+def spawn(argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int] = ()) -> Child:
     try:
         if hasattr(os, "posix_spawn"):
-            return Spawned(argv, env)
+            return Spawned(argv, env, pass_fds)
         import subprocess
 
         return subprocess.Popen(
-            list(argv), env=dict(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+            list(argv), env=dict(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+            pass_fds=tuple(pass_fds),
         )
     except OSError as e:
         raise ConfigError(f"cannot run git's HTTPS transport ({e.strerror}); is git 2.39 or newer installed?") from None
@@ -111,13 +169,16 @@ def _which(program: str, env: Mapping[str, str]) -> str:
 
 class Spawned:
     """A child on three pipes, started with os.posix_spawn: the part of subprocess.Popen
-    the session uses. Our pipe ends are close-on-exec, so the child holds only its own."""
+    the session uses. Our pipe ends are close-on-exec, so the child holds only its own
+    and the descriptors in `pass_fds` (made inheritable just for the spawn)."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int] = ()) -> None:
         child_in, self_in = os.pipe()
         self_out, child_out = os.pipe()
         self_err, child_err = os.pipe()
         try:
+            for fd in pass_fds:
+                os.set_inheritable(fd, True)
             self.pid = os.posix_spawn(
                 _which(argv[0], env), list(argv), dict(env),
                 file_actions=[(os.POSIX_SPAWN_DUP2, child_in, 0), (os.POSIX_SPAWN_DUP2, child_out, 1),
@@ -128,6 +189,8 @@ class Spawned:
                 os.close(fd)
             raise
         finally:
+            for fd in pass_fds:
+                os.set_inheritable(fd, False)
             for fd in (child_in, child_out, child_err):
                 os.close(fd)
         self.stdin: IO[bytes] | None = open(self_in, "wb", buffering=0)
@@ -251,12 +314,18 @@ _HINTS: tuple[tuple[bytes, bool, str], ...] = (
 )
 
 
-def hint_for(stderr_tail: bytes) -> str | None:
-    """One line explaining a transport failure, from what git printed (None: git said enough)."""
+def hint_for(stderr_tail: bytes, expired: bool = False) -> str | None:
+    """One line explaining a transport failure, from what git printed (None: git said enough).
+
+    `expired`: the token had run out by the time the transport failed, so a 401 means
+    exactly that, not a wrong key, org or clock.
+    """
     import re  # only when a transfer failed
 
     for pattern, ignore_case, text in _HINTS:
         if re.search(pattern, stderr_tail, re.IGNORECASE if ignore_case else 0):
+            if expired and text is _HINTS[0][2]:
+                return expired_during_push("CODESTORE_TTL, at most 3600")
             # Beyond 401 (where git's own words mislead), a server that explained itself
             # on a `remote:` line has said more than a guess of ours could.
             if b"remote: " in stderr_tail and "HTTP 401" not in text:
@@ -308,33 +377,58 @@ def proxy(
     git_out: Endpoint,
     git_err: Endpoint,
     hint_fields: Mapping[str, str],
+    configured: Callable[[], None] = lambda: None,
+    *,
+    advertisement_only: bool = False,
+    expires_at: int = 0,
 ) -> int:
     """Replay what git said to the transport, swallow its answers, then join the two.
 
     `pending` is input git sent after the deciding command (normally nothing: git waits
-    for the answer). Returns the transport's exit status, as git would see it.
+    for the answer). `configured` is called once the transport has answered its first
+    line: by then it has read all its configuration. With `advertisement_only`, only the
+    answer to `list for-push` (up to its blank line) reaches git, and the transport is
+    then told to end: the push commands get a transport of their own. `expires_at` is
+    the token's expiry, to tell a token that ran out from one that was refused. Returns
+    the transport's exit status, as git would see it.
     """
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     tee = StderrTee(child.stderr, git_err)
     tee.thread.start()
     child_in = Endpoint(child.stdin)
     child_out = Endpoint(child.stdout)
-    replay = b"".join(line + b"\n" for line, _ in decision.replay) + decision.command + b"\n" + pending
+    # git always starts with `capabilities`; if it did not, we ask, to know when the
+    # transport is past its configuration.
+    lines = decision.replay or [(b"capabilities", None)]
+    replay = b"".join(line + b"\n" for line, _ in lines) + decision.command + b"\n" + pending
+    reader = LineReader(child_out.read)
     try:
         child_in.write(replay)
-        leftover = _swallow(LineReader(child_out.read), decision)
+        _swallow(reader, lines)
+        configured()
+        if advertisement_only:
+            while (line := _line(reader)) != b"":
+                git_out.write(line + b"\n")
+            git_out.write(b"\n")
+            child_in.write(b"\n")  # the end of the session, as git ends one (else it exits 1)
+            connected = False
+        else:
+            connected = True
     except (BrokenPipeError, _TransportEnded):
-        leftover = None
+        connected = False
     except ProtocolError:
         child.kill()
         child.wait()
         raise
-    if leftover is not None:
+    finally:
+        configured()
+    if connected:
         import threading
 
         upstream = threading.Thread(target=_upstream, args=(git_in, child), daemon=True)
         upstream.start()
         try:
+            leftover = reader.take_buffer()
             if leftover:
                 git_out.write(leftover)
             copy(child_out, git_out)
@@ -346,7 +440,7 @@ def proxy(
     status = _exit_status(child.wait())
     tee.thread.join(timeout=5)
     if status != 0:
-        hint = hint_for(tee.tail)
+        hint = hint_for(tee.tail, expired=bool(expires_at) and time.time() >= expires_at)
         if hint:
             try:
                 git_err.write(f"codestore: {hint.format(**hint_fields)}\n".encode())
@@ -359,9 +453,9 @@ class _TransportEnded(Exception):
     """The transport closed its output before answering the replayed lines."""
 
 
-def _swallow(reader: LineReader, decision: Decision) -> bytes:
-    """Read the transport's answers to the replayed lines; return what came after them."""
-    for line, ours in decision.replay:
+def _swallow(reader: LineReader, replay: Sequence[tuple[bytes, bytes | None]]) -> None:
+    """Read the transport's answers to the replayed lines (what follows stays in `reader`)."""
+    for line, ours in replay:
         if ours is None:
             offered: set[bytes] = set()
             while (cap := _line(reader)) != b"":
@@ -382,7 +476,6 @@ def _swallow(reader: LineReader, decision: Decision) -> bytes:
                 raise ProtocolError(
                     f"git's HTTPS transport answered option {name!r} differently than codestore did; please report it"
                 )
-    return reader.take_buffer()
 
 
 def _line(reader: LineReader) -> bytes:

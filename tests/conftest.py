@@ -47,6 +47,8 @@ def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "XDG_RUNTIME_DIR": str(tmp_path / "run"),
         "GIT_CONFIG_GLOBAL": str(home / ".gitconfig"),
         "GIT_CONFIG_NOSYSTEM": "1",
+        # `git config --system` (setup --system) writes here, never to this machine's /etc.
+        "GIT_CONFIG_SYSTEM": str(tmp_path / "etc-gitconfig"),
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_ASKPASS": "",
         "SSH_ASKPASS": "",
@@ -234,6 +236,13 @@ def clocked_server(
         yield server, shared_clock
     finally:
         server.stop()
+
+
+def slow_pre_push_hook(repo: Path, seconds: int) -> None:
+    """A pre-push hook that takes `seconds` on the shared fake clock (it moves the clock)."""
+    hook = repo / ".git" / "hooks" / "pre-push"
+    hook.write_text(f'#!/bin/sh\necho "+{seconds}" > "$FAKETIME_TIMESTAMP_FILE"\n')
+    hook.chmod(0o755)
 
 
 def git(*args: str, cwd: Path | str | None = None, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,4 @@
-"""Scanners for token and key material: in files, in text, in every process's argv."""
+"""Scanners for token and key material: in files, in text, in every process's argv and environment."""
 
 from __future__ import annotations
 
@@ -46,30 +46,54 @@ def files_with_secrets(root: Path, needles: Iterable[str] = (), skip: Iterable[P
     return hits
 
 
-class ArgvSampler:
-    """Reads /proc/*/cmdline of every process, over and over, while a test runs git."""
+def _descendants(root: int) -> list[int]:
+    """Every live process below `root` (by parent pid), found in one pass over /proc."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class ProcSampler:
+    """Reads /proc/PID/cmdline and /proc/PID/environ of every process the test starts
+    (git, the helpers, the transports and their children), over and over, while it runs.
+    Other processes on the machine (other test runs) are none of this test's business."""
 
     def __init__(self) -> None:
         self.hits: list[str] = []
         self.samples = 0
+        self.environs = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        me = os.getpid()
         while not self._stop.is_set():
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        argv = f.read().decode("latin-1").replace("\0", " ")
-                except OSError:
-                    continue
-                if secrets_in_text(argv):
-                    self.hits.append(argv)
+            for pid in _descendants(me):
+                for part in ("cmdline", "environ"):
+                    try:
+                        with open(f"/proc/{pid}/{part}", "rb") as f:
+                            text = f.read().decode("latin-1").replace("\0", " ")
+                    except OSError:
+                        continue
+                    self.environs += part == "environ"
+                    if secrets_in_text(text):
+                        self.hits.append(f"{pid}/{part}: {text}")
             self.samples += 1
 
-    def __enter__(self) -> ArgvSampler:
+    def __enter__(self) -> ProcSampler:
         self._thread.start()
         return self
 
@@ -78,11 +102,14 @@ class ArgvSampler:
         self._thread.join()
 
 
+ArgvSampler = ProcSampler
+
+
 def run_git_traced(
     steps: Sequence[tuple[list[str], Path | None]], trace: Path, **extra_env: str
-) -> tuple[list[str], ArgvSampler]:
+) -> tuple[list[str], ProcSampler]:
     """Run git steps with GIT_TRACE, GIT_TRACE_CURL and GIT_TRACE_PACKET written under
-    `trace`, while sampling every process's argv. Returns each step's output and the
+    `trace`, while sampling every process's argv and environment. Returns each step's output and the
     sampler; a failing step fails the test."""
     trace.mkdir(exist_ok=True)
     env = dict(
@@ -93,7 +120,7 @@ def run_git_traced(
         **extra_env,
     )
     outputs = []
-    with ArgvSampler() as sampler:
+    with ProcSampler() as sampler:
         for args, cwd in steps:
             proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
             assert proc.returncode == 0, proc.stderr

@@ -22,7 +22,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 }
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,recipes]'
 # Lint and types first (configured in pyproject.toml): either failing fails the run.
 .venv/bin/python -m ruff check --quiet .
 .venv/bin/python -m mypy

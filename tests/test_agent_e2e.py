@@ -87,7 +87,9 @@ def test_a_keyless_sandbox_clones_and_pushes_through_codestore_urls(
     mints = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == grant["id"]]
     reads = [e for e in mints if "git:write" not in e["scopes"]]
     writes = [e for e in mints if "git:write" in e["scopes"]]
-    assert len(writes) == 1 and len(reads) >= 2  # one push; clone and ls-remote read only
+    # One push: a write token for the advertisement, and one minted for the pack after
+    # the pre-push hook would have run; clone and ls-remote read only.
+    assert len(writes) == 2 and len(reads) >= 2
     assert all(e["via"] == "tcp" for e in mints)
 
 
@@ -150,4 +152,5 @@ def test_a_grants_ref_policy_travels_in_the_token_and_the_server_enforces_it(
     assert "no-push" in refused.stderr and "refs/heads/base" in refused.stderr
     git("push", "-q", "origin", "HEAD:refs/heads/other", cwd=work, env=env)  # other branches are fine
     writes = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == g["id"] and "git:write" in e["scopes"]]
-    assert len(writes) == 2 and all(e["refs"] == [["refs/heads/base", ["no-push"]]] for e in writes)
+    # Two pushes, each with an advertisement token and a push token.
+    assert len(writes) == 4 and all(e["refs"] == [["refs/heads/base", ["no-push"]]] for e in writes)

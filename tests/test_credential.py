@@ -170,18 +170,14 @@ def test_git_does_not_fall_back_to_a_prompt_when_the_helper_cannot_mint(hermetic
     assert "codestore key generate" in proc.stderr
 
 
-@pytest.mark.parametrize(
-    "env,expected",
-    [
-        ({"GIT_TRACE_REDACT": "0", "GIT_TRACE_CURL": "1"}, True),
-        ({"GIT_TRACE_REDACT": "false", "GIT_CURL_VERBOSE": "1"}, True),
-        ({"GIT_TRACE_REDACT": "off", "GIT_TRACE_CURL": "/tmp/trace"}, True),
-        ({"GIT_TRACE_REDACT": "1", "GIT_TRACE_CURL": "1"}, False),
-        ({"GIT_TRACE_CURL": "1"}, False),  # git redacts by default
-        ({"GIT_TRACE_REDACT": "0"}, False),
-        ({"GIT_TRACE_REDACT": "0", "GIT_TRACE_CURL": "0"}, False),
-        ({"GIT_TRACE_REDACT": "0", "GIT_TRACE": "1"}, False),  # GIT_TRACE never shows headers
-    ],
-)
-def test_the_helper_knows_when_git_would_print_its_token(env: dict[str, str], expected: bool) -> None:
-    assert credential.trace_would_print_token(env) is expected
+def test_options_from_the_helper_line_name_the_host_for_users_without_configuration(org_key: OrgKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `codestore setup --system` writes `helper = codestore --org ORG [--base-url URL]`.
+    monkeypatch.delenv("CODESTORE_ORG")
+    out, err = io.BytesIO(), io.BytesIO()
+    request = b"protocol=http\nhost=127.0.0.1:9\npath=team/app.git\n\n"
+    status = credential.run(["--org", ORG, "--base-url", "http://127.0.0.1:9", "get"], io.BytesIO(request), out, err, dict(os.environ))
+    assert status == 0 and reply_fields(out.getvalue().decode())["password"].startswith("eyJ"), err.getvalue()
+    for bad in (["--org", "get"], ["--frob", "x", "get"], ["--org", ORG, "--base-url", "get"]):
+        out, err = io.BytesIO(), io.BytesIO()
+        status = credential.run(bad, io.BytesIO(request), out, err, dict(os.environ))
+        assert status == 2 and err.getvalue().decode().count("\n") == 1 and out.getvalue() == b"", bad

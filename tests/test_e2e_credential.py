@@ -9,7 +9,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.conftest import Clock, DevServer, git, run_cli
+from tests.conftest import Clock, DevServer, git, run_cli, slow_pre_push_hook
 from tests.leakscan import files_with_secrets, key_needles, run_git_traced, secrets_in_text
 
 REPO = "team/app"
@@ -130,12 +130,45 @@ def test_a_session_longer_than_many_ttls_keeps_working(clocked_server: tuple[Dev
     assert expired, server.requests()[-3:]
 
 
-@pytest.mark.parametrize("tracing", [{"GIT_TRACE_CURL": "1"}, {"GIT_CURL_VERBOSE": "1"}, {"GIT_TRACE_CURL": "/tmp/x"}])
+def test_a_pre_push_hook_that_outlasts_the_token_is_named_as_the_cause(clocked_server: tuple[DevServer, Clock], tmp_path: Path) -> None:
+    # git caches the credential helper's token for the whole process, so a hook longer
+    # than the TTL makes the pack's POST fail; the helper sees git's erase after the 401,
+    # with the token it gave, and says what happened instead of blaming key, org or clock.
+    server, _ = clocked_server
+    run_cli("codestore", "setup")
+    url = server.create_repo(REPO)
+    work = tmp_path / "w"
+    git("init", "-q", str(work))
+    commit(work, "first.txt")
+    slow_pre_push_hook(work, 3600)
+    proc = git("push", url, "HEAD:refs/heads/main", cwd=work, check=False)
+    assert proc.returncode != 0
+    assert "the token expired during the push: a hook or a slow step took longer than the TTL" in proc.stderr
+    assert "CODESTORE_TTL" in proc.stderr and "codestore://" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "tracing",
+    [
+        {"GIT_TRACE_REDACT": "0", "GIT_TRACE_CURL": "1"},
+        {"GIT_TRACE_REDACT": "0", "GIT_CURL_VERBOSE": "1"},
+        {"GIT_TRACE_REDACT": "0", "GIT_TRACE_CURL": "/tmp/x"},
+        # Spellings git reads as false (git_config_bool), and GIT_CURL_VERBOSE set at all:
+        {"GIT_TRACE_REDACT": "00", "GIT_TRACE_CURL": "1"},
+        {"GIT_TRACE_REDACT": "0x0", "GIT_TRACE_CURL": "true"},
+        {"GIT_TRACE_REDACT": "-0", "GIT_TRACE_CURL": "/tmp/x"},
+        {"GIT_TRACE_REDACT": "0k", "GIT_TRACE_CURL": "2"},
+        {"GIT_TRACE_REDACT": " 0", "GIT_CURL_VERBOSE": "0"},
+        {"GIT_TRACE_REDACT": "No", "GIT_CURL_VERBOSE": ""},
+    ],
+    ids=lambda e: " ".join(f"{k}={v!r}" for k, v in e.items()),
+)
 def test_no_token_is_handed_to_a_git_that_would_print_it_unredacted(configured: DevServer, tmp_path: Path, tracing: dict[str, str]) -> None:
-    # Threat: GIT_TRACE_REDACT=0 makes git print the Authorization header in curl traces,
-    # which agents paste into logs; the helper sees git's environment and refuses.
+    # Threat: GIT_TRACE_REDACT=0 (or 00, 0x0, -0, ...) makes git print the Authorization
+    # header in curl traces, which agents paste into logs; the helper sees git's
+    # environment, reads it exactly as git does, and refuses.
     trace = tmp_path / "curl"
-    env = dict(os.environ, GIT_TRACE_REDACT="0", **{k: (str(trace) if v == "/tmp/x" else v) for k, v in tracing.items()})
+    env = dict(os.environ, **{k: (str(trace) if v == "/tmp/x" else v) for k, v in tracing.items()})
     proc = subprocess.run(["git", "ls-remote", f"{configured.url}/{REPO}.git"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "GIT_TRACE_REDACT" in proc.stderr

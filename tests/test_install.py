@@ -22,7 +22,7 @@ def install(prefix: Path, bin_dir: Path, *extra: str) -> subprocess.CompletedPro
 
 def test_install_links_the_programs_configures_git_and_is_idempotent(tmp_path: Path, hermetic: Path) -> None:
     prefix, bin_dir = tmp_path / "prefix", tmp_path / "bin"
-    first = install(prefix, bin_dir, "--org", ORG, "--setup")
+    first = install(prefix, bin_dir, "--user", "--org", ORG, "--setup")
     assert first.returncode == 0, first.stderr
     for prog in PROGRAMS:
         link = bin_dir / prog
@@ -47,7 +47,7 @@ def test_install_links_the_programs_configures_git_and_is_idempotent(tmp_path: P
     )
     assert fill.returncode == 0 and "password=eyJ" in fill.stdout, fill.stderr
 
-    second = install(prefix, bin_dir, "--org", ORG, "--setup")
+    second = install(prefix, bin_dir, "--user", "--org", ORG, "--setup")
     assert second.returncode == 0, second.stderr
     assert "already set up" in second.stdout
     assert (hermetic / ".gitconfig").read_text() == gitconfig

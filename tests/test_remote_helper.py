@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ORG, Clock, DevServer, git, run_cli
+from tests.conftest import ORG, Clock, DevServer, git, run_cli, slow_pre_push_hook
 from tests.leakscan import files_with_secrets, key_needles, run_git_traced, secrets_in_text
 
 REPO = "team/app"
@@ -425,3 +425,28 @@ def test_a_session_longer_than_many_ttls_keeps_working(clocked_server: tuple[Dev
     git("fetch", "-q", cwd=work)
     git("clone", "-q", URL, str(tmp_path / "again"))
     assert (tmp_path / "again" / "late.txt").exists()
+
+
+def test_a_pre_push_hook_that_outlasts_the_token_does_not_fail_the_push(clocked_server: tuple[DevServer, Clock], tmp_path: Path) -> None:
+    # git asks for the advertisement, runs pre-push (a test suite, a linter) for as long
+    # as it takes, then sends the pack: the pack's token is minted after the hook.
+    server, _ = clocked_server
+    server.create_repo(REPO)
+    work = tmp_path / "w"
+    git("init", "-q", str(work))
+    head = commit(work, "first.txt")
+    slow_pre_push_hook(work, 3600)  # an hour: sixty 60-second lifetimes
+    git("push", "-q", URL, "HEAD:refs/heads/main", cwd=work)
+    assert remote_refs(URL)["refs/heads/main"] == head
+    # Two write tokens were minted, an hour apart, both accepted.
+    pushes = [r for r in server.requests() if r.get("service") == "git-receive-pack"]
+    assert pushes and all(r.get("status") == 200 for r in pushes), pushes
+
+
+def test_nothing_to_push_mints_no_token_for_the_push(seeded: tuple[DevServer, Path]) -> None:
+    server, work = seeded
+    before = len(server.requests())
+    proc = git("push", "origin", "main", cwd=work)
+    assert "Everything up-to-date" in proc.stderr
+    # Only the advertisement was fetched: no second transport, no pack.
+    assert [r.get("path", "") for r in server.requests()[before:]] == ["/team/app.git/info/refs"], server.requests()[before:]

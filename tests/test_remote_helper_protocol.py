@@ -275,7 +275,7 @@ def test_a_push_that_configuration_forbids_is_refused_before_minting(
 ) -> None:
     launched: list[object] = []
 
-    def launch(argv: Sequence[str], env: Mapping[str, str]) -> transport.Child:
+    def launch(argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int]) -> transport.Child:
         launched.append(argv)
         raise AssertionError("the transport must not start")
 
@@ -287,6 +287,9 @@ FAKE_TRANSPORT = r"""
 import os, sys
 from remote_helper import protocol
 out = sys.stdout.buffer
+import subprocess
+# As git-remote-https does: read all configuration before the first command.
+HEADER = subprocess.run(["git", "config", "--get-urlmatch", "http.extraheader", sys.argv[2]], capture_output=True, close_fds=False).stdout.strip()
 for line in sys.stdin.buffer:
     line = line.rstrip(b"\n")
     mode = os.environ.get("FAKE_MODE", "")
@@ -296,11 +299,14 @@ for line in sys.stdin.buffer:
     elif line.startswith(b"option "):
         out.write((mode.encode() if mode in ("ok", "unsupported") else protocol.option_reply(line)) + b"\n")
     else:
-        n = int(os.environ["GIT_CONFIG_COUNT"])
-        cfg = {os.environ[f"GIT_CONFIG_KEY_{i}"]: os.environ[f"GIT_CONFIG_VALUE_{i}"] for i in range(n)}
+        # Read only now, after the first answer, as git would not: codestore has emptied
+        # the private configuration by then, so this sees nothing.
+        import subprocess
+        late = subprocess.run(["git", "config", "--get-urlmatch", "http.extraheader", sys.argv[2]], capture_output=True, close_fds=False)
         out.write(b"command " + line + b"\n")
         out.write(b"argv " + " ".join(sys.argv[1:]).encode() + b"\n")
-        out.write(b"header " + cfg["http.extraHeader"].split()[-1].encode() + b"\n")
+        out.write(b"header " + HEADER.split()[-1] + b"\n")
+        out.write(b"late " + late.stdout.strip() + b"\n")
         out.write(b"params " + os.environ["GIT_CONFIG_PARAMETERS"].encode() + b"\n")
         out.flush()
         out.write(b"rest " + sys.stdin.buffer.read() + b"\n")
@@ -312,9 +318,9 @@ sys.exit(7)
 
 
 def fake_launcher(seen: list[Sequence[str]]) -> helper.Launcher:
-    def launch(argv: Sequence[str], env: Mapping[str, str]) -> transport.Child:
+    def launch(argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int]) -> transport.Child:
         seen.append(argv)
-        return transport.spawn([sys.executable, "-c", FAKE_TRANSPORT, *argv[-2:]], env)
+        return transport.spawn([sys.executable, "-c", FAKE_TRANSPORT, *argv[-2:]], env, pass_fds)
 
     return launch
 
@@ -327,7 +333,9 @@ def test_replay_is_swallowed_and_everything_after_it_passes_through(org_key: Org
     # git saw our preamble once, then exactly what the transport said after it.
     assert out.startswith(CAPS + b"ok\nunsupported\ncommand list\n")
     assert b"argv origin https://acme.code.storage/app.git" in lines
-    assert b"params 'credential.helper'='' 'http.followRedirects'='false'" in lines
+    # The header came through a file included last; later readers find it emptied.
+    assert any(line.startswith(b"params 'include.path'='/dev/fd/") for line in lines), lines
+    assert b"late " in lines
     assert b"rest trailing bytes" in lines
     assert status == 7
     assert "returned error: 401" in err and "codestore: the server rejected the token (HTTP 401)" in err
@@ -357,33 +365,53 @@ def test_a_url_given_as_the_remote_name_is_replaced_by_the_https_url(org_key: Or
 TOKEN = Token("eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl", 0)
 
 
-def _git_config(env: Mapping[str, str], key: str) -> list[str]:
-    proc = subprocess.run(["git", "config", "--get-all", key], env=dict(env), capture_output=True, text=True)
+def _git_config(env: Mapping[str, str], key: str, fds: Sequence[int] = ()) -> list[str]:
+    proc = subprocess.run(["git", "config", "--get-all", key], env=dict(env), capture_output=True, text=True, pass_fds=fds)
     return proc.stdout.splitlines()
 
 
-def test_child_env_appends_to_existing_command_line_config() -> None:
+def _private(url: str = "https://acme.code.storage/app.git") -> transport.PrivateConfig:
+    return transport.PrivateConfig(transport.token_config(TOKEN, url))
+
+
+def test_child_env_keeps_existing_command_line_config_and_adds_the_header_for_the_url() -> None:
+    private = _private()
     env = transport.child_env(
         {**os.environ, "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "a.b", "GIT_CONFIG_VALUE_0": "c",
          "GIT_CONFIG_PARAMETERS": "'x.y'='it'\\''s'"},
-        TOKEN,
+        private,
     )
-    assert env["GIT_CONFIG_COUNT"] == "2" and env["GIT_CONFIG_KEY_1"] == "http.extraHeader"
     assert _git_config(env, "a.b") == ["c"] and _git_config(env, "x.y") == ["it's"]
+    header = _git_config(env, "http.https://acme.code.storage/app.git.extraheader", private.pass_fds)
+    assert len(header) == 1 and header[0].startswith("Authorization: Basic ")
     assert env["GIT_TERMINAL_PROMPT"] == "0" and env["GIT_ASKPASS"] == ""
+    # Threat: the token in the environment that the transport's children inherit and trace2 reports.
+    assert not secrets_in_text(repr(env)) and TOKEN.reveal() not in repr(env)
+    private.forget()
+
+
+def test_the_private_configuration_is_empty_once_forgotten() -> None:
+    private = _private()
+    env = transport.child_env(os.environ, private)
+    fds = private.pass_fds
+    assert _git_config(env, "http.followredirects", fds) == ["false"]
+    private.forget()
+    private.forget()  # idempotent
+    assert _git_config(env, "http.followredirects", fds) == []
 
 
 def test_git_dash_c_cannot_turn_redirects_or_helpers_back_on() -> None:
-    # Threat: `git -c http.followRedirects=true` (or a -c helper) sending the header elsewhere.
-    user = "'http.followRedirects'='true' 'credential.helper'='store'"
-    env = transport.child_env({**os.environ, "GIT_CONFIG_PARAMETERS": user}, TOKEN)
-    assert _git_config(env, "http.followRedirects")[-1] == "false"
-    assert _git_config(env, "credential.helper")[-1] == ""
-
-
-def test_child_env_refuses_a_bogus_config_count() -> None:
-    with pytest.raises(ConfigError, match="GIT_CONFIG_COUNT"):
-        transport.child_env({"GIT_CONFIG_COUNT": "x"}, TOKEN)
+    # Threat: `git -c http.<url>.followRedirects=true` (more specific than any plain key)
+    # or a -c helper sending the header elsewhere.
+    url = "https://acme.code.storage/app.git"
+    user = f"'http.{url}.followRedirects'='true' 'http.{url}/.followRedirects'='true' 'credential.helper'='store'"
+    private = _private(url)
+    env = transport.child_env({**os.environ, "GIT_CONFIG_PARAMETERS": user}, private)
+    got = subprocess.run(["git", "config", "--get-urlmatch", "http.followredirects", url], env=env, capture_output=True, text=True,
+                         pass_fds=private.pass_fds)
+    assert got.stdout == "false\n"
+    assert _git_config(env, "credential.helper", private.pass_fds)[-1] == ""
+    private.forget()
 
 
 def test_the_transport_argv_never_holds_the_token() -> None:
@@ -444,3 +472,36 @@ def test_the_spawned_transport_gets_its_pipes_and_its_exit_status() -> None:
     assert child.wait() == 3
     child.stdout.close()
     child.stderr.close()
+
+
+def test_a_401_after_the_token_ran_out_is_named_as_such() -> None:
+    tail = b"error: RPC failed; HTTP 401 curl 22 The requested URL returned error: 401\n"
+    assert "HTTP 401" in (transport.hint_for(tail) or "")
+    hint = transport.hint_for(tail, expired=True) or ""
+    assert "the token expired during the push" in hint and "clock" not in hint
+
+
+@pytest.mark.parametrize(
+    ("after", "operation", "command", "options"),
+    [
+        (b"", "end", b"", []),  # nothing to push: git ends the session
+        (b"\n", "end", b"", []),
+        (b"option atomic true\noption push-option x\npush refs/heads/a:refs/heads/a\npush :refs/heads/b\n\n", "push",
+         b"push refs/heads/a:refs/heads/a\npush :refs/heads/b\n", [b"option atomic true", b"option push-option x"]),
+    ],
+)
+def test_after_the_advertisement_options_are_answered_and_the_push_batch_is_kept_whole(
+    after: bytes, operation: str, command: bytes, options: list[bytes]
+) -> None:
+    first = protocol.negotiate(protocol.LineReader(io.BytesIO(b"capabilities\nlist for-push\n").read), lambda b: None)
+    written: list[bytes] = []
+    push = protocol.after_advertisement(protocol.LineReader(io.BytesIO(after).read), written.append, first)
+    assert (push.operation, push.command) == (operation, command)
+    assert [line for line, _ in push.replay] == [b"capabilities", *options]
+    assert written == [b"ok\n"] * len(options)
+
+
+def test_anything_but_push_commands_after_the_advertisement_is_refused() -> None:
+    first = protocol.negotiate(protocol.LineReader(io.BytesIO(b"list for-push\n").read), lambda b: None)
+    with pytest.raises(protocol.ProtocolError, match="'fetch' after the push advertisement"):
+        protocol.after_advertisement(protocol.LineReader(io.BytesIO(b"fetch a b\n").read), lambda b: None, first)

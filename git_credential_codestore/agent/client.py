@@ -9,17 +9,18 @@ imported only for admin calls and agents over TCP, `ssl` only for https. One req
 per connection, `Connection: close`.
 
 The grant travels in the `Authorization: Grant ...` header, never in a URL or argv.
-Every failure is one line that says what to do; nothing here can hang git: connects
-and replies have short timeouts.
+Every failure is one line that says what to do; nothing here can hang git: every
+exchange has one total deadline (connect, TLS handshake, request and reply together).
 """
 
 from __future__ import annotations
 
 import _socket
 import os
+import time
 from collections.abc import Mapping
 
-from ..config import Config
+from ..config import Config, getenv
 from ..errors import ConfigError, PolicyError, ProtocolError, RemoteError
 from ..secrets import Secret, Token
 from ..vocab import TokenRequest
@@ -30,6 +31,7 @@ TYPE_CHECKING = False  # typing's import is a cost on every git request
 
 if TYPE_CHECKING:
     import socket
+    import ssl
 
 MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0
@@ -55,12 +57,12 @@ def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
     The agent compares this with its own, so a helper never gets a token signed with a
     key other than the one its configuration chose.
     """
-    pem = env.get("CODESTORE_PRIVATE_KEY", "")
+    pem = getenv(env, "CODESTORE_PRIVATE_KEY")
     if pem.strip():
         import hashlib
 
         return "pem:" + hashlib.sha256(pem.encode()).hexdigest()[:16]
-    path = env.get("CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
+    path = getenv(env, "CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
     if path:
         return "file:" + os.path.realpath(os.path.expanduser(path))
     return "store:" + (cfg.org or "default")
@@ -68,8 +70,6 @@ def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
 
 def _connect_unix(sock: _socket.socket, addr: str, timeout: float) -> None:
     """connect(), retrying while the agent's backlog is full (EAGAIN on a Unix socket)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -81,7 +81,7 @@ def _connect_unix(sock: _socket.socket, addr: str, timeout: float) -> None:
             time.sleep(0.005)
 
 
-def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> _socket.socket | socket.socket:
+def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str], deadline: float) -> _socket.socket | socket.socket:
     try:
         if ep.kind == "unix":
             sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -108,11 +108,37 @@ def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str]) -> _socket.so
 
         ctx = ssl.create_default_context(cafile=ca_file(env))
         try:
-            sock = ctx.wrap_socket(sock, server_hostname=ep.address)
+            sock = ctx.wrap_socket(sock, server_hostname=ep.address, do_handshake_on_connect=False)
+            _handshake(sock, deadline)
+        except TimeoutError:
+            sock.close()
+            raise AgentUnavailable(f"TLS with the codestore agent at {ep} did not finish in time; check: codestore agent status") from None
         except (ssl.SSLError, OSError) as e:
             sock.close()
             raise AgentUnavailable(f"TLS with the codestore agent at {ep} failed ({type(e).__name__}); set CODESTORE_AGENT_CA to its CA file") from None
     return sock
+
+
+def _handshake(sock: ssl.SSLSocket, deadline: float) -> None:
+    """The TLS handshake within the exchange's deadline (a dripping peer cannot stretch it)."""
+    import select
+    import ssl
+
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                want: tuple[list[ssl.SSLSocket], list[ssl.SSLSocket]] = ([sock], [])
+            except ssl.SSLWantWriteError:
+                want = ([], [sock])
+            left = deadline - time.monotonic()
+            if left <= 0 or not any(select.select(*want, [], left)[:2]):
+                raise TimeoutError
+    finally:
+        sock.setblocking(True)
 
 
 def exchange(
@@ -134,12 +160,19 @@ def exchange(
         head.append(f"Content-Type: {content_type}")
     if grant is not None:
         head.append(f"Authorization: Grant {grant.reveal()}")
-    sock = _connect(ep, min(timeout, CONNECT_TIMEOUT), env)
+    # One deadline for the whole exchange: a peer dripping a byte at a time must not
+    # restart a per-read timeout (each recv waits at most what is left).
+    deadline = time.monotonic() + timeout
+    sock = _connect(ep, min(timeout, CONNECT_TIMEOUT), env, deadline)
+    chunks, size = [], 0
     try:
-        sock.settimeout(timeout)
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
-        chunks, size = [], 0
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
             chunk = sock.recv(65536)
             if not chunk:
                 break
@@ -153,13 +186,18 @@ def exchange(
         raise AgentUnavailable(f"the codestore agent at {ep} dropped the connection ({e.strerror or type(e).__name__}); {START_HINT}") from None
     finally:
         sock.close()
-    raw = b"".join(chunks)
+    return parse_reply(b"".join(chunks), ep)
+
+
+def parse_reply(raw: bytes, ep: Endpoint) -> tuple[int, bytes]:
+    """(status, body) of an HTTP/1.x reply read to its end; RemoteError if it is not one."""
     header, _, content = raw.partition(b"\r\n\r\n")
     status_line = header.split(b"\r\n", 1)[0].split()
-    try:
-        return int(status_line[1]), content
-    except (IndexError, ValueError):
-        raise RemoteError(f"the codestore agent at {ep} sent a reply that is not HTTP; is it a codestore agent?") from None
+    if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1.") or not (
+        len(status_line[1]) == 3 and status_line[1].isdigit()
+    ):
+        raise RemoteError(f"the codestore agent at {ep} sent a reply that is not HTTP; is it a codestore agent?")
+    return int(status_line[1]), content
 
 
 def call(
@@ -223,15 +261,21 @@ class AgentSource:
         except ProtocolError as e:
             raise ConfigError(f"cannot ask the codestore agent for this token: {e}") from None
         status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env)
-        try:
-            reply = wire.decode(content)
-        except ProtocolError:
-            raise RemoteError(f"the codestore agent at {self.endpoint} sent an unreadable reply; is it a codestore agent of this version?") from None
-        if status != 200:
-            raise refusal(self.endpoint, status, reply)
-        token, exp = reply.get("token", ""), reply.get("expires_at", "")
-        if not token or not exp.isdigit():
-            raise RemoteError(f"the codestore agent at {self.endpoint} sent a reply without a token")
-        return Token(token, int(exp))
+        return token_from_reply(status, content, self.endpoint)
+
+
+def token_from_reply(status: int, content: bytes, ep: Endpoint) -> Token:
+    """The token in the agent's line-format reply, or the refusal it states."""
+    try:
+        reply = wire.decode(content)
+    except ProtocolError:
+        raise RemoteError(f"the codestore agent at {ep} sent an unreadable reply; is it a codestore agent of this version?") from None
+    if status != 200:
+        raise refusal(ep, status, reply)
+    token, exp = reply.get("token", ""), reply.get("expires_at", "")
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not token or not (exp.isascii() and exp.isdigit()) or len(exp) > 12:
+        raise RemoteError(f"the codestore agent at {ep} sent a reply without a token")
+    return Token(token, int(exp))
 
 

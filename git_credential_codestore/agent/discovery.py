@@ -20,8 +20,8 @@ import sys
 from collections import namedtuple
 from collections.abc import Mapping
 
-from ..config import Config
-from ..errors import ConfigError
+from ..config import Config, getenv
+from ..errors import ConfigError, UsageError
 from ..secrets import Secret
 from ..vocab import is_loopback, split_url
 
@@ -71,9 +71,10 @@ def read_grant(env: Mapping[str, str]) -> Secret | None:
     path = env.get(GRANT_FILE)
     if not path:
         return None
+    from ..files import read_bounded
+
     try:
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            value = f.read().strip()
+        value = read_bounded(os.path.expanduser(path), "CODESTORE_GRANT_FILE").decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read CODESTORE_GRANT_FILE {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
     if not value:
@@ -130,14 +131,17 @@ class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
     def from_url(cls, url: str) -> Endpoint:
         parts = split_url(url)
         if parts.scheme not in ("http", "https") or not parts.host:
-            raise ConfigError(f"CODESTORE_AGENT_URL must be http(s)://HOST:PORT, not {parts.scheme or url[:20]!r}")
+            raise UsageError(f"CODESTORE_AGENT_URL must be http(s)://HOST:PORT, not {parts.scheme or url[:20]!r}")
         if parts.userinfo is not None or parts.query:
             # A grant in a URL would land in logs and argv: exactly what we exist to prevent.
             raise ConfigError("CODESTORE_AGENT_URL must not carry credentials or a query; put the grant in CODESTORE_GRANT_FILE")
         try:
             port = parts.port
         except ValueError:
-            raise ConfigError("CODESTORE_AGENT_URL has a bad port; use http(s)://HOST:PORT") from None
+            raise UsageError(
+                "CODESTORE_AGENT_URL has a bad host or port (a port is 1-65535, an IPv6 host is in []); "
+                "it must be http(s)://HOST:PORT, e.g. https://agent.internal:7878"
+            ) from None
         if parts.scheme == "http" and not is_loopback(parts.host):
             # The grant is a reusable secret: never in clear text across a network.
             raise ConfigError(
@@ -178,9 +182,9 @@ def answers(path: str, exists: bool) -> bool:
 
 def key_file_present(cfg: Config, env: Mapping[str, str]) -> bool:
     """A key an agent could load, found without touching the keychain (that import is slow)."""
-    if env.get("CODESTORE_PRIVATE_KEY", "").strip():
+    if getenv(env, "CODESTORE_PRIVATE_KEY").strip():
         return True
-    path = env.get("CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
+    path = getenv(env, "CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
     if path:
         return os.path.exists(os.path.expanduser(path))
     from platformdirs import user_data_dir

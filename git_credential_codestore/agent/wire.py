@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..errors import ProtocolError
-from ..lines import parse_lines
+from ..lines import has_control, parse_lines
 from ..vocab import TokenRequest
 
 CONTENT_TYPE = "text/x-codestore-lines"
@@ -45,8 +45,8 @@ def encode(fields: Mapping[str, object]) -> bytes:
         elif isinstance(value, (list, tuple)):
             value = " ".join(str(v) for v in value)
         text = str(value)
-        if "\n" in text or "\r" in text or "\0" in text:
-            raise ProtocolError(f"the value of {key} has a line break")
+        if has_control(key + text):  # what decode() would refuse is never sent
+            raise ProtocolError(f"the value of {key} has a line break or another control character")
         out.append(f"{key}={text}\n")
     return "".join(out).encode("utf-8")
 
@@ -90,7 +90,9 @@ def decode_request(body: bytes) -> tuple[TokenRequest, dict[str, str]]:
                 raise ProtocolError(f"{key} must be 0 or 1")
             data[key] = value == "1"
         elif key == "scopes":
-            data["scopes"] = tuple(value.split())
+            # ASCII spaces only, as encode() joins them: str.split() also splits on
+            # \x85 and other Unicode spaces, which would turn one odd scope into none.
+            data["scopes"] = tuple(scope for scope in value.split(" ") if scope)
         elif key == "ttl":
             if not value.isascii() or not value.isdigit() or len(value) > 9:
                 raise ProtocolError("ttl must be a whole number of seconds")

@@ -8,11 +8,12 @@ send a grant, and the agent refuses them from anyone but its owner.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import click
 
-from ..errors import ConfigError
+from ..errors import CodestoreError, ConfigError
 from .agent import SOCKET_HELP, admin
 
 
@@ -22,7 +23,7 @@ def parse_duration(value: str) -> int:
     v = value.strip().lower()
     mult = units.get(v[-1:], None)
     num = v[:-1] if mult else v
-    if not num.isdigit() or int(num) <= 0:
+    if not (num.isascii() and num.isdigit()) or int(num) <= 0:  # "²".isdigit() is True
         raise ConfigError(f"bad duration {value!r}: use e.g. 3600, 30m, 8h, 7d")
     return int(num) * (mult or 1)
 
@@ -34,6 +35,42 @@ def _when(ts: object) -> str:
 
 
 # -- grant --------------------------------------------------------------------------------
+
+PRINTABLE = ("id", "grant", "socket", "sub")
+
+
+def _prepare_secret_file(path: str) -> str:
+    """Check, before the grant exists, that its secret can be written to PATH.
+
+    A grant created and then lost to an unwritable path would be a live secret nobody holds.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"cannot write the grant to {path}: {parent} is not a directory; create it first")
+    if os.path.isdir(path):
+        raise ConfigError(f"cannot write the grant to {path}: it is a directory; name a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the grant to {path}: {parent} is not writable")
+    return path
+
+
+def _write_secret(path: str, secret: str) -> None:
+    """Write the secret to a fresh 0600 file and move it into place (never a symlink's target)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, (secret + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        raise CodestoreError(f"cannot write the grant to {path}: {e.strerror}") from None
+
 
 
 @click.group("grant")
@@ -59,11 +96,31 @@ def grant() -> None:
 @click.option("--own-socket", is_flag=True, help="Also serve this grant on a dedicated socket (mount it into a container).")
 @click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with `id` and `grant`).")
+@click.option("--secret-file", metavar="PATH", help="Write only the grant's secret to PATH (mode 0600); print the id.")
+@click.option("--secret-only", is_flag=True, help="Print only the grant's secret (same as --print grant).")
+@click.option("--print", "fields", multiple=True, type=click.Choice(PRINTABLE),
+              help="Print only this field, one per line, in order (repeatable): id, grant (the secret), socket, sub.")
 def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, expires_in: str | None,
                  ephemeral_only: bool, ref_policy: str | None, sub: str | None, own_socket: bool,
-                 socket_opt: str | None, as_json: bool) -> None:
-    """Create a grant; its secret is printed once and stored only as a hash."""
+                 socket_opt: str | None, as_json: bool, secret_file: str | None, secret_only: bool,
+                 fields: tuple[str, ...]) -> None:
+    """Create a grant; its secret is shown once and stored only as a hash.
+
+    For scripts and recipes, without parsing JSON: `--secret-file PATH` puts the secret in
+    a 0600 file and prints the id; `--secret-only` prints the secret alone;
+    `--print id --print socket` prints just those values, one per line.
+    """
     from ..vocab import parse_scopes
+
+    fields = ("grant", *fields) if secret_only else fields
+    if as_json and (fields or secret_file):
+        raise ConfigError("--json prints everything; use it without --secret-only/--print/--secret-file")
+    if secret_file and "grant" in fields:
+        raise ConfigError("--secret-file already takes the secret; do not also print it")
+    if "socket" in fields and not own_socket:
+        raise ConfigError("--print socket needs --own-socket (only then has the grant a socket)")
+    if secret_file:
+        secret_file = _prepare_secret_file(secret_file)
 
     body: dict[str, object] = {
         "repos": list(repos),
@@ -79,6 +136,13 @@ def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, 
 
         body["refs"] = ref_policy_json(parse_ref_policy(ref_policy))
     g = admin(socket_opt, "POST", "/v1/grants", body)
+    if secret_file:
+        _write_secret(secret_file, str(g["grant"]))
+        fields = fields or ("id",)
+    if fields:
+        for f in fields:
+            click.echo(str(g.get(f) or ""))
+        return
     if as_json:
         click.echo(json.dumps(g, indent=2))
         return

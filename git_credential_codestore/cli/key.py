@@ -45,11 +45,14 @@ def key_import(source: str) -> None:
     from ..secrets import Secret
 
     if source == "-":
-        pem = Secret(sys.stdin.read())  # click.get_text_stream is deprecated (click 9 drops it)
+        from ..files import MAX_FILE
+
+        pem = Secret(sys.stdin.read(MAX_FILE))  # click.get_text_stream is deprecated (click 9 drops it)
     else:
+        from ..files import read_bounded
+
         try:
-            with open(source, encoding="utf-8") as f:
-                pem = Secret(f.read())
+            pem = Secret(read_bounded(source, "the key file").decode("utf-8"))
         except (OSError, UnicodeDecodeError) as e:
             raise CodestoreError(f"cannot read {source}: {getattr(e, 'strerror', e)}") from None
     key = keys.parse_private_key(pem, source if source != "-" else "stdin")

@@ -4,21 +4,39 @@ from __future__ import annotations
 
 import click
 
+from ..errors import CodestoreError
+
 
 @click.command("setup")
 @click.option("--undo", is_flag=True, help="Remove exactly what setup added.")
-def setup_cmd(undo: bool) -> None:
-    """Configure git to ask codestore for credentials for the Code Storage host."""
+@click.option("--system", is_flag=True, help="Write git's system config, for every user (image builds, as root).")
+@click.option("--org", metavar="ORG", help="The org (default: $CODESTORE_ORG or the config file).")
+@click.option("--base-url", metavar="URL", help="The Git base URL (default: $CODESTORE_BASE_URL, else https://ORG.code.storage).")
+def setup_cmd(undo: bool, system: bool, org: str | None, base_url: str | None) -> None:
+    """Configure git to ask codestore for credentials for the Code Storage host.
+
+    Needs no key and no network: with --system, run it while building an image.
+    """
+    import os
+
     from .. import config, setup
 
-    cfg = config.load()
+    env = dict(os.environ)
+    if org:
+        env["CODESTORE_ORG"] = org
+    if base_url:
+        env["CODESTORE_BASE_URL"] = base_url
+    cfg = config.load(env)
+    if system and not cfg.org:
+        raise CodestoreError("setup --system writes the org into git's system config; pass --org ORG (or set CODESTORE_ORG)")
+    where = "git's system config" if system else "git"
     if undo:
-        removed = setup.undo(cfg)
+        removed = setup.undo_system(cfg) if system else setup.undo(cfg)
         click.echo(f"restored {', '.join(removed)}" if removed else f"nothing to undo for {cfg.base_url}")
         return
-    changed = setup.setup(cfg)
-    click.echo(f"configured git for {cfg.base_url}: {', '.join(changed)}" if changed else f"git is already set up for {cfg.base_url}")
-    others = [h for h in setup.effective_chain(cfg.base_url) if h != setup.HELPER]
+    changed = setup.setup(cfg, system=system)
+    click.echo(f"configured {where} for {cfg.base_url}: {', '.join(changed)}" if changed else f"{where} is already set up for {cfg.base_url}")
+    others = [h for h in setup.effective_chain(cfg.base_url) if not setup.is_ours(h)]
     if others:
         click.echo(
             f"warning: git would still run {', '.join(repr(h) for h in others)} after codestore for this host "

@@ -1,0 +1,158 @@
+"""The helpers never hang on a slow agent, never read a file without limit, and never crash
+on a bad agent address: each ends in one line that names the fix."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from git_credential_codestore import config, files
+from git_credential_codestore.agent.client import AgentUnavailable, Endpoint, exchange, read_grant
+from git_credential_codestore.errors import ConfigError, UsageError
+from tests.conftest import BIN, ORG, OrgKey, run_cli
+
+
+class Dripper:
+    """Accepts connections and answers each with one byte every `interval` seconds."""
+
+    def __init__(self, sock: socket.socket, interval: float = 0.2, total: float = 30.0) -> None:
+        self.sock = sock
+        self.interval, self.total = interval, total
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        reply = b"HTTP/1.1 200 OK\r\nContent-Type: text/x-codestore-lines\r\n\r\n" + b"x" * 1000
+        end = time.monotonic() + self.total
+        with conn:
+            for byte in reply:
+                if self.stop.is_set() or time.monotonic() > end:
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(self.interval)
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def dripping(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Endpoint]:
+    if request.param == "tcp":
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        ep = Endpoint("http", "127.0.0.1", sock.getsockname()[1])
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(tmp_path / "agent.sock"))
+        ep = Endpoint("unix", str(tmp_path / "agent.sock"))
+    sock.listen(8)
+    dripper = Dripper(sock)
+    try:
+        yield ep
+    finally:
+        dripper.stop.set()
+        sock.close()
+
+
+def test_an_agent_dripping_bytes_cannot_hold_an_exchange_past_its_deadline(dripping: Endpoint) -> None:
+    # Threat: an agent (or anything between) sending a byte every few seconds keeps git
+    # blocked for hours; each byte used to restart the per-read timeout.
+    start = time.monotonic()
+    with pytest.raises(AgentUnavailable, match="did not answer within 1s"):
+        exchange(dripping, "POST", "/v1/token", b"repo=a\n", "text/x-codestore-lines", timeout=1.0)
+    assert time.monotonic() - start < 3.0
+
+
+def test_git_is_not_held_by_a_dripping_agent_for_longer_than_the_deadline(dripping: Endpoint, org_key: OrgKey) -> None:
+    # The whole path, through the installed credential helper, with the agent's grant.
+    env = dict(os.environ, CODESTORE_GRANT="g", CODESTORE_BASE_URL="https://acme.code.storage")
+    if dripping.kind == "unix":
+        env["CODESTORE_AGENT_SOCK"] = dripping.address
+    else:
+        env["CODESTORE_AGENT_URL"] = f"http://127.0.0.1:{dripping.port}"
+    start = time.monotonic()
+    proc = subprocess.run(
+        [os.path.join(BIN, "git-credential-codestore"), "get"], input="protocol=https\nhost=acme.code.storage\npath=a.git\n\n",
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    assert proc.stdout == "quit=1\n" and "did not answer within" in proc.stderr and proc.stderr.count("\n") == 1
+    assert elapsed < 30, elapsed  # the deadline is 15 s; the drip would go on for 30 s and more
+
+
+# ---------------------------------------------------------------- bounded reads
+
+
+@pytest.mark.parametrize("what", ["CODESTORE_CONFIG", "CODESTORE_PRIVATE_KEY_FILE", "CODESTORE_GRANT_FILE"])
+def test_an_endless_file_is_refused_in_one_line_not_read_forever(what: str, org_key: OrgKey) -> None:
+    # Threat: CODESTORE_CONFIG=/dev/zero (or a key or grant file that never ends) eating
+    # all memory of the machine the helper runs on.
+    env = dict(os.environ, CODESTORE_BASE_URL="https://acme.code.storage", CODESTORE_AGENT="off", **{what: "/dev/zero"})
+    proc = subprocess.run(
+        [os.path.join(BIN, "git-credential-codestore"), "get"], input="protocol=https\nhost=acme.code.storage\npath=a.git\n\n",
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert proc.stdout == "quit=1\n" or what == "CODESTORE_CONFIG"
+    assert "/dev/zero" in proc.stderr and "larger than" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_bounded_reader_reads_small_files_and_says_what_is_too_big(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.write_bytes(b"x" * 10)
+    assert files.read_bounded(str(small), "the thing", limit=10) == b"x" * 10
+    with pytest.raises(ConfigError, match=r"the thing .*small is larger than 9 bytes"):
+        files.read_bounded(str(small), "the thing", limit=9)
+    with pytest.raises(FileNotFoundError):
+        files.read_bounded(str(tmp_path / "missing"), "the thing")
+
+
+def test_config_and_grant_files_go_through_the_bounded_reader(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="larger than"):
+        config.load({"CODESTORE_CONFIG": "/dev/zero"})
+    with pytest.raises(ConfigError, match="larger than"):
+        read_grant({"CODESTORE_GRANT_FILE": "/dev/zero"})
+
+
+# ---------------------------------------------------------------- a bad agent address
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:99999", "http://127.0.0.1:abc", "http://[::1", "http://[::1]:-1", "http://127.0.0.1:", "https://h:65536"],
+)
+def test_a_bad_agent_url_is_a_usage_error_in_one_line_never_a_crash(url: str, org_key: OrgKey) -> None:
+    env = dict(os.environ, CODESTORE_AGENT_URL=url, CODESTORE_BASE_URL="https://acme.code.storage")
+    for argv, stdin in (
+        (["git-credential-codestore", "get"], "protocol=https\nhost=acme.code.storage\npath=a.git\n\n"),
+        (["codestore", "token", "team/app"], None),
+    ):
+        proc = run_cli(*argv, input=stdin, env=env)
+        lines = [line for line in proc.stderr.splitlines() if line]
+        assert len(lines) == 1 and "CODESTORE_AGENT_URL" in lines[0] and "internal error" not in lines[0], (argv, proc.stderr)
+        if argv[0] == "codestore":
+            assert proc.returncode == 2, (argv, proc.returncode, proc.stderr)
+        else:
+            assert proc.stdout == "quit=1\n"
+    # And git through the remote helper: one line, git's usual failure, no crash log.
+    proc = subprocess.run(["git", "ls-remote", f"codestore://{ORG}/team/app"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "CODESTORE_AGENT_URL" in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_endpoint_from_url_names_the_setting_and_the_form() -> None:
+    with pytest.raises(UsageError, match=r"CODESTORE_AGENT_URL .* port .* http\(s\)://HOST:PORT"):
+        Endpoint.from_url("http://127.0.0.1:99999")
