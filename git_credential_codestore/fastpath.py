@@ -26,6 +26,7 @@ MODULES = (
     "git_credential_codestore",
     "git_credential_codestore.credential",
     "git_credential_codestore.errors",
+    "git_credential_codestore.gitenv",
     "git_credential_codestore.lines",
     "git_credential_codestore.vocab",
     "git_credential_codestore.config",
