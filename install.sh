@@ -94,6 +94,10 @@ if [ ! -x "$venv/bin/python" ]; then
   mkdir -p "$prefix"
   python3 -m venv "$venv"
 fi
+# Releases before 0.1.0's rename were installed as the distribution "codestore" (a name
+# another project holds on PyPI); this venv is ours alone, so drop that stale record
+# first (after the install, its uninstall would delete the files both share).
+"$venv/bin/python" -m pip uninstall -q -y --disable-pip-version-check codestore >/dev/null 2>&1 || true
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$here"
 
 # git runs the two helpers on every fetch and push. pip's generated launcher runs `site`

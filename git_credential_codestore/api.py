@@ -10,7 +10,7 @@ import email.message
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import IO
 
 from .errors import RemoteError, redact
@@ -93,9 +93,82 @@ def create_repo(api_url: str, token: Token, default_branch: str) -> dict[str, ob
     return data
 
 
+PAGE_LIMIT = 100  # Code Storage's maximum page size (its default is 20)
+MAX_PAGES = 10000  # a server that never stops paging is a bug, not an org
+
+
+def _pages(api_url: str, path: str, token: Token, what: str, key: str, params: Mapping[str, str] | None = None) -> Iterator[dict[str, object]]:
+    """Every item of a paged list: `cursor`/`limit` in, `{<key>, next_cursor, has_more}` out.
+
+    Follows `next_cursor` while `has_more` says so (or, from a server that omits
+    `has_more`, while there is a cursor); a cursor seen twice is an error, never a loop.
+    """
+    from urllib.parse import urlencode
+
+    cursor: str | None = None
+    seen: set[str] = set()
+    for _ in range(MAX_PAGES):
+        query = {**(params or {}), "limit": str(PAGE_LIMIT)}
+        if cursor:
+            query["cursor"] = cursor
+        status, data = call(api_url, "GET", f"{path}?{urlencode(query)}", token)
+        if not 200 <= status < 300:
+            raise RemoteError(f"listing {what} failed: {reason(status, data)}{hint(status)}")
+        items = data.get(key)
+        if not isinstance(items, list):
+            raise RemoteError(f"listing {what}: the server's answer has no {key!r} list")
+        yield from (i for i in items if isinstance(i, dict))
+        nxt = data.get("next_cursor")
+        more = data.get("has_more")
+        if not (more if isinstance(more, bool) else bool(nxt)):
+            return
+        if not isinstance(nxt, str) or not nxt or nxt in seen:
+            raise RemoteError(f"listing {what}: the server said there is more but gave no new cursor; try again later")
+        seen.add(nxt)
+        cursor = nxt
+    raise RemoteError(f"listing {what}: more than {MAX_PAGES} pages; stopping")
+
+
 def list_repos(api_url: str, token: Token) -> list[dict[str, object]]:
-    status, data = call(api_url, "GET", "/api/v1/repos", token)
+    """Every repository of the org (GET /api/v1/repos, all pages; an org:read token)."""
+    return list(_pages(api_url, "/api/v1/repos", token, "repositories", "repos"))
+
+
+def get_repo(api_url: str, token: Token) -> dict[str, object] | None:
+    """The token's repository (GET /api/v1/repo, git:read), or None when there is none."""
+    status, data = call(api_url, "GET", "/api/v1/repo", token)
+    if status == 404:
+        return None
     if not 200 <= status < 300:
-        raise RemoteError(f"listing repositories failed: {reason(status, data)}{hint(status)}")
-    repos = data.get("repos", [])
-    return [r for r in repos if isinstance(r, dict)] if isinstance(repos, list) else []
+        raise RemoteError(f"reading the repository failed: {reason(status, data)}{hint(status)}")
+    return data
+
+
+def delete_repo(api_url: str, token: Token, repo: str) -> dict[str, object]:
+    """DELETE /api/v1/repos/delete: the repository named by the token (repo:write)."""
+    status, data = call(api_url, "DELETE", "/api/v1/repos/delete", token)
+    if status == 404:
+        raise RemoteError(f"there is no repository {repo!r} to delete; see: codestore repo list")
+    if status == 409:
+        raise RemoteError(f"repository {repo!r} is already deleted")
+    if not 200 <= status < 300:
+        raise RemoteError(f"deleting {repo} failed: {reason(status, data)}{hint(status)}")
+    return data
+
+
+def list_branches(api_url: str, token: Token, ephemeral: bool) -> list[dict[str, object]]:
+    """Every branch in one namespace (GET /api/v1/repos/branches, all pages; git:read)."""
+    where = "the +ephemeral namespace" if ephemeral else "the default namespace"
+    return list(_pages(api_url, "/api/v1/repos/branches", token, f"branches in {where}", "branches",
+                       {"ephemeral": "true" if ephemeral else "false"}))
+
+
+def delete_branch(api_url: str, token: Token, repo: str, name: str, ephemeral: bool) -> dict[str, object]:
+    """DELETE /api/v1/repos/branches {name, ephemeral} (git:write)."""
+    status, data = call(api_url, "DELETE", "/api/v1/repos/branches", token, {"name": name, "ephemeral": ephemeral})
+    where = f"{repo}+ephemeral" if ephemeral else repo
+    if status == 404:
+        raise RemoteError(f"there is no branch {name!r} in {where}; see: codestore branch list {repo}")
+    if not 200 <= status < 300:
+        raise RemoteError(f"deleting branch {name} of {where} failed: {reason(status, data)}{hint(status)}")
+    return data

@@ -20,12 +20,18 @@ PIERRE_PRIVATE_KEY_FILE, PIERRE_TOKEN_TTL and PIERRE_DEBUG: each is accepted whe
 CODESTORE_* name is unset (`getenv`, the one reader of these names), so an image moving
 from it keeps working.
 
-The file holds the same settings in lower case, plus per-repository rules:
+The file holds the same settings in lower case, plus per-repository rules, and other
+orgs in [orgs.NAME] sections with the same settings (see `load` for which one applies):
 
     org = "acme"
     scopes = "git:read"
     [repos."team/*"]
     ephemeral_scopes = "git:read git:write"
+    [orgs.personal]
+    org = "me"
+    kid = "me-key-1"
+
+(CODESTORE_TRACE, read by trace.py, says which file and section each request used.)
 
 This module is imported on every credential request, so it stays light: no crypto.
 """
@@ -91,6 +97,17 @@ def config_path(env: Mapping[str, str] | None = None) -> str:
     return os.path.join(user_dir("config", env), "config.toml")
 
 
+def hostname() -> str:
+    """This machine's name. os.uname where it exists (socket's import is a cost every git
+    request would pay); Windows has no os.uname, so there socket.gethostname."""
+    uname = getattr(os, "uname", None)
+    if uname is not None:
+        return str(uname().nodename)
+    import socket
+
+    return socket.gethostname()
+
+
 class RepoRule(namedtuple("RepoRule", "pattern scopes ephemeral_scopes", defaults=(None, None))):
     __slots__ = ()
     pattern: str
@@ -101,8 +118,9 @@ class RepoRule(namedtuple("RepoRule", "pattern scopes ephemeral_scopes", default
 class Config(
     namedtuple(
         "Config",
-        "org base_url_setting api_url_setting kid ttl scopes ephemeral_scopes sub_setting private_key_file repos path",
-        defaults=(None, None, None, None, DEFAULT_TTL, ("git:read",), None, None, None, (), ""),
+        "org base_url_setting api_url_setting kid ttl scopes ephemeral_scopes sub_setting private_key_file repos path"
+        " name uses_env",
+        defaults=(None, None, None, None, DEFAULT_TTL, ("git:read",), None, None, None, (), "", "", True),
     )
 ):
     """The effective settings. A collections.namedtuple: a dataclass would import
@@ -120,6 +138,11 @@ class Config(
     private_key_file: str | None
     repos: tuple[RepoRule, ...]
     path: str
+    # The [orgs.NAME] section these settings came from; "" for the top-level (default) org.
+    name: str
+    # Whether the CODESTORE_* environment (its key, agent and grant too) speaks for this org:
+    # false for an [orgs.*] section, so one org's key never signs for another.
+    uses_env: bool
 
     @property
     def base_url(self) -> str:
@@ -138,8 +161,7 @@ class Config(
 
     @property
     def sub(self) -> str:
-        # os.uname, not socket.gethostname: socket's import is a cost on every git request.
-        return self.sub_setting or f"codestore@{os.uname().nodename}"
+        return self.sub_setting or f"codestore@{hostname()}"
 
     def require_org(self) -> str:
         if not self.org:
@@ -214,8 +236,21 @@ def _parse(path: str, data: bytes) -> dict[str, object]:
 _SETTINGS = ("org", "base_url", "api_url", "kid", "ttl", "scopes", "ephemeral_scopes", "sub", "private_key_file")
 
 
-def load(env: Mapping[str, str] | None = None, *, cache: bool = True) -> Config:
-    """Read the file, then let CODESTORE_* environment variables override it.
+def load(
+    env: Mapping[str, str] | None = None,
+    *,
+    host: tuple[str, str] | None = None,
+    org: str | None = None,
+    cache: bool = True,
+) -> Config:
+    """The settings for one org: the top-level (default) org, or an [orgs.NAME] section.
+
+    Which one: with `host` (git's protocol and host, from the credential helper), the
+    org whose base URL that is; with `org` (from a codestore://ORG/... URL), that org;
+    otherwise CODESTORE_ORG (or `codestore --org`) when it names a section (by its name
+    or its org). Anything else, and no match, is the default org. Environment variables
+    override the default org's settings only: a section takes its settings from the file
+    alone, so the environment's CODESTORE_KID, key or grant never signs for another org.
 
     `cache`: use and refresh the parsed copy (config_cache.py); off for a file that is
     about to be replaced or removed.
@@ -223,32 +258,114 @@ def load(env: Mapping[str, str] | None = None, *, cache: bool = True) -> Config:
     env = os.environ if env is None else env
     path = config_path(env)
     raw = _read_file(path, env, cache)
-    values: dict[str, object] = {k: raw[k] for k in _SETTINGS if k in raw}
-    unknown = set(raw) - set(_SETTINGS) - {"repos"}
+    unknown = set(raw) - set(_SETTINGS) - {"repos", "orgs"}
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
-    sources = {k: path for k in values}
+    sections = _sections(raw, path)
+    from .trace import say
+
+    default = _build(raw, env, path, "")
+    chosen: Config | None = None
+    if host is not None and not default.serves(*host):
+        chosen = next((c for c in (_build(v, {}, path, n, False) for n, v in sections.items()) if c.serves(*host)), None)
+    elif org is not None and (default.org or "").lower() != org.lower():
+        name = _section_for(sections, org)
+        chosen = _build(sections[name], {}, path, name, False) if name else None
+    elif host is None and org is None and env.get("CODESTORE_ORG"):
+        name = _section_for(sections, env["CODESTORE_ORG"])
+        chosen = _build(sections[name], {}, path, name, False) if name else None
+    cfg = chosen or default
+    if sections:
+        say("config", f"org section {'[orgs.' + cfg.name + ']' if cfg.name else '(default, top level)'} "
+            f"for {'host ' + host[1] if host else 'org ' + org if org else 'this command'}", env)
+    return cfg
+
+
+def _sections(raw: Mapping[str, object], path: str) -> dict[str, dict[str, object]]:
+    orgs = raw.get("orgs", {})
+    if not isinstance(orgs, dict) or not all(isinstance(v, dict) for v in orgs.values()):
+        raise ConfigError(f"{path}: [orgs] must hold tables like [orgs.personal] with that org's settings")
+    for name, section in orgs.items():
+        extra = set(section) - set(_SETTINGS) - {"repos"}
+        if extra:
+            raise ConfigError(f"{path}: [orgs.{name}]: unknown setting(s) {', '.join(sorted(extra))}")
+    return orgs
+
+
+def _section_for(sections: Mapping[str, Mapping[str, object]], org: str) -> str | None:
+    """The section named `org`, or whose `org` setting is `org` (case-insensitive)."""
+    org = org.lower()
+    if not org:
+        return None
+    for name, section in sections.items():
+        if name.lower() == org or str(section.get("org", "")).lower() == org:
+            return name
+    return None
+
+
+def section_to_write(org: str, env: Mapping[str, str] | None = None) -> str | None:
+    """Where `codestore --org ORG config set` writes: None for the top-level org, else
+    the [orgs.*] section for ORG (an existing one by name or org, or a new one named ORG)."""
+    env = os.environ if env is None else env
+    path = config_path(env)
+    raw = _read_file(path, env)
+    if str(raw.get("org", "")).lower() == org.lower():
+        return None
+    return _section_for(_sections(raw, path), org) or org
+
+
+def all_orgs(env: Mapping[str, str] | None = None, *, cache: bool = True) -> list[Config]:
+    """Every org this machine is configured for: the default (if it names one) and each section."""
+    env = os.environ if env is None else env
+    path = config_path(env)
+    raw = _read_file(path, env, cache)
+    unknown = set(raw) - set(_SETTINGS) - {"repos", "orgs"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    sections = _sections(raw, path)
+    # CODESTORE_ORG naming a section chooses that section; it does not rename the default.
+    if _section_for(sections, env.get("CODESTORE_ORG", "")):
+        env = {k: v for k, v in env.items() if k != "CODESTORE_ORG"}
+    default = _build(raw, env, path, "")
+    out = [default] if default.org or default.base_url_setting else []
+    out += [_build(section, {}, path, name, False) for name, section in sections.items()]
+    return out or [default]
+
+
+def _build(raw: Mapping[str, object], env: Mapping[str, str], path: str, name: str, uses_env: bool = True) -> Config:
+    """One org's Config: `raw` (top level or a section) overridden by `env`."""
+    where = f"{path} [orgs.{name}]" if name else path
+    values: dict[str, object] = {k: raw[k] for k in _SETTINGS if k in raw}
+    if name and "org" not in values:
+        values["org"] = name  # [orgs.acme] with no org setting is the org acme
+    from_env: list[str] = []
+    sources = {k: where for k in values}
     for k in _SETTINGS:
-        name = "CODESTORE_" + k.upper()
-        v = getenv(env, name)
+        var = "CODESTORE_" + k.upper()
+        v = getenv(env, var)
         if v:
             values[k] = v
-            sources[k] = env_name(env, name)
+            from_env.append(k)
+            sources[k] = env_name(env, var)
     for k in ("org", "base_url", "api_url", "kid", "sub", "private_key_file"):
         if k in values and not isinstance(values[k], str):
-            raise ConfigError(f"{path}: {k} must be a string")
+            raise ConfigError(f"{where}: {k} must be a string")
     for k in ("base_url", "api_url"):
         if k in values:
             u = split_url(str(values[k]))
             if u.scheme not in ("http", "https") or not u.netloc or "@" in u.netloc or u.query or u.fragment:
                 raise ConfigError(f"{k} {values[k]!r} must be an http(s) URL without credentials, query or fragment")
+    from .trace import say
+
+    # Setting names only, never values. (A section built with env={} traces nothing here.)
+    say("config", f"{where} {'read' if raw else '(absent or empty)'}; from the environment: {', '.join(from_env) or 'nothing'}", env)
     rules = []
     repos = raw.get("repos", {})
     if not isinstance(repos, dict):
-        raise ConfigError(f"{path}: [repos] must be a table of repository patterns")
+        raise ConfigError(f"{where}: [repos] must be a table of repository patterns")
     for pattern, rule in repos.items():
         if not isinstance(rule, dict) or set(rule) - {"scopes", "ephemeral_scopes"}:
-            raise ConfigError(f"{path}: [repos.{pattern!r}] takes only scopes and ephemeral_scopes")
+            raise ConfigError(f"{where}: [repos.{pattern!r}] takes only scopes and ephemeral_scopes")
         rules.append(
             RepoRule(
                 pattern,
@@ -272,13 +389,18 @@ def load(env: Mapping[str, str] | None = None, *, cache: bool = True) -> Config:
         private_key_file=values.get("private_key_file") or None,
         repos=tuple(rules),
         path=path,
+        name=name,
+        uses_env=uses_env,
     )
 
 
-def set_value(key: str, value: str, env: Mapping[str, str] | None = None) -> str:
-    """Write one top-level setting into the TOML file (used by `codestore config set`)."""
+def set_value(key: str, value: str, env: Mapping[str, str] | None = None, section: str | None = None) -> str:
+    """Write one setting into the TOML file (used by `codestore config set`): at the top
+    level (the default org), or into [orgs.SECTION], created when missing."""
     if key not in _SETTINGS:
         raise ConfigError(f"unknown setting {key!r}; settings: {', '.join(_SETTINGS)}")
+    if section is not None and not (section.replace("-", "").isalnum() and section.isascii()):
+        raise ConfigError(f"{section!r} is not an org name (letters, digits and '-')")
     path = config_path(env)
     lines = []
     from .files import read_bounded
@@ -292,18 +414,29 @@ def set_value(key: str, value: str, env: Mapping[str, str] | None = None) -> str
     import json
 
     new = f"{key} = {json.dumps(value)}"
-    # Top-level keys live before the first table header.
-    end = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("[")), len(lines))
-    for i in range(end):
+    # A table's keys live between its header and the next header; the top level's, before any.
+    start = 0
+    if section is not None:
+        header = next((i for i, ln in enumerate(lines) if ln.strip() in (f"[orgs.{section}]", f'[orgs."{section}"]')), None)
+        if header is None:
+            lines += ([""] if lines else []) + [f"[orgs.{section}]"]
+            header = len(lines) - 1
+        start = header + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+    for i in range(start, end):
         if lines[i].split("=", 1)[0].strip() == key:
             lines[i] = new
             break
     else:
-        lines.insert(end, new)
+        # After the table's last setting, before any blank lines that separate it from the next.
+        at = end
+        while at > start and not lines[at - 1].strip():
+            at -= 1
+        lines.insert(at, new)
     from .files import write_atomic
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    # Refuse a bad value now, not at the next git fetch: the new file is loaded first.
-    write_atomic(path, "\n".join(lines) + "\n", 0o644, check=lambda tmp: load({"CODESTORE_CONFIG": tmp}, cache=False))
+    # Refuse a bad value now, not at the next git fetch: the new file (every org in it) is loaded first.
+    write_atomic(path, "\n".join(lines) + "\n", 0o644, check=lambda tmp: all_orgs({"CODESTORE_CONFIG": tmp}, cache=False))
     _read_file(path, os.environ if env is None else env)  # the next git request reads the parsed copy
     return path

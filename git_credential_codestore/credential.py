@@ -51,9 +51,14 @@ def _read_request(stdin: BinaryIO) -> bytes:
 def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
     """The reply lines for a `get` request; [] when the host is not ours."""
     from . import config
+    from .trace import say
 
-    cfg = config.load(env)
+    # protocol, host and path only: git may also send a username or a stored password.
+    say("credential", f"get {fields.get('protocol', '?')}://{fields.get('host', '?')}/{fields.get('path', '')}", env)
+    # With several orgs configured, the host git asks about picks the org.
+    cfg = config.load(env, host=(fields.get("protocol", ""), fields.get("host", "")))
     if not cfg.serves(fields.get("protocol", ""), fields.get("host", "")):
+        say("credential", f"not our host (this helper serves {cfg.base_url if cfg.org or cfg.base_url_setting else 'no host: no org configured'}); silent", env)
         return []
     from .errors import CodestoreError, ConfigError
     from .gitenv import would_print_authorization
@@ -78,12 +83,15 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
     from .source import get_token
     from .vocab import TokenRequest
 
-    if holds_grant(env):
+    if cfg.uses_env and holds_grant(env):  # a grant speaks for the env-configured org only
         # The grant is the policy: ask for at most read+write; the agent narrows it.
         request = TokenRequest(repo, ("git:read", "git:write"), ephemeral, purpose="credential", narrow=True)
     else:
         request = TokenRequest(repo, cfg.scopes_for(repo, ephemeral), ephemeral, purpose="credential")
+    say("credential", f"asking for {repo}{' (+ephemeral)' if ephemeral else ''}: {' '.join(request.scopes)}"
+        f"{' at most (the grant decides)' if request.narrow else ''}", env)
     token = get_token(request, cfg, env)
+    say("credential", f"answered with a token for {repo}, expiring at {token.expires_at}", env)
     return ["username=t", f"password={token.reveal()}", f"password_expiry_utc={token.expires_at}"]
 
 
@@ -124,12 +132,17 @@ HELPER_OPTIONS = {"--org": "CODESTORE_ORG", "--base-url": "CODESTORE_BASE_URL"}
 
 
 def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO, env: Mapping[str, str]) -> int:
+    if list(argv) == ["--version"]:
+        from . import __version__
+
+        stdout.write(f"{PROG} {__version__}\n".encode())
+        return 0
     options, overrides = list(argv[:-1]), {}
     while len(options) >= 2 and options[0] in HELPER_OPTIONS:
         name = options.pop(0)
         overrides[HELPER_OPTIONS[name]] = options.pop(0)
     if len(argv) < 1 or options:
-        stderr.write(f"{PROG}: usage: {PROG} [--org ORG] [--base-url URL] get|store|erase (git runs this for you)\n".encode())
+        stderr.write(f"{PROG}: usage: {PROG} [--org ORG] [--base-url URL] get|store|erase|--version (git runs this for you)\n".encode())
         return 2
     if overrides:
         env = {**env, **overrides}

@@ -38,7 +38,7 @@ def check_config(cfg: Config) -> str:
 def check_key(cfg: Config, env: Mapping[str, str]) -> str:
     from .agent import discovery
 
-    if discovery.configured(env):
+    if cfg.uses_env and discovery.configured(env):  # as source.choose_source: not for [orgs.*]
         from .source import get_token
         from .vocab import TokenRequest
 
@@ -88,19 +88,33 @@ def check_server(cfg: Config) -> str:
         raise CodestoreError(f"{cfg.base_url} is unreachable ({redact(str(getattr(e, 'reason', e)))}); check the network or CODESTORE_BASE_URL") from None
 
 
-def run_checks(env: Mapping[str, str] | None = None) -> list[Check]:
+def run_checks(env: Mapping[str, str] | None = None, every_org: bool = True) -> list[Check]:
+    """Every check, for every org configured here (or only the one `config.load` picks).
+
+    With one org the checks are named config, key, git, git setup, server; with several,
+    each org's are suffixed with ` [NAME]` and git is checked once.
+    """
     from . import config
 
     env = os.environ if env is None else env
     try:
-        cfg = config.load(env)
-        check_config(cfg)
+        orgs = config.all_orgs(env) if every_org else [config.load(env)]
+        for cfg in orgs:
+            check_config(cfg)
     except CodestoreError as e:
         return [Check("config", False, str(e)), check_git(env)]
-    return [
-        _check("config", lambda: check_config(cfg)),
-        _check("key", lambda: check_key(cfg, env)),
-        check_git(env),
-        _check("git setup", lambda: check_helper(cfg, env)),
-        _check("server", lambda: check_server(cfg)),
-    ]
+    out: list[Check] = []
+    for cfg in orgs:
+        tag = f" [{cfg.name or cfg.org}]" if len(orgs) > 1 else ""
+        # Bind cfg now: each lambda runs inside _check, before the next iteration.
+        out += [
+            _check("config" + tag, lambda: check_config(cfg)),
+            _check("key" + tag, lambda: check_key(cfg, env)),
+        ]
+        if cfg is orgs[0]:
+            out.append(check_git(env))
+        out += [
+            _check("git setup" + tag, lambda: check_helper(cfg, env)),
+            _check("server" + tag, lambda: check_server(cfg)),
+        ]
+    return out

@@ -6,6 +6,10 @@
     promote  copies a branch from the ephemeral namespace into the default one through
              the REST API (POST /api/v1/repos/branches/create). The plain-git way is
                  git fetch codestore://org/repo+ephemeral feat:feat && git push origin feat
+    promote_exact  (promote --expect-sha) promotes exactly the reviewed commit: it checks
+             the branch is still at that SHA, then pushes *that SHA* (not the branch name)
+             to the default namespace, so a sandbox push racing the promotion cannot slip
+             a newer commit in. Both record a `promote` event in the audit trail.
 
 `codestore clone` and `codestore promote` (cli/ephemeral.py) are thin layers over these.
 """
@@ -80,4 +84,88 @@ def promote(cfg: Config, repo: str, branch: str, target: str | None = None, env:
     )
     if not 200 <= status < 300:
         raise RemoteError(f"promoting {branch} of {repo} failed: {api.reason(status, data)}{api.hint(status)}")
-    return str(data.get("commit_sha") or data.get("sha") or "?")
+    sha = str(data.get("commit_sha") or data.get("sha") or "?")
+    from . import audit
+
+    if audit.is_sha(sha):
+        warning = _record_promotion(cfg, env, repo, branch, target, None, sha, "ok", None)
+        if warning:
+            import sys
+
+            print(f"codestore: warning: {warning}", file=sys.stderr)
+    return sha
+
+
+def _record_promotion(cfg: Config, env: Mapping[str, str] | None, repo: str, branch: str, target: str,
+                      old: str | None, new: str, result: str, expect: str | None, reason: str | None = None) -> str | None:
+    """Record a promotion; returns a warning when the trail could not take it (the
+    promotion itself has happened by then, and must not be reported as failed)."""
+    from . import audit
+    from .errors import CodestoreError
+    from .source import choose_source
+
+    ref: dict[str, object] = {"ref": f"refs/heads/{target}", "old": old or audit.ZERO, "new": new, "result": result}
+    if reason:
+        ref["reason"] = reason
+    report = audit.validate_report({"event": "promote", "repo": repo, "ephemeral": False, "branch": branch,
+                                    "target": target, "expect_sha": expect, "refs": [ref]})
+    try:
+        choose_source(cfg, env).record(report)
+    except CodestoreError as e:
+        return f"this promotion is not in the audit trail: {e}"
+    return None
+
+
+class Promoted(NamedTuple):
+    sha: str
+    target: str
+    old: str | None  # the target's commit before, None when it is new
+    warning: str | None = None
+
+
+def promote_exact(cfg: Config, repo: str, branch: str, expect_sha: str, target: str | None = None,
+                  env: Mapping[str, str] | None = None) -> Promoted:
+    """Promote BRANCH of REPO+ephemeral only if it is still at EXPECT_SHA, and push that SHA.
+
+    The check and the push are separate requests, and a sandbox may push between them;
+    that cannot change the outcome, because what is pushed is the SHA itself, fetched
+    into the review cache, never "whatever the branch holds now".
+    """
+    from . import audit, review
+    from .vocab import validate_repo_id
+
+    validate_repo_id(repo)
+    review.check_branch(branch)
+    target = review.check_branch(target or branch)
+    sha = expect_sha.strip().lower()
+    if not audit.is_sha(sha):
+        raise ConfigError(f"--expect-sha takes the full commit id that `codestore review {repo} {branch}` printed, not {expect_sha[:20]!r}")
+    if "git:write" not in cfg.scopes_for(repo, False):
+        raise PolicyError(
+            f"configuration forbids writing to {repo} in the default namespace, and promotion writes there; "
+            'allow it with CODESTORE_SCOPES="git:read git:write"'
+        )
+    now = review.remote_heads(cfg, repo, True, env, f"refs/heads/{branch}").get(f"refs/heads/{branch}")
+    if now is None:
+        raise RemoteError(f"there is no branch {branch!r} in {repo}+ephemeral any more; nothing promoted")
+    if now != sha:
+        _record_promotion(cfg, env, repo, branch, target, None, sha, "error", sha, f"refused: {branch} moved to {now} since review")
+        raise PolicyError(
+            f"{repo}+ephemeral {branch} moved to {now[:12]} since the review of {sha[:12]}; nothing promoted; "
+            f"review again: codestore review {repo} {branch}"
+        )
+    cache = review.cache_repo(cfg, repo, env)
+    review.ensure_commit(cache, cfg, repo, branch, sha, env)
+    old = review.remote_heads(cfg, repo, False, env, f"refs/heads/{target}").get(f"refs/heads/{target}")
+    proc = git.run(["-C", cache, "push", "-q", "--no-verify", review.remote_url(cfg, repo, False),
+                    f"{sha}:refs/heads/{target}"], env=env, ok=range(0, 256))
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        why = next((ln.strip() for ln in lines if "rejected" in ln or "codestore:" in ln), lines[-1].strip() if lines else "no output")
+        _record_promotion(cfg, env, repo, branch, target, old, sha, "error", sha, why)
+        from .errors import redact
+
+        hint = "; the target moved on: review against it again" if "non-fast-forward" in why or "fetch first" in why else ""
+        raise RemoteError(f"promoting {sha[:12]} to {repo} {target} failed: {redact(why)}{hint}")
+    warning = _record_promotion(cfg, env, repo, branch, target, old, sha, "ok", sha)
+    return Promoted(sha, target, old, warning)

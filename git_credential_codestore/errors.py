@@ -132,6 +132,9 @@ def boundary(prog: str, func: Callable[[], int], stderr: TextIO | None = None) -
     try:
         return func()
     except CodestoreError as e:
+        from .trace import say
+
+        say(prog, f"refused ({type(e).__name__}, exit {e.exit_code}): {e}")
         print(f"{prog}: {e}", file=err)
         return e.exit_code
     except KeyboardInterrupt:
@@ -149,5 +152,8 @@ def boundary(prog: str, func: Callable[[], int], stderr: TextIO | None = None) -
             where = f"details in {path}"
         except OSError:
             where = "no crash log could be written"
+        from .trace import say
+
+        say(prog, f"internal error ({type(e).__name__}); {where}")
         print(f"{prog}: internal error ({type(e).__name__}); {where}; please report it", file=err)
         return 3

@@ -27,6 +27,7 @@ MODULES = (
     "git_credential_codestore.credential",
     "git_credential_codestore.errors",
     "git_credential_codestore.gitenv",
+    "git_credential_codestore.trace",  # CODESTORE_TRACE lines: os and sys only
     "git_credential_codestore.lines",
     "git_credential_codestore.vocab",
     "git_credential_codestore.config",
@@ -39,6 +40,7 @@ MODULES = (
     "git_credential_codestore.agent.discovery",
     "git_credential_codestore.agent.client",
     "git_credential_codestore.agent.wire",
+    "git_credential_codestore.agent.workload",  # finding a workload identity: os only until one is used
     "remote_helper",
     "remote_helper.main",
     "remote_helper.protocol",

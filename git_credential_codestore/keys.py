@@ -166,6 +166,8 @@ def account_for(cfg: Config) -> str:
 
 def sources(cfg: Config, env: Mapping[str, str] | None = None) -> list[KeySource]:
     env = os.environ if env is None else env
+    if not cfg.uses_env:
+        env = {}  # an [orgs.*] section: the environment's key is another org's
     out: list[KeySource] = [EnvSource(env, env_name(env, "CODESTORE_PRIVATE_KEY"))]
     path = getenv(env, "CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file
     if path:

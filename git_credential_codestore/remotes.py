@@ -10,15 +10,18 @@ Accepted forms (git hands the helper everything after `codestore::`, or the whol
     https://<host>[:port]/<repo>[+ephemeral].git     from codestore::https://...
     http://127.0.0.1:<port>/<repo>.git               plain http on loopback only
 
-An org maps to the configured base URL when it is the configured org (which honours
-CODESTORE_BASE_URL), else to https://<org>.code.storage. Odd input is rejected, never
+An org maps to the base URL of the configured org of that name (the default org, which
+honours CODESTORE_BASE_URL, or an [orgs.NAME] section: `config_for`), else to
+https://<org>.code.storage. Odd input is rejected, never
 normalised: a URL with credentials, a query or a fragment is an error.
 """
 
 from __future__ import annotations
 
 from collections import namedtuple
+from collections.abc import Mapping
 
+from . import config
 from .config import Config
 from .errors import ConfigError
 from .vocab import EPHEMERAL_SUFFIX, is_loopback, path_under, split_repo_suffix, split_url
@@ -95,9 +98,21 @@ def parse(url: str, cfg: Config) -> tuple[Remote, Config]:
     elif cfg.org.lower() != org.lower():
         raise ConfigError(
             f"org {org!r} is not the configured org ({cfg.org!r}), so no key can sign for it; "
-            f"use codestore://{cfg.org}/{repo}, or set CODESTORE_ORG={org} with that org's key"
+            f"use codestore://{cfg.org}/{repo}, or configure that org: codestore --org {org} config set kid KID "
+            f"(an [orgs.{org}] section), then codestore --org {org} key import FILE"
         )
     return Remote(repo, suffix, cfg.base_url), cfg
+
+
+def config_for(url: str, env: Mapping[str, str] | None = None) -> Config:
+    """The configuration of the org `url` names: by its org (codestore://ORG/...) or its
+    host (codestore::https://HOST/...), among the orgs configured (see config.load)."""
+    lowered = url.lower()
+    if lowered.startswith(("https://", "http://")):
+        parts = split_url(url)
+        return config.load(env, host=(parts.scheme, parts.hostport))
+    rest = url[len(SCHEME) :] if lowered.startswith(SCHEME) else url
+    return config.load(env, org=rest.partition("/")[0])
 
 
 def _shown(url: str) -> str:

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     class TokenSource(Protocol):
         def mint(self, request: TokenRequest) -> Token: ...
 
+        # Put a checked push/promote report (audit.validate_report) in the audit trail
+        # that belongs with this source: the agent's, or the local file.
+        def record(self, report: Mapping[str, object]) -> None: ...
+
 
 class LocalKeySource:
     """Signs with the org's private key found on this machine."""
@@ -29,9 +33,15 @@ class LocalKeySource:
         self.env = env
 
     def mint(self, request: TokenRequest) -> Token:
-        from . import keys, tokens
+        from . import keys, tokens, trace
 
-        key, _ = keys.load_private_key(self.cfg, self.env)
+        key, where = keys.load_private_key(self.cfg, self.env)
+        trace.say(
+            "key",
+            f"signing {request.repo} ({' '.join(request.scopes)}) with the {tokens.algorithm_for(key)} key from {where}, "
+            f"kid {self.cfg.kid or '(none)'}",
+            self.env,
+        )
         return tokens.mint(
             key,
             org=self.cfg.require_org(),
@@ -42,6 +52,11 @@ class LocalKeySource:
             kid=self.cfg.kid,
             refs=list(request.refs) or None,
         )
+
+    def record(self, report: Mapping[str, object]) -> None:
+        from . import audit
+
+        audit.append_local(audit.local_trail(self.env), {**report, "grant": None, "sub": self.cfg.sub, "via": "local-key"})
 
 
 class FallbackSource:
@@ -54,18 +69,33 @@ class FallbackSource:
     def __init__(self, agent: TokenSource, local: TokenSource) -> None:
         self.agent = agent
         self.local = local
+        self.used: TokenSource = agent
 
     def mint(self, request: TokenRequest) -> Token:
         from .agent.client import AgentMismatch, AgentUnavailable
         from .errors import KeyNotFound
 
         try:
+            self.used = self.agent
             return self.agent.mint(request)
         except (AgentUnavailable, AgentMismatch) as agent_error:
+            from .trace import say
+
+            say("source", f"agent not used ({agent_error}); falling back to the local key")
             try:
+                self.used = self.local
                 return self.local.mint(request)
             except KeyNotFound:
                 raise agent_error from None
+
+    def record(self, report: Mapping[str, object]) -> None:
+        """Into the trail of whichever source minted; the local file if the agent went away."""
+        from .agent.client import AgentUnavailable
+
+        try:
+            self.used.record(report)
+        except AgentUnavailable:
+            self.local.record(report)
 
 
 def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSource:
@@ -85,14 +115,31 @@ def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSou
     from .agent import discovery
 
     env = os.environ if env is None else env
+    from .trace import say
+
     local = LocalKeySource(cfg, env)
-    if discovery.configured(env):
+    # A grant or agent address in the environment serves the org the environment configures,
+    # never an [orgs.*] section (its tokens would be signed for, and sent to, another org).
+    if cfg.uses_env and discovery.configured(env):
         from .agent.client import AgentSource
 
         agent = AgentSource.from_env(cfg, env)
-        return agent if agent.grant is not None else FallbackSource(agent, local)
+        # A grant or a workload identity: the agent's answer or nothing, never the local key.
+        if agent.grant is not None or agent.identity is not None:
+            say("source", f"the agent at {agent.endpoint} with a {'grant' if agent.grant is not None else 'workload identity'} "
+                "(no fallback: the agent is the policy)", env)
+            return agent
+        say("source", f"the agent at {agent.endpoint}, falling back to the local key", env)
+        return FallbackSource(agent, local)
     mode = discovery.mode(env)
     if mode == "off":
+        say("source", "the local key (CODESTORE_AGENT=off)", env)
+        return local
+    import _socket  # built in: no import cost
+
+    if not hasattr(_socket, "AF_UNIX"):
+        # Windows: the agent's Unix socket is POSIX-only; CODESTORE_AGENT_URL still works.
+        say("source", "the local key (no Unix sockets on this platform)", env)
         return local
     from .agent.client import AgentSource
     from .agent.discovery import Endpoint
@@ -101,9 +148,12 @@ def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSou
     running = os.path.exists(path)
     if mode == "auto" and discovery.key_file_present(cfg, env) and not discovery.answers(path, running):
         discovery.spawn(path, idle_timeout=discovery.AUTOSTART_IDLE, env=env)
+        say("source", f"the local key; started an agent at {path} for the next requests", env)
         return local
     if running:
+        say("source", f"the agent at {path}, falling back to the local key", env)
         return FallbackSource(AgentSource(Endpoint("unix", path), None, cfg, env), local)
+    say("source", f"the local key (no agent at {path})", env)
     return local
 
 

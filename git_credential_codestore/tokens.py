@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -37,6 +38,20 @@ LEEWAY = 30  # seconds of clock skew tolerated on exp/iat
 RefPolicy = list[tuple[str, list[str]]]  # vocab.ref_policy's shape
 
 
+class Signer(Protocol):
+    """Signs JWS input without handing the key to us: a PKCS#11 token (`hsm.py`), a cloud KMS."""
+
+    algorithm: str  # "ES256" | "RS256"
+
+    def sign(self, data: bytes) -> bytes:
+        """The raw JWS signature (r||s for ES256); SignerUnavailable when the signer is gone."""
+        ...
+
+
+class SignerUnavailable(TokenError):
+    """The signer (a token, a KMS) could not sign right now; nothing was signed."""
+
+
 def algorithm_for(key: PrivateKey | PublicKey) -> str:
     if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
         if not isinstance(key.curve, ec.SECP256R1):
@@ -52,7 +67,7 @@ def algorithm_for(key: PrivateKey | PublicKey) -> str:
 
 
 def mint(
-    key: PrivateKey,
+    key: PrivateKey | Signer,
     *,
     org: str,
     repo: str,
@@ -79,10 +94,12 @@ def mint(
     }
     if refs:
         claims["refs"] = [[p, list(ops)] for p, ops in ref_policy([list(r) for r in refs], TokenError)]
-    alg = algorithm_for(key)
+    local = isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey))
+    alg = algorithm_for(key) if local else key.algorithm  # type: ignore[union-attr]
     header = {"alg": alg, "typ": "JWT", "kid": kid} if kid else {"alg": alg, "typ": "JWT"}
     signing_input = _b64json(header) + b"." + _b64json(claims)
-    token = signing_input + b"." + _b64(_sign(key, signing_input))
+    signature = _sign(key, signing_input) if local else key.sign(signing_input)  # type: ignore[arg-type, union-attr]
+    token = signing_input + b"." + _b64(signature)
     return Token(token.decode("ascii"), iat + ttl)
 
 
@@ -124,6 +141,17 @@ def unverified_header(token: str) -> Mapping[str, object]:
 
     try:
         return jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise TokenError("malformed token: not a JWT") from None
+
+
+def unverified_parts(token: Token) -> tuple[dict[str, object], dict[str, object]]:
+    """The header and claims of a token we hold (for showing them; never for trusting them)."""
+    import jwt
+
+    raw = token.reveal()
+    try:
+        return dict(jwt.get_unverified_header(raw)), dict(jwt.decode(raw, options={"verify_signature": False}))
     except jwt.PyJWTError:
         raise TokenError("malformed token: not a JWT") from None
 

@@ -20,15 +20,18 @@ from collections.abc import Callable, Mapping, Sequence
 
 from git_credential_codestore import config, remotes
 from git_credential_codestore.agent.discovery import holds_grant
-from git_credential_codestore.errors import PolicyError, UsageError, boundary
-from git_credential_codestore.source import get_token
+from git_credential_codestore.errors import CodestoreError, PolicyError, UsageError, boundary
+from git_credential_codestore.source import choose_source
 from git_credential_codestore.vocab import TokenRequest
+from git_credential_codestore.trace import say
 
 from . import protocol, transport
 
 TYPE_CHECKING = False  # typing is a cost on every git operation
 if TYPE_CHECKING:
     from typing import BinaryIO
+
+    from . import pushwatch  # imported for pushes only: it brings the audit module
 
 PROG = "codestore"
 READ_SCOPES = ("git:read",)
@@ -69,6 +72,40 @@ def scopes_for(operation: str, remote: remotes.Remote, cfg: config.Config, grant
     return READ_SCOPES
 
 
+def _resolver(env: Mapping[str, str]) -> Callable[[str], str | None]:
+    """The object a push's source names in the local repository (git gives a ref name)."""
+
+    def resolve(src: str) -> str | None:
+        import subprocess  # pushes only: subprocess is not on the fast path
+
+        try:
+            proc = subprocess.run(
+                ["git", "rev-parse", "--verify", "--quiet", src], env=dict(env),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            return None
+        out = proc.stdout.decode("ascii", "replace").strip()
+        return out if proc.returncode == 0 and out else None
+
+    return resolve
+
+
+def _record_push(source: object, remote: remotes.Remote, watch: pushwatch.PushWatch, git_err: transport.Endpoint) -> None:
+    """Put what the push changed in the audit trail; a failure to do so is a warning, not
+    a failed push (the server has already taken it)."""
+    from git_credential_codestore.audit import BadReport, validate_report
+
+    try:
+        report = validate_report({"event": "push", "repo": remote.repo, "ephemeral": remote.ephemeral, "refs": watch.report()})
+        source.record(report)  # type: ignore[attr-defined]
+    except (CodestoreError, BadReport) as e:
+        try:
+            git_err.write(f"codestore: warning: this push is not in the audit trail: {e}\n".encode())
+        except OSError:
+            pass
+
+
 def run(
     argv: Sequence[str],
     stdin: BinaryIO,
@@ -84,18 +121,25 @@ def run(
     git_err = transport.Endpoint(stderr if stderr is not None else sys.stderr.buffer)
 
     def session() -> int:
+        if list(argv) == ["--version"]:
+            from git_credential_codestore import __version__
+
+            git_out.write(f"git-remote-codestore {__version__}\n".encode())
+            return 0
         if len(argv) != 2:
             raise UsageError(
-                "usage: git-remote-codestore <remote> <url>; git runs it for codestore:// remotes, "
+                "usage: git-remote-codestore <remote> <url> (or --version); git runs it for codestore:// remotes, "
                 "e.g. git clone codestore://<org>/<repo>"
             )
         remote_name, url = argv
-        remote, cfg = remotes.parse(url, config.load(env))
+        remote, cfg = remotes.parse(url, remotes.config_for(url, env))
         reader = protocol.LineReader(git_in.read)
         decision = protocol.negotiate(reader, git_out.write)
         if decision.operation == "end":
             return 0
-        scopes = scopes_for(decision.operation, remote, cfg, holds_grant(env))
+        say("remote", f"{remote_name} {url}: git wants to {decision.operation}", env)
+        scopes = scopes_for(decision.operation, remote, cfg, cfg.uses_env and holds_grant(env))
+        say("remote", f"asking for {remote.repo} in {remote.namespace}: {' '.join(scopes)}", env)
         # git passes the URL itself as the remote name for a URL given on the command line.
         name = remote.https_url if remote_name == url else remote_name
         fields = {
@@ -106,9 +150,18 @@ def run(
             "base": remote.base_url,
         }
 
-        def transfer(decision: protocol.Decision, advertisement_only: bool = False) -> int:
+        used: list[object] = []  # the source of each token (the push's takes its report)
+
+        def transfer(
+            decision: protocol.Decision,
+            advertisement_only: bool = False,
+            advertised: Callable[[bytes], None] | None = None,
+            results: Callable[[protocol.LineReader, Callable[[bytes], None]], None] | None = None,
+        ) -> int:
             """One transport process, with a token minted now, for this one step."""
-            token = get_token(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"), cfg, env)
+            source = choose_source(cfg, env)
+            token = source.mint(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"))
+            used.append(source)
             expires_at = token.expires_at
             private = transport.PrivateConfig(transport.token_config(token, remote.https_url))
             del token
@@ -119,19 +172,31 @@ def run(
                 return transport.proxy(
                     child, decision, reader.take_buffer(), git_in, git_out, git_err, fields,
                     configured=private.forget, advertisement_only=advertisement_only, expires_at=expires_at,
+                    advertised=advertised, results=results,
                 )
             finally:
                 private.forget()
 
         if decision.command != b"list for-push":
             return transfer(decision)
+        from . import pushwatch
+
         # git runs the pre-push hook between the advertisement and the push commands, for
         # as long as it likes: the push gets its own token, minted when git sends it.
-        status = transfer(decision, advertisement_only=True)
+        # The push is audited across both transports: old SHAs from the advertisement the
+        # first one answers, new ones from git's push lines, results from the second.
+        watch = pushwatch.PushWatch()
+        status = transfer(decision, advertisement_only=True, advertised=watch.advertisement_line)
         if status != 0:
             return status
         push = protocol.after_advertisement(reader, git_out.write, decision)
-        return transfer(push) if push.operation == "push" else 0
+        if push.operation != "push":
+            return 0
+        watch.push(push, _resolver(env))
+        status = transfer(push, results=watch.results)
+        if watch.updates and not watch.dry_run:
+            _record_push(used[-1], remote, watch, git_err)
+        return status
 
     messages = io.StringIO()
     status = boundary(PROG, session, messages)

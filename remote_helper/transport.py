@@ -381,6 +381,8 @@ def proxy(
     *,
     advertisement_only: bool = False,
     expires_at: int = 0,
+    advertised: Callable[[bytes], None] | None = None,
+    results: Callable[[LineReader, Callable[[bytes], None]], None] | None = None,
 ) -> int:
     """Replay what git said to the transport, swallow its answers, then join the two.
 
@@ -388,9 +390,11 @@ def proxy(
     for the answer). `configured` is called once the transport has answered its first
     line: by then it has read all its configuration. With `advertisement_only`, only the
     answer to `list for-push` (up to its blank line) reaches git, and the transport is
-    then told to end: the push commands get a transport of their own. `expires_at` is
-    the token's expiry, to tell a token that ran out from one that was refused. Returns
-    the transport's exit status, as git would see it.
+    then told to end: the push commands get a transport of their own; `advertised` sees
+    each of its lines on the way. `results`, for a push, reads the transport's answer to
+    the push commands (passing it on to git) before the rest is copied as bytes (see
+    pushwatch.py). `expires_at` is the token's expiry, to tell a token that ran out from
+    one that was refused. Returns the transport's exit status, as git would see it.
     """
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     tee = StderrTee(child.stderr, git_err)
@@ -400,19 +404,29 @@ def proxy(
     # git always starts with `capabilities`; if it did not, we ask, to know when the
     # transport is past its configuration.
     lines = decision.replay or [(b"capabilities", None)]
-    replay = b"".join(line + b"\n" for line, _ in lines) + decision.command + b"\n" + pending
     reader = LineReader(child_out.read)
     try:
-        child_in.write(replay)
-        _swallow(reader, lines)
+        # The first answer proves the transport has read its configuration: only then is
+        # the private configuration emptied, and only then does the transport get the
+        # command that makes it start children (send-pack, pack-objects) that must find
+        # it empty. Writing everything at once raced the command against the emptying.
+        first, rest = lines[:1], lines[1:]
+        child_in.write(first[0][0] + b"\n")
+        _swallow(reader, first)
         configured()
+        child_in.write(b"".join(line + b"\n" for line, _ in rest) + decision.command + b"\n" + pending)
+        _swallow(reader, rest)
         if advertisement_only:
             while (line := _line(reader)) != b"":
+                if advertised is not None:
+                    advertised(line)
                 git_out.write(line + b"\n")
             git_out.write(b"\n")
             child_in.write(b"\n")  # the end of the session, as git ends one (else it exits 1)
             connected = False
         else:
+            if results is not None:
+                results(reader, git_out.write)
             connected = True
     except (BrokenPipeError, _TransportEnded):
         connected = False
@@ -436,7 +450,10 @@ def proxy(
             # git went away: the transport has nobody to talk to either.
             child.terminate()
     else:
-        child.stdin.close()
+        try:
+            child.stdin.close()
+        except OSError:
+            pass
     status = _exit_status(child.wait())
     tee.thread.join(timeout=5)
     if status != 0:

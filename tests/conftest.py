@@ -272,3 +272,7 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+# Real PostgreSQL (one server per session) and SoftHSM2 tokens for the agent's fleet tests.
+from tests.realparts import pg_url, postgres, softhsm  # noqa: E402, F401

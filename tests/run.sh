@@ -17,11 +17,25 @@ if ! command -v git >/dev/null 2>&1 || [ ! -x "$(git --exec-path 2>/dev/null)/gi
     exit 1
   fi
 fi
+# The agent's fleet tests run a real PostgreSQL (the replicas' shared store) and a real
+# SoftHSM2 token (the PKCS#11 signer).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v softhsm2-util >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql softhsm2 >/dev/null
+  else
+    echo "tests/run.sh: the tests need PostgreSQL (Debian: postgresql) and SoftHSM2 (softhsm2); install them" >&2
+    exit 1
+  fi
+fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || {
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 }
 [ -x .venv/bin/python ] || python3 -m venv .venv
+# The distribution was called "codestore" before it became codestore-git: drop a stale record
+# first (after the install, its uninstall would delete the scripts both share).
+.venv/bin/python -m pip uninstall -q -y --disable-pip-version-check codestore >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,recipes]'
 # Lint and types first (configured in pyproject.toml): either failing fails the run.
 .venv/bin/python -m ruff check --quiet .

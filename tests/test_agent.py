@@ -230,9 +230,11 @@ def test_the_audit_log_records_mints_and_refusals_but_never_a_token_or_grant_sec
 def test_grant_secrets_are_stored_only_as_hashes(agent: Agent) -> None:
     # Threat: reading the agent's state directory yields working grants.
     g = agent.grant("--repo", REPO)
-    store = agent.state_dir / "grants.json"
-    assert str(g["grant"]) not in store.read_text()
-    assert stat.S_IMODE(store.stat().st_mode) == 0o600
+    store = agent.state_dir / "agent.sqlite3"
+    assert store.exists()
+    for f in agent.state_dir.iterdir():  # the database, its write-ahead log, the audit log
+        assert str(g["grant"]).encode() not in f.read_bytes(), f
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     assert stat.S_IMODE(agent.state_dir.stat().st_mode) == 0o700
 
 
@@ -322,7 +324,8 @@ def test_listening_beyond_loopback_without_tls_is_refused(org_key: OrgKey) -> No
     assert "--tls-cert" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_https_listener_serves_grant_holders_who_trust_its_ca(tmp_path: Path, org_key: OrgKey) -> None:
+def tls_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost (its own CA) and its key, made at run time."""
     import datetime
 
     from cryptography import x509
@@ -340,6 +343,11 @@ def test_https_listener_serves_grant_holders_who_trust_its_ca(tmp_path: Path, or
             .sign(k, hashes.SHA256()))
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "key.pem").write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return tmp_path / "cert.pem", tmp_path / "key.pem"
+
+
+def test_https_listener_serves_grant_holders_who_trust_its_ca(tmp_path: Path, org_key: OrgKey) -> None:
+    tls_pair(tmp_path)
     a = start_agent(tmp_path, "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"))
     try:
         assert a.url.startswith("https://127.0.0.1:")

@@ -18,9 +18,8 @@ from tests.leakscan import files_with_secrets
 from tests.test_agent import REPO, Agent, sandbox_env, start_agent
 
 
-@pytest.fixture
-def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey) -> Iterator[tuple[DevServer, Agent, dict[str, object]]]:
-    """The dev server with team/app, its ephemeral `base` branch seeded by the owner; an agent; a grant."""
+def seed_repo(dev_server: DevServer, tmp_path: Path) -> None:
+    """team/app on the dev server, its ephemeral `base` branch pushed by the owner."""
     owner = dict(os.environ, CODESTORE_EPHEMERAL_SCOPES="git:read git:write", CODESTORE_SCOPES="git:read git:write")
     assert run_cli("codestore", "setup", env=owner).returncode == 0
     dev_server.create_repo(REPO)
@@ -30,6 +29,12 @@ def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey) -> Iterator[tu
     git("add", "README", cwd=seed)
     git("commit", "-qm", "seed", cwd=seed)
     git("push", "-q", f"{dev_server.url}/{REPO}+ephemeral.git", "HEAD:refs/heads/base", cwd=seed, env=owner)
+
+
+@pytest.fixture
+def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey) -> Iterator[tuple[DevServer, Agent, dict[str, object]]]:
+    """The dev server with team/app, its ephemeral `base` branch seeded by the owner; an agent; a grant."""
+    seed_repo(dev_server, tmp_path)
     agent = start_agent(tmp_path)
     try:
         grant = agent.grant("--repo", REPO, "--scopes", "git:read git:write", "--ephemeral-only", "--sub", "sandbox-e2e")

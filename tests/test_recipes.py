@@ -8,7 +8,7 @@ simulated honestly: what the recipe asks the provider to run in the sandbox runs
 real, as a non-root user with its own HOME in a root-built image (tests/sandboxes.py),
 against the dev server and the agent. The one liberty taken: the sandbox's home
 directory (`/home/user`, `/home/daytona`, ...) is that user's temporary HOME here.
-The extra `codestore[recipes]` installs the SDKs (tests/run.sh does).
+The extra `codestore-git[recipes]` installs the SDKs (tests/run.sh does).
 """
 
 from __future__ import annotations

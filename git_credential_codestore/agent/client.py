@@ -25,7 +25,8 @@ from ..errors import ConfigError, PolicyError, ProtocolError, RemoteError
 from ..secrets import Secret, Token
 from ..vocab import TokenRequest
 from . import wire
-from .discovery import Endpoint, ca_file, endpoint_from_env, read_grant, unix_address
+from .discovery import Endpoint, ca_file, endpoints_from_env, key_uri, read_grant, unix_address
+from .workload import WorkloadIdentity, find_identity
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0
+FAILOVER_CONNECT_TIMEOUT = 0.5  # per replica when CODESTORE_AGENT_URL names several
 REPLY_TIMEOUT = 15.0
 START_HINT = "start it where the key lives (codestore agent start), or fix CODESTORE_AGENT_URL/CODESTORE_AGENT_SOCK"
 
@@ -57,6 +59,11 @@ def key_identity(cfg: Config, env: Mapping[str, str]) -> str:
     The agent compares this with its own, so a helper never gets a token signed with a
     key other than the one its configuration chose.
     """
+    if not cfg.uses_env:
+        env = {}  # as keys.sources: an [orgs.*] section uses its own key
+    uri = key_uri(env)
+    if uri.startswith("pkcs11:"):
+        return "pkcs11:" + uri[len("pkcs11:"):].split("?", 1)[0]  # a token's key: never its module or PIN file
     pem = getenv(env, "CODESTORE_PRIVATE_KEY")
     if pem.strip():
         import hashlib
@@ -151,6 +158,8 @@ def exchange(
     grant: Secret | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = REPLY_TIMEOUT,
+    identity: Secret | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> tuple[int, bytes]:
     """One HTTP request on a fresh connection; returns (status, body). Raises AgentUnavailable."""
     env = os.environ if env is None else env
@@ -160,10 +169,12 @@ def exchange(
         head.append(f"Content-Type: {content_type}")
     if grant is not None:
         head.append(f"Authorization: Grant {grant.reveal()}")
+    elif identity is not None:  # a workload identity token (workload.py), for the agent alone
+        head.append(f"Authorization: Identity {identity.reveal()}")
     # One deadline for the whole exchange: a peer dripping a byte at a time must not
     # restart a per-read timeout (each recv waits at most what is left).
     deadline = time.monotonic() + timeout
-    sock = _connect(ep, min(timeout, CONNECT_TIMEOUT), env, deadline)
+    sock = _connect(ep, min(timeout, connect_timeout), env, deadline)
     chunks, size = [], 0
     try:
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -235,20 +246,27 @@ def refusal(ep: Endpoint, status: int, reply: Mapping[str, object]) -> Exception
 class AgentSource:
     """Tokens from an agent: with a grant (a sandbox) or as the owner (same uid, no grant)."""
 
-    def __init__(self, endpoint: Endpoint, grant: Secret | None, cfg: Config, env: Mapping[str, str]) -> None:
-        self.endpoint = endpoint
+    def __init__(self, endpoint: Endpoint | list[Endpoint], grant: Secret | None, cfg: Config, env: Mapping[str, str],
+                 identity: WorkloadIdentity | None = None) -> None:
+        # Several replicas: tried in order, each with a short connect timeout, so a dead one
+        # costs a sandbox a refused connect (or FAILOVER_CONNECT_TIMEOUT), not a failed git.
+        self.endpoints = endpoint if isinstance(endpoint, list) else [endpoint]
+        self.endpoint = self.endpoints[0]
         self.grant = grant
         self.cfg = cfg
         self.env = env
+        self.identity = identity  # used only without a grant
 
     @classmethod
     def from_env(cls, cfg: Config, env: Mapping[str, str] | None = None) -> AgentSource:
         env = os.environ if env is None else env
-        return cls(endpoint_from_env(env), read_grant(env), cfg, env)
+        grant = read_grant(env)
+        return cls(endpoints_from_env(env), grant, cfg, env, None if grant is not None else find_identity(env))
 
     def mint(self, request: TokenRequest) -> Token:
         owner = None
-        if self.grant is None:
+        identity = self.identity.token() if self.grant is None and self.identity is not None else None
+        if self.grant is None and identity is None:
             # The owner signs as itself; the agent checks it holds the same key and org.
             owner = {
                 "org": self.cfg.org,
@@ -260,8 +278,53 @@ class AgentSource:
             body = wire.encode_request(request, owner)
         except ProtocolError as e:
             raise ConfigError(f"cannot ask the codestore agent for this token: {e}") from None
-        status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env)
-        return token_from_reply(status, content, self.endpoint)
+        from ..trace import say
+
+        say(
+            "agent-client",
+            f"asking {self.endpoint} {'with a grant' if self.grant is not None else 'as the owner'} for "
+            f"{request.repo}{' (+ephemeral)' if request.ephemeral else ''} {' '.join(request.scopes)}"  # type: ignore[attr-defined]
+            f"{' (at most)' if getattr(request, 'narrow', False) else ''}",
+            self.env,
+        )
+        status, content = self._exchange(body, identity)
+        del identity
+        try:
+            token = token_from_reply(status, content, self.endpoint)
+        except AgentRefused as e:
+            say("agent-client", f"refused (HTTP {status}): {e}", self.env)
+            if self.grant is None and self.identity is not None:
+                raise AgentRefused(f"{e} (identity from {self.identity.where})") from None
+            raise
+        except (RemoteError, PolicyError) as e:
+            say("agent-client", f"refused (HTTP {status}): {e}", self.env)
+            raise
+        say("agent-client", f"got a token expiring at {token.expires_at}", self.env)
+        return token
+
+    def _exchange(self, body: bytes, identity: Secret | None) -> tuple[int, bytes]:
+        """POST the token request to the first replica that answers; `self.endpoint` is it."""
+        if len(self.endpoints) == 1:
+            return exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
+                            identity=identity)
+        for ep in self.endpoints:
+            try:
+                result = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
+                                  identity=identity, connect_timeout=FAILOVER_CONNECT_TIMEOUT)
+            except AgentUnavailable:
+                continue  # minting changes nothing: safe to ask the next replica
+            self.endpoint = ep
+            return result
+        raise AgentUnavailable(f"no codestore agent answered at any of {', '.join(map(str, self.endpoints))}; {START_HINT}")
+
+    def record(self, report: Mapping[str, object]) -> None:
+        """POST the report to the agent's audit trail (agent/report.py); the agent names who."""
+        body = dict(report)
+        if self.grant is None:
+            body["owner_sub"] = self.cfg.sub
+        status, reply = call(self.endpoint, "POST", "/v1/audit/report", body, grant=self.grant, env=self.env)
+        if status != 201:
+            raise refusal(self.endpoint, status, reply)
 
 
 def token_from_reply(status: int, content: bytes, ep: Endpoint) -> Token:
@@ -277,5 +340,4 @@ def token_from_reply(status: int, content: bytes, ep: Endpoint) -> Token:
     if not token or not (exp.isascii() and exp.isdigit()) or len(exp) > 12:
         raise RemoteError(f"the codestore agent at {ep} sent a reply without a token")
     return Token(token, int(exp))
-
 

@@ -1,11 +1,13 @@
 """How a helper finds the agent: the one place that reads the agent's environment.
 
-    CODESTORE_AGENT_URL   the agent over HTTP(S) (remote sandboxes); a grant is required
+    CODESTORE_AGENT_URL   the agent over HTTP(S) (remote sandboxes); a grant is required;
+                          several replicas comma-separated, tried in order
     CODESTORE_AGENT_SOCK  the agent's Unix socket (default <runtime dir>/codestore/agent.sock)
     CODESTORE_GRANT       the grant itself, or
     CODESTORE_GRANT_FILE  a file holding it (a mounted secret)
     CODESTORE_AGENT       "off": never use an agent; "auto": start one on demand
     CODESTORE_AGENT_CA    the CA file for an https agent (read where TLS is set up, client.py)
+    CODESTORE_AGENT_KEY   the agent's PKCS#11 key URI (agent serve --key), which owners' helpers compare
 
 Also here: socket paths (the owner socket, per-grant sockets next to it, a --socket
 option), the AF_UNIX address of a long path, probing a socket, and starting an agent in
@@ -35,6 +37,7 @@ GRANT = "CODESTORE_GRANT"
 GRANT_FILE = "CODESTORE_GRANT_FILE"
 AGENT_MODE = "CODESTORE_AGENT"
 AGENT_CA = "CODESTORE_AGENT_CA"
+AGENT_KEY = "CODESTORE_AGENT_KEY"  # the agent's --key (a pkcs11: URI), when it signs through a token
 AGENT_VARS = (AGENT_URL, AGENT_SOCK, GRANT, GRANT_FILE)
 AUTOSTART_IDLE = 900  # seconds an on-demand agent lives without requests
 SOCKET_NAME = "agent.sock"
@@ -53,15 +56,25 @@ def mode(env: Mapping[str, str]) -> str:
     return "auto" if value == "auto" else ""
 
 
+def key_uri(env: Mapping[str, str]) -> str:
+    """The PKCS#11 key the agent signs with, as named to helpers and the agent alike ("" if none)."""
+    return env.get(AGENT_KEY, "")
+
+
 def ca_file(env: Mapping[str, str]) -> str | None:
     """The CA file to verify an https agent with (None: the system's CAs)."""
     return env.get(AGENT_CA) or None
 
 
 def holds_grant(env: Mapping[str, str] | None = None) -> bool:
-    """A sandbox holding a grant: the grant, not local configuration, is the policy."""
+    """A sandbox holding a grant or a workload identity (workload.py): the agent's grant or
+    trust policy, not local configuration, is the policy."""
     env = os.environ if env is None else env
-    return bool(env.get(GRANT) or env.get(GRANT_FILE))
+    if env.get(GRANT) or env.get(GRANT_FILE):
+        return True
+    from .workload import find_identity
+
+    return find_identity(env) is not None
 
 
 def read_grant(env: Mapping[str, str]) -> Secret | None:
@@ -83,9 +96,17 @@ def read_grant(env: Mapping[str, str]) -> Secret | None:
 
 
 def runtime_dir(env: Mapping[str, str] | None = None) -> str:
+    """Where the agent's sockets live: $XDG_RUNTIME_DIR/codestore, else /run/user/<uid>/codestore.
+
+    Without either (containers, cron, su), a private directory of our own in the temp dir,
+    as tmux and ssh-agent do: `$TMPDIR/codestore-<uid>`. The agent creates it 0700 and
+    refuses it when it belongs to someone else (server.prepare_socket_dir).
+    """
     env = os.environ if env is None else env
     if sys.platform.startswith(("linux", "freebsd", "openbsd")):
         base = env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+        if not env.get("XDG_RUNTIME_DIR") and not os.path.isdir(base):
+            return os.path.join(env.get("TMPDIR") or "/tmp", f"codestore-{os.getuid()}")  # noqa: S108 - private, checked
         return os.path.join(base, "codestore")
     from platformdirs import user_runtime_dir
 
@@ -154,10 +175,17 @@ class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
         return self.address if self.kind == "unix" else f"{self.kind}://{self.address}:{self.port}"
 
 
+def endpoints_from_env(env: Mapping[str, str]) -> list[Endpoint]:
+    """The agent replicas to try, in order: CODESTORE_AGENT_URL (comma-separated), else the socket."""
+    urls = [u.strip() for u in env.get(AGENT_URL, "").split(",") if u.strip()]
+    if urls:
+        return [Endpoint.from_url(u) for u in urls]
+    return [Endpoint("unix", os.path.expanduser(env.get(AGENT_SOCK) or default_socket(env)))]
+
+
 def endpoint_from_env(env: Mapping[str, str]) -> Endpoint:
-    if env.get(AGENT_URL):
-        return Endpoint.from_url(env[AGENT_URL])
-    return Endpoint("unix", os.path.expanduser(env.get(AGENT_SOCK) or default_socket(env)))
+    """The first (or only) agent: where the CLI and diagnostics look."""
+    return endpoints_from_env(env)[0]
 
 
 def answers(path: str, exists: bool) -> bool:
@@ -182,6 +210,8 @@ def answers(path: str, exists: bool) -> bool:
 
 def key_file_present(cfg: Config, env: Mapping[str, str]) -> bool:
     """A key an agent could load, found without touching the keychain (that import is slow)."""
+    if not cfg.uses_env:
+        env = {}  # an [orgs.*] section: the environment's key is another org's
     if getenv(env, "CODESTORE_PRIVATE_KEY").strip():
         return True
     path = getenv(env, "CODESTORE_PRIVATE_KEY_FILE") or cfg.private_key_file

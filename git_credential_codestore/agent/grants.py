@@ -2,10 +2,17 @@
 
 A grant is what a sandbox holds instead of the org key. The secret is shown once, at
 creation; the store keeps only its SHA-256 (the secret is 256 random bits, so a fast
-hash is enough: there is nothing to brute-force). The store is one JSON file, mode
-0600 in a 0700 directory, rewritten atomically on every create and revoke, so a
-revocation survives a restart of the agent. Use counts are flushed lazily: losing a few
-on a crash loses no security.
+hash is enough: there is nothing to brute-force).
+
+Grants live in the agent's database (`db.py`: SQLite in a 0700 state dir, or PostgreSQL
+shared by replicas). Create and revoke are one committed transaction each, with their
+audit row; only then does memory change and the caller hear "done". Minting reads a
+cache of the grants in use, kept honest by a poll of the rows changed since the last
+one (`seq`, a number every create and revoke takes, in commit order), every
+POLL_INTERVAL; when the store has not answered for STALE_AFTER, every grant is treated
+as unknown and nothing is minted under it. Use counts are added in batches
+(`uses = uses + n`, row by row): losing a second of them on a crash loses no security,
+and no grant's row is rewritten for another's use.
 
 Secrets look like `csg_<id>_<random>`: the id lets the agent find the record in O(1)
 and lets a human tell which grant a leaked secret belongs to without revealing it.
@@ -19,14 +26,16 @@ import hmac
 import json
 import os
 import secrets as pysecrets
+import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 
-from ..errors import ConfigError
-from ..files import write_atomic
+from ..errors import ConfigError, redact
 from ..secrets import Secret
+from . import db
+from .db import Database, StoreError, Tx
 
 SECRET_PREFIX = "csg_"
 STORE_VERSION = 1
@@ -63,6 +72,12 @@ class Grant:
     uses: int = 0
     refusals: int = 0
     last_use: int | None = None
+    max_per_minute: int | None = None
+    seq: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"grant {self.id}"
 
     def state(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -76,27 +91,116 @@ class Grant:
         """Everything but the secret's hash: what `grant list` and status show."""
         d = asdict(self)
         d.pop("secret_sha256")
+        d.pop("seq")
         d["state"] = self.state()
         return d
 
 
-class GrantStore:
-    """Grants kept in `<state_dir>/grants.json`; one agent per state directory (flock)."""
+POLL_INTERVAL = 0.2  # how often a replica looks for grants changed by another
+STALE_AFTER = 1.0  # a replica that has not heard from the store for this long mints nothing
+FLUSH_INTERVAL = 1.0  # use counts and buffered audit rows
+CACHE_MAX = 100_000
+PAGE_MAX = 1000
+STATES = ("active", "revoked", "expired")
 
-    def __init__(self, state_dir: str) -> None:
+db.register("grants", [
+    """
+    CREATE TABLE grants (
+        id TEXT PRIMARY KEY,
+        secret_sha256 TEXT NOT NULL,
+        repos TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        max_ttl INTEGER NOT NULL,
+        sub TEXT NOT NULL,
+        created_at {bigint} NOT NULL,
+        expires_at {bigint},
+        ephemeral_only INTEGER NOT NULL DEFAULT 0,
+        refs TEXT NOT NULL DEFAULT '[]',
+        own_socket INTEGER NOT NULL DEFAULT 0,
+        revoked_at {bigint},
+        uses {bigint} NOT NULL DEFAULT 0,
+        refusals {bigint} NOT NULL DEFAULT 0,
+        last_use {bigint},
+        max_per_minute INTEGER,
+        seq {bigint} NOT NULL
+    );
+    CREATE INDEX grants_seq ON grants (seq);
+    CREATE INDEX grants_sub ON grants (sub, created_at, id);
+    CREATE INDEX grants_created ON grants (created_at, id);
+    CREATE TABLE grant_repos (
+        pattern TEXT NOT NULL,
+        grant_id TEXT NOT NULL REFERENCES grants (id),
+        PRIMARY KEY (pattern, grant_id)
+    );
+    -- One row: every create and revoke takes the next number, holding the row's lock
+    -- until it commits, so numbers become visible in order and a poll misses none.
+    CREATE TABLE grant_changes (id INTEGER PRIMARY KEY, seq {bigint} NOT NULL);
+    INSERT INTO grant_changes (id, seq) VALUES (1, 0);
+    CREATE TABLE grant_rate (
+        grant_id TEXT NOT NULL,
+        minute {bigint} NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (grant_id, minute)
+    )
+    """,
+])
+
+_COLUMNS = tuple(f.name for f in fields(Grant))
+_JSON = frozenset({"repos", "scopes", "refs"})
+_BOOL = frozenset({"ephemeral_only", "own_socket"})
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM grants"
+
+
+def _row(grant: Grant) -> tuple[object, ...]:
+    out: list[object] = []
+    for name in _COLUMNS:
+        value = getattr(grant, name)
+        out.append(json.dumps(value) if name in _JSON else int(value) if name in _BOOL else value)
+    return tuple(out)
+
+
+def _grant(row: Sequence[object]) -> Grant:
+    values = {}
+    for name, value in zip(_COLUMNS, row):
+        values[name] = json.loads(value) if name in _JSON else bool(value) if name in _BOOL else value  # type: ignore[arg-type]
+    return Grant(**values)  # type: ignore[arg-type]
+
+
+class GrantStore:
+    """Grants in the agent's database, with a cache of those in use (see the module doc)."""
+
+    def __init__(self, state_dir: str, store_url: str | None = None) -> None:
         self.state_dir = state_dir
-        self.path = os.path.join(state_dir, "grants.json")
+        self.legacy_path = os.path.join(state_dir, "grants.json")
+        self.db = Database(store_url or os.path.join(state_dir, db.DB_FILE))
         self._lock = threading.Lock()
-        self._grants: dict[str, Grant] = {}
-        self._dirty = False
+        self._cache: dict[str, Grant] = {}
+        self._seq = 0
+        self._fresh_until = 0.0
+        self._last_error = ""
+        self._pending: dict[str, list[int]] = {}  # id -> [uses, refusals, last_use]
         self._lock_fd: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors = 0  # store operations that failed, for /metrics
+        # Adds rows to the flush's transaction (the audit trail); returns what to do once committed.
+        self.on_flush: Callable[[Tx], Callable[[], None]] = lambda tx: lambda: None
+
+    @property
+    def where(self) -> str:
+        return self.db.where
 
     # -- lifecycle -------------------------------------------------------------------
 
     def open(self) -> GrantStore:
-        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.state_dir, 0o700)
-        fd = os.open(os.path.join(self.state_dir, "agent.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.state_dir, 0o700)
+            fd = os.open(os.path.join(self.state_dir, "agent.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except NotADirectoryError:
+            raise ConfigError(f"the state dir {self.state_dir} is a file; pass --state-dir DIR") from None
+        except OSError as e:
+            raise ConfigError(f"cannot use the state dir {self.state_dir} ({e.strerror}); pass --state-dir DIR") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,41 +210,67 @@ class GrantStore:
                 "stop it (codestore agent stop) or pass --state-dir"
             ) from None
         self._lock_fd = fd
-        self._grants = self._load()
+        try:
+            self.db.open()
+            self._migrate_json()
+            with self.db.transaction(write=False) as tx:
+                self._seq = int(tx.execute("SELECT seq FROM grant_changes WHERE id = 1")[0][0])  # type: ignore[call-overload]
+        except StoreError as e:
+            self.close()
+            raise ConfigError(f"cannot open {e}") from None
+        except BaseException:
+            self.close()
+            raise
+        self._fresh_until = time.monotonic() + STALE_AFTER
         return self
 
+    def start(self) -> None:
+        """Follow changes made by other replicas and flush use counts, in the background."""
+        self._thread = threading.Thread(target=self._run, name="grant-sync", daemon=True)
+        self._thread.start()
+
     def close(self) -> None:
-        self.flush()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        try:
+            self.flush()
+        except StoreError:
+            pass  # the counts are lost, the grants are not: they were committed when made
+        self.db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _load(self) -> dict[str, Grant]:
+    def _migrate_json(self) -> None:
+        """Import the JSON store of earlier versions once, losing nothing (revocations above all)."""
         try:
-            with open(self.path, encoding="utf-8") as f:
+            with open(self.legacy_path, encoding="utf-8") as f:
                 raw = json.load(f)
+            grants = [Grant(**{k: v for k, v in g.items() if k in _COLUMNS}) for g in raw["grants"]]
         except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            # Refuse to start rather than forget revocations.
-            raise ConfigError(f"cannot read the grant store {self.path} ({type(e).__name__}); fix or move it") from None
-        try:
-            return {g["id"]: Grant(**g) for g in raw["grants"]}
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"the grant store {self.path} is damaged ({type(e).__name__}); fix or move it") from None
+            return
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"cannot migrate the old grant store {self.legacy_path} ({type(e).__name__}); fix or move it") from None
+        with self.db.transaction() as tx:
+            for grant in grants:
+                if tx.execute("SELECT 1 FROM grants WHERE id = ?", (grant.id,)):
+                    continue  # imported before a crash that kept the old file
+                grant.seq = self._next_seq(tx)
+                self._insert(tx, grant)
+        os.replace(self.legacy_path, self.legacy_path + ".migrated")
 
-    def _write(self) -> None:
-        """Atomic rewrite; caller holds the lock."""
-        data = {"version": STORE_VERSION, "grants": [asdict(g) for g in self._grants.values()]}
-        write_atomic(self.path, json.dumps(data, indent=1), 0o600, fsync=True)
-        self._dirty = False
+    # -- writes: committed before they are acknowledged ----------------------------------
 
-    def flush(self) -> None:
-        with self._lock:
-            if self._dirty:
-                self._write()
+    @staticmethod
+    def _next_seq(tx: Tx) -> int:
+        return int(tx.execute("UPDATE grant_changes SET seq = seq + 1 WHERE id = 1 RETURNING seq")[0][0])  # type: ignore[call-overload]
 
-    # -- administration --------------------------------------------------------------
+    @staticmethod
+    def _insert(tx: Tx, grant: Grant) -> None:
+        tx.execute(f"INSERT INTO grants ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", _row(grant))
+        tx.executemany("INSERT INTO grant_repos (pattern, grant_id) VALUES (?, ?)", [(p, grant.id) for p in dict.fromkeys(grant.repos)])
 
     def create(
         self,
@@ -153,7 +283,10 @@ class GrantStore:
         ephemeral_only: bool = False,
         refs: Sequence[Sequence[object]] = (),
         own_socket: bool = False,
+        max_per_minute: int | None = None,
+        audit: Callable[[Tx, Grant], None] = lambda tx, g: None,
     ) -> tuple[Grant, Secret]:
+        """A new grant, durable when this returns; StoreError (and no grant) otherwise."""
         gid = pysecrets.token_hex(6)
         secret = f"{SECRET_PREFIX}{gid}_{pysecrets.token_urlsafe(32)}"
         grant = Grant(
@@ -168,49 +301,213 @@ class GrantStore:
             ephemeral_only=ephemeral_only,
             refs=[list(r) for r in refs],
             own_socket=own_socket,
+            max_per_minute=max_per_minute,
         )
-        with self._lock:
-            self._grants[gid] = grant
-            self._write()
+        try:
+            with self.db.transaction() as tx:
+                grant.seq = self._next_seq(tx)
+                self._insert(tx, grant)
+                audit(tx, grant)
+        except StoreError:
+            self.errors += 1
+            raise
+        self._remember(grant)
         return grant, Secret(secret)
 
-    def revoke(self, gid: str) -> Grant | None:
-        with self._lock:
-            grant = self._grants.get(gid)
-            if grant is None:
-                return None
-            if grant.revoked_at is None:
-                grant.revoked_at = int(time.time())
-            # Durable before we answer: a revocation must survive a crash right after.
-            self._write()
-            return grant
+    def revoke(self, gid: str, audit: Callable[[Tx, Grant], None] = lambda tx, g: None) -> Grant | None:
+        """Revoke durably; None when no such grant. StoreError leaves the grant as it was."""
+        try:
+            with self.db.transaction() as tx:
+                rows = tx.execute(f"{_SELECT} WHERE id = ?", (gid,))
+                if not rows:
+                    return None
+                grant = _grant(rows[0])
+                if grant.revoked_at is None:
+                    grant.revoked_at = int(time.time())
+                    grant.seq = self._next_seq(tx)
+                    tx.execute("UPDATE grants SET revoked_at = ?, seq = ? WHERE id = ?", (grant.revoked_at, grant.seq, gid))
+                audit(tx, grant)
+        except StoreError:
+            self.errors += 1
+            raise
+        self._remember(grant)
+        return grant
 
-    def all(self) -> list[Grant]:
+    # -- reads ---------------------------------------------------------------------------
+
+    def _remember(self, grant: Grant) -> None:
+        """Into the cache, unless the cache already holds a newer version of it."""
         with self._lock:
-            return list(self._grants.values())
+            have = self._cache.get(grant.id)
+            if have is not None and have.seq > grant.seq:
+                return
+            if have is None and len(self._cache) >= CACHE_MAX:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[grant.id] = grant
+
+    def check(self) -> None:
+        """Raise StoreError when this replica cannot vouch for its view of the grants."""
+        if time.monotonic() > self._fresh_until:
+            raise StoreError(f"{self._last_error or 'the grant store is not answering'}; refusing to mint under a grant until it is back")
 
     def get(self, gid: str) -> Grant | None:
+        """The grant (any state) or None; StoreError when the store cannot be checked."""
+        self.check()
         with self._lock:
-            return self._grants.get(gid)
-
-    # -- use ---------------------------------------------------------------------------
+            grant = self._cache.get(gid)
+        if grant is not None:
+            return grant
+        try:
+            with self.db.transaction(write=False) as tx:
+                rows = tx.execute(f"{_SELECT} WHERE id = ?", (gid,))
+        except StoreError:
+            self.errors += 1
+            raise
+        if not rows:
+            return None
+        grant = _grant(rows[0])
+        self._remember(grant)
+        with self._lock:
+            return self._cache.get(gid, grant)
 
     def authenticate(self, secret: str) -> Grant | None:
         """The grant this secret belongs to (any state), or None when it matches none."""
         gid = grant_id_of(secret)
         if gid is None:
             return None
-        with self._lock:
-            grant = self._grants.get(gid)
+        grant = self.get(gid)
         if grant is None or not hmac.compare_digest(grant.secret_sha256, _hash(secret)):
             return None
         return grant
 
+    def page(self, *, repo: str | None = None, sub: str | None = None, state: str | None = None,
+             after: str | None = None, limit: int = 100, own_socket: bool | None = None) -> tuple[list[Grant], str | None]:
+        """One page of grants in creation order, filtered; and the cursor of the next page."""
+        self.flush()
+        where, params = [], []  # type: ignore[var-annotated]
+        if repo is not None:
+            where.append("id IN (SELECT grant_id FROM grant_repos WHERE pattern = ?)")
+            params.append(repo)
+        if sub is not None:
+            where.append("sub = ?")
+            params.append(sub)
+        now = int(time.time())
+        if state == "active":
+            where.append("revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)")
+            params.append(now)
+        elif state == "revoked":
+            where.append("revoked_at IS NOT NULL")
+        elif state == "expired":
+            where.append("revoked_at IS NULL AND expires_at <= ?")
+            params.append(now)
+        if own_socket is not None:
+            where.append("own_socket = ?")
+            params.append(int(own_socket))
+        if after:
+            created, _, gid = after.partition(".")
+            if not created.isdigit() or not gid.isalnum():
+                raise ConfigError(f"bad page cursor {after[:40]!r}; use the next_cursor a previous page printed")
+            where.append("(created_at > ? OR (created_at = ? AND id > ?))")
+            params += [int(created), int(created), gid]
+        limit = max(1, min(limit, PAGE_MAX))
+        sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY created_at, id LIMIT ?"
+        with self.db.transaction(write=False) as tx:
+            rows = tx.execute(sql, (*params, limit + 1))
+        grants = [_grant(r) for r in rows[:limit]]
+        cursor = f"{grants[-1].created_at}.{grants[-1].id}" if len(rows) > limit else None
+        return grants, cursor
+
+    def counts(self) -> dict[str, int]:
+        now = int(time.time())
+        with self.db.transaction(write=False) as tx:
+            row = tx.execute(
+                "SELECT COUNT(*), SUM(CASE WHEN revoked_at IS NOT NULL THEN 1 ELSE 0 END),"
+                " SUM(CASE WHEN revoked_at IS NULL AND expires_at <= ? THEN 1 ELSE 0 END) FROM grants", (now,))[0]
+        total, revoked, expired = (int(v or 0) for v in row)  # type: ignore[call-overload]
+        return {"active": total - revoked - expired, "revoked": revoked, "expired": expired}
+
+    # -- use -----------------------------------------------------------------------------
+
     def record_use(self, grant: Grant, ok: bool) -> None:
         with self._lock:
+            p = self._pending.setdefault(grant.id, [0, 0, 0])
             if ok:
-                grant.uses += 1
-                grant.last_use = int(time.time())
+                p[0] += 1
+                p[2] = int(time.time())
             else:
-                grant.refusals += 1
-            self._dirty = True
+                p[1] += 1
+
+    def take_rate(self, grant: Grant) -> int:
+        """Count one mint against the grant's per-minute limit, across replicas; the count."""
+        minute = int(time.time()) // 60
+        try:
+            with self.db.transaction() as tx:
+                rows = tx.execute(
+                    "INSERT INTO grant_rate (grant_id, minute, count) VALUES (?, ?, 1) "
+                    "ON CONFLICT (grant_id, minute) DO UPDATE SET count = grant_rate.count + 1 RETURNING count",
+                    (grant.id, minute))
+        except StoreError:
+            self.errors += 1
+            raise
+        return int(rows[0][0])  # type: ignore[call-overload]
+
+    def flush(self) -> None:
+        """Write pending use counts (and what `on_flush` adds) in one transaction."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        try:
+            with self.db.transaction() as tx:
+                if pending:
+                    tx.executemany(
+                        "UPDATE grants SET uses = uses + ?, refusals = refusals + ?, "
+                        "last_use = CASE WHEN ? = 0 THEN last_use WHEN last_use IS NULL OR last_use < ? THEN ? ELSE last_use END "
+                        "WHERE id = ?",
+                        [(u, r, t, t, t, gid) for gid, (u, r, t) in pending.items()],
+                    )
+                committed = self.on_flush(tx)
+            committed()
+        except StoreError:
+            self.errors += 1
+            with self._lock:  # keep them for the next try: nothing counted is dropped
+                for gid, (u, r, t) in pending.items():
+                    p = self._pending.setdefault(gid, [0, 0, 0])
+                    p[0] += u
+                    p[1] += r
+                    p[2] = max(p[2], t)
+            raise
+
+    # -- following other replicas ----------------------------------------------------------
+
+    def sync(self) -> None:
+        """Take in every grant changed since the last sync; marks the view fresh."""
+        with self.db.transaction(write=False) as tx:
+            rows = tx.execute(f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT 1000", (self._seq,))
+        for row in rows:
+            grant = _grant(row)
+            self._remember(grant)
+            self._seq = max(self._seq, grant.seq)
+        if len(rows) < 1000:
+            self._fresh_until = time.monotonic() + STALE_AFTER
+            self._last_error = ""
+
+    def _run(self) -> None:
+        next_flush = time.monotonic() + FLUSH_INTERVAL
+        while not self._stop.wait(POLL_INTERVAL):
+            try:
+                self.sync()
+                if time.monotonic() >= next_flush:
+                    next_flush = time.monotonic() + FLUSH_INTERVAL
+                    self.flush()
+            except StoreError as e:
+                if not self._last_error:
+                    print(f"codestore agent: {e}", file=sys.stderr, flush=True)
+                self._last_error = str(e)
+                self.errors += 1
+            except Exception as e:  # noqa: BLE001 - the sync thread must outlive any bug
+                print(f"codestore agent: grant sync failed: {redact(repr(e))}", file=sys.stderr, flush=True)
+
+    @property
+    def healthy(self) -> tuple[bool, str]:
+        if time.monotonic() > self._fresh_until:
+            return False, self._last_error or "the grant store is not answering"
+        return True, "ok"

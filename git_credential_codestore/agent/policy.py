@@ -12,11 +12,36 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import Refused
-from ..vocab import MAX_TTL, MIN_TTL, TokenRequest, ref_policy, with_implied
-from .grants import Grant
+from ..errors import ConfigError, Refused
+from ..vocab import MAX_TTL, MIN_TTL, TokenRequest, check_ttl, parse_scopes, ref_policy, with_implied
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class Permission(Protocol):
+        """What a token may carry: a grant, or a trust policy applied to one workload."""
+
+        @property
+        def label(self) -> str: ...  # "grant 3fa2..." / "trust policy 9c1e...": names it in refusals
+        @property
+        def repos(self) -> list[str]: ...
+        @property
+        def scopes(self) -> list[str]: ...
+        @property
+        def max_ttl(self) -> int: ...
+        @property
+        def sub(self) -> str: ...
+        @property
+        def expires_at(self) -> int | None: ...
+        @property
+        def ephemeral_only(self) -> bool: ...
+        @property
+        def refs(self) -> list[list[object]]: ...
+        def state(self, now: float | None = None) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -33,37 +58,62 @@ def check_request(req: TokenRequest) -> TokenRequest:
     return req.checked(lambda reason: Refused(400, reason))
 
 
-def clamp_to_grant(grant: Grant, req: TokenRequest, default_ttl: int, now: float | None = None) -> Decision:
+def clamp_to_grant(grant: Permission, req: TokenRequest, default_ttl: int, now: float | None = None) -> Decision:
     """The token a grant holder gets for `req`, or Refused naming the first excess."""
     now = time.time() if now is None else now
     state = grant.state(now)
     if state != "active":
-        raise Refused(401, f"grant {grant.id} is {state}; ask its owner for a new one")
+        raise Refused(401, f"{grant.label} is {state}; ask its owner for a new one")
     if not any(fnmatch.fnmatchcase(req.repo, pattern) for pattern in grant.repos):
-        raise Refused(403, f"grant {grant.id} does not cover repository {req.repo!r} (it covers {', '.join(grant.repos)})")
+        raise Refused(403, f"{grant.label} does not cover repository {req.repo!r} (it covers {', '.join(grant.repos)})")
     scopes = req.scopes
     if req.narrow:
         # A ceiling, not a demand: keep what the grant allows. Still refused below.
         scopes = tuple(s for s in req.scopes if s in with_implied(grant.scopes)) or req.scopes
     extra = [s for s in scopes if s not in with_implied(grant.scopes)]
     if extra:
-        raise Refused(403, f"grant {grant.id} does not allow {' '.join(extra)} (it allows {' '.join(grant.scopes)})")
+        raise Refused(403, f"{grant.label} does not allow {' '.join(extra)} (it allows {' '.join(grant.scopes)})")
     if grant.ephemeral_only and not req.ephemeral:
         raise Refused(
-            403, f"grant {grant.id} is ephemeral-only; use the {req.repo}+ephemeral.git namespace"
+            403, f"{grant.label} is ephemeral-only; use the {req.repo}+ephemeral.git namespace"
         )
     if req.ttl is not None and req.ttl > grant.max_ttl:
-        raise Refused(403, f"TTL {req.ttl}s exceeds grant {grant.id}'s maximum of {grant.max_ttl}s")
+        raise Refused(403, f"TTL {req.ttl}s exceeds {grant.label}'s maximum of {grant.max_ttl}s")
     ttl = req.ttl if req.ttl is not None else min(default_ttl, grant.max_ttl)
     if grant.expires_at is not None:
         left = int(grant.expires_at - now)
         if left < MIN_TTL:
-            raise Refused(401, f"grant {grant.id} expires in {left}s, too soon for a token; ask for a new grant")
+            raise Refused(401, f"{grant.label} expires in {left}s, too soon for a token; ask for a new grant")
         ttl = min(ttl, left)  # a token never outlives its grant
     ttl = max(MIN_TTL, min(ttl, MAX_TTL))
-    refs = ref_policy(grant.refs)  # checked when the grant was made; typed here
+    refs = [(str(p), [str(o) for o in ops]) for p, ops in grant.refs]  # type: ignore[misc]
     refs += [(p, list(ops)) for p, ops in req.refs]
     return Decision(repo=req.repo, scopes=scopes, ttl=ttl, refs=refs, sub=grant.sub)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What a grant or a trust policy may hand out: validated once, for both."""
+
+    repos: list[str]
+    scopes: tuple[str, ...]
+    max_ttl: int
+    ephemeral_only: bool
+    refs: list[list[object]]
+
+
+def parse_terms(data: Mapping[str, object]) -> Terms:
+    """`repos`, `scopes`, `max_ttl`, `ephemeral_only`, `refs` of an admin request; ConfigError names the option."""
+    repos = data.get("repos")
+    if not isinstance(repos, list) or not repos or not all(isinstance(r, str) and r.strip() for r in repos):
+        raise ConfigError("a grant needs --repo (a repository id or glob such as team/*)")
+    scopes = parse_scopes(data.get("scopes") or "git:read", "--scopes")
+    max_ttl = data.get("max_ttl", 900)
+    if not isinstance(max_ttl, int):
+        raise ConfigError(f"--max-ttl must be a whole number of seconds, not {max_ttl!r}")
+    check_ttl(max_ttl, "--max-ttl")
+    refs = ref_policy(data.get("refs") or [])
+    return Terms(list(repos), scopes, max_ttl, bool(data.get("ephemeral_only")), [[p, list(ops)] for p, ops in refs])
 
 
 def clamp_for_owner(req: TokenRequest, default_ttl: int, sub: str) -> Decision:

@@ -18,8 +18,14 @@ Routes (anchored; anything else is 404):
 
     GET  /v1/ping                       anyone who can connect
     POST /v1/token                      owner or grant holder
-    GET  /v1/status, GET/POST /v1/grants, POST /v1/grants/<id>/revoke, POST /v1/shutdown
+    POST /v1/audit/report               owner or grant holder (report.py: pushes, promotions)
+    POST /v1/audit/query                owner only (report.py)
+    GET  /v1/status, GET/POST /v1/grants, POST /v1/grants/<id>/revoke, POST /v1/shutdown,
+    GET/POST /v1/trust, POST /v1/trust/<id>/remove
                                         owner only (owner socket, owner uid, no grant)
+
+A token request with `Authorization: Identity <jwt>` (a workload's OIDC token) is an
+exchange under a trust policy (trust.py), on any listener; the grant rules do not apply.
 
 Robustness: a thread per connection, at most MAX_CONNECTIONS at once; a read timeout
 per operation and a whole-connection deadline enforced by a reaper thread (slow
@@ -34,7 +40,6 @@ import os
 import re
 import signal
 import socket
-import socketserver
 import ssl
 import struct
 import sys
@@ -42,23 +47,29 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
-from typing import TextIO, TypeVar
+from typing import Protocol, TextIO
 
-from .. import tokens
+from .. import tokens, trace
 from ..config import Config
-from ..errors import CodestoreError, ConfigError, ProtocolError, redact
-from ..vocab import check_ttl, is_loopback, parse_scopes, ref_policy
-from . import policy, wire
+from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, redact
+from ..vocab import TokenRequest, is_loopback
+from . import policy, report, wire
 from .audit import AuditLog
 from .client import key_identity
-from .discovery import default_socket, grant_socket, unix_address
-from .grants import Grant, GrantStore, grant_id_of
+from .discovery import AGENT_KEY, default_socket, grant_socket, unix_address
+from .db import StoreError
+from .grants import STATES, Grant, GrantStore, grant_id_of
+from .identity import Verifier, https_fetcher
+from .metrics import Metrics
+from .trust import FileTrustStore, Trust
 
 MAX_BODY = 64 * 1024
-MAX_CONNECTIONS = 256
-IO_TIMEOUT = 5.0  # per read or write
+MAX_HEAD = 16 * 1024  # request line and headers
+MAX_CONNECTIONS = 1024
+PER_PEER = 128  # connections one network address may hold at once: its fair share
+IO_TIMEOUT = 5.0  # per read or write, and a TLS handshake
 CONNECTION_DEADLINE = 15.0  # a whole request, however slowly it trickles in
+DRAIN_TIMEOUT = 10.0  # shutdown: how long requests in flight may take to finish
 
 
 def default_state_dir() -> str:
@@ -78,7 +89,7 @@ class Caller:
 class Agent:
     """Request handling, independent of the wire: (caller, method, path, body) -> reply."""
 
-    def __init__(self, cfg: Config, key: tokens.PrivateKey, key_where: str, key_id: str, store: GrantStore, audit: AuditLog) -> None:
+    def __init__(self, cfg: Config, key: tokens.PrivateKey | tokens.Signer, key_where: str, key_id: str, store: GrantStore, audit: AuditLog) -> None:
         self.cfg = cfg
         self.org = cfg.require_org()
         self.key = key
@@ -92,27 +103,45 @@ class Agent:
         self.socket_path = ""
         self.listen_url = ""
         self.stop = threading.Event()
+        self.draining = False
+        self.request_deadline = CONNECTION_DEADLINE
+        self.metrics = Metrics()
+        self.front_name = ""
+        self.in_flight: Callable[[], int] = lambda: 0
+        # The signer's health, for /readyz (a PKCS#11 token can go away; a key in memory cannot).
+        self.signer_health: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
         # Set by the daemon: open or close a grant's dedicated socket.
         self.on_grant_created: Callable[[Grant], str | None] = lambda g: None
         self.on_grant_revoked: Callable[[Grant], None] = lambda g: None
         self.grant_socket_path: Callable[[str], str] = lambda gid: ""
+        self.trust: Trust | None = None  # workload-identity exchange (trust.py), set by the daemon
 
     # -- the router -------------------------------------------------------------------
 
     _ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
         ("GET", re.compile(r"/v1/ping"), "ping"),
+        # For load balancers and Prometheus, on every listener: counts and health, no secrets.
+        ("GET", re.compile(r"/healthz"), "healthz"),
+        ("GET", re.compile(r"/readyz"), "readyz"),
+        ("GET", re.compile(r"/metrics"), "metrics"),
         ("POST", re.compile(r"/v1/token"), "token"),
         ("GET", re.compile(r"/v1/status"), "status"),
         ("GET", re.compile(r"/v1/grants"), "list_grants"),
         ("POST", re.compile(r"/v1/grants"), "create_grant"),
         ("POST", re.compile(r"/v1/grants/([0-9a-f]{1,32})/revoke"), "revoke_grant"),
         ("POST", re.compile(r"/v1/shutdown"), "shutdown"),
-    )
-    _ADMIN = frozenset({"status", "list_grants", "create_grant", "revoke_grant", "shutdown"})
+        ("GET", re.compile(r"/v1/trust"), "list_trust"),
+        ("POST", re.compile(r"/v1/trust"), "add_trust"),
+        ("POST", re.compile(r"/v1/trust/([0-9a-f]{1,32})/remove"), "remove_trust"),
+    ) + report.ROUTES
+    _ADMIN = frozenset(
+        {"status", "list_grants", "create_grant", "revoke_grant", "shutdown", "list_trust", "add_trust", "remove_trust"}
+    ) | report.ADMIN
 
-    def dispatch(self, caller: Caller, method: str, path: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
+    def dispatch(self, caller: Caller, method: str, target: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
         self.last_activity = time.monotonic()
-        for m, pattern, name in self._ROUTES:  # noqa: B007 - the route found is used after the break
+        path, _, query = target.partition("?")
+        for m, pattern, name in self._ROUTES:
             match = pattern.fullmatch(path)
             if match and m == method:
                 break
@@ -124,21 +153,38 @@ class Agent:
                 self.audit.record("refuse", {"action": name, "peer": caller.peer, "via": caller.transport, "reason": "admin call from a non-owner"})
                 return 403, {"error": "administrative calls are accepted only from the owner on the agent's own socket, without a grant"}
         if name == "token":
-            return self.mint(caller, authorization, body)  # lines, not JSON (wire.py)
+            t0 = time.perf_counter()
+            status, reply = self.mint(caller, authorization, body)  # lines, not JSON (wire.py)
+            self.metrics.observe(status, time.perf_counter() - t0)
+            return status, reply
         try:
             data = json.loads(body) if body else {}
         except (ValueError, UnicodeDecodeError):
             return 400, {"error": "request body is not JSON"}
+        if name in report.HANDLERS:
+            return report.HANDLERS[name](self, caller, authorization, data)
         if name == "ping":
             return 200, {"ok": True, "agent": "codestore"}
+        if name == "healthz":
+            return 200, {"ok": True}
+        if name == "readyz":
+            return self.readyz()
+        if name == "metrics":
+            return 200, {"text": self.render_metrics()}
         if name == "status":
             return 200, self.status()
         if name == "list_grants":
-            return 200, {"grants": [g.public() for g in self.store.all()]}
+            return self.list_grants(query)
         if name == "create_grant":
             return self.create_grant(data)
         if name == "revoke_grant":
             return self.revoke_grant(match.group(1))
+        if name.endswith("_trust"):
+            if self.trust is None:
+                return 404, {"error": "this agent has no workload-identity exchange"}
+            if name == "list_trust":
+                return self.trust.list()
+            return self.trust.add(self, data) if name == "add_trust" else self.trust.remove(self, match.group(1))
         self.stop.set()
         return 200, {"ok": True, "pid": os.getpid()}
 
@@ -153,7 +199,7 @@ class Agent:
                 return None, "the Authorization header must be `Grant <secret>`"
             secret = value.strip()
         if caller.bound_grant is not None:
-            grant = self.store.get(caller.bound_grant)
+            grant = self.store.get(caller.bound_grant)  # StoreError: the caller refuses
             if grant is None:
                 return None, "this grant socket's grant no longer exists"
             if secret is not None and self.store.authenticate(secret) is not grant:
@@ -176,12 +222,20 @@ class Agent:
         except ProtocolError as e:
             return 400, {"error": f"bad token request: {e}"}
         data = {"repo": request.repo, "scopes": list(request.scopes), "ttl": request.ttl, "ephemeral": request.ephemeral}
-        grant, reason = self._grant_for(caller, authorization)
+        if self.trust is not None and self.trust.presented(authorization):
+            return self.trust.exchange(self, caller, authorization or "", request, data)  # a workload identity, not a grant
+        try:
+            grant, reason = self._grant_for(caller, authorization)
+        except StoreError as e:
+            # Never mint under a grant that cannot be checked (it may have been revoked).
+            grant, reason, status = None, str(e), 503
+        else:
+            status = 401
         who: dict[str, object] = {"grant": grant.id if grant else None, "via": caller.transport, "peer": caller.peer}
         if reason is not None:
             secret = (authorization or "").partition(" ")[2].strip()
             who["grant"] = grant_id_of(secret)  # the id a presented secret claims, never the secret
-            return self._refuse(who, data, reason, 401)
+            return self._refuse(who, data, reason, status)
         try:
             req = policy.check_request(request)
         except policy.Refused as e:
@@ -194,20 +248,41 @@ class Agent:
                 decision = policy.clamp_for_owner(req, self.cfg.ttl, sub)
         except policy.Refused as e:
             return self._refuse(who, data, e.reason, e.status, grant)
+        if grant is not None and grant.max_per_minute:
+            try:
+                used = self.store.take_rate(grant)
+            except StoreError as e:
+                return self._refuse(who, data, f"{e}; the grant's rate limit cannot be checked", 503, grant)
+            if used > grant.max_per_minute:
+                return self._refuse(who, data, f"grant {grant.id} allows {grant.max_per_minute} tokens a minute; try again shortly", 429, grant)
+        return self.issue(decision, req, who, data, grant)
+
+    def issue(self, decision: policy.Decision, req: TokenRequest, who: Mapping[str, object], data: object,
+              grant: Grant | None = None) -> tuple[int, dict[str, object]]:
+        """Sign a decided token and write its audit line; `who` says on whose authority."""
         try:
             token = tokens.mint(
                 self.key, org=self.org, repo=decision.repo, scopes=decision.scopes, ttl=decision.ttl,
                 sub=decision.sub, kid=self.cfg.kid, refs=decision.refs or None,
             )
+        except tokens.SignerUnavailable as e:
+            self.metrics.signer_errors += 1
+            return self._refuse(who, data, str(e), 503, grant)
         except CodestoreError as e:
             return self._refuse(who, data, str(e), 400, grant)
+        try:
+            self.audit.record("mint", {
+                **who, "sub": decision.sub, "repo": decision.repo, "ephemeral": req.ephemeral,
+                "scopes": list(decision.scopes), "ttl": decision.ttl, "refs": decision.refs or None,
+                "purpose": req.purpose, "result": "ok",
+            })
+        except OSError as e:
+            # Every token handed out is in the audit log, or it is not handed out.
+            return 503, {"error": f"cannot write the audit log {self.audit.path} ({e.strerror}); nothing was minted", "code": "refused"}
         if grant is not None:
             self.store.record_use(grant, ok=True)
-        self.audit.record("mint", {
-            **who, "sub": decision.sub, "repo": decision.repo, "ephemeral": req.ephemeral,
-            "scopes": list(decision.scopes), "ttl": decision.ttl, "refs": decision.refs or None,
-            "purpose": req.purpose, "result": "ok",
-        })
+        trace.say("agent", f"minted {decision.repo} {' '.join(decision.scopes)} ttl {decision.ttl}s for "
+                  f"{'grant ' + grant.id if grant else 'the owner'} ({who.get('via')})")
         return 200, {"token": token.reveal(), "expires_at": token.expires_at, "ttl": decision.ttl, "scopes": list(decision.scopes), "sub": decision.sub}
 
     def _check_owner(self, owner: object) -> str:
@@ -240,7 +315,11 @@ class Agent:
         fields["reason"] = reason
         if grant is not None:
             self.store.record_use(grant, ok=False)
-        self.audit.record("refuse", fields)
+        try:
+            self.audit.record("refuse", fields)
+        except OSError:
+            pass  # a refusal hands out nothing; its reason still reaches the caller
+        trace.say("agent", f"refused {fields.get('repo') or '-'} for grant {who.get('grant') or '(owner)'}: {reason}")
         code = "mismatch" if status == 409 else "refused"
         return status, {"error": reason, "code": code}
 
@@ -250,91 +329,165 @@ class Agent:
         if not isinstance(data, dict):
             return 400, {"error": "grant request must be a JSON object"}
         try:
-            repos = data.get("repos")
-            if not isinstance(repos, list) or not repos or not all(isinstance(r, str) and r.strip() for r in repos):
-                raise ConfigError("a grant needs --repo (a repository id or glob such as team/*)")
-            scopes = parse_scopes(data.get("scopes") or "git:read", "--scopes")
-            max_ttl = data.get("max_ttl", 900)
-            if not isinstance(max_ttl, int):
-                raise ConfigError(f"--max-ttl must be a whole number of seconds, not {max_ttl!r}")
-            check_ttl(max_ttl, "--max-ttl")
+            terms = policy.parse_terms(data)  # shared with trust policies: the same limits
             expires_in = data.get("expires_in")
             if expires_in is not None and (not isinstance(expires_in, int) or expires_in <= 0):
                 raise ConfigError("--expires-in must be a positive duration")
-            refs = ref_policy(data.get("refs") or [])
             sub = data.get("sub")
             if sub is not None and (not isinstance(sub, str) or not 0 < len(sub) <= 200):
                 raise ConfigError("--sub must be a short identifier")
+            rate = data.get("max_per_minute")
+            if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or not 1 <= rate <= 1_000_000):
+                raise ConfigError(f"--max-per-minute must be 1..1000000, not {rate!r}")
         except CodestoreError as e:
             return 400, {"error": str(e)}
-        grant, secret = self.store.create(
-            repos=repos, scopes=scopes, max_ttl=max_ttl, sub=sub,
-            expires_at=int(time.time()) + expires_in if expires_in else None,
-            ephemeral_only=bool(data.get("ephemeral_only")), refs=[[p, ops] for p, ops in refs],
-            own_socket=bool(data.get("own_socket")),
-        )
-        sock = self.on_grant_created(grant) if grant.own_socket else None
-        self.audit.record("grant-create", {"grant": grant.id, "sub": grant.sub, "repos": grant.repos, "scopes": grant.scopes,
-                                           "max_ttl": grant.max_ttl, "expires_at": grant.expires_at,
-                                           "ephemeral_only": grant.ephemeral_only, "refs": grant.refs or None})
+        after: list[object] = []
+
+        def audit(tx: object, grant: Grant) -> None:
+            write, after_commit = self.audit.in_transaction("grant-create", {
+                "grant": grant.id, "sub": grant.sub, "repos": grant.repos, "scopes": grant.scopes,
+                "max_ttl": grant.max_ttl, "expires_at": grant.expires_at, "ephemeral_only": grant.ephemeral_only,
+                "refs": grant.refs or None, "max_per_minute": grant.max_per_minute,
+            })
+            write(tx)  # type: ignore[arg-type]
+            after.append(after_commit)
+
+        try:
+            grant, secret = self.store.create(
+                repos=terms.repos, scopes=terms.scopes, max_ttl=terms.max_ttl, sub=sub,
+                expires_at=int(time.time()) + expires_in if expires_in else None,
+                ephemeral_only=terms.ephemeral_only, refs=terms.refs,
+                own_socket=bool(data.get("own_socket")), max_per_minute=rate, audit=audit,
+            )
+        except StoreError as e:
+            return 503, {"error": f"no grant was created: {e}"}
+        # Durable from here on: whatever fails next, the admin hears that the grant exists.
         reply = grant.public()
         reply["grant"] = secret.reveal()
-        reply["socket"] = sock
+        warnings = [w for w in (after[0](),) if w]  # type: ignore[operator]
+        try:
+            reply["socket"] = self.on_grant_created(grant) if grant.own_socket else None
+        except (OSError, CodestoreError) as e:
+            reply["socket"] = None
+            warnings.append(f"its socket could not be opened ({getattr(e, 'strerror', None) or e})")
+        if warnings:
+            reply["warning"] = f"grant {grant.id} was created, but " + "; ".join(warnings)
         return 201, reply
 
     def revoke_grant(self, gid: str) -> tuple[int, dict[str, object]]:
-        grant = self.store.revoke(gid)
+        after: list[object] = []
+
+        def audit(tx: object, grant: Grant) -> None:
+            write, after_commit = self.audit.in_transaction("grant-revoke", {"grant": grant.id, "sub": grant.sub})
+            write(tx)  # type: ignore[arg-type]
+            after.append(after_commit)
+
+        try:
+            grant = self.store.revoke(gid, audit=audit)
+        except StoreError as e:
+            return 503, {"error": f"grant {gid} was NOT revoked: {e}; try again"}
         if grant is None:
             return 404, {"error": f"no grant {gid}; see: codestore grant list"}
-        self.on_grant_revoked(grant)
-        self.audit.record("grant-revoke", {"grant": grant.id, "sub": grant.sub})
-        return 200, grant.public()
+        reply = grant.public()
+        warnings = [w for w in (after[0](),) if w]  # type: ignore[operator]
+        try:
+            self.on_grant_revoked(grant)
+        except OSError as e:
+            warnings.append(f"its socket could not be closed ({e.strerror})")
+        if warnings:
+            reply["warning"] = f"grant {grant.id} is revoked, but " + "; ".join(warnings)
+        return 200, reply
+
+    def list_grants(self, query: str) -> tuple[int, dict[str, object]]:
+        from urllib.parse import parse_qs
+
+        q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        state = q.get("state")
+        if state is not None and state not in STATES:
+            return 400, {"error": f"state must be one of {', '.join(STATES)}, not {state[:20]!r}"}
+        limit = q.get("limit", "100")
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            return 400, {"error": "limit must be 1..1000"}
+        try:
+            grants, cursor = self.store.page(repo=q.get("repo"), sub=q.get("sub"), state=state, after=q.get("after"), limit=int(limit))
+        except CodestoreError as e:
+            return (503 if isinstance(e, StoreError) else 400), {"error": str(e)}
+        return 200, {"grants": [g.public() for g in grants], "next_cursor": cursor}
+
+    def readyz(self) -> tuple[int, dict[str, object]]:
+        """Ready when the store and the signer answer and the agent is not draining."""
+        store_ok, store_why = self.store.healthy
+        if store_ok:
+            try:
+                self.store.db.ping()
+            except StoreError as e:
+                store_ok, store_why = False, str(e)
+        signer_ok, signer_why = self.signer_health()
+        ready = store_ok and signer_ok and not self.draining
+        reply: dict[str, object] = {"ready": ready, "store": store_why, "signer": signer_why}
+        if self.draining:
+            reply["draining"] = True
+        return (200 if ready else 503), reply
+
+    def render_metrics(self) -> str:
+        grants: dict[str, float] = {}
+        try:
+            grants = dict(self.store.counts())
+        except StoreError:
+            pass
+        store_ok, _ = self.store.healthy
+        signer_ok, _ = self.signer_health()
+        return self.metrics.render(
+            gauges={"store_up": int(store_ok), "signer_up": int(signer_ok), "requests_in_flight": self.in_flight(),
+                    "draining": int(self.draining), "audit_rows_buffered": self.audit.buffered},
+            labelled={"grants": grants} if grants else {},
+            counters={"store_errors": self.store.errors, "audit_rows_dropped": self.audit.dropped},
+        )
 
     def status(self) -> dict[str, object]:
-        states: dict[str, int] = {"active": 0, "revoked": 0, "expired": 0}
-        for g in self.store.all():
-            states[g.state()] += 1
+        try:
+            states: dict[str, object] = dict(self.store.counts())
+        except StoreError as e:
+            states = {"error": str(e)}
         return {
             "pid": os.getpid(), "socket": self.socket_path, "listen": self.listen_url or None,
             "org": self.org, "kid": self.cfg.kid, "key": self.key_where,
-            "state_dir": self.store.state_dir, "audit_log": self.audit.path,
+            "state_dir": self.store.state_dir, "store": self.store.where, "audit_log": self.audit.path,
             "uptime": int(time.time() - self.started), "grants": states,
             "mints": self.audit.counts.get("mint", 0), "refusals": self.audit.counts.get("refuse", 0),
         }
 
 
-# -- the wire ---------------------------------------------------------------------------
+# -- the wire, whichever front carries it ----------------------------------------------
 
 
-class Reaper:
-    """Cuts connections that outlive CONNECTION_DEADLINE (slowloris), one thread for all."""
+class Slots:
+    """Connections held, overall (MAX_CONNECTIONS) and per network address (PER_PEER).
+
+    Both HTTP fronts count here from accept; "" is a Unix-socket peer, bounded only overall.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._socks: dict[int, tuple[socket.socket, float]] = {}
-        threading.Thread(target=self._run, name="reaper", daemon=True).start()
+        self.total = 0
+        self._peers: dict[str, int] = {}
 
-    def watch(self, sock: socket.socket) -> None:
+    def take(self, peer: str) -> bool:
         with self._lock:
-            self._socks[id(sock)] = (sock, time.monotonic() + CONNECTION_DEADLINE)
+            if self.total >= MAX_CONNECTIONS or (peer and self._peers.get(peer, 0) >= PER_PEER):
+                return False
+            self.total += 1
+            if peer:
+                self._peers[peer] = self._peers.get(peer, 0) + 1
+            return True
 
-    def forget(self, sock: socket.socket) -> None:
+    def release(self, peer: str) -> None:
         with self._lock:
-            self._socks.pop(id(sock), None)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(1.0)
-            now = time.monotonic()
-            with self._lock:
-                late = [s for s, deadline in self._socks.values() if deadline < now]
-                for s in late:
-                    self._socks.pop(id(s), None)
-            for s in late:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self.total -= 1
+            if peer:
+                n = self._peers.pop(peer) - 1
+                if n:
+                    self._peers[peer] = n
 
 
 def peer_uid(sock: socket.socket) -> int | None:
@@ -348,216 +501,134 @@ def peer_uid(sock: socket.socket) -> int | None:
     return None  # pragma: no cover - unknown platform: treated as not the owner
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "codestore-agent"
-    sys_version = ""
-    timeout = IO_TIMEOUT
-    server: _Listener
-
-    def setup(self) -> None:
-        self.server.reaper.watch(self.request)
-        if self.server.tls is not None:
-            self.request.settimeout(IO_TIMEOUT)
-            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
-        super().setup()
-
-    unread = False  # the reply went out before the request was read in full
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-            if self.unread:
-                self._linger()
-        finally:
-            self.server.reaper.forget(self.request)
-
-    def _linger(self) -> None:
-        """Close only after the client has read our refusal.
-
-        Closing a socket with unread input resets the connection, and the reset can
-        destroy the reply in flight: the caller would see "connection reset" instead of
-        the reason. Bounded by the reaper's deadline like any other read.
-        """
-        try:
-            self.request.shutdown(socket.SHUT_WR)
-            self.request.settimeout(1.0)
-            for _ in range(64):
-                if not self.request.recv(65536):
-                    break
-        except OSError:
-            pass
-
-    def handle(self) -> None:
-        self.close_connection = True
-        self.request_version = self.protocol_version  # for a reply sent before parsing
-        self.caller = self.server.identify(self.request, self.client_address)
-        if self.caller.transport != "tcp":
-            allowed = {self.server.agent.owner_uid, 0}  # root can read our memory anyway
-            if self.caller.uid not in allowed:
-                self.unread = True
-                self.server.agent.audit.record(
-                    "refuse",
-                    {"via": self.caller.transport, "peer": self.caller.peer, "result": "refused",
-                     "reason": "peer uid is not the owner"},
-                )
-                self._reply(403, {"error": f"peer uid {self.caller.uid} may not use this agent (owner uid {self.server.agent.owner_uid})"})
-                return
-        try:
-            self.handle_one_request()
-        except (OSError, ssl.SSLError):
-            pass  # the client went away or timed out; nothing to answer
-
-    def _serve(self) -> None:
-        self.unread = True
-        if self.headers.get("Transfer-Encoding"):
-            self._reply(411, {"error": "send a Content-Length, not chunked encoding"})
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._reply(400, {"error": "bad Content-Length"})
-            return
-        if length > MAX_BODY:
-            self._reply(413, {"error": f"request body over {MAX_BODY} bytes"})
-            return
-        body = self.rfile.read(length) if length else b""
-        if len(body) != length:
-            return  # the client hung up mid-body
-        self.unread = False
-        # POST /v1/token speaks lines both ways (wire.py); every other endpoint JSON.
-        lines = (self.command, self.path) == ("POST", "/v1/token")
-        if not lines and (self.headers.get("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE:
-            self._reply(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"})
-            return
-        try:
-            status, reply = self.server.agent.dispatch(self.caller, self.command, self.path, self.headers.get("Authorization"), body)
-        except Exception as e:  # noqa: BLE001 - one request's bug must not take down the agent
-            print(f"codestore agent: internal error on {self.command} {self.path[:60]}: {redact(repr(e))}", file=sys.stderr, flush=True)
-            status, reply = 500, {"error": f"internal error in the agent ({type(e).__name__}); see its log"}
-        self._reply(status, reply, lines=lines)
-
-    do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-    def _reply(self, status: int, reply: Mapping[str, object], lines: bool = False) -> None:
-        data = wire.encode_reply(reply) if lines else json.dumps(reply).encode()
-        try:
-            self.send_response_only(status)
-            self.send_header("Content-Type", wire.CONTENT_TYPE if lines else "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Connection", "close")
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(data)
-            self.wfile.flush()
-        except OSError:
-            pass
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        self.close_connection = True
-        self.unread = True
-        self.request_version = self.protocol_version  # no HTTP/0.9 replies without a status
-        self._reply(code, {"error": f"bad request ({message or code})"})
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass  # the audit log is the record; request lines could carry a mistaken secret
+def identify(sock: socket.socket, address: object, transport: str, bound_grant: str | None) -> Caller:
+    if transport == "tcp":
+        host = address[0] if isinstance(address, tuple) else str(address)
+        return Caller("tcp", None, str(host))
+    uid = peer_uid(sock)
+    return Caller(transport, uid, f"uid:{uid}", bound_grant)
 
 
-class _Listener(socketserver.ThreadingMixIn, socketserver.BaseServer):
-    """Shared by the Unix and TCP listeners: thread per connection, bounded."""
-
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 1024  # bursts of helpers (the kernel caps it at somaxconn)
-    agent: Agent
-    reaper: Reaper
-    tls: ssl.SSLContext | None = None
-    transport = "socket"
-    bound_grant: str | None = None
-    slots: threading.BoundedSemaphore
-
-    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.sendall(b'HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n')
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
-
-    def identify(self, sock: socket.socket, address: object) -> Caller:
-        if self.transport == "tcp":
-            host = address[0] if isinstance(address, tuple) else str(address)
-            return Caller("tcp", None, str(host))
-        uid = peer_uid(sock)
-        return Caller(self.transport, uid, f"uid:{uid}", self.bound_grant)
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        print(f"codestore agent: connection error: {redact(repr(sys.exc_info()[1]))}", file=sys.stderr, flush=True)
+Reply = tuple[int, Mapping[str, object]]
 
 
-class UnixListener(_Listener, socketserver.UnixStreamServer):
-    def server_bind(self) -> None:
-        addr, fd = unix_address(self.server_address)  # type: ignore[arg-type]
-        try:
-            self.socket.bind(addr)
-        finally:
-            if fd is not None:
-                os.close(fd)
-        os.chmod(self.server_address, 0o600)  # type: ignore[arg-type]
-        self.inode = os.stat(self.server_address).st_ino  # type: ignore[arg-type]
+def admit(agent: Agent, caller: Caller) -> Reply | None:
+    """The Unix sockets' rule: the owner's uid or root, nobody else, whatever the file modes say."""
+    if caller.transport == "tcp" or caller.uid in {agent.owner_uid, 0}:  # root can read our memory anyway
+        return None
+    try:
+        agent.audit.record("refuse", {"via": caller.transport, "peer": caller.peer, "result": "refused", "reason": "peer uid is not the owner"})
+    except OSError:
+        pass
+    return 403, {"error": f"peer uid {caller.uid} may not use this agent (owner uid {agent.owner_uid})"}
 
 
-class TCPListener(_Listener, socketserver.TCPServer):
-    allow_reuse_address = True
-    transport = "tcp"
+def framing(header: Callable[[str], str | None]) -> tuple[Reply | None, int]:
+    """(refusal, 0) for a body we will not read, else (None, its length)."""
+    if header("Transfer-Encoding"):
+        return (411, {"error": "send a Content-Length, not chunked encoding"}), 0
+    raw = (header("Content-Length") or "0").strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 12:
+        return (400, {"error": "bad Content-Length"}), 0
+    if int(raw) > MAX_BODY:
+        return (413, {"error": f"request body over {MAX_BODY} bytes"}), 0
+    return None, int(raw)
 
 
-_L = TypeVar("_L", bound=_Listener)
+def encode(status: int, reply: Mapping[str, object], lines: bool = False) -> tuple[bytes, str]:
+    if lines:
+        return wire.encode_reply(reply), wire.CONTENT_TYPE
+    return json.dumps(reply).encode(), "application/json"
 
 
-def _new(cls: type[_L], agent: Agent, reaper: Reaper, address: str | tuple[str, int], **attrs: object) -> _L:
-    srv = cls(address, Handler)
-    srv.agent, srv.reaper, srv.slots = agent, reaper, threading.BoundedSemaphore(MAX_CONNECTIONS)
-    for k, v in attrs.items():
-        setattr(srv, k, v)
-    return srv
+def respond(agent: Agent, caller: Caller, method: str, target: str, header: Callable[[str], str | None], body: bytes) -> tuple[int, bytes, str]:
+    """One request, already framed, to (status, body, content type)."""
+    # POST /v1/token speaks lines both ways (wire.py); every other endpoint JSON.
+    lines = (method, target) == ("POST", "/v1/token")
+    if not lines and (header("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE:
+        return (415, *encode(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"}))
+    try:
+        status, reply = agent.dispatch(caller, method, target, header("Authorization"), body)
+    except Exception as e:  # noqa: BLE001 - one request's bug must not take down the agent
+        print(f"codestore agent: internal error on {method} {target[:60]}: {redact(repr(e))}", file=sys.stderr, flush=True)
+        status, reply = 500, {"error": f"internal error in the agent ({type(e).__name__}); see its log"}
+    if "text" in reply and len(reply) == 1 and status == 200:  # /metrics: Prometheus' text format
+        return status, str(reply["text"]).encode(), "text/plain; version=0.0.4"
+    return (status, *encode(status, reply, lines))
 
 
-def prepare_socket_dir(path: str, is_default: bool) -> None:
-    """0700 directory; a stale socket (nothing listening) is removed, a live one refused."""
+def prepare_socket_dir(path: str, is_default: bool) -> int:
+    """Make the socket's 0700 directory and claim `path`; returns a lock held for the agent's life.
+
+    Only a socket that no agent answers is ever removed: a regular file (or anything that
+    is not a socket) at `path` is refused, not deleted. Two agents starting at once for one
+    path are serialised by an exclusive lock on `<path>.lock`: the second is told an agent
+    is running, and the first keeps serving.
+    """
+    import fcntl
+    import stat
+
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    st = os.stat(d)
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.lstat(d) if is_default else os.stat(d)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"{d} is not a directory; pass --socket with a path in a private directory") from None
+    except OSError as e:
+        hint = "set XDG_RUNTIME_DIR to a private directory of yours, or pass --socket" if is_default else "pass --socket with a path in a directory you own"
+        raise UsageError(f"cannot create {d} ({e.strerror}); {hint}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{d} is not a directory (a symlink?); set XDG_RUNTIME_DIR to a private directory of yours")
+    if st.st_uid != os.getuid():
+        raise UsageError(f"{d} belongs to uid {st.st_uid}, not you; set XDG_RUNTIME_DIR or pass --socket in a directory you own")
     if is_default:
         os.chmod(d, 0o700)
     elif st.st_mode & 0o077:
-        raise ConfigError(f"{d} is open to other users (mode {st.st_mode & 0o777:o}); put the socket in a private 0700 directory")
-    if st.st_uid != os.getuid():
-        raise ConfigError(f"{d} belongs to uid {st.st_uid}, not you; put the socket in a directory you own")
-    if os.path.lexists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        addr, fd = unix_address(path)
-        try:
-            probe.connect(addr)
-        except OSError:
-            os.unlink(path)  # stale: left by an agent that died
-        else:
-            raise ConfigError(f"an agent is already running at {path}; stop it with: codestore agent stop")
-        finally:
-            probe.close()
-            if fd is not None:
-                os.close(fd)
+        raise UsageError(f"{d} is open to other users (mode {st.st_mode & 0o777:o}); put the socket in a private 0700 directory")
+    if os.path.isdir(path):
+        raise UsageError(f"--socket {path} is a directory; name a socket file in it, e.g. {os.path.join(path, 'agent.sock')}")
+    try:
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise UsageError(f"cannot create {path}.lock ({e.strerror}); pass --socket with a path in a directory you own") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise ConfigError(f"an agent is already running at {path}; stop it with: codestore agent stop") from None
+    try:
+        _claim(path)
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock
+
+
+def _claim(path: str) -> None:
+    """Remove a stale socket at `path`; refuse anything else that is there."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"{path} exists and is not a socket; refusing to replace it: move it away or pass another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    addr, fd = unix_address(path)
+    try:
+        probe.connect(addr)
+    except ConnectionRefusedError:
+        os.unlink(path)  # a socket nobody listens on: left by an agent that died
+    except OSError as e:
+        raise ConfigError(f"cannot tell whether an agent answers at {path} ({e.strerror}); remove it if none does") from None
+    else:
+        raise ConfigError(f"an agent is already running at {path}; stop it with: codestore agent stop")
+    finally:
+        probe.close()
+        if fd is not None:
+            os.close(fd)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -568,24 +639,38 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _close_all(started: list[_Listener], sockets: list[_Listener], store: GrantStore, audit: AuditLog) -> None:
-    # In parallel: each serve_forever notices only at its next poll.
-    stoppers = [threading.Thread(target=srv.shutdown) for srv in started]
-    for t in stoppers:
-        t.start()
-    for t in stoppers:
-        t.join()
-    for srv in started:
-        srv.server_close()
-    for srv in sockets:
+def _remove_socket(lst: object) -> None:
+    try:
+        # Only our own socket: a newer agent may have taken the path over.
+        if os.stat(lst.path).st_ino == lst.inode:  # type: ignore[attr-defined]
+            os.unlink(lst.path)  # type: ignore[attr-defined]
+    except OSError:
+        pass
+
+
+def make_front(agent: Agent, which: str) -> Front:
+    """uvicorn's front when the fleet extra is installed (or asked for), else the threaded one."""
+    if which in ("auto", "uvicorn"):
         try:
-            # Only our own socket: a newer agent may have taken the path over.
-            if os.stat(srv.server_address).st_ino == srv.inode:  # type: ignore[arg-type, attr-defined]
-                os.unlink(srv.server_address)  # type: ignore[arg-type]
-        except OSError:
-            pass
-    store.close()
-    audit.close()
+            from .asgi import AsgiFront
+        except ImportError:
+            if which == "uvicorn":
+                raise UsageError("--server uvicorn needs the fleet extra: pip install 'codestore-git[fleet]'") from None
+        else:
+            return AsgiFront(agent)
+    from .threads import ThreadFront
+
+    return ThreadFront(agent)
+
+
+class Front(Protocol):
+    name: str
+    in_flight: int
+
+    def listen_unix(self, path: str, transport: str = ..., bound_grant: str | None = ...) -> object: ...
+    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None) -> tuple[object, tuple[str, int]]: ...
+    def stop_listener(self, lst: object) -> None: ...
+    def drain(self, timeout: float) -> None: ...
 
 
 def serve(
@@ -599,6 +684,10 @@ def serve(
     tls_key: str | None = None,
     idle_timeout: float = 0,
     state_dir: str | None = None,
+    store_url: str | None = None,
+    server: str = "auto",
+    request_deadline: float | None = None,
+    key_uri: str | None = None,
     out: TextIO = sys.stdout,
 ) -> int:
     """Run the agent in the foreground until SIGTERM/SIGINT, `agent stop` or idle timeout."""
@@ -606,7 +695,7 @@ def serve(
 
     os.umask(0o077)  # everything the agent creates is private to its owner
     if bool(tls_cert) != bool(tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together")
+        raise UsageError("--tls-cert and --tls-key go together")
     tcp_address = parse_listen(listen) if listen else None
     if tcp_address and not tls_cert and not is_loopback(tcp_address[0]):
         raise ConfigError(
@@ -614,11 +703,18 @@ def serve(
             "or listen on 127.0.0.1 behind a TLS tunnel"
         )
     cfg.require_org()
-    key, where = keys.load_private_key(cfg, env)
+    signer: tokens.PrivateKey | tokens.Signer
+    if key_uri:
+        from ..hsm import Pkcs11Signer
+
+        signer = Pkcs11Signer(key_uri, env)  # the key stays in the token
+        where = str(signer.uri)
+    else:
+        signer, where = keys.load_private_key(cfg, env)
     state_dir = state_dir or default_state_dir()
     is_default = socket_path is None
     socket_path = os.path.abspath(socket_path or default_socket(env))
-    prepare_socket_dir(socket_path, is_default)
+    prepare_socket_dir(socket_path, is_default)  # its lock is held until this process exits
     tls = None
     if tls_cert:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -627,12 +723,25 @@ def serve(
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(f"cannot load the TLS certificate/key ({type(e).__name__}); check --tls-cert and --tls-key") from None
 
-    store = GrantStore(state_dir).open()
-    audit = AuditLog(audit_path or os.path.join(state_dir, "audit.log"))
-    agent = Agent(cfg, key, where, key_identity(cfg, env), store, audit)
+    store = GrantStore(state_dir, store_url).open()
+    try:
+        audit = AuditLog(audit_path or os.path.join(state_dir, "audit.log"))
+    except BaseException:
+        store.close()
+        raise
+    store.on_flush = audit.flush_into
+    store.start()
+    key_id = key_identity(cfg, {**env, AGENT_KEY: key_uri} if key_uri else env)
+    agent = Agent(cfg, signer, where, key_id, store, audit)
+    agent.trust = Trust(FileTrustStore(state_dir).open(), Verifier(https_fetcher(env.get("CODESTORE_OIDC_CA_FILE"))))
+    if key_uri:
+        agent.signer_health = signer.health  # type: ignore[union-attr]
     agent.socket_path = socket_path
-    reaper = Reaper()
-    grant_listeners: dict[str, UnixListener] = {}
+    agent.request_deadline = request_deadline or CONNECTION_DEADLINE
+    front = make_front(agent, server)
+    agent.front_name = front.name
+    agent.in_flight = lambda: front.in_flight
+    grant_listeners: dict[str, object] = {}
     lock = threading.Lock()
 
     def grant_socket_path(gid: str) -> str:
@@ -641,54 +750,52 @@ def serve(
     def open_grant_socket(grant: Grant) -> str | None:
         path = grant_socket_path(grant.id)
         with lock:
-            if grant.id in grant_listeners:
-                return path
-            if os.path.lexists(path):
-                os.unlink(path)
-            srv = _new(UnixListener, agent, reaper, path, transport="grant-socket", bound_grant=grant.id)
-            grant_listeners[grant.id] = srv
-        start(srv)
+            if grant.id not in grant_listeners:
+                _claim(path)
+                grant_listeners[grant.id] = front.listen_unix(path, "grant-socket", grant.id)
         return path
 
     def close_grant_socket(grant: Grant) -> None:
         with lock:
-            srv = grant_listeners.pop(grant.id, None)
-        if srv is not None:
-            started.remove(srv)
-            srv.shutdown()
-            srv.server_close()
-            try:
-                os.unlink(srv.server_address)  # type: ignore[arg-type]
-            except OSError:
-                pass
+            lst = grant_listeners.pop(grant.id, None)
+        if lst is not None:
+            front.stop_listener(lst)
+            _remove_socket(lst)
 
     agent.on_grant_created = open_grant_socket
     agent.on_grant_revoked = close_grant_socket
     agent.grant_socket_path = grant_socket_path
 
-    started: list[_Listener] = []
+    def close_all() -> None:
+        agent.draining = True
+        front.drain(DRAIN_TIMEOUT)
+        for lst in [main, *grant_listeners.values()]:
+            _remove_socket(lst)
+        store.close()
+        audit.close()
 
-    def start(srv: _Listener) -> None:
-        started.append(srv)
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.25}, daemon=True).start()
-
-    main = _new(UnixListener, agent, reaper, socket_path)
-    start(main)
+    try:
+        main = front.listen_unix(socket_path)
+    except BaseException:
+        front.drain(0)
+        store.close()
+        raise
     try:
         if tcp_address:
-            TCPListener.address_family = socket.AF_INET6 if ":" in tcp_address[0] else socket.AF_INET
             try:
-                tcp = _new(TCPListener, agent, reaper, tcp_address, tls=tls)
+                _tcp, (host, port) = front.listen_tcp(tcp_address, tls)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from None
-            host, port = tcp.socket.getsockname()[:2]
             agent.listen_url = f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
-            start(tcp)
-        for grant in store.all():
-            if grant.own_socket and grant.state() == "active":
+        cursor: str | None = None
+        while True:
+            page, cursor = store.page(own_socket=True, state="active", after=cursor, limit=1000)
+            for grant in page:
                 open_grant_socket(grant)
+            if cursor is None:
+                break
     except BaseException:
-        _close_all(started, [main, *grant_listeners.values()], store, audit)
+        close_all()
         raise
 
     def on_signal(signum: int, frame: object) -> None:
@@ -700,23 +807,23 @@ def serve(
     print(f"serving unix:{socket_path}", file=out)
     if agent.listen_url:
         print(f"serving {agent.listen_url}", file=out)
-    print(f"ready pid={os.getpid()} org={agent.org} key={where} audit={audit.path}", file=out, flush=True)
+    print(f"ready pid={os.getpid()} org={agent.org} key={where} audit={audit.path} store={store.where} server={front.name}",
+          file=out, flush=True)
 
     reason = "stopped"
     try:
         while not agent.stop.wait(1.0):
-            store.flush()
             if idle_timeout and time.monotonic() - agent.last_activity > idle_timeout:
                 reason = f"idle for {int(idle_timeout)}s"
                 break
             try:
-                if os.stat(socket_path).st_ino != main.inode:
+                if os.stat(socket_path).st_ino != main.inode:  # type: ignore[attr-defined]
                     reason = "socket replaced"
                     break
             except FileNotFoundError:
                 reason = "socket removed"  # its directory was cleaned up: nobody can reach us
                 break
     finally:
-        _close_all(started, [main, *grant_listeners.values()], store, audit)
+        close_all()
     print(f"codestore agent exiting: {reason}", file=sys.stderr, flush=True)
     return 0

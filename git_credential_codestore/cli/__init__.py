@@ -8,13 +8,18 @@ that owns the job, and every command runs inside the one error boundary
     config.py      codestore config show|set
     key.py         codestore key generate|import|public|delete
     token.py       codestore token
-    repo.py        codestore repo create|list
+    repo.py        codestore repo create|list|delete
+    branch.py      codestore branch list|delete (both namespaces)
     ephemeral.py   codestore clone|promote (the +ephemeral namespace)
+    review.py      codestore review (what a sandbox pushed, before promotion)
+    audit.py       codestore audit (the audit trail)
     setup.py       codestore setup|doctor
     demo.py        codestore demo
     dev_server.py  codestore dev-server
     agent.py       codestore agent serve|start|stop|status
     grant.py       codestore grant create|revoke|list
+    completion.py  codestore completion bash|zsh|fish
+    trust.py       codestore trust add|list|remove (workload identities)
 
 A new command: a module here with a click command calling into the core, and one
 `cli.add_command` line below.
@@ -28,13 +33,33 @@ import click
 
 from .. import __version__
 from ..errors import boundary
-from . import agent, config, demo, dev_server, ephemeral, grant, key, repo, setup, token
+from . import agent, audit, branch, completion, config, demo, dev_server, ephemeral, grant, key, repo, review, setup, token, trust
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_CODES = """\b
+Exit codes (codestore and git-remote-codestore):
+  0    success
+  1    an expected failure, said in one line (configuration, key, policy, server)
+  2    a command line that cannot run as given (usage)
+  3    a bug: one line here, the redacted traceback in the crash log
+  130  interrupted (Ctrl-C)
+git-credential-codestore answers quit=1 and exits 0 on an expected failure (git acts
+on quit=1 alone), 2 on usage and 3 on a bug.
+Tracing: CODESTORE_TRACE=1 (stderr) or =/absolute/file; never shows a secret.
+Completion: codestore completion bash|zsh|fish."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(__version__, prog_name="codestore")
-def cli() -> None:
+@click.option("--org", "org", metavar="NAME", help="Act for this org: an [orgs.NAME] section of the config file, "
+              "or the org's name (same as CODESTORE_ORG=NAME).")
+def cli(org: str | None) -> None:
     """Short-lived, least-privilege Code Storage credentials for plain git."""
+    if org:
+        import os
+
+        # One way to choose an org, whoever reads the configuration (and the agent this starts).
+        os.environ["CODESTORE_ORG"] = org
 
 
 for command in (
@@ -48,10 +73,25 @@ for command in (
     dev_server.dev_server,
     ephemeral.clone,
     ephemeral.promote,
+    review.review_cmd,
+    audit.audit_cmd,
+    branch.branch_group,
     agent.agent,
     grant.grant,
+    completion.completion,
+    trust.trust,
 ):
     cli.add_command(command)
+
+
+def echo_json(value: object) -> None:
+    """The one way a command prints machine-readable state (`--json`): one JSON document.
+
+    Field names are a contract (docs/json.md): fields may be added, never renamed or removed.
+    """
+    import json
+
+    click.echo(json.dumps(value, indent=2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

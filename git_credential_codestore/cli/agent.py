@@ -18,7 +18,19 @@ from ..errors import CodestoreError
 SOCKET_HELP = "Agent socket (default: $CODESTORE_AGENT_SOCK, else the user's runtime dir)."
 
 
+def require_unix_sockets() -> None:
+    import _socket
+
+    if not hasattr(_socket, "AF_UNIX"):
+        # The agent is POSIX-only (Linux, macOS): its socket is a Unix socket.
+        raise CodestoreError(
+            "the agent listens on a Unix socket, which this platform lacks; run it on Linux or macOS "
+            "and point this machine at it with CODESTORE_AGENT_URL (the helpers work here without it)"
+        )
+
+
 def _socket_path(socket_opt: str | None) -> str:
+    require_unix_sockets()
     from ..agent.discovery import socket_path
 
     return socket_path(socket_opt)
@@ -50,9 +62,19 @@ def agent() -> None:
 @click.option("--tls-key", metavar="PEM", help="Private key for --tls-cert.")
 @click.option("--idle-timeout", type=int, default=0, show_default=True, help="Exit after this many idle seconds (0: never).")
 @click.option("--state-dir", metavar="DIR", help="Where grants live (default: the user state dir).")
+@click.option("--store", "store_url", metavar="URL", envvar="CODESTORE_AGENT_STORE",
+              help="Grant database: postgresql://... shared by replicas (default: SQLite in the state dir).")
+@click.option("--server", type=click.Choice(["auto", "uvicorn", "threads"]), default="auto", show_default=True, envvar="CODESTORE_AGENT_SERVER",
+              help="HTTP front: uvicorn (the fleet extra) when installed, else the standard library's threads.")
+@click.option("--request-deadline", type=click.FloatRange(0.5, 300), metavar="SECONDS",
+              help="Longest a request may take from its first byte to its reply; slower clients are cut (default 15).")
+@click.option("--key", "key_uri", metavar="pkcs11:URI", envvar="CODESTORE_AGENT_KEY",
+              help="Sign through a PKCS#11 token (RFC 7512 URI) instead of holding the key in memory.")
 def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | None, tls_cert: str | None,
-                tls_key: str | None, idle_timeout: int, state_dir: str | None) -> None:
+                tls_key: str | None, idle_timeout: int, state_dir: str | None, store_url: str | None, server: str,
+                request_deadline: float | None, key_uri: str | None) -> None:
     """Run the agent in the foreground (containers, service managers)."""
+    require_unix_sockets()
     from .. import config
     from ..agent.discovery import AGENT_SOCK
     from ..agent.server import serve
@@ -61,7 +83,8 @@ def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | Non
         config.load(), os.environ,
         socket_path=os.path.expanduser(socket_opt) if socket_opt else (os.environ.get(AGENT_SOCK) or None),
         listen=listen, audit_path=audit_log, tls_cert=tls_cert, tls_key=tls_key,
-        idle_timeout=idle_timeout, state_dir=state_dir,
+        idle_timeout=idle_timeout, state_dir=state_dir, store_url=store_url, server=server,
+        request_deadline=request_deadline, key_uri=key_uri,
     )
 
 

@@ -18,9 +18,11 @@ import click
 )
 def clone(spec: str, directory: str | None, ephemeral_push: bool) -> None:
     """Clone ORG/REPO shallow and single-branch through codestore://."""
-    from .. import config, ephemeral
+    from .. import ephemeral, remotes
 
-    done = ephemeral.clone(spec, directory, ephemeral_push, config.load())
+    # The org in ORG/REPO picks its configuration, as the remote helper will.
+    url = spec if spec.lower().startswith(remotes.SCHEME) else remotes.SCHEME + spec
+    done = ephemeral.clone(spec, directory, ephemeral_push, remotes.config_for(url))
     if done.status != 0:
         # git and the remote helper have already said why, one line each.
         raise click.exceptions.Exit(done.status)
@@ -34,9 +36,18 @@ def clone(spec: str, directory: str | None, ephemeral_push: bool) -> None:
 @click.argument("repo")
 @click.argument("branch")
 @click.option("--to", "target", metavar="BRANCH", help="Name in the default namespace [default: BRANCH].")
-def promote(repo: str, branch: str, target: str | None) -> None:
+@click.option("--expect-sha", metavar="SHA", help="Promote only if BRANCH is still at this reviewed commit, "
+              "and push exactly it (see: codestore review REPO BRANCH).")
+def promote(repo: str, branch: str, target: str | None, expect_sha: str | None) -> None:
     """Copy BRANCH of REPO's ephemeral namespace into its default namespace."""
     from .. import config, ephemeral
 
-    sha = ephemeral.promote(config.load(), repo, branch, target)
-    click.echo(f"promoted {repo}+ephemeral {branch} -> {target or branch} at {sha}")
+    if expect_sha is None:
+        sha = ephemeral.promote(config.load(), repo, branch, target)
+        click.echo(f"promoted {repo}+ephemeral {branch} -> {target or branch} at {sha}")
+        return
+    done = ephemeral.promote_exact(config.load(), repo, branch, expect_sha, target)
+    was = f" (was {done.old[:12]})" if done.old else " (new branch)"
+    click.echo(f"promoted {repo}+ephemeral {branch} -> {done.target} at {done.sha}{was}")
+    if done.warning:
+        click.echo(f"codestore: warning: {done.warning}", err=True)

@@ -94,6 +94,7 @@ def grant() -> None:
 @click.option("--ref-policy", metavar="RULES", help="refs rules put in every token, e.g. 'refs/heads/main=no-push'.")
 @click.option("--sub", metavar="ID", help="Identity stamped as `sub` in every token (default codestore-grant:<id>).")
 @click.option("--own-socket", is_flag=True, help="Also serve this grant on a dedicated socket (mount it into a container).")
+@click.option("--max-per-minute", type=click.IntRange(1, 1_000_000), help="At most this many tokens a minute, across all replicas.")
 @click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with `id` and `grant`).")
 @click.option("--secret-file", metavar="PATH", help="Write only the grant's secret to PATH (mode 0600); print the id.")
@@ -102,7 +103,7 @@ def grant() -> None:
               help="Print only this field, one per line, in order (repeatable): id, grant (the secret), socket, sub.")
 def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, expires_in: str | None,
                  ephemeral_only: bool, ref_policy: str | None, sub: str | None, own_socket: bool,
-                 socket_opt: str | None, as_json: bool, secret_file: str | None, secret_only: bool,
+                 max_per_minute: int | None, socket_opt: str | None, as_json: bool, secret_file: str | None, secret_only: bool,
                  fields: tuple[str, ...]) -> None:
     """Create a grant; its secret is shown once and stored only as a hash.
 
@@ -130,12 +131,15 @@ def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, 
         "ephemeral_only": ephemeral_only,
         "sub": sub,
         "own_socket": own_socket,
+        "max_per_minute": max_per_minute,
     }
     if ref_policy:
         from ..vocab import parse_ref_policy, ref_policy_json
 
         body["refs"] = ref_policy_json(parse_ref_policy(ref_policy))
     g = admin(socket_opt, "POST", "/v1/grants", body)
+    if g.get("warning"):
+        click.echo(f"codestore: warning: {g['warning']}", err=True)
     if secret_file:
         _write_secret(secret_file, str(g["grant"]))
         fields = fields or ("id",)
@@ -165,25 +169,50 @@ def grant_revoke(grant_id: str, socket_opt: str | None) -> None:
     if not grant_id.isalnum():
         raise ConfigError(f"{grant_id!r} is not a grant id; see: codestore grant list")
     g = admin(socket_opt, "POST", f"/v1/grants/{grant_id.lower()}/revoke")
+    if g.get("warning"):
+        click.echo(f"codestore: warning: {g['warning']}", err=True)
     click.echo(f"revoked {g['id']} ({g['sub']}); it mints nothing from now on")
 
 
 @grant.command("list")
+@click.option("--repo", help="Only grants naming this repository pattern.")
+@click.option("--sub", help="Only grants with this `sub`.")
+@click.option("--state", type=click.Choice(["active", "revoked", "expired"]), help="Only grants in this state.")
+@click.option("--limit", type=click.IntRange(1, 1000), help="One page of at most this many (the next page's --after is printed on stderr).")
+@click.option("--after", metavar="CURSOR", help="Start after this cursor (from a previous --limit page).")
 @click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
-@click.option("--json", "as_json", is_flag=True)
-def grant_list(socket_opt: str | None, as_json: bool) -> None:
-    """Grants with their state, use count and last use."""
-    grants = admin(socket_opt, "GET", "/v1/grants")["grants"]
-    assert isinstance(grants, list)
+@click.option("--json", "as_json", is_flag=True, help="A JSON array of grants.")
+def grant_list(repo: str | None, sub: str | None, state: str | None, limit: int | None, after: str | None,
+               socket_opt: str | None, as_json: bool) -> None:
+    """Grants with their state, use count and last use (all of them, page by page, unless --limit)."""
+    from urllib.parse import urlencode
+
+    filters = {k: v for k, v in (("repo", repo), ("sub", sub), ("state", state)) if v}
+    cursor, shown, first = after, 0, True
     if as_json:
-        click.echo(json.dumps(grants, indent=2))
-        return
-    if not grants:
-        click.echo("no grants; create one with: codestore grant create --repo REPO")
-        return
-    click.echo(f"{'ID':<13} {'STATE':<8} {'USES':>5} {'REFUSED':>7}  {'LAST USE':<20}  {'SCOPES':<20} REPOS / SUB")
-    for g in grants:
-        click.echo(
-            f"{g['id']:<13} {g['state']:<8} {g['uses']:>5} {g['refusals']:>7}  {_when(g['last_use']):<20}  "
-            f"{' '.join(g['scopes']):<20} {' '.join(g['repos'])}{' (ephemeral only)' if g['ephemeral_only'] else ''} / {g['sub']}"
-        )
+        click.echo("[", nl=False)
+    while True:
+        query = {**filters, "limit": str(min(limit - shown, 1000) if limit else 1000), **({"after": cursor} if cursor else {})}
+        reply = admin(socket_opt, "GET", "/v1/grants?" + urlencode(query))
+        grants, cursor = reply["grants"], reply.get("next_cursor")
+        assert isinstance(grants, list)
+        for g in grants:
+            if as_json:
+                click.echo(("" if first else ",") + "\n" + json.dumps(g), nl=False)
+            else:
+                if first:
+                    click.echo(f"{'ID':<13} {'STATE':<8} {'USES':>5} {'REFUSED':>7}  {'LAST USE':<20}  {'SCOPES':<20} REPOS / SUB")
+                click.echo(
+                    f"{g['id']:<13} {g['state']:<8} {g['uses']:>5} {g['refusals']:>7}  {_when(g['last_use']):<20}  "
+                    f"{' '.join(g['scopes']):<20} {' '.join(g['repos'])}{' (ephemeral only)' if g['ephemeral_only'] else ''} / {g['sub']}"
+                )
+            first = False
+        shown += len(grants)
+        if not cursor or (limit and shown >= limit):
+            break
+    if as_json:
+        click.echo("\n]")
+    elif first:
+        click.echo("no grants match" if filters or after else "no grants; create one with: codestore grant create --repo REPO")
+    if cursor and limit:
+        click.echo(f"more: codestore grant list --limit {limit} --after {cursor}", err=True)

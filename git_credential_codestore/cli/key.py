@@ -17,10 +17,23 @@ def key_group() -> None:
 @key_group.command("generate")
 @click.option("--type", "kind", type=click.Choice(["ec", "rsa", "ed25519"]), default="ec", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing stored key.")
-def key_generate(kind: str, force: bool) -> None:
+@click.option("--pkcs11", "pkcs11_uri", metavar="URI",
+              help="Make the key inside a PKCS#11 token (non-extractable), e.g. pkcs11:token=codestore;object=org-key.")
+def key_generate(kind: str, force: bool, pkcs11_uri: str | None) -> None:
     """Make a new key and keep it in the OS keychain (or a 0600 file where there is none)."""
+    import os
+
     from .. import config, keys
 
+    if pkcs11_uri:
+        from .. import hsm
+
+        if kind == "ed25519":
+            raise CodestoreError("a PKCS#11 key is --type ec or rsa")
+        public = hsm.generate(pkcs11_uri, kind, os.environ)
+        click.echo(f"made a non-extractable {kind} key in {hsm.parse_uri(pkcs11_uri, os.environ)}; register its public half with Code Storage:", err=True)
+        click.echo(keys.public_pem(public), nl=False)  # type: ignore[arg-type]
+        return
     cfg = config.load()
     if not force:
         try:
@@ -62,14 +75,21 @@ def key_import(source: str) -> None:
 
 @key_group.command("public")
 @click.option("--jwk", is_flag=True, help="Print a JWK instead of PEM.")
-def key_public(jwk: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: {org, kid, alg, source, pem, jwk} (docs/json.md).")
+def key_public(jwk: bool, as_json: bool) -> None:
     """Print the public key to register with Code Storage."""
     import json
 
-    from .. import config, keys
+    from .. import config, keys, tokens
 
     cfg = config.load()
-    key, _ = keys.load_private_key(cfg)
+    key, where = keys.load_private_key(cfg)
+    if as_json:
+        from . import echo_json
+
+        echo_json({"org": cfg.org, "kid": cfg.kid, "alg": tokens.algorithm_for(key), "source": where,
+                   "pem": keys.public_pem(key), "jwk": keys.public_jwk(key, cfg.kid)})
+        return
     click.echo(json.dumps(keys.public_jwk(key, cfg.kid), indent=2) if jwk else keys.public_pem(key).rstrip())
 
 

@@ -1,0 +1,299 @@
+"""Benchmark: the agent as a fleet service (issue 9's numbers), ratios against baselines of the same run.
+
+1. tokens/s of one replica, 64 concurrent clients, a new connection per token (as git
+   helpers connect), against raw ES256 signatures/s of the same key in one thread; p50,
+   p99 and the longest request (stalls).
+2. the same load with 100k grants in the store against 10 grants.
+3. `grant create` and `revoke` (admin calls) with 100k grants: median and p99.
+4. revocation propagation between two replicas on one PostgreSQL: revoke on A, time
+   until B refuses.
+
+The load runs in 4 client processes x 16 threads on this machine, so clients and agent
+share its cores (a real fleet's clients are elsewhere): the ratios are a floor.
+
+Run: python bench/fleet.py [--seconds 5] [--clients 64]   (needs codestore[fleet]; 4. needs PostgreSQL)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+BIN = os.path.dirname(sys.executable)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from git_credential_codestore import keys, tokens  # noqa: E402
+from git_credential_codestore.agent import wire  # noqa: E402
+from git_credential_codestore.agent.client import Endpoint, call  # noqa: E402
+from git_credential_codestore.secrets import Secret  # noqa: E402
+
+PROCESSES = 4
+
+
+def environment(tmp: str) -> dict[str, str]:
+    key_path = os.path.join(tmp, "org.pem")
+    with open(key_path, "w") as f:
+        f.write(keys.private_pem(keys.generate("ec")).reveal())
+    os.chmod(key_path, 0o600)
+    os.makedirs(os.path.join(tmp, "run"), mode=0o700)
+    return {
+        "PATH": BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp,
+        "XDG_RUNTIME_DIR": os.path.join(tmp, "run"), "XDG_STATE_HOME": os.path.join(tmp, "state"),
+        "XDG_CONFIG_HOME": os.path.join(tmp, "config"), "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
+        "CODESTORE_ORG": "acme", "CODESTORE_PRIVATE_KEY_FILE": key_path, "CODESTORE_KID": "bench",
+    }
+
+
+def start_agent(env: dict[str, str], name: str, *extra: str) -> tuple[subprocess.Popen[str], str, str]:
+    base = env["HOME"]
+    sock = os.path.join(base, f"s-{name}", "agent.sock")
+    proc = subprocess.Popen(
+        [os.path.join(BIN, "codestore"), "agent", "serve", "--socket", sock, "--state-dir", os.path.join(base, f"state-{name}"),
+         "--listen", "127.0.0.1:0", *extra], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline() for _ in range(3)]
+    if not lines[-1].startswith("ready"):
+        proc.kill()
+        raise SystemExit(f"bench: the agent did not start: {lines}")
+    return proc, sock, lines[1].split()[1]
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))] if s else float("nan")
+
+
+def signing_rate(env: dict[str, str], seconds: float = 2.0) -> float:
+    with open(env["CODESTORE_PRIVATE_KEY_FILE"]) as f:
+        key = keys.parse_private_key(Secret(f.read()), "bench")
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tokens.mint(key, org="acme", repo="team/app", scopes=["git:read"], ttl=300, sub="bench", kid="bench")
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def token_request(grant: str, repo: str) -> bytes:
+    body = f"repo={repo}\nscopes=git:read\nephemeral=0\nnarrow=0\npurpose=bench\n".encode()
+    return (f"POST /v1/token HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: {wire.CONTENT_TYPE}\r\nAuthorization: Grant {grant}\r\n\r\n").encode() + body
+
+
+def _worker(sock_path: str, requests: list[bytes], threads: int, seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    start = time.monotonic() + 0.2
+
+    def client(i: int) -> None:
+        mine: list[float] = []
+        bad = 0
+        while time.monotonic() < start:
+            time.sleep(0.001)
+        n = i
+        while time.monotonic() - start < seconds:
+            req = requests[n % len(requests)]
+            n += threads
+            t0 = time.perf_counter()
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(sock_path)
+                s.sendall(req)
+                reply = b""
+                while chunk := s.recv(65536):
+                    reply += chunk
+            except OSError:
+                bad += 1
+                continue
+            finally:
+                s.close()
+            if not reply.startswith(b"HTTP/1.1 200"):
+                bad += 1
+                continue
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            latencies.extend(mine)
+            errors[0] += bad
+
+    ts = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    out.put((latencies, errors[0]))
+
+
+def load(sock: str, requests: list[bytes], clients: int, seconds: float) -> tuple[float, list[float], int]:
+    q: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+    per = max(1, clients // PROCESSES)
+    procs = [multiprocessing.Process(target=_worker, args=(sock, requests[i::PROCESSES] or requests, per, seconds, q)) for i in range(PROCESSES)]
+    for p in procs:
+        p.start()
+    lat: list[float] = []
+    errors = 0
+    for _ in procs:
+        part, bad = q.get()
+        lat += part
+        errors += bad
+    for p in procs:
+        p.join()
+    return len(lat) / seconds, lat, errors
+
+
+def bulk_grants(state_dir: str, n: int, known: int) -> list[str]:
+    """Put n grants straight into a stopped agent's store (setup only); returns `known` secrets."""
+    from git_credential_codestore.agent import grants as g
+
+    store = g.GrantStore(state_dir).open()
+    out: list[str] = []
+    try:
+        with store.db.transaction() as tx:
+            now = int(time.time())
+            for i in range(n):
+                gid = secrets.token_hex(6)
+                secret = f"{g.SECRET_PREFIX}{gid}_{secrets.token_urlsafe(32)}"
+                grant = g.Grant(id=gid, secret_sha256=g._hash(secret), repos=["team/*"], scopes=["git:read"], max_ttl=900,
+                                sub=f"bench-{i}", created_at=now)
+                grant.seq = store._next_seq(tx)
+                store._insert(tx, grant)
+                if i < known:
+                    out.append(secret)
+    finally:
+        store.close()
+    return out
+
+
+def admin_latency(sock: str, env: dict[str, str], n: int = 50) -> tuple[list[float], list[float]]:
+    ep = Endpoint("unix", sock)
+    creates, revokes = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        status, g = call(ep, "POST", "/v1/grants", {"repos": ["team/x"]}, env=env)
+        creates.append(time.perf_counter() - t0)
+        assert status == 201, g
+        t0 = time.perf_counter()
+        status, _ = call(ep, "POST", f"/v1/grants/{g['id']}/revoke", env=env)
+        revokes.append(time.perf_counter() - t0)
+        assert status == 200
+    return creates, revokes
+
+
+def report(name: str, rate: float, lat: list[float], errors: int, raw: float) -> None:
+    print(f"   {name:<22} {rate:7.0f} tokens/s  ({rate / raw:.2f} of raw signing)   p50 {pct(lat, 50) * 1000:5.1f} ms   "
+          f"p99 {pct(lat, 99) * 1000:5.1f} ms   max {max(lat, default=0) * 1000:6.1f} ms   errors {errors}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--grants", type=int, default=100_000)
+    parser.add_argument("--no-postgres", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = environment(tmp)
+        raw = signing_rate(env)
+        print(f"raw ES256 signing, one thread of this process: {raw:7.0f} signs/s")
+
+        # 1. one replica, 10 grants
+        proc, sock, _ = start_agent(env, "small")
+        try:
+            small = [str(call(Endpoint("unix", sock), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)[1]["grant"]) for _ in range(10)]
+            reqs = [token_request(s, f"team/r{i}") for i, s in enumerate(small)]
+            load(sock, reqs, args.clients, 1.0)  # warm up
+            print(f"1./2. {args.clients} concurrent clients, a new connection per token, {args.seconds:.0f} s each:")
+            r10, lat10, e10 = load(sock, reqs, args.clients, args.seconds)
+            report("10 grants", r10, lat10, e10, raw)
+        finally:
+            stop(proc)
+
+        # 2./3. 100k grants
+        state = os.path.join(tmp, "state-big")
+        proc, sock, _ = start_agent(env, "big")
+        stop(proc)
+        t0 = time.perf_counter()
+        known = bulk_grants(state, args.grants, 1000)
+        print(f"   ({args.grants} grants written to the store in {time.perf_counter() - t0:.1f} s, setup)")
+        proc, sock, _ = start_agent(env, "big")
+        try:
+            reqs = [token_request(s, f"team/r{i}") for i, s in enumerate(known)]
+            load(sock, reqs, args.clients, 1.0)
+            rbig, latbig, ebig = load(sock, reqs, args.clients, args.seconds)
+            report(f"{args.grants} grants", rbig, latbig, ebig, raw)
+            print(f"   throughput with {args.grants} grants / with 10: {rbig / r10:.2f}")
+            creates, revokes = admin_latency(sock, env)
+            print(f"3. with {args.grants} grants: grant create median {statistics.median(creates) * 1000:.1f} ms "
+                  f"p99 {pct(creates, 99) * 1000:.1f} ms; revoke median {statistics.median(revokes) * 1000:.1f} ms "
+                  f"p99 {pct(revokes, 99) * 1000:.1f} ms")
+        finally:
+            stop(proc)
+
+        if not args.no_postgres:
+            propagation(env)
+    return 0
+
+
+def propagation(env: dict[str, str], rounds: int = 20) -> None:
+    sys.path.insert(0, os.path.join(ROOT))
+    from tests.realparts import Postgres
+
+    pg = Postgres()
+    pg.start()
+    try:
+        url = pg.create_database()
+        a, sock_a, _ = start_agent(env, "pa", "--store", url)
+        b, sock_b, _ = start_agent(env, "pb", "--store", url)
+        try:
+            times = []
+            for _ in range(rounds):
+                status, g = call(Endpoint("unix", sock_a), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)
+                req = token_request(str(g["grant"]), "team/app")
+                assert _mint(sock_b, req).startswith(b"HTTP/1.1 200")
+                call(Endpoint("unix", sock_a), "POST", f"/v1/grants/{g['id']}/revoke", env=env)
+                t0 = time.perf_counter()
+                while _mint(sock_b, req).startswith(b"HTTP/1.1 200"):
+                    time.sleep(0.002)
+                times.append(time.perf_counter() - t0)
+            print(f"4. revocation on replica A refused by replica B (PostgreSQL, {rounds} rounds): "
+                  f"median {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms")
+        finally:
+            stop(a)
+            stop(b)
+    finally:
+        pg.destroy()
+
+
+def _mint(sock: str, req: bytes) -> bytes:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(sock)
+        s.sendall(req)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

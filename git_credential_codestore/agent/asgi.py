@@ -1,0 +1,348 @@
+"""The agent's HTTP front for fleets: uvicorn's HTTP/1.1 protocol on asyncio (uvloop when installed).
+
+uvicorn (with httptools, the llhttp parser) does the HTTP: request parsing, keep-alive
+and its idle timeout, pipelining, flow control, the ASGI request/response cycle. The
+agent's handler (`server.respond`) is plain synchronous code that may wait on the
+database, so it runs on a bounded thread pool and the event loop never blocks.
+
+Around uvicorn's protocol we keep what it does not do, each for a reason:
+
+- our own accept loop (public asyncio API: `sock_accept` + `connect_accepted_socket`),
+  so a connection counts against its peer's fair share (PER_PEER per network address)
+  from the moment it is accepted, TLS handshakes included, and a TLS handshake has a
+  deadline (IO_TIMEOUT) instead of asyncio's 60 s. Over the limit, a TLS connection is
+  closed silently: a cleartext refusal on a TLS port only reads as a TLS error.
+- a deadline per request (`--request-deadline`, from its first byte to its reply) on
+  every listener, TLS included: uvicorn times out idle keep-alive connections but not a
+  request that trickles in a byte at a time (issue 8 item 6).
+- caps on the request target and the headers (uvicorn's httptools protocol has none).
+- the peer's uid (SO_PEERCRED) on Unix sockets, handed to the handler in the ASGI scope.
+
+Helpers never import this module (nor uvicorn): they speak HTTP through `client.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from ..errors import redact
+from .discovery import unix_address
+from .server import (
+    IO_TIMEOUT, MAX_HEAD, Agent, Caller, Slots, admit, encode, framing, identify, respond,
+)
+
+WORKERS = 16  # threads running handlers; more only contend for the GIL
+KEEPALIVE_IDLE = 5  # seconds an idle keep-alive connection is kept
+
+
+class _Slot:
+    """One accepted connection's place in the counts; released exactly once."""
+
+    __slots__ = ("front", "peer", "held")
+
+    def __init__(self, front: AsgiFront, peer: str) -> None:
+        self.front, self.peer, self.held = front, peer, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.front._release(self.peer)
+
+
+_STATUS = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+
+
+class AgentProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a request deadline, head caps and the caller in the scope."""
+
+    def __init__(self, *, caller: Caller, slot: _Slot, deadline: float, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.caller = caller
+        self.deadline = deadline
+        self.slot = slot
+        self._deadline: asyncio.TimerHandle | None = None
+        self._head = 0
+        self._error = 400
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.deadline, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        self.transport.abort()  # however slowly it trickles in, a request ends here
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head = 0
+        self._arm()
+        self.scope["extensions"] = {"codestore.caller": self.caller}  # type: ignore[typeddict-unknown-key]
+
+    def on_url(self, url: bytes) -> None:
+        self._head += len(url)
+        if self._head > MAX_HEAD:
+            self._error = 414
+            raise ValueError("request target too long")
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head += len(name) + len(value) + 4
+        if self._head > MAX_HEAD:
+            self._error = 431
+            raise ValueError("request head too large")
+        super().on_header(name, value)
+
+    def eof_received(self) -> bool:
+        """The client closed its side (helpers send, then read): answer what is in flight, then close."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+            return True  # keep the transport open for our reply
+        return False
+
+    def on_response_complete(self) -> None:
+        self._disarm()  # uvicorn's keep-alive idle timeout takes over
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.slot.release()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        status = self._error
+        body = json.dumps({"error": f"bad request ({status} {_STATUS.get(status, b'').decode()})"}).encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status, _STATUS.get(status, b"Bad Request"), len(body), body)
+        )
+        self.transport.close()
+
+
+class _Listener:
+    def __init__(self, sock: socket.socket, transport: str, tls: ssl.SSLContext | None, bound_grant: str | None) -> None:
+        self.sock = sock
+        self.transport = transport
+        self.tls = tls
+        self.bound_grant = bound_grant
+        self.task: asyncio.Task[None] | None = None
+        self.path = ""
+        self.inode = 0
+
+
+class AsgiFront:
+    """Listeners on one event loop in a thread of its own; `server.serve` drives it."""
+
+    name = "uvicorn"
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.config = Config(
+            app=self.app, http="httptools", ws="none", lifespan="off", interface="asgi3", access_log=False,
+            log_config=None, server_header=False, date_header=False, proxy_headers=False,
+            timeout_keep_alive=KEEPALIVE_IDLE,
+        )
+        self.config.load()
+        self.state = ServerState()
+        self.app_state: dict[str, object] = {}
+        self.executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="agent")
+        self.slots = Slots()
+        self._listeners: list[_Listener] = []
+        self.loop = _new_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="agent-http", daemon=True)
+        self._thread.start()
+
+    # -- counts (on the loop thread only) -------------------------------------------------
+
+    def _take(self, peer: str) -> _Slot | None:
+        return _Slot(self, peer) if self.slots.take(peer) else None
+
+    def _release(self, peer: str) -> None:
+        self.slots.release(peer)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.state.tasks)
+
+    # -- the ASGI application ---------------------------------------------------------------
+
+    async def app(self, scope: dict, receive: Callable, send: Callable) -> None:  # type: ignore[type-arg]
+        caller: Caller = scope["extensions"]["codestore.caller"]
+        headers: dict[str, str] = {}
+        for k, v in scope["headers"]:
+            headers[k.decode("latin-1").lower()] = v.decode("latin-1")
+        header = lambda name: headers.get(name.lower())  # noqa: E731
+        refusal = admit(self.agent, caller)
+        length = 0
+        if refusal is None:
+            refusal, length = framing(header)
+        if refusal is not None:
+            await self._send(send, refusal[0], *encode(*refusal), close=True)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > length:
+                await self._send(send, 400, *encode(400, {"error": "body longer than its Content-Length"}), close=True)
+                return
+            if not message.get("more_body"):
+                break
+        target = scope["raw_path"].decode("latin-1")
+        if scope["query_string"]:
+            target += "?" + scope["query_string"].decode("latin-1")
+        status, data, ctype = await self.loop.run_in_executor(
+            self.executor, respond, self.agent, caller, scope["method"], target, header, body)
+        await self._send(send, status, data, ctype)
+
+    @staticmethod
+    async def _send(send: Callable, status: int, data: bytes, ctype: str, close: bool = False) -> None:  # type: ignore[type-arg]
+        head = [(b"content-type", ctype.encode()), (b"content-length", str(len(data)).encode()), (b"cache-control", b"no-store")]
+        if close:
+            head.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        await send({"type": "http.response.body", "body": data})
+
+    # -- accepting ----------------------------------------------------------------------------
+
+    async def _accept(self, lst: _Listener) -> None:
+        while True:
+            try:
+                conn, address = await self.loop.sock_accept(lst.sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as e:
+                if lst.sock.fileno() < 0:
+                    return
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    await asyncio.sleep(0.1)  # out of descriptors: let connections finish
+                continue
+            peer = str(address[0]) if lst.transport == "tcp" and isinstance(address, tuple) else ""
+            slot = self._take(peer)
+            if slot is None:
+                if lst.tls is None:
+                    try:
+                        conn.send(b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    except OSError:
+                        pass
+                conn.close()
+                continue
+            self.loop.create_task(self._start(conn, address, lst, slot))
+
+    async def _start(self, conn: socket.socket, address: object, lst: _Listener, slot: _Slot) -> None:
+        try:
+            caller = identify(conn, address, lst.transport, lst.bound_grant)
+            if lst.transport == "tcp":
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def factory() -> AgentProtocol:
+                return AgentProtocol(config=self.config, server_state=self.state, app_state=self.app_state,
+                                     _loop=self.loop, caller=caller, slot=slot, deadline=self.agent.request_deadline)
+
+            handshake = min(IO_TIMEOUT, self.agent.request_deadline)
+            await self.loop.connect_accepted_socket(factory, conn, ssl=lst.tls, ssl_handshake_timeout=handshake if lst.tls else None)
+        except Exception:  # noqa: BLE001 - a failed handshake or a peer gone: nothing to serve
+            slot.release()
+            conn.close()
+
+    def _call(self, coro: object, timeout: float = 30) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    async def _listen(self, lst: _Listener) -> None:
+        lst.sock.setblocking(False)
+        lst.task = self.loop.create_task(self._accept(lst))
+        self._listeners.append(lst)
+
+    def listen_unix(self, path: str, transport: str = "socket", bound_grant: str | None = None) -> _Listener:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        addr, fd = unix_address(path)
+        try:
+            sock.bind(addr)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            if fd is not None:
+                os.close(fd)
+        os.chmod(path, 0o600)
+        sock.listen(1024)
+        lst = _Listener(sock, transport, None, bound_grant)
+        lst.path, lst.inode = path, os.stat(path).st_ino
+        self._call(self._listen(lst))
+        return lst
+
+    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None) -> tuple[_Listener, tuple[str, int]]:
+        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        sock.listen(1024)
+        lst = _Listener(sock, "tcp", tls, None)
+        self._call(self._listen(lst))
+        return lst, sock.getsockname()[:2]
+
+    async def _unlisten(self, lst: _Listener) -> None:
+        if lst in self._listeners:
+            self._listeners.remove(lst)
+        if lst.task is not None:
+            lst.task.cancel()
+        lst.sock.close()
+
+    def stop_listener(self, lst: _Listener) -> None:
+        self._call(self._unlisten(lst))
+
+    async def _drain(self, timeout: float) -> None:
+        for lst in list(self._listeners):
+            await self._unlisten(lst)
+        deadline = time.monotonic() + timeout
+        while self.state.tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.state.connections):
+            conn.shutdown()  # idle keep-alive connections close; a reply in progress finishes first
+        while self.state.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    def drain(self, timeout: float) -> None:
+        """Stop accepting; let requests in flight finish (bounded); close the rest."""
+        try:
+            self._call(self._drain(timeout), timeout + 5)
+        except Exception as e:  # noqa: BLE001 - shutting down regardless
+            print(f"codestore agent: drain: {redact(repr(e))}", file=sys.stderr, flush=True)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()  # type: ignore[no-any-return]

@@ -1,0 +1,296 @@
+"""The agent's database: SQLite in its state dir (one machine) or PostgreSQL (a fleet).
+
+One seam for every table the agent keeps. A component (grants, the audit trail, and
+whatever comes next: trust policies, push audit) owns a list of migrations, each one SQL
+script; `Database.open` applies the missing ones in order, in one transaction per
+component, under a lock so replicas starting together migrate once. The version each
+component has reached is in `codestore_schema`; a database whose schema is newer than
+this code, or that holds tables but no `codestore_meta` row naming codestore, is refused
+at start in one line (a foreign or damaged database is never written to).
+
+SQL is written once with `?` placeholders and these words, filled in per dialect:
+
+    {id}      an auto-numbered primary key column type
+    {bigint}  a 64-bit integer
+
+A state change is acknowledged only after `transaction()` has committed; a failed write
+raises `StoreError` and rolls back, so nothing refused is kept.
+
+PostgreSQL is an optional extra (`codestore-git[fleet]`: psycopg 3); SQLite is the standard
+library's.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol
+
+from ..errors import CodestoreError, ConfigError, redact
+
+APP = "codestore-agent"
+DB_FILE = "agent.sqlite3"
+POOL_SIZE = 8
+CONNECT_TIMEOUT = 3  # seconds: a replica must notice a dead database quickly
+STATEMENT_TIMEOUT_MS = 5000
+
+_DIALECT_WORDS = {
+    "sqlite": {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "bigint": "INTEGER"},
+    "postgresql": {"id": "BIGSERIAL PRIMARY KEY", "bigint": "BIGINT"},
+}
+
+# component -> ordered migrations. Append, never edit a released one.
+MIGRATIONS: dict[str, list[str]] = {}
+
+
+def register(component: str, migrations: Sequence[str]) -> None:
+    """Declare a component's schema; called at import time by the module that owns it."""
+    MIGRATIONS[component] = list(migrations)
+
+
+class StoreError(CodestoreError):
+    """The database could not be reached or written; nothing was changed."""
+
+    exit_code = 1
+
+
+class Cursor(Protocol):
+    def execute(self, sql: str, params: Sequence[object] = ...) -> object: ...
+    def fetchall(self) -> list[tuple[object, ...]]: ...
+    def fetchone(self) -> tuple[object, ...] | None: ...
+
+
+class Tx:
+    """A transaction's handle: `?`-style SQL, rows as tuples."""
+
+    def __init__(self, db: Database, cur: Cursor) -> None:
+        self._db = db
+        self._cur = cur
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        self._cur.execute(self._db.sql(sql), tuple(params))
+        try:
+            return list(self._cur.fetchall())
+        except Exception:  # noqa: BLE001 - a statement without rows (psycopg raises, sqlite returns [])
+            return []
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        self._cur.executemany(self._db.sql(sql), [tuple(r) for r in rows])  # type: ignore[attr-defined]
+
+
+def describe(url: str) -> str:
+    """The store's address without a password, for logs and status."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+class Database:
+    """A small pool of connections to one database, SQLite or PostgreSQL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith(("postgresql://", "postgres://")):
+            self.dialect = "postgresql"
+        elif "://" in url and not url.startswith("sqlite://"):
+            raise ConfigError(f"--store takes postgresql://... or a file path, not {describe(url)[:60]!r}")
+        else:
+            self.dialect = "sqlite"
+            self.path = url.removeprefix("sqlite://")
+        self._pool: queue.LifoQueue[object] = queue.LifoQueue()
+        self._words = _DIALECT_WORDS[self.dialect]
+        self._lock = threading.Lock()  # SQLite: one writer connection, serialised
+
+    def __repr__(self) -> str:
+        return f"Database({describe(self.url)!r})"
+
+    @property
+    def where(self) -> str:
+        return describe(self.url) if self.dialect == "postgresql" else self.path
+
+    def sql(self, text: str) -> str:
+        text = text.format(**self._words) if "{" in text else text
+        return text.replace("?", "%s") if self.dialect == "postgresql" else text
+
+    # -- connections -------------------------------------------------------------------
+
+    def _connect(self) -> object:
+        if self.dialect == "sqlite":
+            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            # FULL: a commit is on disk before we acknowledge a grant change.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            return conn
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigError("--store postgresql://... needs psycopg: pip install 'codestore-git[fleet]'") from None
+        return psycopg.connect(
+            self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
+            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", application_name="codestore-agent",
+        )
+
+    def _get(self) -> object:
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            return self._connect()
+
+    def _put(self, conn: object) -> None:
+        if self._pool.qsize() < POOL_SIZE:
+            self._pool.put(conn)
+        else:
+            conn.close()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        while True:
+            try:
+                conn = self._pool.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                conn.close()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001, S110 - closing a broken connection
+                pass
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        if self.dialect == "sqlite":
+            return (sqlite3.Error, OSError)
+        import psycopg
+
+        return (psycopg.Error, OSError)
+
+    @contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[Tx]:
+        """A committed-or-nothing transaction; database failures become StoreError."""
+        errors = self._errors()
+        lock = self._lock if (self.dialect == "sqlite" and write) else None
+        if lock:
+            lock.acquire()
+        try:
+            try:
+                conn = self._get()
+            except errors as e:
+                raise StoreError(self._unreachable(e)) from None
+            cur = conn.cursor()  # type: ignore[attr-defined]
+            ok = False
+            try:
+                cur.execute("BEGIN IMMEDIATE" if (self.dialect == "sqlite" and write) else "BEGIN")
+                yield Tx(self, cur)
+                cur.execute("COMMIT")
+                ok = True
+            except errors as e:
+                try:
+                    cur.execute("ROLLBACK")
+                except errors:
+                    pass
+                raise StoreError(self._failed(e)) from None
+            finally:
+                if not ok:
+                    try:
+                        cur.execute("ROLLBACK")
+                    except Exception:  # noqa: BLE001, S110 - already rolled back, or the connection is gone
+                        pass
+                    self._discard(conn)
+                else:
+                    self._put(conn)
+        finally:
+            if lock:
+                lock.release()
+
+    def _discard(self, conn: object) -> None:
+        if self.dialect == "sqlite":
+            self._put(conn)  # a local file: the connection itself is fine
+            return
+        try:
+            conn.close()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001, S110
+            pass
+
+    def _unreachable(self, e: BaseException) -> str:
+        detail = redact(" ".join(str(e).split()))[:160] or type(e).__name__
+        return f"the grant store {self.where} is unreachable ({detail})"
+
+    def _failed(self, e: BaseException) -> str:
+        detail = redact(" ".join(str(e).split()))[:160] or type(e).__name__
+        return f"the grant store {self.where} failed ({detail})"
+
+    def ping(self) -> None:
+        with self.transaction(write=False) as tx:
+            tx.execute("SELECT 1")
+
+    # -- schema ------------------------------------------------------------------------
+
+    def open(self) -> Database:
+        """Connect, refuse a foreign or newer database, apply missing migrations."""
+        if self.dialect == "sqlite":
+            self._check_sqlite_file()
+        try:
+            with self.transaction() as tx:
+                if self.dialect == "postgresql":
+                    # Replicas starting together: one migrates, the others wait.
+                    tx.execute("SELECT pg_advisory_xact_lock(?)", (0x636F6465,))
+                tables = self._tables(tx)
+                if "codestore_meta" not in tables:
+                    if tables:
+                        raise ConfigError(
+                            f"{self.where} holds tables that are not codestore's ({', '.join(sorted(tables)[:3])}); "
+                            "give the agent its own database (--store)"
+                        )
+                    tx.execute("CREATE TABLE codestore_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                    tx.execute("INSERT INTO codestore_meta (key, value) VALUES ('app', ?)", (APP,))
+                    tx.execute("CREATE TABLE codestore_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+                app = tx.execute("SELECT value FROM codestore_meta WHERE key = 'app'")
+                if not app or app[0][0] != APP:
+                    raise ConfigError(f"{self.where} is not a codestore agent database; give the agent its own (--store)")
+                versions = dict(tx.execute("SELECT component, version FROM codestore_schema"))  # type: ignore[arg-type]
+                for component, steps in MIGRATIONS.items():
+                    have = int(versions.get(component, 0))  # type: ignore[call-overload]
+                    if have > len(steps):
+                        raise ConfigError(
+                            f"{self.where} was written by a newer codestore ({component} schema v{have}, this one knows "
+                            f"v{len(steps)}); upgrade codestore on this replica"
+                        )
+                    for step in steps[have:]:
+                        for statement in filter(None, (s.strip() for s in step.split(";"))):
+                            tx.execute(statement)
+                    if have == 0:
+                        tx.execute("INSERT INTO codestore_schema (component, version) VALUES (?, ?)", (component, len(steps)))
+                    elif have < len(steps):
+                        tx.execute("UPDATE codestore_schema SET version = ? WHERE component = ?", (len(steps), component))
+            if self.dialect == "sqlite":
+                # Readers never wait for the writer. Set only once the file is known to be ours
+                # (it changes the file's header).
+                conn = self._get()
+                conn.execute("PRAGMA journal_mode=WAL")  # type: ignore[attr-defined]
+                self._put(conn)
+        except StoreError as e:
+            raise ConfigError(f"cannot open {e}") from None
+        except sqlite3.Error as e:
+            raise ConfigError(f"cannot open the grant store {self.where} ({e})") from None
+        return self
+
+    def _tables(self, tx: Tx) -> set[str]:
+        if self.dialect == "sqlite":
+            rows = tx.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        else:
+            rows = tx.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
+        return {str(r[0]) for r in rows}
+
+    def _check_sqlite_file(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(16)
+        except FileNotFoundError:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)  # private before SQLite writes to it
+            os.close(fd)
+            return
+        except IsADirectoryError:
+            raise ConfigError(f"the grant store {self.path} is a directory; move it away or pass another --store") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read the grant store {self.path} ({e.strerror}); check its permissions") from None
+        if head and head != b"SQLite format 3\x00":
+            raise ConfigError(f"the grant store {self.path} is not an SQLite database (damaged or foreign); move it away or restore it")

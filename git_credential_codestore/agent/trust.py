@@ -1,0 +1,329 @@
+"""Trust policies: which workload identities may exchange their provider's token for ours.
+
+A trust policy says: tokens from this issuer, for this audience, whose claims match
+these patterns, may get what a grant with these terms (repos, scopes, max TTL,
+ephemeral-only, ref rules) could get. The terms are validated by `policy.parse_terms`
+and enforced by `policy.clamp_to_grant`, the very code grants use: a policy can never
+hand out more than a grant could. The minted token's `sub` is rendered from the
+workload's claims (`--sub-template`), so Code Storage's logs and our audit trail say
+which workload pushed.
+
+Exchange: a helper sends `Authorization: Identity <jwt>` with an ordinary token
+request. The token is verified (identity.py) against the issuers the policies name;
+then each policy for that issuer is tried in order: audience, identity-token lifetime,
+every claim condition, then the grant clamp. The first that passes decides. A refusal
+names the condition that failed in each policy (never the token), and every exchange,
+granted or refused, is an audit line with the issuer, the subject and the claims the
+policy matched.
+
+Storage is a small seam (`TrustStore`): the file store below, read on every exchange,
+so removing a policy stops new exchanges at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import json
+import os
+import re
+import secrets as pysecrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+from ..errors import CodestoreError, ConfigError, Refused
+from ..files import write_atomic
+from ..vocab import MIN_TTL
+from . import policy
+from .identity import Identity, Verifier, printable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    from ..vocab import TokenRequest
+    from .server import Agent, Caller
+
+    class TrustStore(Protocol):
+        """Where trust policies live; every replica reads the same ones."""
+
+        def add(self, policy: TrustPolicy) -> None: ...
+        def remove(self, pid: str) -> TrustPolicy | None: ...
+        def all(self) -> list[TrustPolicy]: ...
+
+
+SCHEME = "Identity"
+DEFAULT_SUB_TEMPLATE = "oidc:{sub}"
+DEFAULT_MAX_IDENTITY_LIFETIME = 3600
+MAX_IDENTITY_LIFETIME = 7 * 86400
+# Registered claims have their own options (--issuer, --audience) or are checked by the verifier.
+RESERVED_CLAIMS = frozenset({"iss", "aud", "exp", "iat", "nbf", "jti"})
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+MAX_SUB = 200
+
+
+def _claim_name(name: object, where: str) -> str:
+    if not isinstance(name, str) or not name or len(name) > 100 or not name.isprintable() or "{" in name or "}" in name:
+        raise ConfigError(f"{where}: a claim name must be short printable text, not {name!r}")
+    return name
+
+
+def _claim_text(value: object) -> list[str] | None:
+    """A claim's value as the strings a pattern is matched against (any element of a list)."""
+    if isinstance(value, bool):
+        return ["true" if value else "false"]
+    if isinstance(value, (str, int, float)):
+        return [str(value)]
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+        return [str(v) for v in value]
+    return None
+
+
+@dataclass
+class TrustPolicy:
+    id: str
+    issuer: str
+    audience: str
+    claims: list[list[str]]  # [[name, glob pattern], ...]: all must match
+    repos: list[str]
+    scopes: list[str]
+    max_ttl: int
+    ephemeral_only: bool = False
+    refs: list[list[object]] = field(default_factory=list)
+    sub_template: str = DEFAULT_SUB_TEMPLATE
+    max_identity_lifetime: int = DEFAULT_MAX_IDENTITY_LIFETIME
+    created_at: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"trust policy {self.id}"
+
+    def public(self) -> dict[str, object]:
+        return asdict(self)
+
+    def mismatch(self, identity: Identity) -> str | None:
+        """The first condition this identity fails, in words (claim values shortened), or None."""
+        aud = identity.claims.get("aud")
+        auds = aud if isinstance(aud, list) else [aud]
+        if self.audience not in auds:
+            return f"audience is not {self.audience}"
+        if identity.lifetime > self.max_identity_lifetime:
+            return (f"the identity token lives {identity.lifetime}s, longer than the policy's "
+                    f"--max-identity-lifetime of {self.max_identity_lifetime}s")
+        for name, pattern in self.claims:
+            values = _claim_text(identity.claims.get(name))
+            if values is None:
+                return f"claim {name} is missing (wanted {pattern})"
+            if not any(fnmatch.fnmatchcase(v, pattern) for v in values):
+                return f"claim {name} is {printable(' '.join(values), 80)!r}, not {pattern}"
+        return None
+
+    def matched_claims(self, identity: Identity) -> dict[str, object]:
+        """The claims this policy's conditions looked at, for the audit line (shortened, printable)."""
+        out: dict[str, object] = {}
+        for name, _ in self.claims:
+            values = _claim_text(identity.claims.get(name)) or []
+            shown = [printable(v, 200) for v in values[:20]]
+            out[name] = shown[0] if len(shown) == 1 and not isinstance(identity.claims.get(name), list) else shown
+        return out
+
+    def render_sub(self, identity: Identity) -> str:
+        def one(m: re.Match[str]) -> str:
+            values = _claim_text(identity.claims.get(m.group(1)))
+            if values is None or len(values) != 1:
+                raise Refused(403, f"{self.label}: claim {m.group(1)} for --sub-template is missing or not a single value")
+            return values[0]
+
+        sub = _PLACEHOLDER.sub(one, self.sub_template)
+        if not sub or len(sub) > MAX_SUB or not sub.isprintable():
+            raise Refused(403, f"{self.label}: the workload's sub would be empty, over {MAX_SUB} characters or unprintable")
+        return sub
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A trust policy applied to one verified workload: what `policy.clamp_to_grant` sees.
+
+    It expires with the identity token, so no token minted under it outlives that token.
+    """
+
+    id: str
+    label: str
+    repos: list[str]
+    scopes: list[str]
+    max_ttl: int
+    sub: str
+    expires_at: int | None
+    ephemeral_only: bool
+    refs: list[list[object]]
+
+    def state(self, now: float | None = None) -> str:
+        return "active"  # expiry is handled by clamp_to_grant through expires_at
+
+
+def parse_policy(data: object) -> TrustPolicy:
+    """A `POST /v1/trust` body -> a new policy; ConfigError names the option to fix."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("a trust policy must be a JSON object")
+    issuer = data.get("issuer")
+    if not isinstance(issuer, str) or not re.fullmatch(r"https://[^\s/?#@]+(/[^\s?#]*)?", issuer):
+        raise ConfigError("--issuer must be the issuer's https:// URL exactly as its tokens' iss claim says it")
+    audience = data.get("audience")
+    if not isinstance(audience, str) or not audience or len(audience) > 300 or not audience.isprintable():
+        raise ConfigError("--audience is required: the aud the workload's tokens carry (e.g. the agent's URL)")
+    claims_raw = data.get("claims")
+    if not isinstance(claims_raw, list) or not claims_raw:
+        # Without a condition, every workload of the issuer (every GitHub repository in the
+        # world, for GitHub: the audience is the requester's choice) would be trusted.
+        raise ConfigError("a trust policy needs at least one --claim NAME=PATTERN (e.g. --claim repository_owner=acme)")
+    claims = []
+    for c in claims_raw:
+        if not isinstance(c, (list, tuple)) or len(c) != 2:
+            raise ConfigError("--claim wants NAME=PATTERN")
+        name, pattern = _claim_name(c[0], "--claim"), c[1]
+        if name in RESERVED_CLAIMS:
+            raise ConfigError(f"--claim {name}: use --issuer/--audience; exp, iat, nbf are checked for every token")
+        if not isinstance(pattern, str) or not pattern or len(pattern) > 300 or not pattern.isprintable():
+            raise ConfigError(f"--claim {name}=: the pattern must be non-empty printable text")
+        claims.append([name, pattern])
+    template = data.get("sub_template") or DEFAULT_SUB_TEMPLATE
+    if not isinstance(template, str) or len(template) > MAX_SUB or not template.isprintable():
+        raise ConfigError("--sub-template must be short printable text such as 'github:{repository}@{ref}'")
+    for name in _PLACEHOLDER.findall(template):
+        _claim_name(name, "--sub-template")
+    if _PLACEHOLDER.sub("", template).count("{") or _PLACEHOLDER.sub("", template).count("}"):
+        raise ConfigError("--sub-template: unbalanced { }; placeholders look like {claim_name}")
+    lifetime = data.get("max_identity_lifetime") or DEFAULT_MAX_IDENTITY_LIFETIME
+    if not isinstance(lifetime, int) or isinstance(lifetime, bool) or not 60 <= lifetime <= MAX_IDENTITY_LIFETIME:
+        raise ConfigError(f"--max-identity-lifetime must be 60s..{MAX_IDENTITY_LIFETIME // 86400}d")
+    terms = policy.parse_terms(data)  # exactly what a grant may carry, checked by the grant's code
+    return TrustPolicy(
+        id=pysecrets.token_hex(6), issuer=issuer, audience=audience, claims=claims,
+        repos=terms.repos, scopes=list(terms.scopes), max_ttl=terms.max_ttl,
+        ephemeral_only=terms.ephemeral_only, refs=terms.refs, sub_template=template,
+        max_identity_lifetime=lifetime, created_at=int(time.time()),
+    )
+
+
+class FileTrustStore:
+    """Policies in `<state_dir>/trust.json` (0600), rewritten atomically on every change.
+
+    One agent per state directory (GrantStore holds its lock); the in-memory list is
+    the truth between writes, so a removal is seen by the very next exchange.
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = os.path.join(state_dir, "trust.json")
+        self._lock = threading.Lock()
+        self._policies: dict[str, TrustPolicy] = {}
+
+    def open(self) -> FileTrustStore:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+                raw = json.load(f)
+            self._policies = {p["id"]: TrustPolicy(**p) for p in raw["policies"]}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            # Refuse to start rather than serve with a policy set we could not read.
+            raise ConfigError(f"cannot read the trust policies in {self.path} ({type(e).__name__}); fix or move it") from None
+        return self
+
+    def _write(self) -> None:
+        data = {"version": 1, "policies": [asdict(p) for p in self._policies.values()]}
+        write_atomic(self.path, json.dumps(data, indent=1), 0o600, fsync=True)
+
+    def add(self, p: TrustPolicy) -> None:
+        with self._lock:
+            self._policies[p.id] = p
+            self._write()  # durable before the owner is told
+
+    def remove(self, pid: str) -> TrustPolicy | None:
+        with self._lock:
+            p = self._policies.pop(pid, None)
+            if p is not None:
+                self._write()
+            return p
+
+    def all(self) -> list[TrustPolicy]:
+        with self._lock:
+            return sorted(self._policies.values(), key=lambda p: (p.created_at, p.id))
+
+
+class Trust:
+    """The agent's workload-identity exchange and the admin calls that manage its policies."""
+
+    def __init__(self, store: TrustStore, verifier: Verifier) -> None:
+        self.store = store
+        self.verifier = verifier
+
+    @staticmethod
+    def presented(authorization: str | None) -> bool:
+        return authorization is not None and authorization.partition(" ")[0] == SCHEME
+
+    def exchange(self, agent: Agent, caller: Caller, authorization: str, request: TokenRequest,
+                 data: Mapping[str, object]) -> tuple[int, dict[str, object]]:
+        """Mint for `request` under the first policy that admits the identity; `data` is for the audit line."""
+        token = authorization.partition(" ")[2].strip()
+        who: dict[str, object] = {"grant": None, "via": caller.transport, "peer": caller.peer}
+        try:
+            req = policy.check_request(request)
+        except Refused as e:
+            return agent._refuse(who, data, e.reason, e.status)
+        try:
+            policies = self.store.all()  # every exchange reads the store: a removal counts at once
+        except CodestoreError as e:
+            return agent._refuse(who, data, f"cannot read the trust policies ({e}); try again", 503)  # fail closed
+        trusted: dict[str, set[str]] = {}
+        for p in policies:
+            trusted.setdefault(p.issuer, set()).add(p.audience)
+        try:
+            identity = self.verifier.verify(token, trusted)
+        except Refused as e:
+            return agent._refuse(who, data, e.reason, e.status)
+        del token
+        who.update({"issuer": identity.issuer, "subject": identity.subject})
+        left = identity.expires_at - int(time.time())
+        if left < MIN_TTL:
+            return agent._refuse(who, data, f"the identity token expires in {left}s, too soon to mint a token; get a fresh one", 401)
+        failures = []
+        for p in (p for p in policies if p.issuer == identity.issuer):
+            why = p.mismatch(identity)
+            if why is not None:
+                failures.append(f"{p.label}: {why}")
+                continue
+            try:
+                bound = Bound(p.id, p.label, p.repos, p.scopes, p.max_ttl, p.render_sub(identity),
+                              identity.expires_at, p.ephemeral_only, p.refs)
+                decision = policy.clamp_to_grant(bound, req, agent.cfg.ttl)
+            except Refused as e:
+                failures.append(e.reason)
+                continue
+            who.update({"policy": p.id, "claims": p.matched_claims(identity)})
+            return agent.issue(decision, req, who, data)
+        reason = "; ".join(failures) if failures else f"no trust policy for {identity.issuer}"
+        return agent._refuse(who, data, f"no trust policy admits this workload ({reason[:600]})", 403)
+
+    # -- administration (owner only; the router checks) ----------------------------------
+
+    def add(self, agent: Agent, data: object) -> tuple[int, dict[str, object]]:
+        try:
+            p = parse_policy(data)
+        except CodestoreError as e:
+            return 400, {"error": str(e)}
+        self.store.add(p)
+        agent.audit.record("trust-add", {k: v for k, v in p.public().items() if k != "created_at"})
+        return 201, p.public()
+
+    def remove(self, agent: Agent, pid: str) -> tuple[int, dict[str, object]]:
+        p = self.store.remove(pid)
+        if p is None:
+            return 404, {"error": f"no trust policy {pid}; see: codestore trust list"}
+        agent.audit.record("trust-remove", {"id": p.id, "issuer": p.issuer})
+        return 200, p.public()
+
+    def list(self) -> tuple[int, dict[str, object]]:
+        return 200, {"policies": [p.public() for p in self.store.all()]}

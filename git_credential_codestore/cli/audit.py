@@ -1,0 +1,41 @@
+"""`codestore audit`: query the audit trail (pushes, promotions, mints, grants).
+
+The work is in `git_credential_codestore.audit`; this is its command line.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("audit")
+@click.option("--repo", help="Only this repository.")
+@click.option("--grant", "grant_id", metavar="ID", help="Only this grant id.")
+@click.option("--sub", help="Only this `sub` (who pushed or was minted for).")
+@click.option("--event", help="Only this event: push, promote, mint, refuse, grant-create, grant-revoke.")
+@click.option("--since", metavar="TIME", help="From this UTC time (2026-11-28T22:00:00Z, 2026-11-28) or age (30m, 2h, 7d).")
+@click.option("--until", metavar="TIME", help="Up to this UTC time or age.")
+@click.option("--limit", type=click.IntRange(1, 2000), default=200, show_default=True, help="At most this many (the newest).")
+@click.option("--file", "files", multiple=True, metavar="PATH", help="Also read this trail file (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, for tools.")
+def audit_cmd(repo: str | None, grant_id: str | None, sub: str | None, event: str | None, since: str | None,
+              until: str | None, limit: int, files: tuple[str, ...], as_json: bool) -> None:
+    """Show the audit trail: who pushed what where, promotions, tokens minted and refused."""
+    import json
+
+    from .. import audit
+
+    query = audit.Query(
+        repo=repo, grant=grant_id, sub=sub, event=event,
+        since=audit.parse_time(since, "--since") if since else None,
+        until=audit.parse_time(until, "--until") if until else None,
+    )
+    entries, sources = audit.collect(query, limit=limit, files=files)
+    if as_json:
+        for e in entries:
+            click.echo(json.dumps(e, sort_keys=True))
+        return
+    if not entries:
+        click.echo(f"no matching entries in: {', '.join(sources)}", err=True)
+    for e in entries:
+        click.echo(audit.describe(e))

@@ -1,0 +1,250 @@
+"""Signing through a PKCS#11 token: the org key stays in the token, never in our memory.
+
+`--key pkcs11:token=codestore;object=org-key?module-path=/usr/lib/softhsm/libsofthsm2.so`
+(an RFC 7512 URI). The module comes from the URI's `module-path` or
+CODESTORE_PKCS11_MODULE; the user PIN from the URI's `pin-source` (a file) or
+CODESTORE_PKCS11_PIN, never from `pin-value`: a URI lands in argv and in process
+listings, where a PIN must not.
+
+Only the signature crosses the boundary: ES256 (EC P-256 keys, CKM_ECDSA over our own
+SHA-256 digest, whose r||s output is already JWS's format) and RS256 (RSA >= 2048 bits,
+CKM_SHA256_RSA_PKCS). Keys made by `codestore key generate --pkcs11` are sensitive and
+non-extractable.
+
+The same seam (`tokens.Signer`: `algorithm` and `sign(data)`) is where a cloud KMS
+plugs in: AWS KMS `Sign` with ECDSA_SHA_256 (DER, converted to r||s) or
+RSASSA_PKCS1_V1_5_SHA_256, GCP KMS `asymmetricSign` over the SHA-256 digest, Azure Key
+Vault `sign` with ES256/RS256. Each returns a signature for a digest and keeps the key.
+
+python-pkcs11 (the fleet extra) rather than PyKCS11: a typed, Pythonic API over the same
+C interface, with helpers for EC parameters and public-key encodings that we would
+otherwise write by hand, and wheels for the platforms we run on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from .errors import ConfigError, UsageError
+from .tokens import SignerUnavailable
+
+MODULE_ENV = "CODESTORE_PKCS11_MODULE"
+P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")  # DER of the OID secp256r1: the curve ES256 needs
+PIN_ENV = "CODESTORE_PKCS11_PIN"
+
+
+@dataclass(frozen=True)
+class Pkcs11Uri:
+    """The parts of an RFC 7512 URI we use (path: token, object, id, type; query: module-path, pin-source)."""
+
+    token: str | None
+    object: str | None
+    id: bytes | None
+    module: str
+    pin_source: str | None
+
+    def __str__(self) -> str:  # no query: that is where a module path and PIN file live
+        parts = [f"token={self.token}" if self.token else "", f"object={self.object}" if self.object else ""]
+        return "pkcs11:" + ";".join(p for p in parts if p)
+
+
+def parse_uri(uri: str, env: Mapping[str, str]) -> Pkcs11Uri:
+    if not uri.startswith("pkcs11:"):
+        raise UsageError(f"a PKCS#11 key is a pkcs11: URI (RFC 7512), e.g. pkcs11:token=codestore;object=org-key, not {uri[:30]!r}")
+    path, _, query = uri[len("pkcs11:"):].partition("?")
+    attrs: dict[str, str] = {}
+    for part, sep in ((path, ";"), (query, "&")):
+        for item in filter(None, part.split(sep)):
+            k, eq, v = item.partition("=")
+            if not eq:
+                raise UsageError(f"bad PKCS#11 URI attribute {item[:30]!r}; use name=value")
+            attrs[k.strip().lower()] = unquote(v)
+    if "pin-value" in attrs:
+        raise UsageError("a PIN in the key URI would show in process listings; use pin-source=FILE or set CODESTORE_PKCS11_PIN")
+    if attrs.get("type", "private") != "private":
+        raise UsageError("the key URI must name a private key (type=private)")
+    module = attrs.get("module-path") or env.get(MODULE_ENV, "")
+    if not module:
+        raise UsageError(f"no PKCS#11 module: add module-path=... to the URI or set {MODULE_ENV} (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)")
+    if not attrs.get("object") and "id" not in attrs:
+        raise UsageError("the key URI must name the key: object=LABEL or id=%01...")
+    return Pkcs11Uri(attrs.get("token"), attrs.get("object"), unquote_bytes(attrs["id"]) if "id" in attrs else None,
+                     module, attrs.get("pin-source"))
+
+
+def unquote_bytes(text: str) -> bytes:
+    from urllib.parse import unquote_to_bytes
+
+    return unquote_to_bytes(text)
+
+
+def _pin(uri: Pkcs11Uri, env: Mapping[str, str]) -> str | None:
+    if uri.pin_source:
+        path = uri.pin_source.removeprefix("file:")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read(1024).strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read the PKCS#11 PIN from {path} ({e.strerror}); fix pin-source") from None
+    return env.get(PIN_ENV) or None
+
+
+def _lib() -> object:
+    try:
+        import pkcs11
+    except ImportError:
+        raise ConfigError("--key pkcs11:... needs python-pkcs11: pip install 'codestore-git[fleet]'") from None
+    return pkcs11
+
+
+def open_token(uri: Pkcs11Uri, env: Mapping[str, str], rw: bool = False) -> object:
+    """A logged-in session on the URI's token."""
+    pkcs11 = _lib()
+    try:
+        lib = pkcs11.lib(uri.module)  # type: ignore[attr-defined]
+    except Exception as e:  # noqa: BLE001 - the module's loader raises several kinds
+        raise ConfigError(f"cannot load the PKCS#11 module {uri.module} ({type(e).__name__}); check module-path or {MODULE_ENV}") from None
+    try:
+        token = lib.get_token(token_label=uri.token) if uri.token else next(iter(lib.get_slots(token_present=True))).get_token()
+    except Exception as e:  # noqa: BLE001 - NoSuchToken, MultipleTokensReturned, StopIteration
+        raise ConfigError(f"no PKCS#11 token {uri.token or '(any)'} in {uri.module} ({type(e).__name__}); check token= in the URI") from None
+    try:
+        return token.open(user_pin=_pin(uri, env), rw=rw)
+    except pkcs11.exceptions.PinIncorrect:  # type: ignore[attr-defined]
+        raise ConfigError(f"the PKCS#11 PIN for token {uri.token} is wrong; fix {PIN_ENV} or pin-source") from None
+    except pkcs11.exceptions.PKCS11Error as e:  # type: ignore[attr-defined]
+        raise ConfigError(f"cannot open PKCS#11 token {uri.token} ({type(e).__name__})") from None
+
+
+class Pkcs11Signer:
+    """A `tokens.Signer` backed by a private key in a PKCS#11 token."""
+
+    def __init__(self, uri: str, env: Mapping[str, str]) -> None:
+        self.uri = parse_uri(uri, env)
+        self.env = dict(env)
+        self._lock = threading.Lock()  # one session; PKCS#11 sessions are not for concurrent use
+        self._session: object | None = None
+        self._key: object | None = None
+        self.algorithm = ""
+        self._last_error = ""
+        self._connect()
+
+    def __repr__(self) -> str:
+        return f"Pkcs11Signer({str(self.uri)!r})"
+
+    def _connect(self) -> None:
+        pkcs11 = _lib()
+        session = open_token(self.uri, self.env)
+        try:
+            key = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=self.uri.object, id=self.uri.id)  # type: ignore[attr-defined]
+        except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned) as e:  # type: ignore[attr-defined]
+            session.close()  # type: ignore[attr-defined]
+            raise ConfigError(f"{self.uri}: {'no such key' if isinstance(e, pkcs11.NoSuchKey) else 'several keys match'}; "  # type: ignore[attr-defined]
+                              "check object=/id= (codestore key generate --pkcs11 URI makes one)") from None
+        if key.key_type == pkcs11.KeyType.EC:  # type: ignore[attr-defined]
+            if key[pkcs11.Attribute.EC_PARAMS] != P256_PARAMS:  # type: ignore[attr-defined, index]
+                raise ConfigError(f"{self.uri} is an EC key on another curve; ES256 needs P-256")
+            self.algorithm = "ES256"
+        elif key.key_type == pkcs11.KeyType.RSA:  # type: ignore[attr-defined]
+            self.algorithm = "RS256"
+        else:
+            raise ConfigError(f"{self.uri} is a {key.key_type.name} key; use EC P-256 or RSA")  # type: ignore[attr-defined]
+        self._session, self._key = session, key
+
+    def sign(self, data: bytes) -> bytes:
+        pkcs11 = _lib()
+        with self._lock:
+            try:
+                if self._key is None:
+                    self._reconnect()
+                if self.algorithm == "ES256":
+                    sig = self._key.sign(hashlib.sha256(data).digest(), mechanism=pkcs11.Mechanism.ECDSA)  # type: ignore[attr-defined, union-attr]
+                else:
+                    sig = self._key.sign(data, mechanism=pkcs11.Mechanism.SHA256_RSA_PKCS)  # type: ignore[attr-defined, union-attr]
+            except (pkcs11.exceptions.PKCS11Error, ConfigError) as e:  # type: ignore[attr-defined]
+                self._drop()
+                self._last_error = f"the PKCS#11 token ({self.uri}) failed: {type(e).__name__}"
+                raise SignerUnavailable(f"{self._last_error}; nothing was signed") from None
+            self._last_error = ""
+            return bytes(sig)
+
+    def _reconnect(self) -> None:
+        """After a failure: the module forgets a token that went away until it is re-initialised."""
+        try:
+            self._connect()
+        except ConfigError:
+            lib = _lib().lib(self.uri.module)  # type: ignore[attr-defined]
+            if hasattr(lib, "reinitialize"):
+                lib.reinitialize()
+            self._connect()
+
+    def _drop(self) -> None:
+        try:
+            if self._session is not None:
+                self._session.close()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001, S110 - the token is already gone
+            pass
+        self._session = self._key = None
+
+    def health(self) -> tuple[bool, str]:
+        """Sign a probe: the only check that proves the key is usable."""
+        try:
+            self.sign(b"codestore readiness probe")
+        except SignerUnavailable as e:
+            return False, str(e)
+        return True, "ok"
+
+    def public_key(self) -> object:
+        with self._lock:
+            return public_key_of(self._session, self._key)
+
+
+def public_key_of(session: object, private: object) -> object:
+    """The cryptography public key matching a token's private key (from its public object)."""
+    pkcs11 = _lib()
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    pub = session.get_key(object_class=pkcs11.ObjectClass.PUBLIC_KEY, label=private.label, id=private.id)  # type: ignore[attr-defined]
+    if pub.key_type == pkcs11.KeyType.EC:  # type: ignore[attr-defined]
+        from pkcs11.util.ec import encode_ec_public_key
+
+        return load_der_public_key(encode_ec_public_key(pub))
+    from pkcs11.util.rsa import encode_rsa_public_key
+
+    return load_der_public_key(encode_rsa_public_key(pub))
+
+
+def generate(uri_text: str, kind: str, env: Mapping[str, str]) -> object:
+    """Make a non-extractable key pair in the token; returns the public key."""
+    pkcs11 = _lib()
+    uri = parse_uri(uri_text, env)
+    session = open_token(uri, env, rw=True)
+    try:
+        try:
+            session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=uri.object, id=uri.id)  # type: ignore[attr-defined]
+        except pkcs11.NoSuchKey:  # type: ignore[attr-defined]
+            pass
+        except pkcs11.MultipleObjectsReturned:  # type: ignore[attr-defined]
+            raise ConfigError(f"{uri} already names several keys; choose another object=") from None
+        else:
+            raise ConfigError(f"{uri} already holds a key; choose another object= (keys are never overwritten)")
+        private = {pkcs11.Attribute.SENSITIVE: True, pkcs11.Attribute.EXTRACTABLE: False}  # type: ignore[attr-defined]
+        label, kid = uri.object or "codestore", uri.id or os.urandom(8)
+        if kind == "ec":
+            from pkcs11.util.ec import encode_named_curve_parameters
+
+            params = session.create_domain_parameters(  # type: ignore[attr-defined]
+                pkcs11.KeyType.EC, {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)  # type: ignore[attr-defined]
+            pub, priv = params.generate_keypair(store=True, label=label, id=kid, private_template=private)
+        elif kind == "rsa":
+            pub, priv = session.generate_keypair(pkcs11.KeyType.RSA, 2048, store=True, label=label, id=kid, private_template=private)  # type: ignore[attr-defined]
+        else:
+            raise UsageError(f"a PKCS#11 key is ec or rsa, not {kind}")
+        return public_key_of(session, priv)
+    finally:
+        session.close()  # type: ignore[attr-defined]

@@ -1,0 +1,213 @@
+"""`codestore review`: what a sandbox pushed to `+ephemeral`, against its base.
+
+Everything here is real git through `codestore://`, so it works the same against Code
+Storage and the dev server: the branch head is read with `git ls-remote`, both sides
+are fetched into a bare cache repository (<user cache dir>/codestore/review/<org>/<repo>.git,
+incremental, objects only), and commits and diffstat come from `git log`/`git diff`
+there. Who pushed each update comes from the audit trail (audit.py); a head that no
+audited push explains is flagged, since the trail is what the pushers' helpers
+reported, while the SHA under review is what the server holds.
+
+The SHA under review is the one `codestore promote --expect-sha` then pushes, and
+nothing else (ephemeral.promote_exact).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import git, remotes
+from .config import Config
+from .vocab import validate_repo_id
+from .errors import ConfigError, GitError, RemoteError
+
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+_BRANCH = re.compile(r"^(?!/)(?!.*(?:\.\.|//|@\{|/\.|\.lock$|/$|\.$))[A-Za-z0-9._/-]{1,200}$")
+
+
+def check_branch(name: str) -> str:
+    """A branch name as it may appear in a ref (short form: `feat`, not `refs/heads/feat`)."""
+    if not _BRANCH.match(name) or name.startswith("refs/"):
+        raise ConfigError(f"{name[:80]!r} is not a branch name; give the short name, e.g. feat")
+    return name
+
+
+def remote_url(cfg: Config, repo: str, ephemeral: bool) -> str:
+    return f"{remotes.SCHEME}{cfg.require_org()}/{repo}{'+ephemeral' if ephemeral else ''}"
+
+
+def _git(args: list[str], env: Mapping[str, str] | None, ok: tuple[int, ...] = (0,)) -> str:
+    return git.run(args, env=env, ok=ok).stdout
+
+
+def remote_heads(cfg: Config, repo: str, ephemeral: bool, env: Mapping[str, str] | None = None,
+                 *refs: str) -> dict[str, str]:
+    """`git ls-remote` of one namespace: {ref: sha}, plus "HEAD->" naming HEAD's branch."""
+    out = _git(["ls-remote", "--symref", remote_url(cfg, repo, ephemeral), *refs], env)
+    heads: dict[str, str] = {}
+    for line in out.splitlines():
+        left, _, ref = line.partition("\t")
+        if left.startswith("ref: "):
+            heads["HEAD->"] = left[len("ref: "):]
+        elif ref:
+            heads[ref] = left
+    return heads
+
+
+def cache_repo(cfg: Config, repo: str, env: Mapping[str, str] | None = None) -> str:
+    """The bare repository reviews fetch into, created on first use."""
+    validate_repo_id(repo)
+    from platformdirs import user_cache_dir
+
+    path = os.path.join(user_cache_dir("codestore"), "review", cfg.require_org(), repo + ".git")
+    if not os.path.isdir(os.path.join(path, "objects")):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        _git(["init", "-q", "--bare", path], env)
+    return path
+
+
+def fetch(cache: str, cfg: Config, repo: str, ephemeral: bool, branch: str, env: Mapping[str, str] | None = None) -> str:
+    """Fetch one branch into the cache under refs/codestore/<namespace>/; returns its SHA."""
+    ns = "ephemeral" if ephemeral else "default"
+    local = f"refs/codestore/{ns}/{branch}"
+    _git(["-C", cache, "fetch", "-q", "--no-tags", "--no-write-fetch-head", remote_url(cfg, repo, ephemeral),
+          f"+refs/heads/{branch}:{local}"], env)
+    return _git(["-C", cache, "rev-parse", "--verify", local], env).strip()
+
+
+def has_commit(cache: str, sha: str, env: Mapping[str, str] | None = None) -> bool:
+    return git.run(["-C", cache, "cat-file", "-e", f"{sha}^{{commit}}"], env=env, ok=(0, 1, 128)).returncode == 0
+
+
+@dataclass
+class Review:
+    repo: str
+    branch: str
+    sha: str
+    base: str | None
+    base_sha: str | None
+    merge_base: str | None
+    commits: list[dict[str, str]] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)
+    stat: str = ""
+    pushes: list[dict[str, Any]] = field(default_factory=list)
+    explained: bool = False
+
+    @property
+    def promote_command(self) -> str:
+        return f"codestore promote {self.repo} {self.branch} --expect-sha {self.sha}"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("stat")
+        data["namespace"] = "ephemeral"
+        data["totals"] = {
+            "commits": len(self.commits),
+            "files": len(self.files),
+            "added": sum(f["added"] or 0 for f in self.files),
+            "deleted": sum(f["deleted"] or 0 for f in self.files),
+        }
+        data["promote"] = self.promote_command
+        return data
+
+
+def review(cfg: Config, repo: str, branch: str, base: str | None = None, *,
+           trail: list[dict[str, Any]] | None = None, env: Mapping[str, str] | None = None) -> Review:
+    """Fetch BRANCH of REPO+ephemeral and its base; describe what it adds."""
+    from . import audit
+
+    validate_repo_id(repo)
+    check_branch(branch)
+    if base is not None:
+        check_branch(base)
+    heads = remote_heads(cfg, repo, True, env, f"refs/heads/{branch}")
+    if f"refs/heads/{branch}" not in heads:
+        raise RemoteError(f"there is no branch {branch!r} in {repo}+ephemeral; see: codestore branch list {repo}")
+    defaults = remote_heads(cfg, repo, False, env)
+    if base is None:
+        # The branch it would be promoted onto, if it exists; else the default branch.
+        if f"refs/heads/{branch}" in defaults:
+            base = branch
+        elif defaults.get("HEAD->", "").startswith("refs/heads/"):
+            base = defaults["HEAD->"][len("refs/heads/"):]
+    elif f"refs/heads/{base}" not in defaults:
+        raise RemoteError(f"there is no branch {base!r} in {repo} to review against; see: codestore branch list {repo}")
+    cache = cache_repo(cfg, repo, env)
+    sha = fetch(cache, cfg, repo, True, branch, env)
+    base_sha = merge_base = None
+    if base is not None and f"refs/heads/{base}" in defaults:
+        base_sha = fetch(cache, cfg, repo, False, base, env)
+        proc = git.run(["-C", cache, "merge-base", base_sha, sha], env=env, ok=(0, 1))
+        merge_base = proc.stdout.strip() or None
+    result = Review(repo, branch, sha, base, base_sha, merge_base)
+    result.commits = _commits(cache, sha, base_sha, env)
+    result.files, result.stat = _diff(cache, merge_base or EMPTY_TREE, sha, env)
+    entries = trail if trail is not None else []
+    result.pushes = audit.pushes_to(entries, repo, f"refs/heads/{branch}", True)
+    result.explained = any(p["new"] == sha and p["result"] == "ok" for p in result.pushes)
+    return result
+
+
+def _commits(cache: str, sha: str, base_sha: str | None, env: Mapping[str, str] | None) -> list[dict[str, str]]:
+    keys = ("sha", "author", "email", "date", "subject")
+    args = ["-C", cache, "log", "--format=%H%x1f%an%x1f%ae%x1f%aI%x1f%s%x1e", sha]
+    if base_sha:
+        args += ["--not", base_sha]
+    out = _git(args, env)
+    return [dict(zip(keys, rec.strip("\n").split("\x1f"))) for rec in out.split("\x1e") if rec.strip()]
+
+
+def _diff(cache: str, old: str, new: str, env: Mapping[str, str] | None) -> tuple[list[dict[str, Any]], str]:
+    files = []
+    out = _git(["-C", cache, "diff", "--no-renames", "--numstat", "-z", old, new], env)
+    for rec in out.split("\0"):
+        if not rec:
+            continue
+        added, deleted, path = rec.split("\t", 2)
+        files.append({
+            "path": path,
+            "added": int(added) if added.isdigit() else None,  # "-" for a binary file
+            "deleted": int(deleted) if deleted.isdigit() else None,
+        })
+    stat = _git(["-C", cache, "diff", "--no-renames", "--stat=100", old, new], env)
+    return files, stat
+
+
+def render(r: Review) -> str:
+    """The review for a person (the pager shows it)."""
+    out = [f"Review of {r.repo}+ephemeral {r.branch}", f"  under review: {r.sha}"]
+    if r.base:
+        out.append(f"  base:         {r.base} at {r.base_sha} (merge base {r.merge_base or 'none: unrelated histories'})")
+    else:
+        out.append("  base:         none (the default namespace has no branches)")
+    out += ["", f"Commits ({len(r.commits)}):"]
+    out += [f"  {c['sha'][:12]} {c['subject']}  ({c['author']} <{c['email']}>, {c['date']})" for c in r.commits] or ["  (none)"]
+    out += ["", f"Pushes to {r.branch} in +ephemeral (from the audit trail):"]
+    for p in r.pushes:
+        who = f"grant {p['grant']} ({p['sub']})" if p.get("grant") else f"{p.get('sub')} ({p.get('via') or 'owner'})"
+        mark = "  <- under review" if p["new"] == r.sha and p["result"] == "ok" else ""
+        out.append(f"  {p['time']}  {str(p['old'])[:12]} -> {str(p['new'])[:12]}  {p['result']:<7} {who}{mark}")
+    if not r.pushes:
+        out.append("  (none recorded)")
+    if not r.explained:
+        out.append(f"  warning: no audited push put {r.sha[:12]} on {r.branch}: it was pushed outside codestore://, "
+                   "or the report was lost; judge the commits themselves")
+    out += ["", "Diffstat:", r.stat.rstrip("\n") or "  (no changes)", "",
+            "Promote exactly this commit, and nothing pushed after it, with:", f"  {r.promote_command}", ""]
+    return "\n".join(out)
+
+
+def ensure_commit(cache: str, cfg: Config, repo: str, branch: str, sha: str, env: Mapping[str, str] | None = None) -> None:
+    """Have `sha` in the cache (fetching the branch again if needed) or say why not."""
+    if has_commit(cache, sha, env):
+        return
+    try:
+        fetch(cache, cfg, repo, True, branch, env)
+    except GitError:
+        pass
+    if not has_commit(cache, sha, env):
+        raise RemoteError(f"commit {sha[:12]} is not on {repo}+ephemeral {branch} any more; review again: codestore review {repo} {branch}")

@@ -1,0 +1,132 @@
+"""Real servers the fleet tests run against: one PostgreSQL per test session.
+
+PostgreSQL comes from Debian's `postgresql` package (tests/run.sh installs it):
+`initdb` and `pg_ctl` into a temporary directory, listening on 127.0.0.1 on a free
+port. PostgreSQL refuses to run as root, so when the suite runs as root the server runs
+as `nobody`. Each test gets a database of its own (`pg_url`).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+
+def _pg_bin() -> str:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed; tests/run.sh installs Debian's postgresql package")
+    return os.path.dirname(found[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Postgres:
+    """A throwaway PostgreSQL server; `stop`/`start` let fault tests take it away."""
+
+    def __init__(self) -> None:
+        self.bin = _pg_bin()
+        self.root = tempfile.mkdtemp(prefix="codestore-pg-")
+        self.data = os.path.join(self.root, "data")
+        self.port = free_port()
+        self.user: dict[str, int] = {}
+        if os.getuid() == 0:
+            self.user = {"user": 65534, "group": 65534}  # nobody: PostgreSQL will not run as root
+            os.chown(self.root, 65534, 65534)
+        self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
+            f.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = ''\n"
+                    "fsync = off\nfull_page_writes = off\nmax_connections = 200\n")
+
+    def _run(self, prog: str, *args: str) -> None:
+        subprocess.run([os.path.join(self.bin, prog), *args], check=True, capture_output=True, cwd=self.root, **self.user)  # type: ignore[call-overload]
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.root, "log"), "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")
+
+    def url(self, db: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
+
+    def create_database(self) -> str:
+        import psycopg
+
+        name = "t_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def destroy(self) -> None:
+        try:
+            self.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    pg = Postgres()
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres: Postgres) -> str:
+    """A fresh, empty database on the session's PostgreSQL."""
+    return postgres.create_database()
+
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+class SoftHsm:
+    """A SoftHSM2 token in a temporary SOFTHSM2_CONF; `away`/`back` take it from under the agent."""
+
+    def __init__(self, root: str, label: str = "codestore", pin: str = "1234") -> None:
+        if not os.path.exists(SOFTHSM_MODULE) or not shutil.which("softhsm2-util"):
+            raise RuntimeError("SoftHSM2 is not installed; tests/run.sh installs Debian's softhsm2 package")
+        self.root, self.label, self.pin = root, label, pin
+        self.tokens = os.path.join(root, "tokens")
+        os.makedirs(self.tokens)
+        self.conf = os.path.join(root, "softhsm2.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"directories.tokendir = {self.tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", "5678"],
+                       check=True, capture_output=True, env=self.env())
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        env.update(SOFTHSM2_CONF=self.conf, CODESTORE_PKCS11_MODULE=SOFTHSM_MODULE, CODESTORE_PKCS11_PIN=self.pin)
+        return env
+
+    def uri(self, obj: str) -> str:
+        return f"pkcs11:token={self.label};object={obj}"
+
+    def away(self) -> None:
+        os.rename(self.tokens, self.tokens + ".away")
+
+    def back(self) -> None:
+        os.rename(self.tokens + ".away", self.tokens)
+
+
+@pytest.fixture
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
+    return SoftHsm(str(tmp_path_factory.mktemp("softhsm")))

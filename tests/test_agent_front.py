@@ -1,0 +1,148 @@
+"""The agent's HTTP fronts (uvicorn with the fleet extra, stdlib threads without it).
+
+Each test runs against both fronts, through the installed `codestore agent serve`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from git_credential_codestore.agent.client import Endpoint, call
+from git_credential_codestore.agent.server import PER_PEER
+from tests.conftest import OrgKey
+from tests.test_agent import REPO, mint, sandbox_env, start_agent, tls_pair
+from tests.test_agent_store import create
+
+FRONTS = ["uvicorn", "threads"]
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_tls_drippers_from_one_address_cannot_lock_out_grant_holders_and_are_cut(tmp_path: Path, org_key: OrgKey, front: str) -> None:
+    # Threat (issue 8 item 6): anyone who can reach the TLS port holding every connection
+    # with a byte every few seconds, so no sandbox gets a token.
+    cert, key = tls_pair(tmp_path)
+    a = start_agent(tmp_path, "--server", front, "--tls-cert", str(cert), "--tls-key", str(key), "--request-deadline", "2")
+    port = int(a.url.rsplit(":", 1)[1])
+    drippers: list[socket.socket] = []
+    try:
+        g = create(a)
+        for _ in range(300):  # more than one address's fair share, and more than the old front's 256 threads
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))  # the attacker's address
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"\x16")  # the first byte of a TLS handshake, and no more
+            drippers.append(s)
+        t0 = time.monotonic()
+        env = sandbox_env(g["grant"], url=a.url.replace("127.0.0.1", "localhost"), CODESTORE_AGENT_CA=str(cert))
+        assert mint(env)  # a grant holder from another address is served at once
+        # Over its share the attacker's extra connections were closed without a cleartext reply.
+        refused = 0
+        for s in drippers[PER_PEER:]:
+            s.settimeout(5)
+            try:
+                data = s.recv(100)
+            except OSError:
+                data = b""
+            assert not data.startswith(b"HTTP/"), data
+            refused += 1
+        # And the ones it kept are cut at the request deadline, TLS handshake or not.
+        for s in drippers[:PER_PEER]:
+            s.settimeout(10)
+            try:
+                while s.recv(100):
+                    pass
+            except OSError:
+                pass
+        assert time.monotonic() - t0 < 10
+        assert refused == 300 - PER_PEER
+        assert mint(env)
+    finally:
+        for s in drippers:
+            s.close()
+        a.stop()
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_health_readiness_and_metrics_are_served(tmp_path: Path, org_key: OrgKey, front: str) -> None:
+    a = start_agent(tmp_path, "--server", front)
+    try:
+        g = create(a)
+        env = sandbox_env(g["grant"], url=a.url)
+        mint(env)
+        with pytest.raises(Exception, match="does not cover"):
+            mint(env, repo="other/repo")
+        ep = Endpoint("http", "127.0.0.1", int(a.url.rsplit(":", 1)[1]))
+        assert call(ep, "GET", "/healthz") == (200, {"ok": True})
+        status, ready = call(ep, "GET", "/readyz")
+        assert status == 200 and ready["ready"] is True
+        from git_credential_codestore.agent.client import exchange
+
+        status, text = exchange(ep, "GET", "/metrics", b"", None)
+        metrics = text.decode()
+        assert status == 200
+        assert "codestore_agent_tokens_minted_total 1\n" in metrics
+        assert 'codestore_agent_tokens_refused_total{reason="beyond_grant"} 1\n' in metrics
+        assert 'codestore_agent_token_seconds_bucket{le="+Inf"} 2\n' in metrics
+        assert 'codestore_agent_grants{state="active"} 1\n' in metrics
+        assert "codestore_agent_store_up 1\n" in metrics
+        assert str(g["grant"]) not in metrics  # Threat: a scrape target leaking grants
+    finally:
+        a.stop()
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_sigterm_drains_requests_in_flight(tmp_path: Path, org_key: OrgKey, front: str) -> None:
+    # A rolling restart: a request the agent has accepted gets its whole reply.
+    a = start_agent(tmp_path, "--server", front)
+    g = create(a)
+    body = f"repo={REPO}\nscopes=git:read\n".encode()  # wire.py's line format
+    request = (b"POST /v1/token HTTP/1.1\r\nHost: a\r\nAuthorization: Grant %s\r\nContent-Length: %d\r\n\r\n%s"
+               % (str(g["grant"]).encode(), len(body), body))
+    partial: list[bytes] = []
+    complete = [0]
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(a.socket)
+                s.sendall(request)
+                out = b""
+                while chunk := s.recv(65536):
+                    out += chunk
+            except OSError:
+                continue  # not accepted (the listener closed): a helper tries the next replica
+            finally:
+                s.close()
+            if not out:
+                continue
+            head, _, content = out.partition(b"\r\n\r\n")
+            if head.startswith(b"HTTP/1.1 200") and b"token=eyJ" in content and content.endswith(b"\n"):
+                complete[0] += 1
+            else:
+                partial.append(out[:200])
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while complete[0] < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        a.proc.send_signal(signal.SIGTERM)
+        assert a.proc.wait(timeout=30) == 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        a.stop()
+    assert complete[0] >= 20 and partial == []

@@ -1,0 +1,120 @@
+"""The agent signing through a PKCS#11 token (a real SoftHSM2), the key never in its memory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from git_credential_codestore import keys, tokens
+from git_credential_codestore.agent.client import AgentRefused, Endpoint, call
+from tests.conftest import BIN, KID, ORG, OrgKey
+from tests.realparts import SOFTHSM_MODULE, SoftHsm
+from tests.test_agent import Agent, mint, sandbox_env, start_agent
+from tests.test_agent_store import create
+
+
+def keyless(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in ("CODESTORE_PRIVATE_KEY_FILE", "CODESTORE_PRIVATE_KEY")}
+
+
+def generate(softhsm: SoftHsm, obj: str, kind: str) -> bytes:
+    proc = subprocess.run([os.path.join(BIN, "codestore"), "key", "generate", "--pkcs11", softhsm.uri(obj), "--type", kind],
+                          capture_output=True, text=True, env=softhsm.env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("-----BEGIN PUBLIC KEY-----")
+    return proc.stdout.encode()
+
+
+def hsm_agent(tmp_path: Path, softhsm: SoftHsm, obj: str) -> Agent:
+    return start_agent(tmp_path, "--key", softhsm.uri(obj), env=keyless(softhsm.env()))
+
+
+@pytest.mark.parametrize(("kind", "alg"), [("ec", "ES256"), ("rsa", "RS256")])
+def test_tokens_signed_in_the_token_verify_like_any_other(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm, kind: str, alg: str) -> None:
+    public = generate(softhsm, f"org-{kind}", kind)
+    a = hsm_agent(tmp_path, softhsm, f"org-{kind}")
+    try:
+        assert "key=pkcs11:token=codestore" in a.lines[-1]
+        g = create(a)
+        token = mint(sandbox_env(g["grant"], url=a.url))
+        assert tokens.unverified_header(token)["alg"] == alg
+        claims = tokens.verify(token, {KID: keys.load_public_key(public, "token")}, org=ORG)
+        assert claims.repo == "team/app" and claims.scopes == ("git:read",)
+    finally:
+        a.stop()
+
+
+def test_the_generated_key_is_sensitive_and_cannot_be_extracted(softhsm: SoftHsm) -> None:
+    # Threat: the org key copied out of the token by anyone holding its PIN.
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+
+    generate(softhsm, "org", "ec")
+    os.environ["SOFTHSM2_CONF"] = softhsm.conf  # the module reads it when loaded
+    session = pkcs11.lib(SOFTHSM_MODULE).get_token(token_label="codestore").open(user_pin=softhsm.pin)
+    try:
+        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label="org")
+        assert key[Attribute.SENSITIVE] is True and key[Attribute.EXTRACTABLE] is False
+        with pytest.raises(pkcs11.exceptions.AttributeSensitive):
+            key[Attribute.VALUE]
+    finally:
+        session.close()
+        del os.environ["SOFTHSM2_CONF"]
+
+
+def test_key_generate_never_overwrites_a_key_in_the_token(softhsm: SoftHsm) -> None:
+    generate(softhsm, "org", "ec")
+    proc = subprocess.run([os.path.join(BIN, "codestore"), "key", "generate", "--pkcs11", softhsm.uri("org")],
+                          capture_output=True, text=True, env=softhsm.env(), timeout=60)
+    assert proc.returncode == 1 and "already holds a key" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("uri", "env_drop", "message"),
+    [
+        ("pkcs11:token=codestore;object=org?pin-value=1234", (), "process listings"),
+        ("pkcs11:token=codestore;object=org", ("CODESTORE_PKCS11_MODULE",), "no PKCS#11 module"),
+        ("pkcs11:token=nosuch;object=org", (), "no PKCS#11 token nosuch"),
+        ("pkcs11:token=codestore;object=missing", (), "no such key"),
+    ],
+    ids=["pin-in-uri", "no-module", "no-token", "no-key"],
+)
+def test_a_bad_key_uri_is_one_line_at_start(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm, uri: str, env_drop: tuple[str, ...], message: str) -> None:
+    generate(softhsm, "org", "ec")
+    env = {k: v for k, v in keyless(softhsm.env()).items() if k not in env_drop}
+    proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", uri, "--state-dir", str(tmp_path / "st"),
+                           "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode in (1, 2) and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert "1234" not in proc.stderr
+
+
+def test_with_the_signer_gone_the_agent_refuses_in_one_line_and_recovers(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm) -> None:
+    # Threat: a half-working agent handing out something it did not sign, or hanging.
+    generate(softhsm, "org", "ec")
+    a = hsm_agent(tmp_path, softhsm, "org")
+    try:
+        g = create(a)
+        env = sandbox_env(g["grant"], sock=a.socket)
+        mint(env)
+        softhsm.away()
+        with pytest.raises(AgentRefused) as refused:
+            mint(env)
+        assert "PKCS#11 token" in str(refused.value) and "\n" not in str(refused.value)
+        status, ready = call(Endpoint("unix", a.socket), "GET", "/readyz")
+        assert status == 503 and "PKCS#11" in str(ready["signer"])
+        softhsm.back()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert mint(env)
+                break
+            except AgentRefused:
+                assert time.monotonic() < deadline, "the agent did not recover when the token came back"
+                time.sleep(0.1)
+        assert call(Endpoint("unix", a.socket), "GET", "/readyz")[0] == 200
+    finally:
+        a.stop()
