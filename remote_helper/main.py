@@ -22,8 +22,8 @@ from git_credential_codestore import config, remotes
 from git_credential_codestore.agent.discovery import holds_grant
 from git_credential_codestore.errors import CodestoreError, PolicyError, UsageError, boundary
 from git_credential_codestore.source import choose_source
-from git_credential_codestore.vocab import TokenRequest
 from git_credential_codestore.trace import say
+from git_credential_codestore.vocab import TokenRequest
 
 from . import protocol, transport
 

@@ -142,7 +142,7 @@ def classify(command: bytes) -> str | None:
     return None
 
 
-def negotiate(reader: LineReader, write: Callable[[bytes], None]) -> Decision:
+def negotiate(reader: LineReader, write: Callable[[bytes], object]) -> Decision:
     """Answer git until its first deciding command; `write` must flush."""
     decision = Decision("end")
     while True:
@@ -170,7 +170,7 @@ def negotiate(reader: LineReader, write: Callable[[bytes], None]) -> Decision:
             return decision
 
 
-def after_advertisement(reader: LineReader, write: Callable[[bytes], None], first: Decision) -> Decision:
+def after_advertisement(reader: LineReader, write: Callable[[bytes], object], first: Decision) -> Decision:
     """After `list for-push` was answered: answer options until git's `push` batch.
 
     Returns the push to run (the batch, up to its blank line, as its command, replayed

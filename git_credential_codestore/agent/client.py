@@ -283,7 +283,7 @@ class AgentSource:
         say(
             "agent-client",
             f"asking {self.endpoint} {'with a grant' if self.grant is not None else 'as the owner'} for "
-            f"{request.repo}{' (+ephemeral)' if request.ephemeral else ''} {' '.join(request.scopes)}"  # type: ignore[attr-defined]
+            f"{request.repo}{' (+ephemeral)' if request.ephemeral else ''} {' '.join(request.scopes)}"
             f"{' (at most)' if getattr(request, 'narrow', False) else ''}",
             self.env,
         )

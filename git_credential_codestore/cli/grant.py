@@ -194,7 +194,8 @@ def grant_list(repo: str | None, sub: str | None, state: str | None, limit: int 
     while True:
         query = {**filters, "limit": str(min(limit - shown, 1000) if limit else 1000), **({"after": cursor} if cursor else {})}
         reply = admin(socket_opt, "GET", "/v1/grants?" + urlencode(query))
-        grants, cursor = reply["grants"], reply.get("next_cursor")
+        grants, next_cursor = reply["grants"], reply.get("next_cursor")
+        cursor = next_cursor if isinstance(next_cursor, str) else None
         assert isinstance(grants, list)
         for g in grants:
             if as_json:
