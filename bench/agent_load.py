@@ -112,7 +112,7 @@ def load(env: dict[str, str], clients: int, per_client: int) -> tuple[float, lis
     def client(i: int) -> None:
         mine = []
         barrier.wait()
-        for j in range(per_client):
+        for _ in range(per_client):
             t0 = time.perf_counter()
             try:
                 get_token(TokenRequest(f"team/r{i}", ("git:read",), purpose="bench"), cfg, env)

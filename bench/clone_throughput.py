@@ -127,7 +127,7 @@ def main() -> int:
             }
             times: dict[str, list[float]] = {name: [] for name in urls}
             cpu: dict[str, list[float]] = {name: [] for name in urls}
-            for name, url in urls.items():  # warm the page cache and the server
+            for url in urls.values():  # warm the page cache and the server
                 timed_clone(url, env, os.path.join(tmp, "warm"))
             for i in range(opts.runs):
                 order = list(urls) if i % 2 == 0 else list(reversed(urls))

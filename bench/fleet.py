@@ -17,7 +17,6 @@ Run: python bench/fleet.py [--seconds 5] [--clients 64]   (needs codestore[fleet
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import secrets
@@ -98,7 +97,7 @@ def token_request(grant: str, repo: str) -> bytes:
             f"Content-Type: {wire.CONTENT_TYPE}\r\nAuthorization: Grant {grant}\r\n\r\n").encode() + body
 
 
-def _worker(sock_path: str, requests: list[bytes], threads: int, seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _worker(sock_path: str, requests: list[bytes], threads: int, seconds: float, out: multiprocessing.Queue) -> None:
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -143,7 +142,7 @@ def _worker(sock_path: str, requests: list[bytes], threads: int, seconds: float,
 
 
 def load(sock: str, requests: list[bytes], clients: int, seconds: float) -> tuple[float, list[float], int]:
-    q: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+    q: multiprocessing.Queue = multiprocessing.Queue()
     per = max(1, clients // PROCESSES)
     procs = [multiprocessing.Process(target=_worker, args=(sock, requests[i::PROCESSES] or requests, per, seconds, q)) for i in range(PROCESSES)]
     for p in procs:

@@ -6,10 +6,12 @@ server's one-line reason and never the token.
 
 from __future__ import annotations
 
+import email.message
 import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from typing import IO
 
 from .errors import RemoteError, redact
 from .secrets import Token
@@ -20,7 +22,15 @@ TIMEOUT = 30
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     """urllib follows redirects and copies Authorization to the new host; we never do."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: email.message.Message,
+        newurl: str,
+    ) -> urllib.request.Request | None:
         return None  # the 3xx then surfaces as an HTTPError, reported below
 
 

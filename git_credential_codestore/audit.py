@@ -53,7 +53,7 @@ def is_sha(value: object) -> bool:
 
 
 def _sha(value: object, where: str) -> str:
-    if not is_sha(value):
+    if not isinstance(value, str) or not is_sha(value):
         raise BadReport(f"{where} must be a full hex object id")
     return value
 

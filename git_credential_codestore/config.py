@@ -46,7 +46,6 @@ from collections.abc import Mapping
 from .errors import ConfigError
 from .vocab import DEFAULT_TTL, EPHEMERAL_SUFFIX, check_ttl, parse_scopes, path_under, split_repo_path, split_url
 
-
 # Our name -> the official helper's name for the same setting (see the module docstring).
 OFFICIAL_NAMES = {
     "CODESTORE_PRIVATE_KEY": "PIERRE_PRIVATE_KEY",
@@ -74,11 +73,11 @@ def debug_enabled(env: Mapping[str, str]) -> bool:
 
 
 _XDG = {"config": ("XDG_CONFIG_HOME", ".config"), "data": ("XDG_DATA_HOME", ".local/share"),
-        "state": ("XDG_STATE_HOME", ".local/state")}
+        "state": ("XDG_STATE_HOME", ".local/state"), "cache": ("XDG_CACHE_HOME", ".cache")}
 
 
 def user_dir(kind: str, env: Mapping[str, str] | None = None) -> str:
-    """codestore's per-user "config", "data" or "state" directory, as seen from `env`."""
+    """codestore's per-user "config", "data", "state" or "cache" directory, as seen from `env`."""
     env = os.environ if env is None else env
     if sys.platform.startswith("linux"):
         # platformdirs' own rule on Linux, without its import on every git request, and
@@ -116,16 +115,11 @@ class RepoRule(namedtuple("RepoRule", "pattern scopes ephemeral_scopes", default
     ephemeral_scopes: tuple[str, ...] | None
 
 
-_CONFIG_FIELDS = (
-    "org", "base_url_setting", "api_url_setting", "kid", "ttl", "scopes",
-    "ephemeral_scopes", "sub_setting", "private_key_file", "repos", "path", "name",
-    "uses_env",
-)
-
-
 class Config(
     namedtuple(
-        "Config", _CONFIG_FIELDS,
+        "Config",
+        "org base_url_setting api_url_setting kid ttl scopes ephemeral_scopes sub_setting private_key_file repos path"
+        " name uses_env",
         defaults=(None, None, None, None, DEFAULT_TTL, ("git:read",), None, None, None, (), "", "", True),
     )
 ):
@@ -206,15 +200,29 @@ class Config(
         return split_repo_path(under)
 
 
-def _read_file(path: str) -> dict[str, object]:
-    from .files import read_bounded
+def _read_file(path: str, env: Mapping[str, str], cache: bool = True) -> dict[str, object]:
+    """The parsed file ({} when there is none), through config_cache when `cache`."""
+    from . import config_cache
+    from .files import read_open_bounded
 
     try:
-        data = read_bounded(path, "the configuration file")
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            cached = config_cache.read(path, st, env) if cache else None
+            if cached is not None:
+                return cached
+            data = read_open_bounded(f, path, "the configuration file")
     except FileNotFoundError:
         return {}
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    parsed = _parse(path, data)
+    if cache:
+        config_cache.write(path, st, parsed, env)
+    return parsed
+
+
+def _parse(path: str, data: bytes) -> dict[str, object]:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -229,7 +237,11 @@ _SETTINGS = ("org", "base_url", "api_url", "kid", "ttl", "scopes", "ephemeral_sc
 
 
 def load(
-    env: Mapping[str, str] | None = None, *, host: tuple[str, str] | None = None, org: str | None = None
+    env: Mapping[str, str] | None = None,
+    *,
+    host: tuple[str, str] | None = None,
+    org: str | None = None,
+    cache: bool = True,
 ) -> Config:
     """The settings for one org: the top-level (default) org, or an [orgs.NAME] section.
 
@@ -239,10 +251,13 @@ def load(
     or its org). Anything else, and no match, is the default org. Environment variables
     override the default org's settings only: a section takes its settings from the file
     alone, so the environment's CODESTORE_KID, key or grant never signs for another org.
+
+    `cache`: use and refresh the parsed copy (config_cache.py); off for a file that is
+    about to be replaced or removed.
     """
     env = os.environ if env is None else env
     path = config_path(env)
-    raw = _read_file(path)
+    raw = _read_file(path, env, cache)
     unknown = set(raw) - set(_SETTINGS) - {"repos", "orgs"}
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -293,17 +308,17 @@ def section_to_write(org: str, env: Mapping[str, str] | None = None) -> str | No
     the [orgs.*] section for ORG (an existing one by name or org, or a new one named ORG)."""
     env = os.environ if env is None else env
     path = config_path(env)
-    raw = _read_file(path)
+    raw = _read_file(path, env)
     if str(raw.get("org", "")).lower() == org.lower():
         return None
     return _section_for(_sections(raw, path), org) or org
 
 
-def all_orgs(env: Mapping[str, str] | None = None) -> list[Config]:
+def all_orgs(env: Mapping[str, str] | None = None, *, cache: bool = True) -> list[Config]:
     """Every org this machine is configured for: the default (if it names one) and each section."""
     env = os.environ if env is None else env
     path = config_path(env)
-    raw = _read_file(path)
+    raw = _read_file(path, env, cache)
     unknown = set(raw) - set(_SETTINGS) - {"repos", "orgs"}
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -361,17 +376,17 @@ def _build(raw: Mapping[str, object], env: Mapping[str, str], path: str, name: s
             )
         )
     return Config(
-        org=values.get("org") or None,  # type: ignore[arg-type]
-        base_url_setting=values.get("base_url") or None,  # type: ignore[arg-type]
-        api_url_setting=values.get("api_url") or None,  # type: ignore[arg-type]
-        kid=values.get("kid") or None,  # type: ignore[arg-type]
+        org=values.get("org") or None,
+        base_url_setting=values.get("base_url") or None,
+        api_url_setting=values.get("api_url") or None,
+        kid=values.get("kid") or None,
         ttl=check_ttl(values["ttl"], sources["ttl"]) if "ttl" in values else DEFAULT_TTL,
         scopes=parse_scopes(values["scopes"], "scopes") if "scopes" in values else ("git:read",),
         ephemeral_scopes=parse_scopes(values["ephemeral_scopes"], "ephemeral_scopes")
         if "ephemeral_scopes" in values
         else None,
-        sub_setting=values.get("sub") or None,  # type: ignore[arg-type]
-        private_key_file=values.get("private_key_file") or None,  # type: ignore[arg-type]
+        sub_setting=values.get("sub") or None,
+        private_key_file=values.get("private_key_file") or None,
         repos=tuple(rules),
         path=path,
         name=name,
@@ -422,4 +437,6 @@ def set_value(key: str, value: str, env: Mapping[str, str] | None = None, sectio
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     # Refuse a bad value now, not at the next git fetch: the new file (every org in it) is loaded first.
-    return write_atomic(path, "\n".join(lines) + "\n", 0o644, check=lambda tmp: all_orgs({"CODESTORE_CONFIG": tmp}))
+    write_atomic(path, "\n".join(lines) + "\n", 0o644, check=lambda tmp: all_orgs({"CODESTORE_CONFIG": tmp}, cache=False))
+    _read_file(path, os.environ if env is None else env)  # the next git request reads the parsed copy
+    return path

@@ -23,12 +23,12 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from .errors import ProtocolError
+from .lines import parse_lines
+
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
     from typing import BinaryIO
-
-from .errors import ProtocolError
-from .lines import parse_lines
 
 PROG = "git-credential-codestore"
 MAX_INPUT = 64 * 1024  # git's own requests are a few hundred bytes
@@ -61,7 +61,6 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
         say("credential", f"not our host (this helper serves {cfg.base_url if cfg.org or cfg.base_url_setting else 'no host: no org configured'}); silent", env)
         return []
     from .errors import CodestoreError, ConfigError
-
     from .gitenv import would_print_authorization
 
     if would_print_authorization(env):

@@ -51,6 +51,7 @@ def demo_environment(work: str, base: dict[str, str]) -> dict[str, str]:
             "XDG_CONFIG_HOME": os.path.join(home, ".config"),
             "XDG_DATA_HOME": os.path.join(home, ".local", "share"),
             "XDG_STATE_HOME": os.path.join(home, ".local", "state"),
+            "XDG_CACHE_HOME": os.path.join(home, ".cache"),
             "GIT_CONFIG_GLOBAL": os.path.join(home, ".gitconfig"),
             "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_TERMINAL_PROMPT": "0",

@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 from . import git
 from .config import Config
@@ -106,15 +107,15 @@ def run_checks(env: Mapping[str, str] | None = None, every_org: bool = True) -> 
     out: list[Check] = []
     for cfg in orgs:
         tag = f" [{cfg.name or cfg.org}]" if len(orgs) > 1 else ""
-        # Bind cfg now: each lambda runs inside _check, before the next iteration.
+        # partial binds this org's cfg (a lambda would see the loop variable).
         out += [
-            _check("config" + tag, lambda: check_config(cfg)),
-            _check("key" + tag, lambda: check_key(cfg, env)),
+            _check("config" + tag, partial(check_config, cfg)),
+            _check("key" + tag, partial(check_key, cfg, env)),
         ]
         if cfg is orgs[0]:
             out.append(check_git(env))
         out += [
-            _check("git setup" + tag, lambda: check_helper(cfg, env)),
-            _check("server" + tag, lambda: check_server(cfg)),
+            _check("git setup" + tag, partial(check_helper, cfg, env)),
+            _check("server" + tag, partial(check_server, cfg)),
         ]
     return out

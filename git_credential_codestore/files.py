@@ -19,6 +19,7 @@ from .errors import ConfigError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import BinaryIO
 
 
 def write_atomic(
@@ -28,14 +29,17 @@ def write_atomic(
     *,
     fsync: bool = False,
     check: Callable[[str], object] | None = None,
+    concurrent: bool = False,
 ) -> str:
     """Write `data` to `path` through `path.tmp` and a rename; returns `path`.
 
     `fsync`: make it durable before the rename (state that must survive a crash).
     `check(tmp_path)`: validate the new file before it replaces the old one; if it
     raises, the old file is left untouched and the temporary one removed.
+    `concurrent`: several processes may write the same file at once (a cache the git
+    helpers refresh), so each writes its own temporary file.
     """
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp" if concurrent else path + ".tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as f:
@@ -66,7 +70,12 @@ def read_bounded(path: str, what: str, limit: int = MAX_FILE) -> bytes:
     other OS errors too, for the caller to word.
     """
     with open(path, "rb") as f:
-        data = f.read(limit + 1)
+        return read_open_bounded(f, path, what, limit)
+
+
+def read_open_bounded(f: BinaryIO, path: str, what: str, limit: int = MAX_FILE) -> bytes:
+    """`read_bounded` for a file already open (as `path`), read from where it stands."""
+    data = f.read(limit + 1)
     if len(data) > limit:
         raise ConfigError(f"{what} {path} is larger than {limit} bytes; point it at the right file")
     return data

@@ -147,13 +147,13 @@ class Pkcs11Signer:
             raise ConfigError(f"{self.uri}: {'no such key' if isinstance(e, pkcs11.NoSuchKey) else 'several keys match'}; "  # type: ignore[attr-defined]
                               "check object=/id= (codestore key generate --pkcs11 URI makes one)") from None
         if key.key_type == pkcs11.KeyType.EC:  # type: ignore[attr-defined]
-            if key[pkcs11.Attribute.EC_PARAMS] != P256_PARAMS:  # type: ignore[attr-defined, index]
+            if key[pkcs11.Attribute.EC_PARAMS] != P256_PARAMS:  # type: ignore[attr-defined]
                 raise ConfigError(f"{self.uri} is an EC key on another curve; ES256 needs P-256")
             self.algorithm = "ES256"
         elif key.key_type == pkcs11.KeyType.RSA:  # type: ignore[attr-defined]
             self.algorithm = "RS256"
         else:
-            raise ConfigError(f"{self.uri} is a {key.key_type.name} key; use EC P-256 or RSA")  # type: ignore[attr-defined]
+            raise ConfigError(f"{self.uri} is a {key.key_type.name} key; use EC P-256 or RSA")
         self._session, self._key = session, key
 
     def sign(self, data: bytes) -> bytes:

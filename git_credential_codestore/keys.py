@@ -16,8 +16,9 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from cryptography.hazmat.primitives import serialization
@@ -73,11 +74,20 @@ class FileSource:
 class KeyringSource:
     account: str
     name: str = "the OS keychain"
+    env: Mapping[str, str] = field(default_factory=lambda: os.environ)
 
     def read(self) -> Secret | None:
+        # keyring's import is ~55 ms even where no keychain works; where one did not work
+        # last time, in the same environment, it still does not, and asking it would
+        # find nothing: the documented order (keychain, then the key file) is unchanged.
+        if _keychain_known_unusable(self.env):
+            return None
         import keyring
         from keyring.errors import KeyringError
 
+        if not keychain_usable():
+            _remember_keychain_unusable(self.env)
+            return None
         try:
             value = keyring.get_password(KEYRING_SERVICE, self.account)
         except (KeyringError, RuntimeError):
@@ -95,7 +105,42 @@ class KeyringSource:
             keyring.set_password(KEYRING_SERVICE, self.account, pem.reveal())
         except (KeyringError, RuntimeError):
             return False
+        from .config_cache import store
+
+        path, key = _keychain_verdict(self.env)
+        store(path, key, "usable")  # a keychain that works now is asked again
         return True
+
+
+def _keychain_verdict(env: Mapping[str, str]) -> tuple[str, object]:
+    """Where the verdict is kept, and what keyring's choice of backend depends on here."""
+    from .config import user_dir
+
+    home = env.get("HOME") or os.path.expanduser("~")
+    rc = os.path.join(env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"),
+                      "python_keyring", "keyringrc.cfg")
+    try:
+        rc_st = os.stat(rc)
+        rc_id: object = (rc_st.st_ino, rc_st.st_size, rc_st.st_mtime_ns)
+    except OSError:
+        rc_id = None
+    key = (1, sys.platform, sys.prefix, os.getuid() if hasattr(os, "getuid") else 0,
+           env.get("PYTHON_KEYRING_BACKEND", ""), env.get("DBUS_SESSION_BUS_ADDRESS", ""), rc_id)
+    return os.path.join(user_dir("cache", env), "keychain.marshal"), key
+
+
+def _keychain_known_unusable(env: Mapping[str, str]) -> bool:
+    from .config_cache import load
+
+    path, key = _keychain_verdict(env)
+    return load(path, key) == "unusable"
+
+
+def _remember_keychain_unusable(env: Mapping[str, str]) -> None:
+    from .config_cache import store
+
+    path, key = _keychain_verdict(env)
+    store(path, key, "unusable")
 
 
 def keychain_usable() -> bool:
@@ -109,10 +154,10 @@ def keychain_usable() -> bool:
     return chained is None or bool(chained)
 
 
-def fallback_key_path(account: str) -> str:
-    from platformdirs import user_data_dir
+def fallback_key_path(account: str, env: Mapping[str, str] | None = None) -> str:
+    from .config import user_dir
 
-    return os.path.join(user_data_dir("codestore"), "keys", f"{account}.pem")
+    return os.path.join(user_dir("data", env), "keys", f"{account}.pem")
 
 
 def account_for(cfg: Config) -> str:
@@ -131,8 +176,8 @@ def sources(cfg: Config, env: Mapping[str, str] | None = None) -> list[KeySource
         out.append(FileSource(os.path.expanduser(path)))
         return out
     account = account_for(cfg)
-    out.append(KeyringSource(account))
-    out.append(FileSource(fallback_key_path(account), name="the codestore key file"))
+    out.append(KeyringSource(account, env=env))
+    out.append(FileSource(fallback_key_path(account, env), name="the codestore key file"))
     return out
 
 
@@ -260,8 +305,9 @@ def public_jwk(key: PrivateKey | PublicKey, kid: str | None = None) -> dict[str,
     pub = key.public_key() if hasattr(key, "private_bytes") else key  # type: ignore[union-attr]
     jwk: dict[str, str]
     if isinstance(pub, ec.EllipticCurvePublicKey):
-        nums = pub.public_numbers()
-        jwk = {"kty": "EC", "crv": "P-256", "x": _b64(nums.x.to_bytes(32, "big")), "y": _b64(nums.y.to_bytes(32, "big"))}
+        ec_nums = pub.public_numbers()
+        jwk = {"kty": "EC", "crv": "P-256", "x": _b64(ec_nums.x.to_bytes(32, "big")),
+               "y": _b64(ec_nums.y.to_bytes(32, "big"))}
     elif isinstance(pub, rsa.RSAPublicKey):
         nums = pub.public_numbers()
         jwk = {

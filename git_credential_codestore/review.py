@@ -22,8 +22,8 @@ from typing import Any
 
 from . import git, remotes
 from .config import Config
-from .vocab import validate_repo_id
 from .errors import ConfigError, GitError, RemoteError
+from .vocab import validate_repo_id
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 _BRANCH = re.compile(r"^(?!/)(?!.*(?:\.\.|//|@\{|/\.|\.lock$|/$|\.$))[A-Za-z0-9._/-]{1,200}$")
@@ -158,7 +158,7 @@ def _commits(cache: str, sha: str, base_sha: str | None, env: Mapping[str, str] 
     if base_sha:
         args += ["--not", base_sha]
     out = _git(args, env)
-    return [dict(zip(keys, rec.strip("\n").split("\x1f"))) for rec in out.split("\x1e") if rec.strip()]
+    return [dict(zip(keys, rec.strip("\n").split("\x1f"), strict=False)) for rec in out.split("\x1e") if rec.strip()]
 
 
 def _diff(cache: str, old: str, new: str, env: Mapping[str, str] | None) -> tuple[list[dict[str, Any]], str]:

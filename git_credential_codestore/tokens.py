@@ -75,7 +75,7 @@ def mint(
     ttl: int,
     sub: str,
     kid: str | None = None,
-    refs: RefPolicy | None = None,
+    refs: Sequence[tuple[str, Sequence[str]]] | None = None,
     now: int | None = None,
 ) -> Token:
     """Sign one token for one repository."""
@@ -94,11 +94,11 @@ def mint(
     }
     if refs:
         claims["refs"] = [[p, list(ops)] for p, ops in ref_policy([list(r) for r in refs], TokenError)]
-    local = isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey))
-    alg = algorithm_for(key) if local else key.algorithm  # type: ignore[union-attr]
+    local = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
+    alg = algorithm_for(key) if isinstance(key, local) else key.algorithm
     header = {"alg": alg, "typ": "JWT", "kid": kid} if kid else {"alg": alg, "typ": "JWT"}
     signing_input = _b64json(header) + b"." + _b64json(claims)
-    signature = _sign(key, signing_input) if local else key.sign(signing_input)  # type: ignore[arg-type, union-attr]
+    signature = _sign(key, signing_input) if isinstance(key, local) else key.sign(signing_input)
     token = signing_input + b"." + _b64(signature)
     return Token(token.decode("ascii"), iat + ttl)
 

@@ -53,11 +53,10 @@ def say(what: str, message: str, env: Mapping[str, str] | None = None) -> None:
     where = target(env)
     if where is None:
         return
+    import sys
     import time
 
     from .errors import redact
-
-    import sys
 
     now = time.time()
     stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"

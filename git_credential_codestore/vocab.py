@@ -289,11 +289,11 @@ def ref_policy(rules: object, error: Callable[[str], Exception] = ConfigError) -
     """Validate the `refs` claim (a list of [pattern, [ops]]) into a RefPolicy."""
     if not isinstance(rules, (list, tuple)):
         raise error(f"a ref policy is a list of [pattern, [ops]] rules, e.g. {REF_POLICY_EXAMPLE}")
-    out = []
+    out: RefPolicy = []
     for rule in rules:
         pattern = _ref_pattern(rule[0]) if isinstance(rule, (list, tuple)) and len(rule) == 2 else None
         ops = rule[1] if pattern is not None else None
-        if not isinstance(ops, (list, tuple)) or not all(isinstance(op, str) and op in REF_OPS for op in ops):
+        if pattern is None or not isinstance(ops, (list, tuple)) or not all(isinstance(op, str) and op in REF_OPS for op in ops):
             raise error(
                 f"bad ref rule {str(rule)[:80]!r}: want [pattern, [ops]] as in {REF_POLICY_EXAMPLE}, "
                 f"ops from {', '.join(REF_OPS)}"

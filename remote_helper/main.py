@@ -7,36 +7,37 @@ process reads or pushes, and only then is a token minted: `git:read` for a read,
 repository and namespace). git's own `git remote-https` then does the transfer with the
 token in its environment alone (see transport.py).
 
-Startup is paid by every git operation, so only the standard library and the light core
-modules (config, source) are imported here.
+Startup is paid by every git operation: this module is on the helpers' fast path
+(git_credential_codestore/fastpath.py names it and what it must not import).
 """
 
 from __future__ import annotations
 
 import io
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, BinaryIO
 
 from git_credential_codestore import config, remotes
 from git_credential_codestore.agent.discovery import holds_grant
 from git_credential_codestore.errors import CodestoreError, PolicyError, UsageError, boundary
 from git_credential_codestore.source import choose_source
-from git_credential_codestore.vocab import TokenRequest
 from git_credential_codestore.trace import say
+from git_credential_codestore.vocab import TokenRequest
 
 from . import protocol, transport
 
+TYPE_CHECKING = False  # typing is a cost on every git operation
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from . import pushwatch  # imported for pushes only: it brings the audit module
 
 PROG = "codestore"
 READ_SCOPES = ("git:read",)
 PUSH_SCOPES = ("git:read", "git:write")
 
-Launcher = Callable[[Sequence[str], Mapping[str, str], Sequence[int]], "subprocess.Popen[bytes]"]
+Launcher = Callable[[Sequence[str], Mapping[str, str], Sequence[int]], "transport.Child"]
 
 
 def scopes_for(operation: str, remote: remotes.Remote, cfg: config.Config, grant: bool = False) -> tuple[str, ...]:
@@ -75,6 +76,8 @@ def _resolver(env: Mapping[str, str]) -> Callable[[str], str | None]:
     """The object a push's source names in the local repository (git gives a ref name)."""
 
     def resolve(src: str) -> str | None:
+        import subprocess  # pushes only: subprocess is not on the fast path
+
         try:
             proc = subprocess.run(
                 ["git", "rev-parse", "--verify", "--quiet", src], env=dict(env),

@@ -19,7 +19,6 @@ repository and exit 0, so ours is a copy of git 2.39's, and `connect` is never o
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from git_credential_codestore.errors import ProtocolError
@@ -37,7 +36,17 @@ CAPABILITIES = (
 MAX_LINE = 1 << 20
 
 _BOOL = frozenset({b"true", b"false"})
-_INT = re.compile(rb"^\s*[+-]?[0-9]+$")
+_SPACE = b" \t\n\r\f\v"
+
+
+def _is_int(value: bytes) -> bool:
+    """git's option integers: optional leading space and sign, ASCII digits (no `re`: fast path)."""
+    digits = value.lstrip(_SPACE)
+    if digits[:1] in (b"+", b"-"):
+        digits = digits[1:]
+    if digits.endswith(b"\n"):  # as `$` allowed
+        digits = digits[:-1]
+    return digits.isdigit()
 
 
 def _any(value: bytes) -> bool:
@@ -46,9 +55,9 @@ def _any(value: bytes) -> bool:
 
 # remote-curl.c's set_option(): which options it takes and which values it accepts.
 OPTIONS: dict[bytes, Callable[[bytes], bool]] = {
-    b"verbosity": lambda v: bool(_INT.match(v)),
+    b"verbosity": _is_int,
     b"progress": _BOOL.__contains__,
-    b"depth": lambda v: bool(_INT.match(v)),
+    b"depth": _is_int,
     b"deepen-since": _any,
     b"deepen-not": _any,
     b"deepen-relative": _BOOL.__contains__,
@@ -133,7 +142,7 @@ def classify(command: bytes) -> str | None:
     return None
 
 
-def negotiate(reader: LineReader, write: Callable[[bytes], None]) -> Decision:
+def negotiate(reader: LineReader, write: Callable[[bytes], object]) -> Decision:
     """Answer git until its first deciding command; `write` must flush."""
     decision = Decision("end")
     while True:
@@ -161,7 +170,7 @@ def negotiate(reader: LineReader, write: Callable[[bytes], None]) -> Decision:
             return decision
 
 
-def after_advertisement(reader: LineReader, write: Callable[[bytes], None], first: Decision) -> Decision:
+def after_advertisement(reader: LineReader, write: Callable[[bytes], object], first: Decision) -> Decision:
     """After `list for-push` was answered: answer options until git's `push` batch.
 
     Returns the push to run (the batch, up to its blank line, as its command, replayed

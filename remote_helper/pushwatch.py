@@ -23,7 +23,7 @@ from git_credential_codestore.audit import ZERO, is_sha
 
 from .protocol import Decision, LineReader
 
-Write = Callable[[bytes], None]
+Write = Callable[[bytes], object]
 Resolve = Callable[[str], "str | None"]
 
 

@@ -23,20 +23,36 @@ os.splice between pipes, so a large pack never crosses Python's memory.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import errno
 import os
-import re
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import BinaryIO
 
 from git_credential_codestore.errors import ConfigError, expired_during_push
 from git_credential_codestore.secrets import Token
 
 from .protocol import CAPABILITIES, Decision, LineReader, ProtocolError
+
+# This module is inside the helpers' fast path (fastpath.py): threading and re are
+# imported only once a transfer starts or fails, typing only by the type checker, and the
+# transport is started without subprocess (whose import brings re, through locale).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import IO, Protocol
+
+    class Child(Protocol):
+        """What the session needs of the transport's process (a Popen fits, as does Spawned)."""
+
+        @property
+        def stdin(self) -> IO[bytes] | None: ...
+        @property
+        def stdout(self) -> IO[bytes] | None: ...
+        @property
+        def stderr(self) -> IO[bytes] | None: ...
+        def wait(self) -> int: ...
+        def kill(self) -> None: ...
+        def terminate(self) -> None: ...
 
 CHUNK = 1 << 20
 
@@ -52,7 +68,7 @@ def _subsection(url: str) -> str:
 
 def token_config(token: Token, url: str) -> bytes:
     """The transport's private configuration: the header and the guards, for `url` exactly."""
-    basic = base64.b64encode(f"t:{token.reveal()}".encode()).decode("ascii")
+    basic = binascii.b2a_base64(f"t:{token.reveal()}".encode(), newline=False).decode("ascii")
     # Plain http is for a loopback server only, where a proxy has no business: a proxy
     # would read the header in clear text (an empty value turns every proxy off).
     no_proxy = "\tproxy =\n" if url.startswith("http://") else ""
@@ -126,8 +142,12 @@ def transport_argv(remote_name: str, url: str, env: Mapping[str, str]) -> list[s
     return ["git", name, remote_name, url]
 
 
-def spawn(argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+def spawn(argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int] = ()) -> Child:
     try:
+        if hasattr(os, "posix_spawn"):
+            return Spawned(argv, env, pass_fds)
+        import subprocess
+
         return subprocess.Popen(
             list(argv), env=dict(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
             pass_fds=tuple(pass_fds),
@@ -136,13 +156,80 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int] =
         raise ConfigError(f"cannot run git's HTTPS transport ({e.strerror}); is git 2.39 or newer installed?") from None
 
 
+def _which(program: str, env: Mapping[str, str]) -> str:
+    """`program` found on the PATH of `env` (as subprocess looks it up), or as given."""
+    if os.sep in program:
+        return program
+    for d in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(d or ".", program)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    raise FileNotFoundError(errno.ENOENT, f"{program} not found on PATH", program)
+
+
+class Spawned:
+    """A child on three pipes, started with os.posix_spawn: the part of subprocess.Popen
+    the session uses. Our pipe ends are close-on-exec, so the child holds only its own
+    and the descriptors in `pass_fds` (made inheritable just for the spawn)."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int] = ()) -> None:
+        child_in, self_in = os.pipe()
+        self_out, child_out = os.pipe()
+        self_err, child_err = os.pipe()
+        try:
+            for fd in pass_fds:
+                os.set_inheritable(fd, True)
+            self.pid = os.posix_spawn(
+                _which(argv[0], env), list(argv), dict(env),
+                file_actions=[(os.POSIX_SPAWN_DUP2, child_in, 0), (os.POSIX_SPAWN_DUP2, child_out, 1),
+                              (os.POSIX_SPAWN_DUP2, child_err, 2)],
+            )
+        except BaseException:
+            for fd in (self_in, self_out, self_err):
+                os.close(fd)
+            raise
+        finally:
+            for fd in pass_fds:
+                os.set_inheritable(fd, False)
+            for fd in (child_in, child_out, child_err):
+                os.close(fd)
+        self.stdin: IO[bytes] | None = open(self_in, "wb", buffering=0)
+        self.stdout: IO[bytes] | None = open(self_out, "rb", buffering=0)
+        self.stderr: IO[bytes] | None = open(self_err, "rb", buffering=0)
+        self.returncode: int | None = None
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            while True:
+                try:
+                    _, status = os.waitpid(self.pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def _signal(self, signum: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self._signal(9)  # SIGKILL (the signal module's import is not needed for two numbers)
+
+    def terminate(self) -> None:
+        self._signal(15)  # SIGTERM
+
+
 # ---------------------------------------------------------------- byte pumps
 
 
 class Endpoint:
     """One side of a copy: a raw fd when there is one, else a Python binary stream."""
 
-    def __init__(self, stream: BinaryIO | None = None, fd: int | None = None) -> None:
+    def __init__(self, stream: IO[bytes] | None = None, fd: int | None = None) -> None:
         self.stream = stream
         self.fd = fd if fd is not None else _fileno(stream)
 
@@ -165,7 +252,7 @@ class Endpoint:
             view = view[n:]
 
 
-def _fileno(stream: BinaryIO | None) -> int | None:
+def _fileno(stream: IO[bytes] | None) -> int | None:
     if stream is None:
         return None
     try:
@@ -194,30 +281,34 @@ def copy(src: Endpoint, dst: Endpoint) -> None:
 
 # ---------------------------------------------------------------- hints on failure
 
-_HINTS: tuple[tuple[re.Pattern[bytes], str], ...] = (
+# (pattern, ignore case, hint): compiled only when a transfer failed, so `re` stays off the fast path.
+_HINTS: tuple[tuple[bytes, bool, str], ...] = (
     (
-        re.compile(rb"error: 401|HTTP 401|Authentication failed|terminal prompts disabled|could not read Username"),
+        rb"error: 401|HTTP 401|Authentication failed|terminal prompts disabled|could not read Username",
+        False,
         "the server rejected the token (HTTP 401) for {repo}: is the public key registered with kid "
         "{kid}, is the org {org} right, and is this machine's clock correct? check with: codestore doctor",
     ),
     (
-        re.compile(rb"error: 403|HTTP 403"),
+        rb"error: 403|HTTP 403",
+        False,
         "the server refused {repo} (HTTP 403): the token's scopes ({scopes}) or a ref policy do not allow this",
     ),
     (
-        re.compile(rb"error: 404|HTTP 404|not found|does not appear to be a git repository"),
+        rb"error: 404|HTTP 404|not found|does not appear to be a git repository",
+        False,
         "{repo} was not found at {base}; check the name, or create it: codestore repo create {repo}",
     ),
     (
-        re.compile(rb"error: 30[0-9]|redirect", re.I),
+        rb"error: 30[0-9]|redirect",
+        True,
         "the server answered with a redirect, which codestore never follows with a token; "
         "set CODESTORE_BASE_URL to the final URL",
     ),
     (
-        re.compile(
-            rb"Could not resolve|Failed to connect|Couldn't connect|Connection refused|timed out|"
-            rb"SSL|certificate|Connection reset|Empty reply|Recv failure|Send failure"
-        ),
+        rb"Could not resolve|Failed to connect|Couldn't connect|Connection refused|timed out|"
+        rb"SSL|certificate|Connection reset|Empty reply|Recv failure|Send failure",
+        False,
         "cannot reach {base}; check the network, and CODESTORE_BASE_URL if this is not Code Storage",
     ),
 )
@@ -229,9 +320,11 @@ def hint_for(stderr_tail: bytes, expired: bool = False) -> str | None:
     `expired`: the token had run out by the time the transport failed, so a 401 means
     exactly that, not a wrong key, org or clock.
     """
-    for pattern, text in _HINTS:
-        if pattern.search(stderr_tail):
-            if expired and text is _HINTS[0][1]:
+    import re  # only when a transfer failed
+
+    for pattern, ignore_case, text in _HINTS:
+        if re.search(pattern, stderr_tail, re.IGNORECASE if ignore_case else 0):
+            if expired and text is _HINTS[0][2]:
                 return expired_during_push("CODESTORE_TTL, at most 3600")
             # Beyond 401 (where git's own words mislead), a server that explained itself
             # on a `remote:` line has said more than a guess of ours could.
@@ -246,7 +339,9 @@ class StderrTee:
 
     KEEP = 16 * 1024
 
-    def __init__(self, src: BinaryIO, dst: Endpoint) -> None:
+    def __init__(self, src: IO[bytes], dst: Endpoint) -> None:
+        import threading
+
         self.src = Endpoint(src)
         self.dst = dst
         self.tail = b""
@@ -275,7 +370,7 @@ def _exit_status(returncode: int) -> int:
 
 
 def proxy(
-    child: subprocess.Popen[bytes],
+    child: Child,
     decision: Decision,
     pending: bytes,
     git_in: Endpoint,
@@ -342,6 +437,8 @@ def proxy(
     finally:
         configured()
     if connected:
+        import threading
+
         upstream = threading.Thread(target=_upstream, args=(git_in, child), daemon=True)
         upstream.start()
         try:
@@ -405,7 +502,7 @@ def _line(reader: LineReader) -> bytes:
     return line
 
 
-def _upstream(git_in: Endpoint, child: subprocess.Popen[bytes]) -> None:
+def _upstream(git_in: Endpoint, child: Child) -> None:
     assert child.stdin is not None
     try:
         copy(git_in, Endpoint(child.stdin))

@@ -14,11 +14,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.test_agent import Agent
 
 BIN = os.path.dirname(sys.executable)
 ORG = "acme"
@@ -121,7 +125,7 @@ class DevServer:
         """Terminate (kill after 10 s), and close our ends of its pipes."""
         stop_process(self.proc)
 
-    def requests(self) -> list[dict[str, object]]:
+    def requests(self) -> list[dict[str, Any]]:
         """The server's request log: one JSON object per request (never a token)."""
         if not self.log_path.exists():
             return []
@@ -133,7 +137,7 @@ class DevServer:
         key = keys.parse_private_key(keys.Secret(self.key.pem), "test")
         return tokens.mint(key, org=ORG, repo=repo, scopes=scopes, ttl=ttl, sub="test", kid=KID).reveal()
 
-    def api(self, method: str, path: str, token: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
+    def api(self, method: str, path: str, token: str, body: Mapping[str, object] | None = None) -> tuple[int, dict[str, Any]]:
         req = urllib.request.Request(
             self.url + path,
             method=method,
@@ -187,6 +191,18 @@ class Clock:
     def set_offset(self, seconds: int) -> None:
         """Move the shared clock to real time + seconds, for every process at once."""
         self.offset_file.write_text(f"+{seconds}\n")
+
+
+@pytest.fixture
+def agent(tmp_path: Path, org_key: OrgKey) -> Iterator[Agent]:
+    """A running agent holding the org key (tests/test_agent.py starts it)."""
+    from tests.test_agent import start_agent
+
+    a = start_agent(tmp_path)
+    try:
+        yield a
+    finally:
+        a.stop()
 
 
 @pytest.fixture
@@ -249,7 +265,7 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
     )
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -93,7 +93,7 @@ class ProcSampler:
                         self.hits.append(f"{pid}/{part}: {text}")
             self.samples += 1
 
-    def __enter__(self) -> "ProcSampler":
+    def __enter__(self) -> ProcSampler:
         self._thread.start()
         return self
 

@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
@@ -109,7 +110,7 @@ class Issuer:
     requests: list[str] = field(default_factory=list)  # paths asked, in order
     github_request_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     github_audiences: list[str] = field(default_factory=list)
-    github_claims: dict[str, object] = field(default_factory=dict)  # overrides for its tokens
+    github_claims: dict[str, Any] = field(default_factory=dict)  # overrides for its tokens
     _server: ThreadingHTTPServer | None = None
 
     @property
@@ -153,6 +154,7 @@ class Issuer:
 
     def github_token_claims(self, aud: str, lifetime: int = 300, issued: int | None = None, **over: object) -> dict[str, object]:
         """GitHub Actions' shape (docs: "OpenID Connect reference")."""
+        times = self._times(lifetime, issued)
         c: dict[str, object] = {
             "iss": self.url, "aud": aud, "jti": str(uuid.uuid4()),
             "sub": "repo:acme/app:ref:refs/heads/main", "repository": "acme/app", "repository_owner": "acme",
@@ -160,9 +162,9 @@ class Issuer:
             "ref": "refs/heads/main", "ref_type": "branch", "sha": "e" * 40, "workflow": "CI",
             "job_workflow_ref": "acme/app/.github/workflows/ci.yml@refs/heads/main", "actor": "octocat",
             "actor_id": "12", "event_name": "push", "run_id": "6", "run_number": "1", "run_attempt": "1",
-            "runner_environment": "github-hosted", **self._times(lifetime, issued),
+            "runner_environment": "github-hosted", **times,
         }
-        c["nbf"] = int(c["iat"]) - 600  # as in GitHub's documented example: nbf 10 min before iat
+        c["nbf"] = times["iat"] - 600  # as in GitHub's documented example: nbf 10 min before iat
         c.update(over)
         return c
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, CI): install what the tests need, then run them all.
 # git (with git-http-backend) and libfaketime come from apt-get when missing; Python packages from PyPI
-# into ./.venv. Extra arguments go to pytest.
+# into ./.venv. ruff and mypy check the tree, then pytest runs. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -37,4 +37,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || {
 # first (after the install, its uninstall would delete the scripts both share).
 .venv/bin/python -m pip uninstall -q -y --disable-pip-version-check codestore >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,recipes]'
+# Lint and types first (configured in pyproject.toml): either failing fails the run.
+.venv/bin/python -m ruff check --quiet .
+.venv/bin/python -m mypy
 exec .venv/bin/python -m pytest -q "$@"

@@ -12,12 +12,11 @@ import os
 import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,7 +49,7 @@ class Agent:
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
-    def audit(self) -> list[dict[str, object]]:
+    def audit(self) -> list[dict[str, Any]]:
         if not self.audit_path.exists():
             return []
         return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
@@ -82,15 +81,6 @@ def start_agent(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) 
     sock = lines[0].split("unix:", 1)[1].strip()
     url = next((ln.split()[1] for ln in lines if ln.startswith("serving http")), "")
     return Agent(proc, sock, url, env, state, audit, lines)
-
-
-@pytest.fixture
-def agent(tmp_path: Path, org_key: OrgKey) -> Iterator[Agent]:
-    a = start_agent(tmp_path)
-    try:
-        yield a
-    finally:
-        a.stop()
 
 
 def sandbox_env(grant: object = None, *, sock: str | None = None, url: str | None = None, **extra: str) -> dict[str, str]:
@@ -405,7 +395,8 @@ def test_with_the_agent_down_a_sandbox_fails_fast_with_one_line_saying_how_to_st
     assert time.monotonic() - t0 < 2 and "\n" not in str(e.value)
     env["CODESTORE_AGENT_URL"] = "http://127.0.0.1:9"  # nothing listens on the discard port
     proc = subprocess.run(["git", "credential", "fill"], input=f"url=http://127.0.0.1:9/{REPO}.git\n\n", env=dict(env, GIT_CONFIG_COUNT="2",
-                          GIT_CONFIG_KEY_0="credential.helper", GIT_CONFIG_VALUE_0="codestore", GIT_CONFIG_KEY_1="credential.useHttpPath", GIT_CONFIG_VALUE_1="true"),
+                          GIT_CONFIG_KEY_0="credential.helper", GIT_CONFIG_VALUE_0="codestore",
+                          GIT_CONFIG_KEY_1="credential.useHttpPath", GIT_CONFIG_VALUE_1="true"),
                           capture_output=True, text=True, timeout=20)
     assert proc.returncode != 0 and "codestore agent start" in proc.stderr and "password" not in proc.stdout
 

@@ -46,7 +46,7 @@ def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey) -> Iterator[tu
 def sandbox(agent: Agent, grant: dict[str, object], via: str) -> dict[str, str]:
     """No key and no scope settings: the grant alone decides what the sandbox may do."""
     where = {"sock": agent.socket} if via == "socket" else {"url": agent.url}
-    env = sandbox_env(grant["grant"], **where)  # type: ignore[arg-type]
+    env = sandbox_env(grant["grant"], **where)
     for name in ("CODESTORE_PRIVATE_KEY_FILE", "CODESTORE_PRIVATE_KEY", "CODESTORE_SCOPES", "CODESTORE_EPHEMERAL_SCOPES"):
         assert name not in env
     return env

@@ -5,10 +5,8 @@ Each test runs against both fronts, through the installed `codestore agent serve
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import ssl
 import threading
 import time
 from pathlib import Path

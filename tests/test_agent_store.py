@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ from tests.realparts import Postgres
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
 
 
-def admin(a: Agent, method: str, path: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
+def admin(a: Agent, method: str, path: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, Any]]:
     return call(Endpoint("unix", a.socket), method, path, body)
 
 
@@ -80,7 +81,7 @@ def test_an_existing_grants_json_is_migrated_on_first_start_losing_nothing(tmp_p
     ],
     ids=["garbage", "foreign", "damaged"],
 )
-def test_a_corrupt_or_foreign_store_is_refused_at_start_in_one_line(tmp_path: Path, org_key: OrgKey, prepare, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_corrupt_or_foreign_store_is_refused_at_start_in_one_line(tmp_path: Path, org_key: OrgKey, prepare, message: str) -> None:
     # Threat: an agent writing grants into someone else's database, or serving from a damaged one.
     state = tmp_path / "agent-state"
     state.mkdir(mode=0o700)
@@ -139,7 +140,7 @@ def test_on_a_full_filesystem_nothing_acknowledged_is_lost_and_nothing_refused_i
                     acknowledged[str(reply["id"])] = "active"
                 else:
                     assert status == 503 and "no grant was created" in str(reply["error"]), reply
-            listed = {g["id"]: g["state"] for g in admin(a, "GET", "/v1/grants")[1]["grants"]}  # type: ignore[union-attr]
+            listed = {g["id"]: g["state"] for g in admin(a, "GET", "/v1/grants")[1]["grants"]}
             assert {gid: listed[gid] for gid in acknowledged} == acknowledged  # memory says what the disk says
             # Issue 8 item 9: stopping on a full disk is a clean exit, not an internal error.
             a.proc.terminate()
@@ -151,7 +152,7 @@ def test_on_a_full_filesystem_nothing_acknowledged_is_lost_and_nothing_refused_i
             a.stop()
         b = start_agent(mnt)
         try:
-            listed = {g["id"]: g["state"] for g in admin(b, "GET", "/v1/grants")[1]["grants"]}  # type: ignore[union-attr]
+            listed = {g["id"]: g["state"] for g in admin(b, "GET", "/v1/grants")[1]["grants"]}
         finally:
             b.stop()
         assert {gid: listed.get(gid) for gid in acknowledged} == acknowledged
@@ -291,15 +292,15 @@ def test_grant_list_pages_and_filters(tmp_path: Path, org_key: OrgKey) -> None:
         seen, cursor = [], None
         while True:
             status, reply = admin(a, "GET", "/v1/grants?limit=3" + (f"&after={cursor}" if cursor else ""))
-            assert status == 200 and len(reply["grants"]) <= 3  # type: ignore[arg-type]
-            seen += [g["id"] for g in reply["grants"]]  # type: ignore[union-attr]
+            assert status == 200 and len(reply["grants"]) <= 3
+            seen += [g["id"] for g in reply["grants"]]
             cursor = reply["next_cursor"]
             if not cursor:
                 break
         assert seen == [g["id"] for g in made]
         only = admin(a, "GET", "/v1/grants?sub=s1&repo=team/r1")[1]["grants"]
-        assert [g["id"] for g in only] == [g["id"] for g in made if g["sub"] == "s1" and g["repos"] == ["team/r1"]]  # type: ignore[union-attr]
-        revoked = [g for g in admin(a, "GET", "/v1/grants?state=revoked")[1]["grants"]]  # type: ignore[union-attr]
+        assert [g["id"] for g in only] == [g["id"] for g in made if g["sub"] == "s1" and g["repos"] == ["team/r1"]]
+        revoked = [g for g in admin(a, "GET", "/v1/grants?state=revoked")[1]["grants"]]
         assert len(revoked) == 1 and revoked[0]["state"] == "revoked"
         active = [g for g in made if g["id"] != revoked[0]["id"]]
         out = run_cli("codestore", "grant", "list", "--json", "--state", "active", "--limit", "2", env=a.env)
@@ -345,7 +346,7 @@ def test_when_only_the_audit_file_fails_the_admin_is_told_what_is_true(tmp_path:
         a.stop()
     b = start_agent(tmp_path)
     try:
-        listed = {x["id"]: x["state"] for x in admin(b, "GET", "/v1/grants")[1]["grants"]}  # type: ignore[union-attr]
+        listed = {x["id"]: x["state"] for x in admin(b, "GET", "/v1/grants")[1]["grants"]}
         assert listed == {g["id"]: "revoked", live["id"]: "active"}
     finally:
         b.stop()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from git_credential_codestore import config
+from git_credential_codestore import config, config_cache
 from git_credential_codestore.errors import ConfigError
 
 
@@ -93,17 +94,48 @@ def test_a_base_url_with_a_fragment_is_refused() -> None:
         config.load({"CODESTORE_BASE_URL": "https://h/#x", "CODESTORE_CONFIG": "/x"})
 
 
-def test_the_credential_helpers_silent_path_imports_neither_typing_nor_re(tmp_path: Path) -> None:
-    # Startup is paid on every git request: a foreign host must cost no more than Python.
-    import subprocess
-    import sys
+def _config_toml(tmp_path: Path, text: str) -> dict[str, str]:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return {"CODESTORE_CONFIG": str(path), "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
 
-    code = (
-        "import io, os, sys; from git_credential_codestore import credential;"
-        "credential.run(['get'], io.BytesIO(b'protocol=https\\nhost=github.com\\npath=a.git\\n\\n'), io.BytesIO(), io.BytesIO(), os.environ);"
-        "print(sorted(m for m in ('typing', 're', 'urllib.parse', 'dataclasses', 'jwt', 'cryptography') if m in sys.modules))"
-    )
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CODESTORE_ORG": "acme"}
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path[:0] = {sys.path!r}; " + code],
-                         capture_output=True, text=True, env=env, check=True).stdout
-    assert out.strip() == "[]"
+
+def test_an_edited_config_file_is_read_again_not_served_from_the_cache(tmp_path: Path) -> None:
+    env = _config_toml(tmp_path, 'org = "acme"\n')
+    assert config.load(env).org == "acme"
+    assert os.listdir(tmp_path / "cache" / "codestore")  # the parsed copy was kept
+    (tmp_path / "config.toml").write_text('org = "other"\nkid = "k2"\n')
+    assert (config.load(env).org, config.load(env).kid) == ("other", "k2")
+
+
+def test_the_parsed_copy_is_what_a_later_request_reads(tmp_path: Path) -> None:
+    env = _config_toml(tmp_path, 'org = "acme"\n')
+    config.load(env)
+    path = config_cache.cache_path(env["CODESTORE_CONFIG"], env)
+    st = os.stat(env["CODESTORE_CONFIG"])
+    config_cache.write(env["CODESTORE_CONFIG"], st, {"org": "cached"}, env)
+    assert config.load(env).org == "cached"
+    assert config.load(env, cache=False).org == "acme"
+    # A damaged cache is no error: the file is parsed again.
+    with open(path, "wb") as f:
+        f.write(b"\x00garbage")
+    assert config.load(env).org == "acme"
+
+
+def test_a_cache_others_could_write_is_ignored(tmp_path: Path) -> None:
+    # Threat: another user rewrites the cached configuration to send tokens to their server.
+    env = _config_toml(tmp_path, 'org = "acme"\n')
+    config.load(env)
+    st = os.stat(env["CODESTORE_CONFIG"])
+    config_cache.write(env["CODESTORE_CONFIG"], st, {"org": "evil", "base_url": "https://evil.example"}, env)
+    os.chmod(config_cache.cache_path(env["CODESTORE_CONFIG"], env), 0o666)
+    cfg = config.load(env)
+    assert cfg.org == "acme" and cfg.base_url == "https://acme.code.storage"
+
+
+def test_config_set_leaves_the_parsed_copy_for_the_next_request(tmp_path: Path) -> None:
+    env = {"CODESTORE_CONFIG": str(tmp_path / "config.toml"), "HOME": str(tmp_path),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    config.set_value("org", "acme", env)
+    st = os.stat(env["CODESTORE_CONFIG"])
+    assert config_cache.read(env["CODESTORE_CONFIG"], st, env) == {"org": "acme"}

@@ -32,7 +32,8 @@ def test_the_helpers_version_path_reads_no_package_metadata() -> None:
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("shell,marker", [("bash", "complete -o nosort -F"), ("zsh", "#compdef codestore"), ("fish", "complete --no-files --command codestore")])
+@pytest.mark.parametrize("shell,marker", [("bash", "complete -o nosort -F"), ("zsh", "#compdef codestore"),
+                                          ("fish", "complete --no-files --command codestore")])
 def test_completion_prints_the_shells_script(shell: str, marker: str) -> None:
     proc = run_cli("codestore", "completion", shell)
     assert proc.returncode == 0 and marker in proc.stdout and "_CODESTORE_COMPLETE" in proc.stdout

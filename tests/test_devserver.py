@@ -23,7 +23,6 @@ import pytest
 from tests.conftest import BIN, KID, ORG, DevServer, OrgKey, git, make_key, start_dev_server, stop_process
 
 
-
 def all_at_once(commands: list[list[str]], env: dict[str, str], cwd: Path | None = None) -> list[int]:
     """Run the commands concurrently (one thread each); their exit codes, in order."""
     results = [-1] * len(commands)
@@ -52,6 +51,7 @@ def auth_env(token: str) -> dict[str, str]:
 def request(server: DevServer, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> tuple[int, dict[str, str], str]:
     """A raw HTTP request: the path goes on the wire exactly as given."""
     u = urlsplit(server.url)
+    assert u.hostname is not None
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
@@ -499,8 +499,8 @@ def test_list_repositories_with_org_read(dev_server: DevServer) -> None:
     dev_server.create_repo("team/a")
     status, body = dev_server.api("GET", "/api/v1/repos", dev_server.token("org", ["org:read"]))
     assert status == 200 and body["next_cursor"] is None
-    assert [r["repo_id"] for r in body["repos"]] == ["b", "team/a"]  # type: ignore[union-attr,index]
-    assert body["repos"][0]["default_branch"] == "main" and body["repos"][0]["created_at"]  # type: ignore[index]
+    assert [r["repo_id"] for r in body["repos"]] == ["b", "team/a"]
+    assert body["repos"][0]["default_branch"] == "main" and body["repos"][0]["created_at"]
 
 
 def test_list_repositories_needs_org_read(dev_server: DevServer) -> None:
@@ -650,6 +650,7 @@ def raw_exchange(server: DevServer, data: bytes) -> bytes:
     import socket
 
     u = urlsplit(server.url)
+    assert u.port is not None
     with socket.create_connection((u.hostname, u.port), timeout=10) as s:
         s.sendall(data)
         out = b""

@@ -22,6 +22,7 @@ ALLOWED = set(range(400, 500)) | {501, 505}
 def exchange(server: DevServer, data: bytes) -> bytes:
     """Send `data`, half-close, read until the server closes: the whole answer."""
     u = urlsplit(server.url)
+    assert u.port is not None
     with socket.create_connection((u.hostname, u.port), timeout=20) as s:
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.conftest import ORG, DevServer, OrgKey, git, start_dev_server
-
 from pierre_storage import GitStorage
 from pierre_storage.repo import RepoImpl
+
+from tests.conftest import ORG, DevServer, OrgKey, git, start_dev_server
 
 SIGNATURE = {"name": "T", "email": "t@example.com"}
 
@@ -306,11 +305,13 @@ def test_list_repos_accepts_an_org_token_that_names_no_repository(sdk: Setup) ->
     claims = pyjwt.decode(token, options={"verify_signature": False})
     del claims["repo"]
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
     key = serialization.load_pem_private_key(sdk.server.key.pem.encode(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
     repo_less = pyjwt.encode(claims, key, algorithm="ES256")
     status, body = sdk.server.api("GET", "/api/v1/repos", repo_less)
-    assert status == 200 and [r["repo_id"] for r in body["repos"]] == ["team/app"]  # type: ignore[union-attr,index]
+    assert status == 200 and [r["repo_id"] for r in body["repos"]] == ["team/app"]
     # Threat: an org-wide token reading a repository.
     status, body = sdk.server.api("GET", "/api/v1/repo", repo_less)
     assert status == 401 and "names none" in str(body["error"])
@@ -417,7 +418,7 @@ def test_no_sdk_call_left_a_traceback_on_the_server(sdk: Setup) -> None:
 def test_both_route_spellings_reach_the_same_endpoint(sdk: Setup, prefix: str) -> None:
     token = sdk.server.token("team/app", ["git:read"])
     status, body = sdk.server.api("GET", f"{prefix}/branches?ephemeral=true", token)
-    assert status == 200 and [b["name"] for b in body["branches"]] == ["feat"]  # type: ignore[union-attr,index]
+    assert status == 200 and [b["name"] for b in body["branches"]] == ["feat"]
 
 
 def test_versionless_find_and_delete_use_the_encoded_id(sdk: Setup) -> None:

@@ -61,7 +61,9 @@ def test_the_default_read_only_token_cannot_push(dev_server: DevServer, tmp_path
     assert pushes and all("git:write" not in r["scopes"] for r in pushes)
 
 
-def test_ephemeral_only_write_pushes_to_ephemeral_and_not_to_the_default_namespace(dev_server: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ephemeral_only_write_pushes_to_ephemeral_and_not_to_the_default_namespace(
+    dev_server: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CODESTORE_EPHEMERAL_SCOPES", "git:read git:write")
     run_cli("codestore", "setup")
     url = dev_server.create_repo(REPO)

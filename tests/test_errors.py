@@ -46,7 +46,7 @@ def _pem(key: object) -> keys.Secret:
 
 
 @pytest.mark.parametrize("make", [x25519.X25519PrivateKey.generate, lambda: ec.generate_private_key(ec.SECP384R1())])
-def test_a_key_of_the_wrong_type_is_invalid_not_missing(make) -> None:  # type: ignore[no-untyped-def]
+def test_a_key_of_the_wrong_type_is_invalid_not_missing(make) -> None:
     # A key that was found but cannot sign must not read as "no key": that message
     # would send the user to generate a key they already have.
     cfg = config.Config(org="acme")

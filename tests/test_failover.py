@@ -16,8 +16,19 @@ import time
 from pathlib import Path
 
 from tests.conftest import DevServer, git
-from tests.sandboxes import Image, as_user, give, image, make_home, sandbox_base, sandbox_env, sandbox_user, world_readable_tmp  # noqa: F401
-from tests.test_agent import REPO, Agent, agent  # noqa: F401 - fixtures
+from tests.sandboxes import (  # noqa: F401
+    Image,
+    User,
+    as_user,
+    give,
+    image,
+    make_home,
+    sandbox_base,
+    sandbox_env,
+    sandbox_user,
+    world_readable_tmp,
+)
+from tests.test_agent import REPO, Agent  # noqa: F401 - fixtures
 
 BRANCH = "sandbox/failover"
 
@@ -32,7 +43,7 @@ def test_a_second_sandbox_continues_the_branch_a_killed_one_pushed(
     assert made.returncode == 0, made.stderr
     grant_id = made.stdout.strip()
 
-    def sandbox(name: str) -> tuple[object, dict[str, str]]:
+    def sandbox(name: str) -> tuple[User, dict[str, str]]:
         user = sandbox_user(f"codestore-sbx-{name}")
         home = make_home(sandbox_base, user, f"home-{name}")
         (home / "grant").write_text(secret.read_text())
@@ -74,7 +85,7 @@ def test_a_second_sandbox_continues_the_branch_a_killed_one_pushed(
 
     # The audit trail: write tokens minted for the one grant before and after the kill. A push
     # through codestore:// mints two: one for the advertisement, one after the pre-push hook.
-    pushes = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == grant_id and "git:write" in e["scopes"]]  # type: ignore[operator]
+    pushes = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == grant_id and "git:write" in e["scopes"]]
     assert len(pushes) == 2 * 2 and {e["sub"] for e in pushes} == {"task-7"}
     served = [r for r in dev_server.requests() if "git-receive-pack" in str(r.get("path")) and r.get("status") == 200]
     assert len(served) == 2

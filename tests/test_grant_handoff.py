@@ -11,7 +11,7 @@ import os
 import stat
 from pathlib import Path
 
-from tests.test_agent import REPO, Agent, agent, mint, sandbox_env  # noqa: F401 - agent is a fixture
+from tests.test_agent import REPO, Agent, mint, sandbox_env
 
 
 def create(agent: Agent, *args: str) -> tuple[int, str, str]:

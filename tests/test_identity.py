@@ -17,9 +17,9 @@ import pytest
 from git_credential_codestore.agent import identity, policy, trust
 from git_credential_codestore.agent.identity import Verifier, https_fetcher
 from git_credential_codestore.agent.workload import find_identity
-from git_credential_codestore.vocab import TokenRequest
 from git_credential_codestore.errors import ConfigError
-from tests.oidc_issuer import Issuer, CertAuthority, hs256, make_ca, new_key, raw_jwt, start_issuer
+from git_credential_codestore.vocab import TokenRequest
+from tests.oidc_issuer import CertAuthority, Issuer, hs256, make_ca, new_key, raw_jwt, start_issuer
 
 AUD = "https://agent.example:8765"
 
@@ -135,7 +135,7 @@ def test_alg_none_is_refused(issuer: Issuer, verifier: Verifier) -> None:
 def test_hs256_keyed_with_the_public_jwks_is_refused(issuer: Issuer, verifier: Verifier) -> None:
     # Threat: algorithm confusion: HMAC with the issuer's public key material as the secret.
     claims = issuer.github_token_claims(AUD)
-    header = {"alg": "HS256", "typ": "JWT", "kid": issuer.current.kid}
+    header: dict[str, object] = {"alg": "HS256", "typ": "JWT", "kid": issuer.current.kid}
     for secret in (json.dumps(issuer.jwks()).encode(), json.dumps(issuer.current.jwk()).encode(),
                    jwt.algorithms.RSAAlgorithm.to_jwk(issuer.current.key.public_key()).encode()):
         assert "signed with HS256 are not accepted" in refused(verifier, hs256(header, claims, secret), trusted(issuer))

@@ -64,7 +64,7 @@ def test_with_a_working_keychain_the_key_goes_there_and_no_file_is_written(herme
     store: dict[tuple[str, str], str] = {}
 
     class Backend(KeyringBackend):
-        priority = 1  # type: ignore[assignment]
+        priority = 1
 
         def get_password(self, service: str, username: str) -> str | None:
             return store.get((service, username))
@@ -127,3 +127,25 @@ def test_key_import_of_garbage_is_one_line_exit_1(hermetic: Path, monkeypatch: p
 
 def test_secret_type_masks_pem() -> None:
     assert "BEGIN" not in repr(keys.private_pem(keys.generate("ec"))) and repr(Secret("x")) == "Secret(<redacted>)"
+
+
+def test_a_keychain_known_to_be_unusable_is_skipped_without_importing_keyring(hermetic: Path) -> None:
+    # keyring's import is ~55 ms; where no keychain works, the key file is read directly.
+    import subprocess
+    import sys
+
+    store = ("from git_credential_codestore import config, keys;"
+             "keys.store_private_key(keys.generate(), config.load({'CODESTORE_ORG': 'acme', **os.environ}))")
+    load = ("import sys; from git_credential_codestore import config, keys;"
+            "_, where = keys.load_private_key(config.load({'CODESTORE_ORG': 'acme', **os.environ}));"
+            "print(where, 'keyring' in sys.modules)")
+    env = dict(os.environ)
+    subprocess.run([sys.executable, "-c", "import os;" + store], env=env, check=True)
+    first = subprocess.run([sys.executable, "-c", "import os;" + load], env=env, check=True, capture_output=True, text=True)
+    second = subprocess.run([sys.executable, "-c", "import os;" + load], env=env, check=True, capture_output=True, text=True)
+    assert first.stdout.split()[-1] == "True"  # keyring was asked once, and found no keychain
+    assert second.stdout.strip() == "the codestore key file False"
+    # Another backend choice is another environment: keyring is asked again.
+    env["PYTHON_KEYRING_BACKEND"] = "keyring.backends.null.Keyring"
+    third = subprocess.run([sys.executable, "-c", "import os;" + load], env=env, check=True, capture_output=True, text=True)
+    assert third.stdout.strip() == "the codestore key file True"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from git_credential_codestore import gitenv
-from tests.conftest import ORG, DevServer, OrgKey, git, make_key, run_cli, start_dev_server, stop_process
+from tests.conftest import ORG, DevServer, git, make_key, run_cli, start_dev_server, stop_process
 from tests.leakscan import ProcSampler, files_with_secrets, key_needles, secrets_in_text
 
 REPO = "team/leaky"

@@ -51,8 +51,8 @@ def test_the_credential_parser_returns_fields_or_a_protocol_error_that_quotes_no
     assert all(k and "\n" not in k + v and "\0" not in k + v for k, v in fields.items())
 
 
-KEY = st.text(alphabet=st.characters(blacklist_characters="=\n\0\r", blacklist_categories=("Cs",)), min_size=1, max_size=20)
-VALUE = st.text(alphabet=st.characters(blacklist_characters="\n\0", blacklist_categories=("Cs",)), max_size=40)
+KEY = st.text(alphabet=st.characters(blacklist_characters="=\n\0\r", blacklist_categories=["Cs"]), min_size=1, max_size=20)
+VALUE = st.text(alphabet=st.characters(blacklist_characters="\n\0", blacklist_categories=["Cs"]), max_size=40)
 
 
 @FAST

@@ -7,16 +7,16 @@ file (local key) or the agent's audit log (grant or owner through the agent).
 from __future__ import annotations
 
 import io
-import json
-import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from git_credential_codestore import audit
 from remote_helper import protocol, pushwatch
 from remote_helper.protocol import LineReader
-from tests.conftest import ORG, DevServer, git, run_cli
+from tests.conftest import DevServer, git
 from tests.test_agent import Agent, sandbox_env, start_agent
 from tests.test_remote_helper import EPHEMERAL_URL, REPO, URL, commit
 
@@ -27,7 +27,7 @@ def trail(home: Path) -> list[dict[str, object]]:
     return list(audit.read(str(home / ".local/state/codestore/audit.log")))
 
 
-def pushes(entries: list[dict[str, object]]) -> list[dict[str, object]]:
+def pushes(entries: list[dict[str, object]]) -> list[dict[str, Any]]:
     return [e for e in entries if e.get("event") == "push"]
 
 
@@ -99,7 +99,7 @@ def test_a_push_with_a_local_key_is_recorded_with_old_and_new_sha(work: Path, he
     second = commit(work, "b")
     git("push", "-q", "origin", "main", cwd=work)
     entries = pushes(trail(hermetic))
-    assert [(e["refs"][0]["old"], e["refs"][0]["new"], e["result"]) for e in entries] == [  # type: ignore[index]
+    assert [(e["refs"][0]["old"], e["refs"][0]["new"], e["result"]) for e in entries] == [
         (ZERO, first, "ok"), (first, second, "ok"),
     ]
     assert entries[0]["repo"] == REPO and entries[0]["ephemeral"] is False
@@ -127,8 +127,8 @@ def test_deleting_a_branch_and_pushing_to_ephemeral_are_recorded(work: Path, her
     git("push", "-q", EPHEMERAL_URL, "main:refs/heads/feat", cwd=work)
     git("push", "-q", EPHEMERAL_URL, ":refs/heads/feat", cwd=work)
     made, deleted = pushes(trail(hermetic))
-    assert made["ephemeral"] is True and made["refs"][0] == {"ref": "refs/heads/feat", "old": ZERO, "new": sha, "forced": False, "result": "ok"}  # type: ignore[index]
-    assert deleted["refs"][0]["old"] == sha and deleted["refs"][0]["new"] == ZERO  # type: ignore[index]
+    assert made["ephemeral"] is True and made["refs"][0] == {"ref": "refs/heads/feat", "old": ZERO, "new": sha, "forced": False, "result": "ok"}
+    assert deleted["refs"][0]["old"] == sha and deleted["refs"][0]["new"] == ZERO
 
 
 def test_a_dry_run_and_a_fetch_leave_no_push_in_the_trail(work: Path, hermetic: Path, tmp_path: Path) -> None:
@@ -142,9 +142,9 @@ def test_a_dry_run_and_a_fetch_leave_no_push_in_the_trail(work: Path, hermetic: 
 
 
 @pytest.fixture
-def agent(tmp_path: Path, dev_server: DevServer) -> Agent:
+def agent(tmp_path: Path, dev_server: DevServer) -> Iterator[Agent]:
     a = start_agent(tmp_path)
-    yield a  # type: ignore[misc]
+    yield a
     a.stop()
 
 
@@ -185,7 +185,7 @@ def test_a_push_the_server_refuses_is_recorded_as_refused_with_its_reason(agent:
     [entry] = pushes(agent.audit())
     # The server's policy check refuses the whole push (as a pre-receive hook does).
     assert entry["result"] == "error"
-    locked, opened = sorted(entry["refs"], key=lambda r: r["ref"])  # type: ignore[arg-type,index]
+    locked, opened = sorted(entry["refs"], key=lambda r: r["ref"])
     assert (locked["ref"], locked["new"], locked["result"]) == ("refs/heads/locked", sha, "error")
     assert (opened["ref"], opened["new"], opened["result"]) == ("refs/heads/open", sha, "error")
     assert "hook" in str(locked["reason"]) or "declined" in str(locked["reason"])
@@ -253,4 +253,5 @@ def test_only_the_owner_may_query_the_trail(agent: Agent) -> None:
     status, _ = call(Endpoint.from_url(agent.url), "POST", "/v1/audit/query", {}, grant=Secret(str(grant["grant"])), env=agent.env)
     assert status == 403
     status, reply = call(Endpoint("unix", agent.socket), "POST", "/v1/audit/query", {"event": "grant-create"}, env=agent.env)
-    assert status == 200 and [e["grant"] for e in reply["entries"]] == [grant["id"]]  # type: ignore[union-attr,index]
+    entries: list[dict[str, object]] = reply["entries"]  # type: ignore[assignment]  # JSON
+    assert status == 200 and [e["grant"] for e in entries] == [grant["id"]]

@@ -23,14 +23,25 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.conftest import DevServer, git
 from tests.sandboxes import (  # noqa: F401 - fixtures
-    ROOT, Image, User, as_user, give, image, make_home, sandbox_base, sandbox_env, sandbox_user, world_readable_tmp,
+    ROOT,
+    Image,
+    User,
+    as_user,
+    give,
+    image,
+    make_home,
+    sandbox_base,
+    sandbox_env,
+    sandbox_user,
+    world_readable_tmp,
 )
-from tests.test_agent import REPO, Agent, agent  # noqa: F401 - fixtures
+from tests.test_agent import REPO, Agent
 
 EXAMPLES = ROOT / "examples"
 RECIPE_INSTALL = "/opt/codestore-src/install.sh --setup --org acme"
@@ -78,7 +89,7 @@ class Box:
         env = {k: self.local(v) for k, v in (env or {}).items()}
         full = sandbox_env(self.home, self.image, **env, **self.extra_env)
         proc = as_user(self.user, ["bash", "-c", self.local(command)], full, cwd=Path(self.local(cwd)) if cwd else self.home)
-        return proc.returncode, proc.stdout, proc.stderr  # type: ignore[union-attr]
+        return proc.returncode, str(proc.stdout), str(proc.stderr)
 
     def write(self, path: str, data: str | bytes) -> None:
         local = Path(self.local(path))
@@ -96,12 +107,17 @@ class Obj:
     def __init__(self, **attrs: object) -> None:
         self.__dict__.update(attrs)
 
+    if TYPE_CHECKING:  # its attributes are whatever the stand-in hung on it
+
+        def __getattr__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
+
 
 # -- the three SDKs' stand-ins --------------------------------------------------------------
 
 
-def fake_modal(box: Box, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[object]]:
-    seen: dict[str, list[object]] = {"image_commands": [], "secrets": []}
+def fake_modal(box: Box, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
+    seen: dict[str, list[Any]] = {"image_commands": [], "secrets": []}
     real = modal.Image
 
     def image_obj(_: object) -> Obj:
@@ -146,11 +162,11 @@ def fake_modal(box: Box, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[obje
     return seen
 
 
-def fake_e2b(box: Box, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[object]]:
+def fake_e2b(box: Box, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
     from e2b.sandbox_sync.commands.command import Commands
     from e2b.sandbox_sync.filesystem.filesystem import Filesystem
 
-    seen: dict[str, list[object]] = {"runs": []}
+    seen: dict[str, list[Any]] = {"runs": []}
     real = e2b.Sandbox
 
     def create(a: dict[str, object]) -> Obj:
@@ -175,13 +191,13 @@ def fake_e2b(box: Box, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[object
     return seen
 
 
-def fake_daytona(box: Box, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[object]]:
+def fake_daytona(box: Box, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
     from daytona._sync.filesystem import FileSystem
     from daytona._sync.process import Process
     from daytona.common.process import ExecuteResponse
 
     real = daytona.Daytona
-    seen: dict[str, list[object]] = {"params": [], "execs": []}
+    seen: dict[str, list[Any]] = {"params": [], "execs": []}
 
     def create(a: dict[str, object]) -> Obj:
         params = a["params"]
@@ -304,13 +320,13 @@ def test_e2b_recipe_runs_against_the_real_sdk_signatures(scene: Scene, monkeypat
     seen = fake_e2b(scene.box, monkeypatch)
     assert run_recipe(EXAMPLES / "e2b" / "run.py") == 0
     assert BRANCH in pushed_branch(scene)
-    work = next(r for r in seen["runs"] if "codestore-work" in str(r["cmd"]))  # type: ignore[index]
+    work = next(r for r in seen["runs"] if "codestore-work" in str(r["cmd"]))
     # commands.run gives up after 60 s unless told otherwise; a clone and a task take longer.
-    assert "timeout" in work and work["timeout"] in (0, None) or work["timeout"] >= 600  # type: ignore[operator]
+    assert "timeout" in work and work["timeout"] in (0, None) or work["timeout"] >= 600
     grant = scene.box.home / ".config" / "codestore" / "grant"
     assert grant.read_text().strip() == scene.grant and stat.S_IMODE(grant.stat().st_mode) == 0o600
     assert_grant_only_in(scene, {"files.write"})
-    assert not any("CODESTORE_GRANT" in (r.get("envs") or {}) for r in seen["runs"])  # type: ignore[attr-defined, operator] - a file, not the environment
+    assert not any("CODESTORE_GRANT" in (r.get("envs") or {}) for r in seen["runs"])  # a file, not the environment
     assert scene.box.names()[-1] == "Sandbox.kill"
 
     fail_next_run(monkeypatch, scene)
@@ -324,9 +340,9 @@ def test_daytona_recipe_runs_against_the_real_sdk_signatures(scene: Scene, monke
     assert run_recipe(EXAMPLES / "daytona" / "run.py") == 0
     assert BRANCH in pushed_branch(scene)
     params = seen["params"][0]
-    dockerfile = params.image.dockerfile()  # type: ignore[attr-defined] - the real daytona.Image, built lazily
+    dockerfile = params.image.dockerfile()  # the real daytona.Image, built lazily
     assert f"RUN {RECIPE_INSTALL}" in dockerfile and "USER" not in dockerfile.split(RECIPE_INSTALL)[0]
-    assert scene.grant not in dockerfile and scene.grant not in json.dumps(params.env_vars)  # type: ignore[attr-defined]
+    assert scene.grant not in dockerfile and scene.grant not in json.dumps(params.env_vars)
     assert_grant_only_in(scene, {"fs.upload_file", "Daytona.create"})
     grant = scene.box.home / ".config" / "codestore" / "grant"
     assert stat.S_IMODE(grant.stat().st_mode) == 0o600

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import http.server
 import os
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,7 +35,7 @@ def remote_refs(url: str) -> dict[str, str]:
     return {ref: sha for sha, ref in (line.split("\t") for line in lines)}
 
 
-def git_requests(server: DevServer, service: str, since: int = 0) -> list[dict[str, object]]:
+def git_requests(server: DevServer, service: str, since: int = 0) -> list[dict[str, Any]]:
     return [r for r in server.requests()[since:] if r.get("service") == service]
 
 

@@ -27,7 +27,7 @@ CAPS = b"\n".join(protocol.CAPABILITIES) + b"\n\n"
 
 
 def cfg(**kw: object) -> config.Config:
-    return config.Config(**kw)  # type: ignore[arg-type]
+    return config.Config(**kw)
 
 
 def trusting(url: str) -> config.Config:
@@ -274,10 +274,12 @@ def test_a_push_that_configuration_forbids_is_refused_before_minting(
     org_key: OrgKey, url: str, env_scopes: dict[str, str], message: str
 ) -> None:
     launched: list[object] = []
-    status, _, err = run(
-        b"capabilities\nlist for-push\n", url=url, env={**os.environ, **env_scopes},
-        launch=lambda argv, env, fds: launched.append(argv),  # type: ignore[func-returns-value,return-value]
-    )
+
+    def launch(argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int]) -> transport.Child:
+        launched.append(argv)
+        raise AssertionError("the transport must not start")
+
+    status, _, err = run(b"capabilities\nlist for-push\n", url=url, env={**os.environ, **env_scopes}, launch=launch)
     assert status == 1 and message in err and err.count("\n") == 1 and not launched
 
 
@@ -316,7 +318,7 @@ sys.exit(7)
 
 
 def fake_launcher(seen: list[Sequence[str]]) -> helper.Launcher:
-    def launch(argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int]) -> subprocess.Popen[bytes]:
+    def launch(argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int]) -> transport.Child:
         seen.append(argv)
         return transport.spawn([sys.executable, "-c", FAKE_TRANSPORT, *argv[-2:]], env, pass_fds)
 
@@ -451,6 +453,25 @@ def test_a_transport_that_disagrees_with_our_preamble_is_caught(
 ) -> None:
     got, _, err = run(stdin, env={**os.environ, "FAKE_MODE": mode}, launch=fake_launcher([]))
     assert got == status and message in err
+
+
+def test_a_transport_that_cannot_start_is_one_line_naming_the_fix(tmp_path: Path) -> None:
+    for argv, env in ((["git-no-such-transport", "origin", "x"], {"PATH": str(tmp_path)}),
+                      ([str(tmp_path / "missing"), "origin", "x"], {})):
+        with pytest.raises(ConfigError, match="cannot run git's HTTPS transport .*is git 2.39 or newer installed"):
+            transport.spawn(argv, env)
+
+
+def test_the_spawned_transport_gets_its_pipes_and_its_exit_status() -> None:
+    child = transport.spawn([sys.executable, "-c", "import sys; sys.stdout.write(sys.stdin.read().upper());"
+                             "sys.stderr.write('e'); sys.exit(3)"], dict(os.environ))
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    child.stdin.write(b"abc")
+    child.stdin.close()
+    assert child.stdout.read() == b"ABC" and child.stderr.read() == b"e"
+    assert child.wait() == 3
+    child.stdout.close()
+    child.stderr.close()
 
 
 def test_a_401_after_the_token_ran_out_is_named_as_such() -> None:

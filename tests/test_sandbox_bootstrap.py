@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.conftest import DevServer, OrgKey, git
 from tests.leakscan import files_with_secrets, key_needles
-from tests.test_agent import REPO, Agent, agent  # noqa: F401 - agent is a fixture
+from tests.test_agent import REPO, Agent
 from tests.test_install import install
 
 

@@ -33,7 +33,7 @@ class World:
         git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=self.sandbox, env=self.sandbox_env)
         return git("rev-parse", "HEAD", cwd=self.sandbox).stdout.strip()
 
-    def codestore(self, *args: str):  # type: ignore[no-untyped-def]
+    def codestore(self, *args: str):
         return run_cli("codestore", *args, env=self.owner)
 
     def default_refs(self) -> dict[str, str]:
@@ -127,7 +127,7 @@ def test_a_sandbox_push_racing_the_promotion_cannot_slip_its_commit_in(world: Wo
     real = review.remote_heads
     slipped: list[str] = []
 
-    def check_then_race(cfg, repo, ephemeral_ns, env=None, *refs):  # type: ignore[no-untyped-def]
+    def check_then_race(cfg, repo, ephemeral_ns, env=None, *refs):
         heads = real(cfg, repo, ephemeral_ns, env, *refs)
         if ephemeral_ns and not slipped:  # the check has read the branch: now the sandbox pushes
             slipped.append(world.sandbox_commit_and_push("sneaky.txt"))

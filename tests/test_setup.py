@@ -66,7 +66,7 @@ def test_undo_without_setup_changes_nothing(hermetic: Path) -> None:
     assert (hermetic / ".gitconfig").read_text() == before
 
 
-def test_global_credential_store_helper_is_never_consulted_for_our_host(hermetic: Path, org_key) -> None:  # type: ignore[no-untyped-def]
+def test_global_credential_store_helper_is_never_consulted_for_our_host(hermetic: Path, org_key) -> None:
     # Threat: a global `credential.helper=store` saving and replaying our tokens.
     git("config", "--global", "credential.helper", "store")
     run_cli("codestore", "setup")

@@ -17,8 +17,18 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ORG, DevServer, git
-from tests.sandboxes import Image, as_user, give, image, make_home, sandbox_base, sandbox_env, sandbox_user, world_readable_tmp  # noqa: F401
-from tests.test_agent import REPO, Agent, agent  # noqa: F401 - fixtures
+from tests.sandboxes import (  # noqa: F401
+    Image,
+    as_user,
+    give,
+    image,
+    make_home,
+    sandbox_base,
+    sandbox_env,
+    sandbox_user,
+    world_readable_tmp,
+)
+from tests.test_agent import REPO, Agent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +42,7 @@ def build_step(image: Image, gitconfig: Path, *args: str) -> subprocess.Complete
     return subprocess.run([*offline, *args], env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
-def grant_file_for(user_home: Path, agent: Agent, owner_tmp: Path, user, *args: str) -> Path:  # type: ignore[no-untyped-def]
+def grant_file_for(user_home: Path, agent: Agent, owner_tmp: Path, user, *args: str) -> Path:
     """`grant create --secret-file` on the owner's side, then the file handed into the sandbox."""
     src = owner_tmp / f"grant-{user_home.name}"
     proc = agent.cli("grant", "create", "--repo", REPO, "--scopes", "git:write", "--ephemeral-only", *args, "--secret-file", str(src))
@@ -58,7 +68,8 @@ def test_setup_system_writes_git_system_config_without_key_or_network(image: Ima
     gitconfig = sandbox_base / "gitconfig"
     proc = build_step(image, gitconfig, "codestore", "setup", "--system", "--org", ORG)
     assert proc.returncode == 0, proc.stderr
-    assert git("config", "--file", str(gitconfig), "--get-all", f"credential.https://{ORG}.code.storage.helper").stdout.splitlines() == ["", f"codestore --org {ORG}"]
+    helpers = git("config", "--file", str(gitconfig), "--get-all", f"credential.https://{ORG}.code.storage.helper")
+    assert helpers.stdout.splitlines() == ["", f"codestore --org {ORG}"]
     again = build_step(image, gitconfig, "codestore", "setup", "--system", "--org", ORG)
     assert again.returncode == 0 and "already set up" in again.stdout
     undone = build_step(image, gitconfig, "codestore", "setup", "--system", "--org", ORG, "--undo")

@@ -58,7 +58,8 @@ def test_the_units_command_line_serves_without_xdg_runtime_dir(org_key: OrgKey, 
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(2)]
-        assert any(line.startswith("ready") for line in lines) or proc.poll() is None, (lines, proc.stderr.read() if proc.poll() is not None else "")
+        err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+        assert any(line.startswith("ready") for line in lines) or proc.poll() is None, (lines, err)
         sock = dirs["RUNTIME_DIRECTORY"] / "agent.sock"
         assert sock.is_socket()
         made = subprocess.run([os.path.join(BIN, "codestore"), "grant", "create", "--socket", str(sock), "--repo", REPO,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from typing import Any
 
 import jwt
 import pytest
@@ -16,8 +17,8 @@ from git_credential_codestore.errors import TokenError
 from git_credential_codestore.secrets import Secret, Token
 
 
-def mint(key, **kw):  # type: ignore[no-untyped-def]
-    args = dict(org="acme", repo="team/app", scopes=["git:read"], ttl=300, sub="tester", kid="k1")
+def mint(key: tokens.PrivateKey, **kw: Any) -> Token:
+    args: dict[str, Any] = dict(org="acme", repo="team/app", scopes=["git:read"], ttl=300, sub="tester", kid="k1")
     args.update(kw)
     return tokens.mint(key, **args)
 
@@ -71,7 +72,7 @@ def test_secret_cannot_be_pickled() -> None:
         pickle.dumps(Secret("x"))
 
 
-def _b64(d: dict) -> str:  # type: ignore[type-arg]
+def _b64(d: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
 
 

@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ class World:
     issuer: Issuer
     ca: CertAuthority
 
-    def trust(self, *args: str, issuer: Issuer | None = None) -> dict[str, object]:
+    def trust(self, *args: str, issuer: Issuer | None = None) -> dict[str, Any]:
         proc = self.agent.cli("trust", "add", "--json", "--issuer", (issuer or self.issuer).url, *args)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
@@ -45,7 +46,7 @@ class World:
             assert name not in env
         return env
 
-    def exchanges(self) -> list[dict[str, object]]:
+    def exchanges(self) -> list[dict[str, Any]]:
         return [e for e in self.agent.audit() if e.get("issuer") and e["event"] in ("mint", "refuse")]
 
 

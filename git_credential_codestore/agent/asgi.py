@@ -42,7 +42,16 @@ from uvicorn.server import ServerState
 from ..errors import redact
 from .discovery import unix_address
 from .server import (
-    IO_TIMEOUT, MAX_HEAD, Agent, Caller, Slots, admit, encode, framing, identify, respond,
+    IO_TIMEOUT,
+    MAX_HEAD,
+    Agent,
+    Caller,
+    Slots,
+    admit,
+    encode,
+    framing,
+    identify,
+    respond,
 )
 
 WORKERS = 16  # threads running handlers; more only contend for the GIL
@@ -99,7 +108,7 @@ class AgentProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head = 0
         self._arm()
-        self.scope["extensions"] = {"codestore.caller": self.caller}  # type: ignore[typeddict-unknown-key]
+        self.scope["extensions"] = {"codestore.caller": self.caller}  # type: ignore[dict-item]
 
     def on_url(self, url: bytes) -> None:
         self._head += len(url)
@@ -115,7 +124,7 @@ class AgentProtocol(HttpToolsProtocol):
             raise ValueError("request head too large")
         super().on_header(name, value)
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio.Protocol's contract: bool | None
         """The client closed its side (helpers send, then read): answer what is in flight, then close."""
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False
@@ -188,7 +197,7 @@ class AsgiFront:
 
     # -- the ASGI application ---------------------------------------------------------------
 
-    async def app(self, scope: dict, receive: Callable, send: Callable) -> None:  # type: ignore[type-arg]
+    async def app(self, scope: dict, receive: Callable, send: Callable) -> None:
         caller: Caller = scope["extensions"]["codestore.caller"]
         headers: dict[str, str] = {}
         for k, v in scope["headers"]:
@@ -220,7 +229,7 @@ class AsgiFront:
         await self._send(send, status, data, ctype)
 
     @staticmethod
-    async def _send(send: Callable, status: int, data: bytes, ctype: str, close: bool = False) -> None:  # type: ignore[type-arg]
+    async def _send(send: Callable, status: int, data: bytes, ctype: str, close: bool = False) -> None:
         head = [(b"content-type", ctype.encode()), (b"content-length", str(len(data)).encode()), (b"cache-control", b"no-store")]
         if close:
             head.append((b"connection", b"close"))
@@ -345,4 +354,4 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         import uvloop
     except ImportError:
         return asyncio.new_event_loop()
-    return uvloop.new_event_loop()  # type: ignore[no-any-return]
+    return uvloop.new_event_loop()

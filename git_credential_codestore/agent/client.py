@@ -20,12 +20,6 @@ import os
 import time
 from collections.abc import Mapping
 
-TYPE_CHECKING = False  # typing's import is a cost on every git request
-
-if TYPE_CHECKING:
-    import socket
-    import ssl
-
 from ..config import Config, getenv
 from ..errors import ConfigError, PolicyError, ProtocolError, RemoteError
 from ..secrets import Secret, Token
@@ -33,6 +27,12 @@ from ..vocab import TokenRequest
 from . import wire
 from .discovery import Endpoint, ca_file, endpoints_from_env, key_uri, read_grant, unix_address
 from .workload import WorkloadIdentity, find_identity
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+
+if TYPE_CHECKING:
+    import socket
+    import ssl
 
 MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0
@@ -138,7 +138,7 @@ def _handshake(sock: ssl.SSLSocket, deadline: float) -> None:
                 sock.do_handshake()
                 return
             except ssl.SSLWantReadError:
-                want: tuple[list[object], list[object]] = ([sock], [])
+                want: tuple[list[ssl.SSLSocket], list[ssl.SSLSocket]] = ([sock], [])
             except ssl.SSLWantWriteError:
                 want = ([], [sock])
             left = deadline - time.monotonic()
@@ -283,7 +283,7 @@ class AgentSource:
         say(
             "agent-client",
             f"asking {self.endpoint} {'with a grant' if self.grant is not None else 'as the owner'} for "
-            f"{request.repo}{' (+ephemeral)' if request.ephemeral else ''} {' '.join(request.scopes)}"  # type: ignore[attr-defined]
+            f"{request.repo}{' (+ephemeral)' if request.ephemeral else ''} {' '.join(request.scopes)}"
             f"{' (at most)' if getattr(request, 'narrow', False) else ''}",
             self.env,
         )

@@ -246,9 +246,9 @@ class Database:
                 app = tx.execute("SELECT value FROM codestore_meta WHERE key = 'app'")
                 if not app or app[0][0] != APP:
                     raise ConfigError(f"{self.where} is not a codestore agent database; give the agent its own (--store)")
-                versions = dict(tx.execute("SELECT component, version FROM codestore_schema"))  # type: ignore[arg-type]
+                versions: dict[str, int] = dict(tx.execute("SELECT component, version FROM codestore_schema"))  # type: ignore[arg-type]
                 for component, steps in MIGRATIONS.items():
-                    have = int(versions.get(component, 0))  # type: ignore[call-overload]
+                    have = int(versions.get(component, 0))
                     if have > len(steps):
                         raise ConfigError(
                             f"{self.where} was written by a newer codestore ({component} schema v{have}, this one knows "

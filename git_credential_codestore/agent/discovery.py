@@ -238,11 +238,11 @@ def spawn(socket_path: str, *, idle_timeout: int = 0, extra: tuple[str, ...] = (
     out = subprocess.DEVNULL
     if log_path:
         os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
-        out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # type: ignore[assignment]
+        out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True,
                                 env=dict(env) if env is not None else None)
     finally:
         if log_path:
-            os.close(out)  # type: ignore[arg-type]
+            os.close(out)
     return proc

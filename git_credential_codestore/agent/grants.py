@@ -161,7 +161,7 @@ def _row(grant: Grant) -> tuple[object, ...]:
 
 def _grant(row: Sequence[object]) -> Grant:
     values = {}
-    for name, value in zip(_COLUMNS, row):
+    for name, value in zip(_COLUMNS, row, strict=False):
         values[name] = json.loads(value) if name in _JSON else bool(value) if name in _BOOL else value  # type: ignore[arg-type]
     return Grant(**values)  # type: ignore[arg-type]
 
@@ -384,7 +384,8 @@ class GrantStore:
              after: str | None = None, limit: int = 100, own_socket: bool | None = None) -> tuple[list[Grant], str | None]:
         """One page of grants in creation order, filtered; and the cursor of the next page."""
         self.flush()
-        where, params = [], []  # type: ignore[var-annotated]
+        where: list[str] = []
+        params: list[object] = []
         if repo is not None:
             where.append("id IN (SELECT grant_id FROM grant_repos WHERE pattern = ?)")
             params.append(repo)

@@ -32,6 +32,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 from jwt import PyJWK, PyJWKSet
@@ -76,7 +77,7 @@ def printable(value: str, limit: int = 120) -> str:
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
         return None  # a redirect is an error: keys come from the URL the issuer named
 
 
@@ -183,7 +184,7 @@ class IssuerKeys:
 class Verifier:
     """Verifies identity tokens of the issuers a caller trusts; one key cache per issuer."""
 
-    def __init__(self, fetch: Callable[[str], dict[str, object]], **cache: float) -> None:
+    def __init__(self, fetch: Callable[[str], dict[str, object]], **cache: Any) -> None:  # IssuerKeys' settings
         self._fetch = fetch
         self._cache = cache
         self._issuers: dict[str, IssuerKeys] = {}
@@ -193,7 +194,7 @@ class Verifier:
         with self._lock:
             keys = self._issuers.get(issuer)
             if keys is None:
-                keys = self._issuers[issuer] = IssuerKeys(issuer, self._fetch, **self._cache)  # type: ignore[arg-type]
+                keys = self._issuers[issuer] = IssuerKeys(issuer, self._fetch, **self._cache)
             return keys
 
     def verify(self, token: str, trusted: Mapping[str, set[str]], now: float | None = None) -> Identity:

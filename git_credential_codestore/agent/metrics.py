@@ -52,7 +52,7 @@ class Metrics:
             metric("codestore_agent_tokens_minted_total", "counter", "Tokens minted.", [("", self.minted)])
             metric("codestore_agent_tokens_refused_total", "counter", "Token requests refused, by reason.",
                    [(f'{{reason="{r}"}}', n) for r, n in sorted(self.refused.items())] or [('{reason="beyond_grant"}', 0)])
-            cumulative = [(f'_bucket{{le="{b}"}}', n) for b, n in zip(BUCKETS, self._buckets)]
+            cumulative = [(f'_bucket{{le="{b}"}}', n) for b, n in zip(BUCKETS, self._buckets, strict=False)]
             hist = [*cumulative, ('_bucket{le="+Inf"}', self._count), ("_sum", self._sum), ("_count", self._count)]
             out.append("# HELP codestore_agent_token_seconds Time the agent took over a token request.")
             out.append("# TYPE codestore_agent_token_seconds histogram")

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from ..errors import ConfigError, Refused
 from ..vocab import MAX_TTL, MIN_TTL, TokenRequest, check_ttl, parse_scopes, ref_policy, with_implied
@@ -86,7 +87,7 @@ def clamp_to_grant(grant: Permission, req: TokenRequest, default_ttl: int, now: 
             raise Refused(401, f"{grant.label} expires in {left}s, too soon for a token; ask for a new grant")
         ttl = min(ttl, left)  # a token never outlives its grant
     ttl = max(MIN_TTL, min(ttl, MAX_TTL))
-    refs = [(str(p), [str(o) for o in ops]) for p, ops in grant.refs]  # type: ignore[misc]
+    refs = [(str(r[0]), [str(o) for o in cast("Iterable[object]", r[1])]) for r in grant.refs]
     refs += [(p, list(ops)) for p, ops in req.refs]
     return Decision(repo=req.repo, scopes=scopes, ttl=ttl, refs=refs, sub=grant.sub)
 

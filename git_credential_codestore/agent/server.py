@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from .. import tokens, trace
 from ..config import Config
@@ -56,8 +56,8 @@ from ..vocab import TokenRequest, is_loopback
 from . import policy, report, wire
 from .audit import AuditLog
 from .client import key_identity
-from .discovery import AGENT_KEY, default_socket, grant_socket, unix_address
 from .db import StoreError
+from .discovery import AGENT_KEY, default_socket, grant_socket, unix_address
 from .grants import STATES, Grant, GrantStore, grant_id_of
 from .identity import Verifier, https_fetcher
 from .metrics import Metrics
@@ -141,9 +141,10 @@ class Agent:
     def dispatch(self, caller: Caller, method: str, target: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
         self.last_activity = time.monotonic()
         path, _, query = target.partition("?")
-        for m, pattern, name in self._ROUTES:
+        for m, pattern, route in self._ROUTES:
             match = pattern.fullmatch(path)
             if match and m == method:
+                name = route  # the route's name, used below
                 break
         else:
             return 404, {"error": f"no such agent endpoint {method} {path[:60]}"}
@@ -664,12 +665,14 @@ def make_front(agent: Agent, which: str) -> Front:
 
 
 class Front(Protocol):
+    # A listener is the front's own object: serve() only hands it back to stop_listener.
     name: str
-    in_flight: int
 
-    def listen_unix(self, path: str, transport: str = ..., bound_grant: str | None = ...) -> object: ...
-    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None) -> tuple[object, tuple[str, int]]: ...
-    def stop_listener(self, lst: object) -> None: ...
+    @property
+    def in_flight(self) -> int: ...
+    def listen_unix(self, path: str, transport: str = ..., bound_grant: str | None = ...) -> Any: ...
+    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None) -> tuple[Any, tuple[str, int]]: ...
+    def stop_listener(self, lst: Any) -> None: ...
     def drain(self, timeout: float) -> None: ...
 
 
@@ -818,7 +821,7 @@ def serve(
                 reason = f"idle for {int(idle_timeout)}s"
                 break
             try:
-                if os.stat(socket_path).st_ino != main.inode:  # type: ignore[attr-defined]
+                if os.stat(socket_path).st_ino != main.inode:
                     reason = "socket replaced"
                     break
             except FileNotFoundError:

@@ -26,7 +26,16 @@ from http.server import BaseHTTPRequestHandler
 from ..errors import redact
 from .discovery import unix_address
 from .server import (
-    CONNECTION_DEADLINE, IO_TIMEOUT, Agent, Caller, Slots, admit, encode, framing, identify, respond,
+    CONNECTION_DEADLINE,
+    IO_TIMEOUT,
+    Agent,
+    Caller,
+    Slots,
+    admit,
+    encode,
+    framing,
+    identify,
+    respond,
 )
 
 
@@ -70,7 +79,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "codestore-agent"
     sys_version = ""
     timeout = IO_TIMEOUT
-    server: _Listener  # type: ignore[assignment]
+    server: _Listener
     caller: Caller
 
     def setup(self) -> None:
@@ -196,11 +205,11 @@ class _Listener(socketserver.ThreadingMixIn, socketserver.BaseServer):
                     pass
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)  # type: ignore[arg-type]
+        super().process_request(request, client_address)
 
     def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         try:
-            super().process_request_thread(request, client_address)  # type: ignore[misc]
+            super().process_request_thread(request, client_address)
         finally:
             self.front.release(self._peer(client_address))
 
@@ -260,7 +269,9 @@ class ThreadFront:
     def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None) -> tuple[_Listener, tuple[str, int]]:
         TCPListener.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         srv = self._start(TCPListener(address, Handler), tls=tls)
-        return srv, srv.server_address[:2]  # type: ignore[return-value]
+        addr = srv.server_address
+        assert isinstance(addr, tuple)  # an AF_INET/AF_INET6 listener
+        return srv, (addr[0], addr[1])
 
     def stop_listener(self, srv: _Listener) -> None:
         if srv in self._listeners:

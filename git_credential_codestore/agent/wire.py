@@ -115,7 +115,7 @@ def decode_request(body: bytes) -> tuple[TokenRequest, dict[str, str]]:
         raise ProtocolError("a token request needs repo=")
     if "scopes" not in data:
         raise ProtocolError("a token request needs scopes=")
-    return TokenRequest(**data), owner  # type: ignore[arg-type]
+    return TokenRequest(**data), owner
 
 
 def encode_reply(reply: Mapping[str, object]) -> bytes:

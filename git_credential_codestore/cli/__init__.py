@@ -33,8 +33,23 @@ import click
 
 from .. import __version__
 from ..errors import boundary
-from . import agent, audit, branch, completion, config, demo, dev_server, ephemeral, grant, key, repo, review, setup, token, trust
-
+from . import (
+    agent,
+    audit,
+    branch,
+    completion,
+    config,
+    demo,
+    dev_server,
+    ephemeral,
+    grant,
+    key,
+    repo,
+    review,
+    setup,
+    token,
+    trust,
+)
 
 EXIT_CODES = """\b
 Exit codes (codestore and git-remote-codestore):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+
 @click.command("dev-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port; 0 picks a free one.")

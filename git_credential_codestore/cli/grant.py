@@ -83,7 +83,14 @@ def grant() -> None:
 @click.option("--scopes", "scopes", multiple=True, help='Scopes (default git:read), e.g. --scopes "git:read git:write".')
 @click.option("--max-ttl", type=int, default=900, show_default=True, help="Longest token lifetime in seconds (<= 3600).")
 @click.option("--expires-in", metavar="DURATION", help="The grant itself ends after this: 3600, 30m, 8h, 7d.")
-@click.option("--ephemeral-only", is_flag=True, help="Only the +ephemeral namespace. Checked by the agent at mint time: a minted token itself can also write the default namespace until it expires; protect branches with --ref-policy.")
+@click.option(
+    "--ephemeral-only",
+    is_flag=True,
+    help=(
+        "Only the +ephemeral namespace. Checked by the agent at mint time: a minted token itself can also "
+        "write the default namespace until it expires; protect branches with --ref-policy."
+    ),
+)
 @click.option("--ref-policy", metavar="RULES", help="refs rules put in every token, e.g. 'refs/heads/main=no-push'.")
 @click.option("--sub", metavar="ID", help="Identity stamped as `sub` in every token (default codestore-grant:<id>).")
 @click.option("--own-socket", is_flag=True, help="Also serve this grant on a dedicated socket (mount it into a container).")
@@ -187,7 +194,8 @@ def grant_list(repo: str | None, sub: str | None, state: str | None, limit: int 
     while True:
         query = {**filters, "limit": str(min(limit - shown, 1000) if limit else 1000), **({"after": cursor} if cursor else {})}
         reply = admin(socket_opt, "GET", "/v1/grants?" + urlencode(query))
-        grants, cursor = reply["grants"], reply.get("next_cursor")
+        grants, next_cursor = reply["grants"], reply.get("next_cursor")
+        cursor = next_cursor if isinstance(next_cursor, str) else None
         assert isinstance(grants, list)
         for g in grants:
             if as_json:

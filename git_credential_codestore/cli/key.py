@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ..errors import CodestoreError
@@ -58,7 +60,7 @@ def key_import(source: str) -> None:
     if source == "-":
         from ..files import MAX_FILE
 
-        pem = Secret(click.get_text_stream("stdin").read(MAX_FILE))
+        pem = Secret(sys.stdin.read(MAX_FILE))  # click.get_text_stream is deprecated (click 9 drops it)
     else:
         from ..files import read_bounded
 

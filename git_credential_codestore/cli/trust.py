@@ -39,7 +39,8 @@ def _claims(values: tuple[str, ...]) -> list[list[str]]:
 @click.option("--max-ttl", type=int, default=900, show_default=True, help="Longest Code Storage token lifetime in seconds (<= 3600).")
 @click.option("--ephemeral-only", is_flag=True, help="Only the +ephemeral namespace (checked at mint time, as for grants).")
 @click.option("--ref-policy", metavar="RULES", help="refs rules put in every token, e.g. 'refs/heads/main=no-push'.")
-@click.option("--sub-template", metavar="TEMPLATE", help="The minted token's sub from the workload's claims (default oidc:{sub}), e.g. 'github:{repository}@{ref}'.")
+@click.option("--sub-template", metavar="TEMPLATE",
+              help="The minted token's sub from the workload's claims (default oidc:{sub}), e.g. 'github:{repository}@{ref}'.")
 @click.option("--max-identity-lifetime", metavar="DURATION", help="Refuse identity tokens that live longer than this (default 1h; Modal's live 48h).")
 @click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the policy as one JSON object.")
@@ -75,7 +76,9 @@ def _warn(p: dict[str, object]) -> None:
 
 
 def _describe(p: dict[str, object]) -> None:
-    claims = " ".join(f"{n}={v}" for n, v in p["claims"])  # type: ignore[attr-defined, misc]
+    pairs = p["claims"]
+    assert isinstance(pairs, list)  # the agent's JSON: [[name, value], ...]
+    claims = " ".join(f"{n}={v}" for n, v in pairs)
     click.echo(f"trusts:  {p['issuer']}  aud {p['audience']}  {claims}")
     click.echo(
         f"grants:  {' '.join(p['repos'])}  scopes {' '.join(p['scopes'])}  max ttl {p['max_ttl']}s"  # type: ignore[arg-type]

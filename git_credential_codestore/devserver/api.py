@@ -36,12 +36,13 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from email.message import Message
 from urllib.parse import unquote
 
 from ..errors import ConfigError, Refused, TokenError
 from ..tokens import Claims, PublicKey, verify
-from .auth import require_scope
 from ..vocab import ref_ops, validate_repo_id
+from .auth import require_scope
 from .repos import RepoStore, check_branch
 
 Json = dict[str, object]
@@ -59,7 +60,7 @@ class Call:
     repo: str  # the repository the call is about ("" for org-level calls)
     query: Sequence[tuple[str, str]]
     body: Mapping[str, object]
-    headers: Mapping[str, str]
+    headers: Message  # the request's (case-insensitive) headers
     method: str
     base_url: str
     org: str = ""

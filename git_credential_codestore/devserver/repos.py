@@ -231,7 +231,7 @@ class RepoStore:
         if path:
             args.append(path)
         out = self._git(repo, *args)
-        commits = []
+        commits: list[dict[str, object]] = []
         for record in out.split("\x1e"):
             record = record.lstrip("\n")
             if not record:
@@ -265,7 +265,7 @@ class RepoStore:
             else:
                 i += 1
             counts[name] = (int(added) if added.isdigit() else 0, int(deleted) if deleted.isdigit() else 0)
-        files = []
+        files: list[dict[str, object]] = []
         i = 0
         while i < len(status) and status[i]:
             state = status[i]
@@ -275,7 +275,7 @@ class RepoStore:
                 old, new, i = None, status[i + 1], i + 2
             patch = git.output(["--git-dir", self.path(repo), "diff", "-M", base, head, "--", *([old] if old else []), new], env=self.env)
             raw = patch.decode("utf-8", "replace")
-            added, deleted = counts.get(new, (0, 0))
+            additions, deletions = counts.get(new, (0, 0))
             files.append(
                 {
                     "path": new,
@@ -284,8 +284,8 @@ class RepoStore:
                     "raw": raw,
                     "bytes": len(patch),
                     "is_eof": True,
-                    "additions": added,
-                    "deletions": deleted,
+                    "additions": additions,
+                    "deletions": deletions,
                 }
             )
         return files

@@ -142,7 +142,7 @@ def serve(
 
     state = ServerState(org=org, keys=key_map, store=store, http_backend=http_backend, git_env=git_env, log_file=log_file, tls=tls)
     server = make_server(host, port, state, wrap)
-    bound_host, bound_port = server.server_address[:2]
+    bound_host, bound_port = server.socket.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else str(bound_host)
     url = f"{'https' if tls else 'http'}://{shown}:{bound_port}"
     state.base_url = url

@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import BinaryIO
+from typing import IO, BinaryIO
 from urllib.parse import parse_qsl
 
 from .. import git
@@ -168,6 +168,7 @@ def _now() -> str:
 
 
 class Handler(BaseHTTPRequestHandler):
+    _headers_buffer: list[bytes]  # BaseHTTPRequestHandler's, undeclared in its stubs
     protocol_version = "HTTP/1.1"
     # A request line without a version is HTTP/0.9, whose answers carry no status line:
     # a client would see a bare body it cannot tell from success. Answer as HTTP/1.1.
@@ -191,9 +192,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _take_headers(self) -> bytes:
         """The buffered status line and headers plus the blank line, not yet written."""
-        self._headers_buffer.append(b"\r\n")  # type: ignore[attr-defined]
-        head = b"".join(self._headers_buffer)  # type: ignore[attr-defined]
-        self._headers_buffer = []  # type: ignore[attr-defined]
+        self._headers_buffer.append(b"\r\n")
+        head = b"".join(self._headers_buffer)
+        self._headers_buffer = []
         return head
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
@@ -478,7 +479,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             finish()
 
-    def _relay(self, out: BinaryIO, errors: _Drain, finish: Callable[[], None]) -> None:
+    def _relay(self, out: IO[bytes], errors: _Drain, finish: Callable[[], None]) -> None:
         """Parse the CGI's header block, then stream its body to the client."""
         status, reason, headers = 200, "OK", []
         length: int | None = None
@@ -596,7 +597,7 @@ class Handler(BaseHTTPRequestHandler):
 class _Feeder(threading.Thread):
     """Copies the request body into the CGI's stdin, then closes it."""
 
-    def __init__(self, body: io.RawIOBase, sink: BinaryIO) -> None:
+    def __init__(self, body: io.RawIOBase, sink: IO[bytes]) -> None:
         super().__init__(daemon=True)
         self.body, self.sink = body, sink
         self.error: str | None = None
@@ -628,7 +629,7 @@ class _Feeder(threading.Thread):
 class _Drain(threading.Thread):
     """Collects the CGI's stderr (the tail only) so a failure can be reported in one line."""
 
-    def __init__(self, src: BinaryIO) -> None:
+    def __init__(self, src: IO[bytes]) -> None:
         super().__init__(daemon=True)
         self.src = src
         self.tail = b""

@@ -1,0 +1,182 @@
+"""Benchmark: the helpers' fast path on a machine configured as the README says, one run.
+
+The machine: `codestore key generate` (the key in its default store: the OS keychain,
+else the 0600 file), `codestore config set org/kid/base_url` (config.toml), `codestore
+setup` (git's credential config), an agent at the default socket; a dev server on
+127.0.0.1 trusting the key. Everything runs from the venv this script runs in (bench/run
+gives it install.sh's, with its lean launchers). Cases are interleaved, so the ratios
+hold on a busy machine even when the absolute numbers do not. It prints the four
+numbers the README quotes:
+
+1. `git credential fill` via the agent, config.toml present      / git credential-store
+2. `git credential fill` signing with the key from its default store / git credential-store
+3. `git ls-remote codestore://...` minus `git ls-remote http://t:JWT@...` (same server)
+4. one chunked response from the dev server (a Nagle stall shows as ~40 ms;
+   bench/devserver_latency.py measures the dev server's latency in detail)
+
+Run: <venv>/bin/python bench/fast_path.py [--runs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from base64 import b64encode
+
+BIN = os.path.dirname(sys.executable)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = "team/app"
+ORG = "acme"
+
+
+def environment(tmp: str) -> dict[str, str]:
+    home = os.path.join(tmp, "home")
+    run_dir = os.path.join(tmp, "run")
+    os.makedirs(home)
+    os.makedirs(run_dir, mode=0o700)
+    store_file = os.path.join(tmp, "store")
+    with open(store_file, "w") as f:
+        f.write("https://t:stored-password@store.example\n")
+    gitconfig = os.path.join(home, ".gitconfig")
+    with open(gitconfig, "w") as f:
+        f.write(f'[credential "https://store.example"]\n\thelper = store --file {store_file}\n')
+    return {
+        "PATH": BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": home,
+        "XDG_RUNTIME_DIR": run_dir,
+        "XDG_CONFIG_HOME": os.path.join(home, ".config"),
+        "XDG_DATA_HOME": os.path.join(home, ".local/share"),
+        "XDG_STATE_HOME": os.path.join(home, ".local/state"),
+        "XDG_CACHE_HOME": os.path.join(home, ".cache"),
+        "GIT_CONFIG_GLOBAL": gitconfig,
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_AUTHOR_NAME": "Bench",
+        "GIT_AUTHOR_EMAIL": "bench@example.com",
+        "GIT_COMMITTER_NAME": "Bench",
+        "GIT_COMMITTER_EMAIL": "bench@example.com",
+        # keyring's own choice where no keychain works (as on this machine), pinned so the
+        # bench never writes into a developer's real keychain.
+        "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
+    }
+
+
+def codestore(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run([os.path.join(BIN, "codestore"), *args], env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: codestore {' '.join(args[:2])} failed: {proc.stderr.strip()[-300:]}")
+    return proc.stdout
+
+
+def timed(args: list[str], env: dict[str, str], stdin: str = "", expect: str = "") -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(args, input=stdin, capture_output=True, text=True, env=env)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0 or expect not in proc.stdout:
+        raise SystemExit(f"bench: {' '.join(args[:3])} failed: {proc.stderr.strip()[-300:]}")
+    return elapsed
+
+
+def chunked_response(base: str, token: str) -> float:
+    """One smart-HTTP ref advertisement (a chunked response), on a fresh connection."""
+    host, port = base.split("://", 1)[1].rsplit(":", 1)
+    auth = b64encode(f"t:{token}".encode()).decode()
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", f"/{REPO}.git/info/refs?service=git-upload-pack",
+                 headers={"Authorization": f"Basic {auth}", "Git-Protocol": "version=2"})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    elapsed = time.perf_counter() - start
+    if resp.status != 200:
+        raise SystemExit(f"bench: the dev server answered {resp.status} to info/refs")
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30)
+    opts = parser.parse_args()
+    sys.path.insert(0, ROOT)
+    from git_credential_codestore import processes
+
+    with tempfile.TemporaryDirectory(prefix="codestore-bench-") as tmp:
+        env = environment(tmp)
+        # As the README tells a user: the org (install.sh --org), a key in its default store,
+        # the kid and (here) the server's URL in config.toml, then `codestore setup`.
+        codestore(env, "config", "set", "org", ORG)
+        codestore(env, "key", "generate")
+        pub = os.path.join(tmp, "org.pub.pem")
+        with open(pub, "w") as f:
+            f.write(codestore(env, "key", "public"))
+        server, base = processes.start_dev_server(
+            ["--port", "0", "--data-dir", os.path.join(tmp, "server"), "--org", ORG, "--trust-key", f"{pub}:k1"],
+            env=env, program=[os.path.join(BIN, "codestore")],
+        )
+        agent = None
+        try:
+            for key, value in (("kid", "k1"), ("base_url", base), ("scopes", "git:read git:write")):
+                codestore(env, "config", "set", key, value)
+            codestore(env, "setup")
+            codestore(env, "repo", "create", REPO)
+            work = os.path.join(tmp, "seed")
+            subprocess.run(["git", "init", "-q", work], env=env, check=True)
+            subprocess.run(["git", "-C", work, "commit", "-q", "--allow-empty", "-m", "seed"], env=env, check=True)
+            subprocess.run(["git", "-C", work, "push", "-q", f"codestore://{ORG}/{REPO}", "HEAD:main"], env=env,
+                           check=True)
+            token = codestore(env, "token", REPO, "--ttl", "3600").strip().splitlines()[-1]
+            agent = subprocess.Popen([os.path.join(BIN, "codestore"), "agent", "serve"], env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            assert agent.stdout is not None
+            if not agent.stdout.readline().startswith("serving unix:") or not agent.stdout.readline().startswith("ready"):
+                raise SystemExit("bench: the agent did not start")
+            no_agent = dict(env, CODESTORE_AGENT="off")
+            ours = f"url={base}/{REPO}.git\n\n"
+            host = base.split("://", 1)[1]
+            fill = ["git", "credential", "fill"]
+            cases = {
+                "store": lambda: timed(fill, env, "url=https://store.example/r.git\n\n", "password="),
+                "agent": lambda: timed(fill, env, ours, "password=eyJ"),
+                "local-key": lambda: timed(fill, no_agent, ours, "password=eyJ"),
+                "ls-remote codestore://": lambda: timed(["git", "ls-remote", f"codestore://{ORG}/{REPO}"], env,
+                                                        expect="refs/heads/main"),
+                "ls-remote token URL": lambda: timed(["git", "ls-remote", f"http://t:{token}@{host}/{REPO}.git"],
+                                                     env, expect="refs/heads/main"),
+                "chunked response": lambda: chunked_response(base, token),
+                "python -IS -c pass": lambda: timed([sys.executable, "-IS", "-c", "pass"], env),
+            }
+            for case in cases.values():
+                case()  # warm the page cache, the config cache and the server
+            times: dict[str, list[float]] = {name: [] for name in cases}
+            for _ in range(opts.runs):
+                for name, case in cases.items():
+                    times[name].append(case())
+            med = {name: statistics.median(v) * 1000 for name, v in times.items()}
+            store = med["store"]
+            print(f"helpers' fast path, configured with config.toml and the key in its default store; "
+                  f"median of {opts.runs} interleaved runs:")
+            for name, ms in med.items():
+                print(f"   {name:<24} {ms:7.1f} ms   {ms / store:5.2f}x store")
+            print("the four numbers (targets in parentheses):")
+            print(f"   1. credential fill via the agent:       {med['agent'] / store:5.2f}x credential-store  (<= 3.5x)")
+            print(f"   2. credential fill, local key:          {med['local-key'] / store:5.2f}x credential-store  (<= 10x)")
+            extra = med["ls-remote codestore://"] - med["ls-remote token URL"]
+            print(f"   3. ls-remote codestore:// vs token URL: {extra:+5.1f} ms per operation  (<= +15 ms)")
+            print(f"   4. one chunked response (dev server):   {med['chunked response']:5.1f} ms  (a Nagle stall is ~40 ms)")
+        finally:
+            if agent is not None:
+                processes.stop(agent)
+            processes.stop(server)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
