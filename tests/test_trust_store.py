@@ -68,7 +68,7 @@ def test_a_policy_removed_on_one_replica_is_refused_by_another_within_a_second(
         assert status == 201, p
         assert exchange(b, issuer)  # added on A, honoured on B at once
         status, listed = admin(b, "GET", "/v1/trust")
-        assert status == 200 and [q["id"] for q in listed["policies"]] == [p["id"]]  # type: ignore[union-attr]
+        assert status == 200 and [q["id"] for q in listed["policies"]] == [p["id"]]
         status, _ = admin(a, "POST", f"/v1/trust/{p['id']}/remove")
         removed_at = time.monotonic()
         assert status == 200
@@ -109,7 +109,7 @@ def test_policies_survive_a_restart_in_sqlite_with_their_audit_rows_in_the_same_
     assert not (tmp_path / "a" / "agent-state" / "trust.json").exists()
     a = replica(tmp_path, "a", ca)
     try:
-        assert [q["id"] for q in admin(a, "GET", "/v1/trust")[1]["policies"]] == [p["id"]]  # type: ignore[union-attr]
+        assert [q["id"] for q in admin(a, "GET", "/v1/trust")[1]["policies"]] == [p["id"]]
         assert exchange(a, issuer)
         status, reply = admin(a, "POST", f"/v1/trust/{gone['id']}/remove")
         assert status == 404 and "codestore trust list" in str(reply["error"])
@@ -175,7 +175,7 @@ def test_with_the_database_gone_exchanges_and_policy_changes_are_refused_in_one_
                 except AgentRefused:
                     assert time.monotonic() < deadline, "exchanges did not come back with the database"
                     time.sleep(0.1)
-            assert [q["id"] for q in admin(a, "GET", "/v1/trust")[1]["policies"]] == [p["id"]]  # type: ignore[union-attr]
+            assert [q["id"] for q in admin(a, "GET", "/v1/trust")[1]["policies"]] == [p["id"]]
         finally:
             a.stop()
     finally:

@@ -233,7 +233,7 @@ def _row(p: TrustPolicy) -> tuple[object, ...]:
 
 def _policy(row: Sequence[object]) -> TrustPolicy:
     values = {n: json.loads(v) if n in _JSON else bool(v) if n == "ephemeral_only" else v  # type: ignore[arg-type]
-              for n, v in zip(_COLUMNS, row)}
+              for n, v in zip(_COLUMNS, row, strict=True)}
     return TrustPolicy(**values)  # type: ignore[arg-type]
 
 
