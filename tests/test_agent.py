@@ -324,6 +324,14 @@ def test_listening_beyond_loopback_without_tls_is_refused(org_key: OrgKey) -> No
     assert "--tls-cert" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("listen", ["127.0.0.1:\u00b2", "127.0.0.1:99999", "127.0.0.1", "[::1", "a:b", ":80"])
+def test_a_bad_listen_address_is_one_line_and_a_usage_error(org_key: OrgKey, listen: str) -> None:
+    # "\u00b2".isdigit() is true and int() of it raises: that was a traceback and exit 3.
+    proc = run_cli("codestore", "agent", "serve", "--listen", listen, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("codestore: --listen wants HOST:PORT") and len(proc.stderr.strip().splitlines()) == 1
+
+
 def tls_pair(tmp_path: Path) -> tuple[Path, Path]:
     """A self-signed certificate for localhost (its own CA) and its key, made at run time."""
     import datetime

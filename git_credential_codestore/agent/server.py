@@ -52,7 +52,7 @@ from typing import Any, Protocol, TextIO
 from .. import tokens, trace
 from ..config import Config
 from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, redact
-from ..vocab import TokenRequest, is_loopback
+from ..vocab import TokenRequest, is_loopback, split_url
 from . import policy, report, wire
 from .audit import AuditLog
 from .client import key_identity
@@ -633,11 +633,16 @@ def _claim(path: str) -> None:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"--listen wants HOST:PORT (e.g. 127.0.0.1:8765), not {value!r}")
-    return host, int(port)
+    # vocab's URL splitter holds the one port rule (ASCII digits only: "²".isdigit() is
+    # true and int() then raises).
+    url = split_url(f"http://{value}")
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    if port is None or not url.host or url.userinfo is not None or url.path or url.query or url.fragment:
+        raise UsageError(f"--listen wants HOST:PORT (e.g. 127.0.0.1:8765), not {value!r}")
+    return url.host, port
 
 
 def _remove_socket(lst: object) -> None:
