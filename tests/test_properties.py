@@ -81,6 +81,8 @@ def test_the_credential_helper_answers_anything_without_crashing(operation: str,
 
 @FAST
 @given(LINE_BYTES)
+@example(b"eyJzZWNyZXQiOiJ2YWx1ZSJ9=")  # an unknown field's name was echoed in the error
+@example(b"eyJzZWNyZXQiOiJ2YWx1ZSJ9=\neyJzZWNyZXQiOiJ2YWx1ZSJ9=")  # and a repeated one's
 def test_wire_decoding_returns_fields_or_a_protocol_error(body: bytes) -> None:
     try:
         wire.decode_request(body)

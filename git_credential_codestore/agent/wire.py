@@ -32,6 +32,10 @@ CONTENT_TYPE = "text/x-codestore-lines"
 MAX_LINES = 64
 _FLAGS = ("ephemeral", "narrow")
 _OWNER = ("org", "kid", "key", "sub")
+# The field names this format has, in requests and replies: only these are ever named in
+# an error, since a malformed body may hold a secret where a field name goes.
+_NAMES = frozenset(("repo", "scopes", "ttl", "purpose", "ref", *_FLAGS, *(f"owner.{k}" for k in _OWNER),
+                    "token", "expires_at", "sub", "error", "code", "warning"))
 
 
 def encode(fields: Mapping[str, object]) -> bytes:
@@ -54,11 +58,11 @@ def encode(fields: Mapping[str, object]) -> bytes:
 def decode(body: bytes) -> dict[str, str]:
     """Lines to a flat dict of strings (repeated `ref` lines joined by newlines)."""
     fields: dict[str, str] = {}
-    for key, value in parse_lines(body, what="the body", max_lines=MAX_LINES, controls=False):
+    for n, (key, value) in enumerate(parse_lines(body, what="the body", max_lines=MAX_LINES, controls=False), 1):
         if key == "ref":
             fields["ref"] = fields["ref"] + "\n" + value if "ref" in fields else value
         elif key in fields:
-            raise ProtocolError(f"{key} appears twice")
+            raise ProtocolError(f"{key if key in _NAMES else f'the field on line {n}'} appears twice")
         else:
             fields[key] = value
     return fields
@@ -110,7 +114,8 @@ def decode_request(body: bytes) -> tuple[TokenRequest, dict[str, str]]:
         elif key.startswith("owner.") and key[6:] in _OWNER:
             owner[key[6:]] = value
         else:
-            raise ProtocolError(f"unknown field {key[:40]!r}")
+            # The field's own text is not echoed: a malformed body may hold a secret there.
+            raise ProtocolError("unknown field (fields: repo, scopes, ephemeral, narrow, ttl, purpose, ref, owner.*)")
     if "repo" not in data:
         raise ProtocolError("a token request needs repo=")
     if "scopes" not in data:
