@@ -40,8 +40,33 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+chosen=$system  # empty when neither --system nor --user was given
 if [ -z "$system" ]; then
   if [ "$(id -u)" = 0 ]; then system=1; else system=0; fi
+fi
+# A system install links its venv to this python3; one under root's home (pyenv,
+# conda) would be unreadable by the users an image runs as.
+python_others_can_run() {
+  python3 - <<'CHECK'
+import os, stat, sys
+p = os.path.realpath(sys.executable)
+ok = os.stat(p).st_mode & stat.S_IXOTH
+while ok and p != "/":
+    p = os.path.dirname(p)
+    ok = os.stat(p).st_mode & stat.S_IXOTH
+sys.exit(0 if ok else 1)
+CHECK
+}
+if [ "$system" = 1 ] && command -v python3 >/dev/null 2>&1 && ! python_others_can_run; then
+  where=$(python3 -c 'import os, sys; print(os.path.realpath(sys.executable))')
+  if [ -z "$chosen" ]; then
+    # Root by default only: a developer trying codestore as root (pyenv's python) gets a
+    # working install for root, not a refusal; an image build asks --system and is told.
+    echo "install.sh: $where is not usable by other users, so installing for $(id -un) only (--system, with a system python3 first on PATH, installs for every user)" >&2
+    system=0
+  else
+    die "python3 resolves to $where which other users cannot run; put a system python3 (e.g. /usr/bin) first on PATH for a system install"
+  fi
 fi
 if [ "$system" = 1 ]; then
   prefix=${prefix:-/opt/codestore}
@@ -75,19 +100,6 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
 # Debian splits venv (and ensurepip) out of python3.
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
 
-if [ "$system" = 1 ]; then
-  # The venv's python is a link to this interpreter: one under root's home (pyenv,
-  # conda) would be unreadable by the users the image runs as.
-  python3 - <<'CHECK' || die "python3 resolves to $(python3 -c 'import os, sys; print(os.path.realpath(sys.executable))') which other users cannot run; put a system python3 (e.g. /usr/bin) first on PATH for a system install"
-import os, stat, sys
-p = os.path.realpath(sys.executable)
-ok = os.stat(p).st_mode & stat.S_IXOTH
-while ok and p != "/":
-    p = os.path.dirname(p)
-    ok = os.stat(p).st_mode & stat.S_IXOTH
-sys.exit(0 if ok else 1)
-CHECK
-fi
 
 venv="$prefix/venv"
 if [ ! -x "$venv/bin/python" ]; then

@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ORG, git, make_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,3 +60,42 @@ def test_install_rejects_unknown_options_with_one_line(tmp_path: Path) -> None:
     proc = install(tmp_path / "p", tmp_path / "b", "--frobnicate")
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "--help" in proc.stderr
     assert not (tmp_path / "p").exists()
+
+
+def _private_python3(tmp_path: Path) -> Path:
+    """A directory (0700, as root's home is) holding a working python3: pyenv or conda as root."""
+    import shutil
+    import sys
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    shutil.copy2(os.path.realpath(sys.executable), private / "python3")
+    return private
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the system-wide default applies to root only")
+def test_as_root_with_a_private_python_the_default_install_is_for_root_alone(tmp_path: Path, hermetic: Path) -> None:
+    # The README's first command (./install.sh --demo) run by a root developer whose python3
+    # is pyenv's: a refusal there would stop a newcomer at step one.
+    private = _private_python3(tmp_path)
+    env = dict(os.environ, PATH=f"{private}:/usr/local/bin:/usr/bin:/bin")
+    proc = subprocess.run(["bash", str(ROOT / "install.sh")],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "installing for root only" in proc.stderr and "--system" in proc.stderr
+    # The per-user defaults, under the (hermetic) HOME: not /opt/codestore, not /usr/local/bin.
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or hermetic / ".local" / "share")
+    assert (data_home / "codestore" / "venv" / "bin" / "codestore").exists()
+    assert (Path(os.environ["HOME"]) / ".local" / "bin" / "codestore").is_symlink()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the system-wide default applies to root only")
+def test_an_explicit_system_install_with_a_private_python_is_refused_in_one_line(tmp_path: Path) -> None:
+    # Threat-free but fatal: an image whose programs its non-root user cannot run.
+    private = _private_python3(tmp_path)
+    env = dict(os.environ, PATH=f"{private}:/usr/local/bin:/usr/bin:/bin")
+    proc = subprocess.run(["bash", str(ROOT / "install.sh"), "--system", "--prefix", str(tmp_path / "p"),
+                           "--bin-dir", str(tmp_path / "b")],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, env=env)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
+    assert "other users cannot run" in proc.stderr and not (tmp_path / "p").exists()
