@@ -103,6 +103,11 @@ def test_keys_setup_and_the_cli_work_on_windows_and_say_the_agent_is_posix_only(
     from git_credential_codestore.cli import main
 
     monkeypatch.delenv("CODESTORE_PRIVATE_KEY_FILE")
+    # config.user_dir takes its Linux rule without platformdirs; Windows is decided by
+    # sys.platform, which cannot be faked process-wide under click: fake it for config alone.
+    import types
+
+    monkeypatch.setattr(config, "sys", types.SimpleNamespace(platform="win32", version_info=sys.version_info))
     assert main(["key", "generate"]) == 0
     # Where platformdirs puts app data on Windows (keyring's fail backend: the file fallback).
     stored = windows / "codestore" / "codestore" / "keys" / f"{ORG}.pem"
