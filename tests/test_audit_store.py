@@ -96,8 +96,7 @@ def test_a_push_through_replica_a_is_in_codestore_audit_and_explained_in_review_
     a, b = fleet
     g = create(a, scopes=["git:read", "git:write"], ephemeral_only=True, sub="sandbox-a")
     sha = push_feat(tmp_path, a.url, g)
-    # A adds its buffered rows within its flush interval (a second); B reads the database.
-    assert wait_for(lambda: len(audit_via(b, "--repo", REPO, "--event", "push")) == 1, timeout=15)
+    # A commits a push report before acknowledging it: B lists it at once.
     [push] = audit_via(b, "--ref", "feat")
     assert (push["grant"], push["sub"], push["refs"][0]["new"]) == (g["id"], "sandbox-a", sha)
     assert [e["event"] for e in audit_via(a, "--event", "push")] == ["push"]  # and once on A too
@@ -126,18 +125,30 @@ def test_a_mint_and_a_refusal_on_replica_a_are_in_the_trail_asked_of_replica_b(f
     assert "git:write" in events[2]["reason"]
 
 
-def test_the_audit_query_refuses_in_one_line_when_the_database_is_away(
+def test_with_the_database_away_a_query_is_refused_in_one_line_and_a_report_is_kept_for_later(
     tmp_path: Path, org_key: OrgKey, postgres: Any, pg_url: str
 ) -> None:
     a = replica(tmp_path, "a", pg_url)
+    sock = Endpoint("unix", a.socket)
+    report = {"event": "push", "repo": REPO, "ephemeral": True,
+              "refs": [{"ref": "refs/heads/late", "old": audit.ZERO, "new": "b" * 40, "result": "ok"}]}
     try:
         postgres.stop()
         try:
-            status, reply = call(Endpoint("unix", a.socket), "POST", "/v1/audit/query", {}, env=a.env)
+            status, reply = call(sock, "POST", "/v1/audit/query", {}, env=a.env)
             assert status == 503
             assert "cannot read the audit trail" in str(reply["error"]) and "\n" not in str(reply["error"])
+            status, _ = call(sock, "POST", "/v1/audit/report", report, env=a.env)
+            assert status == 201  # the push happened: its record waits in the file and the buffer
         finally:
             postgres.start()
+
+        def listed() -> list[object]:
+            status, reply = call(sock, "POST", "/v1/audit/query", {"ref": "late"}, env=a.env)
+            return reply["entries"] if status == 200 else []  # type: ignore[return-value]  # JSON
+
+        assert wait_for(lambda: len(listed()) == 1, timeout=30)
+        assert len(listed()) == 1
     finally:
         a.stop()
 

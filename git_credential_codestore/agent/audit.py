@@ -179,7 +179,7 @@ def _where(query: Query) -> tuple[list[str], list[object]]:
 def search(database: db.Database, query: Query, limit: int, before: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
     """Entries of the `audit` table matching `query`, newest last, at most `limit`.
 
-    Every replica's rows, in the order the database took them. The second value is
+    Every replica's rows, the newest as the database took them. The second value is
     None when nothing older matches, else the cursor (`before`) for the page of older
     entries. Columns are filtered in SQL; each row is checked again against the whole
     query (the `ref` filter only here), so the answer is exactly what `Query.matches`
@@ -215,4 +215,7 @@ def search(database: db.Database, query: Query, limit: int, before: int | None =
         if scanned >= MAX_SCAN:
             more = cursor
             break
-    return [entry for _, entry in reversed(found)], more
+    # Paged in the database's order; shown in time order (a push is committed at once,
+    # the mint that bought its token may be added by a flush a second later).
+    entries = sorted((entry for _, entry in reversed(found)), key=lambda e: str(e.get("time", "")))
+    return entries, more

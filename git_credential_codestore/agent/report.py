@@ -76,8 +76,18 @@ def report(agent: Agent, caller: Caller, authorization: str | None, data: object
     if isinstance(data, dict) and data.get("incomplete") is True:
         fields["incomplete"] = True
     event = str(fields.pop("event"))
-    agent.audit.record(event, {**who, "via": caller.transport, "peer": caller.peer, **fields})
-    return 201, {"ok": True, "event": event}
+    entry = {**who, "via": caller.transport, "peer": caller.peer, **fields}
+    # Committed before the answer, not buffered like mints: pushes are few, every replica's
+    # `codestore review` needs them at once, and a replica killed next must not lose one.
+    write, after = agent.audit.in_transaction(event, entry)
+    try:
+        with agent.store.db.transaction() as tx:
+            write(tx)
+    except StoreError:
+        agent.audit.record(event, entry)  # the file now, the database at the next flush
+        return 201, {"ok": True, "event": event}
+    warning = after()
+    return 201, {"ok": True, "event": event, **({"warning": warning} if warning else {})}
 
 
 def query(agent: Agent, caller: Caller, authorization: str | None, data: object) -> Reply:
