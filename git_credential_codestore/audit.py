@@ -6,8 +6,11 @@ helper sees git's push commands and the transport's per-ref answers, and reports
 as a `push` event; `codestore promote` reports a `promote` event. Where they go:
 
     through the agent   POST /v1/audit/report (agent/report.py): the agent stamps who
-                        pushed (grant id and `sub`) from its own records, never from the
-                        report, and appends the event to its audit log.
+                        pushed (grant id and `sub`, or the workload's trust policy)
+                        from its own records, never from the report, and commits the
+                        event to the `audit` table of its database (shared by its
+                        replicas), then appends it to its log file. Queries
+                        (POST /v1/audit/query) read that table.
     with a local key    a JSON-lines file of the same shape, CODESTORE_AUDIT_LOG or
                         <user state dir>/codestore/audit.log.
 
@@ -280,8 +283,8 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
             files: Iterable[str] = ()) -> tuple[list[dict[str, Any]], list[str]]:
     """Entries matching `query` from every trail this user owns, oldest first, and where from.
 
-    The agent's trail through the agent when it answers (it may live in a database),
-    else its default file; the local trail of pushes made with a local key; and any
+    The agent's trail through the agent when it answers (its database: every
+    replica's records), else its default file; the local trail of pushes made with a local key; and any
     `files` given. A sandbox (holding a grant) is refused by the agent: only the owner
     reads the trail.
     """
