@@ -208,6 +208,20 @@ def test_the_query_filters_by_every_field_and_pages_newest_last(database: Databa
     assert [e.get("ttl") for e in older] == [1, 2] and rest is None
 
 
+@pytest.mark.parametrize(("field", "index"), [("repo", "audit_repo"), ("grant", "audit_grant"), ("sub", "audit_sub"),
+                                              ("event", "audit_event"), ("ref", "audit_event")])
+def test_each_filter_is_answered_from_an_index(tmp_path: Path, field: str, index: str) -> None:
+    # With many mints, a query must not read the whole table to find one sandbox's rows.
+    d = Database(str(tmp_path / "agent.sqlite3")).open()
+    try:
+        sql, params = agent_audit.statement(audit.Query(**{field: "feat" if field == "ref" else "x"}), 1000, 10)
+        with d.transaction(write=False) as tx:
+            plan = " ".join(str(row[-1]) for row in tx.execute("EXPLAIN QUERY PLAN " + sql, params))
+        assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
+    finally:
+        d.close()
+
+
 def test_flushes_running_together_write_each_buffered_row_once(database: Database, tmp_path: Path) -> None:
     # An audit query flushes while the sync thread may be flushing too.
     store = GrantStore(str(tmp_path / "state"), database.url).open()
