@@ -40,11 +40,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import namedtuple
-from collections.abc import Mapping
 
 from .errors import ConfigError
+from .records import record
 from .vocab import DEFAULT_TTL, EPHEMERAL_SUFFIX, check_ttl, parse_scopes, path_under, split_repo_path, split_url
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 # Our name -> the official helper's name for the same setting (see the module docstring).
 OFFICIAL_NAMES = {
@@ -108,7 +111,7 @@ def hostname() -> str:
     return socket.gethostname()
 
 
-class RepoRule(namedtuple("RepoRule", "pattern scopes ephemeral_scopes", defaults=(None, None))):
+class RepoRule(record("RepoRule", "pattern scopes ephemeral_scopes", defaults=(None, None))):
     __slots__ = ()
     pattern: str
     scopes: tuple[str, ...] | None
@@ -116,7 +119,7 @@ class RepoRule(namedtuple("RepoRule", "pattern scopes ephemeral_scopes", default
 
 
 class Config(
-    namedtuple(
+    record(
         "Config",
         "org base_url_setting api_url_setting kid ttl scopes ephemeral_scopes sub_setting private_key_file repos path"
         " name uses_env",
@@ -203,7 +206,6 @@ class Config(
 def _read_file(path: str, env: Mapping[str, str], cache: bool = True) -> dict[str, object]:
     """The parsed file ({} when there is none), through config_cache when `cache`."""
     from . import config_cache
-    from .files import read_open_bounded
 
     try:
         with open(path, "rb") as f:
@@ -211,6 +213,8 @@ def _read_file(path: str, env: Mapping[str, str], cache: bool = True) -> dict[st
             cached = config_cache.read(path, st, env) if cache else None
             if cached is not None:
                 return cached
+            from .files import read_open_bounded  # the cache missed: the file changed
+
             data = read_open_bounded(f, path, "the configuration file")
     except FileNotFoundError:
         return {}

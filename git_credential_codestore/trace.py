@@ -21,7 +21,10 @@ This module imports nothing but `os` at load time: it is read on every git reque
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 VARIABLES = ("CODESTORE_TRACE", "CODESTORE_DEBUG", "PIERRE_DEBUG")  # first set one wins
 _FALSE = ("", "0", "false", "no", "off")

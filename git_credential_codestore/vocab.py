@@ -16,9 +16,8 @@ or typing.NamedTuple, whose imports every git request would pay).
 
 from __future__ import annotations
 
-from collections import namedtuple
-
 from .errors import ConfigError
+from .records import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -191,7 +190,7 @@ def is_loopback(host: str) -> bool:
     )
 
 
-class SplitURL(namedtuple("SplitURL", "scheme netloc path query fragment")):
+class SplitURL(record("SplitURL", "scheme netloc path query fragment")):
     """`scheme://netloc/path?query#fragment`, split without urllib (an import every git
     request would pay). Only for URLs we compare and validate, never to normalise."""
 
@@ -342,7 +341,7 @@ def ref_policy_json(policy: Sequence[tuple[str, Sequence[str]]]) -> list[list[ob
 
 
 class TokenRequest(
-    namedtuple(
+    record(
         "TokenRequest",
         ["repo", "scopes", "ephemeral", "ttl", "refs", "purpose", "narrow"],
         defaults=(False, None, (), "cli", False),

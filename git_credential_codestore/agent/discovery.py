@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import namedtuple
-from collections.abc import Mapping
 
 from ..config import Config, getenv
 from ..errors import ConfigError, UsageError
+from ..records import record
 from ..secrets import Secret
 from ..vocab import is_loopback, split_url
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
     import subprocess
+    from collections.abc import Mapping
 
 AGENT_URL = "CODESTORE_AGENT_URL"
 AGENT_SOCK = "CODESTORE_AGENT_SOCK"
@@ -140,7 +140,7 @@ def unix_address(path: str) -> tuple[str, int | None]:
     return f"/proc/self/fd/{fd}/{os.path.basename(path)}", fd
 
 
-class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
+class Endpoint(record("Endpoint", "kind address port", defaults=(0,))):
     """Where the agent listens: a Unix socket path, or an http(s) URL."""
 
     __slots__ = ()
