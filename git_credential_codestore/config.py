@@ -43,7 +43,16 @@ import sys
 
 from .errors import ConfigError
 from .records import record
-from .vocab import DEFAULT_TTL, EPHEMERAL_SUFFIX, check_ttl, parse_scopes, path_under, split_repo_path, split_url
+from .vocab import (
+    DEFAULT_TTL,
+    EPHEMERAL_SUFFIX,
+    check_ttl,
+    is_off,
+    parse_scopes,
+    path_under,
+    split_repo_path,
+    split_url,
+)
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
@@ -72,7 +81,7 @@ def env_name(env: Mapping[str, str], name: str) -> str:
 
 
 def debug_enabled(env: Mapping[str, str]) -> bool:
-    return getenv(env, "CODESTORE_DEBUG").strip().lower() not in ("", "0", "false", "no", "off")
+    return not is_off(getenv(env, "CODESTORE_DEBUG"))
 
 
 _XDG = {"config": ("XDG_CONFIG_HOME", ".config"), "data": ("XDG_DATA_HOME", ".local/share"),

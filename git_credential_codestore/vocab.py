@@ -23,6 +23,19 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
+# -- switches ------------------------------------------------------------------------------
+
+# The words that turn one of our environment switches off (CODESTORE_TRACE, CODESTORE_DEBUG,
+# CODESTORE_AGENT), in any case, as git reads a false trace key; unset is off too.
+# (git's own variables are read by gitenv.py, rule for rule as git reads each.)
+FALSE_WORDS = ("", "0", "false", "no", "off")
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+def is_off(value: str) -> bool:
+    return value.strip().lower() in FALSE_WORDS
+
+
 # -- scopes --------------------------------------------------------------------------------
 
 SCOPES = ("git:read", "git:write", "repo:write", "org:read")

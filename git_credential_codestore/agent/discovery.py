@@ -24,7 +24,7 @@ from ..config import Config, getenv
 from ..errors import ConfigError, UsageError
 from ..records import record
 from ..secrets import Secret
-from ..vocab import is_loopback, split_url
+from ..vocab import is_loopback, is_off, split_url
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
@@ -50,10 +50,10 @@ def configured(env: Mapping[str, str]) -> bool:
 
 def mode(env: Mapping[str, str]) -> str:
     """CODESTORE_AGENT: "off" (never an agent), "auto" (start one on demand) or "" (use one if running)."""
-    value = env.get(AGENT_MODE, "").strip().lower()
-    if value in ("off", "0", "no", "false"):
+    value = env.get(AGENT_MODE, "")
+    if value.strip() and is_off(value):
         return "off"
-    return "auto" if value == "auto" else ""
+    return "auto" if value.strip().lower() == "auto" else ""
 
 
 def key_uri(env: Mapping[str, str]) -> str:
