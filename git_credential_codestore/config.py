@@ -41,22 +41,24 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import ConfigError
+from .errors import ConfigError, PolicyError
 from .records import record
 from .vocab import (
     DEFAULT_TTL,
     EPHEMERAL_SUFFIX,
+    allows,
     check_ttl,
     is_off,
     parse_scopes,
     path_under,
     split_repo_path,
     split_url,
+    with_implied,
 )
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
 # Our name -> the official helper's name for the same setting (see the module docstring).
 OFFICIAL_NAMES = {
@@ -196,6 +198,33 @@ class Config(
                 eph = rule.ephemeral_scopes or eph
                 break
         return (eph or scopes) if ephemeral else scopes
+
+    def narrow(self, repo: str, ephemeral: bool, ceiling: Sequence[str], agent: bool = False) -> tuple[str, ...]:
+        """The scopes of `ceiling` this configuration allows for the repository and namespace,
+        each with what it implies (git:write includes read): least privilege for a request
+        that names at most what it needs (a push: git:write; a fetch: git:read).
+
+        PolicyError, naming the setting to change, when none is left. `agent`: these are
+        the settings the agent runs with (the owner asking it), so the fix is made there.
+        """
+        allowed = self.scopes_for(repo, ephemeral)
+        kept = [s for s in ceiling if allows(allowed, s)]
+        if kept:
+            return with_implied(kept)
+        whose = "the agent's configuration" if agent else "configuration"
+        space = f"the {EPHEMERAL_SUFFIX} namespace" if ephemeral else "the default namespace"
+        if "git:write" in ceiling and "git:read" not in ceiling:  # a push
+            var, setting = ("CODESTORE_EPHEMERAL_SCOPES", "ephemeral_scopes") if ephemeral else ("CODESTORE_SCOPES", "scopes")
+            other = "" if ephemeral else f"push to codestore://{self.org}/{repo}+ephemeral instead, or "
+            raise PolicyError(
+                f"{whose} forbids writing to {repo} in {space} (allowed scopes: {' '.join(allowed)}); "
+                f"{other}allow it with {var}=\"git:read git:write\" or `{setting} = \"git:read git:write\"` "
+                f"in {self.path or 'the config file'}{', then restart the agent' if agent else ''}"
+            )
+        raise PolicyError(
+            f"{whose} allows no {' or '.join(ceiling)} for {repo} in {space} (allowed scopes: {' '.join(allowed) or 'none'}); "
+            f"add {ceiling[0]} to its scopes{' and restart the agent' if agent else ''}"
+        )
 
     def serves(self, protocol: str, host: str) -> bool:
         """True when git's (protocol, host[:port]) is our configured Git base URL."""

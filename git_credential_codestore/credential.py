@@ -79,17 +79,18 @@ def get(fields: Mapping[str, str], env: Mapping[str, str]) -> list[str]:
         repo, ephemeral = cfg.repo_from_path(path)
     except CodestoreError as e:
         raise ConfigError(f"{e}; use a URL like {cfg.base_url}/<repo>.git") from None
-    from .agent.discovery import holds_grant
+    from .agent.discovery import agent_named
     from .source import get_token
     from .vocab import TokenRequest
 
-    if cfg.uses_env and holds_grant(env):  # a grant speaks for the env-configured org only
-        # The grant is the policy: ask for at most read+write; the agent narrows it.
+    if cfg.uses_env and agent_named(env):  # the environment's agent speaks for the env-configured org only
+        # The agent is the policy (a grant's terms, or the owner's configuration there): ask
+        # for at most read+write, since git does not say whether it fetches or pushes.
         request = TokenRequest(repo, ("git:read", "git:write"), ephemeral, purpose="credential", narrow=True)
     else:
         request = TokenRequest(repo, cfg.scopes_for(repo, ephemeral), ephemeral, purpose="credential")
     say("credential", f"asking for {repo}{' (+ephemeral)' if ephemeral else ''}: {' '.join(request.scopes)}"
-        f"{' at most (the grant decides)' if request.narrow else ''}", env)
+        f"{' at most (the agent decides)' if request.narrow else ''}", env)
     token = get_token(request, cfg, env)
     say("credential", f"answered with a token for {repo}, expiring at {token.expires_at}", env)
     return ["username=t", f"password={token.reveal()}", f"password_expiry_utc={token.expires_at}"]

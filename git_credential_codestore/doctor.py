@@ -39,7 +39,7 @@ def check_config(cfg: Config) -> str:
 def check_key(cfg: Config, env: Mapping[str, str]) -> str:
     from .agent import discovery
 
-    if cfg.uses_env and discovery.configured(env):  # as source.choose_source: not for [orgs.*]
+    if cfg.uses_env and discovery.agent_named(env):  # as source.choose_source: not for [orgs.*]
         from .source import get_token
         from .vocab import TokenRequest
 

@@ -35,6 +35,10 @@ class LocalKeySource:
     def mint(self, request: TokenRequest) -> Token:
         from . import keys, tokens, trace
 
+        if request.narrow:
+            # A helper left the decision to an agent that cannot answer (the owner's
+            # fallback): local configuration decides, as the agent would have.
+            request = request._replace(scopes=self.cfg.narrow(request.repo, request.ephemeral, request.scopes), narrow=False)
         key, where = keys.load_private_key(self.cfg, self.env)
         trace.say(
             "key",
@@ -120,7 +124,7 @@ def choose_source(cfg: Config, env: Mapping[str, str] | None = None) -> TokenSou
     local = LocalKeySource(cfg, env)
     # A grant or agent address in the environment serves the org the environment configures,
     # never an [orgs.*] section (its tokens would be signed for, and sent to, another org).
-    if cfg.uses_env and discovery.configured(env):
+    if cfg.uses_env and discovery.agent_named(env):
         from .agent.client import AgentSource
 
         agent = AgentSource.from_env(cfg, env)

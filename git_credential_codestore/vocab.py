@@ -376,9 +376,12 @@ class TokenRequest(
     refs: Sequence[tuple[str, Sequence[str]]]
     # Which program asks, for the audit log: "credential", "remote", "cli".
     purpose: str
-    # Ask for *at most* these scopes: an agent narrows them to what the grant allows
-    # (never widens, never below one scope). For the credential helper, which cannot
-    # tell a fetch from a push and so asks for what the grant would give.
+    # Ask for *at most* these scopes: the agent keeps those the caller may have (a grant's
+    # terms, or the owner's configuration: config.Config.narrow), each with what it
+    # implies (git:write includes read); none left is a refusal. Helpers ask so when the
+    # environment names the agent (discovery.agent_named): the credential helper, which
+    # cannot tell a fetch from a push, for read+write; the remote helper for what the
+    # operation needs.
     narrow: bool
 
     def checked(self, error: Callable[[str], Exception] = ConfigError) -> TokenRequest:

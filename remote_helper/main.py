@@ -3,9 +3,10 @@
 git runs `git-remote-codestore <remote> <url>` for every fetch, push, clone and ls-remote.
 We answer the protocol's preamble ourselves; the first real command says whether this
 process reads or pushes, and only then is a token minted: `git:read` for a read,
-`git:read git:write` for a push (and only if configuration allows writing to that
-repository and namespace). git's own `git remote-https` then does the transfer with the
-token in its environment alone (see transport.py).
+`git:read git:write` for a push. Who decides whether that is allowed: local configuration
+(scopes for that repository and namespace), unless the environment names the agent
+(discovery.agent_named), which then decides by who asks. git's own `git remote-https`
+then does the transfer with the token in its environment alone (see transport.py).
 
 Startup is paid by every git operation: this module is on the helpers' fast path
 (git_credential_codestore/fastpath.py names it and what it must not import).
@@ -18,11 +19,11 @@ import os
 import sys
 
 from git_credential_codestore import config, remotes
-from git_credential_codestore.agent.discovery import holds_grant
-from git_credential_codestore.errors import CodestoreError, PolicyError, UsageError, boundary
+from git_credential_codestore.agent.discovery import agent_named
+from git_credential_codestore.errors import CodestoreError, UsageError, boundary
 from git_credential_codestore.source import choose_source
 from git_credential_codestore.trace import say
-from git_credential_codestore.vocab import TokenRequest
+from git_credential_codestore.vocab import TokenRequest, with_implied
 
 from . import protocol, transport
 
@@ -36,40 +37,23 @@ if TYPE_CHECKING:
     Launcher = Callable[[Sequence[str], Mapping[str, str], Sequence[int]], transport.Child]
 
 PROG = "codestore"
-READ_SCOPES = ("git:read",)
-PUSH_SCOPES = ("git:read", "git:write")
+# What each operation needs, at most (git:write includes read, so a push token carries both).
+READ_NEEDS = ("git:read",)
+PUSH_NEEDS = ("git:write",)
 
 
-def scopes_for(operation: str, remote: remotes.Remote, cfg: config.Config, grant: bool = False) -> tuple[str, ...]:
+def request_for(operation: str, remote: remotes.Remote, cfg: config.Config, by_agent: bool = False) -> TokenRequest:
     """The least privilege for the operation, if configuration allows it at all.
 
-    With a grant the agent is the policy: it refuses what the grant does not allow, with
-    a reason, so local scope settings are not consulted (a sandbox needs none).
+    When the environment names the agent (`by_agent`), the agent is the policy: it is
+    asked for at most what the operation needs and narrows that by who is asking (a
+    grant's terms, or the owner's configuration), refusing with its reason. Otherwise
+    local configuration decides here, before any token exists.
     """
-    if grant:
-        return PUSH_SCOPES if operation == "push" else READ_SCOPES
-    allowed = cfg.scopes_for(remote.repo, remote.ephemeral)
-    if operation == "push":
-        if "git:write" not in allowed:
-            var = "CODESTORE_EPHEMERAL_SCOPES" if remote.ephemeral else "CODESTORE_SCOPES"
-            setting = "ephemeral_scopes" if remote.ephemeral else "scopes"
-            other = (
-                ""
-                if remote.ephemeral
-                else f"push to codestore://{cfg.org}/{remote.repo}+ephemeral instead, or "
-            )
-            raise PolicyError(
-                f"configuration forbids writing to {remote.repo} in {remote.namespace} "
-                f"(allowed scopes: {' '.join(allowed)}); {other}allow it with {var}=\"git:read git:write\" "
-                f"or `{setting} = \"git:read git:write\"` in {cfg.path or 'the config file'}"
-            )
-        return PUSH_SCOPES
-    if not {"git:read", "git:write"} & set(allowed):
-        raise PolicyError(
-            f"configuration allows no git access to {remote.repo} in {remote.namespace} "
-            f"(allowed scopes: {' '.join(allowed) or 'none'}); add git:read to its scopes"
-        )
-    return READ_SCOPES
+    needs = PUSH_NEEDS if operation == "push" else READ_NEEDS
+    if by_agent:
+        return TokenRequest(remote.repo, needs, remote.ephemeral, purpose="remote", narrow=True)
+    return TokenRequest(remote.repo, cfg.narrow(remote.repo, remote.ephemeral, needs), remote.ephemeral, purpose="remote")
 
 
 def _resolver(env: Mapping[str, str]) -> Callable[[str], str | None]:
@@ -138,15 +122,18 @@ def run(
         if decision.operation == "end":
             return 0
         say("remote", f"{remote_name} {url}: git wants to {decision.operation}", env)
-        scopes = scopes_for(decision.operation, remote, cfg, cfg.uses_env and holds_grant(env))
-        say("remote", f"asking for {remote.repo} in {remote.namespace}: {' '.join(scopes)}", env)
+        # The environment's agent speaks for the env-configured org only.
+        request = request_for(decision.operation, remote, cfg, cfg.uses_env and agent_named(env))
+        scopes = " ".join(with_implied(request.scopes))
+        say("remote", f"asking for {remote.repo} in {remote.namespace}: {scopes}"
+            f"{' at most (the agent decides)' if request.narrow else ''}", env)
         # git passes the URL itself as the remote name for a URL given on the command line.
         name = remote.https_url if remote_name == url else remote_name
         fields = {
             "repo": remote.repo,
             "org": cfg.org or "(unset)",
             "kid": cfg.kid or "(none)",
-            "scopes": " ".join(scopes),
+            "scopes": scopes,
             "base": remote.base_url,
         }
 
@@ -160,7 +147,7 @@ def run(
         ) -> int:
             """One transport process, with a token minted now, for this one step."""
             source = choose_source(cfg, env)
-            token = source.mint(TokenRequest(remote.repo, scopes, remote.ephemeral, purpose="remote"))
+            token = source.mint(request)
             used.append(source)
             expires_at = token.expires_at
             private = transport.PrivateConfig(transport.token_config(token, remote.https_url))

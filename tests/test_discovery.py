@@ -37,19 +37,21 @@ def test_the_cli_socket_is_the_option_then_the_environment_then_the_default(tmp_
 
 
 @pytest.mark.parametrize(
-    "env,configured,grant,mode",
+    "env,named,mode",
     [
-        ({}, False, False, ""),
-        ({"CODESTORE_GRANT": "csg_x"}, True, True, ""),
-        ({"CODESTORE_GRANT_FILE": "/g"}, True, True, ""),
-        ({"CODESTORE_AGENT_SOCK": "/s"}, True, False, ""),
-        ({"CODESTORE_AGENT_URL": "https://a:1"}, True, False, ""),
-        ({"CODESTORE_AGENT": "OFF"}, False, False, "off"),
-        ({"CODESTORE_AGENT": "auto"}, False, False, "auto"),
+        ({}, False, ""),
+        ({"CODESTORE_GRANT": "csg_x"}, True, ""),
+        ({"CODESTORE_GRANT_FILE": "/g"}, True, ""),
+        # A mounted grant socket holds no secret: naming the socket is enough for the
+        # agent to be the policy.
+        ({"CODESTORE_AGENT_SOCK": "/s"}, True, ""),
+        ({"CODESTORE_AGENT_URL": "https://a:1"}, True, ""),
+        ({"CODESTORE_AGENT": "OFF"}, False, "off"),
+        ({"CODESTORE_AGENT": "auto"}, False, "auto"),
     ],
 )
-def test_the_environment_names_the_agent_and_the_grant(env: dict[str, str], configured: bool, grant: bool, mode: str) -> None:
-    assert (discovery.configured(env), discovery.holds_grant(env), discovery.mode(env)) == (configured, grant, mode)
+def test_the_environment_names_the_agent_or_leaves_the_helpers_to_discover_it(env: dict[str, str], named: bool, mode: str) -> None:
+    assert (discovery.agent_named(env), discovery.mode(env)) == (named, mode)
 
 
 def test_a_grant_comes_from_the_variable_or_the_file(tmp_path: Path) -> None:

@@ -43,8 +43,17 @@ AUTOSTART_IDLE = 900  # seconds an on-demand agent lives without requests
 SOCKET_NAME = "agent.sock"
 
 
-def configured(env: Mapping[str, str]) -> bool:
-    """An agent is named explicitly (its address, or a grant to present to it)."""
+def agent_named(env: Mapping[str, str]) -> bool:
+    """The environment names the agent: its address, or a grant to present to it (a
+    workload identity needs a named agent too, workload.find_identity).
+
+    Then the agent, not local configuration, is the policy. The helpers ask it for at
+    most what the operation needs (`narrow`) and it decides by who asks: a grant (its
+    socket or its secret) gets the grant's terms, the owner what the agent's own
+    configuration allows. A grant socket holds no secret, so only the agent can tell it
+    is a grant's. Otherwise (the default socket found by discovery, or the local key)
+    the helpers apply local scope configuration themselves.
+    """
     return any(env.get(k) for k in AGENT_VARS)
 
 
@@ -64,17 +73,6 @@ def key_uri(env: Mapping[str, str]) -> str:
 def ca_file(env: Mapping[str, str]) -> str | None:
     """The CA file to verify an https agent with (None: the system's CAs)."""
     return env.get(AGENT_CA) or None
-
-
-def holds_grant(env: Mapping[str, str] | None = None) -> bool:
-    """A sandbox holding a grant or a workload identity (workload.py): the agent's grant or
-    trust policy, not local configuration, is the policy."""
-    env = os.environ if env is None else env
-    if env.get(GRANT) or env.get(GRANT_FILE):
-        return True
-    from .workload import find_identity
-
-    return find_identity(env) is not None
 
 
 def read_grant(env: Mapping[str, str]) -> Secret | None:

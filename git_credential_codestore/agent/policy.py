@@ -2,7 +2,8 @@
 
 Two callers exist. The owner (same uid, on the agent's own socket, no grant) could read
 the key anyway, so the agent signs what the local key would sign: any known scopes, a
-TTL within config bounds. A grant holder gets nothing beyond its grant: the request is
+TTL within config bounds; a helper asking `narrow` gets what the agent's configuration
+allows, as it would have applied itself. A grant holder gets nothing beyond its grant: the request is
 checked field by field and refused with a reason, never silently widened; the token
 carries the grant's ref rules first (first match wins, so a request cannot override
 them) and the grant's `sub`.
@@ -16,12 +17,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
-from ..errors import ConfigError, Refused
+from ..errors import ConfigError, PolicyError, Refused
 from ..vocab import MAX_TTL, MIN_TTL, TokenRequest, check_ttl, parse_scopes, ref_policy, with_implied
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Protocol
+
+    from ..config import Config
 
     class Permission(Protocol):
         """What a token may carry: a grant, or a trust policy applied to one workload."""
@@ -74,8 +77,10 @@ def clamp_to_grant(grant: Permission, req: TokenRequest, default_ttl: int, now: 
         raise Refused(403, f"{grant.label} does not cover repository {req.repo!r} (it covers {', '.join(grant.repos)})")
     scopes = req.scopes
     if req.narrow:
-        # A ceiling, not a demand: keep what the grant allows. Still refused below.
-        scopes = tuple(s for s in req.scopes if s in with_implied(grant.scopes)) or req.scopes
+        # A ceiling, not a demand: keep what the grant allows (with what it implies, as
+        # config.Config.narrow does for the owner). Nothing left: refused below.
+        kept = [s for s in req.scopes if s in with_implied(grant.scopes)]
+        scopes = with_implied(kept) if kept else req.scopes
     extra = [s for s in scopes if s not in with_implied(grant.scopes)]
     if extra:
         raise Refused(403, f"{grant.label} does not allow {' '.join(extra)} (it allows {' '.join(grant.scopes)})")
@@ -122,12 +127,24 @@ def parse_terms(data: Mapping[str, object]) -> Terms:
     return Terms(list(repos), scopes, max_ttl, bool(data.get("ephemeral_only")), [[p, list(ops)] for p, ops in refs])
 
 
-def clamp_for_owner(req: TokenRequest, default_ttl: int, sub: str) -> Decision:
-    """The owner signs what the local key would: the request as asked, TTL defaulted."""
-    ttl = req.ttl if req.ttl is not None else default_ttl
+def clamp_for_owner(req: TokenRequest, cfg: Config, sub: str) -> Decision:
+    """The owner signs what the local key would: the request as asked, TTL defaulted.
+
+    A narrow request comes from a helper that left the decision to the agent (the
+    environment named it, discovery.agent_named): it gets what the agent's own
+    configuration allows for that repository and namespace, the least privilege the
+    helper would have applied itself, or Refused naming the setting to change.
+    """
+    scopes = req.scopes
+    if req.narrow:
+        try:
+            scopes = cfg.narrow(req.repo, req.ephemeral, req.scopes, agent=True)
+        except PolicyError as e:
+            raise Refused(403, str(e)) from None
+    ttl = req.ttl if req.ttl is not None else cfg.ttl
     return Decision(
         repo=req.repo,
-        scopes=req.scopes,
+        scopes=scopes,
         ttl=ttl,
         refs=[(p, list(ops)) for p, ops in req.refs],
         sub=sub,

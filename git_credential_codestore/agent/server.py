@@ -246,7 +246,7 @@ class Agent:
                 decision = policy.clamp_to_grant(grant, req, self.cfg.ttl)
             else:
                 sub = self._check_owner(owner or None)
-                decision = policy.clamp_for_owner(req, self.cfg.ttl, sub)
+                decision = policy.clamp_for_owner(req, self.cfg, sub)
         except policy.Refused as e:
             return self._refuse(who, data, e.reason, e.status, grant)
         if grant is not None and grant.max_per_minute:
