@@ -215,11 +215,13 @@ class Config(
         space = f"the {EPHEMERAL_SUFFIX} namespace" if ephemeral else "the default namespace"
         if "git:write" in ceiling and "git:read" not in ceiling:  # a push
             var, setting = ("CODESTORE_EPHEMERAL_SCOPES", "ephemeral_scopes") if ephemeral else ("CODESTORE_SCOPES", "scopes")
+            refused = f"{whose} forbids writing to {repo} in {space} (allowed scopes: {' '.join(allowed)}); "
+            where = self.path or "the config file"
+            if agent:  # the agent's refusals are kept short (errors.Refused): the setting, where, and what then
+                raise PolicyError(f"{refused}set `{setting} = \"git:read git:write\"` in {where} (or {var}) and restart the agent")
             other = "" if ephemeral else f"push to codestore://{self.org}/{repo}+ephemeral instead, or "
             raise PolicyError(
-                f"{whose} forbids writing to {repo} in {space} (allowed scopes: {' '.join(allowed)}); "
-                f"{other}allow it with {var}=\"git:read git:write\" or `{setting} = \"git:read git:write\"` "
-                f"in {self.path or 'the config file'}{', then restart the agent' if agent else ''}"
+                f"{refused}{other}allow it with {var}=\"git:read git:write\" or `{setting} = \"git:read git:write\"` in {where}"
             )
         raise PolicyError(
             f"{whose} allows no {' or '.join(ceiling)} for {repo} in {space} (allowed scopes: {' '.join(allowed) or 'none'}); "

@@ -283,6 +283,20 @@ def test_a_push_that_configuration_forbids_is_refused_before_minting(
     assert status == 1 and message in err and err.count("\n") == 1 and not launched
 
 
+def test_a_push_the_named_agent_cannot_decide_falls_back_to_the_local_key_within_configuration(
+    org_key: OrgKey, tmp_path: Path
+) -> None:
+    # Threat: the owner's agent being down turning a narrow request ("at most git:write")
+    # into a write token the configuration forbids, signed by the local key.
+    def launch(argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int]) -> transport.Child:
+        raise AssertionError("the transport must not start")
+
+    env = {**os.environ, "CODESTORE_AGENT_SOCK": str(tmp_path / "no-agent.sock")}
+    status, _, err = run(b"capabilities\nlist for-push\n", url="codestore://acme/app", env=env, launch=launch)
+    assert status == 1 and err.count("\n") == 1
+    assert err.startswith("codestore: configuration forbids writing to app in the default namespace"), err
+
+
 FAKE_TRANSPORT = r"""
 import os, sys
 from remote_helper import protocol
