@@ -20,14 +20,12 @@ id=$(printf '%s\n' "$out" | sed -n 1p)
 sock=$(printf '%s\n' "$out" | sed -n 2p)
 trap 'codestore grant revoke "$id" >/dev/null' EXIT
 
-# The socket is 0600 and owned by you: run the container as your uid. Holding no grant
-# secret, the helpers do not know the socket is a grant and apply local scopes (default
-# git:read): CODESTORE_EPHEMERAL_SCOPES lets them ask to push +ephemeral; the grant
-# socket still allows only what the grant does.
+# The socket is 0600 and owned by you: run the container as your uid. CODESTORE_AGENT_SOCK
+# names the agent, so the helpers leave scopes to it (no scope settings in the container):
+# it knows the socket is the grant's and allows exactly what the grant does.
 docker run --rm --user "$(id -u):$(id -g)" \
   -v "$sock:/run/codestore/agent.sock" \
   -e CODESTORE_AGENT_SOCK=/run/codestore/agent.sock \
-  -e CODESTORE_EPHEMERAL_SCOPES="git:read git:write" \
   -e HOME=/tmp/home \
   -e CODESTORE_REPO="$repo" -e CODESTORE_BRANCH="$branch" \
   "$image" sh -c 'mkdir -p "$HOME" && exec codestore-work'
