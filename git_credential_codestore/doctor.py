@@ -32,8 +32,13 @@ def _check(name: str, fn: Callable[[], str]) -> Check:
         return Check(name, False, str(e))
 
 
-def check_config(cfg: Config) -> str:
-    return f"org {cfg.require_org()}, git {cfg.base_url}, api {cfg.api_url}, ttl {cfg.ttl}s, scopes {' '.join(cfg.scopes)}"
+def check_config(cfg: Config, env: Mapping[str, str] | None = None) -> str:
+    from .agent import discovery
+
+    text = f"org {cfg.require_org()}, git {cfg.base_url}, api {cfg.api_url}, ttl {cfg.ttl}s"
+    if env is not None and cfg.uses_env and discovery.agent_named(env):
+        return f"{text}, scopes decided by the agent the environment names"  # local scopes are not applied
+    return f"{text}, scopes {' '.join(cfg.scopes)}"
 
 
 def check_key(cfg: Config, env: Mapping[str, str]) -> str:
@@ -109,7 +114,7 @@ def run_checks(env: Mapping[str, str] | None = None, every_org: bool = True) -> 
         tag = f" [{cfg.name or cfg.org}]" if len(orgs) > 1 else ""
         # partial binds this org's cfg (a lambda would see the loop variable).
         out += [
-            _check("config" + tag, partial(check_config, cfg)),
+            _check("config" + tag, partial(check_config, cfg, env)),
             _check("key" + tag, partial(check_key, cfg, env)),
         ]
         if cfg is orgs[0]:

@@ -39,6 +39,14 @@ def test_doctor_names_the_fix_for_each_failure(hermetic: Path, monkeypatch: pyte
     assert "unreachable" in lines["server"]
 
 
+def test_doctor_says_a_named_agent_decides_the_scopes_not_local_settings(hermetic: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODESTORE_ORG", ORG)
+    monkeypatch.setenv("CODESTORE_AGENT_SOCK", str(hermetic / "grant.sock"))  # a mounted grant socket
+    proc = run_cli("codestore", "doctor")
+    config_line = next(line for line in proc.stdout.splitlines() if line.split()[1] == "config:")
+    assert "scopes decided by the agent" in config_line and "git:read" not in config_line
+
+
 def test_doctor_without_any_configuration_says_to_set_the_org(hermetic: Path) -> None:
     proc = run_cli("codestore", "doctor")
     assert proc.returncode == 1 and "CODESTORE_ORG" in proc.stdout
