@@ -3,10 +3,10 @@
 Two callers exist. The owner (same uid, on the agent's own socket, no grant) could read
 the key anyway, so the agent signs what the local key would sign: any known scopes, a
 TTL within config bounds; a helper asking `narrow` gets what the agent's configuration
-allows, as it would have applied itself. A grant holder gets nothing beyond its grant: the request is
-checked field by field and refused with a reason, never silently widened; the token
-carries the grant's ref rules first (first match wins, so a request cannot override
-them) and the grant's `sub`.
+allows, as the helper would have applied itself. A grant holder gets nothing beyond its
+grant: the request is checked field by field and refused with a reason, never silently
+widened; the token carries the grant's ref rules first (first match wins, so a request
+cannot override them) and the grant's `sub`.
 """
 
 from __future__ import annotations
