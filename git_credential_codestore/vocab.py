@@ -390,3 +390,36 @@ class TokenRequest(
             refs=ref_policy(list(self.refs), error),
             purpose=str(self.purpose)[:20],
         )
+
+
+# -- branch names --------------------------------------------------------------------------
+
+MAX_BRANCH = 200
+_BRANCH_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-/")
+
+
+def validate_branch(name: str, what: str = "branch") -> str:
+    """The one branch-name check (the dev server's and the CLI's); rejected, never normalised.
+
+    A short name (`feat/x`, not `refs/heads/feat/x`) that `git check-ref-format --branch`
+    accepts, in a portable alphabet: 1..200 ASCII letters, digits and `._-/`; not `HEAD`,
+    not starting with `-` (never an option) or `refs/`; no `..`, no trailing `.`; `/`-separated
+    components, none empty, starting with `.` or ending in `.lock`.
+    """
+    ok = (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_BRANCH
+        and _BRANCH_CHARS.issuperset(name)
+        and name != "HEAD"
+        and not name.startswith(("-", "refs/"))
+        and ".." not in name
+        and not name.endswith(".")
+        and all(part and not part.startswith(".") and not part.endswith(".lock") for part in name.split("/"))
+    )
+    if not ok:
+        shown = repr(name[:MAX_BRANCH + 1]) if isinstance(name, str) else type(name).__name__
+        raise ConfigError(
+            f"{what} {shown} is not a branch name: give the short name, e.g. feat (letters, digits, '.', '_', '-', '/'; "
+            "not starting with '-' or refs/; no '..'; no component empty, starting with '.' or ending in .lock)"
+        )
+    return name
