@@ -275,4 +275,6 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
 
 
 # Real PostgreSQL (one server per session) and SoftHSM2 tokens for the agent's fleet tests.
+# A test CA and a real OIDC issuer on loopback, for the workload-identity and trust tests.
+from tests.oidc_issuer import ca, issuer  # noqa: E402, F401
 from tests.realparts import pg_url, postgres, softhsm  # noqa: E402, F401

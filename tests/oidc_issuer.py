@@ -15,11 +15,13 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import os
 import secrets
 import ssl
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -38,6 +41,10 @@ class CertAuthority:
     cert: Path  # the CA certificate: the bundle a client trusts
     server_cert: Path
     server_key: Path
+
+    def agent_env(self) -> dict[str, str]:
+        """The test environment for an agent that trusts this CA for its OIDC issuers."""
+        return dict(os.environ, CODESTORE_OIDC_CA_FILE=str(self.cert))
 
 
 def make_ca(directory: Path, name: str = "codestore test CA") -> CertAuthority:
@@ -174,6 +181,12 @@ class Issuer:
             self._server.server_close()
             self._server = None
 
+    def __enter__(self) -> Issuer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 def start_issuer(ca: CertAuthority, path: str = "") -> Issuer:
     """Serve on 127.0.0.1:0 over HTTPS; `path` is an issuer path prefix (GHES uses /_services/token)."""
@@ -220,3 +233,19 @@ def start_issuer(ca: CertAuthority, path: str = "") -> Issuer:
     issuer.url = f"https://127.0.0.1:{server.server_address[1]}{path}"
     # Paths above are relative to the server root; the discovery path follows the issuer's.
     return issuer
+
+
+# -- fixtures (conftest.py exports them to every test module) ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
+    """The session's test CA: it signs every issuer's certificate; agents trust it via agent_env()."""
+    return make_ca(tmp_path_factory.mktemp("oidc-ca"))
+
+
+@pytest.fixture
+def issuer(ca: CertAuthority) -> Iterator[Issuer]:
+    """A fresh OIDC issuer on loopback (its own keys, its own request log)."""
+    with start_issuer(ca) as i:
+        yield i

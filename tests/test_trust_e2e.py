@@ -8,7 +8,6 @@ identity its provider gave it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DevServer, OrgKey, git, run_cli
+from tests.conftest import DevServer, OrgKey, git
 from tests.leakscan import files_with_secrets
-from tests.oidc_issuer import CertAuthority, Issuer, make_ca, new_key, start_issuer
+from tests.oidc_issuer import CertAuthority, Issuer, new_key, start_issuer
 from tests.test_agent import REPO, Agent, sandbox_env, start_agent
-from tests.test_agent_e2e import commit
+from tests.test_agent_e2e import commit, seed_repo
 
 MODAL_POLICY = ("--audience", "oidc.modal.com", "--claim", "workspace_id=ac-12345abcd", "--claim", "app_name=agent-*",
                 "--repo", REPO, "--scopes", "git:read git:write", "--ephemeral-only",
@@ -50,30 +49,15 @@ class World:
         return [e for e in self.agent.audit() if e.get("issuer") and e["event"] in ("mint", "refuse")]
 
 
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
-    return make_ca(tmp_path_factory.mktemp("oidc-ca"))
-
-
 @pytest.fixture
-def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey, ca: CertAuthority) -> Iterator[World]:
+def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey, ca: CertAuthority, issuer: Issuer) -> Iterator[World]:
     """team/app with an ephemeral `base` branch; an agent that trusts the test CA for OIDC; an issuer."""
-    owner = dict(os.environ, CODESTORE_EPHEMERAL_SCOPES="git:read git:write", CODESTORE_SCOPES="git:read git:write")
-    assert run_cli("codestore", "setup", env=owner).returncode == 0
-    dev_server.create_repo(REPO)
-    seed = tmp_path / "seed"
-    git("init", "-q", str(seed))
-    (seed / "README").write_text("hello\n")
-    git("add", "README", cwd=seed)
-    git("commit", "-qm", "seed", cwd=seed)
-    git("push", "-q", f"{dev_server.url}/{REPO}+ephemeral.git", "HEAD:refs/heads/base", cwd=seed, env=owner)
-    issuer = start_issuer(ca)
-    agent = start_agent(tmp_path, env=dict(os.environ, CODESTORE_OIDC_CA_FILE=str(ca.cert)))
+    seed_repo(dev_server, tmp_path)
+    agent = start_agent(tmp_path, env=ca.agent_env())
     try:
         yield World(dev_server, agent, issuer, ca)
     finally:
         agent.stop()
-        issuer.stop()
 
 
 def ls_remote(url: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -165,16 +149,13 @@ def test_a_removed_policy_stops_the_next_exchange_even_for_a_token_that_worked(w
 
 def test_a_token_from_one_policys_issuer_gets_nothing_under_another_issuers_policy(world: World, ca: CertAuthority) -> None:
     # Threat: issuer A's workload borrowing the permissions the owner gave issuer B's workloads.
-    other = start_issuer(ca)
-    try:
+    with start_issuer(ca) as other:
         world.trust("--audience", "oidc.modal.com", "--claim", "workspace_id=ac-12345abcd", "--repo", "team/other",
                     "--scopes", "git:read", issuer=other)
         world.trust(*MODAL_POLICY)  # the first issuer may only have team/app
         env = world.sandbox(MODAL_IDENTITY_TOKEN=world.issuer.sign(world.issuer.modal_claims()))
         proc = ls_remote(f"{world.server.url}/team/other.git", env)
         assert proc.returncode != 0 and "does not cover repository 'team/other'" in proc.stderr
-    finally:
-        other.stop()
 
 
 def test_key_rotation_is_followed_and_an_issuer_outage_spares_cached_keys_but_not_unknown_ones(world: World) -> None:

@@ -8,34 +8,18 @@ real PostgreSQL (tests/realparts.py), the embedded one SQLite in the state dir.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from git_credential_codestore.agent.client import AgentRefused
 from tests.conftest import OrgKey
-from tests.oidc_issuer import CertAuthority, Issuer, make_ca, start_issuer
+from tests.oidc_issuer import CertAuthority, Issuer
 from tests.realparts import Postgres
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
 from tests.test_agent_store import admin
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
-    return make_ca(tmp_path_factory.mktemp("oidc-ca"))
-
-
-@pytest.fixture
-def issuer(ca: CertAuthority) -> Iterator[Issuer]:
-    i = start_issuer(ca)
-    try:
-        yield i
-    finally:
-        i.stop()
 
 
 def policy_body(issuer: Issuer) -> dict[str, object]:
@@ -46,7 +30,7 @@ def policy_body(issuer: Issuer) -> dict[str, object]:
 
 def replica(tmp_path: Path, name: str, ca: CertAuthority, *extra: str) -> Agent:
     return start_agent(tmp_path / name, *extra, "--socket", str(tmp_path / name / "s" / "agent.sock"),
-                       env=dict(os.environ, CODESTORE_OIDC_CA_FILE=str(ca.cert)))
+                       env=ca.agent_env())
 
 
 def exchange(a: Agent, issuer: Issuer) -> str:
