@@ -145,7 +145,8 @@ def test_on_a_full_filesystem_nothing_acknowledged_is_lost_and_nothing_refused_i
             # Issue 8 item 9: stopping on a full disk is a clean exit, not an internal error.
             a.proc.terminate()
             assert a.proc.wait(timeout=20) == 0
-            err = a.proc.stderr.read()  # type: ignore[union-attr]
+            assert a.proc.stderr is not None
+            err = a.proc.stderr.read()
             assert "Traceback" not in err and "internal error" not in err, err
             filler.unlink()
         finally:

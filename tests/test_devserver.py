@@ -344,10 +344,10 @@ def test_each_request_is_logged_with_its_decision(seeded: tuple[DevServer, str, 
 
 
 def policy_token(server: DevServer, refs: list[list[object]]) -> str:
-    from git_credential_codestore import keys, tokens
+    from git_credential_codestore import keys, tokens, vocab
 
     key = keys.parse_private_key(keys.Secret(server.key.pem), "test")
-    return tokens.mint(key, org=ORG, repo="team/app", scopes=["git:write"], ttl=300, sub="t", kid=KID, refs=refs).reveal()  # type: ignore[arg-type]
+    return tokens.mint(key, org=ORG, repo="team/app", scopes=["git:write"], ttl=300, sub="t", kid=KID, refs=vocab.ref_policy(refs)).reveal()
 
 
 def test_no_push_refuses_any_update_of_a_matching_ref(seeded: tuple[DevServer, str, Path]) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import DevServer, OrgKey, git
 from tests.leakscan import files_with_secrets
-from tests.oidc_issuer import CertAuthority, Issuer, new_key, start_issuer
+from tests.oidc_issuer import CertAuthority, Issuer, SigningKey, new_key, start_issuer
 from tests.test_agent import REPO, Agent, sandbox_env, start_agent
 from tests.test_agent_e2e import commit, seed_repo
 
@@ -162,8 +162,8 @@ def test_key_rotation_is_followed_and_an_issuer_outage_spares_cached_keys_but_no
     world.trust(*MODAL_POLICY)
     url = f"{world.server.url}/{REPO}+ephemeral.git"
 
-    def fetch(key: object = None) -> subprocess.CompletedProcess[str]:
-        return ls_remote(url, world.sandbox(MODAL_IDENTITY_TOKEN=world.issuer.sign(world.issuer.modal_claims(), key=key)))  # type: ignore[arg-type]
+    def fetch(key: SigningKey | None = None) -> subprocess.CompletedProcess[str]:
+        return ls_remote(url, world.sandbox(MODAL_IDENTITY_TOKEN=world.issuer.sign(world.issuer.modal_claims(), key=key)))
 
     assert fetch().returncode == 0
     world.issuer.rotate()
@@ -243,7 +243,8 @@ def test_a_minted_token_never_outlives_the_identity_token_that_bought_it(world: 
     fields = wire.decode(reply)
     assert status == 200, fields
     minted = verify(fields["token"], org_key)
-    assert minted.exp <= claims["exp"]  # type: ignore[operator]
+    identity_exp = claims["exp"]
+    assert isinstance(identity_exp, int) and minted.exp <= identity_exp
 
 
 def test_modals_48_hour_tokens_are_refused_unless_the_policy_allows_that_lifetime(world: World) -> None:
