@@ -257,6 +257,12 @@ def test_grant_list_shows_use_count_and_last_use(agent: Agent) -> None:
     assert " active " in row and " 2 " in row and time.strftime("%Y-%m-%d", time.gmtime()) in row
 
 
+def test_grant_create_describes_the_grant_in_words(agent: Agent) -> None:
+    proc = agent.cli("grant", "create", "--repo", REPO, "--repo", "team/other", "--scopes", "git:read git:write", "--max-ttl", "600")
+    assert proc.returncode == 0, proc.stderr
+    assert f"covers:  {REPO} team/other  scopes git:read git:write  max ttl 600s" in proc.stdout
+
+
 # -- socket security and administration --------------------------------------------------------
 
 

@@ -180,6 +180,7 @@ def test_trust_policies_are_listed_and_removed_from_the_cli(world: World) -> Non
     assert [x["id"] for x in listed] == [p["id"]] and listed[0]["claims"] == [["workspace_id", "ac-12345abcd"], ["app_name", "agent-*"]]
     text = world.agent.cli("trust", "list").stdout
     assert p["id"] in text and "workspace_id=ac-12345abcd" in text
+    assert f"grants:  {REPO}  scopes git:read git:write  max ttl" in text
     assert world.agent.cli("trust", "remove", str(p["id"])).returncode == 0
     assert json.loads(world.agent.cli("trust", "list", "--json").stdout) == []
     events = [e["event"] for e in world.agent.audit()]
