@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DevServer, OrgKey, git
+from tests.conftest import DevServer, OrgKey
 from tests.leakscan import files_with_secrets
 from tests.oidc_issuer import CertAuthority, Issuer, SigningKey, new_key, start_issuer
 from tests.test_agent import REPO, Agent, sandbox_env, start_agent
-from tests.test_agent_e2e import commit, seed_repo
+from tests.test_agent_e2e import push_new_branch, seed_repo
 
 MODAL_POLICY = ("--audience", "oidc.modal.com", "--claim", "workspace_id=ac-12345abcd", "--claim", "app_name=agent-*",
                 "--repo", REPO, "--scopes", "git:read git:write", "--ephemeral-only",
@@ -71,10 +71,7 @@ def test_a_modal_sandbox_with_only_the_agent_url_and_its_identity_clones_and_pus
     env = world.sandbox(MODAL_IDENTITY_TOKEN=token)
     url = f"{world.server.url}/{REPO}+ephemeral.git"
     work = tmp_path / "work"
-    git("clone", "-q", "--branch", "base", url, str(work), env=env)
-    commit(work, "feat.txt", env)
-    git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=work, env=env)
-    assert "refs/heads/feat" in git("ls-remote", url, env=env).stdout
+    push_new_branch(url, work, env, "feat")
     workload = f"modal:ac-12345abcd/agent-runner/{claims['container_id']}"
     mints = [e for e in world.exchanges() if e["event"] == "mint"]
     assert mints and all(
@@ -101,9 +98,7 @@ def test_a_github_actions_job_asks_for_the_agents_audience_and_pushes_through_co
         SSL_CERT_FILE=str(world.ca.cert),  # the runner's endpoint is HTTPS; our stand-in's CA
     )
     work = tmp_path / "work"
-    git("clone", "-q", "--branch", "base", f"codestore://acme/{REPO}+ephemeral", str(work), env=env)
-    commit(work, "ci.txt", env)
-    git("push", "-q", "origin", "HEAD:refs/heads/ci", cwd=work, env=env)
+    push_new_branch(f"codestore://acme/{REPO}+ephemeral", work, env, "ci")
     assert world.issuer.github_audiences and set(world.issuer.github_audiences) == {world.agent.url}
     mints = [e for e in world.exchanges() if e["event"] == "mint"]
     assert [e["sub"] for e in mints] == ["github:acme/app@refs/heads/main"] * len(mints)
