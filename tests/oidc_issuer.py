@@ -21,7 +21,6 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,7 +28,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -234,18 +232,3 @@ def start_issuer(ca: CertAuthority, path: str = "") -> Issuer:
     # Paths above are relative to the server root; the discovery path follows the issuer's.
     return issuer
 
-
-# -- fixtures (conftest.py exports them to every test module) ---------------------------------
-
-
-@pytest.fixture(scope="session")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
-    """The session's test CA: it signs every issuer's certificate; agents trust it via agent_env()."""
-    return make_ca(tmp_path_factory.mktemp("oidc-ca"))
-
-
-@pytest.fixture
-def issuer(ca: CertAuthority) -> Iterator[Issuer]:
-    """A fresh OIDC issuer on loopback (its own keys, its own request log)."""
-    with start_issuer(ca) as i:
-        yield i

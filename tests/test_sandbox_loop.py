@@ -176,6 +176,7 @@ REFUSALS = [
     (("promote", REPO, "nope", "--expect-sha", "a" * 40), "there is no branch 'nope'"),
     (("promote", REPO, "feat", "--expect-sha", "a" * 40, "--to", "a.lock/b"), "'a.lock/b' is not a branch name"),
     (("audit", "--since", "yesterday"), "--since takes a UTC time"),
+    (("audit", "--ref", "feat..main"), "--ref takes a ref name"),
     (("repo", "delete", REPO), "cannot be undone; confirm with: codestore repo delete team/app --yes"),
     (("branch", "list", "../x"), "is not a repository id"),
     (("branch", "delete", REPO, "refs/heads/feat", "--ephemeral"), "give the short name"),

@@ -174,6 +174,7 @@ class GrantStore:
         self.legacy_path = os.path.join(state_dir, "grants.json")
         self.db = Database(store_url or os.path.join(state_dir, db.DB_FILE))
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()
         self._cache: dict[str, Grant] = {}
         self._seq = 0
         self._fresh_until = 0.0
@@ -454,6 +455,12 @@ class GrantStore:
 
     def flush(self) -> None:
         """Write pending use counts (and what `on_flush` adds) in one transaction."""
+        # One flush at a time (the sync thread's, an audit query's): two running together
+        # would both be handed the same buffered audit rows and write them twice.
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
         try:
