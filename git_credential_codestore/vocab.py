@@ -1,17 +1,20 @@
 """codestore's vocabulary: the words every part shares, each defined once.
 
+    switches      the false words of our on/off environment variables
     scopes        the four Code Storage scopes; `git:write` implies `git:read`
     TTLs          DEFAULT_TTL, the MIN_TTL..MAX_TTL bounds and their one check
     repositories  the one repository-id validator, the `+ephemeral`/`+import` suffixes
     URLs          one splitter (no urllib), loopback hosts, a base URL's path prefix
     ref policies  Code Storage's `refs` claim: ordered [pattern, [ops]], first match wins
     requests      `TokenRequest`: what a helper asks a token source (or the agent) for
+    branches      the one branch-name rule (git check-ref-format --branch's, for the
+                  names we take: review, promote, branch delete, the dev server)
 
 Every program uses these: the credential helper, the remote helper, the agent client
 and its policy, the token minter, the grant store and the dev server. The git helpers
 import this module on every fetch and push, so it is standard library only and
-import-light: no typing, re, urllib or json (collections.namedtuple, not a dataclass
-or typing.NamedTuple, whose imports every git request would pay).
+import-light: no typing, re, urllib, json or collections (records.record, not a
+dataclass or a namedtuple, whose imports every git request would pay).
 """
 
 from __future__ import annotations
