@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import DevServer, git
 from tests.test_agent import REPO, Agent, sandbox_env, start_agent
-from tests.test_agent_e2e import commit, seed_repo
+from tests.test_agent_e2e import commit, push_new_branch, seed_repo
 
 EPHEMERAL_HTTP = "{server}/" + REPO + "+ephemeral.git"
 EPHEMERAL_CS = f"codestore://acme/{REPO}+ephemeral"
@@ -65,11 +65,8 @@ def test_a_grant_socket_alone_pushes_the_ephemeral_namespace_through_codestore_u
     server, agent, grant_id, env = grant_box
     before = len(server.requests())
     work = tmp_path / "work"
-    git("clone", "-q", "--branch", "base", EPHEMERAL_CS, str(work), env=env)
-    commit(work, "feat.txt", env)
-    git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=work, env=env)
+    push_new_branch(EPHEMERAL_CS, work, env, "feat")
     git("fetch", "-q", "origin", cwd=work, env=env)
-    assert "refs/heads/feat" in git("ls-remote", EPHEMERAL_CS, env=env).stdout
     seen = git_requests(server, before)
     reads = [r for r in seen if r["service"] == "git-upload-pack"]
     pushes = [r for r in seen if r["service"] == "git-receive-pack"]
@@ -84,12 +81,7 @@ def test_a_grant_socket_alone_pushes_the_ephemeral_namespace_through_the_credent
     grant_box: tuple[DevServer, Agent, str, dict[str, str]], tmp_path: Path
 ) -> None:
     server, agent, grant_id, env = grant_box
-    url = EPHEMERAL_HTTP.format(server=server.url)
-    work = tmp_path / "work"
-    git("clone", "-q", "--branch", "base", url, str(work), env=env)
-    commit(work, "feat-https.txt", env)
-    git("push", "-q", "origin", "HEAD:refs/heads/feat-https", cwd=work, env=env)
-    assert "refs/heads/feat-https" in git("ls-remote", url, env=env).stdout
+    push_new_branch(EPHEMERAL_HTTP.format(server=server.url), tmp_path / "work", env, "feat-https")
     # git's credential protocol does not say fetch or push: at most read+write, the grant's.
     mints = [e for e in agent.audit() if e["event"] == "mint"]
     assert mints and all(e["grant"] == grant_id and e["via"] == "grant-socket" and e["purpose"] == "credential" for e in mints)
