@@ -3,7 +3,10 @@
 uvicorn (with httptools, the llhttp parser) does the HTTP: request parsing, keep-alive
 and its idle timeout, pipelining, flow control, the ASGI request/response cycle. The
 agent's handler (`server.respond`) is plain synchronous code that may wait on the
-database, so it runs on a bounded thread pool and the event loop never blocks.
+database, so it runs on a bounded thread pool and the event loop never blocks on it;
+except a token request the agent can answer at once (`Agent.answers_at_once`: a grant in
+its cache, a key in memory), which is signed on the loop: handing it to a thread and
+back cost more CPU than the mint itself, and the threads fought the loop for the GIL.
 
 Around uvicorn's protocol we keep what it does not do, each for a reason:
 
@@ -36,7 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from ..errors import redact
@@ -72,20 +75,25 @@ class _Slot:
             self.front._release(self.peer)
 
 
+_ANSWERED = bytearray()  # a token request already answered (refused): ignore the rest of it
 _STATUS = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
 
 
 class AgentProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with a request deadline, head caps and the caller in the scope."""
 
-    def __init__(self, *, caller: Caller, slot: _Slot, deadline: float, **kwargs: object) -> None:
+    def __init__(self, *, agent: Agent, caller: Caller, slot: _Slot, deadline: float, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.agent = agent
         self.caller = caller
         self.deadline = deadline
         self.slot = slot
         self._deadline: asyncio.TimerHandle | None = None
         self._head = 0
         self._error = 400
+        self._token: bytearray | None = None  # the body of a token request answered at once
+        self._token_length = 0
+        self._token_header: Callable[[str], str | None] = lambda name: None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -106,6 +114,7 @@ class AgentProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._token = None
         self._head = 0
         self._arm()
         self.scope["extensions"] = {"codestore.caller": self.caller}  # type: ignore[dict-item]
@@ -123,6 +132,61 @@ class AgentProtocol(HttpToolsProtocol):
             self._error = 431
             raise ValueError("request head too large")
         super().on_header(name, value)
+
+    # -- the token fast path ------------------------------------------------------------------
+    # A token request the agent can answer at once (Agent.answers_at_once) skips the ASGI
+    # cycle (a task, an event, a scope, two writes per request): its body is gathered
+    # here and answered when the parser says the message is complete, with the same
+    # checks (admit, framing) and the same handler (server.respond) as the ASGI path. Any
+    # other request, or a token request while an earlier one on this connection is still
+    # being answered (pipelining keeps replies in order), goes through uvicorn unchanged.
+
+    def on_headers_complete(self) -> None:
+        if (self.url == b"/v1/token" and self.parser.get_method() == b"POST" and not self.expect_100_continue
+                and (self.cycle is None or self.cycle.response_complete)):
+            header = _headers(self.headers)
+            if self.agent.answers_at_once(self.caller, "POST", "/v1/token", header("Authorization")):
+                refusal, length = admit(self.agent, self.caller), 0
+                if refusal is None:
+                    refusal, length = framing(header)
+                if refusal is not None:
+                    self._token = _ANSWERED
+                    self._reply(refusal[0], *encode(*refusal), keep_alive=False)
+                else:
+                    self._token, self._token_length, self._token_header = bytearray(), length, header
+                return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._token is None:
+            super().on_body(body)
+        elif self._token is not _ANSWERED:
+            self._token += body
+            if len(self._token) > self._token_length:  # llhttp frames by Content-Length: never expected
+                self._token = _ANSWERED
+                self.transport.abort()
+
+    def on_message_complete(self) -> None:
+        if self._token is None:
+            super().on_message_complete()
+            return
+        body, self._token = self._token, None
+        if body is _ANSWERED:
+            return
+        status, data, ctype = respond(self.agent, self.caller, "POST", "/v1/token", self._token_header, bytes(body))
+        self._reply(status, data, ctype, keep_alive=self.parser.should_keep_alive())
+
+    def _reply(self, status: int, data: bytes, ctype: str, keep_alive: bool) -> None:
+        """One write: the status line, the headers the ASGI path sends, the body."""
+        keep_alive = keep_alive and not self.transport.is_closing()
+        self.transport.write(b"".join((
+            STATUS_LINE[status], b"content-type: ", ctype.encode(), b"\r\ncontent-length: ", b"%d" % len(data),
+            b"\r\ncache-control: no-store\r\n", b"" if keep_alive else b"connection: close\r\n", b"\r\n", data)))
+        if keep_alive:
+            self.on_response_complete()
+        else:
+            self._disarm()
+            self.transport.close()
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio.Protocol's contract: bool | None
         """The client closed its side (helpers send, then read): answer what is in flight, then close."""
@@ -199,10 +263,7 @@ class AsgiFront:
 
     async def app(self, scope: dict, receive: Callable, send: Callable) -> None:
         caller: Caller = scope["extensions"]["codestore.caller"]
-        headers: dict[str, str] = {}
-        for k, v in scope["headers"]:
-            headers[k.decode("latin-1").lower()] = v.decode("latin-1")
-        header = lambda name: headers.get(name.lower())  # noqa: E731
+        header = _headers(scope["headers"])
         refusal = admit(self.agent, caller)
         length = 0
         if refusal is None:
@@ -269,8 +330,8 @@ class AsgiFront:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def factory() -> AgentProtocol:
-                return AgentProtocol(config=self.config, server_state=self.state, app_state=self.app_state,
-                                     _loop=self.loop, caller=caller, slot=slot, deadline=self.agent.request_deadline)
+                return AgentProtocol(config=self.config, server_state=self.state, app_state=self.app_state, _loop=self.loop,
+                                     agent=self.agent, caller=caller, slot=slot, deadline=self.agent.request_deadline)
 
             handshake = min(IO_TIMEOUT, self.agent.request_deadline)
             await self.loop.connect_accepted_socket(factory, conn, ssl=lst.tls, ssl_handshake_timeout=handshake if lst.tls else None)
@@ -347,6 +408,12 @@ class AsgiFront:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _headers(raw: list[tuple[bytes, bytes]]) -> Callable[[str], str | None]:
+    """A request's headers as the handler reads them: by name, any case (the last of repeats)."""
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
+    return lambda name: headers.get(name.lower())
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

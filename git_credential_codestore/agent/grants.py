@@ -350,6 +350,11 @@ class GrantStore:
         if time.monotonic() > self._fresh_until:
             raise StoreError(f"{self._last_error or 'the grant store is not answering'}; refusing to mint under a grant until it is back")
 
+    def cached(self, gid: str) -> Grant | None:
+        """The grant when this replica's cache holds it (no database query), else None."""
+        with self._lock:
+            return self._cache.get(gid)
+
     def get(self, gid: str) -> Grant | None:
         """The grant (any state) or None; StoreError when the store cannot be checked."""
         self.check()

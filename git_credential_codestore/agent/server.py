@@ -115,6 +115,10 @@ class Agent:
         self.on_grant_revoked: Callable[[Grant], None] = lambda g: None
         self.grant_socket_path: Callable[[str], str] = lambda gid: ""
         self.trust: Trust | None = None  # workload-identity exchange (trust.py), set by the daemon
+        # Read once: the environment of a running agent does not change, and the check
+        # costs more than a cached grant lookup on every token.
+        self.tracing = trace.target() is not None
+        self._key_in_memory = isinstance(key, tokens.PrivateKey)
 
     # -- the router -------------------------------------------------------------------
 
@@ -190,6 +194,29 @@ class Agent:
         return 200, {"ok": True, "pid": os.getpid()}
 
     # -- minting ----------------------------------------------------------------------
+
+    def answers_at_once(self, caller: Caller, method: str, target: str, authorization: str | None) -> bool:
+        """Whether this request can be answered without waiting on anything (no database
+        query, no network, no PKCS#11 token): a token under the owner's authority or under a
+        grant this replica's cache holds (kept fresh by the store's poll, so a revocation
+        still refuses within STALE_AFTER), signed by a key in memory, with no per-minute
+        limit (counted in the database). The fleet front answers these on its event loop
+        instead of handing them to a worker thread: the hand-off cost more than the mint.
+        """
+        if method != "POST" or target != "/v1/token" or not self._key_in_memory:
+            return False
+        gid = caller.bound_grant
+        if authorization is not None:
+            scheme, _, value = authorization.partition(" ")
+            if scheme != "Grant":  # a workload identity is checked against its issuer: not at once
+                return not (self.trust is not None and self.trust.presented(authorization))
+            gid = grant_id_of(value.strip()) if gid is None else gid
+            if gid is None:
+                return True  # refused without a lookup
+        if gid is None:
+            return True  # the owner: decided from the request alone
+        grant = self.store.cached(gid)
+        return grant is not None and not grant.max_per_minute
 
     def _grant_for(self, caller: Caller, authorization: str | None) -> tuple[Grant | None, str | None]:
         """(grant, None) for a grant holder, (None, None) for the owner, or (None, reason)."""
@@ -282,8 +309,9 @@ class Agent:
             return 503, {"error": f"cannot write the audit log {self.audit.path} ({e.strerror}); nothing was minted", "code": "refused"}
         if grant is not None:
             self.store.record_use(grant, ok=True)
-        trace.say("agent", f"minted {decision.repo} {' '.join(decision.scopes)} ttl {decision.ttl}s for "
-                  f"{'grant ' + grant.id if grant else 'the owner'} ({who.get('via')})")
+        if self.tracing:
+            trace.say("agent", f"minted {decision.repo} {' '.join(decision.scopes)} ttl {decision.ttl}s for "
+                      f"{'grant ' + grant.id if grant else 'the owner'} ({who.get('via')})")
         return 200, {"token": token.reveal(), "expires_at": token.expires_at, "ttl": decision.ttl, "scopes": list(decision.scopes), "sub": decision.sub}
 
     def _check_owner(self, owner: object) -> str:
@@ -320,7 +348,8 @@ class Agent:
             self.audit.record("refuse", fields)
         except OSError:
             pass  # a refusal hands out nothing; its reason still reaches the caller
-        trace.say("agent", f"refused {fields.get('repo') or '-'} for grant {who.get('grant') or '(owner)'}: {reason}")
+        if self.tracing:
+            trace.say("agent", f"refused {fields.get('repo') or '-'} for grant {who.get('grant') or '(owner)'}: {reason}")
         code = "mismatch" if status == 409 else "refused"
         return status, {"error": reason, "code": code}
 
