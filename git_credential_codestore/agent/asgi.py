@@ -115,6 +115,9 @@ class AgentProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._token = None
+        # Not idle any more: a reply answered at once arms the keep-alive timeout while the
+        # rest of the same read (a pipelined request) is still being parsed.
+        self._unset_keepalive_if_required()
         self._head = 0
         self._arm()
         self.scope["extensions"] = {"codestore.caller": self.caller}  # type: ignore[dict-item]
