@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from .errors import ProtocolError
 
-
 _CONTROLS = frozenset(map(chr, range(32))) | {"\x7f"}
 
 
