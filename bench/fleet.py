@@ -258,6 +258,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--grants", type=int, default=100_000)
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="agent serve --workers N for the loads")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = environment(tmp)
@@ -265,12 +266,14 @@ def main() -> int:
         print(f"raw ES256 signing, one thread of this process: {raw:7.0f} signs/s")
 
         # 1. one replica, 10 grants
-        proc, sock, _ = start_agent(env, "small")
+        serve = ("--workers", str(args.workers)) if args.workers > 1 else ()
+        proc, sock, _ = start_agent(env, "small", *serve)
         try:
             small = [str(call(Endpoint("unix", sock), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)[1]["grant"]) for _ in range(10)]
             reqs = [token_request(s, f"team/r{i}") for i, s in enumerate(small)]
             load(sock, reqs, args.clients, 1.0)  # warm up
-            print(f"1./2. {args.clients} concurrent clients, a new connection per token, {args.seconds:.0f} s each:")
+            print(f"1./2. {args.clients} concurrent clients, a new connection per token, {args.seconds:.0f} s each, "
+                  f"{args.workers} agent process(es):")
             small_load = Load(sock, reqs, args.clients, args.seconds, proc.pid)
             report("10 grants", small_load, raw)
         finally:
@@ -283,7 +286,7 @@ def main() -> int:
         t0 = time.perf_counter()
         known = bulk_grants(state, args.grants, 1000)
         print(f"   ({args.grants} grants written to the store in {time.perf_counter() - t0:.1f} s, setup)")
-        proc, sock, _ = start_agent(env, "big")
+        proc, sock, _ = start_agent(env, "big", *serve)
         try:
             reqs = [token_request(s, f"team/r{i}") for i, s in enumerate(known)]
             load(sock, reqs, args.clients, 1.0)

@@ -10,11 +10,13 @@ back cost more CPU than the mint itself, and the threads fought the loop for the
 
 Around uvicorn's protocol we keep what it does not do, each for a reason:
 
-- our own accept loop (public asyncio API: `sock_accept` + `connect_accepted_socket`),
-  so a connection counts against its peer's fair share (PER_PEER per network address)
-  from the moment it is accepted, TLS handshakes included, and a TLS handshake has a
-  deadline (IO_TIMEOUT) instead of asyncio's 60 s. Over the limit, a TLS connection is
-  closed silently: a cleartext refusal on a TLS port only reads as a TLS error.
+- a connection counts against its peer's fair share (PER_PEER per network address) from
+  the moment it is accepted. Without TLS the loop accepts (uvloop's C accept) and the
+  protocol counts it in connection_made, in the same callback; with TLS our own accept
+  loop (public asyncio API: `sock_accept` + `connect_accepted_socket`) counts it before
+  the handshake, which gets a deadline (IO_TIMEOUT) instead of asyncio's 60 s. Over the
+  limit, a TLS connection is closed silently: a cleartext refusal on a TLS port only
+  reads as a TLS error.
 - a deadline per request (`--request-deadline`, from its first byte to its reply) on
   every listener, TLS included: uvicorn times out idle keep-alive connections but not a
   request that trickles in a byte at a time (issue 8 item 6).
@@ -43,7 +45,6 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from ..errors import redact
-from .discovery import unix_address
 from .server import (
     IO_TIMEOUT,
     MAX_HEAD,
@@ -51,6 +52,8 @@ from .server import (
     Caller,
     Slots,
     admit,
+    bind_tcp,
+    bind_unix,
     encode,
     framing,
     identify,
@@ -75,6 +78,7 @@ class _Slot:
             self.front._release(self.peer)
 
 
+_BUSY = b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _ANSWERED = bytearray()  # a token request already answered (refused): ignore the rest of it
 _STATUS = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
 
@@ -82,12 +86,16 @@ _STATUS = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 4
 class AgentProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with a request deadline, head caps and the caller in the scope."""
 
-    def __init__(self, *, agent: Agent, caller: Caller, slot: _Slot, deadline: float, **kwargs: object) -> None:
+    def __init__(self, *, front: AsgiFront, listener: _Listener, deadline: float, caller: Caller | None = None,
+                 slot: _Slot | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.agent = agent
-        self.caller = caller
+        self.front = front
+        self.agent = front.agent
+        self.listener = listener
+        self.caller = caller  # None until connection_made, when the loop accepted the connection itself
         self.deadline = deadline
         self.slot = slot
+        self._busy = False
         self._deadline: asyncio.TimerHandle | None = None
         self._head = 0
         self._error = 400
@@ -96,8 +104,25 @@ class AgentProtocol(HttpToolsProtocol):
         self._token_header: Callable[[str], str | None] = lambda name: None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.slot is None:
+            # Accepted by the event loop itself (a listener without TLS): counted and
+            # identified here, in the same loop callback as the accept.
+            lst = self.listener
+            address = transport.get_extra_info("peername")
+            slot = self.front._take(str(address[0]) if lst.transport == "tcp" and isinstance(address, tuple) else "")
+            if slot is None:
+                self._busy = True
+                transport.write(_BUSY)
+                transport.close()
+                return
+            self.slot = slot
+            self.caller = identify(transport.get_extra_info("socket"), address, lst.transport, lst.bound_grant)
         super().connection_made(transport)
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._busy:
+            super().data_received(data)
 
     def _arm(self) -> None:
         if self._deadline is None:
@@ -145,11 +170,12 @@ class AgentProtocol(HttpToolsProtocol):
     # being answered (pipelining keeps replies in order), goes through uvicorn unchanged.
 
     def on_headers_complete(self) -> None:
-        if (self.url == b"/v1/token" and self.parser.get_method() == b"POST" and not self.expect_100_continue
-                and (self.cycle is None or self.cycle.response_complete)):
+        caller = self.caller
+        if (caller is not None and self.url == b"/v1/token" and self.parser.get_method() == b"POST"
+                and not self.expect_100_continue and (self.cycle is None or self.cycle.response_complete)):
             header = _headers(self.headers)
-            if self.agent.answers_at_once(self.caller, "POST", "/v1/token", header("Authorization")):
-                refusal, length = admit(self.agent, self.caller), 0
+            if self.agent.answers_at_once(caller, "POST", "/v1/token", header("Authorization")):
+                refusal, length = admit(self.agent, caller), 0
                 if refusal is None:
                     refusal, length = framing(header)
                 if refusal is not None:
@@ -174,7 +200,7 @@ class AgentProtocol(HttpToolsProtocol):
             super().on_message_complete()
             return
         body, self._token = self._token, None
-        if body is _ANSWERED:
+        if body is _ANSWERED or self.caller is None:
             return
         status, data, ctype = respond(self.agent, self.caller, "POST", "/v1/token", self._token_header, bytes(body))
         self._reply(status, data, ctype, keep_alive=self.parser.should_keep_alive())
@@ -203,8 +229,11 @@ class AgentProtocol(HttpToolsProtocol):
         super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._busy:
+            return  # never counted, never served
         self._disarm()
-        self.slot.release()
+        if self.slot is not None:
+            self.slot.release()
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
@@ -223,7 +252,8 @@ class _Listener:
         self.transport = transport
         self.tls = tls
         self.bound_grant = bound_grant
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # our accept loop (TLS listeners)
+        self.server: asyncio.AbstractServer | None = None  # the loop's own accept (the others)
         self.path = ""
         self.inode = 0
 
@@ -319,7 +349,7 @@ class AsgiFront:
             if slot is None:
                 if lst.tls is None:
                     try:
-                        conn.send(b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        conn.send(_BUSY)
                     except OSError:
                         pass
                 conn.close()
@@ -333,8 +363,7 @@ class AsgiFront:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def factory() -> AgentProtocol:
-                return AgentProtocol(config=self.config, server_state=self.state, app_state=self.app_state, _loop=self.loop,
-                                     agent=self.agent, caller=caller, slot=slot, deadline=self.agent.request_deadline)
+                return self._protocol(lst, caller, slot)
 
             handshake = min(IO_TIMEOUT, self.agent.request_deadline)
             await self.loop.connect_accepted_socket(factory, conn, ssl=lst.tls, ssl_handshake_timeout=handshake if lst.tls else None)
@@ -342,41 +371,36 @@ class AsgiFront:
             slot.release()
             conn.close()
 
+    def _protocol(self, lst: _Listener, caller: Caller | None = None, slot: _Slot | None = None) -> AgentProtocol:
+        return AgentProtocol(config=self.config, server_state=self.state, app_state=self.app_state, _loop=self.loop,
+                             front=self, listener=lst, caller=caller, slot=slot, deadline=self.agent.request_deadline)
+
     def _call(self, coro: object, timeout: float = 30) -> object:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
     async def _listen(self, lst: _Listener) -> None:
         lst.sock.setblocking(False)
-        lst.task = self.loop.create_task(self._accept(lst))
+        if lst.tls is None:
+            # The loop's own accept (C in uvloop): our Python accept loop cost a task, a
+            # socket object and a coroutine per connection, a tenth of a token's CPU.
+            create = self.loop.create_server if lst.transport == "tcp" else self.loop.create_unix_server
+            lst.server = await create(lambda: self._protocol(lst), sock=lst.sock, backlog=1024)
+        else:
+            lst.task = self.loop.create_task(self._accept(lst))
         self._listeners.append(lst)
 
-    def listen_unix(self, path: str, transport: str = "socket", bound_grant: str | None = None) -> _Listener:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        addr, fd = unix_address(path)
-        try:
-            sock.bind(addr)
-        except OSError:
-            sock.close()
-            raise
-        finally:
-            if fd is not None:
-                os.close(fd)
-        os.chmod(path, 0o600)
-        sock.listen(1024)
+    def listen_unix(self, path: str, transport: str = "socket", bound_grant: str | None = None,
+                    sock: socket.socket | None = None) -> _Listener:
+        """Serve on `path` (bound here, or already bound: `sock`, a worker's inherited socket)."""
+        sock = sock or bind_unix(path)
         lst = _Listener(sock, transport, None, bound_grant)
         lst.path, lst.inode = path, os.stat(path).st_ino
         self._call(self._listen(lst))
         return lst
 
-    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None) -> tuple[_Listener, tuple[str, int]]:
-        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError:
-            sock.close()
-            raise
-        sock.listen(1024)
+    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None,
+                   sock: socket.socket | None = None) -> tuple[_Listener, tuple[str, int]]:
+        sock = sock or bind_tcp(address)
         lst = _Listener(sock, "tcp", tls, None)
         self._call(self._listen(lst))
         return lst, sock.getsockname()[:2]
@@ -386,6 +410,8 @@ class AsgiFront:
             self._listeners.remove(lst)
         if lst.task is not None:
             lst.task.cancel()
+        if lst.server is not None:
+            lst.server.close()  # closes the listening socket; connections already accepted go on
         lst.sock.close()
 
     def stop_listener(self, lst: _Listener) -> None:

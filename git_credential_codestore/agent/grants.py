@@ -185,6 +185,9 @@ class GrantStore:
         self.errors = 0  # store operations that failed, for /metrics
         # Adds rows to the flush's transaction (the audit trail); returns what to do once committed.
         self.on_flush: Callable[[Tx], Callable[[], None]] = lambda tx: lambda: None
+        # Told of every grant the poll finds changed (by this process or another): the
+        # daemon closes a revoked grant's own socket wherever it was revoked.
+        self.on_change: Callable[[Grant], None] = lambda grant: None
 
     @property
     def where(self) -> str:
@@ -492,6 +495,7 @@ class GrantStore:
             grant = _grant(row)
             self._remember(grant)
             self._seq = max(self._seq, grant.seq)
+            self.on_change(grant)
         if len(rows) < 1000:
             self._fresh_until = time.monotonic() + STALE_AFTER
             self._last_error = ""
