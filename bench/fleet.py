@@ -111,6 +111,7 @@ def _worker(sock_path: str, requests: list[bytes], clients: int, seconds: float,
     conns: dict[int, tuple[socket.socket, float, list[bytes]]] = {}
     latencies: list[float] = []
     errors = 0
+    first_error = ""
     n = 0
     start = time.monotonic() + 0.2
     while time.monotonic() < start:
@@ -118,7 +119,7 @@ def _worker(sock_path: str, requests: list[bytes], clients: int, seconds: float,
     end = start + seconds
 
     def open_one() -> None:
-        nonlocal n, errors
+        nonlocal n, errors, first_error
         req = requests[n % len(requests)]
         n += 1
         t0 = time.perf_counter()
@@ -126,8 +127,9 @@ def _worker(sock_path: str, requests: list[bytes], clients: int, seconds: float,
         try:
             s.connect(sock_path)
             s.send(req)  # a few hundred bytes: always fits the socket's buffer
-        except OSError:
+        except OSError as e:
             errors += 1
+            first_error = first_error or f"connect: {e}"
             s.close()
             return
         conns[s.fileno()] = (s, t0, [])
@@ -155,8 +157,11 @@ def _worker(sock_path: str, requests: list[bytes], clients: int, seconds: float,
                 latencies.append(time.perf_counter() - t0)
             else:
                 errors += 1
+                first_error = first_error or repr(b"".join(chunks)[-200:])
             if time.monotonic() < end:
                 open_one()
+    if first_error:
+        print(f"   (load generator: {errors} errors, the first: {first_error})", file=sys.stderr)
     out.put((latencies, errors))
 
 
