@@ -2,6 +2,7 @@
 # Install codestore into its own virtual environment and put its three programs on PATH.
 #
 #   ./install.sh [--system|--user] [--prefix DIR] [--bin-dir DIR] [--org ORG] [--base-url URL] [--setup] [--demo]
+#                [--extras fleet]
 #
 # As root it installs system-wide (--system): into /opt/codestore, programs in
 # /usr/local/bin, readable by every user, and --setup writes git's system config
@@ -12,6 +13,8 @@
 # image build (Dockerfile RUN, Modal/E2B/Daytona image steps). It needs python3 (3.10+)
 # and git; as root on Debian/Ubuntu it installs them with apt-get when they are missing.
 # It reaches no network but the package registries; setting up needs no key.
+# --extras fleet adds what an agent run as a fleet service uses (docs/fleet.md); a
+# sandbox image or a developer machine needs none.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -22,6 +25,7 @@ org=""
 base_url=""
 do_setup=0
 do_demo=0
+extras=""
 
 die() { echo "install.sh: $*" >&2; exit 1; }
 
@@ -35,7 +39,11 @@ while [ $# -gt 0 ]; do
     --base-url) [ $# -ge 2 ] || die "--base-url needs a URL"; base_url=$2; shift 2 ;;
     --setup) do_setup=1; shift ;;
     --demo) do_demo=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --extras)
+      [ $# -ge 2 ] || die "--extras needs a name (fleet)"
+      case "$2" in fleet|recipes) extras=$2 ;; *) die "--extras $2: unknown; the extras are fleet and recipes" ;; esac
+      shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
@@ -110,7 +118,7 @@ fi
 # another project holds on PyPI); this venv is ours alone, so drop that stale record
 # first (after the install, its uninstall would delete the files both share).
 "$venv/bin/python" -m pip uninstall -q -y --disable-pip-version-check codestore >/dev/null 2>&1 || true
-"$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$here"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$here${extras:+[$extras]}"
 
 # git runs the two helpers on every fetch and push. pip's generated launcher runs `site`
 # and imports `re` to tidy argv[0]: about 7 ms of a ~20 ms helper. Ours starts Python

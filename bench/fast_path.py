@@ -10,6 +10,8 @@ numbers the README quotes:
 
 1. `git credential fill` via the agent, config.toml present      / git credential-store
 2. `git credential fill` signing with the key from its default store / git credential-store
+   (and, under both, the floor: `git credential fill` through a helper that is nothing but
+   the interpreter, started by git the way ours is; what we add is measured against it)
 3. `git ls-remote codestore://...` minus `git ls-remote http://t:JWT@...` (same server)
 4. one chunked response from the dev server (a Nagle stall shows as ~40 ms;
    bench/devserver_latency.py measures the dev server's latency in detail)
@@ -44,10 +46,19 @@ def environment(tmp: str) -> dict[str, str]:
     with open(store_file, "w") as f:
         f.write("https://t:stored-password@store.example\n")
     gitconfig = os.path.join(home, ".gitconfig")
+    # The floor: a helper that is only the interpreter, started by git as ours is (by
+    # name, through the launcher's `python -IS`), answering at once.
+    floor_bin = os.path.join(tmp, "floor-bin")
+    os.makedirs(floor_bin)
+    floor = os.path.join(floor_bin, "git-credential-floor")
+    with open(floor, "w") as f:
+        f.write(f'#!{sys.executable} -IS\nimport sys\nsys.stdout.write("username=t\\npassword=floor\\n")\n')
+    os.chmod(floor, 0o755)
     with open(gitconfig, "w") as f:
-        f.write(f'[credential "https://store.example"]\n\thelper = store --file {store_file}\n')
+        f.write(f'[credential "https://store.example"]\n\thelper = store --file {store_file}\n'
+                '[credential "https://floor.example"]\n\thelper = floor\n')
     return {
-        "PATH": BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
+        "PATH": os.pathsep.join((BIN, floor_bin, os.environ.get("PATH", "/usr/bin:/bin"))),
         "HOME": home,
         "XDG_RUNTIME_DIR": run_dir,
         "XDG_CONFIG_HOME": os.path.join(home, ".config"),
@@ -144,6 +155,7 @@ def main() -> int:
             fill = ["git", "credential", "fill"]
             cases = {
                 "store": lambda: timed(fill, env, "url=https://store.example/r.git\n\n", "password="),
+                "bare python helper": lambda: timed(fill, env, "url=https://floor.example/r.git\n\n", "password=floor"),
                 "agent": lambda: timed(fill, env, ours, "password=eyJ"),
                 "local-key": lambda: timed(fill, no_agent, ours, "password=eyJ"),
                 "ls-remote codestore://": lambda: timed(["git", "ls-remote", f"codestore://{ORG}/{REPO}"], env,
@@ -168,6 +180,9 @@ def main() -> int:
             print("the four numbers (targets in parentheses):")
             print(f"   1. credential fill via the agent:       {med['agent'] / store:5.2f}x credential-store  (<= 3.5x)")
             print(f"   2. credential fill, local key:          {med['local-key'] / store:5.2f}x credential-store  (<= 10x)")
+            floor = med["bare python helper"]
+            print(f"   (the floor, a helper that is only `python -IS` started by git: {floor / store:5.2f}x credential-store;\n"
+                  f"    ours above it: via the agent {med['agent'] - floor:+5.1f} ms, with the local key {med['local-key'] - floor:+5.1f} ms)")
             extra = med["ls-remote codestore://"] - med["ls-remote token URL"]
             print(f"   3. ls-remote codestore:// vs token URL: {extra:+5.1f} ms per operation  (<= +15 ms)")
             print(f"   4. one chunked response (dev server):   {med['chunked response']:5.1f} ms  (a Nagle stall is ~40 ms)")

@@ -40,11 +40,23 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import namedtuple
-from collections.abc import Mapping
 
 from .errors import ConfigError
-from .vocab import DEFAULT_TTL, EPHEMERAL_SUFFIX, check_ttl, parse_scopes, path_under, split_repo_path, split_url
+from .records import record
+from .vocab import (
+    DEFAULT_TTL,
+    EPHEMERAL_SUFFIX,
+    check_ttl,
+    is_off,
+    parse_scopes,
+    path_under,
+    split_repo_path,
+    split_url,
+)
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 # Our name -> the official helper's name for the same setting (see the module docstring).
 OFFICIAL_NAMES = {
@@ -69,7 +81,7 @@ def env_name(env: Mapping[str, str], name: str) -> str:
 
 
 def debug_enabled(env: Mapping[str, str]) -> bool:
-    return getenv(env, "CODESTORE_DEBUG").strip().lower() not in ("", "0", "false", "no", "off")
+    return not is_off(getenv(env, "CODESTORE_DEBUG"))
 
 
 _XDG = {"config": ("XDG_CONFIG_HOME", ".config"), "data": ("XDG_DATA_HOME", ".local/share"),
@@ -108,7 +120,7 @@ def hostname() -> str:
     return socket.gethostname()
 
 
-class RepoRule(namedtuple("RepoRule", "pattern scopes ephemeral_scopes", defaults=(None, None))):
+class RepoRule(record("RepoRule", "pattern scopes ephemeral_scopes", defaults=(None, None))):
     __slots__ = ()
     pattern: str
     scopes: tuple[str, ...] | None
@@ -116,7 +128,7 @@ class RepoRule(namedtuple("RepoRule", "pattern scopes ephemeral_scopes", default
 
 
 class Config(
-    namedtuple(
+    record(
         "Config",
         "org base_url_setting api_url_setting kid ttl scopes ephemeral_scopes sub_setting private_key_file repos path"
         " name uses_env",
@@ -203,7 +215,6 @@ class Config(
 def _read_file(path: str, env: Mapping[str, str], cache: bool = True) -> dict[str, object]:
     """The parsed file ({} when there is none), through config_cache when `cache`."""
     from . import config_cache
-    from .files import read_open_bounded
 
     try:
         with open(path, "rb") as f:
@@ -211,6 +222,8 @@ def _read_file(path: str, env: Mapping[str, str], cache: bool = True) -> dict[st
             cached = config_cache.read(path, st, env) if cache else None
             if cached is not None:
                 return cached
+            from .files import read_open_bounded  # the cache missed: the file changed
+
             data = read_open_bounded(f, path, "the configuration file")
     except FileNotFoundError:
         return {}

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 
 # Every git helper imports this module; `typing` and `re` cost milliseconds each to
 # import, so type-only names are imported for type checkers alone and the patterns
 # below are compiled on first use.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import TextIO
 
 

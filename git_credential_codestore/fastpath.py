@@ -4,7 +4,7 @@ git runs `git-credential-codestore` and `git-remote-codestore` for each request,
 start-up is part of every `git fetch`, `git push` and `git clone`. The modules in MODULES
 are everything those two programs import up to the agent client. Each imports only light
 parts of the standard library at start-up: no `typing` (the type checker sees
-`TYPE_CHECKING = False` blocks, Python does not), no `re`, `urllib`, `json`, `socket`,
+`TYPE_CHECKING = False` blocks, Python does not), no `collections` (records.py), no `re`, `urllib`, `json`, `socket`,
 `dataclasses`; and no third-party package. A module outside this list may import what it
 likes: the speed tricks live here, the rest of the code stays plain.
 
@@ -29,6 +29,7 @@ MODULES = (
     "git_credential_codestore.gitenv",
     "git_credential_codestore.trace",  # CODESTORE_TRACE lines: os and sys only
     "git_credential_codestore.lines",
+    "git_credential_codestore.records",  # named tuples without importing collections
     "git_credential_codestore.vocab",
     "git_credential_codestore.config",
     "git_credential_codestore.config_cache",
@@ -50,7 +51,7 @@ MODULES = (
 # Modules whose import is a measurable part of a helper's run (milliseconds each, or a
 # chain of them), and every third-party package.
 HEAVY = (
-    "typing", "re", "urllib.parse", "ipaddress", "subprocess", "tomllib", "tomli", "json",
+    "collections", "typing", "re", "urllib.parse", "ipaddress", "subprocess", "tomllib", "tomli", "json",
     "socket", "ssl", "hashlib", "dataclasses", "inspect", "email", "http.client", "logging",
     "cryptography", "jwt", "keyring", "platformdirs", "click",
 )
@@ -66,6 +67,7 @@ PATHS: dict[str, tuple[str, ...]] = {
     "credential get via a grant": (),
     # git starts the remote helper and asks for its capabilities before any command.
     "remote helper, capabilities only": (),
-    # A read through codestore://: a token from the agent, then git remote-https runs.
-    "remote helper ls-remote via the agent": (),
+    # A read through codestore://: a token from the agent, then git remote-https runs, with
+    # threads pumping its streams (threading imports collections for its deque).
+    "remote helper ls-remote via the agent": ("collections",),
 }

@@ -22,7 +22,10 @@ Kept free of imports: the credential helper reads it on every request.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 INT_MAX = 2**31 - 1
 _C_SPACE = b" \t\n\v\f\r"

@@ -17,9 +17,6 @@ import base64
 import os
 import stat
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -33,31 +30,35 @@ KEYRING_SERVICE = "codestore"
 KEY_KINDS = ("ec", "rsa", "ed25519")
 
 
-class KeySource(Protocol):
-    """One place a private key may be kept."""
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Protocol
 
-    name: str
+    class KeySource(Protocol):
+        """One place a private key may be kept."""
 
-    def read(self) -> Secret | None: ...
+        name: str
+
+        def read(self) -> Secret | None: ...
 
 
-@dataclass
+# Plain classes, not dataclasses: this module is on the local-key signing path of every
+# git request, and each dataclass costs a fraction of a millisecond to build at import.
 class EnvSource:
-    env: Mapping[str, str]
-    name: str = "CODESTORE_PRIVATE_KEY"
+    def __init__(self, env: Mapping[str, str], name: str = "CODESTORE_PRIVATE_KEY") -> None:
+        self.env = env
+        self.name = name
 
     def read(self) -> Secret | None:
         value = getenv(self.env, "CODESTORE_PRIVATE_KEY")
         return Secret(value) if value.strip() else None
 
 
-@dataclass
 class FileSource:
-    path: str
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        self.name = self.name or self.path
+    def __init__(self, path: str, name: str = "") -> None:
+        self.path = path
+        self.name = name or path
 
     def read(self) -> Secret | None:
         from .files import read_bounded
@@ -70,11 +71,11 @@ class FileSource:
             raise KeyNotFound(f"cannot read the key file {self.path}: {getattr(e, 'strerror', e)}") from None
 
 
-@dataclass
 class KeyringSource:
-    account: str
-    name: str = "the OS keychain"
-    env: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    def __init__(self, account: str, name: str = "the OS keychain", env: Mapping[str, str] | None = None) -> None:
+        self.account = account
+        self.name = name
+        self.env = os.environ if env is None else env
 
     def read(self) -> Secret | None:
         # keyring's import is ~55 ms even where no keychain works; where one did not work

@@ -18,13 +18,15 @@ normalised: a URL with credentials, a query or a fragment is an error.
 
 from __future__ import annotations
 
-from collections import namedtuple
-from collections.abc import Mapping
-
 from . import config
 from .config import Config
 from .errors import ConfigError
+from .records import record
 from .vocab import EPHEMERAL_SUFFIX, is_loopback, path_under, split_repo_suffix, split_url
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 SCHEME = "codestore://"
 USAGE = "use codestore://<org>/<repo> (or codestore::https://<host>/<repo>.git)"
@@ -40,7 +42,7 @@ def _is_org(name: str) -> bool:
     )
 
 
-class Remote(namedtuple("Remote", "repo suffix base_url")):
+class Remote(record("Remote", "repo suffix base_url")):
     """One repository in one namespace, and where its smart-HTTP endpoint lives.
 
     `suffix` is "" (the default namespace), "+ephemeral" or "+import"; the token is the

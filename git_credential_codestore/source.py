@@ -7,7 +7,6 @@ imports only that source's dependencies (the agent path needs no crypto at all).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 from .config import Config
 from .secrets import Token
@@ -15,6 +14,7 @@ from .vocab import TokenRequest
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Protocol
 
     class TokenSource(Protocol):

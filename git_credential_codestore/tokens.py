@@ -15,15 +15,13 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from .errors import TokenError
+from .records import record
 from .secrets import Token
 from .vocab import SCOPES, allows, check_ttl, legacy_ops_rule, ref_policy
 
@@ -38,14 +36,19 @@ LEEWAY = 30  # seconds of clock skew tolerated on exp/iat
 RefPolicy = list[tuple[str, list[str]]]  # vocab.ref_policy's shape
 
 
-class Signer(Protocol):
-    """Signs JWS input without handing the key to us: a PKCS#11 token (`hsm.py`), a cloud KMS."""
+TYPE_CHECKING = False  # typing's and dataclasses' imports are paid by local-key signing
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Protocol
 
-    algorithm: str  # "ES256" | "RS256"
+    class Signer(Protocol):
+        """Signs JWS input without handing the key to us: a PKCS#11 token (`hsm.py`), a cloud KMS."""
 
-    def sign(self, data: bytes) -> bytes:
-        """The raw JWS signature (r||s for ES256); SignerUnavailable when the signer is gone."""
-        ...
+        algorithm: str  # "ES256" | "RS256"
+
+        def sign(self, data: bytes) -> bytes:
+            """The raw JWS signature (r||s for ES256); SignerUnavailable when the signer is gone."""
+            ...
 
 
 class SignerUnavailable(TokenError):
@@ -121,8 +124,10 @@ def _sign(key: PrivateKey, data: bytes) -> bytes:
     return key.sign(data)
 
 
-@dataclass(frozen=True)
-class Claims:
+class Claims(record("Claims", "iss sub repo scopes iat exp refs kid")):
+    """A verified token's claims (and its `kid`)."""
+
+    __slots__ = ()
     iss: str
     sub: str
     repo: str

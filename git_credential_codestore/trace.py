@@ -15,26 +15,30 @@ Lines name files, hosts, repositories, scopes, sources, key ids and reasons; nev
 token, a grant or a key. Callers build messages from names alone, and every line also
 goes through `errors.redact` before it is written.
 
-This module imports nothing but `os` at load time: it is read on every git request.
+This module imports nothing but `os` and vocab (loaded by then anyway) at load time: it is
+read on every git request.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+
+from .vocab import TRUE_WORDS, is_off
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 VARIABLES = ("CODESTORE_TRACE", "CODESTORE_DEBUG", "PIERRE_DEBUG")  # first set one wins
-_FALSE = ("", "0", "false", "no", "off")
-_TRUE = ("1", "true", "yes", "on")
 
 
 def target(env: Mapping[str, str] | None = None) -> str | None:
     """Where trace lines go: "" for stderr, a path, or None when tracing is off."""
     env = os.environ if env is None else env
     value = next((v for v in (env.get(name, "").strip() for name in VARIABLES) if v), "")
-    if value.lower() in _FALSE:
+    if is_off(value):
         return None
-    if value.lower() in _TRUE:
+    if value.lower() in TRUE_WORDS:
         return ""
     if os.path.isabs(value):
         return value

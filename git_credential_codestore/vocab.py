@@ -16,13 +16,25 @@ or typing.NamedTuple, whose imports every git request would pay).
 
 from __future__ import annotations
 
-from collections import namedtuple
-
 from .errors import ConfigError
+from .records import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
+
+# -- switches ------------------------------------------------------------------------------
+
+# The words that turn one of our environment switches off (CODESTORE_TRACE, CODESTORE_DEBUG,
+# CODESTORE_AGENT), in any case, as git reads a false trace key; unset is off too.
+# (git's own variables are read by gitenv.py, rule for rule as git reads each.)
+FALSE_WORDS = ("", "0", "false", "no", "off")
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+def is_off(value: str) -> bool:
+    return value.strip().lower() in FALSE_WORDS
+
 
 # -- scopes --------------------------------------------------------------------------------
 
@@ -191,7 +203,7 @@ def is_loopback(host: str) -> bool:
     )
 
 
-class SplitURL(namedtuple("SplitURL", "scheme netloc path query fragment")):
+class SplitURL(record("SplitURL", "scheme netloc path query fragment")):
     """`scheme://netloc/path?query#fragment`, split without urllib (an import every git
     request would pay). Only for URLs we compare and validate, never to normalise."""
 
@@ -342,7 +354,7 @@ def ref_policy_json(policy: Sequence[tuple[str, Sequence[str]]]) -> list[list[ob
 
 
 class TokenRequest(
-    namedtuple(
+    record(
         "TokenRequest",
         ["repo", "scopes", "ephemeral", "ttl", "refs", "purpose", "narrow"],
         defaults=(False, None, (), "cli", False),

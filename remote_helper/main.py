@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
 
 from git_credential_codestore import config, remotes
 from git_credential_codestore.agent.discovery import holds_grant
@@ -29,15 +28,16 @@ from . import protocol, transport
 
 TYPE_CHECKING = False  # typing is a cost on every git operation
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
     from typing import BinaryIO
 
     from . import pushwatch  # imported for pushes only: it brings the audit module
 
+    Launcher = Callable[[Sequence[str], Mapping[str, str], Sequence[int]], transport.Child]
+
 PROG = "codestore"
 READ_SCOPES = ("git:read",)
 PUSH_SCOPES = ("git:read", "git:write")
-
-Launcher = Callable[[Sequence[str], Mapping[str, str], Sequence[int]], "transport.Child"]
 
 
 def scopes_for(operation: str, remote: remotes.Remote, cfg: config.Config, grant: bool = False) -> tuple[str, ...]:

@@ -19,9 +19,11 @@ repository and exit 0, so ours is a copy of git 2.39's, and `connect` is never o
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from git_credential_codestore.errors import ProtocolError
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # `printf 'capabilities\n\n' | git remote-https origin https://example.invalid/x.git`
 CAPABILITIES = (

@@ -27,7 +27,6 @@ import binascii
 import errno
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
 
 from git_credential_codestore.errors import ConfigError, expired_during_push
 from git_credential_codestore.secrets import Token
@@ -39,6 +38,7 @@ from .protocol import CAPABILITIES, Decision, LineReader, ProtocolError
 # transport is started without subprocess (whose import brings re, through locale).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
     from typing import IO, Protocol
 
     class Child(Protocol):

@@ -62,6 +62,14 @@ def test_install_rejects_unknown_options_with_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "p").exists()
 
 
+def test_install_names_the_extras_it_knows(tmp_path: Path) -> None:
+    # --extras goes into pip's requirement: only the project's own extras, checked first.
+    proc = install(tmp_path / "p", tmp_path / "b", "--extras", "fleet]; rm -rf /")
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
+    assert "the extras are fleet and recipes" in proc.stderr
+    assert not (tmp_path / "p").exists()
+
+
 def _private_python3(tmp_path: Path) -> Path:
     """A directory (0700, as root's home is) holding a working python3: pyenv or conda as root."""
     import shutil

@@ -18,7 +18,6 @@ from __future__ import annotations
 import _socket
 import os
 import time
-from collections.abc import Mapping
 
 from ..config import Config, getenv
 from ..errors import ConfigError, PolicyError, ProtocolError, RemoteError
@@ -29,10 +28,10 @@ from .discovery import Endpoint, ca_file, endpoints_from_env, key_uri, read_gran
 from .workload import WorkloadIdentity, find_identity
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
-
 if TYPE_CHECKING:
     import socket
     import ssl
+    from collections.abc import Mapping
 
 MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0

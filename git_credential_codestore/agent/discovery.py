@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import namedtuple
-from collections.abc import Mapping
 
 from ..config import Config, getenv
 from ..errors import ConfigError, UsageError
+from ..records import record
 from ..secrets import Secret
-from ..vocab import is_loopback, split_url
+from ..vocab import is_loopback, is_off, split_url
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
     import subprocess
+    from collections.abc import Mapping
 
 AGENT_URL = "CODESTORE_AGENT_URL"
 AGENT_SOCK = "CODESTORE_AGENT_SOCK"
@@ -50,10 +50,10 @@ def configured(env: Mapping[str, str]) -> bool:
 
 def mode(env: Mapping[str, str]) -> str:
     """CODESTORE_AGENT: "off" (never an agent), "auto" (start one on demand) or "" (use one if running)."""
-    value = env.get(AGENT_MODE, "").strip().lower()
-    if value in ("off", "0", "no", "false"):
+    value = env.get(AGENT_MODE, "")
+    if value.strip() and is_off(value):
         return "off"
-    return "auto" if value == "auto" else ""
+    return "auto" if value.strip().lower() == "auto" else ""
 
 
 def key_uri(env: Mapping[str, str]) -> str:
@@ -140,7 +140,7 @@ def unix_address(path: str) -> tuple[str, int | None]:
     return f"/proc/self/fd/{fd}/{os.path.basename(path)}", fd
 
 
-class Endpoint(namedtuple("Endpoint", "kind address port", defaults=(0,))):
+class Endpoint(record("Endpoint", "kind address port", defaults=(0,))):
     """Where the agent listens: a Unix socket path, or an http(s) URL."""
 
     __slots__ = ()

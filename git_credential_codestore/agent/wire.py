@@ -22,11 +22,13 @@ checks its values (`TokenRequest.checked`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from ..errors import ProtocolError
 from ..lines import has_control, parse_lines
 from ..vocab import TokenRequest
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 CONTENT_TYPE = "text/x-codestore-lines"
 MAX_LINES = 64

@@ -26,11 +26,14 @@ no signature: the agent does.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 from ..errors import ConfigError, RemoteError
 from ..secrets import Secret
 from .discovery import AGENT_SOCK, AGENT_URL
+
+TYPE_CHECKING = False  # typing's import is a cost on every git request
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 EXPLICIT = ("CODESTORE_IDENTITY_TOKEN", "CODESTORE_IDENTITY_TOKEN_FILE")
 PROVIDED = ("MODAL_IDENTITY_TOKEN", "ACTIONS_ID_TOKEN_REQUEST_URL")
