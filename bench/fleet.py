@@ -7,6 +7,8 @@
 3. `grant create` and `revoke` (admin calls) with 100k grants: median and p99.
 4. revocation propagation between two replicas on one PostgreSQL: revoke on A, time
    until B refuses.
+5. audit trail propagation on the same pair: a push reported to A, time until
+   `codestore audit` asking B lists it (A adds its buffered rows once a second).
 
 The load runs in 2 client processes (an epoll loop each, a new connection per token) on
 this machine, so clients and agent share its cores (a real fleet's clients are elsewhere):
@@ -337,11 +339,35 @@ def propagation(env: dict[str, str], rounds: int = 20) -> None:
                 times.append(time.perf_counter() - t0)
             print(f"4. revocation on replica A refused by replica B (PostgreSQL, {rounds} rounds): "
                   f"median {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms")
+            seen = audit_propagation(sock_a, sock_b, env, rounds)
+            print(f"5. push reported to replica A listed by an audit query on replica B ({rounds} rounds): "
+                  f"median {statistics.median(seen) * 1000:.0f} ms, max {max(seen) * 1000:.0f} ms")
         finally:
             stop(a)
             stop(b)
     finally:
         pg.destroy()
+
+
+def audit_propagation(sock_a: str, sock_b: str, env: dict[str, str], rounds: int) -> list[float]:
+    """Seconds from a push report acknowledged by A to B's audit query listing it."""
+    times = []
+    for n in range(rounds):
+        sha = f"{n + 1:040x}"
+        report = {"event": "push", "repo": "team/app", "ephemeral": True,
+                  "refs": [{"ref": "refs/heads/bench", "old": "0" * 40, "new": sha, "result": "ok"}]}
+        status, _ = call(Endpoint("unix", sock_a), "POST", "/v1/audit/report", report, env=env)
+        assert status == 201
+        t0 = time.perf_counter()
+        while True:
+            status, reply = call(Endpoint("unix", sock_b), "POST", "/v1/audit/query",
+                                 {"event": "push", "ref": "bench", "limit": 1}, env=env)
+            entries = reply.get("entries")
+            if status == 200 and isinstance(entries, list) and entries and entries[-1]["refs"][0]["new"] == sha:
+                break
+            time.sleep(0.01)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def _mint(sock: str, req: bytes) -> bytes:

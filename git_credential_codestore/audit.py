@@ -6,8 +6,11 @@ helper sees git's push commands and the transport's per-ref answers, and reports
 as a `push` event; `codestore promote` reports a `promote` event. Where they go:
 
     through the agent   POST /v1/audit/report (agent/report.py): the agent stamps who
-                        pushed (grant id and `sub`) from its own records, never from the
-                        report, and appends the event to its audit log.
+                        pushed (grant id and `sub`, or the workload's trust policy)
+                        from its own records, never from the report, and commits the
+                        event to the `audit` table of its database (shared by its
+                        replicas), then appends it to its log file. Queries
+                        (POST /v1/audit/query) read that table.
     with a local key    a JSON-lines file of the same shape, CODESTORE_AUDIT_LOG or
                         <user state dir>/codestore/audit.log.
 
@@ -196,15 +199,29 @@ def parse_time(value: str, option: str) -> str:
 
 
 class Query:
-    """Which entries to keep: every given field must match (times compare as UTC text)."""
+    """Which entries to keep: every given field must match (times compare as UTC text).
 
-    FIELDS = ("repo", "grant", "sub", "event", "since", "until")
+    `ref` keeps pushes and promotions that touched that ref (a short name means a
+    branch: `feat` is `refs/heads/feat`). `since`/`until` are normalised by parse_time,
+    so a database can compare them as numbers (agent/audit.py) and a file as text.
+    """
+
+    FIELDS = ("repo", "ref", "grant", "sub", "event", "since", "until")
 
     def __init__(self, **criteria: str | None) -> None:
         unknown = set(criteria) - set(self.FIELDS)
         if unknown:
             raise ConfigError(f"unknown audit filter {sorted(unknown)[0]!r}")
         self.criteria = {k: v for k, v in criteria.items() if v}
+        for key in ("since", "until"):
+            if key in self.criteria:
+                self.criteria[key] = parse_time(self.criteria[key], f"--{key}")
+        if "ref" in self.criteria:
+            ref = self.criteria["ref"]
+            ref = ref if ref.startswith("refs/") else "refs/heads/" + ref
+            if not _REF.match(ref) or ".." in ref:
+                raise ConfigError(f"--ref takes a ref name like feat or refs/heads/feat, not {ref[:60]!r}")
+            self.criteria["ref"] = ref
 
     @classmethod
     def from_json(cls, data: object) -> Query:
@@ -219,6 +236,12 @@ class Query:
         c = self.criteria
         for key in ("repo", "grant", "sub", "event"):
             if key in c and entry.get(key) != c[key]:
+                return False
+        if "ref" in c:
+            refs = entry.get("refs")
+            if entry.get("event") not in EVENTS or not isinstance(refs, list):
+                return False
+            if not any(isinstance(r, dict) and r.get("ref") == c["ref"] for r in refs):
                 return False
         when = str(entry.get("time", ""))
         if "since" in c and when < c["since"]:
@@ -260,8 +283,8 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
             files: Iterable[str] = ()) -> tuple[list[dict[str, Any]], list[str]]:
     """Entries matching `query` from every trail this user owns, oldest first, and where from.
 
-    The agent's trail through the agent when it answers (it may live in a database),
-    else its default file; the local trail of pushes made with a local key; and any
+    The agent's trail through the agent when it answers (its database: every
+    replica's records), else its default file; the local trail of pushes made with a local key; and any
     `files` given. A sandbox (holding a grant) is refused by the agent: only the owner
     reads the trail.
     """

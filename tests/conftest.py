@@ -274,5 +274,27 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
     return bool(predicate())
 
 
-# Real PostgreSQL (one server per session) and SoftHSM2 tokens for the agent's fleet tests.
-from tests.realparts import pg_url, postgres, softhsm  # noqa: E402, F401
+# Real PostgreSQL (one server per session) and SoftHSM2 tokens for the agent's fleet tests
+# (tests/realparts.py, shared with bench/fleet.py).
+from tests.realparts import Postgres, SoftHsm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    pg = Postgres()
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres: Postgres) -> str:
+    """A fresh, empty database on the session's PostgreSQL."""
+    return postgres.create_database()
+
+
+@pytest.fixture
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
+    return SoftHsm(str(tmp_path_factory.mktemp("softhsm")))

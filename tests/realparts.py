@@ -1,9 +1,11 @@
-"""Real servers the fleet tests run against: one PostgreSQL per test session.
+"""Real servers the fleet tests and bench/fleet.py run against: PostgreSQL and SoftHSM2.
 
 PostgreSQL comes from Debian's `postgresql` package (tests/run.sh installs it):
 `initdb` and `pg_ctl` into a temporary directory, listening on 127.0.0.1 on a free
 port. PostgreSQL refuses to run as root, so when the suite runs as root the server runs
-as `nobody`. Each test gets a database of its own (`pg_url`).
+as `nobody`. The tests' fixtures (one server per session, a database per test) are in
+conftest.py. This module imports nothing beyond the standard library (psycopg only when
+a database is created): bench/run's venv has no pytest.
 """
 
 from __future__ import annotations
@@ -15,9 +17,6 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
-
-import pytest
 
 
 def _pg_bin() -> str:
@@ -78,22 +77,6 @@ class Postgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    pg = Postgres()
-    pg.start()
-    try:
-        yield pg
-    finally:
-        pg.destroy()
-
-
-@pytest.fixture
-def pg_url(postgres: Postgres) -> str:
-    """A fresh, empty database on the session's PostgreSQL."""
-    return postgres.create_database()
-
-
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 
@@ -125,8 +108,3 @@ class SoftHsm:
 
     def back(self) -> None:
         os.rename(self.tokens + ".away", self.tokens)
-
-
-@pytest.fixture
-def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
-    return SoftHsm(str(tmp_path_factory.mktemp("softhsm")))

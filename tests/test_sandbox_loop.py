@@ -175,6 +175,7 @@ REFUSALS = [
     (("promote", REPO, "feat", "--expect-sha", "abc123"), "--expect-sha takes the full commit id"),
     (("promote", REPO, "nope", "--expect-sha", "a" * 40), "there is no branch 'nope'"),
     (("audit", "--since", "yesterday"), "--since takes a UTC time"),
+    (("audit", "--ref", "feat..main"), "--ref takes a ref name"),
     (("repo", "delete", REPO), "cannot be undone; confirm with: codestore repo delete team/app --yes"),
     (("branch", "list", "../x"), "is not a repository id"),
     (("branch", "delete", REPO, "refs/heads/feat", "--ephemeral"), "give the short name"),

@@ -107,6 +107,45 @@ def test_a_modal_sandbox_with_only_the_agent_url_and_its_identity_clones_and_pus
     assert token not in world.agent.audit_path.read_text()
 
 
+def test_a_push_with_a_workload_identity_is_audited_under_the_workload_and_its_policy(world: World, tmp_path: Path) -> None:
+    p = world.trust(*MODAL_POLICY)
+    claims = world.issuer.modal_claims()
+    token = world.issuer.sign(claims)
+    env = world.sandbox(MODAL_IDENTITY_TOKEN=token)
+    work = tmp_path / "work"
+    git("clone", "-q", "--branch", "base", f"codestore://acme/{REPO}+ephemeral", str(work), env=env)
+    commit(work, "feat.txt", env)
+    proc = git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=work, env=env)
+    assert "not in the audit trail" not in proc.stderr, proc.stderr
+    sha = git("rev-parse", "HEAD", cwd=work).stdout.strip()
+    listed = world.agent.cli("audit", "--json", "--event", "push")
+    assert listed.returncode == 0, listed.stderr
+    [push] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (push["grant"], push["policy"], push["issuer"], push["subject"]) == (None, p["id"], world.issuer.url, claims["sub"])
+    assert push["sub"] == f"modal:ac-12345abcd/agent-runner/{claims['container_id']}"
+    assert [(r["ref"], r["new"], r["result"]) for r in push["refs"]] == [("refs/heads/feat", sha, "ok")]
+    assert token not in world.agent.audit_path.read_text()
+
+
+def test_a_workload_identity_cannot_report_into_a_repository_its_policy_does_not_cover(world: World) -> None:
+    # Threat: a workload pollutes the audit trail of a repository it may not touch.
+    from git_credential_codestore.agent.client import Endpoint, call
+    from git_credential_codestore.secrets import Secret
+
+    world.trust(*MODAL_POLICY)
+    token = world.issuer.sign(world.issuer.modal_claims())
+    report = {"event": "push", "repo": "team/other", "ephemeral": True,
+              "refs": [{"ref": "refs/heads/feat", "old": "0" * 40, "new": "a" * 40, "result": "ok"}]}
+    status, reply = call(Endpoint.from_url(world.agent.url), "POST", "/v1/audit/report", report,
+                         identity=Secret(token), env=world.agent.env)
+    assert status == 403 and "team/other" in str(reply["error"])
+    forged = world.issuer.sign(world.issuer.modal_claims(workspace_id="ac-someone-else"))
+    status, _ = call(Endpoint.from_url(world.agent.url), "POST", "/v1/audit/report", {**report, "repo": REPO},
+                     identity=Secret(forged), env=world.agent.env)
+    assert status == 403
+    assert [e for e in world.agent.audit() if e["event"] == "push"] == []
+
+
 def test_a_github_actions_job_asks_for_the_agents_audience_and_pushes_through_codestore_urls(world: World, tmp_path: Path) -> None:
     world.trust("--audience", world.agent.url, "--claim", "repository=acme/app", "--claim", "ref=refs/heads/main",
                 "--repo", REPO, "--scopes", "git:read git:write", "--ephemeral-only", "--sub-template", "github:{repository}@{ref}",

@@ -8,28 +8,35 @@ entries from request fields it has already validated, and passes reasons through
 Two places hold it, for two readers:
 
 - the `audit` table of the agent's database, shared by replicas and queried by
-  `codestore audit`: grant changes are written in the same transaction as the change
+  `codestore audit` through POST /v1/audit/query (`search`, below: every replica's
+  rows, filtered in SQL on indexed columns): grant changes are written in the same transaction as the change
   itself (a grant never exists without its record); mints and refusals are buffered
   and added in batches by the store's flush (every second), so the database is not
   written once per token;
 - a JSON-lines file (`--audit-log`, default in the state dir), appended at once with
   O_APPEND, for `tail -f` and log shippers, and as the record of mints a SIGKILLed
-  replica had not flushed yet.
+  replica had not flushed yet. It holds only this replica's records; nothing reads
+  it back except `codestore audit` when no agent answers.
 """
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
+from ..audit import EVENTS, TIME_FORMAT, Query
 from ..errors import UsageError, redact
 from . import db
 
 MAX_BUFFER = 100_000  # rows waiting for the database; beyond it the file alone has them
+SCAN_CHUNK = 500  # rows read per statement when a filter (ref) is checked here, not in SQL
+MAX_SCAN = 200_000  # rows one query may look at; beyond it the reply is truncated, with a cursor
 
 db.register("audit", [
     """
@@ -48,8 +55,15 @@ db.register("audit", [
     CREATE INDEX audit_grant ON audit (grant_id, id);
     CREATE INDEX audit_repo ON audit (repo, id)
     """,
+    # `codestore audit --sub`. No index on time: rows are numbered in about time order, so
+    # `--since` reads the newest rows backwards and stops; every index is a cost per mint.
+    """
+    CREATE INDEX audit_sub ON audit (sub, id)
+    """,
 ])
 
+# Query fields that are columns: compared in SQL, on an index each (see the migrations).
+_COLUMNS = {"repo": "repo", "grant": "grant_id", "sub": "sub", "event": "event"}
 _INSERT = "INSERT INTO audit (time, event, grant_id, sub, repo, result, replica, fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
@@ -138,3 +152,77 @@ class AuditLog:
             os.close(self._fd)
         except OSError:
             pass
+
+
+def _where(query: Query) -> tuple[list[str], list[object]]:
+    """The SQL part of a query: equality on columns, the time range as epoch seconds."""
+    c = query.criteria
+    where: list[str] = []
+    params: list[object] = []
+    for key, column in _COLUMNS.items():
+        if key in c:
+            where.append(f"{column} = ?")
+            params.append(c[key])
+    if "ref" in c and "event" not in c:
+        where.append(f"event IN ({', '.join('?' for _ in EVENTS)})")  # only they touch refs
+        params.extend(EVENTS)
+    # Entries' text times are the row's epoch second, formatted: the same comparison.
+    if "since" in c:
+        where.append("time >= ?")
+        params.append(calendar.timegm(time.strptime(c["since"], TIME_FORMAT)))
+    if "until" in c:
+        where.append("time <= ?")
+        params.append(calendar.timegm(time.strptime(c["until"], TIME_FORMAT)))
+    return where, params
+
+
+def statement(query: Query, before: int | None, limit: int) -> tuple[str, list[object]]:
+    """The SELECT for one page: the newest `limit` rows older than `before` that SQL can pick."""
+    where, params = _where(query)
+    if before is not None:
+        where.append("id < ?")
+        params.append(before)
+    sql = "SELECT id, fields FROM audit" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id DESC LIMIT ?"
+    return sql, [*params, limit]
+
+
+def search(database: db.Database, query: Query, limit: int, before: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
+    """Entries of the `audit` table matching `query`, newest last, at most `limit`.
+
+    Every replica's rows, the newest as the database took them. The second value is
+    None when nothing older matches, else the cursor (`before`) for the page of older
+    entries. Columns are filtered in SQL; each row is checked again against the whole
+    query (the `ref` filter only here), so the answer is exactly what `Query.matches`
+    keeps from a file. A StoreError when the database cannot answer.
+    """
+    chunk = SCAN_CHUNK if "ref" in query.criteria else limit + 1
+    found: list[tuple[int, dict[str, Any]]] = []
+    cursor, scanned = before, 0
+    while True:
+        with database.transaction(write=False) as tx:
+            rows = tx.execute(*statement(query, cursor, chunk))
+        for rid, text in rows:
+            scanned += 1
+            cursor = int(rid)  # type: ignore[call-overload]
+            try:
+                entry = json.loads(str(text))
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and query.matches(entry):
+                found.append((cursor, entry))
+                if len(found) > limit:
+                    break
+        if len(found) > limit:
+            found = found[:limit]
+            more: int | None = found[-1][0]
+            break
+        if len(rows) < chunk:
+            more = None
+            break
+        if scanned >= MAX_SCAN:
+            more = cursor
+            break
+    # Paged in the database's order; shown in time order (a push is committed at once,
+    # the mint that bought its token may be added by a flush a second later).
+    entries = sorted((entry for _, entry in reversed(found)), key=lambda e: str(e.get("time", "")))
+    return entries, more

@@ -219,13 +219,14 @@ def call(
     grant: Secret | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = REPLY_TIMEOUT,
+    identity: Secret | None = None,
 ) -> tuple[int, dict[str, object]]:
-    """One JSON request (admin calls, ping); returns (HTTP status, JSON object)."""
+    """One JSON request (admin calls, ping, audit reports); returns (HTTP status, JSON object)."""
     import json
 
     payload = json.dumps(body).encode() if body is not None else b""
     status, content = exchange(ep, method, path, payload, "application/json" if body is not None else None,
-                               grant=grant, env=env, timeout=timeout)
+                               grant=grant, env=env, timeout=timeout, identity=identity)
     try:
         reply = json.loads(content) if content else {}
     except ValueError:
@@ -319,9 +320,13 @@ class AgentSource:
     def record(self, report: Mapping[str, object]) -> None:
         """POST the report to the agent's audit trail (agent/report.py); the agent names who."""
         body = dict(report)
-        if self.grant is None:
+        # Who reports is who minted: the grant, else the workload identity, else the owner.
+        identity = self.identity.token() if self.grant is None and self.identity is not None else None
+        if self.grant is None and identity is None:
             body["owner_sub"] = self.cfg.sub
-        status, reply = call(self.endpoint, "POST", "/v1/audit/report", body, grant=self.grant, env=self.env)
+        status, reply = call(self.endpoint, "POST", "/v1/audit/report", body, grant=self.grant, env=self.env,
+                             identity=identity)
+        del identity
         if status != 201:
             raise refusal(self.endpoint, status, reply)
 

@@ -174,6 +174,7 @@ class GrantStore:
         self.legacy_path = os.path.join(state_dir, "grants.json")
         self.db = Database(store_url or os.path.join(state_dir, db.DB_FILE))
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()
         self._cache: dict[str, Grant] = {}
         self._seq = 0
         self._fresh_until = 0.0
@@ -183,7 +184,6 @@ class GrantStore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._flusher: threading.Thread | None = None
-        self._flush_lock = threading.Lock()  # one flush at a time (the background one, close, page)
         self.errors = 0  # store operations that failed, for /metrics
         # Adds rows to the flush's transaction (the audit trail); returns what to do once committed.
         self.on_flush: Callable[[Tx], Callable[[], None]] = lambda tx: lambda: None
@@ -471,7 +471,9 @@ class GrantStore:
 
     def flush(self) -> None:
         """Write pending use counts (and what `on_flush` adds) in one transaction."""
-        with self._flush_lock:
+        # One flush at a time (the flush thread's, an audit query's, close()'s): two running
+        # together would both be handed the same buffered audit rows and write them twice.
+        with self._flushing:
             self._flush()
 
     def _flush(self) -> None:

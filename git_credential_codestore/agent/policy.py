@@ -59,13 +59,18 @@ def check_request(req: TokenRequest) -> TokenRequest:
     return req.checked(lambda reason: Refused(400, reason))
 
 
+def covers(patterns: Iterable[str], repo: str) -> bool:
+    """Whether a grant's (or trust policy's) repository patterns cover `repo`."""
+    return any(fnmatch.fnmatchcase(repo, pattern) for pattern in patterns)
+
+
 def clamp_to_grant(grant: Permission, req: TokenRequest, default_ttl: int, now: float | None = None) -> Decision:
     """The token a grant holder gets for `req`, or Refused naming the first excess."""
     now = time.time() if now is None else now
     state = grant.state(now)
     if state != "active":
         raise Refused(401, f"{grant.label} is {state}; ask its owner for a new one")
-    if not any(fnmatch.fnmatchcase(req.repo, pattern) for pattern in grant.repos):
+    if not covers(grant.repos, req.repo):
         raise Refused(403, f"{grant.label} does not cover repository {req.repo!r} (it covers {', '.join(grant.repos)})")
     scopes = req.scopes
     if req.narrow:

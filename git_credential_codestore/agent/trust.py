@@ -311,24 +311,15 @@ class Trust:
     def exchange(self, agent: Agent, caller: Caller, authorization: str, request: TokenRequest,
                  data: Mapping[str, object]) -> tuple[int, dict[str, object]]:
         """Mint for `request` under the first policy that admits the identity; `data` is for the audit line."""
-        token = authorization.partition(" ")[2].strip()
         who: dict[str, object] = {"grant": None, "via": caller.transport, "peer": caller.peer}
         try:
             req = policy.check_request(request)
         except Refused as e:
             return agent._refuse(who, data, e.reason, e.status)
         try:
-            policies = self.store.all()  # every exchange reads the store: a removal counts at once
-        except CodestoreError as e:
-            return agent._refuse(who, data, f"cannot read the trust policies ({e}); try again", 503)  # fail closed
-        trusted: dict[str, set[str]] = {}
-        for p in policies:
-            trusted.setdefault(p.issuer, set()).add(p.audience)
-        try:
-            identity = self.verifier.verify(token, trusted)
+            policies, identity = self._verify(authorization)
         except Refused as e:
             return agent._refuse(who, data, e.reason, e.status)
-        del token
         who.update({"issuer": identity.issuer, "subject": identity.subject})
         left = identity.expires_at - int(time.time())
         if left < MIN_TTL:
@@ -350,6 +341,32 @@ class Trust:
             return agent.issue(decision, req, who, data)
         reason = "; ".join(failures) if failures else f"no trust policy for {identity.issuer}"
         return agent._refuse(who, data, f"no trust policy admits this workload ({reason[:600]})", 403)
+
+    def _verify(self, authorization: str) -> tuple[list[TrustPolicy], Identity]:
+        """Every policy as committed now, and the presented identity verified against them."""
+        token = authorization.partition(" ")[2].strip()
+        try:
+            policies = self.store.all()  # every exchange reads the store: a removal counts at once
+        except CodestoreError as e:
+            raise Refused(503, f"cannot read the trust policies ({e}); try again") from None  # fail closed
+        trusted: dict[str, set[str]] = {}
+        for p in policies:
+            trusted.setdefault(p.issuer, set()).add(p.audience)
+        return policies, self.verifier.verify(token, trusted)
+
+    def reporter(self, authorization: str, repo: str) -> dict[str, object]:
+        """Who reports a push to `repo` with a workload identity (agent/report.py), or Refused.
+
+        The identity must verify and a trust policy must admit it now and cover the
+        repository: the `sub` it would have minted under is the one recorded, with the
+        policy, issuer and subject, as on the mint line.
+        """
+        policies, identity = self._verify(authorization)
+        for p in policies:
+            if p.issuer == identity.issuer and p.mismatch(identity) is None and policy.covers(p.repos, repo):
+                return {"grant": None, "sub": p.render_sub(identity), "policy": p.id,
+                        "issuer": identity.issuer, "subject": identity.subject}
+        raise Refused(403, f"no trust policy admits this workload for repository {repo!r}")
 
     # -- administration (owner only; the router checks) ----------------------------------
 

@@ -10,6 +10,7 @@ import click
 
 @click.command("audit")
 @click.option("--repo", help="Only this repository.")
+@click.option("--ref", metavar="REF", help="Only pushes and promotions that touched this ref (feat means refs/heads/feat).")
 @click.option("--grant", "grant_id", metavar="ID", help="Only this grant id.")
 @click.option("--sub", help="Only this `sub` (who pushed or was minted for).")
 @click.option("--event", help="Only this event: push, promote, mint, refuse, grant-create, grant-revoke.")
@@ -18,18 +19,14 @@ import click
 @click.option("--limit", type=click.IntRange(1, 2000), default=200, show_default=True, help="At most this many (the newest).")
 @click.option("--file", "files", multiple=True, metavar="PATH", help="Also read this trail file (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, for tools.")
-def audit_cmd(repo: str | None, grant_id: str | None, sub: str | None, event: str | None, since: str | None,
+def audit_cmd(repo: str | None, ref: str | None, grant_id: str | None, sub: str | None, event: str | None, since: str | None,
               until: str | None, limit: int, files: tuple[str, ...], as_json: bool) -> None:
     """Show the audit trail: who pushed what where, promotions, tokens minted and refused."""
     import json
 
     from .. import audit
 
-    query = audit.Query(
-        repo=repo, grant=grant_id, sub=sub, event=event,
-        since=audit.parse_time(since, "--since") if since else None,
-        until=audit.parse_time(until, "--until") if until else None,
-    )
+    query = audit.Query(repo=repo, ref=ref, grant=grant_id, sub=sub, event=event, since=since, until=until)
     entries, sources = audit.collect(query, limit=limit, files=files)
     if as_json:
         for e in entries:

@@ -1,0 +1,254 @@
+"""The audit trail lives in the agent's database: every replica's records, read by any replica.
+
+Real agents (the installed `codestore agent serve`, in subprocesses), real git pushes
+through the codestore:// remote helper to the dev server, a real PostgreSQL shared by two
+replicas, the embedded SQLite for one agent; `codestore audit` and `codestore review`
+are the installed CLI asking one replica.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from git_credential_codestore import audit
+from git_credential_codestore.agent import audit as agent_audit
+from git_credential_codestore.agent.client import AgentRefused, Endpoint, call
+from git_credential_codestore.agent.db import Database
+from git_credential_codestore.agent.grants import GrantStore
+from tests.conftest import DevServer, OrgKey, git, run_cli, wait_for
+from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
+from tests.test_agent_e2e import commit, seed_repo
+from tests.test_agent_store import create, replica
+
+
+def owner_env(agent: Agent) -> dict[str, str]:
+    """The owner's CLI talking to this replica only."""
+    return dict(agent.env, CODESTORE_AGENT_SOCK=agent.socket)
+
+
+def audit_via(agent: Agent, *args: str) -> list[dict[str, Any]]:
+    proc = run_cli("codestore", "audit", "--json", *args, env=owner_env(agent))
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def push_feat(tmp_path: Path, agent_url: str, grant: dict[str, object]) -> str:
+    """A sandbox holding `grant` clones team/app+ephemeral and pushes a new branch `feat`."""
+    env = sandbox_env(grant["grant"], url=agent_url)
+    work = tmp_path / "work"
+    git("clone", "-q", "--branch", "base", f"codestore://acme/{REPO}+ephemeral", str(work), env=env)
+    commit(work, "feat.txt", env)
+    proc = git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=work, env=env)
+    assert "not in the audit trail" not in proc.stderr, proc.stderr
+    return git("rev-parse", "HEAD", cwd=work).stdout.strip()
+
+
+# -- one agent, the embedded SQLite ----------------------------------------------------------
+
+
+def test_a_push_is_in_codestore_audit_at_once_from_the_agents_database(
+    tmp_path: Path, dev_server: DevServer, org_key: OrgKey
+) -> None:
+    seed_repo(dev_server, tmp_path)
+    a = start_agent(tmp_path)
+    try:
+        g = create(a, scopes=["git:read", "git:write"], ephemeral_only=True, sub="sandbox-1")
+        sha = push_feat(tmp_path, a.url, g)
+        # The file is for tail -f; the query reads the database (the report may still sit in
+        # the agent's buffer: the query flushes it first).
+        a.audit_path.unlink()
+        [push] = audit_via(a, "--repo", REPO, "--event", "push")
+        assert (push["grant"], push["sub"], push["ephemeral"]) == (g["id"], "sandbox-1", True)
+        assert [(r["ref"], r["new"], r["result"]) for r in push["refs"]] == [("refs/heads/feat", sha, "ok")]
+        everything = audit_via(a)
+        assert [e["event"] for e in everything].count("push") == 1  # nothing listed twice
+        assert [e["event"] for e in everything].count("grant-create") == 1
+        assert [e["event"] for e in audit_via(a, "--ref", "feat")] == ["push"]
+        assert audit_via(a, "--ref", "other") == []
+    finally:
+        a.stop()
+
+
+# -- two replicas on one PostgreSQL -----------------------------------------------------------
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, dev_server: DevServer, org_key: OrgKey, pg_url: str) -> Iterator[tuple[Agent, Agent]]:
+    seed_repo(dev_server, tmp_path)
+    a, b = replica(tmp_path, "a", pg_url), replica(tmp_path, "b", pg_url)
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_push_through_replica_a_is_in_codestore_audit_and_explained_in_review_asking_replica_b(
+    fleet: tuple[Agent, Agent], tmp_path: Path
+) -> None:
+    a, b = fleet
+    g = create(a, scopes=["git:read", "git:write"], ephemeral_only=True, sub="sandbox-a")
+    sha = push_feat(tmp_path, a.url, g)
+    # A commits a push report before acknowledging it: B lists it at once.
+    [push] = audit_via(b, "--ref", "feat")
+    assert (push["grant"], push["sub"], push["refs"][0]["new"]) == (g["id"], "sandbox-a", sha)
+    assert [e["event"] for e in audit_via(a, "--event", "push")] == ["push"]  # and once on A too
+    proc = run_cli("codestore", "review", REPO, "feat", "--json", env=owner_env(b))
+    assert proc.returncode == 0, proc.stderr
+    review = json.loads(proc.stdout)
+    assert review["sha"] == sha and review["explained"] is True
+    assert [p["grant"] for p in review["pushes"]] == [g["id"]]
+
+
+def test_a_mint_and_a_refusal_on_replica_a_are_in_the_trail_asked_of_replica_b(fleet: tuple[Agent, Agent]) -> None:
+    a, b = fleet
+    g = create(a, scopes=["git:read"], sub="sandbox-m")
+    env = sandbox_env(g["grant"], url=a.url)
+    mint(env)
+    with pytest.raises(AgentRefused):
+        mint(env, scopes=("git:write",))
+
+    def on_b() -> list[dict[str, Any]]:
+        return audit_via(b, "--grant", str(g["id"]))
+
+    assert wait_for(lambda: {"mint", "refuse"} <= {e["event"] for e in on_b()}, timeout=15)
+    events = on_b()
+    assert [e["event"] for e in events] == ["grant-create", "mint", "refuse"]
+    assert events[1]["sub"] == "sandbox-m" and events[1]["scopes"] == ["git:read"]
+    assert "git:write" in events[2]["reason"]
+
+
+def test_with_the_database_away_a_query_is_refused_in_one_line_and_a_report_is_kept_for_later(
+    tmp_path: Path, org_key: OrgKey, postgres: Any, pg_url: str
+) -> None:
+    a = replica(tmp_path, "a", pg_url)
+    sock = Endpoint("unix", a.socket)
+    report = {"event": "push", "repo": REPO, "ephemeral": True,
+              "refs": [{"ref": "refs/heads/late", "old": audit.ZERO, "new": "b" * 40, "result": "ok"}]}
+    try:
+        postgres.stop()
+        try:
+            status, reply = call(sock, "POST", "/v1/audit/query", {}, env=a.env)
+            assert status == 503
+            assert "cannot read the audit trail" in str(reply["error"]) and "\n" not in str(reply["error"])
+            status, _ = call(sock, "POST", "/v1/audit/report", report, env=a.env)
+            assert status == 201  # the push happened: its record waits in the file and the buffer
+        finally:
+            postgres.start()
+
+        def listed() -> list[object]:
+            status, reply = call(sock, "POST", "/v1/audit/query", {"ref": "late"}, env=a.env)
+            return reply["entries"] if status == 200 else []  # type: ignore[return-value]  # JSON
+
+        assert wait_for(lambda: len(listed()) == 1, timeout=30)
+        assert len(listed()) == 1
+    finally:
+        a.stop()
+
+
+# -- the query itself, against both databases --------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    url = str(tmp_path / "agent.sqlite3") if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    d = Database(url).open()
+    yield d
+    d.close()
+
+
+def recorded(d: Database, tmp_path: Path, entries: list[tuple[str, dict[str, object]]]) -> None:
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    for event, fields in entries:
+        log.record(event, fields)
+    with d.transaction() as tx:
+        done = log.flush_into(tx)
+    done()
+    log.close()
+
+
+def push_entry(repo: str, ref: str, sub: str) -> tuple[str, dict[str, object]]:
+    return "push", {"grant": "g1", "sub": sub, "repo": repo, "ephemeral": True,
+                    "refs": [{"ref": ref, "old": audit.ZERO, "new": "a" * 40, "result": "ok"}]}
+
+
+def test_the_query_filters_by_every_field_and_pages_newest_last(database: Database, tmp_path: Path) -> None:
+    recorded(database, tmp_path, [
+        ("mint", {"grant": "g1", "sub": "s1", "repo": "team/app", "ttl": 1}),
+        ("mint", {"grant": "g2", "sub": "s2", "repo": "team/lib", "ttl": 2}),
+        push_entry("team/app", "refs/heads/feat", "s1"),
+        ("refuse", {"grant": "g2", "sub": "s2", "repo": "team/app", "reason": "no"}),
+        push_entry("team/app", "refs/heads/main", "s1"),
+        ("mint", {"grant": "g1", "sub": "s1", "repo": "team/app", "ttl": 3}),
+    ])
+
+    def find(limit: int = 100, before: int | None = None, **q: str) -> tuple[list[dict[str, Any]], int | None]:
+        return agent_audit.search(database, audit.Query(**q), limit, before)
+
+    assert [e.get("ttl") for e in find(event="mint")[0]] == [1, 2, 3]
+    assert [e["event"] for e in find(repo="team/app")[0]] == ["mint", "push", "refuse", "push", "mint"]
+    assert [e.get("ttl") for e in find(sub="s2")[0]] == [2, None]
+    assert [e["event"] for e in find(grant="g2")[0]] == ["mint", "refuse"]
+    [feat] = find(ref="feat")[0]
+    assert feat["refs"][0]["ref"] == "refs/heads/feat"
+    assert find(repo="team/lib", ref="feat")[0] == []
+    assert len(find(since="1h")[0]) == 6
+    assert find(until="2000-01-01")[0] == [] and find(since="2999-01-01")[0] == []
+    # Pages: the newest first, each page oldest to newest; the cursor walks back, no entry twice.
+    page, more = find(limit=4)
+    assert [e["event"] for e in page] == ["push", "refuse", "push", "mint"] and more is not None
+    older, rest = find(limit=4, before=more)
+    assert [e.get("ttl") for e in older] == [1, 2] and rest is None
+
+
+@pytest.mark.parametrize(("field", "index"), [("repo", "audit_repo"), ("grant", "audit_grant"), ("sub", "audit_sub"),
+                                              ("event", "audit_event"), ("ref", "audit_event")])
+def test_each_filter_is_answered_from_an_index(tmp_path: Path, field: str, index: str) -> None:
+    # With many mints, a query must not read the whole table to find one sandbox's rows.
+    d = Database(str(tmp_path / "agent.sqlite3")).open()
+    try:
+        sql, params = agent_audit.statement(audit.Query(**{field: "feat" if field == "ref" else "x"}), 1000, 10)
+        with d.transaction(write=False) as tx:
+            plan = " ".join(str(row[-1]) for row in tx.execute("EXPLAIN QUERY PLAN " + sql, params))
+        assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
+    finally:
+        d.close()
+
+
+def test_flushes_running_together_write_each_buffered_row_once(database: Database, tmp_path: Path) -> None:
+    # An audit query flushes while the sync thread may be flushing too.
+    store = GrantStore(str(tmp_path / "state"), database.url).open()
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    store.on_flush = log.flush_into
+    try:
+        for n in range(2000):
+            log.record("mint", {"grant": "g1", "ttl": n})
+        threads = [threading.Thread(target=store.flush) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        entries, _ = agent_audit.search(store.db, audit.Query(event="mint"), 2000)
+        assert sorted(e["ttl"] for e in entries) == list(range(2000))
+    finally:
+        store.close()
+        log.close()
+
+
+def test_the_shared_server_helpers_import_without_pytest() -> None:
+    # bench/run's venv has no pytest, and bench/fleet.py starts PostgreSQL with tests/realparts.py.
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['pytest'] = None; import tests.realparts as r; print(r.Postgres.__name__)"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(root)))
+    assert proc.returncode == 0 and proc.stdout.strip() == "Postgres", proc.stderr
