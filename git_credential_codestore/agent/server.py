@@ -965,9 +965,22 @@ def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: 
     return 0
 
 
-def _worker(site: _Site, store: GrantStore, trust_store: TrustStore, i: int,
+def _stop_with_parent(parent: int) -> None:  # pragma: no cover - a forked worker
+    """SIGTERM (a drain) for this worker when the parent dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: a parent killed outright leaves its workers to the service manager
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(site: _Site, store: GrantStore, trust_store: TrustStore, i: int, parent: int,
             sockets: tuple[socket.socket, socket.socket | None], ready_fd: int) -> int:  # pragma: no cover - a forked worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops every worker
+    _stop_with_parent(parent)
     try:
         store.sync()  # the view the parent had is a fork old: refresh it before serving
     except StoreError as e:
@@ -994,6 +1007,7 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
         raise ConfigError(f"cannot listen on {site.listen}: {e.strerror}") from None
     store.db.close()  # no database connection crosses the fork: each worker opens its own
     read_end, write_end = os.pipe()
+    parent = os.getpid()
     pids: list[int] = []
     for i in range(n):
         pid = os.fork()
@@ -1001,7 +1015,7 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
             os.close(read_end)
             code = 3
             try:
-                code = boundary("codestore", functools.partial(_worker, site, store, trust_store, i, (unix_sock, tcp_sock), write_end))
+                code = boundary("codestore", functools.partial(_worker, site, store, trust_store, i, parent, (unix_sock, tcp_sock), write_end))
             finally:
                 os._exit(code)
         pids.append(pid)
