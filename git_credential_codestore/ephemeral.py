@@ -132,11 +132,11 @@ def promote_exact(cfg: Config, repo: str, branch: str, expect_sha: str, target: 
     into the review cache, never "whatever the branch holds now".
     """
     from . import audit, review
-    from .vocab import validate_repo_id
+    from .vocab import validate_branch, validate_repo_id
 
     validate_repo_id(repo)
-    review.check_branch(branch)
-    target = review.check_branch(target or branch)
+    validate_branch(branch)
+    target = validate_branch(target or branch, "target")
     sha = expect_sha.strip().lower()
     if not audit.is_sha(sha):
         raise ConfigError(f"--expect-sha takes the full commit id that `codestore review {repo} {branch}` printed, not {expect_sha[:20]!r}")

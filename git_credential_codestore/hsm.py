@@ -28,10 +28,15 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from .errors import ConfigError, UsageError
-from .tokens import SignerUnavailable
+from .tokens import PublicKey, SignerUnavailable
+
+if TYPE_CHECKING:  # python-pkcs11 is the fleet extra: imported where used, after open_token's check
+    from pkcs11 import PrivateKey as TokenPrivateKey
+    from pkcs11 import Session, SignMixin
 
 MODULE_ENV = "CODESTORE_PKCS11_MODULE"
 P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")  # DER of the OID secp256r1: the curve ES256 needs
@@ -94,19 +99,21 @@ def _pin(uri: Pkcs11Uri, env: Mapping[str, str]) -> str | None:
     return env.get(PIN_ENV) or None
 
 
-def _lib() -> object:
+def _require_pkcs11() -> None:
+    """The entry points call this first, so a missing extra is one line naming the install."""
     try:
-        import pkcs11
+        import pkcs11  # noqa: F401
     except ImportError:
         raise ConfigError("--key pkcs11:... needs python-pkcs11: pip install 'codestore-git[fleet]'") from None
-    return pkcs11
 
 
-def open_token(uri: Pkcs11Uri, env: Mapping[str, str], rw: bool = False) -> object:
+def open_token(uri: Pkcs11Uri, env: Mapping[str, str], rw: bool = False) -> Session:
     """A logged-in session on the URI's token."""
-    pkcs11 = _lib()
+    _require_pkcs11()
+    import pkcs11
+
     try:
-        lib = pkcs11.lib(uri.module)  # type: ignore[attr-defined]
+        lib = pkcs11.lib(uri.module)
     except Exception as e:  # noqa: BLE001 - the module's loader raises several kinds
         raise ConfigError(f"cannot load the PKCS#11 module {uri.module} ({type(e).__name__}); check module-path or {MODULE_ENV}") from None
     try:
@@ -115,9 +122,9 @@ def open_token(uri: Pkcs11Uri, env: Mapping[str, str], rw: bool = False) -> obje
         raise ConfigError(f"no PKCS#11 token {uri.token or '(any)'} in {uri.module} ({type(e).__name__}); check token= in the URI") from None
     try:
         return token.open(user_pin=_pin(uri, env), rw=rw)
-    except pkcs11.exceptions.PinIncorrect:  # type: ignore[attr-defined]
+    except pkcs11.exceptions.PinIncorrect:
         raise ConfigError(f"the PKCS#11 PIN for token {uri.token} is wrong; fix {PIN_ENV} or pin-source") from None
-    except pkcs11.exceptions.PKCS11Error as e:  # type: ignore[attr-defined]
+    except pkcs11.exceptions.PKCS11Error as e:
         raise ConfigError(f"cannot open PKCS#11 token {uri.token} ({type(e).__name__})") from None
 
 
@@ -128,8 +135,8 @@ class Pkcs11Signer:
         self.uri = parse_uri(uri, env)
         self.env = dict(env)
         self._lock = threading.Lock()  # one session; PKCS#11 sessions are not for concurrent use
-        self._session: object | None = None
-        self._key: object | None = None
+        self._session: Session | None = None
+        self._key: SignMixin | None = None
         self.algorithm = ""
         self._last_error = ""
         self._connect()
@@ -137,56 +144,61 @@ class Pkcs11Signer:
     def __repr__(self) -> str:
         return f"Pkcs11Signer({str(self.uri)!r})"
 
-    def _connect(self) -> None:
-        pkcs11 = _lib()
+    def _connect(self) -> SignMixin:
         session = open_token(self.uri, self.env)
+        import pkcs11
+
         try:
-            key = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=self.uri.object, id=self.uri.id)  # type: ignore[attr-defined]
-        except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned) as e:  # type: ignore[attr-defined]
-            session.close()  # type: ignore[attr-defined]
-            raise ConfigError(f"{self.uri}: {'no such key' if isinstance(e, pkcs11.NoSuchKey) else 'several keys match'}; "  # type: ignore[attr-defined]
+            key = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=self.uri.object, id=self.uri.id)
+        except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned) as e:
+            session.close()
+            raise ConfigError(f"{self.uri}: {'no such key' if isinstance(e, pkcs11.NoSuchKey) else 'several keys match'}; "
                               "check object=/id= (codestore key generate --pkcs11 URI makes one)") from None
-        if key.key_type == pkcs11.KeyType.EC:  # type: ignore[attr-defined]
-            if key[pkcs11.Attribute.EC_PARAMS] != P256_PARAMS:  # type: ignore[attr-defined]
+        if key.key_type == pkcs11.KeyType.EC:
+            if key[pkcs11.Attribute.EC_PARAMS] != P256_PARAMS:
                 raise ConfigError(f"{self.uri} is an EC key on another curve; ES256 needs P-256")
             self.algorithm = "ES256"
-        elif key.key_type == pkcs11.KeyType.RSA:  # type: ignore[attr-defined]
+        elif key.key_type == pkcs11.KeyType.RSA:
             self.algorithm = "RS256"
         else:
             raise ConfigError(f"{self.uri} is a {key.key_type.name} key; use EC P-256 or RSA")
+        if not isinstance(key, pkcs11.SignMixin):  # the object's CKA_SIGN is false
+            session.close()
+            raise ConfigError(f"{self.uri} may not sign (CKA_SIGN is false); make one with codestore key generate --pkcs11 URI")
         self._session, self._key = session, key
+        return key
 
     def sign(self, data: bytes) -> bytes:
-        pkcs11 = _lib()
+        import pkcs11
+
         with self._lock:
             try:
-                if self._key is None:
-                    self._reconnect()
+                key = self._key if self._key is not None else self._reconnect()
                 if self.algorithm == "ES256":
-                    sig = self._key.sign(hashlib.sha256(data).digest(), mechanism=pkcs11.Mechanism.ECDSA)  # type: ignore[attr-defined, union-attr]
+                    sig = key.sign(hashlib.sha256(data).digest(), mechanism=pkcs11.Mechanism.ECDSA)
                 else:
-                    sig = self._key.sign(data, mechanism=pkcs11.Mechanism.SHA256_RSA_PKCS)  # type: ignore[attr-defined, union-attr]
-            except (pkcs11.exceptions.PKCS11Error, ConfigError) as e:  # type: ignore[attr-defined]
+                    sig = key.sign(data, mechanism=pkcs11.Mechanism.SHA256_RSA_PKCS)
+            except (pkcs11.exceptions.PKCS11Error, ConfigError) as e:
                 self._drop()
                 self._last_error = f"the PKCS#11 token ({self.uri}) failed: {type(e).__name__}"
                 raise SignerUnavailable(f"{self._last_error}; nothing was signed") from None
             self._last_error = ""
             return bytes(sig)
 
-    def _reconnect(self) -> None:
+    def _reconnect(self) -> SignMixin:
         """After a failure: the module forgets a token that went away until it is re-initialised."""
         try:
-            self._connect()
+            return self._connect()
         except ConfigError:
-            lib = _lib().lib(self.uri.module)  # type: ignore[attr-defined]
-            if hasattr(lib, "reinitialize"):
-                lib.reinitialize()
-            self._connect()
+            import pkcs11
+
+            pkcs11.lib(self.uri.module).reinitialize()
+            return self._connect()
 
     def _drop(self) -> None:
         try:
             if self._session is not None:
-                self._session.close()  # type: ignore[attr-defined]
+                self._session.close()
         except Exception:  # noqa: BLE001, S110 - the token is already gone
             pass
         self._session = self._key = None
@@ -199,52 +211,57 @@ class Pkcs11Signer:
             return False, str(e)
         return True, "ok"
 
-    def public_key(self) -> object:
-        with self._lock:
-            return public_key_of(self._session, self._key)
 
-
-def public_key_of(session: object, private: object) -> object:
+def public_key_of(session: Session, private: TokenPrivateKey) -> PublicKey:
     """The cryptography public key matching a token's private key (from its public object)."""
-    pkcs11 = _lib()
+    import pkcs11
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-    pub = session.get_key(object_class=pkcs11.ObjectClass.PUBLIC_KEY, label=private.label, id=private.id)  # type: ignore[attr-defined]
-    if pub.key_type == pkcs11.KeyType.EC:  # type: ignore[attr-defined]
+    pub = session.get_key(object_class=pkcs11.ObjectClass.PUBLIC_KEY, label=private.label, id=private.id)
+    if not isinstance(pub, pkcs11.PublicKey):
+        raise ConfigError(f"the token's object {private.label!r} is not a public key")
+    if pub.key_type == pkcs11.KeyType.EC:
         from pkcs11.util.ec import encode_ec_public_key
 
-        return load_der_public_key(encode_ec_public_key(pub))
-    from pkcs11.util.rsa import encode_rsa_public_key
+        der = encode_ec_public_key(pub)
+    else:
+        from pkcs11.util.rsa import encode_rsa_public_key
 
-    return load_der_public_key(encode_rsa_public_key(pub))
+        der = encode_rsa_public_key(pub)
+    key = load_der_public_key(der)
+    if not isinstance(key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
+        raise ConfigError(f"the token's key {private.label!r} is a {type(key).__name__}; use EC P-256 or RSA")
+    return key
 
 
-def generate(uri_text: str, kind: str, env: Mapping[str, str]) -> object:
+def generate(uri_text: str, kind: str, env: Mapping[str, str]) -> PublicKey:
     """Make a non-extractable key pair in the token; returns the public key."""
-    pkcs11 = _lib()
     uri = parse_uri(uri_text, env)
     session = open_token(uri, env, rw=True)
+    import pkcs11
+
     try:
         try:
-            session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=uri.object, id=uri.id)  # type: ignore[attr-defined]
-        except pkcs11.NoSuchKey:  # type: ignore[attr-defined]
+            session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=uri.object, id=uri.id)
+        except pkcs11.NoSuchKey:
             pass
-        except pkcs11.MultipleObjectsReturned:  # type: ignore[attr-defined]
+        except pkcs11.MultipleObjectsReturned:
             raise ConfigError(f"{uri} already names several keys; choose another object=") from None
         else:
             raise ConfigError(f"{uri} already holds a key; choose another object= (keys are never overwritten)")
-        private = {pkcs11.Attribute.SENSITIVE: True, pkcs11.Attribute.EXTRACTABLE: False}  # type: ignore[attr-defined]
+        private = {pkcs11.Attribute.SENSITIVE: True, pkcs11.Attribute.EXTRACTABLE: False}
         label, kid = uri.object or "codestore", uri.id or os.urandom(8)
         if kind == "ec":
             from pkcs11.util.ec import encode_named_curve_parameters
 
-            params = session.create_domain_parameters(  # type: ignore[attr-defined]
-                pkcs11.KeyType.EC, {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)  # type: ignore[attr-defined]
+            params = session.create_domain_parameters(
+                pkcs11.KeyType.EC, {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
             pub, priv = params.generate_keypair(store=True, label=label, id=kid, private_template=private)
         elif kind == "rsa":
-            pub, priv = session.generate_keypair(pkcs11.KeyType.RSA, 2048, store=True, label=label, id=kid, private_template=private)  # type: ignore[attr-defined]
+            pub, priv = session.generate_keypair(pkcs11.KeyType.RSA, 2048, store=True, label=label, id=kid, private_template=private)
         else:
             raise UsageError(f"a PKCS#11 key is ec or rsa, not {kind}")
         return public_key_of(session, priv)
     finally:
-        session.close()  # type: ignore[attr-defined]
+        session.close()

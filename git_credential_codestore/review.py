@@ -15,27 +15,16 @@ nothing else (ephemeral.promote_exact).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import git, remotes
 from .config import Config
-from .errors import ConfigError, GitError, RemoteError
-from .vocab import validate_repo_id
+from .errors import GitError, RemoteError
+from .vocab import validate_branch, validate_repo_id
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
-_BRANCH = re.compile(r"^(?!/)(?!.*(?:\.\.|//|@\{|/\.|\.lock$|/$|\.$))[A-Za-z0-9._/-]{1,200}$")
-
-
-def check_branch(name: str) -> str:
-    """A branch name as it may appear in a ref (short form: `feat`, not `refs/heads/feat`)."""
-    if not _BRANCH.match(name) or name.startswith("refs/"):
-        raise ConfigError(f"{name[:80]!r} is not a branch name; give the short name, e.g. feat")
-    return name
-
-
 def remote_url(cfg: Config, repo: str, ephemeral: bool) -> str:
     return f"{remotes.SCHEME}{cfg.require_org()}/{repo}{'+ephemeral' if ephemeral else ''}"
 
@@ -121,9 +110,9 @@ def review(cfg: Config, repo: str, branch: str, base: str | None = None, *,
     from . import audit
 
     validate_repo_id(repo)
-    check_branch(branch)
+    validate_branch(branch)
     if base is not None:
-        check_branch(base)
+        validate_branch(base, "base")
     heads = remote_heads(cfg, repo, True, env, f"refs/heads/{branch}")
     if f"refs/heads/{branch}" not in heads:
         raise RemoteError(f"there is no branch {branch!r} in {repo}+ephemeral; see: codestore branch list {repo}")

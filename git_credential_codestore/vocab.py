@@ -1,17 +1,20 @@
 """codestore's vocabulary: the words every part shares, each defined once.
 
+    switches      the false words of our on/off environment variables
     scopes        the four Code Storage scopes; `git:write` implies `git:read`
     TTLs          DEFAULT_TTL, the MIN_TTL..MAX_TTL bounds and their one check
     repositories  the one repository-id validator, the `+ephemeral`/`+import` suffixes
     URLs          one splitter (no urllib), loopback hosts, a base URL's path prefix
     ref policies  Code Storage's `refs` claim: ordered [pattern, [ops]], first match wins
     requests      `TokenRequest`: what a helper asks a token source (or the agent) for
+    branches      the one branch-name rule (git check-ref-format --branch's, for the
+                  names we take: review, promote, branch delete, the dev server)
 
 Every program uses these: the credential helper, the remote helper, the agent client
 and its policy, the token minter, the grant store and the dev server. The git helpers
 import this module on every fetch and push, so it is standard library only and
-import-light: no typing, re, urllib or json (collections.namedtuple, not a dataclass
-or typing.NamedTuple, whose imports every git request would pay).
+import-light: no typing, re, urllib, json or collections (records.record, not a
+dataclass or a namedtuple, whose imports every git request would pay).
 """
 
 from __future__ import annotations
@@ -402,3 +405,36 @@ class TokenRequest(
             refs=ref_policy(list(self.refs), error),
             purpose=str(self.purpose)[:20],
         )
+
+
+# -- branch names --------------------------------------------------------------------------
+
+MAX_BRANCH = 200
+_BRANCH_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-/")
+
+
+def validate_branch(name: str, what: str = "branch") -> str:
+    """The one branch-name check (the dev server's and the CLI's); rejected, never normalised.
+
+    A short name (`feat/x`, not `refs/heads/feat/x`) that `git check-ref-format --branch`
+    accepts, in a portable alphabet: 1..200 ASCII letters, digits and `._-/`; not `HEAD`,
+    not starting with `-` (never an option) or `refs/`; no `..`, no trailing `.`; `/`-separated
+    components, none empty, starting with `.` or ending in `.lock`.
+    """
+    ok = (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_BRANCH
+        and _BRANCH_CHARS.issuperset(name)
+        and name != "HEAD"
+        and not name.startswith(("-", "refs/"))
+        and ".." not in name
+        and not name.endswith(".")
+        and all(part and not part.startswith(".") and not part.endswith(".lock") for part in name.split("/"))
+    )
+    if not ok:
+        shown = repr(name[:MAX_BRANCH + 1]) if isinstance(name, str) else type(name).__name__
+        raise ConfigError(
+            f"{what} {shown} is not a branch name: give the short name, e.g. feat (letters, digits, '.', '_', '-', '/'; "
+            "not starting with '-' or refs/; no '..'; no component empty, starting with '.' or ending in .lock)"
+        )
+    return name

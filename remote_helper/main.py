@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from typing import BinaryIO
 
+    from git_credential_codestore.source import TokenSource
+
     from . import pushwatch  # imported for pushes only: it brings the audit module
 
     Launcher = Callable[[Sequence[str], Mapping[str, str], Sequence[int]], transport.Child]
@@ -91,14 +93,14 @@ def _resolver(env: Mapping[str, str]) -> Callable[[str], str | None]:
     return resolve
 
 
-def _record_push(source: object, remote: remotes.Remote, watch: pushwatch.PushWatch, git_err: transport.Endpoint) -> None:
+def _record_push(source: TokenSource, remote: remotes.Remote, watch: pushwatch.PushWatch, git_err: transport.Endpoint) -> None:
     """Put what the push changed in the audit trail; a failure to do so is a warning, not
     a failed push (the server has already taken it)."""
     from git_credential_codestore.audit import BadReport, validate_report
 
     try:
         report = validate_report({"event": "push", "repo": remote.repo, "ephemeral": remote.ephemeral, "refs": watch.report()})
-        source.record(report)  # type: ignore[attr-defined]
+        source.record(report)
     except (CodestoreError, BadReport) as e:
         try:
             git_err.write(f"codestore: warning: this push is not in the audit trail: {e}\n".encode())
@@ -150,7 +152,7 @@ def run(
             "base": remote.base_url,
         }
 
-        used: list[object] = []  # the source of each token (the push's takes its report)
+        used: list[TokenSource] = []  # the source of each token (the push's takes its report)
 
         def transfer(
             decision: protocol.Decision,

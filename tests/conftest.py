@@ -275,7 +275,8 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
 
 
 # Real PostgreSQL (one server per session) and SoftHSM2 tokens for the agent's fleet tests
-# (tests/realparts.py, shared with bench/fleet.py).
+# (tests/realparts.py, shared with bench/fleet.py); a test CA and OIDC issuers (tests/oidc_issuer.py).
+from tests.oidc_issuer import CertAuthority, Issuer, make_ca, start_issuer  # noqa: E402
 from tests.realparts import Postgres, SoftHsm  # noqa: E402
 
 
@@ -298,3 +299,16 @@ def pg_url(postgres: Postgres) -> str:
 @pytest.fixture
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
     return SoftHsm(str(tmp_path_factory.mktemp("softhsm")))
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
+    """The session's test CA: it signs every issuer's certificate; agents trust it via agent_env()."""
+    return make_ca(tmp_path_factory.mktemp("oidc-ca"))
+
+
+@pytest.fixture
+def issuer(ca: CertAuthority) -> Iterator[Issuer]:
+    """A fresh OIDC issuer on loopback (its own keys, its own request log)."""
+    with start_issuer(ca) as i:
+        yield i

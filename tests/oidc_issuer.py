@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import os
 import secrets
 import ssl
 import threading
@@ -38,6 +39,10 @@ class CertAuthority:
     cert: Path  # the CA certificate: the bundle a client trusts
     server_cert: Path
     server_key: Path
+
+    def agent_env(self) -> dict[str, str]:
+        """The test environment for an agent that trusts this CA for its OIDC issuers."""
+        return dict(os.environ, CODESTORE_OIDC_CA_FILE=str(self.cert))
 
 
 def make_ca(directory: Path, name: str = "codestore test CA") -> CertAuthority:
@@ -174,6 +179,12 @@ class Issuer:
             self._server.server_close()
             self._server = None
 
+    def __enter__(self) -> Issuer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 def start_issuer(ca: CertAuthority, path: str = "") -> Issuer:
     """Serve on 127.0.0.1:0 over HTTPS; `path` is an issuer path prefix (GHES uses /_services/token)."""
@@ -220,3 +231,4 @@ def start_issuer(ca: CertAuthority, path: str = "") -> Issuer:
     issuer.url = f"https://127.0.0.1:{server.server_address[1]}{path}"
     # Paths above are relative to the server root; the discovery path follows the issuer's.
     return issuer
+

@@ -40,9 +40,9 @@ class Postgres:
         self.root = tempfile.mkdtemp(prefix="codestore-pg-")
         self.data = os.path.join(self.root, "data")
         self.port = free_port()
-        self.user: dict[str, int] = {}
+        self.owner: int | None = None  # the uid and gid its programs run as; None: ours
         if os.getuid() == 0:
-            self.user = {"user": 65534, "group": 65534}  # nobody: PostgreSQL will not run as root
+            self.owner = 65534  # nobody: PostgreSQL will not run as root
             os.chown(self.root, 65534, 65534)
         self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
@@ -50,7 +50,8 @@ class Postgres:
                     "fsync = off\nfull_page_writes = off\nmax_connections = 200\n")
 
     def _run(self, prog: str, *args: str) -> None:
-        subprocess.run([os.path.join(self.bin, prog), *args], check=True, capture_output=True, cwd=self.root, **self.user)  # type: ignore[call-overload]
+        subprocess.run([os.path.join(self.bin, prog), *args], check=True, capture_output=True, cwd=self.root,
+                       user=self.owner, group=self.owner)
 
     def start(self) -> None:
         self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.root, "log"), "-w", "-t", "60", "start")

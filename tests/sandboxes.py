@@ -64,11 +64,14 @@ def make_home(base: Path, user: User, name: str) -> Path:
 def as_user(user: User, args: Sequence[str], env: Mapping[str, str], cwd: Path | None = None,
             timeout: float = 300, start: bool = False) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     """Run a program as the sandbox user (a fresh session, so a kill takes its children)."""
-    drop = {"user": user.uid, "group": user.gid, "extra_groups": []} if os.geteuid() == 0 else {}
-    kw = dict(env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, text=True, start_new_session=True, **drop)
+    root = os.geteuid() == 0
+    uid, gid = (user.uid, user.gid) if root else (None, None)
+    groups: list[int] | None = [] if root else None
     if start:
-        return subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
-    return subprocess.run(list(args), capture_output=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+        return subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
+                                text=True, start_new_session=True, user=uid, group=gid, extra_groups=groups)
+    return subprocess.run(list(args), capture_output=True, timeout=timeout, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
+                          text=True, start_new_session=True, user=uid, group=gid, extra_groups=groups)
 
 
 @dataclass(frozen=True)

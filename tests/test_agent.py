@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
@@ -96,6 +96,15 @@ def sandbox_env(grant: object = None, *, sock: str | None = None, url: str | Non
     return env
 
 
+class MintArgs(TypedDict, total=False):
+    """mint()'s keyword arguments, for tables of requests."""
+
+    repo: str
+    scopes: tuple[str, ...]
+    ephemeral: bool
+    ttl: int | None
+
+
 def mint(env: dict[str, str], repo: str = REPO, scopes: tuple[str, ...] = ("git:read",), ephemeral: bool = False, ttl: int | None = None) -> str:
     return get_token(TokenRequest(repo, scopes, ephemeral, ttl, purpose="test"), config.load(env), env).reveal()
 
@@ -161,11 +170,11 @@ def test_a_narrow_request_gets_what_the_grant_allows_and_no_more(agent: Agent, o
     ids=["other-repo", "write-on-read-grant", "default-namespace-on-ephemeral-only", "ttl-beyond-max", "org-read"],
 )
 def test_requests_beyond_the_grant_are_refused_with_a_reason_and_audited(
-    agent: Agent, grant_args: list[str], request_kwargs: dict[str, object], reason: str
+    agent: Agent, grant_args: list[str], request_kwargs: MintArgs, reason: str
 ) -> None:
     g = agent.grant(*grant_args)
     with pytest.raises(AgentRefused, match=reason):
-        mint(sandbox_env(g["grant"], sock=agent.socket), **request_kwargs)  # type: ignore[arg-type]
+        mint(sandbox_env(g["grant"], sock=agent.socket), **request_kwargs)
     last = agent.audit()[-1]
     assert last["event"] == "refuse" and last["grant"] == g["id"] and reason in str(last["reason"])
 
@@ -246,6 +255,12 @@ def test_grant_list_shows_use_count_and_last_use(agent: Agent) -> None:
     out = agent.cli("grant", "list").stdout
     row = next(line for line in out.splitlines() if line.startswith(str(g["id"])))
     assert " active " in row and " 2 " in row and time.strftime("%Y-%m-%d", time.gmtime()) in row
+
+
+def test_grant_create_describes_the_grant_in_words(agent: Agent) -> None:
+    proc = agent.cli("grant", "create", "--repo", REPO, "--repo", "team/other", "--scopes", "git:read git:write", "--max-ttl", "600")
+    assert proc.returncode == 0, proc.stderr
+    assert f"covers:  {REPO} team/other  scopes git:read git:write  max ttl 600s" in proc.stdout
 
 
 # -- socket security and administration --------------------------------------------------------

@@ -58,6 +58,14 @@ def commit(repo: Path, name: str, env: dict[str, str]) -> None:
     git("commit", "-qm", name, cwd=repo, env=env)
 
 
+def push_new_branch(url: str, work: Path, env: dict[str, str], branch: str) -> None:
+    """As a sandbox does: clone `base`, commit BRANCH.txt, push it as BRANCH; the server lists it."""
+    git("clone", "-q", "--branch", "base", url, str(work), env=env)
+    commit(work, f"{branch}.txt", env)
+    git("push", "-q", "origin", f"HEAD:refs/heads/{branch}", cwd=work, env=env)
+    assert f"refs/heads/{branch}" in git("ls-remote", url, env=env).stdout
+
+
 @pytest.mark.parametrize("via", ["socket", "http"])
 def test_a_keyless_sandbox_clones_and_pushes_the_ephemeral_namespace_through_the_credential_helper(
     world: tuple[DevServer, Agent, dict[str, object]], tmp_path: Path, via: str
@@ -66,10 +74,7 @@ def test_a_keyless_sandbox_clones_and_pushes_the_ephemeral_namespace_through_the
     env = sandbox(agent, grant, via)
     url = f"{server.url}/{REPO}+ephemeral.git"
     work = tmp_path / "work"
-    git("clone", "-q", "--branch", "base", url, str(work), env=env)
-    commit(work, "feat.txt", env)
-    git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=work, env=env)
-    assert "refs/heads/feat" in git("ls-remote", url, env=env).stdout
+    push_new_branch(url, work, env, "feat")
     mints = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == grant["id"]]
     assert mints and all(e["sub"] == "sandbox-e2e" and e["ephemeral"] for e in mints)
     # Threat: the grant or a token left behind in the clone or the server's records.
@@ -84,10 +89,7 @@ def test_a_keyless_sandbox_clones_and_pushes_through_codestore_urls(
     server, agent, grant = world
     env = sandbox(agent, grant, "http")
     work = tmp_path / "work"
-    git("clone", "-q", "--branch", "base", f"codestore://acme/{REPO}+ephemeral", str(work), env=env)
-    commit(work, "feat2.txt", env)
-    git("push", "-q", "origin", "HEAD:refs/heads/feat2", cwd=work, env=env)
-    assert "refs/heads/feat2" in git("ls-remote", f"codestore://acme/{REPO}+ephemeral", env=env).stdout
+    push_new_branch(f"codestore://acme/{REPO}+ephemeral", work, env, "feat2")
     # The remote helper asked for read on fetch and write only on push, both clamped to the grant.
     mints = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == grant["id"]]
     reads = [e for e in mints if "git:write" not in e["scopes"]]

@@ -118,3 +118,17 @@ def test_with_the_signer_gone_the_agent_refuses_in_one_line_and_recovers(tmp_pat
         assert call(Endpoint("unix", a.socket), "GET", "/readyz")[0] == 200
     finally:
         a.stop()
+
+
+def test_a_key_that_may_not_sign_is_one_line_at_start(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm) -> None:
+    # A private object with CKA_SIGN false (made by another tool) must not reach the first
+    # token request and fail there with a traceback.
+    make = ("import os, pkcs11\n"
+            "s = pkcs11.lib(os.environ['CODESTORE_PKCS11_MODULE']).get_token(token_label='codestore')"
+            ".open(user_pin=os.environ['CODESTORE_PKCS11_PIN'], rw=True)\n"
+            "s.generate_keypair(pkcs11.KeyType.RSA, 2048, store=True, label='nosign', private_template={pkcs11.Attribute.SIGN: False})\n"
+            "s.close()\n")
+    subprocess.run([os.path.join(BIN, "python"), "-c", make], check=True, env=softhsm.env(), timeout=60)
+    proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", softhsm.uri("nosign"), "--state-dir", str(tmp_path / "st"),
+                           "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=keyless(softhsm.env()), timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "may not sign" in proc.stderr, proc.stderr

@@ -344,10 +344,10 @@ def test_each_request_is_logged_with_its_decision(seeded: tuple[DevServer, str, 
 
 
 def policy_token(server: DevServer, refs: list[list[object]]) -> str:
-    from git_credential_codestore import keys, tokens
+    from git_credential_codestore import keys, tokens, vocab
 
     key = keys.parse_private_key(keys.Secret(server.key.pem), "test")
-    return tokens.mint(key, org=ORG, repo="team/app", scopes=["git:write"], ttl=300, sub="t", kid=KID, refs=refs).reveal()  # type: ignore[arg-type]
+    return tokens.mint(key, org=ORG, repo="team/app", scopes=["git:write"], ttl=300, sub="t", kid=KID, refs=vocab.ref_policy(refs)).reveal()
 
 
 def test_no_push_refuses_any_update_of_a_matching_ref(seeded: tuple[DevServer, str, Path]) -> None:
@@ -542,6 +542,18 @@ def test_promote_respects_the_no_push_policy(seeded: tuple[DevServer, str, Path]
     body = {"base_ref": "main", "target_branch": "release", "base_is_ephemeral": False}
     status, _ = server.api("POST", "/api/v1/repos/branches/create", policy_token(server, [["refs/heads/release", ["no-push"]]]), body)
     assert status == 403
+
+
+@pytest.mark.parametrize(("target", "status"), [(".hidden", 400), ("a.lock/b", 400), ("-x", 400), ("HEAD", 400), ("_x", 200), ("a./b", 200)])
+def test_promote_takes_exactly_the_branch_names_git_takes(seeded: tuple[DevServer, str, Path], target: str, status: int) -> None:
+    # The dev server's rule is vocab.validate_branch, the CLI's too: a name refused here is
+    # one git refuses, and one git takes is never refused.
+    server, _, _ = seeded
+    body = {"base_ref": "main", "target_branch": target, "base_is_ephemeral": False}
+    answer, result = server.api("POST", "/api/v1/repos/branches/create", server.token("team/app", ["git:write"]), body)
+    assert answer == status, result
+    if status == 400:
+        assert "is not a branch name" in str(result["error"])
 
 
 def test_promote_needs_git_write(seeded: tuple[DevServer, str, Path]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,8 +83,8 @@ class Setup:
     feat: str
 
 
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(coro)  # type: ignore[arg-type]
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
 
 
 def http_url(sdk_url: str) -> str:
@@ -94,8 +94,8 @@ def http_url(sdk_url: str) -> str:
 
 def status_of(exc: BaseException) -> int | None:
     code = getattr(exc, "status_code", None)
-    if code is None and getattr(exc, "response", None) is not None:
-        code = exc.response.status_code  # type: ignore[attr-defined]
+    if code is None:
+        code = getattr(getattr(exc, "response", None), "status_code", None)
     return code
 
 
@@ -348,7 +348,7 @@ def test_get_commit_diff_against_the_parent_and_against_a_base(sdk: Setup) -> No
 # ---- what answers 501 ----------------------------------------------------------------------
 
 
-def unimplemented(setup: Setup) -> dict[str, Callable[[], Awaitable[Any]]]:
+def unimplemented(setup: Setup) -> dict[str, Callable[[], Coroutine[Any, Any, Any]]]:
     r, s = setup.repo, setup.storage
 
     async def send_commit() -> Any:

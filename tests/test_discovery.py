@@ -55,8 +55,9 @@ def test_the_environment_names_the_agent_and_the_grant(env: dict[str, str], conf
 def test_a_grant_comes_from_the_variable_or_the_file(tmp_path: Path) -> None:
     f = tmp_path / "grant"
     f.write_text("csg_abc_def\n")
-    assert discovery.read_grant({"CODESTORE_GRANT_FILE": str(f)}).reveal() == "csg_abc_def"  # type: ignore[union-attr]
-    assert discovery.read_grant({"CODESTORE_GRANT": " csg_1_2 "}).reveal() == "csg_1_2"  # type: ignore[union-attr]
+    from_file, from_variable = discovery.read_grant({"CODESTORE_GRANT_FILE": str(f)}), discovery.read_grant({"CODESTORE_GRANT": " csg_1_2 "})
+    assert from_file is not None and from_file.reveal() == "csg_abc_def"
+    assert from_variable is not None and from_variable.reveal() == "csg_1_2"
     assert discovery.read_grant({}) is None
     f.write_text("")
     with pytest.raises(ConfigError, match="empty"):

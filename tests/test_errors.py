@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from git_credential_codestore import config, credential, errors, keys
 from git_credential_codestore.agent import policy
@@ -39,8 +40,8 @@ def test_usage_errors_exit_2() -> None:
     assert errors.UsageError("x").exit_code == 2 and issubclass(errors.UsageError, CodestoreError)
 
 
-def _pem(key: object) -> keys.Secret:
-    return keys.Secret(key.private_bytes(  # type: ignore[attr-defined]
+def _pem(key: PrivateKeyTypes) -> keys.Secret:
+    return keys.Secret(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode())
 

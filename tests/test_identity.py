@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
@@ -22,20 +21,6 @@ from git_credential_codestore.vocab import TokenRequest
 from tests.oidc_issuer import CertAuthority, Issuer, hs256, make_ca, new_key, raw_jwt, start_issuer
 
 AUD = "https://agent.example:8765"
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
-    return make_ca(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture
-def issuer(ca: CertAuthority) -> Iterator[Issuer]:
-    i = start_issuer(ca)
-    try:
-        yield i
-    finally:
-        i.stop()
 
 
 class Clock:
@@ -85,12 +70,9 @@ def test_keys_are_discovered_through_the_issuers_discovery_document_over_https(i
 
 
 def test_an_issuer_with_a_path_is_discovered_below_its_path(ca: CertAuthority, verifier: Verifier) -> None:
-    i = start_issuer(ca, path="/_services/token")
-    try:
+    with start_issuer(ca, path="/_services/token") as i:
         verifier.verify(i.sign(i.github_token_claims(AUD)), trusted(i))
         assert i.requests[0] == "/_services/token/.well-known/openid-configuration"
-    finally:
-        i.stop()
 
 
 # -- forgeries -------------------------------------------------------------------------------
@@ -169,13 +151,10 @@ def test_a_token_without_exp_or_iat_is_refused(issuer: Issuer, verifier: Verifie
 
 def test_a_token_from_one_issuer_cannot_pass_as_another_trusted_issuer(ca: CertAuthority, issuer: Issuer, verifier: Verifier) -> None:
     # Threat: issuer B's workload (or B itself) signing a token that claims issuer A.
-    other = start_issuer(ca)
-    try:
+    with start_issuer(ca) as other:
         token = other.sign(other.github_token_claims(AUD, iss=issuer.url))  # B's key, A's name
         both = {issuer.url: {AUD}, other.url: {AUD}}
         assert "signature does not verify" in refused(verifier, token, both) or "does not publish" in refused(verifier, token, both)
-    finally:
-        other.stop()
 
 
 # -- the key cache -----------------------------------------------------------------------------

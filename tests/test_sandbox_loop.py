@@ -174,6 +174,7 @@ REFUSALS = [
     (("review", REPO, "refs/heads/feat"), "give the short name"),
     (("promote", REPO, "feat", "--expect-sha", "abc123"), "--expect-sha takes the full commit id"),
     (("promote", REPO, "nope", "--expect-sha", "a" * 40), "there is no branch 'nope'"),
+    (("promote", REPO, "feat", "--expect-sha", "a" * 40, "--to", "a.lock/b"), "'a.lock/b' is not a branch name"),
     (("audit", "--since", "yesterday"), "--since takes a UTC time"),
     (("audit", "--ref", "feat..main"), "--ref takes a ref name"),
     (("repo", "delete", REPO), "cannot be undone; confirm with: codestore repo delete team/app --yes"),

@@ -167,8 +167,10 @@ def test_sdk_ref_policies_verify_with_short_patterns_star_and_explicit_allows() 
     from pierre_storage.auth import generate_jwt
 
     key = keys.generate("ec")
-    refs = [{"pattern": "main", "ops": ["no-push"]}, {"pattern": "feat/*"}, {"pattern": "*", "ops": ["no-force-push"]}]
-    sdk = generate_jwt(keys.private_pem(key).reveal(), "acme", "team/app", ["git:write"], 300, refs=refs)  # type: ignore[arg-type]
+    from pierre_storage.types import Refs
+
+    refs: Refs = [{"pattern": "main", "ops": ["no-push"]}, {"pattern": "feat/*"}, {"pattern": "*", "ops": ["no-force-push"]}]
+    sdk = generate_jwt(keys.private_pem(key).reveal(), "acme", "team/app", ["git:write"], 300, refs=refs)
     c = tokens.verify(sdk, {"only": key.public_key()}, org="acme")
     assert c.refs == [("refs/heads/main", ["no-push"]), ("refs/heads/feat/*", []), ("*", ["no-force-push"])]
 

@@ -8,7 +8,6 @@ identity its provider gave it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DevServer, OrgKey, git, run_cli
+from tests.conftest import DevServer, OrgKey, git
 from tests.leakscan import files_with_secrets
-from tests.oidc_issuer import CertAuthority, Issuer, make_ca, new_key, start_issuer
+from tests.oidc_issuer import CertAuthority, Issuer, SigningKey, new_key, start_issuer
 from tests.test_agent import REPO, Agent, sandbox_env, start_agent
-from tests.test_agent_e2e import commit
+from tests.test_agent_e2e import commit, push_new_branch, seed_repo
 
 MODAL_POLICY = ("--audience", "oidc.modal.com", "--claim", "workspace_id=ac-12345abcd", "--claim", "app_name=agent-*",
                 "--repo", REPO, "--scopes", "git:read git:write", "--ephemeral-only",
@@ -50,30 +49,15 @@ class World:
         return [e for e in self.agent.audit() if e.get("issuer") and e["event"] in ("mint", "refuse")]
 
 
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
-    return make_ca(tmp_path_factory.mktemp("oidc-ca"))
-
-
 @pytest.fixture
-def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey, ca: CertAuthority) -> Iterator[World]:
+def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey, ca: CertAuthority, issuer: Issuer) -> Iterator[World]:
     """team/app with an ephemeral `base` branch; an agent that trusts the test CA for OIDC; an issuer."""
-    owner = dict(os.environ, CODESTORE_EPHEMERAL_SCOPES="git:read git:write", CODESTORE_SCOPES="git:read git:write")
-    assert run_cli("codestore", "setup", env=owner).returncode == 0
-    dev_server.create_repo(REPO)
-    seed = tmp_path / "seed"
-    git("init", "-q", str(seed))
-    (seed / "README").write_text("hello\n")
-    git("add", "README", cwd=seed)
-    git("commit", "-qm", "seed", cwd=seed)
-    git("push", "-q", f"{dev_server.url}/{REPO}+ephemeral.git", "HEAD:refs/heads/base", cwd=seed, env=owner)
-    issuer = start_issuer(ca)
-    agent = start_agent(tmp_path, env=dict(os.environ, CODESTORE_OIDC_CA_FILE=str(ca.cert)))
+    seed_repo(dev_server, tmp_path)
+    agent = start_agent(tmp_path, env=ca.agent_env())
     try:
         yield World(dev_server, agent, issuer, ca)
     finally:
         agent.stop()
-        issuer.stop()
 
 
 def ls_remote(url: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -87,10 +71,7 @@ def test_a_modal_sandbox_with_only_the_agent_url_and_its_identity_clones_and_pus
     env = world.sandbox(MODAL_IDENTITY_TOKEN=token)
     url = f"{world.server.url}/{REPO}+ephemeral.git"
     work = tmp_path / "work"
-    git("clone", "-q", "--branch", "base", url, str(work), env=env)
-    commit(work, "feat.txt", env)
-    git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=work, env=env)
-    assert "refs/heads/feat" in git("ls-remote", url, env=env).stdout
+    push_new_branch(url, work, env, "feat")
     workload = f"modal:ac-12345abcd/agent-runner/{claims['container_id']}"
     mints = [e for e in world.exchanges() if e["event"] == "mint"]
     assert mints and all(
@@ -156,9 +137,7 @@ def test_a_github_actions_job_asks_for_the_agents_audience_and_pushes_through_co
         SSL_CERT_FILE=str(world.ca.cert),  # the runner's endpoint is HTTPS; our stand-in's CA
     )
     work = tmp_path / "work"
-    git("clone", "-q", "--branch", "base", f"codestore://acme/{REPO}+ephemeral", str(work), env=env)
-    commit(work, "ci.txt", env)
-    git("push", "-q", "origin", "HEAD:refs/heads/ci", cwd=work, env=env)
+    push_new_branch(f"codestore://acme/{REPO}+ephemeral", work, env, "ci")
     assert world.issuer.github_audiences and set(world.issuer.github_audiences) == {world.agent.url}
     mints = [e for e in world.exchanges() if e["event"] == "mint"]
     assert [e["sub"] for e in mints] == ["github:acme/app@refs/heads/main"] * len(mints)
@@ -204,24 +183,21 @@ def test_a_removed_policy_stops_the_next_exchange_even_for_a_token_that_worked(w
 
 def test_a_token_from_one_policys_issuer_gets_nothing_under_another_issuers_policy(world: World, ca: CertAuthority) -> None:
     # Threat: issuer A's workload borrowing the permissions the owner gave issuer B's workloads.
-    other = start_issuer(ca)
-    try:
+    with start_issuer(ca) as other:
         world.trust("--audience", "oidc.modal.com", "--claim", "workspace_id=ac-12345abcd", "--repo", "team/other",
                     "--scopes", "git:read", issuer=other)
         world.trust(*MODAL_POLICY)  # the first issuer may only have team/app
         env = world.sandbox(MODAL_IDENTITY_TOKEN=world.issuer.sign(world.issuer.modal_claims()))
         proc = ls_remote(f"{world.server.url}/team/other.git", env)
         assert proc.returncode != 0 and "does not cover repository 'team/other'" in proc.stderr
-    finally:
-        other.stop()
 
 
 def test_key_rotation_is_followed_and_an_issuer_outage_spares_cached_keys_but_not_unknown_ones(world: World) -> None:
     world.trust(*MODAL_POLICY)
     url = f"{world.server.url}/{REPO}+ephemeral.git"
 
-    def fetch(key: object = None) -> subprocess.CompletedProcess[str]:
-        return ls_remote(url, world.sandbox(MODAL_IDENTITY_TOKEN=world.issuer.sign(world.issuer.modal_claims(), key=key)))  # type: ignore[arg-type]
+    def fetch(key: SigningKey | None = None) -> subprocess.CompletedProcess[str]:
+        return ls_remote(url, world.sandbox(MODAL_IDENTITY_TOKEN=world.issuer.sign(world.issuer.modal_claims(), key=key)))
 
     assert fetch().returncode == 0
     world.issuer.rotate()
@@ -238,6 +214,7 @@ def test_trust_policies_are_listed_and_removed_from_the_cli(world: World) -> Non
     assert [x["id"] for x in listed] == [p["id"]] and listed[0]["claims"] == [["workspace_id", "ac-12345abcd"], ["app_name", "agent-*"]]
     text = world.agent.cli("trust", "list").stdout
     assert p["id"] in text and "workspace_id=ac-12345abcd" in text
+    assert f"grants:  {REPO}  scopes git:read git:write  max ttl" in text
     assert world.agent.cli("trust", "remove", str(p["id"])).returncode == 0
     assert json.loads(world.agent.cli("trust", "list", "--json").stdout) == []
     events = [e["event"] for e in world.agent.audit()]
@@ -301,7 +278,8 @@ def test_a_minted_token_never_outlives_the_identity_token_that_bought_it(world: 
     fields = wire.decode(reply)
     assert status == 200, fields
     minted = verify(fields["token"], org_key)
-    assert minted.exp <= claims["exp"]  # type: ignore[operator]
+    identity_exp = claims["exp"]
+    assert isinstance(identity_exp, int) and minted.exp <= identity_exp
 
 
 def test_modals_48_hour_tokens_are_refused_unless_the_policy_allows_that_lifetime(world: World) -> None:

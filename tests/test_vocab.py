@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from git_credential_codestore import vocab
 from git_credential_codestore.errors import ConfigError
@@ -158,3 +162,46 @@ def test_a_token_request_is_checked_and_normalised_in_one_place() -> None:
                 TokenRequest("a", ("git:read",), ttl=99999), TokenRequest("a", ("git:read",), refs=[["main", ["rm"]]])):
         with pytest.raises(ConfigError):
             bad.checked()
+
+
+# -- branch names: the one rule, held against git's own ------------------------------------
+
+BRANCH_ALPHABET = "ab._-/"  # every character class the rule treats apart: letters, '.', '_', '-', '/'
+
+
+def git_accepts_branch(name: str) -> bool:
+    proc = subprocess.run(["git", "check-ref-format", "--branch", name], capture_output=True, timeout=30)
+    return proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["main", "feat/x", "a/-b", "a./b", "_x", "0", "release/1.2", "a" * 200,
+     ".hidden", "a/.b", "-foo", "a.lock", "a.lock/b", "a/b.lock", "a..b", "a/", "/a", "a//b", "a.", "HEAD", "..", "-"],
+)
+def test_a_branch_name_passes_exactly_when_git_check_ref_format_takes_it(name: str) -> None:
+    assert (name == _accepted(name)) == git_accepts_branch(name)
+
+
+@pytest.mark.parametrize("name", ["refs/heads/feat", "a b", "a@{1}", "a~1", "a^", "a:b", "a" * 201, "", "é"])
+def test_branch_names_outside_the_rule_are_refused_even_where_git_takes_some(name: str) -> None:
+    # refs/... is a full ref where a short name belongs; '@', '~', ':', spaces and non-ASCII
+    # are outside the alphabet a URL path, a shell and every git version agree on.
+    with pytest.raises(ConfigError, match="not a branch name"):
+        vocab.validate_branch(name)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=BRANCH_ALPHABET, min_size=1, max_size=12))
+def test_over_the_rules_alphabet_the_branch_rule_is_gits(name: str) -> None:
+    # Threat: a name the dev server or the CLI takes and git then refuses (or the reverse),
+    # found only when a push or a promotion fails half way.
+    expected = git_accepts_branch(name) and not name.startswith("refs/")
+    assert (_accepted(name) == name) == expected, name
+
+
+def _accepted(name: str) -> str | None:
+    try:
+        return vocab.validate_branch(name)
+    except ConfigError:
+        return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from daytona import CreateSandboxFromImageParams, Daytona, Image
+from daytona import CreateSandboxFromImageParams, Daytona, Image, Sandbox
 
 HERE = Path(__file__).resolve().parent
 CODESTORE_SRC = HERE.parent.parent
@@ -32,9 +32,9 @@ image = (
 )
 
 
-def run(sandbox, command: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
+def run(sandbox: Sandbox, command: str, cwd: str | None = None, timeout: int | None = None) -> str:
     """process.exec does not raise when the command fails: check its exit code."""
-    response = sandbox.process.exec(command, **kwargs)
+    response = sandbox.process.exec(command, cwd=cwd, timeout=timeout)
     if response.exit_code != 0:
         raise SystemExit(f"{command.split()[0]} failed in the sandbox (exit {response.exit_code}): {response.result}")
     return response.result

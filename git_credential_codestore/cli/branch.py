@@ -47,13 +47,12 @@ def branch_list(repo: str, namespace: str, as_json: bool) -> None:
 def branch_delete(repo: str, branch: str, ephemeral: bool) -> None:
     """Delete BRANCH of REPO (a git:write token)."""
     from .. import api, config
-    from ..review import check_branch
     from ..source import get_token
-    from ..vocab import TokenRequest, validate_repo_id
+    from ..vocab import TokenRequest, validate_branch, validate_repo_id
 
     cfg = config.load()
     validate_repo_id(repo)
-    check_branch(branch)
+    validate_branch(branch)
     token = get_token(TokenRequest(repo, ("git:read", "git:write"), ephemeral, ttl=60), cfg)
     api.delete_branch(cfg.api_url, token, repo, branch, ephemeral)
     click.echo(f"deleted {branch} from {repo}{'+ephemeral' if ephemeral else ''}")

@@ -34,6 +34,11 @@ def _when(ts: object) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
 
 
+def _words(values: object) -> str:
+    """A JSON list from the agent (repos, scopes) as one space-separated line."""
+    return " ".join(map(str, values)) if isinstance(values, list) else str(values)
+
+
 # -- grant --------------------------------------------------------------------------------
 
 PRINTABLE = ("id", "grant", "socket", "sub")
@@ -155,7 +160,7 @@ def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, 
     if g.get("socket"):
         click.echo(f"socket:  {g['socket']}")
     click.echo(
-        f"covers:  {' '.join(g['repos'])}  scopes {' '.join(g['scopes'])}  max ttl {g['max_ttl']}s"  # type: ignore[arg-type]
+        f"covers:  {_words(g['repos'])}  scopes {_words(g['scopes'])}  max ttl {g['max_ttl']}s"
         f"{'  ephemeral only' if g['ephemeral_only'] else ''}  expires {_when(g['expires_at'])}"
     )
     click.echo("The grant is shown once: put it in the sandbox's CODESTORE_GRANT_FILE or CODESTORE_GRANT, never in a URL.", err=True)

@@ -32,7 +32,7 @@ def key_generate(kind: str, force: bool, pkcs11_uri: str | None) -> None:
             raise CodestoreError("a PKCS#11 key is --type ec or rsa")
         public = hsm.generate(pkcs11_uri, kind, os.environ)
         click.echo(f"made a non-extractable {kind} key in {hsm.parse_uri(pkcs11_uri, os.environ)}; register its public half with Code Storage:", err=True)
-        click.echo(keys.public_pem(public), nl=False)  # type: ignore[arg-type]
+        click.echo(keys.public_pem(public), nl=False)
         return
     cfg = config.load()
     if not force:

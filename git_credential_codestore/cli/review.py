@@ -20,10 +20,11 @@ def review_cmd(repo: str, branch: str, base: str | None, as_json: bool, no_pager
     import json
 
     from .. import audit, config, pager, review
+    from ..vocab import validate_branch
 
     cfg = config.load()
     # Only the updates of this branch: a busy repository's mints must not crowd them out.
-    trail, _ = audit.collect(audit.Query(repo=repo, ref=review.check_branch(branch)), limit=2000)
+    trail, _ = audit.collect(audit.Query(repo=repo, ref=validate_branch(branch)), limit=2000)
     result = review.review(cfg, repo, branch, base, trail=trail)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))

@@ -12,7 +12,7 @@ import click
 
 from ..errors import ConfigError
 from .agent import SOCKET_HELP, admin
-from .grant import _when, parse_duration
+from .grant import _when, _words, parse_duration
 
 
 @click.group("trust")
@@ -81,7 +81,7 @@ def _describe(p: dict[str, object]) -> None:
     claims = " ".join(f"{n}={v}" for n, v in pairs)
     click.echo(f"trusts:  {p['issuer']}  aud {p['audience']}  {claims}")
     click.echo(
-        f"grants:  {' '.join(p['repos'])}  scopes {' '.join(p['scopes'])}  max ttl {p['max_ttl']}s"  # type: ignore[arg-type]
+        f"grants:  {_words(p['repos'])}  scopes {_words(p['scopes'])}  max ttl {p['max_ttl']}s"
         f"{'  ephemeral only' if p['ephemeral_only'] else ''}  sub {p['sub_template']}"
     )
 

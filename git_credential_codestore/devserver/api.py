@@ -141,7 +141,9 @@ def _info(call: Call, repo: str) -> Json:
 
 
 def _ref_arg(value: str, what: str) -> str:
-    """A branch, tag, full ref or commit id as a caller may name one; never an option or a range."""
+    """A branch, tag, full ref, commit id or HEAD as a caller may name one; never an option or a range."""
+    if value == "HEAD":  # the one name that is not a branch name and still resolves
+        return value
     if value.startswith("refs/"):
         check_branch(value[len("refs/") :], what)
     else:
@@ -372,8 +374,8 @@ def branch_diff(call: Call) -> Reply:
     base, base_sha = _resolve(call, repo, call.param("base"), call.flag("ephemeral_base"), "base")
     merge_base = call.store.merge_base(repo, base_sha, head)
     files = call.store.diff(repo, merge_base or base_sha, head, [_file_path(p) for p in call.params("path")])
-    additions = sum(int(f["additions"]) for f in files)  # type: ignore[call-overload]
-    deletions = sum(int(f["deletions"]) for f in files)  # type: ignore[call-overload]
+    additions = sum(f["additions"] for f in files)
+    deletions = sum(f["deletions"] for f in files)
     result: Json = {
         "branch": branch,
         "base": base,
@@ -450,14 +452,15 @@ def commit_diff(call: Call) -> Reply:
         result["base_sha"] = base
         if merge_base:
             result["merge_base_sha"] = merge_base
+            base = merge_base  # the diff runs from where the two histories meet
     else:
         parents = call.store.log(repo, sha, 0, 1, None, walk=False)[0]["parent_shas"]
-        base = parents[0] if parents else EMPTY_TREE  # type: ignore[index]
+        base = parents[0] if parents else EMPTY_TREE
         if parents:
             result["base_sha"] = base
-    files = call.store.diff(repo, result.get("merge_base_sha", base), sha, [_file_path(p) for p in call.params("path")])  # type: ignore[arg-type]
-    additions = sum(int(f["additions"]) for f in files)  # type: ignore[call-overload]
-    deletions = sum(int(f["deletions"]) for f in files)  # type: ignore[call-overload]
+    files = call.store.diff(repo, base, sha, [_file_path(p) for p in call.params("path")])
+    additions = sum(f["additions"] for f in files)
+    deletions = sum(f["deletions"] for f in files)
     result.update(
         stats={"files": len(files), "additions": additions, "deletions": deletions, "changes": additions + deletions},
         files=files,

@@ -16,10 +16,11 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypedDict
 
 from .. import git
-from ..errors import GitError, Refused
-from ..vocab import SUFFIXES, validate_repo_id
+from ..errors import ConfigError, GitError, Refused
+from ..vocab import SUFFIXES, validate_branch, validate_repo_id
 
 EPHEMERAL_NS = "ephemeral"
 EPHEMERAL_PREFIX = f"refs/namespaces/{EPHEMERAL_NS}/"
@@ -28,22 +29,48 @@ EPHEMERAL_PREFIX = f"refs/namespaces/{EPHEMERAL_NS}/"
 # its own). Code Storage does not document it beyond "points to import namespace".
 NAMESPACES = tuple(suffix[1:] for suffix in SUFFIXES)  # ("ephemeral", "import")
 META_FILE = "codestore.json"
-_BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _SHA = re.compile(r"^[0-9a-f]{4,64}$")  # a full or abbreviated commit id
 
 
 def check_branch(name: str, what: str) -> str:
-    if (
-        not isinstance(name, str)
-        or not _BRANCH.match(name)
-        or ".." in name
-        or "//" in name
-        or name.endswith(("/", ".", ".lock"))
-        or "/." in name
-        or "@{" in name
-    ):
-        raise Refused(400, f"{what} {str(name)[:100]!r} is not a valid branch name")
-    return name
+    """vocab's one branch rule, refused as a 400 naming the field."""
+    try:
+        return validate_branch(name, what)
+    except ConfigError as e:
+        raise Refused(400, str(e)) from None
+
+
+class Commit(TypedDict):
+    """One commit as Code Storage lists it."""
+
+    sha: str
+    parent_shas: list[str]
+    message: str
+    author_name: str
+    author_email: str
+    committer_name: str
+    committer_email: str
+    date: str
+
+
+class SignedCommit(Commit, total=False):
+    """A commit with its signature and the payload it signs, when it is signed."""
+
+    signature: str
+    payload: str
+
+
+class FileDiff(TypedDict):
+    """One file's change in a diff, as Code Storage answers it."""
+
+    path: str
+    state: str
+    old_path: str | None
+    raw: str
+    bytes: int
+    is_eof: bool
+    additions: int
+    deletions: int
 
 
 @dataclass(frozen=True)
@@ -222,7 +249,7 @@ class RepoStore:
     def merge_base(self, repo: str, a: str, b: str) -> str | None:
         return self._git(repo, "merge-base", a, b, ok=(0, 1)).strip() or None
 
-    def log(self, repo: str, sha: str, skip: int, count: int, path: str | None, walk: bool = True) -> list[dict[str, object]]:
+    def log(self, repo: str, sha: str, skip: int, count: int, path: str | None, walk: bool = True) -> list[Commit]:
         """Commits reachable from `sha`, newest first, as Code Storage lists them."""
         # Fields end in NUL, records in RS (0x1e): the message is the last field, so a NUL
         # (which git refuses in messages) never splits it and an empty parent list is safe.
@@ -231,7 +258,7 @@ class RepoStore:
         if path:
             args.append(path)
         out = self._git(repo, *args)
-        commits: list[dict[str, object]] = []
+        commits: list[Commit] = []
         for record in out.split("\x1e"):
             record = record.lstrip("\n")
             if not record:
@@ -251,7 +278,7 @@ class RepoStore:
             )
         return commits
 
-    def diff(self, repo: str, base: str, head: str, paths: list[str]) -> list[dict[str, object]]:
+    def diff(self, repo: str, base: str, head: str, paths: list[str]) -> list[FileDiff]:
         """Per-file changes from `base` to `head` (rename detection on), with each patch."""
         limit = ["--", *paths] if paths else []
         status = self._git(repo, "diff", "--name-status", "-z", "-M", base, head, *limit).split("\0")
@@ -265,7 +292,7 @@ class RepoStore:
             else:
                 i += 1
             counts[name] = (int(added) if added.isdigit() else 0, int(deleted) if deleted.isdigit() else 0)
-        files: list[dict[str, object]] = []
+        files: list[FileDiff] = []
         i = 0
         while i < len(status) and status[i]:
             state = status[i]
@@ -299,9 +326,10 @@ class RepoStore:
             rows.append((name, peeled or obj))
         return sorted(rows)
 
-    def commit(self, repo: str, sha: str) -> dict[str, object]:
+    def commit(self, repo: str, sha: str) -> SignedCommit:
         """One commit as Code Storage describes it; `signature`/`payload` when it is signed."""
-        (info,) = self.log(repo, sha, 0, 1, None, walk=False)
+        (commit,) = self.log(repo, sha, 0, 1, None, walk=False)
+        info: SignedCommit = {**commit}
         raw = git.output(["--git-dir", self.path(repo), "cat-file", "commit", sha], env=self.env)
         header, sep, message = raw.partition(b"\n\n")
         kept, signature, in_sig = [], [], False

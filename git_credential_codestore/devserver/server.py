@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 from urllib.parse import parse_qsl
 
 from .. import git
@@ -33,6 +33,9 @@ from . import api
 from .auth import REALM, authenticate, authorize_git, require_scope
 from .hooks import POLICY_ENV
 from .repos import EPHEMERAL_NS, RepoStore
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 MAX_JSON_BODY = 64 * 1024
 MAX_CHUNK_LINE = 1024
@@ -105,7 +108,7 @@ class DevServer6(DevServer):
 class ChunkedReader(io.RawIOBase):
     """A `Transfer-Encoding: chunked` body, de-chunked as it is read (never buffered)."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: io.BufferedIOBase) -> None:
         self.raw = raw
         self.left = 0
         self.done = False
@@ -119,7 +122,7 @@ class ChunkedReader(io.RawIOBase):
             raise Refused(400, "malformed chunked body")
         return line
 
-    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buf: WriteableBuffer) -> int:
         if self.done:
             return 0
         if self.left == 0:
@@ -135,7 +138,8 @@ class ChunkedReader(io.RawIOBase):
                     pass
                 self.done = True
                 return 0
-        n = self.raw.readinto(memoryview(buf)[: min(len(buf), self.left)])  # type: ignore[attr-defined]
+        view = memoryview(buf)
+        n = self.raw.readinto(view[: min(len(view), self.left)])
         if not n:
             raise Refused(400, "request body ended early")
         self.left -= n
@@ -145,17 +149,18 @@ class ChunkedReader(io.RawIOBase):
 
 
 class LengthReader(io.RawIOBase):
-    def __init__(self, raw: BinaryIO, length: int) -> None:
+    def __init__(self, raw: io.BufferedIOBase, length: int) -> None:
         self.raw = raw
         self.left = length
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buf: WriteableBuffer) -> int:
         if self.left <= 0:
             return 0
-        n = self.raw.readinto(memoryview(buf)[: min(len(buf), self.left)])  # type: ignore[attr-defined]
+        view = memoryview(buf)
+        n = self.raw.readinto(view[: min(len(view), self.left)])
         if not n:
             raise Refused(400, "request body ended early")
         self.left -= n
@@ -240,7 +245,7 @@ class Handler(BaseHTTPRequestHandler):
             self.body_consumed = self.command in ("GET", "HEAD") and not self._has_body()
             self._dispatch(raw_path, query)
         except Refused as e:
-            self._note_claims(e.claims)  # type: ignore[arg-type]
+            self._note_claims(e.claims if isinstance(e.claims, Claims) else None)
             headers = {}
             if e.status == 401:
                 # git needs the Basic challenge to ask its credential helper.
@@ -353,8 +358,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body_reader(self) -> io.RawIOBase:
         if self.body_length is None:
-            return ChunkedReader(self.rfile)  # type: ignore[arg-type]
-        return LengthReader(self.rfile, self.body_length)  # type: ignore[arg-type]
+            return ChunkedReader(self.rfile)
+        return LengthReader(self.rfile, self.body_length)
 
     # ---- routing ----------------------------------------------------------------------
 
@@ -444,6 +449,8 @@ class Handler(BaseHTTPRequestHandler):
         except OSError as e:
             raise Refused(500, f"cannot run git http-backend: {e.strerror}") from None
         assert proc.stdin and proc.stdout and proc.stderr
+        stdout = proc.stdout
+        assert isinstance(stdout, io.BufferedReader)  # Popen's default buffering; read1 relays what is there
         feeder = _Feeder(body, proc.stdin)
         errors = _Drain(proc.stderr)
         errors.start()
@@ -461,7 +468,7 @@ class Handler(BaseHTTPRequestHandler):
             if finished:
                 return
             finished = True
-            proc.stdout.close()  # type: ignore[union-attr]
+            stdout.close()
             if feeder.ident is not None:
                 feeder.join(timeout=30)
             rc = proc.wait()
@@ -475,11 +482,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.entry["reason"] = f"http-backend exit {rc}: {errors.last_line()}"
 
         try:
-            self._relay(proc.stdout, errors, finish)
+            self._relay(stdout, errors, finish)
         finally:
             finish()
 
-    def _relay(self, out: IO[bytes], errors: _Drain, finish: Callable[[], None]) -> None:
+    def _relay(self, out: io.BufferedReader, errors: _Drain, finish: Callable[[], None]) -> None:
         """Parse the CGI's header block, then stream its body to the client."""
         status, reason, headers = 200, "OK", []
         length: int | None = None
@@ -523,7 +530,7 @@ class Handler(BaseHTTPRequestHandler):
         # its data: one write per piece, never a tiny write waiting behind another.
         head = self._take_headers()
         while True:
-            data = out.read1(IO_SIZE)  # type: ignore[attr-defined]
+            data = out.read1(IO_SIZE)
             if not data:
                 break
             self.wfile.write(head + (b"%x\r\n%s\r\n" % (len(data), data) if chunked else data))
