@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from .errors import ProtocolError
 
+_CONTROLS = frozenset(map(chr, range(32))) | {"\x7f"}
+
 
 def has_control(text: str) -> bool:
     """A C0 control character or DEL: what the agent's wire refuses, in either direction."""
-    return any(ord(c) < 32 or c == "\x7f" for c in text)
+    # A set test runs in C: the agent checks every token it sends (a per-character
+    # generator was a tenth of the agent's CPU per token).
+    return not _CONTROLS.isdisjoint(text)
 
 
 def parse_lines(

@@ -5,6 +5,7 @@ Each test runs against both fronts, through the installed `codestore agent serve
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import threading
@@ -144,3 +145,34 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, org_key: OrgKey, fron
             t.join(30)
         a.stop()
     assert complete[0] >= 20 and partial == []
+
+
+def test_pipelined_token_requests_on_one_connection_are_answered_in_order(tmp_path: Path, org_key: OrgKey) -> None:
+    # The fleet front answers a cached grant's token on its event loop and every other
+    # request on a thread: a token request behind a slower admin call on the same
+    # keep-alive connection must still get its reply second, and a refused one in place.
+    a = start_agent(tmp_path, "--server", "uvicorn")
+    try:
+        g = create(a)
+        mint(sandbox_env(g["grant"], url=a.url))  # the grant is in the cache now
+
+        def token(repo: str) -> bytes:
+            body = f"repo={repo}\nscopes=git:read\n".encode()
+            return (b"POST /v1/token HTTP/1.1\r\nHost: a\r\nAuthorization: Grant %s\r\nContent-Length: %d\r\n\r\n%s"
+                    % (str(g["grant"]).encode(), len(body), body))
+
+        pipeline = (token(REPO) + b"GET /v1/grants?limit=1000 HTTP/1.1\r\nHost: a\r\n\r\n" + token("other/repo")
+                    + token(REPO) + b"GET /v1/ping HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(a.socket)
+        s.sendall(pipeline)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        s.close()
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", out) == [b"200", b"200", b"403", b"200", b"200"], out[:400]
+        assert out.count(b"token=eyJ") == 2
+        assert b'"grants"' in out.split(b"HTTP/1.1 403")[0]  # the admin reply came before the refusal
+    finally:
+        a.stop()

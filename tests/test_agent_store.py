@@ -359,3 +359,31 @@ def test_when_only_the_audit_file_fails_the_admin_is_told_what_is_true(tmp_path:
         assert listed == {g["id"]: "revoked", live["id"]: "active"}
     finally:
         b.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_use_counts_of_many_grants_are_flushed_exactly(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    # The flush writes a hundred grants a statement: counts on both sides of a statement's
+    # edge, and a grant's last use, must come out exactly; other grants' rows untouched.
+    from git_credential_codestore.agent.grants import GrantStore
+
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    store = GrantStore(str(tmp_path / "state"), url).open()
+    try:
+        made = [store.create(repos=[REPO], scopes=["git:read"], max_ttl=300)[0] for _ in range(250)]
+        for i, grant in enumerate(made[:230]):
+            for _ in range(i % 3 + 1):
+                store.record_use(grant, ok=True)
+            if i % 7 == 0:
+                store.record_use(grant, ok=False)
+        store.flush()
+        store.record_use(made[0], ok=True)
+        store.flush()
+        got = {g.id: g for g in store.page(limit=1000)[0]}
+        for i, grant in enumerate(made):
+            g = got[grant.id]
+            expected = (i % 3 + 1 if i < 230 else 0) + (i == 0)
+            assert (g.uses, g.refusals) == (expected, int(i < 230 and i % 7 == 0)), i
+            assert (g.last_use is not None) == (i < 230)
+    finally:
+        store.close()

@@ -3,15 +3,20 @@
 uvicorn (with httptools, the llhttp parser) does the HTTP: request parsing, keep-alive
 and its idle timeout, pipelining, flow control, the ASGI request/response cycle. The
 agent's handler (`server.respond`) is plain synchronous code that may wait on the
-database, so it runs on a bounded thread pool and the event loop never blocks.
+database, so it runs on a bounded thread pool and the event loop never blocks on it;
+except a token request the agent can answer at once (`Agent.answers_at_once`: a grant in
+its cache, a key in memory), which is signed on the loop: handing it to a thread and
+back cost more CPU than the mint itself, and the threads fought the loop for the GIL.
 
 Around uvicorn's protocol we keep what it does not do, each for a reason:
 
-- our own accept loop (public asyncio API: `sock_accept` + `connect_accepted_socket`),
-  so a connection counts against its peer's fair share (PER_PEER per network address)
-  from the moment it is accepted, TLS handshakes included, and a TLS handshake has a
-  deadline (IO_TIMEOUT) instead of asyncio's 60 s. Over the limit, a TLS connection is
-  closed silently: a cleartext refusal on a TLS port only reads as a TLS error.
+- a connection counts against its peer's fair share (PER_PEER per network address) from
+  the moment it is accepted. Without TLS the loop accepts (uvloop's C accept) and the
+  protocol counts it in connection_made, in the same callback; with TLS our own accept
+  loop (public asyncio API: `sock_accept` + `connect_accepted_socket`) counts it before
+  the handshake, which gets a deadline (IO_TIMEOUT) instead of asyncio's 60 s. Over the
+  limit, a TLS connection is closed silently: a cleartext refusal on a TLS port only
+  reads as a TLS error.
 - a deadline per request (`--request-deadline`, from its first byte to its reply) on
   every listener, TLS included: uvicorn times out idle keep-alive connections but not a
   request that trickles in a byte at a time (issue 8 item 6).
@@ -36,11 +41,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from ..errors import redact
-from .discovery import unix_address
 from .server import (
     IO_TIMEOUT,
     MAX_HEAD,
@@ -48,6 +52,8 @@ from .server import (
     Caller,
     Slots,
     admit,
+    bind_tcp,
+    bind_unix,
     encode,
     framing,
     identify,
@@ -72,24 +78,51 @@ class _Slot:
             self.front._release(self.peer)
 
 
+_BUSY = b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_ANSWERED = bytearray()  # a token request already answered (refused): ignore the rest of it
 _STATUS = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
 
 
 class AgentProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with a request deadline, head caps and the caller in the scope."""
 
-    def __init__(self, *, caller: Caller, slot: _Slot, deadline: float, **kwargs: object) -> None:
+    def __init__(self, *, front: AsgiFront, listener: _Listener, deadline: float, caller: Caller | None = None,
+                 slot: _Slot | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.caller = caller
+        self.front = front
+        self.agent = front.agent
+        self.listener = listener
+        self.caller = caller  # None until connection_made, when the loop accepted the connection itself
         self.deadline = deadline
         self.slot = slot
+        self._busy = False
         self._deadline: asyncio.TimerHandle | None = None
         self._head = 0
         self._error = 400
+        self._token: bytearray | None = None  # the body of a token request answered at once
+        self._token_length = 0
+        self._token_header: Callable[[str], str | None] = lambda name: None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.slot is None:
+            # Accepted by the event loop itself (a listener without TLS): counted and
+            # identified here, in the same loop callback as the accept.
+            lst = self.listener
+            address = transport.get_extra_info("peername")
+            slot = self.front._take(str(address[0]) if lst.transport == "tcp" and isinstance(address, tuple) else "")
+            if slot is None:
+                self._busy = True
+                transport.write(_BUSY)
+                transport.close()
+                return
+            self.slot = slot
+            self.caller = identify(transport.get_extra_info("socket"), address, lst.transport, lst.bound_grant)
         super().connection_made(transport)
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._busy:
+            super().data_received(data)
 
     def _arm(self) -> None:
         if self._deadline is None:
@@ -106,6 +139,10 @@ class AgentProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._token = None
+        # Not idle any more: a reply answered at once arms the keep-alive timeout while the
+        # rest of the same read (a pipelined request) is still being parsed.
+        self._unset_keepalive_if_required()
         self._head = 0
         self._arm()
         self.scope["extensions"] = {"codestore.caller": self.caller}  # type: ignore[dict-item]
@@ -124,6 +161,62 @@ class AgentProtocol(HttpToolsProtocol):
             raise ValueError("request head too large")
         super().on_header(name, value)
 
+    # -- the token fast path ------------------------------------------------------------------
+    # A token request the agent can answer at once (Agent.answers_at_once) skips the ASGI
+    # cycle (a task, an event, a scope, two writes per request): its body is gathered
+    # here and answered when the parser says the message is complete, with the same
+    # checks (admit, framing) and the same handler (server.respond) as the ASGI path. Any
+    # other request, or a token request while an earlier one on this connection is still
+    # being answered (pipelining keeps replies in order), goes through uvicorn unchanged.
+
+    def on_headers_complete(self) -> None:
+        caller = self.caller
+        if (caller is not None and self.url == b"/v1/token" and self.parser.get_method() == b"POST"
+                and not self.expect_100_continue and (self.cycle is None or self.cycle.response_complete)):
+            header = _headers(self.headers)
+            if self.agent.answers_at_once(caller, "POST", "/v1/token", header("Authorization")):
+                refusal, length = admit(self.agent, caller), 0
+                if refusal is None:
+                    refusal, length = framing(header)
+                if refusal is not None:
+                    self._token = _ANSWERED
+                    self._reply(refusal[0], *encode(*refusal), keep_alive=False)
+                else:
+                    self._token, self._token_length, self._token_header = bytearray(), length, header
+                return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._token is None:
+            super().on_body(body)
+        elif self._token is not _ANSWERED:
+            self._token += body
+            if len(self._token) > self._token_length:  # llhttp frames by Content-Length: never expected
+                self._token = _ANSWERED
+                self.transport.abort()
+
+    def on_message_complete(self) -> None:
+        if self._token is None:
+            super().on_message_complete()
+            return
+        body, self._token = self._token, None
+        if body is _ANSWERED or self.caller is None:
+            return
+        status, data, ctype = respond(self.agent, self.caller, "POST", "/v1/token", self._token_header, bytes(body))
+        self._reply(status, data, ctype, keep_alive=self.parser.should_keep_alive())
+
+    def _reply(self, status: int, data: bytes, ctype: str, keep_alive: bool) -> None:
+        """One write: the status line, the headers the ASGI path sends, the body."""
+        keep_alive = keep_alive and not self.transport.is_closing()
+        self.transport.write(b"".join((
+            STATUS_LINE[status], b"content-type: ", ctype.encode(), b"\r\ncontent-length: ", b"%d" % len(data),
+            b"\r\ncache-control: no-store\r\n", b"" if keep_alive else b"connection: close\r\n", b"\r\n", data)))
+        if keep_alive:
+            self.on_response_complete()
+        else:
+            self._disarm()
+            self.transport.close()
+
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio.Protocol's contract: bool | None
         """The client closed its side (helpers send, then read): answer what is in flight, then close."""
         if self.cycle is not None and not self.cycle.response_complete:
@@ -136,8 +229,11 @@ class AgentProtocol(HttpToolsProtocol):
         super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._busy:
+            return  # never counted, never served
         self._disarm()
-        self.slot.release()
+        if self.slot is not None:
+            self.slot.release()
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
@@ -156,7 +252,8 @@ class _Listener:
         self.transport = transport
         self.tls = tls
         self.bound_grant = bound_grant
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # our accept loop (TLS listeners)
+        self.server: asyncio.AbstractServer | None = None  # the loop's own accept (the others)
         self.path = ""
         self.inode = 0
 
@@ -199,10 +296,7 @@ class AsgiFront:
 
     async def app(self, scope: dict, receive: Callable, send: Callable) -> None:
         caller: Caller = scope["extensions"]["codestore.caller"]
-        headers: dict[str, str] = {}
-        for k, v in scope["headers"]:
-            headers[k.decode("latin-1").lower()] = v.decode("latin-1")
-        header = lambda name: headers.get(name.lower())  # noqa: E731
+        header = _headers(scope["headers"])
         refusal = admit(self.agent, caller)
         length = 0
         if refusal is None:
@@ -255,7 +349,7 @@ class AsgiFront:
             if slot is None:
                 if lst.tls is None:
                     try:
-                        conn.send(b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        conn.send(_BUSY)
                     except OSError:
                         pass
                 conn.close()
@@ -269,8 +363,7 @@ class AsgiFront:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def factory() -> AgentProtocol:
-                return AgentProtocol(config=self.config, server_state=self.state, app_state=self.app_state,
-                                     _loop=self.loop, caller=caller, slot=slot, deadline=self.agent.request_deadline)
+                return self._protocol(lst, caller, slot)
 
             handshake = min(IO_TIMEOUT, self.agent.request_deadline)
             await self.loop.connect_accepted_socket(factory, conn, ssl=lst.tls, ssl_handshake_timeout=handshake if lst.tls else None)
@@ -278,41 +371,36 @@ class AsgiFront:
             slot.release()
             conn.close()
 
+    def _protocol(self, lst: _Listener, caller: Caller | None = None, slot: _Slot | None = None) -> AgentProtocol:
+        return AgentProtocol(config=self.config, server_state=self.state, app_state=self.app_state, _loop=self.loop,
+                             front=self, listener=lst, caller=caller, slot=slot, deadline=self.agent.request_deadline)
+
     def _call(self, coro: object, timeout: float = 30) -> object:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
     async def _listen(self, lst: _Listener) -> None:
         lst.sock.setblocking(False)
-        lst.task = self.loop.create_task(self._accept(lst))
+        if lst.tls is None:
+            # The loop's own accept (C in uvloop): our Python accept loop cost a task, a
+            # socket object and a coroutine per connection, a tenth of a token's CPU.
+            create = self.loop.create_server if lst.transport == "tcp" else self.loop.create_unix_server
+            lst.server = await create(lambda: self._protocol(lst), sock=lst.sock, backlog=1024)
+        else:
+            lst.task = self.loop.create_task(self._accept(lst))
         self._listeners.append(lst)
 
-    def listen_unix(self, path: str, transport: str = "socket", bound_grant: str | None = None) -> _Listener:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        addr, fd = unix_address(path)
-        try:
-            sock.bind(addr)
-        except OSError:
-            sock.close()
-            raise
-        finally:
-            if fd is not None:
-                os.close(fd)
-        os.chmod(path, 0o600)
-        sock.listen(1024)
+    def listen_unix(self, path: str, transport: str = "socket", bound_grant: str | None = None,
+                    sock: socket.socket | None = None) -> _Listener:
+        """Serve on `path` (bound here, or already bound: `sock`, a worker's inherited socket)."""
+        sock = sock or bind_unix(path)
         lst = _Listener(sock, transport, None, bound_grant)
         lst.path, lst.inode = path, os.stat(path).st_ino
         self._call(self._listen(lst))
         return lst
 
-    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None) -> tuple[_Listener, tuple[str, int]]:
-        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError:
-            sock.close()
-            raise
-        sock.listen(1024)
+    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None,
+                   sock: socket.socket | None = None) -> tuple[_Listener, tuple[str, int]]:
+        sock = sock or bind_tcp(address)
         lst = _Listener(sock, "tcp", tls, None)
         self._call(self._listen(lst))
         return lst, sock.getsockname()[:2]
@@ -322,6 +410,8 @@ class AsgiFront:
             self._listeners.remove(lst)
         if lst.task is not None:
             lst.task.cancel()
+        if lst.server is not None:
+            lst.server.close()  # closes the listening socket; connections already accepted go on
         lst.sock.close()
 
     def stop_listener(self, lst: _Listener) -> None:
@@ -347,6 +437,12 @@ class AsgiFront:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _headers(raw: list[tuple[bytes, bytes]]) -> Callable[[str], str | None]:
+    """A request's headers as the handler reads them: by name, any case (the last of repeats)."""
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
+    return lambda name: headers.get(name.lower())
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -135,7 +135,7 @@ class AuditLog:
         with self._lock:
             batch = list(self._buffer)
         if batch:
-            tx.executemany(_INSERT, batch)
+            tx.execute_rows(_INSERT.partition(" VALUES ")[0], _INSERT.partition(" VALUES ")[2], batch)
 
         def committed() -> None:
             with self._lock:

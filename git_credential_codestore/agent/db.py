@@ -65,6 +65,9 @@ class Cursor(Protocol):
     def fetchone(self) -> tuple[object, ...] | None: ...
 
 
+ROWS_PER_STATEMENT = 100  # within SQLite's oldest limit of 999 parameters a statement
+
+
 class Tx:
     """A transaction's handle: `?`-style SQL, rows as tuples."""
 
@@ -81,6 +84,18 @@ class Tx:
 
     def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         self._cur.executemany(self._db.sql(sql), [tuple(r) for r in rows])  # type: ignore[attr-defined]
+
+    def execute_rows(self, head: str, row: str, rows: Sequence[Sequence[object]], tail: str = "", per: int = ROWS_PER_STATEMENT) -> None:
+        """`head` + VALUES `row`, `row`, ... + `tail`: many rows in a few statements.
+
+        For the background flushes. executemany runs one statement per row, and the
+        driver gives up the GIL for each: while the event loop holds it minting tokens,
+        every hand-back waits out the switch interval (5 ms), so a second's thousands of
+        rows took seconds and held the replica's grant poll back past its freshness limit.
+        """
+        for i in range(0, len(rows), per):
+            chunk = rows[i:i + per]
+            self.execute(f"{head} VALUES {', '.join([row] * len(chunk))}{tail}", [v for r in chunk for v in r])
 
 
 def describe(url: str) -> str:

@@ -183,9 +183,13 @@ class GrantStore:
         self._lock_fd: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._flusher: threading.Thread | None = None
         self.errors = 0  # store operations that failed, for /metrics
         # Adds rows to the flush's transaction (the audit trail); returns what to do once committed.
         self.on_flush: Callable[[Tx], Callable[[], None]] = lambda tx: lambda: None
+        # Told of every grant the poll finds changed (by this process or another): the
+        # daemon closes a revoked grant's own socket wherever it was revoked.
+        self.on_change: Callable[[Grant], None] = lambda grant: None
 
     @property
     def where(self) -> str:
@@ -226,15 +230,22 @@ class GrantStore:
         return self
 
     def start(self) -> None:
-        """Follow changes made by other replicas and flush use counts, in the background."""
+        """Follow changes made by other replicas and flush use counts, in the background.
+
+        Two threads: the poll must never wait behind a flush (a slow flush would make the
+        view stale and refuse every grant), and a flush may take a while under load.
+        """
         self._thread = threading.Thread(target=self._run, name="grant-sync", daemon=True)
         self._thread.start()
+        self._flusher = threading.Thread(target=self._flush_loop, name="grant-flush", daemon=True)
+        self._flusher.start()
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+        for t in (self._thread, self._flusher):
+            if t is not None:
+                t.join(5)
+        self._thread = self._flusher = None
         try:
             self.flush()
         except StoreError:
@@ -351,6 +362,11 @@ class GrantStore:
         if time.monotonic() > self._fresh_until:
             raise StoreError(f"{self._last_error or 'the grant store is not answering'}; refusing to mint under a grant until it is back")
 
+    def cached(self, gid: str) -> Grant | None:
+        """The grant when this replica's cache holds it (no database query), else None."""
+        with self._lock:
+            return self._cache.get(gid)
+
     def get(self, gid: str) -> Grant | None:
         """The grant (any state) or None; StoreError when the store cannot be checked."""
         self.check()
@@ -455,8 +471,8 @@ class GrantStore:
 
     def flush(self) -> None:
         """Write pending use counts (and what `on_flush` adds) in one transaction."""
-        # One flush at a time (the sync thread's, an audit query's): two running together
-        # would both be handed the same buffered audit rows and write them twice.
+        # One flush at a time (the flush thread's, an audit query's, close()'s): two running
+        # together would both be handed the same buffered audit rows and write them twice.
         with self._flushing:
             self._flush()
 
@@ -466,11 +482,16 @@ class GrantStore:
         try:
             with self.db.transaction() as tx:
                 if pending:
-                    tx.executemany(
-                        "UPDATE grants SET uses = uses + ?, refusals = refusals + ?, "
-                        "last_use = CASE WHEN ? = 0 THEN last_use WHEN last_use IS NULL OR last_use < ? THEN ? ELSE last_use END "
-                        "WHERE id = ?",
-                        [(u, r, t, t, t, gid) for gid, (u, r, t) in pending.items()],
+                    # One statement per hundred grants (db.Tx.execute_rows says why); VALUES
+                    # columns are column1.. in both SQLite and PostgreSQL.
+                    tx.execute_rows(
+                        "UPDATE grants SET uses = grants.uses + v.column1, refusals = grants.refusals + v.column2, "
+                        "last_use = CASE WHEN v.column3 = 0 THEN grants.last_use "
+                        "WHEN grants.last_use IS NULL OR grants.last_use < v.column3 THEN v.column3 ELSE grants.last_use END "
+                        "FROM (",
+                        "(CAST(? AS {bigint}), CAST(? AS {bigint}), CAST(? AS {bigint}), ?)",
+                        [(u, r, t, gid) for gid, (u, r, t) in pending.items()],
+                        ") AS v WHERE grants.id = v.column4",
                     )
                 committed = self.on_flush(tx)
             committed()
@@ -494,18 +515,21 @@ class GrantStore:
             grant = _grant(row)
             self._remember(grant)
             self._seq = max(self._seq, grant.seq)
+            self.on_change(grant)
         if len(rows) < 1000:
             self._fresh_until = time.monotonic() + STALE_AFTER
             self._last_error = ""
 
     def _run(self) -> None:
-        next_flush = time.monotonic() + FLUSH_INTERVAL
-        while not self._stop.wait(POLL_INTERVAL):
+        self._loop(POLL_INTERVAL, self.sync)
+
+    def _flush_loop(self) -> None:
+        self._loop(FLUSH_INTERVAL, self.flush)
+
+    def _loop(self, interval: float, step: Callable[[], None]) -> None:
+        while not self._stop.wait(interval):
             try:
-                self.sync()
-                if time.monotonic() >= next_flush:
-                    next_flush = time.monotonic() + FLUSH_INTERVAL
-                    self.flush()
+                step()
             except StoreError as e:
                 if not self._last_error:
                     print(f"codestore agent: {e}", file=sys.stderr, flush=True)

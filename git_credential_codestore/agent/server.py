@@ -35,9 +35,11 @@ request is a 500 for that request only.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import select
 import signal
 import socket
 import ssl
@@ -51,7 +53,7 @@ from typing import Any, Protocol, TextIO
 
 from .. import tokens, trace
 from ..config import Config
-from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, redact
+from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, boundary, redact
 from ..vocab import TokenRequest, is_loopback, split_url
 from . import policy, report, wire
 from .audit import AuditLog
@@ -115,6 +117,10 @@ class Agent:
         self.on_grant_revoked: Callable[[Grant], None] = lambda g: None
         self.grant_socket_path: Callable[[str], str] = lambda gid: ""
         self.trust: Trust | None = None  # workload-identity exchange (trust.py), set by the daemon
+        # Read once: the environment of a running agent does not change, and the check
+        # costs more than a cached grant lookup on every token.
+        self.tracing = trace.target() is not None
+        self._key_in_memory = isinstance(key, tokens.PrivateKey)
 
     # -- the router -------------------------------------------------------------------
 
@@ -190,6 +196,29 @@ class Agent:
         return 200, {"ok": True, "pid": os.getpid()}
 
     # -- minting ----------------------------------------------------------------------
+
+    def answers_at_once(self, caller: Caller, method: str, target: str, authorization: str | None) -> bool:
+        """Whether this request can be answered without waiting on anything (no database
+        query, no network, no PKCS#11 token): a token under the owner's authority or under a
+        grant this replica's cache holds (kept fresh by the store's poll, so a revocation
+        still refuses within STALE_AFTER), signed by a key in memory, with no per-minute
+        limit (counted in the database). The fleet front answers these on its event loop
+        instead of handing them to a worker thread: the hand-off cost more than the mint.
+        """
+        if method != "POST" or target != "/v1/token" or not self._key_in_memory:
+            return False
+        gid = caller.bound_grant
+        if authorization is not None:
+            scheme, _, value = authorization.partition(" ")
+            if scheme != "Grant":  # a workload identity is checked against its issuer: not at once
+                return not (self.trust is not None and self.trust.presented(authorization))
+            gid = grant_id_of(value.strip()) if gid is None else gid
+            if gid is None:
+                return True  # refused without a lookup
+        if gid is None:
+            return True  # the owner: decided from the request alone
+        grant = self.store.cached(gid)
+        return grant is not None and not grant.max_per_minute
 
     def _grant_for(self, caller: Caller, authorization: str | None) -> tuple[Grant | None, str | None]:
         """(grant, None) for a grant holder, (None, None) for the owner, or (None, reason)."""
@@ -282,8 +311,9 @@ class Agent:
             return 503, {"error": f"cannot write the audit log {self.audit.path} ({e.strerror}); nothing was minted", "code": "refused"}
         if grant is not None:
             self.store.record_use(grant, ok=True)
-        trace.say("agent", f"minted {decision.repo} {' '.join(decision.scopes)} ttl {decision.ttl}s for "
-                  f"{'grant ' + grant.id if grant else 'the owner'} ({who.get('via')})")
+        if self.tracing:
+            trace.say("agent", f"minted {decision.repo} {' '.join(decision.scopes)} ttl {decision.ttl}s for "
+                      f"{'grant ' + grant.id if grant else 'the owner'} ({who.get('via')})")
         return 200, {"token": token.reveal(), "expires_at": token.expires_at, "ttl": decision.ttl, "scopes": list(decision.scopes), "sub": decision.sub}
 
     def _check_owner(self, owner: object) -> str:
@@ -320,7 +350,8 @@ class Agent:
             self.audit.record("refuse", fields)
         except OSError:
             pass  # a refusal hands out nothing; its reason still reaches the caller
-        trace.say("agent", f"refused {fields.get('repo') or '-'} for grant {who.get('grant') or '(owner)'}: {reason}")
+        if self.tracing:
+            trace.say("agent", f"refused {fields.get('repo') or '-'} for grant {who.get('grant') or '(owner)'}: {reason}")
         code = "mismatch" if status == 409 else "refused"
         return status, {"error": reason, "code": code}
 
@@ -654,6 +685,43 @@ def _remove_socket(lst: object) -> None:
         pass
 
 
+def _has_fleet_front() -> bool:
+    try:
+        from . import asgi  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening Unix socket at `path`, 0600 (its directory is the agent's, 0700)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    addr, fd = unix_address(path)
+    try:
+        sock.bind(addr)
+        os.chmod(path, 0o600)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return sock
+
+
+def bind_tcp(address: tuple[str, int]) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def make_front(agent: Agent, which: str) -> Front:
     """uvicorn's front when the fleet extra is installed (or asked for), else the threaded one."""
     if which in ("auto", "uvicorn"):
@@ -675,8 +743,8 @@ class Front(Protocol):
 
     @property
     def in_flight(self) -> int: ...
-    def listen_unix(self, path: str, transport: str = ..., bound_grant: str | None = ...) -> Any: ...
-    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None) -> tuple[Any, tuple[str, int]]: ...
+    def listen_unix(self, path: str, transport: str = ..., bound_grant: str | None = ..., sock: socket.socket | None = ...) -> Any: ...
+    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None, sock: socket.socket | None = ...) -> tuple[Any, tuple[str, int]]: ...
     def stop_listener(self, lst: Any) -> None: ...
     def drain(self, timeout: float) -> None: ...
 
@@ -696,12 +764,20 @@ def serve(
     server: str = "auto",
     request_deadline: float | None = None,
     key_uri: str | None = None,
+    workers: int = 1,
     out: TextIO = sys.stdout,
 ) -> int:
     """Run the agent in the foreground until SIGTERM/SIGINT, `agent stop` or idle timeout."""
     from .. import keys
 
     os.umask(0o077)  # everything the agent creates is private to its owner
+    if workers > 1:
+        if idle_timeout:
+            raise UsageError("--idle-timeout stops one agent process; with --workers, stop the agent with `codestore agent stop`")
+        if key_uri:
+            raise UsageError("--workers signs with a key in memory; a PKCS#11 token runs one worker (its session is per process)")
+        if server == "threads" or not _has_fleet_front():
+            raise UsageError("--workers needs the fleet front (uvicorn): pip install 'codestore-git[fleet]'")
     if bool(tls_cert) != bool(tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
     tcp_address = parse_listen(listen) if listen else None
@@ -734,7 +810,46 @@ def serve(
     store = GrantStore(state_dir, store_url).open()
     try:
         trust_store = TrustStore(store.db, state_dir).open()
-        audit = AuditLog(audit_path or os.path.join(state_dir, "audit.log"))
+    except BaseException:
+        store.close()
+        raise
+    site = _Site(cfg=cfg, env=env, signer=signer, where=where, key_uri=key_uri, socket_path=socket_path,
+                 state_dir=state_dir, audit_path=audit_path, tcp_address=tcp_address, listen=listen, tls=tls,
+                 idle_timeout=idle_timeout, server=server, request_deadline=request_deadline, out=out)
+    if workers > 1:
+        return _serve_workers(site, store, trust_store, workers)
+    return _serve_one(site, store, trust_store)
+
+
+@dataclass
+class _Site:
+    """What `serve` decided before any listener opens: the same for every worker."""
+
+    cfg: Config
+    env: Mapping[str, str]
+    signer: tokens.PrivateKey | tokens.Signer
+    where: str
+    key_uri: str | None
+    socket_path: str
+    state_dir: str
+    audit_path: str | None
+    tcp_address: tuple[str, int] | None
+    listen: str | None
+    tls: ssl.SSLContext | None
+    idle_timeout: float
+    server: str
+    request_deadline: float | None
+    out: TextIO
+
+
+def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: int | None = None,
+               sockets: tuple[socket.socket, socket.socket | None] | None = None, ready: Callable[[], None] | None = None) -> int:
+    """One agent process: the whole agent, or (with `worker`) one of several on shared sockets."""
+    cfg, env, key_uri, socket_path, tcp_address = site.cfg, site.env, site.key_uri, site.socket_path, site.tcp_address
+    signer, where, state_dir, tls, listen, idle_timeout, out = (
+        site.signer, site.where, site.state_dir, site.tls, site.listen, site.idle_timeout, site.out)
+    try:
+        audit = AuditLog(site.audit_path or os.path.join(state_dir, "audit.log"))
     except BaseException:
         store.close()
         raise
@@ -746,8 +861,8 @@ def serve(
     if key_uri:
         agent.signer_health = signer.health  # type: ignore[union-attr]
     agent.socket_path = socket_path
-    agent.request_deadline = request_deadline or CONNECTION_DEADLINE
-    front = make_front(agent, server)
+    agent.request_deadline = site.request_deadline or CONNECTION_DEADLINE
+    front = make_front(agent, site.server)
     agent.front_name = front.name
     agent.in_flight = lambda: front.in_flight
     grant_listeners: dict[str, object] = {}
@@ -773,6 +888,15 @@ def serve(
 
     agent.on_grant_created = open_grant_socket
     agent.on_grant_revoked = close_grant_socket
+    def on_change(grant: Grant) -> None:
+        # A revocation made elsewhere (another worker, another replica) closes the socket here too.
+        if grant.revoked_at is not None:
+            try:
+                close_grant_socket(grant)
+            except OSError:
+                pass  # its grant is refused all the same
+
+    store.on_change = on_change
     agent.grant_socket_path = grant_socket_path
 
     def close_all() -> None:
@@ -784,7 +908,7 @@ def serve(
         audit.close()
 
     try:
-        main = front.listen_unix(socket_path)
+        main = front.listen_unix(socket_path, sock=sockets[0] if sockets else None)
     except BaseException:
         front.drain(0)
         store.close()
@@ -792,12 +916,12 @@ def serve(
     try:
         if tcp_address:
             try:
-                _tcp, (host, port) = front.listen_tcp(tcp_address, tls)
+                _tcp, (host, port) = front.listen_tcp(tcp_address, tls, sock=sockets[1] if sockets else None)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from None
             agent.listen_url = f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
         cursor: str | None = None
-        while True:
+        while worker in (None, 0):  # grants' own sockets: one listener each, in the first worker
             page, cursor = store.page(own_socket=True, state="active", after=cursor, limit=1000)
             for grant in page:
                 open_grant_socket(grant)
@@ -813,11 +937,14 @@ def serve(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    print(f"serving unix:{socket_path}", file=out)
-    if agent.listen_url:
-        print(f"serving {agent.listen_url}", file=out)
-    print(f"ready pid={os.getpid()} org={agent.org} key={where} audit={audit.path} store={store.where} server={front.name}",
-          file=out, flush=True)
+    if ready is not None:
+        ready()  # a worker: the parent prints the lines below once every worker is listening
+    else:
+        print(f"serving unix:{socket_path}", file=out)
+        if agent.listen_url:
+            print(f"serving {agent.listen_url}", file=out)
+        print(f"ready pid={os.getpid()} org={agent.org} key={where} audit={audit.path} store={store.where} server={front.name}",
+              file=out, flush=True)
 
     reason = "stopped"
     try:
@@ -836,3 +963,121 @@ def serve(
         close_all()
     print(f"codestore agent exiting: {reason}", file=sys.stderr, flush=True)
     return 0
+
+
+def _stop_with_parent(parent: int) -> None:  # pragma: no cover - a forked worker
+    """SIGTERM (a drain) for this worker when the parent dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: a parent killed outright leaves its workers to the service manager
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(site: _Site, store: GrantStore, trust_store: TrustStore, i: int, parent: int,
+            sockets: tuple[socket.socket, socket.socket | None], ready_fd: int) -> int:  # pragma: no cover - a forked worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops every worker
+    _stop_with_parent(parent)
+    try:
+        store.sync()  # the view the parent had is a fork old: refresh it before serving
+    except StoreError as e:
+        raise ConfigError(f"cannot open {e}") from None
+    return _serve_one(site, store, trust_store, worker=i, sockets=sockets, ready=lambda: (os.write(ready_fd, b"r"), None)[1])
+
+
+def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: int) -> int:
+    """`--workers N`: N agent processes accepting from the same sockets, state in the shared store.
+
+    The parent binds the sockets, opens the store once (its lock, its migrations, a bad
+    store refused in one line) and closes its connections, then forks before any thread
+    exists; each worker is a whole agent (`_serve_one`) on the inherited sockets, like a
+    replica on the same machine: its own cache kept fresh by the store's poll, its own
+    counters. The parent only waits: the first worker to stop (`agent stop`, a signal, a
+    crash) stops the rest.
+    """
+    unix_sock = bind_unix(site.socket_path)
+    try:
+        tcp_sock = bind_tcp(site.tcp_address) if site.tcp_address else None
+    except OSError as e:
+        unix_sock.close()
+        store.close()
+        raise ConfigError(f"cannot listen on {site.listen}: {e.strerror}") from None
+    store.db.close()  # no database connection crosses the fork: each worker opens its own
+    read_end, write_end = os.pipe()
+    parent = os.getpid()
+    pids: list[int] = []
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the worker process (covered by the end-to-end tests)
+            os.close(read_end)
+            code = 3
+            try:
+                code = boundary("codestore", functools.partial(_worker, site, store, trust_store, i, parent, (unix_sock, tcp_sock), write_end))
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    os.close(write_end)
+    tcp_name = tcp_sock.getsockname()[:2] if tcp_sock is not None else None
+    unix_sock.close()
+    if tcp_sock is not None:
+        tcp_sock.close()
+    live = set(pids)
+
+    def stop_all(sig: int = signal.SIGTERM) -> None:
+        for pid in live:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def reap(deadline: float) -> None:
+        while live and time.monotonic() < deadline:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                live.discard(pid)
+            else:
+                time.sleep(0.05)
+        if live:
+            stop_all(signal.SIGKILL)
+            while live:
+                live.discard(os.waitpid(-1, 0)[0])
+
+    ready = 0
+    deadline = time.monotonic() + 60
+    while ready < n:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid or time.monotonic() > deadline:
+            live.discard(pid)
+            stop_all()
+            reap(time.monotonic() + DRAIN_TIMEOUT)
+            os.close(read_end)
+            store.close()
+            raise ConfigError("a worker of the agent could not start (see the line above); nothing is serving")
+        if select.select([read_end], [], [], 0.1)[0]:
+            ready += len(os.read(read_end, 64))
+    os.close(read_end)
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop_all()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    out = site.out
+    print(f"serving unix:{site.socket_path}", file=out)
+    if tcp_name is not None:
+        host, port = tcp_name
+        print(f"serving {'https' if site.tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}", file=out)
+    audit = site.audit_path or os.path.join(site.state_dir, "audit.log")
+    print(f"ready pid={os.getpid()} org={site.cfg.require_org()} key={site.where} audit={audit} store={store.where} server=uvicorn workers={n}",
+          file=out, flush=True)
+    pid, status = os.wait()
+    live.discard(pid)
+    stop_all()
+    reap(time.monotonic() + DRAIN_TIMEOUT + 5)
+    store.close()
+    print(f"codestore agent exiting: worker {pid} stopped", file=sys.stderr, flush=True)
+    return 0 if os.waitstatus_to_exitcode(status) == 0 else 1

@@ -263,10 +263,14 @@ class ThreadFront:
         threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.25}, daemon=True).start()
         return srv
 
-    def listen_unix(self, path: str, transport: str = "socket", bound_grant: str | None = None) -> _Listener:
+    def listen_unix(self, path: str, transport: str = "socket", bound_grant: str | None = None,
+                    sock: socket.socket | None = None) -> _Listener:
+        assert sock is None, "workers need the fleet front"
         return self._start(UnixListener(path, Handler), transport=transport, bound_grant=bound_grant)
 
-    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None) -> tuple[_Listener, tuple[str, int]]:
+    def listen_tcp(self, address: tuple[str, int], tls: ssl.SSLContext | None,
+                   sock: socket.socket | None = None) -> tuple[_Listener, tuple[str, int]]:
+        assert sock is None, "workers need the fleet front"
         TCPListener.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         srv = self._start(TCPListener(address, Handler), tls=tls)
         addr = srv.server_address

@@ -70,9 +70,11 @@ def agent() -> None:
               help="Longest a request may take from its first byte to its reply; slower clients are cut (default 15).")
 @click.option("--key", "key_uri", metavar="pkcs11:URI", envvar="CODESTORE_AGENT_KEY",
               help="Sign through a PKCS#11 token (RFC 7512 URI) instead of holding the key in memory.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, envvar="CODESTORE_AGENT_WORKERS",
+              help="Agent processes sharing the sockets (the fleet front; state in the shared store): one per core.")
 def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | None, tls_cert: str | None,
                 tls_key: str | None, idle_timeout: int, state_dir: str | None, store_url: str | None, server: str,
-                request_deadline: float | None, key_uri: str | None) -> None:
+                request_deadline: float | None, key_uri: str | None, workers: int) -> None:
     """Run the agent in the foreground (containers, service managers)."""
     require_unix_sockets()
     from .. import config
@@ -84,7 +86,7 @@ def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | Non
         socket_path=os.path.expanduser(socket_opt) if socket_opt else (os.environ.get(AGENT_SOCK) or None),
         listen=listen, audit_path=audit_log, tls_cert=tls_cert, tls_key=tls_key,
         idle_timeout=idle_timeout, state_dir=state_dir, store_url=store_url, server=server,
-        request_deadline=request_deadline, key_uri=key_uri,
+        request_deadline=request_deadline, key_uri=key_uri, workers=workers,
     )
 
 

@@ -1,0 +1,111 @@
+"""`codestore agent serve --workers N`: several agent processes on the same sockets and store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from git_credential_codestore.agent.client import AgentRefused
+from tests.conftest import BIN, OrgKey
+from tests.test_agent import mint, sandbox_env, start_agent
+from tests.test_agent_store import admin, create
+
+
+def _workers(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie not yet reaped by whoever adopted it counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_workers_share_the_sockets_and_all_refuse_a_revoked_grant_within_a_second(tmp_path: Path, org_key: OrgKey) -> None:
+    # Threat: a revoked grant that keeps working on the worker that did not revoke it.
+    a = start_agent(tmp_path, "--workers", "2")
+    try:
+        assert "workers=2" in a.lines[-1]
+        workers = _workers(a.proc.pid)
+        assert len(workers) == 2
+        g = create(a)
+        for env in (sandbox_env(g["grant"], sock=a.socket), sandbox_env(g["grant"], url=a.url)):
+            for _ in range(20):  # new connections, taken by whichever worker accepts first
+                assert mint(env).startswith("eyJ")
+        env = sandbox_env(g["grant"], sock=a.socket)
+        status, _ = admin(a, "POST", f"/v1/grants/{g['id']}/revoke")
+        assert status == 200
+        revoked_at = time.monotonic()
+        refused_in_a_row, minted_after = 0, 0
+        while refused_in_a_row < 30:  # every worker, not only the one that revoked
+            try:
+                mint(env)
+            except AgentRefused as e:
+                assert "revoked" in str(e)
+                refused_in_a_row += 1
+            else:
+                assert time.monotonic() - revoked_at < 1.0, "a worker still mints a second after the revocation"
+                refused_in_a_row, minted_after = 0, minted_after + 1
+        minted = [e for e in a.audit() if e["event"] == "mint"]
+        assert len(minted) == 40 + minted_after and all(e["grant"] == g["id"] for e in minted)
+    finally:
+        a.stop()
+    assert a.proc.returncode == 0
+    assert all(_gone(pid) for pid in workers)
+
+
+def test_agent_stop_stops_every_worker(tmp_path: Path, org_key: OrgKey) -> None:
+    a = start_agent(tmp_path, "--workers", "2")
+    workers = _workers(a.proc.pid)
+    proc = a.cli("agent", "stop")
+    assert proc.returncode == 0, proc.stderr
+    assert a.proc.wait(timeout=20) == 0
+    assert all(_gone(pid) for pid in workers)
+
+
+def test_workers_with_an_idle_timeout_are_refused_in_one_line(tmp_path: Path, org_key: OrgKey) -> None:
+    proc = subprocess.run(
+        [os.path.join(BIN, "codestore"), "agent", "serve", "--state-dir", str(tmp_path / "s"), "--workers", "2",
+         "--idle-timeout", "5"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("codestore: ") and proc.stderr.count("\n") == 1
+    assert "--idle-timeout" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_grants_own_socket_closes_when_any_worker_revokes_it(tmp_path: Path, org_key: OrgKey) -> None:
+    # Threat: a revoked grant's socket left listening (and its path left behind) because the
+    # revocation landed on a worker other than the one serving the socket.
+    a = start_agent(tmp_path, "--workers", "2")
+    try:
+        revoked = []
+        for _ in range(6):  # each revoke lands on whichever worker accepts it
+            g = create(a, own_socket=True)
+            path = str(g["socket"])
+            assert os.path.exists(path)
+            assert mint(sandbox_env(None, sock=path)).startswith("eyJ")
+            assert admin(a, "POST", f"/v1/grants/{g['id']}/revoke")[0] == 200
+            revoked.append(path)
+        deadline = time.monotonic() + 2.0
+        while any(os.path.exists(p) for p in revoked) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in revoked if os.path.exists(p)]
+    finally:
+        a.stop()
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, org_key: OrgKey) -> None:
+    # An OOM kill of the parent must not leave orphan workers serving with nobody to stop them.
+    a = start_agent(tmp_path, "--workers", "2")
+    workers = _workers(a.proc.pid)
+    a.proc.kill()
+    a.proc.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(pid) for pid in workers)
