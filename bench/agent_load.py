@@ -28,6 +28,8 @@ BIN = os.path.dirname(sys.executable)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchenv import hermetic_env, write_key  # noqa: E402
+
 from git_credential_codestore import config, keys, tokens  # noqa: E402
 from git_credential_codestore.agent.client import Endpoint, call  # noqa: E402
 from git_credential_codestore.source import TokenRequest, get_token  # noqa: E402
@@ -35,9 +37,7 @@ from git_credential_codestore.source import TokenRequest, get_token  # noqa: E40
 
 def environment(tmp: str) -> dict[str, str]:
     key_path = os.path.join(tmp, "org.pem")
-    with open(key_path, "w") as f:
-        f.write(keys.private_pem(keys.generate("ec")).reveal())
-    os.chmod(key_path, 0o600)
+    write_key(key_path)
     run = os.path.join(tmp, "run")
     os.makedirs(run, mode=0o700)
     store_file = os.path.join(tmp, "store")
@@ -50,21 +50,8 @@ def environment(tmp: str) -> dict[str, str]:
             '[credential "https://acme.code.storage"]\n\thelper = \n\thelper = codestore\n\tuseHttpPath = true\n'
             f'[credential "https://other.example"]\n\thelper = codestore\n\thelper = store --file {store_file}\n'
         )
-    return {
-        "PATH": BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": tmp,
-        "XDG_RUNTIME_DIR": run,
-        "XDG_STATE_HOME": os.path.join(tmp, "state"),
-        "XDG_CONFIG_HOME": os.path.join(tmp, "config"),
-        "XDG_DATA_HOME": os.path.join(tmp, "data"),
-        "GIT_CONFIG_GLOBAL": gitconfig,
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_TERMINAL_PROMPT": "0",
-        "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
-        "CODESTORE_ORG": "acme",
-        "CODESTORE_PRIVATE_KEY_FILE": key_path,
-        "CODESTORE_KID": "bench",
-    }
+    return hermetic_env(tmp, gitconfig, path=(BIN,), XDG_RUNTIME_DIR=run,
+                        CODESTORE_ORG="acme", CODESTORE_PRIVATE_KEY_FILE=key_path, CODESTORE_KID="bench")
 
 
 def start_agent(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:

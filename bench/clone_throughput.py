@@ -31,24 +31,16 @@ def environment(tmp: str, key_path: str) -> dict[str, str]:
     gitconfig = os.path.join(home, ".gitconfig")
     with open(gitconfig, "w") as f:
         f.write("[init]\n\tdefaultBranch = main\n[protocol]\n\tversion = 2\n")
-    return {
-        "PATH": BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": home,
-        "XDG_CONFIG_HOME": os.path.join(home, ".config"),
-        "GIT_CONFIG_GLOBAL": gitconfig,
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_TERMINAL_PROMPT": "0",
-        "GIT_AUTHOR_NAME": "Bench",
-        "GIT_AUTHOR_EMAIL": "bench@example.com",
-        "GIT_COMMITTER_NAME": "Bench",
-        "GIT_COMMITTER_EMAIL": "bench@example.com",
-        "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
-        "CODESTORE_ORG": "acme",
-        "CODESTORE_PRIVATE_KEY_FILE": key_path,
-        "CODESTORE_KID": "k1",
-        "CODESTORE_SCOPES": "git:read git:write",
-        "CODESTORE_TTL": "3600",
-    }
+    from benchenv import hermetic_env
+
+    return hermetic_env(
+        home, gitconfig, path=(BIN,),
+        CODESTORE_ORG="acme",
+        CODESTORE_PRIVATE_KEY_FILE=key_path,
+        CODESTORE_KID="k1",
+        CODESTORE_SCOPES="git:read git:write",
+        CODESTORE_TTL="3600",
+    )
 
 
 def run(args: list[str], env: dict[str, str], cwd: str | None = None) -> str:
@@ -103,14 +95,13 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=50, help="repository size in MB (default 50)")
     opts = parser.parse_args()
     sys.path.insert(0, ROOT)
+    from benchenv import write_key
+
     from git_credential_codestore import keys, tokens
 
     with tempfile.TemporaryDirectory(prefix="codestore-bench-") as tmp:
-        key = keys.generate("ec")
         key_path, pub_path = os.path.join(tmp, "org.pem"), os.path.join(tmp, "org.pub.pem")
-        with open(key_path, "w") as f:
-            f.write(keys.private_pem(key).reveal())
-        os.chmod(key_path, 0o600)
+        key = write_key(key_path)
         with open(pub_path, "w") as f:
             f.write(keys.public_pem(key))
         env = environment(tmp, key_path)

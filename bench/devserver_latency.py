@@ -25,7 +25,9 @@ BIN = os.path.dirname(sys.executable)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from git_credential_codestore import keys, tokens  # noqa: E402
+from benchenv import hermetic_env, write_key  # noqa: E402
+
+from git_credential_codestore import tokens  # noqa: E402
 from git_credential_codestore.processes import start_dev_server, stop  # noqa: E402
 
 ORG = "bench"
@@ -36,18 +38,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=30)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        key = keys.generate("ec")
         key_path = os.path.join(tmp, "org.pem")
-        with open(key_path, "w") as f:
-            f.write(keys.private_pem(key).reveal())
-        env = {
-            "PATH": BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": tmp,
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_CONFIG_GLOBAL": os.path.join(tmp, "gitconfig"),
-            "GIT_TERMINAL_PROMPT": "0",
-            "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@example", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@example",
-        }
+        key = write_key(key_path)
+        env = hermetic_env(tmp, os.path.join(tmp, "gitconfig"), path=(BIN,))
         open(env["GIT_CONFIG_GLOBAL"], "w").close()
         proc, url = start_dev_server(
             ["--port", "0", "--data-dir", os.path.join(tmp, "srv"), "--org", ORG, "--trust-key", key_path],

@@ -57,25 +57,9 @@ def environment(tmp: str) -> dict[str, str]:
     with open(gitconfig, "w") as f:
         f.write(f'[credential "https://store.example"]\n\thelper = store --file {store_file}\n'
                 '[credential "https://floor.example"]\n\thelper = floor\n')
-    return {
-        "PATH": os.pathsep.join((BIN, floor_bin, os.environ.get("PATH", "/usr/bin:/bin"))),
-        "HOME": home,
-        "XDG_RUNTIME_DIR": run_dir,
-        "XDG_CONFIG_HOME": os.path.join(home, ".config"),
-        "XDG_DATA_HOME": os.path.join(home, ".local/share"),
-        "XDG_STATE_HOME": os.path.join(home, ".local/state"),
-        "XDG_CACHE_HOME": os.path.join(home, ".cache"),
-        "GIT_CONFIG_GLOBAL": gitconfig,
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_TERMINAL_PROMPT": "0",
-        "GIT_AUTHOR_NAME": "Bench",
-        "GIT_AUTHOR_EMAIL": "bench@example.com",
-        "GIT_COMMITTER_NAME": "Bench",
-        "GIT_COMMITTER_EMAIL": "bench@example.com",
-        # keyring's own choice where no keychain works (as on this machine), pinned so the
-        # bench never writes into a developer's real keychain.
-        "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
-    }
+    from benchenv import hermetic_env
+
+    return hermetic_env(home, gitconfig, path=(BIN, floor_bin), XDG_RUNTIME_DIR=run_dir)
 
 
 def codestore(env: dict[str, str], *args: str) -> str:

@@ -37,6 +37,8 @@ BIN = os.path.dirname(sys.executable)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchenv import hermetic_env, write_key  # noqa: E402
+
 from git_credential_codestore import keys, tokens  # noqa: E402
 from git_credential_codestore.agent import wire  # noqa: E402
 from git_credential_codestore.agent.client import Endpoint, call  # noqa: E402
@@ -51,16 +53,10 @@ WARM_UP = 2.0
 
 def environment(tmp: str) -> dict[str, str]:
     key_path = os.path.join(tmp, "org.pem")
-    with open(key_path, "w") as f:
-        f.write(keys.private_pem(keys.generate("ec")).reveal())
-    os.chmod(key_path, 0o600)
+    write_key(key_path)
     os.makedirs(os.path.join(tmp, "run"), mode=0o700)
-    return {
-        "PATH": BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp,
-        "XDG_RUNTIME_DIR": os.path.join(tmp, "run"), "XDG_STATE_HOME": os.path.join(tmp, "state"),
-        "XDG_CONFIG_HOME": os.path.join(tmp, "config"), "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
-        "CODESTORE_ORG": "acme", "CODESTORE_PRIVATE_KEY_FILE": key_path, "CODESTORE_KID": "bench",
-    }
+    return hermetic_env(tmp, os.path.join(tmp, "gitconfig"), path=(BIN,), XDG_RUNTIME_DIR=os.path.join(tmp, "run"),
+                        CODESTORE_ORG="acme", CODESTORE_PRIVATE_KEY_FILE=key_path, CODESTORE_KID="bench")
 
 
 def start_agent(env: dict[str, str], name: str, *extra: str) -> tuple[subprocess.Popen[str], str, str]:
