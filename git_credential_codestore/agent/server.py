@@ -58,7 +58,7 @@ from ..vocab import TokenRequest, is_loopback, split_url
 from . import policy, report, wire
 from .audit import AuditLog
 from .client import key_identity
-from .db import StoreError
+from .db import StoreError, Tx
 from .discovery import AGENT_KEY, default_socket, grant_socket, unix_address
 from .grants import STATES, Grant, GrantStore, grant_id_of
 from .identity import Verifier, https_fetcher
@@ -373,15 +373,15 @@ class Agent:
                 raise ConfigError(f"--max-per-minute must be 1..1000000, not {rate!r}")
         except CodestoreError as e:
             return 400, {"error": str(e)}
-        after: list[object] = []
+        after: list[Callable[[], str | None]] = []
 
-        def audit(tx: object, grant: Grant) -> None:
+        def audit(tx: Tx, grant: Grant) -> None:
             write, after_commit = self.audit.in_transaction("grant-create", {
                 "grant": grant.id, "sub": grant.sub, "repos": grant.repos, "scopes": grant.scopes,
                 "max_ttl": grant.max_ttl, "expires_at": grant.expires_at, "ephemeral_only": grant.ephemeral_only,
                 "refs": grant.refs or None, "max_per_minute": grant.max_per_minute,
             })
-            write(tx)  # type: ignore[arg-type]
+            write(tx)
             after.append(after_commit)
 
         try:
@@ -396,7 +396,7 @@ class Agent:
         # Durable from here on: whatever fails next, the admin hears that the grant exists.
         reply = grant.public()
         reply["grant"] = secret.reveal()
-        warnings = [w for w in (after[0](),) if w]  # type: ignore[operator]
+        warnings = [w for w in (after[0](),) if w]
         try:
             reply["socket"] = self.on_grant_created(grant) if grant.own_socket else None
         except (OSError, CodestoreError) as e:
@@ -407,11 +407,11 @@ class Agent:
         return 201, reply
 
     def revoke_grant(self, gid: str) -> tuple[int, dict[str, object]]:
-        after: list[object] = []
+        after: list[Callable[[], str | None]] = []
 
-        def audit(tx: object, grant: Grant) -> None:
+        def audit(tx: Tx, grant: Grant) -> None:
             write, after_commit = self.audit.in_transaction("grant-revoke", {"grant": grant.id, "sub": grant.sub})
-            write(tx)  # type: ignore[arg-type]
+            write(tx)
             after.append(after_commit)
 
         try:
@@ -421,7 +421,7 @@ class Agent:
         if grant is None:
             return 404, {"error": f"no grant {gid}; see: codestore grant list"}
         reply = grant.public()
-        warnings = [w for w in (after[0](),) if w]  # type: ignore[operator]
+        warnings = [w for w in (after[0](),) if w]
         try:
             self.on_grant_revoked(grant)
         except OSError as e:
