@@ -61,6 +61,15 @@ def clone(
     return Cloned(0, target, remote.repo, push_url)
 
 
+def _require_promotion_allowed(cfg: Config, repo: str) -> None:
+    """Promotion writes to the default namespace: refused here when configuration forbids that."""
+    if "git:write" not in cfg.scopes_for(repo, False):
+        raise PolicyError(
+            f"configuration forbids writing to {repo} in the default namespace, and promotion writes there; "
+            'allow it with CODESTORE_SCOPES="git:read git:write"'
+        )
+
+
 def promote(cfg: Config, repo: str, branch: str, target: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """Copy BRANCH of REPO's ephemeral namespace into its default namespace; returns the commit."""
     from . import api
@@ -69,11 +78,7 @@ def promote(cfg: Config, repo: str, branch: str, target: str | None = None, env:
 
     validate_repo_id(repo)
     target = target or branch
-    if "git:write" not in cfg.scopes_for(repo, False):
-        raise PolicyError(
-            f"configuration forbids writing to {repo} in the default namespace, and promotion writes there; "
-            'allow it with CODESTORE_SCOPES="git:read git:write"'
-        )
+    _require_promotion_allowed(cfg, repo)
     token = get_token(TokenRequest(repo, ("git:read", "git:write"), False, ttl=60, purpose="cli"), cfg, env)
     status, data = api.call(
         cfg.api_url,
@@ -140,11 +145,7 @@ def promote_exact(cfg: Config, repo: str, branch: str, expect_sha: str, target: 
     sha = expect_sha.strip().lower()
     if not audit.is_sha(sha):
         raise ConfigError(f"--expect-sha takes the full commit id that `codestore review {repo} {branch}` printed, not {expect_sha[:20]!r}")
-    if "git:write" not in cfg.scopes_for(repo, False):
-        raise PolicyError(
-            f"configuration forbids writing to {repo} in the default namespace, and promotion writes there; "
-            'allow it with CODESTORE_SCOPES="git:read git:write"'
-        )
+    _require_promotion_allowed(cfg, repo)
     now = review.remote_heads(cfg, repo, True, env, f"refs/heads/{branch}").get(f"refs/heads/{branch}")
     if now is None:
         raise RemoteError(f"there is no branch {branch!r} in {repo}+ephemeral any more; nothing promoted")
