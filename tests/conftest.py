@@ -256,6 +256,14 @@ def git(*args: str, cwd: Path | str | None = None, check: bool = True, env: dict
     return proc
 
 
+def new_repo(work: Path, name: str, text: str, message: str, env: dict[str, str] | None = None) -> None:
+    """A new repository at `work` whose one commit adds the file `name` holding `text`."""
+    git("init", "-q", str(work), env=env)
+    (work / name).write_text(text)
+    git("add", name, cwd=work, env=env)
+    git("commit", "-qm", message, cwd=work, env=env)
+
+
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run an installed entry point (`codestore ...`) as a real subprocess."""
     return subprocess.run(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DevServer, OrgKey, git, run_cli
+from tests.conftest import DevServer, OrgKey, git, new_repo, run_cli
 from tests.leakscan import files_with_secrets
 from tests.test_agent import REPO, Agent, sandbox_env, start_agent
 
@@ -24,10 +24,7 @@ def seed_repo(dev_server: DevServer, tmp_path: Path) -> None:
     assert run_cli("codestore", "setup", env=owner).returncode == 0
     dev_server.create_repo(REPO)
     seed = tmp_path / "seed"
-    git("init", "-q", str(seed))
-    (seed / "README").write_text("hello\n")
-    git("add", "README", cwd=seed)
-    git("commit", "-qm", "seed", cwd=seed)
+    new_repo(seed, "README", "hello\n", "seed")
     git("push", "-q", f"{dev_server.url}/{REPO}+ephemeral.git", "HEAD:refs/heads/base", cwd=seed, env=owner)
 
 

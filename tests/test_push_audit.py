@@ -16,7 +16,7 @@ import pytest
 from git_credential_codestore import audit
 from remote_helper import protocol, pushwatch
 from remote_helper.protocol import LineReader
-from tests.conftest import DevServer, git
+from tests.conftest import DevServer, git, new_repo
 from tests.test_agent import Agent, sandbox_env, start_agent
 from tests.test_remote_helper import EPHEMERAL_URL, REPO, URL, commit
 
@@ -155,10 +155,7 @@ def test_a_sandbox_push_is_recorded_by_the_agent_with_its_grant_and_sub(
     grant = agent.grant("--repo", REPO, "--scopes", "git:read git:write", "--ephemeral-only", "--sub", "sandbox-7")
     env = sandbox_env(grant["grant"], url=agent.url)
     w = tmp_path / "sb"
-    git("init", "-q", str(w), env=env)
-    (w / "f").write_text("x")
-    git("add", "f", cwd=w, env=env)
-    git("commit", "-qm", "f", cwd=w, env=env)
+    new_repo(w, "f", "x", "f", env=env)
     sha = git("rev-parse", "HEAD", cwd=w).stdout.strip()
     proc = git("push", "-q", EPHEMERAL_URL, "HEAD:refs/heads/feat", cwd=w, env=env)
     assert len(pushes(agent.audit())) == 1, proc.stderr
@@ -174,10 +171,7 @@ def test_a_push_the_server_refuses_is_recorded_as_refused_with_its_reason(agent:
     grant = agent.grant("--repo", REPO, "--scopes", "git:read git:write", "--ref-policy", "refs/heads/locked=no-push")
     env = sandbox_env(grant["grant"], url=agent.url)
     w = tmp_path / "sb"
-    git("init", "-q", str(w), env=env)
-    (w / "f").write_text("x")
-    git("add", "f", cwd=w, env=env)
-    git("commit", "-qm", "f", cwd=w, env=env)
+    new_repo(w, "f", "x", "f", env=env)
     sha = git("rev-parse", "HEAD", cwd=w).stdout.strip()
     proc = git("push", URL, "HEAD:refs/heads/locked", "HEAD:refs/heads/open", cwd=w, env=env, check=False)
     assert proc.returncode != 0

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ORG, DevServer, git, run_cli
+from tests.conftest import ORG, DevServer, git, new_repo, run_cli
 
 REPO = "team/app"
 
@@ -157,10 +157,7 @@ def _run(hosts: Hosts, repo: Path, op: str, url: str, args: list[str], env: dict
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
     repo = tmp_path / "work"
-    git("init", "-q", str(repo))
-    (repo / "f").write_text("x\n")
-    git("add", "f", cwd=repo)
-    git("commit", "-qm", "c", cwd=repo)
+    new_repo(repo, "f", "x\n", "c")
     return repo
 
 

@@ -18,7 +18,7 @@ import pytest
 from git_credential_codestore import api
 from git_credential_codestore.errors import RemoteError
 from git_credential_codestore.secrets import Token
-from tests.conftest import ORG, DevServer, git, run_cli
+from tests.conftest import ORG, DevServer, git, new_repo, run_cli
 
 REPO = "team/app"
 
@@ -92,10 +92,7 @@ def repo_with_branches(dev_server: DevServer, tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("CODESTORE_SCOPES", "git:read git:write")
     dev_server.create_repo(REPO)
     w = tmp_path / "w"
-    git("init", "-q", str(w))
-    (w / "f").write_text("f\n")
-    git("add", "f", cwd=w)
-    git("commit", "-qm", "f", cwd=w)
+    new_repo(w, "f", "f\n", "f")
     git("push", "-q", f"codestore://{ORG}/{REPO}", "main", cwd=w)
     git("push", "-q", f"codestore://{ORG}/{REPO}+ephemeral", "main:refs/heads/feat", cwd=w)
     return dev_server, git("rev-parse", "HEAD", cwd=w).stdout.strip()

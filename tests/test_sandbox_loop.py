@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ORG, DevServer, OrgKey, git, run_cli
+from tests.conftest import ORG, DevServer, OrgKey, git, new_repo, run_cli
 from tests.test_agent import Agent, sandbox_env, start_agent
 
 REPO = "team/app"
@@ -46,10 +46,7 @@ def world(tmp_path: Path, dev_server: DevServer, org_key: OrgKey) -> Iterator[Wo
     owner = dict(os.environ, CODESTORE_SCOPES="git:read git:write")
     dev_server.create_repo(REPO)
     seed = tmp_path / "seed"
-    git("init", "-q", str(seed))
-    (seed / "README").write_text("hello\n")
-    git("add", "README", cwd=seed)
-    git("commit", "-qm", "seed", cwd=seed)
+    new_repo(seed, "README", "hello\n", "seed")
     git("push", "-q", URL, "main", cwd=seed, env=owner)
     git("push", "-q", EPHEMERAL_URL, "main", cwd=seed, env=owner)
     agent = start_agent(tmp_path)
