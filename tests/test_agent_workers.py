@@ -69,6 +69,7 @@ def test_agent_stop_stops_every_worker(tmp_path: Path, org_key: OrgKey) -> None:
     workers = _workers(a.proc.pid)
     proc = a.cli("agent", "stop")
     assert proc.returncode == 0, proc.stderr
+    assert f"agent stopped (pid {a.proc.pid})" in proc.stdout  # the agent's pid, not the worker's that answered
     assert a.proc.wait(timeout=20) == 0
     assert all(_gone(pid) for pid in workers)
 

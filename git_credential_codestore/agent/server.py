@@ -193,7 +193,7 @@ class Agent:
                 return self.trust.list()
             return self.trust.add(self, data) if name == "add_trust" else self.trust.remove(self, match.group(1))
         self.stop.set()
-        return 200, {"ok": True, "pid": os.getpid()}
+        return 200, {"ok": True, "pid": self.metrics.table.pid}  # the agent's, as status says, whichever worker answers
 
     # -- minting ----------------------------------------------------------------------
 
