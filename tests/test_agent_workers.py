@@ -192,7 +192,7 @@ def test_metrics_and_status_count_the_tokens_of_every_worker_and_never_go_down(t
         said = a.cli("agent", "status").stdout
         assert f"pid {a.proc.pid}, 2 worker processes" in said
         assert f"{minted} minted, {sum(refused.values())} refused (4 bad_request, 8 beyond_grant, 4 unauthenticated)" in said
-        assert "totals of the 2 workers" in said
+        assert "since start, summed over the 2 workers" in said
     finally:
         for conn in conns:
             conn.close()

@@ -179,6 +179,6 @@ def agent_status(socket_opt: str | None, as_json: bool) -> None:
     refused = s.get("refused") or {}
     assert isinstance(refused, dict)
     why = " (" + ", ".join(f"{n} {reason}" for reason, n in sorted(refused.items())) + ")" if refused else ""
-    every = f" (totals of the {workers} workers)" if workers != 1 else ""
+    every = f", summed over the {workers} workers" if workers != 1 else ""
     click.echo(f"tokens     {s.get('mints')} minted, {s.get('refusals')} refused{why} since start{every}")
     click.echo(f"audit log  {s.get('audit_log')}")
