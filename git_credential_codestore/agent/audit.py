@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..audit import EVENTS, TIME_FORMAT, Query
 from ..errors import UsageError, redact
@@ -152,6 +152,62 @@ class AuditLog:
             os.close(self._fd)
         except OSError:
             pass
+
+
+class _Public(Protocol):
+    def public(self) -> dict[str, object]: ...
+
+
+T = TypeVar("T", bound=_Public)
+
+
+class Change(Generic[T]):
+    """The audit row of one admin change (a grant, a trust policy), committed with the change.
+
+    Handed to the store as its `audit` hook, it writes the row inside the change's own
+    transaction: a change never exists without its record. `after()`, once committed,
+    appends the file line and returns what went wrong with it (None: nothing), for `told`.
+    """
+
+    def __init__(self, log: AuditLog, event: str, fields: Callable[[T], Mapping[str, object]]) -> None:
+        self._log, self._event, self._fields = log, event, fields
+        self._after: Callable[[], str | None] = lambda: None
+
+    def __call__(self, tx: db.Tx, thing: T) -> None:
+        write, self._after = self._log.in_transaction(self._event, self._fields(thing))
+        write(tx)
+
+    def after(self) -> str | None:
+        return self._after()
+
+
+def told(reply: dict[str, object], done: str, *warnings: str | None) -> dict[str, object]:
+    """An admin reply once the change is committed: with what failed after the commit, if anything."""
+    failed = [w for w in warnings if w]
+    if failed:
+        reply["warning"] = f"{done}, but " + "; ".join(failed)
+    return reply
+
+
+def withdraw(log: AuditLog, event: str, fields: Callable[[T], Mapping[str, object]],
+             remove: Callable[[Change[T]], T | None], name: str, listing: str, verb: str, done: str,
+             then: Callable[[T], str | None] = lambda thing: None) -> tuple[int, dict[str, object]]:
+    """An admin call that ends something (a grant's revocation, a trust policy's removal), with its audit row.
+
+    `remove(audit)` makes the change in one transaction, calling `audit` in it, and returns
+    what it ended (None: there is no `name`). The reply: 503 when the store could not
+    commit (nothing changed: try again), 404 when there is nothing to end, else 200 with
+    its public fields and a warning for what failed after the commit: the audit file, then
+    `then` (what else the change undoes, e.g. a grant's socket).
+    """
+    audit = Change(log, event, fields)
+    try:
+        thing = remove(audit)
+    except db.StoreError as e:
+        return 503, {"error": f"{name} was NOT {verb}: {e}; try again"}
+    if thing is None:
+        return 404, {"error": f"no {name}; see: codestore {listing} list"}
+    return 200, told(thing.public(), f"{name} {done}", audit.after(), then(thing))
 
 
 def _where(query: Query) -> tuple[list[str], list[object]]:

@@ -56,9 +56,9 @@ from ..config import Config
 from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, boundary, redact
 from ..vocab import TokenRequest, is_loopback, split_url
 from . import policy, report, wire
-from .audit import AuditLog
+from .audit import AuditLog, Change, told, withdraw
 from .client import key_identity
-from .db import StoreError, Tx
+from .db import StoreError
 from .discovery import AGENT_KEY, default_socket, grant_socket, unix_address
 from .grants import STATES, Grant, GrantStore, grant_id_of
 from .identity import Verifier, https_fetcher
@@ -373,17 +373,11 @@ class Agent:
                 raise ConfigError(f"--max-per-minute must be 1..1000000, not {rate!r}")
         except CodestoreError as e:
             return 400, {"error": str(e)}
-        after: list[Callable[[], str | None]] = []
-
-        def audit(tx: Tx, grant: Grant) -> None:
-            write, after_commit = self.audit.in_transaction("grant-create", {
-                "grant": grant.id, "sub": grant.sub, "repos": grant.repos, "scopes": grant.scopes,
-                "max_ttl": grant.max_ttl, "expires_at": grant.expires_at, "ephemeral_only": grant.ephemeral_only,
-                "refs": grant.refs or None, "max_per_minute": grant.max_per_minute,
-            })
-            write(tx)
-            after.append(after_commit)
-
+        audit: Change[Grant] = Change(self.audit, "grant-create", lambda grant: {
+            "grant": grant.id, "sub": grant.sub, "repos": grant.repos, "scopes": grant.scopes,
+            "max_ttl": grant.max_ttl, "expires_at": grant.expires_at, "ephemeral_only": grant.ephemeral_only,
+            "refs": grant.refs or None, "max_per_minute": grant.max_per_minute,
+        })
         try:
             grant, secret = self.store.create(
                 repos=terms.repos, scopes=terms.scopes, max_ttl=terms.max_ttl, sub=sub,
@@ -396,39 +390,25 @@ class Agent:
         # Durable from here on: whatever fails next, the admin hears that the grant exists.
         reply = grant.public()
         reply["grant"] = secret.reveal()
-        warnings = [w for w in (after[0](),) if w]
+        audit_warning, socket_warning = audit.after(), None
         try:
             reply["socket"] = self.on_grant_created(grant) if grant.own_socket else None
         except (OSError, CodestoreError) as e:
             reply["socket"] = None
-            warnings.append(f"its socket could not be opened ({getattr(e, 'strerror', None) or e})")
-        if warnings:
-            reply["warning"] = f"grant {grant.id} was created, but " + "; ".join(warnings)
-        return 201, reply
+            socket_warning = f"its socket could not be opened ({getattr(e, 'strerror', None) or e})"
+        return 201, told(reply, f"grant {grant.id} was created", audit_warning, socket_warning)
 
     def revoke_grant(self, gid: str) -> tuple[int, dict[str, object]]:
-        after: list[Callable[[], str | None]] = []
+        def close_socket(grant: Grant) -> str | None:
+            try:
+                self.on_grant_revoked(grant)
+            except OSError as e:
+                return f"its socket could not be closed ({e.strerror})"
+            return None
 
-        def audit(tx: Tx, grant: Grant) -> None:
-            write, after_commit = self.audit.in_transaction("grant-revoke", {"grant": grant.id, "sub": grant.sub})
-            write(tx)
-            after.append(after_commit)
-
-        try:
-            grant = self.store.revoke(gid, audit=audit)
-        except StoreError as e:
-            return 503, {"error": f"grant {gid} was NOT revoked: {e}; try again"}
-        if grant is None:
-            return 404, {"error": f"no grant {gid}; see: codestore grant list"}
-        reply = grant.public()
-        warnings = [w for w in (after[0](),) if w]
-        try:
-            self.on_grant_revoked(grant)
-        except OSError as e:
-            warnings.append(f"its socket could not be closed ({e.strerror})")
-        if warnings:
-            reply["warning"] = f"grant {grant.id} is revoked, but " + "; ".join(warnings)
-        return 200, reply
+        return withdraw(self.audit, "grant-revoke", lambda grant: {"grant": grant.id, "sub": grant.sub},
+                        lambda audit: self.store.revoke(gid, audit=audit), f"grant {gid}", "grant", "revoked", "is revoked",
+                        then=close_socket)
 
     def list_grants(self, query: str) -> tuple[int, dict[str, object]]:
         from urllib.parse import parse_qs
