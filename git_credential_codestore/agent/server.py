@@ -628,9 +628,9 @@ def _claim(path: str) -> None:
         raise UsageError(f"{path} exists and is not a socket; refusing to replace it: move it away or pass another --socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
-    addr, fd = unix_address(path)
     try:
-        probe.connect(addr)
+        with unix_address(path) as addr:
+            probe.connect(addr)
     except ConnectionRefusedError:
         os.unlink(path)  # a socket nobody listens on: left by an agent that died
     except OSError as e:
@@ -639,8 +639,6 @@ def _claim(path: str) -> None:
         raise ConfigError(f"an agent is already running at {path}; stop it with: codestore agent stop")
     finally:
         probe.close()
-        if fd is not None:
-            os.close(fd)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -676,17 +674,14 @@ def _has_fleet_front() -> bool:
 def bind_unix(path: str) -> socket.socket:
     """A listening Unix socket at `path`, 0600 (its directory is the agent's, 0700)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    addr, fd = unix_address(path)
     try:
-        sock.bind(addr)
+        with unix_address(path) as addr:
+            sock.bind(addr)
         os.chmod(path, 0o600)
         sock.listen(1024)
     except OSError:
         sock.close()
         raise
-    finally:
-        if fd is not None:
-            os.close(fd)
     return sock
 
 
