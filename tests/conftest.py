@@ -121,6 +121,12 @@ class DevServer:
     proc: subprocess.Popen[str]
     key: OrgKey
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) it listens on, for a raw socket (realparts.raw_exchange)."""
+        host, _, port = self.url.split("://", 1)[1].rpartition(":")
+        return host, int(port)
+
     def stop(self) -> None:
         """Terminate (kill after 10 s), and close our ends of its pipes."""
         stop_process(self.proc)

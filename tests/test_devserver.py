@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.conftest import BIN, KID, ORG, DevServer, OrgKey, git, make_key, start_dev_server, stop_process
+from tests.realparts import raw_exchange
 
 
 def all_at_once(commands: list[list[str]], env: dict[str, str], cwd: Path | None = None) -> list[int]:
@@ -657,20 +658,6 @@ def test_the_default_namespace_cannot_push_into_the_ephemeral_one(seeded: tuple[
 # ---- robustness ------------------------------------------------------------------------------
 
 
-def raw_exchange(server: DevServer, data: bytes) -> bytes:
-    """Send raw bytes on one connection and read until the server closes it."""
-    import socket
-
-    u = urlsplit(server.url)
-    assert u.port is not None
-    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
-        s.sendall(data)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return out
-
-
 def test_a_chunked_json_body_is_read_as_a_stream(dev_server: DevServer) -> None:
     tok = dev_server.token("chunky", ["repo:write"])
     body = b'{"default_branch": "main"}'
@@ -678,7 +665,7 @@ def test_a_chunked_json_body_is_read_as_a_stream(dev_server: DevServer) -> None:
         f"POST /api/v1/repos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
         "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     ).encode() + b"5\r\n" + body[:5] + b"\r\n" + b"%x\r\n" % len(body[5:]) + body[5:] + b"\r\n0\r\n\r\n"
-    assert raw_exchange(dev_server, data).startswith(b"HTTP/1.1 201")
+    assert raw_exchange(dev_server.address, data).startswith(b"HTTP/1.1 201")
 
 
 def test_a_malformed_chunked_body_is_400_and_the_server_keeps_serving(dev_server: DevServer) -> None:
@@ -687,7 +674,7 @@ def test_a_malformed_chunked_body_is_400_and_the_server_keeps_serving(dev_server
         f"POST /api/v1/repos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
         "Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n"
     ).encode()
-    assert raw_exchange(dev_server, data).startswith(b"HTTP/1.1 400")
+    assert raw_exchange(dev_server.address, data).startswith(b"HTTP/1.1 400")
     assert dev_server.api("POST", "/api/v1/repos", tok, {})[0] == 201
 
 
@@ -699,7 +686,7 @@ def test_a_refused_request_with_an_unread_body_closes_the_connection(seeded: tup
         b"POST /team/app.git/git-upload-pack HTTP/1.1\r\nHost: x\r\n"
         b"Content-Length: %d\r\n\r\n" % len(smuggled)
     ) + smuggled
-    out = raw_exchange(server, data)
+    out = raw_exchange(server.address, data)
     assert out.startswith(b"HTTP/1.1 401") and b"Connection: close" in out
     assert out.count(b"HTTP/1.1 ") == 1
 
