@@ -67,6 +67,18 @@ _COLUMNS = {"repo": "repo", "grant": "grant_id", "sub": "sub", "event": "event"}
 _INSERT = "INSERT INTO audit (time, event, grant_id, sub, repo, result, replica, fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
+_last_stamp = (-1, "")  # (second, its text): replaced whole, so threads never see half of it
+
+
+def _stamp(second: int) -> str:
+    """An entry's UTC time to the second: formatted once a second, not once a token."""
+    global _last_stamp
+    last = _last_stamp
+    if last[0] != second:
+        last = _last_stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+    return last[1]
+
+
 class AuditLog:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -86,7 +98,7 @@ class AuditLog:
 
     def _entry(self, event: str, fields: Mapping[str, object]) -> tuple[str, tuple[object, ...]]:
         now = time.time()
-        entry: dict[str, object] = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "event": event}
+        entry: dict[str, object] = {"time": _stamp(int(now)), "event": event}
         entry.update(fields)
         if isinstance(entry.get("reason"), str):
             entry["reason"] = redact(str(entry["reason"]))

@@ -94,7 +94,9 @@ class Agent:
     def __init__(self, cfg: Config, key: tokens.PrivateKey | tokens.Signer, key_where: str, key_id: str, store: GrantStore, audit: AuditLog) -> None:
         self.cfg = cfg
         self.org = cfg.require_org()
-        self.key = key
+        # A key in memory is wrapped once: its algorithm and signature shape are not decided per token.
+        self._key_in_memory = isinstance(key, tokens.PrivateKey)
+        self.key: tokens.LocalSigner | tokens.Signer = tokens.LocalSigner(key) if isinstance(key, tokens.PrivateKey) else key
         self.key_where = key_where
         self.key_id = key_id
         self.store = store
@@ -120,7 +122,6 @@ class Agent:
         # Read once: the environment of a running agent does not change, and the check
         # costs more than a cached grant lookup on every token.
         self.tracing = trace.target() is not None
-        self._key_in_memory = isinstance(key, tokens.PrivateKey)
 
     # -- the router -------------------------------------------------------------------
 
@@ -130,7 +131,6 @@ class Agent:
         ("GET", re.compile(r"/healthz"), "healthz"),
         ("GET", re.compile(r"/readyz"), "readyz"),
         ("GET", re.compile(r"/metrics"), "metrics"),
-        ("POST", re.compile(r"/v1/token"), "token"),
         ("GET", re.compile(r"/v1/status"), "status"),
         ("GET", re.compile(r"/v1/grants"), "list_grants"),
         ("POST", re.compile(r"/v1/grants"), "create_grant"),
@@ -147,6 +147,11 @@ class Agent:
     def dispatch(self, caller: Caller, method: str, target: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
         self.last_activity = time.monotonic()
         path, _, query = target.partition("?")
+        if path == "/v1/token" and method == "POST":  # every git operation's request, first
+            t0 = time.perf_counter()
+            status, reply = self.mint(caller, authorization, body)  # lines, not JSON (wire.py)
+            self.metrics.observe(status, time.perf_counter() - t0)
+            return status, reply
         for m, pattern, route in self._ROUTES:
             match = pattern.fullmatch(path)
             if match and m == method:
@@ -159,11 +164,6 @@ class Agent:
                 # A grant holder must never create grants (it would widen its own).
                 self.audit.record("refuse", {"action": name, "peer": caller.peer, "via": caller.transport, "reason": "admin call from a non-owner"})
                 return 403, {"error": "administrative calls are accepted only from the owner on the agent's own socket, without a grant"}
-        if name == "token":
-            t0 = time.perf_counter()
-            status, reply = self.mint(caller, authorization, body)  # lines, not JSON (wire.py)
-            self.metrics.observe(status, time.perf_counter() - t0)
-            return status, reply
         try:
             data = json.loads(body) if body else {}
         except (ValueError, UnicodeDecodeError):
