@@ -10,7 +10,7 @@ Two places hold it, for two readers:
 - the `audit` table of the agent's database, shared by replicas and queried by
   `codestore audit` through POST /v1/audit/query (`search`, below: every replica's
   rows, filtered in SQL on indexed columns): grant changes are written in the same transaction as the change
-  itself (a grant never exists without its record); mints and refusals are buffered
+  itself (a grant never exists without its record: `Change` and `withdraw` below); mints and refusals are buffered
   and added in batches by the store's flush (every second), so the database is not
   written once per token;
 - a JSON-lines file (`--audit-log`, default in the state dir), appended at once with
@@ -202,7 +202,7 @@ def told(reply: dict[str, object], done: str, *warnings: str | None) -> dict[str
 
 
 def withdraw(log: AuditLog, event: str, fields: Callable[[T], Mapping[str, object]],
-             remove: Callable[[Change[T]], T | None], name: str, listing: str, verb: str, done: str,
+             remove: Callable[[Change[T]], T | None], *, name: str, listing: str, verb: str, done: str,
              then: Callable[[T], str | None] = lambda thing: None) -> tuple[int, dict[str, object]]:
     """An admin call that ends something (a grant's revocation, a trust policy's removal), with its audit row.
 

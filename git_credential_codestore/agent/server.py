@@ -407,8 +407,8 @@ class Agent:
             return None
 
         return withdraw(self.audit, "grant-revoke", lambda grant: {"grant": grant.id, "sub": grant.sub},
-                        lambda audit: self.store.revoke(gid, audit=audit), f"grant {gid}", "grant", "revoked", "is revoked",
-                        then=close_socket)
+                        lambda audit: self.store.revoke(gid, audit=audit),
+                        name=f"grant {gid}", listing="grant", verb="revoked", done="is revoked", then=close_socket)
 
     def list_grants(self, query: str) -> tuple[int, dict[str, object]]:
         from urllib.parse import parse_qs

@@ -385,7 +385,8 @@ class Trust:
 
     def remove(self, agent: Agent, pid: str) -> tuple[int, dict[str, object]]:
         return withdraw(agent.audit, "trust-remove", lambda p: {"id": p.id, "issuer": p.issuer},
-                        lambda audit: self.store.remove(pid, audit=audit), f"trust policy {pid}", "trust", "removed", "was removed")
+                        lambda audit: self.store.remove(pid, audit=audit),
+                        name=f"trust policy {pid}", listing="trust", verb="removed", done="was removed")
 
     def list(self) -> tuple[int, dict[str, object]]:
         try:
