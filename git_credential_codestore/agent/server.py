@@ -71,6 +71,7 @@ MAX_CONNECTIONS = 1024
 PER_PEER = 128  # connections one network address may hold at once: its fair share
 IO_TIMEOUT = 5.0  # per read or write, and a TLS handshake
 CONNECTION_DEADLINE = 15.0  # a whole request, however slowly it trickles in
+MEMO_REQUESTS, MEMO_BODY = 4096, 1024  # token request bodies remembered read: at most 4 MiB
 DRAIN_TIMEOUT = 10.0  # shutdown: how long requests in flight may take to finish
 
 
@@ -122,6 +123,7 @@ class Agent:
         # Read once: the environment of a running agent does not change, and the check
         # costs more than a cached grant lookup on every token.
         self.tracing = trace.target() is not None
+        self._requests: dict[bytes, tuple[TokenRequest, dict[str, str], TokenRequest | policy.Refused]] = {}
 
     # -- the router -------------------------------------------------------------------
 
@@ -246,9 +248,31 @@ class Agent:
             return None, f"peer uid {caller.uid} is not the agent's owner; present a grant"
         return None, None
 
+    def _read_request(self, body: bytes) -> tuple[TokenRequest, dict[str, str], TokenRequest | policy.Refused]:
+        """(request, owner fields, the request checked or why not) of a token request body.
+
+        A pure function of the bytes, remembered for the last few thousand distinct bodies:
+        a sandbox's helpers send the same few bodies all day, and reading one is a fifth of
+        a token's work. Who asks and what they may have are decided per request, after this.
+        ProtocolError for a body that is not this format (not remembered).
+        """
+        known = self._requests.get(body)
+        if known is None:
+            request, owner = wire.decode_request(body)
+            try:
+                checked: TokenRequest | policy.Refused = policy.check_request(request)
+            except policy.Refused as e:
+                checked = e
+            known = (request, owner, checked)
+            if len(body) <= MEMO_BODY:
+                if len(self._requests) >= MEMO_REQUESTS:
+                    self._requests.clear()  # a flood of distinct bodies costs speed, never memory
+                self._requests[body] = known
+        return known
+
     def mint(self, caller: Caller, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
         try:
-            request, owner = wire.decode_request(body)
+            request, owner, checked = self._read_request(body)
         except ProtocolError as e:
             return 400, {"error": f"bad token request: {e}"}
         data = {"repo": request.repo, "scopes": list(request.scopes), "ttl": request.ttl, "ephemeral": request.ephemeral}
@@ -266,10 +290,9 @@ class Agent:
             secret = (authorization or "").partition(" ")[2].strip()
             who["grant"] = grant_id_of(secret)  # the id a presented secret claims, never the secret
             return self._refuse(who, data, reason, status)
-        try:
-            req = policy.check_request(request)
-        except policy.Refused as e:
-            return self._refuse(who, data, e.reason, e.status, grant)
+        if isinstance(checked, policy.Refused):
+            return self._refuse(who, data, checked.reason, checked.status, grant)
+        req = checked
         try:
             if grant is not None:
                 decision = policy.clamp_to_grant(grant, req, self.cfg.ttl)
