@@ -94,7 +94,6 @@ class AuditLog:
         self._lock = threading.Lock()
         self._buffer: list[tuple[object, ...]] = []
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
-        self.counts: dict[str, int] = {"mint": 0, "refuse": 0}
         self.dropped = 0
 
     def _entry(self, event: str, fields: Mapping[str, object]) -> tuple[str, tuple[object, ...]]:
@@ -114,7 +113,6 @@ class AuditLog:
         """A mint or refusal: to the file now (OSError if it cannot be), to the database soon."""
         text, row = self._entry(event, fields)
         with self._lock:
-            self.counts[event] = self.counts.get(event, 0) + 1
             if len(self._buffer) < MAX_BUFFER:
                 self._buffer.append(row)
             else:
@@ -134,7 +132,6 @@ class AuditLog:
 
         def after() -> str | None:
             with self._lock:
-                self.counts[event] = self.counts.get(event, 0) + 1
                 try:
                     self._append(text)
                 except OSError as e:
