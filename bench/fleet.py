@@ -438,17 +438,16 @@ def open_rows(t: Table, name: str, r: Load, target: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="the length of each measured load")
+    parser.add_argument("--seconds", type=positive, default=5.0, help="the length of each measured load")
     parser.add_argument("--clients", type=int, default=64, help="connections in flight at most (the closed loop's clients)")
     parser.add_argument("--grants", type=int, default=100_000)
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--workers", type=int, default=1, help="agent serve --workers N for the loads")
-    parser.add_argument("--rates", default="0.25,0.5",
+    parser.add_argument("--rates", type=fractions, default=[0.25, 0.5],
                         help="the open loops' offered rates, as fractions of the run's raw signing rate (default 0.25,0.5)")
     parser.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson",
                         help="the open loops' send times: Poisson (default) or evenly spaced")
     args = parser.parse_args()
-    fractions = [float(f) for f in args.rates.split(",") if f]
     table = Table()
     with tempfile.TemporaryDirectory() as tmp:
         env = environment(tmp)
@@ -461,15 +460,18 @@ def main() -> int:
                       f"longest stall: the longest time in which requests waited and no process got a token")
         serve = ("--workers", str(args.workers)) if args.workers > 1 else ()
 
-        def loads(sock: str, reqs: list[bytes], pid: int, name: str) -> tuple[Load, list[tuple[str, Load]]]:
-            """A warm-up, the closed loop, and the open loops: at each fraction of raw, and at half the closed loop's rate."""
+        def loads(sock: str, reqs: list[bytes], pid: int, name: str) -> tuple[Load, list[tuple[str, str, Load]]]:
+            """A warm-up, the closed loop, then the open loops: at each fraction of raw signing (issue 9's
+            p99 target holds from 0.25 up, its throughput target), and at half the closed loop's rate."""
             generate(sock, reqs, args.clients, time.monotonic() + 0.3, WARM_UP)
             progress(f"closed loop, {name}")
             closed = Load(sock, reqs, args.clients, args.seconds, pid)
+            rates = [(f"{f:g} x raw", "p99 <= 10 ms" if f >= 0.25 else "", f * raw) for f in args.rates]
             opened = []
-            for label, rate in [*((f"{f:g} x raw", f * raw) for f in fractions), ("0.5 x closed loop", closed.rate / 2)]:
+            for label, target, rate in [*rates, ("0.5 x closed loop", "", closed.rate / 2)]:
                 progress(f"open loop at {label} = {rate:.0f} tokens/s, {name}")
-                opened.append((label, Load(sock, reqs, args.clients, args.seconds, pid, offered=rate, arrivals=args.arrivals)))
+                r = Load(sock, reqs, args.clients, args.seconds, pid, offered=rate, arrivals=args.arrivals)
+                opened.append((f"{label} = {rate:.0f}/s, {name}", target, r))
             return closed, opened
 
         # 1. one replica, 10 grants
@@ -503,10 +505,8 @@ def main() -> int:
         table.row(f"throughput with {big} / with 10", ">= 0.9", f"{big_closed.rate / small_closed.rate:.2f}")
         table.section(f"open loop, latency at a load: {args.arrivals} arrivals at a fixed offered rate, each request "
                       f"timed from its scheduled send (waiting for one of the {args.clients} connections counts)")
-        for name, opened in (("10 grants", small_open), (big, big_open)):
-            for label, r in opened:
-                target = "p99 <= 10 ms" if "raw" in label and r.offered and r.offered >= 0.25 * raw else ""
-                open_rows(table, f"{label} = {r.offered:.0f}/s, {name}", r, target)
+        for what, target, r in small_open + big_open:
+            open_rows(table, what, r, target)
         table.section(f"grant administration with {big}")
         table.row("grant create: median / p99", "<= 20 ms", f"{ms(statistics.median(creates))} / {ms(pct(creates, 99))} ms")
         table.row("grant revoke: median / p99", "<= 20 ms", f"{ms(statistics.median(revokes))} / {ms(pct(revokes, 99))} ms")
@@ -515,6 +515,21 @@ def main() -> int:
             propagation(env, table)
     table.print()
     return 0
+
+
+def positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def fractions(text: str) -> list[float]:
+    """--rates: comma-separated positive fractions of the raw signing rate."""
+    return [positive(f) for f in text.split(",")]
 
 
 def progress(text: str) -> None:
