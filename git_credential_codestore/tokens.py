@@ -81,7 +81,7 @@ def mint(
     refs: Sequence[tuple[str, Sequence[str]]] | None = None,
     now: int | None = None,
 ) -> Token:
-    """Sign one token for one repository."""
+    """Sign one token for one repository (a key in memory, or a Signer: `local_signer`, hsm.py)."""
     check_ttl(ttl, "token", TokenError)
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown or not scopes:
@@ -97,13 +97,21 @@ def mint(
     }
     if refs:
         claims["refs"] = [[p, list(ops)] for p, ops in ref_policy([list(r) for r in refs], TokenError)]
-    local = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
-    alg = algorithm_for(key) if isinstance(key, local) else key.algorithm
-    header = {"alg": alg, "typ": "JWT", "kid": kid} if kid else {"alg": alg, "typ": "JWT"}
-    signing_input = _b64json(header) + b"." + _b64json(claims)
-    signature = _sign(key, signing_input) if isinstance(key, local) else key.sign(signing_input)
-    token = signing_input + b"." + _b64(signature)
+    signer = key if isinstance(key, LocalSigner) or not isinstance(key, _LOCAL) else LocalSigner(key)
+    signing_input = _header(signer.algorithm, kid) + b"." + _b64json(claims)
+    token = signing_input + b"." + _b64(signer.sign(signing_input))
     return Token(token.decode("ascii"), iat + ttl)
+
+
+_LOCAL = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
+_HEADERS: dict[tuple[str, str | None], bytes] = {}  # (alg, kid) -> the encoded JWS header: a handful per process
+
+
+def _header(alg: str, kid: str | None) -> bytes:
+    encoded = _HEADERS.get((alg, kid))
+    if encoded is None:
+        encoded = _HEADERS[(alg, kid)] = _b64json({"alg": alg, "typ": "JWT", "kid": kid} if kid else {"alg": alg, "typ": "JWT"})
+    return encoded
 
 
 def _b64(data: bytes) -> bytes:
@@ -114,14 +122,30 @@ def _b64json(obj: Mapping[str, object]) -> bytes:
     return _b64(json.dumps(obj, separators=(",", ":")).encode("utf-8"))
 
 
-def _sign(key: PrivateKey, data: bytes) -> bytes:
-    """JWS signatures (RFC 7518): ES256 is raw r||s, not the DER that OpenSSL returns."""
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-    if isinstance(key, rsa.RSAPrivateKey):
-        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-    return key.sign(data)
+class LocalSigner:
+    """A key in memory as a Signer: its algorithm decided once (not per token, as a long-running
+    agent would otherwise pay on every mint), the JWS signature shape of RFC 7518."""
+
+    __slots__ = ("key", "algorithm", "sign")
+
+    def __init__(self, key: PrivateKey) -> None:
+        self.key = key
+        self.algorithm = algorithm_for(key)
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            ecdsa = ec.ECDSA(hashes.SHA256())
+
+            def sign(data: bytes) -> bytes:
+                # ES256 is raw r||s, not the DER that OpenSSL returns.
+                r, s = decode_dss_signature(key.sign(data, ecdsa))
+                return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        elif isinstance(key, rsa.RSAPrivateKey):
+            pkcs1, sha256 = padding.PKCS1v15(), hashes.SHA256()
+
+            def sign(data: bytes) -> bytes:
+                return key.sign(data, pkcs1, sha256)
+        else:
+            sign = key.sign
+        self.sign = sign
 
 
 class Claims(record("Claims", "iss sub repo scopes iat exp refs kid")):

@@ -121,6 +121,12 @@ class DevServer:
     proc: subprocess.Popen[str]
     key: OrgKey
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) it listens on, for a raw socket (realparts.raw_exchange)."""
+        host, _, port = self.url.split("://", 1)[1].rpartition(":")
+        return host, int(port)
+
     def stop(self) -> None:
         """Terminate (kill after 10 s), and close our ends of its pipes."""
         stop_process(self.proc)
@@ -256,12 +262,23 @@ def git(*args: str, cwd: Path | str | None = None, check: bool = True, env: dict
     return proc
 
 
+def commit(work: Path, name: str, text: str | bytes = "x\n", message: str | None = None,
+           env: dict[str, str] | None = None) -> str:
+    """Write `text` to the file `name` in the work tree `work` and commit that file (the
+    message "add NAME" unless given); the new commit's id."""
+    if isinstance(text, bytes):
+        (work / name).write_bytes(text)
+    else:
+        (work / name).write_text(text)
+    git("add", name, cwd=work, env=env)
+    git("commit", "-qm", message or f"add {name}", cwd=work, env=env)
+    return git("rev-parse", "HEAD", cwd=work, env=env).stdout.strip()
+
+
 def new_repo(work: Path, name: str, text: str, message: str, env: dict[str, str] | None = None) -> None:
     """A new repository at `work` whose one commit adds the file `name` holding `text`."""
     git("init", "-q", str(work), env=env)
-    (work / name).write_text(text)
-    git("add", name, cwd=work, env=env)
-    git("commit", "-qm", message, cwd=work, env=env)
+    commit(work, name, text, message, env)
 
 
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

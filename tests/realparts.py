@@ -1,4 +1,5 @@
-"""Real servers the fleet tests and bench/fleet.py run against: PostgreSQL and SoftHSM2.
+"""Real servers the fleet tests and bench/fleet.py run against: PostgreSQL and SoftHSM2;
+and a raw request on a real socket (`raw_exchange`), for tests of hostile bytes and for benchmarks.
 
 PostgreSQL comes from Debian's `postgresql` package (tests/run.sh installs it):
 `initdb` and `pg_ctl` into a temporary directory, listening on 127.0.0.1 on a free
@@ -30,6 +31,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def raw_exchange(address: str | tuple[str, int], data: bytes, timeout: float = 20) -> bytes:
+    """Send `data` as it is to a Unix socket path or a (host, port), half-close, and read
+    until the server closes: its whole answer.
+
+    No HTTP library in between, so nothing tidies a malformed request up first.
+    """
+    if isinstance(address, str):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(address)
+        except OSError:
+            s.close()
+            raise
+    else:
+        s = socket.create_connection(address, timeout=timeout)
+    with s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
 
 
 class Postgres:

@@ -27,6 +27,7 @@ from git_credential_codestore.secrets import Secret
 from git_credential_codestore.source import get_token
 from git_credential_codestore.vocab import TokenRequest
 from tests.conftest import BIN, KID, ORG, OrgKey, run_cli, stop_process, wait_for
+from tests.realparts import raw_exchange
 
 REPO = "team/app"
 
@@ -457,21 +458,6 @@ def test_helpers_start_an_agent_on_demand_which_then_serves_them(org_key: OrgKey
 # -- robustness -----------------------------------------------------------------------------------
 
 
-def raw(sock_path: str, data: bytes, timeout: float = 10) -> bytes:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(sock_path)
-    try:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        return out
-    finally:
-        s.close()
-
-
 @pytest.mark.parametrize(
     ("payload", "status"),
     [
@@ -488,7 +474,7 @@ def raw(sock_path: str, data: bytes, timeout: float = 10) -> bytes:
 )
 def test_malformed_requests_get_a_refusal_and_the_agent_keeps_serving(agent: Agent, payload: bytes, status: bytes) -> None:
     # Threat: one bad client crashing the agent for everyone.
-    reply = raw(agent.socket, payload)
+    reply = raw_exchange(agent.socket, payload)
     assert reply.split(b" ")[1] == status, reply[:200]
     assert b"error" in reply
     assert mint(dict(os.environ))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DevServer, OrgKey, git, new_repo, run_cli
+from tests.conftest import DevServer, OrgKey, commit, git, new_repo, run_cli
 from tests.leakscan import files_with_secrets
 from tests.test_agent import REPO, Agent, sandbox_env, start_agent
 
@@ -49,16 +49,10 @@ def sandbox(agent: Agent, grant: dict[str, object], via: str) -> dict[str, str]:
     return env
 
 
-def commit(repo: Path, name: str, env: dict[str, str]) -> None:
-    (repo / name).write_text(name)
-    git("add", name, cwd=repo, env=env)
-    git("commit", "-qm", name, cwd=repo, env=env)
-
-
 def push_new_branch(url: str, work: Path, env: dict[str, str], branch: str) -> None:
     """As a sandbox does: clone `base`, commit BRANCH.txt, push it as BRANCH; the server lists it."""
     git("clone", "-q", "--branch", "base", url, str(work), env=env)
-    commit(work, f"{branch}.txt", env)
+    commit(work, f"{branch}.txt", env=env)
     git("push", "-q", "origin", f"HEAD:refs/heads/{branch}", cwd=work, env=env)
     assert f"refs/heads/{branch}" in git("ls-remote", url, env=env).stdout
 
@@ -133,7 +127,7 @@ def test_a_read_only_grant_clones_through_the_credential_helper_but_cannot_push(
     url = f"{server.url}/{REPO}+ephemeral.git"
     work = tmp_path / "work"
     git("clone", "-q", "--branch", "base", url, str(work), env=env)
-    commit(work, "nope.txt", env)
+    commit(work, "nope.txt", env=env)
     assert git("push", "origin", "HEAD:refs/heads/nope", cwd=work, env=env, check=False).returncode != 0
     mints = [e for e in agent.audit() if e["event"] == "mint" and e["grant"] == reader["id"]]
     assert mints and all(e["scopes"] == ["git:read"] for e in mints)
@@ -150,7 +144,7 @@ def test_a_grants_ref_policy_travels_in_the_token_and_the_server_enforces_it(
     url = f"codestore://acme/{REPO}+ephemeral"
     work = tmp_path / "work"
     git("clone", "-q", "--branch", "base", url, str(work), env=env)
-    commit(work, "change.txt", env)
+    commit(work, "change.txt", env=env)
     refused = git("push", "origin", "HEAD:refs/heads/base", cwd=work, env=env, check=False)
     assert refused.returncode != 0
     assert "no-push" in refused.stderr and "refs/heads/base" in refused.stderr

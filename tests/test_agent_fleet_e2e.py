@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DevServer, OrgKey, git, wait_for
+from tests.conftest import DevServer, OrgKey, commit, git, wait_for
 from tests.realparts import free_port
 from tests.test_agent import REPO, Agent, sandbox_env
-from tests.test_agent_e2e import commit, seed_repo
+from tests.test_agent_e2e import seed_repo
 from tests.test_agent_store import create, replica
 
 
@@ -41,7 +41,7 @@ def test_created_on_one_replica_fetched_and_pushed_through_the_other_then_revoke
     env = sandbox_env(g["grant"], url=b.url)  # only replica B: A made the grant
     work = tmp_path / "work"
     git("clone", "-q", "--branch", "base", f"codestore://acme/{REPO}+ephemeral", str(work), env=env)
-    commit(work, "feat.txt", env)
+    commit(work, "feat.txt", env=env)
     git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=work, env=env)
     assert a.cli("grant", "revoke", str(g["id"]), "--socket", a.socket).returncode == 0
     time.sleep(1.0)  # the promise: every replica refuses within a second

@@ -363,8 +363,9 @@ def test_when_only_the_audit_file_fails_the_admin_is_told_what_is_true(tmp_path:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_use_counts_of_many_grants_are_flushed_exactly(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
-    # The flush writes a hundred grants a statement: counts on both sides of a statement's
-    # edge, and a grant's last use, must come out exactly; other grants' rows untouched.
+    # The flush writes a hundred grants a statement, then powers of two (230 = 100+100+16+8+4+2):
+    # counts on both sides of each statement's edge, and a grant's last use, must come out
+    # exactly; other grants' rows untouched.
     from git_credential_codestore.agent.grants import GrantStore
 
     url = request.getfixturevalue("pg_url") if backend == "postgresql" else None

@@ -95,3 +95,28 @@ def test_a_grant_never_crosses_a_network_in_clear_text(url: str, ok: bool) -> No
     else:
         with pytest.raises(ConfigError, match="plain http"):
             Endpoint.from_url(url)
+
+
+def test_the_same_request_bytes_are_decided_afresh_for_each_caller(agent: Agent) -> None:
+    # Threat: the agent remembers read request bodies (a pure function of the bytes); a
+    # decision must never ride along: one body, each caller gets its own answer, in order.
+    reader = Secret(str(agent.grant("--repo", REPO)["grant"]))
+    made = agent.grant("--repo", REPO, "--scopes", "git:read,git:write")
+    writer = Secret(str(made["grant"]))
+    ep = Endpoint("unix", agent.socket)
+    body = wire.encode_request(TokenRequest(REPO, ("git:read", "git:write"), purpose="test"))
+    for _ in range(2):
+        status, reply = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=reader)
+        assert status == 403 and "does not allow git:write" in wire.decode(reply)["error"]
+        status, reply = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=writer)
+        assert status == 200 and wire.decode(reply)["scopes"] == "git:read git:write"
+        status, _ = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=Secret("csg_0000_nosuchgrant"))
+        assert status == 401
+    # A request that fails its checks is refused the same way each time, after who asks is known.
+    bad = wire.encode_request(TokenRequest("not a repo id", ("git:read",), purpose="test"))
+    for grant, expected in ((Secret("csg_0000_nosuchgrant"), 401), (writer, 400), (writer, 400)):
+        assert exchange(ep, "POST", "/v1/token", bad, wire.CONTENT_TYPE, grant=grant)[0] == expected
+    # Revoked after the body was read and remembered: refused.
+    assert agent.cli("grant", "revoke", str(made["id"])).returncode == 0
+    status, reply = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=writer)
+    assert status == 401 and "revoked" in wire.decode(reply)["error"]

@@ -22,9 +22,9 @@ from git_credential_codestore.agent import audit as agent_audit
 from git_credential_codestore.agent.client import AgentRefused, Endpoint, call
 from git_credential_codestore.agent.db import Database
 from git_credential_codestore.agent.grants import GrantStore
-from tests.conftest import DevServer, OrgKey, git, run_cli, wait_for
+from tests.conftest import DevServer, OrgKey, commit, git, run_cli, wait_for
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
-from tests.test_agent_e2e import commit, seed_repo
+from tests.test_agent_e2e import seed_repo
 from tests.test_agent_store import create, replica
 
 
@@ -44,7 +44,7 @@ def push_feat(tmp_path: Path, agent_url: str, grant: dict[str, object]) -> str:
     env = sandbox_env(grant["grant"], url=agent_url)
     work = tmp_path / "work"
     git("clone", "-q", "--branch", "base", f"codestore://acme/{REPO}+ephemeral", str(work), env=env)
-    commit(work, "feat.txt", env)
+    commit(work, "feat.txt", env=env)
     proc = git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=work, env=env)
     assert "not in the audit trail" not in proc.stderr, proc.stderr
     return git("rev-parse", "HEAD", cwd=work).stdout.strip()

@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import BIN, KID, ORG, DevServer, OrgKey, git, make_key, start_dev_server, stop_process
+from tests.conftest import BIN, KID, ORG, DevServer, OrgKey, commit, git, make_key, start_dev_server, stop_process
+from tests.realparts import raw_exchange
 
 
 def all_at_once(commands: list[list[str]], env: dict[str, str], cwd: Path | None = None) -> list[int]:
@@ -71,14 +72,6 @@ def info_refs(server: DevServer, repo: str, token: str | None, service: str = "g
     return request(server, "GET", f"/{repo}.git/info/refs?service={service}", headers)
 
 
-def commit(work: Path, message: str, files: dict[str, bytes] | None = None) -> str:
-    for name, data in (files or {"file.txt": message.encode()}).items():
-        (work / name).write_bytes(data)
-    git("add", "-A", cwd=work)
-    git("commit", "-q", "-m", message, cwd=work)
-    return git("rev-parse", "HEAD", cwd=work).stdout.strip()
-
-
 def new_work(tmp_path: Path, name: str = "work") -> Path:
     work = tmp_path / name
     git("init", "-q", "-b", "main", str(work))
@@ -90,7 +83,7 @@ def seeded(dev_server: DevServer, tmp_path: Path) -> tuple[DevServer, str, Path]
     """Repository `team/app` with one commit on main, and the work tree that pushed it."""
     url = dev_server.create_repo("team/app")
     work = new_work(tmp_path)
-    commit(work, "first")
+    commit(work, "file.txt", "first", "first")
     git("push", "-q", url, "main", cwd=work, env=auth_env(dev_server.token("team/app", ["git:write"])))
     return dev_server, url, work
 
@@ -154,7 +147,7 @@ def test_fetch_with_a_read_token_sees_new_commits(seeded: tuple[DevServer, str, 
     server, url, work = seeded
     read = auth_env(server.token("team/app", ["git:read"]))
     git("clone", "-q", url, str(tmp_path / "clone"), env=read)
-    head = commit(work, "second")
+    head = commit(work, "file.txt", "second", "second")
     git("push", "-q", url, "main", cwd=work, env=auth_env(server.token("team/app", ["git:write"])))
     git("fetch", "-q", "origin", cwd=tmp_path / "clone", env=read)
     assert git("rev-parse", "origin/main", cwd=tmp_path / "clone").stdout.strip() == head
@@ -162,7 +155,7 @@ def test_fetch_with_a_read_token_sees_new_commits(seeded: tuple[DevServer, str, 
 
 def test_push_with_a_write_token_moves_the_branch(seeded: tuple[DevServer, str, Path]) -> None:
     server, url, work = seeded
-    head = commit(work, "second")
+    head = commit(work, "file.txt", "second", "second")
     git("push", "-q", url, "main", cwd=work, env=auth_env(server.token("team/app", ["git:write"])))
     assert git("ls-remote", url, "refs/heads/main", env=auth_env(server.token("team/app", ["git:read"]))).stdout.split()[0] == head
 
@@ -170,7 +163,7 @@ def test_push_with_a_write_token_moves_the_branch(seeded: tuple[DevServer, str, 
 def test_push_with_a_read_only_token_is_refused_with_403(seeded: tuple[DevServer, str, Path]) -> None:
     # Threat: a fetch credential used to change the repository.
     server, url, work = seeded
-    commit(work, "second")
+    commit(work, "file.txt", "second", "second")
     proc = git("push", url, "main", cwd=work, env=auth_env(server.token("team/app", ["git:read"])), check=False)
     assert proc.returncode != 0 and "403" in proc.stderr
     status, _, body = info_refs(server, "team/app", server.token("team/app", ["git:read"]), "git-receive-pack")
@@ -199,7 +192,7 @@ def test_concurrent_clones_all_succeed(seeded: tuple[DevServer, str, Path], tmp_
 def test_a_multi_megabyte_push_streams_through(seeded: tuple[DevServer, str, Path], tmp_path: Path) -> None:
     server, url, work = seeded
     # Incompressible and above http.postBuffer (1 MiB): git sends it chunked.
-    head = commit(work, "big", {"big.bin": os.urandom(4 * 1024 * 1024)})
+    head = commit(work, "big.bin", os.urandom(4 * 1024 * 1024), "big")
     git("push", "-q", url, "main", cwd=work, env=auth_env(server.token("team/app", ["git:write"])))
     git("clone", "-q", url, str(tmp_path / "clone"), env=auth_env(server.token("team/app", ["git:read"])))
     assert git("rev-parse", "HEAD", cwd=tmp_path / "clone").stdout.strip() == head
@@ -353,7 +346,7 @@ def policy_token(server: DevServer, refs: list[list[object]]) -> str:
 def test_no_push_refuses_any_update_of_a_matching_ref(seeded: tuple[DevServer, str, Path]) -> None:
     # Threat: an agent pushing straight to a protected branch.
     server, url, work = seeded
-    commit(work, "second")
+    commit(work, "file.txt", "second", "second")
     env = auth_env(policy_token(server, [["refs/heads/main", ["no-push"]]]))
     proc = git("push", url, "main", cwd=work, env=env, check=False)
     assert proc.returncode != 0
@@ -375,7 +368,7 @@ def test_first_matching_rule_wins_with_trailing_wildcards(seeded: tuple[DevServe
 
 def test_no_force_push_allows_a_fast_forward(seeded: tuple[DevServer, str, Path]) -> None:
     server, url, work = seeded
-    commit(work, "second")
+    commit(work, "file.txt", "second", "second")
     git("push", "-q", url, "main", cwd=work, env=auth_env(policy_token(server, [["refs/heads/*", ["no-force-push"]]])))
 
 
@@ -410,7 +403,7 @@ def test_policies_match_unnamespaced_names_in_the_ephemeral_namespace(seeded: tu
 def test_ephemeral_pushes_are_invisible_in_the_default_namespace(seeded: tuple[DevServer, str, Path]) -> None:
     server, url, work = seeded
     write = auth_env(server.token("team/app", ["git:write"]))
-    commit(work, "agent work")
+    commit(work, "file.txt", "agent work", "agent work")
     git("push", "-q", url.replace(".git", "+ephemeral.git"), "main:refs/heads/feat", cwd=work, env=write)
     assert "refs/heads/feat" not in git("ls-remote", url, env=write).stdout
     assert "refs/heads/feat" in git("ls-remote", url.replace(".git", "+ephemeral.git"), env=write).stdout
@@ -425,7 +418,7 @@ def test_default_namespace_refs_are_invisible_in_the_ephemeral_namespace(seeded:
 def test_the_namespaces_share_objects(seeded: tuple[DevServer, str, Path], tmp_path: Path) -> None:
     server, url, work = seeded
     write = auth_env(server.token("team/app", ["git:write"]))
-    head = commit(work, "agent work")
+    head = commit(work, "file.txt", "agent work", "agent work")
     git("push", "-q", url.replace(".git", "+ephemeral.git"), "main:refs/heads/feat", cwd=work, env=write)
     repo = server.data_dir / "repos" / "team" / "app.git"
     assert git("--git-dir", str(repo), "cat-file", "-t", head).stdout.strip() == "commit"
@@ -436,7 +429,7 @@ def test_the_import_namespace_takes_the_base_token_and_keeps_its_own_refs(seeded
     # `+import` (the SDK's get_import_remote_url) is a namespace like `+ephemeral`, not a 404.
     server, url, work = seeded
     write = auth_env(server.token("team/app", ["git:write"]))
-    head = commit(work, "imported history")
+    head = commit(work, "file.txt", "imported history", "imported history")
     imp = url.replace(".git", "+import.git")
     git("push", "-q", imp, "main:refs/heads/imported", cwd=work, env=write)
     assert f"{head}\trefs/heads/imported" in git("ls-remote", imp, env=write).stdout
@@ -455,7 +448,7 @@ def test_the_import_namespace_enforces_the_ref_policy(seeded: tuple[DevServer, s
 def test_a_verify_sig_rule_refuses_the_push_saying_the_dev_server_cannot_check_it(seeded: tuple[DevServer, str, Path]) -> None:
     # Threat: a push Code Storage would refuse (unsigned, under verify-sig) passing here.
     server, url, work = seeded
-    commit(work, "unsigned")
+    commit(work, "file.txt", "unsigned", "unsigned")
     proc = git("push", url, "main", cwd=work, env=auth_env(policy_token(server, [["main", ["verify-sig"]]])), check=False)
     assert proc.returncode != 0 and "verify-sig" in proc.stderr and "cannot check" in proc.stderr
 
@@ -464,7 +457,7 @@ def test_short_ref_patterns_and_star_work_on_push(seeded: tuple[DevServer, str, 
     # Code Storage reads `main` as refs/heads/main; the dev server used to refuse the token (401).
     server, url, work = seeded
     env = auth_env(policy_token(server, [["main", ["no-push"]], ["*", []]]))
-    commit(work, "second")
+    commit(work, "file.txt", "second", "second")
     assert git("push", url, "main", cwd=work, env=env, check=False).returncode != 0
     git("push", "-q", url, "main:refs/heads/other", cwd=work, env=env)
 
@@ -510,7 +503,7 @@ def test_list_repositories_needs_org_read(dev_server: DevServer) -> None:
 def test_promote_creates_a_branch_from_an_ephemeral_one(seeded: tuple[DevServer, str, Path]) -> None:
     server, url, work = seeded
     write = server.token("team/app", ["git:write"])
-    head = commit(work, "agent work")
+    head = commit(work, "file.txt", "agent work", "agent work")
     git("push", "-q", url.replace(".git", "+ephemeral.git"), "main:refs/heads/feat", cwd=work, env=auth_env(write))
     body = {"base_ref": "feat", "target_branch": "feat", "base_is_ephemeral": True, "target_is_ephemeral": False}
     status, result = server.api("POST", "/api/v1/repos/branches/create", write, body)
@@ -523,7 +516,7 @@ def test_promote_creates_a_branch_from_an_ephemeral_one(seeded: tuple[DevServer,
 def test_promote_refuses_to_move_an_existing_branch(seeded: tuple[DevServer, str, Path]) -> None:
     server, url, work = seeded
     write = server.token("team/app", ["git:write"])
-    commit(work, "agent work")
+    commit(work, "file.txt", "agent work", "agent work")
     git("push", "-q", url.replace(".git", "+ephemeral.git"), "main:refs/heads/feat", cwd=work, env=auth_env(write))
     body = {"base_ref": "feat", "target_branch": "main", "base_is_ephemeral": True}
     status, result = server.api("POST", "/api/v1/repos/branches/create", write, body)
@@ -636,7 +629,7 @@ def test_tls_serves_https_that_git_clones_with_ssl_ca_info(tmp_path: Path, org_k
         with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
             assert r.status == 201
         work = new_work(tmp_path)
-        commit(work, "over tls")
+        commit(work, "file.txt", "over tls", "over tls")
         env = auth_env(server.token("secure", ["git:write"]))
         env.update(GIT_CONFIG_COUNT="2", GIT_CONFIG_KEY_1="http.sslCAInfo", GIT_CONFIG_VALUE_1=str(ca))
         git("push", "-q", f"{server.url}/secure.git", "main", cwd=work, env=env)
@@ -657,20 +650,6 @@ def test_the_default_namespace_cannot_push_into_the_ephemeral_one(seeded: tuple[
 # ---- robustness ------------------------------------------------------------------------------
 
 
-def raw_exchange(server: DevServer, data: bytes) -> bytes:
-    """Send raw bytes on one connection and read until the server closes it."""
-    import socket
-
-    u = urlsplit(server.url)
-    assert u.port is not None
-    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
-        s.sendall(data)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return out
-
-
 def test_a_chunked_json_body_is_read_as_a_stream(dev_server: DevServer) -> None:
     tok = dev_server.token("chunky", ["repo:write"])
     body = b'{"default_branch": "main"}'
@@ -678,7 +657,7 @@ def test_a_chunked_json_body_is_read_as_a_stream(dev_server: DevServer) -> None:
         f"POST /api/v1/repos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
         "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     ).encode() + b"5\r\n" + body[:5] + b"\r\n" + b"%x\r\n" % len(body[5:]) + body[5:] + b"\r\n0\r\n\r\n"
-    assert raw_exchange(dev_server, data).startswith(b"HTTP/1.1 201")
+    assert raw_exchange(dev_server.address, data).startswith(b"HTTP/1.1 201")
 
 
 def test_a_malformed_chunked_body_is_400_and_the_server_keeps_serving(dev_server: DevServer) -> None:
@@ -687,7 +666,7 @@ def test_a_malformed_chunked_body_is_400_and_the_server_keeps_serving(dev_server
         f"POST /api/v1/repos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
         "Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n"
     ).encode()
-    assert raw_exchange(dev_server, data).startswith(b"HTTP/1.1 400")
+    assert raw_exchange(dev_server.address, data).startswith(b"HTTP/1.1 400")
     assert dev_server.api("POST", "/api/v1/repos", tok, {})[0] == 201
 
 
@@ -699,7 +678,7 @@ def test_a_refused_request_with_an_unread_body_closes_the_connection(seeded: tup
         b"POST /team/app.git/git-upload-pack HTTP/1.1\r\nHost: x\r\n"
         b"Content-Length: %d\r\n\r\n" % len(smuggled)
     ) + smuggled
-    out = raw_exchange(server, data)
+    out = raw_exchange(server.address, data)
     assert out.startswith(b"HTTP/1.1 401") and b"Connection: close" in out
     assert out.count(b"HTTP/1.1 ") == 1
 

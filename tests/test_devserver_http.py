@@ -7,29 +7,14 @@ Raw bytes on a real socket, so nothing in between tidies the request up first.
 
 from __future__ import annotations
 
-import socket
-from urllib.parse import urlsplit
-
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import DevServer
+from tests.realparts import raw_exchange
 
 ALLOWED = set(range(400, 500)) | {501, 505}
-
-
-def exchange(server: DevServer, data: bytes) -> bytes:
-    """Send `data`, half-close, read until the server closes: the whole answer."""
-    u = urlsplit(server.url)
-    assert u.port is not None
-    with socket.create_connection((u.hostname, u.port), timeout=20) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return out
 
 
 def status(answer: bytes) -> int:
@@ -48,7 +33,7 @@ def no_traceback(server: DevServer) -> None:
 @pytest.mark.parametrize("length", [b"\xb2", "²".encode(), b"\xd9\xa3", b"-1", b"+5", b"1_0", b"0x10", b" ", b"9" * 30])
 def test_a_content_length_that_is_not_ascii_digits_is_400_and_logged(dev_server: DevServer, length: bytes) -> None:
     # `str.isdigit` accepts `²` (and Arabic-Indic digits), which `int()` then rejects.
-    answer = exchange(dev_server, b"POST /api/v1/repos HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n{}")
+    answer = raw_exchange(dev_server.address, b"POST /api/v1/repos HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n{}")
     assert status(answer) == 400 and b"Content-Length" in answer
     last = dev_server.requests()[-1]
     assert last["status"] == 400 and "Content-Length" in str(last["reason"])
@@ -65,7 +50,7 @@ def test_a_content_length_that_is_not_ascii_digits_is_400_and_logged(dev_server:
 )
 def test_ambiguous_body_framing_is_400(dev_server: DevServer, headers: bytes) -> None:
     # Threat: request smuggling through a body two parsers would split differently.
-    answer = exchange(dev_server, b"POST /team/app.git/git-receive-pack HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n{}")
+    answer = raw_exchange(dev_server.address, b"POST /team/app.git/git-receive-pack HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n{}")
     assert status(answer) == 400
     assert dev_server.requests()[-1]["status"] == 400
 
@@ -82,7 +67,7 @@ def test_ambiguous_body_framing_is_400(dev_server: DevServer, headers: bytes) ->
     ],
 )
 def test_a_malformed_request_line_or_header_block_is_refused_and_logged(dev_server: DevServer, raw: bytes) -> None:
-    answer = exchange(dev_server, raw)
+    answer = raw_exchange(dev_server.address, raw)
     assert status(answer) in ALLOWED
     assert dev_server.requests() and dev_server.requests()[-1]["status"] == status(answer)
 
@@ -118,10 +103,10 @@ def test_random_requests_never_get_a_500_or_a_traceback(dev_server: DevServer) -
         if authed and path.startswith("/api/"):
             lines.append(f"Authorization: Bearer {token}".encode())
         lines += [f"{k}: {v}".encode("latin-1") for k, v in headers]
-        answer = exchange(dev_server, b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        answer = raw_exchange(dev_server.address, b"\r\n".join(lines) + b"\r\n\r\n" + body)
         code = status(answer)
         assert code < 500 or code in ALLOWED, answer[:300]
 
     check()
-    assert status(exchange(dev_server, b"GET /api/v1/repo HTTP/1.1\r\nHost: x\r\n\r\n")) == 401  # still serving
+    assert status(raw_exchange(dev_server.address, b"GET /api/v1/repo HTTP/1.1\r\nHost: x\r\n\r\n")) == 401  # still serving
     no_traceback(dev_server)

@@ -18,7 +18,7 @@ import pytest
 from pierre_storage import GitStorage
 from pierre_storage.repo import RepoImpl
 
-from tests.conftest import ORG, DevServer, OrgKey, git, start_dev_server
+from tests.conftest import ORG, DevServer, OrgKey, commit, git, start_dev_server
 
 SIGNATURE = {"name": "T", "email": "t@example.com"}
 
@@ -99,13 +99,6 @@ def status_of(exc: BaseException) -> int | None:
     return code
 
 
-def commit(work: Path, name: str, text: str) -> str:
-    (work / name).write_text(text)
-    git("add", "-A", cwd=work)
-    git("commit", "-q", "-m", f"edit {name}", cwd=work)
-    return git("rev-parse", "HEAD", cwd=work).stdout.strip()
-
-
 @pytest.fixture
 def sdk(tmp_path: Path, org_key: OrgKey) -> Iterator[Setup]:
     server = start_dev_server(tmp_path / "server", org_key)
@@ -115,10 +108,10 @@ def sdk(tmp_path: Path, org_key: OrgKey) -> Iterator[Setup]:
         repo = run(storage.create_repo(id="team/app"))
         work = tmp_path / "work"
         git("init", "-q", "-b", "main", str(work))
-        commit(work, "a.txt", "hello\n")
-        main = commit(work, "a.txt", "hello\nworld\n")
+        commit(work, "a.txt", "hello\n", "edit a.txt")
+        main = commit(work, "a.txt", "hello\nworld\n", "edit a.txt")
         git("push", "-q", http_url(run(repo.get_remote_url(ttl=300))), "main", cwd=work)
-        feat = commit(work, "b.txt", "new\n")
+        feat = commit(work, "b.txt", "new\n", "edit b.txt")
         git("push", "-q", http_url(run(repo.get_ephemeral_remote_url(ttl=300))), "main:refs/heads/feat", cwd=work)
         yield Setup(server, storage, repo, work, main, feat)
     finally:
@@ -266,7 +259,7 @@ def test_the_legacy_ops_claim_refuses_a_force_push(sdk: Setup) -> None:
     # Threat: a token minted with ops=["no-force-push"] (the SDK's deprecated form) that the
     # dev server ignored, so a test passed here that Code Storage would fail.
     git("reset", "-q", "--hard", f"{sdk.main}~1", cwd=sdk.work)
-    commit(sdk.work, "c.txt", "rewrite\n")  # not a descendant of main: a rewrite
+    commit(sdk.work, "c.txt", "rewrite\n", "edit c.txt")  # not a descendant of main: a rewrite
     with pytest.warns(DeprecationWarning):
         url = http_url(run(sdk.repo.get_remote_url(ops=["no-force-push"], ttl=300)))
     proc = git("push", "--force", url, "HEAD:main", cwd=sdk.work, check=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.conftest import Clock, DevServer, git, run_cli, slow_pre_push_hook
+from tests.conftest import Clock, DevServer, commit, git, run_cli, slow_pre_push_hook
 from tests.leakscan import files_with_secrets, key_needles, run_git_traced, secrets_in_text
 
 REPO = "team/app"
@@ -23,12 +23,6 @@ def configured(dev_server: DevServer, monkeypatch: pytest.MonkeyPatch) -> DevSer
     assert proc.returncode == 0, proc.stderr
     dev_server.create_repo(REPO)
     return dev_server
-
-
-def commit(repo: Path, name: str, text: str = "x\n") -> None:
-    (repo / name).write_text(text)
-    git("add", name, cwd=repo)
-    git("commit", "-qm", f"add {name}", cwd=repo)
 
 
 def test_clone_commit_push_fetch_through_the_helper(configured: DevServer, tmp_path: Path) -> None:

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DevServer, git
+from tests.conftest import DevServer, commit, git
 from tests.test_agent import REPO, Agent, sandbox_env, start_agent
-from tests.test_agent_e2e import commit, push_new_branch, seed_repo
+from tests.test_agent_e2e import push_new_branch, seed_repo
 
 EPHEMERAL_HTTP = "{server}/" + REPO + "+ephemeral.git"
 EPHEMERAL_CS = f"codestore://acme/{REPO}+ephemeral"
@@ -95,7 +95,7 @@ def test_a_grant_socket_push_to_the_default_namespace_is_refused_by_the_agent_in
     server, agent, _, env = grant_box
     work = tmp_path / "work"
     git("clone", "-q", "--branch", "base", EPHEMERAL_CS, str(work), env=env)
-    commit(work, "escape.txt", env)
+    commit(work, "escape.txt", env=env)
     before = len(server.requests())
     target = DEFAULT_CS if url_form == "codestore" else f"{server.url}/{REPO}.git"
     proc = run_git("push", target, "HEAD:refs/heads/main", cwd=work, env=env)
@@ -135,7 +135,7 @@ def test_the_owner_naming_its_agent_gets_a_read_token_for_a_fetch_and_a_one_line
     git("ls-remote", DEFAULT_CS, env=env)
     reads = [r for r in git_requests(server, before) if r["service"] == "git-upload-pack"]
     assert reads and all(r["scopes"] == ["git:read"] for r in reads)
-    commit(work, "owner.txt", env)
+    commit(work, "owner.txt", env=env)
     before = len(server.requests())
     proc = run_git("push", DEFAULT_CS, "HEAD:refs/heads/main", cwd=work, env=env)
     assert proc.returncode != 0

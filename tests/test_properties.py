@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from git_credential_codestore import config, credential, gitenv, keys, remotes, tokens, vocab
+from git_credential_codestore import config, credential, gitenv, keys, lines, remotes, tokens, vocab
 from git_credential_codestore.agent import client, wire
 from git_credential_codestore.errors import CodestoreError, ConfigError, ProtocolError, RemoteError, TokenError
 from git_credential_codestore.vocab import TokenRequest
@@ -49,6 +49,16 @@ def test_the_credential_parser_returns_fields_or_a_protocol_error_that_quotes_no
         assert SECRET not in str(e) and "\n" not in str(e)
         return
     assert all(k and "\n" not in k + v and "\0" not in k + v for k, v in fields.items())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=30))
+@example("token\x7f")
+@example("a\u2028b\xa0c\x85")  # Unicode separators: not controls on the wire
+@example("\x1f")
+def test_the_wires_control_test_is_exactly_c0_and_del(text: str) -> None:
+    # The fast path (ASCII: isprintable) must agree with the definition for every text.
+    assert lines.has_control(text) == any(ord(c) < 32 or c == "\x7f" for c in text)
 
 
 KEY = st.text(alphabet=st.characters(blacklist_characters="=\n\0\r", blacklist_categories=["Cs"]), min_size=1, max_size=20)

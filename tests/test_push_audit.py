@@ -16,9 +16,9 @@ import pytest
 from git_credential_codestore import audit
 from remote_helper import protocol, pushwatch
 from remote_helper.protocol import LineReader
-from tests.conftest import DevServer, git, new_repo
+from tests.conftest import DevServer, commit, git, new_repo
 from tests.test_agent import Agent, sandbox_env, start_agent
-from tests.test_remote_helper import EPHEMERAL_URL, REPO, URL, commit
+from tests.test_remote_helper import EPHEMERAL_URL, REPO, URL
 
 ZERO = "0" * 40
 

@@ -15,19 +15,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ORG, Clock, DevServer, git, run_cli, slow_pre_push_hook
+from tests.conftest import ORG, Clock, DevServer, commit, git, run_cli, slow_pre_push_hook
 from tests.leakscan import files_with_secrets, key_needles, run_git_traced, secrets_in_text
 
 REPO = "team/app"
 URL = f"codestore://{ORG}/{REPO}"
 EPHEMERAL_URL = f"codestore://{ORG}/{REPO}+ephemeral"
-
-
-def commit(repo: Path, name: str, text: str = "x\n", message: str | None = None) -> str:
-    (repo / name).write_text(text)
-    git("add", name, cwd=repo)
-    git("commit", "-qm", message or f"add {name}", cwd=repo)
-    return git("rev-parse", "HEAD", cwd=repo).stdout.strip()
 
 
 def remote_refs(url: str) -> dict[str, str]:

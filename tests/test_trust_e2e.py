@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DevServer, OrgKey, git
+from tests.conftest import DevServer, OrgKey, commit, git
 from tests.leakscan import files_with_secrets
 from tests.oidc_issuer import CertAuthority, Issuer, SigningKey, new_key, start_issuer
 from tests.test_agent import REPO, Agent, sandbox_env, start_agent
-from tests.test_agent_e2e import commit, push_new_branch, seed_repo
+from tests.test_agent_e2e import push_new_branch, seed_repo
 
 MODAL_POLICY = ("--audience", "oidc.modal.com", "--claim", "workspace_id=ac-12345abcd", "--claim", "app_name=agent-*",
                 "--repo", REPO, "--scopes", "git:read git:write", "--ephemeral-only",
@@ -95,7 +95,7 @@ def test_a_push_with_a_workload_identity_is_audited_under_the_workload_and_its_p
     env = world.sandbox(MODAL_IDENTITY_TOKEN=token)
     work = tmp_path / "work"
     git("clone", "-q", "--branch", "base", f"codestore://acme/{REPO}+ephemeral", str(work), env=env)
-    commit(work, "feat.txt", env)
+    commit(work, "feat.txt", env=env)
     proc = git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=work, env=env)
     assert "not in the audit trail" not in proc.stderr, proc.stderr
     sha = git("rev-parse", "HEAD", cwd=work).stdout.strip()

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from uvicorn.config import Config
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
@@ -104,12 +105,12 @@ class AgentProtocol(HttpToolsProtocol):
         self._token_header: Callable[[str], str | None] = lambda name: None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        lst = self.listener
+        address = transport.get_extra_info("peername") if lst.transport == "tcp" else None
         if self.slot is None:
             # Accepted by the event loop itself (a listener without TLS): counted and
             # identified here, in the same loop callback as the accept.
-            lst = self.listener
-            address = transport.get_extra_info("peername")
-            slot = self.front._take(str(address[0]) if lst.transport == "tcp" and isinstance(address, tuple) else "")
+            slot = self.front._take(str(address[0]) if isinstance(address, tuple) else "")
             if slot is None:
                 self._busy = True
                 transport.write(_BUSY)
@@ -117,7 +118,15 @@ class AgentProtocol(HttpToolsProtocol):
                 return
             self.slot = slot
             self.caller = identify(transport.get_extra_info("socket"), address, lst.transport, lst.bound_grant)
-        super().connection_made(transport)
+        # HttpToolsProtocol.connection_made, with the addresses the listener already knows:
+        # uvicorn asks the transport for a socket object twice and for its TLS context once
+        # per connection, for scope fields the agent's handler does not read.
+        self.connections.add(self)
+        self.transport = transport
+        self.flow = FlowControl(transport)
+        self.server = lst.address
+        self.client = (str(address[0]), int(address[1])) if isinstance(address, tuple) else None
+        self.scheme = "http" if lst.tls is None else "https"
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -256,6 +265,8 @@ class _Listener:
         self.server: asyncio.AbstractServer | None = None  # the loop's own accept (the others)
         self.path = ""
         self.inode = 0
+        name = sock.getsockname()  # the ASGI scope's "server", as uvicorn's get_local_addr gives it
+        self.address: tuple[str, int | None] = (str(name[0]), int(name[1])) if isinstance(name, tuple) else (str(name), None)
 
 
 class AsgiFront:

@@ -10,7 +10,7 @@ Two places hold it, for two readers:
 - the `audit` table of the agent's database, shared by replicas and queried by
   `codestore audit` through POST /v1/audit/query (`search`, below: every replica's
   rows, filtered in SQL on indexed columns): grant changes are written in the same transaction as the change
-  itself (a grant never exists without its record); mints and refusals are buffered
+  itself (a grant never exists without its record: `Change` and `withdraw` below); mints and refusals are buffered
   and added in batches by the store's flush (every second), so the database is not
   written once per token;
 - a JSON-lines file (`--audit-log`, default in the state dir), appended at once with
@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..audit import EVENTS, TIME_FORMAT, Query
 from ..errors import UsageError, redact
@@ -67,6 +67,18 @@ _COLUMNS = {"repo": "repo", "grant": "grant_id", "sub": "sub", "event": "event"}
 _INSERT = "INSERT INTO audit (time, event, grant_id, sub, repo, result, replica, fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
+_last_stamp = (-1, "")  # (second, its text): replaced whole, so threads never see half of it
+
+
+def _stamp(second: int) -> str:
+    """An entry's UTC time to the second: formatted once a second, not once a token."""
+    global _last_stamp
+    last = _last_stamp
+    if last[0] != second:
+        last = _last_stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+    return last[1]
+
+
 class AuditLog:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -86,7 +98,7 @@ class AuditLog:
 
     def _entry(self, event: str, fields: Mapping[str, object]) -> tuple[str, tuple[object, ...]]:
         now = time.time()
-        entry: dict[str, object] = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "event": event}
+        entry: dict[str, object] = {"time": _stamp(int(now)), "event": event}
         entry.update(fields)
         if isinstance(entry.get("reason"), str):
             entry["reason"] = redact(str(entry["reason"]))
@@ -152,6 +164,62 @@ class AuditLog:
             os.close(self._fd)
         except OSError:
             pass
+
+
+class _Public(Protocol):
+    def public(self) -> dict[str, object]: ...
+
+
+T = TypeVar("T", bound=_Public)
+
+
+class Change(Generic[T]):
+    """The audit row of one admin change (a grant, a trust policy), committed with the change.
+
+    Handed to the store as its `audit` hook, it writes the row inside the change's own
+    transaction: a change never exists without its record. `after()`, once committed,
+    appends the file line and returns what went wrong with it (None: nothing), for `told`.
+    """
+
+    def __init__(self, log: AuditLog, event: str, fields: Callable[[T], Mapping[str, object]]) -> None:
+        self._log, self._event, self._fields = log, event, fields
+        self._after: Callable[[], str | None] = lambda: None
+
+    def __call__(self, tx: db.Tx, thing: T) -> None:
+        write, self._after = self._log.in_transaction(self._event, self._fields(thing))
+        write(tx)
+
+    def after(self) -> str | None:
+        return self._after()
+
+
+def told(reply: dict[str, object], done: str, *warnings: str | None) -> dict[str, object]:
+    """An admin reply once the change is committed: with what failed after the commit, if anything."""
+    failed = [w for w in warnings if w]
+    if failed:
+        reply["warning"] = f"{done}, but " + "; ".join(failed)
+    return reply
+
+
+def withdraw(log: AuditLog, event: str, fields: Callable[[T], Mapping[str, object]],
+             remove: Callable[[Change[T]], T | None], *, name: str, listing: str, verb: str, done: str,
+             then: Callable[[T], str | None] = lambda thing: None) -> tuple[int, dict[str, object]]:
+    """An admin call that ends something (a grant's revocation, a trust policy's removal), with its audit row.
+
+    `remove(audit)` makes the change in one transaction, calling `audit` in it, and returns
+    what it ended (None: there is no `name`). The reply: 503 when the store could not
+    commit (nothing changed: try again), 404 when there is nothing to end, else 200 with
+    its public fields and a warning for what failed after the commit: the audit file, then
+    `then` (what else the change undoes, e.g. a grant's socket).
+    """
+    audit = Change(log, event, fields)
+    try:
+        thing = remove(audit)
+    except db.StoreError as e:
+        return 503, {"error": f"{name} was NOT {verb}: {e}; try again"}
+    if thing is None:
+        return 404, {"error": f"no {name}; see: codestore {listing} list"}
+    return 200, told(thing.public(), f"{name} {done}", audit.after(), then(thing))
 
 
 def _where(query: Query) -> tuple[list[str], list[object]]:

@@ -92,15 +92,12 @@ def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str], deadline: flo
         if ep.kind == "unix":
             sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
             sock.settimeout(timeout)
-            addr, fd = unix_address(ep.address)
             try:
-                _connect_unix(sock, addr, timeout)
+                with unix_address(ep.address) as addr:
+                    _connect_unix(sock, addr, timeout)
             except OSError:
                 sock.close()
                 raise
-            finally:
-                if fd is not None:
-                    os.close(fd)
             return sock
         import socket
 

@@ -126,16 +126,29 @@ def socket_path(option: str | None = None, env: Mapping[str, str] | None = None)
     return os.path.abspath(os.path.expanduser(option or env.get(AGENT_SOCK) or default_socket(env)))
 
 
-def unix_address(path: str) -> tuple[str, int | None]:
-    """An AF_UNIX address for `path`, even beyond the ~107-byte sun_path limit.
+class unix_address:  # lower case: read as a function, `with unix_address(path) as addr:`
+    """An AF_UNIX address for `path`, even beyond the ~107-byte sun_path limit, for a
+    bind or connect inside the `with` block.
 
     Long paths (deep temp dirs) go through /proc/self/fd/N of the open directory on
-    Linux. Returns (address, fd to close afterwards).
+    Linux; the directory is closed when the block ends, however it ends. A class rather
+    than contextlib's decorator: this module is on the helpers' fast path.
     """
-    if len(path.encode()) < 100 or not os.path.isdir("/proc/self/fd"):
-        return path, None
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    return f"/proc/self/fd/{fd}/{os.path.basename(path)}", fd
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def __enter__(self) -> str:
+        if len(self.path.encode()) < 100 or not os.path.isdir("/proc/self/fd"):
+            return self.path
+        self.fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+        return f"/proc/self/fd/{self.fd}/{os.path.basename(self.path)}"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class Endpoint(record("Endpoint", "kind address port", defaults=(0,))):
@@ -194,16 +207,14 @@ def answers(path: str, exists: bool) -> bool:
 
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(0.5)
-    addr, fd = unix_address(path)
     try:
-        s.connect(addr)
+        with unix_address(path) as addr:
+            s.connect(addr)
         return True
     except OSError:
         return False
     finally:
         s.close()
-        if fd is not None:
-            os.close(fd)
 
 
 def key_file_present(cfg: Config, env: Mapping[str, str]) -> bool:

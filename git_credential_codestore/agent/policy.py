@@ -76,12 +76,13 @@ def clamp_to_grant(grant: Permission, req: TokenRequest, default_ttl: int, now: 
     if not covers(grant.repos, req.repo):
         raise Refused(403, f"{grant.label} does not cover repository {req.repo!r} (it covers {', '.join(grant.repos)})")
     scopes = req.scopes
+    allowed = with_implied(grant.scopes)
     if req.narrow:
         # A ceiling, not a demand: keep what the grant allows (with what it implies, as
         # config.Config.narrow does for the owner). Nothing left: refused below.
-        kept = [s for s in req.scopes if s in with_implied(grant.scopes)]
+        kept = [s for s in req.scopes if s in allowed]
         scopes = with_implied(kept) if kept else req.scopes
-    extra = [s for s in scopes if s not in with_implied(grant.scopes)]
+    extra = [s for s in scopes if s not in allowed]
     if extra:
         raise Refused(403, f"{grant.label} does not allow {' '.join(extra)} (it allows {' '.join(grant.scopes)})")
     if grant.ephemeral_only and not req.ephemeral:

@@ -56,9 +56,9 @@ from ..config import Config
 from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, boundary, redact
 from ..vocab import TokenRequest, is_loopback, split_url
 from . import policy, report, wire
-from .audit import AuditLog
+from .audit import AuditLog, Change, told, withdraw
 from .client import key_identity
-from .db import StoreError, Tx
+from .db import StoreError
 from .discovery import AGENT_KEY, default_socket, grant_socket, unix_address
 from .grants import STATES, Grant, GrantStore, grant_id_of
 from .identity import Verifier, https_fetcher
@@ -71,6 +71,7 @@ MAX_CONNECTIONS = 1024
 PER_PEER = 128  # connections one network address may hold at once: its fair share
 IO_TIMEOUT = 5.0  # per read or write, and a TLS handshake
 CONNECTION_DEADLINE = 15.0  # a whole request, however slowly it trickles in
+MEMO_REQUESTS, MEMO_BODY = 4096, 1024  # token request bodies remembered read: at most 4 MiB
 DRAIN_TIMEOUT = 10.0  # shutdown: how long requests in flight may take to finish
 
 
@@ -94,7 +95,9 @@ class Agent:
     def __init__(self, cfg: Config, key: tokens.PrivateKey | tokens.Signer, key_where: str, key_id: str, store: GrantStore, audit: AuditLog) -> None:
         self.cfg = cfg
         self.org = cfg.require_org()
-        self.key = key
+        # A key in memory is wrapped once: its algorithm and signature shape are not decided per token.
+        self._key_in_memory = isinstance(key, tokens.PrivateKey)
+        self.key: tokens.LocalSigner | tokens.Signer = tokens.LocalSigner(key) if isinstance(key, tokens.PrivateKey) else key
         self.key_where = key_where
         self.key_id = key_id
         self.store = store
@@ -120,7 +123,7 @@ class Agent:
         # Read once: the environment of a running agent does not change, and the check
         # costs more than a cached grant lookup on every token.
         self.tracing = trace.target() is not None
-        self._key_in_memory = isinstance(key, tokens.PrivateKey)
+        self._requests: dict[bytes, tuple[TokenRequest, dict[str, str], TokenRequest | policy.Refused]] = {}
 
     # -- the router -------------------------------------------------------------------
 
@@ -130,7 +133,6 @@ class Agent:
         ("GET", re.compile(r"/healthz"), "healthz"),
         ("GET", re.compile(r"/readyz"), "readyz"),
         ("GET", re.compile(r"/metrics"), "metrics"),
-        ("POST", re.compile(r"/v1/token"), "token"),
         ("GET", re.compile(r"/v1/status"), "status"),
         ("GET", re.compile(r"/v1/grants"), "list_grants"),
         ("POST", re.compile(r"/v1/grants"), "create_grant"),
@@ -147,6 +149,11 @@ class Agent:
     def dispatch(self, caller: Caller, method: str, target: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
         self.last_activity = time.monotonic()
         path, _, query = target.partition("?")
+        if path == "/v1/token" and method == "POST":  # every git operation's request, first
+            t0 = time.perf_counter()
+            status, reply = self.mint(caller, authorization, body)  # lines, not JSON (wire.py)
+            self.metrics.observe(status, time.perf_counter() - t0)
+            return status, reply
         for m, pattern, route in self._ROUTES:
             match = pattern.fullmatch(path)
             if match and m == method:
@@ -159,11 +166,6 @@ class Agent:
                 # A grant holder must never create grants (it would widen its own).
                 self.audit.record("refuse", {"action": name, "peer": caller.peer, "via": caller.transport, "reason": "admin call from a non-owner"})
                 return 403, {"error": "administrative calls are accepted only from the owner on the agent's own socket, without a grant"}
-        if name == "token":
-            t0 = time.perf_counter()
-            status, reply = self.mint(caller, authorization, body)  # lines, not JSON (wire.py)
-            self.metrics.observe(status, time.perf_counter() - t0)
-            return status, reply
         try:
             data = json.loads(body) if body else {}
         except (ValueError, UnicodeDecodeError):
@@ -246,9 +248,31 @@ class Agent:
             return None, f"peer uid {caller.uid} is not the agent's owner; present a grant"
         return None, None
 
+    def _read_request(self, body: bytes) -> tuple[TokenRequest, dict[str, str], TokenRequest | policy.Refused]:
+        """(request, owner fields, the request checked or why not) of a token request body.
+
+        A pure function of the bytes, remembered for the last few thousand distinct bodies:
+        a sandbox's helpers send the same few bodies all day, and reading one is a fifth of
+        a token's work. Who asks and what they may have are decided per request, after this.
+        ProtocolError for a body that is not this format (not remembered).
+        """
+        known = self._requests.get(body)
+        if known is None:
+            request, owner = wire.decode_request(body)
+            try:
+                checked: TokenRequest | policy.Refused = policy.check_request(request)
+            except policy.Refused as e:
+                checked = e
+            known = (request, owner, checked)
+            if len(body) <= MEMO_BODY:
+                if len(self._requests) >= MEMO_REQUESTS:
+                    self._requests.clear()  # a flood of distinct bodies costs speed, never memory
+                self._requests[body] = known
+        return known
+
     def mint(self, caller: Caller, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
         try:
-            request, owner = wire.decode_request(body)
+            request, owner, checked = self._read_request(body)
         except ProtocolError as e:
             return 400, {"error": f"bad token request: {e}"}
         data = {"repo": request.repo, "scopes": list(request.scopes), "ttl": request.ttl, "ephemeral": request.ephemeral}
@@ -266,10 +290,9 @@ class Agent:
             secret = (authorization or "").partition(" ")[2].strip()
             who["grant"] = grant_id_of(secret)  # the id a presented secret claims, never the secret
             return self._refuse(who, data, reason, status)
-        try:
-            req = policy.check_request(request)
-        except policy.Refused as e:
-            return self._refuse(who, data, e.reason, e.status, grant)
+        if isinstance(checked, policy.Refused):
+            return self._refuse(who, data, checked.reason, checked.status, grant)
+        req = checked
         try:
             if grant is not None:
                 decision = policy.clamp_to_grant(grant, req, self.cfg.ttl)
@@ -373,17 +396,11 @@ class Agent:
                 raise ConfigError(f"--max-per-minute must be 1..1000000, not {rate!r}")
         except CodestoreError as e:
             return 400, {"error": str(e)}
-        after: list[Callable[[], str | None]] = []
-
-        def audit(tx: Tx, grant: Grant) -> None:
-            write, after_commit = self.audit.in_transaction("grant-create", {
-                "grant": grant.id, "sub": grant.sub, "repos": grant.repos, "scopes": grant.scopes,
-                "max_ttl": grant.max_ttl, "expires_at": grant.expires_at, "ephemeral_only": grant.ephemeral_only,
-                "refs": grant.refs or None, "max_per_minute": grant.max_per_minute,
-            })
-            write(tx)
-            after.append(after_commit)
-
+        audit: Change[Grant] = Change(self.audit, "grant-create", lambda grant: {
+            "grant": grant.id, "sub": grant.sub, "repos": grant.repos, "scopes": grant.scopes,
+            "max_ttl": grant.max_ttl, "expires_at": grant.expires_at, "ephemeral_only": grant.ephemeral_only,
+            "refs": grant.refs or None, "max_per_minute": grant.max_per_minute,
+        })
         try:
             grant, secret = self.store.create(
                 repos=terms.repos, scopes=terms.scopes, max_ttl=terms.max_ttl, sub=sub,
@@ -396,39 +413,25 @@ class Agent:
         # Durable from here on: whatever fails next, the admin hears that the grant exists.
         reply = grant.public()
         reply["grant"] = secret.reveal()
-        warnings = [w for w in (after[0](),) if w]
+        audit_warning, socket_warning = audit.after(), None
         try:
             reply["socket"] = self.on_grant_created(grant) if grant.own_socket else None
         except (OSError, CodestoreError) as e:
             reply["socket"] = None
-            warnings.append(f"its socket could not be opened ({getattr(e, 'strerror', None) or e})")
-        if warnings:
-            reply["warning"] = f"grant {grant.id} was created, but " + "; ".join(warnings)
-        return 201, reply
+            socket_warning = f"its socket could not be opened ({getattr(e, 'strerror', None) or e})"
+        return 201, told(reply, f"grant {grant.id} was created", audit_warning, socket_warning)
 
     def revoke_grant(self, gid: str) -> tuple[int, dict[str, object]]:
-        after: list[Callable[[], str | None]] = []
+        def close_socket(grant: Grant) -> str | None:
+            try:
+                self.on_grant_revoked(grant)
+            except OSError as e:
+                return f"its socket could not be closed ({e.strerror})"
+            return None
 
-        def audit(tx: Tx, grant: Grant) -> None:
-            write, after_commit = self.audit.in_transaction("grant-revoke", {"grant": grant.id, "sub": grant.sub})
-            write(tx)
-            after.append(after_commit)
-
-        try:
-            grant = self.store.revoke(gid, audit=audit)
-        except StoreError as e:
-            return 503, {"error": f"grant {gid} was NOT revoked: {e}; try again"}
-        if grant is None:
-            return 404, {"error": f"no grant {gid}; see: codestore grant list"}
-        reply = grant.public()
-        warnings = [w for w in (after[0](),) if w]
-        try:
-            self.on_grant_revoked(grant)
-        except OSError as e:
-            warnings.append(f"its socket could not be closed ({e.strerror})")
-        if warnings:
-            reply["warning"] = f"grant {grant.id} is revoked, but " + "; ".join(warnings)
-        return 200, reply
+        return withdraw(self.audit, "grant-revoke", lambda grant: {"grant": grant.id, "sub": grant.sub},
+                        lambda audit: self.store.revoke(gid, audit=audit),
+                        name=f"grant {gid}", listing="grant", verb="revoked", done="is revoked", then=close_socket)
 
     def list_grants(self, query: str) -> tuple[int, dict[str, object]]:
         from urllib.parse import parse_qs
@@ -648,9 +651,9 @@ def _claim(path: str) -> None:
         raise UsageError(f"{path} exists and is not a socket; refusing to replace it: move it away or pass another --socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
-    addr, fd = unix_address(path)
     try:
-        probe.connect(addr)
+        with unix_address(path) as addr:
+            probe.connect(addr)
     except ConnectionRefusedError:
         os.unlink(path)  # a socket nobody listens on: left by an agent that died
     except OSError as e:
@@ -659,8 +662,6 @@ def _claim(path: str) -> None:
         raise ConfigError(f"an agent is already running at {path}; stop it with: codestore agent stop")
     finally:
         probe.close()
-        if fd is not None:
-            os.close(fd)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -696,17 +697,14 @@ def _has_fleet_front() -> bool:
 def bind_unix(path: str) -> socket.socket:
     """A listening Unix socket at `path`, 0600 (its directory is the agent's, 0700)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    addr, fd = unix_address(path)
     try:
-        sock.bind(addr)
+        with unix_address(path) as addr:
+            sock.bind(addr)
         os.chmod(path, 0o600)
         sock.listen(1024)
     except OSError:
         sock.close()
         raise
-    finally:
-        if fd is not None:
-            os.close(fd)
     return sock
 
 

@@ -223,12 +223,8 @@ class _Listener(socketserver.ThreadingMixIn, socketserver.BaseServer):
 
 class UnixListener(_Listener, socketserver.UnixStreamServer):
     def server_bind(self) -> None:
-        addr, fd = unix_address(self.server_address)  # type: ignore[arg-type]
-        try:
+        with unix_address(self.server_address) as addr:  # type: ignore[arg-type]
             self.socket.bind(addr)
-        finally:
-            if fd is not None:
-                os.close(fd)
         os.chmod(self.server_address, 0o600)  # type: ignore[arg-type]
         self.path = str(self.server_address)
         self.inode = os.stat(self.server_address).st_ino  # type: ignore[arg-type]

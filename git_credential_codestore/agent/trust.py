@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 from ..errors import CodestoreError, ConfigError, Refused
 from ..vocab import MIN_TTL
 from . import db, policy
+from .audit import Change, told, withdraw
 from .db import Database, StoreError, Tx
 from .identity import Identity, Verifier, printable
 
@@ -375,36 +376,17 @@ class Trust:
             p = parse_policy(data)
         except CodestoreError as e:
             return 400, {"error": str(e)}
-        write, after = agent.audit.in_transaction("trust-add", {k: v for k, v in p.public().items() if k != "created_at"})
+        audit: Change[TrustPolicy] = Change(agent.audit, "trust-add", lambda p: {k: v for k, v in p.public().items() if k != "created_at"})
         try:
-            self.store.add(p, audit=lambda tx, _: write(tx))
+            self.store.add(p, audit=audit)
         except StoreError as e:
             return 503, {"error": f"no trust policy was added: {e}; try again"}
-        return 201, self._told(p, after(), "added")
+        return 201, told(p.public(), f"{p.label} was added", audit.after())
 
     def remove(self, agent: Agent, pid: str) -> tuple[int, dict[str, object]]:
-        after: list[Callable[[], str | None]] = []
-
-        def audit(tx: Tx, p: TrustPolicy) -> None:
-            write, done = agent.audit.in_transaction("trust-remove", {"id": p.id, "issuer": p.issuer})
-            write(tx)
-            after.append(done)
-
-        try:
-            p = self.store.remove(pid, audit=audit)
-        except StoreError as e:
-            return 503, {"error": f"trust policy {pid} was NOT removed: {e}; try again"}
-        if p is None:
-            return 404, {"error": f"no trust policy {pid}; see: codestore trust list"}
-        return 200, self._told(p, after[0](), "removed")
-
-    @staticmethod
-    def _told(p: TrustPolicy, warning: str | None, done: str) -> dict[str, object]:
-        """The reply once committed: the policy, and what failed after the commit, if anything."""
-        reply = p.public()
-        if warning:
-            reply["warning"] = f"{p.label} was {done}, but {warning}"
-        return reply
+        return withdraw(agent.audit, "trust-remove", lambda p: {"id": p.id, "issuer": p.issuer},
+                        lambda audit: self.store.remove(pid, audit=audit),
+                        name=f"trust policy {pid}", listing="trust", verb="removed", done="was removed")
 
     def list(self) -> tuple[int, dict[str, object]]:
         try:

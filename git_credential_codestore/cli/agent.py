@@ -13,7 +13,7 @@ import time
 
 import click
 
-from ..errors import CodestoreError
+from ..errors import CodestoreError, ConfigError
 
 SOCKET_HELP = "Agent socket (default: $CODESTORE_AGENT_SOCK, else the user's runtime dir)."
 
@@ -43,6 +43,24 @@ def admin(socket_opt: str | None, method: str, path: str, body: dict[str, object
     status, reply = call(ep, method, path, body)
     if status >= 300:
         raise CodestoreError(f"the agent refused: {reply.get('error') or status}")
+    return reply
+
+
+def warn(reply: dict[str, object]) -> None:
+    """The agent committed the change; say what failed after it (the audit file, a socket), if anything."""
+    if reply.get("warning"):
+        click.echo(f"codestore: warning: {reply['warning']}", err=True)
+
+
+def admin_change(socket_opt: str | None, what: str, group: str, oid: str, route: str) -> dict[str, object]:
+    """POST one admin change to the grant or trust policy `oid` (`route`, its id in `{}`).
+
+    The id is checked here first; what failed after the agent committed is said on stderr.
+    """
+    if not oid.isalnum():
+        raise ConfigError(f"{oid!r} is not a {what} id; see: codestore {group} list")
+    reply = admin(socket_opt, "POST", route.format(oid.lower()))
+    warn(reply)
     return reply
 
 

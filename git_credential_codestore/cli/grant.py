@@ -14,7 +14,7 @@ import time
 import click
 
 from ..errors import CodestoreError, ConfigError
-from .agent import SOCKET_HELP, admin
+from .agent import SOCKET_HELP, admin, admin_change, warn
 
 
 def parse_duration(value: str) -> int:
@@ -143,8 +143,7 @@ def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, 
 
         body["refs"] = ref_policy_json(parse_ref_policy(ref_policy))
     g = admin(socket_opt, "POST", "/v1/grants", body)
-    if g.get("warning"):
-        click.echo(f"codestore: warning: {g['warning']}", err=True)
+    warn(g)
     if secret_file:
         _write_secret(secret_file, str(g["grant"]))
         fields = fields or ("id",)
@@ -171,11 +170,7 @@ def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, 
 @click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
 def grant_revoke(grant_id: str, socket_opt: str | None) -> None:
     """Revoke a grant at once (tokens already minted end at their short expiry)."""
-    if not grant_id.isalnum():
-        raise ConfigError(f"{grant_id!r} is not a grant id; see: codestore grant list")
-    g = admin(socket_opt, "POST", f"/v1/grants/{grant_id.lower()}/revoke")
-    if g.get("warning"):
-        click.echo(f"codestore: warning: {g['warning']}", err=True)
+    g = admin_change(socket_opt, "grant", "grant", grant_id, "/v1/grants/{}/revoke")
     click.echo(f"revoked {g['id']} ({g['sub']}); it mints nothing from now on")
 
 

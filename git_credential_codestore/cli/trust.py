@@ -11,7 +11,7 @@ import json
 import click
 
 from ..errors import ConfigError
-from .agent import SOCKET_HELP, admin
+from .agent import SOCKET_HELP, admin, admin_change, warn
 from .grant import _when, _words, parse_duration
 
 
@@ -61,18 +61,12 @@ def trust_add(issuer: str, audience: str, claims: tuple[str, ...], repos: tuple[
 
         body["refs"] = ref_policy_json(parse_ref_policy(ref_policy))
     p = admin(socket_opt, "POST", "/v1/trust", body)
-    _warn(p)
+    warn(p)
     if as_json:
         click.echo(json.dumps(p, indent=2))
         return
     click.echo(f"id:      {p['id']}")
     _describe(p)
-
-
-def _warn(p: dict[str, object]) -> None:
-    """The change is committed; say what failed after it (the audit file), if anything."""
-    if p.get("warning"):
-        click.echo(f"codestore: warning: {p['warning']}", err=True)
 
 
 def _describe(p: dict[str, object]) -> None:
@@ -109,8 +103,5 @@ def trust_list(socket_opt: str | None, as_json: bool) -> None:
 @click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
 def trust_remove(policy_id: str, socket_opt: str | None) -> None:
     """Remove a policy: no new exchange under it from now on (minted tokens end at their short expiry)."""
-    if not policy_id.isalnum():
-        raise ConfigError(f"{policy_id!r} is not a trust policy id; see: codestore trust list")
-    p = admin(socket_opt, "POST", f"/v1/trust/{policy_id.lower()}/remove")
-    _warn(p)
+    p = admin_change(socket_opt, "trust policy", "trust", policy_id, "/v1/trust/{}/remove")
     click.echo(f"removed {p['id']} ({p['issuer']}); it admits nothing from now on")
