@@ -5,7 +5,7 @@ else the 0600 file), `codestore config set org/kid/base_url` (config.toml), `cod
 setup` (git's credential config), an agent at the default socket; a dev server on
 127.0.0.1 trusting the key. Everything runs from the venv this script runs in (bench/run
 gives it install.sh's, with its lean launchers). Cases are interleaved, so the ratios
-hold on a busy machine even when the absolute numbers do not. It prints the four
+hold on a busy machine even when the absolute numbers do not. It prints the six
 numbers the README quotes:
 
 1. `git credential fill` via the agent, config.toml present      / git credential-store
@@ -15,6 +15,11 @@ numbers the README quotes:
 3. `git ls-remote codestore://...` minus `git ls-remote http://t:JWT@...` (same server)
 4. one chunked response from the dev server (a Nagle stall shows as ~40 ms;
    bench/devserver_latency.py measures the dev server's latency in detail)
+5. `git credential fill` in a sandbox as the README sets one up (its own HOME, no key, no
+   config.toml: the org and server, the agent's socket and a grant in its environment)
+                                                                  / git credential-store
+6. `git credential fill` for another host that lists our helper before credential-store,
+   minus credential-store alone: what ours costs git when it has to stay silent
 
 Run: <venv>/bin/python bench/fast_path.py [--runs 30]
 """
@@ -44,7 +49,7 @@ def environment(tmp: str) -> dict[str, str]:
     os.makedirs(run_dir, mode=0o700)
     store_file = os.path.join(tmp, "store")
     with open(store_file, "w") as f:
-        f.write("https://t:stored-password@store.example\n")
+        f.write("https://t:stored-password@store.example\nhttps://t:other-password@other.example\n")
     gitconfig = os.path.join(home, ".gitconfig")
     # The floor: a helper that is only the interpreter, started by git as ours is (by
     # name, through the launcher's `python -IS`), answering at once.
@@ -56,10 +61,29 @@ def environment(tmp: str) -> dict[str, str]:
     os.chmod(floor, 0o755)
     with open(gitconfig, "w") as f:
         f.write(f'[credential "https://store.example"]\n\thelper = store --file {store_file}\n'
-                '[credential "https://floor.example"]\n\thelper = floor\n')
+                '[credential "https://floor.example"]\n\thelper = floor\n'
+                # Another host, for which git asks ours first: it must say nothing, at once.
+                f'[credential "https://other.example"]\n\thelper = codestore\n\thelper = store --file {store_file}\n')
     from benchenv import hermetic_env
 
     return hermetic_env(home, gitconfig, path=(BIN, floor_bin), XDG_RUNTIME_DIR=run_dir)
+
+
+def sandbox_environment(tmp: str, base: str, socket: str, grant: str) -> dict[str, str]:
+    """A sandbox as the README sets one up: its own HOME with no key and no config.toml; the
+    org and server (the dev server, where a real sandbox has acme.code.storage's default),
+    the agent's socket and a grant in its environment; git configured by `codestore setup`."""
+    from benchenv import hermetic_env
+
+    home = os.path.join(tmp, "sandbox-home")
+    run_dir = os.path.join(tmp, "sandbox-run")
+    os.makedirs(home)
+    os.makedirs(run_dir, mode=0o700)
+    env = hermetic_env(home, os.path.join(home, ".gitconfig"), path=(BIN,), XDG_RUNTIME_DIR=run_dir,
+                       CODESTORE_ORG=ORG, CODESTORE_BASE_URL=base, CODESTORE_AGENT_SOCK=socket,
+                       CODESTORE_GRANT=grant)
+    codestore(env, "setup")
+    return env
 
 
 def codestore(env: dict[str, str], *args: str) -> str:
@@ -77,6 +101,18 @@ def timed(args: list[str], env: dict[str, str], stdin: str = "", expect: str = "
     if proc.returncode != 0 or expect not in proc.stdout:
         raise SystemExit(f"bench: {' '.join(args[:3])} failed: {proc.stderr.strip()[-300:]}")
     return elapsed
+
+
+def signed_for(env: dict[str, str], request: str, sub: str) -> None:
+    """Fail unless `git credential fill` gets a token stamped with `sub` (a grant's)."""
+    from git_credential_codestore.lines import parse_lines
+    from git_credential_codestore.secrets import Token
+    from git_credential_codestore.tokens import unverified_parts
+
+    proc = subprocess.run(["git", "credential", "fill"], input=request, capture_output=True, text=True, env=env)
+    password = dict(parse_lines(proc.stdout.encode(), what="git credential fill's answer")).get("password", "")
+    if not password.startswith("eyJ") or unverified_parts(Token(password, 0))[1].get("sub") != sub:
+        raise SystemExit(f"bench: git credential fill did not get a token for {sub}: {proc.stderr.strip()[-300:]}")
 
 
 def chunked_response(base: str, token: str) -> float:
@@ -131,16 +167,22 @@ def main() -> int:
             agent = subprocess.Popen([os.path.join(BIN, "codestore"), "agent", "serve"], env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
             assert agent.stdout is not None
-            if not agent.stdout.readline().startswith("serving unix:") or not agent.stdout.readline().startswith("ready"):
+            serving = agent.stdout.readline()
+            if not serving.startswith("serving unix:") or not agent.stdout.readline().startswith("ready"):
                 raise SystemExit("bench: the agent did not start")
+            grant = codestore(env, "grant", "create", "--repo", REPO, "--sub", "bench-sandbox", "--secret-only").strip()
+            sandbox = sandbox_environment(tmp, base, serving.split("unix:", 1)[1].strip(), grant)
             no_agent = dict(env, CODESTORE_AGENT="off")
             ours = f"url={base}/{REPO}.git\n\n"
             host = base.split("://", 1)[1]
             fill = ["git", "credential", "fill"]
             cases = {
                 "store": lambda: timed(fill, env, "url=https://store.example/r.git\n\n", "password="),
+                "another host, ours first": lambda: timed(fill, env, "url=https://other.example/r.git\n\n",
+                                                          "password=other-password"),
                 "bare python helper": lambda: timed(fill, env, "url=https://floor.example/r.git\n\n", "password=floor"),
                 "agent": lambda: timed(fill, env, ours, "password=eyJ"),
+                "agent, sandbox's grant": lambda: timed(fill, sandbox, ours, "password=eyJ"),
                 "local-key": lambda: timed(fill, no_agent, ours, "password=eyJ"),
                 "ls-remote codestore://": lambda: timed(["git", "ls-remote", f"codestore://{ORG}/{REPO}"], env,
                                                         expect="refs/heads/main"),
@@ -151,6 +193,7 @@ def main() -> int:
             }
             for case in cases.values():
                 case()  # warm the page cache, the config cache and the server
+            signed_for(sandbox, ours, "bench-sandbox")  # the sandbox's row is the grant's path
             times: dict[str, list[float]] = {name: [] for name in cases}
             for _ in range(opts.runs):
                 for name, case in cases.items():
@@ -161,7 +204,7 @@ def main() -> int:
                   f"median of {opts.runs} interleaved runs:")
             for name, ms in med.items():
                 print(f"   {name:<24} {ms:7.1f} ms   {ms / store:5.2f}x store")
-            print("the four numbers (targets in parentheses):")
+            print("the numbers (targets in parentheses):")
             print(f"   1. credential fill via the agent:       {med['agent'] / store:5.2f}x credential-store  (<= 3.5x)")
             print(f"   2. credential fill, local key:          {med['local-key'] / store:5.2f}x credential-store  (<= 10x)")
             floor = med["bare python helper"]
@@ -170,6 +213,10 @@ def main() -> int:
             extra = med["ls-remote codestore://"] - med["ls-remote token URL"]
             print(f"   3. ls-remote codestore:// vs token URL: {extra:+5.1f} ms per operation  (<= +15 ms)")
             print(f"   4. one chunked response (dev server):   {med['chunked response']:5.1f} ms  (a Nagle stall is ~40 ms)")
+            grant_x = med["agent, sandbox's grant"] / store
+            print(f"   5. credential fill in a sandbox, grant: {grant_x:5.2f}x credential-store  (none)")
+            silent = med["another host, ours first"] - store
+            print(f"   6. another host, ours asked first:      {silent:+5.1f} ms over credential-store alone  (none)")
         finally:
             if agent is not None:
                 processes.stop(agent)

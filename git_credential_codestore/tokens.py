@@ -118,8 +118,11 @@ def _b64(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps with options builds an encoder per call
+
+
 def _b64json(obj: Mapping[str, object]) -> bytes:
-    return _b64(json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+    return _b64(_COMPACT(obj).encode("utf-8"))
 
 
 class LocalSigner:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 from git_credential_codestore.agent.client import AgentRefused
 from tests.conftest import BIN, OrgKey
-from tests.test_agent import mint, sandbox_env, start_agent
+from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
+from tests.test_agent_metrics import parse
 from tests.test_agent_store import admin, create
 
 
@@ -65,6 +69,7 @@ def test_agent_stop_stops_every_worker(tmp_path: Path, org_key: OrgKey) -> None:
     workers = _workers(a.proc.pid)
     proc = a.cli("agent", "stop")
     assert proc.returncode == 0, proc.stderr
+    assert f"agent stopped (pid {a.proc.pid})" in proc.stdout  # the agent's pid, not the worker's that answered
     assert a.proc.wait(timeout=20) == 0
     assert all(_gone(pid) for pid in workers)
 
@@ -109,3 +114,86 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, org_key: OrgKe
     while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(_gone(pid) for pid in workers)
+
+
+class _UnixHTTP(http.client.HTTPConnection):
+    """One keep-alive connection to the agent's socket: it stays with the worker that accepted it."""
+
+    auto_open = 0  # a closed connection is an error here, never a silent reconnect to another worker
+
+    def __init__(self, path: str) -> None:
+        super().__init__("agent", timeout=10)
+        self.unix_path = path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(path)
+        self.sock = sock
+
+    def ask(self, method: str, path: str, body: bytes = b"", authorization: str | None = None) -> tuple[int, bytes]:
+        self.request(method, path, body, {"Authorization": authorization} if authorization else {})
+        reply = self.getresponse()
+        return reply.status, reply.read()
+
+
+def _connections_to_each_worker(a: Agent, n: int) -> list[_UnixHTTP]:
+    """Connections until one is held by each of the n workers (told apart by /v1/status)."""
+    held: dict[int, _UnixHTTP] = {}
+    for _ in range(200):
+        conn = _UnixHTTP(a.socket)
+        status, body = conn.ask("GET", "/v1/status")
+        assert status == 200
+        pid = json.loads(body)["worker_pid"]
+        if pid in held:
+            conn.close()
+        else:
+            held[pid] = conn
+        if len(held) == n:
+            return list(held.values())
+    raise AssertionError(f"200 connections reached only workers {sorted(held)}")
+
+
+def test_metrics_and_status_count_the_tokens_of_every_worker_and_never_go_down(tmp_path: Path, org_key: OrgKey) -> None:
+    a = start_agent(tmp_path, "--workers", "2")
+    conns: list[_UnixHTTP] = []
+    try:
+        g = create(a)
+        grant = f"Grant {g['grant']}"
+        conns = _connections_to_each_worker(a, 2)
+        env = sandbox_env(g["grant"], url=a.url)
+        minted, refused = 0, {"beyond_grant": 0, "unauthenticated": 0, "bad_request": 0}
+        last: dict[str, float] = {}
+        for round_ in range(4):
+            for conn in conns:  # on each worker's own connection
+                for _ in range(2):
+                    assert conn.ask("POST", "/v1/token", f"repo={REPO}\nscopes=git:read\n".encode(), grant)[0] == 200
+                    minted += 1
+                assert conn.ask("POST", "/v1/token", b"repo=other/repo\nscopes=git:read\n", grant)[0] == 403
+                refused["beyond_grant"] += 1
+            assert mint(env).startswith("eyJ")  # and a helper's new connection, to whichever worker
+            minted += 1
+            assert conns[round_ % 2].ask("POST", "/v1/token", f"repo={REPO}\nscopes=git:read\n".encode(), "Grant cs_grant_0_forged")[0] == 401
+            refused["unauthenticated"] += 1
+            assert conns[0].ask("POST", "/v1/token", b"no such line\n", grant)[0] == 400
+            refused["bad_request"] += 1
+            for conn in conns * 2:  # each worker answers the scrape with the agent's totals
+                status, text = conn.ask("GET", "/metrics")
+                assert status == 200
+                m = parse(text.decode())
+                assert m["codestore_agent_tokens_minted_total"] == minted
+                for reason, n in refused.items():
+                    assert m[f'codestore_agent_tokens_refused_total{{reason="{reason}"}}'] == n, reason
+                assert m["codestore_agent_token_seconds_count"] == minted + sum(refused.values())
+                assert m["codestore_agent_workers"] == 2
+                counters = {k: v for k, v in m.items() if k.split("{")[0].endswith(("_total", "_bucket", "_sum", "_count"))}
+                assert not [k for k, v in counters.items() if v < last.get(k, 0)], "a counter went down between scrapes"
+                last = counters
+        s = json.loads(a.cli("agent", "status", "--json").stdout)
+        assert (s["pid"], s["workers"], s["mints"], s["refusals"]) == (a.proc.pid, 2, minted, sum(refused.values()))
+        said = a.cli("agent", "status").stdout
+        assert f"pid {a.proc.pid}, 2 worker processes" in said
+        assert f"{minted} minted, {sum(refused.values())} refused (4 bad_request, 8 beyond_grant, 4 unauthenticated)" in said
+        assert "since start, summed over the 2 workers" in said
+    finally:
+        for conn in conns:
+            conn.close()
+        a.stop()

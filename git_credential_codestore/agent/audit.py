@@ -67,6 +67,7 @@ _COLUMNS = {"repo": "repo", "grant": "grant_id", "sub": "sub", "event": "event"}
 _INSERT = "INSERT INTO audit (time, event, grant_id, sub, repo, result, replica, fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
+_LINE = json.JSONEncoder(separators=(",", ":"), default=str).encode  # one encoder, not one per entry
 _last_stamp = (-1, "")  # (second, its text): replaced whole, so threads never see half of it
 
 
@@ -102,7 +103,7 @@ class AuditLog:
         entry.update(fields)
         if isinstance(entry.get("reason"), str):
             entry["reason"] = redact(str(entry["reason"]))
-        text = json.dumps(entry, separators=(",", ":"), default=str)
+        text = _LINE(entry)
         row = (int(now), event, entry.get("grant"), entry.get("sub"), entry.get("repo"), entry.get("result"), self.replica, text)
         return text, tuple(None if v is not None and not isinstance(v, (str, int)) else v for v in row)
 

@@ -62,7 +62,7 @@ from .db import StoreError
 from .discovery import AGENT_KEY, default_socket, grant_socket, unix_address
 from .grants import STATES, Grant, GrantStore, grant_id_of
 from .identity import Verifier, https_fetcher
-from .metrics import Metrics
+from .metrics import Metrics, Table
 from .trust import Trust, TrustStore
 
 MAX_BODY = 64 * 1024
@@ -195,7 +195,7 @@ class Agent:
                 return self.trust.list()
             return self.trust.add(self, data) if name == "add_trust" else self.trust.remove(self, match.group(1))
         self.stop.set()
-        return 200, {"ok": True, "pid": os.getpid()}
+        return 200, {"ok": True, "pid": self.metrics.table.pid}  # the agent's, as status says, whichever worker answers
 
     # -- minting ----------------------------------------------------------------------
 
@@ -464,6 +464,10 @@ class Agent:
             reply["draining"] = True
         return (200 if ready else 503), reply
 
+    def publish_metrics(self) -> None:
+        """Copy the counts this worker's store, audit log and front keep into its metrics slot."""
+        self.metrics.publish(self.store.errors, self.audit.dropped, self.in_flight(), self.audit.buffered)
+
     def render_metrics(self) -> str:
         grants: dict[str, float] = {}
         try:
@@ -472,11 +476,10 @@ class Agent:
             pass
         store_ok, _ = self.store.healthy
         signer_ok, _ = self.signer_health()
+        self.publish_metrics()
         return self.metrics.render(
-            gauges={"store_up": int(store_ok), "signer_up": int(signer_ok), "requests_in_flight": self.in_flight(),
-                    "draining": int(self.draining), "audit_rows_buffered": self.audit.buffered},
+            gauges={"store_up": int(store_ok), "signer_up": int(signer_ok), "draining": int(self.draining)},
             labelled={"grants": grants} if grants else {},
-            counters={"store_errors": self.store.errors, "audit_rows_dropped": self.audit.dropped},
         )
 
     def status(self) -> dict[str, object]:
@@ -484,12 +487,16 @@ class Agent:
             states: dict[str, object] = dict(self.store.counts())
         except StoreError as e:
             states = {"error": str(e)}
+        # The agent as a whole, whichever worker answers: its pid is the one `serve` printed,
+        # and the token counts are /metrics' (every worker's).
+        minted, refused = self.metrics.tokens()
         return {
-            "pid": os.getpid(), "socket": self.socket_path, "listen": self.listen_url or None,
+            "pid": self.metrics.table.pid, "workers": self.metrics.table.workers, "worker_pid": os.getpid(),
+            "socket": self.socket_path, "listen": self.listen_url or None,
             "org": self.org, "kid": self.cfg.kid, "key": self.key_where,
             "state_dir": self.store.state_dir, "store": self.store.where, "audit_log": self.audit.path,
             "uptime": int(time.time() - self.started), "grants": states,
-            "mints": self.audit.counts.get("mint", 0), "refusals": self.audit.counts.get("refuse", 0),
+            "mints": minted, "refusals": sum(refused.values()), "refused": {r: n for r, n in refused.items() if n},
         }
 
 
@@ -841,8 +848,10 @@ class _Site:
 
 
 def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: int | None = None,
-               sockets: tuple[socket.socket, socket.socket | None] | None = None, ready: Callable[[], None] | None = None) -> int:
-    """One agent process: the whole agent, or (with `worker`) one of several on shared sockets."""
+               sockets: tuple[socket.socket, socket.socket | None] | None = None, ready: Callable[[], None] | None = None,
+               metrics: Metrics | None = None) -> int:
+    """One agent process: the whole agent, or (with `worker`) one of several on shared sockets
+    counting into their shared `metrics` table."""
     cfg, env, key_uri, socket_path, tcp_address = site.cfg, site.env, site.key_uri, site.socket_path, site.tcp_address
     signer, where, state_dir, tls, listen, idle_timeout, out = (
         site.signer, site.where, site.state_dir, site.tls, site.listen, site.idle_timeout, site.out)
@@ -855,6 +864,8 @@ def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: 
     store.start()
     key_id = key_identity(cfg, {**env, AGENT_KEY: key_uri} if key_uri else env)
     agent = Agent(cfg, signer, where, key_id, store, audit)
+    if metrics is not None:
+        agent.metrics = metrics
     agent.trust = Trust(trust_store, Verifier(https_fetcher(env.get("CODESTORE_OIDC_CA_FILE"))))
     if key_uri:
         agent.signer_health = signer.health  # type: ignore[union-attr]
@@ -947,6 +958,7 @@ def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: 
     reason = "stopped"
     try:
         while not agent.stop.wait(1.0):
+            agent.publish_metrics()  # for the scrapes the other workers answer
             if idle_timeout and time.monotonic() - agent.last_activity > idle_timeout:
                 reason = f"idle for {int(idle_timeout)}s"
                 break
@@ -976,14 +988,15 @@ def _stop_with_parent(parent: int) -> None:  # pragma: no cover - a forked worke
 
 
 def _worker(site: _Site, store: GrantStore, trust_store: TrustStore, i: int, parent: int,
-            sockets: tuple[socket.socket, socket.socket | None], ready_fd: int) -> int:  # pragma: no cover - a forked worker
+            sockets: tuple[socket.socket, socket.socket | None], ready_fd: int, table: Table) -> int:  # pragma: no cover - a forked worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops every worker
     _stop_with_parent(parent)
     try:
         store.sync()  # the view the parent had is a fork old: refresh it before serving
     except StoreError as e:
         raise ConfigError(f"cannot open {e}") from None
-    return _serve_one(site, store, trust_store, worker=i, sockets=sockets, ready=lambda: (os.write(ready_fd, b"r"), None)[1])
+    return _serve_one(site, store, trust_store, worker=i, sockets=sockets, ready=lambda: (os.write(ready_fd, b"r"), None)[1],
+                      metrics=Metrics(table, i))
 
 
 def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: int) -> int:
@@ -993,8 +1006,9 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
     store refused in one line) and closes its connections, then forks before any thread
     exists; each worker is a whole agent (`_serve_one`) on the inherited sockets, like a
     replica on the same machine: its own cache kept fresh by the store's poll, its own
-    counters. The parent only waits: the first worker to stop (`agent stop`, a signal, a
-    crash) stops the rest.
+    slot in the metrics table mapped here before the fork (so every worker's `/metrics`
+    and `/v1/status` count the whole agent's tokens). The parent only waits: the first
+    worker to stop (`agent stop`, a signal, a crash) stops the rest.
     """
     unix_sock = bind_unix(site.socket_path)
     try:
@@ -1004,6 +1018,7 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
         store.close()
         raise ConfigError(f"cannot listen on {site.listen}: {e.strerror}") from None
     store.db.close()  # no database connection crosses the fork: each worker opens its own
+    table = Table(n)
     read_end, write_end = os.pipe()
     parent = os.getpid()
     pids: list[int] = []
@@ -1013,7 +1028,8 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
             os.close(read_end)
             code = 3
             try:
-                code = boundary("codestore", functools.partial(_worker, site, store, trust_store, i, parent, (unix_sock, tcp_sock), write_end))
+                work = functools.partial(_worker, site, store, trust_store, i, parent, (unix_sock, tcp_sock), write_end, table)
+                code = boundary("codestore", work)
             finally:
                 os._exit(code)
         pids.append(pid)

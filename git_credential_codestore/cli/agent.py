@@ -187,11 +187,16 @@ def agent_status(socket_opt: str | None, as_json: bool) -> None:
         return
     g = s.get("grants") or {}
     assert isinstance(g, dict)
-    click.echo(f"running    pid {s.get('pid')}, up {s.get('uptime')}s")
+    workers = s.get("workers") or 1
+    click.echo(f"running    pid {s.get('pid')}" + (f", {workers} worker processes" if workers != 1 else "") + f", up {s.get('uptime')}s")
     click.echo(f"socket     {s.get('socket')}")
     if s.get("listen"):
         click.echo(f"listen     {s.get('listen')}")
     click.echo(f"signs for  org {s.get('org')}, kid {s.get('kid')}, key from {s.get('key')}")
     click.echo(f"grants     {g.get('active', 0)} active, {g.get('revoked', 0)} revoked, {g.get('expired', 0)} expired")
-    click.echo(f"tokens     {s.get('mints')} minted, {s.get('refusals')} refused since start")
+    refused = s.get("refused") or {}
+    assert isinstance(refused, dict)
+    why = " (" + ", ".join(f"{n} {reason}" for reason, n in sorted(refused.items())) + ")" if refused else ""
+    every = f", summed over the {workers} workers" if workers != 1 else ""
+    click.echo(f"tokens     {s.get('mints')} minted, {s.get('refusals')} refused{why} since start{every}")
     click.echo(f"audit log  {s.get('audit_log')}")
