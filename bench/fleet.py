@@ -1,9 +1,22 @@
 """Benchmark: the agent as a fleet service (issue 9's numbers), ratios against baselines of the same run.
 
-1. tokens/s of one replica, 64 concurrent clients, a new connection per token (as git
-   helpers connect), against raw ES256 signatures/s of the same key in one thread; p50,
-   p99 and the longest request (stalls).
-2. the same load with 100k grants in the store against 10 grants.
+1. Throughput, a closed loop: 64 clients, each sending its next request (a new connection
+   per token, as git helpers connect) as soon as the last is answered; tokens/s of one
+   replica against raw ES256 signatures/s of the same key in one thread, with 10 and with
+   100k grants in the store. At saturation a closed loop's latency says how fast the
+   agent is, not how long a client waits at a load: by Little's law its mean is clients /
+   throughput (printed beside it), and a slow reply delays the next send, so a stall is
+   counted once, not in every request it held back (coordinated omission).
+2. Latency at a load, an open loop (as wrk2 measures): requests sent at a fixed offered
+   rate (0.25 and 0.5 of the raw signing rate: issue 9's throughput target and goal, and
+   half the closed loop's rate), at most 64 connections in flight; a request that finds
+   them all busy waits, and every request is timed from its scheduled send. Arrivals are
+   Poisson by default (many independent sandboxes), evenly spaced with --arrivals fixed.
+   An agent that answers less than 95% of the offered rate is reported as not keeping
+   up, with no percentile (its latency would only measure how long the run was).
+   Both loops report the longest stall: the longest time in which requests waited and no
+   load generator process got a token (their time.monotonic() is one clock, the
+   machine's CLOCK_MONOTONIC), beside the longest single request.
 3. `grant create` and `revoke` (admin calls) with 100k grants: median and p99.
 4. revocation propagation between two replicas on one PostgreSQL: revoke on A, time
    until B refuses.
@@ -13,16 +26,23 @@
 The load runs in 2 client processes (an epoll loop each, a new connection per token) on
 this machine, so clients and agent share its cores (a real fleet's clients are elsewhere):
 the ratios are a floor. The agent's and the load generator's CPU per token are printed
-beside each load, so a reader can see which of the two the cores were spent on.
+beside each closed loop, so a reader can see which of the two the cores were spent on.
+Everything is printed as one table at the end (progress goes to stderr).
 
-Run: python bench/fleet.py [--seconds 5] [--clients 64]   (needs codestore[fleet]; 4. needs PostgreSQL)
+Run: python bench/fleet.py [--seconds 5] [--clients 64] [--workers N] [--rates 0.25,0.5] [--arrivals poisson|fixed]
+     (needs codestore[fleet]; 4. and 5. need PostgreSQL, or --no-postgres)
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import heapq
+import itertools
+import math
 import multiprocessing
 import os
+import random
 import resource
 import secrets
 import select
@@ -49,6 +69,8 @@ PROCESSES = 2  # load generator processes, one per core here
 # use (then from its cache, kept fresh by the poll), so with --workers N each of the 1000
 # grants of the 100k-grant load is fetched N times; the measurement is of the steady state.
 WARM_UP = 2.0
+DRAIN = 10.0  # seconds after a load's end in which an answer still counts; later, it is an error
+KEPT_UP = 0.95  # an open loop answering less of its offered rate than this did not keep up
 
 
 def environment(tmp: str) -> dict[str, str]:
@@ -113,29 +135,63 @@ def token_request(grant: str, repo: str) -> bytes:
             f"Content-Type: {wire.CONTENT_TYPE}\r\nAuthorization: Grant {grant}\r\n\r\n").encode() + body
 
 
-def _worker(sock_path: str, requests: list[bytes], clients: int, seconds: float, out: multiprocessing.Queue) -> None:
-    """`clients` connections at once, each a fresh connection per token, on one epoll loop.
+def schedules(rate: float, start: float, seconds: float, arrivals: str, processes: int = PROCESSES,
+              seed: int = 9) -> list[list[float]]:
+    """Send times (time.monotonic()) for each generator process: `rate` tokens/s in all over [start, start + seconds).
+
+    poisson (the default): each process an independent Poisson stream of rate / processes, so
+    together one Poisson stream of `rate`. A fleet's agent serves many independent sandboxes,
+    and many independent request streams together arrive as a Poisson stream, bursts
+    included. fixed: evenly spaced, the processes interleaved (wrk2's schedule): no two
+    requests ever arrive together, so it shows the best case. Seeded: every run offers the
+    same times.
+    """
+    end = start + seconds
+    out = []
+    for i in range(processes):
+        if arrivals == "fixed":
+            k = itertools.count(i, processes)
+            times = list(itertools.takewhile(lambda t: t < end, (start + j / rate for j in k)))
+        else:
+            rng, times, t = random.Random(seed + i), [], start
+            while (t := t + rng.expovariate(rate / processes)) < end:
+                times.append(t)
+        out.append(times)
+    return out
+
+
+def _generate(sock_path: str, requests: list[bytes], slots: int, start: float, end: float,
+              schedule: list[float] | None, out: multiprocessing.Queue) -> None:
+    """One load generator process: at most `slots` connections at once, a fresh one per token, on one epoll loop.
+
+    Closed loop (`schedule` None): each slot sends its next request as soon as the last is
+    answered, until `end`; a request is timed from its send. Open loop: each request is
+    sent at its time in `schedule`, or when a slot frees if all are busy, and is timed from
+    its scheduled time: a slow reply that holds back the next sends is counted in their
+    latency (no coordinated omission). At `end` the open loop stops sending; requests
+    still waiting for a slot are `unsent`. Answers later than DRAIN after `end` are errors,
+    so a hung agent cannot hang the benchmark.
+
+    Puts (records, errors, unsent send times, late start): a record (scheduled, sent, answered) in
+    time.monotonic(), which is CLOCK_MONOTONIC, one clock for every process of the
+    machine, per token answered 200.
 
     The load generator shares the machine's cores with the agent, so its own CPU per
     request is taken from the agent: non-blocking sockets, pre-built requests and a bare
     epoll loop (no threads, no HTTP library) keep it to a few system calls per token.
     """
     ep = select.epoll()
-    conns: dict[int, tuple[socket.socket, float, list[bytes]]] = {}
-    latencies: list[float] = []
+    conns: dict[int, tuple[socket.socket, float, float, list[bytes]]] = {}
+    records: list[tuple[float, float, float]] = []
     errors = 0
     first_error = ""
     n = 0
-    start = time.monotonic() + 0.2
-    while time.monotonic() < start:
-        time.sleep(0.001)
-    end = start + seconds
+    due = collections.deque(schedule or ())
 
-    def open_one() -> None:
+    def send(scheduled: float, now: float) -> None:
         nonlocal n, errors, first_error
         req = requests[n % len(requests)]
         n += 1
-        t0 = time.perf_counter()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             s.connect(sock_path)
@@ -145,14 +201,34 @@ def _worker(sock_path: str, requests: list[bytes], clients: int, seconds: float,
             first_error = first_error or f"connect: {e}"
             s.close()
             return
-        conns[s.fileno()] = (s, t0, [])
+        conns[s.fileno()] = (s, scheduled, now, [])
         ep.register(s.fileno(), select.EPOLLIN)
 
-    for _ in range(clients):
-        open_one()
-    while conns:
-        for fd, _ev in ep.poll(1.0):
-            s, t0, chunks = conns[fd]
+    time.sleep(max(0.0, start - time.monotonic()))
+    late = time.monotonic() - start
+    if schedule is None:
+        for _ in range(slots):
+            now = time.monotonic()
+            send(now, now)
+    deadline = end + DRAIN
+    while True:
+        now = time.monotonic()
+        if schedule is not None and now < end:
+            while due and due[0] <= now and len(conns) < slots:
+                send(due.popleft(), now)
+        if not conns and (schedule is None or now >= end or not due):
+            break
+        if now >= deadline:
+            errors += len(conns)
+            first_error = first_error or f"no answer {DRAIN:.0f} s after the load's end"
+            for s, *_ in conns.values():
+                s.close()
+            break
+        timeout = min(1.0, deadline - now)
+        if schedule is not None and now < end and due and len(conns) < slots:
+            timeout = min(timeout, due[0] - now)  # epoll waits whole milliseconds, rounded up
+        for fd, _ev in ep.poll(max(0.0, timeout)):
+            s, scheduled, sent, chunks = conns[fd]
             try:
                 chunk = s.recv(65536)
             except BlockingIOError:
@@ -163,19 +239,69 @@ def _worker(sock_path: str, requests: list[bytes], clients: int, seconds: float,
             if chunk:
                 chunks.append(chunk)
                 continue
+            done = time.monotonic()
             ep.unregister(fd)
             del conns[fd]
             s.close()
             if chunks and chunks[0].startswith(b"HTTP/1.1 200"):
-                latencies.append(time.perf_counter() - t0)
+                records.append((scheduled, sent, done))
             else:
                 errors += 1
                 first_error = first_error or repr(b"".join(chunks)[-200:])
-            if time.monotonic() < end:
-                open_one()
+            if schedule is None and done < end:
+                send(done, done)
     if first_error:
         print(f"   (load generator: {errors} errors, the first: {first_error})", file=sys.stderr)
-    out.put((latencies, errors))
+    out.put((records, errors, list(due), late))
+
+
+def generate(sock: str, requests: list[bytes], clients: int, start: float, seconds: float,
+             plan: list[list[float]] | None = None) -> tuple[list[tuple[float, float, float]], int, list[float]]:
+    """Run the load in PROCESSES generator processes (`clients` connections at most, in all); see _generate."""
+    q: multiprocessing.Queue = multiprocessing.Queue()
+    per = max(1, clients // PROCESSES)
+    procs = [multiprocessing.Process(target=_generate, args=(sock, requests[i::PROCESSES] or requests, per, start,
+                                                             start + seconds, plan[i] if plan else None, q))
+             for i in range(PROCESSES)]
+    for p in procs:
+        p.start()
+    records: list[tuple[float, float, float]] = []
+    errors = 0
+    unsent: list[float] = []
+    for _ in procs:
+        part, bad, left, late = q.get()
+        records += part
+        errors += bad
+        unsent += left
+        if late > 0.05:
+            print(f"   (a load generator process started {late * 1000:.0f} ms late: its first requests count as late)",
+                  file=sys.stderr)
+    for p in procs:
+        p.join()
+    return records, errors, unsent
+
+
+def longest_stall(requests: list[tuple[float, float]], start: float, end: float) -> float:
+    """The longest time within [start, end] in which a request waited and no token was answered, by any process.
+
+    `requests` are (scheduled, answered) times, answered inf for a request never answered.
+    A closed loop always has requests waiting, so there this is the longest gap between
+    answers; in an open loop, the idle time between arrivals is not a stall.
+    """
+    answered = sorted(done for _, done in requests if start <= done <= end)
+    by_schedule = sorted(requests)
+    waiting: list[tuple[float, float]] = []  # a heap: the earliest scheduled first
+    i, longest, previous = 0, 0.0, start
+    for t in [*answered, end]:
+        while i < len(by_schedule) and by_schedule[i][0] < t:
+            heapq.heappush(waiting, by_schedule[i])
+            i += 1
+        while waiting and waiting[0][1] < t:  # answered before t
+            heapq.heappop(waiting)
+        if waiting:
+            longest = max(longest, t - max(previous, waiting[0][0]))
+        previous = t
+    return longest
 
 
 def agent_cpu(pid: int) -> float:
@@ -198,32 +324,39 @@ def agent_cpu(pid: int) -> float:
 
 
 class Load:
-    """One load's outcome: tokens/s, latencies, errors, and CPU per token on each side."""
+    """One load's outcome: rate, latencies, the longest stall, errors, and CPU per token on each side.
 
-    def __init__(self, sock: str, requests: list[bytes], clients: int, seconds: float, agent_pid: int) -> None:
+    `offered` None: the closed loop (`clients` clients, each sending when answered); its
+    rate is every token answered / seconds, as issue 9's throughput is measured. Otherwise
+    an open loop at `offered` tokens/s (see schedules and _generate); its rate is the tokens
+    answered within the window / seconds, and `kept_up` says whether that reached KEPT_UP of
+    what was offered. Latencies are from the scheduled send, `service` from the actual one.
+    """
+
+    def __init__(self, sock: str, requests: list[bytes], clients: int, seconds: float, agent_pid: int,
+                 offered: float | None = None, arrivals: str = "poisson") -> None:
+        self.clients, self.seconds, self.offered = clients, seconds, offered
+        start = time.monotonic() + 0.3  # the generator processes start meanwhile
+        plan = schedules(offered, start, seconds, arrivals) if offered else None
+        self.scheduled = sum(len(p) for p in plan) if plan else 0
         a0, c0 = agent_cpu(agent_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.rate, self.lat, self.errors = load(sock, requests, clients, seconds)
+        records, self.errors, self.unsent = generate(sock, requests, clients, start, seconds, plan)
         a1, c1 = agent_cpu(agent_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
-        n = max(1, len(self.lat))
+        end = start + seconds
+        self.lat = [done - sched for sched, _, done in records]
+        self.service = [done - sent for _, sent, done in records]
+        in_window = sum(1 for *_, done in records if done <= end)
+        self.rate = (in_window if plan else len(records)) / seconds
+        self.kept_up = not plan or in_window >= KEPT_UP * self.scheduled
+        self.backlog = self.scheduled - in_window  # open loop: offered in the window, not answered in it
+        self.stall = longest_stall([(sched, done) for sched, _, done in records] + [(t, math.inf) for t in self.unsent],
+                                   start, end)
+        n = max(1, len(records))
         self.agent_us = (a1 - a0) / n * 1e6
         self.client_us = ((c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)) / n * 1e6
 
-
-def load(sock: str, requests: list[bytes], clients: int, seconds: float) -> tuple[float, list[float], int]:
-    q: multiprocessing.Queue = multiprocessing.Queue()
-    per = max(1, clients // PROCESSES)
-    procs = [multiprocessing.Process(target=_worker, args=(sock, requests[i::PROCESSES] or requests, per, seconds, q)) for i in range(PROCESSES)]
-    for p in procs:
-        p.start()
-    lat: list[float] = []
-    errors = 0
-    for _ in procs:
-        part, bad = q.get()
-        lat += part
-        errors += bad
-    for p in procs:
-        p.join()
-    return len(lat) / seconds, lat, errors
+    def percentiles(self) -> str:
+        return f"{ms(pct(self.lat, 50))} / {ms(pct(self.lat, 99))} / {ms(max(self.lat, default=0))} ms"
 
 
 def bulk_grants(state_dir: str, n: int, known: int) -> list[str]:
@@ -264,36 +397,100 @@ def admin_latency(sock: str, env: dict[str, str], n: int = 50) -> tuple[list[flo
     return creates, revokes
 
 
-def report(name: str, r: Load, raw: float) -> None:
-    print(f"   {name:<14} {r.rate:6.0f} tokens/s ({r.rate / raw:.2f} of raw signing)  p50 {pct(r.lat, 50) * 1000:5.1f} ms  "
-          f"p99 {pct(r.lat, 99) * 1000:5.1f} ms  max {max(r.lat, default=0) * 1000:6.1f} ms  errors {r.errors}  "
-          f"CPU/token: agent {r.agent_us:4.0f} us, load generator {r.client_us:4.0f} us")
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+class Table:
+    """The benchmark's one table: what, issue 9's target, what was measured; sections and notes between rows."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str] | str] = []
+
+    def section(self, text: str) -> None:
+        self.rows.append(text)
+
+    def row(self, what: str, target: str, measured: str) -> None:
+        self.rows.append(("  " + what, target, measured))
+
+    def note(self, text: str) -> None:
+        self.rows.append("    " + text)
+
+    def print(self) -> None:
+        rows = [("", "target (issue 9)", "measured"), *self.rows]
+        w0 = max(len(r[0]) for r in rows if isinstance(r, tuple))
+        w1 = max(len(r[1]) for r in rows if isinstance(r, tuple))
+        for r in rows:
+            print(f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]}".rstrip() if isinstance(r, tuple) else r)
+
+
+def closed_rows(t: Table, name: str, r: Load, raw: float) -> None:
+    t.row(f"{name}: tokens/s / raw signs/s", ">= 0.25 (goal 0.5)", f"{r.rate / raw:.2f} ({r.rate:.0f} tokens/s)")
+    t.row(f"{name}: p50 / p99 / longest request", "(set by throughput)", r.percentiles())
+    mean = statistics.fmean(r.lat) if r.lat else math.nan
+    t.note(f"Little's law: mean latency = {r.clients} clients / {r.rate:.0f} tokens/s = "
+           f"{ms(r.clients / r.rate if r.rate else math.inf)} ms; measured mean {ms(mean)} ms")
+    t.row(f"{name}: longest stall", "<= 50 ms", f"{ms(r.stall)} ms")
+    t.row(f"{name}: CPU per token, agent / load generator", "", f"{r.agent_us:.0f} / {r.client_us:.0f} us; errors {r.errors}")
+
+
+def open_rows(t: Table, name: str, r: Load, target: str) -> None:
+    assert r.offered is not None
+    achieved = f"{r.rate:.0f} tokens/s ({r.rate / r.offered:.2f} of offered); errors {r.errors}"
+    if r.kept_up:
+        t.row(f"{name}: achieved rate", f"{r.offered:.0f}/s", achieved)
+        t.row(f"{name}: p50 / p99 / longest", target, f"{r.percentiles()}; p99 from the actual send {ms(pct(r.service, 99))} ms")
+    else:
+        t.row(f"{name}: achieved rate", f"{r.offered:.0f}/s", f"{achieved}: NOT KEPT UP")
+        t.row(f"{name}: p50 / p99 / longest", target,
+              f"none: {r.backlog} requests still waited at the end: latency grows with the run's length")
+    t.row(f"{name}: longest stall", "<= 50 ms", f"{ms(r.stall)} ms")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=positive, default=5.0, help="the length of each measured load")
+    parser.add_argument("--clients", type=int, default=64, help="connections in flight at most (the closed loop's clients)")
     parser.add_argument("--grants", type=int, default=100_000)
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--workers", type=int, default=1, help="agent serve --workers N for the loads")
+    parser.add_argument("--rates", type=fractions, default=[0.25, 0.5],
+                        help="the open loops' offered rates, as fractions of the run's raw signing rate (default 0.25,0.5)")
+    parser.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson",
+                        help="the open loops' send times: Poisson (default) or evenly spaced")
     args = parser.parse_args()
+    table = Table()
     with tempfile.TemporaryDirectory() as tmp:
         env = environment(tmp)
         raw = signing_rate(env)
-        print(f"raw ES256 signing, one thread of this process: {raw:7.0f} signs/s")
+        table.section(f"bench/fleet.py: one replica ({args.workers} agent process(es)), a new Unix-socket connection per token, "
+                      f"at most {args.clients} in flight, from {PROCESSES} load generator processes on the agent's machine; "
+                      f"{args.seconds:g} s per load")
+        table.row("raw ES256 signs/s, one thread of this process", "(the baseline)", f"{raw:.0f}")
+        table.section(f"closed loop, throughput: {args.clients} clients, each sending its next request when answered; "
+                      f"longest stall: the longest time in which requests waited and no process got a token")
+        serve = ("--workers", str(args.workers)) if args.workers > 1 else ()
+
+        def loads(sock: str, reqs: list[bytes], pid: int, name: str) -> tuple[Load, list[tuple[str, str, Load]]]:
+            """A warm-up, the closed loop, then the open loops: at each fraction of raw signing (issue 9's
+            p99 target holds from 0.25 up, its throughput target), and at half the closed loop's rate."""
+            generate(sock, reqs, args.clients, time.monotonic() + 0.3, WARM_UP)
+            progress(f"closed loop, {name}")
+            closed = Load(sock, reqs, args.clients, args.seconds, pid)
+            rates = [(f"{f:g} x raw", "p99 <= 10 ms" if f >= 0.25 else "", f * raw) for f in args.rates]
+            opened = []
+            for label, target, rate in [*rates, ("0.5 x closed loop", "", closed.rate / 2)]:
+                progress(f"open loop at {label} = {rate:.0f} tokens/s, {name}")
+                r = Load(sock, reqs, args.clients, args.seconds, pid, offered=rate, arrivals=args.arrivals)
+                opened.append((f"{label} = {rate:.0f}/s, {name}", target, r))
+            return closed, opened
 
         # 1. one replica, 10 grants
-        serve = ("--workers", str(args.workers)) if args.workers > 1 else ()
         proc, sock, _ = start_agent(env, "small", *serve)
         try:
             small = [str(call(Endpoint("unix", sock), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)[1]["grant"]) for _ in range(10)]
             reqs = [token_request(s, f"team/r{i}") for i, s in enumerate(small)]
-            load(sock, reqs, args.clients, WARM_UP)
-            print(f"1./2. {args.clients} concurrent clients, a new connection per token, {args.seconds:.0f} s each, "
-                  f"{args.workers} agent process(es):")
-            small_load = Load(sock, reqs, args.clients, args.seconds, proc.pid)
-            report("10 grants", small_load, raw)
+            small_closed, small_open = loads(sock, reqs, proc.pid, "10 grants")
         finally:
             stop(proc)
 
@@ -303,30 +500,58 @@ def main() -> int:
         stop(proc)
         t0 = time.perf_counter()
         known = bulk_grants(state, args.grants, 1000)
-        print(f"   ({args.grants} grants written to the store in {time.perf_counter() - t0:.1f} s, setup)")
+        progress(f"{args.grants} grants written to the store in {time.perf_counter() - t0:.1f} s (setup)")
+        big = f"{args.grants} grants"
         proc, sock, _ = start_agent(env, "big", *serve)
         try:
             reqs = [token_request(s, f"team/r{i}") for i, s in enumerate(known)]
-            load(sock, reqs, args.clients, WARM_UP)
-            big_load = Load(sock, reqs, args.clients, args.seconds, proc.pid)
-            report(f"{args.grants} grants", big_load, raw)
-            print(f"   throughput with {args.grants} grants / with 10: {big_load.rate / small_load.rate:.2f}")
+            big_closed, big_open = loads(sock, reqs, proc.pid, big)
+            progress(f"grant create and revoke, {big}")
             creates, revokes = admin_latency(sock, env)
-            print(f"3. with {args.grants} grants: grant create median {statistics.median(creates) * 1000:.1f} ms "
-                  f"p99 {pct(creates, 99) * 1000:.1f} ms; revoke median {statistics.median(revokes) * 1000:.1f} ms "
-                  f"p99 {pct(revokes, 99) * 1000:.1f} ms")
         finally:
             stop(proc)
 
+        closed_rows(table, "10 grants", small_closed, raw)
+        closed_rows(table, big, big_closed, raw)
+        table.row(f"throughput with {big} / with 10", ">= 0.9", f"{big_closed.rate / small_closed.rate:.2f}")
+        table.section(f"open loop, latency at a load: {args.arrivals} arrivals at a fixed offered rate, each request "
+                      f"timed from its scheduled send (waiting for one of the {args.clients} connections counts)")
+        for what, target, r in small_open + big_open:
+            open_rows(table, what, r, target)
+        table.section(f"grant administration with {big}")
+        table.row("grant create: median / p99", "<= 20 ms", f"{ms(statistics.median(creates))} / {ms(pct(creates, 99))} ms")
+        table.row("grant revoke: median / p99", "<= 20 ms", f"{ms(statistics.median(revokes))} / {ms(pct(revokes, 99))} ms")
+
         if not args.no_postgres:
-            propagation(env)
+            propagation(env, table)
+    table.print()
     return 0
 
 
-def propagation(env: dict[str, str], rounds: int = 20) -> None:
+def positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def fractions(text: str) -> list[float]:
+    """--rates: comma-separated positive fractions of the raw signing rate."""
+    return [positive(f) for f in text.split(",")]
+
+
+def progress(text: str) -> None:
+    print(f"bench/fleet.py: {text}", file=sys.stderr, flush=True)
+
+
+def propagation(env: dict[str, str], table: Table, rounds: int = 20) -> None:
     sys.path.insert(0, os.path.join(ROOT))
     from tests.realparts import Postgres
 
+    progress("revocation propagation between two replicas on one PostgreSQL")
     pg = Postgres()
     pg.start()
     try:
@@ -344,11 +569,13 @@ def propagation(env: dict[str, str], rounds: int = 20) -> None:
                 while _mint(sock_b, req).startswith(b"HTTP/1.1 200"):
                     time.sleep(0.002)
                 times.append(time.perf_counter() - t0)
-            print(f"4. revocation on replica A refused by replica B (PostgreSQL, {rounds} rounds): "
-                  f"median {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms")
+            table.section(f"two replicas on one PostgreSQL, {rounds} rounds")
+            table.row("revocation on replica A refused by replica B: median / max", "<= 1 s",
+                      f"{statistics.median(times) * 1000:.0f} / {max(times) * 1000:.0f} ms")
+            progress("audit propagation between two replicas")
             seen = audit_propagation(sock_a, sock_b, env, rounds)
-            print(f"5. push reported to replica A listed by an audit query on replica B ({rounds} rounds): "
-                  f"median {statistics.median(seen) * 1000:.0f} ms, max {max(seen) * 1000:.0f} ms")
+            table.row("a push reported to A, listed by an audit query on B: median / max", "",
+                      f"{statistics.median(seen) * 1000:.0f} / {max(seen) * 1000:.0f} ms")
         finally:
             stop(a)
             stop(b)

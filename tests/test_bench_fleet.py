@@ -1,0 +1,151 @@
+"""bench/fleet.py's measuring machinery: open-loop schedules, the stall metric, coordinated omission.
+
+Speed is never asserted here (it is measured in bench/); these tests check that the
+benchmark measures what it says, against a real Unix-socket server in a subprocess whose
+delays the test chooses. Every bound below is one that a slower machine only makes easier.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+# A server that answers every connection "200", one at a time: after `delay` seconds each,
+# and once, `stall` seconds before answering the first connection that comes `stall_at`
+# seconds or more after its first.
+SERVER = r"""
+import socket, sys, time
+path, delay, stall, stall_at = sys.argv[1], *map(float, sys.argv[2:])
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(path)
+srv.listen(1024)
+print("ready", flush=True)
+first = None
+while True:
+    c, _ = srv.accept()
+    c.recv(65536)
+    now = time.monotonic()
+    first = first or now
+    if stall and now - first >= stall_at:
+        time.sleep(stall)
+        stall = 0
+    time.sleep(delay)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    c.close()
+"""
+
+
+@pytest.fixture
+def fleet(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("fleet")
+
+
+Serve = Callable[..., tuple[str, int]]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(delay: float = 0.0, stall: float = 0.0, stall_at: float = 0.0) -> tuple[str, int]:
+        path = str(tmp_path / f"s{len(procs)}.sock")
+        proc = subprocess.Popen([sys.executable, "-c", SERVER, path, str(delay), str(stall), str(stall_at)],
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        return path, proc.pid
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_poisson_schedules_of_all_processes_offer_the_rate_together(fleet: ModuleType) -> None:
+    plan = fleet.schedules(2000.0, 100.0, 5.0, "poisson", processes=2)
+    times = sorted(t for p in plan for t in p)
+    assert len(plan) == 2 and all(p == sorted(p) for p in plan)
+    assert 100.0 < times[0] and times[-1] < 105.0
+    assert abs(len(times) - 10_000) < 400  # four standard deviations of a Poisson count
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # Poisson arrivals come in bursts: some gaps far shorter, some far longer than the mean.
+    assert min(gaps) < 0.0005 / 20 and max(gaps) > 0.0005 * 5
+
+
+def test_fixed_schedules_interleave_the_processes_evenly(fleet: ModuleType) -> None:
+    plan = fleet.schedules(1000.0, 10.0, 1.0, "fixed", processes=2)
+    assert [len(p) for p in plan] == [500, 500]
+    merged = sorted(t for p in plan for t in p)
+    assert merged[:3] == pytest.approx([10.0, 10.001, 10.002])
+    assert max(b - a for a, b in itertools.pairwise(merged)) == pytest.approx(0.001)
+
+
+def test_a_closed_loops_stall_is_the_longest_gap_between_answers(fleet: ModuleType) -> None:
+    # Requests always waiting (each sent when the last was answered): every gap is a stall.
+    answered = [0.01, 0.02, 0.09, 0.10, 0.12]
+    requests = [(0.0, a) for a in answered]
+    assert fleet.longest_stall(requests, 0.0, 0.13) == pytest.approx(0.07)
+
+
+def test_idle_time_between_arrivals_is_not_a_stall(fleet: ModuleType) -> None:
+    # Two requests 0.5 s apart, each answered in 1 ms: nothing waited in the gap.
+    requests = [(0.1, 0.101), (0.6, 0.601)]
+    assert fleet.longest_stall(requests, 0.0, 1.0) == pytest.approx(0.001)
+
+
+def test_a_stall_counts_from_the_earliest_waiting_request(fleet: ModuleType) -> None:
+    # Answered at 0.1; one scheduled at 0.3 is answered at 0.5: it waited 0.2 s with no answer.
+    requests = [(0.0, 0.1), (0.3, 0.5), (0.45, 0.51)]
+    assert fleet.longest_stall(requests, 0.0, 0.6) == pytest.approx(0.2)
+
+
+def test_a_request_never_answered_stalls_until_the_end(fleet: ModuleType) -> None:
+    requests = [(0.0, 0.1), (0.2, math.inf)]
+    assert fleet.longest_stall(requests, 0.0, 1.0) == pytest.approx(0.8)
+
+
+def test_the_open_loop_counts_a_server_stall_in_every_request_it_held_back(fleet: ModuleType, serve: Serve) -> None:
+    # Coordinated omission: a closed loop of 8 clients would count a 0.4 s stall in at most
+    # 8 requests; at 100 requests/s the stall holds back about 40, and each counts its wait.
+    sock, pid = serve(stall=0.4, stall_at=0.3)
+    r = fleet.Load(sock, [b"GET / HTTP/1.1\r\n\r\n"], 8, 1.5, pid, offered=100.0)
+    assert r.kept_up and r.errors == 0
+    assert r.stall >= 0.35 and max(r.lat) >= 0.35
+    assert sum(1 for x in r.lat if x >= 0.1) >= 20
+    # Most of those never got a connection during the stall: they waited in the load generator,
+    # which their time from the actual send would hide.
+    assert sum(1 for x, s in zip(r.lat, r.service, strict=True) if x - s >= 0.1) >= 10
+
+
+def test_an_open_loop_the_server_cannot_keep_up_with_reports_no_percentile(fleet: ModuleType, serve: Serve) -> None:
+    sock, pid = serve(delay=0.02)  # at most 50 answers/s
+    r = fleet.Load(sock, [b"GET / HTTP/1.1\r\n\r\n"], 8, 1.0, pid, offered=200.0)
+    assert not r.kept_up and r.rate < 60 and r.backlog > 100
+    table = fleet.Table()
+    fleet.open_rows(table, "overloaded", r, "p99 <= 10 ms")
+    achieved, latency, stall = (row for row in table.rows if isinstance(row, tuple))
+    assert achieved[2].endswith("NOT KEPT UP")
+    assert latency[2].startswith("none:") and "ms" not in latency[2]
+    assert stall[0].strip() == "overloaded: longest stall"
+
+
+def test_a_closed_loop_keeps_every_slot_busy_and_times_from_the_send(fleet: ModuleType, serve: Serve) -> None:
+    sock, pid = serve(delay=0.005)
+    start = time.monotonic() + 0.3
+    records, errors, unsent = fleet.generate(sock, [b"GET / HTTP/1.1\r\n\r\n"], 8, start, 1.0)
+    assert errors == 0 and unsent == [] and len(records) > 20
+    assert all(sched == sent and sent < done for sched, sent, done in records)
+    # One serial server: each answer waits for the others in flight, so latencies are several delays.
+    assert sorted(done - sent for _, sent, done in records)[len(records) // 2] >= 0.005 * 4
