@@ -549,7 +549,7 @@ def progress(text: str) -> None:
 
 def propagation(env: dict[str, str], table: Table, rounds: int = 20) -> None:
     sys.path.insert(0, os.path.join(ROOT))
-    from tests.realparts import Postgres
+    from tests.realparts import Postgres, raw_exchange
 
     progress("revocation propagation between two replicas on one PostgreSQL")
     pg = Postgres()
@@ -563,10 +563,10 @@ def propagation(env: dict[str, str], table: Table, rounds: int = 20) -> None:
             for _ in range(rounds):
                 status, g = call(Endpoint("unix", sock_a), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)
                 req = token_request(str(g["grant"]), "team/app")
-                assert _mint(sock_b, req).startswith(b"HTTP/1.1 200")
+                assert raw_exchange(sock_b, req).startswith(b"HTTP/1.1 200")
                 call(Endpoint("unix", sock_a), "POST", f"/v1/grants/{g['id']}/revoke", env=env)
                 t0 = time.perf_counter()
-                while _mint(sock_b, req).startswith(b"HTTP/1.1 200"):
+                while raw_exchange(sock_b, req).startswith(b"HTTP/1.1 200"):
                     time.sleep(0.002)
                 times.append(time.perf_counter() - t0)
             table.section(f"two replicas on one PostgreSQL, {rounds} rounds")
@@ -602,19 +602,6 @@ def audit_propagation(sock_a: str, sock_b: str, env: dict[str, str], rounds: int
             time.sleep(0.01)
         times.append(time.perf_counter() - t0)
     return times
-
-
-def _mint(sock: str, req: bytes) -> bytes:
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(sock)
-        s.sendall(req)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        return out
-    finally:
-        s.close()
 
 
 if __name__ == "__main__":
