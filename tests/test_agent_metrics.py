@@ -51,7 +51,7 @@ def test_a_worker_started_again_in_a_slot_continues_from_its_counts() -> None:
     first = Metrics(table, 1)
     for _ in range(5):
         first.observe(200, 0.001)
-    first.signer_errors += 1
+    first.signer_failed()
     again = Metrics(table, 1)
     again.observe(200, 0.001)
     m = render(Metrics(table, 0))

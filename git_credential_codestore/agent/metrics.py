@@ -83,13 +83,10 @@ class Metrics:
             slot[_BUCKET + bisect_left(BUCKETS, seconds)] += 1  # the first bound >= seconds: Prometheus' `le`
             slot[_SUM_NS] += int(seconds * 1e9)
 
-    @property
-    def signer_errors(self) -> int:
-        return self._slot[_SIGNER_ERRORS]
-
-    @signer_errors.setter
-    def signer_errors(self, n: int) -> None:
-        self._slot[_SIGNER_ERRORS] = n
+    def signer_failed(self) -> None:
+        """A signature that failed (a PKCS#11 token gone): counted under the lock, as observe's are."""
+        with self._lock:
+            self._slot[_SIGNER_ERRORS] += 1
 
     def publish(self, store_errors: int, audit_dropped: int, in_flight: int, audit_buffered: int) -> None:
         """This worker's counts kept elsewhere, for the scrapes other workers answer."""

@@ -319,7 +319,7 @@ class Agent:
                 sub=decision.sub, kid=self.cfg.kid, refs=decision.refs or None,
             )
         except tokens.SignerUnavailable as e:
-            self.metrics.signer_errors += 1
+            self.metrics.signer_failed()
             return self._refuse(who, data, str(e), 503, grant)
         except CodestoreError as e:
             return self._refuse(who, data, str(e), 400, grant)
