@@ -17,6 +17,7 @@ from git_credential_codestore import config, files
 from git_credential_codestore.agent.client import AgentUnavailable, Endpoint, exchange, read_grant
 from git_credential_codestore.errors import ConfigError, UsageError
 from tests.conftest import BIN, ORG, OrgKey, run_cli
+from tests.test_agent import REPO, Agent, mint, sandbox_env, verify
 
 
 class Dripper:
@@ -156,3 +157,47 @@ def test_a_bad_agent_url_is_a_usage_error_in_one_line_never_a_crash(url: str, or
 def test_endpoint_from_url_names_the_setting_and_the_form() -> None:
     with pytest.raises(UsageError, match=r"CODESTORE_AGENT_URL .* port .* http\(s\)://HOST:PORT"):
         Endpoint.from_url("http://127.0.0.1:99999")
+
+
+class Closer:
+    """Accepts connections, reads each request and closes without a word: an agent killed mid-request."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.served = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                except OSError:
+                    pass
+                self.served += 1
+
+
+def test_a_replica_that_dies_with_the_request_in_hand_is_passed_over_for_the_next(agent: Agent, org_key: OrgKey) -> None:
+    # Threat (availability): SIGKILL between a helper's request and the agent's answer
+    # left the helper with an empty reply, read as "not HTTP", and git failed although
+    # the next replica was up (test_helpers_fail_over_when_a_replica_is_killed_mid_load
+    # caught it under load).
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    closer = Closer(sock)
+    try:
+        ep = Endpoint("http", "127.0.0.1", sock.getsockname()[1])
+        with pytest.raises(AgentUnavailable, match="closed the connection without answering"):
+            exchange(ep, "POST", "/v1/token", b"repo=team/app\n", None)
+        grant = agent.grant("--repo", REPO)["grant"]
+        env = sandbox_env(grant, url=f"http://127.0.0.1:{ep.port},{agent.url}")
+        assert verify(mint(env), org_key).repo == REPO
+        assert closer.served == 2  # asked first, passed over
+    finally:
+        sock.close()

@@ -193,6 +193,11 @@ def exchange(
         raise AgentUnavailable(f"the codestore agent at {ep} dropped the connection ({e.strerror or type(e).__name__}); {START_HINT}") from None
     finally:
         sock.close()
+    if not chunks:
+        # Closed with the request in hand and no answer at all: the agent died or was
+        # stopped mid-request (a replica SIGKILLed under load). Unavailable, like a refused
+        # connect, so a helper with several replicas asks the next one.
+        raise AgentUnavailable(f"the codestore agent at {ep} closed the connection without answering; {START_HINT}")
     return parse_reply(b"".join(chunks), ep)
 
 
