@@ -30,6 +30,7 @@ beside each closed loop, so a reader can see which of the two the cores were spe
 Everything is printed as one table at the end (progress goes to stderr).
 
 Run: python bench/fleet.py [--seconds 5] [--clients 64] [--workers N] [--rates 0.25,0.5] [--arrivals poisson|fixed]
+     [--store sqlite|postgresql]
      (needs codestore[fleet]; 4. and 5. need PostgreSQL, or --no-postgres)
 """
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import heapq
 import itertools
 import math
@@ -52,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 BIN = os.path.dirname(sys.executable)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -359,11 +362,11 @@ class Load:
         return f"{ms(pct(self.lat, 50))} / {ms(pct(self.lat, 99))} / {ms(max(self.lat, default=0))} ms"
 
 
-def bulk_grants(state_dir: str, n: int, known: int) -> list[str]:
+def bulk_grants(state_dir: str, n: int, known: int, store_url: str | None = None) -> list[str]:
     """Put n grants straight into a stopped agent's store (setup only); returns `known` secrets."""
     from git_credential_codestore.agent import grants as g
 
-    store = g.GrantStore(state_dir).open()
+    store = g.GrantStore(state_dir, store_url).open()
     out: list[str] = []
     try:
         with store.db.transaction() as tx:
@@ -458,18 +461,21 @@ def main() -> int:
                         help="the open loops' offered rates, as fractions of the run's raw signing rate (default 0.25,0.5)")
     parser.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson",
                         help="the open loops' send times: Poisson (default) or evenly spaced")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the loads' grant store: the embedded default, or a PostgreSQL server started here (a fleet's)")
     args = parser.parse_args()
     table = Table()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, loads_store(args.store) as store_urls:
         env = environment(tmp)
         raw = signing_rate(env)
-        table.section(f"bench/fleet.py: one replica ({args.workers} agent process(es)), a new Unix-socket connection per token, "
+        table.section(f"bench/fleet.py: one replica ({args.workers} agent process(es), {args.store} store), "
+                      f"a new Unix-socket connection per token, "
                       f"at most {args.clients} in flight, from {PROCESSES} load generator processes on the agent's machine; "
                       f"{args.seconds:g} s per load")
         table.row("raw ES256 signs/s, one thread of this process, before the loads", "(the baseline)", f"{raw:.0f}")
         table.section(f"closed loop, throughput: {args.clients} clients, each sending its next request when answered; "
                       f"longest stall: the longest time in which requests waited and no process got a token")
-        serve = ("--workers", str(args.workers)) if args.workers > 1 else ()
+        serve: tuple[str, ...] = ("--workers", str(args.workers)) if args.workers > 1 else ()
 
         def loads(sock: str, reqs: list[bytes], pid: int, name: str) -> tuple[Load, list[tuple[str, str, Load]]]:
             """A warm-up, the closed loop, then the open loops: at each fraction of raw signing (issue 9's
@@ -486,7 +492,8 @@ def main() -> int:
             return closed, opened
 
         # 1. one replica, 10 grants
-        proc, sock, _ = start_agent(env, "small", *serve)
+        small_url, big_url = next(store_urls), next(store_urls)
+        proc, sock, _ = start_agent(env, "small", *serve, *store_args(small_url))
         try:
             small = [str(call(Endpoint("unix", sock), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)[1]["grant"]) for _ in range(10)]
             reqs = [token_request(s, f"team/r{i}") for i, s in enumerate(small)]
@@ -496,13 +503,13 @@ def main() -> int:
 
         # 2./3. 100k grants
         state = os.path.join(tmp, "state-big")
-        proc, sock, _ = start_agent(env, "big")
+        proc, sock, _ = start_agent(env, "big", *store_args(big_url))
         stop(proc)
         t0 = time.perf_counter()
-        known = bulk_grants(state, args.grants, 1000)
+        known = bulk_grants(state, args.grants, 1000, big_url)
         progress(f"{args.grants} grants written to the store in {time.perf_counter() - t0:.1f} s (setup)")
         big = f"{args.grants} grants"
-        proc, sock, _ = start_agent(env, "big", *serve)
+        proc, sock, _ = start_agent(env, "big", *serve, *store_args(big_url))
         try:
             reqs = [token_request(s, f"team/r{i}") for i, s in enumerate(known)]
             big_closed, big_open = loads(sock, reqs, proc.pid, big)
@@ -530,6 +537,28 @@ def main() -> int:
             propagation(env, table)
     table.print()
     return 0
+
+
+@contextlib.contextmanager
+def loads_store(kind: str) -> Iterator[Iterator[str | None]]:
+    """Store URLs for the loads, one per agent: None (each agent's own SQLite file), or
+    fresh databases on one PostgreSQL server started for the run (tests/realparts.py)."""
+    if kind == "sqlite":
+        yield itertools.repeat(None)
+        return
+    sys.path.insert(0, ROOT)
+    from tests.realparts import Postgres
+
+    pg = Postgres()
+    pg.start()
+    try:
+        yield (pg.create_database() for _ in itertools.count())
+    finally:
+        pg.destroy()
+
+
+def store_args(url: str | None) -> tuple[str, ...]:
+    return ("--store", url) if url else ()
 
 
 def positive(text: str) -> float:
