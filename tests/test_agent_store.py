@@ -388,3 +388,26 @@ def test_use_counts_of_many_grants_are_flushed_exactly(tmp_path: Path, backend: 
             assert (g.last_use is not None) == (i < 230)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_flushed_audit_rows_come_back_exactly(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    # The flush writes rows as one table (PostgreSQL: an array a column, sent binary):
+    # texts JSON and people write, columns with no value at all, both edges of a chunk.
+    from git_credential_codestore.agent.audit import _INSERT_ROWS, _TYPES
+    from git_credential_codestore.agent.grants import GrantStore
+
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    store = GrantStore(str(tmp_path / "state"), url).open()
+    texts = ['{"a":"b \\\\ \\"q\\""}', "naïve ünïcode ✓", "line\nbreak", "", "{x}", "%s %b ? '"]
+    rows = [(1_700_000_000 + i, "mint", None, texts[i % len(texts)], None, "ok", "host:1", texts[(i + 1) % len(texts)])
+            for i in range(131)]
+    try:
+        with store.db.transaction() as tx:
+            tx.execute_rows(_INSERT_ROWS, _TYPES, rows)
+            tx.execute_rows(_INSERT_ROWS, _TYPES, [])
+        with store.db.transaction(write=False) as tx:
+            got = tx.execute("SELECT time, event, grant_id, sub, repo, result, replica, fields FROM audit ORDER BY time")
+        assert got == rows
+    finally:
+        store.close()

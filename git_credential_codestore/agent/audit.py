@@ -65,6 +65,8 @@ db.register("audit", [
 # Query fields that are columns: compared in SQL, on an index each (see the migrations).
 _COLUMNS = {"repo": "repo", "grant": "grant_id", "sub": "sub", "event": "event"}
 _INSERT = "INSERT INTO audit (time, event, grant_id, sub, repo, result, replica, fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_ROWS = "INSERT INTO audit (time, event, grant_id, sub, repo, result, replica, fields) SELECT * FROM {rows}"
+_TYPES = ("bigint", "text", "text", "text", "text", "text", "text", "text")  # a row's columns, as _INSERT names them
 
 
 _LINE = json.JSONEncoder(separators=(",", ":"), default=str).encode  # one encoder, not one per entry
@@ -145,7 +147,7 @@ class AuditLog:
         with self._lock:
             batch = list(self._buffer)
         if batch:
-            tx.execute_rows(_INSERT.partition(" VALUES ")[0], _INSERT.partition(" VALUES ")[2], batch)
+            tx.execute_rows(_INSERT_ROWS, _TYPES, batch)
 
         def committed() -> None:
             with self._lock:

@@ -482,16 +482,14 @@ class GrantStore:
         try:
             with self.db.transaction() as tx:
                 if pending:
-                    # One statement per hundred grants (db.Tx.execute_rows says why); VALUES
-                    # columns are column1.. in both SQLite and PostgreSQL.
+                    # Many grants a statement (db.Tx.execute_rows says why and how).
                     tx.execute_rows(
                         "UPDATE grants SET uses = grants.uses + v.column1, refusals = grants.refusals + v.column2, "
                         "last_use = CASE WHEN v.column3 = 0 THEN grants.last_use "
                         "WHEN grants.last_use IS NULL OR grants.last_use < v.column3 THEN v.column3 ELSE grants.last_use END "
-                        "FROM (",
-                        "(CAST(? AS {bigint}), CAST(? AS {bigint}), CAST(? AS {bigint}), ?)",
+                        "FROM {rows} WHERE grants.id = v.column4",
+                        ("bigint", "bigint", "bigint", "text"),
                         [(u, r, t, gid) for gid, (u, r, t) in pending.items()],
-                        ") AS v WHERE grants.id = v.column4",
                     )
                 committed = self.on_flush(tx)
             committed()
