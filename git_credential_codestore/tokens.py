@@ -81,7 +81,7 @@ def mint(
     refs: Sequence[tuple[str, Sequence[str]]] | None = None,
     now: int | None = None,
 ) -> Token:
-    """Sign one token for one repository (a key in memory, or a Signer: `local_signer`, hsm.py)."""
+    """Sign one token for one repository (a key in memory, or a Signer: `LocalSigner`, hsm.py)."""
     check_ttl(ttl, "token", TokenError)
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown or not scopes:

@@ -64,9 +64,11 @@ db.register("audit", [
 
 # Query fields that are columns: compared in SQL, on an index each (see the migrations).
 _COLUMNS = {"repo": "repo", "grant": "grant_id", "sub": "sub", "event": "event"}
-_INSERT = "INSERT INTO audit (time, event, grant_id, sub, repo, result, replica, fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-_INSERT_ROWS = "INSERT INTO audit (time, event, grant_id, sub, repo, result, replica, fields) SELECT * FROM {rows}"
-_TYPES = ("bigint", "text", "text", "text", "text", "text", "text", "text")  # a row's columns, as _INSERT names them
+# A row: its columns and their SQL types, for one insert (a grant change) and for a flush's many.
+_TABLE = "audit (time, event, grant_id, sub, repo, result, replica, fields)"
+_TYPES = ("bigint", "text", "text", "text", "text", "text", "text", "text")
+_INSERT = f"INSERT INTO {_TABLE} VALUES ({', '.join('?' * len(_TYPES))})"
+_INSERT_ROWS = f"INSERT INTO {_TABLE} SELECT * FROM {{rows}}"
 
 
 _LINE = json.JSONEncoder(separators=(",", ":"), default=str).encode  # one encoder, not one per entry
@@ -78,7 +80,7 @@ def _stamp(second: int) -> str:
     global _last_stamp
     last = _last_stamp
     if last[0] != second:
-        last = _last_stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+        last = _last_stamp = (second, time.strftime(TIME_FORMAT, time.gmtime(second)))
     return last[1]
 
 

@@ -136,7 +136,6 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-
 def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 

@@ -96,8 +96,8 @@ class Agent:
         self.cfg = cfg
         self.org = cfg.require_org()
         # A key in memory is wrapped once: its algorithm and signature shape are not decided per token.
-        self._key_in_memory = isinstance(key, tokens.PrivateKey)
         self.key: tokens.LocalSigner | tokens.Signer = tokens.LocalSigner(key) if isinstance(key, tokens.PrivateKey) else key
+        self._key_in_memory = isinstance(self.key, tokens.LocalSigner)
         self.key_where = key_where
         self.key_id = key_id
         self.store = store
