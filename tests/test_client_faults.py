@@ -159,27 +159,19 @@ def test_endpoint_from_url_names_the_setting_and_the_form() -> None:
         Endpoint.from_url("http://127.0.0.1:99999")
 
 
-class Closer:
+class Closer(Dripper):
     """Accepts connections, reads each request and closes without a word: an agent killed mid-request."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.served = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+    served = 0
 
-    def _accept(self) -> None:
-        while True:
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
             try:
-                conn, _ = self.sock.accept()
+                conn.recv(65536)
             except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    conn.recv(65536)
-                except OSError:
-                    pass
-                self.served += 1
+                pass
+            self.served += 1
 
 
 def test_a_replica_that_dies_with_the_request_in_hand_is_passed_over_for_the_next(agent: Agent, org_key: OrgKey) -> None:
