@@ -52,11 +52,19 @@ def test_a_worker_started_again_in_a_slot_continues_from_its_counts() -> None:
     for _ in range(5):
         first.observe(200, 0.001)
     first.signer_failed()
+    first.publish(store_errors=4, audit_dropped=2, in_flight=3, audit_buffered=7)
+    table.died(1)  # the parent, between the two workers
     again = Metrics(table, 1)
     again.observe(200, 0.001)
+    again.publish(store_errors=1, audit_dropped=0, in_flight=0, audit_buffered=1)  # its parts count from 0
     m = render(Metrics(table, 0))
     assert m["codestore_agent_tokens_minted_total"] == 6
     assert m["codestore_agent_signer_errors_total"] == 1
+    assert m["codestore_agent_store_errors_total"] == 5
+    assert m["codestore_agent_audit_rows_dropped_total"] == 2
+    assert m["codestore_agent_requests_in_flight"] == 0
+    assert m["codestore_agent_audit_rows_buffered"] == 1
+    assert m["codestore_agent_worker_restarts_total"] == 1
 
 
 def test_the_histogram_is_cumulative_with_prometheus_le_and_count_equal_to_inf() -> None:

@@ -411,3 +411,26 @@ def test_flushed_audit_rows_come_back_exactly(tmp_path: Path, backend: str, requ
         assert got == rows
     finally:
         store.close()
+
+
+def test_a_view_any_number_of_changes_old_is_current_after_catch_up(tmp_path: Path, pg_url: str) -> None:
+    # Threat: a worker started again, forked from a parent whose view is hours old, minting
+    # under a grant revoked since, or refusing grants made since, until polls catch up
+    # a thousand rows at a time.
+    from git_credential_codestore.agent.grants import GrantStore
+
+    old = GrantStore(str(tmp_path / "old"), pg_url).open()
+    now = GrantStore(str(tmp_path / "now"), pg_url).open()
+    try:
+        first = now.create(repos=[REPO], scopes=["git:read"], max_ttl=300)[0]
+        assert old.get(first.id) is not None
+        made = [now.create(repos=[REPO], scopes=["git:read"], max_ttl=300)[0] for _ in range(1100)]
+        now.revoke(first.id)
+        old.catch_up()
+        old.check()
+        assert all(old.cached(g.id) is not None for g in made)
+        revoked = old.cached(first.id)
+        assert revoked is not None and revoked.revoked_at is not None
+    finally:
+        old.close()
+        now.close()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from git_credential_codestore.agent.client import AgentRefused
+from git_credential_codestore.agent.client import AgentRefused, AgentUnavailable, Endpoint, exchange
 from tests.conftest import BIN, OrgKey
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
 from tests.test_agent_metrics import parse
@@ -114,6 +116,51 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, org_key: OrgKe
     while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(_gone(pid) for pid in workers)
+
+
+def _until(condition: Callable[[], bool], what: str, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _mints(env: dict[str, str]) -> bool:
+    try:
+        return mint(env).startswith("eyJ")
+    except AgentUnavailable:
+        return False
+
+
+def test_a_worker_that_dies_is_started_again_and_the_agent_keeps_serving(tmp_path: Path, org_key: OrgKey) -> None:
+    # An OOM kill or a crash of one worker costs that worker for a moment, not the agent:
+    # the parent starts another in its place, and it takes over the grant sockets it served.
+    a = start_agent(tmp_path, "--workers", "2")
+    try:
+        g = create(a)
+        own = create(a, own_socket=True)
+        env, own_env = sandbox_env(g["grant"], url=a.url), sandbox_env(None, sock=str(own["socket"]))
+        first = _workers(a.proc.pid)
+        os.kill(first[0], signal.SIGKILL)
+        _until(lambda: len(_workers(a.proc.pid)) == 2 and first[0] not in _workers(a.proc.pid), "no worker took the dead one's place")
+        for _ in range(20):  # new connections, to whichever worker accepts
+            assert mint(env).startswith("eyJ")
+        second = _workers(a.proc.pid)
+        for pid in second:  # every worker at once: connections wait in the parent's socket meanwhile
+            os.kill(pid, signal.SIGKILL)
+        _until(lambda: not set(second) & set(_workers(a.proc.pid)) and len(_workers(a.proc.pid)) == 2, "the workers were not replaced")
+        assert mint(env).startswith("eyJ")
+        _until(lambda: _mints(own_env), "the grant's own socket was not served again")
+        status, text = exchange(Endpoint("http", "127.0.0.1", int(a.url.rsplit(":", 1)[1])), "GET", "/metrics", b"", None)
+        assert status == 200
+        assert parse(text.decode())["codestore_agent_worker_restarts_total"] == 3
+        a.proc.terminate()
+        _, err = a.proc.communicate(timeout=30)
+    finally:
+        a.stop()
+    assert a.proc.returncode == 0
+    assert err.count("was killed by SIGKILL; starting it again") == 3, err
+    assert "Traceback" not in err
 
 
 class _UnixHTTP(http.client.HTTPConnection):

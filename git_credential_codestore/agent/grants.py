@@ -518,6 +518,13 @@ class GrantStore:
             self._fresh_until = time.monotonic() + STALE_AFTER
             self._last_error = ""
 
+    def catch_up(self) -> None:
+        """Sync until the view is fresh: a view of any age (a worker forked long after the
+        parent read the store) is current when this returns."""
+        self._fresh_until = 0.0
+        while time.monotonic() > self._fresh_until:
+            self.sync()
+
     def _run(self) -> None:
         self._loop(POLL_INTERVAL, self.sync)
 

@@ -11,7 +11,9 @@ forks. Each worker writes only its own slot (under its own thread lock, as one p
 always did: no lock between processes on the token path) and a scrape sums the slots.
 Every counter in a slot only grows and is one aligned 8-byte word, so each sum is
 monotonic whoever reads it. A slot is never reset: a worker started again in the slot of one that
-died continues from its values. One process (`--workers 1`) has a one-slot table in
+died continues from its values (the counts its parts keep restart at 0, so it publishes them
+on top of what the slot held), and the parent, between the two, clears the dead worker's
+gauges and counts the restart. One process (`--workers 1`) has a one-slot table in
 private memory, the same code at the same cost.
 """
 
@@ -44,7 +46,8 @@ _STORE_ERRORS = _SIGNER_ERRORS + 1
 _AUDIT_DROPPED = _STORE_ERRORS + 1
 _IN_FLIGHT = _AUDIT_DROPPED + 1
 _AUDIT_BUFFERED = _IN_FLIGHT + 1
-_FIELDS = _AUDIT_BUFFERED + 1
+_RESTARTS = _AUDIT_BUFFERED + 1  # written by the parent, only while the slot's worker is dead
+_FIELDS = _RESTARTS + 1
 _SLOT = -(-_FIELDS * 8 // 64) * 64  # bytes, whole cache lines: workers never write the same line
 _REFUSED_FIELD = {status: _REFUSED + REFUSALS.index(reason) for status, reason in REASONS.items()}
 _REFUSED_OTHER = _REFUSED + REFUSALS.index(OTHER)
@@ -62,6 +65,12 @@ class Table:
         whole = memoryview(memory)
         self.slots = [whole[i * _SLOT:(i + 1) * _SLOT].cast("q") for i in range(workers)]
 
+    def died(self, slot: int) -> None:
+        """The worker of `slot` is dead (the parent, before starting another in it): its gauges go, a restart counts."""
+        fields = self.slots[slot]
+        fields[_IN_FLIGHT] = fields[_AUDIT_BUFFERED] = 0
+        fields[_RESTARTS] += 1
+
     def totals(self) -> list[int]:
         """Each field summed over the slots (one read of each word)."""
         return [sum(slot[f] for slot in self.slots) for f in range(_FIELDS)]
@@ -74,6 +83,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.table = table or Table()
         self._slot = self.table.slots[slot]
+        self._base = (self._slot[_STORE_ERRORS], self._slot[_AUDIT_DROPPED])  # a dead predecessor's counts
 
     def observe(self, status: int, seconds: float) -> None:
         """One token request: its outcome and how long the agent took over it."""
@@ -91,7 +101,7 @@ class Metrics:
     def publish(self, store_errors: int, audit_dropped: int, in_flight: int, audit_buffered: int) -> None:
         """This worker's counts kept elsewhere, for the scrapes other workers answer."""
         slot = self._slot
-        slot[_STORE_ERRORS], slot[_AUDIT_DROPPED] = store_errors, audit_dropped
+        slot[_STORE_ERRORS], slot[_AUDIT_DROPPED] = self._base[0] + store_errors, self._base[1] + audit_dropped
         slot[_IN_FLIGHT], slot[_AUDIT_BUFFERED] = in_flight, audit_buffered
 
     def tokens(self) -> tuple[int, dict[str, int]]:
@@ -128,6 +138,7 @@ class Metrics:
         metric("codestore_agent_requests_in_flight", "gauge", "Requests in flight.", [("", t[_IN_FLIGHT])])
         metric("codestore_agent_audit_rows_buffered", "gauge", "Audit rows buffered.", [("", t[_AUDIT_BUFFERED])])
         metric("codestore_agent_workers", "gauge", "Agent processes serving.", [("", self.table.workers)])
+        metric("codestore_agent_worker_restarts_total", "counter", "Workers started again after one died.", [("", t[_RESTARTS])])
         for name, samples in labelled.items():
             label = "state" if name == "grants" else "what"
             metric(f"codestore_agent_{name}", "gauge", name.capitalize() + ".", [(f'{{{label}="{k}"}}', v) for k, v in samples.items()])

@@ -849,9 +849,9 @@ class _Site:
 
 def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: int | None = None,
                sockets: tuple[socket.socket, socket.socket | None] | None = None, ready: Callable[[], None] | None = None,
-               metrics: Metrics | None = None) -> int:
+               metrics: Metrics | None = None, restarted: bool = False) -> int:
     """One agent process: the whole agent, or (with `worker`) one of several on shared sockets
-    counting into their shared `metrics` table."""
+    counting into their shared `metrics` table; `restarted`, in the place of one that died."""
     cfg, env, key_uri, socket_path, tcp_address = site.cfg, site.env, site.key_uri, site.socket_path, site.tcp_address
     signer, where, state_dir, tls, listen, idle_timeout, out = (
         site.signer, site.where, site.state_dir, site.tls, site.listen, site.idle_timeout, site.out)
@@ -930,10 +930,17 @@ def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: 
                 raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from None
             agent.listen_url = f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
         cursor: str | None = None
-        while worker in (None, 0):  # grants' own sockets: one listener each, in the first worker
+        # Grants' own sockets: one listener each, opened by the first worker at start; a worker
+        # started again takes over those its dead predecessor served (nobody answers on them).
+        while worker in (None, 0) or restarted:
             page, cursor = store.page(own_socket=True, state="active", after=cursor, limit=1000)
             for grant in page:
-                open_grant_socket(grant)
+                try:
+                    open_grant_socket(grant)
+                except ConfigError:
+                    if not restarted:
+                        raise
+                    # another worker serves it
             if cursor is None:
                 break
     except BaseException:
@@ -988,15 +995,20 @@ def _stop_with_parent(parent: int) -> None:  # pragma: no cover - a forked worke
 
 
 def _worker(site: _Site, store: GrantStore, trust_store: TrustStore, i: int, parent: int,
-            sockets: tuple[socket.socket, socket.socket | None], ready_fd: int, table: Table) -> int:  # pragma: no cover - a forked worker
+            sockets: tuple[socket.socket, socket.socket | None], ready_fd: int | None, table: Table) -> int:  # pragma: no cover - a forked worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops every worker
     _stop_with_parent(parent)
     try:
-        store.sync()  # the view the parent had is a fork old: refresh it before serving
+        store.catch_up()  # the view the parent had is a fork old (a restart's, maybe hours): refresh it before serving
     except StoreError as e:
         raise ConfigError(f"cannot open {e}") from None
-    return _serve_one(site, store, trust_store, worker=i, sockets=sockets, ready=lambda: (os.write(ready_fd, b"r"), None)[1],
-                      metrics=Metrics(table, i))
+    ready = None if ready_fd is None else (lambda: (os.write(ready_fd, b"r"), None)[1])
+    return _serve_one(site, store, trust_store, worker=i, sockets=sockets, ready=ready, metrics=Metrics(table, i),
+                      restarted=ready_fd is None)
+
+
+RESTART_BACKOFF = (0.1, 10.0)  # a worker that died is started again after the first, doubling to the second
+CRASH_WINDOW = 60.0  # seconds: deaths closer together than this lengthen the wait before the next start
 
 
 def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: int) -> int:
@@ -1007,8 +1019,12 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
     exists; each worker is a whole agent (`_serve_one`) on the inherited sockets, like a
     replica on the same machine: its own cache kept fresh by the store's poll, its own
     slot in the metrics table mapped here before the fork (so every worker's `/metrics`
-    and `/v1/status` count the whole agent's tokens). The parent only waits: the first
-    worker to stop (`agent stop`, a signal, a crash) stops the rest.
+    and `/v1/status` count the whole agent's tokens). The parent only supervises: a worker
+    that stops cleanly (`agent stop`, its socket removed) stops the rest, as a signal to
+    the parent does; a worker that dies (killed, a crash) is started again in its slot,
+    forked from the parent as the first ones were, after a wait that doubles while deaths
+    come close together, so one bad request or an OOM kill costs a worker for a moment,
+    not the agent.
     """
     unix_sock = bind_unix(site.socket_path)
     try:
@@ -1021,24 +1037,25 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
     table = Table(n)
     read_end, write_end = os.pipe()
     parent = os.getpid()
-    pids: list[int] = []
-    for i in range(n):
+    live: dict[int, int] = {}  # pid -> worker slot
+
+    def spawn(i: int, ready_fd: int | None) -> None:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the worker process (covered by the end-to-end tests)
-            os.close(read_end)
             code = 3
             try:
-                work = functools.partial(_worker, site, store, trust_store, i, parent, (unix_sock, tcp_sock), write_end, table)
+                if ready_fd is not None:  # the first start: the parent still reads the other end
+                    os.close(read_end)
+                work = functools.partial(_worker, site, store, trust_store, i, parent, (unix_sock, tcp_sock), ready_fd, table)
                 code = boundary("codestore", work)
             finally:
                 os._exit(code)
-        pids.append(pid)
+        live[pid] = i
+
+    for i in range(n):
+        spawn(i, write_end)
     os.close(write_end)
     tcp_name = tcp_sock.getsockname()[:2] if tcp_sock is not None else None
-    unix_sock.close()
-    if tcp_sock is not None:
-        tcp_sock.close()
-    live = set(pids)
 
     def stop_all(sig: int = signal.SIGTERM) -> None:
         for pid in live:
@@ -1048,23 +1065,27 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
                 pass
 
     def reap(deadline: float) -> None:
+        # The parent's copies of the sockets close first: nothing queues for workers that are going.
+        for sock in (unix_sock, tcp_sock):
+            if sock is not None:
+                sock.close()
         while live and time.monotonic() < deadline:
             pid, _ = os.waitpid(-1, os.WNOHANG)
             if pid:
-                live.discard(pid)
+                live.pop(pid, None)
             else:
                 time.sleep(0.05)
         if live:
             stop_all(signal.SIGKILL)
             while live:
-                live.discard(os.waitpid(-1, 0)[0])
+                live.pop(os.waitpid(-1, 0)[0], None)
 
     ready = 0
     deadline = time.monotonic() + 60
     while ready < n:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid or time.monotonic() > deadline:
-            live.discard(pid)
+            live.pop(pid, None)
             stop_all()
             reap(time.monotonic() + DRAIN_TIMEOUT)
             os.close(read_end)
@@ -1074,7 +1095,11 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
             ready += len(os.read(read_end, 64))
     os.close(read_end)
 
+    stopping = False
+
     def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         stop_all()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -1088,10 +1113,29 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
     audit = site.audit_path or os.path.join(site.state_dir, "audit.log")
     print(f"ready pid={os.getpid()} org={site.cfg.require_org()} key={site.where} audit={audit} store={store.where} server=uvicorn workers={n}",
           file=out, flush=True)
-    pid, status = os.wait()
-    live.discard(pid)
+    deaths: list[float] = []
+    while True:
+        pid, status = os.wait()
+        slot = live.pop(pid, None)
+        if slot is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if stopping or code == 0:  # a stop, asked for or decided by the worker: every worker goes
+            break
+        now = time.monotonic()
+        deaths = [t for t in deaths if now - t < CRASH_WINDOW] + [now]
+        wait = min(RESTART_BACKOFF[0] * 2 ** (len(deaths) - 1), RESTART_BACKOFF[1])
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
+        print(f"codestore agent: worker {slot} (pid {pid}) {how}; starting it again in {wait:g}s", file=sys.stderr, flush=True)
+        table.died(slot)
+        until = now + wait
+        while not stopping and time.monotonic() < until:
+            time.sleep(0.05)  # a signal's handler runs between these and says whether to go on
+        if stopping:
+            break
+        spawn(slot, None)
     stop_all()
     reap(time.monotonic() + DRAIN_TIMEOUT + 5)
     store.close()
     print(f"codestore agent exiting: worker {pid} stopped", file=sys.stderr, flush=True)
-    return 0 if os.waitstatus_to_exitcode(status) == 0 else 1
+    return 0 if code == 0 else 1
