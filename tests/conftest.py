@@ -304,6 +304,10 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
 from tests.oidc_issuer import CertAuthority, Issuer, make_ca, start_issuer  # noqa: E402
 from tests.realparts import Postgres, SoftHsm  # noqa: E402
 
+# The sandbox image (install.sh --system, ~15 s) is session-scoped: defined here, once for the
+# session; a test module importing the fixture itself would get (and build) its own copy.
+from tests.sandboxes import image, sandbox_base, world_readable_tmp  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:

@@ -103,7 +103,8 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, org_key: OrgKey, fron
     a = start_agent(tmp_path, "--server", front)
     g = create(a)
     body = f"repo={REPO}\nscopes=git:read\n".encode()  # wire.py's line format
-    request = (b"POST /v1/token HTTP/1.1\r\nHost: a\r\nAuthorization: Grant %s\r\nContent-Length: %d\r\n\r\n%s"
+    # As helpers ask (client.py): one request a connection, `Connection: close`.
+    request = (b"POST /v1/token HTTP/1.1\r\nHost: a\r\nConnection: close\r\nAuthorization: Grant %s\r\nContent-Length: %d\r\n\r\n%s"
                % (str(g["grant"]).encode(), len(body), body))
     partial: list[bytes] = []
     complete = [0]

@@ -16,19 +16,16 @@ import time
 from pathlib import Path
 
 from tests.conftest import DevServer, git
-from tests.sandboxes import (  # noqa: F401
+from tests.sandboxes import (
     Image,
     User,
     as_user,
     give,
-    image,
     make_home,
-    sandbox_base,
     sandbox_env,
     sandbox_user,
-    world_readable_tmp,
 )
-from tests.test_agent import REPO, Agent  # noqa: F401 - fixtures
+from tests.test_agent import REPO, Agent
 
 BRANCH = "sandbox/failover"
 

@@ -28,18 +28,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.conftest import DevServer, git
-from tests.sandboxes import (  # noqa: F401 - fixtures
+from tests.sandboxes import (
     ROOT,
     Image,
     User,
     as_user,
     give,
-    image,
     make_home,
-    sandbox_base,
     sandbox_env,
     sandbox_user,
-    world_readable_tmp,
 )
 from tests.test_agent import REPO, Agent
 

@@ -17,16 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ORG, DevServer, git
-from tests.sandboxes import (  # noqa: F401
+from tests.sandboxes import (
     Image,
     as_user,
     give,
-    image,
     make_home,
-    sandbox_base,
     sandbox_env,
     sandbox_user,
-    world_readable_tmp,
 )
 from tests.test_agent import REPO, Agent
 
