@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -32,9 +32,9 @@ if TYPE_CHECKING:
         @property
         def label(self) -> str: ...  # "grant 3fa2..." / "trust policy 9c1e...": names it in refusals
         @property
-        def repos(self) -> list[str]: ...
+        def repos(self) -> Sequence[str]: ...
         @property
-        def scopes(self) -> list[str]: ...
+        def scopes(self) -> Sequence[str]: ...
         @property
         def max_ttl(self) -> int: ...
         @property
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
         @property
         def ephemeral_only(self) -> bool: ...
         @property
-        def refs(self) -> list[list[object]]: ...
+        def refs(self) -> Sequence[Sequence[object]]: ...
         def state(self, now: float | None = None) -> str: ...
 
 
