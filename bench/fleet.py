@@ -363,23 +363,33 @@ class Load:
 
 
 def bulk_grants(state_dir: str, n: int, known: int, store_url: str | None = None) -> list[str]:
-    """Put n grants straight into a stopped agent's store (setup only); returns `known` secrets."""
+    """Put n grants straight into a stopped agent's store (setup only); returns `known` secrets.
+
+    One transaction of three statements (the store's own `execute_rows`), not three round
+    trips a grant: 100k grants on PostgreSQL took five minutes that way."""
     from git_credential_codestore.agent import grants as g
 
     store = g.GrantStore(state_dir, store_url).open()
     out: list[str] = []
+    rows: list[tuple[object, ...]] = []
+    repos: list[tuple[str, str]] = []
     try:
         with store.db.transaction() as tx:
             now = int(time.time())
+            first = int(tx.execute("UPDATE grant_changes SET seq = seq + ? WHERE id = 1 RETURNING seq", (n,))[0][0]) - n + 1  # type: ignore[call-overload]
             for i in range(n):
                 gid = secrets.token_hex(6)
                 secret = f"{g.SECRET_PREFIX}{gid}_{secrets.token_urlsafe(32)}"
-                grant = g.Grant(id=gid, secret_sha256=g._hash(secret), repos=["team/*"], scopes=["git:read"], max_ttl=900,
-                                sub=f"bench-{i}", created_at=now)
-                grant.seq = store._next_seq(tx)
-                store._insert(tx, grant)
+                grant = g.Grant(id=gid, secret_sha256=g._hash(secret), repos=("team/*",), scopes=("git:read",), max_ttl=900,
+                                sub=f"bench-{i}", created_at=now, seq=first + i)
+                rows.append(g._row(grant))
+                repos.append(("team/*", gid))
                 if i < known:
                     out.append(secret)
+            columns = ", ".join(g._COLUMNS)
+            values = ", ".join(f"v.column{k}" for k in range(1, len(g._COLUMNS) + 1))
+            tx.execute_rows(f"INSERT INTO grants ({columns}) SELECT {values} FROM {{rows}}", g._TYPES, rows)
+            tx.execute_rows("INSERT INTO grant_repos (pattern, grant_id) SELECT v.column1, v.column2 FROM {rows}", ("text", "text"), repos)
     finally:
         store.close()
     return out

@@ -149,3 +149,28 @@ def test_a_closed_loop_keeps_every_slot_busy_and_times_from_the_send(fleet: Modu
     assert all(sched == sent and sent < done for sched, sent, done in records)
     # One serial server: each answer waits for the others in flight, so latencies are several delays.
     assert sorted(done - sent for _, sent, done in records)[len(records) // 2] >= 0.005 * 4
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_bulk_setup_writes_grants_the_agent_reads_back_whole(fleet: ModuleType, tmp_path: Path, backend: str,
+                                                                  request: pytest.FixtureRequest) -> None:
+    # The bench's store must be the agent's: every column in its place and type, each grant
+    # found by its secret and by the repository index, sequence numbers the poll follows.
+    from git_credential_codestore.agent.grants import GrantStore
+
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    state = str(tmp_path / "state")
+    GrantStore(state, url).open().close()
+    secrets = fleet.bulk_grants(state, 300, 5, url)
+    store = GrantStore(state, url).open()
+    try:
+        made = store.create(repos=["team/x"], scopes=["git:read"], max_ttl=60)[0]
+        assert made.seq == 301  # after the bulk's numbers, not among them
+        page, _ = store.page(repo="team/*", limit=1000)  # the filter names a pattern as granted
+        assert len(page) == 300 and {g.seq for g in page} == set(range(1, 301))
+        for secret in secrets:
+            g = store.authenticate(secret)
+            assert g is not None and g.state() == "active"
+            assert (g.repos, g.scopes, g.max_ttl, g.refs, g.ephemeral_only, g.uses) == (("team/*",), ("git:read",), 900, (), False, 0)
+    finally:
+        store.close()

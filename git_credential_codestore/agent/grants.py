@@ -155,6 +155,9 @@ db.register("grants", [
 ])
 
 _COLUMNS = tuple(f.name for f in fields(Grant))
+# Their SQL types, in that order, for writing many rows at once (db.Tx.execute_rows).
+_TYPES = ("text", "text", "text", "text", "integer", "text", "bigint", "bigint", "integer", "text", "integer",
+          "bigint", "bigint", "bigint", "bigint", "integer", "bigint")
 _JSON = frozenset({"repos", "scopes", "refs"})
 _BOOL = frozenset({"ephemeral_only", "own_socket"})
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM grants"
