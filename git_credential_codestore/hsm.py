@@ -195,6 +195,21 @@ class Pkcs11Signer:
             pkcs11.lib(self.uri.module).reinitialize()
             return self._connect()
 
+    def release(self) -> None:
+        """Before a fork: close the session and finalize the module, so no PKCS#11 state
+        crosses into the children (the standard leaves a forked child's inherited state
+        undefined; each child initializes its own with `reopen`)."""
+        import pkcs11
+
+        with self._lock:
+            self._drop()
+            pkcs11.lib(self.uri.module).finalize()
+
+    def reopen(self) -> None:
+        """In a forked child: its own initialization of the module, session and key."""
+        with self._lock:
+            self._connect()  # pkcs11.lib() initializes a finalized module again
+
     def _drop(self) -> None:
         try:
             if self._session is not None:

@@ -105,6 +105,10 @@ class Postgres:
 
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+# p11-kit's proxy module (Debian's libp11-kit0), which loads SoftHSM2 through the module file
+# softhsm2-common installs. Unlike SoftHSM2, it holds a forked child to the standard: a
+# child must initialize the module itself before any call (CKR_CRYPTOKI_NOT_INITIALIZED).
+P11KIT_PROXY = next(iter(sorted(glob.glob("/usr/lib/*/libp11-kit.so.0"))), "/usr/lib/x86_64-linux-gnu/libp11-kit.so.0")
 
 
 class SoftHsm:

@@ -12,7 +12,7 @@ import pytest
 from git_credential_codestore import keys, tokens
 from git_credential_codestore.agent.client import AgentRefused, Endpoint, call
 from tests.conftest import BIN, KID, ORG, OrgKey
-from tests.realparts import SOFTHSM_MODULE, SoftHsm
+from tests.realparts import P11KIT_PROXY, SOFTHSM_MODULE, SoftHsm
 from tests.test_agent import Agent, mint, sandbox_env, start_agent
 from tests.test_agent_store import create
 
@@ -132,3 +132,37 @@ def test_a_key_that_may_not_sign_is_one_line_at_start(tmp_path: Path, org_key: O
     proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", softhsm.uri("nosign"), "--state-dir", str(tmp_path / "st"),
                            "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=keyless(softhsm.env()), timeout=60)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "may not sign" in proc.stderr, proc.stderr
+
+
+def test_workers_each_sign_through_their_own_session_on_the_token(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm) -> None:
+    # The key stays in the token and every core mints: no PKCS#11 state crosses a fork (the
+    # parent finalizes the module, each worker initializes its own), a worker started again
+    # after a crash opens its own session too, and every token verifies.
+    import signal
+
+    from tests.test_agent_workers import _connections_to_each_worker, _until, _workers
+
+    public = keys.load_public_key(generate(softhsm, "org", "ec"), "token")
+    # Through p11-kit's proxy: SoftHSM2 alone would let a child use its parent's session.
+    env = dict(keyless(softhsm.env()), CODESTORE_PKCS11_MODULE=P11KIT_PROXY)
+    a = start_agent(tmp_path, "--key", softhsm.uri("org"), "--workers", "2", env=env)
+    try:
+        assert "workers=2" in a.lines[-1] and "key=pkcs11:" in a.lines[-1]
+        g = create(a)
+        env = sandbox_env(g["grant"], url=a.url)
+        first = _workers(a.proc.pid)
+        minted = [mint(env) for _ in range(30)]  # new connections, to whichever worker accepts
+        os.kill(first[0], signal.SIGKILL)
+        _until(lambda: len(_workers(a.proc.pid)) == 2 and first[0] not in _workers(a.proc.pid), "no worker took the dead one's place")
+        minted += [mint(env) for _ in range(30)]
+        conns = _connections_to_each_worker(a, 2)
+        for conn in conns:  # each worker signs, on a connection it holds
+            status, body = conn.ask("POST", "/v1/token", b"repo=team/app\nscopes=git:read\n", f"Grant {g['grant']}")
+            assert status == 200, body
+            minted.append(dict(line.split("=", 1) for line in body.decode().splitlines())["token"])
+            conn.close()
+        for token in minted:
+            assert tokens.verify(token, {KID: public}, org=ORG).repo == "team/app"
+    finally:
+        a.stop()
+    assert a.proc.returncode == 0

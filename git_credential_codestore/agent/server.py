@@ -780,8 +780,6 @@ def serve(
     if workers > 1:
         if idle_timeout:
             raise UsageError("--idle-timeout stops one agent process; with --workers, stop the agent with `codestore agent stop`")
-        if key_uri:
-            raise UsageError("--workers signs with a key in memory; a PKCS#11 token runs one worker (its session is per process)")
         if server == "threads" or not _has_fleet_front():
             raise UsageError("--workers needs the fleet front (uvicorn): pip install 'codestore-git[fleet]'")
     if bool(tls_cert) != bool(tls_key):
@@ -823,6 +821,8 @@ def serve(
                  state_dir=state_dir, audit_path=audit_path, tcp_address=tcp_address, listen=listen, tls=tls,
                  idle_timeout=idle_timeout, server=server, request_deadline=request_deadline, out=out)
     if workers > 1:
+        if key_uri:
+            signer.release()  # type: ignore[union-attr]  # each worker opens its own session on the token
         return _serve_workers(site, store, trust_store, workers)
     return _serve_one(site, store, trust_store)
 
@@ -1008,6 +1008,14 @@ def _worker(site: _Site, store: GrantStore, trust_store: TrustStore, i: int, par
         store.catch_up()  # the view the parent had is a fork old (a restart's, maybe hours): refresh it before serving
     except StoreError as e:
         raise ConfigError(f"cannot open {e}") from None
+    if site.key_uri:
+        try:
+            site.signer.reopen()  # type: ignore[union-attr]  # a PKCS#11 session of its own
+        except ConfigError:
+            if ready_fd is not None:
+                raise  # at start: the agent refuses in one line
+            # started again while the token is away: it signs once the token is back
+            # (the signer reconnects), and /readyz says why it does not meanwhile
     ready = None if ready_fd is None else (lambda: (os.write(ready_fd, b"r"), None)[1])
     return _serve_one(site, store, trust_store, worker=i, sockets=sockets, ready=ready, metrics=Metrics(table, i),
                       restarted=ready_fd is None)
