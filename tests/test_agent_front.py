@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from git_credential_codestore.agent.client import Endpoint, call
-from git_credential_codestore.agent.server import PER_PEER
+from git_credential_codestore.agent.server import MAX_CONNECTIONS, PER_PEER
 from tests.conftest import OrgKey
 from tests.test_agent import REPO, mint, sandbox_env, start_agent, tls_pair
 from tests.test_agent_store import create
@@ -175,5 +175,99 @@ def test_pipelined_token_requests_on_one_connection_are_answered_in_order(tmp_pa
         assert re.findall(rb"HTTP/1\.1 (\d{3}) ", out) == [b"200", b"200", b"403", b"200", b"200"], out[:400]
         assert out.count(b"token=eyJ") == 2
         assert b'"grants"' in out.split(b"HTTP/1.1 403")[0]  # the admin reply came before the refusal
+    finally:
+        a.stop()
+
+
+def test_a_header_that_never_ends_is_refused_at_the_head_cap(tmp_path: Path, org_key: OrgKey) -> None:
+    # Threat: one connection sending a header line that never ends. The parser keeps its
+    # pieces until the line ends, so the agent held (and copied on every read, on its
+    # event loop) whatever the client sent until the request deadline: memory and CPU
+    # without bound, from anyone who can connect.
+    a = start_agent(tmp_path, "--server", "uvicorn")
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(a.socket)
+        s.sendall(b"GET /v1/ping HTTP/1.1\r\nHost: a\r\nX-Long: ")
+        sent, chunk = 0, b"a" * 65536
+        try:
+            while sent < 8 * 1024 * 1024:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass  # the agent stopped reading and closed: what it should do
+        reply = b""
+        try:
+            while part := s.recv(65536):
+                reply += part
+        except OSError:
+            pass
+        s.close()
+        assert reply.startswith(b"HTTP/1.1 431 "), (sent, reply[:100])
+        assert sent < 2 * 1024 * 1024  # refused near the cap, not after megabytes
+        assert call(Endpoint("unix", a.socket), "GET", "/v1/ping")[0] == 200
+    finally:
+        a.stop()
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_one_grant_socket_cannot_take_every_connection_of_the_agent(tmp_path: Path, org_key: OrgKey, front: str) -> None:
+    # Threat: a sandbox given its grant's own socket (--own-socket, mounted into its
+    # container) opening connections until the agent has none left for any other sandbox
+    # or for its owner. A grant's socket is one peer, held to its fair share like an address.
+    a = start_agent(tmp_path, "--server", front)
+    held: list[socket.socket] = []
+    try:
+        own = create(a, own_socket=True)
+        other = create(a)
+        for _ in range(MAX_CONNECTIONS):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(str(own["socket"]))
+            held.append(s)
+        # The agent accepts in order: once one more is answered (busy), it has taken them all.
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(10)
+            probe.connect(str(own["socket"]))
+            probe.sendall(b"GET /v1/ping HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert probe.recv(100).startswith(b"HTTP/1.1 503")
+        assert mint(sandbox_env(other["grant"], url=a.url))  # another sandbox is served
+        assert call(Endpoint("unix", a.socket), "GET", "/v1/ping")[0] == 200  # and so is the owner
+        busy = 0
+        for s in held:
+            s.setblocking(False)
+            try:
+                busy += s.recv(100).startswith(b"HTTP/1.1 503")
+            except OSError:
+                pass
+        assert busy >= MAX_CONNECTIONS - PER_PEER
+    finally:
+        for s in held:
+            s.close()
+        a.stop()
+
+
+def test_a_client_that_never_reads_its_replies_is_not_answered_without_bound(tmp_path: Path, org_key: OrgKey) -> None:
+    # Threat: anyone who can connect pipelining token requests (refused ones will do, no
+    # grant needed) and never reading the replies. The token fast path wrote each reply
+    # whatever the connection's write buffer held, and kept reading: the agent buffered
+    # replies without bound. It must stop reading until the client reads.
+    a = start_agent(tmp_path, "--server", "uvicorn")
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(a.socket)
+        s.settimeout(3)
+        batch = b"POST /v1/token HTTP/1.1\r\nHost: a\r\nAuthorization: Grant x\r\nContent-Length: 0\r\n\r\n" * 1000
+        sent = 0
+        try:
+            while sent < 8 * 1024 * 1024:
+                s.sendall(batch)
+                sent += len(batch)
+        except TimeoutError:
+            pass  # the agent stopped reading: what it should do
+        assert sent < 4 * 1024 * 1024, f"the agent read {sent} bytes of requests whose replies nobody read"
+        s.close()
+        assert call(Endpoint("unix", a.socket), "GET", "/v1/ping")[0] == 200
     finally:
         a.stop()

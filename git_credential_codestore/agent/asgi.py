@@ -20,7 +20,8 @@ Around uvicorn's protocol we keep what it does not do, each for a reason:
 - a deadline per request (`--request-deadline`, from its first byte to its reply) on
   every listener, TLS included: uvicorn times out idle keep-alive connections but not a
   request that trickles in a byte at a time (issue 8 item 6).
-- caps on the request target and the headers (uvicorn's httptools protocol has none).
+- caps on the request target and the headers (uvicorn's httptools protocol has none),
+  counted as bytes arrive: httptools holds a header's pieces until its line ends.
 - the peer's uid (SO_PEERCRED) on Unix sockets, handed to the handler in the ASGI scope.
 
 Helpers never import this module (nor uvicorn): they speak HTTP through `client.py`.
@@ -59,6 +60,7 @@ from .server import (
     framing,
     identify,
     respond,
+    share,
 )
 
 WORKERS = 16  # threads running handlers; more only contend for the GIL
@@ -100,6 +102,9 @@ class AgentProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._head = 0
         self._error = 400
+        self._heads = 0  # messages begun on this connection
+        self._in_head = False  # between a message's first byte and its headers' end
+        self._head_read = 0  # bytes read while one head is incomplete (see data_received)
         self._token: bytearray | None = None  # the body of a token request answered at once
         self._token_length = 0
         self._token_header: Callable[[str], str | None] = lambda name: None
@@ -110,7 +115,7 @@ class AgentProtocol(HttpToolsProtocol):
         if self.slot is None:
             # Accepted by the event loop itself (a listener without TLS): counted and
             # identified here, in the same loop callback as the accept.
-            slot = self.front._take(str(address[0]) if isinstance(address, tuple) else "")
+            slot = self.front._take(share(lst.transport, address, lst.bound_grant))
             if slot is None:
                 self._busy = True
                 transport.write(_BUSY)
@@ -130,8 +135,20 @@ class AgentProtocol(HttpToolsProtocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if not self._busy:
-            super().data_received(data)
+        if self._busy:
+            return
+        heads = self._heads
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            # httptools keeps a header's pieces until its line ends, and only then calls
+            # on_header (where the cap is): a header that never ends grew, and was copied
+            # on every read, until the request deadline. So the head is also counted as it
+            # is read; from the read after the one it began in (that read may hold the end
+            # of the request before), so at most one read more than MAX_HEAD is kept.
+            self._head_read = self._head_read + len(data) if heads == self._heads else 0
+            if self._head_read > MAX_HEAD:
+                self._error = 431
+                self.send_400_response("request head too large")
 
     def _arm(self) -> None:
         if self._deadline is None:
@@ -148,6 +165,8 @@ class AgentProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._heads += 1
+        self._in_head = True
         self._token = None
         # Not idle any more: a reply answered at once arms the keep-alive timeout while the
         # rest of the same read (a pipelined request) is still being parsed.
@@ -179,9 +198,14 @@ class AgentProtocol(HttpToolsProtocol):
     # being answered (pipelining keeps replies in order), goes through uvicorn unchanged.
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         caller = self.caller
+        # Only while the client reads its replies: the fast path writes at once, so a client
+        # that pipelines and never reads would be answered into memory without bound; the
+        # ASGI path waits for the write buffer to drain and stops reading meanwhile.
         if (caller is not None and self.url == b"/v1/token" and self.parser.get_method() == b"POST"
-                and not self.expect_100_continue and (self.cycle is None or self.cycle.response_complete)):
+                and not self.expect_100_continue and (self.cycle is None or self.cycle.response_complete)
+                and not self.flow.write_paused):
             header = _headers(self.headers)
             if self.agent.answers_at_once(caller, "POST", "/v1/token", header("Authorization")):
                 refusal, length = admit(self.agent, caller), 0
@@ -355,7 +379,7 @@ class AsgiFront:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     await asyncio.sleep(0.1)  # out of descriptors: let connections finish
                 continue
-            peer = str(address[0]) if lst.transport == "tcp" and isinstance(address, tuple) else ""
+            peer = share(lst.transport, address, lst.bound_grant)
             slot = self._take(peer)
             if slot is None:
                 if lst.tls is None:

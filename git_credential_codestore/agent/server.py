@@ -505,9 +505,9 @@ class Agent:
 
 
 class Slots:
-    """Connections held, overall (MAX_CONNECTIONS) and per network address (PER_PEER).
+    """Connections held, overall (MAX_CONNECTIONS) and per peer (PER_PEER; `share` says whose).
 
-    Both HTTP fronts count here from accept; "" is a Unix-socket peer, bounded only overall.
+    Both HTTP fronts count here from accept; "" is the owner's socket, bounded only overall.
     """
 
     def __init__(self) -> None:
@@ -531,6 +531,18 @@ class Slots:
                 n = self._peers.pop(peer) - 1
                 if n:
                     self._peers[peer] = n
+
+
+def share(transport: str, address: object, bound_grant: str | None) -> str:
+    """Whose fair share (PER_PEER) a connection counts against, for `Slots`.
+
+    A network address; or a grant's own socket, which is mounted into one sandbox, so all
+    its connections are that sandbox's; "" for the owner's socket (its peers are the
+    owner's uid or root), bounded only by MAX_CONNECTIONS.
+    """
+    if transport == "tcp":
+        return str(address[0]) if isinstance(address, tuple) else ""
+    return f"grant:{bound_grant}" if bound_grant else ""
 
 
 def peer_uid(sock: socket.socket) -> int | None:

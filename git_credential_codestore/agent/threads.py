@@ -36,6 +36,7 @@ from .server import (
     framing,
     identify,
     respond,
+    share,
 )
 
 
@@ -194,7 +195,7 @@ class _Listener(socketserver.ThreadingMixIn, socketserver.BaseServer):
         return identify(sock, address, self.transport, self.bound_grant)
 
     def _peer(self, client_address: object) -> str:
-        return str(client_address[0]) if self.transport == "tcp" and isinstance(client_address, tuple) else ""
+        return share(self.transport, client_address, self.bound_grant)
 
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         if not self.front.take(self._peer(client_address)):
