@@ -434,3 +434,16 @@ def test_a_view_any_number_of_changes_old_is_current_after_catch_up(tmp_path: Pa
     finally:
         old.close()
         now.close()
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["after=%C2%B2.abc", "after=99999999999999999999.abc", "limit=%C2%B2"],
+    ids=["superscript-time", "time-beyond-the-column", "superscript-limit"],
+)
+def test_a_malformed_page_cursor_or_limit_is_a_400_not_an_internal_error(agent: Agent, query: str) -> None:
+    # "²".isdigit() is true and int("²") raises; a 20-digit time does not fit SQLite's integer.
+    status, reply = admin(agent, "GET", f"/v1/grants?{query}")
+    assert status == 400 and ("cursor" in reply["error"] or "limit" in reply["error"]), reply
+    proc = run_cli("codestore", "grant", "list", "--after", "²." + "a" * 12, env=agent.env)
+    assert proc.returncode == 1 and "bad page cursor" in proc.stderr and "internal error" not in proc.stderr, proc.stderr

@@ -435,7 +435,8 @@ class GrantStore:
             params.append(int(own_socket))
         if after:
             created, _, gid = after.partition(".")
-            if not created.isdigit() or not gid.isalnum():
+            # ASCII only: "²".isdigit() is true and int() then raises; and a time that fits the column.
+            if not (created.isascii() and created.isdigit() and len(created) <= 15 and gid.isascii() and gid.isalnum()):
                 raise ConfigError(f"bad page cursor {after[:40]!r}; use the next_cursor a previous page printed")
             where.append("(created_at > ? OR (created_at = ? AND id > ?))")
             params += [int(created), int(created), gid]

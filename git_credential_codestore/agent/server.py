@@ -442,7 +442,7 @@ class Agent:
         if state is not None and state not in STATES:
             return 400, {"error": f"state must be one of {', '.join(STATES)}, not {state[:20]!r}"}
         limit = q.get("limit", "100")
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 1000):
             return 400, {"error": "limit must be 1..1000"}
         try:
             grants, cursor = self.store.page(repo=q.get("repo"), sub=q.get("sub"), state=state, after=q.get("after"), limit=int(limit))
