@@ -447,3 +447,23 @@ def test_a_malformed_page_cursor_or_limit_is_a_400_not_an_internal_error(agent: 
     assert status == 400 and ("cursor" in reply["error"] or "limit" in reply["error"]), reply
     proc = run_cli("codestore", "grant", "list", "--after", "²." + "a" * 12, env=agent.env)
     assert proc.returncode == 1 and "bad page cursor" in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+
+
+def test_the_store_password_is_shown_nowhere(tmp_path: Path, org_key: OrgKey, pg_url: str) -> None:
+    # Threat: the database password, given as libpq's `password=` in the URL's query, printed
+    # in the ready line and `agent status`, and sent to the owner in audit replies (and to
+    # sandboxes in every refusal while the store is away: the same text).
+    url = pg_url + "?password=hunter2pw&sslmode=disable"
+    a = replica(tmp_path, "a", url)
+    try:
+        assert "store=postgresql://" in a.lines[-1] and "hunter2pw" not in "".join(a.lines)
+        status = a.cli("agent", "status", "--json", "--socket", a.socket)
+        assert status.returncode == 0 and "hunter2pw" not in status.stdout
+        assert "hunter2pw" not in json.dumps(admin(a, "POST", "/v1/audit/query", {})[1])
+    finally:
+        a.stop()
+    # A malformed URL: the driver's error quotes the part it could not read.
+    port = url.split("@127.0.0.1:")[1].split("/")[0]
+    proc = serve_fails(tmp_path, "--store", f"postgresql://u:hunter%ZZ2pw@127.0.0.1:{port}/x", "--socket", str(tmp_path / "s" / "agent.sock"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "hunter" not in proc.stderr and "2pw" not in proc.stderr, proc.stderr

@@ -116,9 +116,27 @@ class Tx:
             self.execute(sql.replace("{rows}", f"(VALUES {', '.join([row] * n)}) AS v"), [v for r in chunk for v in r])
 
 
+_PASSWORD = re.compile(r"://[^:/@]*:([^@]*)@")  # userinfo's password
+_PASSWORD_PARAM = re.compile(r"(?i)[?&](?:ssl)?password=([^&]*)")  # libpq's password= and sslpassword=
+
+
+def _mask(m: re.Match[str]) -> str:
+    """The match with its group 1 (a password) as ***."""
+    whole, at = m.group(0), m.start(0)
+    return whole[: m.start(1) - at] + "***" + whole[m.end(1) - at:]
+
+
 def describe(url: str) -> str:
-    """The store's address without a password, for logs and status."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    """The store's address without a password, for logs, status and refusals."""
+    return _PASSWORD_PARAM.sub(_mask, _PASSWORD.sub(_mask, url))
+
+
+def _passwords(url: str) -> list[str]:
+    """The URL's passwords as written and decoded, longest first: a driver's error may quote either."""
+    from urllib.parse import unquote
+
+    found = [p for pattern in (_PASSWORD, _PASSWORD_PARAM) for p in pattern.findall(url) if p]
+    return sorted({*found, *map(unquote, found)} - {""}, key=len, reverse=True)
 
 
 class Database:
@@ -136,6 +154,7 @@ class Database:
         self._pool: queue.LifoQueue[object] = queue.LifoQueue()
         self._words = _DIALECT_WORDS[self.dialect]
         self._lock = threading.Lock()  # SQLite: one writer connection, serialised
+        self._passwords = _passwords(url)
 
     def __repr__(self) -> str:
         return f"Database({describe(self.url)!r})"
@@ -243,13 +262,17 @@ class Database:
         except Exception:  # noqa: BLE001, S110
             pass
 
+    def _detail(self, e: BaseException) -> str:
+        text = " ".join(str(e).split())
+        for password in self._passwords:
+            text = text.replace(password, "***")
+        return redact(text)[:160] or type(e).__name__
+
     def _unreachable(self, e: BaseException) -> str:
-        detail = redact(" ".join(str(e).split()))[:160] or type(e).__name__
-        return f"the grant store {self.where} is unreachable ({detail})"
+        return f"the grant store {self.where} is unreachable ({self._detail(e)})"
 
     def _failed(self, e: BaseException) -> str:
-        detail = redact(" ".join(str(e).split()))[:160] or type(e).__name__
-        return f"the grant store {self.where} failed ({detail})"
+        return f"the grant store {self.where} failed ({self._detail(e)})"
 
     def ping(self) -> None:
         with self.transaction(write=False) as tx:
