@@ -467,3 +467,28 @@ def test_the_store_password_is_shown_nowhere(tmp_path: Path, org_key: OrgKey, pg
     proc = serve_fails(tmp_path, "--store", f"postgresql://u:hunter%ZZ2pw@127.0.0.1:{port}/x", "--socket", str(tmp_path / "s" / "agent.sock"))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "hunter" not in proc.stderr and "2pw" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_rate_limited_grant_keeps_no_count_of_past_minutes(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    # A grant with --max-per-minute in use all year must not leave a row per minute behind
+    # in the shared database (half a million each), only the minute it is counting.
+    from git_credential_codestore.agent.grants import GrantStore
+
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    store = GrantStore(str(tmp_path / "state"), url).open()
+    try:
+        grant, other = (store.create(repos=[REPO], scopes=["git:read"], max_ttl=300, max_per_minute=5)[0] for _ in range(2))
+        while time.time() % 60 > 55:  # the count is per calendar minute: do not straddle one
+            time.sleep(0.5)
+        minute = int(time.time()) // 60
+        with store.db.transaction() as tx:
+            for gid, m, n in ((grant.id, minute - 90, 5), (grant.id, minute - 1, 2), (other.id, minute - 1, 1)):
+                tx.execute("INSERT INTO grant_rate (grant_id, minute, count) VALUES (?, ?, ?)", (gid, m, n))
+        assert store.take_rate(grant) == 1
+        assert store.take_rate(grant) == 2
+        with store.db.transaction(write=False) as tx:
+            rows = {(str(g), int(m), int(n)) for g, m, n in tx.execute("SELECT grant_id, minute, count FROM grant_rate")}  # type: ignore[call-overload]
+        assert rows == {(grant.id, minute, 2), (other.id, minute - 1, 1)}  # another grant's row waits for its own next minute
+    finally:
+        store.close()
