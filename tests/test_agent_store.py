@@ -492,3 +492,14 @@ def test_a_rate_limited_grant_keeps_no_count_of_past_minutes(tmp_path: Path, bac
         assert rows == {(grant.id, minute, 2), (other.id, minute - 1, 1)}  # another grant's row waits for its own next minute
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("sub", ["\ud800", "a\x00b", "two\nlines"], ids=["lone-surrogate", "nul", "line-break"])
+def test_a_sub_no_database_can_store_is_refused_as_bad_input(agent: Agent, sub: str) -> None:
+    # A lone surrogate (valid JSON) was a 500 "internal error" (no driver can encode it);
+    # a NUL was stored by SQLite and a 503 "the grant store failed" on PostgreSQL.
+    status, reply = admin(agent, "POST", "/v1/grants", {"repos": [REPO], "sub": sub})
+    assert status == 400 and "--sub" in reply["error"], reply
+    report = {"event": "push", "repo": REPO, "refs": [{"ref": "refs/heads/main", "new": "a" * 40, "result": "ok"}], "owner_sub": sub}
+    status, reply = admin(agent, "POST", "/v1/audit/report", report)
+    assert status == 201, reply  # recorded under the owner's configured sub

@@ -15,7 +15,7 @@ import fnmatch
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeGuard, cast
 
 from ..errors import ConfigError, PolicyError, Refused
 from ..vocab import MAX_TTL, MIN_TTL, TokenRequest, check_ttl, parse_scopes, ref_policy, with_implied
@@ -46,6 +46,13 @@ if TYPE_CHECKING:
         @property
         def refs(self) -> Sequence[Sequence[object]]: ...
         def state(self, now: float | None = None) -> str: ...
+
+
+def is_sub(value: object) -> TypeGuard[str]:
+    """Whether a caller-named `sub` (a grant's, an owner's report) may be used: short printable
+    text. Printable refuses control characters (NUL, which PostgreSQL will not store) and
+    lone surrogates (which no database driver can encode)."""
+    return isinstance(value, str) and 0 < len(value) <= 200 and value.isprintable()
 
 
 @dataclass(frozen=True)

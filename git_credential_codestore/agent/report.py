@@ -29,7 +29,7 @@ from .. import audit
 from ..errors import ConfigError, Refused
 from .audit import search
 from .db import StoreError
-from .policy import covers
+from .policy import covers, is_sub
 
 if TYPE_CHECKING:
     from .server import Agent, Caller
@@ -72,7 +72,7 @@ def report(agent: Agent, caller: Caller, authorization: str | None, data: object
         who = {"grant": grant.id, "sub": grant.sub}
     else:
         sub = data.get("owner_sub") if isinstance(data, dict) else None
-        who = {"grant": None, "sub": sub if isinstance(sub, str) and 0 < len(sub) <= 200 else agent.cfg.sub}
+        who = {"grant": None, "sub": sub if is_sub(sub) else agent.cfg.sub}
     if isinstance(data, dict) and data.get("incomplete") is True:
         fields["incomplete"] = True
     event = str(fields.pop("event"))

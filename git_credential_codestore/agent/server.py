@@ -353,7 +353,7 @@ class Agent:
                     f"this helper is configured differently ({field_name}); restart the agent with the same settings",
                 )
         sub = owner.get("sub")
-        return sub if isinstance(sub, str) and 0 < len(sub) <= 200 else self.cfg.sub
+        return sub if policy.is_sub(sub) else self.cfg.sub
 
     def _refuse(self, who: Mapping[str, object], data: object, reason: str, status: int, grant: Grant | None = None) -> tuple[int, dict[str, object]]:
         d = data if isinstance(data, dict) else {}
@@ -390,8 +390,8 @@ class Agent:
             if expires_in is not None and (not isinstance(expires_in, int) or expires_in <= 0):
                 raise ConfigError("--expires-in must be a positive duration")
             sub = data.get("sub")
-            if sub is not None and (not isinstance(sub, str) or not 0 < len(sub) <= 200):
-                raise ConfigError("--sub must be a short identifier")
+            if sub is not None and not policy.is_sub(sub):
+                raise ConfigError("--sub must be a short identifier of printable characters")
             rate = data.get("max_per_minute")
             if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or not 1 <= rate <= 1_000_000):
                 raise ConfigError(f"--max-per-minute must be 1..1000000, not {rate!r}")
