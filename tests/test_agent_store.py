@@ -500,6 +500,6 @@ def test_a_sub_no_database_can_store_is_refused_as_bad_input(agent: Agent, sub: 
     # a NUL was stored by SQLite and a 503 "the grant store failed" on PostgreSQL.
     status, reply = admin(agent, "POST", "/v1/grants", {"repos": [REPO], "sub": sub})
     assert status == 400 and "--sub" in reply["error"], reply
-    report = {"event": "push", "repo": REPO, "refs": [{"ref": "refs/heads/main", "new": "a" * 40, "result": "ok"}], "owner_sub": sub}
+    report: dict[str, object] = {"event": "push", "repo": REPO, "refs": [{"ref": "refs/heads/main", "new": "a" * 40, "result": "ok"}], "owner_sub": sub}
     status, reply = admin(agent, "POST", "/v1/audit/report", report)
     assert status == 201, reply  # recorded under the owner's configured sub
