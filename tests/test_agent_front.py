@@ -17,6 +17,7 @@ import pytest
 from git_credential_codestore.agent.client import Endpoint, call
 from git_credential_codestore.agent.server import MAX_CONNECTIONS, PER_PEER
 from tests.conftest import OrgKey
+from tests.realparts import raw_exchange
 from tests.test_agent import REPO, mint, sandbox_env, start_agent, tls_pair
 from tests.test_agent_store import create
 
@@ -268,6 +269,28 @@ def test_a_client_that_never_reads_its_replies_is_not_answered_without_bound(tmp
             pass  # the agent stopped reading: what it should do
         assert sent < 4 * 1024 * 1024, f"the agent read {sent} bytes of requests whose replies nobody read"
         s.close()
+        assert call(Endpoint("unix", a.socket), "GET", "/v1/ping")[0] == 200
+    finally:
+        a.stop()
+
+
+@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize(
+    ("request_", "status"),
+    [
+        (b"GET /v1/ping HTTP/1.1\r\nX-A: " + b"a" * 40000 + b"\r\n\r\n", b"431"),
+        (b"GET /v1/ping HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1000) for i in range(40)) + b"\r\n", b"431"),
+        (b"GET /v1/ping?" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n", b"414"),
+    ],
+    ids=["one-long-header", "many-headers", "long-target"],
+)
+def test_request_heads_are_capped_at_16_kib_on_both_fronts(tmp_path: Path, org_key: OrgKey, front: str, request_: bytes, status: bytes) -> None:
+    # Threat: heads of megabytes held per connection. The standard library's parser takes
+    # 100 header lines of 64 KiB each (6.5 MB a connection, 1024 connections at once).
+    a = start_agent(tmp_path, "--server", front)
+    try:
+        reply = raw_exchange(a.socket, request_)
+        assert reply.split(b" ")[1] == status, reply[:200]
         assert call(Endpoint("unix", a.socket), "GET", "/v1/ping")[0] == 200
     finally:
         a.stop()

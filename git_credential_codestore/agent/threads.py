@@ -13,6 +13,8 @@ object the TLS wrap replaces, even during a slow handshake) is cut like any othe
 
 from __future__ import annotations
 
+import http.client
+import io
 import os
 import socket
 import socketserver
@@ -28,6 +30,7 @@ from .discovery import unix_address
 from .server import (
     CONNECTION_DEADLINE,
     IO_TIMEOUT,
+    MAX_HEAD,
     Agent,
     Caller,
     Slots,
@@ -75,6 +78,30 @@ class Reaper:
                         pass
 
 
+class _Head:
+    """The connection's reader, cut at MAX_HEAD bytes of request line and headers.
+
+    The standard library allows a request line of 64 KiB and 100 header lines of 64 KiB
+    each (6.5 MB a connection); the fleet front caps the head at MAX_HEAD. Over it,
+    readline raises LineTooLong: the handler answers 431 (headers) or 414 (the request
+    line). The body (`read`) is not counted: `framing` caps it.
+    """
+
+    def __init__(self, f: io.BufferedIOBase) -> None:
+        self._f = f
+        self.left = MAX_HEAD
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._f.readline(self.left + 1 if limit < 0 else min(limit, self.left + 1))
+        self.left -= len(line)
+        if self.left < 0:
+            raise http.client.LineTooLong(f"request head over {MAX_HEAD} bytes")
+        return line
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._f, name)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "codestore-agent"
@@ -95,6 +122,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.front.reaper.forget(self.fd)
                 raise
         super().setup()
+        self.rfile = _Head(self.rfile)  # type: ignore[assignment]
 
     unread = False  # the reply went out before the request was read in full
 
@@ -135,6 +163,8 @@ class Handler(BaseHTTPRequestHandler):
             self.handle_one_request()
         except (OSError, ssl.SSLError):
             pass  # the client went away or timed out; nothing to answer
+        except http.client.LineTooLong:  # the request line (a header's is answered by parse_request)
+            self.send_error(414, "request line too long")
 
     def _serve(self) -> None:
         self.unread = True
