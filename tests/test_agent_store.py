@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -237,6 +238,51 @@ def test_with_the_database_gone_a_replica_refuses_to_mint_in_one_line_and_recove
                     assert time.monotonic() < deadline, "the replica did not recover when the database came back"
                     time.sleep(0.1)
             assert admin(a, "GET", "/readyz")[0] == 200
+        finally:
+            a.stop()
+    finally:
+        pg.destroy()
+
+
+def _pause(pg: Postgres, sig: signal.Signals) -> None:
+    """Stop (or continue) every process of the server: it keeps its connections open and answers nothing."""
+    with open(os.path.join(pg.data, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    with open(f"/proc/{postmaster}/task/{postmaster}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    for pid in [postmaster, *children]:
+        os.kill(pid, sig)
+
+
+def test_with_the_database_hung_readyz_answers_at_once_and_says_why(tmp_path: Path, org_key: OrgKey) -> None:
+    # A database that stops answering without closing its connections (a paused VM, a
+    # storage stall): /readyz ran a query of its own on a pooled connection and hung with
+    # it, holding the load balancer's probe (and a handler thread) for as long as the
+    # database stayed away, instead of saying why.
+    pg = Postgres()
+    pg.start()
+    try:
+        a = replica(tmp_path, "a", pg.url())
+        ep = Endpoint("unix", a.socket)
+        try:
+            create(a)
+            _pause(pg, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                while True:
+                    status, ready = call(ep, "GET", "/readyz", timeout=3)
+                    if status == 503:
+                        break
+                    assert time.monotonic() - t0 < 2.0, "/readyz still says ready 2 s after the database stopped answering"
+                    time.sleep(0.1)
+                assert ready["ready"] is False, ready
+                assert "not answering" in str(ready["store"]) or "unreachable" in str(ready["store"]), ready
+            finally:
+                _pause(pg, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while call(ep, "GET", "/readyz", timeout=3)[0] != 200:
+                assert time.monotonic() < deadline, "/readyz did not recover when the database answered again"
+                time.sleep(0.1)
         finally:
             a.stop()
     finally:

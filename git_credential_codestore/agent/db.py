@@ -274,10 +274,6 @@ class Database:
     def _failed(self, e: BaseException) -> str:
         return f"the grant store {self.where} failed ({self._detail(e)})"
 
-    def ping(self) -> None:
-        with self.transaction(write=False) as tx:
-            tx.execute("SELECT 1")
-
     # -- schema ------------------------------------------------------------------------
 
     def open(self) -> Database:
