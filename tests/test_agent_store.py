@@ -330,6 +330,24 @@ def test_a_foreign_postgresql_database_is_refused_at_start(tmp_path: Path, org_k
     assert proc.returncode == 1 and "not codestore's" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_the_store_urls_own_options_are_kept(tmp_path: Path, org_key: OrgKey, pg_url: str) -> None:
+    # `?options=-csearch_path=codestore` (the agent's tables in a schema of their own) was
+    # replaced by the agent's statement timeout: its tables went into `public`, beside
+    # whatever else lives there, and the foreign-tables check looked at the wrong schema.
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA codestore")
+    a = replica(tmp_path, "a", pg_url + "?options=-csearch_path%3Dcodestore")
+    try:
+        create(a)
+    finally:
+        a.stop()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        schemas = {r[0] for r in conn.execute("SELECT table_schema FROM information_schema.tables WHERE table_name = 'grants'")}
+    assert schemas == {"codestore"}
+
+
 def test_an_unreachable_postgresql_at_start_is_one_line(tmp_path: Path, org_key: OrgKey) -> None:
     from tests.realparts import free_port
 

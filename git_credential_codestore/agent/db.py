@@ -180,9 +180,12 @@ class Database:
             import psycopg
         except ImportError:
             raise ConfigError("--store postgresql://... needs psycopg: pip install 'codestore-git[fleet]'") from None
+        from psycopg.conninfo import conninfo_to_dict
+
+        # Added to the URL's own `options` (a search_path, say), which a keyword would replace.
+        options = f"{conninfo_to_dict(self.url).get('options') or ''} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
         return psycopg.connect(
-            self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
-            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", application_name="codestore-agent",
+            self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, options=options, application_name="codestore-agent",
         )
 
     def _get(self) -> object:
