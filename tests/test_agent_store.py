@@ -87,6 +87,22 @@ def test_an_existing_grants_json_is_migrated_on_first_start_losing_nothing(tmp_p
     assert not (state / "grants.json").exists() and (state / "grants.json.migrated").exists()
 
 
+_ONE = {"id": "aaaaaaaaaaaa", "secret_sha256": "0" * 64, "repos": [REPO], "scopes": ["git:read"], "max_ttl": 900,
+        "sub": "s", "created_at": 1700000000}
+
+
+@pytest.mark.parametrize("text", ['{"grants": "x"}', '{"grants": [null]}', json.dumps({"grants": [{**_ONE, "refs": [["main"]]}]})],
+                         ids=["not-a-list", "null-grant", "ref-rule-without-ops"])
+def test_a_damaged_grants_json_is_one_line_at_start_not_an_internal_error(tmp_path: Path, org_key: OrgKey, text: str) -> None:
+    state = tmp_path / "agent-state"
+    state.mkdir(mode=0o700)
+    (state / "grants.json").write_text(text)
+    proc = serve_fails(tmp_path, "--socket", str(tmp_path / "s" / "agent.sock"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot migrate the old grant store" in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    assert (state / "grants.json").read_text() == text  # left for the admin to fix
+
+
 @pytest.mark.parametrize(
     ("prepare", "message"),
     [

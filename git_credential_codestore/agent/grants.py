@@ -275,7 +275,7 @@ class GrantStore:
             grants = [Grant(**{k: v for k, v in g.items() if k in _COLUMNS}) for g in raw["grants"]]
         except FileNotFoundError:
             return
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # any shape but a list of grants
             raise ConfigError(f"cannot migrate the old grant store {self.legacy_path} ({type(e).__name__}); fix or move it") from None
         with self.db.transaction() as tx:
             for grant in grants:
