@@ -487,3 +487,39 @@ def test_a_writer_waits_for_another_processs_write_and_gives_up_in_one_line(tmp_
     finally:
         other.close()
         store.close()
+
+
+def test_a_create_gets_in_between_the_transactions_of_a_long_flush(tmp_path: Path) -> None:
+    # On SQLite one writer at a time: a flush of many grants' use counts in one transaction
+    # held a `grant create` for up to 300 ms under load. It is now a transaction a chunk,
+    # and a create waiting for the first one is in before the flush's last.
+    from git_credential_codestore.agent import grants as g
+
+    store = g.GrantStore(str(tmp_path / "state"), None).open()
+    try:
+        made = [store.create(repos=[REPO], scopes=["git:read"], max_ttl=300)[0] for _ in range(3 * g.FLUSH_CHUNK)]
+        for grant in made:
+            store.record_use(grant, ok=True)
+        events: list[str] = []
+
+        def create() -> None:
+            store.create(repos=[REPO], scopes=["git:read"], max_ttl=300)
+            events.append("create")
+
+        def on_flush(tx: object) -> Callable[[], bool]:
+            events.append("flush")
+            if events.count("flush") == 1:
+                threading.Thread(target=create).start()
+                time.sleep(0.2)  # the create is now waiting for this transaction's lock
+            return lambda: False
+
+        store.on_flush = on_flush
+        store.flush()
+        deadline = time.monotonic() + 5
+        while "create" not in events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events.count("flush") == 3
+        assert events.index("create") < len(events) - 1, events  # not after the whole flush
+        assert sum(x.uses for x in store.page(limit=1000)[0]) == 3 * g.FLUSH_CHUNK
+    finally:
+        store.close()
