@@ -523,3 +523,26 @@ def test_a_create_gets_in_between_the_transactions_of_a_long_flush(tmp_path: Pat
         assert sum(x.uses for x in store.page(limit=1000)[0]) == 3 * g.FLUSH_CHUNK
     finally:
         store.close()
+
+
+def test_on_postgresql_a_flush_is_one_transaction(tmp_path: Path, pg_url: str) -> None:
+    # Rows are locked, not the store: short transactions would buy nothing there but round trips.
+    from git_credential_codestore.agent import grants as g
+
+    store = g.GrantStore(str(tmp_path / "state"), pg_url).open()
+    try:
+        made = [store.create(repos=[REPO], scopes=["git:read"], max_ttl=300)[0] for _ in range(3 * g.FLUSH_CHUNK)]
+        for grant in made:
+            store.record_use(grant, ok=True)
+        calls: list[object] = []
+
+        def on_flush(tx: object) -> Callable[[], bool]:
+            calls.append(tx)
+            return lambda: False
+
+        store.on_flush = on_flush
+        store.flush()
+        assert len(calls) == 1
+        assert sum(x.uses for x in store.page(limit=1000)[0]) == 3 * g.FLUSH_CHUNK
+    finally:
+        store.close()

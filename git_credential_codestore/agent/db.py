@@ -76,6 +76,10 @@ class Tx:
         self._db = db
         self._cur = cur
 
+    @property
+    def one_writer(self) -> bool:
+        return self._db.one_writer
+
     def execute(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
         self._cur.execute(self._db.sql(sql), tuple(params))
         try:
@@ -170,6 +174,12 @@ class Database:
 
     def __repr__(self) -> str:
         return f"Database({describe(self.url)!r})"
+
+    @property
+    def one_writer(self) -> bool:
+        """Whether a write transaction holds the whole store's one write lock (SQLite), so
+        that background writes go in short transactions; PostgreSQL locks rows."""
+        return self.dialect == "sqlite"
 
     @property
     def where(self) -> str:
