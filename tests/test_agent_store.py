@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from git_credential_codestore.agent.client import AgentRefused, Endpoint, call
+from git_credential_codestore.agent.db import StoreError
 from tests.conftest import BIN, OrgKey, run_cli
 from tests.realparts import Postgres
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
@@ -570,6 +571,117 @@ def test_a_rate_limited_grant_keeps_no_count_of_past_minutes(tmp_path: Path, bac
         with store.db.transaction(write=False) as tx:
             rows = {(str(g), int(m), int(n)) for g, m, n in tx.execute("SELECT grant_id, minute, count FROM grant_rate")}  # type: ignore[call-overload]
         assert rows == {(grant.id, minute, 2), (other.id, minute - 1, 1)}  # another grant's row waits for its own next minute
+    finally:
+        store.close()
+
+
+def test_no_commit_copies_the_wal_the_flush_thread_does(tmp_path: Path) -> None:
+    # A commit that took SQLite's WAL past 1000 pages used to copy it into the database and
+    # sync it: a `grant create` after a load took 126 ms. Commits now only append to the
+    # WAL (the database file does not change); the flush thread copies it, once a second.
+    from git_credential_codestore.agent.grants import GrantStore
+
+    path = tmp_path / "state" / "agent.sqlite3"
+    store = GrantStore(str(tmp_path / "state"), None).open()
+    try:
+        before = path.stat().st_size
+        for n in range(60):  # ~1500 WAL pages: well past SQLite's default threshold of 1000
+            with store.db.transaction() as tx:
+                tx.execute_rows("INSERT INTO codestore_meta (key, value) SELECT v.column1, v.column2 FROM {rows}",
+                                ("text", "text"), [(f"k{n}-{i}", "x" * 1000) for i in range(100)])
+        assert path.stat().st_size == before, "a commit checkpointed"
+        assert (tmp_path / "state" / "agent.sqlite3-wal").stat().st_size > 1000 * 4096
+        store.start()
+        deadline = time.monotonic() + 5
+        while path.stat().st_size < 60 * 100 * 1000:  # every row, in the database file
+            assert time.monotonic() < deadline, "the flush thread did not checkpoint"
+            time.sleep(0.05)
+    finally:
+        store.close()
+
+
+def test_a_writer_waits_for_another_processs_write_and_gives_up_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another process (here: another connection) holding SQLite's write lock: a create waits
+    # for it (polling in steps of at most 5 ms, not SQLite's sleeps of up to 100 ms), and
+    # past the busy timeout refuses in one line rather than hanging.
+    from git_credential_codestore.agent import db
+    from git_credential_codestore.agent.grants import GrantStore
+
+    store = GrantStore(str(tmp_path / "state"), None).open()
+    other = sqlite3.connect(str(tmp_path / "state" / "agent.sqlite3"), isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+        grant, _ = store.create(repos=[REPO], scopes=["git:read"], max_ttl=60)  # waited, then wrote
+        assert store.get(grant.id) is not None
+        monkeypatch.setattr(db, "BUSY_TIMEOUT", 0.2)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match="locked") as refused:
+            store.create(repos=[REPO], scopes=["git:read"], max_ttl=60)
+        assert "\n" not in str(refused.value)
+        other.execute("COMMIT")
+        with store.db.transaction(write=False) as tx:
+            assert tx.execute("PRAGMA busy_timeout")[0][0] == 200  # restored for what follows
+    finally:
+        other.close()
+        store.close()
+
+
+def test_a_create_gets_in_between_the_transactions_of_a_long_flush(tmp_path: Path) -> None:
+    # On SQLite one writer at a time: a flush of many grants' use counts in one transaction
+    # held a `grant create` for up to 300 ms under load. It is now a transaction a chunk,
+    # and a create waiting for the first one is in before the flush's last.
+    from git_credential_codestore.agent import grants as g
+
+    store = g.GrantStore(str(tmp_path / "state"), None).open()
+    try:
+        made = [store.create(repos=[REPO], scopes=["git:read"], max_ttl=300)[0] for _ in range(3 * g.FLUSH_CHUNK)]
+        for grant in made:
+            store.record_use(grant, ok=True)
+        events: list[str] = []
+
+        def create() -> None:
+            store.create(repos=[REPO], scopes=["git:read"], max_ttl=300)
+            events.append("create")
+
+        def on_flush(tx: object) -> Callable[[], bool]:
+            events.append("flush")
+            if events.count("flush") == 1:
+                threading.Thread(target=create).start()
+                time.sleep(0.2)  # the create is now waiting for this transaction's lock
+            return lambda: False
+
+        store.on_flush = on_flush
+        store.flush()
+        deadline = time.monotonic() + 5
+        while "create" not in events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events.count("flush") == 3
+        assert events.index("create") < len(events) - 1, events  # not after the whole flush
+        assert sum(x.uses for x in store.page(limit=1000)[0]) == 3 * g.FLUSH_CHUNK
+    finally:
+        store.close()
+
+
+def test_on_postgresql_a_flush_is_one_transaction(tmp_path: Path, pg_url: str) -> None:
+    # Rows are locked, not the store: short transactions would buy nothing there but round trips.
+    from git_credential_codestore.agent import grants as g
+
+    store = g.GrantStore(str(tmp_path / "state"), pg_url).open()
+    try:
+        made = [store.create(repos=[REPO], scopes=["git:read"], max_ttl=300)[0] for _ in range(3 * g.FLUSH_CHUNK)]
+        for grant in made:
+            store.record_use(grant, ok=True)
+        calls: list[object] = []
+
+        def on_flush(tx: object) -> Callable[[], bool]:
+            calls.append(tx)
+            return lambda: False
+
+        store.on_flush = on_flush
+        store.flush()
+        assert len(calls) == 1
+        assert sum(x.uses for x in store.page(limit=1000)[0]) == 3 * g.FLUSH_CHUNK
     finally:
         store.close()
 

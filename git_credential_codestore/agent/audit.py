@@ -35,6 +35,7 @@ from ..errors import UsageError, redact
 from . import db
 
 MAX_BUFFER = 100_000  # rows waiting for the database; beyond it the file alone has them
+FLUSH_ROWS = 500  # rows a flush transaction on SQLite (a short hold of its one write lock)
 SCAN_CHUNK = 500  # rows read per statement when a filter (ref) is checked here, not in SQL
 MAX_SCAN = 200_000  # rows one query may look at; beyond it the reply is truncated, with a cursor
 
@@ -144,16 +145,18 @@ class AuditLog:
 
         return write, after
 
-    def flush_into(self, tx: db.Tx) -> Callable[[], None]:
-        """Insert the buffered rows in `tx`; the returned callback forgets them once committed."""
+    def flush_into(self, tx: db.Tx) -> Callable[[], bool]:
+        """Insert the buffered rows in `tx` (on SQLite up to FLUSH_ROWS); the returned callback
+        forgets them once committed and says whether more are buffered (GrantStore.flush)."""
         with self._lock:
-            batch = list(self._buffer)
+            batch = self._buffer[:FLUSH_ROWS] if tx.one_writer else list(self._buffer)
         if batch:
             tx.execute_rows(_INSERT_ROWS, _TYPES, batch)
 
-        def committed() -> None:
+        def committed() -> bool:
             with self._lock:
                 del self._buffer[: len(batch)]
+                return bool(self._buffer)
 
         return committed
 

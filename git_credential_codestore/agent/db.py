@@ -27,6 +27,7 @@ import queue
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
@@ -74,6 +75,10 @@ class Tx:
     def __init__(self, db: Database, cur: Cursor) -> None:
         self._db = db
         self._cur = cur
+
+    @property
+    def one_writer(self) -> bool:
+        return self._db.one_writer
 
     def execute(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
         self._cur.execute(self._db.sql(sql), tuple(params))
@@ -139,6 +144,36 @@ def _passwords(url: str) -> list[str]:
     return sorted({*found, *map(unquote, found)} - {""}, key=len, reverse=True)
 
 
+BUSY_TIMEOUT = 10.0  # seconds a SQLite writer waits for another process's write to finish
+SQLITE_BUSY = 5  # the primary result code (sqlite3.SQLITE_BUSY from Python 3.11)
+
+
+def _begin_write(cur: sqlite3.Cursor) -> None:
+    """BEGIN IMMEDIATE, waiting for another process's writer in steps of at most 5 ms.
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100 ms in turn:
+    a `grant revoke` on one worker that found the other worker's flush writing (a few
+    tens of ms) woke after 128 ms. Within one process a lock hands over at once (above).
+    """
+    cur.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        delay = 0.0005
+        while True:
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+; 3.10 has only the message
+                busy = code & 0xFF == SQLITE_BUSY if code is not None else "locked" in str(e)
+                if not busy or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+    finally:
+        cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+
+
 class Database:
     """A small pool of connections to one database, SQLite or PostgreSQL."""
 
@@ -160,6 +195,12 @@ class Database:
         return f"Database({describe(self.url)!r})"
 
     @property
+    def one_writer(self) -> bool:
+        """Whether a write transaction holds the whole store's one write lock (SQLite), so
+        that background writes go in short transactions; PostgreSQL locks rows."""
+        return self.dialect == "sqlite"
+
+    @property
     def where(self) -> str:
         return describe(self.url) if self.dialect == "postgresql" else self.path
 
@@ -171,9 +212,13 @@ class Database:
 
     def _connect(self) -> object:
         if self.dialect == "sqlite":
-            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             # FULL: a commit is on disk before we acknowledge a grant change.
             conn.execute("PRAGMA synchronous=FULL")
+            # No checkpoint on a commit: by default the commit that takes the WAL past 1000
+            # pages copies it into the database and syncs it, and that was a `grant create`
+            # taking 126 ms after a load. The grant store's flush thread checkpoints instead.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.execute("PRAGMA foreign_keys=ON")
             return conn
         try:
@@ -233,7 +278,10 @@ class Database:
             cur = conn.cursor()  # type: ignore[attr-defined]
             ok = False
             try:
-                cur.execute("BEGIN IMMEDIATE" if (self.dialect == "sqlite" and write) else "BEGIN")
+                if lock:
+                    _begin_write(cur)
+                else:
+                    cur.execute("BEGIN")
                 yield Tx(self, cur)
                 cur.execute("COMMIT")
                 ok = True
@@ -276,6 +324,20 @@ class Database:
 
     def _failed(self, e: BaseException) -> str:
         return f"the grant store {self.where} failed ({self._detail(e)})"
+
+    def checkpoint(self) -> None:
+        """SQLite: copy the WAL into the database (PASSIVE: never waits for, nor holds up, a
+        writer), off the request path; StoreError when it fails. PostgreSQL: nothing."""
+        if self.dialect != "sqlite":
+            return
+        try:
+            conn = self._get()
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[attr-defined]
+            finally:
+                self._put(conn)
+        except sqlite3.Error as e:
+            raise StoreError(self._failed(e)) from None
 
     # -- schema ------------------------------------------------------------------------
 
