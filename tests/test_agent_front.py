@@ -294,3 +294,18 @@ def test_request_heads_are_capped_at_16_kib_on_both_fronts(tmp_path: Path, org_k
         assert call(Endpoint("unix", a.socket), "GET", "/v1/ping")[0] == 200
     finally:
         a.stop()
+
+
+def test_bad_requests_write_nothing_to_the_agents_log(tmp_path: Path, org_key: OrgKey) -> None:
+    # Threat: anyone who can connect writing a line into the agent's log per request: uvicorn
+    # warned "Invalid HTTP request received." (and "Unsupported upgrade request." twice) for
+    # each, filling the log, and the disk or journal behind it, at an unauthenticated rate.
+    a = start_agent(tmp_path, "--server", "uvicorn")
+    try:
+        for _ in range(20):
+            assert raw_exchange(a.socket, b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+            raw_exchange(a.socket, b"GET /v1/ping HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", timeout=5)
+    finally:
+        a.proc.terminate()
+        _, err = a.proc.communicate(timeout=30)
+    assert err.splitlines() == ["codestore agent exiting: stopped"], err[:500]

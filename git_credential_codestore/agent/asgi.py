@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 import socket
 import ssl
@@ -306,6 +307,11 @@ class AsgiFront:
             timeout_keep_alive=KEEPALIVE_IDLE,
         )
         self.config.load()
+        # uvicorn warns once or three times per malformed or upgrade request ("Invalid HTTP
+        # request received.", "No supported WebSocket library detected..."): a line in the
+        # agent's log at the rate of anyone who can connect. The client hears its 400; the
+        # agent logs only errors (its own handler's are one line each: server.respond).
+        logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
         self.state = ServerState()
         self.app_state: dict[str, object] = {}
         self.executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="agent")
