@@ -695,3 +695,8 @@ def test_a_sub_no_database_can_store_is_refused_as_bad_input(agent: Agent, sub: 
     report: dict[str, object] = {"event": "push", "repo": REPO, "refs": [{"ref": "refs/heads/main", "new": "a" * 40, "result": "ok"}], "owner_sub": sub}
     status, reply = admin(agent, "POST", "/v1/audit/report", report)
     assert status == 201, reply  # recorded under the owner's configured sub
+
+
+def test_a_sub_may_hold_unicode_spaces_as_on_the_wire(agent: Agent) -> None:
+    status, reply = admin(agent, "POST", "/v1/grants", {"repos": [REPO], "sub": "équipe\u00a07"})
+    assert status == 201 and reply["sub"] == "équipe\u00a07", reply

@@ -391,7 +391,7 @@ class Agent:
                 raise ConfigError("--expires-in must be a positive duration")
             sub = data.get("sub")
             if sub is not None and not policy.is_sub(sub):
-                raise ConfigError("--sub must be a short identifier of printable characters")
+                raise ConfigError("--sub must be a short identifier without control characters")
             rate = data.get("max_per_minute")
             if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or not 1 <= rate <= 1_000_000):
                 raise ConfigError(f"--max-per-minute must be 1..1000000, not {rate!r}")
