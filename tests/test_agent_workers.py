@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from git_credential_codestore.agent.client import AgentRefused, AgentUnavailable, Endpoint, exchange
 from tests.conftest import BIN, OrgKey
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
@@ -128,7 +130,7 @@ def _until(condition: Callable[[], bool], what: str, within: float = 20.0) -> No
 def _mints(env: dict[str, str]) -> bool:
     try:
         return mint(env).startswith("eyJ")
-    except AgentUnavailable:
+    except (AgentUnavailable, AgentRefused):
         return False
 
 
@@ -244,3 +246,40 @@ def test_metrics_and_status_count_the_tokens_of_every_worker_and_never_go_down(t
         for conn in conns:
             conn.close()
         a.stop()
+
+
+def test_a_worker_started_again_while_the_database_is_away_serves_refusals_and_recovers(tmp_path: Path, org_key: OrgKey) -> None:
+    # Threat: both workers killed while PostgreSQL is down, and their replacements either
+    # crash-looping (every mint and /readyz hanging until the database is back) or minting
+    # from the parent's fork-old view of the grants.
+    from tests.realparts import Postgres
+
+    pg = Postgres()  # a server of its own: this test stops it
+    pg.start()
+    try:
+        a = start_agent(tmp_path, "--workers", "2", "--store", pg.url())
+        try:
+            g = create(a)
+            env = sandbox_env(g["grant"], sock=a.socket)
+            assert mint(env).startswith("eyJ")
+            pg.stop()
+            first = _workers(a.proc.pid)
+            for pid in first:
+                os.kill(pid, signal.SIGKILL)
+            _until(lambda: not set(first) & set(_workers(a.proc.pid)) and len(_workers(a.proc.pid)) == 2, "the workers were not replaced")
+            status, ready = admin(a, "GET", "/readyz")  # answered at once by a replacement
+            assert status == 503 and ready["ready"] is False, ready
+            with pytest.raises(AgentRefused) as refused:
+                mint(env)
+            assert "\n" not in str(refused.value)
+            replaced = _workers(a.proc.pid)
+            pg.start()
+            _until(lambda: _mints(env) and admin(a, "GET", "/readyz")[0] == 200, "the agent did not recover when the database came back")
+            assert _workers(a.proc.pid) == replaced  # served all along: no crash and restart meanwhile
+            a.proc.terminate()
+            _, err = a.proc.communicate(timeout=30)
+        finally:
+            a.stop()
+    finally:
+        pg.destroy()
+    assert err.count("starting it again") == 2, err  # the two SIGKILLs, nothing more

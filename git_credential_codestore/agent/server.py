@@ -943,20 +943,13 @@ def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: 
             except OSError as e:
                 raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from None
             agent.listen_url = f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
-        cursor: str | None = None
         # Grants' own sockets: one listener each, opened by the first worker at start; a worker
-        # started again takes over those its dead predecessor served (nobody answers on them).
-        while worker in (None, 0) or restarted:
-            page, cursor = store.page(own_socket=True, state="active", after=cursor, limit=1000)
-            for grant in page:
-                try:
-                    open_grant_socket(grant)
-                except ConfigError:
-                    if not restarted:
-                        raise
-                    # another worker serves it
-            if cursor is None:
-                break
+        # started again takes over those its dead predecessor served (nobody answers on them),
+        # and while the store is away it tries again every second.
+        takeover = worker in (None, 0) or restarted
+        if takeover and not restarted:
+            take_over_grant_sockets(store, open_grant_socket, restarted)
+            takeover = False
     except BaseException:
         close_all()
         raise
@@ -983,7 +976,14 @@ def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: 
 
     reason = "stopped"
     try:
-        while not agent.stop.wait(1.0):
+        while not agent.stop.wait(0 if takeover else 1.0):
+            if takeover:
+                try:
+                    take_over_grant_sockets(store, open_grant_socket, restarted)
+                    takeover = False
+                except StoreError:
+                    agent.stop.wait(1.0)  # the store is away: this worker refuses meanwhile (check())
+                    continue
             agent.publish_metrics()  # for the scrapes the other workers answer
             if idle_timeout and time.monotonic() - agent.last_activity > idle_timeout:
                 reason = f"idle for {int(idle_timeout)}s"
@@ -999,6 +999,23 @@ def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: 
         close_all()
     print(f"codestore agent exiting: {reason}", file=sys.stderr, flush=True)
     return 0
+
+
+def take_over_grant_sockets(store: GrantStore, open_grant_socket: Callable[[Grant], str | None], restarted: bool) -> None:
+    """Open a listener for every active grant's own socket nobody answers on (StoreError
+    when the store cannot list them). At start one answering is a ConfigError (another
+    agent has it); for a worker started again it is another worker's."""
+    cursor: str | None = None
+    while True:
+        page, cursor = store.page(own_socket=True, state="active", after=cursor, limit=1000)
+        for grant in page:
+            try:
+                open_grant_socket(grant)
+            except ConfigError:
+                if not restarted:
+                    raise
+        if cursor is None:
+            return
 
 
 def _stop_with_parent(parent: int) -> None:  # pragma: no cover - a forked worker
@@ -1020,7 +1037,10 @@ def _worker(site: _Site, store: GrantStore, trust_store: TrustStore, i: int, par
     try:
         store.catch_up()  # the view the parent had is a fork old (a restart's, maybe hours): refresh it before serving
     except StoreError as e:
-        raise ConfigError(f"cannot open {e}") from None
+        if ready_fd is not None:
+            raise ConfigError(f"cannot open {e}") from None  # at start: the agent refuses in one line
+        # Started again while the store is away: serve anyway. The view is stale, so every
+        # grant is refused (GrantStore.check, /readyz says why) until the poll catches up.
     if site.key_uri:
         try:
             site.signer.reopen()  # type: ignore[union-attr]  # a PKCS#11 session of its own
