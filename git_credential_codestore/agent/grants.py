@@ -543,8 +543,13 @@ class GrantStore:
 
     # -- following other replicas ----------------------------------------------------------
 
-    def sync(self) -> None:
-        """Take in every grant changed since the last sync; marks the view fresh."""
+    def sync(self) -> bool:
+        """Take in every grant changed since the last sync (1000 at most); True, and the view
+        marked fresh, when that was all of them."""
+        # Fresh from when the query began, not when its answer was read: a revocation
+        # committed after the snapshot must be seen within STALE_AFTER of it, however long
+        # the answer took to arrive and be taken in.
+        asked = time.monotonic()
         with self.db.transaction(write=False) as tx:
             rows = tx.execute(f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT 1000", (self._seq,))
         for row in rows:
@@ -553,15 +558,17 @@ class GrantStore:
             self._seq = max(self._seq, grant.seq)
             self.on_change(grant)
         if len(rows) < 1000:
-            self._fresh_until = time.monotonic() + STALE_AFTER
+            self._fresh_until = asked + STALE_AFTER
             self._last_error = ""
+            return True
+        return False
 
     def catch_up(self) -> None:
-        """Sync until the view is fresh: a view of any age (a worker forked long after the
+        """Sync until nothing is left: a view of any age (a worker forked long after the
         parent read the store) is current when this returns."""
         self._fresh_until = 0.0
-        while time.monotonic() > self._fresh_until:
-            self.sync()
+        while not self.sync():
+            pass
 
     def _run(self) -> None:
         self._loop(POLL_INTERVAL, self.sync)
@@ -573,7 +580,7 @@ class GrantStore:
 
         self._loop(FLUSH_INTERVAL, step)
 
-    def _loop(self, interval: float, step: Callable[[], None]) -> None:
+    def _loop(self, interval: float, step: Callable[[], object]) -> None:
         while not self._stop.wait(interval):
             try:
                 step()
