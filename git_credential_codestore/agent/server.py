@@ -946,10 +946,9 @@ def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: 
         # Grants' own sockets: one listener each, opened by the first worker at start; a worker
         # started again takes over those its dead predecessor served (nobody answers on them),
         # and while the store is away it tries again every second.
-        takeover = worker in (None, 0) or restarted
-        if takeover and not restarted:
-            take_over_grant_sockets(store, open_grant_socket, restarted)
-            takeover = False
+        if worker in (None, 0) and not restarted:
+            take_over_grant_sockets(store, open_grant_socket, restarted=False)
+        takeover = restarted  # done in the loop below, again every second while the store is away
     except BaseException:
         close_all()
         raise
