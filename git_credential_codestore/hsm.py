@@ -128,6 +128,9 @@ def open_token(uri: Pkcs11Uri, env: Mapping[str, str], rw: bool = False) -> Sess
         raise ConfigError(f"cannot open PKCS#11 token {uri.token} ({type(e).__name__})") from None
 
 
+REOPEN_WINDOW = 3.0  # seconds a forked worker keeps trying to open the token the parent opened
+
+
 class Pkcs11Signer:
     """A `tokens.Signer` backed by a private key in a PKCS#11 token."""
 
@@ -206,9 +209,23 @@ class Pkcs11Signer:
             pkcs11.lib(self.uri.module).finalize()
 
     def reopen(self) -> None:
-        """In a forked child: its own initialization of the module, session and key."""
+        """In a forked child: its own initialization of the module, session and key.
+
+        Tried again for up to REOPEN_WINDOW: with several workers initializing at once, a
+        token can be missing from a module's list for a moment (seen once in CI: SoftHSM2
+        through p11-kit, NoSuchToken in one of two workers, while the parent had found it)."""
+        import time
+
+        deadline = time.monotonic() + REOPEN_WINDOW
         with self._lock:
-            self._connect()  # pkcs11.lib() initializes a finalized module again
+            while True:
+                try:
+                    self._reconnect()  # pkcs11.lib() initializes a finalized module again
+                    return
+                except ConfigError:
+                    if time.monotonic() > deadline:
+                        raise
+                time.sleep(0.05)
 
     def _drop(self) -> None:
         try:
