@@ -267,7 +267,7 @@ class Database:
     def transaction(self, *, write: bool = True) -> Iterator[Tx]:
         """A committed-or-nothing transaction; database failures become StoreError."""
         errors = self._errors()
-        lock = self._lock if (self.dialect == "sqlite" and write) else None
+        lock = self._lock if (self.one_writer and write) else None
         if lock:
             lock.acquire()
         try:

@@ -200,7 +200,6 @@ class GrantStore:
         self._thread: threading.Thread | None = None
         self._flusher: threading.Thread | None = None
         self.errors = 0  # store operations that failed, for /metrics
-        # Adds rows to the flush's transaction (the audit trail); returns what to do once committed.
         # Adds its rows to a flush's transaction (at most a chunk); the callback, called once
         # it committed, says whether rows are left for another transaction.
         self.on_flush: Callable[[Tx], Callable[[], bool]] = lambda tx: lambda: False
@@ -492,7 +491,7 @@ class GrantStore:
         return int(rows[0][0])  # type: ignore[call-overload]
 
     def flush(self) -> None:
-        """Write pending use counts (and what `on_flush` adds), FLUSH_CHUNK grants a transaction."""
+        """Write pending use counts (and what `on_flush` adds): see _flush for the transactions."""
         # One flush at a time (the flush thread's, an audit query's, close()'s): two running
         # together would both be handed the same buffered audit rows and write them twice.
         with self._flushing:
