@@ -18,8 +18,8 @@ from git_credential_codestore.agent.client import Endpoint, call
 from git_credential_codestore.agent.server import MAX_CONNECTIONS, PER_PEER
 from tests.conftest import OrgKey
 from tests.realparts import raw_exchange
-from tests.test_agent import REPO, mint, sandbox_env, start_agent, tls_pair
-from tests.test_agent_store import create
+from tests.test_agent import REPO, mint, sandbox_env, start_agent, tls_pair, verify
+from tests.test_agent_store import admin, create
 
 FRONTS = ["uvicorn", "threads"]
 
@@ -176,6 +176,121 @@ def test_pipelined_token_requests_on_one_connection_are_answered_in_order(tmp_pa
         assert re.findall(rb"HTTP/1\.1 (\d{3}) ", out) == [b"200", b"200", b"403", b"200", b"200"], out[:400]
         assert out.count(b"token=eyJ") == 2
         assert b'"grants"' in out.split(b"HTTP/1.1 403")[0]  # the admin reply came before the refusal
+    finally:
+        a.stop()
+
+
+def _token_request(grant: object, repo: str = REPO, close: bool = False) -> bytes:
+    body = f"repo={repo}\nscopes=git:read\n".encode()
+    return (b"POST /v1/token HTTP/1.1\r\nHost: a\r\nAuthorization: Grant %s\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (str(grant).encode(), len(body), b"Connection: close\r\n" if close else b"", body))
+
+
+_PING_CLOSE = b"GET /v1/ping HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+
+
+def _shapes(grant: object) -> dict[str, tuple[list[bytes], list[bytes]]]:
+    """Ways a client may send its requests: (the writes, paused between; the replies expected, each
+    by its status line and a part of its body)."""
+    one, last = _token_request(grant), _token_request(grant, close=True)
+    head = last.index(b"\r\n\r\n") + 4
+    token, ping = b"200 OK token=eyJ", b'200 OK {"ok": true'
+    return {
+        "one-write": ([last], [token]),
+        "split-in-the-head": ([last[:25], last[25:]], [token]),
+        "split-before-the-body": ([last[:head], last[head:]], [token]),
+        "byte-by-byte-head": ([last[i:i + 1] for i in range(40)] + [last[40:]], [token]),
+        "two-in-one-write": ([one + last], [token, token]),
+        "one-and-a-byte-then-the-rest": ([one + last[:1], last[1:]], [token, token]),
+        "keep-alive-then-another": ([one, last], [token, token]),
+        "token-then-ping": ([one, _PING_CLOSE], [token, ping]),
+        "ping-then-token": ([b"GET /v1/ping HTTP/1.1\r\nHost: a\r\n\r\n", last], [ping, token]),
+        "token-then-garbage": ([one, b"garbage\r\n\r\n"], [token, b"400 Bad Request {"]),
+        "refused-repo-then-token": ([_token_request(grant, "other/repo"), last], [b"403 Forbidden error=", token]),
+        "http-1.0": ([last.replace(b"HTTP/1.1", b"HTTP/1.0").replace(b"Connection: close\r\n", b"")], [token]),
+    }
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_every_way_of_sending_token_requests_gets_the_same_answers(tmp_path: Path, org_key: OrgKey, front: str) -> None:
+    # The fleet front answers a token request that arrives whole in one read before uvicorn
+    # sees the connection, and hands any other to uvicorn with the bytes it read: whatever
+    # the split, pipelining or order on one connection, every request gets its own reply.
+    a = start_agent(tmp_path, "--server", front)
+    try:
+        g = create(a)
+        mint(sandbox_env(g["grant"], url=a.url))  # the grant is in the cache: answered at once
+        for name, (writes, expected) in _shapes(g["grant"]).items():
+            if front == "threads":
+                expected = expected[:1]  # it answers one request a connection (and says Connection: close)
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(a.socket)
+            for piece in writes:
+                try:
+                    s.sendall(piece)
+                except (BrokenPipeError, ConnectionResetError):
+                    break  # the threads front: closed after its one reply
+                time.sleep(0.02)  # its own read on the agent's side
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            s.close()
+            replies = [re.sub(rb"\r\n.*?\r\n\r\n", b" ", r, count=1, flags=re.S) for r in re.split(rb"HTTP/1\.[01] ", out)[1:]]
+            assert len(replies) == len(expected), (name, out[:600])
+            assert [r[:len(e)] for r, e in zip(replies, expected, strict=True)] == expected, (name, out[:600])
+    finally:
+        a.stop()
+
+
+def test_a_remembered_token_decision_names_each_caller_and_ends_with_its_grant(tmp_path: Path, org_key: OrgKey) -> None:
+    # The agent remembers a grant's decision for a request (claims, audit entry and reply
+    # encoded once), keyed by the grant's version and by who asks. Threat: a remembered
+    # decision outliving a revocation, or one caller's audit line written in another's name.
+    a = start_agent(tmp_path)
+    try:
+        g = create(a)
+        request = _token_request(g["grant"], close=True)
+        host, port = a.url.removeprefix("http://").rsplit(":", 1)
+        peers = ["127.0.0.1", "127.0.0.2", "127.0.0.1", "127.0.0.2"]
+        stamps = []
+        for peer in peers:
+            with socket.create_connection((host, int(port)), timeout=10, source_address=(peer, 0)) as s:
+                s.sendall(request)
+                out = b""
+                while chunk := s.recv(65536):
+                    out += chunk
+            assert out.startswith(b"HTTP/1.1 200"), out[:300]
+            claims = verify(re.search(rb"token=(\S+)", out).group(1).decode(), org_key)  # type: ignore[union-attr]
+            assert claims.exp == claims.iat + 300
+            stamps.append(claims.iat)
+            time.sleep(1.05 if peer == peers[1] else 0)
+        assert stamps[2] > stamps[1]  # each token has its own time, not a remembered one
+        minted = [e for e in a.audit() if e["event"] == "mint" and e["grant"] == g["id"]]
+        assert [e["peer"] for e in minted][:4] == peers
+        assert raw_exchange(a.socket, request).startswith(b"HTTP/1.1 200")  # remembered for this caller too
+        assert admin(a, "POST", f"/v1/grants/{g['id']}/revoke")[0] == 200
+        assert raw_exchange(a.socket, request).startswith(b"HTTP/1.1 401")
+    finally:
+        a.stop()
+
+
+def test_a_keep_alive_connection_idle_after_a_token_is_closed(tmp_path: Path, org_key: OrgKey) -> None:
+    # Threat: connections held open after their reply, each counted against the agent's 1024.
+    a = start_agent(tmp_path, "--server", "uvicorn")
+    try:
+        g = create(a)
+        mint(sandbox_env(g["grant"], url=a.url))
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(20)
+        s.connect(a.socket)
+        s.sendall(_token_request(g["grant"]))
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200") and b"connection: close" not in first.lower()
+        t0 = time.monotonic()
+        assert s.recv(65536) == b""  # closed by the agent, not by this test's timeout
+        assert 3 < time.monotonic() - t0 < 15
+        s.close()
     finally:
         a.stop()
 

@@ -7,6 +7,10 @@ database, so it runs on a bounded thread pool and the event loop never blocks on
 except a token request the agent can answer at once (`Agent.answers_at_once`: a grant in
 its cache, a key in memory), which is signed on the loop: handing it to a thread and
 back cost more CPU than the mint itself, and the threads fought the loop for the GIL.
+Such a request, as git's helpers send it (the whole request in one write, on a new
+connection), does not even reach uvicorn's protocol: `TokenProtocol`, where every
+connection starts, parses that one read with the same parser and answers it, and hands
+anything else to uvicorn (see its docstring).
 
 Around uvicorn's protocol we keep what it does not do, each for a reason:
 
@@ -42,6 +46,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import httptools
 from uvicorn.config import Config
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -87,19 +92,194 @@ _ANSWERED = bytearray()  # a token request already answered (refused): ignore th
 _STATUS = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
 
 
-class AgentProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with a request deadline, head caps and the caller in the scope."""
+def _response(status: int, data: bytes, ctype: str, keep_alive: bool) -> bytes:
+    """A whole reply in one write: the status line, the headers the ASGI path sends, the body."""
+    return b"".join((
+        STATUS_LINE[status], b"content-type: ", ctype.encode(), b"\r\ncontent-length: ", b"%d" % len(data),
+        b"\r\ncache-control: no-store\r\n", b"" if keep_alive else b"connection: close\r\n", b"\r\n", data))
 
-    def __init__(self, *, front: AsgiFront, listener: _Listener, deadline: float, caller: Caller | None = None,
-                 slot: _Slot | None = None, **kwargs: object) -> None:
+
+def _admitted(agent: Agent, caller: Caller, header: Callable[[str], str | None]) -> tuple[bytes | None, int]:
+    """(a refusal to send and close on, 0), or (None, the body's length): the ASGI path's checks."""
+    refusal, length = admit(agent, caller), 0
+    if refusal is None:
+        refusal, length = framing(header)
+    if refusal is not None:
+        return _response(refusal[0], *encode(*refusal), keep_alive=False), 0
+    return None, length
+
+
+class _Read:
+    """What the parser saw in one read (TokenProtocol's parser calls these)."""
+
+    __slots__ = ("parser", "begun", "complete", "url", "headers", "head", "body", "post", "keep_alive")
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.begun = self.complete = self.head = 0
+        self.url = self.body = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.post = self.keep_alive = False
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head += len(name) + len(value) + 4
+        self.headers[name.lower()] = value  # read as text only if asked for (header below)
+
+    def header(self, name: str) -> str | None:
+        """A header by name, any case (the last of repeats), as the handler reads them."""
+        value = self.headers.get(name.lower().encode("latin-1"))
+        return None if value is None else value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        # The parser's answers hold for the message being parsed, not after it.
+        parser = self.parser
+        self.post = parser.get_method() == b"POST" and not parser.should_upgrade()
+        self.keep_alive = parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete += 1
+
+
+class TokenProtocol(asyncio.Protocol):
+    """Every connection starts here: a read that holds exactly one whole token request the
+    agent can answer at once (how git's helpers ask: one write, a new connection per token)
+    is answered here; anything else goes to uvicorn.
+
+    uvicorn's protocol costs more per connection than the rest of a token: a parser, two
+    loggers, flow control and a scope per request, each callback in Python twice. This
+    parses the read with the same parser (httptools' llhttp, in C), answers with the same
+    checks (admit, framing) and handler (server.respond) as the ASGI path, and on anything
+    else (another request, a request split across reads, two in one read, a parse error, an
+    Upgrade, an Expect, a head over the caps) hands the connection to an AgentProtocol,
+    which reads the same bytes again from the start: the read is the request's first byte
+    up to its last, so nothing has been consumed. Keep-alive works across both: after a
+    reply here the connection waits KEEPALIVE_IDLE for the next request, which starts
+    again here. While the client does not read its replies (the transport's write buffer
+    is over its mark), nothing more is read.
+    """
+
+    __slots__ = ("front", "listener", "caller", "slot", "transport", "_timer", "_handed")
+
+    def __init__(self, front: AsgiFront, listener: _Listener, caller: Caller | None, slot: _Slot | None) -> None:
+        self.front, self.listener, self.caller, self.slot = front, listener, caller, slot
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._handed = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        lst = self.listener
+        if self.slot is None:
+            # Accepted by the event loop itself (a listener without TLS): counted and
+            # identified here, in the same loop callback as the accept.
+            address = transport.get_extra_info("peername") if lst.transport == "tcp" else None
+            slot = self.front._take(share(lst.transport, address, lst.bound_grant))
+            if slot is None:
+                self._handed = True  # never counted, never served
+                transport.write(_BUSY)
+                transport.close()
+                return
+            self.slot = slot
+            self.caller = identify(transport.get_extra_info("socket"), address, lst.transport, lst.bound_grant)
+        self.front.waiting.add(self)
+        self._set_timer(self.front.agent.request_deadline, transport.abort)
+
+    def _set_timer(self, seconds: float, then: Callable[[], object]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.front.loop.call_later(seconds, then)
+
+    def data_received(self, data: bytes) -> None:
+        transport, caller, agent = self.transport, self.caller, self.front.agent
+        assert transport is not None and caller is not None
+        read = _Read()
+        try:
+            read.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # uvicorn answers these as it does
+            self._hand_over(data)
+            return
+        header = read.header
+        if not (read.begun == 1 and read.complete == 1 and read.url == b"/v1/token" and read.post
+                and read.head + len(read.url) <= MAX_HEAD and b"expect" not in read.headers
+                and agent.answers_at_once(caller, "POST", "/v1/token", header("authorization"))):
+            self._hand_over(data)
+            return
+        refusal, _ = _admitted(agent, caller, header)
+        if refusal is not None:
+            transport.write(refusal)
+            transport.close()
+            return
+        status, body, ctype = respond(agent, caller, "POST", "/v1/token", header, read.body)
+        keep_alive = read.keep_alive and not transport.is_closing()
+        transport.write(_response(status, body, ctype, keep_alive))
+        if keep_alive:
+            self._set_timer(KEEPALIVE_IDLE, transport.close)  # idle: the next read arms the deadline again
+        else:
+            transport.close()
+
+    def _hand_over(self, data: bytes) -> None:
+        """The rest of the connection to uvicorn (AgentProtocol), this read first."""
+        transport, caller, slot = self.transport, self.caller, self.slot
+        assert transport is not None and caller is not None and slot is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._handed = True
+        self.front.waiting.discard(self)
+        proto = self.front._protocol(self.listener, caller, slot)
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        proto.data_received(data)
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()  # a client that does not read its replies gets no more
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        return False  # nothing in progress here: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handed:
+            return  # refused (never counted), or AgentProtocol's from the hand-over on
+        if self._timer is not None:
+            self._timer.cancel()
+        self.front.waiting.discard(self)
+        if self.slot is not None:
+            self.slot.release()
+
+    def shutdown(self) -> None:
+        """Draining: nothing is in progress between reads here, so close."""
+        if self.transport is not None:
+            self.transport.close()
+
+
+class AgentProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a request deadline, head caps and the caller in the scope.
+
+    A connection comes here from TokenProtocol, counted and identified already."""
+
+    def __init__(self, *, front: AsgiFront, listener: _Listener, deadline: float, caller: Caller, slot: _Slot,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.front = front
         self.agent = front.agent
         self.listener = listener
-        self.caller = caller  # None until connection_made, when the loop accepted the connection itself
+        self.caller: Caller | None = caller
         self.deadline = deadline
         self.slot = slot
-        self._busy = False
         self._deadline: asyncio.TimerHandle | None = None
         self._head = 0
         self._error = 400
@@ -113,17 +293,6 @@ class AgentProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         lst = self.listener
         address = transport.get_extra_info("peername") if lst.transport == "tcp" else None
-        if self.slot is None:
-            # Accepted by the event loop itself (a listener without TLS): counted and
-            # identified here, in the same loop callback as the accept.
-            slot = self.front._take(share(lst.transport, address, lst.bound_grant))
-            if slot is None:
-                self._busy = True
-                transport.write(_BUSY)
-                transport.close()
-                return
-            self.slot = slot
-            self.caller = identify(transport.get_extra_info("socket"), address, lst.transport, lst.bound_grant)
         # HttpToolsProtocol.connection_made, with the addresses the listener already knows:
         # uvicorn asks the transport for a socket object twice and for its TLS context once
         # per connection, for scope fields the agent's handler does not read.
@@ -136,8 +305,6 @@ class AgentProtocol(HttpToolsProtocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self._busy:
-            return
         heads = self._heads
         super().data_received(data)
         if self._in_head and not self.transport.is_closing():
@@ -209,12 +376,12 @@ class AgentProtocol(HttpToolsProtocol):
                 and not self.flow.write_paused):
             header = _headers(self.headers)
             if self.agent.answers_at_once(caller, "POST", "/v1/token", header("Authorization")):
-                refusal, length = admit(self.agent, caller), 0
-                if refusal is None:
-                    refusal, length = framing(header)
+                refusal, length = _admitted(self.agent, caller, header)
                 if refusal is not None:
                     self._token = _ANSWERED
-                    self._reply(refusal[0], *encode(*refusal), keep_alive=False)
+                    self.transport.write(refusal)
+                    self._disarm()
+                    self.transport.close()
                 else:
                     self._token, self._token_length, self._token_header = bytearray(), length, header
                 return
@@ -240,11 +407,8 @@ class AgentProtocol(HttpToolsProtocol):
         self._reply(status, data, ctype, keep_alive=self.parser.should_keep_alive())
 
     def _reply(self, status: int, data: bytes, ctype: str, keep_alive: bool) -> None:
-        """One write: the status line, the headers the ASGI path sends, the body."""
         keep_alive = keep_alive and not self.transport.is_closing()
-        self.transport.write(b"".join((
-            STATUS_LINE[status], b"content-type: ", ctype.encode(), b"\r\ncontent-length: ", b"%d" % len(data),
-            b"\r\ncache-control: no-store\r\n", b"" if keep_alive else b"connection: close\r\n", b"\r\n", data)))
+        self.transport.write(_response(status, data, ctype, keep_alive))
         if keep_alive:
             self.on_response_complete()
         else:
@@ -263,11 +427,8 @@ class AgentProtocol(HttpToolsProtocol):
         super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._busy:
-            return  # never counted, never served
         self._disarm()
-        if self.slot is not None:
-            self.slot.release()
+        self.slot.release()
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
@@ -316,6 +477,7 @@ class AsgiFront:
         self.app_state: dict[str, object] = {}
         self.executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="agent")
         self.slots = Slots()
+        self.waiting: set[TokenProtocol] = set()  # connections between requests, not yet uvicorn's (drain closes them)
         self._listeners: list[_Listener] = []
         self.loop = _new_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="agent-http", daemon=True)
@@ -403,8 +565,8 @@ class AsgiFront:
             if lst.transport == "tcp":
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-            def factory() -> AgentProtocol:
-                return self._protocol(lst, caller, slot)
+            def factory() -> TokenProtocol:
+                return TokenProtocol(self, lst, caller, slot)
 
             handshake = min(IO_TIMEOUT, self.agent.request_deadline)
             await self.loop.connect_accepted_socket(factory, conn, ssl=lst.tls, ssl_handshake_timeout=handshake if lst.tls else None)
@@ -412,7 +574,7 @@ class AsgiFront:
             slot.release()
             conn.close()
 
-    def _protocol(self, lst: _Listener, caller: Caller | None = None, slot: _Slot | None = None) -> AgentProtocol:
+    def _protocol(self, lst: _Listener, caller: Caller, slot: _Slot) -> AgentProtocol:
         return AgentProtocol(config=self.config, server_state=self.state, app_state=self.app_state, _loop=self.loop,
                              front=self, listener=lst, caller=caller, slot=slot, deadline=self.agent.request_deadline)
 
@@ -425,7 +587,7 @@ class AsgiFront:
             # The loop's own accept (C in uvloop): our Python accept loop cost a task, a
             # socket object and a coroutine per connection, a tenth of a token's CPU.
             create = self.loop.create_server if lst.transport == "tcp" else self.loop.create_unix_server
-            lst.server = await create(lambda: self._protocol(lst), sock=lst.sock, backlog=1024)
+            lst.server = await create(lambda: TokenProtocol(self, lst, None, None), sock=lst.sock, backlog=1024)
         else:
             lst.task = self.loop.create_task(self._accept(lst))
         self._listeners.append(lst)
@@ -464,9 +626,9 @@ class AsgiFront:
         deadline = time.monotonic() + timeout
         while self.state.tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for conn in list(self.state.connections):
+        for conn in [*self.state.connections, *self.waiting]:
             conn.shutdown()  # idle keep-alive connections close; a reply in progress finishes first
-        while self.state.connections and time.monotonic() < deadline:
+        while (self.state.connections or self.waiting) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
     def drain(self, timeout: float) -> None:
