@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import pytest
 from git_credential_codestore import audit
 from git_credential_codestore.agent import audit as agent_audit
 from git_credential_codestore.agent.client import AgentRefused, Endpoint, call
-from git_credential_codestore.agent.db import Database
+from git_credential_codestore.agent.db import Database, Tx
 from git_credential_codestore.agent.grants import GrantStore
 from tests.conftest import DevServer, OrgKey, commit, git, run_cli, wait_for
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
@@ -237,6 +237,55 @@ def test_flushes_running_together_write_each_buffered_row_once(database: Databas
             t.join()
         entries, _ = agent_audit.search(store.db, audit.Query(event="mint"), 2000)
         assert sorted(e["ttl"] for e in entries) == list(range(2000))
+    finally:
+        store.close()
+        log.close()
+
+
+def test_an_entry_is_encoded_once_and_each_record_has_its_own_time(tmp_path: Path) -> None:
+    # A mint's entry is prepared once (the agent remembers it per grant and request) with a
+    # stand-in for its time. Threat: a value that looks like the stand-in (a caller's repo,
+    # sub or reason) taking the time's place, or moving it.
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    fields: dict[str, object] = {"grant": "g1", "sub": "\x00time", "repo": "\\u0000time", "reason": '"time":"x', "ttl": 1}
+    entry = log.prepare("refuse", fields)
+    first, row = entry.at(1_700_000_000)
+    second, _ = entry.at(1_700_000_061)
+    log.close()
+    for line, stamp in ((first, "2023-11-14T22:13:20Z"), (second, "2023-11-14T22:14:21Z")):
+        assert json.loads(line) == {"time": stamp, "event": "refuse", **fields}
+    assert row == (1_700_000_000, "refuse", "g1", "\x00time", "\\u0000time", None, log.replica, first)
+
+
+def test_a_flush_writes_the_rows_buffered_when_it_began_and_ends(tmp_path: Path) -> None:
+    # On SQLite a flush is transactions of FLUSH_ROWS rows. Taking rows as they arrived, a
+    # flush under load never ended: a transaction every few milliseconds with that moment's
+    # few rows, each writing the same table and index pages again (seven page writes a row).
+    store = GrantStore(str(tmp_path / "state"), None).open()
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    before = 2 * agent_audit.FLUSH_ROWS + 10
+    for n in range(before):
+        log.record("mint", {"grant": "g1", "ttl": n})
+    transactions = 0
+
+    def on_flush(tx: Tx) -> Callable[[], bool]:
+        nonlocal transactions
+        transactions += 1
+        done = log.flush_into(tx)
+        for n in range(20):  # arriving while the flush runs
+            log.record("mint", {"grant": "g2", "ttl": n})
+        return done
+
+    store.on_flush = on_flush
+    try:
+        store.flush()
+        assert transactions == 3 and log.buffered == 60
+        entries, _ = agent_audit.search(store.db, audit.Query(event="mint"), 10 * before)
+        assert sorted(e["ttl"] for e in entries) == list(range(before))
+        store.on_flush = log.flush_into
+        store.flush()  # the next flush takes the rows that came meanwhile
+        assert log.buffered == 0
+        assert len(agent_audit.search(store.db, audit.Query(event="mint", grant="g2"), 1000)[0]) == 60
     finally:
         store.close()
         log.close()

@@ -85,6 +85,27 @@ def _stamp(second: int) -> str:
     return last[1]
 
 
+_TIME_MARK = "\x00time"  # a stand-in for the time's text in Entry; any other value with it is after the time's
+
+
+_MARK_TEXT = _LINE(_TIME_MARK)[1:-1]  # as it is written in a line (escaped)
+
+
+class Entry:
+    """An audit entry but its time: the line around the time's text, the row's columns."""
+
+    __slots__ = ("head", "tail", "columns")
+
+    def __init__(self, head: str, tail: str, columns: tuple[object, ...]) -> None:
+        self.head, self.tail, self.columns = head, tail, columns
+
+    def at(self, now: float) -> tuple[str, tuple[object, ...]]:
+        """(the file's line, the database's row) at `now`."""
+        second = int(now)
+        text = self.head + _stamp(second) + self.tail
+        return text, (second, *self.columns, text)
+
+
 class AuditLog:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -98,25 +119,33 @@ class AuditLog:
             raise UsageError(f"cannot open the audit log {path} ({e.strerror}); pass --audit-log FILE") from None
         self._lock = threading.Lock()
         self._buffer: list[tuple[object, ...]] = []
+        self._owed = 0  # rows the flush in progress has still to write (flush_into)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.dropped = 0
 
     def _entry(self, event: str, fields: Mapping[str, object]) -> tuple[str, tuple[object, ...]]:
-        now = time.time()
-        entry: dict[str, object] = {"time": _stamp(int(now)), "event": event}
+        return self.prepare(event, fields).at(time.time())
+
+    def prepare(self, event: str, fields: Mapping[str, object]) -> Entry:
+        """An entry but its time, encoded once (for one that recurs: a grant's mint of one request)."""
+        entry: dict[str, object] = {"time": _TIME_MARK, "event": event}
         entry.update(fields)
         if isinstance(entry.get("reason"), str):
             entry["reason"] = redact(str(entry["reason"]))
-        text = _LINE(entry)
-        row = (int(now), event, entry.get("grant"), entry.get("sub"), entry.get("repo"), entry.get("result"), self.replica, text)
-        return text, tuple(None if v is not None and not isinstance(v, (str, int)) else v for v in row)
+        head, _, tail = _LINE(entry).partition(_MARK_TEXT)  # "time" comes first, so its value is the first mark
+        row = (event, entry.get("grant"), entry.get("sub"), entry.get("repo"), entry.get("result"), self.replica)
+        return Entry(head, tail, tuple(None if v is not None and not isinstance(v, (str, int)) else v for v in row))
 
     def _append(self, text: str) -> None:
         os.write(self._fd, (text + "\n").encode("utf-8"))
 
     def record(self, event: str, fields: Mapping[str, object]) -> None:
         """A mint or refusal: to the file now (OSError if it cannot be), to the database soon."""
-        text, row = self._entry(event, fields)
+        self.emit(self.prepare(event, fields))
+
+    def emit(self, entry: Entry) -> None:
+        """`record` of a prepared entry, at this second."""
+        text, row = entry.at(time.time())
         with self._lock:
             if len(self._buffer) < MAX_BUFFER:
                 self._buffer.append(row)
@@ -146,17 +175,26 @@ class AuditLog:
         return write, after
 
     def flush_into(self, tx: db.Tx) -> Callable[[], bool]:
-        """Insert the buffered rows in `tx` (on SQLite up to FLUSH_ROWS); the returned callback
-        forgets them once committed and says whether more are buffered (GrantStore.flush)."""
+        """Insert buffered rows in `tx` (on SQLite up to FLUSH_ROWS); the returned callback
+        forgets them once committed and says whether this flush has more (GrantStore.flush).
+
+        A flush writes the rows buffered when it began; later ones wait for the next. Taking
+        them as they came, a flush under load never ended: a transaction every FLUSH_PAUSE
+        with the few rows of those 5 ms, each writing the same table and index pages again
+        (seven page writes a row where a second's rows in a few transactions take one).
+        """
         with self._lock:
-            batch = self._buffer[:FLUSH_ROWS] if tx.one_writer else list(self._buffer)
+            if not self._owed:
+                self._owed = len(self._buffer)
+            batch = self._buffer[:min(self._owed, FLUSH_ROWS)] if tx.one_writer else list(self._buffer)
         if batch:
             tx.execute_rows(_INSERT_ROWS, _TYPES, batch)
 
         def committed() -> bool:
             with self._lock:
                 del self._buffer[: len(batch)]
-                return bool(self._buffer)
+                self._owed = max(0, self._owed - len(batch))
+                return self._owed > 0
 
         return committed
 

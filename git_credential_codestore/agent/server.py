@@ -90,6 +90,23 @@ class Caller:
     bound_grant: str | None = None
 
 
+class Prepared:
+    """A decided token but its times: its claims, audit entry and reply fields, encoded once."""
+
+    __slots__ = ("decision", "token", "entry", "rest")
+
+    def __init__(self, agent: Agent, decision: policy.Decision, req: TokenRequest, who: Mapping[str, object]) -> None:
+        self.decision = decision
+        self.token = tokens.Template(agent.key, org=agent.org, repo=decision.repo, scopes=decision.scopes, ttl=decision.ttl,
+                                     sub=decision.sub, kid=agent.cfg.kid, refs=decision.refs or None)
+        self.entry = agent.audit.prepare("mint", {
+            **who, "sub": decision.sub, "repo": decision.repo, "ephemeral": req.ephemeral,
+            "scopes": list(decision.scopes), "ttl": decision.ttl, "refs": decision.refs or None,
+            "purpose": req.purpose, "result": "ok",
+        })
+        self.rest = wire.encode({"ttl": decision.ttl, "scopes": list(decision.scopes), "sub": decision.sub})
+
+
 class Agent:
     """Request handling, independent of the wire: (caller, method, path, body) -> reply."""
 
@@ -125,6 +142,7 @@ class Agent:
         # costs more than a cached grant lookup on every token.
         self.tracing = trace.target() is not None
         self._requests: dict[bytes, tuple[TokenRequest, dict[str, str], TokenRequest | policy.Refused]] = {}
+        self._prepared: dict[tuple[str, int, bytes, str, str], Prepared] = {}  # see mint
 
     # -- the router -------------------------------------------------------------------
 
@@ -294,6 +312,13 @@ class Agent:
         if isinstance(checked, policy.Refused):
             return self._refuse(who, data, checked.reason, checked.status, grant)
         req = checked
+        # A grant's decision for one request depends on nothing else while the grant has no
+        # expiry (its TTL is clamped to what is left of it) and no per-minute limit: remembered
+        # with the grant's version (`seq`: a revocation is a new version) and who asks.
+        memo = (grant.id, grant.seq, body, caller.transport, caller.peer) if (
+            grant is not None and grant.expires_at is None and not grant.max_per_minute and len(body) <= MEMO_BODY) else None
+        if memo is not None and (prepared := self._prepared.get(memo)) is not None:
+            return self._issue(prepared, who, data, grant)
         try:
             if grant is not None:
                 decision = policy.clamp_to_grant(grant, req, self.cfg.ttl)
@@ -309,27 +334,37 @@ class Agent:
                 return self._refuse(who, data, f"{e}; the grant's rate limit cannot be checked", 503, grant)
             if used > grant.max_per_minute:
                 return self._refuse(who, data, f"grant {grant.id} allows {grant.max_per_minute} tokens a minute; try again shortly", 429, grant)
-        return self.issue(decision, req, who, data, grant)
+        if memo is None:
+            return self.issue(decision, req, who, data, grant)
+        try:
+            prepared = Prepared(self, decision, req, who)
+        except CodestoreError as e:
+            return self._refuse(who, data, str(e), 400, grant)
+        if len(self._prepared) >= MEMO_REQUESTS:
+            self._prepared.clear()  # many distinct requests cost speed, never memory
+        self._prepared[memo] = prepared
+        return self._issue(prepared, who, data, grant)
 
     def issue(self, decision: policy.Decision, req: TokenRequest, who: Mapping[str, object], data: object,
               grant: Grant | None = None) -> tuple[int, dict[str, object]]:
         """Sign a decided token and write its audit line; `who` says on whose authority."""
         try:
-            token = tokens.mint(
-                self.key, org=self.org, repo=decision.repo, scopes=decision.scopes, ttl=decision.ttl,
-                sub=decision.sub, kid=self.cfg.kid, refs=decision.refs or None,
-            )
+            prepared = Prepared(self, decision, req, who)
+        except CodestoreError as e:
+            return self._refuse(who, data, str(e), 400, grant)
+        return self._issue(prepared, who, data, grant)
+
+    def _issue(self, prepared: Prepared, who: Mapping[str, object], data: object, grant: Grant | None) -> tuple[int, dict[str, object]]:
+        decision = prepared.decision
+        try:
+            token = prepared.token.mint()
         except tokens.SignerUnavailable as e:
             self.metrics.signer_failed()
             return self._refuse(who, data, str(e), 503, grant)
         except CodestoreError as e:
             return self._refuse(who, data, str(e), 400, grant)
         try:
-            self.audit.record("mint", {
-                **who, "sub": decision.sub, "repo": decision.repo, "ephemeral": req.ephemeral,
-                "scopes": list(decision.scopes), "ttl": decision.ttl, "refs": decision.refs or None,
-                "purpose": req.purpose, "result": "ok",
-            })
+            self.audit.emit(prepared.entry)
         except OSError as e:
             # Every token handed out is in the audit log, or it is not handed out.
             return 503, {"error": f"cannot write the audit log {self.audit.path} ({e.strerror}); nothing was minted", "code": "refused"}
@@ -338,7 +373,7 @@ class Agent:
         if self.tracing:
             trace.say("agent", f"minted {decision.repo} {' '.join(decision.scopes)} ttl {decision.ttl}s for "
                       f"{'grant ' + grant.id if grant else 'the owner'} ({who.get('via')})")
-        return 200, {"token": token.reveal(), "expires_at": token.expires_at, "ttl": decision.ttl, "scopes": list(decision.scopes), "sub": decision.sub}
+        return 200, wire.token_reply(token.reveal(), token.expires_at, decision.ttl, list(decision.scopes), decision.sub, prepared.rest)
 
     def _check_owner(self, owner: object) -> str:
         """The owner's helper must be configured for the key and org this agent holds."""

@@ -126,4 +126,22 @@ def decode_request(body: bytes) -> tuple[TokenRequest, dict[str, str]]:
 
 
 def encode_reply(reply: Mapping[str, object]) -> bytes:
+    if isinstance(reply, Lines):
+        return reply.encoded
     return encode({k: v for k, v in reply.items() if isinstance(v, (str, int, bool, list, tuple))})
+
+
+class Lines(dict[str, object]):
+    """A reply that comes with its encoding made (`encoded`): `encode_reply` sends that."""
+
+    __slots__ = ("encoded",)
+    encoded: bytes
+
+
+def token_reply(token: str, expires_at: int, ttl: int, scopes: list[str], sub: str, rest: bytes) -> Lines:
+    """A token's reply; `rest` is `encode` of its ttl, scopes and sub, made once for the many
+    tokens that share them. The token (base64url and dots) and its expiry (a number) cannot
+    hold a control character, so they are written as they are."""
+    reply = Lines(token=token, expires_at=expires_at, ttl=ttl, scopes=scopes, sub=sub)
+    reply.encoded = b"token=%s\nexpires_at=%d\n%s" % (token.encode("ascii"), expires_at, rest)
+    return reply
