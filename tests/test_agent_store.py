@@ -14,15 +14,15 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from git_credential_codestore.agent.client import AgentRefused, Endpoint, call
-from git_credential_codestore.agent.db import StoreError
-from tests.conftest import BIN, OrgKey, run_cli
+from git_credential_codestore.agent.client import AgentRefused, Endpoint, call, exchange
+from git_credential_codestore.agent.db import ANSWER_DEADLINE, Database, StoreError, Tx
+from tests.conftest import BIN, OrgKey, run_cli, wait_for
 from tests.realparts import Postgres
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
 
@@ -271,39 +271,146 @@ def _pause(pg: Postgres, sig: signal.Signals) -> None:
         os.kill(pid, sig)
 
 
-def test_with_the_database_hung_readyz_answers_at_once_and_says_why(tmp_path: Path, org_key: OrgKey) -> None:
+@pytest.fixture(scope="module")
+def pausable() -> Iterator[Postgres]:
+    """A server of this module's own for the tests that stop it (every one resumes it)."""
+    pg = Postgres()
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
+def test_with_the_database_hung_readyz_answers_at_once_and_says_why(tmp_path: Path, org_key: OrgKey, pausable: Postgres) -> None:
     # A database that stops answering without closing its connections (a paused VM, a
     # storage stall): /readyz ran a query of its own on a pooled connection and hung with
     # it, holding the load balancer's probe (and a handler thread) for as long as the
     # database stayed away, instead of saying why.
-    pg = Postgres()
-    pg.start()
+    pg = pausable
+    a = replica(tmp_path, "a", pg.create_database())
+    ep = Endpoint("unix", a.socket)
     try:
-        a = replica(tmp_path, "a", pg.url())
-        ep = Endpoint("unix", a.socket)
+        create(a)
+        _pause(pg, signal.SIGSTOP)
         try:
-            create(a)
-            _pause(pg, signal.SIGSTOP)
-            try:
-                t0 = time.monotonic()
-                while True:
-                    status, ready = call(ep, "GET", "/readyz", timeout=3)
-                    if status == 503:
-                        break
-                    assert time.monotonic() - t0 < 2.0, "/readyz still says ready 2 s after the database stopped answering"
-                    time.sleep(0.1)
-                assert ready["ready"] is False, ready
-                assert "not answering" in str(ready["store"]) or "unreachable" in str(ready["store"]), ready
-            finally:
-                _pause(pg, signal.SIGCONT)
-            deadline = time.monotonic() + 10
-            while call(ep, "GET", "/readyz", timeout=3)[0] != 200:
-                assert time.monotonic() < deadline, "/readyz did not recover when the database answered again"
+            t0 = time.monotonic()
+            while True:
+                status, ready = call(ep, "GET", "/readyz", timeout=3)
+                if status == 503:
+                    break
+                assert time.monotonic() - t0 < 2.0, "/readyz still says ready 2 s after the database stopped answering"
                 time.sleep(0.1)
+            assert ready["ready"] is False, ready
+            assert "not answering" in str(ready["store"]) or "unreachable" in str(ready["store"]), ready
         finally:
-            a.stop()
+            _pause(pg, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while call(ep, "GET", "/readyz", timeout=3)[0] != 200:
+            assert time.monotonic() < deadline, "/readyz did not recover when the database answered again"
+            time.sleep(0.1)
     finally:
-        pg.destroy()
+        a.stop()
+
+
+def test_a_statement_the_hung_database_does_not_answer_fails_in_one_line_and_its_connection_is_dropped(pausable: Postgres) -> None:
+    # Threat (the masking): the database password in a log line or a refusal.
+    url = pausable.create_database().replace("postgres@", "postgres:hunter2@", 1)  # trust auth: any password does
+    store = Database(url).open()
+    try:
+        with store.transaction(write=False) as tx:
+            tx.execute("SELECT 1")  # a pooled connection to hang on
+        failed: dict[str, tuple[float, str]] = {}
+
+        def attempt(name: str, work: Callable[[Tx], object]) -> None:
+            t0 = time.monotonic()
+            try:
+                with store.transaction() as tx:
+                    work(tx)
+            except StoreError as e:
+                failed[name] = (time.monotonic() - t0, str(e))
+
+        stopped = threading.Event()
+
+        def write_then_commit_hung(tx: Tx) -> None:  # COMMIT is the statement the stopped server holds
+            tx.execute("INSERT INTO codestore_meta (key, value) VALUES ('probe', 'x')")
+            stopped.wait(10)
+
+        writer = threading.Thread(target=attempt, args=("commit", write_then_commit_hung))
+        writer.start()
+        time.sleep(0.5)  # the writer's INSERT is answered
+        _pause(pausable, signal.SIGSTOP)
+        try:
+            stopped.set()
+            attempt("read", lambda tx: tx.execute("SELECT 1"))  # on a new connection: the connect timeout, or the deadline
+            writer.join(ANSWER_DEADLINE + 5)
+        finally:
+            _pause(pausable, signal.SIGCONT)
+        took, message = failed["commit"]
+        assert ANSWER_DEADLINE <= took < ANSWER_DEADLINE + 1.5, took
+        where = url.rpartition("@")[2]  # the store named as in every store error, its userinfo masked
+        assert message.startswith("the grant store postgresql://") and message.endswith(
+            f"@{where} did not answer within {ANSWER_DEADLINE:g} s; the change may still be committed when it answers"), message
+        assert "hunter2" not in message and "hunter2" not in failed["read"][1]
+        assert failed["read"][0] < ANSWER_DEADLINE + 1.5 and "\n" not in failed["read"][1], failed["read"]
+        # The connections given up on were closed, not pooled (the pool hands out its newest
+        # first): the store answers the next transactions as before. And the message was
+        # right to hedge: the resumed server read the COMMIT waiting in its socket and ran it.
+        def probe() -> bool:
+            with store.transaction(write=False) as tx:
+                return bool(tx.execute("SELECT value FROM codestore_meta WHERE key = 'probe'"))
+
+        assert wait_for(probe, timeout=5), "the commit sent before the server stopped was not run when it resumed"
+    finally:
+        store.close()
+
+
+def test_with_the_database_hung_metrics_and_admin_calls_answer_within_the_deadline(tmp_path: Path, org_key: OrgKey, pausable: Postgres) -> None:
+    # A stopped server keeps its connections open: the kernel still acknowledges TCP, so no
+    # keepalive, statement timeout or cancel request ended the query. `/metrics` (its grant
+    # counts) and `grant create` each held a handler thread for as long as it stayed away.
+    pg = pausable
+    a = replica(tmp_path, "a", pg.create_database())
+    ep = Endpoint("unix", a.socket)
+    try:
+        create(a)
+        within = ANSWER_DEADLINE + 2.5  # a watchdog tick, and a reconnect's slack
+        answers: dict[str, tuple[float, int, str]] = {}
+
+        def ask(name: str, method: str, path: str, body: bytes) -> None:
+            t0 = time.monotonic()
+            status, reply = exchange(ep, method, path, body, "application/json" if body else None, timeout=within + 5)
+            answers[name] = (time.monotonic() - t0, status, reply.decode())
+
+        _pause(pg, signal.SIGSTOP)
+        try:
+            askers = [threading.Thread(target=ask, args=("metrics", "GET", "/metrics", b"")),
+                      threading.Thread(target=ask, args=("create", "POST", "/v1/grants", json.dumps({"repos": [REPO]}).encode()))]
+            for t in askers:
+                t.start()
+            for t in askers:
+                t.join(within + 10)
+            assert set(answers) == {"metrics", "create"}, f"no answer within {within + 5:.0f} s with the database hung: {answers}"
+            took, status, text = answers["create"]
+            assert took < within and status == 503, answers["create"]
+            error = json.loads(text)["error"]
+            assert "no grant was created" in error and "\n" not in error, error
+            assert f"did not answer within {ANSWER_DEADLINE:g} s" in error or "unreachable" in error, error
+            took, status, text = answers["metrics"]
+            assert took < within and status == 200 and "codestore_agent_store_up 0\n" in text, answers["metrics"]
+            assert "codestore_agent_grants{" not in text  # no counts it could not read
+            assert a.proc.poll() is None
+        finally:
+            _pause(pg, signal.SIGCONT)
+        # The connections given up on were discarded, not pooled: the same calls work again.
+        deadline = time.monotonic() + 10
+        while (status := admin(a, "POST", "/v1/grants", {"repos": [REPO]})[0]) != 201:
+            assert time.monotonic() < deadline, f"grant create did not recover when the database answered again ({status})"
+            time.sleep(0.1)
+        status, body = exchange(ep, "GET", "/metrics", b"", None)
+        assert status == 200 and 'codestore_agent_grants{state="active"} 2\n' in body.decode(), body
+    finally:
+        a.stop()
 
 
 def test_a_replica_killed_mid_create_loses_no_acknowledged_grant(tmp_path: Path, org_key: OrgKey, pg_url: str) -> None:

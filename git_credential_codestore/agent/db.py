@@ -14,7 +14,9 @@ SQL is written once with `?` placeholders and these words, filled in per dialect
     {bigint}  a 64-bit integer
 
 A state change is acknowledged only after `transaction()` has committed; a failed write
-raises `StoreError` and rolls back, so nothing refused is kept.
+raises `StoreError` and rolls back, so nothing refused is kept. Every PostgreSQL
+statement has a deadline (ANSWER_DEADLINE, `_Watchdog`): a server that hangs without
+closing its connections fails the call with StoreError instead of holding its thread.
 
 PostgreSQL is an optional extra (`codestore-git[fleet]`: psycopg 3); SQLite is the standard
 library's.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -39,6 +42,13 @@ DB_FILE = "agent.sqlite3"
 POOL_SIZE = 8
 CONNECT_TIMEOUT = 3  # seconds: a replica must notice a dead database quickly
 STATEMENT_TIMEOUT_MS = 5000
+# Seconds a PostgreSQL statement may go unanswered before the agent gives up on the
+# connection (_Watchdog). Past the server's own statement timeout, so that a slow but
+# running server ends a slow statement itself, with its own error and the connection kept;
+# the second more is for that error's way back. Only a server that cannot answer at all
+# (stopped, a paused VM, a storage stall holding every backend) reaches it.
+ANSWER_DEADLINE = STATEMENT_TIMEOUT_MS / 1000 + 1.0
+WATCH_TICK = 0.25  # how often the watchdog looks: a deadline is met within this much
 
 _DIALECT_WORDS = {
     "sqlite": {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "bigint": "INTEGER"},
@@ -174,6 +184,106 @@ def _begin_write(cur: sqlite3.Cursor) -> None:
         cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
 
 
+class _Watched:
+    """A PostgreSQL transaction's cursor whose every statement the watchdog may end.
+
+    `expired` is set (by the watchdog, under its lock) once a statement went unanswered
+    past ANSWER_DEADLINE and its connection was shut down; `statement` is the last one sent.
+    """
+
+    __slots__ = ("_cur", "_dog", "expired", "fd", "statement", "until")
+
+    def __init__(self, cur: Cursor, fd: int, dog: _Watchdog) -> None:
+        self._cur, self.fd, self._dog = cur, fd, dog
+        self.until = 0.0
+        self.expired = False
+        self.statement = ""
+
+    def execute(self, sql: str, params: Sequence[object] | None = None) -> object:
+        self.statement = sql
+        self._dog.arm(self)
+        try:
+            return self._cur.execute(sql, params)  # type: ignore[arg-type]
+        finally:
+            self._dog.disarm(self)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        self.statement = sql
+        self._dog.arm(self)
+        try:
+            self._cur.executemany(sql, rows)  # type: ignore[attr-defined]
+        finally:
+            self._dog.disarm(self)
+
+    def fetchall(self) -> list[tuple[object, ...]]:
+        return self._cur.fetchall()  # psycopg's client-side cursor: already read by execute
+
+    def fetchone(self) -> tuple[object, ...] | None:
+        return self._cur.fetchone()
+
+
+class _Watchdog:
+    """Ends a PostgreSQL statement the server has not answered within ANSWER_DEADLINE.
+
+    A server that stops without closing its connections (SIGSTOP, a paused VM, a storage
+    stall holding every backend) held a statement, and the thread waiting on it, forever:
+    the kernel still acknowledges TCP, so keepalives and tcp_user_timeout see a live peer;
+    the server's statement_timeout is the stopped server's to enforce; and a cancel request
+    is a new connection the stopped postmaster never reads (psycopg's `cancel_safe` waits on
+    exactly that). psycopg has no public per-statement client deadline. So one thread a
+    process looks every WATCH_TICK and shuts down (shutdown(2), which acts on the socket
+    whoever waits on it) the connection of a statement past its deadline: libpq's wait
+    wakes at once to a closed connection, the statement fails, and the transaction
+    discards the connection and raises StoreError. Started on the first statement, stopped
+    by Database.close (the agent forks its workers after that, with no thread running).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: dict[int, _Watched] = {}
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def arm(self, w: _Watched) -> None:
+        w.until = time.monotonic() + ANSWER_DEADLINE
+        with self._lock:
+            self._armed[id(w)] = w
+            if self._thread is None:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._run, args=(self._stop,), name="store-watchdog", daemon=True)
+                self._thread.start()
+
+    def disarm(self, w: _Watched) -> None:
+        with self._lock:
+            self._armed.pop(id(w), None)
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(WATCH_TICK):
+            now = time.monotonic()
+            with self._lock:  # held while shutting down: a disarmed connection is never touched
+                for w in self._armed.values():
+                    if now > w.until and not w.expired:
+                        w.expired = True
+                        _shut_down(w.fd)
+
+    def stop(self) -> None:
+        with self._lock:
+            thread, stop, self._thread = self._thread, self._stop, None
+        if stop is not None:
+            stop.set()
+        if thread is not None:
+            thread.join()
+
+
+def _shut_down(fd: int) -> None:
+    """Shut down the socket behind `fd` (through a duplicate: the fd stays libpq's to close)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the peer, or gone: the statement fails either way
+
+
 class Database:
     """A small pool of connections to one database, SQLite or PostgreSQL."""
 
@@ -190,6 +300,7 @@ class Database:
         self._words = _DIALECT_WORDS[self.dialect]
         self._lock = threading.Lock()  # SQLite: one writer connection, serialised
         self._passwords = _passwords(url)
+        self._watchdog = _Watchdog()  # PostgreSQL: statements the server does not answer
 
     def __repr__(self) -> str:
         return f"Database({describe(self.url)!r})"
@@ -246,6 +357,7 @@ class Database:
             conn.close()  # type: ignore[attr-defined]
 
     def close(self) -> None:
+        self._watchdog.stop()
         while True:
             try:
                 conn = self._pool.get_nowait()
@@ -278,6 +390,9 @@ class Database:
             cur = conn.cursor()  # type: ignore[attr-defined]
             ok = False
             try:
+                if self.dialect == "postgresql":
+                    # Every statement here and in Tx, BEGIN to ROLLBACK, has a deadline.
+                    cur = _Watched(cur, conn.pgconn.socket, self._watchdog)  # type: ignore[attr-defined]
                 if lock:
                     _begin_write(cur)
                 else:
@@ -286,13 +401,16 @@ class Database:
                 cur.execute("COMMIT")
                 ok = True
             except errors as e:
-                try:
-                    cur.execute("ROLLBACK")
-                except errors:
-                    pass
-                raise StoreError(self._failed(e)) from None
+                if not getattr(cur, "expired", False):
+                    try:
+                        cur.execute("ROLLBACK")
+                    except errors:
+                        pass
+                raise StoreError(self._failed(e, cur)) from None
             finally:
-                if not ok:
+                if getattr(cur, "expired", False):
+                    self._discard(conn)  # shut down: never back into the pool
+                elif not ok:
                     try:
                         cur.execute("ROLLBACK")
                     except Exception:  # noqa: BLE001, S110 - already rolled back, or the connection is gone
@@ -322,7 +440,11 @@ class Database:
     def _unreachable(self, e: BaseException) -> str:
         return f"the grant store {self.where} is unreachable ({self._detail(e)})"
 
-    def _failed(self, e: BaseException) -> str:
+    def _failed(self, e: BaseException, cur: object = None) -> str:
+        if isinstance(cur, _Watched) and cur.expired:
+            # The server may still run what it had read once it answers again: a commit too.
+            maybe = "; the change may still be committed when it answers" if cur.statement == "COMMIT" else ""
+            return f"the grant store {self.where} did not answer within {ANSWER_DEADLINE:g} s{maybe}"
         return f"the grant store {self.where} failed ({self._detail(e)})"
 
     def checkpoint(self) -> None:
