@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from git_credential_codestore.agent.client import Endpoint, call
-from git_credential_codestore.agent.server import MAX_CONNECTIONS, PER_PEER
+from git_credential_codestore.agent.server import MAX_CONNECTIONS, PER_PEER, share
 from tests.conftest import OrgKey
 from tests.realparts import raw_exchange
 from tests.test_agent import REPO, mint, sandbox_env, start_agent, tls_pair, verify
@@ -424,3 +424,15 @@ def test_bad_requests_write_nothing_to_the_agents_log(tmp_path: Path, org_key: O
         a.proc.terminate()
         _, err = a.proc.communicate(timeout=30)
     assert err.splitlines() == ["codestore agent exiting: stopped"], err[:500]
+
+
+def test_an_ipv6_peer_is_its_64_and_a_mapped_ipv4_peer_its_address() -> None:
+    # Threat: per-peer fairness (PER_PEER of MAX_CONNECTIONS) defeated by one IPv6 host,
+    # which holds a /64 and can connect from as many of its addresses as it likes.
+    # (Loopback has one IPv6 address, so this is the rule itself, on both fronts' one function.)
+    one = share("tcp", ("2001:db8:1:2::1", 40000, 0, 0), None)
+    assert one == share("tcp", ("2001:db8:1:2:ffff:ffff:ffff:9", 40001, 0, 0), None) == "2001:db8:1:2::/64"
+    assert one != share("tcp", ("2001:db8:1:3::1", 40000, 0, 0), None)
+    assert share("tcp", ("fe80::1%eth0", 1, 0, 2), None) == share("tcp", ("fe80::2%eth0", 1, 0, 2), None)
+    assert share("tcp", ("::ffff:192.0.2.7", 1, 0, 0), None) == share("tcp", ("192.0.2.7", 1), None) == "192.0.2.7"
+    assert share("tcp", ("192.0.2.7", 1), None) != share("tcp", ("192.0.2.8", 1), None)

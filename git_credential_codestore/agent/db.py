@@ -331,6 +331,10 @@ class Database:
             # taking 126 ms after a load. The grant store's flush thread checkpoints instead.
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.execute("PRAGMA foreign_keys=ON")
+            # A flush's INSERT ... SELECT FROM (VALUES ...) builds a temporary table and a
+            # statement journal: in files under /var/tmp by default, two page writes a minted
+            # token. A flush's rows are at most a few hundred kilobytes.
+            conn.execute("PRAGMA temp_store=MEMORY")
             return conn
         try:
             import psycopg

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import ipaddress
 import json
 import os
 import re
@@ -572,12 +573,23 @@ class Slots:
 def share(transport: str, address: object, bound_grant: str | None) -> str:
     """Whose fair share (PER_PEER) a connection counts against, for `Slots`.
 
-    A network address; or a grant's own socket, which is mounted into one sandbox, so all
-    its connections are that sandbox's; "" for the owner's socket (its peers are the
-    owner's uid or root), bounded only by MAX_CONNECTIONS.
+    A network address: an IPv4 address, or an IPv6 address's /64, which is one host's or
+    one network's (SLAAC, RFC 6177) and holds more addresses than any limit could count;
+    or a grant's own socket, which is mounted into one sandbox, so all its connections are
+    that sandbox's; "" for the owner's socket (its peers are the owner's uid or root),
+    bounded only by MAX_CONNECTIONS.
     """
     if transport == "tcp":
-        return str(address[0]) if isinstance(address, tuple) else ""
+        host = str(address[0]) if isinstance(address, tuple) else ""
+        if ":" not in host:
+            return host
+        try:
+            ip = ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            return host
+        if ip.ipv4_mapped is not None:  # a dual-stack socket's IPv4 peer
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return f"grant:{bound_grant}" if bound_grant else ""
 
 
