@@ -104,14 +104,27 @@ def test_a_damaged_grants_json_is_one_line_at_start_not_an_internal_error(tmp_pa
     assert (state / "grants.json").read_text() == text  # left for the admin to fix
 
 
+def _malformed(path: Path) -> None:
+    """An SQLite database whose schema page is overwritten: the header is fine, the rest is not."""
+    db = sqlite3.connect(path)
+    for i in range(20):
+        db.execute(f"CREATE TABLE t{i} (x)")
+    db.commit()
+    db.close()
+    data = bytearray(path.read_bytes())
+    data[100:4096] = b"\xff" * 3996
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(
     ("prepare", "message"),
     [
         (lambda p: p.write_bytes(b"this is not a database at all\n" * 100), "not an SQLite database"),
         (lambda p: sqlite3.connect(p).execute("CREATE TABLE payroll (x)").connection.commit(), "not codestore's"),
-        (lambda p: p.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000), "cannot open"),
+        (lambda p: p.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000), "is damaged (file is not a database); restore it"),
+        (_malformed, "is damaged (database disk image is malformed); restore it from a backup, or move it away"),
     ],
-    ids=["garbage", "foreign", "damaged"],
+    ids=["garbage", "foreign", "damaged-header", "damaged-schema"],
 )
 def test_a_corrupt_or_foreign_store_is_refused_at_start_in_one_line(tmp_path: Path, org_key: OrgKey, prepare, message: str) -> None:
     # Threat: an agent writing grants into someone else's database, or serving from a damaged one.
@@ -124,6 +137,21 @@ def test_a_corrupt_or_foreign_store_is_refused_at_start_in_one_line(tmp_path: Pa
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("codestore: ") and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert (state / "agent.sqlite3").read_bytes() == before  # never written to
+
+
+def test_an_empty_store_file_is_a_new_store(tmp_path: Path, org_key: OrgKey) -> None:
+    # What a crash between creating the file and SQLite's first write leaves: the agent must
+    # start again on it (SQLite reads an empty file as an empty database; it holds no grant).
+    state = tmp_path / "agent-state"
+    state.mkdir(mode=0o700)
+    (state / "agent.sqlite3").touch(mode=0o600)
+    a = start_agent(tmp_path)
+    try:
+        g = create(a)
+        assert mint(sandbox_env(g["grant"], sock=a.socket))
+    finally:
+        a.stop()
+    assert (state / "agent.sqlite3").read_bytes().startswith(b"SQLite format 3\x00")
 
 
 def test_a_store_from_a_newer_codestore_is_refused_at_start(tmp_path: Path, org_key: OrgKey) -> None:

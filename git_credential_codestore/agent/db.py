@@ -156,6 +156,15 @@ def _passwords(url: str) -> list[str]:
 
 BUSY_TIMEOUT = 10.0  # seconds a SQLite writer waits for another process's write to finish
 SQLITE_BUSY = 5  # the primary result code (sqlite3.SQLITE_BUSY from Python 3.11)
+SQLITE_DAMAGED = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+def _damaged(e: BaseException) -> bool:
+    """Whether SQLite says the file is not a database it can read: no retry will mend it."""
+    if not isinstance(e, sqlite3.DatabaseError):
+        return False
+    code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+; 3.10 has only the message
+    return code & 0xFF in SQLITE_DAMAGED if code is not None else ("not a database" in str(e) or "malformed" in str(e))
 
 
 def _begin_write(cur: sqlite3.Cursor) -> None:
@@ -442,14 +451,21 @@ class Database:
         return redact(text)[:160] or type(e).__name__
 
     def _unreachable(self, e: BaseException) -> str:
-        return f"the grant store {self.where} is unreachable ({self._detail(e)})"
+        return self._damage(e) or f"the grant store {self.where} is unreachable ({self._detail(e)})"
+
+    def _damage(self, e: BaseException) -> str | None:
+        """A damaged SQLite file, and what to do about it; None for any other failure."""
+        if self.dialect != "sqlite" or not _damaged(e):
+            return None
+        return (f"the grant store {self.path} is damaged ({self._detail(e)}); restore it from a backup, or move it "
+                "away and start the agent again to begin a new one (its grants are lost; the audit log keeps their history)")
 
     def _failed(self, e: BaseException, cur: object = None) -> str:
         if isinstance(cur, _Watched) and cur.expired:
             # The server may still run what it had read once it answers again: a commit too.
             maybe = "; the change may still be committed when it answers" if cur.statement == "COMMIT" else ""
             return f"the grant store {self.where} did not answer within {ANSWER_DEADLINE:g} s{maybe}"
-        return f"the grant store {self.where} failed ({self._detail(e)})"
+        return self._damage(e) or f"the grant store {self.where} failed ({self._detail(e)})"
 
     def checkpoint(self) -> None:
         """SQLite: copy the WAL into the database (PASSIVE: never waits for, nor holds up, a
@@ -511,9 +527,9 @@ class Database:
                 conn.execute("PRAGMA journal_mode=WAL")  # type: ignore[attr-defined]
                 self._put(conn)
         except StoreError as e:
-            raise ConfigError(f"cannot open {e}") from None
+            raise ConfigError(f"cannot start: {e}") from None
         except sqlite3.Error as e:
-            raise ConfigError(f"cannot open the grant store {self.where} ({e})") from None
+            raise ConfigError(f"cannot start: {self._failed(e)}") from None
         return self
 
     def _tables(self, tx: Tx) -> set[str]:
@@ -535,5 +551,9 @@ class Database:
             raise ConfigError(f"the grant store {self.path} is a directory; move it away or pass another --store") from None
         except OSError as e:
             raise ConfigError(f"cannot read the grant store {self.path} ({e.strerror}); check its permissions") from None
+        # An empty file is a new database, to SQLite and here: it is what a crash leaves
+        # between creating the file (above) and SQLite's first write, so an agent killed in
+        # its first start starts again. It holds no grant, so nothing is lost by starting
+        # afresh, and a store that knows no grant mints under none.
         if head and head != b"SQLite format 3\x00":
             raise ConfigError(f"the grant store {self.path} is not an SQLite database (damaged or foreign); move it away or restore it")

@@ -238,7 +238,7 @@ class GrantStore:
                 self._seq = int(tx.execute("SELECT seq FROM grant_changes WHERE id = 1")[0][0])  # type: ignore[call-overload]
         except StoreError as e:
             self.close()
-            raise ConfigError(f"cannot open {e}") from None
+            raise ConfigError(f"cannot start: {e}") from None
         except BaseException:
             self.close()
             raise

@@ -1084,7 +1084,7 @@ def _worker(site: _Site, store: GrantStore, trust_store: TrustStore, i: int, par
         store.catch_up()  # the view the parent had is a fork old (a restart's, maybe hours): refresh it before serving
     except StoreError as e:
         if ready_fd is not None:
-            raise ConfigError(f"cannot open {e}") from None  # at start: the agent refuses in one line
+            raise ConfigError(f"cannot start: {e}") from None  # at start: the agent refuses in one line
         # Started again while the store is away: serve anyway. The view is stale, so every
         # grant is refused (GrantStore.check, /readyz says why) until the poll catches up.
     if site.key_uri:
