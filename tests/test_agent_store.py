@@ -22,6 +22,7 @@ import pytest
 
 from git_credential_codestore.agent.client import AgentRefused, Endpoint, call, exchange
 from git_credential_codestore.agent.db import ANSWER_DEADLINE, Database, StoreError, Tx
+from git_credential_codestore.agent.grants import GrantStore
 from tests.conftest import BIN, OrgKey, run_cli, wait_for
 from tests.realparts import Postgres
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
@@ -796,6 +797,37 @@ def test_a_create_gets_in_between_the_transactions_of_a_long_flush(tmp_path: Pat
         assert sum(x.uses for x in store.page(limit=1000)[0]) == 3 * g.FLUSH_CHUNK
     finally:
         store.close()
+
+
+def test_a_flush_that_fails_for_a_reason_not_the_stores_keeps_its_counts_and_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A driver's encoding error (or a bug) in a flush dropped that second's use counts; only
+    # a StoreError kept them for the next flush.
+    store = GrantStore(str(tmp_path / "state")).open()
+    try:
+        grant, _ = store.create(repos=[REPO], scopes=["git:read"], max_ttl=900)
+        first = [True]
+
+        def rows(tx: Tx) -> Callable[[], bool]:
+            if first.pop() if first else False:
+                tx.execute("SELECT ?", ("\udc80",))  # a lone surrogate: sqlite3 raises UnicodeEncodeError
+            return lambda: False
+
+        store.on_flush = rows
+        for _ in range(3):
+            store.record_use(grant, True)
+        store.start()
+
+        def uses() -> int:
+            with store.db.transaction(write=False) as tx:
+                return int(tx.execute("SELECT uses FROM grants WHERE id = ?", (grant.id,))[0][0])  # type: ignore[call-overload]
+
+        assert wait_for(lambda: uses() == 3, timeout=5), uses()
+    finally:
+        store.close()
+    said = capsys.readouterr().err
+    assert said == ("codestore agent: the use-count flush failed (UnicodeEncodeError('utf-8', '\\udc80', 0, 1, "
+                    "'surrogates not allowed')); its counts are kept for the next one\n"), said
 
 
 def test_on_postgresql_a_flush_is_one_transaction(tmp_path: Path, pg_url: str) -> None:

@@ -530,9 +530,12 @@ class GrantStore:
                 # A writer waiting now gets in: a thread of this process (a lock does not
                 # hand over to a waiter by itself) or another process (polling, db.py).
                 time.sleep(FLUSH_PAUSE)
-        except StoreError:
-            self.errors += 1
-            with self._lock:  # keep them for the next try: nothing counted is dropped
+        except BaseException as e:
+            # Keep them for the next try, whatever failed (the store, or a driver's encoding
+            # error, or a bug, which the flush thread reports): nothing counted is dropped.
+            if isinstance(e, StoreError):
+                self.errors += 1
+            with self._lock:
                 for u, r, t, gid in left:
                     p = self._pending.setdefault(gid, [0, 0, 0])
                     p[0] += u
@@ -570,26 +573,31 @@ class GrantStore:
             pass
 
     def _run(self) -> None:
-        self._loop(POLL_INTERVAL, self.sync)
+        self._loop(POLL_INTERVAL, self.sync, "the grant poll")
 
     def _flush_loop(self) -> None:
         def step() -> None:
             self.flush()
             self.db.checkpoint()  # SQLite: here, so that no request's commit pays for one
 
-        self._loop(FLUSH_INTERVAL, step)
+        self._loop(FLUSH_INTERVAL, step, "the use-count flush", "; its counts are kept for the next one")
 
-    def _loop(self, interval: float, step: Callable[[], object]) -> None:
+    def _loop(self, interval: float, step: Callable[[], object], what: str, then: str = "") -> None:
+        said = ""  # a bug that repeats every step is said once, not every second
         while not self._stop.wait(interval):
             try:
                 step()
+                said = ""
             except StoreError as e:
                 if not self._last_error:
                     print(f"codestore agent: {e}", file=sys.stderr, flush=True)
                 self._last_error = str(e)
                 self.errors += 1
-            except Exception as e:  # noqa: BLE001 - the sync thread must outlive any bug
-                print(f"codestore agent: grant sync failed: {redact(repr(e))}", file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001 - the thread must outlive any bug
+                line = f"{what} failed ({' '.join(redact(repr(e)).split())[:200]}){then}"
+                if line != said:
+                    print(f"codestore agent: {line}", file=sys.stderr, flush=True)
+                    said = line
 
     @property
     def healthy(self) -> tuple[bool, str]:
