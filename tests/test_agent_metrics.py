@@ -52,16 +52,17 @@ def test_a_worker_started_again_in_a_slot_continues_from_its_counts() -> None:
     for _ in range(5):
         first.observe(200, 0.001)
     first.signer_failed()
-    first.publish(store_errors=4, audit_dropped=2, in_flight=3, audit_buffered=7)
+    first.publish(store_errors=4, audit_dropped=2, in_flight=3, audit_buffered=7, grant_reads=6)
     table.died(1)  # the parent, between the two workers
     again = Metrics(table, 1)
     again.observe(200, 0.001)
-    again.publish(store_errors=1, audit_dropped=0, in_flight=0, audit_buffered=1)  # its parts count from 0
+    again.publish(store_errors=1, audit_dropped=0, in_flight=0, audit_buffered=1, grant_reads=2)  # its parts count from 0
     m = render(Metrics(table, 0))
     assert m["codestore_agent_tokens_minted_total"] == 6
     assert m["codestore_agent_signer_errors_total"] == 1
     assert m["codestore_agent_store_errors_total"] == 5
     assert m["codestore_agent_audit_rows_dropped_total"] == 2
+    assert m["codestore_agent_grant_reads_total"] == 8
     assert m["codestore_agent_requests_in_flight"] == 0
     assert m["codestore_agent_audit_rows_buffered"] == 1
     assert m["codestore_agent_worker_restarts_total"] == 1
@@ -96,8 +97,8 @@ def test_every_refusal_reason_is_exported_and_unknown_statuses_count_as_other() 
 def test_published_counts_of_each_worker_are_summed() -> None:
     table = Table(2)
     a, b = Metrics(table, 0), Metrics(table, 1)
-    a.publish(store_errors=2, audit_dropped=0, in_flight=1, audit_buffered=10)
-    b.publish(store_errors=1, audit_dropped=3, in_flight=4, audit_buffered=5)
+    a.publish(store_errors=2, audit_dropped=0, in_flight=1, audit_buffered=10, grant_reads=0)
+    b.publish(store_errors=1, audit_dropped=3, in_flight=4, audit_buffered=5, grant_reads=0)
     m = render(a)
     assert m["codestore_agent_store_errors_total"] == 3
     assert m["codestore_agent_audit_rows_dropped_total"] == 3

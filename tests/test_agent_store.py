@@ -509,6 +509,25 @@ def test_an_unreachable_postgresql_at_start_is_one_line(tmp_path: Path, org_key:
     assert "secretpw" not in proc.stderr  # Threat: the database password in a log line
 
 
+def test_a_grant_this_replica_has_not_seen_is_read_once_then_served_from_its_cache(tmp_path: Path, org_key: OrgKey) -> None:
+    # codestore_agent_grant_reads_total: how often a replica asks the store for a grant its
+    # cache does not hold (sizing the cache, or seeing a replica warm up after a start).
+    a = start_agent(tmp_path)
+    g = create(a)
+    a.stop()
+    a = start_agent(tmp_path)  # the same store, an empty cache
+    try:
+        env = sandbox_env(g["grant"], url=a.url)
+        for _ in range(3):
+            mint(env)
+        from git_credential_codestore.agent.client import exchange
+
+        status, text = exchange(Endpoint("http", "127.0.0.1", int(a.url.rsplit(":", 1)[1])), "GET", "/metrics", b"", None)
+        assert status == 200 and "codestore_agent_grant_reads_total 1\n" in text.decode()
+    finally:
+        a.stop()
+
+
 def test_grant_list_pages_and_filters(tmp_path: Path, org_key: OrgKey) -> None:
     a = start_agent(tmp_path)
     try:

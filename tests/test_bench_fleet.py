@@ -19,6 +19,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.conftest import OrgKey
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 # A server that answers every connection "200", one at a time: after `delay` seconds each,
@@ -174,3 +176,27 @@ def test_the_bulk_setup_writes_grants_the_agent_reads_back_whole(fleet: ModuleTy
             assert (g.repos, g.scopes, g.max_ttl, g.refs, g.ephemeral_only, g.uses) == (("team/*",), ("git:read",), 900, (), False, 0)
     finally:
         store.close()
+
+
+def test_the_warm_up_lasts_until_no_agent_process_reads_a_grant(fleet: ModuleType, tmp_path: Path, org_key: OrgKey,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The loads measure the steady state: each worker reads a grant from the store on its
+    # first use only. A fixed 2 s warm-up left PostgreSQL's cold reads in the measured load.
+    from tests.test_agent import start_agent
+    from tests.test_agent_store import create
+
+    a = start_agent(tmp_path)
+    made = [create(a) for _ in range(20)]
+    a.stop()
+    a = start_agent(tmp_path, "--workers", "2")  # the same store, two cold caches
+    try:
+        monkeypatch.setattr(fleet, "WARM_UP", 0.5)
+        requests = [fleet.token_request(str(g["grant"]), "team/app") for g in made]
+        assert fleet.grant_reads(a.socket) == 0
+        fleet.warm_up(a.socket, requests, 8)
+        reads = fleet.grant_reads(a.socket)
+        assert 20 <= reads <= 40  # each grant by one worker at least, by each at most once
+        fleet.generate(a.socket, requests, 8, time.monotonic() + 0.3, 1.0)
+        assert fleet.grant_reads(a.socket) == reads
+    finally:
+        a.stop()

@@ -118,7 +118,7 @@ class _Read:
         self.parser = httptools.HttpRequestParser(self)
         self.begun = self.complete = self.head = 0
         self.url = self.body = b""
-        self.headers: dict[bytes, bytes] = {}
+        self.headers = _Headers({})
         self.post = self.keep_alive = False
 
     def on_message_begin(self) -> None:
@@ -129,12 +129,7 @@ class _Read:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head += len(name) + len(value) + 4
-        self.headers[name.lower()] = value  # read as text only if asked for (header below)
-
-    def header(self, name: str) -> str | None:
-        """A header by name, any case (the last of repeats), as the handler reads them."""
-        value = self.headers.get(name.lower().encode("latin-1"))
-        return None if value is None else value.decode("latin-1")
+        self.headers.raw[name.lower()] = value
 
     def on_headers_complete(self) -> None:
         # The parser's answers hold for the message being parsed, not after it.
@@ -207,9 +202,9 @@ class TokenProtocol(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # uvicorn answers these as it does
             self._hand_over(data)
             return
-        header = read.header
+        header = read.headers.get
         if not (read.begun == 1 and read.complete == 1 and read.url == b"/v1/token" and read.post
-                and read.head + len(read.url) <= MAX_HEAD and b"expect" not in read.headers
+                and read.head + len(read.url) <= MAX_HEAD and b"expect" not in read.headers.raw
                 and agent.answers_at_once(caller, "POST", "/v1/token", header("authorization"))):
             self._hand_over(data)
             return
@@ -644,8 +639,20 @@ class AsgiFront:
 
 def _headers(raw: list[tuple[bytes, bytes]]) -> Callable[[str], str | None]:
     """A request's headers as the handler reads them: by name, any case (the last of repeats)."""
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
-    return lambda name: headers.get(name.lower())
+    return _Headers({k.lower(): v for k, v in raw}).get
+
+
+class _Headers:
+    """Headers by lowercased name, as bytes; read as text (latin-1) only when asked for."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: dict[bytes, bytes]) -> None:
+        self.raw = raw
+
+    def get(self, name: str) -> str | None:
+        value = self.raw.get(name.lower().encode("latin-1"))
+        return None if value is None else value.decode("latin-1")
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -200,6 +200,7 @@ class GrantStore:
         self._thread: threading.Thread | None = None
         self._flusher: threading.Thread | None = None
         self.errors = 0  # store operations that failed, for /metrics
+        self.reads = 0  # grants read from the store on a cache miss, for /metrics
         # Adds its rows to a flush's transaction (at most a chunk); the callback, called once
         # it committed, says whether rows are left for another transaction.
         self.on_flush: Callable[[Tx], Callable[[], bool]] = lambda tx: lambda: False
@@ -390,6 +391,7 @@ class GrantStore:
             grant = self._cache.get(gid)
         if grant is not None:
             return grant
+        self.reads += 1  # a cache miss (codestore_agent_grant_reads_total)
         try:
             with self.db.transaction(write=False) as tx:
                 rows = tx.execute(f"{_SELECT} WHERE id = ?", (gid,))

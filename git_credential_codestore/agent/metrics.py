@@ -46,7 +46,8 @@ _STORE_ERRORS = _SIGNER_ERRORS + 1
 _AUDIT_DROPPED = _STORE_ERRORS + 1
 _IN_FLIGHT = _AUDIT_DROPPED + 1
 _AUDIT_BUFFERED = _IN_FLIGHT + 1
-_RESTARTS = _AUDIT_BUFFERED + 1  # written by the parent, only while the slot's worker is dead
+_GRANT_READS = _AUDIT_BUFFERED + 1
+_RESTARTS = _GRANT_READS + 1  # written by the parent, only while the slot's worker is dead
 _FIELDS = _RESTARTS + 1
 _SLOT = -(-_FIELDS * 8 // 64) * 64  # bytes, whole cache lines: workers never write the same line
 _REFUSED_FIELD = {status: _REFUSED + REFUSALS.index(reason) for status, reason in REASONS.items()}
@@ -83,7 +84,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.table = table or Table()
         self._slot = self.table.slots[slot]
-        self._base = (self._slot[_STORE_ERRORS], self._slot[_AUDIT_DROPPED])  # a dead predecessor's counts
+        self._base = (self._slot[_STORE_ERRORS], self._slot[_AUDIT_DROPPED], self._slot[_GRANT_READS])  # a dead predecessor's counts
 
     def observe(self, status: int, seconds: float) -> None:
         """One token request: its outcome and how long the agent took over it."""
@@ -98,10 +99,10 @@ class Metrics:
         with self._lock:
             self._slot[_SIGNER_ERRORS] += 1
 
-    def publish(self, store_errors: int, audit_dropped: int, in_flight: int, audit_buffered: int) -> None:
+    def publish(self, store_errors: int, audit_dropped: int, in_flight: int, audit_buffered: int, grant_reads: int) -> None:
         """This worker's counts kept elsewhere, for the scrapes other workers answer."""
-        slot = self._slot
-        slot[_STORE_ERRORS], slot[_AUDIT_DROPPED] = self._base[0] + store_errors, self._base[1] + audit_dropped
+        slot, base = self._slot, self._base
+        slot[_STORE_ERRORS], slot[_AUDIT_DROPPED], slot[_GRANT_READS] = base[0] + store_errors, base[1] + audit_dropped, base[2] + grant_reads
         slot[_IN_FLIGHT], slot[_AUDIT_BUFFERED] = in_flight, audit_buffered
 
     def tokens(self) -> tuple[int, dict[str, int]]:
@@ -134,6 +135,8 @@ class Metrics:
         out.extend(f"codestore_agent_token_seconds{suffix} {_num(v)}" for suffix, v in hist)
         metric("codestore_agent_signer_errors_total", "counter", "Signatures that failed.", [("", t[_SIGNER_ERRORS])])
         metric("codestore_agent_store_errors_total", "counter", "Store errors.", [("", t[_STORE_ERRORS])])
+        metric("codestore_agent_grant_reads_total", "counter",
+               "Grants read from the store because this replica's cache did not hold them.", [("", t[_GRANT_READS])])
         metric("codestore_agent_audit_rows_dropped_total", "counter", "Audit rows dropped.", [("", t[_AUDIT_DROPPED])])
         metric("codestore_agent_requests_in_flight", "gauge", "Requests in flight.", [("", t[_IN_FLIGHT])])
         metric("codestore_agent_audit_rows_buffered", "gauge", "Audit rows buffered.", [("", t[_AUDIT_BUFFERED])])

@@ -504,7 +504,7 @@ class Agent:
 
     def publish_metrics(self) -> None:
         """Copy the counts this worker's store, audit log and front keep into its metrics slot."""
-        self.metrics.publish(self.store.errors, self.audit.dropped, self.in_flight(), self.audit.buffered)
+        self.metrics.publish(self.store.errors, self.audit.dropped, self.in_flight(), self.audit.buffered, self.store.reads)
 
     def render_metrics(self) -> str:
         grants: dict[str, float] = {}
