@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -129,6 +130,11 @@ def open_token(uri: Pkcs11Uri, env: Mapping[str, str], rw: bool = False) -> Sess
 
 
 REOPEN_WINDOW = 3.0  # seconds a forked worker keeps trying to open the token the parent opened
+# Seconds a signature waits for the token while another is in the token. A network HSM that
+# stops answering without closing the connection (a paused server, a partition) holds the
+# call in progress forever, and PKCS#11 cannot cancel it: past this, every other signature
+# is refused at once (and /readyz says so), instead of each handler thread waiting behind it.
+SIGN_WAIT = 2.0
 
 
 class Pkcs11Signer:
@@ -138,6 +144,7 @@ class Pkcs11Signer:
         self.uri = parse_uri(uri, env)
         self.env = dict(env)
         self._lock = threading.Lock()  # one session; PKCS#11 sessions are not for concurrent use
+        self._since: float | None = None  # when the signature in the token began (see SIGN_WAIT)
         self._session: Session | None = None
         self._key: SignMixin | None = None
         self.algorithm = ""
@@ -174,7 +181,14 @@ class Pkcs11Signer:
     def sign(self, data: bytes) -> bytes:
         import pkcs11
 
-        with self._lock:
+        since = self._since
+        stuck = since is not None and time.monotonic() - since > SIGN_WAIT
+        if not self._lock.acquire(timeout=0 if stuck else SIGN_WAIT):
+            since = self._since
+            waited = f"for {time.monotonic() - since:.0f} s" if since is not None else f"within {SIGN_WAIT:g} s"
+            raise SignerUnavailable(f"the PKCS#11 token ({self.uri}) has not answered {waited}; nothing was signed")
+        try:
+            self._since = time.monotonic()
             try:
                 key = self._key if self._key is not None else self._reconnect()
                 if self.algorithm == "ES256":
@@ -187,6 +201,9 @@ class Pkcs11Signer:
                 raise SignerUnavailable(f"{self._last_error}; nothing was signed") from None
             self._last_error = ""
             return bytes(sig)
+        finally:
+            self._since = None
+            self._lock.release()
 
     def _reconnect(self) -> SignMixin:
         """After a failure: the module forgets a token that went away until it is re-initialised."""
@@ -214,8 +231,6 @@ class Pkcs11Signer:
         Tried again for up to REOPEN_WINDOW: with several workers initializing at once, a
         token can be missing from a module's list for a moment (seen once in CI: SoftHSM2
         through p11-kit, NoSuchToken in one of two workers, while the parent had found it)."""
-        import time
-
         deadline = time.monotonic() + REOPEN_WINDOW
         with self._lock:
             while True:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 
 
@@ -139,3 +141,73 @@ class SoftHsm:
 
     def back(self) -> None:
         os.rename(self.tokens + ".away", self.tokens)
+
+
+P11KIT_CLIENT = next(iter(sorted(glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so"))), "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
+
+
+class P11KitServer:
+    """A network HSM: `p11-kit server` (Debian's p11-kit) exporting a SoftHSM2 token over a Unix
+    socket, used through p11-kit's client module. `pause` stops the server's processes
+    (SIGSTOP): the client's calls then wait on a connection that stays open, as on a hung HSM."""
+
+    def __init__(self, softhsm: SoftHsm) -> None:
+        if not shutil.which("p11-kit") or not os.path.exists(P11KIT_CLIENT):
+            raise RuntimeError("p11-kit's server and client module are not installed; tests/run.sh installs Debian's p11-kit")
+        self.softhsm = softhsm
+        self.socket = os.path.join(softhsm.root, "p11-kit.sock")
+        self.proc = subprocess.Popen(["p11-kit", "server", "--foreground", "--provider", SOFTHSM_MODULE, "--name", self.socket,
+                                      f"pkcs11:token={softhsm.label}"], env=softhsm.env(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("p11-kit server did not start")
+            time.sleep(0.02)
+        self._paused: list[int] = []
+
+    def env(self) -> dict[str, str]:
+        """A client's environment: the token through the server, the module p11-kit's client."""
+        return {**self.softhsm.env(), "P11_KIT_SERVER_ADDRESS": f"unix:path={self.socket}", "CODESTORE_PKCS11_MODULE": P11KIT_CLIENT}
+
+    def pause(self) -> None:
+        """SIGSTOP the server and the process it forked for each client."""
+        self._paused = _process_tree(self.proc.pid)
+        for pid in self._paused:
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._paused:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self._paused = []
+
+    def stop(self) -> None:
+        self.resume()
+        for pid in reversed(_process_tree(self.proc.pid)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux /proc)."""
+    out = [pid]
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            children = []
+        for child in children:
+            out += _process_tree(child)
+    return out

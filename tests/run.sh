@@ -19,14 +19,15 @@ if ! command -v git >/dev/null 2>&1 || [ ! -x "$(git --exec-path 2>/dev/null)/gi
 fi
 # The agent's fleet tests run a real PostgreSQL (the replicas' shared store) and a real
 # SoftHSM2 token (the PKCS#11 signer), also through p11-kit's proxy module (libp11-kit0),
-# which holds forked workers to the PKCS#11 standard.
+# which holds forked workers to the PKCS#11 standard, and through p11-kit's server and
+# client module (p11-kit), a network HSM that a test can make stop answering.
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v softhsm2-util >/dev/null 2>&1 \
-   || ! ls /usr/lib/*/libp11-kit.so.0 >/dev/null 2>&1; then
+   || ! ls /usr/lib/*/libp11-kit.so.0 >/dev/null 2>&1 || ! command -v p11-kit >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql softhsm2 libp11-kit0 >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql softhsm2 libp11-kit0 p11-kit >/dev/null
   else
-    echo "tests/run.sh: the tests need PostgreSQL (Debian: postgresql), SoftHSM2 (softhsm2) and p11-kit (libp11-kit0); install them" >&2
+    echo "tests/run.sh: the tests need PostgreSQL (Debian: postgresql), SoftHSM2 (softhsm2) and p11-kit (libp11-kit0, p11-kit); install them" >&2
     exit 1
   fi
 fi

@@ -180,7 +180,7 @@ def test_pipelined_token_requests_on_one_connection_are_answered_in_order(tmp_pa
         a.stop()
 
 
-def _token_request(grant: object, repo: str = REPO, close: bool = False) -> bytes:
+def token_request(grant: object, repo: str = REPO, close: bool = False) -> bytes:
     body = f"repo={repo}\nscopes=git:read\n".encode()
     return (b"POST /v1/token HTTP/1.1\r\nHost: a\r\nAuthorization: Grant %s\r\nContent-Length: %d\r\n%s\r\n%s"
             % (str(grant).encode(), len(body), b"Connection: close\r\n" if close else b"", body))
@@ -192,7 +192,7 @@ _PING_CLOSE = b"GET /v1/ping HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
 def _shapes(grant: object) -> dict[str, tuple[list[bytes], list[bytes]]]:
     """Ways a client may send its requests: (the writes, paused between; the replies expected, each
     by its status line and a part of its body)."""
-    one, last = _token_request(grant), _token_request(grant, close=True)
+    one, last = token_request(grant), token_request(grant, close=True)
     head = last.index(b"\r\n\r\n") + 4
     token, ping = b"200 OK token=eyJ", b'200 OK {"ok": true'
     return {
@@ -206,7 +206,7 @@ def _shapes(grant: object) -> dict[str, tuple[list[bytes], list[bytes]]]:
         "token-then-ping": ([one, _PING_CLOSE], [token, ping]),
         "ping-then-token": ([b"GET /v1/ping HTTP/1.1\r\nHost: a\r\n\r\n", last], [ping, token]),
         "token-then-garbage": ([one, b"garbage\r\n\r\n"], [token, b"400 Bad Request {"]),
-        "refused-repo-then-token": ([_token_request(grant, "other/repo"), last], [b"403 Forbidden error=", token]),
+        "refused-repo-then-token": ([token_request(grant, "other/repo"), last], [b"403 Forbidden error=", token]),
         "http-1.0": ([last.replace(b"HTTP/1.1", b"HTTP/1.0").replace(b"Connection: close\r\n", b"")], [token]),
     }
 
@@ -250,7 +250,7 @@ def test_a_remembered_token_decision_names_each_caller_and_ends_with_its_grant(t
     a = start_agent(tmp_path)
     try:
         g = create(a)
-        request = _token_request(g["grant"], close=True)
+        request = token_request(g["grant"], close=True)
         host, port = a.url.removeprefix("http://").rsplit(":", 1)
         peers = ["127.0.0.1", "127.0.0.2", "127.0.0.1", "127.0.0.2"]
         stamps = []
@@ -284,7 +284,7 @@ def test_a_keep_alive_connection_idle_after_a_token_is_closed(tmp_path: Path, or
         s = socket.socket(socket.AF_UNIX)
         s.settimeout(20)
         s.connect(a.socket)
-        s.sendall(_token_request(g["grant"]))
+        s.sendall(token_request(g["grant"]))
         first = s.recv(65536)
         assert first.startswith(b"HTTP/1.1 200") and b"connection: close" not in first.lower()
         t0 = time.monotonic()

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from git_credential_codestore import keys, tokens
+from git_credential_codestore import hsm, keys, tokens
 from git_credential_codestore.agent.client import AgentRefused, Endpoint, call
 from tests.conftest import BIN, KID, ORG, OrgKey
-from tests.realparts import P11KIT_PROXY, SOFTHSM_MODULE, SoftHsm
+from tests.realparts import P11KIT_PROXY, SOFTHSM_MODULE, P11KitServer, SoftHsm, raw_exchange
 from tests.test_agent import Agent, mint, sandbox_env, start_agent
+from tests.test_agent_front import token_request
 from tests.test_agent_store import create
 
 
@@ -118,6 +120,41 @@ def test_with_the_signer_gone_the_agent_refuses_in_one_line_and_recovers(tmp_pat
         assert call(Endpoint("unix", a.socket), "GET", "/readyz")[0] == 200
     finally:
         a.stop()
+
+
+def test_a_network_hsm_that_stops_answering_is_refused_at_once_not_waited_on(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm) -> None:
+    # Threat: an HSM that hangs without closing the connection (a paused server, a network
+    # partition). PKCS#11 cannot cancel the call in progress, and the agent's one session
+    # is behind a lock: every other token request, and /readyz, waited behind it forever.
+    generate(softhsm, "org", "ec")
+    server = P11KitServer(softhsm)
+    a = start_agent(tmp_path, "--key", softhsm.uri("org"), env=keyless(server.env()))
+    try:
+        g = create(a)
+        env = sandbox_env(g["grant"], sock=a.socket)
+        mint(env)
+        server.pause()
+        try:
+            threading.Thread(target=lambda: raw_exchange(a.socket, token_request(g["grant"]), timeout=30), daemon=True).start()
+            time.sleep(hsm.SIGN_WAIT + 0.5)  # that request is in the token, and has been for longer than SIGN_WAIT
+            t0 = time.monotonic()
+            with pytest.raises(AgentRefused) as refused:
+                mint(env)
+            assert time.monotonic() - t0 < 2, "a token request waited behind the hung one"
+            assert "has not answered" in str(refused.value) and "\n" not in str(refused.value)
+            t0 = time.monotonic()
+            status, ready = call(Endpoint("unix", a.socket), "GET", "/readyz")
+            assert status == 503 and "has not answered" in str(ready["signer"]) and time.monotonic() - t0 < 2
+        finally:
+            server.resume()
+        deadline = time.monotonic() + 10
+        while call(Endpoint("unix", a.socket), "GET", "/readyz")[0] != 200:
+            assert time.monotonic() < deadline, "the agent did not recover when the HSM answered again"
+            time.sleep(0.1)
+        assert mint(env)
+    finally:
+        a.stop()
+        server.stop()
 
 
 def test_a_key_that_may_not_sign_is_one_line_at_start(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm) -> None:
