@@ -22,6 +22,11 @@
    until B refuses.
 5. audit trail propagation on the same pair: a push reported to A, time until
    `codestore audit` asking B lists it (A adds its buffered rows once a second).
+6. TLS: the agent's CPU per token when each token is a new TCP connection with a full TLS
+   handshake (as a helper in a sandbox reaches a replica over the network: git starts it
+   afresh for each operation, so it keeps no TLS session), against the same clients over
+   plain TCP. Clients are blocking threads (ssl's handshake in C), so this measures the
+   agent's cost per token, for sizing; the load generator is not the bench's epoll loop.
 
 The load runs in 2 client processes (an epoll loop each, a new connection per token) on
 this machine, so clients and agent share its cores (a real fleet's clients are elsewhere):
@@ -30,7 +35,7 @@ beside each closed loop, so a reader can see which of the two the cores were spe
 Everything is printed as one table at the end (progress goes to stderr).
 
 Run: python bench/fleet.py [--seconds 5] [--clients 64] [--workers N] [--rates 0.25,0.5] [--arrivals poisson|fixed]
-     [--store sqlite|postgresql]
+     [--store sqlite|postgresql] [--no-tls]
      (needs codestore[fleet]; 4. and 5. need PostgreSQL, or --no-postgres)
 """
 
@@ -49,10 +54,12 @@ import resource
 import secrets
 import select
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
@@ -486,12 +493,96 @@ def open_rows(t: Table, name: str, r: Load, target: str) -> None:
     t.row(f"{name}: longest stall", "<= 50 ms", f"{ms(r.stall)} ms")
 
 
+def _tcp_clients(address: tuple[str, int], ca: str | None, requests: list[bytes], threads: int, start: float, end: float,
+                 out: multiprocessing.Queue) -> None:
+    """One process of the TLS section's load: `threads` blocking clients, each a new connection
+    (and, with `ca`, a full TLS handshake verifying the agent's certificate) per token."""
+    ctx = ssl.create_default_context(cafile=ca) if ca else None
+    counts = [0, 0]  # answered 200, errors
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        n = i
+        while time.monotonic() < end:
+            req = requests[n % len(requests)]
+            n += threads
+            try:
+                with socket.create_connection(address, timeout=DRAIN) as raw:
+                    s = ctx.wrap_socket(raw, server_hostname=address[0]) if ctx else raw
+                    s.sendall(req)
+                    data = b""
+                    while chunk := s.recv(65536):
+                        data += chunk
+                ok = data.startswith(b"HTTP/1.1 200")
+            except OSError:
+                ok = False
+            with lock:
+                counts[0 if ok else 1] += 1
+
+    time.sleep(max(0.0, start - time.monotonic()))
+    pool = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    out.put(tuple(counts))
+
+
+def tcp_load(address: tuple[str, int], ca: str | None, requests: list[bytes], clients: int, seconds: float,
+             agent_pid: int) -> tuple[float, float, float, int]:
+    """(tokens/s, agent CPU us per token, load generator CPU us per token, errors) of a closed loop over TCP."""
+    q: multiprocessing.Queue = multiprocessing.Queue()
+    start = time.monotonic() + 0.3
+    procs = [multiprocessing.Process(target=_tcp_clients, args=(address, ca, requests, max(1, clients // PROCESSES), start,
+                                                                start + seconds, q)) for _ in range(PROCESSES)]
+    a0, c0 = agent_cpu(agent_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+    for p in procs:
+        p.start()
+    answered = errors = 0
+    for _ in procs:
+        ok, bad = q.get()
+        answered, errors = answered + ok, errors + bad
+    for p in procs:
+        p.join()
+    a1, c1 = agent_cpu(agent_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+    n = max(1, answered)
+    client = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
+    return answered / seconds, (a1 - a0) / n * 1e6, client / n * 1e6, errors
+
+
+def tls_rows(env: dict[str, str], table: Table, tmp: str, serve: tuple[str, ...], clients: int, seconds: float) -> None:
+    from git_credential_codestore.devserver.tls import ensure_certificate
+
+    ca, cert, key = ensure_certificate(os.path.join(tmp, "tls"), "127.0.0.1")
+    results: dict[str, tuple[float, float, float, int]] = {}
+    for name, extra, trust in (("plain TCP", (), None), ("TLS", ("--tls-cert", cert, "--tls-key", key), ca)):
+        progress(f"a new {name} connection per token")
+        proc, sock, url = start_agent(env, f"tcp-{len(results)}", *serve, *extra)
+        try:
+            grants = [str(call(Endpoint("unix", sock), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)[1]["grant"])
+                      for _ in range(10)]
+            reqs = [token_request(g, f"team/r{i}") for i, g in enumerate(grants)]
+            host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+            address = (host, int(port))
+            tcp_load(address, trust, reqs, clients, WARM_UP, proc.pid)
+            results[name] = tcp_load(address, trust, reqs, clients, seconds, proc.pid)
+        finally:
+            stop(proc)
+    table.section(f"over the network: {clients} blocking clients, a new connection per token (TLS: a full handshake, "
+                  f"ECDHE P-256, the agent's certificate verified)")
+    for name, (rate, agent_us, client_us, errors) in results.items():
+        table.row(f"{name}: tokens/s; CPU per token, agent / clients", "(for sizing)",
+                  f"{rate:.0f}; {agent_us:.0f} / {client_us:.0f} us; errors {errors}")
+    table.row("agent CPU per token, TLS / plain TCP", "", f"{results['TLS'][1] / results['plain TCP'][1]:.1f} x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=positive, default=5.0, help="the length of each measured load")
     parser.add_argument("--clients", type=int, default=64, help="connections in flight at most (the closed loop's clients)")
     parser.add_argument("--grants", type=int, default=100_000)
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--no-tls", action="store_true", help="skip the TLS section (6.)")
     parser.add_argument("--workers", type=int, default=1, help="agent serve --workers N for the loads")
     parser.add_argument("--rates", type=fractions, default=[0.25, 0.5],
                         help="the open loops' offered rates, as fractions of the run's raw signing rate (default 0.25,0.5)")
@@ -569,6 +660,8 @@ def main() -> int:
         table.row("grant create: median / p99", "<= 20 ms", f"{ms(statistics.median(creates))} / {ms(pct(creates, 99))} ms")
         table.row("grant revoke: median / p99", "<= 20 ms", f"{ms(statistics.median(revokes))} / {ms(pct(revokes, 99))} ms")
 
+        if not args.no_tls:
+            tls_rows(env, table, tmp, serve, args.clients, args.seconds)
         if not args.no_postgres:
             propagation(env, table)
     table.print()

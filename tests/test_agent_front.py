@@ -436,3 +436,26 @@ def test_an_ipv6_peer_is_its_64_and_a_mapped_ipv4_peer_its_address() -> None:
     assert share("tcp", ("fe80::1%eth0", 1, 0, 2), None) == share("tcp", ("fe80::2%eth0", 1, 0, 2), None)
     assert share("tcp", ("::ffff:192.0.2.7", 1, 0, 0), None) == share("tcp", ("192.0.2.7", 1), None) == "192.0.2.7"
     assert share("tcp", ("192.0.2.7", 1), None) != share("tcp", ("192.0.2.8", 1), None)
+
+
+def test_tls_handshakes_carry_no_session_tickets(tmp_path: Path, org_key: OrgKey) -> None:
+    # Helpers are new processes that never resume a TLS session: a ticket is work for nothing
+    # on every handshake (bench/fleet.py section 6 measures a handshake per token).
+    import ssl
+
+    cert, key = tls_pair(tmp_path)
+    a = start_agent(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        port = int(a.url.rsplit(":", 1)[1])
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(b"GET /v1/ping HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            assert out.startswith(b"HTTP/1.1 200"), out[:200]
+            assert s.version() == "TLSv1.3"
+            assert s.session is not None and not s.session.has_ticket
+    finally:
+        a.stop()

@@ -200,3 +200,21 @@ def test_the_warm_up_lasts_until_no_agent_process_reads_a_grant(fleet: ModuleTyp
         assert fleet.grant_reads(a.socket) == reads
     finally:
         a.stop()
+
+
+def test_the_tls_section_measures_tokens_answered_over_full_handshakes(fleet: ModuleType, tmp_path: Path, org_key: OrgKey) -> None:
+    from tests.test_agent import start_agent, tls_pair
+    from tests.test_agent_store import create
+
+    cert, key = tls_pair(tmp_path)
+    a = start_agent(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        g = create(a)
+        requests = [fleet.token_request(str(g["grant"]), "team/app")]
+        address = ("localhost", int(a.url.rsplit(":", 1)[1]))
+        rate, agent_us, client_us, errors = fleet.tcp_load(address, str(cert), requests, 4, 1.0, a.proc.pid)
+        assert rate > 0 and errors == 0 and agent_us > 0 and client_us > 0
+        _, _, _, errors = fleet.tcp_load(address, None, requests, 2, 0.5, a.proc.pid)  # cleartext to a TLS port: every one fails
+        assert errors > 0
+    finally:
+        a.stop()

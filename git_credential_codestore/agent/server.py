@@ -866,6 +866,9 @@ def serve(
     tls = None
     if tls_cert:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        # No TLS 1.3 session tickets: helpers are new processes that never resume a session,
+        # and each handshake made and sent two for nothing.
+        tls.num_tickets = 0
         try:
             tls.load_cert_chain(tls_cert, tls_key)
         except (OSError, ssl.SSLError) as e:
