@@ -35,7 +35,7 @@ from ..errors import UsageError, redact
 from . import db
 
 MAX_BUFFER = 100_000  # rows waiting for the database; beyond it the file alone has them
-FLUSH_ROWS = 500  # rows a flush transaction on SQLite (a short hold of its one write lock)
+FLUSH_ROWS = 100  # rows a flush transaction on SQLite (a short hold of its one write lock)
 SCAN_CHUNK = 500  # rows read per statement when a filter (ref) is checked here, not in SQL
 MAX_SCAN = 200_000  # rows one query may look at; beyond it the reply is truncated, with a cursor
 

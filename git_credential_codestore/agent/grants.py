@@ -109,8 +109,12 @@ POLL_INTERVAL = 0.2  # how often a replica looks for grants changed by another
 STALE_AFTER = 1.0  # a replica that has not heard from the store for this long mints nothing
 FLUSH_INTERVAL = 1.0  # use counts and buffered audit rows
 CACHE_MAX = 100_000
-FLUSH_CHUNK = 100  # grants' use counts a flush transaction, on SQLite
-MAX_FLUSH_TRANSACTIONS = 100  # a flush's; what is left goes with the next one
+# Grants' use counts a flush transaction, on SQLite. Right after a load, with two workers, a
+# `grant create` waited behind a flush transaction of each: chunks of 100 (and audit rows
+# by 500) took 20-95 ms each there, and a create's p99 was 40-175 ms; with 25 (and 100),
+# 4-57 ms, and the same throughput (bench/fleet.py).
+FLUSH_CHUNK = 25
+MAX_FLUSH_TRANSACTIONS = 200  # a flush's; what is left goes with the next one
 FLUSH_PAUSE = 0.005  # seconds between a flush's transactions: at least db.py's longest poll step
 PAGE_MAX = 1000
 STATES = ("active", "revoked", "expired")
@@ -503,7 +507,7 @@ class GrantStore:
         """On SQLite, small transactions: a transaction holds the one write lock, and a
         `grant create` waits for it. Use counts of 1000 grants scattered over a 100k-grant
         table rewrite about a thousand pages: 140-300 ms in one transaction under load, so a
-        create waited that long; a chunk takes a tenth. On PostgreSQL, which locks rows, one
+        create waited that long; a chunk takes a fraction. On PostgreSQL, which locks rows, one
         transaction: nothing waits for it, and it takes fewer round trips."""
         with self._lock:
             pending, self._pending = self._pending, {}
