@@ -350,6 +350,7 @@ def test_a_statement_the_hung_database_does_not_answer_fails_in_one_line_and_its
         with store.transaction(write=False) as tx:
             tx.execute("SELECT 1")  # a pooled connection to hang on
         failed: dict[str, tuple[float, str]] = {}
+        maybe: dict[str, bool] = {}
 
         def attempt(name: str, work: Callable[[Tx], object]) -> None:
             t0 = time.monotonic()
@@ -358,6 +359,7 @@ def test_a_statement_the_hung_database_does_not_answer_fails_in_one_line_and_its
                     work(tx)
             except StoreError as e:
                 failed[name] = (time.monotonic() - t0, str(e))
+                maybe[name] = e.maybe_committed  # what a caller reports: "not done", or "may be done"
 
         stopped = threading.Event()
 
@@ -381,6 +383,7 @@ def test_a_statement_the_hung_database_does_not_answer_fails_in_one_line_and_its
         assert message.startswith("the grant store postgresql://") and message.endswith(
             f"@{where} did not answer within {ANSWER_DEADLINE:g} s; the change may still be committed when it answers"), message
         assert "hunter2" not in message and "hunter2" not in failed["read"][1]
+        assert maybe == {"commit": True, "read": False}
         assert failed["read"][0] < ANSWER_DEADLINE + 1.5 and "\n" not in failed["read"][1], failed["read"]
         # The connections given up on were closed, not pooled (the pool hands out its newest
         # first): the store answers the next transactions as before. And the message was
@@ -428,6 +431,10 @@ def test_with_the_database_hung_metrics_and_admin_calls_answer_within_the_deadli
             took, status, text = answers["metrics"]
             assert took < within and status == 200 and "codestore_agent_store_up 0\n" in text, answers["metrics"]
             assert "codestore_agent_grants{" not in text  # no counts it could not read
+            # Once the grant poll knows the store is away, a scrape does not ask it at all.
+            t0 = time.monotonic()
+            status, body = exchange(ep, "GET", "/metrics", b"", None)
+            assert status == 200 and "codestore_agent_store_up 0\n" in body.decode() and time.monotonic() - t0 < 1
             assert a.proc.poll() is None
         finally:
             _pause(pg, signal.SIGCONT)
@@ -436,8 +443,11 @@ def test_with_the_database_hung_metrics_and_admin_calls_answer_within_the_deadli
         while (status := admin(a, "POST", "/v1/grants", {"repos": [REPO]})[0]) != 201:
             assert time.monotonic() < deadline, f"grant create did not recover when the database answered again ({status})"
             time.sleep(0.1)
-        status, body = exchange(ep, "GET", "/metrics", b"", None)
-        assert status == 200 and 'codestore_agent_grants{state="active"} 2\n' in body.decode(), body
+        def counted() -> bool:  # once the grant poll has heard from the store again
+            status, body = exchange(ep, "GET", "/metrics", b"", None)
+            return status == 200 and 'codestore_agent_grants{state="active"} 2\n' in body.decode()
+
+        assert wait_for(counted, timeout=5)
     finally:
         a.stop()
 

@@ -259,7 +259,7 @@ def withdraw(log: AuditLog, event: str, fields: Callable[[T], Mapping[str, objec
     try:
         thing = remove(audit)
     except db.StoreError as e:
-        return 503, {"error": f"{name} was NOT {verb}: {e}; try again"}
+        return 503, {"error": f"{name} {'may not be' if e.maybe_committed else 'was NOT'} {verb}: {e}; try again"}
     if thing is None:
         return 404, {"error": f"no {name}; see: codestore {listing} list"}
     return 200, told(thing.public(), f"{name} {done}", audit.after(), then(thing))

@@ -65,9 +65,11 @@ def register(component: str, migrations: Sequence[str]) -> None:
 
 
 class StoreError(CodestoreError):
-    """The database could not be reached or written; nothing was changed."""
+    """The database could not be reached or written; nothing was changed, unless
+    `maybe_committed`: its COMMIT was sent and never answered (a hung server may still run it)."""
 
     exit_code = 1
+    maybe_committed = False
 
 
 class Cursor(Protocol):
@@ -419,7 +421,9 @@ class Database:
                         cur.execute("ROLLBACK")
                     except errors:
                         pass
-                raise StoreError(self._failed(e, cur)) from None
+                failure = StoreError(self._failed(e, cur))
+                failure.maybe_committed = isinstance(cur, _Watched) and cur.expired and cur.statement == "COMMIT"
+                raise failure from None
             finally:
                 if getattr(cur, "expired", False):
                     self._discard(conn)  # shut down: never back into the pool

@@ -446,6 +446,8 @@ class Agent:
                 own_socket=bool(data.get("own_socket")), max_per_minute=rate, audit=audit,
             )
         except StoreError as e:
+            if e.maybe_committed:  # its secret was never handed out: nobody can use it
+                return 503, {"error": f"the grant was not handed out: {e}; if it appears in `codestore grant list`, revoke it"}
             return 503, {"error": f"no grant was created: {e}"}
         # Durable from here on: whatever fails next, the admin hears that the grant exists.
         reply = grant.public()
@@ -508,10 +510,11 @@ class Agent:
 
     def render_metrics(self) -> str:
         grants: dict[str, float] = {}
-        try:
-            grants = dict(self.store.counts())
-        except StoreError:
-            pass
+        if self.store.healthy[0]:  # a store the poll cannot reach would hold the scrape to the query deadline
+            try:
+                grants = dict(self.store.counts())
+            except StoreError:
+                pass
         store_ok, _ = self.store.healthy
         signer_ok, _ = self.signer_health()
         self.publish_metrics()
