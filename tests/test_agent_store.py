@@ -859,6 +859,28 @@ def test_a_flush_that_fails_for_a_reason_not_the_stores_keeps_its_counts_and_say
                     "'surrogates not allowed')); its counts are kept for the next one\n"), said
 
 
+def test_a_failed_flush_is_one_store_error(tmp_path: Path) -> None:
+    # codestore_agent_store_errors_total counted a failed flush twice: once in the flush,
+    # once in the thread that ran it.
+    from git_credential_codestore.agent import grants as g
+
+    store = GrantStore(str(tmp_path / "state")).open()
+    failed: list[float] = []
+
+    def fail(tx: Tx) -> Callable[[], bool]:
+        failed.append(time.monotonic())
+        raise StoreError("the grant store is gone")
+
+    try:
+        store.on_flush = fail
+        store.start()
+        assert wait_for(lambda: len(failed) >= 2, timeout=3 * g.FLUSH_INTERVAL + 2)
+    finally:
+        store._stop.set()
+        store.close()
+    assert store.errors == len(failed)  # the flush thread's failures, and close()'s last flush
+
+
 def test_on_postgresql_a_flush_is_one_transaction(tmp_path: Path, pg_url: str) -> None:
     # Rows are locked, not the store: short transactions would buy nothing there but round trips.
     from git_credential_codestore.agent import grants as g

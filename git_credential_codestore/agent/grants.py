@@ -558,8 +558,12 @@ class GrantStore:
         # committed after the snapshot must be seen within STALE_AFTER of it, however long
         # the answer took to arrive and be taken in.
         asked = time.monotonic()
-        with self.db.transaction(write=False) as tx:
-            rows = tx.execute(f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT 1000", (self._seq,))
+        try:
+            with self.db.transaction(write=False) as tx:
+                rows = tx.execute(f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT 1000", (self._seq,))
+        except StoreError:
+            self.errors += 1
+            raise
         for row in rows:
             grant = _grant(row)
             self._remember(grant)
@@ -584,7 +588,11 @@ class GrantStore:
     def _flush_loop(self) -> None:
         def step() -> None:
             self.flush()
-            self.db.checkpoint()  # SQLite: here, so that no request's commit pays for one
+            try:
+                self.db.checkpoint()  # SQLite: here, so that no request's commit pays for one
+            except StoreError:
+                self.errors += 1
+                raise
 
         self._loop(FLUSH_INTERVAL, step, "the use-count flush", "; its counts are kept for the next one")
 
@@ -594,11 +602,10 @@ class GrantStore:
             try:
                 step()
                 said = ""
-            except StoreError as e:
+            except StoreError as e:  # counted where it happened (each store call counts its own)
                 if not self._last_error:
                     print(f"codestore agent: {e}", file=sys.stderr, flush=True)
                 self._last_error = str(e)
-                self.errors += 1
             except Exception as e:  # noqa: BLE001 - the thread must outlive any bug
                 line = f"{what} failed ({' '.join(redact(repr(e)).split())[:200]}){then}"
                 if line != said:
