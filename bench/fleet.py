@@ -678,12 +678,8 @@ def loads_store(kind: str) -> Iterator[Iterator[str | None]]:
     sys.path.insert(0, ROOT)
     from tests.realparts import Postgres
 
-    pg = Postgres()
-    pg.start()
-    try:
+    with Postgres() as pg:
         yield (pg.create_database() for _ in itertools.count())
-    finally:
-        pg.destroy()
 
 
 def store_args(url: str | None) -> tuple[str, ...]:

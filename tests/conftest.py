@@ -311,12 +311,8 @@ from tests.sandboxes import image, sandbox_base, world_readable_tmp  # noqa: E40
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
-    pg = Postgres()
-    pg.start()
-    try:
+    with Postgres() as pg:
         yield pg
-    finally:
-        pg.destroy()
 
 
 @pytest.fixture

@@ -98,6 +98,18 @@ class Postgres:
             conn.execute(f"CREATE DATABASE {name}")
         return self.url(name)
 
+    def __enter__(self) -> Postgres:
+        """Started for a `with` block, destroyed at its end (whatever happened in it)."""
+        try:
+            self.start()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
     def destroy(self) -> None:
         try:
             self.stop("immediate")
@@ -173,7 +185,7 @@ class P11KitServer:
 
     def pause(self) -> None:
         """SIGSTOP the server and the process it forked for each client."""
-        self._paused = _process_tree(self.proc.pid)
+        self._paused = process_tree(self.proc.pid)
         for pid in self._paused:
             os.kill(pid, signal.SIGSTOP)
 
@@ -187,7 +199,7 @@ class P11KitServer:
 
     def stop(self) -> None:
         self.resume()
-        for pid in reversed(_process_tree(self.proc.pid)):
+        for pid in reversed(process_tree(self.proc.pid)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -195,7 +207,7 @@ class P11KitServer:
         self.proc.wait(10)
 
 
-def _process_tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """`pid` and its descendants (Linux /proc)."""
     out = [pid]
     try:
@@ -209,5 +221,5 @@ def _process_tree(pid: int) -> list[int]:
         except OSError:
             children = []
         for child in children:
-            out += _process_tree(child)
+            out += process_tree(child)
     return out

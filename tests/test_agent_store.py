@@ -24,7 +24,7 @@ from git_credential_codestore.agent.client import AgentRefused, Endpoint, call, 
 from git_credential_codestore.agent.db import ANSWER_DEADLINE, Database, StoreError, Tx
 from git_credential_codestore.agent.grants import GrantStore
 from tests.conftest import BIN, OrgKey, run_cli, wait_for
-from tests.realparts import Postgres
+from tests.realparts import Postgres, process_tree
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
 
 
@@ -294,21 +294,15 @@ def _pause(pg: Postgres, sig: signal.Signals) -> None:
     """Stop (or continue) every process of the server: it keeps its connections open and answers nothing."""
     with open(os.path.join(pg.data, "postmaster.pid")) as f:
         postmaster = int(f.readline())
-    with open(f"/proc/{postmaster}/task/{postmaster}/children") as f:
-        children = [int(pid) for pid in f.read().split()]
-    for pid in [postmaster, *children]:
+    for pid in process_tree(postmaster):
         os.kill(pid, sig)
 
 
 @pytest.fixture(scope="module")
 def pausable() -> Iterator[Postgres]:
     """A server of this module's own for the tests that stop it (every one resumes it)."""
-    pg = Postgres()
-    pg.start()
-    try:
+    with Postgres() as pg:
         yield pg
-    finally:
-        pg.destroy()
 
 
 def test_with_the_database_hung_readyz_answers_at_once_and_says_why(tmp_path: Path, org_key: OrgKey, pausable: Postgres) -> None:

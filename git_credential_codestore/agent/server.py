@@ -335,24 +335,20 @@ class Agent:
                 return self._refuse(who, data, f"{e}; the grant's rate limit cannot be checked", 503, grant)
             if used > grant.max_per_minute:
                 return self._refuse(who, data, f"grant {grant.id} allows {grant.max_per_minute} tokens a minute; try again shortly", 429, grant)
-        if memo is None:
-            return self.issue(decision, req, who, data, grant)
-        try:
-            prepared = Prepared(self, decision, req, who)
-        except CodestoreError as e:
-            return self._refuse(who, data, str(e), 400, grant)
-        if len(self._prepared) >= MEMO_REQUESTS:
-            self._prepared.clear()  # many distinct requests cost speed, never memory
-        self._prepared[memo] = prepared
-        return self._issue(prepared, who, data, grant)
+        return self.issue(decision, req, who, data, grant, memo)
 
     def issue(self, decision: policy.Decision, req: TokenRequest, who: Mapping[str, object], data: object,
-              grant: Grant | None = None) -> tuple[int, dict[str, object]]:
-        """Sign a decided token and write its audit line; `who` says on whose authority."""
+              grant: Grant | None = None, memo: tuple[str, int, bytes, str, str] | None = None) -> tuple[int, dict[str, object]]:
+        """Sign a decided token and write its audit line; `who` says on whose authority.
+        With `memo`, what was prepared is remembered under it (see mint)."""
         try:
             prepared = Prepared(self, decision, req, who)
         except CodestoreError as e:
             return self._refuse(who, data, str(e), 400, grant)
+        if memo is not None:
+            if len(self._prepared) >= MEMO_REQUESTS:
+                self._prepared.clear()  # many distinct requests cost speed, never memory
+            self._prepared[memo] = prepared
         return self._issue(prepared, who, data, grant)
 
     def _issue(self, prepared: Prepared, who: Mapping[str, object], data: object, grant: Grant | None) -> tuple[int, dict[str, object]]:
