@@ -43,4 +43,6 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || {
 # Lint and types first (configured in pyproject.toml): either failing fails the run.
 .venv/bin/python -m ruff check --quiet .
 .venv/bin/python -m mypy
-exec .venv/bin/python -m pytest -q "$@"
+# One pytest process per core (pytest-xdist): each has its own session fixtures (a
+# PostgreSQL server, the sandbox image); `-n 0` runs the suite in one process.
+exec .venv/bin/python -m pytest -q -n auto "$@"

@@ -38,12 +38,18 @@ def sandbox_user(name: str) -> User:
     if os.geteuid() != 0:
         me = pwd.getpwuid(os.geteuid())
         return User(me.pw_name, me.pw_uid, me.pw_gid)
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", name],
-                       check=True, capture_output=True, text=True)
-        entry = pwd.getpwnam(name)
+    import fcntl
+
+    # Test processes running in parallel (pytest -n) may ask for the same user at once:
+    # one creates it, under a lock, and the others find it.
+    with open(os.path.join(tempfile.gettempdir(), "codestore-tests-useradd.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", name],
+                           check=True, capture_output=True, text=True)
+            entry = pwd.getpwnam(name)
     return User(name, entry.pw_uid, entry.pw_gid)
 
 

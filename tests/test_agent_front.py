@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from git_credential_codestore.agent.client import Endpoint, call
+from git_credential_codestore.agent.discovery import unix_address
 from git_credential_codestore.agent.server import MAX_CONNECTIONS, PER_PEER, share
 from tests.conftest import OrgKey
 from tests.realparts import raw_exchange
@@ -337,17 +338,18 @@ def test_one_grant_socket_cannot_take_every_connection_of_the_agent(tmp_path: Pa
     try:
         own = create(a, own_socket=True)
         other = create(a)
-        for _ in range(MAX_CONNECTIONS):
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(10)
-            s.connect(str(own["socket"]))
-            held.append(s)
-        # The agent accepts in order: once one more is answered (busy), it has taken them all.
-        with socket.socket(socket.AF_UNIX) as probe:
-            probe.settimeout(10)
-            probe.connect(str(own["socket"]))
-            probe.sendall(b"GET /v1/ping HTTP/1.1\r\nHost: a\r\n\r\n")
-            assert probe.recv(100).startswith(b"HTTP/1.1 503")
+        with unix_address(str(own["socket"])) as address:  # the grant's socket is deep in the state dir
+            for _ in range(MAX_CONNECTIONS):
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(10)
+                s.connect(address)
+                held.append(s)
+            # The agent accepts in order: once one more is answered (busy), it has taken them all.
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.settimeout(10)
+                probe.connect(address)
+                probe.sendall(b"GET /v1/ping HTTP/1.1\r\nHost: a\r\n\r\n")
+                assert probe.recv(100).startswith(b"HTTP/1.1 503")
         assert mint(sandbox_env(other["grant"], url=a.url))  # another sandbox is served
         assert call(Endpoint("unix", a.socket), "GET", "/v1/ping")[0] == 200  # and so is the owner
         busy = 0
