@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
+from git_credential_codestore.agent import wire
 from git_credential_codestore.agent.client import AgentRefused, Endpoint, call, exchange
 from git_credential_codestore.agent.db import ANSWER_DEADLINE, Database, StoreError, Tx
-from git_credential_codestore.agent.grants import GrantStore
+from git_credential_codestore.agent.grants import FLUSH_INTERVAL, GrantStore
 from tests.conftest import BIN, OrgKey, run_cli, wait_for
 from tests.realparts import Postgres, process_tree
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
@@ -410,13 +411,24 @@ def test_with_the_database_hung_metrics_and_admin_calls_answer_within_the_deadli
 
         _pause(pg, signal.SIGSTOP)
         try:
+            # A token's audit row for the flush thread, whose next flush then waits on the hung
+            # server. `grant list` and audit queries flush first: they waited for that flush to
+            # give up (what is left of a deadline), then tried again on a new connection (its
+            # 3 s connect timeout). Now they wait for that flush alone and fail with it.
+            assert exchange(ep, "POST", "/v1/token", f"repo={REPO}\nscopes=git:read\n".encode(), wire.CONTENT_TYPE)[0] in {200, 503}
+            time.sleep(FLUSH_INTERVAL + 0.3)
             askers = [threading.Thread(target=ask, args=("metrics", "GET", "/metrics", b"")),
-                      threading.Thread(target=ask, args=("create", "POST", "/v1/grants", json.dumps({"repos": [REPO]}).encode()))]
+                      threading.Thread(target=ask, args=("create", "POST", "/v1/grants", json.dumps({"repos": [REPO]}).encode())),
+                      threading.Thread(target=ask, args=("list", "GET", "/v1/grants", b"")),
+                      threading.Thread(target=ask, args=("audit", "POST", "/v1/audit/query", b"{}"))]
             for t in askers:
                 t.start()
             for t in askers:
                 t.join(within + 10)
-            assert set(answers) == {"metrics", "create"}, f"no answer within {within + 5:.0f} s with the database hung: {answers}"
+            assert set(answers) == {"metrics", "create", "list", "audit"}, f"no answer within {within + 5:.0f} s with the database hung: {answers}"
+            for name in ("list", "audit"):
+                took, status, text = answers[name]
+                assert took < ANSWER_DEADLINE + 1 and status == 503 and "\n" not in json.loads(text)["error"], (name, answers[name])
             took, status, text = answers["create"]
             assert took < within and status == 503, answers["create"]
             error = json.loads(text)["error"]

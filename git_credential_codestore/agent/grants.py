@@ -194,6 +194,8 @@ class GrantStore:
         self.db = Database(store_url or os.path.join(state_dir, db.DB_FILE))
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
+        self._flushes = 0  # flushes ended, and how the last one failed (None: it did not)
+        self._flush_failed: StoreError | None = None
         self._cache: dict[str, Grant] = {}
         self._seq = 0
         self._fresh_until = 0.0
@@ -500,8 +502,22 @@ class GrantStore:
         """Write pending use counts (and what `on_flush` adds): see _flush for the transactions."""
         # One flush at a time (the flush thread's, an audit query's, close()'s): two running
         # together would both be handed the same buffered audit rows and write them twice.
+        ended = self._flushes
         with self._flushing:
-            self._flush()
+            failed = self._flush_failed
+            if failed is not None and self._flushes != ended:
+                # The flush this one waited for failed on the store just now (a hung server
+                # held it for a whole deadline): asking again would wait as long again.
+                raise StoreError(str(failed))
+            try:
+                self._flush()
+            except StoreError as e:
+                self._flush_failed = e
+                raise
+            else:
+                self._flush_failed = None
+            finally:
+                self._flushes += 1
 
     def _flush(self) -> None:
         """On SQLite, small transactions: a transaction holds the one write lock, and a
