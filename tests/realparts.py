@@ -74,15 +74,30 @@ class Postgres:
             os.chown(self.root, 65534, 65534)
         self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
-            f.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = ''\n"
+            f.write("listen_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
                     "fsync = off\nfull_page_writes = off\nmax_connections = 200\n")
+        self._started = False
 
     def _run(self, prog: str, *args: str) -> None:
         subprocess.run([os.path.join(self.bin, prog), *args], check=True, capture_output=True, cwd=self.root,
                        user=self.owner, group=self.owner)
 
     def start(self) -> None:
-        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.root, "log"), "-w", "-t", "60", "start")
+        """Start it; again after `stop`, on the same port (its URLs stay valid)."""
+        for attempt in range(5):
+            try:
+                self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.root, "log"), "-o", f"-p {self.port}",
+                          "-w", "-t", "60", "start")
+                self._started = True
+                return
+            except subprocess.CalledProcessError:
+                # The free port was taken before the server bound it (tests run in parallel
+                # processes, each opening connections from ephemeral ports): take another.
+                with open(os.path.join(self.root, "log"), errors="replace") as f:
+                    taken = "could not bind" in f.read()
+                if self._started or not taken or attempt == 4:
+                    raise
+                self.port = free_port()
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")
