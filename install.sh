@@ -118,7 +118,16 @@ fi
 # another project holds on PyPI); this venv is ours alone, so drop that stale record
 # first (after the install, its uninstall would delete the files both share).
 "$venv/bin/python" -m pip uninstall -q -y --disable-pip-version-check codestore >/dev/null 2>&1 || true
-"$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$here${extras:+[$extras]}"
+# pip builds a local project in its own tree (setuptools' build/ and *.egg-info): a build/lib
+# left from an older checkout keeps modules since removed, and two installs from one tree at
+# once collide there. So the build happens in a private directory of its own, removed after.
+build=$(mktemp -d "${TMPDIR:-/tmp}/codestore-build.XXXXXX")
+trap 'rm -rf "$build"' EXIT
+printf '[build]\nbuild_base = %s/build\n[egg_info]\negg_base = %s\n' "$build" "$build" >"$build/setup.cfg"
+DIST_EXTRA_CONFIG="$build/setup.cfg" \
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$here${extras:+[$extras]}"
+rm -rf "$build"
+trap - EXIT
 
 # git runs the two helpers on every fetch and push. pip's generated launcher runs `site`
 # and imports `re` to tidy argv[0]: about 7 ms of a ~20 ms helper. Ours starts Python

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,18 +15,29 @@ ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = ("codestore", "git-credential-codestore", "git-remote-codestore")
 
 
-def install(prefix: Path, bin_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def install(prefix: Path, bin_dir: Path, *extra: str, root: Path = ROOT) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PATH="/usr/local/bin:/usr/bin:/bin:" + os.environ["PATH"])
     return subprocess.run(
-        ["bash", str(ROOT / "install.sh"), "--prefix", str(prefix), "--bin-dir", str(bin_dir), *extra],
+        ["bash", str(root / "install.sh"), "--prefix", str(prefix), "--bin-dir", str(bin_dir), *extra],
         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600, env=env,
     )
 
 
 def test_install_links_the_programs_configures_git_and_is_idempotent(tmp_path: Path, hermetic: Path) -> None:
     prefix, bin_dir = tmp_path / "prefix", tmp_path / "bin"
-    first = install(prefix, bin_dir, "--user", "--org", ORG, "--setup")
+    # From a checkout an older install built in: pip builds a local project in its tree, and
+    # setuptools' build/lib kept a module since removed, which went into the install.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", ".*cache", ".hypothesis", "__pycache__"))
+    stale = src / "build" / "lib" / "git_credential_codestore" / "removed_since.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("")
+    tree = sorted(p.relative_to(src) for p in src.rglob("*"))
+    first = install(prefix, bin_dir, "--user", "--org", ORG, "--setup", root=src)
     assert first.returncode == 0, first.stderr
+    assert not list(prefix.rglob("removed_since.py"))
+    # Nothing was built in the tree either (two installs from one tree at once collided there).
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == tree
     for prog in PROGRAMS:
         link = bin_dir / prog
         assert link.is_symlink() and os.access(link, os.X_OK)
@@ -49,7 +61,7 @@ def test_install_links_the_programs_configures_git_and_is_idempotent(tmp_path: P
     )
     assert fill.returncode == 0 and "password=eyJ" in fill.stdout, fill.stderr
 
-    second = install(prefix, bin_dir, "--user", "--org", ORG, "--setup")
+    second = install(prefix, bin_dir, "--user", "--org", ORG, "--setup", root=src)
     assert second.returncode == 0, second.stderr
     assert "already set up" in second.stdout
     assert (hermetic / ".gitconfig").read_text() == gitconfig
