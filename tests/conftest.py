@@ -67,6 +67,22 @@ def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+_USERS_BEFORE = pytest.StashKey[set[str]]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the run itself, not one of pytest-xdist's workers
+        session.config.stash[_USERS_BEFORE] = sandbox_users()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """As root, the sandbox tests create users (tests/sandboxes.py): once every worker has
+    ended, the run removes the ones it created, and leaves the machine's own."""
+    before = session.config.stash.get(_USERS_BEFORE, None)
+    if before is not None and os.geteuid() == 0:
+        remove_users(sandbox_users() - before)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def real_home_untouched() -> Iterator[None]:
     """Fail loudly if any test wrote codestore state or git config into the real HOME."""
@@ -306,7 +322,7 @@ from tests.realparts import Postgres, SoftHsm  # noqa: E402
 
 # The sandbox image (install.sh --system, ~15 s) is session-scoped: defined here, once for the
 # session; a test module importing the fixture itself would get (and build) its own copy.
-from tests.sandboxes import image, sandbox_base, world_readable_tmp  # noqa: E402, F401
+from tests.sandboxes import image, remove_users, sandbox_base, sandbox_users, world_readable_tmp  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,23 @@ class User:
     gid: int
 
 
+USER_PREFIX = "codestore-sbx-"  # every sandbox user's name starts so (conftest removes the ones a run made)
+
+
+def sandbox_users() -> set[str]:
+    """The sandbox users this machine has now."""
+    return {entry.pw_name for entry in pwd.getpwall() if entry.pw_name.startswith(USER_PREFIX)}
+
+
+def remove_users(names: set[str]) -> None:
+    """userdel each (as root); one still running a process is left, as before this run."""
+    for name in sorted(names):
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
 def sandbox_user(name: str) -> User:
-    """A non-root user for a sandbox; created (once, idempotently) when we are root."""
+    """A non-root user for a sandbox (USER_PREFIX + a letter); created (once, idempotently) when we are root."""
+    assert name.startswith(USER_PREFIX), name
     if os.geteuid() != 0:
         me = pwd.getpwuid(os.geteuid())
         return User(me.pw_name, me.pw_uid, me.pw_gid)
