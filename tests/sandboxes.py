@@ -11,6 +11,7 @@ its own HOME and a clean environment.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import shutil
@@ -53,8 +54,6 @@ def sandbox_user(name: str) -> User:
     if os.geteuid() != 0:
         me = pwd.getpwuid(os.geteuid())
         return User(me.pw_name, me.pw_uid, me.pw_gid)
-    import fcntl
-
     # Test processes running in parallel (pytest -n) may ask for the same user at once:
     # one creates it, under a lock, and the others find it.
     with open(os.path.join(tempfile.gettempdir(), "codestore-tests-useradd.lock"), "w") as lock:
