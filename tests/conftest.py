@@ -317,6 +317,7 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
 
 # Real PostgreSQL (one server per session) and SoftHSM2 tokens for the agent's fleet tests
 # (tests/realparts.py, shared with bench/fleet.py); a test CA and OIDC issuers (tests/oidc_issuer.py).
+from tests import realparts  # noqa: E402
 from tests.oidc_issuer import CertAuthority, Issuer, make_ca, start_issuer  # noqa: E402
 from tests.realparts import Postgres, SoftHsm  # noqa: E402
 
@@ -329,6 +330,13 @@ from tests.sandboxes import image, remove_users, sandbox_base, sandbox_users, wo
 def postgres() -> Iterator[Postgres]:
     with Postgres() as pg:
         yield pg
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections for the test (realparts.refused_port)."""
+    with realparts.refused_port() as port:
+        yield port
 
 
 @pytest.fixture

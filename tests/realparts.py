@@ -11,6 +11,7 @@ a database is created): bench/run's venv has no pytest.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 
 
 def _pg_bin() -> str:
@@ -33,6 +35,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections while the block runs (a server that is
+    gone): bound, never listening. Held, not only chosen: with the tests in parallel
+    processes, another's server binding port 0 could otherwise be given it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
 
 
 def raw_exchange(address: str | tuple[str, int], data: bytes, timeout: float = 20) -> bytes:

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DevServer, OrgKey, commit, git, wait_for
-from tests.realparts import free_port
 from tests.test_agent import REPO, Agent, sandbox_env
 from tests.test_agent_e2e import seed_repo
 from tests.test_agent_store import create, replica
@@ -49,11 +48,12 @@ def test_created_on_one_replica_fetched_and_pushed_through_the_other_then_revoke
     assert proc.returncode != 0 and "revoked" in proc.stderr, proc.stderr
 
 
-def test_helpers_fail_over_when_a_replica_is_killed_mid_load(fleet: tuple[DevServer, Agent, Agent], tmp_path: Path) -> None:
+def test_helpers_fail_over_when_a_replica_is_killed_mid_load(fleet: tuple[DevServer, Agent, Agent], tmp_path: Path,
+                                                             refused_port: int) -> None:
     # Threat (availability): one replica's death stopping every sandbox.
     server, a, b = fleet
     g = create(a, scopes=["git:read", "git:write"], ephemeral_only=True)
-    dead = f"http://127.0.0.1:{free_port()}"  # a replica that is already gone: refused at once
+    dead = f"http://127.0.0.1:{refused_port}"  # a replica that is already gone: refused at once
     env = sandbox_env(g["grant"], url=f"{dead},{a.url},{b.url}")
     url = f"{server.url}/{REPO}+ephemeral.git"
     failures: list[str] = []

@@ -517,10 +517,8 @@ def test_the_store_urls_own_options_are_kept(tmp_path: Path, org_key: OrgKey, pg
     assert schemas == {"codestore"}
 
 
-def test_an_unreachable_postgresql_at_start_is_one_line(tmp_path: Path, org_key: OrgKey) -> None:
-    from tests.realparts import free_port
-
-    proc = serve_fails(tmp_path, "--store", f"postgresql://u:secretpw@127.0.0.1:{free_port()}/x", "--socket", str(tmp_path / "s" / "agent.sock"))
+def test_an_unreachable_postgresql_at_start_is_one_line(tmp_path: Path, org_key: OrgKey, refused_port: int) -> None:
+    proc = serve_fails(tmp_path, "--store", f"postgresql://u:secretpw@127.0.0.1:{refused_port}/x", "--socket", str(tmp_path / "s" / "agent.sock"))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "unreachable" in proc.stderr, proc.stderr
     assert "secretpw" not in proc.stderr  # Threat: the database password in a log line
 
