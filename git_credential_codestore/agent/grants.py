@@ -20,6 +20,7 @@ and lets a human tell which grant a leaked secret belongs to without revealing i
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import hmac
@@ -29,7 +30,7 @@ import secrets as pysecrets
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import ConfigError, redact
@@ -338,33 +339,25 @@ class GrantStore:
             own_socket=own_socket,
             max_per_minute=max_per_minute,
         )
-        try:
-            with self.db.transaction() as tx:
-                grant.seq = self._next_seq(tx)
-                self._insert(tx, grant)
-                audit(tx, grant)
-        except StoreError:
-            self.errors += 1
-            raise
+        with self._counted(), self.db.transaction() as tx:
+            grant.seq = self._next_seq(tx)
+            self._insert(tx, grant)
+            audit(tx, grant)
         self._remember(grant)
         return grant, Secret(secret)
 
     def revoke(self, gid: str, audit: Callable[[Tx, Grant], None] = lambda tx, g: None) -> Grant | None:
         """Revoke durably; None when no such grant. StoreError leaves the grant as it was."""
-        try:
-            with self.db.transaction() as tx:
-                rows = tx.execute(f"{_SELECT} WHERE id = ?", (gid,))
-                if not rows:
-                    return None
-                grant = _grant(rows[0])
-                if grant.revoked_at is None:
-                    grant.revoked_at = int(time.time())
-                    grant.seq = self._next_seq(tx)
-                    tx.execute("UPDATE grants SET revoked_at = ?, seq = ? WHERE id = ?", (grant.revoked_at, grant.seq, gid))
-                audit(tx, grant)
-        except StoreError:
-            self.errors += 1
-            raise
+        with self._counted(), self.db.transaction() as tx:
+            rows = tx.execute(f"{_SELECT} WHERE id = ?", (gid,))
+            if not rows:
+                return None
+            grant = _grant(rows[0])
+            if grant.revoked_at is None:
+                grant.revoked_at = int(time.time())
+                grant.seq = self._next_seq(tx)
+                tx.execute("UPDATE grants SET revoked_at = ?, seq = ? WHERE id = ?", (grant.revoked_at, grant.seq, gid))
+            audit(tx, grant)
         self._remember(grant)
         return grant
 
@@ -398,12 +391,8 @@ class GrantStore:
         if grant is not None:
             return grant
         self.reads += 1  # a cache miss (codestore_agent_grant_reads_total)
-        try:
-            with self.db.transaction(write=False) as tx:
-                rows = tx.execute(f"{_SELECT} WHERE id = ?", (gid,))
-        except StoreError:
-            self.errors += 1
-            raise
+        with self._counted(), self.db.transaction(write=False) as tx:
+            rows = tx.execute(f"{_SELECT} WHERE id = ?", (gid,))
         if not rows:
             return None
         grant = _grant(rows[0])
@@ -469,6 +458,16 @@ class GrantStore:
         total, revoked, expired = (int(v or 0) for v in row)  # type: ignore[call-overload]
         return {"active": total - revoked - expired, "revoked": revoked, "expired": expired}
 
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """A store call in the block, its StoreError counted in `errors`
+        (codestore_agent_store_errors_total): each store call counts its own failure."""
+        try:
+            yield
+        except StoreError:
+            self.errors += 1
+            raise
+
     # -- use -----------------------------------------------------------------------------
 
     def record_use(self, grant: Grant, ok: bool) -> None:
@@ -483,19 +482,15 @@ class GrantStore:
     def take_rate(self, grant: Grant) -> int:
         """Count one mint against the grant's per-minute limit, across replicas; the count."""
         minute = int(time.time()) // 60
-        try:
-            with self.db.transaction() as tx:
-                rows = tx.execute(
-                    "INSERT INTO grant_rate (grant_id, minute, count) VALUES (?, ?, 1) "
-                    "ON CONFLICT (grant_id, minute) DO UPDATE SET count = grant_rate.count + 1 RETURNING count",
-                    (grant.id, minute))
-                if int(rows[0][0]) == 1:  # type: ignore[call-overload]
-                    # A new minute: the grant's earlier ones are never read again. Without this
-                    # a grant in use all year left half a million rows behind.
-                    tx.execute("DELETE FROM grant_rate WHERE grant_id = ? AND minute < ?", (grant.id, minute))
-        except StoreError:
-            self.errors += 1
-            raise
+        with self._counted(), self.db.transaction() as tx:
+            rows = tx.execute(
+                "INSERT INTO grant_rate (grant_id, minute, count) VALUES (?, ?, 1) "
+                "ON CONFLICT (grant_id, minute) DO UPDATE SET count = grant_rate.count + 1 RETURNING count",
+                (grant.id, minute))
+            if int(rows[0][0]) == 1:  # type: ignore[call-overload]
+                # A new minute: the grant's earlier ones are never read again. Without this
+                # a grant in use all year left half a million rows behind.
+                tx.execute("DELETE FROM grant_rate WHERE grant_id = ? AND minute < ?", (grant.id, minute))
         return int(rows[0][0])  # type: ignore[call-overload]
 
     def flush(self) -> None:
@@ -574,12 +569,8 @@ class GrantStore:
         # committed after the snapshot must be seen within STALE_AFTER of it, however long
         # the answer took to arrive and be taken in.
         asked = time.monotonic()
-        try:
-            with self.db.transaction(write=False) as tx:
-                rows = tx.execute(f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT 1000", (self._seq,))
-        except StoreError:
-            self.errors += 1
-            raise
+        with self._counted(), self.db.transaction(write=False) as tx:
+            rows = tx.execute(f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT 1000", (self._seq,))
         for row in rows:
             grant = _grant(row)
             self._remember(grant)
@@ -604,11 +595,8 @@ class GrantStore:
     def _flush_loop(self) -> None:
         def step() -> None:
             self.flush()
-            try:
+            with self._counted():
                 self.db.checkpoint()  # SQLite: here, so that no request's commit pays for one
-            except StoreError:
-                self.errors += 1
-                raise
 
         self._loop(FLUSH_INTERVAL, step, "the use-count flush", "; its counts are kept for the next one")
 
