@@ -6,6 +6,7 @@ a real PostgreSQL (tests/realparts.py), the embedded one SQLite in the state dir
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -540,6 +541,58 @@ def test_a_grant_this_replica_has_not_seen_is_read_once_then_served_from_its_cac
         assert status == 200 and "codestore_agent_grant_reads_total 1\n" in text.decode()
     finally:
         a.stop()
+
+
+@pytest.mark.parametrize("store_answers", [True, False])
+def test_requests_arriving_together_for_a_grant_not_cached_read_it_once(tmp_path: Path, store_answers: bool) -> None:
+    # Requests for a grant this replica has not cached arrive together (a sandbox's first
+    # fetch): each read it from the store, and behind a hung store each waited its own
+    # deadline. Now one reads, the others wait for that read and share what it found.
+    first = GrantStore(str(tmp_path / "state")).open()
+    grant, _ = first.create(repos=[REPO], scopes=["git:read"], max_ttl=900)
+    first.close()
+    store = GrantStore(str(tmp_path / "state")).open()  # an empty cache
+    slow = 0.3
+    transaction = store.db.transaction
+
+    @contextlib.contextmanager
+    def a_slow_store(*, write: bool = True) -> Iterator[Tx]:  # a store that takes its time (or hangs, then fails)
+        time.sleep(slow)
+        if not store_answers:
+            raise StoreError("the grant store did not answer within 0.3 s")
+        with transaction(write=write) as tx:
+            yield tx
+
+    store.sync()  # fresh for a second (the poll's part), with no grant read
+    store.db.transaction = a_slow_store  # type: ignore[method-assign]
+    try:
+        results: list[object] = []
+        start = threading.Barrier(8)
+
+        def ask() -> None:
+            start.wait()
+            try:
+                results.append(store.get(grant.id))
+            except StoreError as e:
+                results.append(e)
+
+        t0 = time.monotonic()
+        askers = [threading.Thread(target=ask) for _ in range(8)]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join(10)
+        took = time.monotonic() - t0
+    finally:
+        store.db.transaction = transaction  # type: ignore[method-assign]
+        store.close()
+    assert store.reads == 1  # before: 8
+    assert took < 3 * slow  # before, with the store failing: one deadline after another
+    if store_answers:
+        assert all(isinstance(r, type(grant)) and r.id == grant.id for r in results) and len(results) == 8, results
+    else:
+        assert len(results) == 8 and all(isinstance(r, StoreError) for r in results), results
+        assert store.errors == 1  # one store call failed; the others did not ask
 
 
 def test_grant_list_pages_and_filters(tmp_path: Path, org_key: OrgKey) -> None:

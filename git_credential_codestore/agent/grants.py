@@ -56,6 +56,16 @@ def grant_id_of(secret: str) -> str | None:
     return gid
 
 
+class _Read:
+    """One request's read of a grant not cached (GrantStore.get): the others wait for it."""
+
+    __slots__ = ("lock", "failed")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.failed: StoreError | None = None
+
+
 @dataclass(slots=True)
 class Grant:
     """One grant. Slots and tuples: the cache holds up to CACHE_MAX of these for the life of
@@ -198,6 +208,7 @@ class GrantStore:
         self._flushes = 0  # flushes ended, and how the last one failed (None: it did not)
         self._flush_failed: StoreError | None = None
         self._cache: dict[str, Grant] = {}
+        self._reading: dict[str, _Read] = {}  # grant id -> the read in progress (get)
         self._seq = 0
         self._fresh_until = 0.0
         self._last_error = ""
@@ -388,15 +399,36 @@ class GrantStore:
         self.check()
         with self._lock:
             grant = self._cache.get(gid)
-        if grant is not None:
-            return grant
-        self.reads += 1  # a cache miss (codestore_agent_grant_reads_total)
-        with self._counted(), self.db.transaction(write=False) as tx:
-            rows = tx.execute(f"{_SELECT} WHERE id = ?", (gid,))
-        if not rows:
-            return None
-        grant = _grant(rows[0])
-        self._remember(grant)
+            if grant is not None:
+                return grant
+            # One read a grant at a time: requests for a grant not yet cached arrive together
+            # (a sandbox's first fetch, a replica's first minute), and each read it again.
+            reading = self._reading.setdefault(gid, _Read())
+        try:
+            with reading.lock:
+                if reading.failed is not None:
+                    # The read this one waited for failed on the store just now (a hung server
+                    # held it for a whole deadline): asking again would wait as long again.
+                    raise StoreError(str(reading.failed))
+                with self._lock:
+                    grant = self._cache.get(gid)  # read meanwhile by the request this one waited for
+                    if grant is not None:
+                        return grant
+                    self.reads += 1  # a cache miss (codestore_agent_grant_reads_total)
+                try:
+                    with self._counted(), self.db.transaction(write=False) as tx:
+                        rows = tx.execute(f"{_SELECT} WHERE id = ?", (gid,))
+                except StoreError as e:
+                    reading.failed = e
+                    raise
+                if not rows:
+                    return None
+                grant = _grant(rows[0])
+                self._remember(grant)
+        finally:
+            with self._lock:
+                if self._reading.get(gid) is reading and not reading.lock.locked():
+                    del self._reading[gid]
         with self._lock:
             return self._cache.get(gid, grant)
 
