@@ -8,9 +8,13 @@ are the installed CLI asking one replica.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import signal
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -253,7 +257,7 @@ def test_an_entry_is_encoded_once_and_each_record_has_its_own_time(tmp_path: Pat
     second, _ = entry.at(1_700_000_061)
     log.close()
     for line, stamp in ((first, "2023-11-14T22:13:20Z"), (second, "2023-11-14T22:14:21Z")):
-        assert json.loads(line) == {"time": stamp, "event": "refuse", **fields}
+        assert json.loads(line) == {"time": stamp, "event": "refuse", **fields, "replica": log.replica}
     assert row == (1_700_000_000, "refuse", "g1", "\x00time", "\\u0000time", None, log.replica, first)
 
 
@@ -289,6 +293,136 @@ def test_a_flush_writes_the_rows_buffered_when_it_began_and_ends(tmp_path: Path)
     finally:
         store.close()
         log.close()
+
+
+def _writer(path: Path, name: str) -> agent_audit.AuditLog:
+    log = agent_audit.AuditLog(str(path))
+    log.replica = name  # a process of its own, as each agent process is
+    return log
+
+
+def _rows_by_writer(d: Database) -> dict[object, list[object]]:
+    with d.transaction(write=False) as tx:
+        rows = tx.execute("SELECT replica, fields FROM audit ORDER BY id")
+    found: dict[object, list[object]] = {}
+    for writer, text in rows:
+        found.setdefault(writer, []).append(text)
+    return found
+
+
+def test_records_a_killed_writer_left_only_in_the_file_are_added_once(database: Database, tmp_path: Path) -> None:
+    # Threat: the audit trail missing the last second of mints of a process that was
+    # SIGKILLed (or OOM-killed) before its flush: the file had them, the database never did.
+    path = tmp_path / "audit.log"
+    killed, stopped = _writer(path, "host:101"), _writer(path, "host:102")
+    for n in range(12):
+        killed.record("mint", {"grant": "g1", "ttl": n})
+    with database.transaction() as tx:
+        done = killed.flush_into(tx)
+    done()
+    with database.transaction() as tx:  # another replica's rows, between and after
+        tx.execute_rows(agent_audit._INSERT_ROWS, agent_audit._TYPES, [(int(time.time()), "mint", "g9", None, None, "ok", "other:7", "{}")] * 3)
+    entry = killed.prepare("mint", {"grant": "g1", "ttl": 99})
+    for _ in range(5):
+        killed.emit(entry)  # the same record five times in one second: five records
+    for n in range(13):
+        killed.record("refuse", {"grant": "g1", "reason": "revoked", "ttl": n})
+    for n in range(10):
+        stopped.record("mint", {"grant": "g2", "ttl": n})
+    with database.transaction() as tx:
+        done = stopped.flush_into(tx)
+    done()
+    lines = path.read_text().splitlines()
+    killed.close()  # unflushed: 18 records only in the file
+    stopped.close()
+
+    assert agent_audit.recover(database, str(path)) == 18
+    rows = _rows_by_writer(database)
+    assert rows["host:101"] == [ln for ln in lines if '"replica":"host:101"' in ln]  # each once, in the file's order
+    assert rows["host:102"] == [ln for ln in lines if '"replica":"host:102"' in ln]
+    assert len(rows["other:7"]) == 3
+    assert agent_audit.recover(database, str(path)) == 0  # again: nothing twice
+    assert _rows_by_writer(database) == rows
+
+    # A writer still alive holds the file: its records are its own flush's to write...
+    live = _writer(path, "host:103")
+    try:
+        for n in range(4):
+            live.record("mint", {"grant": "g3", "ttl": n})
+        assert agent_audit.recover(database, str(path)) == 0
+        assert "host:103" not in _rows_by_writer(database)
+        # ...unless the one who asks knows it is dead (the parent of a worker that died).
+        assert agent_audit.recover(database, str(path), {"host:103"}) == 4
+        assert len(_rows_by_writer(database)["host:103"]) == 4
+    finally:
+        live.close()
+
+
+def _state_rows(a: Agent) -> dict[object, int]:
+    """Mint rows a writer in the stopped agent's SQLite store."""
+    d = Database(str(a.state_dir / "agent.sqlite3")).open()
+    try:
+        with d.transaction(write=False) as tx:
+            return dict(tx.execute("SELECT replica, count(*) FROM audit WHERE event = 'mint' GROUP BY replica"))  # type: ignore[arg-type]
+    finally:
+        d.close()
+
+
+def _hold_writes(a: Agent) -> sqlite3.Connection:
+    """The SQLite store's write lock, held: the agent's flushes fail and keep their rows."""
+    conn = sqlite3.connect(str(a.state_dir / "agent.sqlite3"), isolation_level=None, timeout=10)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+def _stderr(a: Agent) -> str:
+    """What the agent said, once stopped (SIGTERM: a clean stop, every buffer flushed)."""
+    a.proc.terminate()
+    _, err = a.proc.communicate(timeout=30)
+    return err
+
+
+def test_mints_a_killed_agent_had_not_stored_are_in_the_trail_after_its_next_start(tmp_path: Path, org_key: OrgKey) -> None:
+    a = start_agent(tmp_path)
+    g = a.grant("--repo", REPO)
+    env = sandbox_env(g["grant"], sock=a.socket)
+    held = _hold_writes(a)
+    try:
+        for _ in range(8):
+            mint(env)
+        a.proc.kill()  # SIGKILL: 8 mints in its buffer
+        a.proc.wait(10)
+    finally:
+        held.rollback()
+        held.close()
+    assert sum(_state_rows(a).values()) == 0
+    assert "added to the database 8 audit record(s)" in _stderr(start_agent(tmp_path))
+    assert _state_rows(a) == {agent_audit.replica_of(a.proc.pid): 8}
+    assert "audit record" not in _stderr(start_agent(tmp_path))  # and at every later start, nothing more
+    assert _state_rows(a) == {agent_audit.replica_of(a.proc.pid): 8}
+
+
+def test_mints_of_a_worker_killed_before_its_flush_are_stored_by_the_one_started_in_its_place(tmp_path: Path, org_key: OrgKey) -> None:
+    a = start_agent(tmp_path, "--workers", "2")
+    try:
+        g = a.grant("--repo", REPO)
+        env = sandbox_env(g["grant"], sock=a.socket)
+        held = _hold_writes(a)
+        try:
+            for _ in range(16):
+                mint(env)
+            writers = [json.loads(ln)["replica"] for ln in a.audit_path.read_text().splitlines() if '"event":"mint"' in ln]
+            dead = int(writers[-1].rpartition(":")[2])
+            os.kill(dead, signal.SIGKILL)
+        finally:
+            held.rollback()
+            held.close()
+        assert wait_for(lambda: sum(_state_rows(a).values()) == 16, timeout=15), _state_rows(a)
+        err = _stderr(a)
+    finally:
+        a.stop()
+    assert _state_rows(a) == dict(collections.Counter(writers))
+    assert "added to the database" in err and "Traceback" not in err, err
 
 
 def test_the_shared_server_helpers_import_without_pytest() -> None:

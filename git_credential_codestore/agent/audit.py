@@ -15,19 +15,24 @@ Two places hold it, for two readers:
   written once per token;
 - a JSON-lines file (`--audit-log`, default in the state dir), appended at once with
   O_APPEND, for `tail -f` and log shippers, and as the record of mints a SIGKILLed
-  replica had not flushed yet. It holds only this replica's records; nothing reads
-  it back except `codestore audit` when no agent answers.
+  replica had not flushed yet. It holds only this replica's records (each line names the
+  process that wrote it, `replica`); `codestore audit` reads it when no agent answers,
+  and `recover` reads its tail back into the database after a writer was killed.
 """
 
 from __future__ import annotations
 
 import calendar
+import collections
+import contextlib
+import fcntl
 import json
 import os
 import socket
+import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..audit import EVENTS, TIME_FORMAT, Query
@@ -38,6 +43,9 @@ MAX_BUFFER = 100_000  # rows waiting for the database; beyond it the file alone 
 FLUSH_ROWS = 100  # rows a flush transaction on SQLite (a short hold of its one write lock)
 SCAN_CHUNK = 500  # rows read per statement when a filter (ref) is checked here, not in SQL
 MAX_SCAN = 200_000  # rows one query may look at; beyond it the reply is truncated, with a cursor
+RECOVER_BYTES = 16 << 20  # the end of the audit file `recover` reads back
+RECOVER_WINDOW = 60  # seconds before a killed writer's last line in which its records may be unflushed
+RECOVER_SLACK = 60  # seconds a row may have waited for its flush: how far past that `recover` looks back
 
 db.register("audit", [
     """
@@ -117,10 +125,14 @@ class AuditLog:
             raise UsageError(f"--audit-log {path} is a directory; name a file in it, e.g. {os.path.join(path, 'audit.log')}") from None
         except OSError as e:
             raise UsageError(f"cannot open the audit log {path} ({e.strerror}); pass --audit-log FILE") from None
+        # A shared lock for as long as this writer lives: `recover` reads the file's records
+        # into the database only when nobody holds one (or for a writer it knows is dead).
+        with contextlib.suppress(OSError):  # held exclusively by someone else, or no locks here: never wait for it
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         self._lock = threading.Lock()
         self._buffer: list[tuple[object, ...]] = []
         self._owed = 0  # rows the flush in progress has still to write (flush_into)
-        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.replica = replica_of(os.getpid())
         self.dropped = 0
 
     def _entry(self, event: str, fields: Mapping[str, object]) -> tuple[str, tuple[object, ...]]:
@@ -130,11 +142,11 @@ class AuditLog:
         """An entry but its time, encoded once (for one that recurs: a grant's mint of one request)."""
         entry: dict[str, object] = {"time": _TIME_MARK, "event": event}
         entry.update(fields)
+        entry["replica"] = self.replica
         if isinstance(entry.get("reason"), str):
             entry["reason"] = redact(str(entry["reason"]))
         head, _, tail = _LINE(entry).partition(_MARK_TEXT)  # "time" comes first, so its value is the first mark
-        row = (event, entry.get("grant"), entry.get("sub"), entry.get("repo"), entry.get("result"), self.replica)
-        return Entry(head, tail, tuple(None if v is not None and not isinstance(v, (str, int)) else v for v in row))
+        return Entry(head, tail, _columns(entry))
 
     def _append(self, text: str) -> None:
         os.write(self._fd, (text + "\n").encode("utf-8"))
@@ -207,6 +219,140 @@ class AuditLog:
             os.close(self._fd)
         except OSError:
             pass
+
+
+def replica_of(pid: int) -> str:
+    """The name of this machine's process `pid` as a writer of audit records (the `replica` column)."""
+    return f"{socket.gethostname()}:{pid}"
+
+
+def _columns(entry: Mapping[str, object]) -> tuple[object, ...]:
+    """A row's columns after `time`, but `fields` (the line): what is not a string or number is NULL."""
+    row = (entry.get("event"), entry.get("grant"), entry.get("sub"), entry.get("repo"), entry.get("result"), entry.get("replica"))
+    return tuple(None if v is not None and not isinstance(v, (str, int)) else v for v in row)
+
+
+def recover(database: db.Database, path: str, writers: Collection[str] | None = None) -> int:
+    """Add to the database the records that killed writers appended to the file at `path`
+    but had not flushed (mints and refusals wait up to a second in a writer's buffer, longer
+    while the store is away); return how many.
+
+    `writers` names the dead writers (`replica_of`: a worker the parent saw die). None means
+    every writer in the file, and then only when no live writer has the file open (its
+    shared lock, AuditLog): at start, before this agent's writers open it. A writer's rows
+    reach the table in the order of its lines, so what is missing is at the end of its
+    lines: its records of the last RECOVER_WINDOW seconds before its last line (in the last
+    RECOVER_BYTES of the file) are counted against its rows in the table, and each one the
+    table has fewer copies of is added, with its own time and writer. Counting makes it
+    safe to run again: a record already added is not added twice.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return 0  # a device or a pipe (--audit-log /dev/stderr): nothing to read back
+        if writers is None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # a writer lives: its records are its own to flush
+        lines = _tail(fd, RECOVER_BYTES)
+    finally:
+        os.close(fd)
+    found: dict[str, list[tuple[int, str]]] = {}
+    seconds: dict[str, int] = {}  # a time's text, parsed once: many lines share a second
+    for text in lines:
+        # Sliced, not parsed: "time" is every line's first key, "replica" its last.
+        _, named, writer = text.rpartition(',"replica":"')
+        if not (named and writer.endswith('"}') and text.startswith('{"time":"')):
+            continue  # a line cut short by the kill, or one from before lines named their writer
+        writer = writer[:-2]
+        if writers is not None and writer not in writers:
+            continue
+        second = seconds.get(text[9:29], -1)
+        if second < 0:
+            try:
+                second = seconds[text[9:29]] = calendar.timegm(time.strptime(text[9:29], TIME_FORMAT))
+            except ValueError:
+                continue
+        found.setdefault(writer, []).append((second, text))
+    if not found:
+        return 0
+    since = {w: max(t for t, _ in recs) - RECOVER_WINDOW for w, recs in found.items()}
+    have = _stored(database, since, max(t for recs in found.values() for t, _ in recs))
+    missing: list[tuple[object, ...]] = []
+    for writer, recs in found.items():
+        for second, text in recs:
+            key = (writer, second, text)
+            if second < since[writer]:
+                continue
+            if have[key]:
+                have[key] -= 1
+                continue
+            try:
+                entry = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                missing.append((second, *_columns(entry), text))
+    per = FLUSH_ROWS if database.one_writer else max(1, len(missing))
+    for i in range(0, len(missing), per):
+        with database.transaction() as tx:
+            tx.execute_rows(_INSERT_ROWS, _TYPES, missing[i:i + per])
+    return len(missing)
+
+
+def _tail(fd: int, size: int) -> list[str]:
+    """The whole lines in the last `size` bytes of the file `fd`."""
+    end = os.fstat(fd).st_size
+    start = max(0, end - size)
+    lines = os.pread(fd, end - start, start).decode("utf-8", "replace").split("\n")
+    return lines[1:] if start else lines  # the first began before `start`
+
+
+def _stored(database: db.Database, since: Mapping[str, int], last: int) -> collections.Counter[tuple[object, object, object]]:
+    """(writer, time, line) of the table's rows by the writers in `since`, from their times on, counted.
+
+    Rows are numbered in about the order of their times (a row waits for its flush, up to
+    RECOVER_SLACK): the ids from about `since` to `last` are found by bisection on the
+    primary key, and only the writers' rows among them are read, whatever other replicas
+    wrote before and after.
+    """
+    have: collections.Counter[tuple[object, object, object]] = collections.Counter()
+    with database.transaction(write=False) as tx:
+        lowest, highest = tx.execute("SELECT min(id), max(id) FROM audit")[0]
+    if lowest is None:
+        return have
+    lo = _first_id_at(database, min(since.values()) - RECOVER_SLACK, int(lowest), int(highest))  # type: ignore[call-overload]
+    hi = _first_id_at(database, last + RECOVER_SLACK + 1, lo, int(highest))  # type: ignore[call-overload]
+    marks = ", ".join("?" for _ in since)
+    while lo < hi:
+        with database.transaction(write=False) as tx:
+            rows = tx.execute(f"SELECT id, time, replica, fields FROM audit WHERE id >= ? AND id < ? AND replica IN ({marks}) "
+                              "ORDER BY id LIMIT ?", [lo, hi, *since, SCAN_CHUNK])
+        for rid, second, writer, text in rows:
+            lo = int(rid) + 1  # type: ignore[call-overload]
+            if second >= since[writer]:  # type: ignore[index,operator]
+                have[(writer, second, text)] += 1
+        if len(rows) < SCAN_CHUNK:
+            break
+    return have
+
+
+def _first_id_at(database: db.Database, second: int, lo: int, highest: int) -> int:
+    """About the first id (from `lo`) of a row whose time is `second` or later; highest + 1 if none."""
+    hi = highest + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        with database.transaction(write=False) as tx:
+            rid, at = tx.execute("SELECT id, time FROM audit WHERE id >= ? ORDER BY id LIMIT 1", [mid])[0]
+        if int(at) >= second:  # type: ignore[call-overload]
+            hi = mid
+        else:
+            lo = int(rid) + 1  # type: ignore[call-overload]
+    return lo
 
 
 class _Public(Protocol):

@@ -49,7 +49,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
@@ -58,7 +58,7 @@ from ..config import Config
 from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, boundary, redact
 from ..vocab import TokenRequest, is_loopback, split_url
 from . import policy, report, wire
-from .audit import AuditLog, Change, told, withdraw
+from .audit import AuditLog, Change, recover, replica_of, told, withdraw
 from .client import key_identity
 from .db import StoreError
 from .discovery import AGENT_KEY, default_socket, grant_socket, unix_address
@@ -882,6 +882,7 @@ def serve(
     site = _Site(cfg=cfg, env=env, signer=signer, where=where, key_uri=key_uri, socket_path=socket_path,
                  state_dir=state_dir, audit_path=audit_path, tcp_address=tcp_address, listen=listen, tls=tls,
                  idle_timeout=idle_timeout, server=server, request_deadline=request_deadline, out=out)
+    _recover_audit(site, store)  # before this agent's own writers open the file
     if workers > 1:
         if key_uri:
             signer.release()  # type: ignore[union-attr]  # each worker opens its own session on the token
@@ -909,6 +910,26 @@ class _Site:
     request_deadline: float | None
     out: TextIO
 
+    @property
+    def audit_file(self) -> str:
+        return self.audit_path or os.path.join(self.state_dir, "audit.log")
+
+
+def _recover_audit(site: _Site, store: GrantStore, writers: Collection[str] | None = None) -> None:
+    """Into the database, the audit records killed agent processes left only in the file
+    (audit.recover: at start every writer's, for a worker started again the dead one's)."""
+    path = site.audit_file
+    try:
+        n = recover(store.db, path, writers)
+    except (StoreError, OSError) as e:
+        why = e.strerror if isinstance(e, OSError) else str(e)
+        print(f"codestore agent: could not check {path} for audit records a killed agent process did not store ({why}); "
+              "they stay in the file", file=sys.stderr, flush=True)
+        return
+    if n:
+        print(f"codestore agent: added to the database {n} audit record(s) that a killed agent process had written only to {path}",
+              file=sys.stderr, flush=True)
+
 
 def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: int | None = None,
                sockets: tuple[socket.socket, socket.socket | None] | None = None, ready: Callable[[], None] | None = None,
@@ -916,10 +937,9 @@ def _serve_one(site: _Site, store: GrantStore, trust_store: TrustStore, worker: 
     """One agent process: the whole agent, or (with `worker`) one of several on shared sockets
     counting into their shared `metrics` table; `restarted`, in the place of one that died."""
     cfg, env, key_uri, socket_path, tcp_address = site.cfg, site.env, site.key_uri, site.socket_path, site.tcp_address
-    signer, where, state_dir, tls, listen, idle_timeout, out = (
-        site.signer, site.where, site.state_dir, site.tls, site.listen, site.idle_timeout, site.out)
+    signer, where, tls, listen, idle_timeout, out = site.signer, site.where, site.tls, site.listen, site.idle_timeout, site.out
     try:
-        audit = AuditLog(site.audit_path or os.path.join(state_dir, "audit.log"))
+        audit = AuditLog(site.audit_file)
     except BaseException:
         store.close()
         raise
@@ -1079,7 +1099,8 @@ def _stop_with_parent(parent: int) -> None:  # pragma: no cover - a forked worke
 
 
 def _worker(site: _Site, store: GrantStore, trust_store: TrustStore, i: int, parent: int,
-            sockets: tuple[socket.socket, socket.socket | None], ready_fd: int | None, table: Table) -> int:  # pragma: no cover - a forked worker
+            sockets: tuple[socket.socket, socket.socket | None], ready_fd: int | None, table: Table,
+            dead: int | None = None) -> int:  # pragma: no cover - a forked worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops every worker
     _stop_with_parent(parent)
     try:
@@ -1089,6 +1110,8 @@ def _worker(site: _Site, store: GrantStore, trust_store: TrustStore, i: int, par
             raise ConfigError(f"cannot start: {e}") from None  # at start: the agent refuses in one line
         # Started again while the store is away: serve anyway. The view is stale, so every
         # grant is refused (GrantStore.check, /readyz says why) until the poll catches up.
+    if dead is not None:
+        _recover_audit(site, store, {replica_of(dead)})  # what the worker it replaces had not flushed
     if site.key_uri:
         try:
             site.signer.reopen()  # type: ignore[union-attr]  # a PKCS#11 session of its own
@@ -1134,14 +1157,14 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
     parent = os.getpid()
     live: dict[int, int] = {}  # pid -> worker slot
 
-    def spawn(i: int, ready_fd: int | None) -> None:
+    def spawn(i: int, ready_fd: int | None, dead: int | None = None) -> None:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the worker process (covered by the end-to-end tests)
             code = 3
             try:
                 if ready_fd is not None:  # the first start: the parent still reads the other end
                     os.close(read_end)
-                work = functools.partial(_worker, site, store, trust_store, i, parent, (unix_sock, tcp_sock), ready_fd, table)
+                work = functools.partial(_worker, site, store, trust_store, i, parent, (unix_sock, tcp_sock), ready_fd, table, dead)
                 code = boundary("codestore", work)
             finally:
                 os._exit(code)
@@ -1205,8 +1228,7 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
     if tcp_name is not None:
         host, port = tcp_name
         print(f"serving {'https' if site.tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}", file=out)
-    audit = site.audit_path or os.path.join(site.state_dir, "audit.log")
-    print(f"ready pid={os.getpid()} org={site.cfg.require_org()} key={site.where} audit={audit} store={store.where} server=uvicorn workers={n}",
+    print(f"ready pid={os.getpid()} org={site.cfg.require_org()} key={site.where} audit={site.audit_file} store={store.where} server=uvicorn workers={n}",
           file=out, flush=True)
     deaths: list[float] = []
     while True:
@@ -1228,7 +1250,7 @@ def _serve_workers(site: _Site, store: GrantStore, trust_store: TrustStore, n: i
             time.sleep(0.05)  # a signal's handler runs between these and says whether to go on
         if stopping:
             break
-        spawn(slot, None)
+        spawn(slot, None, pid)
     stop_all()
     reap(time.monotonic() + DRAIN_TIMEOUT + 5)
     store.close()
