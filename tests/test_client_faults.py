@@ -3,6 +3,7 @@ on a bad agent address: each ends in one line that names the fix."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -14,8 +15,17 @@ from pathlib import Path
 import pytest
 
 from git_credential_codestore import config, files
-from git_credential_codestore.agent.client import AgentUnavailable, Endpoint, exchange, read_grant
+from git_credential_codestore.agent.client import (
+    FAILOVER_REPLY_TIMEOUT,
+    REPLY_TIMEOUT,
+    AgentRefused,
+    AgentUnavailable,
+    Endpoint,
+    exchange,
+    read_grant,
+)
 from git_credential_codestore.errors import ConfigError, UsageError
+from git_credential_codestore.secrets import Secret
 from tests.conftest import BIN, ORG, OrgKey, run_cli
 from tests.test_agent import REPO, Agent, mint, sandbox_env, verify
 
@@ -195,3 +205,118 @@ def test_a_replica_that_dies_with_the_request_in_hand_is_passed_over_for_the_nex
         assert closer.served == 2  # asked first, passed over
     finally:
         sock.close()
+
+
+class Replying(Dripper):
+    """Accepts connections, reads each request and sends `reply` (None: never answers, as a stopped replica)."""
+
+    def __init__(self, sock: socket.socket, reply: bytes | None) -> None:
+        self.reply, self.served = reply, 0
+        super().__init__(sock)
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)
+            except OSError:
+                return
+            self.served += 1
+            if self.reply is None:
+                self.stop.wait(30)
+                return
+            conn.sendall(self.reply)
+
+
+@contextlib.contextmanager
+def replying(reply: bytes | None) -> Iterator[tuple[Replying, str]]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    fake = Replying(sock, reply)
+    try:
+        yield fake, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        fake.stop.set()
+        sock.close()
+
+
+def _reply(status: str, body: bytes = b"") -> bytes:
+    return f"HTTP/1.1 {status}\r\ncontent-type: text/x-codestore-lines\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+
+
+STORE_AWAY = _reply("503 Service Unavailable", b"error=the grant store is not answering; refusing to mint under a grant until it is back\n")
+
+
+@pytest.mark.parametrize("reply", [
+    _reply("503 Busy"),  # the agent's front over its connection cap
+    STORE_AWAY,
+    _reply("503 Service Unavailable", b"error=cannot write the audit log /dev/full (No space left on device); nothing was minted\n"),
+    _reply("500 Internal Server Error", b"error=internal error\n"),
+    _reply("502 Bad Gateway"),  # a proxy in front of a replica that is gone
+], ids=["busy", "store-away", "audit-unwritable", "internal-error", "bad-gateway"])
+def test_a_replica_that_cannot_mint_now_is_passed_over_for_the_next(agent: Agent, org_key: OrgKey, reply: bytes) -> None:
+    # Threat (availability): the first replica answering 503 (its store or signer away, its
+    # audit log unwritable, busy) failed git, although the next replica was up: only a
+    # replica that did not answer at all was passed over.
+    grant = agent.grant("--repo", REPO)["grant"]
+    with replying(reply) as (fake, url):
+        assert verify(mint(sandbox_env(grant, url=f"{url},{agent.url}")), org_key).repo == REPO
+        assert fake.served == 1
+
+
+def test_a_refusal_of_the_request_itself_is_every_replicas_answer_and_final(agent: Agent) -> None:
+    grant = agent.grant("--repo", REPO)["grant"]
+    with replying(_reply("403 Forbidden", b"error=the grant does not cover team/other\n")) as (first, url), \
+            replying(None) as (second, other):
+        with pytest.raises(AgentRefused, match="does not cover team/other"):
+            mint(sandbox_env(grant, url=f"{url},{other}"))
+        assert (first.served, second.served) == (1, 0)
+
+
+def test_when_every_replica_fails_the_first_ones_reason_is_the_line(agent: Agent) -> None:
+    grant = agent.grant("--repo", REPO)["grant"]
+    with replying(STORE_AWAY) as (first, url), replying(_reply("503 Busy")) as (second, other):
+        with pytest.raises(AgentRefused, match="the grant store is not answering") as e:
+            mint(sandbox_env(grant, url=f"{url},{other}"))
+        assert "\n" not in str(e.value) and (first.served, second.served) == (1, 1)
+    with replying(_reply("503 Busy")) as (_, url):  # a bare 503 names what to do, not only "HTTP 503"
+        with pytest.raises(AgentRefused, match=r"answered HTTP 503 and said no more; it may be busy: try again; check: codestore agent status"):
+            mint(sandbox_env(grant, url=url))
+
+
+def test_a_replica_that_accepts_and_never_answers_costs_seconds_not_the_whole_deadline(agent: Agent, org_key: OrgKey) -> None:
+    # A stopped (SIGSTOP) or wedged replica accepts connections and never answers: each
+    # git request waited the whole 15 s reply deadline before the next replica was asked.
+    grant = agent.grant("--repo", REPO)["grant"]
+    with replying(None) as (fake, url):
+        t0 = time.monotonic()
+        assert verify(mint(sandbox_env(grant, url=f"{url},{agent.url}")), org_key).repo == REPO
+        took = time.monotonic() - t0
+        assert fake.served == 1 and FAILOVER_REPLY_TIMEOUT <= took < REPLY_TIMEOUT, took
+
+
+@pytest.mark.parametrize("content", [
+    '{\n "grant": "csg_abc123_secret"\n}\n',  # the saved `grant create --json` output
+    "# for the sandbox\ncsg_abc123_secret\n",
+    "csg_abc123_secret\r\nX-Evil: injected",
+    "csg_abc123 secret",
+    "csg_ab\u00e7123_secret",
+    "csg_" + "x" * 300,
+])
+def test_a_grant_that_is_not_one_header_token_is_refused_before_any_request(tmp_path: Path, content: str) -> None:
+    # Threat: a grant file with more than the secret in it sent its other lines to the agent
+    # as headers of their own (X-Evil: injected), then failed with "unreadable reply".
+    path = tmp_path / "grant"
+    path.write_text(content)
+    for env in ({"CODESTORE_GRANT_FILE": str(path)}, {"CODESTORE_GRANT": content}):
+        with pytest.raises(ConfigError, match="does not hold one grant secret") as e:
+            read_grant(env)
+        assert "\n" not in str(e.value) and "secret\n" not in str(e.value) and "csg_abc" not in str(e.value)
+
+
+def test_no_header_line_break_reaches_the_agent_whatever_the_caller(tmp_path: Path) -> None:
+    with replying(_reply("200 OK")) as (fake, url):
+        with pytest.raises(ConfigError, match="line break in a header"):
+            exchange(Endpoint.from_url(url), "POST", "/v1/token", b"", None, grant=Secret("csg_a_b\r\nX-Evil: injected"))
+        assert fake.served == 0

@@ -37,6 +37,7 @@ MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0
 FAILOVER_CONNECT_TIMEOUT = 0.5  # per replica when CODESTORE_AGENT_URL names several
 REPLY_TIMEOUT = 15.0
+FAILOVER_REPLY_TIMEOUT = 3.0  # a replica that accepts but does not answer (stopped, wedged), when another is left to ask
 START_HINT = "start it where the key lives (codestore agent start), or fix CODESTORE_AGENT_URL/CODESTORE_AGENT_SOCK"
 
 
@@ -167,6 +168,11 @@ def exchange(
         head.append(f"Authorization: Grant {grant.reveal()}")
     elif identity is not None:  # a workload identity token (workload.py), for the agent alone
         head.append(f"Authorization: Identity {identity.reveal()}")
+    if any(c in line for line in head for c in "\r\n\0"):
+        # A value with a line break would add header lines of its choosing (read_grant and
+        # workload.py refuse such values first, with the fix; this holds for every caller).
+        raise ConfigError(f"refusing to send a request to the codestore agent at {ep} with a line break in a header; "
+                          "check CODESTORE_GRANT/CODESTORE_GRANT_FILE and the workload identity token")
     # One deadline for the whole exchange: a peer dripping a byte at a time must not
     # restart a per-read timeout (each recv waits at most what is left).
     deadline = time.monotonic() + timeout
@@ -239,7 +245,10 @@ def call(
 
 
 def refusal(ep: Endpoint, status: int, reply: Mapping[str, object]) -> Exception:
-    reason = str(reply.get("error") or f"HTTP {status}")
+    if not reply.get("error"):  # not one of the agent's own refusals: a proxy's, or a front's "503 Busy"
+        return AgentRefused(f"the codestore agent at {ep} answered HTTP {status} and said no more"
+                            f"{'; it may be busy: try again' if status == 503 else ''}; check: codestore agent status")
+    reason = str(reply.get("error"))
     if reply.get("code") == "mismatch":
         return AgentMismatch(f"the codestore agent at {ep} {reason}")
     return AgentRefused(f"the codestore agent refused: {reason}")
@@ -309,14 +318,28 @@ class AgentSource:
         if len(self.endpoints) == 1:
             return exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
                             identity=identity)
-        for ep in self.endpoints:
+        failed: tuple[Endpoint, tuple[int, bytes]] | None = None
+        for i, ep in enumerate(self.endpoints):
+            last = i == len(self.endpoints) - 1
             try:
                 result = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
-                                  identity=identity, connect_timeout=FAILOVER_CONNECT_TIMEOUT)
+                                  identity=identity, connect_timeout=FAILOVER_CONNECT_TIMEOUT,
+                                  timeout=REPLY_TIMEOUT if last else FAILOVER_REPLY_TIMEOUT)
             except AgentUnavailable:
                 continue  # minting changes nothing: safe to ask the next replica
+            if result[0] >= 500:
+                # This replica cannot mint now (its store or signer away, its audit log
+                # unwritable, busy): another may. A refusal of the request itself (4xx)
+                # would be every replica's answer, so that one is final.
+                failed = failed or (ep, result)
+                if not last:
+                    continue
+                ep, result = failed  # every replica failing: the first one's reason
             self.endpoint = ep
             return result
+        if failed is not None:  # the others down
+            self.endpoint = failed[0]
+            return failed[1]
         raise AgentUnavailable(f"no codestore agent answered at any of {', '.join(map(str, self.endpoints))}; {START_HINT}")
 
     def record(self, report: Mapping[str, object]) -> None:

@@ -78,7 +78,7 @@ def ca_file(env: Mapping[str, str]) -> str | None:
 def read_grant(env: Mapping[str, str]) -> Secret | None:
     value = env.get(GRANT, "").strip()
     if value:
-        return Secret(value)
+        return _grant(value, GRANT)
     path = env.get(GRANT_FILE)
     if not path:
         return None
@@ -90,6 +90,18 @@ def read_grant(env: Mapping[str, str]) -> Secret | None:
         raise ConfigError(f"cannot read CODESTORE_GRANT_FILE {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
     if not value:
         raise ConfigError(f"CODESTORE_GRANT_FILE {path} is empty; write the grant from `codestore grant create` into it")
+    return _grant(value, f"CODESTORE_GRANT_FILE {path}")
+
+
+MAX_GRANT = 256  # a grant secret is ~60 characters (csg_<id>_<random>)
+
+
+def _grant(value: str, where: str) -> Secret:
+    """The grant as the one header token it is sent as: no spaces, no line breaks, nothing but
+    printable ASCII (anything else would add lines to the request, or is not a grant)."""
+    if len(value) > MAX_GRANT or not value.isascii() or not value.isprintable() or " " in value:
+        raise ConfigError(f"{where} does not hold one grant secret (csg_...); put only the secret that `codestore grant create` "
+                          "printed in it, nothing else")
     return Secret(value)
 
 
