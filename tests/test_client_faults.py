@@ -320,3 +320,19 @@ def test_no_header_line_break_reaches_the_agent_whatever_the_caller(tmp_path: Pa
         with pytest.raises(ConfigError, match="line break in a header"):
             exchange(Endpoint.from_url(url), "POST", "/v1/token", b"", None, grant=Secret("csg_a_b\r\nX-Evil: injected"))
         assert fake.served == 0
+
+
+def test_a_token_of_the_agents_org_is_never_handed_over_for_another_orgs_host(agent: Agent, org_key: OrgKey, tmp_path: Path) -> None:
+    # Threat: a sandbox configured only by CODESTORE_AGENT_URL and its grant takes the org
+    # from the URL git is given; a prompt-injected agent naming codestore://evilorg/...
+    # had the acme token minted and handed to git for evilorg's host.
+    grant = agent.grant("--repo", REPO)["grant"]
+    home = tmp_path / "sandbox-home"  # no config.toml: the two documented variables only
+    home.mkdir()
+    env = {k: v for k, v in sandbox_env(grant, url=agent.url).items() if k not in ("CODESTORE_ORG", "CODESTORE_BASE_URL")}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), GIT_TRACE_CURL=str(tmp_path / "curl.trace"))
+    proc = subprocess.run(["git", "ls-remote", "codestore://evilorg/team/app"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "mints for another org than 'evilorg'" in proc.stderr, proc.stderr
+    assert "eyJ" not in proc.stderr and not (tmp_path / "curl.trace").exists()  # nothing sent to evilorg's host
+    # The agent's own org is served as before.
+    assert verify(mint(dict(env, CODESTORE_ORG=ORG)), org_key).repo == REPO

@@ -310,6 +310,11 @@ class AgentSource:
         except (RemoteError, PolicyError) as e:
             say("agent-client", f"refused (HTTP {status}): {e}", self.env)
             raise
+        if self.cfg.org and not issued_by(token, self.cfg.org):
+            # A sandbox's configuration can come from the URL git was given (no CODESTORE_ORG):
+            # a token of the agent's org must not go to the host of another one.
+            raise AgentMismatch(f"the codestore agent at {self.endpoint} mints for another org than {self.cfg.org!r}, "
+                                f"whose host git asked for; use a URL of the agent's org, or set CODESTORE_ORG to it")
         say("agent-client", f"got a token expiring at {token.expires_at}", self.env)
         return token
 
@@ -354,6 +359,26 @@ class AgentSource:
         del identity
         if status != 201:
             raise refusal(self.endpoint, status, reply)
+
+
+def issued_by(token: Token, org: str) -> bool:
+    """Whether the token's `iss` (its org) is `org`; read, not verified: we only decide where not to send it."""
+    import binascii
+
+    payload = token.reveal().split(".")[1] if token.reveal().count(".") == 2 else ""
+    try:
+        claims = binascii.a2b_base64(payload.replace("-", "+").replace("_", "/") + "=" * (-len(payload) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    if claims.startswith(b'{"iss":"%s",' % org.encode()):  # the agent writes iss first, compact (tokens.Template)
+        return True
+    import json
+
+    try:
+        iss = json.loads(claims).get("iss")
+    except (ValueError, AttributeError):
+        return False
+    return iss == org
 
 
 def token_from_reply(status: int, content: bytes, ep: Endpoint) -> Token:
