@@ -317,7 +317,13 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
 
 
 def describe(e: Mapping[str, Any]) -> str:
-    """One line per entry for people."""
+    """One line per entry for people (what a terminal would act on, escaped: lines.for_terminal)."""
+    from .lines import for_terminal
+
+    return for_terminal(_describe(e))
+
+
+def _describe(e: Mapping[str, Any]) -> str:
     who = f"grant {e['grant']} ({e.get('sub')})" if e.get("grant") else str(e.get("sub") or e.get("peer") or "owner")
     where = f"{e.get('repo', '-')}{'+ephemeral' if e.get('ephemeral') else ''}"
     head = f"{e.get('time', '?')}  {str(e.get('event', '?')):<12} {where:<30} {who}"

@@ -28,7 +28,9 @@ def _patterns() -> list[tuple[object, str]]:
             (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S), "<redacted key>"),
             # Anything shaped like a JWT, Basic/Bearer credentials, or userinfo in a URL.
             (re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "<redacted>"),
-            (re.compile(r"(?i)(authorization:\s*(?:basic|bearer)\s+)\S+"), r"\1<redacted>"),
+            (re.compile(r"(?i)(authorization:\s*(?:basic|bearer|grant|identity)\s+)\S+"), r"\1<redacted>"),
+            # A grant secret (csg_<id>_<random>): its id may stay, to say which grant leaked.
+            (re.compile(r"\b(csg_[A-Za-z0-9]{1,32})_[A-Za-z0-9_-]+"), r"\1_<redacted>"),
             (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@"), r"\1<redacted>@"),
         ]
     return _PATTERNS

@@ -133,6 +133,7 @@ class Tx:
             self.execute(sql.replace("{rows}", f"(VALUES {', '.join([row] * n)}) AS v"), [v for r in chunk for v in r])
 
 
+_LIBPQ_WORDS = re.compile(r"\s*(host|hostaddr|port|dbname|user|password|passfile|sslmode|service|connect_timeout|options)\s*=")
 _PASSWORD = re.compile(r"://[^:/@]*:([^@]*)@")  # userinfo's password
 _PASSWORD_PARAM = re.compile(r"(?i)[?&](?:ssl)?password=([^&]*)")  # libpq's password= and sslpassword=
 
@@ -304,6 +305,11 @@ class Database:
             self.dialect = "postgresql"
         elif "://" in url and not url.startswith("sqlite://"):
             raise ConfigError(f"--store takes postgresql://... or a file path, not {describe(url)[:60]!r}")
+        elif _LIBPQ_WORDS.match(url):
+            # Taken as a file name, it made a local SQLite store (its password in the name):
+            # replicas an operator meant to share PostgreSQL would each keep their own grants.
+            raise ConfigError("--store looks like a libpq key=value string, which is not read here; "
+                              "give it as a URL: postgresql://USER@HOST:PORT/DBNAME (the password in PGPASSWORD or ~/.pgpass)")
         else:
             self.dialect = "sqlite"
             self.path = url.removeprefix("sqlite://")

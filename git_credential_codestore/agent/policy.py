@@ -133,6 +133,8 @@ def parse_terms(data: Mapping[str, object]) -> Terms:
     repos = data.get("repos")
     if not isinstance(repos, list) or not repos or not all(isinstance(r, str) and r.strip() for r in repos):
         raise ConfigError("a grant needs --repo (a repository id or glob such as team/*)")
+    if any(not r.isprintable() or len(r) > 512 for r in repos):  # no repository id has them; a terminal would act on them
+        raise ConfigError("--repo must be a repository id or glob without control characters or spaces other than ' '")
     scopes = parse_scopes(data.get("scopes") or "git:read", "--scopes")
     max_ttl = data.get("max_ttl", 900)
     if not isinstance(max_ttl, int):

@@ -96,7 +96,7 @@ def query(agent: Agent, caller: Caller, authorization: str | None, data: object)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_QUERY:
         return 400, {"error": f"limit must be 1..{MAX_QUERY}"}
     before = body.pop("before", None)
-    if before is not None and (not isinstance(before, int) or isinstance(before, bool) or before < 1):
+    if before is not None and (not isinstance(before, int) or isinstance(before, bool) or not 1 <= before < 1 << 63):
         return 400, {"error": "before must be a cursor from an earlier reply (a positive integer)"}
     try:
         q = audit.Query.from_json(body)

@@ -69,6 +69,7 @@ from .trust import Trust, TrustStore
 
 MAX_BODY = 64 * 1024
 MAX_HEAD = 16 * 1024  # request line and headers
+MAX_GRANT_LIFE = 36500 * 86400  # seconds a grant may last (`--expires-in`)
 MAX_CONNECTIONS = 1024
 PER_PEER = 128  # connections one network address may hold at once: its fair share
 IO_TIMEOUT = 5.0  # per read or write, and a TLS handshake
@@ -419,8 +420,9 @@ class Agent:
         try:
             terms = policy.parse_terms(data)  # shared with trust policies: the same limits
             expires_in = data.get("expires_in")
-            if expires_in is not None and (not isinstance(expires_in, int) or expires_in <= 0):
-                raise ConfigError("--expires-in must be a positive duration")
+            if expires_in is not None and (not isinstance(expires_in, int) or isinstance(expires_in, bool)
+                                           or not 1 <= expires_in <= MAX_GRANT_LIFE):
+                raise ConfigError(f"--expires-in must be a positive duration of at most {MAX_GRANT_LIFE // 86400}d")
             sub = data.get("sub")
             if sub is not None and not policy.is_sub(sub):
                 raise ConfigError("--sub must be a short identifier without control characters")

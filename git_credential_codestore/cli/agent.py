@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import click
 
@@ -67,6 +68,17 @@ def admin_change(socket_opt: str | None, what: str, group: str, oid: str, route:
 
 
 
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange, and a number: NaN compares false with both bounds, so it passed."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return number
+
+
 @click.group("agent")
 def agent() -> None:
     """The daemon that holds the key and mints tokens for helpers and sandboxes."""
@@ -78,13 +90,13 @@ def agent() -> None:
 @click.option("--audit-log", metavar="PATH", help="Audit log file (default: in the state dir).")
 @click.option("--tls-cert", metavar="PEM", help="Certificate for --listen (HTTPS).")
 @click.option("--tls-key", metavar="PEM", help="Private key for --tls-cert.")
-@click.option("--idle-timeout", type=int, default=0, show_default=True, help="Exit after this many idle seconds (0: never).")
+@click.option("--idle-timeout", type=click.IntRange(0), default=0, show_default=True, help="Exit after this many idle seconds (0: never).")
 @click.option("--state-dir", metavar="DIR", help="Where grants live (default: the user state dir).")
 @click.option("--store", "store_url", metavar="URL", envvar="CODESTORE_AGENT_STORE",
               help="Grant database: postgresql://... shared by replicas (default: SQLite in the state dir).")
 @click.option("--server", type=click.Choice(["auto", "uvicorn", "threads"]), default="auto", show_default=True, envvar="CODESTORE_AGENT_SERVER",
               help="HTTP front: uvicorn (the fleet extra) when installed, else the standard library's threads.")
-@click.option("--request-deadline", type=click.FloatRange(0.5, 300), metavar="SECONDS",
+@click.option("--request-deadline", type=FiniteRange(0.5, 300), metavar="SECONDS",
               help="Longest a request may take from its first byte to its reply; slower clients are cut (default 15).")
 @click.option("--key", "key_uri", metavar="pkcs11:URI", envvar="CODESTORE_AGENT_KEY",
               help="Sign through a PKCS#11 token (RFC 7512 URI) instead of holding the key in memory.")
@@ -112,7 +124,7 @@ def agent_serve(socket_opt: str | None, listen: str | None, audit_log: str | Non
 @click.option("--socket", "socket_opt", metavar="PATH", help=SOCKET_HELP)
 @click.option("--listen", metavar="HOST:PORT", help="Also serve grant holders over HTTP(S).")
 @click.option("--audit-log", metavar="PATH")
-@click.option("--idle-timeout", type=int, default=0, show_default=True, help="Exit after this many idle seconds (0: never).")
+@click.option("--idle-timeout", type=click.IntRange(0), default=0, show_default=True, help="Exit after this many idle seconds (0: never).")
 def agent_start(socket_opt: str | None, listen: str | None, audit_log: str | None, idle_timeout: int) -> None:
     """Start the agent in the background (no-op when it is already running)."""
     from ..agent.client import AgentUnavailable, Endpoint, call

@@ -14,6 +14,7 @@ import time
 import click
 
 from ..errors import CodestoreError, ConfigError
+from ..lines import for_terminal
 from .agent import SOCKET_HELP, admin, admin_change, warn
 
 
@@ -203,10 +204,10 @@ def grant_list(repo: str | None, sub: str | None, state: str | None, limit: int 
             else:
                 if first:
                     click.echo(f"{'ID':<13} {'STATE':<8} {'USES':>5} {'REFUSED':>7}  {'LAST USE':<20}  {'SCOPES':<20} REPOS / SUB")
-                click.echo(
+                click.echo(for_terminal(
                     f"{g['id']:<13} {g['state']:<8} {g['uses']:>5} {g['refusals']:>7}  {_when(g['last_use']):<20}  "
                     f"{' '.join(g['scopes']):<20} {' '.join(g['repos'])}{' (ephemeral only)' if g['ephemeral_only'] else ''} / {g['sub']}"
-                )
+                ))
             first = False
         shown += len(grants)
         if not cursor or (limit and shown >= limit):

@@ -1,0 +1,67 @@
+"""Bad input found by probing the agent and its CLI: each refused in one line (or shown
+harmless), never a 500, a hang, a traceback or a secret echoed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from git_credential_codestore import audit
+from git_credential_codestore.agent import policy
+from git_credential_codestore.agent.client import Endpoint, call
+from git_credential_codestore.agent.db import Database
+from git_credential_codestore.errors import ConfigError, redact
+from git_credential_codestore.lines import for_terminal
+from tests.conftest import OrgKey, run_cli
+from tests.test_agent import REPO, Agent
+
+
+@pytest.mark.parametrize("args", [["--request-deadline", "nan"], ["--request-deadline", "-nan"], ["--idle-timeout", "-5"]])
+def test_a_duration_that_is_not_one_is_a_usage_error(args: list[str], org_key: OrgKey, tmp_path: Path) -> None:
+    # `nan` passed the range check (NaN compares false with both bounds): the agent said
+    # "ready", then every connection died in a traceback and nothing was answered.
+    proc = run_cli("codestore", "agent", "serve", "--state-dir", str(tmp_path / "s"), "--socket", str(tmp_path / "s" / "a.sock"), *args,
+                   timeout=30)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and args[0] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_libpq_key_value_store_string_is_refused_not_made_a_file_named_after_its_password(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(ConfigError, match="libpq key=value") as e:
+        Database("host=127.0.0.1 port=1 password=SECRETKV")
+    assert "SECRETKV" not in str(e.value) and not list(cwd.iterdir())
+
+
+def test_a_grant_secret_is_redacted_wherever_redact_runs() -> None:
+    # A sandbox's push report reason holding its own grant secret went to the audit log whole.
+    text = redact("remote: bad csg_ab12cd34ef56_Zx-9_QqSECRET; Authorization: Grant csg_x_y; Identity eyJa.b.c")
+    assert "SECRET" not in text and "csg_x_y" not in text and "eyJ" not in text
+    assert "csg_ab12cd34ef56_<redacted>" in text  # the id stays: it says which grant leaked
+
+
+def test_what_a_terminal_would_act_on_is_shown_escaped() -> None:
+    # Threat: a sandbox's push report (its reason) writing to the owner's clipboard (OSC 52)
+    # or drawing fake lines when the owner runs `codestore audit`.
+    evil = "\x1b]52;c;ZWNobyBwd25lZAo=\x07\x1b[31mFAKE\x1b[0m\u202e\x9b"
+    entry = {"time": "2026-11-29T00:00:00Z", "event": "push", "repo": "team/app", "grant": "g1", "sub": evil,
+             "refs": [{"ref": "refs/heads/x", "old": "0" * 40, "new": "a" * 40, "result": "error", "reason": evil}]}
+    line = audit.describe(entry)
+    assert not any(c in line for c in "\x1b\x07\u202e\x9b") and "\\x1b]52" in line and "FAKE" in line
+    assert for_terminal("team/app ok") == "team/app ok"
+    with pytest.raises(ConfigError, match="--repo"):
+        policy.parse_terms({"repos": ["team/\x1b[2J"]})
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/grants", {"repos": [REPO], "expires_in": 99999999999999999999999}),
+    ("/v1/grants", {"repos": [REPO], "expires_in": True}),
+    ("/v1/audit/query", {"before": 18446744073709551616}),
+    ("/v1/audit/query", {"before": 2 ** 63}),
+])
+def test_a_number_out_of_range_is_a_400_not_an_internal_error(agent: Agent, path: str, body: dict[str, object]) -> None:
+    status, reply = call(Endpoint("unix", agent.socket), "POST", path, body)
+    assert status == 400 and "internal error" not in str(reply.get("error")), (status, reply)
