@@ -491,6 +491,35 @@ def test_a_replica_killed_mid_create_loses_no_acknowledged_grant(tmp_path: Path,
         b.stop()
 
 
+def test_a_store_that_takes_no_writes_is_unready_and_refused_at_start(tmp_path: Path, org_key: OrgKey, pg_url: str) -> None:
+    # Threat: a replica on a store that reads but takes no writes (a read-only standby, a
+    # read-only file) said ready and minted, while a compromised grant could not be revoked
+    # through it: a load balancer kept sending sandboxes there.
+    import psycopg
+
+    a = replica(tmp_path, "a", pg_url)
+    ep = Endpoint("unix", a.socket)
+    try:
+        g = create(a)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {pg_url.rsplit('/', 1)[1]} SET default_transaction_read_only = on")
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+        def unready() -> bool:
+            with contextlib.suppress(AgentRefused):
+                mint(sandbox_env(g["grant"], sock=a.socket))  # reads still work: its audit row is a write for the flush
+            status, body = exchange(ep, "GET", "/readyz", b"", None)
+            return status == 503 and "took no write" in json.loads(body)["store"]
+
+        assert wait_for(unready, timeout=10)
+        status, reply = admin(a, "POST", f"/v1/grants/{g['id']}/revoke")
+        assert status == 503 and "NOT revoked" in reply["error"], reply
+    finally:
+        a.stop()
+    proc = serve_fails(tmp_path, "--store", pg_url, "--socket", str(tmp_path / "b" / "agent.sock"))
+    assert proc.returncode == 1 and "takes no writes" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_a_foreign_postgresql_database_is_refused_at_start(tmp_path: Path, org_key: OrgKey, pg_url: str) -> None:
     import psycopg
 

@@ -261,6 +261,16 @@ class GrantStore:
         except BaseException:
             self.close()
             raise
+        try:
+            with self.db.transaction() as tx:  # a write that changes nothing: does the store take writes?
+                tx.execute("UPDATE grant_changes SET seq = seq WHERE id = 1")
+        except StoreError as e:
+            self.close()
+            raise ConfigError(f"cannot start: the store takes no writes ({e}), so no grant could be created or revoked; "
+                              "make it writable, or point --store at one that is") from None
+        except BaseException:
+            self.close()
+            raise
         self._fresh_until = time.monotonic() + STALE_AFTER
         return self
 
@@ -652,4 +662,8 @@ class GrantStore:
     def healthy(self) -> tuple[bool, str]:
         if time.monotonic() > self._fresh_until:
             return False, self._last_error or "the grant store is not answering"
+        failed = self._flush_failed
+        if failed is not None:
+            # It answers reads (minting goes on), but a revocation could not be written here.
+            return False, f"the store took no write in the last flush ({failed}); grants cannot be created or revoked through this replica"
         return True, "ok"
