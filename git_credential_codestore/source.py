@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Protocol
 
+    from .agent.client import AgentSource
+
     class TokenSource(Protocol):
         def mint(self, request: TokenRequest) -> Token: ...
 
@@ -67,20 +69,23 @@ class FallbackSource:
     """The agent when it answers; the local key when it is down (or holds another key).
 
     When the local key is missing too, the agent's one-line error (how to start it) is
-    what the user sees: that is the likelier fix.
+    what the user sees: that is the likelier fix. An agent that accepts and does not answer
+    (stopped, wedged) is given FAILOVER_REPLY_TIMEOUT before the local key signs, not the
+    whole reply deadline; without a local key it gets the rest of that deadline.
     """
 
-    def __init__(self, agent: TokenSource, local: TokenSource) -> None:
+    def __init__(self, agent: AgentSource, local: TokenSource) -> None:
         self.agent = agent
         self.local = local
         self.used: TokenSource = agent
 
     def mint(self, request: TokenRequest) -> Token:
-        from .agent.client import AgentMismatch, AgentUnavailable
+        from .agent.client import FAILOVER_REPLY_TIMEOUT, REPLY_TIMEOUT, AgentMismatch, AgentSilent, AgentUnavailable
         from .errors import KeyNotFound
 
         try:
             self.used = self.agent
+            self.agent.reply_timeout = FAILOVER_REPLY_TIMEOUT
             return self.agent.mint(request)
         except (AgentUnavailable, AgentMismatch) as agent_error:
             from .trace import say
@@ -90,7 +95,11 @@ class FallbackSource:
                 self.used = self.local
                 return self.local.mint(request)
             except KeyNotFound:
-                raise agent_error from None
+                if not isinstance(agent_error, AgentSilent):
+                    raise agent_error from None
+        self.used = self.agent  # no key here: the agent that was only slow is the one way left
+        self.agent.reply_timeout = REPLY_TIMEOUT - FAILOVER_REPLY_TIMEOUT
+        return self.agent.mint(request)
 
     def record(self, report: Mapping[str, object]) -> None:
         """Into the trail of whichever source minted; the local file if the agent went away."""

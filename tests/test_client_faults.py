@@ -336,3 +336,46 @@ def test_a_token_of_the_agents_org_is_never_handed_over_for_another_orgs_host(ag
     assert "eyJ" not in proc.stderr and not (tmp_path / "curl.trace").exists()  # nothing sent to evilorg's host
     # The agent's own org is served as before.
     assert verify(mint(dict(env, CODESTORE_ORG=ORG)), org_key).repo == REPO
+
+
+class Scripted(Replying):
+    """Answers its connections in turn from `replies` (None: never answers)."""
+
+    def __init__(self, sock: socket.socket, replies: list[bytes | None]) -> None:
+        self.replies = replies
+        super().__init__(sock, None)
+
+    def _drip(self, conn: socket.socket) -> None:
+        self.reply = self.replies[min(self.served, len(self.replies) - 1)]
+        super()._drip(conn)
+
+
+@pytest.mark.parametrize("local_key", [True, False])
+def test_the_owners_agent_that_does_not_answer_costs_seconds_before_the_local_key(org_key: OrgKey, local_key: bool) -> None:
+    # A stopped (SIGSTOP) or wedged agent at the owner's default socket held every git
+    # request for the whole 15 s reply deadline before the local key signed.
+    from git_credential_codestore.agent import discovery
+
+    env = dict(os.environ)
+    if not local_key:
+        env.pop("CODESTORE_PRIVATE_KEY_FILE")
+    path = discovery.default_socket(env)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(path)
+    sock.listen(8)
+    # Silent at first; asked again (no key here to sign instead), it refuses.
+    fake = Scripted(sock, [None, _reply("403 Forbidden", b"error=not today\n")])
+    try:
+        t0 = time.monotonic()
+        if local_key:
+            assert verify(mint(env), org_key).repo == REPO
+        else:
+            with pytest.raises(AgentRefused, match="not today"):
+                mint(env)
+        took = time.monotonic() - t0
+        assert FAILOVER_REPLY_TIMEOUT <= took < REPLY_TIMEOUT and fake.served == (1 if local_key else 2), (took, fake.served)
+    finally:
+        fake.stop.set()
+        sock.close()
+        os.unlink(path)

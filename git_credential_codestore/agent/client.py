@@ -45,6 +45,10 @@ class AgentUnavailable(RemoteError):
     """Nothing answers at the agent's address."""
 
 
+class AgentSilent(AgentUnavailable):
+    """The agent accepted the request and did not answer in time (stopped, wedged, overloaded)."""
+
+
 class AgentMismatch(RemoteError):
     """The agent signs for another org or key than this helper is configured for."""
 
@@ -194,7 +198,7 @@ def exchange(
             if size > MAX_REPLY:
                 raise RemoteError(f"the codestore agent at {ep} sent an oversized reply")
     except TimeoutError:  # socket.timeout is TimeoutError since Python 3.10
-        raise AgentUnavailable(f"the codestore agent at {ep} did not answer within {timeout:.0f}s; check: codestore agent status") from None
+        raise AgentSilent(f"the codestore agent at {ep} did not answer within {timeout:.0f}s; check: codestore agent status") from None
     except OSError as e:
         raise AgentUnavailable(f"the codestore agent at {ep} dropped the connection ({e.strerror or type(e).__name__}); {START_HINT}") from None
     finally:
@@ -267,6 +271,7 @@ class AgentSource:
         self.cfg = cfg
         self.env = env
         self.identity = identity  # used only without a grant
+        self.reply_timeout = REPLY_TIMEOUT  # one replica's; shorter when the owner's local key can sign instead
 
     @classmethod
     def from_env(cls, cfg: Config, env: Mapping[str, str] | None = None) -> AgentSource:
@@ -322,7 +327,7 @@ class AgentSource:
         """POST the token request to the first replica that answers; `self.endpoint` is it."""
         if len(self.endpoints) == 1:
             return exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
-                            identity=identity)
+                            identity=identity, timeout=self.reply_timeout)
         failed: tuple[Endpoint, tuple[int, bytes]] | None = None
         for i, ep in enumerate(self.endpoints):
             last = i == len(self.endpoints) - 1
