@@ -42,6 +42,7 @@ import os
 import sys
 
 from .errors import ConfigError, PolicyError
+from .lines import has_control
 from .records import record
 from .vocab import (
     DEFAULT_TTL,
@@ -49,6 +50,7 @@ from .vocab import (
     allows,
     check_ttl,
     is_off,
+    is_org,
     parse_scopes,
     path_under,
     split_repo_path,
@@ -246,16 +248,20 @@ class Config(
 def _read_file(path: str, env: Mapping[str, str], cache: bool = True) -> dict[str, object]:
     """The parsed file ({} when there is none), through config_cache when `cache`."""
     from . import config_cache
+    from .files import open_nonblocking
 
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
+        fd = open_nonblocking(path)
+        try:
+            st = os.fstat(fd)
             cached = config_cache.read(path, st, env) if cache else None
             if cached is not None:
                 return cached
-            from .files import read_open_bounded  # the cache missed: the file changed
+            from .files import read_fd_bounded  # the cache missed: the file changed
 
-            data = read_open_bounded(f, path, "the configuration file")
+            data = read_fd_bounded(fd, path, "the configuration file")
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         return {}
     except OSError as e:
@@ -376,6 +382,18 @@ def all_orgs(env: Mapping[str, str] | None = None, *, cache: bool = True) -> lis
     return out or [default]
 
 
+def _host_port(netloc: str) -> bool:
+    """HOST, HOST:PORT, [IPv6] or [IPv6]:PORT, as an HTTP client can connect to it."""
+    if netloc.startswith("["):
+        host, sep, port = netloc[1:].partition("]")
+        port = port.removeprefix(":") if port.startswith(":") else ("x" if port else "")
+        ok = bool(sep and host) and ":" in host
+    else:
+        host, _, port = netloc.partition(":")
+        ok = bool(host) and "[" not in host and "]" not in host
+    return ok and (not port or (port.isascii() and port.isdigit() and int(port) < 65536))
+
+
 def _build(raw: Mapping[str, object], env: Mapping[str, str], path: str, name: str, uses_env: bool = True) -> Config:
     """One org's Config: `raw` (top level or a section) overridden by `env`."""
     where = f"{path} [orgs.{name}]" if name else path
@@ -394,10 +412,21 @@ def _build(raw: Mapping[str, object], env: Mapping[str, str], path: str, name: s
     for k in ("org", "base_url", "api_url", "kid", "sub", "private_key_file"):
         if k in values and not isinstance(values[k], str):
             raise ConfigError(f"{where}: {k} must be a string")
+    org = values.get("org")
+    if org and not is_org(str(org)):
+        # It names the org's host and its key file (keys/ORG.pem): "../x" would be a path.
+        raise ConfigError(f"{sources['org']}: org {str(org)[:64]!r} is not an org name (a DNS label: letters, digits and '-')")
+    for k in ("kid", "sub"):
+        text = values.get(k)
+        if isinstance(text, str) and (has_control(text) or len(text) > 256):
+            raise ConfigError(f"{sources[k]}: {k} must be one line of at most 256 characters, without control characters")
+    for k in ("scopes", "ephemeral_scopes"):
+        if k in values and not parse_scopes(values[k], k):
+            raise ConfigError(f"{sources[k]}: {k} is empty; name at least one, e.g. git:read")
     for k in ("base_url", "api_url"):
         if k in values:
             u = split_url(str(values[k]))
-            if u.scheme not in ("http", "https") or not u.netloc or "@" in u.netloc or u.query or u.fragment:
+            if u.scheme not in ("http", "https") or not _host_port(u.netloc) or "@" in u.netloc or u.query or u.fragment:
                 raise ConfigError(f"{k} {values[k]!r} must be an http(s) URL without credentials, query or fragment")
     from .trace import say
 
@@ -445,16 +474,35 @@ def set_value(key: str, value: str, env: Mapping[str, str] | None = None, sectio
         raise ConfigError(f"unknown setting {key!r}; settings: {', '.join(_SETTINGS)}")
     if section is not None and not (section.replace("-", "").isalnum() and section.isascii()):
         raise ConfigError(f"{section!r} is not an org name (letters, digits and '-')")
-    path = config_path(env)
+    shown = config_path(env)
+    path = os.path.realpath(shown)  # a symlinked config.toml (dotfiles): its target is the file to change
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    import fcntl
+
+    # Read, change, replace under a lock: two `config set` at once each keep the other's change.
+    try:
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigError(f"cannot write {shown} ({e.strerror}); check the permissions of {os.path.dirname(path)}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _set_value(key, value, env, section, shown, path)
+    finally:
+        os.close(lock)
+
+
+def _set_value(key: str, value: str, env: Mapping[str, str] | None, section: str | None, shown: str, path: str) -> str:
     lines = []
+    mode = 0o644
     from .files import read_bounded
 
     try:
         lines = read_bounded(path, "the configuration file").decode("utf-8").splitlines()
+        mode = os.stat(path).st_mode & 0o777  # kept: a 0600 file stays 0600
     except FileNotFoundError:
         pass
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+        raise ConfigError(f"cannot read {shown}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
     import json
 
     new = f"{key} = {json.dumps(value)}"
@@ -479,8 +527,16 @@ def set_value(key: str, value: str, env: Mapping[str, str] | None = None, sectio
         lines.insert(at, new)
     from .files import write_atomic
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    def check(tmp: str) -> None:
+        try:
+            all_orgs({"CODESTORE_CONFIG": tmp}, cache=False)
+        except ConfigError as e:  # about the file as it would be: named as the user knows it
+            raise ConfigError(str(e).replace(tmp, shown)) from None
+
     # Refuse a bad value now, not at the next git fetch: the new file (every org in it) is loaded first.
-    write_atomic(path, "\n".join(lines) + "\n", 0o644, check=lambda tmp: all_orgs({"CODESTORE_CONFIG": tmp}, cache=False))
-    _read_file(path, os.environ if env is None else env)  # the next git request reads the parsed copy
-    return path
+    try:
+        write_atomic(path, "\n".join(lines) + "\n", mode, check=check)
+    except OSError as e:
+        raise ConfigError(f"cannot write {shown} ({e.strerror}); check the permissions of {os.path.dirname(path)}") from None
+    _read_file(shown, os.environ if env is None else env)  # the next git request reads the parsed copy
+    return shown

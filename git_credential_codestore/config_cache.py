@@ -83,6 +83,6 @@ def store(path: str, key: object, value: object) -> None:
         from .files import write_atomic
 
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        write_atomic(path, data, 0o600, concurrent=True)
+        write_atomic(path, data, 0o600)
     except OSError:
         pass

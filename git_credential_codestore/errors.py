@@ -144,6 +144,16 @@ def boundary(prog: str, func: Callable[[], int], stderr: TextIO | None = None) -
     except BrokenPipeError:
         return 1
     except Exception as e:  # noqa: BLE001 - this is the boundary
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            # The machine, not a bug: a path that is a directory, a directory we may not
+            # write, a full disk. Said in one line with the path, for the user to fix.
+            from .trace import say
+
+            other = f" -> {e.filename2}" if e.filename2 is not None else ""
+            line = redact(" ".join(f"cannot use {e.filename}{other}: {e.strerror}; check that path and its permissions".split()))
+            say(prog, f"refused (OSError, exit 1): {line}")
+            print(f"{prog}: {line}", file=err)
+            return 1
         import traceback
 
         path = crash_log_path()

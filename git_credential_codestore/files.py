@@ -19,7 +19,6 @@ from .errors import ConfigError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import BinaryIO
 
 
 def write_atomic(
@@ -29,25 +28,31 @@ def write_atomic(
     *,
     fsync: bool = False,
     check: Callable[[str], object] | None = None,
-    concurrent: bool = False,
 ) -> str:
-    """Write `data` to `path` through `path.tmp` and a rename; returns `path`.
+    """Write `data` to `path` through a temporary file of this call's own and a rename;
+    returns `path`.
 
     `fsync`: make it durable before the rename (state that must survive a crash).
     `check(tmp_path)`: validate the new file before it replaces the old one; if it
     raises, the old file is left untouched and the temporary one removed.
-    `concurrent`: several processes may write the same file at once (a cache the git
-    helpers refresh), so each writes its own temporary file.
+    Each call writes its own temporary file (O_EXCL, a random name beside `path`): two
+    processes writing at once (two `config set`, helpers refreshing a cache) each
+    replace the file whole, never truncate or remove the other's temporary file.
     """
-    tmp = f"{path}.{os.getpid()}.tmp" if concurrent else path + ".tmp"
+    while True:
+        tmp = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            break
+        except FileExistsError:
+            continue
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # a leftover tmp keeps its old mode; the umask narrows O_CREAT's
+        os.chmod(tmp, mode)  # the umask narrows O_CREAT's
         if check is not None:
             check(tmp)
         os.replace(tmp, path)
@@ -69,13 +74,45 @@ def read_bounded(path: str, what: str, limit: int = MAX_FILE) -> bytes:
     FileNotFoundError passes through (callers decide whether a missing file is normal);
     other OS errors too, for the caller to word.
     """
-    with open(path, "rb") as f:
-        return read_open_bounded(f, path, what, limit)
+    fd = open_nonblocking(path)
+    try:
+        return read_fd_bounded(fd, path, what, limit)
+    finally:
+        os.close(fd)
 
 
-def read_open_bounded(f: BinaryIO, path: str, what: str, limit: int = MAX_FILE) -> bytes:
-    """`read_bounded` for a file already open (as `path`), read from where it stands."""
-    data = f.read(limit + 1)
-    if len(data) > limit:
+STREAM_WAIT = 5.0  # seconds a pipe or device named as a file may take to give all it has
+
+
+def open_nonblocking(path: str) -> int:
+    """`path` opened for reading without waiting: a named pipe with no writer would block open(2) forever."""
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def read_fd_bounded(fd: int, path: str, what: str, limit: int = MAX_FILE) -> bytes:
+    """`read_bounded` for `fd` (from open_nonblocking), read from where it stands. A pipe
+    (process substitution, a FIFO) is read until its writer closes it, for STREAM_WAIT at most."""
+    import stat
+    import time
+
+    deadline = None if stat.S_ISREG(os.fstat(fd).st_mode) else time.monotonic() + STREAM_WAIT
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        try:
+            chunk = os.read(fd, limit + 1 - size)
+        except BlockingIOError:
+            import select
+
+            left = (deadline or 0) - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise ConfigError(f"nothing more came from {what} {path} within {STREAM_WAIT:g} s; "
+                                  "point it at a file (a named pipe needs a writer that closes it)") from None
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
         raise ConfigError(f"{what} {path} is larger than {limit} bytes; point it at the right file")
-    return data
+    return b"".join(chunks)

@@ -22,7 +22,7 @@ from . import config
 from .config import Config
 from .errors import ConfigError
 from .records import record
-from .vocab import EPHEMERAL_SUFFIX, is_loopback, path_under, split_repo_suffix, split_url
+from .vocab import EPHEMERAL_SUFFIX, is_loopback, is_org, path_under, split_repo_suffix, split_url
 
 TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
@@ -30,16 +30,6 @@ if TYPE_CHECKING:
 
 SCHEME = "codestore://"
 USAGE = "use codestore://<org>/<repo> (or codestore::https://<host>/<repo>.git)"
-
-
-def _is_org(name: str) -> bool:
-    """A DNS label: 1..63 ASCII letters, digits and '-', not starting or ending with '-'."""
-    return (
-        0 < len(name) <= 63
-        and all(c.isascii() and (c.isalnum() or c == "-") for c in name)
-        and not name.startswith("-")
-        and not name.endswith("-")
-    )
 
 
 class Remote(record("Remote", "repo suffix base_url")):
@@ -90,7 +80,7 @@ def parse(url: str, cfg: Config) -> tuple[Remote, Config]:
         raise ConfigError(f"the URL carries credentials; codestore mints them when git needs them, so remove them; {USAGE}")
     if ":" in org:
         raise ConfigError(f"{url!r}: a codestore URL names an org, not a host and port; {USAGE}")
-    if not sep or not path or not _is_org(org):
+    if not sep or not path or not is_org(org):
         raise ConfigError(f"{url!r} is not a codestore URL; {USAGE}")
     if "?" in path or "#" in path:
         raise ConfigError(f"{url!r}: a codestore URL takes no query or fragment; {USAGE}")

@@ -74,10 +74,17 @@ def say(what: str, message: str, env: Mapping[str, str] | None = None) -> None:
         return
     try:
         fd = os.open(where, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
     except OSError as e:
-        sys.stderr.write(f"codestore: cannot write the trace file {where} ({e.strerror}); tracing to stderr\n{line}")
-        return
-    try:
-        os.write(fd, line.encode("utf-8", "replace"))
-    finally:
-        os.close(fd)
+        # Tracing never breaks the command (a full disk, /dev/full, a directory): said once,
+        # then this process traces to stderr.
+        if where not in _unwritable:
+            _unwritable.add(where)
+            sys.stderr.write(f"codestore: cannot write the trace file {where} ({e.strerror}); tracing to stderr\n")
+        sys.stderr.write(line)
+
+
+_unwritable: set[str] = set()  # trace files this process could not write

@@ -62,6 +62,17 @@ def allows(granted: Iterable[str], scope: str) -> bool:
     return scope in with_implied(granted)
 
 
+def is_org(name: str) -> bool:
+    """An org name: a DNS label (it is the first label of the org's host), 1..63 ASCII
+    letters, digits and '-', not starting or ending with '-'. So also never a path."""
+    return (
+        0 < len(name) <= 63
+        and all(c.isascii() and (c.isalnum() or c == "-") for c in name)
+        and not name.startswith("-")
+        and not name.endswith("-")
+    )
+
+
 def parse_scopes(value: object, where: str) -> tuple[str, ...]:
     """Scopes as a space/comma separated string or a list; `git:write` implies `git:read`."""
     if isinstance(value, str):
