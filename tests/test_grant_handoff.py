@@ -50,6 +50,23 @@ def test_secret_file_replaces_an_existing_file_and_never_writes_through_a_symlin
     assert not link.is_symlink() and stat.S_IMODE(link.stat().st_mode) == 0o600
 
 
+def test_secret_file_replaces_only_a_grant_secret_never_other_data_or_a_device(agent: Agent, tmp_path: Path) -> None:
+    # Threat: `--secret-file notes.txt` (a slip) silently replaced the file; as root,
+    # `--secret-file /dev/full` replaced the device node with a file holding the secret.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (notes, fifo):
+        code, out, err = create(agent, "--secret-file", str(path))
+        assert code == 1 and err.count("\n") == 1 and "name a new file" in err, err
+    assert notes.read_text() == "precious\n" and stat.S_ISFIFO(fifo.lstat().st_mode) and grant_ids(agent) == []
+    old = tmp_path / "grant"  # a sandbox re-provisioned: its old grant's secret is replaced
+    assert create(agent, "--secret-file", str(old))[0] == 0
+    first = old.read_text()
+    assert create(agent, "--secret-file", str(old))[0] == 0 and old.read_text() != first and old.read_text().startswith("csg_")
+
+
 def test_secret_only_prints_the_secret_and_nothing_else(agent: Agent) -> None:
     code, out, err = create(agent, "--secret-only")
     assert code == 0, err

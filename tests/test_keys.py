@@ -109,6 +109,14 @@ def test_key_import_reads_stdin_and_generate_refuses_to_overwrite(hermetic: Path
     assert pub.stdout.strip() == k.public_path.read_text().strip()
     again = run_cli("codestore", "key", "generate")
     assert again.returncode == 1 and "--force" in again.stderr and again.stderr.count("\n") == 1
+    # Import too: replacing the key Code Storage knows makes every token refused.
+    assert run_cli("codestore", "key", "import", "-", input=k.pem).returncode == 0  # the same key again: nothing lost
+    other = make_key(tmp_path, name="other")
+    again = run_cli("codestore", "key", "import", "-", input=other.pem)
+    assert again.returncode == 1 and "--force" in again.stderr and again.stderr.count("\n") == 1
+    assert run_cli("codestore", "key", "public").stdout.strip() == k.public_path.read_text().strip()
+    assert run_cli("codestore", "key", "import", "--force", "-", input=other.pem).returncode == 0
+    assert run_cli("codestore", "key", "public").stdout.strip() == other.public_path.read_text().strip()
 
 
 def test_key_generate_prints_only_the_public_key(hermetic: Path, monkeypatch: pytest.MonkeyPatch) -> None:

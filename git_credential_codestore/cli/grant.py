@@ -56,6 +56,21 @@ def _prepare_secret_file(path: str) -> str:
         raise ConfigError(f"cannot write the grant to {path}: {parent} is not a directory; create it first")
     if os.path.isdir(path):
         raise ConfigError(f"cannot write the grant to {path}: it is a directory; name a file")
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+        # Replaced by a rename, a device node (/dev/full) or a pipe would be gone.
+        raise ConfigError(f"cannot write the grant to {path}: it is not a regular file; name a new file")
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_size:
+        with open(path, "rb") as f:
+            held = f.read(4)
+        if held != b"csg_":  # another grant's secret is replaced (a sandbox re-provisioned); anything else is kept
+            raise ConfigError(f"cannot write the grant to {path}: it holds something else than a grant secret; "
+                              "remove it or name a new file")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write the grant to {path}: {parent} is not writable")
     return path

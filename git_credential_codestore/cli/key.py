@@ -35,13 +35,7 @@ def key_generate(kind: str, force: bool, pkcs11_uri: str | None) -> None:
         click.echo(keys.public_pem(public), nl=False)
         return
     cfg = config.load()
-    if not force:
-        try:
-            _, where = keys.load_private_key(cfg)
-        except CodestoreError:
-            pass
-        else:
-            raise CodestoreError(f"a key already exists in {where}; pass --force to replace it")
+    _refuse_replacing(cfg, force)
     key = keys.generate(kind)
     where = keys.store_private_key(key, cfg)
     if where != "the OS keychain":
@@ -50,9 +44,26 @@ def key_generate(kind: str, force: bool, pkcs11_uri: str | None) -> None:
     click.echo(keys.public_pem(key), nl=False)
 
 
+def _refuse_replacing(cfg: object, force: bool, new: object = None) -> None:
+    """A key already here is replaced only with --force (it may be the one Code Storage
+    knows: replaced, every token is refused), unless `new` is that same key again."""
+    from .. import keys
+
+    if force:
+        return
+    try:
+        old, where = keys.load_private_key(cfg)  # type: ignore[arg-type]
+    except CodestoreError:
+        return
+    if new is not None and keys.public_pem(old) == keys.public_pem(new):  # type: ignore[arg-type]
+        return
+    raise CodestoreError(f"a key already exists in {where}; pass --force to replace it")
+
+
 @key_group.command("import")
 @click.argument("source", default="-", metavar="[FILE|-]")
-def key_import(source: str) -> None:
+@click.option("--force", is_flag=True, help="Replace a key that is already stored.")
+def key_import(source: str, force: bool) -> None:
     """Store a PEM private key read from FILE or stdin (never from argv)."""
     from .. import config, keys
     from ..secrets import Secret
@@ -69,7 +80,9 @@ def key_import(source: str) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise CodestoreError(f"cannot read {source}: {getattr(e, 'strerror', e)}") from None
     key = keys.parse_private_key(pem, source if source != "-" else "stdin")
-    where = keys.store_private_key(key, config.load())
+    cfg = config.load()
+    _refuse_replacing(cfg, force, key)
+    where = keys.store_private_key(key, cfg)
     click.echo(f"stored the key in {where}")
 
 
