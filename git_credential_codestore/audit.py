@@ -37,6 +37,8 @@ from typing import Any
 from .errors import ConfigError, redact
 
 EVENTS = ("push", "promote")
+# Every event a trail holds: the reports above, then the agent's (agent/server.py, agent/trust.py).
+ALL_EVENTS = (*EVENTS, "mint", "refuse", "grant-create", "grant-revoke", "trust-add", "trust-remove")
 RESULTS = ("ok", "error", "unknown")
 MAX_REFS = 1000
 ZERO = "0" * 40
@@ -166,14 +168,19 @@ def append_local(path: str, fields: Mapping[str, object]) -> None:
 
 
 def read(path: str) -> Iterator[dict[str, Any]]:
-    """Entries of one JSON-lines trail; a missing file is empty, a torn line is skipped."""
+    """Entries of one JSON-lines trail; a missing file is empty, a torn or undecodable line is skipped."""
+    import stat
+
     try:
-        f = open(path, encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a named pipe must not hold the open
     except FileNotFoundError:
         return
     except OSError as e:
         raise ConfigError(f"cannot read the audit trail {path}: {e.strerror}") from None
-    with f:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)  # a pipe or a device (/dev/zero) never ends: a trail is a file
+        raise ConfigError(f"the audit trail {path} is not a regular file; point it at the trail's file")
+    with open(fd, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 entry = json.loads(line)

@@ -112,3 +112,20 @@ def test_a_named_pipe_given_as_a_file_never_hangs(tmp_path: Path) -> None:
         assert "nothing more came from CODESTORE_GRANT_FILE" in line, line
     finally:
         os.close(writer)
+
+
+def test_audit_says_what_is_wrong_with_its_filters_and_files(tmp_path: Path) -> None:
+    env = dict(os.environ, CODESTORE_ORG="acme", CODESTORE_AGENT="off")
+    assert "'bogus' is not one of" in _one_line(run_cli("codestore", "audit", "--event", "bogus", env=env), 2)  # was: "no matching entries"
+    assert "does not exist" in _one_line(run_cli("codestore", "audit", "--file", str(tmp_path / "nope"), env=env), 2)
+    # A file that never ends (or a pipe) is refused, not read forever.
+    assert "not a regular file" in _one_line(run_cli("codestore", "audit", "--file", "/dev/zero", env=env, timeout=30))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert "not a regular file" in _one_line(run_cli("codestore", "audit", "--file", str(fifo), env=env, timeout=30))
+    # A line that is not UTF-8 does not end the reading (it was UnicodeDecodeError, exit 3).
+    trail = tmp_path / "trail.log"
+    trail.write_bytes(b'{"time":"2026-11-29T00:00:00Z","event":"push","repo":"a\xff"}\n'
+                      b'{"time":"2026-11-29T00:00:01Z","event":"push","repo":"team/app"}\n')
+    proc = run_cli("codestore", "audit", "--file", str(trail), env=env)
+    assert proc.returncode == 0 and "team/app" in proc.stdout and "Traceback" not in proc.stderr, proc

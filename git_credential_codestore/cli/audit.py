@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import click
 
+from ..audit import ALL_EVENTS
+
 
 @click.command("audit")
 @click.option("--repo", help="Only this repository.")
 @click.option("--ref", metavar="REF", help="Only pushes and promotions that touched this ref (feat means refs/heads/feat).")
 @click.option("--grant", "grant_id", metavar="ID", help="Only this grant id.")
 @click.option("--sub", help="Only this `sub` (who pushed or was minted for).")
-@click.option("--event", help="Only this event: push, promote, mint, refuse, grant-create, grant-revoke.")
+@click.option("--event", type=click.Choice(ALL_EVENTS), help="Only this event.")
 @click.option("--since", metavar="TIME", help="From this UTC time (2026-11-28T22:00:00Z, 2026-11-28) or age (30m, 2h, 7d).")
 @click.option("--until", metavar="TIME", help="Up to this UTC time or age.")
 @click.option("--limit", type=click.IntRange(1, 2000), default=200, show_default=True, help="At most this many (the newest).")
-@click.option("--file", "files", multiple=True, metavar="PATH", help="Also read this trail file (repeatable).")
+@click.option("--file", "files", multiple=True, metavar="PATH", type=click.Path(exists=True, dir_okay=False),
+              help="Also read this trail file (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, for tools.")
 def audit_cmd(repo: str | None, ref: str | None, grant_id: str | None, sub: str | None, event: str | None, since: str | None,
               until: str | None, limit: int, files: tuple[str, ...], as_json: bool) -> None:
