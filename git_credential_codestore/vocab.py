@@ -317,13 +317,17 @@ def ref_policy(rules: object, error: Callable[[str], Exception] = ConfigError) -
         raise error(f"a ref policy is a list of [pattern, [ops]] rules, e.g. {REF_POLICY_EXAMPLE}")
     out: RefPolicy = []
     for rule in rules:
-        pattern = _ref_pattern(rule[0]) if isinstance(rule, (list, tuple)) and len(rule) == 2 else None
-        ops = rule[1] if pattern is not None else None
-        if pattern is None or not isinstance(ops, (list, tuple)) or not all(isinstance(op, str) and op in REF_OPS for op in ops):
-            raise error(
-                f"bad ref rule {str(rule)[:80]!r}: want [pattern, [ops]] as in {REF_POLICY_EXAMPLE}, "
-                f"ops from {', '.join(REF_OPS)}"
-            )
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2):
+            raise error(f"a ref rule is [pattern, [ops]], as in {REF_POLICY_EXAMPLE}")
+        pattern, ops = _ref_pattern(rule[0]), rule[1]
+        if pattern is None:
+            raise error(f"bad ref pattern {str(rule[0])[:80]!r}: a ref (refs/heads/main, or main) or a prefix ending in *, "
+                        "without spaces or any of \\:?[^~")
+        if not isinstance(ops, (list, tuple)):
+            raise error(f"the ops of the rule for {pattern} must be a list, as in {REF_POLICY_EXAMPLE}")
+        unknown = [str(op)[:40] for op in ops if not (isinstance(op, str) and op in REF_OPS)]
+        if unknown:
+            raise error(f"unknown ref op {unknown[0]!r} in the rule for {pattern}; ops: {', '.join(REF_OPS)}")
         out.append((pattern, list(ops)))
     return out
 

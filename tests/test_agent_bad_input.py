@@ -3,18 +3,24 @@ harmless), never a 500, a hang, a traceback or a secret echoed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from git_credential_codestore import audit
 from git_credential_codestore.agent import policy
-from git_credential_codestore.agent.client import Endpoint, call
+from git_credential_codestore.agent.client import Endpoint, exchange
 from git_credential_codestore.agent.db import Database
 from git_credential_codestore.errors import ConfigError, redact
 from git_credential_codestore.lines import for_terminal
 from tests.conftest import OrgKey, run_cli
 from tests.test_agent import REPO, Agent
+
+
+def exchange_json(agent: Agent, path: str, body: object) -> tuple[int, dict[str, object]]:
+    status, raw = exchange(Endpoint("unix", agent.socket), "POST", path, json.dumps(body).encode(), "application/json")
+    return status, json.loads(raw)
 
 
 @pytest.mark.parametrize("args", [["--request-deadline", "nan"], ["--request-deadline", "-nan"], ["--idle-timeout", "-5"]])
@@ -61,7 +67,32 @@ def test_what_a_terminal_would_act_on_is_shown_escaped() -> None:
     ("/v1/grants", {"repos": [REPO], "expires_in": True}),
     ("/v1/audit/query", {"before": 18446744073709551616}),
     ("/v1/audit/query", {"before": 2 ** 63}),
+    ("/v1/grants", {"repos": [REPO], "own_socket": "no"}),  # was a socket: any truthy value counted
+    ("/v1/grants", {"repos": [REPO], "ephemeral_only": 1}),
+    ("/v1/audit/query", [1, 2]),  # was "no filters": the whole trail
+    ("/v1/audit/query", "x"),
 ])
-def test_a_number_out_of_range_is_a_400_not_an_internal_error(agent: Agent, path: str, body: dict[str, object]) -> None:
-    status, reply = call(Endpoint("unix", agent.socket), "POST", path, body)
+def test_a_value_out_of_range_or_of_the_wrong_type_is_a_400(agent: Agent, path: str, body: object) -> None:
+    status, reply = exchange_json(agent, path, body)
     assert status == 400 and "internal error" not in str(reply.get("error")), (status, reply)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["nothex"], "is not a grant id"),
+    (["\u00e9"], "is not a grant id"),
+    (["csg_ab12cd34ef56_SECRETSECRET"], "looks like a grant's secret"),
+])
+def test_grant_revoke_of_something_that_is_not_an_id_says_so_without_echoing_it(agent: Agent, args: list[str], says: str) -> None:
+    proc = agent.cli("grant", "revoke", *args)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "SECRET" not in proc.stderr, proc.stderr
+    assert says in proc.stderr, proc.stderr
+
+
+def test_a_bad_ref_rule_names_the_part_that_is_wrong() -> None:
+    from git_credential_codestore.vocab import parse_ref_policy
+
+    with pytest.raises(ConfigError, match=r"unknown ref op 'rm-rf' in the rule for refs/heads/x; ops: ") as e:
+        parse_ref_policy("x=rm-rf")
+    assert "[" not in str(e.value)  # not a Python repr of the parsed rule
+    with pytest.raises(ConfigError, match=r"bad ref pattern 'a b'"):
+        parse_ref_policy("a b=no-push")

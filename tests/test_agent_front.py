@@ -413,6 +413,19 @@ def test_request_heads_are_capped_at_16_kib_on_both_fronts(tmp_path: Path, org_k
         a.stop()
 
 
+@pytest.mark.parametrize("front", FRONTS)
+def test_two_content_lengths_are_refused_on_both_fronts(tmp_path: Path, org_key: OrgKey, front: str) -> None:
+    # Threat (request smuggling): the threads front read the first of two Content-Lengths
+    # where uvicorn refused them; a proxy reading the other would frame the next request
+    # differently from the agent.
+    a = start_agent(tmp_path, "--server", front)
+    try:
+        reply = raw_exchange(a.socket, b"POST /v1/grants HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}x")
+        assert reply.split(b" ")[1] == b"400", reply[:200]
+    finally:
+        a.stop()
+
+
 def test_bad_requests_write_nothing_to_the_agents_log(tmp_path: Path, org_key: OrgKey) -> None:
     # Threat: anyone who can connect writing a line into the agent's log per request: uvicorn
     # warned "Invalid HTTP request received." (and "Unsupported upgrade request." twice) for

@@ -141,7 +141,15 @@ def parse_terms(data: Mapping[str, object]) -> Terms:
         raise ConfigError(f"--max-ttl must be a whole number of seconds, not {max_ttl!r}")
     check_ttl(max_ttl, "--max-ttl")
     refs = ref_policy(data.get("refs") or [])
-    return Terms(list(repos), scopes, max_ttl, bool(data.get("ephemeral_only")), [[p, list(ops)] for p, ops in refs])
+    return Terms(list(repos), scopes, max_ttl, flag(data, "ephemeral_only"), [[p, list(ops)] for p, ops in refs])
+
+
+def flag(data: Mapping[str, object], key: str) -> bool:
+    """A true/false field of an admin request: JSON's own booleans only ("no" is not false)."""
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false")
+    return value
 
 
 def clamp_for_owner(req: TokenRequest, cfg: Config, sub: str) -> Decision:

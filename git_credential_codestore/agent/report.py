@@ -91,7 +91,9 @@ def report(agent: Agent, caller: Caller, authorization: str | None, data: object
 
 
 def query(agent: Agent, caller: Caller, authorization: str | None, data: object) -> Reply:
-    body = dict(data) if isinstance(data, dict) else {}
+    if not isinstance(data, dict):  # read as "no filters", it answered with the whole trail
+        return 400, {"error": "an audit query is a JSON object of filters (docs/json.md)"}
+    body = dict(data)
     limit = body.pop("limit", DEFAULT_QUERY)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_QUERY:
         return 400, {"error": f"limit must be 1..{MAX_QUERY}"}

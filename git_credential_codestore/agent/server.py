@@ -426,6 +426,7 @@ class Agent:
             sub = data.get("sub")
             if sub is not None and not policy.is_sub(sub):
                 raise ConfigError("--sub must be a short identifier without control characters")
+            own_socket = policy.flag(data, "own_socket")
             rate = data.get("max_per_minute")
             if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or not 1 <= rate <= 1_000_000):
                 raise ConfigError(f"--max-per-minute must be 1..1000000, not {rate!r}")
@@ -441,7 +442,7 @@ class Agent:
                 repos=terms.repos, scopes=terms.scopes, max_ttl=terms.max_ttl, sub=sub,
                 expires_at=int(time.time()) + expires_in if expires_in else None,
                 ephemeral_only=terms.ephemeral_only, refs=terms.refs,
-                own_socket=bool(data.get("own_socket")), max_per_minute=rate, audit=audit,
+                own_socket=own_socket, max_per_minute=rate, audit=audit,
             )
         except StoreError as e:
             if e.maybe_committed:  # its secret was never handed out: nobody can use it

@@ -166,9 +166,15 @@ class Handler(BaseHTTPRequestHandler):
         except http.client.LineTooLong:  # the request line (a header's is answered by parse_request)
             self.send_error(414, "request line too long")
 
+    def _header(self, name: str) -> str | None:
+        """A header's value; a repeated one's values joined, as HTTP reads a list (RFC 9110 5.3):
+        two Content-Lengths are then no number, refused as the uvicorn front refuses them."""
+        values = self.headers.get_all(name)
+        return ", ".join(values) if values else None
+
     def _serve(self) -> None:
         self.unread = True
-        refusal, length = framing(self.headers.get)
+        refusal, length = framing(self._header)
         if refusal is not None:
             self._reply(*refusal)
             return
@@ -176,7 +182,7 @@ class Handler(BaseHTTPRequestHandler):
         if len(body) != length:
             return  # the client hung up mid-body
         self.unread = False
-        status, data, ctype = respond(self.server.agent, self.caller, self.command, self.path, self.headers.get, body)
+        status, data, ctype = respond(self.server.agent, self.caller, self.command, self.path, self._header, body)
         self._send(status, data, ctype)
 
     do_GET = do_POST = do_PUT = do_DELETE = _serve

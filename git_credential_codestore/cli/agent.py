@@ -58,8 +58,10 @@ def admin_change(socket_opt: str | None, what: str, group: str, oid: str, route:
 
     The id is checked here first; what failed after the agent committed is said on stderr.
     """
-    if not oid.isalnum():
-        raise ConfigError(f"{oid!r} is not a {what} id; see: codestore {group} list")
+    if not (0 < len(oid) <= 32 and all(c in "0123456789abcdef" for c in oid.lower())):
+        # Not echoed: it may be a grant's secret given in the id's place (csg_<id>_...).
+        hint = "; that looks like a grant's secret: revoke by its id (csg_<id>_...)" if oid.startswith("csg_") else ""
+        raise ConfigError(f"that is not a {what} id (hex, as codestore {group} list shows){hint}")
     reply = admin(socket_opt, "POST", route.format(oid.lower()))
     warn(reply)
     return reply
