@@ -261,6 +261,9 @@ def test_the_sub_template_is_not_python_format() -> None:
 
 @pytest.mark.parametrize("over, message", [
     ({"claims": []}, "at least one --claim"),
+    # Threat: a wildcard condition trusting every workload of the issuer (every GitHub repository).
+    ({"claims": [["sub", "*"]]}, "matches anything"),
+    ({"claims": [["sub", "**"], ["repository", "?*"]]}, "matches anything"),
     ({"issuer": "http://token.actions.githubusercontent.com"}, "https://"),
     ({"audience": ""}, "--audience"),
     ({"claims": [["aud", "x"]]}, "use --issuer/--audience"),

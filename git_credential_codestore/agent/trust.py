@@ -183,6 +183,9 @@ def parse_policy(data: object) -> TrustPolicy:
         if not isinstance(pattern, str) or not pattern or len(pattern) > 300 or not pattern.isprintable():
             raise ConfigError(f"--claim {name}=: the pattern must be non-empty printable text")
         claims.append([name, pattern])
+    if all(set(pattern) <= set("*?") for _, pattern in claims):
+        # `--claim sub=*` matches every workload of the issuer, as no condition would.
+        raise ConfigError("every --claim pattern matches anything; at least one must name something (e.g. --claim repository_owner=acme)")
     template = data.get("sub_template") or DEFAULT_SUB_TEMPLATE
     if not isinstance(template, str) or len(template) > MAX_SUB or not template.isprintable():
         raise ConfigError("--sub-template must be short printable text such as 'github:{repository}@{ref}'")
