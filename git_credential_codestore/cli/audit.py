@@ -8,6 +8,20 @@ from __future__ import annotations
 import click
 
 from ..audit import ALL_EVENTS
+from ..errors import ConfigError
+
+
+def _time(value: str | None, option: str) -> str | None:
+    """A time filter checked as the command line is read: a bad one is a usage error (exit 2)."""
+    if value is None:
+        return None
+    from ..audit import parse_time
+
+    try:
+        parse_time(value, option)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
 
 
 @click.command("audit")
@@ -16,8 +30,9 @@ from ..audit import ALL_EVENTS
 @click.option("--grant", "grant_id", metavar="ID", help="Only this grant id.")
 @click.option("--sub", help="Only this `sub` (who pushed or was minted for).")
 @click.option("--event", type=click.Choice(ALL_EVENTS), help="Only this event.")
-@click.option("--since", metavar="TIME", help="From this UTC time (2026-11-28T22:00:00Z, 2026-11-28) or age (30m, 2h, 7d).")
-@click.option("--until", metavar="TIME", help="Up to this UTC time or age.")
+@click.option("--since", metavar="TIME", callback=lambda ctx, param, value: _time(value, "--since"),
+              help="From this UTC time (2026-11-28T22:00:00Z, 2026-11-28) or age (30m, 2h, 7d).")
+@click.option("--until", metavar="TIME", callback=lambda ctx, param, value: _time(value, "--until"), help="Up to this UTC time or age.")
 @click.option("--limit", type=click.IntRange(1, 2000), default=200, show_default=True, help="At most this many (the newest).")
 @click.option("--file", "files", multiple=True, metavar="PATH", type=click.Path(exists=True, dir_okay=False),
               help="Also read this trail file (repeatable).")

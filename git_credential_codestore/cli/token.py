@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import click
 
+from ..vocab import MAX_TTL, MIN_TTL, SCOPES
+
 
 @click.command("token")
 @click.argument("repo")
-@click.option("--scope", "scopes", multiple=True, help="A scope (repeatable); default: the configured scopes.")
-@click.option("--ttl", type=int, help="Lifetime in seconds (default: configured, 300).")
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(SCOPES), help="A scope (repeatable); default: the configured scopes.")
+@click.option("--ttl", type=click.IntRange(MIN_TTL, MAX_TTL), help="Lifetime in seconds (default: configured, 300).")
 @click.option("--ephemeral", is_flag=True, help="For the +ephemeral namespace.")
 @click.option("--json", "as_json", is_flag=True, help="Print the token's header and claims as JSON, not the token.")
 @click.option("--include-token", is_flag=True, help="With --json: also put the token itself in the object.")
@@ -16,14 +18,14 @@ def token_cmd(repo: str, scopes: tuple[str, ...], ttl: int | None, ephemeral: bo
     """Print one token for REPO (for scripts and REST calls)."""
     from .. import config
     from ..source import get_token
-    from ..vocab import TokenRequest, check_ttl, parse_scopes, validate_repo_id
+    from ..vocab import TokenRequest, parse_scopes, validate_repo_id
 
     if include_token and not as_json:
         raise click.UsageError("--include-token goes with --json")
     cfg = config.load()
     validate_repo_id(repo)
     wanted = parse_scopes(list(scopes), "--scope") if scopes else cfg.scopes_for(repo, ephemeral)
-    token = get_token(TokenRequest(repo, wanted, ephemeral, check_ttl(ttl, "--ttl") if ttl else None), cfg)
+    token = get_token(TokenRequest(repo, wanted, ephemeral, ttl), cfg)
     if as_json:
         from ..tokens import unverified_parts
         from . import echo_json
