@@ -52,7 +52,15 @@ class CodestoreError(Exception):
     exit_code = 1
 
     def __str__(self) -> str:
-        return redact(" ".join(super().__str__().split()))
+        text = redact(" ".join(super().__str__().split()))
+        if len(text) > MAX_MESSAGE:
+            # A value someone passed (a 6000-character repository id, 300 replica URLs) is
+            # cut in the middle: the line still says what failed first and the fix last.
+            text = f"{text[:MAX_MESSAGE * 3 // 5]} ... {text[-MAX_MESSAGE * 2 // 5:]}"
+        return text
+
+
+MAX_MESSAGE = 600  # characters of one error line
 
 
 class UsageError(CodestoreError):

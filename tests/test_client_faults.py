@@ -146,7 +146,8 @@ def test_config_and_grant_files_go_through_the_bounded_reader(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     "url",
-    ["http://127.0.0.1:99999", "http://127.0.0.1:abc", "http://[::1", "http://[::1]:-1", "http://127.0.0.1:", "https://h:65536"],
+    ["http://127.0.0.1:99999", "http://127.0.0.1:abc", "http://[::1", "http://[::1]:-1", "http://127.0.0.1:", "https://h:65536",
+     ",,,", " , "],
 )
 def test_a_bad_agent_url_is_a_usage_error_in_one_line_never_a_crash(url: str, org_key: OrgKey) -> None:
     env = dict(os.environ, CODESTORE_AGENT_URL=url, CODESTORE_BASE_URL="https://acme.code.storage")

@@ -59,3 +59,19 @@ def test_a_key_of_the_wrong_type_is_invalid_not_missing(make) -> None:
 def test_an_unknown_key_kind_is_invalid_not_missing() -> None:
     with pytest.raises(InvalidKey, match="unknown key type"):
         keys.generate("dsa")
+
+
+def test_a_long_value_in_an_error_is_cut_in_the_middle_keeping_the_fix() -> None:
+    # A 6000-character repository id (or 300 replica URLs) made a 7 KB "one line".
+    from git_credential_codestore.errors import MAX_MESSAGE, ConfigError
+
+    text = str(ConfigError(f"{'x' * 6000} is not a repository id; use a URL like https://acme.code.storage/<repo>.git"))
+    assert len(text) <= MAX_MESSAGE + 5 and text.startswith("xxx") and text.endswith("<repo>.git") and " ... " in text
+    assert str(ConfigError("short; fix it")) == "short; fix it"
+
+
+def test_an_ipv6_agent_address_is_written_as_a_url_writes_it() -> None:
+    from git_credential_codestore.agent.discovery import Endpoint
+
+    assert str(Endpoint.from_url("http://[::1]:8080")) == "http://[::1]:8080"
+    assert str(Endpoint.from_url("https://agent.example:443")) == "https://agent.example:443"

@@ -195,14 +195,22 @@ class Endpoint(record("Endpoint", "kind address port", defaults=(0,))):
         return cls(parts.scheme, parts.host, port or (443 if parts.scheme == "https" else 80))
 
     def __str__(self) -> str:
-        return self.address if self.kind == "unix" else f"{self.kind}://{self.address}:{self.port}"
+        if self.kind == "unix":
+            return self.address
+        host = f"[{self.address}]" if ":" in self.address else self.address  # an IPv6 address, as a URL writes it
+        return f"{self.kind}://{host}:{self.port}"
 
 
 def endpoints_from_env(env: Mapping[str, str]) -> list[Endpoint]:
     """The agent replicas to try, in order: CODESTORE_AGENT_URL (comma-separated), else the socket."""
-    urls = [u.strip() for u in env.get(AGENT_URL, "").split(",") if u.strip()]
+    value = env.get(AGENT_URL, "")
+    urls = [u.strip() for u in value.split(",") if u.strip()]
     if urls:
         return [Endpoint.from_url(u) for u in urls]
+    if value.strip():  # ",,," named an agent and none: not a reason to ask another one
+        from ..errors import UsageError
+
+        raise UsageError(f"{AGENT_URL} names no URL; give one or more, comma-separated: http(s)://HOST:PORT")
     return [Endpoint("unix", os.path.expanduser(env.get(AGENT_SOCK) or default_socket(env)))]
 
 
