@@ -148,19 +148,26 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO
     if overrides:
         env = {**env, **overrides}
     operation = argv[-1]
+
+    def malformed(e: ProtocolError) -> int:
+        # An expected failure like any other (README): one line, and for `get` the `quit=1`
+        # git acts on; the exit status stays 0, which git ignores anyway.
+        if operation == "get":
+            stdout.write(b"quit=1\n")
+        stderr.write(f"{PROG}: {e}\n".encode())
+        return 0
+
     try:
         data = _read_request(stdin)
     except ProtocolError as e:
-        stderr.write(f"{PROG}: {e}\n".encode())
-        return 1
+        return malformed(e)
     if operation not in ("get", "erase"):
         # store, and operations added by future gits: nothing to save, nothing to say.
         return 0
     try:
         fields = parse(data)
     except ProtocolError as e:
-        stderr.write(f"{PROG}: {e}\n".encode())
-        return 1
+        return malformed(e)
     if operation == "erase":
         if fields.get("username") == "t" and fields.get("password", "").startswith("eyJ"):
             explanation = refused_because_expired(fields, env)

@@ -119,10 +119,13 @@ def test_get_without_a_key_explains_how_to_provide_one_and_stops_git(hermetic, m
     ],
 )
 def test_malformed_input_gets_one_line_and_no_traceback(org_key: OrgKey, garbage: bytes) -> None:
+    # An expected failure like any other (README: `quit=1`, exit 0); it exited 1 with no answer.
     out, err = io.BytesIO(), io.BytesIO()
     status = credential.run(["get"], io.BytesIO(garbage), out, err, dict(os.environ))
-    assert status == 1 and out.getvalue() == b""
+    assert status == 0 and out.getvalue() == b"quit=1\n"
     assert err.getvalue().count(b"\n") == 1 and b"Traceback" not in err.getvalue()
+    out, err = io.BytesIO(), io.BytesIO()
+    assert credential.run(["erase"], io.BytesIO(garbage), out, err, dict(os.environ)) == 0 and out.getvalue() == b""
 
 
 def test_malformed_input_errors_never_quote_the_values(org_key: OrgKey) -> None:
