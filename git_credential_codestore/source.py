@@ -95,6 +95,8 @@ class FallbackSource:
                 self.used = self.local
                 return self.local.mint(request)
             except KeyNotFound:
+                if isinstance(agent_error, AgentMismatch):
+                    raise  # the agent holds another key than the one named here, and that one is missing: say so
                 if not isinstance(agent_error, AgentSilent):
                     raise agent_error from None
         self.used = self.agent  # no key here: the agent that was only slow is the one way left

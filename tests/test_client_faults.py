@@ -380,3 +380,16 @@ def test_the_owners_agent_that_does_not_answer_costs_seconds_before_the_local_ke
         fake.stop.set()
         sock.close()
         os.unlink(path)
+
+
+@pytest.mark.parametrize("var, value, says", [
+    ("CODESTORE_PRIVATE_KEY", "notakey", "is not an unencrypted PEM private key"),
+    ("CODESTORE_PRIVATE_KEY_FILE", "/nonexistent/org.pem", "/nonexistent/org.pem does not exist"),
+])
+def test_a_bad_key_named_here_is_reported_as_itself_not_as_the_agents_mismatch(agent: Agent, var: str, value: str, says: str) -> None:
+    # The owner's agent holds the org key; the environment names another, broken one. The
+    # agent's "configured differently (key)" hid what was wrong: the key named here.
+    env = {k: v for k, v in os.environ.items() if k not in ("CODESTORE_PRIVATE_KEY", "CODESTORE_PRIVATE_KEY_FILE")}
+    env.update({var: value, "CODESTORE_AGENT_SOCK": agent.socket})
+    proc = run_cli("codestore", "token", REPO, env=env)
+    assert proc.returncode == 1 and says in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
