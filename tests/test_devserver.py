@@ -579,7 +579,11 @@ def test_malformed_json_is_400(dev_server: DevServer) -> None:
     [
         "/team/../team/app.git/info/refs?service=git-upload-pack",  # traversal
         "/team//app.git/info/refs?service=git-upload-pack",  # empty component
-        "/team%2fapp.git/info/refs?service=git-upload-pack",  # encoded slash
+        "/team%252fapp.git/info/refs?service=git-upload-pack",  # decoded once only
+        "/team%2f..%2fother.git/info/refs?service=git-upload-pack",  # traversal, encoded
+        "/team%2F%2Fapp.git/info/refs?service=git-upload-pack",  # empty component, encoded
+        "/team/app%00.git/info/refs?service=git-upload-pack",
+        "/team/app%ff.git/info/refs?service=git-upload-pack",  # not UTF-8
         "/team/app.git/../app.git/info/refs?service=git-upload-pack",
         "/./team/app.git/info/refs?service=git-upload-pack",
         "/team/app.git/info/refs?service=git-upload-archive",  # other services
@@ -603,6 +607,16 @@ def test_odd_paths_are_rejected_not_normalised(seeded: tuple[DevServer, str, Pat
     tok = server.token("team/app", ["git:write"])
     status, _, _ = request(server, "GET", path, {"Authorization": f"Bearer {tok}"})
     assert status in (400, 404)
+
+
+@pytest.mark.parametrize("path", ["/team%2fapp.git", "/team%2Fapp%2Bephemeral.git", "/%74eam/app.git"])
+def test_a_percent_encoded_repository_id_is_served_as_code_storage_serves_it(seeded: tuple[DevServer, str, Path], path: str) -> None:
+    # The credential helper decodes `team%2Fapp.git` and mints for team/app (Code Storage
+    # reads encoded ids); the dev server answered 404, so such a clone failed here only.
+    server, _, _ = seeded
+    tok = server.token("team/app", ["git:read"])
+    status, _, body = request(server, "GET", f"{path}/info/refs?service=git-upload-pack", {"Authorization": f"Bearer {tok}"})
+    assert status == 200 and "service=git-upload-pack" in body, (status, body[:200])
 
 
 def test_an_absolute_form_request_target_is_400(dev_server: DevServer) -> None:

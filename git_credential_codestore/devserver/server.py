@@ -41,16 +41,17 @@ MAX_JSON_BODY = 64 * 1024
 MAX_CHUNK_LINE = 1024
 IO_SIZE = 64 * 1024
 
-# The routing table. Every pattern is anchored at both ends and matched against the raw
-# path (query split off, nothing decoded or normalised), so what is checked is exactly
-# what reaches http-backend:
+# The routing table. Every pattern is anchored at both ends and matched against the path
+# (query split off, percent-decoded once, nothing normalised), so what is checked is
+# exactly what reaches http-backend:
 #
 # - Only the smart protocol: `info/refs` (with a service, checked separately), and the
 #   two POST endpoints. The dumb protocol (`objects/...`, `HEAD`, `packed-refs`) would
 #   serve files straight out of the repository directory, bypassing upload-pack and
 #   the namespace: it is a 404 here.
-# - A repository id is letters, digits and `-_./` only: no `%` (no encoded `/` or `..`
-#   sneaking past the check and being decoded later), no `+` except the one
+# - A repository id is letters, digits and `-_./` only, matched after the path is
+#   percent-decoded once (as Code Storage reads `team%2Fapp.git`): no `%` left (nothing
+#   decoded twice, no encoded `/` or `..` sneaking past the check), no `+` except the one
 #   `+ephemeral` or `+import` suffix the pattern itself recognises (each a namespace of
 #   the same repository, reached with the base repository's token), no `\`. `..`, `.`, empty
 #   components (`//`) and components ending in `.git` are then refused by
@@ -370,6 +371,16 @@ class Handler(BaseHTTPRequestHandler):
             self.entry["api"] = True
             endpoint, path_repo = api.route(self.command, path)
             return self._api(endpoint, path_repo, path, query)
+        if "%" in path:
+            # Code Storage reads percent-encoded ids (team%2Fapp.git), and the credential helper
+            # mints for the decoded id. Decoded once, here; what is matched below (and reaches
+            # http-backend) is the decoded path, whose id may hold no `%`: nothing is decoded twice.
+            from urllib.parse import unquote
+
+            try:
+                path = unquote(path, errors="strict")
+            except UnicodeDecodeError:
+                raise Refused(400, "bad request target") from None
         for method, pattern, service in GIT_ROUTES:
             m = pattern.match(path)
             if m and self.command == method:
