@@ -41,13 +41,22 @@ def state_path(env: Mapping[str, str] | None = None) -> str:
 
 
 def _load_state(env: Mapping[str, str] | None = None) -> dict[str, dict[str, list[str]]]:
+    """What setup changed, per base URL: only entries setup itself writes (`wanted`), with
+    lists of strings as values; anything else in the file (damaged, edited) is ignored."""
     from .files import read_bounded
 
     try:
         data = json.loads(read_bounded(state_path(env), "codestore's setup record"))
-        return data if isinstance(data, dict) else {}
     except (FileNotFoundError, ValueError):
         return {}
+    state: dict[str, dict[str, list[str]]] = {}
+    for base, originals in (data.items() if isinstance(data, dict) else ()):
+        if not isinstance(originals, dict):
+            continue
+        ours = wanted(base)  # never restore a key setup does not write (core.sshCommand, say)
+        state[base] = {k: v for k, v in originals.items()
+                       if k in ours and isinstance(v, list) and all(isinstance(x, str) for x in v)}
+    return state
 
 
 def _save_state(state: Mapping[str, Mapping[str, list[str]]], env: Mapping[str, str] | None = None) -> None:
@@ -165,10 +174,18 @@ def _drop_empty_section(base: str, scope: str, env: Mapping[str, str] | None) ->
 
 
 def undo(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
-    """Remove exactly what setup changed for cfg.base_url, restoring what was there before."""
+    """Remove exactly what setup changed for cfg.base_url, restoring what was there before.
+
+    Without a record of it (the state file lost or damaged), the entries that still hold
+    exactly what setup writes are removed, as `--system --undo` does: setup's own work
+    can always be undone, and nothing a user set by hand is touched.
+    """
     base = cfg.base_url
     state = _load_state(env)
-    originals = state.pop(base, {})
+    originals = state.pop(base, None)
+    if originals is None:
+        originals = {key: [] for key, values in wanted(base).items()
+                     if git.config_get_all(key, scope="--global", env=env) == values}
     for key, values in originals.items():
         git.run(["config", "--global", "--unset-all", key], ok=(0, 5), env=env)
         for v in values:

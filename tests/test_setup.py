@@ -66,6 +66,28 @@ def test_undo_without_setup_changes_nothing(hermetic: Path) -> None:
     assert (hermetic / ".gitconfig").read_text() == before
 
 
+@pytest.mark.parametrize("record", ["{garbage", '{"%s": 5}' % BASE, "[]"])
+def test_undo_works_when_the_setup_record_is_lost_or_damaged(hermetic: Path, record: str) -> None:
+    # A damaged record made undo say "nothing to undo" (or crash: AttributeError) and left
+    # our entries; setup then said "already set up" and recorded nothing, for good.
+    before = (hermetic / ".gitconfig").read_text()
+    run_cli("codestore", "setup")
+    state = hermetic / ".local/state/codestore/setup.json"
+    state.write_text(record)
+    proc = run_cli("codestore", "setup", "--undo")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert helpers() == [] and (hermetic / ".gitconfig").read_text() == before
+
+
+def test_undo_restores_only_keys_setup_writes(hermetic: Path) -> None:
+    # Threat: a setup record naming any git key (core.sshCommand) made undo write it.
+    run_cli("codestore", "setup")
+    state = hermetic / ".local/state/codestore/setup.json"
+    state.write_text('{"%s": {"core.sshCommand": ["touch /tmp/pwned-by-undo"], "credential.%s.helper": []}}' % (BASE, BASE))
+    assert run_cli("codestore", "setup", "--undo").returncode == 0
+    assert git("config", "--global", "core.sshCommand", check=False).stdout == "" and helpers() == []
+
+
 def test_global_credential_store_helper_is_never_consulted_for_our_host(hermetic: Path, org_key) -> None:
     # Threat: a global `credential.helper=store` saving and replaying our tokens.
     git("config", "--global", "credential.helper", "store")
