@@ -30,7 +30,7 @@ def run(
     except FileNotFoundError:
         raise GitError("git is not installed or not on PATH; install git 2.39 or newer") from None
     if proc.returncode not in ok:
-        detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        detail = (proc.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("codestore: ")  # our helper's line
         raise GitError(f"git {args[0]} failed (exit {proc.returncode}): {redact(detail)}")
     return proc
 

@@ -11,7 +11,7 @@ import pytest
 from git_credential_codestore import config, keys
 from git_credential_codestore.errors import KeyNotFound
 from git_credential_codestore.secrets import Secret
-from tests.conftest import make_key, run_cli
+from tests.conftest import OrgKey, make_key, run_cli
 
 
 def cfg(**env: str) -> config.Config:
@@ -157,3 +157,13 @@ def test_a_keychain_known_to_be_unusable_is_skipped_without_importing_keyring(he
     env["PYTHON_KEYRING_BACKEND"] = "keyring.backends.null.Keyring"
     third = subprocess.run([sys.executable, "-c", "import os;" + load], env=env, check=True, capture_output=True, text=True)
     assert third.stdout.strip() == "the codestore key file True"
+
+
+@pytest.mark.parametrize("command", [["generate", "--force"], ["import", "-"], ["delete"]])
+def test_key_commands_refuse_to_change_a_stored_key_the_environment_overrides(org_key: OrgKey, tmp_path: Path, command: list[str]) -> None:
+    # With CODESTORE_PRIVATE_KEY_FILE set, `key generate --force` stored a key that never
+    # signs and said "register its public half"; `key delete` said "removed" while signing went on.
+    other = make_key(tmp_path, name="other")
+    proc = run_cli("codestore", "key", *command, input=other.pem if "import" in command else None)
+    assert proc.returncode == 1 and "CODESTORE_PRIVATE_KEY_FILE is set" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert run_cli("codestore", "key", "public").stdout.strip() == org_key.public_path.read_text().strip()

@@ -161,7 +161,7 @@ def agent_start(socket_opt: str | None, listen: str | None, audit_log: str | Non
                     last = (f.read().strip().splitlines() or [""])[-1]
             except OSError:
                 pass
-            raise CodestoreError(f"the agent exited at start: {last or 'see ' + log}")
+            raise CodestoreError(f"the agent exited at start: {last.removeprefix('codestore: ') or 'see ' + log}")
         try:
             call(ep, "GET", "/v1/ping", timeout=3)
         except CodestoreError:

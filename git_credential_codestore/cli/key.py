@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -35,6 +36,7 @@ def key_generate(kind: str, force: bool, pkcs11_uri: str | None) -> None:
         click.echo(keys.public_pem(public), nl=False)
         return
     cfg = config.load()
+    _refuse_if_overridden(cfg, "replace")
     _refuse_replacing(cfg, force)
     key = keys.generate(kind)
     where = keys.store_private_key(key, cfg)
@@ -42,6 +44,19 @@ def key_generate(kind: str, force: bool, pkcs11_uri: str | None) -> None:
         click.echo(f"no OS keychain backend works here; stored in {where} (mode 0600)", err=True)
     click.echo(f"stored a new {kind} key in {where}; register its public half with Code Storage:")
     click.echo(keys.public_pem(key), nl=False)
+
+
+def _refuse_if_overridden(cfg: object, doing: str) -> None:
+    """The stored key is never used while the environment names one (it takes precedence):
+    changing the stored key then would say "done" and change nothing that signs."""
+    from ..config import getenv
+
+    if not getattr(cfg, "uses_env", True):
+        return
+    for var in ("CODESTORE_PRIVATE_KEY", "CODESTORE_PRIVATE_KEY_FILE"):
+        if getenv(os.environ, var).strip():
+            raise CodestoreError(f"{var} is set and names the key that signs, not the stored key this would {doing}; "
+                                 f"unset {var} first (or change the key it names)")
 
 
 def _refuse_replacing(cfg: object, force: bool, new: object = None) -> None:
@@ -81,6 +96,7 @@ def key_import(source: str, force: bool) -> None:
             raise CodestoreError(f"cannot read {source}: {getattr(e, 'strerror', e)}") from None
     key = keys.parse_private_key(pem, source if source != "-" else "stdin")
     cfg = config.load()
+    _refuse_if_overridden(cfg, "replace")
     _refuse_replacing(cfg, force, key)
     where = keys.store_private_key(key, cfg)
     click.echo(f"stored the key in {where}")
@@ -111,5 +127,7 @@ def key_delete() -> None:
     """Remove the stored key from the keychain and the fallback file."""
     from .. import config, keys
 
-    removed = keys.delete_stored_key(config.load())
+    cfg = config.load()
+    _refuse_if_overridden(cfg, "remove")
+    removed = keys.delete_stored_key(cfg)
     click.echo(f"removed the key from {', '.join(removed)}" if removed else "no stored key to remove")
