@@ -41,6 +41,7 @@ class LocalKeySource:
             # A helper left the decision to an agent that cannot answer (the owner's
             # fallback): local configuration decides, as the agent would have.
             request = request._replace(scopes=self.cfg.narrow(request.repo, request.ephemeral, request.scopes), narrow=False)
+        self.cfg.require_org()  # the token's iss: without an org, "no key found" would be the wrong lead
         key, where = keys.load_private_key(self.cfg, self.env)
         trace.say(
             "key",

@@ -62,6 +62,14 @@ def test_what_a_terminal_would_act_on_is_shown_escaped() -> None:
         policy.parse_terms({"repos": ["team/\x1b[2J"]})
 
 
+@pytest.mark.parametrize("repo", ["../x", "team//app", "team/./app", "team/", "/team"])
+def test_a_grant_for_a_repository_no_id_can_name_is_refused(repo: str) -> None:
+    # Accepted before, it could never mint: no repository id has such a part.
+    with pytest.raises(ConfigError, match="has an empty, '.' or '..' part"):
+        policy.parse_terms({"repos": [repo]})
+    assert policy.parse_terms({"repos": ["team/*", "*", "team/app"]}).repos == ["team/*", "*", "team/app"]
+
+
 @pytest.mark.parametrize("path, body", [
     ("/v1/grants", {"repos": [REPO], "expires_in": 99999999999999999999999}),
     ("/v1/grants", {"repos": [REPO], "expires_in": True}),

@@ -142,6 +142,12 @@ def test_a_corrupt_or_foreign_store_is_refused_at_start_in_one_line(tmp_path: Pa
     assert (state / "agent.sqlite3").read_bytes() == before  # never written to
 
 
+def test_a_store_that_is_not_a_file_is_refused_at_start_in_one_line(tmp_path: Path, org_key: OrgKey) -> None:
+    # /dev/null read as an empty file (a new store), then failed as "disk I/O error", naming no fix.
+    proc = serve_fails(tmp_path, "--store", "/dev/null", "--socket", str(tmp_path / "s" / "agent.sock"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "is not a regular file" in proc.stderr, proc.stderr
+
+
 def test_an_empty_store_file_is_a_new_store(tmp_path: Path, org_key: OrgKey) -> None:
     # What a crash between creating the file and SQLite's first write leaves: the agent must
     # start again on it (SQLite reads an empty file as an empty database; it holds no grant).

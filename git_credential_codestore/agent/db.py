@@ -29,6 +29,7 @@ import queue
 import re
 import socket
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -552,6 +553,8 @@ class Database:
     def _check_sqlite_file(self) -> None:
         try:
             with open(self.path, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # /dev/null read as empty, then "disk I/O error"
+                    raise ConfigError(f"the grant store {self.path} is not a regular file; pass --store a file path (or a directory's)")
                 head = f.read(16)
         except FileNotFoundError:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)  # private before SQLite writes to it

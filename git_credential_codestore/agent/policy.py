@@ -135,6 +135,9 @@ def parse_terms(data: Mapping[str, object]) -> Terms:
         raise ConfigError("a grant needs --repo (a repository id or glob such as team/*)")
     if any(not r.isprintable() or len(r) > 512 for r in repos):  # no repository id has them; a terminal would act on them
         raise ConfigError("--repo must be a repository id or glob without control characters or spaces other than ' '")
+    for r in repos:
+        if any(part in ("", ".", "..") for part in r.split("/")):  # no repository id has such a part: it could never mint
+            raise ConfigError(f"--repo {r[:80]!r} has an empty, '.' or '..' part; give a repository id or glob such as team/*")
     scopes = parse_scopes(data.get("scopes") or "git:read", "--scopes")
     max_ttl = data.get("max_ttl", 900)
     if not isinstance(max_ttl, int):
