@@ -172,21 +172,6 @@ def test_endpoint_from_url_names_the_setting_and_the_form() -> None:
         Endpoint.from_url("http://127.0.0.1:99999")
 
 
-class Closer(Dripper):
-    """Accepts connections, reads each request and closes without a word: an agent killed mid-request."""
-
-    served = 0
-
-    def _drip(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5)
-            try:
-                conn.recv(65536)
-            except OSError:
-                pass
-            self.served += 1
-
-
 def test_a_replica_that_dies_with_the_request_in_hand_is_passed_over_for_the_next(agent: Agent, org_key: OrgKey) -> None:
     # Threat (availability): SIGKILL between a helper's request and the agent's answer
     # left the helper with an empty reply, read as "not HTTP", and git failed although
@@ -195,7 +180,7 @@ def test_a_replica_that_dies_with_the_request_in_hand_is_passed_over_for_the_nex
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(8)
-    closer = Closer(sock)
+    closer = Replying(sock, b"")  # reads the request and closes without a word: an agent killed mid-request
     try:
         ep = Endpoint("http", "127.0.0.1", sock.getsockname()[1])
         with pytest.raises(AgentUnavailable, match="closed the connection without answering"):
