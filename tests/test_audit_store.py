@@ -314,6 +314,10 @@ def test_records_a_killed_writer_left_only_in_the_file_are_added_once(database: 
     # Threat: the audit trail missing the last second of mints of a process that was
     # SIGKILLed (or OOM-killed) before its flush: the file had them, the database never did.
     path = tmp_path / "audit.log"
+    earlier = _writer(path, "host:100")  # a writer of an earlier run, an hour before: that run's next start was its to add
+    for n in range(3):
+        earlier._append(earlier.prepare("mint", {"grant": "g0", "ttl": n}).at(time.time() - 3600)[0])
+    earlier.close()
     killed, stopped = _writer(path, "host:101"), _writer(path, "host:102")
     for n in range(12):
         killed.record("mint", {"grant": "g1", "ttl": n})
@@ -338,6 +342,7 @@ def test_records_a_killed_writer_left_only_in_the_file_are_added_once(database: 
 
     assert agent_audit.recover(database, str(path)) == 18
     rows = _rows_by_writer(database)
+    assert "host:100" not in rows  # the table is read around the file's end only
     assert rows["host:101"] == [ln for ln in lines if '"replica":"host:101"' in ln]  # each once, in the file's order
     assert rows["host:102"] == [ln for ln in lines if '"replica":"host:102"' in ln]
     assert len(rows["other:7"]) == 3
@@ -354,6 +359,7 @@ def test_records_a_killed_writer_left_only_in_the_file_are_added_once(database: 
         # ...unless the one who asks knows it is dead (the parent of a worker that died).
         assert agent_audit.recover(database, str(path), {"host:103"}) == 4
         assert len(_rows_by_writer(database)["host:103"]) == 4
+        assert agent_audit.recover(database, str(path), {"host:100"}) == 3  # named, any writer is read back
     finally:
         live.close()
 
