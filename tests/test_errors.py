@@ -75,3 +75,19 @@ def test_an_ipv6_agent_address_is_written_as_a_url_writes_it() -> None:
 
     assert str(Endpoint.from_url("http://[::1]:8080")) == "http://[::1]:8080"
     assert str(Endpoint.from_url("https://agent.example:443")) == "https://agent.example:443"
+
+
+def test_a_tokens_org_is_read_from_its_claims_whatever_their_order_or_case() -> None:
+    import base64
+    import json
+
+    from git_credential_codestore.agent.client import issued_by
+    from git_credential_codestore.secrets import Token
+
+    def token(claims: dict[str, object]) -> Token:
+        payload = base64.urlsafe_b64encode(json.dumps(claims, separators=(",", ":")).encode()).decode().rstrip("=")
+        return Token(f"eyJhbGciOiJFUzI1NiJ9.{payload}.c2ln", 1)
+
+    assert issued_by(token({"iss": "acme", "sub": "x"}), "acme") and issued_by(token({"sub": "x", "iss": "Acme"}), "acme")
+    assert not issued_by(token({"iss": "acme", "sub": "x"}), "evilorg") and not issued_by(token({"iss": ["acme"]}), "acme")
+    assert not issued_by(Token("not.a.jwt", 1), "acme") and not issued_by(Token("garbage", 1), "acme")

@@ -383,7 +383,7 @@ def issued_by(token: Token, org: str) -> bool:
         iss = json.loads(claims).get("iss")
     except (ValueError, AttributeError):
         return False
-    return iss == org
+    return isinstance(iss, str) and iss.lower() == org.lower()  # an org is a host's label: its case does not matter
 
 
 def token_from_reply(status: int, content: bytes, ep: Endpoint) -> Token:
