@@ -291,7 +291,8 @@ def test_with_the_database_gone_a_replica_refuses_to_mint_in_one_line_and_recove
                 except AgentRefused:
                     assert time.monotonic() < deadline, "the replica did not recover when the database came back"
                     time.sleep(0.1)
-            assert admin(a, "GET", "/readyz")[0] == 200
+            # Ready again once its next flush has written too (the store takes writes again).
+            assert wait_for(lambda: admin(a, "GET", "/readyz")[0] == 200, timeout=FLUSH_INTERVAL * 3 + 2)
         finally:
             a.stop()
     finally:
