@@ -324,8 +324,8 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
 
 
 def describe(e: Mapping[str, Any]) -> str:
-    """One line per entry for people (what a terminal would act on, escaped: lines.for_terminal)."""
-    from .lines import for_terminal
+    """One line per entry for people (what a terminal would act on, escaped: errors.for_terminal)."""
+    from .errors import for_terminal
 
     return for_terminal(_describe(e))
 

@@ -39,6 +39,16 @@ def _patterns() -> list[tuple[object, str]]:
 _PATTERNS: list[tuple[object, str]] = []
 
 
+def for_terminal(text: str) -> str:
+    """`text` with every character a terminal would act on (C0 and C1 controls, DEL, and
+    other non-printables such as bidi overrides) written as an escape: what other people
+    chose (a sandbox's report or commit message, a server's answer, a repository id) is
+    shown, never run as cursor moves, colours or clipboard writes (OSC 52)."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def redact(text: str) -> str:
     """Remove token- and key-shaped material from text meant for a human."""
     for pattern, replacement in _patterns():
@@ -52,7 +62,7 @@ class CodestoreError(Exception):
     exit_code = 1
 
     def __str__(self) -> str:
-        text = redact(" ".join(super().__str__().split()))
+        text = for_terminal(redact(" ".join(super().__str__().split())))
         if len(text) > MAX_MESSAGE:
             # A value someone passed (a 6000-character repository id, 300 replica URLs) is
             # cut in the middle: the line still says what failed first and the fix last.

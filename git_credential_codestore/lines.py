@@ -22,15 +22,6 @@ def has_control(text: str) -> bool:
     return not _CONTROLS.isdisjoint(text)
 
 
-def for_terminal(text: str) -> str:
-    """`text` with every character a terminal would act on (C0 and C1 controls, DEL) written
-    as an escape: values other people chose (a sandbox's report, a repository id) are shown,
-    never run as cursor moves, colours or clipboard writes (OSC 52)."""
-    if text.isascii() and text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 def parse_lines(
     data: bytes, *, what: str, max_lines: int | None = None, controls: bool = True, stop_at_blank: bool = True
 ) -> list[tuple[str, str]]:

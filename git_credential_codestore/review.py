@@ -187,7 +187,10 @@ def render(r: Review) -> str:
                    "or the report was lost; judge the commits themselves")
     out += ["", "Diffstat:", r.stat.rstrip("\n") or "  (no changes)", "",
             "Promote exactly this commit, and nothing pushed after it, with:", f"  {r.promote_command}", ""]
-    return "\n".join(out)
+    from .errors import for_terminal
+
+    # Commit subjects, authors and paths are the sandbox's: shown, never acted on by the terminal.
+    return "\n".join(for_terminal(line) for line in "\n".join(out).split("\n"))
 
 
 def ensure_commit(cache: str, cfg: Config, repo: str, branch: str, sha: str, env: Mapping[str, str] | None = None) -> None:

@@ -12,8 +12,7 @@ from git_credential_codestore import audit
 from git_credential_codestore.agent import policy
 from git_credential_codestore.agent.client import Endpoint, exchange
 from git_credential_codestore.agent.db import Database
-from git_credential_codestore.errors import ConfigError, redact
-from git_credential_codestore.lines import for_terminal
+from git_credential_codestore.errors import ConfigError, for_terminal, redact
 from tests.conftest import OrgKey, run_cli
 from tests.test_agent import REPO, Agent
 

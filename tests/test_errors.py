@@ -91,3 +91,12 @@ def test_a_tokens_org_is_read_from_its_claims_whatever_their_order_or_case() -> 
     assert issued_by(token({"iss": "acme", "sub": "x"}), "acme") and issued_by(token({"sub": "x", "iss": "Acme"}), "acme")
     assert not issued_by(token({"iss": "acme", "sub": "x"}), "evilorg") and not issued_by(token({"iss": ["acme"]}), "acme")
     assert not issued_by(Token("not.a.jwt", 1), "acme") and not issued_by(Token("garbage", 1), "acme")
+
+
+def test_an_error_line_never_carries_what_a_terminal_would_act_on() -> None:
+    # A server's or a sandbox's text inside an error (a git remote's message, an API
+    # reason) reaches the user's terminal through the one-line error.
+    from git_credential_codestore.errors import ConfigError
+
+    text = str(ConfigError("git push failed: remote: \x1b]52;c;ZQ==\x07\x1b[31mfake\u202e\x9b"))
+    assert not any(c in text for c in "\x1b\x07\u202e\x9b") and "\\x1b]52;c;ZQ==" in text

@@ -149,6 +149,22 @@ def test_human_review_names_the_sha_the_pushers_and_the_promote_command(world: W
     assert f"codestore promote {REPO} feat --expect-sha {sha}" in out.stdout
 
 
+def test_what_the_sandbox_wrote_reaches_the_reviewers_terminal_escaped(world: World) -> None:
+    # Threat: a sandbox's commit subject, author name or branch name carrying terminal
+    # escapes (OSC 52 writes the reviewer's clipboard; CSI draws fake lines, such as a
+    # forged "<- under review") into `codestore review` and `branch list`.
+    evil = "\x1b]52;c;ZWNobyBwd25lZAo=\x07\x1b[2K\u202e"
+    (world.sandbox / "e.txt").write_text("e\n")
+    git("add", "e.txt", cwd=world.sandbox, env=world.sandbox_env)
+    git("commit", "-qm", f"subject{evil}", cwd=world.sandbox, env=dict(world.sandbox_env, GIT_AUTHOR_NAME=f"Mallory{evil}"))
+    git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=world.sandbox, env=world.sandbox_env)
+    for out in (world.codestore("review", REPO, "feat"), world.codestore("branch", "list", REPO)):
+        assert out.returncode == 0, out.stderr
+        assert not any(c in out.stdout for c in "\x1b\x07\u202e"), out.stdout
+    review = world.codestore("review", REPO, "feat").stdout
+    assert "subject\\x1b]52;c;" in review and "Mallory\\x1b" in review
+
+
 def test_a_head_no_audited_push_explains_is_flagged(world: World, tmp_path: Path) -> None:
     # Threat: a sandbox pushes around the remote helper (a token used by hand) to dodge the trail.
     elsewhere = tmp_path / "elsewhere"

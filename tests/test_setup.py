@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def test_undo_without_setup_changes_nothing(hermetic: Path) -> None:
     assert (hermetic / ".gitconfig").read_text() == before
 
 
-@pytest.mark.parametrize("record", ["{garbage", '{"%s": 5}' % BASE, "[]"])
+@pytest.mark.parametrize("record", ["{garbage", json.dumps({BASE: 5}), "[]"])
 def test_undo_works_when_the_setup_record_is_lost_or_damaged(hermetic: Path, record: str) -> None:
     # A damaged record made undo say "nothing to undo" (or crash: AttributeError) and left
     # our entries; setup then said "already set up" and recorded nothing, for good.
@@ -83,7 +84,7 @@ def test_undo_restores_only_keys_setup_writes(hermetic: Path) -> None:
     # Threat: a setup record naming any git key (core.sshCommand) made undo write it.
     run_cli("codestore", "setup")
     state = hermetic / ".local/state/codestore/setup.json"
-    state.write_text('{"%s": {"core.sshCommand": ["touch /tmp/pwned-by-undo"], "credential.%s.helper": []}}' % (BASE, BASE))
+    state.write_text(json.dumps({BASE: {"core.sshCommand": ["touch /tmp/pwned-by-undo"], f"credential.{BASE}.helper": []}}))
     assert run_cli("codestore", "setup", "--undo").returncode == 0
     assert git("config", "--global", "core.sshCommand", check=False).stdout == "" and helpers() == []
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import click
 
+from ..errors import for_terminal
+
 
 @click.group("branch")
 def branch_group() -> None:
@@ -37,7 +39,8 @@ def branch_list(repo: str, namespace: str, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        click.echo(f"{'+ephemeral' if r['ephemeral'] else 'default':<10}\t{r['name']}\t{r['head_sha']}")
+        # Names and ids are the server's answer (a sandbox named the branch): shown, never acted on.
+        click.echo(f"{'+ephemeral' if r['ephemeral'] else 'default':<10}\t{for_terminal(str(r['name']))}\t{for_terminal(str(r['head_sha']))}")
 
 
 @branch_group.command("delete")

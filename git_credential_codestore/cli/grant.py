@@ -13,8 +13,7 @@ import time
 
 import click
 
-from ..errors import CodestoreError, ConfigError
-from ..lines import for_terminal
+from ..errors import CodestoreError, ConfigError, for_terminal
 from .agent import SOCKET_HELP, admin, admin_change, warn
 
 

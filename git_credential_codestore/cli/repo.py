@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..errors import for_terminal
+
 
 @click.group("repo")
 def repo_group() -> None:
@@ -43,7 +45,7 @@ def repo_list(as_json: bool) -> None:
         echo_json([{"repo_id": r.get("repo_id"), "default_branch": r.get("default_branch")} for r in repos])
         return
     for r in repos:
-        click.echo(f"{r.get('repo_id')}\t{r.get('default_branch', '')}")
+        click.echo(f"{for_terminal(str(r.get('repo_id')))}\t{for_terminal(str(r.get('default_branch', '')))}")
 
 
 @repo_group.command("delete")
