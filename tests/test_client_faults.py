@@ -240,7 +240,8 @@ STORE_AWAY = _reply("503 Service Unavailable", b"error=the grant store is not an
     _reply("503 Service Unavailable", b"error=cannot write the audit log /dev/full (No space left on device); nothing was minted\n"),
     _reply("500 Internal Server Error", b"error=internal error\n"),
     _reply("502 Bad Gateway"),  # a proxy in front of a replica that is gone
-], ids=["busy", "store-away", "audit-unwritable", "internal-error", "bad-gateway"])
+    b"\x15\x03\x01\x00\x02\x02\x50",  # not HTTP (a TLS alert: an https port named as http)
+], ids=["busy", "store-away", "audit-unwritable", "internal-error", "bad-gateway", "not-http"])
 def test_a_replica_that_cannot_mint_now_is_passed_over_for_the_next(agent: Agent, org_key: OrgKey, reply: bytes) -> None:
     # Threat (availability): the first replica answering 503 (its store or signer away, its
     # audit log unwritable, busy) failed git, although the next replica was up: only a

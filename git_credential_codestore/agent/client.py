@@ -329,6 +329,7 @@ class AgentSource:
             return exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
                             identity=identity, timeout=self.reply_timeout)
         failed: tuple[Endpoint, tuple[int, bytes]] | None = None
+        broken: RemoteError | None = None
         for i, ep in enumerate(self.endpoints):
             last = i == len(self.endpoints) - 1
             try:
@@ -337,6 +338,9 @@ class AgentSource:
                                   timeout=REPLY_TIMEOUT if last else FAILOVER_REPLY_TIMEOUT)
             except AgentUnavailable:
                 continue  # minting changes nothing: safe to ask the next replica
+            except RemoteError as e:  # not HTTP, oversized: whatever answers there, another may be an agent
+                broken = broken or e
+                continue
             if result[0] >= 500:
                 # This replica cannot mint now (its store or signer away, its audit log
                 # unwritable, busy): another may. A refusal of the request itself (4xx)
@@ -350,6 +354,8 @@ class AgentSource:
         if failed is not None:  # the others down
             self.endpoint = failed[0]
             return failed[1]
+        if broken is not None:
+            raise broken
         raise AgentUnavailable(f"no codestore agent answered at any of {', '.join(map(str, self.endpoints))}; {START_HINT}")
 
     def record(self, report: Mapping[str, object]) -> None:
