@@ -336,6 +336,8 @@ def _sections(raw: Mapping[str, object], path: str) -> dict[str, dict[str, objec
     if not isinstance(orgs, dict) or not all(isinstance(v, dict) for v in orgs.values()):
         raise ConfigError(f"{path}: [orgs] must hold tables like [orgs.personal] with that org's settings")
     for name, section in orgs.items():
+        if not is_org(name):  # a section's name is its org when it sets none: the same rule as any org name
+            raise ConfigError(f"{path}: [orgs.{str(name)[:64]!r}]: a section's name is an org name (a DNS label: letters, digits and '-')")
         extra = set(section) - set(_SETTINGS) - {"repos"}
         if extra:
             raise ConfigError(f"{path}: [orgs.{name}]: unknown setting(s) {', '.join(sorted(extra))}")
@@ -426,6 +428,9 @@ def _build(raw: Mapping[str, object], env: Mapping[str, str], path: str, name: s
     for k in ("base_url", "api_url"):
         if k in values:
             u = split_url(str(values[k]))
+            text = str(values[k])
+            if not text.isascii() or not text.isprintable() or " " in text:  # it lands in git config and HTTP requests
+                raise ConfigError(f"{sources[k]}: {k} must be an http(s) URL of printable characters, without spaces")
             if u.scheme not in ("http", "https") or not _host_port(u.netloc) or "@" in u.netloc or u.query or u.fragment:
                 raise ConfigError(f"{k} {values[k]!r} must be an http(s) URL without credentials, query or fragment")
     from .trace import say
@@ -437,6 +442,8 @@ def _build(raw: Mapping[str, object], env: Mapping[str, str], path: str, name: s
     if not isinstance(repos, dict):
         raise ConfigError(f"{where}: [repos] must be a table of repository patterns")
     for pattern, rule in repos.items():
+        if not pattern.isprintable():
+            raise ConfigError(f"{where}: a [repos] pattern must be printable text (a repository id or glob)")
         if not isinstance(rule, dict) or set(rule) - {"scopes", "ephemeral_scopes"}:
             raise ConfigError(f"{where}: [repos.{pattern!r}] takes only scopes and ephemeral_scopes")
         rules.append(

@@ -202,9 +202,12 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO
         # it ended. Only protocol, host and path: never a password field or the token.
         where = f"{fields.get('protocol', '?')}://{fields.get('host', '?')}/{fields.get('path', '')}"
         outcome = "quit" if reply == ["quit=1"] else ("a token" if reply else "not this helper's host")
-        stderr.write(f"{PROG}: debug: get {where}: {outcome}\n".encode())
-    # git ignores a helper's exit status; 0 keeps `quit=1` the only signal it acts on.
-    return 0 if status in (0, 1) else status
+        from .errors import for_terminal
+
+        stderr.write(f"{PROG}: debug: get {for_terminal(where)}: {outcome}\n".encode())
+    # git ignores a helper's exit status; 0 keeps `quit=1` the only signal it acts on. A
+    # usage error here is the environment's (a bad CODESTORE_AGENT_URL), not git's command line.
+    return 0 if status in (0, 1, 2) else status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -90,14 +90,19 @@ def promote(cfg: Config, repo: str, branch: str, target: str | None = None, env:
     if not 200 <= status < 300:
         raise RemoteError(f"promoting {branch} of {repo} failed: {api.reason(status, data)}{api.hint(status)}")
     sha = str(data.get("commit_sha") or data.get("sha") or "?")
+    import sys
+
     from . import audit
 
-    if audit.is_sha(sha):
-        warning = _record_promotion(cfg, env, repo, branch, target, None, sha, "ok", None)
-        if warning:
-            import sys
-
-            print(f"codestore: warning: {warning}", file=sys.stderr)
+    if not audit.is_sha(sha):
+        # Done on the server, but its answer names no commit: nothing to record, and its
+        # text is not ours to print (a terminal would act on what it holds).
+        print(f"codestore: warning: the server promoted {branch} but did not say which commit; "
+              f"check with: codestore branch list {repo}", file=sys.stderr)
+        return "(a commit the server did not name)"
+    warning = _record_promotion(cfg, env, repo, branch, target, None, sha, "ok", None)
+    if warning:
+        print(f"codestore: warning: {warning}", file=sys.stderr)
     return sha
 
 

@@ -28,6 +28,8 @@ def _patterns() -> list[tuple[object, str]]:
             (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S), "<redacted key>"),
             # Anything shaped like a JWT, Basic/Bearer credentials, or userinfo in a URL.
             (re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "<redacted>"),
+            # What is left of one cut short (a message that truncated a value): base64url of '{"'.
+            (re.compile(r"eyJ[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*)*"), "<redacted>"),
             (re.compile(r"(?i)(authorization:\s*(?:basic|bearer|grant|identity)\s+)\S+"), r"\1<redacted>"),
             # A grant secret (csg_<id>_<random>): its id may stay, to say which grant leaked.
             (re.compile(r"\b(csg_[A-Za-z0-9]{1,32})_[A-Za-z0-9_-]+"), r"\1_<redacted>"),
@@ -177,7 +179,7 @@ def boundary(prog: str, func: Callable[[], int], stderr: TextIO | None = None) -
         path = crash_log_path()
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
+            with open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", encoding="utf-8") as f:  # private, as all state
                 f.write(redact(traceback.format_exc()) + "\n")
             where = f"details in {path}"
         except OSError:

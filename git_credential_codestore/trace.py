@@ -60,14 +60,15 @@ def say(what: str, message: str, env: Mapping[str, str] | None = None) -> None:
     import sys
     import time
 
-    from .errors import redact
+    from .errors import for_terminal, redact
 
     now = time.time()
     stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if not prog.startswith(("codestore", "git-credential-codestore", "git-remote-codestore")):
         prog = "codestore"  # python -m, tests
-    line = f"{stamp} {prog}[{os.getpid()}] {what}: {redact(' '.join(message.split()))}\n"
+    # Hosts and paths come from URLs others chose: escaped, as every error line is.
+    line = f"{stamp} {prog}[{os.getpid()}] {what}: {for_terminal(redact(' '.join(message.split())))}\n"
     if not where:
         sys.stderr.write(line)
         sys.stderr.flush()

@@ -163,7 +163,7 @@ def parse_policy(data: object) -> TrustPolicy:
     if not isinstance(data, Mapping):
         raise ConfigError("a trust policy must be a JSON object")
     issuer = data.get("issuer")
-    if not isinstance(issuer, str) or not re.fullmatch(r"https://[^\s/?#@]+(/[^\s?#]*)?", issuer):
+    if not isinstance(issuer, str) or not re.fullmatch(r"https://[!-~]+", issuer) or not re.fullmatch(r"https://[^/?#@]+(/[^?#]*)?", issuer):
         raise ConfigError("--issuer must be the issuer's https:// URL exactly as its tokens' iss claim says it")
     audience = data.get("audience")
     if not isinstance(audience, str) or not audience or len(audience) > 300 or not audience.isprintable():

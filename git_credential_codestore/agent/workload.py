@@ -115,11 +115,11 @@ def github_token(env: Mapping[str, str], aud: str) -> str:
     url = env["ACTIONS_ID_TOKEN_REQUEST_URL"]
     if not aud:
         raise ConfigError("no audience to ask GitHub for; set CODESTORE_IDENTITY_AUDIENCE")
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)  # an unclosed [IPv6 bracket raises here
         host, port = parts.hostname, parts.port
     except ValueError:
-        host, port = None, None
+        raise ConfigError("ACTIONS_ID_TOKEN_REQUEST_URL is not an http(s) URL; is this a GitHub Actions job?") from None
     if parts.scheme not in ("http", "https") or not host or parts.username is not None:
         raise ConfigError("ACTIONS_ID_TOKEN_REQUEST_URL is not an http(s) URL; is this a GitHub Actions job?")
     if parts.scheme == "http" and not is_loopback(host):

@@ -34,6 +34,8 @@ def parse_trust_key(spec: str) -> tuple[str, str | None]:
         return spec, None
     path, sep, kid = spec.rpartition(":")
     if sep and path and kid:
+        if not kid.isascii() or not kid.isprintable() or len(kid) > 256:  # a token header's value, printed when serving
+            raise UsageError("--trust-key FILE:KID: the kid must be printable text of at most 256 characters")
         return path, kid
     return spec, None
 
@@ -111,6 +113,10 @@ def serve(
         )
     cfg = config.load(env)
     org = org or cfg.org or "dev"
+    from ..vocab import is_org
+
+    if not is_org(org):
+        raise UsageError(f"--org {org[:64]!r} is not an org name (a DNS label: letters, digits and '-')")
     data = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
     os.makedirs(data, mode=0o700, exist_ok=True)
     key_map = trusted_keys(trust_keys, cfg)
