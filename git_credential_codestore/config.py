@@ -505,7 +505,7 @@ def _set_value(key: str, value: str, env: Mapping[str, str] | None, section: str
 
     try:
         lines = read_bounded(path, "the configuration file").decode("utf-8").splitlines()
-        mode = os.stat(path).st_mode & 0o777  # kept: a 0600 file stays 0600
+        mode = os.stat(path).st_mode & 0o644  # kept, never writable by others: a 0600 file stays 0600
     except FileNotFoundError:
         pass
     except (OSError, UnicodeDecodeError) as e:

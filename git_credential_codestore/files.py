@@ -39,6 +39,16 @@ def write_atomic(
     processes writing at once (two `config set`, helpers refreshing a cache) each
     replace the file whole, never truncate or remove the other's temporary file.
     """
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            # A rename would replace a device node (/dev/null as CODESTORE_CONFIG), a pipe or a socket.
+            raise ConfigError(f"{path} is not a regular file; refusing to replace it: point the setting at a file")
     while True:
         tmp = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
         try:
@@ -109,6 +119,10 @@ def read_fd_bounded(fd: int, path: str, what: str, limit: int = MAX_FILE) -> byt
                 raise ConfigError(f"nothing more came from {what} {path} within {STREAM_WAIT:g} s; "
                                   "point it at a file (a named pipe needs a writer that closes it)") from None
             continue
+        except OSError as e:  # a directory (EISDIR): read(2) names no file; the caller's line should
+            if e.filename is None:
+                e.filename = path
+            raise
         if not chunk:
             break
         chunks.append(chunk)

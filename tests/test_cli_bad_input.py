@@ -92,10 +92,15 @@ def test_a_trace_file_that_cannot_be_written_never_breaks_the_command() -> None:
 
 
 def test_a_path_that_is_a_directory_is_one_line_naming_it(tmp_path: Path) -> None:
+    # An OSError about a path that reaches the boundary is the machine's, not a bug.
     keys = Path(os.environ["XDG_DATA_HOME"]) / "codestore" / "keys" / "acme.pem"
     keys.mkdir(parents=True)
     line = _one_line(run_cli("codestore", "key", "generate", "--force", env=dict(os.environ, CODESTORE_ORG="acme")))
-    assert str(keys) in line and "directory" in line.lower(), line
+    assert str(keys) in line and "not a regular file" in line, line
+    record = Path(os.environ["XDG_STATE_HOME"]) / "codestore" / "setup.json"
+    record.mkdir(parents=True)
+    line = _one_line(run_cli("codestore", "setup", env=dict(os.environ, CODESTORE_ORG="acme")))  # was: internal error (IsADirectoryError)
+    assert f"cannot use {record}: Is a directory" in line, line
 
 
 def test_a_named_pipe_given_as_a_file_never_hangs(tmp_path: Path) -> None:
@@ -129,3 +134,16 @@ def test_audit_says_what_is_wrong_with_its_filters_and_files(tmp_path: Path) -> 
                       b'{"time":"2026-11-29T00:00:01Z","event":"push","repo":"team/app"}\n')
     proc = run_cli("codestore", "audit", "--file", str(trail), env=env)
     assert proc.returncode == 0 and "team/app" in proc.stdout and "Traceback" not in proc.stderr, proc
+
+
+def test_config_set_never_replaces_what_is_not_a_file_nor_leaves_the_config_writable_by_others(tmp_path: Path) -> None:
+    # CODESTORE_CONFIG=/dev/null (as root) replaced the device with a 0666 file; a FIFO too.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    line = _one_line(run_cli("codestore", "config", "set", "ttl", "120", env=dict(os.environ, CODESTORE_CONFIG=str(fifo))))
+    assert "is not a regular file" in line and stat.S_ISFIFO(fifo.lstat().st_mode), line
+    open_to_all = tmp_path / "c.toml"
+    open_to_all.write_text('org = "acme"\n')
+    open_to_all.chmod(0o666)
+    assert run_cli("codestore", "config", "set", "ttl", "120", env=dict(os.environ, CODESTORE_CONFIG=str(open_to_all))).returncode == 0
+    assert stat.S_IMODE(open_to_all.stat().st_mode) == 0o644

@@ -24,7 +24,7 @@ from git_credential_codestore.agent.client import (
     exchange,
     read_grant,
 )
-from git_credential_codestore.errors import ConfigError, UsageError
+from git_credential_codestore.errors import ConfigError, RemoteError, UsageError
 from git_credential_codestore.secrets import Secret
 from tests.conftest import BIN, ORG, OrgKey, run_cli
 from tests.test_agent import REPO, Agent, mint, sandbox_env, verify
@@ -379,3 +379,76 @@ def test_a_bad_key_named_here_is_reported_as_itself_not_as_the_agents_mismatch(a
     env.update({var: value, "CODESTORE_AGENT_SOCK": agent.socket})
     proc = run_cli("codestore", "token", REPO, env=env)
     assert proc.returncode == 1 and says in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def _other_orgs_token() -> bytes:
+    import base64
+
+    claims = base64.urlsafe_b64encode(b'{"iss":"evil","sub":"x","repo":"team/app","scopes":["git:read"],"iat":1,"exp":9999999999}').rstrip(b"=")
+    return b"token=eyJhbGciOiJFUzI1NiJ9." + claims + b".c2ln\nexpires_at=9999999999\n"
+
+
+@pytest.mark.parametrize("reply", [
+    _reply("200 OK", b"<html>captive portal</html>"),  # not the agent's line format
+    _reply("200 OK"),  # no token
+    b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere/\r\nContent-Length: 0\r\n\r\n",
+    _reply("404 Not Found", b"<html>no such page</html>"),  # a proxy's 404: no reason of the agent's
+    _reply("200 OK", _other_orgs_token()),  # an agent of another org
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/x-codestore-lines\r\ncontent-length: 900\r\n\r\ntoken=eyJhbGciOiJFUzI1NiJ9.eyJ",  # cut short
+], ids=["html-200", "empty-200", "redirect", "proxy-404", "other-org", "cut-short"])
+def test_an_answer_that_is_not_the_agents_is_passed_over_for_the_next_replica(agent: Agent, org_key: OrgKey, reply: bytes) -> None:
+    # Only the agent's own refusal of the request (a 4xx with its reason) is final; a
+    # captive portal, a redirect, a proxy's page, a reply cut short or another org's
+    # agent stopped failover with one line although the next replica was up.
+    grant = agent.grant("--repo", REPO)["grant"]
+    with replying(reply) as (fake, url):
+        assert verify(mint(sandbox_env(grant, url=f"{url},{agent.url}")), org_key).repo == REPO
+        assert fake.served == 1
+
+
+def test_a_reply_cut_short_is_never_taken_for_a_token(agent: Agent) -> None:
+    grant = agent.grant("--repo", REPO)["grant"]
+    cut = b"HTTP/1.1 200 OK\r\ncontent-type: text/x-codestore-lines\r\ncontent-length: 900\r\n\r\ntoken=eyJhbGciOiJFUzI1NiJ9.eyJpc3Mi.c2ln\nexpires_at=17"
+    with replying(cut) as (_, url):
+        with pytest.raises(RemoteError, match="cut short"):
+            mint(sandbox_env(grant, url=url))
+
+
+def test_with_every_replica_unreachable_the_line_says_why_the_first_was(tmp_path: Path, refused_port: int) -> None:
+    env = sandbox_env("csg_abc123_x", url=f"https://127.0.0.1:{refused_port},http://127.0.0.1:{refused_port}",
+                      CODESTORE_AGENT_CA=str(tmp_path / "missing-ca.pem"))
+    with pytest.raises(AgentUnavailable, match=r"no codestore agent answered at any of .*; the first: cannot use CODESTORE_AGENT_CA .*missing-ca.pem"):
+        mint(env)
+
+
+@pytest.mark.parametrize("ca", ["missing", "directory", "not-pem", "fifo"])
+def test_a_bad_agent_ca_is_one_line_and_the_next_replica_is_asked(agent: Agent, org_key: OrgKey, tmp_path: Path, ca: str) -> None:
+    # It was an internal error (exit 3) that stopped failover, and a FIFO held git forever.
+    path = tmp_path / "ca.pem"
+    if ca == "directory":
+        path.mkdir()
+    elif ca == "not-pem":
+        path.write_text("not a certificate\n")
+    elif ca == "fifo":
+        os.mkfifo(path)
+    grant = agent.grant("--repo", REPO)["grant"]
+    env = sandbox_env(grant, url=f"https://127.0.0.1:1,{agent.url}", CODESTORE_AGENT_CA=str(path))
+    assert verify(mint(env), org_key).repo == REPO
+    proc = run_cli("codestore", "token", REPO, env=sandbox_env(grant, url="https://127.0.0.1:1", CODESTORE_AGENT_CA=str(path)), timeout=30)
+    assert proc.returncode == 1 and "cannot use CODESTORE_AGENT_CA" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_a_trace_or_identity_file_that_is_a_pipe_never_holds_git(org_key: OrgKey, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    proc = run_cli("git-credential-codestore", "get", input=f"protocol=https\nhost={ORG}.code.storage\npath=team/app.git\n\n",
+                   env=dict(os.environ, CODESTORE_TRACE=str(fifo)), timeout=30)
+    assert proc.returncode == 0 and "cannot write the trace file" in proc.stderr, proc.stderr
+    writer = os.open(fifo, os.O_RDWR)  # a writer that never writes
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "CODESTORE_PRIVATE_KEY_FILE"}
+        env.update(CODESTORE_IDENTITY_TOKEN_FILE=str(fifo), CODESTORE_AGENT_URL="http://127.0.0.1:1")
+        proc = run_cli("codestore", "token", REPO, env=env, timeout=30)
+        assert proc.returncode == 1 and "nothing more came from CODESTORE_IDENTITY_TOKEN_FILE" in proc.stderr, proc.stderr
+    finally:
+        os.close(writer)

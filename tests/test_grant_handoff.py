@@ -60,6 +60,14 @@ def test_secret_file_replaces_only_a_grant_secret_never_other_data_or_a_device(a
     for path in (notes, fifo):
         code, out, err = create(agent, "--secret-file", str(path))
         assert code == 1 and err.count("\n") == 1 and "name a new file" in err, err
+    # A symlink leading to something that is not a file (/dev/stdout -> /proc/self/fd/1):
+    # the link was replaced by a file holding the secret.
+    to_pipe = tmp_path / "stdout"
+    to_pipe.symlink_to(fifo)
+    code, _, err = create(agent, "--secret-file", str(to_pipe))
+    assert code == 1 and "--secret-only" in err and to_pipe.is_symlink(), err
+    code, _, err = create(agent, "--secret-file", "")  # an unset $VAR: the secret went to stdout
+    assert code == 2 and "--secret-file is empty" in err, err
     assert notes.read_text() == "precious\n" and stat.S_ISFIFO(fifo.lstat().st_mode) and grant_ids(agent) == []
     old = tmp_path / "grant"  # a sandbox re-provisioned: its old grant's secret is replaced
     assert create(agent, "--secret-file", str(old))[0] == 0

@@ -93,6 +93,7 @@ def _connect_unix(sock: _socket.socket, addr: str, timeout: float) -> None:
 
 
 def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str], deadline: float) -> _socket.socket | socket.socket:
+    ctx = _tls_context(env) if ep.kind == "https" else None  # a bad CODESTORE_AGENT_CA is known before any connect
     try:
         if ep.kind == "unix":
             sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -111,10 +112,9 @@ def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str], deadline: flo
         raise AgentUnavailable(f"no codestore agent at {ep} ({e.strerror or type(e).__name__}); {START_HINT}") from None
     except OSError as e:
         raise AgentUnavailable(f"cannot reach the codestore agent at {ep} ({e.strerror or type(e).__name__}); {START_HINT}") from None
-    if ep.kind == "https":
+    if ctx is not None:
         import ssl
 
-        ctx = ssl.create_default_context(cafile=ca_file(env))
         try:
             sock = ctx.wrap_socket(sock, server_hostname=ep.address, do_handshake_on_connect=False)
             _handshake(sock, deadline)
@@ -125,6 +125,27 @@ def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str], deadline: flo
             sock.close()
             raise AgentUnavailable(f"TLS with the codestore agent at {ep} failed ({type(e).__name__}); set CODESTORE_AGENT_CA to its CA file") from None
     return sock
+
+
+def _tls_context(env: Mapping[str, str]) -> ssl.SSLContext:
+    """The client context for an https agent: the system's CAs, or CODESTORE_AGENT_CA's, read
+    as every file codestore is pointed at is (bounded, a pipe never waited on forever).
+    AgentUnavailable (in one line) when that file will not do: the next replica may be http."""
+    import ssl
+
+    path = ca_file(env)
+    if not path:
+        return ssl.create_default_context()
+    from ..files import read_bounded
+
+    try:
+        pem = read_bounded(os.path.expanduser(path), "CODESTORE_AGENT_CA").decode("ascii")
+        if not pem.strip():
+            raise ValueError("empty")  # cadata="" would quietly mean the system's CAs
+        return ssl.create_default_context(cadata=pem)
+    except (OSError, UnicodeDecodeError, ValueError, ssl.SSLError, ConfigError) as e:
+        why = getattr(e, "strerror", None) or (str(e) if isinstance(e, ConfigError) else "empty" if str(e) == "empty" else "not PEM certificates")
+        raise AgentUnavailable(f"cannot use CODESTORE_AGENT_CA {path} ({why}); point it at the agent's CA certificate (PEM)") from None
 
 
 def _handshake(sock: ssl.SSLSocket, deadline: float) -> None:
@@ -212,13 +233,21 @@ def exchange(
 
 
 def parse_reply(raw: bytes, ep: Endpoint) -> tuple[int, bytes]:
-    """(status, body) of an HTTP/1.x reply read to its end; RemoteError if it is not one."""
+    """(status, body) of an HTTP/1.x reply read to its end; RemoteError if it is not one, or
+    if it ended before the length it announced (a replica killed mid-reply, a proxy's cut)."""
     header, _, content = raw.partition(b"\r\n\r\n")
-    status_line = header.split(b"\r\n", 1)[0].split()
+    lines = header.split(b"\r\n")
+    status_line = lines[0].split()
     if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1.") or not (
         len(status_line[1]) == 3 and status_line[1].isdigit()
     ):
         raise RemoteError(f"the codestore agent at {ep} sent a reply that is not HTTP; is it a codestore agent?")
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            announced = value.strip()
+            if not announced.isdigit() or int(announced) != len(content):
+                raise RemoteError(f"the codestore agent at {ep} sent a reply cut short (or longer than it said)")
     return int(status_line[1]), content
 
 
@@ -303,60 +332,79 @@ class AgentSource:
             f"{' (at most)' if getattr(request, 'narrow', False) else ''}",
             self.env,
         )
-        status, content = self._exchange(body, identity)
+        token = self._ask(body, identity)
         del identity
+        say("agent-client", f"got a token expiring at {token.expires_at} from {self.endpoint}", self.env)
+        return token
+
+    def _token(self, ep: Endpoint, status: int, content: bytes) -> Token:
+        """The token in one replica's answer, for the org git asked about; else why not."""
+        from ..trace import say
+
         try:
-            token = token_from_reply(status, content, self.endpoint)
+            token = token_from_reply(status, content, ep)
         except AgentRefused as e:
-            say("agent-client", f"refused (HTTP {status}): {e}", self.env)
+            say("agent-client", f"refused by {ep} (HTTP {status}): {e}", self.env)
             if self.grant is None and self.identity is not None:
                 raise AgentRefused(f"{e} (identity from {self.identity.where})") from None
             raise
         except (RemoteError, PolicyError) as e:
-            say("agent-client", f"refused (HTTP {status}): {e}", self.env)
+            say("agent-client", f"refused by {ep} (HTTP {status}): {e}", self.env)
             raise
         if self.cfg.org and not issued_by(token, self.cfg.org):
             # A sandbox's configuration can come from the URL git was given (no CODESTORE_ORG):
             # a token of the agent's org must not go to the host of another one.
-            raise AgentMismatch(f"the codestore agent at {self.endpoint} mints for another org than {self.cfg.org!r}, "
+            raise AgentMismatch(f"the codestore agent at {ep} mints for another org than {self.cfg.org!r}, "
                                 f"whose host git asked for; use a URL of the agent's org, or set CODESTORE_ORG to it")
-        say("agent-client", f"got a token expiring at {token.expires_at}", self.env)
         return token
 
-    def _exchange(self, body: bytes, identity: Secret | None) -> tuple[int, bytes]:
-        """POST the token request to the first replica that answers; `self.endpoint` is it."""
+    def _ask(self, body: bytes, identity: Secret | None) -> Token:
+        """The token from the first replica that gives one; `self.endpoint` is the replica that answered.
+
+        Minting changes nothing, so every other outcome asks the next replica: a refused
+        connection, silence (FAILOVER_REPLY_TIMEOUT but for the last), a 5xx, an answer that is
+        not the agent's (not HTTP, cut short, a proxy's page or redirect, a token of another
+        org). Only the agent's own refusal of the request (a 4xx with its reason) is final:
+        every replica would give it. With none left, the line is the first answer's reason,
+        else the first unreachable replica's.
+        """
         if len(self.endpoints) == 1:
-            return exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
-                            identity=identity, timeout=self.reply_timeout)
-        failed: tuple[Endpoint, tuple[int, bytes]] | None = None
-        broken: RemoteError | None = None
+            status, content = exchange(self.endpoint, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
+                                       identity=identity, timeout=self.reply_timeout)
+            return self._token(self.endpoint, status, content)
+        from ..trace import say
+
+        answered: tuple[Endpoint, Exception] | None = None
+        unreachable: AgentUnavailable | None = None
         for i, ep in enumerate(self.endpoints):
             last = i == len(self.endpoints) - 1
             try:
-                result = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
-                                  identity=identity, connect_timeout=FAILOVER_CONNECT_TIMEOUT,
-                                  timeout=REPLY_TIMEOUT if last else FAILOVER_REPLY_TIMEOUT)
-            except AgentUnavailable:
-                continue  # minting changes nothing: safe to ask the next replica
-            except RemoteError as e:  # not HTTP, oversized: whatever answers there, another may be an agent
-                broken = broken or e
+                status, content = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
+                                           identity=identity, connect_timeout=FAILOVER_CONNECT_TIMEOUT,
+                                           timeout=REPLY_TIMEOUT if last else FAILOVER_REPLY_TIMEOUT)
+            except AgentUnavailable as e:
+                say("agent-client", f"passing over {ep}: {e}", self.env)
+                unreachable = unreachable or e
                 continue
-            if result[0] >= 500:
-                # This replica cannot mint now (its store or signer away, its audit log
-                # unwritable, busy): another may. A refusal of the request itself (4xx)
-                # would be every replica's answer, so that one is final.
-                failed = failed or (ep, result)
-                if not last:
-                    continue
-                ep, result = failed  # every replica failing: the first one's reason
+            except RemoteError as e:
+                say("agent-client", f"passing over {ep}: {e}", self.env)
+                answered = answered or (ep, e)
+                continue
+            try:
+                token = self._token(ep, status, content)
+            except (RemoteError, PolicyError) as e:
+                if 400 <= status < 500 and _states_a_reason(content):
+                    self.endpoint = ep
+                    raise  # the agent's own refusal of this request
+                answered = answered or (ep, e)
+                continue
             self.endpoint = ep
-            return result
-        if failed is not None:  # the others down
-            self.endpoint = failed[0]
-            return failed[1]
-        if broken is not None:
-            raise broken
-        raise AgentUnavailable(f"no codestore agent answered at any of {', '.join(map(str, self.endpoints))}; {START_HINT}")
+            return token
+        if answered is not None:
+            self.endpoint = answered[0]
+            raise answered[1]
+        why = f"the first: {unreachable}" if unreachable is not None else START_HINT
+        raise AgentUnavailable(f"no codestore agent answered at any of {', '.join(map(str, self.endpoints))}; {why}")
 
     def record(self, report: Mapping[str, object]) -> None:
         """POST the report to the agent's audit trail (agent/report.py); the agent names who."""
@@ -390,6 +438,14 @@ def issued_by(token: Token, org: str) -> bool:
     except (ValueError, AttributeError):
         return False
     return isinstance(iss, str) and iss.lower() == org.lower()  # an org is a host's label: its case does not matter
+
+
+def _states_a_reason(content: bytes) -> bool:
+    """Whether an answer is the agent's own refusal: its line format with an `error`."""
+    try:
+        return bool(wire.decode(content).get("error"))
+    except ProtocolError:
+        return False
 
 
 def token_from_reply(status: int, content: bytes, ep: Endpoint) -> Token:

@@ -64,9 +64,10 @@ class WorkloadIdentity:
         env = self.env
         if self.where == "CODESTORE_IDENTITY_TOKEN_FILE":
             path = os.path.expanduser(env["CODESTORE_IDENTITY_TOKEN_FILE"])
+            from ..files import read_bounded  # a named pipe waited on for seconds, not forever
+
             try:
-                with open(path, encoding="utf-8") as f:
-                    value = f.read(MAX_TOKEN + 1)
+                value = read_bounded(path, "CODESTORE_IDENTITY_TOKEN_FILE", MAX_TOKEN + 1).decode("utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError(f"cannot read CODESTORE_IDENTITY_TOKEN_FILE {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
             return _checked(value, f"CODESTORE_IDENTITY_TOKEN_FILE {path}")

@@ -7,6 +7,7 @@ send a grant, and the agent refuses them from anyone but its owner.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -61,7 +62,16 @@ def _prepare_secret_file(path: str) -> str:
         st = os.lstat(path)
     except FileNotFoundError:
         st = None
-    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.stat(path)
+        except OSError:
+            target = None  # dangling: the link alone is replaced
+        if target is not None and not stat.S_ISREG(target.st_mode):
+            # /dev/stdout -> /proc/self/fd/1: the link would be replaced by a file holding the secret.
+            raise ConfigError(f"cannot write the grant to {path}: it leads to something that is not a regular file; "
+                              "name a new file, or print the secret with --secret-only")
+    elif st is not None and not stat.S_ISREG(st.st_mode):
         # Replaced by a rename, a device node (/dev/full) or a pipe would be gone.
         raise ConfigError(f"cannot write the grant to {path}: it is not a regular file; name a new file")
     if st is not None and stat.S_ISREG(st.st_mode) and st.st_size:
@@ -76,19 +86,28 @@ def _prepare_secret_file(path: str) -> str:
 
 
 def _write_secret(path: str, secret: str) -> None:
-    """Write the secret to a fresh 0600 file and move it into place (never a symlink's target)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    """Write the secret to a fresh 0600 file and move it into place (never a symlink's target).
+    CodestoreError if it cannot be; nothing of it is left behind then."""
+    while True:
+        tmp = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.tmp"  # a pid alone repeats (containers)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise CodestoreError(f"cannot write the grant to {path}: {e.strerror}") from None
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, (secret + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            os.write(fd, (secret + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # never a partial secret left in a temporary file
         raise CodestoreError(f"cannot write the grant to {path}: {e.strerror}") from None
 
 
@@ -134,6 +153,8 @@ def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, 
     from ..vocab import parse_scopes
 
     fields = ("grant", *fields) if secret_only else fields
+    if secret_file == "":  # an unset $VAR: taken as "not given", the secret went to stdout (a CI log)
+        raise click.UsageError("--secret-file is empty; name a file (is the variable holding it unset?)")
     if as_json and (fields or secret_file):
         raise ConfigError("--json prints everything; use it without --secret-only/--print/--secret-file")
     if secret_file and "grant" in fields:
@@ -160,7 +181,15 @@ def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, 
     g = admin(socket_opt, "POST", "/v1/grants", body)
     warn(g)
     if secret_file:
-        _write_secret(secret_file, str(g["grant"]))
+        try:
+            _write_secret(secret_file, str(g["grant"]))
+        except CodestoreError as e:
+            # The secret was handed to nobody: a live grant nobody holds is revoked, not left.
+            try:
+                admin(socket_opt, "POST", f"/v1/grants/{g['id']}/revoke")
+            except CodestoreError:
+                raise CodestoreError(f"{e}; the grant {g['id']} could not be revoked: revoke it with codestore grant revoke {g['id']}") from None
+            raise CodestoreError(f"{e}; the grant {g['id']} was revoked (its secret was never handed out)") from None
         fields = fields or ("id",)
     if fields:
         for f in fields:
