@@ -11,6 +11,8 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
 from tests.test_agent import REPO, Agent, mint, sandbox_env
 
 
@@ -105,3 +107,25 @@ def test_conflicting_output_options_say_which_to_drop(agent: Agent, tmp_path: Pa
         code, _, err = create(agent, *args)
         assert code != 0 and hint in err and "Traceback" not in err, args
     assert grant_ids(agent) == []
+
+
+def test_a_secret_that_cannot_be_written_after_the_grant_exists_leaves_no_live_grant(agent: Agent, tmp_path: Path,
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # The path was checked before the grant was made, but the write can still fail (a full
+    # disk, the directory removed meanwhile): the secret then reached nobody, and the grant
+    # stayed live. The write is made to fail in-process; the agent is the real one.
+    from click.testing import CliRunner
+
+    from git_credential_codestore.cli import cli
+    from git_credential_codestore.cli import grant as grant_cli
+    from git_credential_codestore.errors import CodestoreError
+
+    def full_disk(path: str, secret: str) -> None:
+        raise CodestoreError(f"cannot write the grant to {path}: No space left on device")
+
+    monkeypatch.setattr(grant_cli, "_write_secret", full_disk)
+    monkeypatch.setenv("CODESTORE_AGENT_SOCK", agent.socket)
+    result = CliRunner().invoke(cli, ["grant", "create", "--repo", REPO, "--secret-file", str(tmp_path / "grant")])
+    assert result.exit_code == 1 and "was revoked (its secret was never handed out)" in str(result.output) + str(result.exception)
+    listed = json.loads(agent.cli("grant", "list", "--json").stdout)
+    assert len(listed) == 1 and listed[0]["state"] == "revoked"
