@@ -140,3 +140,24 @@ def test_dev_server_names_that_are_printed_or_checked_in_tokens_are_refused(org_
     proc = subprocess.run([os.path.join(BIN, "codestore"), "dev-server", "--port", "0", "--data-dir", str(tmp_path / "d"), *args],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and says in proc.stderr and _no_escapes(proc.stderr), proc.stderr
+
+
+@pytest.mark.parametrize("option", ["--audit-log", "--store", "--tls-cert"])
+def test_the_agent_named_a_pipe_for_a_file_says_so_instead_of_waiting_forever(org_key: OrgKey, tmp_path: Path, option: str) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    extra = [option, str(fifo)] + (["--tls-key", str(fifo), "--listen", "127.0.0.1:0"] if option == "--tls-cert" else [])
+    proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--state-dir", str(tmp_path / "st"),
+                           "--socket", str(tmp_path / "s" / "a.sock"), *extra], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode in (1, 2) and proc.stderr.count("\n") == 1 and str(fifo) in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args", [["--trust-key", "FIFO:k1"], ["--trust-key", "/dev/zero:k1"], ["--log", "FIFO"]])
+def test_the_dev_server_named_a_pipe_or_an_endless_file_says_so(org_key: OrgKey, tmp_path: Path, args: list[str]) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = [a.replace("FIFO", str(fifo)) for a in args]
+    proc = subprocess.run([os.path.join(BIN, "codestore"), "dev-server", "--port", "0", "--data-dir", str(tmp_path / "d"), *args],
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -120,7 +120,8 @@ class AuditLog:
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
             # O_APPEND: each line lands whole even if another process appends too.
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            # O_NONBLOCK: a named pipe nobody reads fails here (ENXIO), never holds the start.
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o600)
         except IsADirectoryError:
             raise UsageError(f"--audit-log {path} is a directory; name a file in it, e.g. {os.path.join(path, 'audit.log')}") from None
         except OSError as e:
@@ -248,7 +249,7 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
     that wrote within RECOVER_WINDOW of the file's last line count: the run that just ended.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a named pipe must not hold the start
     except FileNotFoundError:
         return 0
     try:

@@ -45,6 +45,7 @@ import select
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import threading
@@ -871,6 +872,13 @@ def serve(
         # No TLS 1.3 session tickets: helpers are new processes that never resume a session,
         # and each handshake made and sent two for nothing.
         tls.num_tickets = 0
+        for path in (tls_cert, tls_key):
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)  # type: ignore[arg-type]
+            except OSError:
+                regular = True  # load_cert_chain says what is wrong with it
+            if not regular:  # a named pipe would hold the start forever
+                raise ConfigError(f"--tls-cert/--tls-key {path} is not a regular file; name the PEM files")
         try:
             tls.load_cert_chain(tls_cert, tls_key)
         except (OSError, ssl.SSLError) as e:

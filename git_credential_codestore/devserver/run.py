@@ -51,9 +51,10 @@ def trusted_keys(specs: Sequence[str], cfg: config.Config) -> dict[str, PublicKe
         return out
     for spec in specs:
         path, kid = parse_trust_key(spec)
+        from ..files import read_bounded  # bounded, and a pipe waited on for seconds: /dev/zero grew memory without end
+
         try:
-            with open(path, "rb") as f:
-                pem = f.read()
+            pem = read_bounded(path, "--trust-key")
         except OSError as e:
             raise ConfigError(f"cannot read --trust-key {path}: {e.strerror}") from None
         # A key without a KID only verifies tokens without one (the official SDK's).
@@ -130,9 +131,16 @@ def serve(
     log_file_path = os.path.abspath(log_path or os.path.join(data, "requests.log"))
     os.makedirs(os.path.dirname(log_file_path), exist_ok=True)
     try:
-        log_file = open(log_file_path, "ab")  # noqa: SIM115 - open for the server's lifetime
+        # O_NONBLOCK: a named pipe nobody reads fails here, never holds the start.
+        fd = os.open(log_file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise ConfigError(f"cannot open the request log {log_file_path}: {e.strerror}") from None
+    import stat
+
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"the request log {log_file_path} is not a regular file; pass --log a file path")
+    log_file = open(fd, "ab")  # noqa: SIM115 - open for the server's lifetime
 
     wrap = None
     ca_path = None
