@@ -133,6 +133,10 @@ HELPER_OPTIONS = {"--org": "CODESTORE_ORG", "--base-url": "CODESTORE_BASE_URL"}
 
 
 def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO, env: Mapping[str, str]) -> int:
+    if list(argv) in (["--help"], ["-h"]):
+        stdout.write(f"usage: {PROG} [--org ORG] [--base-url URL] get|store|erase|--version\n"
+                     "git runs this for you: git config credential.helper codestore (or: codestore setup)\n".encode())
+        return 0
     if list(argv) == ["--version"]:
         from . import __version__
 

@@ -44,11 +44,13 @@ def target(env: Mapping[str, str] | None = None) -> str | None:
         return value
     import sys
 
-    print(
-        f"codestore: {next(n for n in VARIABLES if env.get(n, '').strip())}={value!r} is neither 1 nor an absolute path; tracing is off "
-        "(set CODESTORE_TRACE=1 for stderr, or an absolute file path)",
-        file=sys.stderr,
-    )
+    if value not in _unwritable:  # said once a process, not at every trace point
+        _unwritable.add(value)
+        print(
+            f"codestore: {next(n for n in VARIABLES if env.get(n, '').strip())}={value!r} is neither 1 nor an absolute path; tracing is off "
+            "(set CODESTORE_TRACE=1 for stderr, or an absolute file path)",
+            file=sys.stderr,
+        )
     return None
 
 
@@ -89,4 +91,4 @@ def say(what: str, message: str, env: Mapping[str, str] | None = None) -> None:
         sys.stderr.write(line)
 
 
-_unwritable: set[str] = set()  # trace files this process could not write
+_unwritable: set[str] = set()  # trace settings this process could not use, said once

@@ -147,3 +147,13 @@ def test_config_set_never_replaces_what_is_not_a_file_nor_leaves_the_config_writ
     open_to_all.chmod(0o666)
     assert run_cli("codestore", "config", "set", "ttl", "120", env=dict(os.environ, CODESTORE_CONFIG=str(open_to_all))).returncode == 0
     assert stat.S_IMODE(open_to_all.stat().st_mode) == 0o644
+
+
+def test_an_org_on_the_command_line_that_is_not_a_name_is_a_usage_error() -> None:
+    proc = run_cli("codestore", "--org", "a b", "config", "show")
+    assert "not an org name" in _one_line(proc, 2)
+
+
+def test_the_credential_helper_says_how_it_is_used_when_asked() -> None:
+    proc = run_cli("git-credential-codestore", "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: git-credential-codestore") and "codestore setup" in proc.stdout

@@ -73,6 +73,10 @@ def cli(org: str | None) -> None:
     if org:
         import os
 
+        from ..vocab import is_org
+
+        if not is_org(org):  # a command-line value: a usage error, as click's own (exit 2)
+            raise click.BadParameter(f"{org[:64]!r} is not an org name (a DNS label: letters, digits and '-')", param_hint="--org")
         # One way to choose an org, whoever reads the configuration (and the agent this starts).
         os.environ["CODESTORE_ORG"] = org
 
