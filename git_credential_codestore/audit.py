@@ -295,17 +295,42 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
     `files` given. A sandbox (holding a grant) is refused by the agent: only the owner
     reads the trail.
     """
-    from .agent.client import AgentUnavailable, call, refusal
-    from .agent.discovery import Endpoint, endpoint_from_env, read_grant
+    from .agent.client import (
+        CONNECT_TIMEOUT,
+        FAILOVER_CONNECT_TIMEOUT,
+        FAILOVER_REPLY_TIMEOUT,
+        REPLY_TIMEOUT,
+        AgentUnavailable,
+        call,
+        refusal,
+    )
+    from .agent.discovery import AGENT_URL, endpoints_from_env, read_grant
 
     env = os.environ if env is None else env
     trails: list[list[dict[str, Any]]] = []
     sources: list[str] = []
-    ep: Endpoint = endpoint_from_env(env)
-    try:
-        status, reply = call(ep, "POST", "/v1/audit/query", {**query.to_json(), "limit": limit}, grant=read_grant(env), env=env)
-    except AgentUnavailable:
-        status, reply = 0, {}
+    # Whichever replica answers (every replica's records are in the database): the next
+    # is asked when one is down, silent or cannot read its store, as the helpers do.
+    endpoints = endpoints_from_env(env)
+    status, ep = 0, endpoints[0]
+    reply: dict[str, object] = {}
+    for i, candidate in enumerate(endpoints):
+        last = i == len(endpoints) - 1
+        try:
+            status, reply = call(candidate, "POST", "/v1/audit/query", {**query.to_json(), "limit": limit}, grant=read_grant(env),
+                                 env=env, timeout=REPLY_TIMEOUT if last else FAILOVER_REPLY_TIMEOUT,
+                                 connect_timeout=FAILOVER_CONNECT_TIMEOUT if len(endpoints) > 1 else CONNECT_TIMEOUT)
+        except AgentUnavailable:
+            continue
+        ep = candidate
+        if status < 500 or last:
+            break
+    if status == 0 and env.get(AGENT_URL, "").strip():
+        import sys
+
+        # Named, yet none answered: what follows is only this machine's files, not the fleet's trail.
+        print(f"codestore: warning: no agent at {', '.join(map(str, endpoints))} answered; reading this machine's files only",
+              file=sys.stderr)
     if status == 200:
         entries = reply.get("entries")
         trails.append([e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else [])

@@ -441,3 +441,14 @@ def test_the_shared_server_helpers_import_without_pytest() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=str(root)))
     assert proc.returncode == 0 and proc.stdout.strip() == "Postgres", proc.stderr
+
+
+def test_an_audit_query_asks_the_replicas_in_turn_and_says_when_none_answered(agent: Agent, refused_port: int) -> None:
+    # It asked only the first CODESTORE_AGENT_URL and, with that one down, read this
+    # machine's files without a word: the answer depended on which replica was up.
+    down = f"http://127.0.0.1:{refused_port}"
+    alone = run_cli("codestore", "audit", env=dict(agent.env, CODESTORE_AGENT_URL=agent.url))
+    second = run_cli("codestore", "audit", env=dict(agent.env, CODESTORE_AGENT_URL=f"{down},{agent.url}"))
+    assert (second.returncode, second.stderr) == (alone.returncode, alone.stderr), (alone, second)  # the live replica's answer
+    none = run_cli("codestore", "audit", env=dict(agent.env, CODESTORE_AGENT_URL=f"{down},{down}"))
+    assert none.returncode == 0 and f"no agent at {down}, {down} answered; reading this machine's files only" in none.stderr, none

@@ -261,13 +261,14 @@ def call(
     env: Mapping[str, str] | None = None,
     timeout: float = REPLY_TIMEOUT,
     identity: Secret | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> tuple[int, dict[str, object]]:
     """One JSON request (admin calls, ping, audit reports); returns (HTTP status, JSON object)."""
     import json
 
     payload = json.dumps(body).encode() if body is not None else b""
     status, content = exchange(ep, method, path, payload, "application/json" if body is not None else None,
-                               grant=grant, env=env, timeout=timeout, identity=identity)
+                               grant=grant, env=env, timeout=timeout, identity=identity, connect_timeout=connect_timeout)
     try:
         reply = json.loads(content) if content else {}
     except ValueError:
