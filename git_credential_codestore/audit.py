@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from .errors import ConfigError, redact
+from .files import open_nonblocking
 
 EVENTS = ("push", "promote")
 # Every event a trail holds: the reports above, then the agent's (agent/server.py, agent/trust.py).
@@ -172,7 +173,7 @@ def read(path: str) -> Iterator[dict[str, Any]]:
     import stat
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a named pipe must not hold the open
+        fd = open_nonblocking(path)
     except FileNotFoundError:
         return
     except OSError as e:

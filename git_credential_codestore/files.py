@@ -99,6 +99,12 @@ def open_nonblocking(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
+def open_append(path: str, mode: int = 0o600) -> int:
+    """`path` opened to append lines (a log, a trail, a trace), created `mode`, without waiting:
+    a named pipe nobody reads fails here (ENXIO) instead of holding the process forever."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+
+
 def read_fd_bounded(fd: int, path: str, what: str, limit: int = MAX_FILE) -> bytes:
     """`read_bounded` for `fd` (from open_nonblocking), read from where it stands. A pipe
     (process substitution, a FIFO) is read until its writer closes it, for STREAM_WAIT at most."""

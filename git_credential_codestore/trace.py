@@ -76,8 +76,9 @@ def say(what: str, message: str, env: Mapping[str, str] | None = None) -> None:
         sys.stderr.flush()
         return
     try:
-        # O_NONBLOCK: a named pipe nobody reads fails at once (ENXIO) instead of holding git.
-        fd = os.open(where, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o600)
+        from .files import open_append
+
+        fd = open_append(where)
         try:
             os.write(fd, line.encode("utf-8", "replace"))
         finally:

@@ -37,6 +37,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..audit import EVENTS, TIME_FORMAT, Query
 from ..errors import UsageError, redact
+from ..files import open_append, open_nonblocking
 from . import db
 
 MAX_BUFFER = 100_000  # rows waiting for the database; beyond it the file alone has them
@@ -119,9 +120,7 @@ class AuditLog:
         self.path = path
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-            # O_APPEND: each line lands whole even if another process appends too.
-            # O_NONBLOCK: a named pipe nobody reads fails here (ENXIO), never holds the start.
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o600)
+            self._fd = open_append(path)  # O_APPEND: each line lands whole even if another process appends too
         except IsADirectoryError:
             raise UsageError(f"--audit-log {path} is a directory; name a file in it, e.g. {os.path.join(path, 'audit.log')}") from None
         except OSError as e:
@@ -249,7 +248,7 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
     that wrote within RECOVER_WINDOW of the file's last line count: the run that just ended.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a named pipe must not hold the start
+        fd = open_nonblocking(path)
     except FileNotFoundError:
         return 0
     try:

@@ -552,8 +552,9 @@ class Database:
 
     def _check_sqlite_file(self) -> None:
         try:
-            # Without waiting: a named pipe would hold open(2) forever.
-            with open(os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            from ..files import open_nonblocking
+
+            with open(open_nonblocking(self.path), "rb") as f:
                 if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # /dev/null read as empty, then "disk I/O error"
                     raise ConfigError(f"the grant store {self.path} is not a regular file; pass --store a file path (or a directory's)")
                 head = f.read(16)

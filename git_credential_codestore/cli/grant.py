@@ -7,7 +7,6 @@ send a grant, and the agent refuses them from anyone but its owner.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -87,29 +86,13 @@ def _prepare_secret_file(path: str) -> str:
 
 def _write_secret(path: str, secret: str) -> None:
     """Write the secret to a fresh 0600 file and move it into place (never a symlink's target).
-    CodestoreError if it cannot be; nothing of it is left behind then."""
-    while True:
-        tmp = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.tmp"  # a pid alone repeats (containers)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            break
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise CodestoreError(f"cannot write the grant to {path}: {e.strerror}") from None
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            os.write(fd, (secret + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)  # never a partial secret left in a temporary file
-        raise CodestoreError(f"cannot write the grant to {path}: {e.strerror}") from None
+    CodestoreError if it cannot be; nothing of it is left behind then (files.write_atomic)."""
+    from ..files import write_atomic
 
+    try:
+        write_atomic(path, secret + "\n", 0o600, fsync=True)
+    except OSError as e:
+        raise CodestoreError(f"cannot write the grant to {path}: {e.strerror}") from None
 
 
 @click.group("grant")

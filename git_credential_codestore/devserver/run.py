@@ -131,8 +131,9 @@ def serve(
     log_file_path = os.path.abspath(log_path or os.path.join(data, "requests.log"))
     os.makedirs(os.path.dirname(log_file_path), exist_ok=True)
     try:
-        # O_NONBLOCK: a named pipe nobody reads fails here, never holds the start.
-        fd = os.open(log_file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        from ..files import open_append
+
+        fd = open_append(log_file_path)
     except OSError as e:
         raise ConfigError(f"cannot open the request log {log_file_path}: {e.strerror}") from None
     import stat
