@@ -296,15 +296,7 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
     `files` given. A sandbox (holding a grant) is refused by the agent: only the owner
     reads the trail.
     """
-    from .agent.client import (
-        CONNECT_TIMEOUT,
-        FAILOVER_CONNECT_TIMEOUT,
-        FAILOVER_REPLY_TIMEOUT,
-        REPLY_TIMEOUT,
-        AgentUnavailable,
-        call,
-        refusal,
-    )
+    from .agent.client import AgentUnavailable, call, refusal, replica_timeouts
     from .agent.discovery import AGENT_URL, endpoints_from_env, read_grant
 
     env = os.environ if env is None else env
@@ -316,15 +308,14 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
     status, ep = 0, endpoints[0]
     reply: dict[str, object] = {}
     for i, candidate in enumerate(endpoints):
-        last = i == len(endpoints) - 1
+        connect, wait = replica_timeouts(i, len(endpoints))
         try:
             status, reply = call(candidate, "POST", "/v1/audit/query", {**query.to_json(), "limit": limit}, grant=read_grant(env),
-                                 env=env, timeout=REPLY_TIMEOUT if last else FAILOVER_REPLY_TIMEOUT,
-                                 connect_timeout=FAILOVER_CONNECT_TIMEOUT if len(endpoints) > 1 else CONNECT_TIMEOUT)
+                                 env=env, timeout=wait, connect_timeout=connect)
         except AgentUnavailable:
             continue
         ep = candidate
-        if status < 500 or last:
+        if status < 500:
             break
     if status == 0 and env.get(AGENT_URL, "").strip():
         import sys

@@ -44,8 +44,8 @@ def target(env: Mapping[str, str] | None = None) -> str | None:
         return value
     import sys
 
-    if value not in _unwritable:  # said once a process, not at every trace point
-        _unwritable.add(value)
+    if value not in _said:  # said once a process, not at every trace point
+        _said.add(value)
         print(
             f"codestore: {next(n for n in VARIABLES if env.get(n, '').strip())}={value!r} is neither 1 nor an absolute path; tracing is off "
             "(set CODESTORE_TRACE=1 for stderr, or an absolute file path)",
@@ -86,10 +86,10 @@ def say(what: str, message: str, env: Mapping[str, str] | None = None) -> None:
     except OSError as e:
         # Tracing never breaks the command (a full disk, /dev/full, a directory): said once,
         # then this process traces to stderr.
-        if where not in _unwritable:
-            _unwritable.add(where)
+        if where not in _said:
+            _said.add(where)
             sys.stderr.write(f"codestore: cannot write the trace file {where} ({e.strerror}); tracing to stderr\n")
         sys.stderr.write(line)
 
 
-_unwritable: set[str] = set()  # trace settings this process could not use, said once
+_said: set[str] = set()  # trace settings this process could not use, said once

@@ -9,6 +9,7 @@ are the installed CLI asking one replica.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -374,11 +375,16 @@ def _state_rows(a: Agent) -> dict[object, int]:
         d.close()
 
 
-def _hold_writes(a: Agent) -> sqlite3.Connection:
-    """The SQLite store's write lock, held: the agent's flushes fail and keep their rows."""
+@contextlib.contextmanager
+def _writes_held(a: Agent) -> Iterator[None]:
+    """The SQLite store's write lock, held for the block: the agent's flushes fail and keep their rows."""
     conn = sqlite3.connect(str(a.state_dir / "agent.sqlite3"), isolation_level=None, timeout=10)
-    conn.execute("BEGIN IMMEDIATE")
-    return conn
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
 
 
 def _stderr(a: Agent) -> str:
@@ -392,15 +398,11 @@ def test_mints_a_killed_agent_had_not_stored_are_in_the_trail_after_its_next_sta
     a = start_agent(tmp_path)
     g = a.grant("--repo", REPO)
     env = sandbox_env(g["grant"], sock=a.socket)
-    held = _hold_writes(a)
-    try:
+    with _writes_held(a):
         for _ in range(8):
             mint(env)
         a.proc.kill()  # SIGKILL: 8 mints in its buffer
         a.proc.wait(10)
-    finally:
-        held.rollback()
-        held.close()
     assert sum(_state_rows(a).values()) == 0
     assert "added to the database 8 audit record(s)" in _stderr(start_agent(tmp_path))
     assert _state_rows(a) == {agent_audit.replica_of(a.proc.pid): 8}
@@ -413,16 +415,12 @@ def test_mints_of_a_worker_killed_before_its_flush_are_stored_by_the_one_started
     try:
         g = a.grant("--repo", REPO)
         env = sandbox_env(g["grant"], sock=a.socket)
-        held = _hold_writes(a)
-        try:
+        with _writes_held(a):
             for _ in range(16):
                 mint(env)
             writers = [json.loads(ln)["replica"] for ln in a.audit_path.read_text().splitlines() if '"event":"mint"' in ln]
             dead = int(writers[-1].rpartition(":")[2])
             os.kill(dead, signal.SIGKILL)
-        finally:
-            held.rollback()
-            held.close()
         assert wait_for(lambda: sum(_state_rows(a).values()) == 16, timeout=15), _state_rows(a)
         err = _stderr(a)
     finally:

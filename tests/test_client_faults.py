@@ -231,6 +231,13 @@ def _reply(status: str, body: bytes = b"") -> bytes:
     return f"HTTP/1.1 {status}\r\ncontent-type: text/x-codestore-lines\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
 
 
+def _other_orgs_token() -> bytes:
+    import base64
+
+    claims = base64.urlsafe_b64encode(b'{"iss":"evil","sub":"x","repo":"team/app","scopes":["git:read"],"iat":1,"exp":9999999999}').rstrip(b"=")
+    return b"token=eyJhbGciOiJFUzI1NiJ9." + claims + b".c2ln\nexpires_at=9999999999\n"
+
+
 STORE_AWAY = _reply("503 Service Unavailable", b"error=the grant store is not answering; refusing to mint under a grant until it is back\n")
 
 
@@ -241,11 +248,20 @@ STORE_AWAY = _reply("503 Service Unavailable", b"error=the grant store is not an
     _reply("500 Internal Server Error", b"error=internal error\n"),
     _reply("502 Bad Gateway"),  # a proxy in front of a replica that is gone
     b"\x15\x03\x01\x00\x02\x02\x50",  # not HTTP (a TLS alert: an https port named as http)
-], ids=["busy", "store-away", "audit-unwritable", "internal-error", "bad-gateway", "not-http"])
-def test_a_replica_that_cannot_mint_now_is_passed_over_for_the_next(agent: Agent, org_key: OrgKey, reply: bytes) -> None:
+    _reply("200 OK", b"<html>captive portal</html>"),  # not the agent's line format
+    _reply("200 OK"),  # no token
+    b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere/\r\nContent-Length: 0\r\n\r\n",
+    _reply("404 Not Found", b"<html>no such page</html>"),  # a proxy's 404: no reason of the agent's
+    _reply("200 OK", _other_orgs_token()),  # an agent of another org
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/x-codestore-lines\r\ncontent-length: 900\r\n\r\ntoken=eyJhbGciOiJFUzI1NiJ9.eyJ",  # cut short
+], ids=["busy", "store-away", "audit-unwritable", "internal-error", "bad-gateway", "not-http",
+        "html-200", "empty-200", "redirect", "proxy-404", "other-org", "cut-short"])
+def test_an_answer_other_than_the_agents_refusal_is_passed_over_for_the_next_replica(agent: Agent, org_key: OrgKey, reply: bytes) -> None:
     # Threat (availability): the first replica answering 503 (its store or signer away, its
     # audit log unwritable, busy) failed git, although the next replica was up: only a
-    # replica that did not answer at all was passed over.
+    # replica that did not answer at all was passed over. Only the agent's own refusal of
+    # the request (a 4xx with its reason) is final; a captive portal, a redirect, a proxy's
+    # page, a reply cut short or another org's agent stopped failover too.
     grant = agent.grant("--repo", REPO)["grant"]
     with replying(reply) as (fake, url):
         assert verify(mint(sandbox_env(grant, url=f"{url},{agent.url}")), org_key).repo == REPO
@@ -379,31 +395,6 @@ def test_a_bad_key_named_here_is_reported_as_itself_not_as_the_agents_mismatch(a
     env.update({var: value, "CODESTORE_AGENT_SOCK": agent.socket})
     proc = run_cli("codestore", "token", REPO, env=env)
     assert proc.returncode == 1 and says in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
-
-
-def _other_orgs_token() -> bytes:
-    import base64
-
-    claims = base64.urlsafe_b64encode(b'{"iss":"evil","sub":"x","repo":"team/app","scopes":["git:read"],"iat":1,"exp":9999999999}').rstrip(b"=")
-    return b"token=eyJhbGciOiJFUzI1NiJ9." + claims + b".c2ln\nexpires_at=9999999999\n"
-
-
-@pytest.mark.parametrize("reply", [
-    _reply("200 OK", b"<html>captive portal</html>"),  # not the agent's line format
-    _reply("200 OK"),  # no token
-    b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere/\r\nContent-Length: 0\r\n\r\n",
-    _reply("404 Not Found", b"<html>no such page</html>"),  # a proxy's 404: no reason of the agent's
-    _reply("200 OK", _other_orgs_token()),  # an agent of another org
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/x-codestore-lines\r\ncontent-length: 900\r\n\r\ntoken=eyJhbGciOiJFUzI1NiJ9.eyJ",  # cut short
-], ids=["html-200", "empty-200", "redirect", "proxy-404", "other-org", "cut-short"])
-def test_an_answer_that_is_not_the_agents_is_passed_over_for_the_next_replica(agent: Agent, org_key: OrgKey, reply: bytes) -> None:
-    # Only the agent's own refusal of the request (a 4xx with its reason) is final; a
-    # captive portal, a redirect, a proxy's page, a reply cut short or another org's
-    # agent stopped failover with one line although the next replica was up.
-    grant = agent.grant("--repo", REPO)["grant"]
-    with replying(reply) as (fake, url):
-        assert verify(mint(sandbox_env(grant, url=f"{url},{agent.url}")), org_key).repo == REPO
-        assert fake.served == 1
 
 
 def test_a_reply_cut_short_is_never_taken_for_a_token(agent: Agent) -> None:

@@ -30,7 +30,7 @@ def test_trace_values_read_like_a_git_trace_key(value: str, where: str | None) -
 
 def test_a_relative_trace_path_is_refused_in_one_line_and_tracing_stays_off(capsys: pytest.CaptureFixture[str],
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trace, "_unwritable", set())  # what this process has said already
+    monkeypatch.setattr(trace, "_said", set())  # what this process has said already
     assert trace.target({"CODESTORE_TRACE": "trace.log"}) is None
     assert trace.target({"CODESTORE_TRACE": "trace.log"}) is None  # every trace point asks: said once, not at each
     err = capsys.readouterr().err

@@ -41,6 +41,12 @@ FAILOVER_REPLY_TIMEOUT = 3.0  # a replica that accepts but does not answer (stop
 START_HINT = "start it where the key lives (codestore agent start), or fix CODESTORE_AGENT_URL/CODESTORE_AGENT_SOCK"
 
 
+def replica_timeouts(i: int, n: int) -> tuple[float, float]:
+    """(connect, reply) timeouts for the i-th of n replicas asked in turn: short while another
+    is left to ask, the whole deadline for the last (and for an only one)."""
+    return (CONNECT_TIMEOUT if n == 1 else FAILOVER_CONNECT_TIMEOUT), (REPLY_TIMEOUT if i == n - 1 else FAILOVER_REPLY_TIMEOUT)
+
+
 class AgentUnavailable(RemoteError):
     """Nothing answers at the agent's address."""
 
@@ -378,11 +384,10 @@ class AgentSource:
         answered: tuple[Endpoint, Exception] | None = None
         unreachable: AgentUnavailable | None = None
         for i, ep in enumerate(self.endpoints):
-            last = i == len(self.endpoints) - 1
+            connect, reply = replica_timeouts(i, len(self.endpoints))
             try:
                 status, content = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
-                                           identity=identity, connect_timeout=FAILOVER_CONNECT_TIMEOUT,
-                                           timeout=REPLY_TIMEOUT if last else FAILOVER_REPLY_TIMEOUT)
+                                           identity=identity, connect_timeout=connect, timeout=reply)
             except AgentUnavailable as e:
                 say("agent-client", f"passing over {ep}: {e}", self.env)
                 unreachable = unreachable or e

@@ -9,6 +9,11 @@ import click
 
 from ..errors import CodestoreError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..tokens import PrivateKey
+
 
 @click.group("key")
 def key_group() -> None:
@@ -46,12 +51,12 @@ def key_generate(kind: str, force: bool, pkcs11_uri: str | None) -> None:
     click.echo(keys.public_pem(key), nl=False)
 
 
-def _refuse_if_overridden(cfg: object, doing: str) -> None:
+def _refuse_if_overridden(cfg: Config, doing: str) -> None:
     """The stored key is never used while the environment names one (it takes precedence):
     changing the stored key then would say "done" and change nothing that signs."""
     from ..config import getenv
 
-    if not getattr(cfg, "uses_env", True):
+    if not cfg.uses_env:  # an [orgs.*] section: the environment's key is another org's
         return
     for var in ("CODESTORE_PRIVATE_KEY", "CODESTORE_PRIVATE_KEY_FILE"):
         if getenv(os.environ, var).strip():
@@ -59,7 +64,7 @@ def _refuse_if_overridden(cfg: object, doing: str) -> None:
                                  f"unset {var} first (or change the key it names)")
 
 
-def _refuse_replacing(cfg: object, force: bool, new: object = None) -> None:
+def _refuse_replacing(cfg: Config, force: bool, new: PrivateKey | None = None) -> None:
     """A key already here is replaced only with --force (it may be the one Code Storage
     knows: replaced, every token is refused), unless `new` is that same key again."""
     from .. import keys
@@ -67,10 +72,10 @@ def _refuse_replacing(cfg: object, force: bool, new: object = None) -> None:
     if force:
         return
     try:
-        old, where = keys.load_private_key(cfg)  # type: ignore[arg-type]
+        old, where = keys.load_private_key(cfg)
     except CodestoreError:
         return
-    if new is not None and keys.public_pem(old) == keys.public_pem(new):  # type: ignore[arg-type]
+    if new is not None and keys.public_pem(old) == keys.public_pem(new):
         return
     raise CodestoreError(f"a key already exists in {where}; pass --force to replace it")
 
