@@ -307,11 +307,11 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
     endpoints = endpoints_from_env(env)
     status, ep = 0, endpoints[0]
     reply: dict[str, object] = {}
+    grant, body = read_grant(env), {**query.to_json(), "limit": limit}
     for i, candidate in enumerate(endpoints):
         connect, wait = replica_timeouts(i, len(endpoints))
         try:
-            status, reply = call(candidate, "POST", "/v1/audit/query", {**query.to_json(), "limit": limit}, grant=read_grant(env),
-                                 env=env, timeout=wait, connect_timeout=connect)
+            status, reply = call(candidate, "POST", "/v1/audit/query", body, grant=grant, env=env, timeout=wait, connect_timeout=connect)
         except AgentUnavailable:
             continue
         ep = candidate
