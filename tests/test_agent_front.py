@@ -474,3 +474,58 @@ def test_tls_handshakes_carry_no_session_tickets(tmp_path: Path, org_key: OrgKey
             assert s.session is not None and not s.session.has_ticket
     finally:
         a.stop()
+
+
+def test_a_reply_the_socket_does_not_take_whole_is_finished_on_the_loop_and_minted_once(tmp_path: Path, org_key: OrgKey) -> None:
+    # The accept answers a token request on the socket itself; when the socket does not take
+    # the reply whole (its buffer full: a client that has not read), the rest must follow,
+    # whole, and the request must not be answered (minted) a second time.
+    import _socket
+
+    from git_credential_codestore import config, keys
+    from git_credential_codestore.agent.asgi import AsgiFront
+    from git_credential_codestore.agent.audit import AuditLog
+    from git_credential_codestore.agent.grants import GrantStore
+    from git_credential_codestore.agent.server import Agent as AgentCore
+    from git_credential_codestore.secrets import Secret
+
+    cfg = config.load()
+    store = GrantStore(str(tmp_path / "state")).open()
+    audit = AuditLog(str(tmp_path / "audit.log"))
+    store.on_flush = audit.flush_into
+    store.start()
+    agent = AgentCore(cfg, keys.parse_private_key(Secret(org_key.pem), "test"), "file", "kid", store, audit)
+    front = AsgiFront(agent)
+    try:
+        grant = agent.create_grant({"repos": [REPO]})[1]["grant"]
+        lst = front.listen_unix(str(tmp_path / "a.sock"))
+        ours, client = socket.socketpair()
+        client.sendall(token_request(grant, close=True))
+        ours.setblocking(False)
+        junk = 0
+        for size in (65536, 4096, 64, 1):  # fill what the socket holds for a client that does not read
+            with pytest.raises(BlockingIOError):
+                while True:
+                    junk += ours.send(b"x" * size)
+        conn = _socket.socket(ours.family, ours.type, 0, ours.detach())
+
+        async def serve() -> None:
+            front._serve(conn, None, lst)
+
+        front._call(serve())
+        client.settimeout(10)
+        data = b""
+        while chunk := client.recv(1 << 20):
+            data += chunk
+        assert data[:junk] == b"x" * junk
+        head, _, body = data[junk:].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+        assert len(body) == length and b"token=" in body
+        verify(body.split(b"token=", 1)[1].split(b"\n", 1)[0].decode(), org_key)
+        mints = [ln for ln in (tmp_path / "audit.log").read_text().splitlines() if '"event":"mint"' in ln]
+        assert len(mints) == 1
+    finally:
+        front.drain(1)
+        store.close()
+        audit.close()

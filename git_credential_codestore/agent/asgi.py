@@ -8,19 +8,20 @@ except a token request the agent can answer at once (`Agent.answers_at_once`: a 
 its cache, a key in memory), which is signed on the loop: handing it to a thread and
 back cost more CPU than the mint itself, and the threads fought the loop for the GIL.
 Such a request, as git's helpers send it (the whole request in one write, on a new
-connection), does not even reach uvicorn's protocol: `TokenProtocol`, where every
-connection starts, parses that one read with the same parser and answers it, and hands
-anything else to uvicorn (see its docstring).
+connection), is usually in the socket by the time the agent accepts it: `AsgiFront._serve`
+reads it then, in the same loop callback as the accept, and answers it on the socket
+itself, with no transport, protocol or timer made for the connection (together a sixth
+of a token's CPU). Anything else (a request not yet there or not whole, another request,
+TLS) goes on to a transport and `TokenProtocol`, which answers such a read likewise and
+hands anything else to uvicorn (see its docstring).
 
 Around uvicorn's protocol we keep what it does not do, each for a reason:
 
 - a connection counts against its peer's fair share (PER_PEER per network address) from
-  the moment it is accepted. Without TLS the loop accepts (uvloop's C accept) and the
-  protocol counts it in connection_made, in the same callback; with TLS our own accept
-  loop (public asyncio API: `sock_accept` + `connect_accepted_socket`) counts it before
-  the handshake, which gets a deadline (IO_TIMEOUT) instead of asyncio's 60 s. Over the
-  limit, a TLS connection is closed silently: a cleartext refusal on a TLS port only
-  reads as a TLS error.
+  the moment it is accepted: our accept (`AsgiFront._ready`, on the listening socket's
+  readiness) counts it before anything is read, or before the TLS handshake, which gets
+  a deadline (IO_TIMEOUT) instead of asyncio's 60 s. Over the limit, a TLS connection is
+  closed silently: a cleartext refusal on a TLS port only reads as a TLS error.
 - a deadline per request (`--request-deadline`, from its first byte to its reply) on
   every listener, TLS included: uvicorn times out idle keep-alive connections but not a
   request that trickles in a byte at a time (issue 8 item 6).
@@ -33,7 +34,9 @@ Helpers never import this module (nor uvicorn): they speak HTTP through `client.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -69,6 +72,8 @@ from .server import (
     share,
 )
 
+ACCEPT_BATCH = 64  # connections accepted per wake-up of a listener, before other work gets a turn
+READ_SIZE = 65536  # the first read of a connection (a token request is a few hundred bytes)
 WORKERS = 16  # threads running handlers; more only contend for the GIL
 KEEPALIVE_IDLE = 5  # seconds an idle keep-alive connection is kept
 
@@ -144,10 +149,32 @@ class _Read:
         self.complete += 1
 
 
+def _answer(agent: Agent, caller: Caller, data: bytes, may_keep_alive: bool) -> tuple[bytes, bool] | None:
+    """(the reply, whether to keep the connection) to a read that holds exactly one whole
+    token request the agent can answer at once; None for anything else (uvicorn's then)."""
+    read = _Read()
+    try:
+        read.parser.feed_data(data)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # uvicorn answers these as it does
+        return None
+    header = read.headers.get
+    if not (read.begun == 1 and read.complete == 1 and read.url == b"/v1/token" and read.post
+            and read.head + len(read.url) <= MAX_HEAD and b"expect" not in read.headers.raw
+            and agent.answers_at_once(caller, "POST", "/v1/token", header("authorization"))):
+        return None
+    refusal, _ = _admitted(agent, caller, header)
+    if refusal is not None:
+        return refusal, False
+    status, body, ctype = respond(agent, caller, "POST", "/v1/token", header, read.body)
+    keep_alive = read.keep_alive and may_keep_alive
+    return _response(status, body, ctype, keep_alive), keep_alive
+
+
 class TokenProtocol(asyncio.Protocol):
-    """Every connection starts here: a read that holds exactly one whole token request the
-    agent can answer at once (how git's helpers ask: one write, a new connection per token)
-    is answered here; anything else goes to uvicorn.
+    """A connection that `AsgiFront._serve` did not finish starts here: a read that holds
+    exactly one whole token request the agent can answer at once (how git's helpers ask:
+    one write, a new connection per token) is answered here (`_answer`, as _serve does);
+    anything else goes to uvicorn.
 
     uvicorn's protocol costs more per connection than the rest of a token: a parser, two
     loggers, flow control and a scope per request, each callback in Python twice. This
@@ -162,31 +189,28 @@ class TokenProtocol(asyncio.Protocol):
     is over its mark), nothing more is read.
     """
 
-    __slots__ = ("front", "listener", "caller", "slot", "transport", "_timer", "_handed")
+    __slots__ = ("front", "listener", "caller", "slot", "transport", "_timer", "_handed", "_start")
 
-    def __init__(self, front: AsgiFront, listener: _Listener, caller: Caller | None, slot: _Slot | None) -> None:
+    def __init__(self, front: AsgiFront, listener: _Listener, caller: Caller, slot: _Slot,
+                 read: bytes = b"", reply: bytes = b"", keep_alive: bool = False) -> None:
         self.front, self.listener, self.caller, self.slot = front, listener, caller, slot
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._handed = False
+        # Where AsgiFront._serve left the connection: what it read and did not answer, or
+        # the part of its reply the socket did not take (and whether to keep the connection).
+        self._start = (read, reply, keep_alive)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
-        lst = self.listener
-        if self.slot is None:
-            # Accepted by the event loop itself (a listener without TLS): counted and
-            # identified here, in the same loop callback as the accept.
-            address = transport.get_extra_info("peername") if lst.transport == "tcp" else None
-            slot = self.front._take(share(lst.transport, address, lst.bound_grant))
-            if slot is None:
-                self._handed = True  # never counted, never served
-                transport.write(_BUSY)
-                transport.close()
-                return
-            self.slot = slot
-            self.caller = identify(transport.get_extra_info("socket"), address, lst.transport, lst.bound_grant)
         self.front.waiting.add(self)
+        (read, reply, keep_alive), self._start = self._start, (b"", b"", False)
+        if reply or keep_alive:  # answered by _serve
+            self._replied(reply, keep_alive)
+            return
         self._set_timer(self.front.agent.request_deadline, transport.abort)
+        if read:
+            self.data_received(read)
 
     def _set_timer(self, seconds: float, then: Callable[[], object]) -> None:
         if self._timer is not None:
@@ -194,31 +218,24 @@ class TokenProtocol(asyncio.Protocol):
         self._timer = self.front.loop.call_later(seconds, then)
 
     def data_received(self, data: bytes) -> None:
-        transport, caller, agent = self.transport, self.caller, self.front.agent
+        transport, caller = self.transport, self.caller
         assert transport is not None and caller is not None
-        read = _Read()
-        try:
-            read.parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # uvicorn answers these as it does
+        answer = _answer(self.front.agent, caller, data, not transport.is_closing())
+        if answer is None:
             self._hand_over(data)
             return
-        header = read.headers.get
-        if not (read.begun == 1 and read.complete == 1 and read.url == b"/v1/token" and read.post
-                and read.head + len(read.url) <= MAX_HEAD and b"expect" not in read.headers.raw
-                and agent.answers_at_once(caller, "POST", "/v1/token", header("authorization"))):
-            self._hand_over(data)
-            return
-        refusal, _ = _admitted(agent, caller, header)
-        if refusal is not None:
-            transport.write(refusal)
-            transport.close()
-            return
-        status, body, ctype = respond(agent, caller, "POST", "/v1/token", header, read.body)
-        keep_alive = read.keep_alive and not transport.is_closing()
-        transport.write(_response(status, body, ctype, keep_alive))
+        self._replied(*answer)
+
+    def _replied(self, reply: bytes, keep_alive: bool) -> None:
+        transport = self.transport
+        assert transport is not None
+        if reply:
+            transport.write(reply)
         if keep_alive:
             self._set_timer(KEEPALIVE_IDLE, transport.close)  # idle: the next read arms the deadline again
         else:
+            # A client that does not read its reply holds it no longer than a request may take.
+            self._set_timer(self.front.agent.request_deadline, transport.abort)
             transport.close()
 
     def _hand_over(self, data: bytes) -> None:
@@ -442,8 +459,7 @@ class _Listener:
         self.transport = transport
         self.tls = tls
         self.bound_grant = bound_grant
-        self.task: asyncio.Task[None] | None = None  # our accept loop (TLS listeners)
-        self.server: asyncio.AbstractServer | None = None  # the loop's own accept (the others)
+        self.family, self.kind = int(sock.family), int(sock.type)
         self.path = ""
         self.inode = 0
         name = sock.getsockname()  # the ASGI scope's "server", as uvicorn's get_local_addr gives it
@@ -530,38 +546,83 @@ class AsgiFront:
 
     # -- accepting ----------------------------------------------------------------------------
 
-    async def _accept(self, lst: _Listener) -> None:
-        while True:
+    def _ready(self, lst: _Listener) -> None:
+        """A listener is readable: accept what waits (ACCEPT_BATCH at most, then other work gets a turn)."""
+        accept, family, kind = lst.sock._accept, lst.family, lst.kind  # type: ignore[attr-defined]  # (fd, address): no wrapper
+        for _ in range(ACCEPT_BATCH):
             try:
-                conn, address = await self.loop.sock_accept(lst.sock)
-            except asyncio.CancelledError:
-                raise
+                fd, address = accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as e:
-                if lst.sock.fileno() < 0:
-                    return
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    await asyncio.sleep(0.1)  # out of descriptors: let connections finish
-                continue
-            peer = share(lst.transport, address, lst.bound_grant)
-            slot = self._take(peer)
-            if slot is None:
-                if lst.tls is None:
-                    try:
-                        conn.send(_BUSY)
-                    except OSError:
-                        pass
-                conn.close()
-                continue
-            self.loop.create_task(self._start(conn, address, lst, slot))
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM) and lst in self._listeners:
+                    # Out of descriptors: let connections finish, then accept again.
+                    self.loop.remove_reader(lst.sock.fileno())
+                    self.loop.call_later(0.1, self._resume, lst)
+                return
+            # The C socket type: no Python-level wrapper, and no system call to make it.
+            self._serve(_socket.socket(family, kind, 0, fd), address, lst)
 
-    async def _start(self, conn: socket.socket, address: object, lst: _Listener, slot: _Slot) -> None:
+    def _resume(self, lst: _Listener) -> None:
+        if lst in self._listeners:
+            self.loop.add_reader(lst.sock.fileno(), self._ready, lst)
+
+    def _serve(self, conn: _socket.socket, address: object, lst: _Listener) -> None:
+        """One accepted connection: counted, identified, and answered here, at once, when its
+        first read holds a whole token request the agent can answer at once (`_answer`);
+        otherwise handed to the loop with what was read (TLS connections: at once)."""
+        slot = self._take(share(lst.transport, address, lst.bound_grant))
+        if slot is None:
+            if lst.tls is None:  # a cleartext refusal on a TLS port only reads as a TLS error
+                with contextlib.suppress(OSError):
+                    conn.send(_BUSY, socket.MSG_DONTWAIT)
+            conn.close()
+            return
+        read = reply = b""
+        keep_alive = False
         try:
             caller = identify(conn, address, lst.transport, lst.bound_grant)
             if lst.transport == "tcp":
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if lst.tls is None:
+                try:
+                    # Helpers write their request as they connect: it is usually here already.
+                    read = conn.recv(READ_SIZE, socket.MSG_DONTWAIT)
+                    if not read:  # closed before asking anything
+                        raise ConnectionResetError
+                except (BlockingIOError, InterruptedError):
+                    pass
+                answer = _answer(self.agent, caller, read, True) if read else None
+                if answer is not None:
+                    reply, keep_alive = answer
+                    read = b""
+                    try:
+                        reply = reply[conn.send(reply, socket.MSG_DONTWAIT):]
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    if not reply and not keep_alive:
+                        conn.close()
+                        slot.release()
+                        return
+        except OSError:
+            conn.close()
+            slot.release()
+            return
+        except Exception as e:  # noqa: BLE001 - a bug: said, and this connection closed, as a protocol's would be
+            conn.close()
+            slot.release()
+            self.loop.call_exception_handler({"message": "agent: serving a connection failed", "exception": e})
+            return
+        # The rest on the loop: a TLS handshake, a request not (wholly) here yet or not
+        # answered at once, a reply the socket did not take whole, a connection kept alive.
+        sock = socket.socket(lst.family, lst.kind, 0, conn.detach())
+        self.loop.create_task(self._start(sock, lst, slot, caller, read, reply, keep_alive))
 
+    async def _start(self, conn: socket.socket, lst: _Listener, slot: _Slot, caller: Caller,
+                     read: bytes, reply: bytes, keep_alive: bool) -> None:
+        try:
             def factory() -> TokenProtocol:
-                return TokenProtocol(self, lst, caller, slot)
+                return TokenProtocol(self, lst, caller, slot, read, reply, keep_alive)
 
             handshake = min(IO_TIMEOUT, self.agent.request_deadline)
             await self.loop.connect_accepted_socket(factory, conn, ssl=lst.tls, ssl_handshake_timeout=handshake if lst.tls else None)
@@ -578,13 +639,7 @@ class AsgiFront:
 
     async def _listen(self, lst: _Listener) -> None:
         lst.sock.setblocking(False)
-        if lst.tls is None:
-            # The loop's own accept (C in uvloop): our Python accept loop cost a task, a
-            # socket object and a coroutine per connection, a tenth of a token's CPU.
-            create = self.loop.create_server if lst.transport == "tcp" else self.loop.create_unix_server
-            lst.server = await create(lambda: TokenProtocol(self, lst, None, None), sock=lst.sock, backlog=1024)
-        else:
-            lst.task = self.loop.create_task(self._accept(lst))
+        self.loop.add_reader(lst.sock.fileno(), self._ready, lst)
         self._listeners.append(lst)
 
     def listen_unix(self, path: str, transport: str = "socket", bound_grant: str | None = None,
@@ -606,11 +661,9 @@ class AsgiFront:
     async def _unlisten(self, lst: _Listener) -> None:
         if lst in self._listeners:
             self._listeners.remove(lst)
-        if lst.task is not None:
-            lst.task.cancel()
-        if lst.server is not None:
-            lst.server.close()  # closes the listening socket; connections already accepted go on
-        lst.sock.close()
+            if lst.sock.fileno() >= 0:
+                self.loop.remove_reader(lst.sock.fileno())
+        lst.sock.close()  # connections already accepted go on
 
     def stop_listener(self, lst: _Listener) -> None:
         self._call(self._unlisten(lst))

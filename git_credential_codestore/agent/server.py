@@ -35,6 +35,7 @@ request is a 500 for that request only.
 
 from __future__ import annotations
 
+import _socket
 import functools
 import gc
 import ipaddress
@@ -596,7 +597,7 @@ def share(transport: str, address: object, bound_grant: str | None) -> str:
     return f"grant:{bound_grant}" if bound_grant else ""
 
 
-def peer_uid(sock: socket.socket) -> int | None:
+def peer_uid(sock: _socket.socket) -> int | None:
     """The connecting process's uid (Linux SO_PEERCRED, BSD/macOS LOCAL_PEERCRED)."""
     if hasattr(socket, "SO_PEERCRED"):
         _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
@@ -607,7 +608,7 @@ def peer_uid(sock: socket.socket) -> int | None:
     return None  # pragma: no cover - unknown platform: treated as not the owner
 
 
-def identify(sock: socket.socket, address: object, transport: str, bound_grant: str | None) -> Caller:
+def identify(sock: _socket.socket, address: object, transport: str, bound_grant: str | None) -> Caller:
     if transport == "tcp":
         host = address[0] if isinstance(address, tuple) else str(address)
         return Caller("tcp", None, str(host))
