@@ -28,7 +28,7 @@
    plain TCP. Clients are blocking threads (ssl's handshake in C), so this measures the
    agent's cost per token, for sizing; the load generator is not the bench's epoll loop.
 
-The load runs in one client process (an epoll loop, a new connection per token) on
+The load runs in 2 client processes (an epoll loop each, a new connection per token) on
 this machine, so clients and agent share its cores (a real fleet's clients are elsewhere):
 the ratios are a floor. The agent's and the load generator's CPU per token are printed
 beside each closed loop, so a reader can see which of the two the cores were spent on.
@@ -75,11 +75,12 @@ from git_credential_codestore.agent import wire  # noqa: E402
 from git_credential_codestore.agent.client import Endpoint, call, exchange  # noqa: E402
 from git_credential_codestore.secrets import Secret  # noqa: E402
 
-# Load generator processes. One keeps up with every load here (about 60 us of CPU a token),
-# and costs the agent's two cores less than two: 55-63 against 70-78 us a token with two
-# agent workers, from fewer busy processes taking turns on the cores.
-PROCESSES = 1
-TCP_PROCESSES = 2  # section 6's blocking client threads: in two processes, so not all behind one GIL
+# Load generator processes, one per core here. One would keep up and cost the agent's cores
+# a little less (paired runs with two workers: 5722-6463 against 5449-5987 tokens/s), but the
+# longest stall is when no generator process got a token, and one process descheduled for a
+# while (the PostgreSQL server busy on the same cores) read as the agent stalling: 55-68 ms
+# in the PostgreSQL loads with 100k grants, against 16-30 ms with two in the same runs.
+PROCESSES = 2
 # Before the measured loads: every agent process reads a grant from the store on its first
 # use (then from its cache, kept fresh by the poll), so with --workers N each of the 1000
 # grants of the 100k-grant load is read N times; the measurement is of the steady state.
@@ -549,8 +550,8 @@ def tcp_load(address: tuple[str, int], ca: str | None, requests: list[bytes], cl
     """(tokens/s, agent CPU us per token, load generator CPU us per token, errors) of a closed loop over TCP."""
     q: multiprocessing.Queue = multiprocessing.Queue()
     start = time.monotonic() + 0.3
-    procs = [multiprocessing.Process(target=_tcp_clients, args=(address, ca, requests, max(1, clients // TCP_PROCESSES), start,
-                                                                start + seconds, q)) for _ in range(TCP_PROCESSES)]
+    procs = [multiprocessing.Process(target=_tcp_clients, args=(address, ca, requests, max(1, clients // PROCESSES), start,
+                                                                start + seconds, q)) for _ in range(PROCESSES)]
     a0, c0 = agent_cpu(agent_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
     for p in procs:
         p.start()
