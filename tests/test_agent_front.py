@@ -529,3 +529,29 @@ def test_a_reply_the_socket_does_not_take_whole_is_finished_on_the_loop_and_mint
         front.drain(1)
         store.close()
         audit.close()
+
+
+def test_a_request_refused_for_its_size_is_read_whole_before_the_refusal(tmp_path: Path, org_key: OrgKey) -> None:
+    # A request already whole in the socket when the agent accepts it (the agent stopped
+    # meanwhile) is read at accept. Read in part, the refusal's close found unread bytes
+    # and reset the connection: the client read ECONNRESET instead of its 414.
+    a = start_agent(tmp_path, "--server", "uvicorn")
+    try:
+        request = b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(20)
+            s.connect(a.socket)
+            s.sendall(request)
+            s.shutdown(socket.SHUT_WR)
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        with s:
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 414")
+        assert raw_exchange(a.socket, _PING_CLOSE).startswith(b"HTTP/1.1 200")  # and it goes on serving
+    finally:
+        a.stop()

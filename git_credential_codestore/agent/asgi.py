@@ -73,7 +73,11 @@ from .server import (
 )
 
 ACCEPT_BATCH = 64  # connections accepted per wake-up of a listener, before other work gets a turn
-READ_SIZE = 65536  # the first read of a connection (a token request is a few hundred bytes)
+# The first read of a connection, at accept: as much as the transport would have read
+# (uvloop's read buffer). A token request is a few hundred bytes, but a request refused
+# for its size must have been read whole: closing a socket with unread data resets the
+# connection, and the client would read that instead of its 414.
+READ_SIZE = 256 * 1024
 WORKERS = 16  # threads running handlers; more only contend for the GIL
 KEEPALIVE_IDLE = 5  # seconds an idle keep-alive connection is kept
 
@@ -488,6 +492,7 @@ class AsgiFront:
         self.app_state: dict[str, object] = {}
         self.executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="agent")
         self.slots = Slots()
+        self._first = memoryview(bytearray(READ_SIZE))  # the accept's reads, copied out at once
         self.waiting: set[TokenProtocol] = set()  # connections between requests, not yet uvicorn's (drain closes them)
         self._listeners: list[_Listener] = []
         self.loop = _new_loop()
@@ -587,9 +592,10 @@ class AsgiFront:
             if lst.tls is None:
                 try:
                     # Helpers write their request as they connect: it is usually here already.
-                    read = conn.recv(READ_SIZE, socket.MSG_DONTWAIT)
-                    if not read:  # closed before asking anything
+                    n = conn.recv_into(self._first, READ_SIZE, socket.MSG_DONTWAIT)
+                    if not n:  # closed before asking anything
                         raise ConnectionResetError
+                    read = bytes(self._first[:n])
                 except (BlockingIOError, InterruptedError):
                     pass
                 answer = _answer(self.agent, caller, read, True) if read else None
