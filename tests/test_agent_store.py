@@ -858,32 +858,6 @@ def test_no_commit_copies_the_wal_the_flush_thread_does(tmp_path: Path) -> None:
         store.close()
 
 
-def test_the_wal_file_is_cut_back_when_sqlite_starts_it_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The WAL file kept the size of its longest run: after a sustained load with two
-    # workers, 430 MiB to 1.2 GiB on disk for good. Once copied and started again, it is
-    # cut back to WAL_LIMIT (here 1 MiB, so that the test writes little).
-    from git_credential_codestore.agent import db
-    from git_credential_codestore.agent.grants import GrantStore
-
-    monkeypatch.setattr(db, "WAL_LIMIT", 1 << 20)
-    wal = tmp_path / "state" / "agent.sqlite3-wal"
-    store = GrantStore(str(tmp_path / "state"), None).open()
-    try:
-        for n in range(30):
-            with store.db.transaction() as tx:
-                tx.execute_rows("INSERT INTO codestore_meta (key, value) SELECT v.column1, v.column2 FROM {rows}",
-                                ("text", "text"), [(f"k{n}-{i}", "x" * 1000) for i in range(100)])
-        assert wal.stat().st_size > 3 << 20
-        store.db.checkpoint()  # every frame copied: the next write starts the WAL again
-        with store.db.transaction() as tx:
-            tx.execute("INSERT INTO codestore_meta (key, value) VALUES ('after', 'x')")
-        assert wal.stat().st_size <= 1 << 20
-        with store.db.transaction(write=False) as tx:
-            assert tx.execute("SELECT count(*) FROM codestore_meta WHERE key LIKE 'k%'") == [(3000,)]
-    finally:
-        store.close()
-
-
 def test_a_writer_waits_for_another_processs_write_and_gives_up_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Another process (here: another connection) holding SQLite's write lock: a create waits
     # for it (polling in steps of at most 5 ms, not SQLite's sleeps of up to 100 ms), and

@@ -158,7 +158,6 @@ def _passwords(url: str) -> list[str]:
     return sorted({*found, *map(unquote, found)} - {""}, key=len, reverse=True)
 
 
-WAL_LIMIT = 64 << 20  # bytes SQLite's WAL file is cut back to when the WAL starts again
 BUSY_TIMEOUT = 10.0  # seconds a SQLite writer waits for another process's write to finish
 SQLITE_BUSY = 5  # the primary result code (sqlite3.SQLITE_BUSY from Python 3.11)
 SQLITE_DAMAGED = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
@@ -349,10 +348,6 @@ class Database:
             # pages copies it into the database and syncs it, and that was a `grant create`
             # taking 126 ms after a load. The grant store's flush thread checkpoints instead.
             conn.execute("PRAGMA wal_autocheckpoint=0")
-            # The WAL file keeps the size of its longest run between restarts: under a
-            # sustained load with two workers, 430 MiB to 1.2 GiB, kept after the load.
-            # SQLite cuts it back to this when it starts the WAL again from its beginning.
-            conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             conn.execute("PRAGMA foreign_keys=ON")
             # A flush's INSERT ... SELECT FROM (VALUES ...) builds a temporary table and a
             # statement journal: in files under /var/tmp by default, two page writes a minted
