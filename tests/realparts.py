@@ -1,5 +1,6 @@
 """Real servers the fleet tests and bench/fleet.py run against: PostgreSQL and SoftHSM2;
-and a raw request on a real socket (`raw_exchange`), for tests of hostile bytes and for benchmarks.
+a raw request on a real socket (`raw_exchange`), for tests of hostile bytes and for benchmarks;
+and a small HTTP server on 127.0.0.1 (`http_server`, `send_json`) for a test's canned answers.
 
 PostgreSQL comes from Debian's `postgresql` package (tests/run.sh installs it):
 `initdb` and `pg_ctl` into a temporary directory, listening on 127.0.0.1 on a free
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import http.server
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -70,6 +74,28 @@ def raw_exchange(address: str | tuple[str, int], data: bytes, timeout: float = 2
         while chunk := s.recv(65536):
             out += chunk
     return out
+
+
+@contextlib.contextmanager
+def http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` served on 127.0.0.1 (a free port) in a thread: yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def send_json(handler: http.server.BaseHTTPRequestHandler, obj: object, status: int = 200) -> None:
+    """Answer `obj` as a JSON body with its Content-Length."""
+    body = json.dumps(obj).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 class Postgres:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.server
 import os
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from git_credential_codestore import gitenv
+from tests.realparts import http_server
 
 # value -> what git_config_bool makes of it (None: git dies "bad boolean config value").
 BOOLS: dict[str, bool | None] = {
@@ -75,13 +75,8 @@ class _NotFound(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def http_url() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/r.git"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with http_server(_NotFound) as url:
+        yield f"{url}/r.git"
 
 
 SENTINEL = "c2VudGluZWwtdmFsdWU"

@@ -7,9 +7,8 @@ Shapes are Code Storage's (the official SDK's routes): GET /api/v1/repos pages w
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -19,6 +18,7 @@ from git_credential_codestore import api
 from git_credential_codestore.errors import RemoteError
 from git_credential_codestore.secrets import Token
 from tests.conftest import ORG, DevServer, git, new_repo, run_cli
+from tests.realparts import http_server, send_json
 
 REPO = "team/app"
 
@@ -41,12 +41,7 @@ class _Pager(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         cursor = parse_qs(urlsplit(self.path).query).get("cursor", [""])[0]
-        body = json.dumps(self.pages[cursor]).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, self.pages[cursor])
 
     def log_message(self, *args: object) -> None:
         pass
@@ -55,14 +50,8 @@ class _Pager(BaseHTTPRequestHandler):
 @pytest.fixture
 def pager_server() -> Iterator[tuple[str, type[_Pager]]]:
     handler = type("Pager", (_Pager,), {"pages": {}})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", handler
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with http_server(handler) as url:
+        yield url, handler
 
 
 def test_paging_follows_has_more_not_just_a_cursor(pager_server: tuple[str, type[_Pager]]) -> None:

@@ -5,10 +5,8 @@ are refused at load, and a cut-short token is still redacted."""
 from __future__ import annotations
 
 import http.server
-import json
 import os
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 from git_credential_codestore.agent import trust, workload
 from git_credential_codestore.errors import ConfigError, redact
 from tests.conftest import BIN, ORG, OrgKey, run_cli
+from tests.realparts import http_server, send_json
 
 ESCAPES = "\x1b]0;PWNED\x07\x1b[31m\u202e\x9b"
 
@@ -32,23 +31,13 @@ def answering() -> Iterator[str]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            body = json.dumps({"commit_sha": "abc" + ESCAPES}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, {"commit_sha": "abc" + ESCAPES})
 
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(Handler) as url:
+        yield url
 
 
 def test_a_promotion_the_server_answers_with_no_commit_id_is_said_not_echoed(org_key: OrgKey, answering: str) -> None:
