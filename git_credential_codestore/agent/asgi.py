@@ -584,7 +584,7 @@ class AsgiFront:
             conn.close()
             return
         read = reply = b""
-        keep_alive = False
+        keep_alive = handed = False
         try:
             caller = identify(conn, address, lst.transport, lst.bound_grant)
             if lst.transport == "tcp":
@@ -593,8 +593,8 @@ class AsgiFront:
                 try:
                     # Helpers write their request as they connect: it is usually here already.
                     n = conn.recv_into(self._first, READ_SIZE, socket.MSG_DONTWAIT)
-                    if not n:  # closed before asking anything
-                        raise ConnectionResetError
+                    if not n:
+                        return  # closed before asking anything
                     read = bytes(self._first[:n])
                 except (BlockingIOError, InterruptedError):
                     pass
@@ -607,22 +607,20 @@ class AsgiFront:
                     except (BlockingIOError, InterruptedError):
                         pass
                     if not reply and not keep_alive:
-                        conn.close()
-                        slot.release()
-                        return
+                        return  # answered
+            # The rest on the loop: a TLS handshake, a request not (wholly) here yet or not
+            # answered at once, a reply the socket did not take whole, a connection kept alive.
+            sock = socket.socket(lst.family, lst.kind, 0, conn.detach())
+            handed = True
+            self.loop.create_task(self._start(sock, lst, slot, caller, read, reply, keep_alive))
         except OSError:
-            conn.close()
-            slot.release()
-            return
+            pass  # the peer is gone
         except Exception as e:  # noqa: BLE001 - a bug: said, and this connection closed, as a protocol's would be
-            conn.close()
-            slot.release()
             self.loop.call_exception_handler({"message": "agent: serving a connection failed", "exception": e})
-            return
-        # The rest on the loop: a TLS handshake, a request not (wholly) here yet or not
-        # answered at once, a reply the socket did not take whole, a connection kept alive.
-        sock = socket.socket(lst.family, lst.kind, 0, conn.detach())
-        self.loop.create_task(self._start(sock, lst, slot, caller, read, reply, keep_alive))
+        finally:
+            if not handed:
+                conn.close()
+                slot.release()
 
     async def _start(self, conn: socket.socket, lst: _Listener, slot: _Slot, caller: Caller,
                      read: bytes, reply: bytes, keep_alive: bool) -> None:
