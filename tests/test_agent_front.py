@@ -5,22 +5,28 @@ Each test runs against both fronts, through the installed `codestore agent serve
 
 from __future__ import annotations
 
+import _socket
 import re
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from git_credential_codestore.agent.client import Endpoint, call
 from git_credential_codestore.agent.discovery import unix_address
-from git_credential_codestore.agent.server import MAX_CONNECTIONS, PER_PEER, share
+from git_credential_codestore.agent.server import MAX_CONNECTIONS, PER_PEER, Caller, share
 from tests.conftest import OrgKey
 from tests.realparts import raw_exchange
 from tests.test_agent import REPO, mint, sandbox_env, start_agent, tls_pair, verify
 from tests.test_agent_store import admin, create
+
+if TYPE_CHECKING:
+    from git_credential_codestore.agent.asgi import AsgiFront
 
 FRONTS = ["uvicorn", "threads"]
 
@@ -476,12 +482,10 @@ def test_tls_handshakes_carry_no_session_tickets(tmp_path: Path, org_key: OrgKey
         a.stop()
 
 
-def test_a_reply_the_socket_does_not_take_whole_is_finished_on_the_loop_and_minted_once(tmp_path: Path, org_key: OrgKey) -> None:
-    # The accept answers a token request on the socket itself; when the socket does not take
-    # the reply whole (its buffer full: a client that has not read), the rest must follow,
-    # whole, and the request must not be answered (minted) a second time.
-    import _socket
-
+@pytest.fixture
+def in_process(tmp_path: Path, org_key: OrgKey) -> Iterator[tuple[AsgiFront, object]]:
+    """(the fleet front of an agent in this process, a grant secret): for tests that reach
+    into the front (AsgiFront._serve) or the handler, which a subprocess would not let them."""
     from git_credential_codestore import config, keys
     from git_credential_codestore.agent.asgi import AsgiFront
     from git_credential_codestore.agent.audit import AuditLog
@@ -497,38 +501,138 @@ def test_a_reply_the_socket_does_not_take_whole_is_finished_on_the_loop_and_mint
     agent = AgentCore(cfg, keys.parse_private_key(Secret(org_key.pem), "test"), "file", "kid", store, audit)
     front = AsgiFront(agent)
     try:
-        grant = agent.create_grant({"repos": [REPO]})[1]["grant"]
-        lst = front.listen_unix(str(tmp_path / "a.sock"))
-        ours, client = socket.socketpair()
-        client.sendall(token_request(grant, close=True))
-        ours.setblocking(False)
-        junk = 0
-        for size in (65536, 4096, 64, 1):  # fill what the socket holds for a client that does not read
-            with pytest.raises(BlockingIOError):
-                while True:
-                    junk += ours.send(b"x" * size)
-        conn = _socket.socket(ours.family, ours.type, 0, ours.detach())
-
-        async def serve() -> None:
-            front._serve(conn, None, lst)
-
-        front._call(serve())
-        client.settimeout(10)
-        data = b""
-        while chunk := client.recv(1 << 20):
-            data += chunk
-        assert data[:junk] == b"x" * junk
-        head, _, body = data[junk:].partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200")
-        length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
-        assert len(body) == length and b"token=" in body
-        verify(body.split(b"token=", 1)[1].split(b"\n", 1)[0].decode(), org_key)
-        mints = [ln for ln in (tmp_path / "audit.log").read_text().splitlines() if '"event":"mint"' in ln]
-        assert len(mints) == 1
+        yield front, agent.create_grant({"repos": [REPO]})[1]["grant"]
     finally:
         front.drain(1)
         store.close()
         audit.close()
+
+
+def _read_all(s: socket.socket) -> bytes:
+    s.settimeout(10)
+    data = b""
+    while chunk := s.recv(1 << 20):
+        data += chunk
+    return data
+
+
+def _mints(tmp_path: Path) -> int:
+    return sum('"event":"mint"' in ln for ln in (tmp_path / "audit.log").read_text().splitlines())
+
+
+def test_a_reply_the_socket_does_not_take_whole_is_finished_on_the_loop_and_minted_once(
+        tmp_path: Path, org_key: OrgKey, in_process: tuple[AsgiFront, object]) -> None:
+    # The accept answers a token request on the socket itself; when the socket does not take
+    # the reply whole (its buffer full: a client that has not read), the rest must follow,
+    # whole, and the request must not be answered (minted) a second time.
+    front, grant = in_process
+    lst = front.listen_unix(str(tmp_path / "a.sock"))
+    ours, client = socket.socketpair()
+    client.sendall(token_request(grant, close=True))
+    ours.setblocking(False)
+    junk = 0
+    for size in (65536, 4096, 64, 1):  # fill what the socket holds for a client that does not read
+        with pytest.raises(BlockingIOError):
+            while True:
+                junk += ours.send(b"x" * size)
+    conn = _socket.socket(ours.family, ours.type, 0, ours.detach())
+
+    async def serve() -> None:
+        front._serve([(conn, None)], lst)
+
+    front._call(serve())
+    data = _read_all(client)
+    assert data[:junk] == b"x" * junk
+    head, _, body = data[junk:].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+    assert len(body) == length and b"token=" in body
+    verify(body.split(b"token=", 1)[1].split(b"\n", 1)[0].decode(), org_key)
+    assert _mints(tmp_path) == 1
+
+
+def test_connections_accepted_together_are_each_answered_as_if_alone(tmp_path: Path, org_key: OrgKey) -> None:
+    # The accept takes the connections that waited together through each step at once
+    # (AsgiFront._serve): accepted while the agent was stopped, one that is gone, not whole,
+    # not HTTP or not a token request must change nothing for the others, in a group or across.
+    a = start_agent(tmp_path, "--server", "uvicorn")
+    try:
+        grant = create(a)["grant"]
+        whole = token_request(grant, close=True)
+        kinds = [  # (sent while the agent is stopped, sent after it goes on or None to close, the reply's start)
+            (whole, b"", b"HTTP/1.1 200"),
+            (b"", None, b""),  # closed before asking anything
+            (whole[:30], whole[30:], b"HTTP/1.1 200"),
+            (b"garbage\r\n\r\n", b"", b"HTTP/1.1 400"),
+            (_PING_CLOSE, b"", b"HTTP/1.1 200"),
+            (token_request("nope", close=True), b"", b"HTTP/1.1 401"),
+            (token_request(grant, "other/repo", close=True), b"", b"HTTP/1.1 403"),
+        ]
+        from git_credential_codestore.agent.asgi import ACCEPT_GROUP
+
+        cases = [kinds[i % len(kinds)] for i in range(3 * ACCEPT_GROUP + 5)]  # several groups, and one in part
+        clients = []
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            for first, rest, _ in cases:
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(20)
+                s.connect(a.socket)
+                s.sendall(first)
+                if rest is None:
+                    s.close()  # gone before the agent reads it
+                clients.append(s)
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        for s, (_, rest, expected) in zip(clients, cases, strict=True):
+            with s:
+                if rest is None:
+                    continue
+                if rest:
+                    s.sendall(rest)
+                reply = _read_all(s)
+                assert reply.startswith(expected), (expected, reply[:80])
+                if b"token=" in reply:
+                    verify(reply.split(b"token=", 1)[1].split(b"\n", 1)[0].decode(), org_key)
+        tokens = sum(first.startswith(b"POST") and expected == b"HTTP/1.1 200" for first, _, expected in cases)
+        assert sum(b'"event":"mint"' in ln for ln in (a.state_dir / "audit.log").read_bytes().splitlines()) == tokens
+        assert raw_exchange(a.socket, _PING_CLOSE).startswith(b"HTTP/1.1 200")
+    finally:
+        a.stop()
+
+
+def test_a_connection_whose_answer_fails_is_closed_and_the_others_in_its_group_answered(
+        tmp_path: Path, org_key: OrgKey, in_process: tuple[AsgiFront, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bug in answering one connection of a group (here: deciding how to answer one
+    # grant's request raises; the handler's own bugs are a 500, server.respond) is reported
+    # and closes that connection alone; the others' steps go on.
+    front, grant = in_process
+    lst = front.listen_unix(str(tmp_path / "a.sock"))
+    at_once = front.agent.answers_at_once
+
+    def failing(caller: Caller, method: str, target: str, authorization: str | None) -> bool:
+        if authorization == "Grant boom":
+            raise RuntimeError("a bug")
+        return at_once(caller, method, target, authorization)
+
+    monkeypatch.setattr(front.agent, "answers_at_once", failing)
+    reported: list[dict[str, object]] = []
+    front.loop.set_exception_handler(lambda loop, context: reported.append(context))
+    pairs = [socket.socketpair() for _ in range(3)]
+    for (_, client), presented in zip(pairs, [grant, "boom", grant], strict=True):
+        client.sendall(token_request(presented, close=True))
+    group: list[tuple[_socket.socket, object]] = [(_socket.socket(ours.family, ours.type, 0, ours.detach()), None) for ours, _ in pairs]
+
+    async def serve() -> None:
+        front._serve(group, lst)
+
+    front._call(serve())
+    replies = [_read_all(client) for _, client in pairs]
+    assert replies[0].startswith(b"HTTP/1.1 200") and replies[2].startswith(b"HTTP/1.1 200")
+    assert replies[1] == b""
+    assert [str(c["exception"]) for c in reported] == ["a bug"]
+    assert _mints(tmp_path) == 2
+    assert front.slots.total == 0  # every connection's count released
 
 
 def test_a_request_refused_for_its_size_is_read_whole_before_the_refusal(tmp_path: Path, org_key: OrgKey) -> None:
