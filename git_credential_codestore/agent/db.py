@@ -159,6 +159,7 @@ def _passwords(url: str) -> list[str]:
 
 
 BUSY_TIMEOUT = 10.0  # seconds a SQLite writer waits for another process's write to finish
+SYNCHRONOUS = "FULL"  # SQLite: a commit is on disk before we acknowledge a grant change (but see transaction)
 SQLITE_BUSY = 5  # the primary result code (sqlite3.SQLITE_BUSY from Python 3.11)
 SQLITE_DAMAGED = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
 
@@ -169,6 +170,15 @@ def _damaged(e: BaseException) -> bool:
         return False
     code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+; 3.10 has only the message
     return code & 0xFF in SQLITE_DAMAGED if code is not None else ("not a database" in str(e) or "malformed" in str(e))
+
+
+def _restored(cur: sqlite3.Cursor) -> bool:
+    """Whether a connection a non-durable transaction used is back to SYNCHRONOUS."""
+    try:
+        cur.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
+    except sqlite3.Error:
+        return False
+    return True
 
 
 def _begin_write(cur: sqlite3.Cursor) -> None:
@@ -343,7 +353,7 @@ class Database:
         if self.dialect == "sqlite":
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             # FULL: a commit is on disk before we acknowledge a grant change.
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
             # No checkpoint on a commit: by default the commit that takes the WAL past 1000
             # pages copies it into the database and syncs it, and that was a `grant create`
             # taking 126 ms after a load. The grant store's flush thread checkpoints instead.
@@ -398,9 +408,18 @@ class Database:
         return (psycopg.Error, OSError)
 
     @contextmanager
-    def transaction(self, *, write: bool = True) -> Iterator[Tx]:
-        """A committed-or-nothing transaction; database failures become StoreError."""
+    def transaction(self, *, write: bool = True, durable: bool = True) -> Iterator[Tx]:
+        """A committed-or-nothing transaction; database failures become StoreError.
+
+        `durable=False` (SQLite): the commit does not wait for the disk. A process killed
+        after it loses nothing (the WAL is in the kernel's page cache); power lost within
+        the next sync may lose the transaction, never the database's consistency. For the
+        flush's audit rows and use counts, whose JSON-lines file is not synced either:
+        waiting for the disk held the one write lock 5-14 ms a transaction, and a `grant
+        create` waited behind it. The next durable commit or checkpoint syncs them too.
+        """
         errors = self._errors()
+        relax = not durable and self.dialect == "sqlite"
         lock = self._lock if (self.one_writer and write) else None
         if lock:
             lock.acquire()
@@ -415,6 +434,8 @@ class Database:
                 if self.dialect == "postgresql":
                     # Every statement here and in Tx, BEGIN to ROLLBACK, has a deadline.
                     cur = _Watched(cur, conn.pgconn.socket, self._watchdog)  # type: ignore[attr-defined]
+                if relax:
+                    cur.execute("PRAGMA synchronous=NORMAL")  # this connection's; FULL again below
                 if lock:
                     _begin_write(cur)
                 else:
@@ -434,14 +455,18 @@ class Database:
             finally:
                 if getattr(cur, "expired", False):
                     self._discard(conn)  # shut down: never back into the pool
-                elif not ok:
-                    try:
-                        cur.execute("ROLLBACK")
-                    except Exception:  # noqa: BLE001, S110 - already rolled back, or the connection is gone
-                        pass
-                    self._discard(conn)
                 else:
-                    self._put(conn)
+                    if not ok:
+                        try:
+                            cur.execute("ROLLBACK")
+                        except Exception:  # noqa: BLE001, S110 - already rolled back, or the connection is gone
+                            pass
+                    if relax and not _restored(cur):
+                        conn.close()  # type: ignore[attr-defined]  # not back into the pool as it is
+                    elif ok:
+                        self._put(conn)
+                    else:
+                        self._discard(conn)
         finally:
             if lock:
                 lock.release()
@@ -477,6 +502,27 @@ class Database:
             maybe = "; the change may still be committed when it answers" if cur.statement == "COMMIT" else ""
             return f"the grant store {self.where} did not answer within {ANSWER_DEADLINE:g} s{maybe}"
         return self._damage(e) or f"the grant store {self.where} failed ({self._detail(e)})"
+
+    def sync_log(self) -> None:
+        """SQLite: put on disk what non-durable transactions (`transaction(durable=False)`)
+        left in the WAL, holding no lock: otherwise the next durable commit syncs all of it
+        while it holds the write lock (a `grant create` after a load took 70-90 ms). A sync
+        of the file through a descriptor of our own: SQLite has no call that syncs the WAL
+        without a checkpoint. PostgreSQL: nothing."""
+        if self.dialect != "sqlite":
+            return
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # no WAL (yet): nothing to sync
+        except OSError as e:
+            raise StoreError(f"cannot open the grant store's log {self.path}-wal ({e.strerror})") from None
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            raise StoreError(f"cannot sync the grant store's log {self.path}-wal ({e.strerror})") from None
+        finally:
+            os.close(fd)
 
     def checkpoint(self) -> None:
         """SQLite: copy the WAL into the database (PASSIVE: never waits for, nor holds up, a

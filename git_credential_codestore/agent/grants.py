@@ -571,7 +571,7 @@ class GrantStore:
         try:
             for _ in range(MAX_FLUSH_TRANSACTIONS):  # rows arriving meanwhile wait for the next flush
                 chunk = left[:per]
-                with self.db.transaction() as tx:
+                with self.db.transaction(durable=False) as tx:
                     if chunk:
                         # Many grants a statement (db.Tx.execute_rows says why and how).
                         tx.execute_rows(
@@ -584,11 +584,14 @@ class GrantStore:
                         )
                     committed = self.on_flush(tx)
                 del left[:per]
-                if not committed() and not left:
+                more = committed() or left
+                paused = time.monotonic() + FLUSH_PAUSE
+                self.db.sync_log()  # the transaction to disk, outside the lock (db.transaction says why)
+                if not more:
                     break
                 # A writer waiting now gets in: a thread of this process (a lock does not
                 # hand over to a waiter by itself) or another process (polling, db.py).
-                time.sleep(FLUSH_PAUSE)
+                time.sleep(max(0.0, paused - time.monotonic()))
         except BaseException as e:
             # Keep them for the next try, whatever failed (the store, or a driver's encoding
             # error, or a bug, which the flush thread reports): nothing counted is dropped.
