@@ -121,10 +121,18 @@ class Template:
             self._tail = ',"refs":' + _COMPACT([[p, list(ops)] for p, ops in ref_policy([list(r) for r in refs], TokenError)]) + "}"
 
     def mint(self, now: int | None = None) -> Token:
+        signing_input, exp = self.signing_input(now)
+        return self.signed(signing_input, self.signer.sign(signing_input), exp)
+
+    def signing_input(self, now: int | None = None) -> tuple[bytes, int]:
+        """(the JWS signing input of the token issued at `now`, its expiry): what `signer` signs."""
         iat = int(time.time()) if now is None else now
         exp = iat + self.ttl
-        signing_input = self._head + _b64(f'{self._claims}{iat},"exp":{exp}{self._tail}'.encode())
-        return Token((signing_input + b"." + _b64(self.signer.sign(signing_input))).decode("ascii"), exp)
+        return self._head + _b64(f'{self._claims}{iat},"exp":{exp}{self._tail}'.encode()), exp
+
+    @staticmethod
+    def signed(signing_input: bytes, signature: bytes, exp: int) -> Token:
+        return Token((signing_input + b"." + _b64(signature)).decode("ascii"), exp)
 
 
 _LOCAL = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)

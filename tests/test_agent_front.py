@@ -635,6 +635,54 @@ def test_a_connection_whose_answer_fails_is_closed_and_the_others_in_its_group_a
     assert front.slots.total == 0  # every connection's count released
 
 
+def test_token_requests_answered_together_are_signed_in_a_row_and_each_answered_as_alone(
+        tmp_path: Path, org_key: OrgKey, in_process: tuple[AsgiFront, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    # respond_tokens (the accept's group) decides each request, signs the tokens one after
+    # another, then audits and answers each: a refusal, a bug in one request (a 500) and a
+    # signer failing in the row change nothing for the others.
+    import os
+
+    from git_credential_codestore.agent.server import respond_tokens
+    from git_credential_codestore.tokens import SignerUnavailable
+
+    front, grant = in_process
+    agent = front.agent
+    caller = Caller("socket", os.getuid(), "uid")
+    body = f"repo={REPO}\nscopes=git:read\n".encode()
+    events: list[str] = []
+    sign, emit, decide = agent.key.sign, agent.audit.emit, agent.decide
+    failures = iter([True])  # the row's first signature fails; asked again, the signer signs
+
+    def signing(data: bytes) -> bytes:
+        events.append("sign")
+        if next(failures, False):
+            raise SignerUnavailable("the signer is away")
+        return sign(data)
+
+    def emitting(entry: object) -> None:
+        events.append("audit")
+        emit(entry)  # type: ignore[arg-type]
+
+    def deciding(caller: Caller, authorization: str | None, body: bytes) -> object:
+        if authorization == "Grant boom":
+            raise RuntimeError("a bug")
+        return decide(caller, authorization, body)
+
+    monkeypatch.setattr(agent.key, "sign", signing)
+    monkeypatch.setattr(agent.audit, "emit", emitting)
+    monkeypatch.setattr(agent, "decide", deciding)
+    asked = [f"Grant {grant}", "Grant boom", "Grant nope", f"Grant {grant}", None]
+    replies = respond_tokens(agent, [(caller, authorization, body) for authorization in asked])
+    assert [status for status, _, _ in replies] == [200, 500, 401, 200, 200]
+    for status, reply, _ in replies:
+        if status == 200:
+            verify(reply.split(b"token=", 1)[1].split(b"\n", 1)[0].decode(), org_key)
+    # The refusal's line as it is decided; three signatures in a row (the first failed);
+    # the failed one asked again as its token is handed out; each token's line as it is.
+    assert events == ["audit"] + ["sign"] * 3 + ["sign", "audit", "audit", "audit"], events
+    assert _mints(tmp_path) == 3
+
+
 def test_a_request_refused_for_its_size_is_read_whole_before_the_refusal(tmp_path: Path, org_key: OrgKey) -> None:
     # A request already whole in the socket when the agent accepts it (the agent stopped
     # meanwhile) is read at accept. Read in part, the refusal's close found unread bytes

@@ -36,6 +36,7 @@ request is a 500 for that request only.
 from __future__ import annotations
 
 import _socket
+import contextlib
 import functools
 import gc
 import ipaddress
@@ -53,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 from .. import tokens, trace
 from ..config import Config
@@ -109,6 +110,18 @@ class Prepared:
             "purpose": req.purpose, "result": "ok",
         })
         self.rest = wire.encode({"ttl": decision.ttl, "scopes": list(decision.scopes), "sub": decision.sub})
+
+
+class Unsigned:
+    """A token decided up to its signature (Agent.decide): signed by `Agent.finish`, or first
+    in a row with others (`Agent.sign`, for `respond_tokens`)."""
+
+    __slots__ = ("prepared", "who", "data", "grant", "signing_input", "exp", "signature")
+
+    def __init__(self, prepared: Prepared, who: Mapping[str, object], data: object, grant: Grant | None) -> None:
+        self.prepared, self.who, self.data, self.grant = prepared, who, data, grant
+        self.signing_input, self.exp = prepared.token.signing_input()
+        self.signature = b""
 
 
 class Agent:
@@ -294,6 +307,12 @@ class Agent:
         return known
 
     def mint(self, caller: Caller, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
+        outcome = self.decide(caller, authorization, body)
+        return outcome if isinstance(outcome, tuple) else self.finish(outcome)
+
+    def decide(self, caller: Caller, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]] | Unsigned:
+        """A token request up to the token's signature: the reply (a refusal, a workload
+        identity's exchange), or the token to sign and hand out (`finish`)."""
         try:
             request, owner, checked = self._read_request(body)
         except ProtocolError as e:
@@ -322,7 +341,7 @@ class Agent:
         memo = (grant.id, grant.seq, body, caller.transport, caller.peer) if (
             grant is not None and grant.expires_at is None and not grant.max_per_minute and len(body) <= MEMO_BODY) else None
         if memo is not None and (prepared := self._prepared.get(memo)) is not None:
-            return self._issue(prepared, who, data, grant)
+            return Unsigned(prepared, who, data, grant)
         try:
             if grant is not None:
                 decision = policy.clamp_to_grant(grant, req, self.cfg.ttl)
@@ -338,12 +357,17 @@ class Agent:
                 return self._refuse(who, data, f"{e}; the grant's rate limit cannot be checked", 503, grant)
             if used > grant.max_per_minute:
                 return self._refuse(who, data, f"grant {grant.id} allows {grant.max_per_minute} tokens a minute; try again shortly", 429, grant)
-        return self.issue(decision, req, who, data, grant, memo)
+        return self._unsigned(decision, req, who, data, grant, memo)
 
     def issue(self, decision: policy.Decision, req: TokenRequest, who: Mapping[str, object], data: object,
-              grant: Grant | None = None, memo: tuple[str, int, bytes, str, str] | None = None) -> tuple[int, dict[str, object]]:
-        """Sign a decided token and write its audit line; `who` says on whose authority.
-        With `memo`, what was prepared is remembered under it (see mint)."""
+              grant: Grant | None = None) -> tuple[int, dict[str, object]]:
+        """Sign a decided token and write its audit line; `who` says on whose authority."""
+        outcome = self._unsigned(decision, req, who, data, grant)
+        return outcome if isinstance(outcome, tuple) else self.finish(outcome)
+
+    def _unsigned(self, decision: policy.Decision, req: TokenRequest, who: Mapping[str, object], data: object,
+                  grant: Grant | None, memo: tuple[str, int, bytes, str, str] | None = None) -> tuple[int, dict[str, object]] | Unsigned:
+        """A decided token, to sign; with `memo`, what was prepared is remembered under it (see decide)."""
         try:
             prepared = Prepared(self, decision, req, who)
         except CodestoreError as e:
@@ -352,17 +376,30 @@ class Agent:
             if len(self._prepared) >= MEMO_REQUESTS:
                 self._prepared.clear()  # many distinct requests cost speed, never memory
             self._prepared[memo] = prepared
-        return self._issue(prepared, who, data, grant)
+        return Unsigned(prepared, who, data, grant)
 
-    def _issue(self, prepared: Prepared, who: Mapping[str, object], data: object, grant: Grant | None) -> tuple[int, dict[str, object]]:
+    @staticmethod
+    def sign(batch: Collection[Unsigned]) -> None:
+        """Sign decided tokens one after another, before `finish` hands each out: signatures
+        in a row run with the signer's code and tables in the core's caches; between other
+        work, a signature cost the agent 75 us of CPU instead of 47. A signer that fails
+        here is left to `finish`, which asks it again and refuses as it does for one."""
+        for unsigned in batch:
+            with contextlib.suppress(CodestoreError):
+                unsigned.signature = unsigned.prepared.token.signer.sign(unsigned.signing_input)
+
+    def finish(self, unsigned: Unsigned) -> tuple[int, dict[str, object]]:
+        """Sign a decided token (unless `sign` did), write its audit line, and answer with it."""
+        prepared, who, data, grant = unsigned.prepared, unsigned.who, unsigned.data, unsigned.grant
         decision = prepared.decision
         try:
-            token = prepared.token.mint()
+            signature = unsigned.signature or prepared.token.signer.sign(unsigned.signing_input)
         except tokens.SignerUnavailable as e:
             self.metrics.signer_failed()
             return self._refuse(who, data, str(e), 503, grant)
         except CodestoreError as e:
             return self._refuse(who, data, str(e), 400, grant)
+        token = prepared.token.signed(unsigned.signing_input, signature, unsigned.exp)
         try:
             self.audit.emit(prepared.entry)
         except OSError as e:
@@ -617,6 +654,7 @@ def identify(sock: _socket.socket, address: object, transport: str, bound_grant:
 
 
 Reply = tuple[int, Mapping[str, object]]
+_T = TypeVar("_T")
 
 
 def admit(agent: Agent, caller: Caller) -> Reply | None:
@@ -654,14 +692,35 @@ def respond(agent: Agent, caller: Caller, method: str, target: str, header: Call
     lines = (method, target) == ("POST", "/v1/token")
     if not lines and (header("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE:
         return (415, *encode(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"}))
-    try:
-        status, reply = agent.dispatch(caller, method, target, header("Authorization"), body)
-    except Exception as e:  # noqa: BLE001 - one request's bug must not take down the agent
-        print(f"codestore agent: internal error on {method} {target[:60]}: {redact(repr(e))}", file=sys.stderr, flush=True)
-        status, reply = 500, {"error": f"internal error in the agent ({type(e).__name__}); see its log"}
+    status, reply = _guarded(method, target, agent.dispatch, caller, method, target, header("Authorization"), body)
     if "text" in reply and len(reply) == 1 and status == 200:  # /metrics: Prometheus' text format
         return status, str(reply["text"]).encode(), "text/plain; version=0.0.4"
     return (status, *encode(status, reply, lines))
+
+
+def respond_tokens(agent: Agent, requests: Collection[tuple[Caller, str | None, bytes]]) -> list[tuple[int, bytes, str]]:
+    """Token requests (caller, Authorization, body), already framed, answered as `respond`
+    answers each: decided one by one, signed in a row (Agent.sign), then each audited and
+    answered. For the fleet front's connections accepted together (asgi.AsgiFront._serve)."""
+    agent.last_activity = time.monotonic()
+    t0 = time.perf_counter()
+    outcomes = [_guarded("POST", "/v1/token", agent.decide, *request) for request in requests]
+    agent.sign([o for o in outcomes if isinstance(o, Unsigned)])
+    replies = []
+    for outcome in outcomes:
+        status, reply = _guarded("POST", "/v1/token", agent.finish, outcome) if isinstance(outcome, Unsigned) else outcome
+        agent.metrics.observe(status, time.perf_counter() - t0)
+        replies.append((status, *encode(status, reply, lines=True)))
+    return replies
+
+
+def _guarded(method: str, target: str, handler: Callable[..., _T], *args: object) -> _T | tuple[int, dict[str, object]]:
+    """handler(*args), or a 500 for its bug: one request's bug must not take down the agent."""
+    try:
+        return handler(*args)
+    except Exception as e:  # noqa: BLE001
+        print(f"codestore agent: internal error on {method} {target[:60]}: {redact(repr(e))}", file=sys.stderr, flush=True)
+        return 500, {"error": f"internal error in the agent ({type(e).__name__}); see its log"}
 
 
 def prepare_socket_dir(path: str, is_default: bool) -> int:
