@@ -118,7 +118,12 @@ class Grant:
 
 POLL_INTERVAL = 0.2  # how often a replica looks for grants changed by another
 STALE_AFTER = 1.0  # a replica that has not heard from the store for this long mints nothing
-FLUSH_INTERVAL = 1.0  # use counts and buffered audit rows
+FLUSH_INTERVAL = 1.0  # buffered audit rows (and use counts, every COUNTS_EVERY)
+# Seconds between the flush thread's writes of use counts. Each grant used since the last
+# write is a row rewritten, and its page: with 1000 grants in use (of 100k), writing them
+# every second cost 10-15% of a replica's throughput (bench/fleet.py's 100k loads). Use
+# counts decide nothing; a `grant list` asked of the replica holding some writes them first.
+COUNTS_EVERY = 5.0
 CACHE_MAX = 100_000
 # Grants' use counts a flush transaction, on SQLite. Right after a load, with two workers, a
 # `grant create` waited behind a flush transaction of each: chunks of 100 (and audit rows
@@ -213,6 +218,7 @@ class GrantStore:
         self._fresh_until = 0.0
         self._last_error = ""
         self._pending: dict[str, list[int]] = {}  # id -> [uses, refusals, last_use]
+        self._counts_due = 0.0  # when the flush thread next writes use counts (time.monotonic())
         self._lock_fd: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -535,8 +541,9 @@ class GrantStore:
                 tx.execute("DELETE FROM grant_rate WHERE grant_id = ? AND minute < ?", (grant.id, minute))
         return int(rows[0][0])  # type: ignore[call-overload]
 
-    def flush(self) -> None:
-        """Write pending use counts (and what `on_flush` adds): see _flush for the transactions."""
+    def flush(self, *, counts: bool = True) -> None:
+        """Write pending use counts (unless `counts` is False) and what `on_flush` adds: see
+        _flush for the transactions."""
         # One flush at a time (the flush thread's, an audit query's, close()'s): two running
         # together would both be handed the same buffered audit rows and write them twice.
         ended = self._flushes
@@ -547,7 +554,7 @@ class GrantStore:
                 # held it for a whole deadline): asking again would wait as long again.
                 raise StoreError(str(failed))
             try:
-                self._flush()
+                self._flush(counts)
             except StoreError as e:
                 self._flush_failed = e
                 raise
@@ -556,14 +563,14 @@ class GrantStore:
             finally:
                 self._flushes += 1
 
-    def _flush(self) -> None:
+    def _flush(self, counts: bool) -> None:
         """On SQLite, small transactions: a transaction holds the one write lock, and a
         `grant create` waits for it. Use counts of 1000 grants scattered over a 100k-grant
         table rewrite about a thousand pages: 140-300 ms in one transaction under load, so a
         create waited that long; a chunk takes a fraction. On PostgreSQL, which locks rows, one
         transaction: nothing waits for it, and it takes fewer round trips."""
         with self._lock:
-            pending, self._pending = self._pending, {}
+            pending, self._pending = (self._pending, {}) if counts else ({}, self._pending)
         # In id order: two replicas updating the same grants lock their rows in one order, never
         # in each other's (a deadlock PostgreSQL would break by failing one of them).
         left = [(u, r, t, gid) for gid, (u, r, t) in sorted(pending.items())]
@@ -639,7 +646,11 @@ class GrantStore:
 
     def _flush_loop(self) -> None:
         def step() -> None:
-            self.flush()
+            now = time.monotonic()
+            counts = now >= self._counts_due
+            self.flush(counts=counts)  # a failed one raises: its counts are written at the next step
+            if counts:
+                self._counts_due = now + COUNTS_EVERY
             with self._counted():
                 self.db.checkpoint()  # SQLite: here, so that no request's commit pays for one
 
