@@ -886,6 +886,72 @@ def test_a_writer_waits_for_another_processs_write_and_gives_up_in_one_line(tmp_
         store.close()
 
 
+def test_a_flush_holds_back_while_another_processs_grant_change_waits_for_the_lock(tmp_path: Path) -> None:
+    # Two SQLite workers draining their flushes after a load: a `grant create` on one had
+    # to win SQLite's lock against the other's flush transactions, polling as they did
+    # (p99 22-36 ms). A durable writer waiting now makes every process's flushes hold
+    # back. Here two Database objects stand for the two workers, and a third connection
+    # holds the lock; it is let go just after the flush starts to wait, when the flush's
+    # polls are the quicker ones.
+    from git_credential_codestore.agent.db import Database
+
+    GrantStore(str(tmp_path / "state"), None).open().close()  # the schema
+    path = str(tmp_path / "state" / "agent.sqlite3")
+    worker_a, worker_b = Database(path), Database(path)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    events: list[str] = []
+
+    def create() -> None:
+        with worker_b.transaction() as tx:
+            tx.execute("INSERT INTO codestore_meta (key, value) VALUES ('b', 'created')")
+            events.append("create")
+
+    def flush() -> None:
+        with worker_a.transaction(durable=False) as tx:
+            tx.execute("INSERT INTO codestore_meta (key, value) VALUES ('a', 'flushed')")
+            events.append("flush")
+
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        threads = [threading.Thread(target=create)]
+        threads[0].start()
+        time.sleep(0.2)  # the create polls in its longest steps by now
+        threads.append(threading.Thread(target=flush))
+        threads[1].start()
+        time.sleep(0.003)
+        other.execute("COMMIT")
+        for t in threads:
+            t.join(10)
+        assert events == ["create", "flush"]
+    finally:
+        other.close()
+        worker_a.close()
+        worker_b.close()
+
+
+def test_a_flush_holds_back_for_a_waiting_writer_only_so_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A grant change that waits for a long time (another process's writer holds the lock)
+    # holds a flush back for YIELD_MAX at most: the flush waits for the lock as before.
+    import fcntl
+
+    from git_credential_codestore.agent import db
+
+    monkeypatch.setattr(db, "YIELD_MAX", 0.3)
+    GrantStore(str(tmp_path / "state"), None).open().close()
+    path = str(tmp_path / "state" / "agent.sqlite3")
+    database = db.Database(path)
+    waiting = os.open(path + "-writers", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(waiting, fcntl.LOCK_SH)  # a writer waiting, for as long as this test likes
+        t0 = time.monotonic()
+        with database.transaction(durable=False) as tx:
+            tx.execute("INSERT INTO codestore_meta (key, value) VALUES ('a', 'flushed')")
+        assert 0.3 <= time.monotonic() - t0 < 3
+    finally:
+        os.close(waiting)
+        database.close()
+
+
 def test_a_create_gets_in_between_the_transactions_of_a_long_flush(tmp_path: Path) -> None:
     # On SQLite one writer at a time: a flush of many grants' use counts in one transaction
     # held a `grant create` for up to 300 ms under load. It is now a transaction a chunk,
