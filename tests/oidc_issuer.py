@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from tests.realparts import send_json
+
 
 @dataclass
 class CertAuthority:
@@ -195,31 +197,23 @@ def start_issuer(ca: CertAuthority, path: str = "") -> Issuer:
         def log_message(self, *args: object) -> None:
             pass
 
-        def _json(self, status: int, obj: object) -> None:
-            body = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
         def do_GET(self) -> None:  # noqa: N802
             parts = urlsplit(self.path)
             issuer.requests.append(parts.path)
             if parts.path == path + "/.well-known/openid-configuration":
-                self._json(200, {"issuer": issuer.url, "jwks_uri": issuer.url + "/jwks",
+                send_json(self, {"issuer": issuer.url, "jwks_uri": issuer.url + "/jwks",
                                  "id_token_signing_alg_values_supported": ["RS256"]})
             elif parts.path == path + "/jwks":
-                self._json(200, issuer.jwks())
+                send_json(self, issuer.jwks())
             elif parts.path == "/github/idtoken":
                 if self.headers.get("Authorization") != f"bearer {issuer.github_request_token}":
-                    self._json(401, {"message": "bad request token"})
+                    send_json(self, {"message": "bad request token"}, 401)
                     return
                 aud = parse_qs(parts.query).get("audience", [""])[0]
                 issuer.github_audiences.append(aud)
-                self._json(200, {"value": issuer.sign(issuer.github_token_claims(aud, **issuer.github_claims))})
+                send_json(self, {"value": issuer.sign(issuer.github_token_claims(aud, **issuer.github_claims))})
             else:
-                self._json(404, {})
+                send_json(self, {}, 404)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -25,7 +25,7 @@ import pytest
 from git_credential_codestore.agent import wire
 from git_credential_codestore.agent.client import AgentRefused, Endpoint, call, exchange
 from git_credential_codestore.agent.db import ANSWER_DEADLINE, Database, StoreError, Tx
-from git_credential_codestore.agent.grants import FLUSH_INTERVAL, GrantStore
+from git_credential_codestore.agent.grants import FLUSH_INTERVAL, Grant, GrantStore
 from tests.conftest import BIN, OrgKey, run_cli, wait_for
 from tests.realparts import Postgres, process_tree
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
@@ -39,6 +39,14 @@ def create(a: Agent, **fields: object) -> dict[str, object]:
     status, reply = admin(a, "POST", "/v1/grants", {"repos": [REPO], **fields})
     assert status == 201, reply
     return reply
+
+
+def used_once(store: GrantStore, n: int) -> list[Grant]:
+    """n new grants, each with one use counted and not yet flushed (three flush transactions' worth: 3 * FLUSH_CHUNK)."""
+    made = [store.create(repos=[REPO], scopes=["git:read"], max_ttl=300)[0] for _ in range(n)]
+    for grant in made:
+        store.record_use(grant, ok=True)
+    return made
 
 
 def replica(tmp_path: Path, name: str, store: str | None = None, env: dict[str, str] | None = None) -> Agent:
@@ -960,9 +968,7 @@ def test_a_create_gets_in_between_the_transactions_of_a_long_flush(tmp_path: Pat
 
     store = g.GrantStore(str(tmp_path / "state"), None).open()
     try:
-        made = [store.create(repos=[REPO], scopes=["git:read"], max_ttl=300)[0] for _ in range(3 * g.FLUSH_CHUNK)]
-        for grant in made:
-            store.record_use(grant, ok=True)
+        used_once(store, 3 * g.FLUSH_CHUNK)
         events: list[str] = []
 
         def create() -> None:
@@ -1033,9 +1039,7 @@ def test_a_flush_commits_without_waiting_for_the_disk_and_syncs_outside_the_lock
 
     store = g.GrantStore(str(tmp_path / "state"), None).open()
     try:
-        made = [store.create(repos=[REPO], scopes=["git:read"], max_ttl=300)[0] for _ in range(3 * g.FLUSH_CHUNK)]
-        for grant in made:
-            store.record_use(grant, ok=True)
+        used_once(store, 3 * g.FLUSH_CHUNK)
         modes: list[int] = []
         syncs: list[tuple[str, bool]] = []
         real = os.fdatasync
@@ -1069,9 +1073,7 @@ def test_a_flush_whose_sync_fails_says_so_and_counts_nothing_twice(tmp_path: Pat
 
     store = g.GrantStore(str(tmp_path / "state"), None).open()
     try:
-        made = [store.create(repos=[REPO], scopes=["git:read"], max_ttl=300)[0] for _ in range(3 * g.FLUSH_CHUNK)]
-        for grant in made:
-            store.record_use(grant, ok=True)
+        used_once(store, 3 * g.FLUSH_CHUNK)
 
         def eio(fd: int) -> None:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
@@ -1148,9 +1150,7 @@ def test_on_postgresql_a_flush_is_one_transaction(tmp_path: Path, pg_url: str) -
 
     store = g.GrantStore(str(tmp_path / "state"), pg_url).open()
     try:
-        made = [store.create(repos=[REPO], scopes=["git:read"], max_ttl=300)[0] for _ in range(3 * g.FLUSH_CHUNK)]
-        for grant in made:
-            store.record_use(grant, ok=True)
+        used_once(store, 3 * g.FLUSH_CHUNK)
         calls: list[object] = []
 
         def on_flush(tx: object) -> Callable[[], bool]:
