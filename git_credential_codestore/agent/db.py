@@ -510,6 +510,14 @@ class Database:
             return f"the grant store {self.where} did not answer within {ANSWER_DEADLINE:g} s{maybe}"
         return self._damage(e) or f"the grant store {self.where} failed ({self._detail(e)})"
 
+    def _writers(self) -> int | None:
+        """A descriptor of its own on `<database>-writers` (a flock is per open file, so each
+        waiter opens it), or None where it cannot be made: then nobody holds back."""
+        try:
+            return os.open(self.path + "-writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return None
+
     @contextmanager
     def _waiting_writer(self) -> Iterator[None]:
         """SQLite: while a durable writer (a grant change) waits for the write lock, every
@@ -517,9 +525,8 @@ class Database:
         flock on `<database>-writers`, which a flush probes for exclusively. With two
         workers draining their flushes after a load, a `grant create` polling for the lock
         against the other worker's flush transactions waited 22-36 ms (p99); 15-20 since."""
-        try:
-            fd = os.open(self.path + "-writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
+        fd = self._writers()
+        if fd is None:
             yield
             return
         try:
@@ -530,9 +537,8 @@ class Database:
 
     def _let_writers_first(self) -> None:
         """Wait (at most YIELD_MAX) while a durable writer of any process waits for the lock."""
-        try:
-            fd = os.open(self.path + "-writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
+        fd = self._writers()
+        if fd is None:
             return
         try:
             deadline = time.monotonic() + YIELD_MAX

@@ -122,6 +122,9 @@ class Unsigned:
         self.signing_input, self.exp = prepared.token.signing_input()
         self.signature = b""
 
+    def sign(self) -> bytes:
+        return self.prepared.token.signer.sign(self.signing_input)
+
 
 class Agent:
     """Request handling, independent of the wire: (caller, method, path, body) -> reply."""
@@ -385,7 +388,7 @@ class Agent:
         here is left to `finish`, which asks it again and refuses as it does for one."""
         for unsigned in batch:
             try:
-                unsigned.signature = unsigned.prepared.token.signer.sign(unsigned.signing_input)
+                unsigned.signature = unsigned.sign()
             except CodestoreError:
                 pass
 
@@ -394,7 +397,7 @@ class Agent:
         prepared, who, data, grant = unsigned.prepared, unsigned.who, unsigned.data, unsigned.grant
         decision = prepared.decision
         try:
-            signature = unsigned.signature or prepared.token.signer.sign(unsigned.signing_input)
+            signature = unsigned.signature or unsigned.sign()
         except tokens.SignerUnavailable as e:
             self.metrics.signer_failed()
             return self._refuse(who, data, str(e), 503, grant)
