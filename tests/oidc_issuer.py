@@ -35,6 +35,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.realparts import send_json
 
+HANDSHAKE_TIMEOUT = 30.0  # seconds a connection may take to say anything
 
 @dataclass
 class CertAuthority:
@@ -115,6 +116,7 @@ class Issuer:
     url: str = ""
     published: list[SigningKey] = field(default_factory=list)  # what the JWKS lists
     requests: list[str] = field(default_factory=list)  # paths asked, in order
+    tls_errors: list[str] = field(default_factory=list)  # handshakes that failed on the server's side
     github_request_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     github_audiences: list[str] = field(default_factory=list)
     github_claims: dict[str, Any] = field(default_factory=dict)  # overrides for its tokens
@@ -194,6 +196,18 @@ def start_issuer(ca: CertAuthority, path: str = "") -> Issuer:
     issuer.rotate()
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = HANDSHAKE_TIMEOUT
+
+        def setup(self) -> None:
+            # The handshake runs here, on the connection's own thread: done in accept(), one
+            # client that connects and stalls would hold every other client's fetch.
+            super().setup()
+            try:
+                self.request.do_handshake()
+            except OSError as e:
+                issuer.tls_errors.append(f"{type(e).__name__}: {e}")
+                raise
+
         def log_message(self, *args: object) -> None:
             pass
 
@@ -215,10 +229,13 @@ def start_issuer(ca: CertAuthority, path: str = "") -> Issuer:
             else:
                 send_json(self, {}, 404)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 64  # the default 5 drops connections when a loaded suite bursts
+
+    server = Server(("127.0.0.1", 0), Handler)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(ca.server_cert, ca.server_key)
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     issuer._server = server

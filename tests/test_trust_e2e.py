@@ -152,7 +152,7 @@ def test_a_workload_whose_claims_do_not_match_gets_a_refusal_naming_the_conditio
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if "refused" in ln]
     assert len(lines) == 1, proc.stderr
-    assert f"trust policy {p['id']}: claim workspace_id is 'ac-someone-else', not ac-12345abcd" in lines[0]
+    assert f"trust policy {p['id']}: claim workspace_id is 'ac-someone-else', not ac-12345abcd" in lines[0], world.issuer.tls_errors
     assert "MODAL_IDENTITY_TOKEN" in lines[0]
     # Threat: the identity token echoed into git's output or the audit trail.
     assert token not in proc.stderr and token.split(".")[1] not in proc.stderr
@@ -199,11 +199,14 @@ def test_key_rotation_is_followed_and_an_issuer_outage_spares_cached_keys_but_no
     def fetch(key: SigningKey | None = None) -> subprocess.CompletedProcess[str]:
         return ls_remote(url, world.sandbox(MODAL_IDENTITY_TOKEN=world.issuer.sign(world.issuer.modal_claims(), key=key)))
 
-    assert fetch().returncode == 0
+    def works(proc: subprocess.CompletedProcess[str]) -> None:
+        assert proc.returncode == 0, (proc.stderr, world.issuer.tls_errors)
+
+    works(fetch())
     world.issuer.rotate()
-    assert fetch().returncode == 0  # the new kid made the agent refetch the JWKS
+    works(fetch())  # the new kid made the agent refetch the JWKS
     world.issuer.stop()
-    assert fetch().returncode == 0  # issuer down: its cached key still verifies
+    works(fetch())  # issuer down: its cached key still verifies
     proc = fetch(new_key())
     assert proc.returncode != 0 and "does not publish" in proc.stderr  # an unknown kid fails closed
 
