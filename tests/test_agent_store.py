@@ -842,6 +842,13 @@ def test_a_rate_limited_grant_keeps_no_count_of_past_minutes(tmp_path: Path, bac
         store.close()
 
 
+def _fill_wal(store: Any, rounds: int) -> None:
+    for n in range(rounds):  # 25 WAL pages a round
+        with store.db.transaction() as tx:
+            tx.execute_rows("INSERT INTO codestore_meta (key, value) SELECT v.column1, v.column2 FROM {rows}",
+                            ("text", "text"), [(f"k{n}-{i}", "x" * 1000) for i in range(100)])
+
+
 def test_no_commit_copies_the_wal_the_flush_thread_does(tmp_path: Path) -> None:
     # A commit that took SQLite's WAL past 1000 pages used to copy it into the database and
     # sync it: a `grant create` after a load took 126 ms. Commits now only append to the
@@ -852,10 +859,7 @@ def test_no_commit_copies_the_wal_the_flush_thread_does(tmp_path: Path) -> None:
     store = GrantStore(str(tmp_path / "state"), None).open()
     try:
         before = path.stat().st_size
-        for n in range(60):  # ~1500 WAL pages: well past SQLite's default threshold of 1000
-            with store.db.transaction() as tx:
-                tx.execute_rows("INSERT INTO codestore_meta (key, value) SELECT v.column1, v.column2 FROM {rows}",
-                                ("text", "text"), [(f"k{n}-{i}", "x" * 1000) for i in range(100)])
+        _fill_wal(store, 60)  # ~1500 WAL pages: well past SQLite's default threshold of 1000
         assert path.stat().st_size == before, "a commit checkpointed"
         assert (tmp_path / "state" / "agent.sqlite3-wal").stat().st_size > 1000 * 4096
         store.start()
@@ -863,6 +867,63 @@ def test_no_commit_copies_the_wal_the_flush_thread_does(tmp_path: Path) -> None:
         while path.stat().st_size < 60 * 100 * 1000:  # every row, in the database file
             assert time.monotonic() < deadline, "the flush thread did not checkpoint"
             time.sleep(0.05)
+    finally:
+        store.close()
+
+
+def test_a_quiet_stores_wal_is_cut_back_by_the_flush_thread_losing_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLite reuses its WAL from the start but never shrinks it: after a sustained load the
+    # file kept hundreds of MiB for as long as the agent ran.
+    from git_credential_codestore.agent import db
+    from git_credential_codestore.agent.grants import GrantStore
+
+    monkeypatch.setattr(db, "SHRINK_OVER", 1 << 20)
+    monkeypatch.setattr(db, "SHRINK_IDLE", 2.5)
+    wal = tmp_path / "state" / "agent.sqlite3-wal"
+    store = GrantStore(str(tmp_path / "state"), None).open()
+    try:
+        _fill_wal(store, 20)
+        grown = wal.stat().st_size
+        assert grown > 2 << 20
+        store.start()
+        time.sleep(1.8)  # a flush step (every FLUSH_INTERVAL) has come and gone
+        assert wal.stat().st_size == grown  # not while writes are recent
+        deadline = time.monotonic() + 5
+        while wal.stat().st_size:
+            assert time.monotonic() < deadline, "the flush thread did not cut the WAL back"
+            time.sleep(0.05)
+        with store.db.transaction(write=False) as tx:
+            assert tx.execute("SELECT count(*) FROM codestore_meta WHERE key LIKE 'k%'")[0][0] == 20 * 100
+    finally:
+        store.close()
+
+
+def test_cutting_the_wal_back_waits_for_no_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from git_credential_codestore.agent import db
+    from git_credential_codestore.agent.grants import GrantStore
+
+    monkeypatch.setattr(db, "SHRINK_OVER", 1 << 20)
+    monkeypatch.setattr(db, "SHRINK_IDLE", 0.0)
+    wal = tmp_path / "state" / "agent.sqlite3-wal"
+    store = GrantStore(str(tmp_path / "state"), None).open()
+    try:
+        _fill_wal(store, 20)
+        grown = wal.stat().st_size
+        reader = sqlite3.connect(str(tmp_path / "state" / "agent.sqlite3"), isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM codestore_meta").fetchone()  # a snapshot on the WAL
+            started = time.monotonic()
+            assert store.db.shrink_log() is False
+            assert time.monotonic() - started < 1.0  # not BUSY_TIMEOUT
+            assert wal.stat().st_size == grown
+            reader.execute("COMMIT")
+            assert store.db.shrink_log() is True
+            assert wal.stat().st_size == 0
+        finally:
+            reader.close()
+        with store.db.transaction() as tx:  # and the store writes on, through every pooled connection
+            tx.execute("INSERT INTO codestore_meta (key, value) VALUES ('after', 'cut')")
     finally:
         store.close()
 

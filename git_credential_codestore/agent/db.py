@@ -161,6 +161,8 @@ def _passwords(url: str) -> list[str]:
 
 BUSY_TIMEOUT = 10.0  # seconds a SQLite writer waits for another process's write to finish
 YIELD_MAX = 0.1  # seconds a flush holds back for grant changes waiting for SQLite's lock
+SHRINK_IDLE = 30.0  # seconds no process wrote SQLite's WAL before the flush thread cuts it back
+SHRINK_OVER = 16 << 20  # bytes: a smaller WAL is left as it is
 SYNCHRONOUS = "FULL"  # SQLite: a commit is on disk before we acknowledge a grant change (but see transaction)
 SQLITE_BUSY = 5  # the primary result code (sqlite3.SQLITE_BUSY from Python 3.11)
 SQLITE_DAMAGED = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
@@ -589,6 +591,38 @@ class Database:
                 self._put(conn)
         except sqlite3.Error as e:
             raise StoreError(self._failed(e)) from None
+
+    def shrink_log(self) -> bool:
+        """SQLite: once no process has written for SHRINK_IDLE seconds, cut a WAL larger
+        than SHRINK_OVER back to nothing (a TRUNCATE checkpoint), waiting for no one: a reader
+        or writer in the way leaves it for a later call. Whether it was cut.
+
+        SQLite reuses its WAL from the start but never shrinks it, so without this the file
+        keeps the size of the longest run of writes between two restarts (hundreds of MiB
+        under sustained load). Cutting it costs the time to free the file's blocks (120 ms
+        for 700 MiB here), which is why it waits for a quiet store, not for a size.
+        PostgreSQL: nothing."""
+        if self.dialect != "sqlite":
+            return False
+        try:
+            log = os.stat(self.path + "-wal")
+        except OSError:
+            return False  # no WAL (yet)
+        if log.st_size < SHRINK_OVER or time.time() - log.st_mtime < SHRINK_IDLE:
+            return False
+        try:
+            conn = self._get()
+            try:
+                conn.execute("PRAGMA busy_timeout=0")  # type: ignore[attr-defined]
+                try:
+                    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]  # type: ignore[attr-defined]
+                finally:
+                    conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")  # type: ignore[attr-defined]
+            finally:
+                self._put(conn)
+        except sqlite3.Error as e:
+            raise StoreError(self._failed(e)) from None
+        return not busy
 
     # -- schema ------------------------------------------------------------------------
 

@@ -653,6 +653,7 @@ class GrantStore:
                 self._counts_due = now + COUNTS_EVERY
             with self._counted():
                 self.db.checkpoint()  # SQLite: here, so that no request's commit pays for one
+                self.db.shrink_log()  # SQLite: once the store is quiet
 
         self._loop(FLUSH_INTERVAL, step, "the use-count flush", "; its counts are kept for the next one")
 
