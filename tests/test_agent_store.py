@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from git_credential_codestore.agent import wire
+from git_credential_codestore.agent import db, wire
 from git_credential_codestore.agent.client import AgentRefused, Endpoint, call, exchange
 from git_credential_codestore.agent.db import ANSWER_DEADLINE, Database, StoreError, Tx
 from git_credential_codestore.agent.grants import FLUSH_INTERVAL, Grant, GrantStore
@@ -749,7 +749,7 @@ def test_flushed_audit_rows_come_back_exactly(tmp_path: Path, backend: str, requ
     store = GrantStore(str(tmp_path / "state"), url).open()
     texts = ['{"a":"b \\\\ \\"q\\""}', "naïve ünïcode ✓", "line\nbreak", "", "{x}", "%s %b ? '"]
     rows = [(1_700_000_000 + i, "mint", None, texts[i % len(texts)], None, "ok", "host:1", texts[(i + 1) % len(texts)])
-            for i in range(131)]
+            for i in range(2 * db.PG_ROWS_PER_STATEMENT + 131)]
     try:
         with store.db.transaction() as tx:
             tx.execute_rows(_INSERT_ROWS, _TYPES, rows)
@@ -757,6 +757,36 @@ def test_flushed_audit_rows_come_back_exactly(tmp_path: Path, backend: str, requ
         with store.db.transaction(write=False) as tx:
             got = tx.execute("SELECT time, event, grant_id, sub, repo, result, replica, fields FROM audit ORDER BY time")
         assert got == rows
+    finally:
+        store.close()
+
+
+def test_on_postgresql_a_seconds_audit_rows_go_in_statements_that_each_hold_the_gil_briefly(
+        tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # psycopg turns a statement's arrays into its wire format in one call that holds the GIL
+    # throughout: a second's 14k audit rows in one statement held it 30 ms, and the event
+    # loop answered nothing for 39 ms (the longest stall on PostgreSQL, 36-62 ms a run).
+    from git_credential_codestore.agent.audit import _INSERT_ROWS, _TYPES
+    from git_credential_codestore.agent.grants import GrantStore
+
+    store = GrantStore(str(tmp_path / "state"), pg_url).open()
+    n = 5 * db.PG_ROWS_PER_STATEMENT + 7
+    rows = [(1_700_000_000 + i, "mint", f"g{i % 1000}", f"s{i}", "team/app", "ok", "host:1", "{}") for i in range(n)]
+    sizes: list[int] = []
+    real = Tx.execute
+
+    def execute(self: Tx, sql: str, params: Any = ()) -> list[tuple[object, ...]]:
+        if sql.startswith("INSERT INTO audit"):
+            sizes.append(len(params[0]))
+        return real(self, sql, params)
+
+    monkeypatch.setattr(Tx, "execute", execute)
+    try:
+        with store.db.transaction() as tx:  # still one transaction
+            tx.execute_rows(_INSERT_ROWS, _TYPES, rows)
+        assert sizes == [db.PG_ROWS_PER_STATEMENT] * 5 + [7]
+        with store.db.transaction(write=False) as tx:
+            assert tx.execute("SELECT count(*) FROM audit")[0][0] == n
     finally:
         store.close()
 
@@ -874,7 +904,6 @@ def test_no_commit_copies_the_wal_the_flush_thread_does(tmp_path: Path) -> None:
 def test_a_quiet_stores_wal_is_cut_back_by_the_flush_thread_losing_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # SQLite reuses its WAL from the start but never shrinks it: after a sustained load the
     # file kept hundreds of MiB for as long as the agent ran.
-    from git_credential_codestore.agent import db
     from git_credential_codestore.agent.grants import GrantStore
 
     monkeypatch.setattr(db, "SHRINK_OVER", 1 << 20)
@@ -899,7 +928,6 @@ def test_a_quiet_stores_wal_is_cut_back_by_the_flush_thread_losing_nothing(tmp_p
 
 
 def test_cutting_the_wal_back_waits_for_no_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from git_credential_codestore.agent import db
     from git_credential_codestore.agent.grants import GrantStore
 
     monkeypatch.setattr(db, "SHRINK_OVER", 1 << 20)
@@ -932,7 +960,6 @@ def test_a_writer_waits_for_another_processs_write_and_gives_up_in_one_line(tmp_
     # Another process (here: another connection) holding SQLite's write lock: a create waits
     # for it (polling in steps of at most 5 ms, not SQLite's sleeps of up to 100 ms), and
     # past the busy timeout refuses in one line rather than hanging.
-    from git_credential_codestore.agent import db
     from git_credential_codestore.agent.grants import GrantStore
 
     store = GrantStore(str(tmp_path / "state"), None).open()
@@ -1003,7 +1030,6 @@ def test_a_flush_holds_back_for_a_waiting_writer_only_so_long(tmp_path: Path, mo
     # holds a flush back for YIELD_MAX at most: the flush waits for the lock as before.
     import fcntl
 
-    from git_credential_codestore.agent import db
 
     monkeypatch.setattr(db, "YIELD_MAX", 0.3)
     GrantStore(str(tmp_path / "state"), None).open().close()
