@@ -296,7 +296,7 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
     `files` given. A sandbox (holding a grant) is refused by the agent: only the owner
     reads the trail.
     """
-    from .agent.client import AgentUnavailable, call, refusal, replica_timeouts
+    from .agent.client import REPLY_TIMEOUT, AgentUnavailable, call, refusal, replica_timeouts
     from .agent.discovery import AGENT_URL, endpoints_from_env, read_grant
 
     env = os.environ if env is None else env
@@ -308,8 +308,12 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
     status, ep = 0, endpoints[0]
     reply: dict[str, object] = {}
     grant, body = read_grant(env), {**query.to_json(), "limit": limit}
+    deadline = time.monotonic() + REPLY_TIMEOUT
     for i, candidate in enumerate(endpoints):
-        connect, wait = replica_timeouts(i, len(endpoints))
+        timeouts = replica_timeouts(i, len(endpoints), deadline)
+        if timeouts is None:
+            break
+        connect, wait = timeouts
         try:
             status, reply = call(candidate, "POST", "/v1/audit/query", body, grant=grant, env=env, timeout=wait, connect_timeout=connect)
         except AgentUnavailable:

@@ -288,6 +288,28 @@ def test_when_every_replica_fails_the_first_ones_reason_is_the_line(agent: Agent
             mint(sandbox_env(grant, url=url))
 
 
+def test_a_list_of_silent_replicas_costs_no_more_than_one_silent_agent(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each silent replica cost FAILOVER_REPLY_TIMEOUT (3 s) and the last REPLY_TIMEOUT (15 s):
+    # ten listed, a git request waited 42 s before it failed. The whole failover now ends
+    # within REPLY_TIMEOUT, and says which replicas it did not get to.
+    from git_credential_codestore.agent import client
+
+    monkeypatch.setattr(client, "REPLY_TIMEOUT", 2.0)
+    monkeypatch.setattr(client, "FAILOVER_REPLY_TIMEOUT", 0.6)
+    grant = agent.grant("--repo", REPO)["grant"]
+    with contextlib.ExitStack() as stack:
+        silent = [stack.enter_context(replying(None)) for _ in range(6)]
+        urls = [url for _, url in silent]
+        t0 = time.monotonic()
+        with pytest.raises(AgentUnavailable) as e:
+            mint(sandbox_env(grant, url=",".join(urls)))
+        took = time.monotonic() - t0
+    assert 2.0 <= took < 2.5, took  # not 5 x 0.6 + 2 = 5 s
+    assert [fake.served for fake, _ in silent] == [1, 1, 1, 1, 0, 0]
+    assert f"{urls[4]}, {urls[5]} not asked" in str(e.value), e.value
+    assert "\n" not in str(e.value)
+
+
 def test_a_replica_that_accepts_and_never_answers_costs_seconds_not_the_whole_deadline(agent: Agent, org_key: OrgKey) -> None:
     # A stopped (SIGSTOP) or wedged replica accepts connections and never answers: each
     # git request waited the whole 15 s reply deadline before the next replica was asked.

@@ -41,10 +41,21 @@ FAILOVER_REPLY_TIMEOUT = 3.0  # a replica that accepts but does not answer (stop
 START_HINT = "start it where the key lives (codestore agent start), or fix CODESTORE_AGENT_URL/CODESTORE_AGENT_SOCK"
 
 
-def replica_timeouts(i: int, n: int) -> tuple[float, float]:
+def replica_timeouts(i: int, n: int, deadline: float) -> tuple[float, float] | None:
     """(connect, reply) timeouts for the i-th of n replicas asked in turn: short while another
-    is left to ask, the whole deadline for the last (and for an only one)."""
-    return (CONNECT_TIMEOUT if n == 1 else FAILOVER_CONNECT_TIMEOUT), (REPLY_TIMEOUT if i == n - 1 else FAILOVER_REPLY_TIMEOUT)
+    is left to ask, the whole deadline for the last (and for an only one); each cut to what
+    is left of `deadline` (time.monotonic(): REPLY_TIMEOUT from the first ask, so a list of
+    silent replicas costs no more than one silent agent), None when nothing is left."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return None
+    connect = CONNECT_TIMEOUT if n == 1 else FAILOVER_CONNECT_TIMEOUT
+    return min(connect, left), min(REPLY_TIMEOUT if i == n - 1 else FAILOVER_REPLY_TIMEOUT, left)
+
+
+def not_asked(endpoints: list[Endpoint], i: int) -> str:
+    """What a failover that ran out of time says of the replicas from the i-th on."""
+    return f" ({', '.join(map(str, endpoints[i:]))} not asked: {REPLY_TIMEOUT:.0f}s had passed)" if i < len(endpoints) else ""
 
 
 class AgentUnavailable(RemoteError):
@@ -383,8 +394,14 @@ class AgentSource:
 
         answered: tuple[Endpoint, Exception] | None = None
         unreachable: AgentUnavailable | None = None
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        asked = 0
         for i, ep in enumerate(self.endpoints):
-            connect, reply = replica_timeouts(i, len(self.endpoints))
+            timeouts = replica_timeouts(i, len(self.endpoints), deadline)
+            if timeouts is None:
+                break
+            asked += 1
+            connect, reply = timeouts
             try:
                 status, content = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
                                            identity=identity, connect_timeout=connect, timeout=reply)
@@ -410,7 +427,8 @@ class AgentSource:
             self.endpoint = answered[0]
             raise answered[1]
         why = f"the first: {unreachable}" if unreachable is not None else START_HINT
-        raise AgentUnavailable(f"no codestore agent answered at any of {', '.join(map(str, self.endpoints))}; {why}")
+        tried = ", ".join(map(str, self.endpoints[:asked]))
+        raise AgentUnavailable(f"no codestore agent answered at any of {tried}{not_asked(self.endpoints, asked)}; {why}")
 
     def record(self, report: Mapping[str, object]) -> None:
         """POST the report to the agent's audit trail (agent/report.py); the agent names who."""
