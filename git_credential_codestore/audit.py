@@ -296,7 +296,7 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
     `files` given. A sandbox (holding a grant) is refused by the agent: only the owner
     reads the trail.
     """
-    from .agent.client import REPLY_TIMEOUT, AgentUnavailable, call, refusal, replica_timeouts
+    from .agent.client import AgentUnavailable, call_any, refusal
     from .agent.discovery import AGENT_URL, endpoints_from_env, read_grant
 
     env = os.environ if env is None else env
@@ -305,22 +305,11 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
     # Whichever replica answers (every replica's records are in the database): the next
     # is asked when one is down, silent or cannot read its store, as the helpers do.
     endpoints = endpoints_from_env(env)
-    status, ep = 0, endpoints[0]
-    reply: dict[str, object] = {}
-    grant, body = read_grant(env), {**query.to_json(), "limit": limit}
-    deadline = time.monotonic() + REPLY_TIMEOUT
-    for i, candidate in enumerate(endpoints):
-        timeouts = replica_timeouts(i, len(endpoints), deadline)
-        if timeouts is None:
-            break
-        connect, wait = timeouts
-        try:
-            status, reply = call(candidate, "POST", "/v1/audit/query", body, grant=grant, env=env, timeout=wait, connect_timeout=connect)
-        except AgentUnavailable:
-            continue
-        ep = candidate
-        if status < 500:
-            break
+    try:
+        ep, status, reply = call_any(endpoints, "POST", "/v1/audit/query", {**query.to_json(), "limit": limit},
+                                     grant=read_grant(env), env=env)
+    except AgentUnavailable:
+        ep, status, reply = endpoints[0], 0, {}
     if status == 0 and env.get(AGENT_URL, "").strip():
         import sys
 

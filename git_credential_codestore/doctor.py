@@ -41,10 +41,33 @@ def check_config(cfg: Config, env: Mapping[str, str] | None = None) -> str:
     return f"{text}, scopes {' '.join(cfg.scopes)}"
 
 
+def _joined(values: object, sep: str) -> str:
+    return sep.join(map(str, values)) if isinstance(values, list) else ""
+
+
 def check_key(cfg: Config, env: Mapping[str, str]) -> str:
     from .agent import discovery
 
     if cfg.uses_env and discovery.agent_named(env):  # as source.choose_source: not for [orgs.*]
+        from .agent.client import AgentSource
+
+        agent = AgentSource.from_env(cfg, env)
+        if agent.grant is None and agent.identity is not None:
+            from .agent.client import call_any
+
+            ep, status, _ = call_any(agent.endpoints, "GET", "/v1/ping", env=env)
+            if status != 200:
+                raise CodestoreError(f"the codestore agent at {ep} answered HTTP {status} to a ping; check: codestore agent status")
+            return f"the agent at {ep} answers; the workload identity in {agent.identity.where} is exchanged at each git request"
+        # A grant holder's own grant, not a test token: that would need a repository the
+        # grant covers, and each run left a refusal in the audit trail.
+        grant = agent.own_grant()
+        if grant is not None:
+            what = f"grant {grant.get('id')} ({grant.get('state')}) at {agent.endpoint}"
+            if grant.get("state") != "active":
+                raise CodestoreError(f"{what}: git will be refused; ask the grant's owner for a new one")
+            only = " (ephemeral only)" if grant.get("ephemeral_only") else ""
+            return f"{what}: {_joined(grant.get('scopes'), ' ')} on {_joined(grant.get('repos'), ', ')}{only}"
         from .source import get_token
         from .vocab import TokenRequest
 

@@ -516,3 +516,39 @@ def test_64_concurrent_clients_are_all_served(agent: Agent, org_key: OrgKey) -> 
         t.join(30)
     assert errors == [] and len(results) == 64
     assert {verify(t, org_key).repo for t in results} == {f"team/r{i}" for i in range(64)}
+
+
+def _key_check(env: dict[str, str]) -> dict[str, Any]:
+    proc = run_cli("codestore", "doctor", "--json", env=env)
+    checks = json.loads(proc.stdout)["checks"]
+    return next(c for c in checks if c["name"] == "key")
+
+
+def test_doctor_in_a_grant_sandbox_checks_the_grant_without_minting_or_leaving_a_refusal(agent: Agent) -> None:
+    # doctor asked the agent for a test token for a repository named doctor-check: outside
+    # every grant, so it said FAIL in a sandbox set up right, and each run left a refusal
+    # in the audit trail.
+    g = agent.grant("--repo", REPO, "--scopes", "git:read git:write", "--ephemeral-only")
+    before = agent.audit()
+    for env in (sandbox_env(g["grant"], url=agent.url), sandbox_env(g["grant"], sock=agent.socket)):
+        check = _key_check(env)
+        assert check["ok"], check
+        assert f"grant {g['id']} (active)" in check["detail"] and f"git:read git:write on {REPO} (ephemeral only)" in check["detail"]
+    assert agent.audit() == before  # nothing minted, nothing refused
+    own = agent.grant("--repo", REPO, "--own-socket")  # the socket alone says whose grant it is
+    assert f"grant {own['id']} (active)" in _key_check(sandbox_env(sock=str(own["socket"])))["detail"]
+
+
+def test_doctor_in_a_sandbox_whose_grant_was_revoked_or_never_existed_fails_naming_why(agent: Agent) -> None:
+    g = agent.grant("--repo", REPO)
+    assert agent.cli("grant", "revoke", str(g["id"])).returncode == 0
+    check = _key_check(sandbox_env(g["grant"], url=agent.url))
+    assert not check["ok"] and f"grant {g['id']} (revoked)" in check["detail"] and "ask the grant's owner" in check["detail"]
+    assert str(g["grant"]) not in check["detail"]
+    unknown = "csg_" + "0" * 8 + "_" + "x" * 32
+    check = _key_check(sandbox_env(unknown, url=agent.url))
+    assert not check["ok"] and "unknown grant" in check["detail"] and unknown not in check["detail"], check
+
+
+def test_the_owner_asking_for_its_own_grant_gets_none(agent: Agent) -> None:
+    assert call(Endpoint("unix", agent.socket), "GET", "/v1/grant") == (200, {"grant": None})

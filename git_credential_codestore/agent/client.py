@@ -295,6 +295,32 @@ def call(
     return status, reply
 
 
+def call_any(endpoints: list[Endpoint], method: str, path: str, body: Mapping[str, object] | None = None, *,
+             grant: Secret | None = None, env: Mapping[str, str] | None = None) -> tuple[Endpoint, int, dict[str, object]]:
+    """`call` on the first replica that answers below 500 (a replica's own trouble: the next is
+    asked, as helpers do for tokens), else the last answer; the replicas' timeouts as
+    replica_timeouts gives them. AgentUnavailable when none answered at all."""
+    deadline = time.monotonic() + REPLY_TIMEOUT
+    answer: tuple[Endpoint, int, dict[str, object]] | None = None
+    unreachable: AgentUnavailable | None = None
+    for i, ep in enumerate(endpoints):
+        timeouts = replica_timeouts(i, len(endpoints), deadline)
+        if timeouts is None:
+            break
+        connect, reply = timeouts
+        try:
+            status, data = call(ep, method, path, body, grant=grant, env=env, timeout=reply, connect_timeout=connect)
+        except AgentUnavailable as e:
+            unreachable = unreachable or e
+            continue
+        answer = (ep, status, data)
+        if status < 500:
+            break
+    if answer is None:
+        raise unreachable or AgentUnavailable(f"no codestore agent answered at {', '.join(map(str, endpoints))}; {START_HINT}")
+    return answer
+
+
 def refusal(ep: Endpoint, status: int, reply: Mapping[str, object]) -> Exception:
     if not reply.get("error"):  # not one of the agent's own refusals: a proxy's, or a front's "503 Busy"
         return AgentRefused(f"the codestore agent at {ep} answered HTTP {status} and said no more"
@@ -354,6 +380,16 @@ class AgentSource:
         del identity
         say("agent-client", f"got a token expiring at {token.expires_at} from {self.endpoint}", self.env)
         return token
+
+    def own_grant(self) -> dict[str, object] | None:
+        """The grant this caller holds, as the agent sees it (GET /v1/grant: nothing minted,
+        nothing audited), or None for the owner; AgentRefused with the agent's reason."""
+        ep, status, reply = call_any(self.endpoints, "GET", "/v1/grant", grant=self.grant, env=self.env)
+        grant = reply.get("grant", False)
+        if status != 200 or not (grant is None or isinstance(grant, dict)):
+            raise refusal(ep, status, reply)
+        self.endpoint = ep
+        return grant
 
     def _token(self, ep: Endpoint, status: int, content: bytes) -> Token:
         """The token in one replica's answer, for the org git asked about; else why not."""

@@ -172,6 +172,7 @@ class Agent:
         ("GET", re.compile(r"/readyz"), "readyz"),
         ("GET", re.compile(r"/metrics"), "metrics"),
         ("GET", re.compile(r"/v1/status"), "status"),
+        ("GET", re.compile(r"/v1/grant"), "own_grant"),
         ("GET", re.compile(r"/v1/grants"), "list_grants"),
         ("POST", re.compile(r"/v1/grants"), "create_grant"),
         ("POST", re.compile(r"/v1/grants/([0-9a-f]{1,32})/revoke"), "revoke_grant"),
@@ -220,6 +221,8 @@ class Agent:
             return 200, {"text": self.render_metrics()}
         if name == "status":
             return 200, self.status()
+        if name == "own_grant":
+            return self.own_grant(caller, authorization)
         if name == "list_grants":
             return self.list_grants(query)
         if name == "create_grant":
@@ -564,6 +567,22 @@ class Agent:
             gauges={"store_up": int(store_ok), "signer_up": int(signer_ok), "draining": int(self.draining)},
             labelled={"grants": grants} if grants else {},
         )
+
+    def own_grant(self, caller: Caller, authorization: str | None) -> tuple[int, dict[str, object]]:
+        """GET /v1/grant: the caller's own grant, as far as it bounds what the caller may do
+        (null for the owner); nothing minted, nothing audited. What `codestore doctor` asks in a sandbox: a test
+        token would need a repository the grant covers, and each refusal was an audit line."""
+        try:
+            grant, reason = self._grant_for(caller, authorization)
+        except StoreError as e:
+            return 503, {"error": str(e)}
+        if reason is not None:
+            return 401, {"error": reason}
+        if grant is None:
+            return 200, {"grant": None}  # the owner, who needs none
+        return 200, {"grant": {"id": grant.id, "state": grant.state(), "sub": grant.sub, "repos": list(grant.repos),
+                               "scopes": list(grant.scopes), "ephemeral_only": grant.ephemeral_only,
+                               "max_ttl": grant.max_ttl, "expires_at": grant.expires_at}}
 
     def status(self) -> dict[str, object]:
         try:
