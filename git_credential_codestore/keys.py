@@ -162,7 +162,16 @@ def fallback_key_path(account: str, env: Mapping[str, str] | None = None) -> str
 
 
 def account_for(cfg: Config) -> str:
-    return cfg.org or "default"
+    """The keychain account and key file name of cfg's org: its name folded to lower case.
+    An org's name is a DNS label, so ACME and acme are one org, and have one key."""
+    return (cfg.org or "default").lower()
+
+
+def _accounts(cfg: Config) -> list[str]:
+    """account_for's, then the org as written when that differs: where a key stored before
+    names were folded still is (read and removed, never written)."""
+    account = account_for(cfg)
+    return [account] if not cfg.org or cfg.org == account else [account, cfg.org]
 
 
 def sources(cfg: Config, env: Mapping[str, str] | None = None) -> list[KeySource]:
@@ -176,9 +185,9 @@ def sources(cfg: Config, env: Mapping[str, str] | None = None) -> list[KeySource
         # keychain when it is missing would sign with a key the user did not choose.
         out.append(FileSource(os.path.expanduser(path)))
         return out
-    account = account_for(cfg)
-    out.append(KeyringSource(account, env=env))
-    out.append(FileSource(fallback_key_path(account, env), name="the codestore key file"))
+    for account in _accounts(cfg):
+        out.append(KeyringSource(account, env=env))
+        out.append(FileSource(fallback_key_path(account, env), name="the codestore key file"))
     return out
 
 
@@ -254,19 +263,19 @@ def store_private_key(key: PrivateKey, cfg: Config) -> str:
 
 def delete_stored_key(cfg: Config) -> list[str]:
     removed = []
-    account = account_for(cfg)
-    try:
-        import keyring
+    for account in _accounts(cfg):
+        try:
+            import keyring
 
-        if keychain_usable() and keyring.get_password(KEYRING_SERVICE, account):
-            keyring.delete_password(KEYRING_SERVICE, account)
-            removed.append("the OS keychain")
-    except Exception:  # noqa: BLE001 - a broken keychain must not block removal of the file
-        pass
-    path = fallback_key_path(account)
-    if os.path.exists(path):
-        os.unlink(path)
-        removed.append(path)
+            if keychain_usable() and keyring.get_password(KEYRING_SERVICE, account):
+                keyring.delete_password(KEYRING_SERVICE, account)
+                removed.append("the OS keychain")
+        except Exception:  # noqa: BLE001 - a broken keychain must not block removal of the file
+            pass
+        path = fallback_key_path(account)
+        if os.path.exists(path):
+            os.unlink(path)
+            removed.append(path)
     return removed
 
 

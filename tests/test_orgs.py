@@ -184,3 +184,27 @@ def test_keys_are_stored_per_org(tmp_path: Path, hermetic: Path) -> None:
     acme = json.loads(run_cli("codestore", "key", "public", "--json", env=env).stdout)
     me = json.loads(run_cli("codestore", "--org", "me", "key", "public", "--json", env=env).stdout)
     assert (acme["org"], me["org"]) == ("acme", "me") and acme["pem"] != me["pem"]
+
+
+def test_an_orgs_name_in_any_case_is_one_org_with_one_key(tmp_path: Path, hermetic: Path) -> None:
+    # Org names are compared without case (a DNS label), but the key was stored under the name
+    # as written: CODESTORE_ORG=ACME made a second key beside acme's, and signed with it.
+    keys_dir = hermetic / ".local/share/codestore/keys"
+    assert run_cli("codestore", "key", "generate", env=dict(os.environ, CODESTORE_ORG="ACME")).returncode == 0
+    assert sorted(p.name for p in keys_dir.iterdir()) == ["acme.pem"]
+    public = {org: json.loads(run_cli("codestore", "key", "public", "--json", env=dict(os.environ, CODESTORE_ORG=org)).stdout)["pem"]
+              for org in ("ACME", "acme", "Acme")}
+    assert len(set(public.values())) == 1
+    refused = run_cli("codestore", "key", "generate", env=dict(os.environ, CODESTORE_ORG="Acme"))
+    assert refused.returncode != 0 and "--force" in refused.stderr  # the same org's key, not a new one
+
+
+def test_a_key_stored_under_the_orgs_name_as_written_before_is_still_found_and_removed(tmp_path: Path, hermetic: Path) -> None:
+    keys_dir = hermetic / ".local/share/codestore/keys"
+    assert run_cli("codestore", "key", "generate", env=dict(os.environ, CODESTORE_ORG="acme")).returncode == 0
+    (keys_dir / "acme.pem").rename(keys_dir / "ACME.pem")  # where an earlier codestore kept CODESTORE_ORG=ACME's key
+    env = dict(os.environ, CODESTORE_ORG="ACME")
+    assert run_cli("codestore", "key", "public", env=env).returncode == 0
+    removed = run_cli("codestore", "key", "delete", env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert list(keys_dir.iterdir()) == []
