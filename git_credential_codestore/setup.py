@@ -173,14 +173,23 @@ def _drop_empty_section(base: str, scope: str, env: Mapping[str, str] | None) ->
         git.run(["config", scope, "--remove-section", f"credential.{base}"], ok=(0, 128), env=env)
 
 
+def recorded(env: Mapping[str, str] | None = None) -> list[str]:
+    """Every base URL setup has configured and not undone, whichever org or --base-url it
+    was for: what `setup --undo` with no org named undoes."""
+    return list(_load_state(env))
+
+
 def undo(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
-    """Remove exactly what setup changed for cfg.base_url, restoring what was there before.
+    return undo_url(cfg.base_url, env)
+
+
+def undo_url(base: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """Remove exactly what setup changed for `base`, restoring what was there before.
 
     Without a record of it (the state file lost or damaged), the entries that still hold
     exactly what setup writes are removed, as `--system --undo` does: setup's own work
     can always be undone, and nothing a user set by hand is touched.
     """
-    base = cfg.base_url
     state = _load_state(env)
     originals = state.pop(base, None)
     if originals is None:

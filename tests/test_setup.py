@@ -60,6 +60,24 @@ def test_undo_removes_everything_setup_added(hermetic: Path) -> None:
     assert (hermetic / ".gitconfig").read_text() == before
 
 
+def test_undo_without_an_org_undoes_every_setup_even_of_orgs_the_config_does_not_name(
+        hermetic: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `setup --org personal --base-url URL` configured a host no config file names; a later
+    # `setup --undo` undid only the configured org's entries and left those behind.
+    before = (hermetic / ".gitconfig").read_text()
+    assert run_cli("codestore", "setup").returncode == 0
+    assert run_cli("codestore", "setup", "--org", "personal", "--base-url", "http://127.0.0.1:8765").returncode == 0
+    assert "127.0.0.1:8765" in (hermetic / ".gitconfig").read_text()
+    proc = run_cli("codestore", "setup", "--undo")
+    assert proc.returncode == 0 and proc.stdout.count("restored") == 2, proc.stdout
+    assert (hermetic / ".gitconfig").read_text() == before
+    monkeypatch.delenv("CODESTORE_ORG")  # and with no org configured at all, the record still says what to undo
+    assert run_cli("codestore", "setup", "--org", "personal", "--base-url", "http://127.0.0.1:8765").returncode == 0
+    proc = run_cli("codestore", "setup", "--undo")
+    assert proc.returncode == 0 and "restored" in proc.stdout, proc.stderr
+    assert (hermetic / ".gitconfig").read_text() == before
+
+
 def test_undo_without_setup_changes_nothing(hermetic: Path) -> None:
     before = (hermetic / ".gitconfig").read_text()
     proc = run_cli("codestore", "setup", "--undo")

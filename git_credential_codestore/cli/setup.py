@@ -30,6 +30,20 @@ def setup_cmd(ctx: click.Context, undo: bool, system: bool, org: str | None, bas
     if base_url:
         env["CODESTORE_BASE_URL"] = base_url
     one = system or org or base_url or ctx.find_root().params.get("org")
+    if undo and not one:
+        # Everything setup did, as its record has it (an org set up with --org and
+        # --base-url, say, that the config file does not name), and every configured org.
+        recorded = setup.recorded(env)
+        try:
+            bases = [*recorded, *(cfg.base_url for cfg in config.all_orgs(env))]
+        except CodestoreError:
+            if not recorded:
+                raise
+            bases = recorded
+        for base in dict.fromkeys(bases):
+            removed = setup.undo_url(base, env)
+            click.echo(f"restored {', '.join(removed)}" if removed else f"nothing to undo for {base}")
+        return
     orgs = [config.load(env)] if one else config.all_orgs(env)
     for cfg in orgs:
         if system and not cfg.org:
