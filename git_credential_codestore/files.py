@@ -37,7 +37,8 @@ def write_atomic(
     raises, the old file is left untouched and the temporary one removed.
     Each call writes its own temporary file (O_EXCL, a random name beside `path`): two
     processes writing at once (two `config set`, helpers refreshing a cache) each
-    replace the file whole, never truncate or remove the other's temporary file.
+    replace the file whole, never truncate or remove the other's temporary file. One
+    that a killed writer left behind is removed by a later write (_sweep).
     """
     import stat
 
@@ -49,6 +50,7 @@ def write_atomic(
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             # A rename would replace a device node (/dev/null as CODESTORE_CONFIG), a pipe or a socket.
             raise ConfigError(f"{path} is not a regular file; refusing to replace it: point the setting at a file")
+    _sweep(path)
     while True:
         tmp = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
         try:
@@ -73,6 +75,46 @@ def write_atomic(
             pass
         raise
     return path
+
+
+STALE_TMP = 60.0  # seconds: no write_atomic takes this long between its open and its rename
+
+
+def _sweep(path: str) -> None:
+    """Remove the temporary files of `path` that writers killed between their open and
+    their rename left behind (a private key's, a grant's: a SIGKILL left a second copy).
+    Each is named after its writer's pid: one whose writer is gone and that is older than
+    STALE_TMP is nobody's (the age also covers a writer in another pid namespace, alive
+    and invisible from here). Not on Windows, where os.kill(pid, 0) would end the process."""
+    if os.name == "nt":
+        return
+    import time
+
+    directory, base = os.path.split(path)
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return
+    prefix, now = base + ".", time.time()
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid, dash, tag = name[len(prefix):-len(".tmp")].partition("-")
+        if not (dash and pid.isascii() and pid.isdigit() and len(tag) == 8) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer lives
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue  # another user's live process, or not a pid at all
+        stale = os.path.join(directory, name)
+        try:
+            if now - os.lstat(stale).st_mtime > STALE_TMP:
+                os.unlink(stale)
+        except OSError:
+            pass
 
 
 MAX_FILE = 1 << 20  # a config file, a PEM key, a grant: all a few kilobytes at most

@@ -36,6 +36,43 @@ def test_a_failed_check_keeps_the_old_file(tmp_path: Path) -> None:
     assert path.read_text() == 'org = "acme"\n' and sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
 
 
+def test_a_temporary_file_left_by_a_killed_writer_is_removed_by_a_later_write(tmp_path: Path) -> None:
+    # SIGKILL between write_atomic's open and its rename left `secret.pem.PID-XXXX.tmp`: for a
+    # key or a grant, a second copy of the secret that nothing ever removed.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp_path = tmp_path / "d"
+    tmp_path.mkdir()
+    path = tmp_path / "secret.pem"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from git_credential_codestore import files\n"
+         f"files.write_atomic({str(path)!r}, 'PRIVATE', 0o600, check=lambda tmp: (print('ready', flush=True), time.sleep(60)))"],
+        stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        (left,) = tmp_path.iterdir()
+        assert left.name.startswith(f"secret.pem.{writer.pid}-") and left.read_text() == "PRIVATE"
+        busy = tmp_path / f"secret.pem.{alive.pid}-0000abcd.tmp"  # a writer still at work
+        busy.write_text("in flight")
+        files.write_atomic(str(path), "one", 0o600)
+        assert left.exists()  # a minute's grace: its writer may live in another pid namespace
+        old = time.time() - 2 * files.STALE_TMP
+        for f in (left, busy):
+            os.utime(f, (old, old))
+        files.write_atomic(str(path), "two", 0o600)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["secret.pem", busy.name])
+        assert path.read_text() == "two"
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_a_dev_server_that_cannot_start_says_why_in_one_error(tmp_path: Path) -> None:
     with pytest.raises(CodestoreError, match="did not start"):
         processes.start_dev_server(["--port", "0", "--host", "10.0.0.1", "--data-dir", str(tmp_path)])
