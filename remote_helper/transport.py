@@ -335,9 +335,16 @@ def hint_for(stderr_tail: bytes, expired: bool = False) -> str | None:
 
 
 class StderrTee:
-    """Passes the transport's stderr through as it comes, keeping the tail to explain failures."""
+    """Passes the transport's stderr through as it comes, keeping the tail to explain failures.
+
+    But for git's last words on a transfer that failed at the HTTP level (`fatal: unable to
+    access 'URL': REASON`): those are held, for `proxy` to fold into codestore's one line
+    when it has a hint (git's line, then ours, was two lines saying one thing), or to pass
+    on as they were when it has none.
+    """
 
     KEEP = 16 * 1024
+    HELD = b"fatal: unable to access '"
 
     def __init__(self, src: IO[bytes], dst: Endpoint) -> None:
         import threading
@@ -345,21 +352,47 @@ class StderrTee:
         self.src = Endpoint(src)
         self.dst = dst
         self.tail = b""
+        self.held: list[bytes] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        partial = b""  # the start of a line that may be one to hold
         while True:
             try:
                 data = self.src.read(65536)
             except OSError:
-                return
+                data = b""
             if not data:
+                if partial:
+                    self._pass(*self._sort(partial + b"\n")[:1])
                 return
             self.tail = (self.tail + data)[-self.KEEP :]
+            out, partial = self._sort(partial + data)
+            self._pass(out)
+
+    def _sort(self, data: bytes) -> tuple[bytes, bytes]:
+        """(what passes now, the start of a line kept until it shows whether it is held)."""
+        out: list[bytes] = []
+        while (end := data.find(b"\n")) >= 0:
+            line, data = data[: end + 1], data[end + 1 :]
+            (self.held if line.startswith(self.HELD) else out).append(line)
+        if data and not (data.startswith(self.HELD) or self.HELD.startswith(data)):
+            out.append(data)  # progress and the like: at once
+            data = b""
+        return b"".join(out), data
+
+    def _pass(self, data: bytes) -> None:
+        if data:
             try:
                 self.dst.write(data)
             except OSError:
                 pass
+
+    def reason(self) -> str:
+        """What git's held lines said after the URL (curl's words), for codestore's line."""
+        text = b"".join(self.held).decode("utf-8", "replace")
+        words = [line.partition("': ")[2].strip() for line in text.splitlines()]
+        return "; ".join(w for w in words if w)[:300]
 
 
 # ---------------------------------------------------------------- the session
@@ -456,13 +489,17 @@ def proxy(
             pass
     status = _exit_status(child.wait())
     tee.thread.join(timeout=5)
-    if status != 0:
-        hint = hint_for(tee.tail, expired=bool(expires_at) and time.time() >= expires_at)
-        if hint:
-            try:
-                git_err.write(f"codestore: {hint.format(**hint_fields)}\n".encode())
-            except OSError:
-                pass
+    hint = hint_for(tee.tail, expired=bool(expires_at) and time.time() >= expires_at) if status != 0 else None
+    reason = tee.reason()
+    if hint:
+        said = f"codestore: {hint.format(**hint_fields)}{f'; git: {reason}' if reason else ''}\n".encode()
+    else:
+        said = b"".join(tee.held)  # git's own words, as they were
+    if said:
+        try:
+            git_err.write(said)
+        except OSError:
+            pass
     return status
 
 

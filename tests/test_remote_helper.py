@@ -357,6 +357,8 @@ def test_an_unreachable_server_is_named(served: DevServer, tmp_path: Path, monke
     monkeypatch.setenv("CODESTORE_BASE_URL", "http://127.0.0.1:9")
     proc = git("ls-remote", URL, check=False)
     assert proc.returncode == 128 and "cannot reach http://127.0.0.1:9" in _one_codestore_line(proc.stderr)
+    # One line, with curl's reason in it: git's `fatal: unable to access` said the same thing again.
+    assert proc.stderr.count("\n") == 1 and "connect" in proc.stderr.lower(), proc.stderr
 
 
 # ---------------------------------------------------------------- codestore clone, promote

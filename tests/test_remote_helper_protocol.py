@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -353,6 +354,7 @@ def test_replay_is_swallowed_and_everything_after_it_passes_through(org_key: Org
     assert b"rest trailing bytes" in lines
     assert status == 7
     assert "returned error: 401" in err and "codestore: the server rejected the token (HTTP 401)" in err
+    assert "fatal:" not in err  # git's line is in ours: one line, not two saying one thing
     # Threat: the token in argv, where every process on the machine can read it.
     assert not secrets_in_text(" ".join(seen[0]))
 
@@ -519,3 +521,36 @@ def test_anything_but_push_commands_after_the_advertisement_is_refused() -> None
     first = protocol.negotiate(protocol.LineReader(io.BytesIO(b"list for-push\n").read), lambda b: None)
     with pytest.raises(protocol.ProtocolError, match="'fetch' after the push advertisement"):
         protocol.after_advertisement(protocol.LineReader(io.BytesIO(b"fetch a b\n").read), lambda b: None, first)
+
+
+def test_the_stderr_tee_holds_only_gits_last_words_on_an_http_failure_and_passes_the_rest_at_once() -> None:
+    import threading
+
+    r, w = os.pipe()
+    got = io.BytesIO()
+    arrived = threading.Event()
+
+    class Sink(io.BytesIO):
+        def write(self, data: Any) -> int:
+            n = got.write(data)
+            arrived.set()
+            return n
+
+    tee = transport.StderrTee(os.fdopen(r, "rb", buffering=0), transport.Endpoint(Sink()))
+    tee.thread.start()
+
+    def say(data: bytes) -> bytes:
+        arrived.clear()
+        os.write(w, data)
+        assert arrived.wait(5)
+        return got.getvalue()
+
+    assert say(b"Receiving objects:  10% (1/10)\r") == b"Receiving objects:  10% (1/10)\r"  # no newline yet: at once
+    assert say(b"remote: hello\nfatal: unable").endswith(b"remote: hello\n")  # what may be held waits for its end
+    os.write(w, b" to access 'https://h/x.git/': Could not resolve host: h\nerror: some")
+    os.write(w, b"thing else\nfatal: another failure\n")
+    os.close(w)
+    tee.thread.join(5)
+    assert got.getvalue() == b"Receiving objects:  10% (1/10)\rremote: hello\nerror: something else\nfatal: another failure\n"
+    assert tee.held == [b"fatal: unable to access 'https://h/x.git/': Could not resolve host: h\n"]
+    assert tee.reason() == "Could not resolve host: h"
