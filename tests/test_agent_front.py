@@ -707,3 +707,34 @@ def test_a_request_refused_for_its_size_is_read_whole_before_the_refusal(tmp_pat
         assert raw_exchange(a.socket, _PING_CLOSE).startswith(b"HTTP/1.1 200")  # and it goes on serving
     finally:
         a.stop()
+
+
+def test_every_front_counts_a_token_requests_outcome_the_same_way_a_bug_included(
+        in_process: tuple[AsgiFront, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The threaded and uvicorn fronts (server.respond) had a token path of their own in
+    # Agent.dispatch, which did not count a request whose handling raised; the fleet
+    # front's (respond_tokens) counted it as a 500. Every token now goes through one.
+    import os
+
+    from git_credential_codestore.agent.server import respond, respond_tokens
+
+    front, grant = in_process
+    agent = front.agent
+    caller = Caller("socket", os.getuid(), "uid")
+    body = f"repo={REPO}\nscopes=git:read\n".encode()
+    decide = agent.decide
+
+    def deciding(caller: Caller, authorization: str | None, body: bytes) -> object:
+        if authorization == "Grant boom":
+            raise RuntimeError("a bug")
+        return decide(caller, authorization, body)
+
+    monkeypatch.setattr(agent, "decide", deciding)
+    headers = {f"Grant {grant}": "200", "Grant boom": "500", "Grant nope": "401"}
+    one_by_one = [respond(agent, caller, "POST", "/v1/token", {"Authorization": h}.get, body)[0] for h in headers]
+    together = [status for status, _, _ in respond_tokens(agent, [(caller, h, body) for h in headers])]
+    assert one_by_one == together == [200, 500, 401]
+    minted, refused = agent.metrics.tokens()
+    assert minted == 2 and sum(refused.values()) == 4  # the two 500s and the two 401s, one of each a path
+    text = agent.render_metrics()
+    assert 'codestore_agent_token_seconds_bucket{le="+Inf"} 6\n' in text

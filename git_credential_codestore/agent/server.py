@@ -188,11 +188,6 @@ class Agent:
     def dispatch(self, caller: Caller, method: str, target: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
         self.last_activity = time.monotonic()
         path, _, query = target.partition("?")
-        if path == "/v1/token" and method == "POST":  # every git operation's request, first
-            t0 = time.perf_counter()
-            status, reply = self.mint(caller, authorization, body)  # lines, not JSON (wire.py)
-            self.metrics.observe(status, time.perf_counter() - t0)
-            return status, reply
         for m, pattern, route in self._ROUTES:
             match = pattern.fullmatch(path)
             if match and m == method:
@@ -310,10 +305,6 @@ class Agent:
                     self._requests.clear()  # a flood of distinct bodies costs speed, never memory
                 self._requests[body] = known
         return known
-
-    def mint(self, caller: Caller, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]]:
-        outcome = self.decide(caller, authorization, body)
-        return outcome if isinstance(outcome, tuple) else self.finish(outcome)
 
     def decide(self, caller: Caller, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]] | Unsigned:
         """A token request up to the token's signature: the reply (a refusal, a workload
@@ -711,20 +702,23 @@ def encode(status: int, reply: Mapping[str, object], lines: bool = False) -> tup
 
 def respond(agent: Agent, caller: Caller, method: str, target: str, header: Callable[[str], str | None], body: bytes) -> tuple[int, bytes, str]:
     """One request, already framed, to (status, body, content type)."""
-    # POST /v1/token speaks lines both ways (wire.py); every other endpoint JSON.
-    lines = (method, target) == ("POST", "/v1/token")
-    if not lines and (header("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE:
+    # POST /v1/token speaks lines both ways (wire.py), and goes the one way every token goes;
+    # every other endpoint JSON, through Agent.dispatch.
+    if (method, target) == ("POST", "/v1/token"):
+        return respond_tokens(agent, [(caller, header("Authorization"), body)])[0]
+    if (header("Content-Type") or "").split(";")[0].strip() == wire.CONTENT_TYPE:
         return (415, *encode(415, {"error": f"{wire.CONTENT_TYPE} is accepted only by POST /v1/token"}))
     status, reply = _guarded(method, target, agent.dispatch, caller, method, target, header("Authorization"), body)
     if "text" in reply and len(reply) == 1 and status == 200:  # /metrics: Prometheus' text format
         return status, str(reply["text"]).encode(), "text/plain; version=0.0.4"
-    return (status, *encode(status, reply, lines))
+    return (status, *encode(status, reply))
 
 
 def respond_tokens(agent: Agent, requests: Collection[tuple[Caller, str | None, bytes]]) -> list[tuple[int, bytes, str]]:
-    """Token requests (caller, Authorization, body), already framed, answered as `respond`
-    answers each: decided one by one, signed in a row (Agent.sign), then each audited and
-    answered. For the fleet front's connections accepted together (asgi.AsgiFront._serve)."""
+    """Token requests (caller, Authorization, body), already framed: decided one by one,
+    signed in a row (Agent.sign), then each audited, answered and observed in the metrics
+    (a bug's 500 too). The one way every token goes: `respond` sends each of its own here,
+    the fleet front its connections accepted together (asgi.AsgiFront._serve)."""
     agent.last_activity = time.monotonic()
     t0 = time.perf_counter()
     outcomes = [_guarded("POST", "/v1/token", agent.decide, *request) for request in requests]
