@@ -516,6 +516,7 @@ def _tcp_clients(address: tuple[str, int], ca: str | None, requests: list[bytes]
     (and, with `ca`, a full TLS handshake verifying the agent's certificate) per token."""
     ctx = ssl.create_default_context(cafile=ca) if ca else None
     counts = [0, 0]  # answered 200, errors
+    kinds: dict[str, int] = {}  # errors by kind: an exception's type, or the status line
     lock = threading.Lock()
 
     def client(i: int) -> None:
@@ -531,10 +532,13 @@ def _tcp_clients(address: tuple[str, int], ca: str | None, requests: list[bytes]
                     while chunk := s.recv(65536):
                         data += chunk
                 ok = data.startswith(b"HTTP/1.1 200")
-            except OSError:
-                ok = False
+                kind = "" if ok else (data.split(b"\r\n", 1)[0].decode("ascii", "replace")[:40] or "no answer")
+            except OSError as e:
+                ok, kind = False, type(e).__name__
             with lock:
                 counts[0 if ok else 1] += 1
+                if kind:
+                    kinds[kind] = kinds.get(kind, 0) + 1
 
     time.sleep(max(0.0, start - time.monotonic()))
     pool = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
@@ -542,12 +546,13 @@ def _tcp_clients(address: tuple[str, int], ca: str | None, requests: list[bytes]
         t.start()
     for t in pool:
         t.join()
-    out.put(tuple(counts))
+    out.put((*counts, kinds))
 
 
 def tcp_load(address: tuple[str, int], ca: str | None, requests: list[bytes], clients: int, seconds: float,
-             agent_pid: int) -> tuple[float, float, float, int]:
-    """(tokens/s, agent CPU us per token, load generator CPU us per token, errors) of a closed loop over TCP."""
+             agent_pid: int) -> tuple[float, float, float, int, dict[str, int]]:
+    """(tokens/s, agent CPU us per token, load generator CPU us per token, errors, errors by kind)
+    of a closed loop over TCP."""
     q: multiprocessing.Queue = multiprocessing.Queue()
     start = time.monotonic() + 0.3
     procs = [multiprocessing.Process(target=_tcp_clients, args=(address, ca, requests, max(1, clients // PROCESSES), start,
@@ -556,22 +561,25 @@ def tcp_load(address: tuple[str, int], ca: str | None, requests: list[bytes], cl
     for p in procs:
         p.start()
     answered = errors = 0
+    kinds: dict[str, int] = {}
     for _ in procs:
-        ok, bad = q.get()
+        ok, bad, some = q.get()
         answered, errors = answered + ok, errors + bad
+        for kind, n in some.items():
+            kinds[kind] = kinds.get(kind, 0) + n
     for p in procs:
         p.join()
     a1, c1 = agent_cpu(agent_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
     n = max(1, answered)
     client = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
-    return answered / seconds, (a1 - a0) / n * 1e6, client / n * 1e6, errors
+    return answered / seconds, (a1 - a0) / n * 1e6, client / n * 1e6, errors, kinds
 
 
 def tls_rows(env: dict[str, str], table: Table, tmp: str, serve: tuple[str, ...], clients: int, seconds: float) -> None:
     from git_credential_codestore.devserver.tls import ensure_certificate
 
     ca, cert, key = ensure_certificate(os.path.join(tmp, "tls"), "127.0.0.1")
-    results: dict[str, tuple[float, float, float, int]] = {}
+    results: dict[str, tuple[float, float, float, int, dict[str, int]]] = {}
     for name, extra, trust in (("plain TCP", (), None), ("TLS", ("--tls-cert", cert, "--tls-key", key), ca)):
         progress(f"a new {name} connection per token")
         proc, sock, url = start_agent(env, f"tcp-{len(results)}", *serve, *extra)
@@ -587,9 +595,10 @@ def tls_rows(env: dict[str, str], table: Table, tmp: str, serve: tuple[str, ...]
             stop(proc)
     table.section(f"over the network: {clients} blocking clients, a new connection per token (TLS: a full handshake, "
                   f"ECDHE P-256, the agent's certificate verified)")
-    for name, (rate, agent_us, client_us, errors) in results.items():
+    for name, (rate, agent_us, client_us, errors, kinds) in results.items():
+        said = f" ({', '.join(f'{kind} {n}' for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))})" if kinds else ""
         table.row(f"{name}: tokens/s; CPU per token, agent / clients", "(for sizing)",
-                  f"{rate:.0f}; {agent_us:.0f} / {client_us:.0f} us; errors {errors}")
+                  f"{rate:.0f}; {agent_us:.0f} / {client_us:.0f} us; errors {errors}{said}")
     table.row("agent CPU per token, TLS / plain TCP", "", f"{results['TLS'][1] / results['plain TCP'][1]:.1f} x")
 
 

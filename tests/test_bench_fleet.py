@@ -212,9 +212,9 @@ def test_the_tls_section_measures_tokens_answered_over_full_handshakes(fleet: Mo
         g = create(a)
         requests = [fleet.token_request(str(g["grant"]), "team/app")]
         address = ("localhost", int(a.url.rsplit(":", 1)[1]))
-        rate, agent_us, client_us, errors = fleet.tcp_load(address, str(cert), requests, 4, 1.0, a.proc.pid)
-        assert rate > 0 and errors == 0 and agent_us > 0 and client_us > 0
-        _, _, _, errors = fleet.tcp_load(address, None, requests, 2, 0.5, a.proc.pid)  # cleartext to a TLS port: every one fails
-        assert errors > 0
+        rate, agent_us, client_us, errors, kinds = fleet.tcp_load(address, str(cert), requests, 4, 1.0, a.proc.pid)
+        assert rate > 0 and errors == 0 and kinds == {} and agent_us > 0 and client_us > 0
+        _, _, _, errors, kinds = fleet.tcp_load(address, None, requests, 2, 0.5, a.proc.pid)  # cleartext to a TLS port: every one fails
+        assert errors > 0 and sum(kinds.values()) == errors, kinds  # and each failure is named by its kind
     finally:
         a.stop()
