@@ -516,7 +516,7 @@ def _tcp_clients(address: tuple[str, int], ca: str | None, requests: list[bytes]
     (and, with `ca`, a full TLS handshake verifying the agent's certificate) per token."""
     ctx = ssl.create_default_context(cafile=ca) if ca else None
     counts = [0, 0]  # answered 200, errors
-    kinds: dict[str, int] = {}  # errors by kind: an exception's type, or the status line
+    kinds: collections.Counter[str] = collections.Counter()  # errors by kind: an exception's type, or the status line
     lock = threading.Lock()
 
     def client(i: int) -> None:
@@ -538,7 +538,7 @@ def _tcp_clients(address: tuple[str, int], ca: str | None, requests: list[bytes]
             with lock:
                 counts[0 if ok else 1] += 1
                 if kind:
-                    kinds[kind] = kinds.get(kind, 0) + 1
+                    kinds[kind] += 1
 
     time.sleep(max(0.0, start - time.monotonic()))
     pool = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
@@ -561,18 +561,17 @@ def tcp_load(address: tuple[str, int], ca: str | None, requests: list[bytes], cl
     for p in procs:
         p.start()
     answered = errors = 0
-    kinds: dict[str, int] = {}
+    kinds: collections.Counter[str] = collections.Counter()
     for _ in procs:
         ok, bad, some = q.get()
         answered, errors = answered + ok, errors + bad
-        for kind, n in some.items():
-            kinds[kind] = kinds.get(kind, 0) + n
+        kinds.update(some)
     for p in procs:
         p.join()
     a1, c1 = agent_cpu(agent_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
     n = max(1, answered)
     client = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
-    return answered / seconds, (a1 - a0) / n * 1e6, client / n * 1e6, errors, kinds
+    return answered / seconds, (a1 - a0) / n * 1e6, client / n * 1e6, errors, dict(kinds)
 
 
 def tls_rows(env: dict[str, str], table: Table, tmp: str, serve: tuple[str, ...], clients: int, seconds: float) -> None:
@@ -596,7 +595,7 @@ def tls_rows(env: dict[str, str], table: Table, tmp: str, serve: tuple[str, ...]
     table.section(f"over the network: {clients} blocking clients, a new connection per token (TLS: a full handshake, "
                   f"ECDHE P-256, the agent's certificate verified)")
     for name, (rate, agent_us, client_us, errors, kinds) in results.items():
-        said = f" ({', '.join(f'{kind} {n}' for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))})" if kinds else ""
+        said = f" ({', '.join(f'{kind} {n}' for kind, n in collections.Counter(kinds).most_common())})" if kinds else ""
         table.row(f"{name}: tokens/s; CPU per token, agent / clients", "(for sizing)",
                   f"{rate:.0f}; {agent_us:.0f} / {client_us:.0f} us; errors {errors}{said}")
     table.row("agent CPU per token, TLS / plain TCP", "", f"{results['TLS'][1] / results['plain TCP'][1]:.1f} x")

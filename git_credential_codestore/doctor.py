@@ -49,12 +49,10 @@ def check_key(cfg: Config, env: Mapping[str, str]) -> str:
     from .agent import discovery
 
     if cfg.uses_env and discovery.agent_named(env):  # as source.choose_source: not for [orgs.*]
-        from .agent.client import AgentSource
+        from .agent.client import AgentSource, call_any
 
         agent = AgentSource.from_env(cfg, env)
         if agent.grant is None and agent.identity is not None:
-            from .agent.client import call_any
-
             ep, status, _ = call_any(agent.endpoints, "GET", "/v1/ping", env=env)
             if status != 200:
                 raise CodestoreError(f"the codestore agent at {ep} answered HTTP {status} to a ping; check: codestore agent status")

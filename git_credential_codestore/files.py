@@ -99,16 +99,19 @@ def _sweep(path: str) -> None:
     for name in names:
         if not (name.startswith(prefix) and name.endswith(".tmp")):
             continue
-        pid, dash, tag = name[len(prefix):-len(".tmp")].partition("-")
-        if not (dash and pid.isascii() and pid.isdigit() and len(tag) == 8) or int(pid) == os.getpid():
+        digits, dash, tag = name[len(prefix):-len(".tmp")].partition("-")
+        if not (dash and digits.isascii() and digits.isdigit() and len(tag) == 8):
+            continue
+        pid = int(digits)
+        if pid == os.getpid():
             continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
             continue  # its writer lives
         except ProcessLookupError:
             pass
-        except (PermissionError, OverflowError, OSError):
-            continue  # another user's live process, or not a pid at all
+        except (OverflowError, OSError):
+            continue  # another user's live process (EPERM), or not a pid at all
         stale = os.path.join(directory, name)
         try:
             if now - os.lstat(stale).st_mtime > STALE_TMP:

@@ -363,8 +363,9 @@ class StderrTee:
             except OSError:
                 data = b""
             if not data:
-                if partial:
-                    self._pass(*self._sort(partial + b"\n")[:1])
+                if partial:  # git's last words without their newline: held, or passed, as a line
+                    out, _ = self._sort(partial + b"\n")
+                    self._pass(out)
                 return
             self.tail = (self.tail + data)[-self.KEEP :]
             out, partial = self._sort(partial + data)

@@ -901,18 +901,25 @@ def test_no_commit_copies_the_wal_the_flush_thread_does(tmp_path: Path) -> None:
         store.close()
 
 
-def test_a_quiet_stores_wal_is_cut_back_by_the_flush_thread_losing_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # SQLite reuses its WAL from the start but never shrinks it: after a sustained load the
-    # file kept hundreds of MiB for as long as the agent ran.
-    from git_credential_codestore.agent.grants import GrantStore
-
+@contextlib.contextmanager
+def _grown_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, idle: float) -> Iterator[tuple[GrantStore, Path, int]]:
+    """(a store whose WAL holds 20 rounds of rows, the WAL, its size), cut back once over 1 MiB
+    and quiet for `idle` seconds."""
     monkeypatch.setattr(db, "SHRINK_OVER", 1 << 20)
-    monkeypatch.setattr(db, "SHRINK_IDLE", 2.5)
+    monkeypatch.setattr(db, "SHRINK_IDLE", idle)
     wal = tmp_path / "state" / "agent.sqlite3-wal"
     store = GrantStore(str(tmp_path / "state"), None).open()
     try:
         _fill_wal(store, 20)
-        grown = wal.stat().st_size
+        yield store, wal, wal.stat().st_size
+    finally:
+        store.close()
+
+
+def test_a_quiet_stores_wal_is_cut_back_by_the_flush_thread_losing_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLite reuses its WAL from the start but never shrinks it: after a sustained load the
+    # file kept hundreds of MiB for as long as the agent ran.
+    with _grown_wal(tmp_path, monkeypatch, 2.5) as (store, wal, grown):
         assert grown > 2 << 20
         store.start()
         time.sleep(1.8)  # a flush step (every FLUSH_INTERVAL) has come and gone
@@ -923,20 +930,10 @@ def test_a_quiet_stores_wal_is_cut_back_by_the_flush_thread_losing_nothing(tmp_p
             time.sleep(0.05)
         with store.db.transaction(write=False) as tx:
             assert tx.execute("SELECT count(*) FROM codestore_meta WHERE key LIKE 'k%'")[0][0] == 20 * 100
-    finally:
-        store.close()
 
 
 def test_cutting_the_wal_back_waits_for_no_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from git_credential_codestore.agent.grants import GrantStore
-
-    monkeypatch.setattr(db, "SHRINK_OVER", 1 << 20)
-    monkeypatch.setattr(db, "SHRINK_IDLE", 0.0)
-    wal = tmp_path / "state" / "agent.sqlite3-wal"
-    store = GrantStore(str(tmp_path / "state"), None).open()
-    try:
-        _fill_wal(store, 20)
-        grown = wal.stat().st_size
+    with _grown_wal(tmp_path, monkeypatch, 0.0) as (store, wal, grown):
         reader = sqlite3.connect(str(tmp_path / "state" / "agent.sqlite3"), isolation_level=None)
         try:
             reader.execute("BEGIN")
@@ -952,8 +949,6 @@ def test_cutting_the_wal_back_waits_for_no_reader(tmp_path: Path, monkeypatch: p
             reader.close()
         with store.db.transaction() as tx:  # and the store writes on, through every pooled connection
             tx.execute("INSERT INTO codestore_meta (key, value) VALUES ('after', 'cut')")
-    finally:
-        store.close()
 
 
 def test_a_writer_waits_for_another_processs_write_and_gives_up_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
