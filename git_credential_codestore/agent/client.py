@@ -31,7 +31,7 @@ TYPE_CHECKING = False  # typing's import is a cost on every git request
 if TYPE_CHECKING:
     import socket
     import ssl
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
 
 MAX_REPLY = 1 << 20
 CONNECT_TIMEOUT = 2.0
@@ -53,9 +53,36 @@ def replica_timeouts(i: int, n: int, deadline: float) -> tuple[float, float] | N
     return min(connect, left), min(REPLY_TIMEOUT if i == n - 1 else FAILOVER_REPLY_TIMEOUT, left)
 
 
-def not_asked(endpoints: list[Endpoint], i: int) -> str:
-    """What a failover that ran out of time says of the replicas from the i-th on."""
-    return f" ({', '.join(map(str, endpoints[i:]))} not asked: {REPLY_TIMEOUT:.0f}s had passed)" if i < len(endpoints) else ""
+class Failover:
+    """The replicas asked in turn under one deadline (REPLY_TIMEOUT from the first ask),
+    each with replica_timeouts' timeouts: iterate for (endpoint, connect, reply), and when
+    none gave an answer, `none_answered` is the one line that says so. The token requests
+    (AgentSource._ask) and the JSON calls (call_any) walk the replicas through it, so both
+    fail over, give up and say so alike; each decides which answers end the walk."""
+
+    def __init__(self, endpoints: list[Endpoint]) -> None:
+        self.endpoints = endpoints
+        self.asked = 0
+
+    def __iter__(self) -> Iterator[tuple[Endpoint, float, float]]:
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        for i, ep in enumerate(self.endpoints):
+            timeouts = replica_timeouts(i, len(self.endpoints), deadline)
+            if timeouts is None:
+                return
+            self.asked = i + 1
+            yield ep, *timeouts
+
+    def none_answered(self, first: AgentUnavailable | None) -> AgentUnavailable:
+        """No replica answered: the replicas asked, those time left out, and the first one's
+        reason (an only replica's own line, as it is)."""
+        if len(self.endpoints) == 1 and first is not None:
+            return first
+        tried = ", ".join(map(str, self.endpoints[:self.asked]))
+        left = self.endpoints[self.asked:]
+        skipped = f" ({', '.join(map(str, left))} not asked: {REPLY_TIMEOUT:.0f}s had passed)" if left else ""
+        why = f"the first: {first}" if first is not None else START_HINT
+        return AgentUnavailable(f"no codestore agent answered at any of {tried}{skipped}; {why}")
 
 
 class AgentUnavailable(RemoteError):
@@ -300,14 +327,10 @@ def call_any(endpoints: list[Endpoint], method: str, path: str, body: Mapping[st
     """`call` on the first replica that answers below 500 (a replica's own trouble: the next is
     asked, as helpers do for tokens), else the last answer; the replicas' timeouts as
     replica_timeouts gives them. AgentUnavailable when none answered at all."""
-    deadline = time.monotonic() + REPLY_TIMEOUT
+    walk = Failover(endpoints)
     answer: tuple[Endpoint, int, dict[str, object]] | None = None
     unreachable: AgentUnavailable | None = None
-    for i, ep in enumerate(endpoints):
-        timeouts = replica_timeouts(i, len(endpoints), deadline)
-        if timeouts is None:
-            break
-        connect, reply = timeouts
+    for ep, connect, reply in walk:
         try:
             status, data = call(ep, method, path, body, grant=grant, env=env, timeout=reply, connect_timeout=connect)
         except AgentUnavailable as e:
@@ -317,7 +340,7 @@ def call_any(endpoints: list[Endpoint], method: str, path: str, body: Mapping[st
         if status < 500:
             break
     if answer is None:
-        raise unreachable or AgentUnavailable(f"no codestore agent answered at {', '.join(map(str, endpoints))}; {START_HINT}")
+        raise walk.none_answered(unreachable)
     return answer
 
 
@@ -428,16 +451,10 @@ class AgentSource:
             return self._token(self.endpoint, status, content)
         from ..trace import say
 
+        walk = Failover(self.endpoints)
         answered: tuple[Endpoint, Exception] | None = None
         unreachable: AgentUnavailable | None = None
-        deadline = time.monotonic() + REPLY_TIMEOUT
-        asked = 0
-        for i, ep in enumerate(self.endpoints):
-            timeouts = replica_timeouts(i, len(self.endpoints), deadline)
-            if timeouts is None:
-                break
-            asked += 1
-            connect, reply = timeouts
+        for ep, connect, reply in walk:
             try:
                 status, content = exchange(ep, "POST", "/v1/token", body, wire.CONTENT_TYPE, grant=self.grant, env=self.env,
                                            identity=identity, connect_timeout=connect, timeout=reply)
@@ -462,9 +479,7 @@ class AgentSource:
         if answered is not None:
             self.endpoint = answered[0]
             raise answered[1]
-        why = f"the first: {unreachable}" if unreachable is not None else START_HINT
-        tried = ", ".join(map(str, self.endpoints[:asked]))
-        raise AgentUnavailable(f"no codestore agent answered at any of {tried}{not_asked(self.endpoints, asked)}; {why}")
+        raise walk.none_answered(unreachable)
 
     def record(self, report: Mapping[str, object]) -> None:
         """POST the report to the agent's audit trail (agent/report.py); the agent names who."""
