@@ -569,6 +569,83 @@ def test_an_unreachable_postgresql_at_start_is_one_line(tmp_path: Path, org_key:
     assert "secretpw" not in proc.stderr  # Threat: the database password in a log line
 
 
+def _pipe(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+# How a pipe comes to be a file libpq opens: (URL suffix, environment, files to write). A
+# pipe there held `agent serve` for ever (libpq opens the file before it looks at it; no
+# timeout covers it): each case but the last fails by timing out without the check. The
+# SSL files are opened only once a server takes SSL (this one does not), so sslrootcert=
+# shows the check runs before any connection; its hang itself is not measured here.
+_PIPES: dict[str, tuple[str, dict[str, str], dict[str, str | None]]] = {
+    "passfile=": ("?passfile={pipe}", {}, {}),
+    "PGPASSFILE": ("", {"PGPASSFILE": "{pipe}"}, {}),
+    "~/.pgpass": ("", {}, {"home/.pgpass": None}),
+    "the service file": ("?service=fleet", {"PGSERVICEFILE": "{pipe}"}, {}),
+    "a service's passfile": ("?service=fleet", {}, {"home/.pg_service.conf": "[fleet]\npassfile={pipe}\n"}),
+    "sslrootcert=": ("?sslmode=require&sslrootcert={pipe}", {}, {}),
+}
+
+
+@pytest.mark.parametrize("how", list(_PIPES))
+def test_a_pipe_where_libpq_reads_a_file_is_one_line_at_start_not_a_hang(tmp_path: Path, org_key: OrgKey, pg_url: str,
+                                                                       how: str) -> None:
+    suffix, env, files = _PIPES[how]
+    pipe = str(_pipe(tmp_path / "secrets" / "pipe"))
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    for name, text in files.items():
+        if text is None:
+            _pipe(tmp_path / name)
+            pipe = str(tmp_path / name)
+        else:
+            (tmp_path / name).write_text(text.format(pipe=pipe))
+    proc = subprocess.run(
+        [os.path.join(BIN, "codestore"), "agent", "serve", "--state-dir", str(tmp_path / "agent-state"),
+         "--socket", str(tmp_path / "s" / "agent.sock"), "--store", pg_url + suffix.format(pipe=pipe)],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        env={**os.environ, "HOME": str(home), **{k: v.format(pipe=pipe) for k, v in env.items()}},
+    )
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{pipe}, which is a pipe, and wait on it for ever; name a regular file" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_regular_libpq_files_are_let_through(tmp_path: Path, org_key: OrgKey, pg_url: str) -> None:
+    # The check refuses only what would hang: a service file naming a regular passfile works.
+    home = tmp_path / "home"
+    (home / ".postgresql").mkdir(parents=True)
+    (home / "pgpass").write_text("# nothing for this server\n")
+    (home / "pgpass").chmod(0o600)
+    (home / ".pg_service.conf").write_text(f"[fleet]\npassfile={home / 'pgpass'}\n")
+    problem = db._file_problem(pg_url + "?service=fleet", {"HOME": str(home)})
+    assert problem is None
+    # The service's passfile wins over PGPASSFILE, as in libpq; without the service, PGPASSFILE is read.
+    assert db._file_problem(pg_url + "?service=fleet", {"HOME": str(home), "PGPASSFILE": str(_pipe(tmp_path / "p"))}) is None
+    assert "which is a pipe" in str(db._file_problem(pg_url, {"HOME": str(home), "PGPASSFILE": str(tmp_path / "p")}))
+    # A password in the URL: libpq never opens a passfile, so a pipe there does not matter.
+    assert db._file_problem(pg_url.replace("postgres@", "postgres:pw@"), {"HOME": str(home), "PGPASSFILE": str(tmp_path / "p")}) is None
+
+
+def test_a_pipe_that_appears_after_the_start_fails_a_new_connection_instead_of_hanging(pg_url: str, tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    store = db.Database(pg_url)
+    try:
+        store._connect().close()  # type: ignore[attr-defined]
+        _pipe(tmp_path / ".pgpass")
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="which is a pipe, and wait on it for ever") as e:
+            store._connect()
+        assert time.monotonic() - t0 < 2
+        assert isinstance(e.value, store._errors())  # a store error like any other: requests are refused, /readyz says why
+    finally:
+        store.close()
+
+
 def test_a_grant_this_replica_has_not_seen_is_read_once_then_served_from_its_cache(tmp_path: Path, org_key: OrgKey) -> None:
     # codestore_agent_grant_reads_total: how often a replica asks the store for a grant its
     # cache does not hold (sizing the cache, or seeing a replica warm up after a start).

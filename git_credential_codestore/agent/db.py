@@ -33,7 +33,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -176,6 +176,86 @@ SHRINK_OVER = 16 << 20  # bytes: a smaller WAL is left as it is
 SYNCHRONOUS = "FULL"  # SQLite: a commit is on disk before we acknowledge a grant change (but see transaction)
 SQLITE_BUSY = 5  # the primary result code (sqlite3.SQLITE_BUSY from Python 3.11)
 SQLITE_DAMAGED = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+# Files libpq opens for a connection, by keyword: (its environment variable, its default
+# under the home directory or None, when it reads it). libpq opens a file before it looks
+# at what it is, so a pipe (or a device, a socket) there holds the connecting thread for
+# ever: measured with psycopg's libpq 18 for passfile, PGPASSFILE, ~/.pgpass and the
+# service file, with no timeout (connect_timeout counts the network only). The SSL files
+# are opened by OpenSSL when the server takes SSL, the same way.
+_LIBPQ_FILES = {
+    "passfile": ("PGPASSFILE", ".pgpass", "password"),
+    "sslrootcert": ("PGSSLROOTCERT", ".postgresql/root.crt", "ssl"),
+    "sslcert": ("PGSSLCERT", ".postgresql/postgresql.crt", "ssl"),
+    "sslkey": ("PGSSLKEY", ".postgresql/postgresql.key", "ssl"),
+    "sslcrl": ("PGSSLCRL", ".postgresql/root.crl", "ssl"),
+}
+_SERVICE_FILES = (("PGSERVICEFILE", ".pg_service.conf"), ("PGSYSCONFDIR", None))
+
+
+def _file_problem(url: str, env: Mapping[str, str] = os.environ) -> str | None:
+    """Why libpq would hang connecting with `url` (a file it opens that is not a regular
+    file), as one line naming the file and the fix; None when every such file is a regular
+    file or missing (libpq then goes on without it, or says why itself), and when psycopg
+    is missing or cannot read the URL (connecting says so)."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = {k: str(v) for k, v in conninfo_to_dict(url).items() if v is not None}
+    except Exception:  # noqa: BLE001 - ImportError, or a URL psycopg refuses: psycopg.connect says why
+        return None
+    home = env.get("HOME") or os.path.expanduser("~")
+    candidates: list[tuple[str, str]] = []  # (what names it, path)
+    service = params.get("service") or env.get("PGSERVICE")
+    if service:
+        for var, default in _SERVICE_FILES:
+            where = env.get(var)
+            path = where if var == "PGSERVICEFILE" and where else (
+                os.path.join(where, "pg_service.conf") if where else (os.path.join(home, default) if default else None))
+            if path:
+                candidates.append((f"the service file ({var})" if where else "the service file", path))
+        params = {**_service_params(service, [p for _, p in candidates]), **params}
+    has_password = bool(params.get("password") or env.get("PGPASSWORD"))
+    ssl = (params.get("sslmode") or env.get("PGSSLMODE") or "prefer") != "disable"
+    for word, (var, default, when) in _LIBPQ_FILES.items():
+        if (when == "password" and has_password) or (when == "ssl" and not ssl):
+            continue
+        if params.get(word):
+            candidates.append((word, params[word]))
+        elif env.get(var):
+            candidates.append((var, env[var]))
+        else:
+            candidates.append((f"the default {word}", os.path.join(home, default)))
+    for what, path in candidates:
+        if path == "system" and what.startswith("sslrootcert"):
+            continue  # OpenSSL's own store
+        try:
+            mode = os.stat(path).st_mode
+        except (OSError, ValueError):
+            continue  # missing or unreadable: libpq goes on without it, or says why
+        if not stat.S_ISREG(mode):
+            kind = "a pipe" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            return (f"--store: libpq would read {what} {path}, which is {kind}, and wait on it for ever; "
+                    f"name a regular file, or remove it")
+    return None
+
+
+def _service_params(service: str, paths: list[str]) -> dict[str, str]:
+    """The keywords a service file's section `service` sets (the first file that has it, as libpq reads them)."""
+    import configparser
+
+    for path in paths:
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                continue  # refused by the caller
+            parser = configparser.ConfigParser(interpolation=None, strict=False, comment_prefixes=("#",), delimiters=("=",))
+            parser.read(path, encoding="utf-8")
+        except (OSError, ValueError, configparser.Error):
+            continue
+        if parser.has_section(service):
+            return dict(parser.items(service))
+    return {}
 
 
 def _damaged(e: BaseException) -> bool:
@@ -328,6 +408,8 @@ class Database:
         self.url = url
         if url.startswith(("postgresql://", "postgres://")):
             self.dialect = "postgresql"
+            if (problem := _file_problem(url)) is not None:
+                raise ConfigError(problem)
         elif "://" in url and not url.startswith("sqlite://"):
             raise ConfigError(f"--store takes postgresql://... or a file path, not {describe(url)[:60]!r}")
         elif _LIBPQ_WORDS.match(url):
@@ -384,6 +466,8 @@ class Database:
             raise ConfigError("--store postgresql://... needs psycopg: pip install 'codestore-git[fleet]'") from None
         from psycopg.conninfo import conninfo_to_dict
 
+        if (problem := _file_problem(self.url)) is not None:  # became one since the start: refused, not hung
+            raise psycopg.OperationalError(problem)
         # Added to the URL's own `options` (a search_path, say), which a keyword would replace.
         options = f"{conninfo_to_dict(self.url).get('options') or ''} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
         return psycopg.connect(
