@@ -19,6 +19,7 @@ from .errors import ConfigError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import BinaryIO
 
 
 def write_atomic(
@@ -142,6 +143,19 @@ STREAM_WAIT = 5.0  # seconds a pipe or device named as a file may take to give a
 def open_nonblocking(path: str) -> int:
     """`path` opened for reading without waiting: a named pipe with no writer would block open(2) forever."""
     return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def open_regular(path: str, what: str) -> BinaryIO:
+    """`path` opened for reading when it is a regular file, of any size (an old store the
+    caller reads whole); ConfigError naming `what` for anything else, not waited on (a named
+    pipe would block open(2) for ever). FileNotFoundError passes through."""
+    import stat
+
+    fd = open_nonblocking(path)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{what} {path} is not a regular file; move it away, or replace it with the file")
+    return os.fdopen(fd, "rb")
 
 
 def open_append(path: str, mode: int = 0o600) -> int:

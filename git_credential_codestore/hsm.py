@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 import time
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from .errors import ConfigError, UsageError
+from .files import read_bounded
 from .tokens import PublicKey, SignerUnavailable
 
 if TYPE_CHECKING:  # python-pkcs11 is the fleet extra: imported where used, after open_token's check
@@ -93,10 +95,14 @@ def _pin(uri: Pkcs11Uri, env: Mapping[str, str]) -> str | None:
     if uri.pin_source:
         path = uri.pin_source.removeprefix("file:")
         try:
-            with open(path, encoding="utf-8") as f:
-                return f.read(1024).strip()
-        except OSError as e:
-            raise ConfigError(f"cannot read the PKCS#11 PIN from {path} ({e.strerror}); fix pin-source") from None
+            # Bounded, and a pipe is read only while its writer writes (files.read_bounded).
+            pin = read_bounded(path, "the PKCS#11 PIN file (pin-source)", 4096).decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise ConfigError(f"cannot read the PKCS#11 PIN from {path} ({why}); fix pin-source") from None
+        if not pin:  # a named pipe with no writer reads as empty too
+            raise ConfigError(f"the PKCS#11 PIN file {path} is empty; fix pin-source")
+        return pin
     return env.get(PIN_ENV) or None
 
 
@@ -113,6 +119,12 @@ def open_token(uri: Pkcs11Uri, env: Mapping[str, str], rw: bool = False) -> Sess
     _require_pkcs11()
     import pkcs11
 
+    try:
+        regular = stat.S_ISREG(os.stat(uri.module).st_mode)
+    except OSError:
+        regular = True  # a name the loader searches for, or missing: the loader says what is wrong
+    if not regular:  # the loader opens a named pipe and waits for a writer for ever
+        raise ConfigError(f"the PKCS#11 module {uri.module} is not a regular file; check module-path or {MODULE_ENV}")
     try:
         lib = pkcs11.lib(uri.module)
     except Exception as e:  # noqa: BLE001 - the module's loader raises several kinds

@@ -94,6 +94,26 @@ def test_a_bad_key_uri_is_one_line_at_start(tmp_path: Path, org_key: OrgKey, sof
     assert "1234" not in proc.stderr
 
 
+@pytest.mark.parametrize("which", ["module-path", "pin-source"])
+def test_a_pipe_named_as_the_module_or_the_pin_file_is_one_line_not_a_hang(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm,
+                                                                          which: str) -> None:
+    # The module's loader (dlopen) and a plain open() of the PIN file waited on a named
+    # pipe's writer for ever: `agent serve` never started and never said why.
+    generate(softhsm, "org", "ec")
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    env = keyless(softhsm.env())
+    if which == "module-path":
+        uri, message = f"{softhsm.uri('org')}?module-path={pipe}", f"the PKCS#11 module {pipe} is not a regular file"
+    else:
+        del env["CODESTORE_PKCS11_PIN"]
+        # No writer: read as empty, as every file codestore reads (files.read_bounded).
+        uri, message = f"{softhsm.uri('org')}?pin-source=file:{pipe}", f"the PKCS#11 PIN file {pipe} is empty; fix pin-source"
+    proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", uri, "--state-dir", str(tmp_path / "st"),
+                           "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode in (1, 2) and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
 def test_with_the_signer_gone_the_agent_refuses_in_one_line_and_recovers(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm) -> None:
     # Threat: a half-working agent handing out something it did not sign, or hanging.
     generate(softhsm, "org", "ec")

@@ -116,6 +116,16 @@ def test_a_damaged_grants_json_is_one_line_at_start_not_an_internal_error(tmp_pa
     assert (state / "grants.json").read_text() == text  # left for the admin to fix
 
 
+@pytest.mark.parametrize("name", ["grants.json", "trust.json"])
+def test_an_old_store_that_is_a_pipe_is_one_line_at_start_not_a_hang(tmp_path: Path, org_key: OrgKey, name: str) -> None:
+    state = tmp_path / "agent-state"
+    state.mkdir(mode=0o700)
+    os.mkfifo(state / name)
+    proc = serve_fails(tmp_path, "--socket", str(tmp_path / "s" / "agent.sock"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{state / name} is not a regular file; move it away" in proc.stderr, proc.stderr
+
+
 def _malformed(path: Path) -> None:
     """An SQLite database whose schema page is overwritten: the header is fine, the rest is not."""
     db = sqlite3.connect(path)

@@ -7,6 +7,8 @@ real server: discovery and JWKS over TLS with a CA generated for this run.
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -351,3 +353,24 @@ def test_the_github_request_token_never_travels_in_clear_off_loopback() -> None:
 def test_an_unreadable_oidc_ca_bundle_is_one_line_naming_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="CODESTORE_OIDC_CA_FILE"):
         https_fetcher(str(tmp_path / "missing.pem"))
+    (tmp_path / "empty.pem").write_text("")
+    with pytest.raises(ConfigError, match="CODESTORE_OIDC_CA_FILE"):
+        https_fetcher(str(tmp_path / "empty.pem"))
+
+
+def test_a_pipe_named_as_the_oidc_ca_bundle_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    # OpenSSL's cafile= opened a named pipe and waited for a writer for ever (the agent's start).
+    os.mkfifo(tmp_path / "ca.pem")
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            https_fetcher(str(tmp_path / "ca.pem"))
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(e)
+
+    loading = threading.Thread(target=load, daemon=True)  # a hang fails this test, not the whole run
+    loading.start()
+    loading.join(10)
+    assert not loading.is_alive(), "https_fetcher waited on the pipe"
+    assert len(outcome) == 1 and isinstance(outcome[0], ConfigError) and "CODESTORE_OIDC_CA_FILE" in str(outcome[0]), outcome

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import ConfigError, redact
+from ..files import open_regular
 from ..secrets import Secret
 from . import db
 from .db import Database, StoreError, Tx
@@ -309,7 +310,7 @@ class GrantStore:
     def _migrate_json(self) -> None:
         """Import the JSON store of earlier versions once, losing nothing (revocations above all)."""
         try:
-            with open(self.legacy_path, encoding="utf-8") as f:
+            with open_regular(self.legacy_path, "the old grant store") as f:
                 raw = json.load(f)
             grants = [Grant(**{k: v for k, v in g.items() if k in _COLUMNS}) for g in raw["grants"]]
         except FileNotFoundError:

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import CodestoreError, ConfigError, Refused
+from ..files import open_regular
 from ..vocab import MIN_TTL
 from . import db, policy
 from .audit import Change, told, withdraw
@@ -255,7 +256,7 @@ class TrustStore:
     def open(self) -> TrustStore:
         """Import the trust file of earlier versions once, losing nothing."""
         try:
-            with open(self.legacy_path, encoding="utf-8") as f:
+            with open_regular(self.legacy_path, "the old trust policies") as f:
                 raw = json.load(f)
             old = [TrustPolicy(**p) for p in raw["policies"]]
         except FileNotFoundError:
