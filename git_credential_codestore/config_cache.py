@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import marshal
 import os
+import stat
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -53,12 +54,12 @@ def write(config_path: str, st: os.stat_result, parsed: Mapping[str, object], en
 def load(path: str, key: object) -> object:
     """The value stored under `key` at `path` by `store`; None when absent, stale or not ours."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))  # a pipe: not waited on
     except OSError:
         return None
     try:
         cst = os.fstat(fd)
-        if cst.st_mode & 0o022 or (hasattr(os, "geteuid") and cst.st_uid != os.geteuid()):
+        if not stat.S_ISREG(cst.st_mode) or cst.st_mode & 0o022 or (hasattr(os, "geteuid") and cst.st_uid != os.geteuid()):
             return None  # another user could have written it: not a source of configuration
         with os.fdopen(fd, "rb") as f:
             fd = -1
@@ -79,10 +80,11 @@ def store(path: str, key: object, value: object) -> None:
         data = marshal.dumps((key, value))  # type: ignore[arg-type]  # marshal itself checks (ValueError)
     except ValueError:
         return  # a value marshal cannot hold (a TOML date): it is computed each time
-    try:
-        from .files import write_atomic
+    from .errors import ConfigError
+    from .files import write_atomic
 
+    try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         write_atomic(path, data, 0o600)
-    except OSError:
+    except (OSError, ConfigError):  # ConfigError: something not a file is in its place, and is left there
         pass

@@ -179,7 +179,9 @@ def boundary(prog: str, func: Callable[[], int], stderr: TextIO | None = None) -
         path = crash_log_path()
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            with open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", encoding="utf-8") as f:  # private, as all state
+            from .files import open_append  # private, as all state; a pipe nobody reads fails, never waits
+
+            with open(open_append(path), "a", encoding="utf-8") as f:
                 f.write(redact(traceback.format_exc()) + "\n")
             where = f"details in {path}"
         except OSError:

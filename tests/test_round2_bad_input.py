@@ -7,7 +7,8 @@ from __future__ import annotations
 import http.server
 import os
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,45 @@ def test_a_crash_log_is_private_like_all_state(tmp_path: Path) -> None:
     with open(os.devnull, "w") as quiet:
         assert boundary("codestore", bug, quiet) == 3
     assert (os.stat(crash_log_path()).st_mode & 0o777) == 0o600
+
+
+def _bounded(call: Callable[[], object], seconds: float = 10) -> object:
+    """call() in a thread the test waits for at most `seconds`: a hang fails the test, not the run."""
+    outcome: list[object] = []
+    worker = threading.Thread(target=lambda: outcome.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"{call} waited on a pipe"
+    return outcome[0]
+
+
+def test_a_pipe_where_codestore_keeps_its_own_files_never_holds_it(tmp_path: Path, org_key: OrgKey) -> None:
+    # The crash log, the parsed-config cache and the background agent's log are codestore's
+    # own files; a named pipe in their place held the process in open(2) for ever.
+    from git_credential_codestore import config, config_cache
+    from git_credential_codestore.agent.server import default_state_dir
+    from git_credential_codestore.errors import boundary, crash_log_path
+
+    def bug() -> int:
+        raise RuntimeError("a bug")
+
+    os.makedirs(os.path.dirname(crash_log_path()), exist_ok=True)
+    os.mkfifo(crash_log_path())
+    with open(os.devnull, "w") as quiet:
+        assert _bounded(lambda: boundary("codestore", bug, quiet)) == 3
+
+    (tmp_path / "config.toml").write_text('org = "acme"\n')
+    env = dict(os.environ, CODESTORE_CONFIG=str(tmp_path / "config.toml"))
+    cache = config_cache.cache_path(env["CODESTORE_CONFIG"], env)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    os.mkfifo(cache)
+    assert _bounded(lambda: config.load(env).org) == "acme"  # parsed again, as for a damaged cache
+
+    log = os.path.join(default_state_dir(), "agent.log")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    os.mkfifo(log)
+    proc = run_cli("codestore", "agent", "start", timeout=30)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and log in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("args, says", [

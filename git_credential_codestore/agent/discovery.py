@@ -267,7 +267,9 @@ def spawn(socket_path: str, *, idle_timeout: int = 0, extra: tuple[str, ...] = (
     out = subprocess.DEVNULL
     if log_path:
         os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
-        out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        from ..files import open_append
+
+        out = open_append(log_path)  # a pipe nobody reads fails here (one line), never holds `agent start`
     try:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True,
                                 env=dict(env) if env is not None else None)
