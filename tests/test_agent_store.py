@@ -595,6 +595,7 @@ _PIPES: dict[str, tuple[str, dict[str, str], dict[str, str | None]]] = {
     "PGPASSFILE": ("", {"PGPASSFILE": "{pipe}"}, {}),
     "~/.pgpass": ("", {}, {"home/.pgpass": None}),
     "the service file": ("?service=fleet", {"PGSERVICEFILE": "{pipe}"}, {}),
+    "PGSYSCONFDIR's service file": ("?service=fleet", {"PGSYSCONFDIR": "{tmp}/etc"}, {"etc/pg_service.conf": None}),
     "a service's passfile": ("?service=fleet", {}, {"home/.pg_service.conf": "[fleet]\npassfile={pipe}\n"}),
     "sslrootcert=": ("?sslmode=require&sslrootcert={pipe}", {}, {}),
 }
@@ -617,7 +618,7 @@ def test_a_pipe_where_libpq_reads_a_file_is_one_line_at_start_not_a_hang(tmp_pat
         [os.path.join(BIN, "codestore"), "agent", "serve", "--state-dir", str(tmp_path / "agent-state"),
          "--socket", str(tmp_path / "s" / "agent.sock"), "--store", pg_url + suffix.format(pipe=pipe)],
         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
-        env={**os.environ, "HOME": str(home), **{k: v.format(pipe=pipe) for k, v in env.items()}},
+        env={**os.environ, "HOME": str(home), **{k: v.format(pipe=pipe, tmp=tmp_path) for k, v in env.items()}},
     )
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"{pipe}, which is a pipe, and wait on it for ever; name a regular file" in proc.stderr, proc.stderr
