@@ -60,7 +60,7 @@ def load(path: str, key: object) -> object:
     try:
         cst = os.fstat(fd)
         if not stat.S_ISREG(cst.st_mode) or cst.st_mode & 0o022 or (hasattr(os, "geteuid") and cst.st_uid != os.geteuid()):
-            return None  # another user could have written it: not a source of configuration
+            return None  # not a file, or another user could have written it: not a source of configuration
         with os.fdopen(fd, "rb") as f:
             fd = -1
             entry = marshal.loads(f.read(1 << 20))

@@ -637,6 +637,9 @@ def test_regular_libpq_files_are_let_through(tmp_path: Path, org_key: OrgKey, pg
     # The service's passfile wins over PGPASSFILE, as in libpq; without the service, PGPASSFILE is read.
     assert db._file_problem(pg_url + "?service=fleet", {"HOME": str(home), "PGPASSFILE": str(_pipe(tmp_path / "p"))}) is None
     assert "which is a pipe" in str(db._file_problem(pg_url, {"HOME": str(home), "PGPASSFILE": str(tmp_path / "p")}))
+    # A device or a directory libpq opens at once and ignores (measured): not refused.
+    for other in (os.devnull, "/dev/zero", str(home)):
+        assert db._file_problem(pg_url, {"HOME": str(home), "PGPASSFILE": other}) is None
     # A password in the URL: libpq never opens a passfile, so a pipe there does not matter.
     assert db._file_problem(pg_url.replace("postgres@", "postgres:pw@"), {"HOME": str(home), "PGPASSFILE": str(tmp_path / "p")}) is None
 

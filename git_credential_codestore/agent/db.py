@@ -179,11 +179,12 @@ SQLITE_DAMAGED = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
 
 
 # Files libpq opens for a connection, by keyword: (its environment variable, its default
-# under the home directory or None, when it reads it). libpq opens a file before it looks
-# at what it is, so a pipe (or a device, a socket) there holds the connecting thread for
-# ever: measured with psycopg's libpq 18 for passfile, PGPASSFILE, ~/.pgpass and the
-# service file, with no timeout (connect_timeout counts the network only). The SSL files
-# are opened by OpenSSL when the server takes SSL, the same way.
+# under the home directory, when it reads it). libpq opens a file before it looks at what
+# it is, so a named pipe there holds the connecting thread for ever: measured with
+# psycopg's libpq 18 for passfile, PGPASSFILE, ~/.pgpass and the service files, with no
+# timeout (connect_timeout counts the network only). The SSL files are opened by OpenSSL
+# when the server takes SSL, the same way. Anything else that is not a file (a directory,
+# a device, /dev/null) libpq opens at once and then ignores with a warning (measured).
 _LIBPQ_FILES = {
     "passfile": ("PGPASSFILE", ".pgpass", "password"),
     "sslrootcert": ("PGSSLROOTCERT", ".postgresql/root.crt", "ssl"),
@@ -191,14 +192,14 @@ _LIBPQ_FILES = {
     "sslkey": ("PGSSLKEY", ".postgresql/postgresql.key", "ssl"),
     "sslcrl": ("PGSSLCRL", ".postgresql/root.crl", "ssl"),
 }
-_SERVICE_FILES = (("PGSERVICEFILE", ".pg_service.conf"), ("PGSYSCONFDIR", None))
+_SERVICE_FILES = (("PGSERVICEFILE", ".pg_service.conf"), ("PGSYSCONFDIR", None))  # the latter's default is libpq's build's
 
 
 def _file_problem(url: str, env: Mapping[str, str] = os.environ) -> str | None:
-    """Why libpq would hang connecting with `url` (a file it opens that is not a regular
-    file), as one line naming the file and the fix; None when every such file is a regular
-    file or missing (libpq then goes on without it, or says why itself), and when psycopg
-    is missing or cannot read the URL (connecting says so)."""
+    """Why libpq would hang connecting with `url` (a file it opens that is a named pipe), as
+    one line naming the file and the fix; None when no such file is a pipe (libpq goes on
+    without a missing one, or says why itself), and when psycopg is missing or cannot read
+    the URL (connecting says so)."""
     try:
         from psycopg.conninfo import conninfo_to_dict
 
@@ -221,23 +222,17 @@ def _file_problem(url: str, env: Mapping[str, str] = os.environ) -> str | None:
     for word, (var, default, when) in _LIBPQ_FILES.items():
         if (when == "password" and has_password) or (when == "ssl" and not ssl):
             continue
-        if params.get(word):
-            candidates.append((word, params[word]))
-        elif env.get(var):
-            candidates.append((var, env[var]))
-        else:
-            candidates.append((f"the default {word}", os.path.join(home, default)))
+        what, path = (word, params[word]) if params.get(word) else (var, env[var]) if env.get(var) else (
+            f"the default {word}", os.path.join(home, default))
+        if not (word == "sslrootcert" and path == "system"):  # "system": OpenSSL's own store
+            candidates.append((what, path))
     for what, path in candidates:
-        if path == "system" and what.startswith("sslrootcert"):
-            continue  # OpenSSL's own store
         try:
             mode = os.stat(path).st_mode
         except (OSError, ValueError):
             continue  # missing or unreadable: libpq goes on without it, or says why
-        if not stat.S_ISREG(mode):
-            kind = "a pipe" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            return (f"--store: libpq would read {what} {path}, which is {kind}, and wait on it for ever; "
-                    f"name a regular file, or remove it")
+        if stat.S_ISFIFO(mode):
+            return f"--store: libpq would read {what} {path}, which is a pipe, and wait on it for ever; name a regular file, or remove it"
     return None
 
 
