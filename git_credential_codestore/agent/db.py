@@ -24,6 +24,7 @@ library's.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import queue
@@ -514,7 +515,13 @@ class Database:
         errors = self._errors()
         relax = not durable and self.dialect == "sqlite"
         lock = self._lock if (self.one_writer and write) else None
-        if relax:
+        # A durable writer says it waits before it waits for its own process's lock too: the
+        # other processes' flushes hold back while this one's flush transaction ends, so it
+        # waits for one flush transaction, not for one here and then one there.
+        announced = contextlib.ExitStack()
+        if lock and not relax:
+            announced.enter_context(self._waiting_writer())
+        elif relax:
             self._let_writers_first()
         if lock:
             lock.acquire()
@@ -531,11 +538,9 @@ class Database:
                     cur = _Watched(cur, conn.pgconn.socket, self._watchdog)  # type: ignore[attr-defined]
                 if relax:
                     cur.execute("PRAGMA synchronous=NORMAL")  # this connection's; FULL again below
-                if lock and not relax:
-                    with self._waiting_writer():
-                        _begin_write(cur)
-                elif lock:
+                if lock:
                     _begin_write(cur)
+                    announced.close()  # the write lock is ours
                 else:
                     cur.execute("BEGIN")
                 yield Tx(self, cur)
@@ -566,6 +571,7 @@ class Database:
                     else:
                         self._discard(conn)
         finally:
+            announced.close()
             if lock:
                 lock.release()
 
