@@ -1216,6 +1216,35 @@ def test_a_create_gets_in_between_the_transactions_of_a_long_flush(tmp_path: Pat
         store.close()
 
 
+def test_a_slow_flush_step_is_followed_by_the_next_one_on_time_not_a_whole_interval_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The flush thread slept FLUSH_INTERVAL after each step, so a step that took most of a
+    # second (a load's rows: 200 transactions of 100) came every two: under a sustained
+    # closed loop (12-13k tokens/s, one process) the rows waiting for the database grew by
+    # thousands a second, and past MAX_BUFFER the database lost them (the file kept them).
+    # Steps now start every FLUSH_INTERVAL, whatever they take.
+    from git_credential_codestore.agent import grants as g
+
+    monkeypatch.setattr(g, "FLUSH_INTERVAL", 0.5)
+    store = g.GrantStore(str(tmp_path / "state"), None).open()
+    starts: list[float] = []
+
+    def slow_flush(tx: Tx) -> Callable[[], bool]:
+        starts.append(time.monotonic())
+        time.sleep(0.35)  # most of an interval
+        return lambda: False
+
+    try:
+        store.on_flush = slow_flush
+        store.start()
+        assert wait_for(lambda: len(starts) >= 4, timeout=5)
+        seen = list(starts)  # the flush thread goes on appending
+        gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+        assert all(0.4 < gap < 0.7 for gap in gaps), gaps  # was 0.85 (0.35 + 0.5)
+    finally:
+        store.close()
+
+
 def test_the_flush_thread_writes_audit_rows_every_second_and_use_counts_every_few(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Writing every used grant's count every second cost 10-15% of the throughput with 1000

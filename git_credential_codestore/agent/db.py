@@ -171,6 +171,7 @@ def _passwords(url: str) -> list[str]:
 
 
 BUSY_TIMEOUT = 10.0  # seconds a SQLite writer waits for another process's write to finish
+POLL_MAX = 0.001  # seconds: the longest sleep of a writer polling for the lock (_begin_write)
 YIELD_MAX = 0.1  # seconds a flush holds back for grant changes waiting for SQLite's lock
 SHRINK_IDLE = 30.0  # seconds no process wrote SQLite's WAL before the flush thread cuts it back
 SHRINK_OVER = 16 << 20  # bytes: a smaller WAL is left as it is
@@ -292,7 +293,7 @@ def _begin_write(cur: sqlite3.Cursor) -> None:
                 if not busy or time.monotonic() > deadline:
                     raise
             time.sleep(delay)
-            delay = min(delay * 2, 0.005)
+            delay = min(delay * 2, POLL_MAX)
     finally:
         cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
 

@@ -132,7 +132,7 @@ CACHE_MAX = 100_000
 # 4-57 ms, and the same throughput (bench/fleet.py).
 FLUSH_CHUNK = 25
 MAX_FLUSH_TRANSACTIONS = 200  # a flush's; what is left goes with the next one
-FLUSH_PAUSE = 0.005  # seconds between a flush's transactions: at least db.py's longest poll step
+FLUSH_PAUSE = 0.001  # seconds between a flush's transactions: at least db.py's longest poll step (POLL_MAX)
 PAGE_MAX = 1000
 STATES = ("active", "revoked", "expired")
 
@@ -656,11 +656,16 @@ class GrantStore:
                 self.db.checkpoint()  # SQLite: here, so that no request's commit pays for one
                 self.db.shrink_log()  # SQLite: once the store is quiet
 
-        self._loop(FLUSH_INTERVAL, step, "the use-count flush", "; its counts are kept for the next one")
+        self._loop(FLUSH_INTERVAL, step, "the use-count flush", "; its counts are kept for the next one", paced=True)
 
-    def _loop(self, interval: float, step: Callable[[], object], what: str, then: str = "") -> None:
+    def _loop(self, interval: float, step: Callable[[], object], what: str, then: str = "", paced: bool = False) -> None:
+        """`step` every `interval` seconds: after each step (`paced` False), or from the start of
+        each (`paced`: a step that took the whole interval, a flush that fell behind, is followed
+        by the next at once)."""
         said = ""  # a bug that repeats every step is said once, not every second
-        while not self._stop.wait(interval):
+        started = time.monotonic()
+        while not self._stop.wait(max(0.0, started + interval - time.monotonic()) if paced else interval):
+            started = time.monotonic()
             try:
                 step()
                 said = ""
