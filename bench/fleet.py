@@ -336,13 +336,18 @@ def longest_stall(requests: list[tuple[float, float]], start: float, end: float)
     return longest
 
 
-def grant_reads(sock: str) -> int:
-    """The agent's codestore_agent_grant_reads_total (all its processes)."""
+def metric(sock: str, name: str) -> int:
+    """One of the agent's /metrics values without labels (summed over its processes)."""
     status, text = exchange(Endpoint("unix", sock), "GET", "/metrics", b"", None)
     for line in text.decode().splitlines():
-        if line.startswith("codestore_agent_grant_reads_total "):
+        if line.startswith(name + " "):
             return int(float(line.split()[1]))
-    raise SystemExit(f"bench: the agent's /metrics (status {status}) has no codestore_agent_grant_reads_total")
+    raise SystemExit(f"bench: the agent's /metrics (status {status}) has no {name}")
+
+
+def grant_reads(sock: str) -> int:
+    """The agent's codestore_agent_grant_reads_total (all its processes)."""
+    return metric(sock, "codestore_agent_grant_reads_total")
 
 
 def warm_up(sock: str, requests: list[bytes], clients: int) -> None:
@@ -406,11 +411,21 @@ class Load:
         self.stall = longest_stall([(sched, done) for sched, _, done in records] + [(t, math.inf) for t in self.unsent],
                                    start, end)
         n = max(1, len(records))
+        self.audit_waiting: int | None = None  # read_audit
+        self.audit_dropped: int | None = None
         self.agent_us = (a1 - a0) / n * 1e6
         self.client_us = ((c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)) / n * 1e6
 
     def percentiles(self) -> str:
         return f"{ms(pct(self.lat, 50))} / {ms(pct(self.lat, 99))} / {ms(max(self.lat, default=0))} ms"
+
+    def read_audit(self, sock: str) -> Load:
+        """The agent's audit rows not yet in its database right after the load (work left for
+        after it, which the CPU per token leaves out) and those it has dropped (past MAX_BUFFER
+        rows waiting, the database misses them; the audit file keeps them)."""
+        self.audit_waiting = metric(sock, "codestore_agent_audit_rows_buffered")
+        self.audit_dropped = metric(sock, "codestore_agent_audit_rows_dropped_total")
+        return self
 
 
 def bulk_grants(state_dir: str, n: int, known: int, store_url: str | None = None) -> list[str]:
@@ -496,6 +511,9 @@ def closed_rows(t: Table, name: str, r: Load, raw: float) -> None:
            f"{ms(r.clients / r.rate if r.rate else math.inf)} ms; measured mean {ms(mean)} ms")
     t.row(f"{name}: longest stall", "<= 50 ms", f"{ms(r.stall)} ms")
     t.row(f"{name}: CPU per token, agent / load generator", "", f"{r.agent_us:.0f} / {r.client_us:.0f} us; errors {r.errors}")
+    if r.audit_waiting is not None:
+        t.row(f"{name}: audit rows not yet in the database at the end; dropped by it so far", "(none dropped)",
+              f"{r.audit_waiting} ({r.audit_waiting / max(r.rate, 1):.1f} s of tokens); {r.audit_dropped}")
 
 
 def open_rows(t: Table, name: str, r: Load, target: str) -> None:
@@ -635,7 +653,7 @@ def main() -> int:
             p99 target holds from 0.25 up, its throughput target), and at half the closed loop's rate."""
             warm_up(sock, reqs, args.clients)
             progress(f"closed loop, {name}")
-            closed = Load(sock, reqs, args.clients, args.seconds, pid)
+            closed = Load(sock, reqs, args.clients, args.seconds, pid).read_audit(sock)
             rates = [(f"{f:g} x raw", "p99 <= 10 ms" if f >= 0.25 else "", f * raw) for f in args.rates]
             opened = []
             for label, target, rate in [*rates, ("0.5 x closed loop", "", closed.rate / 2)]:
@@ -668,7 +686,7 @@ def main() -> int:
             # The store's size alone: 10 of the 100k in use, as many as the 10-grant store has.
             warm_up(sock, reqs[:10], args.clients)
             progress(f"closed loop, {big}, 10 in use")
-            few_closed = Load(sock, reqs[:10], args.clients, args.seconds, proc.pid)
+            few_closed = Load(sock, reqs[:10], args.clients, args.seconds, proc.pid).read_audit(sock)
             big_closed, big_open = loads(sock, reqs, proc.pid, big)
             progress(f"grant create and revoke, {big}")
             creates, revokes = admin_latency(sock, env)
