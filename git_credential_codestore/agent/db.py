@@ -194,7 +194,6 @@ _LIBPQ_FILES = {
     "sslkey": ("PGSSLKEY", ".postgresql/postgresql.key", "ssl"),
     "sslcrl": ("PGSSLCRL", ".postgresql/root.crl", "ssl"),
 }
-_SERVICE_FILES = (("PGSERVICEFILE", ".pg_service.conf"), ("PGSYSCONFDIR", None))  # the latter's default is libpq's build's
 
 
 def _file_problem(url: str, env: Mapping[str, str] = os.environ) -> str | None:
@@ -212,20 +211,24 @@ def _file_problem(url: str, env: Mapping[str, str] = os.environ) -> str | None:
     candidates: list[tuple[str, str]] = []  # (what names it, path)
     service = params.get("service") or env.get("PGSERVICE")
     if service:
-        for var, default in _SERVICE_FILES:
-            where = env.get(var)
-            path = where if var == "PGSERVICEFILE" and where else (
-                os.path.join(where, "pg_service.conf") if where else (os.path.join(home, default) if default else None))
-            if path:
-                candidates.append((f"the service file ({var})" if where else "the service file", path))
+        if env.get("PGSERVICEFILE"):
+            candidates.append(("the service file (PGSERVICEFILE)", env["PGSERVICEFILE"]))
+        else:
+            candidates.append(("the service file", os.path.join(home, ".pg_service.conf")))
+        if env.get("PGSYSCONFDIR"):  # without it, the directory libpq was built with
+            candidates.append(("the service file (PGSYSCONFDIR)", os.path.join(env["PGSYSCONFDIR"], "pg_service.conf")))
         params = {**_service_params(service, [p for _, p in candidates]), **params}
     has_password = bool(params.get("password") or env.get("PGPASSWORD"))
     ssl = (params.get("sslmode") or env.get("PGSSLMODE") or "prefer") != "disable"
     for word, (var, default, when) in _LIBPQ_FILES.items():
         if (when == "password" and has_password) or (when == "ssl" and not ssl):
             continue
-        what, path = (word, params[word]) if params.get(word) else (var, env[var]) if env.get(var) else (
-            f"the default {word}", os.path.join(home, default))
+        if params.get(word):
+            what, path = word, params[word]
+        elif env.get(var):
+            what, path = var, env[var]
+        else:
+            what, path = f"the default {word}", os.path.join(home, default)
         if not (word == "sslrootcert" and path == "system"):  # "system": OpenSSL's own store
             candidates.append((what, path))
     for what, path in candidates:
