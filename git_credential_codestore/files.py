@@ -18,6 +18,7 @@ from .errors import ConfigError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Callable
     from typing import BinaryIO
 
@@ -156,6 +157,35 @@ def open_regular(path: str, what: str) -> BinaryIO:
         os.close(fd)
         raise ConfigError(f"{what} {path} is not a regular file; move it away, or replace it with the file")
     return os.fdopen(fd, "rb")
+
+
+def not_a_file(path: str) -> bool:
+    """Whether `path` is there and is not a regular file (a pipe, a device, a directory): for a
+    path handed to a library that opens it itself (a TLS key, a PKCS#11 module), where a
+    named pipe would hold the open for ever. False for a regular file, and for a path that
+    cannot be looked at (missing: the library says what is wrong with it)."""
+    import stat
+
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def ca_context(path: str | None, what: str) -> ssl.SSLContext:
+    """A client TLS context trusting the PEM certificates in `path` (None: the system's CAs).
+    The file is read as every file codestore is pointed at is (read_bounded): OpenSSL's own
+    cafile= would wait on a named pipe's writer for ever. Raises what reading and loading it
+    raise (OSError, ConfigError, UnicodeDecodeError, ssl.SSLError), and ValueError("empty")
+    for a file with no text: cadata="" would quietly mean the system's CAs."""
+    import ssl
+
+    if not path:
+        return ssl.create_default_context()
+    pem = read_bounded(path, what).decode("ascii")
+    if not pem.strip():
+        raise ValueError("empty")
+    return ssl.create_default_context(cadata=pem)
 
 
 def open_append(path: str, mode: int = 0o600) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import threading
 import time
 from collections.abc import Mapping
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from .errors import ConfigError, UsageError
-from .files import read_bounded
+from .files import not_a_file, read_bounded
 from .tokens import PublicKey, SignerUnavailable
 
 if TYPE_CHECKING:  # python-pkcs11 is the fleet extra: imported where used, after open_token's check
@@ -119,11 +118,7 @@ def open_token(uri: Pkcs11Uri, env: Mapping[str, str], rw: bool = False) -> Sess
     _require_pkcs11()
     import pkcs11
 
-    try:
-        regular = stat.S_ISREG(os.stat(uri.module).st_mode)
-    except OSError:
-        regular = True  # a name the loader searches for, or missing: the loader says what is wrong
-    if not regular:  # the loader opens a named pipe and waits for a writer for ever
+    if not_a_file(uri.module):  # the loader (dlopen) opens a named pipe and waits for a writer for ever
         raise ConfigError(f"the PKCS#11 module {uri.module} is not a regular file; check module-path or {MODULE_ENV}")
     try:
         lib = pkcs11.lib(uri.module)

@@ -177,16 +177,11 @@ def _tls_context(env: Mapping[str, str]) -> ssl.SSLContext:
     AgentUnavailable (in one line) when that file will not do: the next replica may be http."""
     import ssl
 
-    path = ca_file(env)
-    if not path:
-        return ssl.create_default_context()
-    from ..files import read_bounded
+    from ..files import ca_context
 
+    path = ca_file(env)
     try:
-        pem = read_bounded(os.path.expanduser(path), "CODESTORE_AGENT_CA").decode("ascii")
-        if not pem.strip():
-            raise ValueError("empty")  # cadata="" would quietly mean the system's CAs
-        return ssl.create_default_context(cadata=pem)
+        return ca_context(path and os.path.expanduser(path), "CODESTORE_AGENT_CA")
     except (OSError, UnicodeDecodeError, ValueError, ssl.SSLError, ConfigError) as e:
         why = getattr(e, "strerror", None) or (str(e) if isinstance(e, ConfigError) else "empty" if str(e) == "empty" else "not PEM certificates")
         raise AgentUnavailable(f"cannot use CODESTORE_AGENT_CA {path} ({why}); point it at the agent's CA certificate (PEM)") from None

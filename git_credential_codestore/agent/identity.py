@@ -38,7 +38,7 @@ import jwt
 from jwt import PyJWK, PyJWKSet
 
 from ..errors import Refused
-from ..files import read_bounded
+from ..files import ca_context
 
 # Asymmetric only. HS* would let anyone holding the (public) JWKS sign; "none" signs nothing.
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -87,12 +87,7 @@ def https_fetcher(cafile: str | None = None, timeout: float = FETCH_TIMEOUT) -> 
     from ..errors import ConfigError
 
     try:
-        # Read as every file codestore is pointed at is (bounded; a pipe is not waited on for
-        # ever): OpenSSL's own cafile= opens a named pipe and waits for a writer for ever.
-        pem = read_bounded(cafile, "CODESTORE_OIDC_CA_FILE").decode("ascii") if cafile else None
-        if pem is not None and not pem.strip():
-            raise ValueError("empty")  # cadata="" would quietly mean no CA at all
-        context = ssl.create_default_context(cadata=pem)
+        context = ca_context(cafile, "CODESTORE_OIDC_CA_FILE")
     except (OSError, UnicodeDecodeError, ValueError, ssl.SSLError) as e:
         raise ConfigError(f"cannot load the OIDC CA bundle {cafile} ({type(e).__name__}); fix CODESTORE_OIDC_CA_FILE") from None
     opener = urllib.request.build_opener(_NoRedirect(), urllib.request.HTTPSHandler(context=context))

@@ -46,7 +46,6 @@ import select
 import signal
 import socket
 import ssl
-import stat
 import struct
 import sys
 import threading
@@ -58,6 +57,7 @@ from typing import Any, Protocol, TextIO, TypeVar
 from .. import tokens, trace
 from ..config import Config
 from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, boundary, redact
+from ..files import not_a_file
 from ..vocab import TokenRequest, is_loopback, split_url
 from . import policy, report, wire
 from .audit import AuditLog, Change, recover, replica_of, told, withdraw
@@ -950,11 +950,7 @@ def serve(
         # and each handshake made and sent two for nothing.
         tls.num_tickets = 0
         for path in (tls_cert, tls_key):
-            try:
-                regular = stat.S_ISREG(os.stat(path).st_mode)  # type: ignore[arg-type]
-            except OSError:
-                regular = True  # load_cert_chain says what is wrong with it
-            if not regular:  # a named pipe would hold the start forever
+            if path and not_a_file(path):  # a named pipe would hold the start forever
                 raise ConfigError(f"--tls-cert/--tls-key {path} is not a regular file; name the PEM files")
         try:
             tls.load_cert_chain(tls_cert, tls_key)
