@@ -1245,6 +1245,49 @@ def test_a_slow_flush_step_is_followed_by_the_next_one_on_time_not_a_whole_inter
         store.close()
 
 
+def test_a_failed_flush_step_is_followed_by_a_whole_interval_and_a_waiting_flush_is_told_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Paced steps started again at once after one that failed on a hung store: the thread took
+    # its lock back before an audit query waiting on it, which then waited for a second failure
+    # (a new connection's timeout) as well: 8.6 s against a 6 s deadline, seen in CI.
+    from git_credential_codestore.agent import grants as g
+
+    monkeypatch.setattr(g, "FLUSH_INTERVAL", 0.5)
+    store = g.GrantStore(str(tmp_path / "state"), None).open()
+    steps: list[tuple[float, float]] = []
+    waited: dict[str, str | float] = {}
+
+    def failing_flush(tx: Tx) -> Callable[[], bool]:
+        t0 = time.monotonic()
+        time.sleep(1.0)  # longer than an interval: a paced loop would go again at once
+        steps.append((t0, time.monotonic()))
+        raise StoreError("the grant store did not answer")
+
+    def wait_to_flush() -> None:
+        t0 = time.monotonic()
+        try:
+            store.flush()
+        except StoreError as e:
+            waited["error"] = str(e)
+        waited["took"] = time.monotonic() - t0
+
+    try:
+        store.on_flush = failing_flush
+        store.start()
+        time.sleep(0.5 + 0.3)  # inside the first step
+        waiter = threading.Thread(target=wait_to_flush)
+        waiter.start()
+        waiter.join(5)
+        assert waited.get("error") == "the grant store did not answer", waited
+        assert float(waited["took"]) < 1.0, waited  # the step it found running, not a second one
+        assert wait_for(lambda: len(steps) >= 3, timeout=5)
+        seen = list(steps)
+        rests = [b[0] - a[1] for a, b in zip(seen, seen[1:], strict=False)]
+        assert all(rest > 0.45 for rest in rests), rests  # was 0.0: asked again at once
+    finally:
+        store.close()
+
+
 def test_the_flush_thread_writes_audit_rows_every_second_and_use_counts_every_few(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Writing every used grant's count every second cost 10-15% of the throughput with 1000

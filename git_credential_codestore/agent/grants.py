@@ -661,7 +661,10 @@ class GrantStore:
     def _loop(self, interval: float, step: Callable[[], object], what: str, then: str = "", paced: bool = False) -> None:
         """`step` every `interval` seconds: after each step (`paced` False), or from the start of
         each (`paced`: a step that took the whole interval, a flush that fell behind, is followed
-        by the next at once)."""
+        by the next at once). A step that failed is followed by a whole interval either way: a
+        store that just gave up on it is not asked again at once, and a request waiting to
+        flush (an audit query) gets in and is told of the failure instead of waiting for
+        another one."""
         said = ""  # a bug that repeats every step is said once, not every second
         started = time.monotonic()
         while not self._stop.wait(max(0.0, started + interval - time.monotonic()) if paced else interval):
@@ -669,6 +672,7 @@ class GrantStore:
             try:
                 step()
                 said = ""
+                continue
             except StoreError as e:  # counted where it happened (each store call counts its own)
                 if not self._last_error:
                     print(f"codestore agent: {e}", file=sys.stderr, flush=True)
@@ -678,6 +682,7 @@ class GrantStore:
                 if line != said:
                     print(f"codestore agent: {line}", file=sys.stderr, flush=True)
                     said = line
+            started = time.monotonic()  # failed: a whole interval from now
 
     @property
     def healthy(self) -> tuple[bool, str]:
