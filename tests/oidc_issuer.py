@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import ssl
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from tests.realparts import send_json
+from tests.realparts import send_json, serve_in_thread
 
 HANDSHAKE_TIMEOUT = 30.0  # seconds a connection may take to say anything
 
@@ -237,7 +236,7 @@ def start_issuer(ca: CertAuthority, path: str = "") -> Issuer:
     ctx.load_cert_chain(ca.server_cert, ca.server_key)
     server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    serve_in_thread(server)
     issuer._server = server
     issuer.url = f"https://127.0.0.1:{server.server_address[1]}{path}"
     # Paths above are relative to the server root; the discovery path follows the issuer's.

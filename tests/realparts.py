@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import tempfile
 import threading
@@ -76,11 +77,20 @@ def raw_exchange(address: str | tuple[str, int], data: bytes, timeout: float = 2
     return out
 
 
+def serve_in_thread(server: socketserver.BaseServer, poll_interval: float = 0.1) -> None:
+    """`server.serve_forever()` on a daemon thread, its listener non-blocking: accept(2) may
+    block after poll said "readable" (see its man page), and a blocking listener then held
+    `shutdown()` (a fixture's teardown) until some client came: a CI run hung in the OIDC
+    issuer's teardown that way, its serve_forever thread in accept()."""
+    server.socket.setblocking(False)  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True).start()
+
+
 @contextlib.contextmanager
 def http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
     """`handler` served on 127.0.0.1 (a free port) in a thread: yields its base URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    serve_in_thread(server)
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:

@@ -8,6 +8,7 @@ import jwt
 import pytest
 
 from tests.conftest import ORG, DevServer, OrgKey, run_cli
+from tests.realparts import serve_in_thread
 
 
 def test_demo_runs_the_whole_flow_offline_and_leaves_the_users_config_alone(hermetic: Path) -> None:
@@ -106,7 +107,6 @@ def test_config_set_then_show(hermetic: Path) -> None:
 def test_rest_calls_never_follow_a_redirect_with_the_token(org_key: OrgKey, monkeypatch: pytest.MonkeyPatch) -> None:
     # Threat: a redirect from the API origin carrying the Bearer token to another host.
     import http.server
-    import threading
 
     received: list[str] = []
 
@@ -135,7 +135,7 @@ def test_rest_calls_never_follow_a_redirect_with_the_token(org_key: OrgKey, monk
     redirector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
     servers = [capture, redirector]
     for s in servers:
-        threading.Thread(target=s.serve_forever, daemon=True).start()
+        serve_in_thread(s)
     try:
         monkeypatch.setenv("CODESTORE_BASE_URL", f"http://127.0.0.1:{redirector.server_address[1]}")
         proc = run_cli("codestore", "repo", "create", "team/app")

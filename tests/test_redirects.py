@@ -14,7 +14,6 @@ from __future__ import annotations
 import http.client
 import http.server
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ORG, DevServer, git, new_repo, run_cli
+from tests.realparts import serve_in_thread
 
 REPO = "team/app"
 
@@ -36,7 +36,7 @@ class Hosts:
 
 def _serve(handler: type[http.server.BaseHTTPRequestHandler], host: str) -> http.server.ThreadingHTTPServer:
     httpd = http.server.ThreadingHTTPServer((host, 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    serve_in_thread(httpd)
     return httpd
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.server
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 
 from tests.conftest import ORG, Clock, DevServer, commit, git, run_cli, slow_pre_push_hook
 from tests.leakscan import files_with_secrets, key_needles, run_git_traced, secrets_in_text
+from tests.realparts import serve_in_thread
 
 REPO = "team/app"
 URL = f"codestore://{ORG}/{REPO}"
@@ -290,8 +290,7 @@ class _Redirect(http.server.BaseHTTPRequestHandler):
 def redirector(served: DevServer) -> Iterator[str]:
     handler = type("Handler", (_Redirect,), {"target": served.url})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    serve_in_thread(httpd)
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:

@@ -227,6 +227,14 @@ class _Listener(socketserver.ThreadingMixIn, socketserver.BaseServer):
     path = ""
     inode = 0
 
+    def server_activate(self) -> None:
+        super().server_activate()
+        # accept(2) may block after poll said "readable" (its man page: the connection may be
+        # gone by then). A blocking listener would then sit in accept() until the next client,
+        # and shutdown() (a drain, SIGTERM) with it. Non-blocking, serve_forever polls on;
+        # accepted sockets are blocking all the same (Linux: none inherit the flag).
+        self.socket.setblocking(False)  # type: ignore[attr-defined]  # on both listeners
+
     def caller_of(self, sock: socket.socket, address: object) -> Caller:
         return identify(sock, address, self.transport, self.bound_grant)
 

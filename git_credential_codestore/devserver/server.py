@@ -101,6 +101,13 @@ class DevServer(ThreadingHTTPServer):
     request_queue_size = 64
     state: ServerState
 
+    def server_activate(self) -> None:
+        super().server_activate()
+        # accept(2) may block after poll said "readable" (its man page: the connection may be
+        # gone by then): serve_forever would sit in accept() until the next client, and
+        # SIGTERM's shutdown() with it. Accepted sockets are blocking all the same.
+        self.socket.setblocking(False)
+
 
 class DevServer6(DevServer):
     address_family = socket.AF_INET6
