@@ -130,8 +130,8 @@ class AuditLog:
         with contextlib.suppress(OSError):  # held exclusively by someone else, or no locks here: never wait for it
             fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         self._lock = threading.Lock()
-        self._buffer: list[tuple[object, ...]] = []
-        self._owed = 0  # rows the flush in progress has still to write (flush_into)
+        self._buffer: list[tuple[object, ...]] = []  # rows waiting for a flush to begin
+        self._taken: list[tuple[object, ...]] = []  # rows the flush in progress has still to write (flush_into)
         self.replica = replica_of(os.getpid())
         self.dropped = 0
 
@@ -159,7 +159,7 @@ class AuditLog:
         """`record` of a prepared entry, at this second."""
         text, row = entry.at(time.time())
         with self._lock:
-            if len(self._buffer) < MAX_BUFFER:
+            if len(self._buffer) + len(self._taken) < MAX_BUFFER:
                 self._buffer.append(row)
             else:
                 self.dropped += 1
@@ -188,37 +188,61 @@ class AuditLog:
 
     def flush_into(self, tx: db.Tx) -> Callable[[], bool]:
         """Insert buffered rows in `tx` (on SQLite up to FLUSH_ROWS); the returned callback
-        forgets them once committed and says whether this flush has more (GrantStore.flush).
+        forgets them once committed and says whether this flush has more (GrantStore.flush,
+        which runs one flush at a time).
 
         A flush writes the rows buffered when it began; later ones wait for the next. Taking
         them as they came, a flush under load never ended: a transaction every FLUSH_PAUSE
         with the few rows of those 5 ms, each writing the same table and index pages again
         (seven page writes a row where a second's rows in a few transactions take one).
+
+        It writes them grouped by grant, then sub and repo (each one's rows in the order they
+        came): the indexes on those columns then take a transaction's rows in a few places
+        each, not one place a row. With 1000 grants in use, a 100-row transaction of rows as
+        they came touched about 100 leaf pages of each index, and the database's work made
+        the load 10-20% slower than with 10 grants (two workers: 0.78-0.81 of it, against
+        0.90-0.93 grouped). Rows are still numbered within about a flush of their time, as
+        `recover` and `_stored` need.
         """
         with self._lock:
-            if not self._owed:
-                self._owed = len(self._buffer)
-            batch = self._buffer[:min(self._owed, FLUSH_ROWS)] if tx.one_writer else list(self._buffer)
+            taken = self._taken
+            if not taken:
+                taken = self._taken = self._buffer
+                self._buffer = []
+                begun = True
+            else:
+                begun = False
+        if begun:
+            # Sorted outside the lock (a second's rows take milliseconds), into a new list:
+            # list.sort() empties a list while it sorts, and `buffered` would read 0 meanwhile.
+            taken = sorted(taken, key=_grouping)
+            with self._lock:
+                self._taken = taken
+        batch = taken[:FLUSH_ROWS] if tx.one_writer else list(taken)
         if batch:
             tx.execute_rows(_INSERT_ROWS, _TYPES, batch)
 
         def committed() -> bool:
             with self._lock:
-                del self._buffer[: len(batch)]
-                self._owed = max(0, self._owed - len(batch))
-                return self._owed > 0
+                del self._taken[: len(batch)]
+                return bool(self._taken)
 
         return committed
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) + len(self._taken)
 
     def close(self) -> None:
         try:
             os.close(self._fd)
         except OSError:
             pass
+
+
+def _grouping(row: tuple[object, ...]) -> tuple[str, str, str]:
+    """A row's (grant, sub, repo), the indexed columns with many values, for flush_into's order."""
+    return (str(row[2] or ""), str(row[3] or ""), str(row[4] or ""))
 
 
 def replica_of(pid: int) -> str:
@@ -240,8 +264,8 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
     `writers` names the dead writers (`replica_of`: a worker the parent saw die). None means
     every writer in the file, and then only when no live writer has the file open (its
     shared lock, AuditLog): at start, before this agent's writers open it. A writer's rows
-    reach the table in the order of its lines, so what is missing is at the end of its
-    lines: its records of the last RECOVER_WINDOW seconds before its last line (in the last
+    reach the table a flush at a time (the rows buffered when it began), so what is missing
+    is among the last of its lines: its records of the last RECOVER_WINDOW seconds before its last line (in the last
     RECOVER_BYTES of the file) are counted against its rows in the table, and each one the
     table has fewer copies of is added, with its own time and writer. Counting makes it
     safe to run again: a record already added is not added twice. At start, only writers
