@@ -4,7 +4,9 @@
    per token, as git helpers connect) as soon as the last is answered; tokens/s of one
    replica against raw ES256 signatures/s of the same key in one thread, with 10 and with
    100k grants in the store: 1000 of the 100k in use, and, apart, the same 10 in use as
-   in the 10-grant store (what the store's size alone costs). At saturation a closed loop's latency says how fast the
+   in the 10-grant store (what the store's size alone costs). Those ratios come from
+   closed loops run in alternating rounds (--rounds, 3), the median of the rounds' ratios:
+   the machine's speed drifts more over a minute than what they measure. At saturation a closed loop's latency says how fast the
    agent is, not how long a client waits at a load: by Little's law its mean is clients /
    throughput (printed beside it), and a slow reply delays the next send, so a stall is
    counted once, not in every request it held back (coordinated omission).
@@ -36,7 +38,7 @@ beside each closed loop, so a reader can see which of the two the cores were spe
 Everything is printed as one table at the end (progress goes to stderr).
 
 Run: python bench/fleet.py [--seconds 5] [--clients 64] [--workers N] [--rates 0.25,0.5] [--arrivals poisson|fixed]
-     [--store sqlite|postgresql] [--no-tls]
+     [--store sqlite|postgresql] [--rounds 3] [--no-tls]
      (needs codestore[fleet]; 4. and 5. need PostgreSQL, or --no-postgres)
 """
 
@@ -625,6 +627,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=positive, default=5.0, help="the length of each measured load")
     parser.add_argument("--clients", type=int, default=64, help="connections in flight at most (the closed loop's clients)")
     parser.add_argument("--grants", type=int, default=100_000)
+    parser.add_argument("--rounds", type=count, default=3,
+                        help="alternating rounds of the closed loops whose throughputs are divided (default 3)")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--no-tls", action="store_true", help="skip the TLS section (6.)")
     parser.add_argument("--workers", type=int, default=1, help="agent serve --workers N for the loads")
@@ -662,36 +666,45 @@ def main() -> int:
                 opened.append((f"{label} = {rate:.0f}/s, {name}", target, r))
             return closed, opened
 
-        # 1. one replica, 10 grants
+        # 1. one replica, 10 grants (kept running for the ratios' rounds, below)
         small_url, big_url = next(store_urls), next(store_urls)
-        proc, sock, _ = start_agent(env, "small", *serve, *store_args(small_url))
+        small_proc, small_sock, _ = start_agent(env, "small", *serve, *store_args(small_url))
         try:
-            small = [str(call(Endpoint("unix", sock), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)[1]["grant"]) for _ in range(10)]
-            reqs = [token_request(s, f"team/r{i}") for i, s in enumerate(small)]
-            small_closed, small_open = loads(sock, reqs, proc.pid, "10 grants")
-        finally:
-            stop(proc)
+            small = [str(call(Endpoint("unix", small_sock), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)[1]["grant"])
+                     for _ in range(10)]
+            small_reqs = [token_request(s, f"team/r{i}") for i, s in enumerate(small)]
+            small_closed, small_open = loads(small_sock, small_reqs, small_proc.pid, "10 grants")
 
-        # 2./3. 100k grants
-        state = os.path.join(tmp, "state-big")
-        proc, sock, _ = start_agent(env, "big", *store_args(big_url))
-        stop(proc)
-        t0 = time.perf_counter()
-        known = bulk_grants(state, args.grants, 1000, big_url)
-        progress(f"{args.grants} grants written to the store in {time.perf_counter() - t0:.1f} s (setup)")
-        big = f"{args.grants} grants"
-        proc, sock, _ = start_agent(env, "big", *serve, *store_args(big_url))
-        try:
-            reqs = [token_request(s, f"team/r{i}") for i, s in enumerate(known)]
-            # The store's size alone: 10 of the 100k in use, as many as the 10-grant store has.
-            warm_up(sock, reqs[:10], args.clients)
-            progress(f"closed loop, {big}, 10 in use")
-            few_closed = Load(sock, reqs[:10], args.clients, args.seconds, proc.pid).read_audit(sock)
-            big_closed, big_open = loads(sock, reqs, proc.pid, big)
-            progress(f"grant create and revoke, {big}")
-            creates, revokes = admin_latency(sock, env)
-        finally:
+            # 2./3. 100k grants
+            state = os.path.join(tmp, "state-big")
+            proc, sock, _ = start_agent(env, "big", *store_args(big_url))
             stop(proc)
+            t0 = time.perf_counter()
+            known = bulk_grants(state, args.grants, 1000, big_url)
+            progress(f"{args.grants} grants written to the store in {time.perf_counter() - t0:.1f} s (setup)")
+            big = f"{args.grants} grants"
+            proc, sock, _ = start_agent(env, "big", *serve, *store_args(big_url))
+            try:
+                reqs = [token_request(s, f"team/r{i}") for i, s in enumerate(known)]
+                big_closed, big_open = loads(sock, reqs, proc.pid, big)
+                progress(f"grant create and revoke, {big}")
+                creates, revokes = admin_latency(sock, env)
+                # The ratios: one load against another measured a minute later differed by up to
+                # 15% on a busy machine, more than what is measured. So the loads a ratio divides
+                # run in alternating rounds, each round's ratio of its own loads, the median shown.
+                # The store's size alone: 10 of the 100k in use, as many as the 10-grant store has.
+                rounds: list[tuple[float, float, float]] = []
+                warm_up(small_sock, small_reqs, args.clients)
+                warm_up(sock, reqs, args.clients)
+                for i in range(args.rounds):
+                    progress(f"closed loops, round {i + 1} of {args.rounds}: 10 grants; {big}, 10 in use; {big}")
+                    rounds.append((Load(small_sock, small_reqs, args.clients, args.seconds, small_proc.pid).rate,
+                                   Load(sock, reqs[:10], args.clients, args.seconds, proc.pid).rate,
+                                   Load(sock, reqs, args.clients, args.seconds, proc.pid).rate))
+            finally:
+                stop(proc)
+        finally:
+            stop(small_proc)
 
         # The machine's speed drifts during a run: sign again, and divide the closed loops by the mean.
         raw_after = signing_rate(env)
@@ -699,9 +712,15 @@ def main() -> int:
         raw = (raw + raw_after) / 2
         closed_rows(table, "10 grants", small_closed, raw)
         closed_rows(table, big, big_closed, raw)
-        table.row(f"throughput with {big} (1000 in use) / with 10", ">= 0.9", f"{big_closed.rate / small_closed.rate:.2f}")
-        table.row(f"throughput with {big}, the same 10 in use / with 10 (the store's size alone)", "",
-                  f"{few_closed.rate / small_closed.rate:.2f} ({few_closed.rate:.0f} tokens/s)")
+        table.section(f"closed loops in {args.rounds} alternating rounds (10 grants; {big}, 10 in use; {big}): "
+                      "the median of the rounds' ratios, then each round's")
+        for label, which in ((f"throughput with {big} (1000 in use) / with 10", 2),
+                             (f"throughput with {big}, the same 10 in use / with 10 (the store's size alone)", 1)):
+            ratios = [r[which] / r[0] for r in rounds]
+            table.row(label, ">= 0.9" if which == 2 else "",
+                      f"{statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})")
+        table.row("tokens/s in the rounds: 10 grants; 10 of 100k in use; 1000 in use", "",
+                  "; ".join(", ".join(f"{r[k]:.0f}" for r in rounds) for k in range(3)))
         table.section(f"open loop, latency at a load: {args.arrivals} arrivals at a fixed offered rate, each request "
                       f"timed from its scheduled send (waiting for one of the {args.clients} connections counts)")
         for what, target, r in small_open + big_open:
@@ -744,6 +763,12 @@ def positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
     return value
+
+
+def count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def fractions(text: str) -> list[float]:
