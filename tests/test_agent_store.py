@@ -1256,10 +1256,12 @@ def test_a_failed_flush_step_is_followed_by_a_whole_interval_and_a_waiting_flush
     store = g.GrantStore(str(tmp_path / "state"), None).open()
     steps: list[tuple[float, float]] = []
     waited: dict[str, str | float] = {}
+    began = threading.Event()
 
     def failing_flush(tx: Tx) -> Callable[[], bool]:
         t0 = time.monotonic()
-        time.sleep(1.0)  # longer than an interval: a paced loop would go again at once
+        began.set()
+        time.sleep(1.5)  # longer than an interval: a paced loop would go again at once
         steps.append((t0, time.monotonic()))
         raise StoreError("the grant store did not answer")
 
@@ -1274,13 +1276,14 @@ def test_a_failed_flush_step_is_followed_by_a_whole_interval_and_a_waiting_flush
     try:
         store.on_flush = failing_flush
         store.start()
-        time.sleep(0.5 + 0.3)  # inside the first step
-        waiter = threading.Thread(target=wait_to_flush)
+        assert began.wait(5)
+        waiter = threading.Thread(target=wait_to_flush)  # inside the first step
         waiter.start()
-        waiter.join(5)
+        waiter.join(10)
         assert waited.get("error") == "the grant store did not answer", waited
-        assert float(waited["took"]) < 1.0, waited  # the step it found running, not a second one
-        assert wait_for(lambda: len(steps) >= 3, timeout=5)
+        # The step it found running (at most 1.5 s), not a second one as well (about 3 s).
+        assert float(waited["took"]) < 2.5, waited
+        assert wait_for(lambda: len(steps) >= 3, timeout=10)
         seen = list(steps)
         rests = [b[0] - a[1] for a, b in zip(seen, seen[1:], strict=False)]
         assert all(rest > 0.45 for rest in rests), rests  # was 0.0: asked again at once
