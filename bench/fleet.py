@@ -24,8 +24,7 @@
 4. revocation propagation between two replicas on one PostgreSQL: revoke on A, time
    until B refuses.
 5. audit trail propagation on the same pair: a push reported to A, time until
-   `codestore audit` asking B lists it (pushes are committed when reported; A adds its
-   buffered mints every 2 s).
+   `codestore audit` asking B lists it (A adds its buffered rows once a second).
 6. TLS: the agent's CPU per token when each token is a new TCP connection with a full TLS
    handshake (as a helper in a sandbox reaches a replica over the network: git starts it
    afresh for each operation, so it keeps no TLS session), against the same clients over

@@ -11,7 +11,7 @@ Two places hold it, for two readers:
   `codestore audit` through POST /v1/audit/query (`search`, below: every replica's
   rows, filtered in SQL on indexed columns): grant changes are written in the same transaction as the change
   itself (a grant never exists without its record: `Change` and `withdraw` below); mints and refusals are buffered
-  and added in batches by the store's flush (every 2 s, grants.FLUSH_INTERVAL), so the database is not
+  and added in batches by the store's flush (every second), so the database is not
   written once per token;
 - a JSON-lines file (`--audit-log`, default in the state dir), appended at once with
   O_APPEND, for `tail -f` and log shippers, and as the record of mints a SIGKILLed
@@ -258,7 +258,7 @@ def _columns(entry: Mapping[str, object]) -> tuple[object, ...]:
 
 def recover(database: db.Database, path: str, writers: Collection[str] | None = None) -> int:
     """Add to the database the records that killed writers appended to the file at `path`
-    but had not flushed (mints and refusals wait up to a flush interval in a writer's buffer, longer
+    but had not flushed (mints and refusals wait up to a second in a writer's buffer, longer
     while the store is away); return how many.
 
     `writers` names the dead writers (`replica_of`: a worker the parent saw die). None means

@@ -119,14 +119,7 @@ class Grant:
 
 POLL_INTERVAL = 0.2  # how often a replica looks for grants changed by another
 STALE_AFTER = 1.0  # a replica that has not heard from the store for this long mints nothing
-# Seconds between the flush thread's steps: buffered audit rows (and use counts, every
-# COUNTS_EVERY). A step writes each grant's rows together (audit.AuditLog.flush_into), so
-# the longer the interval, the more rows a grant's index pages take at once. With 1000
-# grants in use and two workers, 2 s instead of 1 cut the agent's CPU a token from 113-121
-# to 91-100 us and took the 1000-in-use load from 0.84-0.92 of the 10-grant rate to
-# 0.98-1.07 (bench/fleet.py, alternating runs). Other replicas' audit queries see a mint
-# up to this late (the replica's own queries flush first).
-FLUSH_INTERVAL = 2.0
+FLUSH_INTERVAL = 1.0  # buffered audit rows (and use counts, every COUNTS_EVERY)
 # Seconds between the flush thread's writes of use counts. Each grant used since the last
 # write is a row rewritten, and its page: with 1000 grants in use (of 100k), writing them
 # every second cost 10-15% of a replica's throughput (bench/fleet.py's 100k loads). Use
@@ -138,7 +131,7 @@ CACHE_MAX = 100_000
 # by 500) took 20-95 ms each there, and a create's p99 was 40-175 ms; with 25 (and 100),
 # 4-57 ms, and the same throughput (bench/fleet.py).
 FLUSH_CHUNK = 25
-MAX_FLUSH_TRANSACTIONS = 400  # a flush's (40k audit rows: 2 s of a replica at full speed); what is left goes with the next one
+MAX_FLUSH_TRANSACTIONS = 200  # a flush's; what is left goes with the next one
 FLUSH_PAUSE = 0.001  # seconds between a flush's transactions: at least db.py's longest poll step (POLL_MAX)
 PAGE_MAX = 1000
 STATES = ("active", "revoked", "expired")
