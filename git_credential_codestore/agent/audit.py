@@ -205,13 +205,10 @@ class AuditLog:
         `recover` and `_stored` need.
         """
         with self._lock:
+            begun = not self._taken
+            if begun:
+                self._taken, self._buffer = self._buffer, []
             taken = self._taken
-            if not taken:
-                taken = self._taken = self._buffer
-                self._buffer = []
-                begun = True
-            else:
-                begun = False
         if begun:
             # Sorted outside the lock (a second's rows take milliseconds), into a new list:
             # list.sort() empties a list while it sorts, and `buffered` would read 0 meanwhile.
@@ -265,11 +262,12 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
     every writer in the file, and then only when no live writer has the file open (its
     shared lock, AuditLog): at start, before this agent's writers open it. A writer's rows
     reach the table a flush at a time (the rows buffered when it began), so what is missing
-    is among the last of its lines: its records of the last RECOVER_WINDOW seconds before its last line (in the last
-    RECOVER_BYTES of the file) are counted against its rows in the table, and each one the
-    table has fewer copies of is added, with its own time and writer. Counting makes it
-    safe to run again: a record already added is not added twice. At start, only writers
-    that wrote within RECOVER_WINDOW of the file's last line count: the run that just ended.
+    is among the last of its lines: its records of the last RECOVER_WINDOW seconds before
+    its last line (in the last RECOVER_BYTES of the file) are counted against its rows in
+    the table, and each one the table has fewer copies of is added, with its own time and
+    writer. Counting makes it safe to run again: a record already added is not added
+    twice. At start, only writers that wrote within RECOVER_WINDOW of the file's last line
+    count: the run that just ended.
     """
     try:
         fd = open_nonblocking(path)
