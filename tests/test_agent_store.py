@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from git_credential_codestore import audit
+from git_credential_codestore.agent import audit as agent_audit
 from git_credential_codestore.agent import db, wire
 from git_credential_codestore.agent.client import AgentRefused, Endpoint, call, exchange
 from git_credential_codestore.agent.db import ANSWER_DEADLINE, Database, StoreError, Tx
@@ -1289,6 +1291,79 @@ def test_a_failed_flush_step_is_followed_by_a_whole_interval_and_a_waiting_flush
         assert all(rest > 0.45 for rest in rests), rests  # was 0.0: asked again at once
     finally:
         store.close()
+
+
+def _audit_rows(tmp_path: Path, transactions: int) -> agent_audit.AuditLog:
+    """An audit log holding `transactions` SQLite flush transactions' worth of mints."""
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    for n in range(transactions * agent_audit.FLUSH_ROWS):
+        log.record("mint", {"grant": f"g{n % 7}", "ttl": n})
+    return log
+
+
+def test_the_flush_thread_spreads_a_steps_transactions_evenly_over_most_of_the_interval(tmp_path: Path) -> None:
+    # Back to back, a second's 130 flush transactions (a closed loop's 13k audit rows) took the
+    # first 350 ms of each second, and the flush thread's CPU and turns at the GIL slowed the
+    # event loop by 40% meanwhile: the tokens in flight then were the closed loop's slowest
+    # 1%. A step's transactions are now spread evenly over FLUSH_SPREAD of the interval.
+    from git_credential_codestore.agent import grants as g
+
+    store = g.GrantStore(str(tmp_path / "state"), None).open()
+    log = _audit_rows(tmp_path, 50)
+    starts: list[float] = []
+
+    def on_flush(tx: Tx) -> Callable[[], int]:
+        starts.append(time.monotonic())
+        return log.flush_into(tx)
+
+    try:
+        store.on_flush = on_flush
+        store.start()
+        assert wait_for(lambda: log.buffered == 0, timeout=5)
+        seen = starts[:50]  # the first step's (the thread goes on flushing nothing)
+        gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+        # Back to back: 50 transactions in 0.05-0.15 s here. Spread: about 0.75 s, within the step.
+        assert 0.5 < seen[-1] - seen[0] < g.FLUSH_INTERVAL, seen[-1] - seen[0]
+        assert max(gaps) < g.FLUSH_PAUSE_MAX + 0.03, gaps  # evenly: no burst and no long wait in between
+        assert len(agent_audit.search(store.db, audit.Query(event="mint"), 10_000)[0]) == 50 * agent_audit.FLUSH_ROWS
+    finally:
+        store.close()
+        log.close()
+
+
+def test_a_flush_waiting_for_a_spread_one_ends_the_spread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An audit query flushes this replica's rows first, and waits for a flush in progress: it
+    # must not wait out the flush thread's spread (here up to 3 s) as well.
+    from git_credential_codestore.agent import grants as g
+
+    monkeypatch.setattr(g, "FLUSH_INTERVAL", 4.0)
+    store = g.GrantStore(str(tmp_path / "state"), None).open()
+    log = _audit_rows(tmp_path, 100)
+    starts: list[float] = []
+    waited: list[float] = []
+
+    def wait_to_flush() -> None:
+        t0 = time.monotonic()
+        store.flush()
+        waited.append(time.monotonic() - t0)
+
+    def on_flush(tx: Tx) -> Callable[[], int]:
+        starts.append(time.monotonic())
+        if len(starts) == 5:
+            threading.Thread(target=wait_to_flush).start()
+        return log.flush_into(tx)
+
+    try:
+        store.on_flush = on_flush
+        store.start()
+        assert wait_for(lambda: bool(waited), timeout=15)
+        # Spread, the 95 transactions left would take 2 s or more (FLUSH_PAUSE_MAX apart); back to
+        # back, 0.1-0.3 s here.
+        assert waited[0] < 1.2, waited
+        assert log.buffered == 0
+    finally:
+        store.close()
+        log.close()
 
 
 def test_the_flush_thread_writes_audit_rows_every_second_and_use_counts_every_few(

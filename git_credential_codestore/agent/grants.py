@@ -133,6 +133,10 @@ CACHE_MAX = 100_000
 FLUSH_CHUNK = 25
 MAX_FLUSH_TRANSACTIONS = 200  # a flush's; what is left goes with the next one
 FLUSH_PAUSE = 0.001  # seconds between a flush's transactions: at least db.py's longest poll step (POLL_MAX)
+# The flush thread's steps spread their transactions over this share of FLUSH_INTERVAL, at
+# most FLUSH_PAUSE_MAX apart (see _flush).
+FLUSH_SPREAD = 0.75
+FLUSH_PAUSE_MAX = 0.02
 PAGE_MAX = 1000
 STATES = ("active", "revoked", "expired")
 
@@ -212,6 +216,7 @@ class GrantStore:
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
         self._flushes = 0  # flushes ended, and how the last one failed (None: it did not)
+        self._flush_waiters = 0  # flushes waiting for the one in progress (which then stops spreading)
         self._flush_failed: StoreError | None = None
         self._cache: dict[str, Grant] = {}
         self._reading: dict[str, _Read] = {}  # grant id -> the read in progress (get)
@@ -227,8 +232,8 @@ class GrantStore:
         self.errors = 0  # store operations that failed, for /metrics
         self.reads = 0  # grants read from the store on a cache miss, for /metrics
         # Adds its rows to a flush's transaction (at most a chunk); the callback, called once
-        # it committed, says whether rows are left for another transaction.
-        self.on_flush: Callable[[Tx], Callable[[], bool]] = lambda tx: lambda: False
+        # it committed, says how many more transactions its rows left need (0: none).
+        self.on_flush: Callable[[Tx], Callable[[], int]] = lambda tx: lambda: 0
         # Told of every grant the poll finds changed (by this process or another): the
         # daemon closes a revoked grant's own socket wherever it was revoked.
         self.on_change: Callable[[Grant], None] = lambda grant: None
@@ -542,20 +547,24 @@ class GrantStore:
                 tx.execute("DELETE FROM grant_rate WHERE grant_id = ? AND minute < ?", (grant.id, minute))
         return int(rows[0][0])  # type: ignore[call-overload]
 
-    def flush(self, *, counts: bool = True) -> None:
-        """Write pending use counts (unless `counts` is False) and what `on_flush` adds: see
-        _flush for the transactions."""
+    def flush(self, *, counts: bool = True, until: float | None = None) -> None:
+        """Write pending use counts (unless `counts` is False) and what `on_flush` adds, its
+        transactions spread until `until` (time.monotonic()) if given: see _flush."""
         # One flush at a time (the flush thread's, an audit query's, close()'s): two running
         # together would both be handed the same buffered audit rows and write them twice.
         ended = self._flushes
+        with self._lock:
+            self._flush_waiters += 1
         with self._flushing:
+            with self._lock:
+                self._flush_waiters -= 1
             failed = self._flush_failed
             if failed is not None and self._flushes != ended:
                 # The flush this one waited for failed on the store just now (a hung server
                 # held it for a whole deadline): asking again would wait as long again.
                 raise StoreError(str(failed))
             try:
-                self._flush(counts)
+                self._flush(counts, until)
             except StoreError as e:
                 self._flush_failed = e
                 raise
@@ -564,12 +573,20 @@ class GrantStore:
             finally:
                 self._flushes += 1
 
-    def _flush(self, counts: bool) -> None:
+    def _flush(self, counts: bool, until: float | None) -> None:
         """On SQLite, small transactions: a transaction holds the one write lock, and a
         `grant create` waits for it. Use counts of 1000 grants scattered over a 100k-grant
         table rewrite about a thousand pages: 140-300 ms in one transaction under load, so a
         create waited that long; a chunk takes a fraction. On PostgreSQL, which locks rows, one
-        transaction: nothing waits for it, and it takes fewer round trips."""
+        transaction: nothing waits for it, and it takes fewer round trips.
+
+        The flush thread's transactions are spread evenly until `until` (at most
+        FLUSH_PAUSE_MAX apart), unless another flush is waiting for this one or the store is
+        closing. Back to back, a second's 130 transactions (a closed loop's 13k audit rows)
+        took the first 350 ms of each second, and the thread's CPU and its turns at the GIL
+        slowed the event loop by 40% meanwhile: the tokens in flight then were the closed
+        loop's slowest 1%.
+        """
         with self._lock:
             pending, self._pending = (self._pending, {}) if counts else ({}, self._pending)
         # In id order: two replicas updating the same grants lock their rows in one order, never
@@ -579,6 +596,7 @@ class GrantStore:
         try:
             for _ in range(MAX_FLUSH_TRANSACTIONS):  # rows arriving meanwhile wait for the next flush
                 chunk = left[:per]
+                began = time.monotonic()
                 with self.db.transaction(durable=False) as tx:
                     if chunk:
                         # Many grants a statement (db.Tx.execute_rows says why and how).
@@ -592,14 +610,14 @@ class GrantStore:
                         )
                     committed = self.on_flush(tx)
                 del left[:per]
-                more = committed() or left
-                paused = time.monotonic() + FLUSH_PAUSE
+                more = max(committed(), -(-len(left) // per))  # transactions still to come
+                ended = time.monotonic()
                 self.db.sync_log()  # the transaction to disk, outside the lock (db.transaction says why)
                 if not more:
                     break
                 # A writer waiting now gets in: a thread of this process (a lock does not
                 # hand over to a waiter by itself) or another process (polling, db.py).
-                time.sleep(max(0.0, paused - time.monotonic()))
+                time.sleep(max(0.0, self._paused(began, ended, more, until) - time.monotonic()))
         except BaseException as e:
             # Keep them for the next try, whatever failed (the store, or a driver's encoding
             # error, or a bug, which the flush thread reports): nothing counted is dropped.
@@ -612,6 +630,14 @@ class GrantStore:
                     p[1] += r
                     p[2] = max(p[2], t)
             raise
+
+    def _paused(self, began: float, ended: float, more: int, until: float | None) -> float:
+        """When the next flush transaction starts, after one from `began` to `ended`: the
+        `more` still to come evenly spaced until `until`, each taking about as long."""
+        pause = FLUSH_PAUSE
+        if until is not None and not self._flush_waiters and not self._stop.is_set():  # nobody waits for its end
+            pause = min(FLUSH_PAUSE_MAX, max(FLUSH_PAUSE, (until - ended) / more - (ended - began)))
+        return ended + pause
 
     # -- following other replicas ----------------------------------------------------------
 
@@ -649,7 +675,9 @@ class GrantStore:
         def step() -> None:
             now = time.monotonic()
             counts = now >= self._counts_due
-            self.flush(counts=counts)  # a failed one raises: its counts are written at the next step
+            # Spread over most of the interval (_flush); a failed one raises: its counts are
+            # written at the next step.
+            self.flush(counts=counts, until=now + FLUSH_SPREAD * FLUSH_INTERVAL)
             if counts:
                 self._counts_due = now + COUNTS_EVERY
             with self._counted():
