@@ -580,12 +580,12 @@ class GrantStore:
         create waited that long; a chunk takes a fraction. On PostgreSQL, which locks rows, one
         transaction: nothing waits for it, and it takes fewer round trips.
 
-        The flush thread's transactions are spread evenly until `until` (at most
-        FLUSH_PAUSE_MAX apart), unless another flush is waiting for this one or the store is
-        closing. Back to back, a second's 130 transactions (a closed loop's 13k audit rows)
-        took the first 350 ms of each second, and the thread's CPU and its turns at the GIL
-        slowed the event loop by 40% meanwhile: the tokens in flight then were the closed
-        loop's slowest 1%.
+        The flush thread's transactions (SQLite's: PostgreSQL's one has nothing to spread)
+        are spread evenly until `until`, at most FLUSH_PAUSE_MAX apart, unless another flush
+        is waiting for this one or the store is closing. Back to back, a second's 130
+        transactions (a closed loop's 13k audit rows) took the first 350 ms of each second,
+        and the thread's CPU and its turns at the GIL slowed the event loop by 40%
+        meanwhile: the tokens in flight then were the closed loop's slowest 1%.
         """
         with self._lock:
             pending, self._pending = (self._pending, {}) if counts else ({}, self._pending)
