@@ -1322,9 +1322,10 @@ def test_the_flush_thread_spreads_a_steps_transactions_evenly_over_most_of_the_i
         assert wait_for(lambda: log.buffered == 0, timeout=5)
         seen = starts[:50]  # the first step's (the thread goes on flushing nothing)
         gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
-        # Back to back: 50 transactions in 0.05-0.15 s here. Spread: about 0.75 s, within the step.
-        assert 0.5 < seen[-1] - seen[0] < g.FLUSH_INTERVAL, seen[-1] - seen[0]
-        assert max(gaps) < g.FLUSH_PAUSE_MAX + 0.03, gaps  # evenly: no burst and no long wait in between
+        # Back to back: 50 transactions in 0.05-0.15 s here. Spread: about 0.75 s.
+        assert 0.5 < seen[-1] - seen[0] < 1.5, seen[-1] - seen[0]
+        # Evenly: most transactions paced apart (not a burst and then a wait), none long after the last.
+        assert sorted(gaps)[len(gaps) // 2] > 0.01 and max(gaps) < 0.2, gaps
         assert len(agent_audit.search(store.db, audit.Query(event="mint"), 10_000)[0]) == 50 * agent_audit.FLUSH_ROWS
     finally:
         store.close()
