@@ -43,10 +43,6 @@ from . import db
 
 MAX_BUFFER = 100_000  # rows waiting for the database; beyond it the file alone has them
 FLUSH_ROWS = 100  # rows a flush transaction on SQLite (a short hold of its one write lock)
-# On PostgreSQL, a statement's rows a flush transaction: a second's rows in one transaction
-# ran back to back, and the server's work (the same two cores here) and the statements'
-# turns at the GIL slowed the event loop in a burst, as SQLite's did (GrantStore._flush).
-PG_FLUSH_ROWS = db.PG_ROWS_PER_STATEMENT
 SCAN_CHUNK = 500  # rows read per statement when a filter (ref) is checked here, not in SQL
 MAX_SCAN = 200_000  # rows one query may look at; beyond it the reply is truncated, with a cursor
 RECOVER_BYTES = 16 << 20  # the end of the audit file `recover` reads back
@@ -201,7 +197,7 @@ class AuditLog:
         return write, after
 
     def flush_into(self, tx: db.Tx) -> Callable[[], int]:
-        """Insert buffered rows in `tx` (up to FLUSH_ROWS; on PostgreSQL PG_FLUSH_ROWS); the returned callback
+        """Insert buffered rows in `tx` (on SQLite up to FLUSH_ROWS); the returned callback
         forgets them once committed and says how many more transactions this flush needs
         (GrantStore.flush, which runs one flush at a time).
 
@@ -234,8 +230,7 @@ class AuditLog:
                 self._taken = taken
         else:
             taken = self._taken
-        per = FLUSH_ROWS if tx.one_writer else PG_FLUSH_ROWS
-        batch = taken[:per]
+        batch = taken[:FLUSH_ROWS] if tx.one_writer else list(taken)
         if batch:
             tx.execute_rows(_INSERT_ROWS, _TYPES, batch)
 
@@ -243,7 +238,7 @@ class AuditLog:
             with self._lock:
                 del self._taken[: len(batch)]
                 self._held -= len(batch)
-                return -(-len(self._taken) // per)
+                return -(-len(self._taken) // FLUSH_ROWS)
 
         return committed
 

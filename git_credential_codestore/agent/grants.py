@@ -577,17 +577,15 @@ class GrantStore:
         """On SQLite, small transactions: a transaction holds the one write lock, and a
         `grant create` waits for it. Use counts of 1000 grants scattered over a 100k-grant
         table rewrite about a thousand pages: 140-300 ms in one transaction under load, so a
-        create waited that long; a chunk takes a fraction. On PostgreSQL, which locks rows, the
-        counts in one transaction: nothing waits for it, and it takes fewer round trips (the
-        audit rows come in transactions of a statement each, audit.PG_FLUSH_ROWS).
+        create waited that long; a chunk takes a fraction. On PostgreSQL, which locks rows, one
+        transaction: nothing waits for it, and it takes fewer round trips.
 
-        The flush thread's transactions are spread evenly until `until`, at most
-        FLUSH_PAUSE_MAX apart, unless another flush is waiting for this one or the store is
-        closing. Back to back, a second's 130 SQLite transactions (a closed loop's 13k audit
-        rows) took the first 350 ms of each second, and the thread's CPU and its turns at the
-        GIL slowed the event loop by 40% meanwhile: the tokens in flight then were the closed
-        loop's slowest 1%. On PostgreSQL the same second's rows, one transaction, kept the
-        server (on the same cores here) at 50-70% CPU for 250-300 ms, with the same effect.
+        The flush thread's transactions (SQLite's: PostgreSQL's one has nothing to spread)
+        are spread evenly until `until`, at most FLUSH_PAUSE_MAX apart, unless another flush
+        is waiting for this one or the store is closing. Back to back, a second's 130
+        transactions (a closed loop's 13k audit rows) took the first 350 ms of each second,
+        and the thread's CPU and its turns at the GIL slowed the event loop by 40%
+        meanwhile: the tokens in flight then were the closed loop's slowest 1%.
         """
         with self._lock:
             pending, self._pending = (self._pending, {}) if counts else ({}, self._pending)
