@@ -221,14 +221,9 @@ class AuditLog:
         joining the groups' lists, 0.1 ms): every token in flight waited that long.
         """
         with self._lock:
-            groups: dict[tuple[str, str, str], list[tuple[object, ...]]] = {}
-            if not self._taken:
-                groups, self._buffer = self._buffer, {}
-        if groups:
-            taken = list(itertools.chain.from_iterable(groups.values()))
-            with self._lock:
-                self._taken = taken
-        else:
+            if not self._taken:  # a new flush: the groups' lists joined (0.1 ms), under the lock
+                self._taken = list(itertools.chain.from_iterable(self._buffer.values()))
+                self._buffer = {}
             taken = self._taken
         batch = taken[:FLUSH_ROWS] if tx.one_writer else list(taken)
         if batch:
