@@ -833,20 +833,24 @@ def test_use_counts_of_many_grants_are_flushed_exactly(tmp_path: Path, backend: 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_flushed_audit_rows_come_back_exactly(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
-    # The flush writes rows as one table (PostgreSQL: an array a column, sent binary):
-    # texts JSON and people write, columns with no value at all, both edges of a chunk.
-    from git_credential_codestore.agent.audit import _INSERT_ROWS, _TYPES
+    # The flush writes rows as one table (PostgreSQL: by COPY, binary), and execute_rows does
+    # for the use counts (PostgreSQL: an array a column, sent binary): texts JSON and people
+    # write, columns with no value at all, both edges of a statement.
+    from git_credential_codestore.agent.audit import _TABLE, _TYPES
     from git_credential_codestore.agent.grants import GrantStore
 
     url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
     store = GrantStore(str(tmp_path / "state"), url).open()
-    texts = ['{"a":"b \\\\ \\"q\\""}', "naïve ünïcode ✓", "line\nbreak", "", "{x}", "%s %b ? '"]
+    texts = ['{"a":"b \\\\ \\"q\\""}', "naïve ünïcode ✓", "line\nbreak", "", "{x}", "%s %b ? '", "tab\tand \\N"]
+    n = max(2 * db.PG_ROWS_PER_STATEMENT, 2 * db.PG_COPY_ROWS) + 131
     rows = [(1_700_000_000 + i, "mint", None, texts[i % len(texts)], None, "ok", "host:1", texts[(i + 1) % len(texts)])
-            for i in range(2 * db.PG_ROWS_PER_STATEMENT + 131)]
+            for i in range(n)]
     try:
         with store.db.transaction() as tx:
-            tx.execute_rows(_INSERT_ROWS, _TYPES, rows)
-            tx.execute_rows(_INSERT_ROWS, _TYPES, [])
+            tx.insert_rows(_TABLE, _TYPES, rows[:n // 2])
+            tx.execute_rows(f"INSERT INTO {_TABLE} SELECT * FROM {{rows}}", _TYPES, rows[n // 2:])
+            tx.insert_rows(_TABLE, _TYPES, [])
+            tx.execute_rows(f"INSERT INTO {_TABLE} SELECT * FROM {{rows}}", _TYPES, [])
         with store.db.transaction(write=False) as tx:
             got = tx.execute("SELECT time, event, grant_id, sub, repo, result, replica, fields FROM audit ORDER BY time")
         assert got == rows
@@ -859,7 +863,7 @@ def test_on_postgresql_a_seconds_audit_rows_go_in_statements_that_each_hold_the_
     # psycopg turns a statement's arrays into its wire format in one call that holds the GIL
     # throughout: a second's 14k audit rows in one statement held it 30 ms, and the event
     # loop answered nothing for 39 ms (the longest stall on PostgreSQL, 36-62 ms a run).
-    from git_credential_codestore.agent.audit import _INSERT_ROWS, _TYPES
+    from git_credential_codestore.agent.audit import _TABLE, _TYPES
     from git_credential_codestore.agent.grants import GrantStore
 
     store = GrantStore(str(tmp_path / "state"), pg_url).open()
@@ -876,10 +880,80 @@ def test_on_postgresql_a_seconds_audit_rows_go_in_statements_that_each_hold_the_
     monkeypatch.setattr(Tx, "execute", execute)
     try:
         with store.db.transaction() as tx:  # still one transaction
-            tx.execute_rows(_INSERT_ROWS, _TYPES, rows)
+            tx.execute_rows(f"INSERT INTO {_TABLE} SELECT * FROM {{rows}}", _TYPES, rows)
         assert sizes == [db.PG_ROWS_PER_STATEMENT] * 5 + [7]
         with store.db.transaction(write=False) as tx:
             assert tx.execute("SELECT count(*) FROM audit")[0][0] == n
+    finally:
+        store.close()
+
+
+def test_on_postgresql_a_flush_copies_its_audit_rows_in_statements_each_under_the_deadline(
+        tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # INSERT ... SELECT FROM unnest(arrays) cost the flush thread 42-50 ms of CPU a second's
+    # 13k rows beside the event loop; COPY, 21-25, in COPYs that each hold the GIL briefly.
+    # Each COPY has its deadline, as every statement does (the next test).
+    store = GrantStore(str(tmp_path / "state"), pg_url).open()
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    store.on_flush = log.flush_into
+    sizes: list[int] = []
+    real = db._Watched.copy_rows
+
+    def copy_rows(self: db._Watched, statement: str, types: Any, rows: Any) -> None:
+        sizes.append(len(rows))
+        assert statement.startswith("COPY audit (time, event, grant_id, sub, repo, result, replica, fields) FROM STDIN")
+        real(self, statement, types, rows)
+
+    monkeypatch.setattr(db._Watched, "copy_rows", copy_rows)
+    n = 2 * db.PG_COPY_ROWS + 5
+    try:
+        for i in range(n):
+            log.record("mint", {"grant": f"g{i % 7}", "sub": f"s{i % 7}", "repo": "team/app", "result": "ok", "ttl": i})
+        store.flush()
+        assert sizes == [db.PG_COPY_ROWS, db.PG_COPY_ROWS, 5]
+        assert log.buffered == 0
+        with store.db.transaction(write=False) as tx:
+            ttls = sorted(json.loads(str(r[0]))["ttl"] for r in tx.execute("SELECT fields FROM audit WHERE event = 'mint'"))
+        assert ttls == list(range(n))  # each once
+    finally:
+        store.close()
+        log.close()
+
+
+def test_a_copy_the_hung_database_does_not_take_fails_within_the_deadline(pausable: Postgres) -> None:
+    # A COPY is a stream of writes, then a wait for the server's answer: a stopped server
+    # must not hold the flush thread (and the `grant list` waiting on its flush) forever.
+    from git_credential_codestore.agent.audit import _TABLE, _TYPES
+
+    store = Database(pausable.create_database()).open()
+    big = "x" * 1000
+    rows = [(1_700_000_000 + i, "mint", "g1", "s1", "team/app", "ok", "host:1", big) for i in range(3 * db.PG_COPY_ROWS)]
+    try:
+        statements: list[str] = []
+        t0 = 0.0
+        try:
+            with pytest.raises(StoreError) as failed:
+                with store.transaction() as tx:
+                    tx.execute("SELECT 1")  # answered: the server stops in the middle of the transaction
+                    _pause(pausable, signal.SIGSTOP)
+                    try:
+                        t0 = time.monotonic()
+                        tx.insert_rows(_TABLE, _TYPES, rows)
+                    finally:
+                        statements.append(tx._cur.statement)  # type: ignore[attr-defined]
+            took = time.monotonic() - t0
+        finally:
+            _pause(pausable, signal.SIGCONT)
+        assert statements[0].startswith("COPY audit"), statements  # what it waited on
+        assert took < ANSWER_DEADLINE + 1.5, took
+        assert f"did not answer within {ANSWER_DEADLINE:g} s" in str(failed.value) and "\n" not in str(failed.value), str(failed.value)
+        # The connection given up on was not pooled: the next transaction works, and nothing
+        # of the failed one was committed.
+        def count() -> int:
+            with store.transaction(write=False) as tx:
+                return int(tx.execute("SELECT count(*) FROM audit")[0][0])  # type: ignore[call-overload]
+
+        assert wait_for(lambda: count() == 0, timeout=5)
     finally:
         store.close()
 

@@ -369,7 +369,7 @@ def test_records_a_killed_writer_left_only_in_the_file_are_added_once(database: 
         done = killed.flush_into(tx)
     done()
     with database.transaction() as tx:  # another replica's rows, between and after
-        tx.execute_rows(agent_audit._INSERT_ROWS, agent_audit._TYPES, [(int(time.time()), "mint", "g9", None, None, "ok", "other:7", "{}")] * 3)
+        tx.insert_rows(agent_audit._TABLE, agent_audit._TYPES, [(int(time.time()), "mint", "g9", None, None, "ok", "other:7", "{}")] * 3)
     entry = killed.prepare("mint", {"grant": "g1", "ttl": 99})
     for _ in range(5):
         killed.emit(entry)  # the same record five times in one second: five records
@@ -406,6 +406,27 @@ def test_records_a_killed_writer_left_only_in_the_file_are_added_once(database: 
         assert agent_audit.recover(database, str(path), {"host:100"}) == 3  # named, any writer is read back
     finally:
         live.close()
+
+
+def test_a_record_with_a_number_or_a_list_where_a_column_takes_text_is_stored_as_text(database: Database, tmp_path: Path) -> None:
+    # PostgreSQL's COPY takes a text column's value as a string only: a number there (from a
+    # line `recover` reads back) failed the flush every time, and every row behind it waited.
+    path = tmp_path / "audit.log"
+    log = _writer(path, "host:200")
+    log.record("mint", {"grant": 5, "sub": ["a"], "repo": True, "ttl": 1})
+    with database.transaction() as tx:
+        done = log.flush_into(tx)
+    done()
+    killed = _writer(path, "host:201")
+    stamp = time.strftime(audit.TIME_FORMAT, time.gmtime())
+    killed._append(json.dumps({"time": stamp, "event": "mint", "grant": 7, "sub": {"x": 1}, "repo": "team/app", "replica": "host:201"},
+                              separators=(",", ":")))
+    killed.close()
+    log.close()
+    assert agent_audit.recover(database, str(path)) == 1
+    with database.transaction(write=False) as tx:
+        got = tx.execute("SELECT grant_id, sub, repo, replica FROM audit ORDER BY id")
+    assert got == [("5", None, None, "host:200"), ("7", None, "team/app", "host:201")]
 
 
 def _state_rows(a: Agent) -> dict[object, int]:

@@ -79,7 +79,6 @@ _COLUMNS = {"repo": "repo", "grant": "grant_id", "sub": "sub", "event": "event"}
 _TABLE = "audit (time, event, grant_id, sub, repo, result, replica, fields)"
 _TYPES = ("bigint", "text", "text", "text", "text", "text", "text", "text")
 _INSERT = f"INSERT INTO {_TABLE} VALUES ({', '.join('?' * len(_TYPES))})"
-_INSERT_ROWS = f"INSERT INTO {_TABLE} SELECT * FROM {{rows}}"
 
 
 _LINE = json.JSONEncoder(separators=(",", ":"), default=str).encode  # one encoder, not one per entry
@@ -227,7 +226,7 @@ class AuditLog:
             taken = self._taken
         batch = taken[:FLUSH_ROWS] if tx.one_writer else list(taken)
         if batch:
-            tx.execute_rows(_INSERT_ROWS, _TYPES, batch)
+            tx.insert_rows(_TABLE, _TYPES, batch)
 
         def committed() -> int:
             with self._lock:
@@ -254,9 +253,13 @@ def replica_of(pid: int) -> str:
 
 
 def _columns(entry: Mapping[str, object]) -> tuple[object, ...]:
-    """A row's columns after `time`, but `fields` (the line): what is not a string or number is NULL."""
+    """A row's columns after `time`, but `fields` (the line), all text: a number as its
+    digits, anything else not a string NULL. PostgreSQL's COPY (db.Tx.insert_rows) takes a
+    text column's value as a string only: a number there (a line read back by `recover`)
+    failed the flush's every try, and the rows behind it waited for ever."""
     row = (entry.get("event"), entry.get("grant"), entry.get("sub"), entry.get("repo"), entry.get("result"), entry.get("replica"))
-    return tuple(None if v is not None and not isinstance(v, (str, int)) else v for v in row)
+    return tuple(v if v is None or isinstance(v, str) else str(v) if isinstance(v, int) and not isinstance(v, bool) else None
+                 for v in row)
 
 
 def recover(database: db.Database, path: str, writers: Collection[str] | None = None) -> int:
@@ -336,7 +339,7 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
     per = FLUSH_ROWS if database.one_writer else max(1, len(missing))
     for i in range(0, len(missing), per):
         with database.transaction() as tx:
-            tx.execute_rows(_INSERT_ROWS, _TYPES, missing[i:i + per])
+            tx.insert_rows(_TABLE, _TYPES, missing[i:i + per])
     return len(missing)
 
 
