@@ -890,8 +890,8 @@ def test_on_postgresql_a_seconds_audit_rows_go_in_statements_that_each_hold_the_
 
 def test_on_postgresql_a_flush_copies_its_audit_rows_in_statements_each_under_the_deadline(
         tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # INSERT ... SELECT FROM unnest(arrays) cost the flush thread 42-50 ms of CPU a second's
-    # 13k rows beside the event loop; COPY, 21-25, in COPYs that each hold the GIL briefly.
+    # INSERT ... SELECT FROM unnest(arrays) cost the flush thread 41-50 ms of CPU a second's
+    # 13k rows beside the event loop; COPY, 22-25, in COPYs that each hold the GIL briefly.
     # Each COPY has its deadline, as every statement does (the next test).
     store = GrantStore(str(tmp_path / "state"), pg_url).open()
     log = agent_audit.AuditLog(str(tmp_path / "audit.log"))

@@ -153,8 +153,8 @@ class Tx:
         PostgreSQL: COPY FROM STDIN in binary, PG_COPY_ROWS rows a COPY, each under the
         deadline a statement has. psycopg writes a row in C, a call a row, so the GIL can
         change hands between rows; `execute_rows` turns a statement's arrays into their wire
-        format in one call. A second's 13k audit rows cost this client 21-25 ms of CPU
-        instead of 42-50 (the agent's flush thread, beside the event loop that mints).
+        format in one call. A second's 13k audit rows cost this client 22-25 ms of CPU
+        instead of 41-50 (the agent's flush thread, beside the event loop that mints).
         Bigger COPYs cost less still, but held the GIL in slices up to the switch interval
         (5 ms), and the agent's p99 rose: docs/fleet.md has the numbers.
         SQLite: `execute_rows`'s INSERT (in-process; no COPY).
