@@ -261,7 +261,8 @@ def test_an_entry_is_encoded_once_and_each_record_has_its_own_time(tmp_path: Pat
     log.close()
     for line, stamp in ((first, "2023-11-14T22:13:20Z"), (second, "2023-11-14T22:14:21Z")):
         assert json.loads(line) == {"time": stamp, "event": "refuse", **fields, "replica": log.replica}
-    assert row == (1_700_000_000, "refuse", "g1", "\x00time", "\\u0000time", None, log.replica, first)
+    # The line keeps every value; the sub column holds what both stores' text can (_text).
+    assert row == (1_700_000_000, "refuse", "g1", "\ufffdtime", "\\u0000time", None, log.replica, first)
 
 
 def test_a_flush_writes_the_rows_buffered_when_it_began_and_ends(tmp_path: Path) -> None:
@@ -427,6 +428,42 @@ def test_a_record_with_a_number_or_a_list_where_a_column_takes_text_is_stored_as
     with database.transaction(write=False) as tx:
         got = tx.execute("SELECT grant_id, sub, repo, replica FROM audit ORDER BY id")
     assert got == [("5", None, None, "host:200"), ("7", None, "team/app", "host:201")]
+
+
+def _foreign_line(replica: str, **fields: object) -> str:
+    """An audit line as a writer of the file wrote it (JSON, ASCII: any code point escaped)."""
+    return json.dumps({"time": time.strftime(audit.TIME_FORMAT, time.gmtime()), "event": "mint", **fields, "replica": replica},
+                      separators=(",", ":"))
+
+
+def test_a_line_read_back_with_a_nul_or_a_lone_surrogate_is_stored_with_u_fffd(database: Database, tmp_path: Path) -> None:
+    # JSON's escapes make any code point: "\u0000" is a string PostgreSQL's text refuses,
+    # "\ud800" one no store can hold as UTF-8. Read back by `recover`, the line failed its
+    # transaction: on SQLite an unexpected UnicodeEncodeError (the agent did not start), on
+    # PostgreSQL the whole recovery with it.
+    path = tmp_path / "audit.log"
+    killed = _writer(path, "host:300")
+    killed._append(_foreign_line("host:300", grant="g\x00", sub="a\ud800b", repo="team/app"))
+    killed._append(_foreign_line("host:300", grant="g2", sub="s2", repo="team/app"))
+    killed.close()
+    assert agent_audit.recover(database, str(path)) == 2
+    with database.transaction(write=False) as tx:
+        got = tx.execute("SELECT grant_id, sub, repo FROM audit ORDER BY id")
+    assert got == [("g\ufffd", "a\ufffdb", "team/app"), ("g2", "s2", "team/app")]
+    assert agent_audit.recover(database, str(path)) == 0  # counted as stored: nothing twice
+
+
+def test_an_agent_starts_with_such_a_line_in_its_audit_file_and_stores_it(tmp_path: Path, org_key: OrgKey) -> None:
+    # It stopped at start with "internal error (UnicodeEncodeError)", exit 3, until someone
+    # found and mended the line.
+    path = tmp_path / "agent-state" / "audit.log"
+    path.parent.mkdir(mode=0o700)
+    path.write_text(_foreign_line("host:301", grant="g1", sub="a\ud800b", repo=REPO) + "\n")
+    path.chmod(0o600)
+    a = start_agent(tmp_path)
+    assert a.proc.poll() is None
+    assert "added to the database 1 audit record(s)" in _stderr(a)
+    assert _state_rows(a) == {"host:301": 1}
 
 
 def _state_rows(a: Agent) -> dict[object, int]:

@@ -253,13 +253,28 @@ def replica_of(pid: int) -> str:
 
 
 def _columns(entry: Mapping[str, object]) -> tuple[object, ...]:
-    """A row's columns after `time`, but `fields` (the line), all text: a number as its
-    digits, anything else not a string NULL. PostgreSQL's COPY (db.Tx.insert_rows) takes a
-    text column's value as a string only: a number there (a line read back by `recover`)
-    failed the flush's every try, and the rows behind it waited for ever."""
+    """A row's columns after `time`, but `fields` (the line), all text that both stores can
+    hold: a number as its digits, anything else not a string NULL, and in a string a NUL or
+    a lone surrogate as U+FFFD (see _text). Made once a prepared entry, not once a token."""
     row = (entry.get("event"), entry.get("grant"), entry.get("sub"), entry.get("repo"), entry.get("result"), entry.get("replica"))
-    return tuple(v if v is None or isinstance(v, str) else str(v) if isinstance(v, int) and not isinstance(v, bool) else None
+    return tuple(_text(v) if isinstance(v, str) else str(v) if isinstance(v, int) and not isinstance(v, bool) else None
                  for v in row)
+
+
+def _text(value: str) -> str:
+    """`value` with what a store's text cannot hold replaced by U+FFFD.
+
+    The agent's own entries never have it (their values are checked where they come in),
+    but `recover` parses lines back from a file anyone with the owner's rights can write,
+    and JSON's escapes make any code point: "\\u0000" is a string PostgreSQL's text
+    refuses, "\\ud800" one that cannot be UTF-8 for either store. Read back, such a value
+    failed the transaction it was in: on PostgreSQL the whole recovery with it, on SQLite
+    with a UnicodeEncodeError nobody expected, and the agent did not start ("internal
+    error", exit 3) until someone mended the line.
+    """
+    if "\x00" in value or not value.isascii() and any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        return "".join("\ufffd" if c == "\x00" or 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+    return value
 
 
 def recover(database: db.Database, path: str, writers: Collection[str] | None = None) -> int:
