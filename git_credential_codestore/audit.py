@@ -36,6 +36,7 @@ from typing import Any
 
 from .errors import ConfigError, redact
 from .files import open_nonblocking
+from .lines import has_control, has_surrogate
 
 EVENTS = ("push", "promote")
 # Every event a trail holds: the reports above, then the agent's (agent/server.py, agent/trust.py).
@@ -206,6 +207,15 @@ def parse_time(value: str, option: str) -> str:
     raise ConfigError(f"{option} takes a UTC time like 2026-11-28T22:00:00Z or 2026-11-28, or an age like 30m, 2h, 7d; not {value[:40]!r}")
 
 
+def check_text(value: str, option: str) -> str:
+    """A filter's value, unless it holds what no entry can (a control character; a lone
+    surrogate, which no database driver can encode): that is bad input, said so, not a
+    database failure (PostgreSQL refuses a NUL: "try again") or an internal error."""
+    if has_control(value) or has_surrogate(value):
+        raise ConfigError(f"{option} takes text without control characters or unpaired surrogates, not {value[:40]!r}")
+    return value
+
+
 class Query:
     """Which entries to keep: every given field must match (times compare as UTC text).
 
@@ -221,6 +231,8 @@ class Query:
         if unknown:
             raise ConfigError(f"unknown audit filter {sorted(unknown)[0]!r}")
         self.criteria = {k: v for k, v in criteria.items() if v}
+        for key, value in self.criteria.items():
+            check_text(value, f"--{key}")
         for key in ("since", "until"):
             if key in self.criteria:
                 self.criteria[key] = parse_time(self.criteria[key], f"--{key}")

@@ -22,6 +22,12 @@ def has_control(text: str) -> bool:
     return not _CONTROLS.isdisjoint(text)
 
 
+def has_surrogate(text: str) -> bool:
+    """A lone surrogate: only an escape makes one (JSON's \\ud800), and no database driver
+    can encode it as UTF-8."""
+    return not text.isascii() and any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
 def parse_lines(
     data: bytes, *, what: str, max_lines: int | None = None, controls: bool = True, stop_at_blank: bool = True
 ) -> list[tuple[str, str]]:

@@ -24,7 +24,7 @@ import pytest
 
 from git_credential_codestore import audit
 from git_credential_codestore.agent import audit as agent_audit
-from git_credential_codestore.agent.client import AgentRefused, Endpoint, call
+from git_credential_codestore.agent.client import AgentRefused, Endpoint, call, exchange
 from git_credential_codestore.agent.db import Database, Tx
 from git_credential_codestore.agent.grants import GrantStore
 from tests.conftest import DevServer, OrgKey, commit, git, run_cli, wait_for
@@ -464,6 +464,27 @@ def test_an_agent_starts_with_such_a_line_in_its_audit_file_and_stores_it(tmp_pa
     assert a.proc.poll() is None
     assert "added to the database 1 audit record(s)" in _stderr(a)
     assert _state_rows(a) == {"host:301": 1}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_query_for_a_value_no_entry_can_hold_is_bad_input_in_one_line(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest, org_key: OrgKey) -> None:
+    # A filter with a lone surrogate was a 500 "internal error (UnicodeEncodeError)"; with a
+    # NUL, on PostgreSQL, a 503 "cannot read the audit trail ... try again" that no retry mends.
+    a = replica(tmp_path, "a", request.getfixturevalue("pg_url") if backend == "postgresql" else None)
+    ep = Endpoint("unix", a.socket)
+    try:
+        for field, value in (("repo", "team/\ud800"), ("sub", "a\x00b"), ("grant", "g\x1b[2J"), ("event", "mint\n")):
+            status, reply = exchange(ep, "POST", "/v1/audit/query", json.dumps({field: value}).encode(), "application/json")
+            error = json.loads(reply)["error"]
+            assert status == 400 and error.startswith(f"--{field} takes text without control characters") and "\n" not in error, (status, error)
+        status, reply = exchange(ep, "POST", "/v1/audit/query", json.dumps({"sub": "naïve ✓"}).encode(), "application/json")
+        assert status == 200, reply  # any other text is a query, matching or not
+    finally:
+        a.stop()
+    cli = run_cli("codestore", "audit", "--sub", "a\x01b", env=a.env)  # a usage error, as a bad --since is
+    assert cli.returncode == 2 and "'--sub': --sub takes text without control characters" in cli.stderr, cli
+    assert cli.stderr.count("\n") == 1 and "Traceback" not in cli.stderr, cli
 
 
 def _state_rows(a: Agent) -> dict[object, int]:

@@ -72,6 +72,7 @@ def test_token_prints_one_scoped_short_lived_token(org_key: OrgKey) -> None:
         (["token", "a", "--ttl", "0"], "'--ttl': 0 is not in the range", 2),  # was: silently the default 300
         (["token", "a", "--scope", "root"], "'--scope': 'root' is not one of", 2),
         (["audit", "--since", "garbage"], "'--since': --since takes a UTC time", 2),
+        (["audit", "--repo", "team/\x1b[2Japp"], "'--repo': --repo takes text without control characters", 2),
     ],
 )
 def test_bad_input_is_one_line_and_no_traceback(org_key: OrgKey, args: list[str], fragment: str, code: int) -> None:

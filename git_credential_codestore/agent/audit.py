@@ -39,6 +39,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from ..audit import EVENTS, TIME_FORMAT, Query
 from ..errors import UsageError, redact
 from ..files import open_append, open_nonblocking
+from ..lines import has_surrogate
 from . import db
 
 MAX_BUFFER = 100_000  # rows waiting for the database; beyond it the file alone has them
@@ -272,7 +273,7 @@ def _text(value: str) -> str:
     with a UnicodeEncodeError nobody expected, and the agent did not start ("internal
     error", exit 3) until someone mended the line.
     """
-    if "\x00" in value or not value.isascii() and any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+    if "\x00" in value or has_surrogate(value):
         return "".join("\ufffd" if c == "\x00" or 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
     return value
 

@@ -24,11 +24,23 @@ def _time(value: str | None, option: str) -> str | None:
     return value
 
 
+def _text(value: str | None, option: str) -> str | None:
+    """A text filter checked as the command line is read, as `_time` is."""
+    if value is None:
+        return None
+    from ..audit import check_text
+
+    try:
+        return check_text(value, option)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @click.command("audit")
-@click.option("--repo", help="Only this repository.")
+@click.option("--repo", callback=lambda ctx, param, value: _text(value, "--repo"), help="Only this repository.")
 @click.option("--ref", metavar="REF", help="Only pushes and promotions that touched this ref (feat means refs/heads/feat).")
-@click.option("--grant", "grant_id", metavar="ID", help="Only this grant id.")
-@click.option("--sub", help="Only this `sub` (who pushed or was minted for).")
+@click.option("--grant", "grant_id", metavar="ID", callback=lambda ctx, param, value: _text(value, "--grant"), help="Only this grant id.")
+@click.option("--sub", callback=lambda ctx, param, value: _text(value, "--sub"), help="Only this `sub` (who pushed or was minted for).")
 @click.option("--event", type=click.Choice(ALL_EVENTS), help="Only this event.")
 @click.option("--since", metavar="TIME", callback=lambda ctx, param, value: _time(value, "--since"),
               help="From this UTC time (2026-11-28T22:00:00Z, 2026-11-28) or age (30m, 2h, 7d).")
