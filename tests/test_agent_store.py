@@ -994,6 +994,25 @@ def test_a_malformed_page_cursor_or_limit_is_a_400_not_an_internal_error(agent: 
     assert proc.returncode == 1 and "bad page cursor" in proc.stderr and "internal error" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_grant_list_filter_no_grant_can_hold_is_a_400_on_either_store(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest, org_key: OrgKey) -> None:
+    # On PostgreSQL a NUL in the filter was a 503 "the grant store ... failed (PostgreSQL text
+    # fields cannot contain NUL (0x00) bytes)": bad input read as the store being away.
+    a = replica(tmp_path, "a", request.getfixturevalue("pg_url") if backend == "postgresql" else None)
+    try:
+        for query in ("sub=a%00b", "repo=team%2F%00app", "sub=a%1B%5B2Jb", "repo=team/%0Aapp"):
+            status, reply = admin(a, "GET", f"/v1/grants?{query}")
+            key = query.partition("=")[0]
+            assert status == 400 and reply["error"].startswith(f"{key} takes text without control characters"), (query, status, reply)
+        assert admin(a, "GET", "/v1/grants?sub=na%C3%AFve")[0] == 200  # other text is a filter, matching or not
+        proc = run_cli("codestore", "grant", "list", "--sub", "a\x01b", env=dict(a.env, CODESTORE_AGENT_SOCK=a.socket))
+        assert proc.returncode == 1 and "sub takes text without control characters" in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "internal error" not in proc.stderr, proc.stderr
+    finally:
+        a.stop()
+
+
 def test_the_store_password_is_shown_nowhere(tmp_path: Path, org_key: OrgKey, pg_url: str) -> None:
     # Threat: the database password, given as libpq's `password=` in the URL's query, printed
     # in the ready line and `agent status`, and sent to the owner in audit replies (and to
