@@ -69,6 +69,22 @@ def test_a_grant_for_a_repository_no_id_can_name_is_refused(repo: str) -> None:
     assert policy.parse_terms({"repos": ["team/*", "*", "team/app"]}).repos == ["team/*", "*", "team/app"]
 
 
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/grants", {"repos": [REPO], "max_ttl_seconds": 60}, "max_ttl_seconds"),  # was a grant of the default 900 s
+    ("/v1/grants", {"repos": [REPO], "scope": "git:write"}, "scope"),
+    ("/v1/trust", {"issuer": "https://issuer.example", "audience": "a", "claims": [["repository_owner", "acme"]],
+                   "repos": [REPO], "max_ttl_s": 60}, "max_ttl_s"),
+])
+def test_a_field_an_admin_request_does_not_take_is_a_400_naming_it(agent: Agent, path: str, body: object, field: str) -> None:
+    # Ignored, a misspelt limit made a grant (or a trust policy) with the default in its
+    # place and said nothing: less privilege asked for, more granted.
+    status, reply = exchange_json(agent, path, body)
+    error = str(reply.get("error"))
+    assert status == 400 and f"has no field {field!r}; it takes " in error and "max_ttl" in error, (status, reply)
+    made = exchange_json(agent, "/v1/grants", {"repos": [REPO]})  # the fields it takes still work
+    assert made[0] == 201, made
+
+
 @pytest.mark.parametrize("path, body", [
     ("/v1/grants", {"repos": [REPO], "expires_in": 99999999999999999999999}),
     ("/v1/grants", {"repos": [REPO], "expires_in": True}),

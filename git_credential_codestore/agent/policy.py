@@ -128,6 +128,17 @@ class Terms:
     refs: list[list[object]]
 
 
+TERMS = frozenset({"repos", "scopes", "max_ttl", "ephemeral_only", "refs"})  # parse_terms's fields
+
+
+def only_known(data: Mapping[str, object], known: frozenset[str], what: str) -> None:
+    """ConfigError for a field an admin request's `what` does not take. Ignored, a misspelt
+    limit (`max_ttl_seconds`) made a grant with the default in its place, and said nothing."""
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ConfigError(f"{what} has no field {unknown[0][:40]!r}; it takes {', '.join(sorted(known))}")
+
+
 def parse_terms(data: Mapping[str, object]) -> Terms:
     """`repos`, `scopes`, `max_ttl`, `ephemeral_only`, `refs` of an admin request; ConfigError names the option."""
     repos = data.get("repos")

@@ -71,6 +71,7 @@ from .metrics import Metrics, Table
 from .trust import Trust, TrustStore
 
 MAX_BODY = 64 * 1024
+GRANT_FIELDS = policy.TERMS | {"expires_in", "sub", "own_socket", "max_per_minute"}  # POST /v1/grants
 MAX_HEAD = 16 * 1024  # request line and headers
 MAX_GRANT_LIFE = 36500 * 86400  # seconds a grant may last (`--expires-in`)
 MAX_CONNECTIONS = 1024
@@ -456,6 +457,7 @@ class Agent:
         if not isinstance(data, dict):
             return 400, {"error": "grant request must be a JSON object"}
         try:
+            policy.only_known(data, GRANT_FIELDS, "a grant")
             terms = policy.parse_terms(data)  # shared with trust policies: the same limits
             expires_in = data.get("expires_in")
             if expires_in is not None and (not isinstance(expires_in, int) or isinstance(expires_in, bool)

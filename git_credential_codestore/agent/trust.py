@@ -159,10 +159,14 @@ class Bound:
         return "active"  # expiry is handled by clamp_to_grant through expires_at
 
 
+POLICY_FIELDS = policy.TERMS | {"issuer", "audience", "claims", "sub_template", "max_identity_lifetime"}  # POST /v1/trust
+
+
 def parse_policy(data: object) -> TrustPolicy:
     """A `POST /v1/trust` body -> a new policy; ConfigError names the option to fix."""
     if not isinstance(data, Mapping):
         raise ConfigError("a trust policy must be a JSON object")
+    policy.only_known(data, POLICY_FIELDS, "a trust policy")
     issuer = data.get("issuer")
     if not isinstance(issuer, str) or not re.fullmatch(r"https://[!-~]+", issuer) or not re.fullmatch(r"https://[^/?#@]+(/[^?#]*)?", issuer):
         raise ConfigError("--issuer must be the issuer's https:// URL exactly as its tokens' iss claim says it")
