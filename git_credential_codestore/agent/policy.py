@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TypeGuard, cast
 
 from ..errors import ConfigError, PolicyError, Refused
-from ..lines import has_control
+from ..lines import has_control, has_surrogate
 from ..vocab import MAX_TTL, MIN_TTL, TokenRequest, check_ttl, parse_scopes, ref_policy, with_implied
 
 TYPE_CHECKING = False
@@ -53,13 +53,7 @@ def is_sub(value: object) -> TypeGuard[str]:
     """Whether a caller-named `sub` (a grant's, an owner's) may be used: short text without a
     control character (NUL: PostgreSQL will not store it; a line break) or a lone surrogate
     (no database driver can encode one). Unicode spaces are allowed, as on the wire."""
-    if not isinstance(value, str) or not 0 < len(value) <= 200 or has_control(value):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return isinstance(value, str) and 0 < len(value) <= 200 and not has_control(value) and not has_surrogate(value)
 
 
 @dataclass(frozen=True)

@@ -55,10 +55,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TextIO, TypeVar
 
 from .. import tokens, trace
+from ..audit import check_text
 from ..config import Config
 from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, boundary, redact
 from ..files import not_a_file
-from ..lines import has_control, has_surrogate
 from ..vocab import TokenRequest, is_loopback, split_url
 from . import policy, report, wire
 from .audit import AuditLog, Change, recover, replica_of, told, withdraw
@@ -521,12 +521,14 @@ class Agent:
         limit = q.get("limit", "100")
         if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 1000):
             return 400, {"error": "limit must be 1..1000"}
-        for key in ("repo", "sub"):
-            value = q.get(key)
-            # No grant holds one (repos and subs are checked as grants are made), and
-            # PostgreSQL refuses a NUL in a query: a 503 "the store failed" for bad input.
-            if value is not None and (has_control(value) or has_surrogate(value)):
-                return 400, {"error": f"{key} takes text without control characters or unpaired surrogates, not {value[:40]!r}"}
+        try:
+            for key in ("repo", "sub"):
+                # No grant holds one (repos and subs are checked as grants are made), and
+                # PostgreSQL refuses a NUL in a query: a 503 "the store failed" for bad input.
+                if (value := q.get(key)) is not None:
+                    check_text(value, key)
+        except ConfigError as e:
+            return 400, {"error": str(e)}
         try:
             grants, cursor = self.store.page(repo=q.get("repo"), sub=q.get("sub"), state=state, after=q.get("after"), limit=int(limit))
         except CodestoreError as e:
