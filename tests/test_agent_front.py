@@ -6,6 +6,7 @@ Each test runs against both fronts, through the installed `codestore agent serve
 from __future__ import annotations
 
 import _socket
+import json
 import re
 import signal
 import socket
@@ -280,6 +281,86 @@ def test_a_remembered_token_decision_names_each_caller_and_ends_with_its_grant(t
         assert raw_exchange(a.socket, request).startswith(b"HTTP/1.1 401")
     finally:
         a.stop()
+
+
+def _decided(agent: object, caller: Caller, authorization: str | None, body: bytes) -> int:
+    """The status of one token request through the path every token takes (respond_tokens)."""
+    from git_credential_codestore.agent.server import respond_tokens
+
+    return respond_tokens(agent, [(caller, authorization, body)])[0][0]  # type: ignore[arg-type]
+
+
+def test_a_remembered_decision_is_only_for_the_secret_and_caller_it_was_decided_for(
+        tmp_path: Path, in_process: tuple[AsgiFront, str]) -> None:
+    # Agent.decide remembers a grant's decision under the request as it came: the
+    # Authorization value, the body and who asks. Threat: a remembered decision answering
+    # a request it was not made for: another secret claiming the same grant id (never
+    # checked against the grant's hash), or another caller written in the audit as the first.
+    import os
+
+    front, grant = in_process
+    agent = front.agent
+    body = f"repo={REPO}\nscopes=git:read\n".encode()
+    first, second = Caller("socket", os.getuid(), "uid:1"), Caller("socket", os.getuid(), "uid:2")
+    for _ in range(2):  # decided, then remembered
+        assert _decided(agent, first, f"Grant {grant}", body) == 200
+    forged = f"Grant {grant.rsplit('_', 1)[0]}_{'A' * 43}"  # the grant's id, another secret
+    assert _decided(agent, first, forged, body) == 401
+    assert _decided(agent, second, f"Grant {grant}", body) == 200
+    assert _decided(agent, first, f"Grant {grant}", body.replace(b"git:read", b"git:write")) == 403  # the grant reads only
+    agent.audit.close()
+    lines = [json.loads(ln) for ln in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [(e["event"], e["peer"], e["scopes"]) for e in lines if e["event"] in ("mint", "refuse")] == [
+        ("mint", "uid:1", ["git:read"]), ("mint", "uid:1", ["git:read"]), ("refuse", "uid:1", ["git:read"]),
+        ("mint", "uid:2", ["git:read"]), ("refuse", "uid:1", ["git:write"])]
+
+
+def test_a_remembered_decision_ends_with_a_revocation_however_the_replica_learns_of_it(
+        tmp_path: Path, in_process: tuple[AsgiFront, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # What is remembered is vouched for by the store's count of cached grants replaced,
+    # while it stands still. Threat: a revocation this replica takes in without that count
+    # moving, the remembered decision then minting under a revoked grant: one made on
+    # another replica (taken in by sync), and one of a grant evicted from the cache
+    # meanwhile (taken in as a grant new to the cache, not as a replacement); and a view of
+    # the grants gone stale (the store not answering) must refuse as it did before.
+    import os
+
+    from git_credential_codestore.agent import grants as agent_grants
+    from git_credential_codestore.agent.db import DB_FILE
+    from git_credential_codestore.agent.grants import GrantStore
+
+    front, grant = in_process
+    agent = front.agent
+    caller = Caller("socket", os.getuid(), "uid:1")
+    body = f"repo={REPO}\nscopes=git:read\n".encode()
+    other = GrantStore(str(tmp_path / "other"), str(tmp_path / "state" / DB_FILE)).open()  # a replica on the same database
+    try:
+        # Revoked on the other replica, taken in by this one's sync.
+        assert _decided(agent, caller, f"Grant {grant}", body) == 200
+        assert _decided(agent, caller, f"Grant {grant}", body) == 200
+        other.revoke(grant.split("_")[1])
+        agent.store.catch_up()
+        assert _decided(agent, caller, f"Grant {grant}", body) == 401
+
+        # Evicted from this replica's cache by grants made on the other replica, then revoked
+        # there: all three taken in as grants new to the cache, none replacing one.
+        monkeypatch.setattr(agent_grants, "CACHE_MAX", 2)
+        second = str(agent.create_grant({"repos": [REPO]})[1]["grant"])
+        for _ in range(2):
+            assert _decided(agent, caller, f"Grant {second}", body) == 200
+        for _ in range(2):
+            other.create(repos=["other/*"], scopes=["git:read"], max_ttl=300)
+        other.revoke(second.split("_")[1])
+        agent.store.catch_up()
+        assert _decided(agent, caller, f"Grant {second}", body) == 401
+
+        # A view gone stale.
+        third = str(agent.create_grant({"repos": [REPO]})[1]["grant"])
+        assert _decided(agent, caller, f"Grant {third}", body) == 200
+        monkeypatch.setattr(agent.store, "_fresh_until", 0.0)
+        assert _decided(agent, caller, f"Grant {third}", body) == 503
+    finally:
+        other.close()
 
 
 def test_a_keep_alive_connection_idle_after_a_token_is_closed(tmp_path: Path, org_key: OrgKey) -> None:

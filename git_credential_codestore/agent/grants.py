@@ -219,6 +219,11 @@ class GrantStore:
         self._flush_waiters = 0  # flushes waiting for the one in progress (which then stops spreading)
         self._flush_failed: StoreError | None = None
         self._cache: dict[str, Grant] = {}
+        # Cached grants replaced (a change: a revocation, another replica's change taken in)
+        # or evicted. While it stands still, every grant object read from the cache is still
+        # the cache's: what was decided under one holds (Agent.decide). Read it before the
+        # lookup it vouches for; _remember raises it after the cache is written.
+        self.replaced = 0
         self._reading: dict[str, _Read] = {}  # grant id -> the read in progress (get)
         self._seq = 0
         self._fresh_until = 0.0
@@ -402,9 +407,12 @@ class GrantStore:
             have = self._cache.get(grant.id)
             if have is not None and have.seq > grant.seq:
                 return
-            if have is None and len(self._cache) >= CACHE_MAX:
+            evict = have is None and len(self._cache) >= CACHE_MAX
+            if evict:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[grant.id] = grant
+            if have is not None or evict:
+                self.replaced += 1
 
     def check(self) -> None:
         """Raise StoreError when this replica cannot vouch for its view of the grants."""

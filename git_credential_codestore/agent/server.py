@@ -113,6 +113,13 @@ class Prepared:
         self.rest = wire.encode({"ttl": decision.ttl, "scopes": list(decision.scopes), "sub": decision.sub})
 
 
+# A token request as it came: (Authorization, body, transport, peer, bound grant); and what
+# was decided for it under a grant version: (the grant, the token prepared, who, the
+# request's fields, GrantStore.replaced when the grant was read).
+_Asked = tuple[str | None, bytes, str, str, str | None]
+_Decided = tuple[Grant, Prepared, Mapping[str, object], object, int]
+
+
 class Unsigned:
     """A token decided up to its signature (Agent.decide): signed by `Agent.finish`, or first
     in a row with others (`Agent.sign`, for `respond_tokens`)."""
@@ -163,7 +170,7 @@ class Agent:
         # costs more than a cached grant lookup on every token.
         self.tracing = trace.target() is not None
         self._requests: dict[bytes, tuple[TokenRequest, dict[str, str], TokenRequest | policy.Refused]] = {}
-        self._prepared: dict[tuple[str, int, bytes, str, str], Prepared] = {}  # see mint
+        self._decided: dict[_Asked, _Decided] = {}  # see decide
 
     # -- the router -------------------------------------------------------------------
 
@@ -311,6 +318,28 @@ class Agent:
     def decide(self, caller: Caller, authorization: str | None, body: bytes) -> tuple[int, dict[str, object]] | Unsigned:
         """A token request up to the token's signature: the reply (a refusal, a workload
         identity's exchange), or the token to sign and hand out (`finish`)."""
+        # A grant's decision for one request depends on nothing else while the grant has no
+        # expiry (its TTL is clamped to what is left of it) and no per-minute limit: remembered
+        # under the request as it came (the Authorization value, the body, who asks) with the
+        # grant version it was decided under. One lookup then stands for reading the body,
+        # checking the secret and deciding: with 1000 grants in use each of those was a
+        # separate object per grant, out of the CPU's caches by the grant's next token. The
+        # version is the cached grant object itself (a change, a revocation, caches a new
+        # one), vouched for by the store's count of replaced grants while that stands still.
+        replaced = self.store.replaced  # before any lookup it vouches for
+        asked = (authorization, body, caller.transport, caller.peer, caller.bound_grant)
+        known = self._decided.get(asked)
+        if known is not None:
+            try:
+                self.store.check()  # as the full path's lookup does: never mint on a stale view
+            except StoreError:
+                pass  # the full path refuses, saying why
+            else:
+                held, prepared, who_, data_, since = known
+                if since == replaced or self.store.cached(held.id) is held:
+                    if since != replaced:
+                        self._decided[asked] = (held, prepared, who_, data_, replaced)
+                    return Unsigned(prepared, who_, data_, held)
         try:
             request, owner, checked = self._read_request(body)
         except ProtocolError as e:
@@ -333,13 +362,6 @@ class Agent:
         if isinstance(checked, policy.Refused):
             return self._refuse(who, data, checked.reason, checked.status, grant)
         req = checked
-        # A grant's decision for one request depends on nothing else while the grant has no
-        # expiry (its TTL is clamped to what is left of it) and no per-minute limit: remembered
-        # with the grant's version (`seq`: a revocation is a new version) and who asks.
-        memo = (grant.id, grant.seq, body, caller.transport, caller.peer) if (
-            grant is not None and grant.expires_at is None and not grant.max_per_minute and len(body) <= MEMO_BODY) else None
-        if memo is not None and (prepared := self._prepared.get(memo)) is not None:
-            return Unsigned(prepared, who, data, grant)
         try:
             if grant is not None:
                 decision = policy.clamp_to_grant(grant, req, self.cfg.ttl)
@@ -355,7 +377,8 @@ class Agent:
                 return self._refuse(who, data, f"{e}; the grant's rate limit cannot be checked", 503, grant)
             if used > grant.max_per_minute:
                 return self._refuse(who, data, f"grant {grant.id} allows {grant.max_per_minute} tokens a minute; try again shortly", 429, grant)
-        return self._unsigned(decision, req, who, data, grant, memo)
+        remember = grant is not None and grant.expires_at is None and not grant.max_per_minute and len(body) <= MEMO_BODY
+        return self._unsigned(decision, req, who, data, grant, (asked, replaced) if remember else None)
 
     def issue(self, decision: policy.Decision, req: TokenRequest, who: Mapping[str, object], data: object,
               grant: Grant | None = None) -> tuple[int, dict[str, object]]:
@@ -364,16 +387,17 @@ class Agent:
         return outcome if isinstance(outcome, tuple) else self.finish(outcome)
 
     def _unsigned(self, decision: policy.Decision, req: TokenRequest, who: Mapping[str, object], data: object,
-                  grant: Grant | None, memo: tuple[str, int, bytes, str, str] | None = None) -> tuple[int, dict[str, object]] | Unsigned:
-        """A decided token, to sign; with `memo`, what was prepared is remembered under it (see decide)."""
+                  grant: Grant | None, asked: tuple[_Asked, int] | None = None) -> tuple[int, dict[str, object]] | Unsigned:
+        """A decided token, to sign; with `asked` (a grant's request, and the store's count of
+        replaced grants read before the grant was), remembered under it (see decide)."""
         try:
             prepared = Prepared(self, decision, req, who)
         except CodestoreError as e:
             return self._refuse(who, data, str(e), 400, grant)
-        if memo is not None:
-            if len(self._prepared) >= MEMO_REQUESTS:
-                self._prepared.clear()  # many distinct requests cost speed, never memory
-            self._prepared[memo] = prepared
+        if asked is not None and grant is not None:
+            if len(self._decided) >= MEMO_REQUESTS:
+                self._decided.clear()  # many distinct requests cost speed, never memory
+            self._decided[asked[0]] = (grant, prepared, who, data, asked[1])
         return Unsigned(prepared, who, data, grant)
 
     @staticmethod
