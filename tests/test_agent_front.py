@@ -315,6 +315,29 @@ def test_a_remembered_decision_is_only_for_the_secret_and_caller_it_was_decided_
         ("mint", "uid:2", ["git:read"]), ("refuse", "uid:1", ["git:write"])]
 
 
+def test_what_is_remembered_of_token_requests_is_bounded_whatever_is_sent(
+        in_process: tuple[AsgiFront, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A decision is remembered under the whole Authorization value, and a grant's secret
+    # is still accepted with spaces around it. Threat: one grant holder filling the memo
+    # with thousands of distinct values of up to the head's 16 KiB each (64 MiB).
+    import os
+
+    from git_credential_codestore.agent import server as agent_server
+
+    front, grant = in_process
+    agent = front.agent
+    caller = Caller("socket", os.getuid(), "uid:1")
+    body = f"repo={REPO}\nscopes=git:read\n".encode()
+    monkeypatch.setattr(agent_server, "MEMO_REQUESTS", 8)
+    for n in range(20):  # distinct values, each remembered until the memo is full, then it starts again
+        assert _decided(agent, caller, f"Grant {' ' * n}{grant}", body) == 200
+        assert 1 <= len(agent._decided) <= 8
+    padded = f"Grant {grant}{' ' * 16000}"
+    held = dict(agent._decided)
+    assert _decided(agent, caller, padded, body) == 200  # answered, not remembered
+    assert agent._decided == held
+
+
 def test_a_remembered_decision_ends_with_a_revocation_however_the_replica_learns_of_it(
         tmp_path: Path, in_process: tuple[AsgiFront, str], monkeypatch: pytest.MonkeyPatch) -> None:
     # What is remembered is vouched for by the store's count of cached grants replaced,

@@ -78,7 +78,10 @@ MAX_CONNECTIONS = 1024
 PER_PEER = 128  # connections one network address may hold at once: its fair share
 IO_TIMEOUT = 5.0  # per read or write, and a TLS handshake
 CONNECTION_DEADLINE = 15.0  # a whole request, however slowly it trickles in
-MEMO_REQUESTS, MEMO_BODY = 4096, 1024  # token request bodies remembered read: at most 4 MiB
+# Token requests remembered (a body read; a grant's decision, under its Authorization value
+# and body): at most 4096 of each, of bodies up to 1 KiB and Authorization values up to 256
+# bytes (a grant's is 66). Both full of the largest: 19.5 MiB (tracemalloc), whatever is sent.
+MEMO_REQUESTS, MEMO_BODY, MEMO_AUTHORIZATION = 4096, 1024, 256
 DRAIN_TIMEOUT = 10.0  # shutdown: how long requests in flight may take to finish
 
 
@@ -377,7 +380,8 @@ class Agent:
                 return self._refuse(who, data, f"{e}; the grant's rate limit cannot be checked", 503, grant)
             if used > grant.max_per_minute:
                 return self._refuse(who, data, f"grant {grant.id} allows {grant.max_per_minute} tokens a minute; try again shortly", 429, grant)
-        remember = grant is not None and grant.expires_at is None and not grant.max_per_minute and len(body) <= MEMO_BODY
+        remember = (grant is not None and grant.expires_at is None and not grant.max_per_minute
+                    and len(body) <= MEMO_BODY and len(authorization or "") <= MEMO_AUTHORIZATION)
         return self._unsigned(decision, req, who, data, grant, (asked, replaced) if remember else None)
 
     def issue(self, decision: policy.Decision, req: TokenRequest, who: Mapping[str, object], data: object,
