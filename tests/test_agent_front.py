@@ -315,6 +315,34 @@ def test_a_remembered_decision_is_only_for_the_secret_and_caller_it_was_decided_
         ("mint", "uid:2", ["git:read"]), ("refuse", "uid:1", ["git:write"])]
 
 
+def test_a_request_decided_before_is_known_at_once_while_its_grant_version_holds(
+        in_process: tuple[AsgiFront, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fleet front asks answers_at_once of every request it has read whole: a request
+    # decided before, under a grant version the store still holds, is known without
+    # looking the grant up; anything else is looked up as before (a grant changed since, a
+    # request never decided), so nothing is answered on the event loop that may wait.
+    import os
+
+    front, grant = in_process
+    agent = front.agent
+    caller = Caller("socket", os.getuid(), "uid:1")
+    body = f"repo={REPO}\nscopes=git:read\n".encode()
+    assert _decided(agent, caller, f"Grant {grant}", body) == 200
+
+    def looked_up(gid: str) -> None:
+        raise LookupError(gid)
+
+    monkeypatch.setattr(agent.store, "cached", looked_up)
+    assert agent.answers_at_once(caller, "POST", "/v1/token", f"Grant {grant}", body)
+    with pytest.raises(LookupError):  # never decided
+        agent.answers_at_once(caller, "POST", "/v1/token", f"Grant {grant}", body + b"ttl=60\n")
+    with pytest.raises(LookupError):  # without the body (a request not yet read whole)
+        agent.answers_at_once(caller, "POST", "/v1/token", f"Grant {grant}")
+    agent.store.replaced += 1  # a cached grant replaced since
+    with pytest.raises(LookupError):
+        agent.answers_at_once(caller, "POST", "/v1/token", f"Grant {grant}", body)
+
+
 def test_what_is_remembered_of_token_requests_is_bounded_whatever_is_sent(
         in_process: tuple[AsgiFront, str], monkeypatch: pytest.MonkeyPatch) -> None:
     # A decision is remembered under the whole Authorization value, and a grant's secret
@@ -714,10 +742,10 @@ def test_a_connection_whose_answer_fails_is_closed_and_the_others_in_its_group_a
     lst = front.listen_unix(str(tmp_path / "a.sock"))
     at_once = front.agent.answers_at_once
 
-    def failing(caller: Caller, method: str, target: str, authorization: str | None) -> bool:
+    def failing(caller: Caller, method: str, target: str, authorization: str | None, body: bytes | None = None) -> bool:
         if authorization == "Grant boom":
             raise RuntimeError("a bug")
-        return at_once(caller, method, target, authorization)
+        return at_once(caller, method, target, authorization, body)
 
     monkeypatch.setattr(front.agent, "answers_at_once", failing)
     reported: list[dict[str, object]] = []

@@ -186,7 +186,7 @@ def _token_request(agent: Agent, caller: Caller, data: bytes) -> tuple[str | Non
     authorization = header("authorization")
     if not (read.begun == 1 and read.complete == 1 and read.url == b"/v1/token" and read.post
             and read.head + len(read.url) <= MAX_HEAD and b"expect" not in read.headers.raw
-            and agent.answers_at_once(caller, "POST", "/v1/token", authorization)):
+            and agent.answers_at_once(caller, "POST", "/v1/token", authorization, read.body)):
         return None
     refusal, _ = _admitted(agent, caller, header)
     return refusal if refusal is not None else (authorization, read.body, read.keep_alive)

@@ -247,16 +247,25 @@ class Agent:
 
     # -- minting ----------------------------------------------------------------------
 
-    def answers_at_once(self, caller: Caller, method: str, target: str, authorization: str | None) -> bool:
+    def answers_at_once(self, caller: Caller, method: str, target: str, authorization: str | None,
+                        body: bytes | None = None) -> bool:
         """Whether this request can be answered without waiting on anything (no database
         query, no network, no PKCS#11 token): a token under the owner's authority or under a
         grant this replica's cache holds (kept fresh by the store's poll, so a revocation
         still refuses within STALE_AFTER), signed by a key in memory, with no per-minute
         limit (counted in the database). The fleet front answers these on its event loop
         instead of handing them to a worker thread: the hand-off cost more than the mint.
+
+        With the `body` (a request read whole), a request decided before under a grant
+        version still cached is known without parsing the secret or looking the grant up
+        (decide remembers only grants with no per-minute limit).
         """
         if method != "POST" or target != "/v1/token" or not self._key_in_memory:
             return False
+        if body is not None:
+            known = self._decided.get((authorization, body, caller.transport, caller.peer, caller.bound_grant))
+            if known is not None and known[4] == self.store.replaced:
+                return True
         gid = caller.bound_grant
         if authorization is not None:
             scheme, _, value = authorization.partition(" ")
