@@ -792,6 +792,10 @@ def test_when_only_the_audit_file_fails_the_admin_is_told_what_is_true(tmp_path:
         # Every token handed out is in the audit log, or it is not handed out.
         with pytest.raises(AgentRefused, match="cannot write the audit log"):
             mint(sandbox_env(str(cli.stdout.split("grant:")[1].split()[0]), sock=a.socket))
+        # And a token not handed out is not recorded as minted (its row was buffered before
+        # the file refused its line, and reached the table as a mint).
+        status, found = admin(a, "POST", "/v1/audit/query", {"event": "mint"})
+        assert status == 200 and found["entries"] == [], found
     finally:
         a.stop()
     b = start_agent(tmp_path)

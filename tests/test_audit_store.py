@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -572,3 +573,50 @@ def test_an_audit_query_asks_the_replicas_in_turn_and_says_when_none_answered(ag
     assert (second.returncode, second.stderr) == (alone.returncode, alone.stderr), (alone, second)  # the live replica's answer
     none = run_cli("codestore", "audit", env=dict(agent.env, CODESTORE_AGENT_URL=f"{down},{down}"))
     assert none.returncode == 0 and f"no agent at {down}, {down} answered; reading this machine's files only" in none.stderr, none
+
+
+_SHORT_WRITE = r"""
+import json, os, resource, signal, sys
+from git_credential_codestore.agent import audit
+log = audit.AuditLog(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: EFBIG, not the signal's kill
+log.record("mint", {"grant": "g1", "ttl": 1})
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(sys.argv[1]) + 40, resource.RLIM_INFINITY))
+errors = []
+for n in (2, 3):
+    try:
+        log.record("mint", {"grant": f"g{n}", "ttl": n})
+    except OSError as e:
+        errors.append(e.strerror)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+log.record("mint", {"grant": "g4", "ttl": 4})
+print(json.dumps({"errors": errors, "buffered": log.buffered}))
+"""
+
+
+def test_a_line_the_file_takes_only_in_part_is_an_error_and_does_not_swallow_the_next(tmp_path: Path) -> None:
+    # A full disk (here: a real file-size limit, RLIMIT_FSIZE) takes part of a write and
+    # says how much. Threat: the part ignored, the token handed out with a cut line as its
+    # only record (the promise: every token handed out is in the audit log); and the next
+    # line appended to the cut one, so that `recover` loses that record too. A line the
+    # file did not take must not become a database row either (its token is refused).
+    import subprocess
+    import sys
+
+    path = tmp_path / "audit.log"
+    out = subprocess.run([sys.executable, "-c", _SHORT_WRITE, str(path)], capture_output=True, text=True, timeout=60, check=True)
+    seen = json.loads(out.stdout)
+    assert len(seen["errors"]) == 2
+    assert seen["errors"][0].startswith("only 40 of a line's ") and "the disk is full" in seen["errors"][0]
+    assert seen["errors"][1] == os.strerror(errno.EFBIG)  # the file at its limit
+    assert seen["buffered"] == 2  # g1 and g4: no row for a line the file did not take
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and len(lines[1].encode()) == 40
+    assert [json.loads(lines[i])["grant"] for i in (0, 2)] == ["g1", "g4"]
+    database = Database(str(tmp_path / "agent.sqlite3")).open()
+    try:
+        assert agent_audit.recover(database, str(path)) == 2
+        with database.transaction(write=False) as tx:
+            assert [r[0] for r in tx.execute("SELECT grant_id FROM audit ORDER BY id")] == ["g1", "g4"]
+    finally:
+        database.close()

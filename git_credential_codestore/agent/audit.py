@@ -25,6 +25,7 @@ from __future__ import annotations
 import calendar
 import collections
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
@@ -133,6 +134,7 @@ class AuditLog:
         with contextlib.suppress(OSError):  # held exclusively by someone else, or no locks here: never wait for it
             fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         self._lock = threading.Lock()
+        self._torn = False  # the last line written only in part (_append)
         # Rows waiting for a flush to begin, by their entry's group, each group's in the order they came.
         self._buffer: dict[tuple[str, str, str], list[tuple[object, ...]]] = {}
         self._taken: list[tuple[object, ...]] = []  # rows the flush in progress has still to write (flush_into)
@@ -154,7 +156,18 @@ class AuditLog:
         return Entry(head, tail, _columns(entry))
 
     def _append(self, text: str) -> None:
-        os.write(self._fd, (text + "\n").encode("utf-8"))
+        """One line to the file, whole, or OSError. A write the disk takes only part of (full,
+        or the file at its size limit) is an error too: the token it records is not handed
+        out. The part stays; this process's next line begins on a line of its own, so the
+        cut line is one `recover` skips, not one that swallows the next record."""
+        data = (text + "\n").encode("utf-8")
+        if self._torn:
+            data = b"\n" + data
+        written = os.write(self._fd, data)
+        self._torn = written < len(data)
+        if self._torn:
+            raise OSError(errno.ENOSPC, f"only {written} of a line's {len(data)} bytes were written: the disk is full, "
+                                        "or the file at its size limit")
 
     def record(self, event: str, fields: Mapping[str, object]) -> None:
         """A mint or refusal: to the file now (OSError if it cannot be), to the database soon."""
@@ -164,6 +177,7 @@ class AuditLog:
         """`record` of a prepared entry, at this second."""
         text, row = entry.at(time.time())
         with self._lock:
+            self._append(text)  # first: a line the file did not take is no row either (its token is refused)
             if self._held < MAX_BUFFER:
                 rows = self._buffer.get(entry.group)
                 if rows is None:
@@ -173,7 +187,6 @@ class AuditLog:
                 self._held += 1
             else:
                 self.dropped += 1
-            self._append(text)
 
     def in_transaction(self, event: str, fields: Mapping[str, object]) -> tuple[Callable[[db.Tx], None], Callable[[], str | None]]:
         """For a grant change: (write the row inside its transaction, then append the file line).
