@@ -791,9 +791,9 @@ def test_token_requests_answered_together_are_signed_in_a_row_and_each_answered_
             raise SignerUnavailable("the signer is away")
         return sign(data)
 
-    def emitting(entry: object) -> None:
+    def emitting(entry: object, stands: bool = False) -> None:
         events.append("audit")
-        emit(entry)  # type: ignore[arg-type]
+        emit(entry, stands)  # type: ignore[arg-type]
 
     def deciding(caller: Caller, authorization: str | None, body: bytes) -> object:
         if authorization == "Grant boom":

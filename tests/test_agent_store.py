@@ -29,7 +29,7 @@ from git_credential_codestore.agent.client import AgentRefused, Endpoint, call, 
 from git_credential_codestore.agent.db import ANSWER_DEADLINE, Database, StoreError, Tx
 from git_credential_codestore.agent.grants import FLUSH_INTERVAL, Grant, GrantStore
 from tests.conftest import BIN, OrgKey, run_cli, wait_for
-from tests.realparts import Postgres, process_tree
+from tests.realparts import Postgres, process_tree, raw_exchange
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
 
 
@@ -796,6 +796,14 @@ def test_when_only_the_audit_file_fails_the_admin_is_told_what_is_true(tmp_path:
         # the file refused its line, and reached the table as a mint).
         status, found = admin(a, "POST", "/v1/audit/query", {"event": "mint"})
         assert status == 200 and found["entries"] == [], found
+        # A refusal stands whatever the file says: refused as ever (not a 500), its row kept.
+        with pytest.raises(AgentRefused, match="unknown grant"):
+            mint(sandbox_env("csg_000000000000_" + "A" * 43, sock=a.socket))
+        asked = raw_exchange(a.socket, b"GET /v1/grants HTTP/1.1\r\nHost: a\r\nAuthorization: Grant x\r\nConnection: close\r\n\r\n")
+        assert asked.startswith(b"HTTP/1.1 403"), asked[:200]
+        status, found = admin(a, "POST", "/v1/audit/query", {"event": "refuse"})
+        reasons = [str(e["reason"]) for e in found["entries"]]
+        assert any("unknown grant" in r for r in reasons) and "admin call from a non-owner" in reasons, reasons
     finally:
         a.stop()
     b = start_agent(tmp_path)

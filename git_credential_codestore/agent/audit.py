@@ -170,23 +170,36 @@ class AuditLog:
                                         "or the file at its size limit")
 
     def record(self, event: str, fields: Mapping[str, object]) -> None:
-        """A mint or refusal: to the file now (OSError if it cannot be), to the database soon."""
-        self.emit(self.prepare(event, fields))
+        """A mint or refusal: to the file now (OSError if it cannot be), to the database soon.
+        A refusal stands whatever the file says, so its row is kept when its line is not."""
+        self.emit(self.prepare(event, fields), stands=event == "refuse")
 
-    def emit(self, entry: Entry) -> None:
-        """`record` of a prepared entry, at this second."""
+    def emit(self, entry: Entry, stands: bool = False) -> None:
+        """`record` of a prepared entry, at this second. The line first: an entry whose line
+        the file did not take is no row either (a mint is then refused, so it must not reach
+        the table as minted; a push report is then answered with the error), unless it
+        `stands` (a refusal, refused all the same)."""
         text, row = entry.at(time.time())
         with self._lock:
-            self._append(text)  # first: a line the file did not take is no row either (its token is refused)
-            if self._held < MAX_BUFFER:
-                rows = self._buffer.get(entry.group)
-                if rows is None:
-                    self._buffer[entry.group] = [row]
-                else:
-                    rows.append(row)
-                self._held += 1
+            try:
+                self._append(text)
+            except OSError:
+                if stands:
+                    self._hold(entry.group, row)
+                raise
+            self._hold(entry.group, row)
+
+    def _hold(self, group: tuple[str, str, str], row: tuple[object, ...]) -> None:
+        """A row into the buffer, for the next flush (under the lock)."""
+        if self._held < MAX_BUFFER:
+            rows = self._buffer.get(group)
+            if rows is None:
+                self._buffer[group] = [row]
             else:
-                self.dropped += 1
+                rows.append(row)
+            self._held += 1
+        else:
+            self.dropped += 1
 
     def in_transaction(self, event: str, fields: Mapping[str, object]) -> tuple[Callable[[db.Tx], None], Callable[[], str | None]]:
         """For a grant change: (write the row inside its transaction, then append the file line).

@@ -36,6 +36,7 @@ request is a 500 for that request only.
 from __future__ import annotations
 
 import _socket
+import contextlib
 import functools
 import gc
 import ipaddress
@@ -210,7 +211,8 @@ class Agent:
         if name in self._ADMIN:
             if caller.transport != "socket" or authorization is not None or caller.uid != self.owner_uid:
                 # A grant holder must never create grants (it would widen its own).
-                self.audit.record("refuse", {"action": name, "peer": caller.peer, "via": caller.transport, "reason": "admin call from a non-owner"})
+                with contextlib.suppress(OSError):  # refused all the same; the row is kept (AuditLog.record)
+                    self.audit.record("refuse", {"action": name, "peer": caller.peer, "via": caller.transport, "reason": "admin call from a non-owner"})
                 return 403, {"error": "administrative calls are accepted only from the owner on the agent's own socket, without a grant"}
         try:
             data = json.loads(body) if body else {}
