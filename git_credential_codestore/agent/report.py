@@ -83,8 +83,12 @@ def report(agent: Agent, caller: Caller, authorization: str | None, data: object
     try:
         with agent.store.db.transaction() as tx:
             write(tx)
-    except StoreError:
-        agent.audit.record(event, entry)  # the file now, the database at the next flush
+    except StoreError as e:
+        try:
+            agent.audit.record(event, entry)  # the file now, the database at the next flush
+        except OSError as f:  # recorded nowhere: the reporter is told so, and may report again
+            return 503, {"error": f"{e}; and the audit log {agent.audit.path} cannot be written ({f.strerror}): "
+                                  "the push is not recorded; report it again", "code": "refused"}
         return 201, {"ok": True, "event": event}
     warning = after()
     return 201, {"ok": True, "event": event, **({"warning": warning} if warning else {})}
