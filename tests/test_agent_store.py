@@ -804,6 +804,7 @@ def test_when_only_the_audit_file_fails_the_admin_is_told_what_is_true(tmp_path:
         status, found = admin(a, "POST", "/v1/audit/query", {"event": "refuse"})
         reasons = [str(e["reason"]) for e in found["entries"]]
         assert any("unknown grant" in r for r in reasons) and "admin call from a non-owner" in reasons, reasons
+        assert any(r.startswith("cannot write the audit log /dev/full") for r in reasons), reasons  # the mint refused above
     finally:
         a.stop()
     b = start_agent(tmp_path)

@@ -442,8 +442,9 @@ class Agent:
         try:
             self.audit.emit(prepared.entry)
         except OSError as e:
-            # Every token handed out is in the audit log, or it is not handed out.
-            return 503, {"error": f"cannot write the audit log {self.audit.path} ({e.strerror}); nothing was minted", "code": "refused"}
+            # Every token handed out is in the audit log, or it is not handed out; refused
+            # as any refusal is, so the table has it (AuditLog.record keeps a refusal's row).
+            return self._refuse(who, data, f"cannot write the audit log {self.audit.path} ({e.strerror}); nothing was minted", 503, grant)
         if grant is not None:
             self.store.record_use(grant, ok=True)
         if self.tracing:
