@@ -124,6 +124,11 @@ _Asked = tuple[str | None, bytes, str, str, str | None]
 _Decided = tuple[Grant, Prepared, Mapping[str, object], object, int]
 
 
+def _asked(caller: Caller, authorization: str | None, body: bytes) -> _Asked:
+    """The key a grant's decision is remembered under (Agent.decide, Agent.answers_at_once)."""
+    return authorization, body, caller.transport, caller.peer, caller.bound_grant
+
+
 class Unsigned:
     """A token decided up to its signature (Agent.decide): signed by `Agent.finish`, or first
     in a row with others (`Agent.sign`, for `respond_tokens`)."""
@@ -265,7 +270,7 @@ class Agent:
         if method != "POST" or target != "/v1/token" or not self._key_in_memory:
             return False
         if body is not None:
-            known = self._decided.get((authorization, body, caller.transport, caller.peer, caller.bound_grant))
+            known = self._decided.get(_asked(caller, authorization, body))
             if known is not None and known[4] == self.store.replaced:
                 return True
         gid = caller.bound_grant
@@ -341,7 +346,7 @@ class Agent:
         # version is the cached grant object itself (a change, a revocation, caches a new
         # one), vouched for by the store's count of replaced grants while that stands still.
         replaced = self.store.replaced  # before any lookup it vouches for
-        asked = (authorization, body, caller.transport, caller.peer, caller.bound_grant)
+        asked = _asked(caller, authorization, body)
         known = self._decided.get(asked)
         if known is not None:
             try:
