@@ -29,6 +29,8 @@ from tests.test_agent_store import admin, create
 if TYPE_CHECKING:
     from git_credential_codestore.agent.asgi import AsgiFront
 
+_READ = f"repo={REPO}\nscopes=git:read\n".encode()  # a token request's body, in wire.py's line format
+
 FRONTS = ["uvicorn", "threads"]
 
 
@@ -111,7 +113,7 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, org_key: OrgKey, fron
     # A rolling restart: a request the agent has accepted gets its whole reply.
     a = start_agent(tmp_path, "--server", front)
     g = create(a)
-    body = f"repo={REPO}\nscopes=git:read\n".encode()  # wire.py's line format
+    body = _READ
     # As helpers ask (client.py): one request a connection, `Connection: close`.
     request = (b"POST /v1/token HTTP/1.1\r\nHost: a\r\nConnection: close\r\nAuthorization: Grant %s\r\nContent-Length: %d\r\n\r\n%s"
                % (str(g["grant"]).encode(), len(body), body))
@@ -300,7 +302,7 @@ def test_a_remembered_decision_is_only_for_the_secret_and_caller_it_was_decided_
 
     front, grant = in_process
     agent = front.agent
-    body = f"repo={REPO}\nscopes=git:read\n".encode()
+    body = _READ
     first, second = Caller("socket", os.getuid(), "uid:1"), Caller("socket", os.getuid(), "uid:2")
     for _ in range(2):  # decided, then remembered
         assert _decided(agent, first, f"Grant {grant}", body) == 200
@@ -326,7 +328,7 @@ def test_a_request_decided_before_is_known_at_once_while_its_grant_version_holds
     front, grant = in_process
     agent = front.agent
     caller = Caller("socket", os.getuid(), "uid:1")
-    body = f"repo={REPO}\nscopes=git:read\n".encode()
+    body = _READ
     assert _decided(agent, caller, f"Grant {grant}", body) == 200
 
     def looked_up(gid: str) -> None:
@@ -355,7 +357,7 @@ def test_what_is_remembered_of_token_requests_is_bounded_whatever_is_sent(
     front, grant = in_process
     agent = front.agent
     caller = Caller("socket", os.getuid(), "uid:1")
-    body = f"repo={REPO}\nscopes=git:read\n".encode()
+    body = _READ
     monkeypatch.setattr(agent_server, "MEMO_REQUESTS", 8)
     for n in range(20):  # distinct values, each remembered until the memo is full, then it starts again
         assert _decided(agent, caller, f"Grant {' ' * n}{grant}", body) == 200
@@ -383,7 +385,7 @@ def test_a_remembered_decision_ends_with_a_revocation_however_the_replica_learns
     front, grant = in_process
     agent = front.agent
     caller = Caller("socket", os.getuid(), "uid:1")
-    body = f"repo={REPO}\nscopes=git:read\n".encode()
+    body = _READ
     other = GrantStore(str(tmp_path / "other"), str(tmp_path / "state" / DB_FILE)).open()  # a replica on the same database
     try:
         # Revoked on the other replica, taken in by this one's sync.
@@ -780,7 +782,7 @@ def test_token_requests_answered_together_are_signed_in_a_row_and_each_answered_
     front, grant = in_process
     agent = front.agent
     caller = Caller("socket", os.getuid(), "uid")
-    body = f"repo={REPO}\nscopes=git:read\n".encode()
+    body = _READ
     events: list[str] = []
     sign, emit, decide = agent.key.sign, agent.audit.emit, agent.decide
     failures = iter([True])  # the row's first signature fails; asked again, the signer signs
@@ -853,7 +855,7 @@ def test_every_front_counts_a_token_requests_outcome_the_same_way_a_bug_included
     front, grant = in_process
     agent = front.agent
     caller = Caller("socket", os.getuid(), "uid")
-    body = f"repo={REPO}\nscopes=git:read\n".encode()
+    body = _READ
     decide = agent.decide
 
     def deciding(caller: Caller, authorization: str | None, body: bytes) -> object:

@@ -51,10 +51,11 @@ def used_once(store: GrantStore, n: int) -> list[Grant]:
     return made
 
 
-def replica(tmp_path: Path, name: str, store: str | None = None, env: dict[str, str] | None = None) -> Agent:
-    """An agent of its own under tmp_path/name (its own socket); on `store` when given, else its SQLite."""
+def replica(tmp_path: Path, name: str, store: str | None = None, env: dict[str, str] | None = None,
+            extra: tuple[str, ...] = ()) -> Agent:
+    """An agent of its own under tmp_path/name (its own socket); on `store` when given, else its SQLite; `extra` arguments."""
     return start_agent(tmp_path / name, *(("--store", store) if store else ()), "--socket", str(tmp_path / name / "s" / "agent.sock"),
-                       env=env)
+                       *extra, env=env)
 
 
 def first_refusal(attempt: Callable[[], object], since: float, within: float, late: str) -> AgentRefused:

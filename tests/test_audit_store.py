@@ -131,17 +131,20 @@ def test_a_mint_and_a_refusal_on_replica_a_are_in_the_trail_asked_of_replica_b(f
     assert "git:write" in events[2]["reason"]
 
 
+# A push report (POST /v1/audit/report) of one ref, for the tests with the database away.
+_LATE_PUSH = {"event": "push", "repo": REPO, "ephemeral": True,
+              "refs": [{"ref": "refs/heads/late", "old": audit.ZERO, "new": "b" * 40, "result": "ok"}]}
+
+
 def test_with_the_database_away_and_the_file_full_a_report_is_refused_as_not_recorded(
     tmp_path: Path, org_key: OrgKey, postgres: Any, pg_url: str
 ) -> None:
     # A report the database cannot take waits in the file and the buffer. Threat: with the
     # file failing too, a 500 "internal error" (or, before 55fc792, a 201 and a row with no
     # line): the reporter must hear that nothing recorded the push, in one line.
-    a = start_agent(tmp_path / "a", "--store", pg_url, "--socket", str(tmp_path / "a" / "s" / "agent.sock"),
-                    "--audit-log", "/dev/full")
+    a = replica(tmp_path, "a", pg_url, extra=("--audit-log", "/dev/full"))
     sock = Endpoint("unix", a.socket)
-    report = {"event": "push", "repo": REPO, "ephemeral": True,
-              "refs": [{"ref": "refs/heads/late", "old": audit.ZERO, "new": "b" * 40, "result": "ok"}]}
+    report = _LATE_PUSH
     try:
         postgres.stop()
         try:
@@ -160,8 +163,7 @@ def test_with_the_database_away_a_query_is_refused_in_one_line_and_a_report_is_k
 ) -> None:
     a = replica(tmp_path, "a", pg_url)
     sock = Endpoint("unix", a.socket)
-    report = {"event": "push", "repo": REPO, "ephemeral": True,
-              "refs": [{"ref": "refs/heads/late", "old": audit.ZERO, "new": "b" * 40, "result": "ok"}]}
+    report = _LATE_PUSH
     try:
         postgres.stop()
         try:
