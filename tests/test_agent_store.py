@@ -902,6 +902,27 @@ def test_on_postgresql_a_seconds_audit_rows_go_in_statements_that_each_hold_the_
         store.close()
 
 
+def test_on_postgresql_audit_ids_another_session_numbered_between_end_a_span(tmp_path: Path, pg_url: str) -> None:
+    # Another replica's flush takes numbers from the same sequence at the same time; the
+    # numbers one statement gets are then not one run. Made certain here by a sequence that
+    # steps by 2: each row is then a span of its own, and no span holds a number it did not get.
+    store = GrantStore(str(tmp_path / "state"), pg_url).open()
+    try:
+        with store.db.transaction() as tx:
+            tx.execute("ALTER SEQUENCE audit_id_seq INCREMENT BY 2")
+        with store.db.transaction() as tx:
+            ids = tx.new_ids("audit", 5)
+            rows = [(int(time.time()), "mint", "g1", "s1", "team/app", "ok", "r:1", "{}")] * 5
+            agent_audit.insert(tx, rows)
+        assert ids == list(range(ids[0], ids[0] + 10, 2))
+        with store.db.transaction(write=False) as tx:
+            got = tx.execute("SELECT first_id, last_id FROM audit_spans ORDER BY first_id")
+            numbered = [r[0] for r in tx.execute("SELECT id FROM audit ORDER BY id")]
+        assert [(int(a), int(b)) for a, b in got] == [(i, i) for i in numbered] and len(numbered) == 5  # type: ignore[call-overload]
+    finally:
+        store.close()
+
+
 def test_on_postgresql_a_flush_copies_its_audit_rows_in_statements_each_under_the_deadline(
         tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # INSERT ... SELECT FROM unnest(arrays) cost the flush thread 41-50 ms of CPU a second's
@@ -914,11 +935,13 @@ def test_on_postgresql_a_flush_copies_its_audit_rows_in_statements_each_under_th
     real = db._Watched.copy_rows
 
     def copy_rows(self: db._Watched, statement: str, types: Any, rows: Any) -> None:
-        sizes.append(len(rows))
-        assert statement.startswith("COPY audit (time, event, grant_id, sub, repo, result, replica, fields) FROM STDIN")
+        if not statement.startswith("COPY audit_spans "):
+            sizes.append(len(rows))
+            assert statement.startswith("COPY audit (id, time, event, grant_id, sub, repo, result, replica, fields) FROM STDIN")
         real(self, statement, types, rows)
 
     monkeypatch.setattr(db._Watched, "copy_rows", copy_rows)
+    monkeypatch.setattr(agent_audit, "ID_ROWS", 2 * db.PG_COPY_ROWS)  # numbered in two statements
     n = 2 * db.PG_COPY_ROWS + 5
     try:
         for i in range(n):
@@ -929,6 +952,13 @@ def test_on_postgresql_a_flush_copies_its_audit_rows_in_statements_each_under_th
         with store.db.transaction(write=False) as tx:
             ttls = sorted(json.loads(str(r[0]))["ttl"] for r in tx.execute("SELECT fields FROM audit WHERE event = 'mint'"))
         assert ttls == list(range(n))  # each once
+        with store.db.transaction(write=False) as tx:  # a span a grant, but where a COPY ends: its rows came grouped
+            spans = tx.execute("SELECT grant_id, count(*), sum(last_id - first_id + 1) FROM audit_spans GROUP BY grant_id ORDER BY grant_id")
+        assert [(g, int(k)) for g, _, k in spans] == [(f"g{i}", len(range(i, n, 7))) for i in range(7)]  # type: ignore[call-overload]
+        assert sum(int(c) for _, c, _ in spans) <= 7 + 2  # type: ignore[call-overload]
+        with store.db.transaction(write=False) as tx:
+            assert [r[0] for r in tx.execute("SELECT count(*) FROM audit_spans s JOIN audit a ON a.id >= s.first_id "
+                                             "AND a.id <= s.last_id WHERE a.grant_id <> s.grant_id")] == [0]
     finally:
         store.close()
         log.close()

@@ -242,16 +242,108 @@ def test_the_query_filters_by_every_field_and_pages_newest_last(database: Databa
     assert [e.get("ttl") for e in older] == [1, 2] and rest is None
 
 
-@pytest.mark.parametrize(("field", "index"), [("repo", "audit_repo"), ("grant", "audit_grant"), ("sub", "audit_sub"),
-                                              ("event", "audit_event"), ("ref", "audit_event")])
+@pytest.mark.parametrize(("field", "index"), [("repo", "audit_spans_repo"), ("grant", "audit_spans_grant"),
+                                              ("sub", "audit_spans_sub"), ("event", "audit_event"), ("ref", "audit_event")])
 def test_each_filter_is_answered_from_an_index(tmp_path: Path, field: str, index: str) -> None:
-    # With many mints, a query must not read the whole table to find one sandbox's rows.
+    # With many mints, a query must not read the whole table to find one sandbox's rows:
+    # grant, sub and repo through the spans' indexes, then the rows of those spans by id.
     d = Database(str(tmp_path / "agent.sqlite3")).open()
     try:
-        sql, params = agent_audit.statement(audit.Query(**{field: "feat" if field == "ref" else "x"}), 1000, 10)
+        query = audit.Query(**{field: "feat" if field == "ref" else "x"})
+        if field in ("repo", "grant", "sub"):
+            selects = [agent_audit.spans_statement(query, 1000, 10), agent_audit.rows_statement(query, 1000, 900, 10)]
+        else:
+            selects = [agent_audit.statement(query, 1000, 10)]
+        for sql, params in selects:
+            with d.transaction(write=False) as tx:
+                plan = " ".join(str(row[-1]) for row in tx.execute("EXPLAIN QUERY PLAN " + sql, params))
+            assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
+            if " JOIN " in sql:
+                assert "SEARCH a USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in plan, plan
+    finally:
+        d.close()
+
+
+def test_a_query_on_grant_sub_or_repo_reads_exact_spans_and_pages_through_them(
+        database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Grant, sub and repo are found through spans of consecutive ids, not an index entry a row.
+    # Spans must hold only their group's rows, also when another writer took ids between
+    # this one's (here every fourth id, as another replica's flush on PostgreSQL may), and a
+    # query must page across them (three rows a span at most) as it did on the row indexes.
+    monkeypatch.setattr(agent_audit, "SPAN_ROWS", 3)
+    real = Tx.new_ids
+    foreign: list[int] = []
+
+    def new_ids(self: Tx, table: str, n: int) -> list[int]:
+        ids = real(self, table, n + n // 3)
+        foreign.extend(ids[3::4])
+        return [i for i in ids if i not in ids[3::4]][:n]
+
+    monkeypatch.setattr(Tx, "new_ids", new_ids)
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    for flush in range(4):
+        for n in range(30):
+            fields = {"grant": f"g{n % 3}", "sub": f"s{n % 2}", "repo": "team/app" if n % 5 else "team/lib", "ttl": 100 * flush + n}
+            log.record("refuse" if n % 2 else "mint", fields)
+        with database.transaction() as tx:
+            done = log.flush_into(tx)
+            taken = [i for i in foreign if i > 0]
+            # another writer's rows in the ids this one left out, of another group
+            tx.execute_rows("INSERT INTO audit (id, time, event, grant_id, sub, repo, result, replica, fields) SELECT * FROM {rows}",
+                            ("bigint", "bigint", "text", "text", "text", "text", "text", "text", "text"),
+                            [(i, int(time.time()), "mint", "g9", "s9", "team/app", "ok", "other:1", "{}") for i in taken])
+            foreign[:] = []
+        done()
+    log.close()
+    with database.transaction(write=False) as tx:
+        strays = tx.execute("SELECT count(*) FROM audit_spans s JOIN audit a ON a.id >= s.first_id AND a.id <= s.last_id "
+                            "WHERE a.grant_id <> s.grant_id OR a.sub <> s.sub OR a.repo <> s.repo OR a.replica = 'other:1'")
+        longest = tx.execute("SELECT max(last_id - first_id + 1) FROM audit_spans")
+        table = [json.loads(str(f)) for f, in tx.execute("SELECT fields FROM audit WHERE replica <> 'other:1' ORDER BY id")]
+    assert strays[0][0] == 0 and int(longest[0][0]) <= 3  # type: ignore[call-overload]
+
+    def pages(limit: int, **q: str) -> list[int]:
+        got: list[int] = []
+        before = None
+        while True:
+            page, before = agent_audit.search(database, audit.Query(**q), limit, before)
+            got[:0] = [e["ttl"] for e in page]
+            if before is None:
+                return got
+
+    # Each page is shown in time order, and a flush's rows may straddle a second: compared as sets.
+    for q in ({"grant": "g1"}, {"grant": "g2", "event": "refuse"}, {"grant": "g0", "sub": "s1", "repo": "team/app"},
+              {"repo": "team/lib"}, {"sub": "s0", "event": "mint"}):
+        want = sorted(e["ttl"] for e in table if audit.Query(**q).matches(e))
+        assert len(want) >= 4 and sorted(pages(3, **q)) == want and sorted(pages(100, **q)) == want, q
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_rows_written_before_spans_are_found_by_grant_sub_and_repo_after_the_upgrade(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An agent's database from before spans (the audit schema's version 2, one index entry a
+    # row on grant, sub and repo) is upgraded at start: its rows are found as before.
+    url = str(tmp_path / "agent.sqlite3") if kind == "sqlite" else request.getfixturevalue("pg_url")
+    from git_credential_codestore.agent import db
+
+    with monkeypatch.context() as m:
+        m.setitem(db.MIGRATIONS, "audit", db.MIGRATIONS["audit"][:2])
+        old = Database(url).open()
+        with old.transaction() as tx:
+            tx.insert_rows(agent_audit._TABLE, agent_audit._TYPES, [
+                (int(time.time()), "mint", f"g{n % 3}", f"s{n % 2}", f"team/r{n % 5}", "ok", "old:1",
+                 json.dumps({"event": "mint", "grant": f"g{n % 3}", "sub": f"s{n % 2}", "repo": f"team/r{n % 5}", "ttl": n}))
+                for n in range(40)])
+        old.close()
+    d = Database(url).open()
+    try:
         with d.transaction(write=False) as tx:
-            plan = " ".join(str(row[-1]) for row in tx.execute("EXPLAIN QUERY PLAN " + sql, params))
-        assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
+            version = tx.execute("SELECT version FROM codestore_schema WHERE component = 'audit'")[0][0]
+        assert version == len(db.MIGRATIONS["audit"])
+        for q, want in (({"grant": "g1"}, [n for n in range(40) if n % 3 == 1]),
+                        ({"sub": "s0", "repo": "team/r2"}, [n for n in range(40) if n % 2 == 0 and n % 5 == 2])):
+            entries, more = agent_audit.search(d, audit.Query(**q), 100)
+            assert [e["ttl"] for e in entries] == want and more is None
     finally:
         d.close()
 
