@@ -9,7 +9,7 @@ Two places hold it, for two readers:
 
 - the `audit` table of the agent's database, shared by replicas and queried by
   `codestore audit` through POST /v1/audit/query (`search`, below: every replica's
-  rows, filtered in SQL on indexed columns): grant changes are written in the same transaction as the change
+  rows, filtered in SQL on the event's index and on spans of grant, `sub` and repo): grant changes are written in the same transaction as the change
   itself (a grant never exists without its record: `Change` and `withdraw` below); mints and refusals are buffered
   and added in batches by the store's flush (every second), so the database is not
   written once per token;
@@ -129,7 +129,7 @@ _MARK_TEXT = _LINE(_TIME_MARK)[1:-1]  # as it is written in a line (escaped)
 
 class Entry:
     """An audit entry but its time: the line around the time's text, the row's columns, and
-    its group: (grant, sub, repo), the indexed columns with many values (see flush_into)."""
+    its group: (grant, sub, repo), the columns queries find through spans (see flush_into, insert)."""
 
     __slots__ = ("head", "tail", "columns", "group")
 
