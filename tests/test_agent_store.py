@@ -961,7 +961,7 @@ def test_on_postgresql_a_flush_copies_its_audit_rows_in_statements_each_under_th
     def copy_rows(self: db._Watched, statement: str, types: Any, rows: Any) -> None:
         if not statement.startswith("COPY audit_spans "):
             sizes.append(len(rows))
-            assert statement.startswith("COPY audit (id, time, event, grant_id, sub, repo, result, replica, fields) FROM STDIN")
+            assert statement.startswith("COPY audit (id, spanned, time, event, grant_id, sub, repo, result, replica, fields) FROM STDIN")
         real(self, statement, types, rows)
 
     monkeypatch.setattr(db._Watched, "copy_rows", copy_rows)

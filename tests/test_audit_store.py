@@ -251,13 +251,14 @@ def test_each_filter_is_answered_from_an_index(tmp_path: Path, field: str, index
     try:
         query = audit.Query(**{field: "feat" if field == "ref" else "x"})
         if field in ("repo", "grant", "sub"):
-            selects = [agent_audit.spans_statement(query, 1000, 10), agent_audit.rows_statement(query, 1000, 900, 10)]
+            selects = [(agent_audit.spans_statement(query, 1000, 10), index), (agent_audit.rows_statement(query, 1000, 900, 10), index),
+                       (agent_audit.statement(query, 1000, 10, unspanned=True), f"audit_unspanned_{field}")]
         else:
-            selects = [agent_audit.statement(query, 1000, 10)]
-        for sql, params in selects:
+            selects = [(agent_audit.statement(query, 1000, 10), index)]
+        for (sql, params), used in selects:
             with d.transaction(write=False) as tx:
                 plan = " ".join(str(row[-1]) for row in tx.execute("EXPLAIN QUERY PLAN " + sql, params))
-            assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
+            assert f"USING INDEX {used}" in plan or f"USING COVERING INDEX {used}" in plan, plan
             if " JOIN " in sql:
                 assert "SEARCH a USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in plan, plan
     finally:
@@ -269,7 +270,8 @@ def test_a_query_on_grant_sub_or_repo_reads_exact_spans_and_pages_through_them(
     # Grant, sub and repo are found through spans of consecutive ids, not an index entry a row.
     # Spans must hold only their group's rows, also when another writer took ids between
     # this one's (here every fourth id, as another replica's flush on PostgreSQL may), and a
-    # query must page across them (three rows a span at most) as it did on the row indexes.
+    # query must page across them (three rows a span at most) as it did on the row indexes,
+    # together with the rows of a replica that writes no spans (not yet upgraded).
     monkeypatch.setattr(agent_audit, "SPAN_ROWS", 3)
     real = Tx.new_ids
     foreign: list[int] = []
@@ -293,6 +295,11 @@ def test_a_query_on_grant_sub_or_repo_reads_exact_spans_and_pages_through_them(
                             ("bigint", "bigint", "text", "text", "text", "text", "text", "text", "text"),
                             [(i, int(time.time()), "mint", "g9", "s9", "team/app", "ok", "other:1", "{}") for i in taken])
             foreign[:] = []
+            # and a replica not yet upgraded: its rows have no spans
+            tx.insert_rows(agent_audit._TABLE, agent_audit._TYPES, [
+                (int(time.time()), event, grant, sub, "team/app", "ok", "old:1",
+                 json.dumps({"event": event, "grant": grant, "sub": sub, "repo": "team/app", "ttl": 1000 + 100 * flush + n}))
+                for n in range(7) for event, grant, sub in [("refuse" if n % 2 else "mint", f"g{n % 3}", f"s{n % 2}")]])
         done()
     log.close()
     with database.transaction(write=False) as tx:
@@ -319,10 +326,11 @@ def test_a_query_on_grant_sub_or_repo_reads_exact_spans_and_pages_through_them(
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_rows_written_before_spans_are_found_by_grant_sub_and_repo_after_the_upgrade(
+def test_rows_written_without_spans_are_found_by_grant_sub_and_repo_after_the_upgrade(
         kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     # An agent's database from before spans (the audit schema's version 2, one index entry a
-    # row on grant, sub and repo) is upgraded at start: its rows are found as before.
+    # row on grant, sub and repo) is upgraded at start: its rows are found as before. So are
+    # the rows a replica not yet upgraded goes on writing without spans, among new rows.
     url = str(tmp_path / "agent.sqlite3") if kind == "sqlite" else request.getfixturevalue("pg_url")
     from git_credential_codestore.agent import db
 
@@ -344,6 +352,26 @@ def test_rows_written_before_spans_are_found_by_grant_sub_and_repo_after_the_upg
                         ({"sub": "s0", "repo": "team/r2"}, [n for n in range(40) if n % 2 == 0 and n % 5 == 2])):
             entries, more = agent_audit.search(d, audit.Query(**q), 100)
             assert [e["ttl"] for e in entries] == want and more is None
+        # Turns of an upgraded writer (spans) and an old one (the version 2 insert, no spans).
+        for turn in range(6):
+            rows = [(int(time.time()), "mint", "g1", "s1", "team/r1", "ok", "w:1",
+                     json.dumps({"event": "mint", "grant": "g1", "sub": "s1", "repo": "team/r1", "ttl": 100 * turn + n}))
+                    for n in range(7)]
+            with d.transaction() as tx:
+                if turn % 2:
+                    tx.insert_rows(agent_audit._TABLE, agent_audit._TYPES, rows)
+                else:
+                    agent_audit.insert(tx, rows)
+        want = [n for n in range(40) if n % 3 == 1] + [100 * turn + n for turn in range(6) for n in range(7)]
+        for limit in (3, 8, 100):
+            got: list[int] = []
+            before = None
+            while True:
+                entries, before = agent_audit.search(d, audit.Query(grant="g1"), limit, before)
+                got[:0] = [e["ttl"] for e in entries]
+                if before is None:
+                    break
+            assert sorted(got) == sorted(want) and len(got) == len(want), limit
     finally:
         d.close()
 

@@ -27,6 +27,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import heapq
 import itertools
 import json
 import operator
@@ -74,9 +75,11 @@ db.register("audit", [
     """
     CREATE INDEX audit_sub ON audit (sub, id)
     """,
-    # Spans, not an index entry a row on grant, `sub` and repository (see `insert`). The
-    # rows there before have a span each.
+    # Spans, not an index entry a row on grant, `sub` and repository (see `insert`). Rows
+    # written without spans (before the upgrade, or by a replica not yet upgraded) are
+    # `spanned` NULL, in partial indexes that rows with spans never enter.
     """
+    ALTER TABLE audit ADD COLUMN spanned {bigint};
     CREATE TABLE audit_spans (
         first_id {bigint} NOT NULL,
         last_id {bigint} NOT NULL,
@@ -84,11 +87,12 @@ db.register("audit", [
         sub TEXT,
         repo TEXT
     );
-    INSERT INTO audit_spans SELECT id, id, grant_id, sub, repo FROM audit
-        WHERE grant_id IS NOT NULL OR sub IS NOT NULL OR repo IS NOT NULL;
     CREATE INDEX audit_spans_grant ON audit_spans (grant_id, first_id);
     CREATE INDEX audit_spans_sub ON audit_spans (sub, first_id);
     CREATE INDEX audit_spans_repo ON audit_spans (repo, first_id);
+    CREATE INDEX audit_unspanned_grant ON audit (grant_id, id) WHERE spanned IS NULL;
+    CREATE INDEX audit_unspanned_sub ON audit (sub, id) WHERE spanned IS NULL;
+    CREATE INDEX audit_unspanned_repo ON audit (repo, id) WHERE spanned IS NULL;
     DROP INDEX audit_grant;
     DROP INDEX audit_sub;
     DROP INDEX audit_repo
@@ -101,7 +105,7 @@ _SPANNED = {"repo": "repo", "grant": "grant_id", "sub": "sub"}
 # A row: its columns but its id, and their SQL types, as entries make them (`Entry.at`).
 _TABLE = "audit (time, event, grant_id, sub, repo, result, replica, fields)"
 _TYPES = ("bigint", "text", "text", "text", "text", "text", "text", "text")
-_NUMBERED = "audit (id, time, event, grant_id, sub, repo, result, replica, fields)"
+_NUMBERED = "audit (id, spanned, time, event, grant_id, sub, repo, result, replica, fields)"
 _SPANS = "audit_spans (first_id, last_id, grant_id, sub, repo)"
 _SPAN_TYPES = ("bigint", "bigint", "text", "text", "text")
 SPAN_ROWS = 100  # rows a span covers at most: what a query reads past the page it wants
@@ -321,12 +325,13 @@ def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]]) -> None:
         if at % ID_ROWS == 0:
             ids = tx.new_ids("audit", len(rows[at:at + ID_ROWS]))
         chunk, numbers = rows[at:at + db.PG_COPY_ROWS], ids[at % ID_ROWS:at % ID_ROWS + db.PG_COPY_ROWS]
-        tx.insert_rows(_NUMBERED, ("bigint", *_TYPES), list(map(operator.add, zip(numbers), chunk)))  # (id, *row), in C
+        tx.insert_rows(_NUMBERED, ("bigint", "bigint", *_TYPES), list(map(operator.add, zip(numbers, _ONES, strict=False), chunk)))  # (id, 1, *row), in C
         spans.extend(_spans(numbers, chunk))
     tx.insert_rows(_SPANS, _SPAN_TYPES, spans)
 
 
 _GROUP = operator.itemgetter(2, 3, 4)  # a row's grant, sub and repo
+_ONES = itertools.repeat(1)  # `spanned`
 
 
 def _spans(ids: list[int], rows: Sequence[tuple[object, ...]]) -> list[tuple[object, ...]]:
@@ -596,10 +601,13 @@ def _where(query: Query, columns: Mapping[str, str] = _COLUMNS) -> tuple[list[st
     return where, params
 
 
-def statement(query: Query, before: int | None, limit: int) -> tuple[str, list[object]]:
-    """The SELECT for one page of a query on no spanned column (`statements` has the others):
-    the newest `limit` rows older than `before` that SQL can pick."""
+def statement(query: Query, before: int | None, limit: int, unspanned: bool = False) -> tuple[str, list[object]]:
+    """The SELECT for one page: the newest `limit` rows older than `before` that SQL can pick.
+    For a query on grant, `sub` or repository, only the rows written without spans
+    (`unspanned`, on their partial indexes): `spans_statement` and `rows_statement` find the others."""
     where, params = _where(query)
+    if unspanned:
+        where.append("spanned IS NULL")
     if before is not None:
         where.append("id < ?")
         params.append(before)
@@ -649,28 +657,46 @@ def rows_statement(query: Query, before: int | None, low: int, limit: int, later
 
 def _page(database: db.Database, query: Query, before: int | None, chunk: int) -> tuple[list[tuple[object, ...]], int | None, bool, int]:
     """One statement's worth of a query: (rows newest first, the cursor after them, whether
-    older rows may match, how many rows SQL looked at, at least). On spans: the fewest
-    newest spans that hold `chunk` rows (a span's rows are its ids), then their rows that
-    SQL can pick."""
+    older rows may match, how many rows SQL looked at, at least).
+
+    On grant, `sub` or repository, two sources merged by id: the rows of the fewest newest
+    spans that hold `chunk` rows (a span's rows are its ids), and the rows written without
+    spans. Each source has given every row it has from its floor up (the lowest id it
+    reached, when it may have older ones), so the page stops at the higher floor."""
     if not any(key in query.criteria for key in _SPANNED):
         with database.transaction(write=False) as tx:
             rows = tx.execute(*statement(query, before, chunk))
         return rows, int(rows[-1][0]) if rows else before, len(rows) == chunk, len(rows)  # type: ignore[call-overload]
+    floors: list[int] = []
     with database.transaction(write=False) as tx:
+        unspanned = tx.execute(*statement(query, before, chunk, unspanned=True))
+        if len(unspanned) == chunk:
+            floors.append(int(unspanned[-1][0]))  # type: ignore[call-overload]
+        spanned: list[tuple[object, ...]] = []
         spans = tx.execute(*spans_statement(query, before, chunk))
-        if not spans:
-            return [], before, False, 0
-        held = 0
-        for n, (first, last) in enumerate(spans):
-            held += int(last) - int(first) + 1  # type: ignore[call-overload]
-            if held >= chunk:
-                spans = spans[:n + 1]
-                break
-        low = int(spans[-1][0])  # type: ignore[call-overload]
-        rows = tx.execute(*rows_statement(query, before, low, chunk, lateral=database.dialect == "postgresql"))
+        if spans:
+            held = 0
+            for n, (first, last) in enumerate(spans):
+                held += int(last) - int(first) + 1  # type: ignore[call-overload]
+                if held >= chunk:
+                    spans = spans[:n + 1]
+                    break
+            low = int(spans[-1][0])  # type: ignore[call-overload]
+            spanned = tx.execute(*rows_statement(query, before, low, chunk, lateral=database.dialect == "postgresql"))
+            if len(spanned) == chunk:
+                floors.append(int(spanned[-1][0]))  # type: ignore[call-overload]
+            elif held >= chunk or len(spans) == chunk:
+                floors.append(low)
+    floor = max(floors, default=None)
+    rows = [r for r in heapq.merge(spanned, unspanned, key=_row_id, reverse=True) if floor is None or _row_id(r) >= floor][:chunk]
+    looked = max(len(spanned), len(spans)) + len(unspanned)  # a span has a row at least
     if len(rows) == chunk:
-        return rows, int(rows[-1][0]), True, chunk  # type: ignore[call-overload]
-    return rows, low, held >= chunk or len(spans) == chunk, max(len(rows), len(spans))  # a span has a row at least
+        return rows, _row_id(rows[-1]), True, looked
+    return rows, floor if floor is not None else before, floor is not None, looked
+
+
+def _row_id(row: tuple[object, ...]) -> int:
+    return int(row[0])  # type: ignore[call-overload]
 
 
 def search(database: db.Database, query: Query, limit: int, before: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
