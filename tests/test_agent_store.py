@@ -902,6 +902,29 @@ def test_on_postgresql_a_seconds_audit_rows_go_in_statements_that_each_hold_the_
         store.close()
 
 
+def test_on_sqlite_no_statement_of_the_audit_insert_has_more_than_999_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLite before 3.32 (Ubuntu 20.04's 3.31) refuses a statement of more than 999
+    # parameters; an audit row is 10 of them, and 100 rows a statement would be 1000.
+    store = GrantStore(str(tmp_path / "state"), None).open()
+    sizes: list[int] = []
+    real = db.Tx.execute
+
+    def execute(self: db.Tx, sql: str, params: Any = ()) -> list[tuple[object, ...]]:
+        sizes.append(len(params))
+        return real(self, sql, params)
+
+    monkeypatch.setattr(db.Tx, "execute", execute)
+    try:
+        rows = [(int(time.time()), "mint", f"g{n % 3}", "s", "team/app", "ok", "r:1", "{}") for n in range(300)]
+        with store.db.transaction() as tx:
+            agent_audit.insert(tx, rows)
+        assert 0 < max(sizes) <= db.SQLITE_PARAMETERS
+        with store.db.transaction(write=False) as tx:
+            assert tx.execute("SELECT count(*) FROM audit")[0][0] == 300
+    finally:
+        store.close()
+
+
 def test_on_postgresql_audit_ids_another_session_numbered_between_end_a_span(tmp_path: Path, pg_url: str) -> None:
     # Another replica's flush takes numbers from the same sequence at the same time; the
     # numbers one statement gets are then not one run. Made certain here by a sequence that

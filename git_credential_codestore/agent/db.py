@@ -81,7 +81,8 @@ class Cursor(Protocol):
     def fetchone(self) -> tuple[object, ...] | None: ...
 
 
-ROWS_PER_STATEMENT = 100  # within SQLite's oldest limit of 999 parameters a statement
+ROWS_PER_STATEMENT = 100  # SQLite: rows a statement, at most (and at most SQLITE_PARAMETERS values)
+SQLITE_PARAMETERS = 999  # SQLite's limit of parameters a statement before 3.32 (Ubuntu 20.04 has 3.31)
 # PostgreSQL: psycopg turns a statement's arrays into its wire format in one call that holds
 # the GIL throughout, 2.2 us a row here; 250 rows hold it about half a millisecond.
 PG_ROWS_PER_STATEMENT = 250
@@ -140,6 +141,7 @@ class Tx:
                 self.execute(statement, [list(column) for column in zip(*rows[i:i + PG_ROWS_PER_STATEMENT], strict=True)])
             return
         row = f"({', '.join('?' * len(types))})"
+        per = min(per, SQLITE_PARAMETERS // len(types))
         i = 0
         while i < len(rows):
             n = min(per, 1 << (len(rows) - i).bit_length() - 1)
