@@ -308,7 +308,7 @@ def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]]) -> None:
 
     A span is a run of consecutive ids whose rows all have one grant, `sub` and repository
     (at most SPAN_ROWS of them); queries by those columns find rows through the spans'
-    indexes (`statements`). An index entry a row in each of the three cost the flush a
+    indexes (`_page`). An index entry a row in each of the three cost the flush a
     leaf page of each index a grant in use: with 1000 grants in use, 1000 places a second
     in each, where a flush's rows of one grant are a few spans (they come grouped,
     `flush_into`). Spans are exact, so a query reads no other group's rows: ids are taken
