@@ -902,6 +902,43 @@ def test_on_postgresql_a_seconds_audit_rows_go_in_statements_that_each_hold_the_
         store.close()
 
 
+def test_on_postgresql_a_grant_changes_audit_row_and_its_span_are_one_statement(
+        tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A grant change waits for its audit row: numbering it, a COPY and the span's COPY were
+    # four round trips to a fleet's server where one INSERT had been one.
+    store = GrantStore(str(tmp_path / "state"), pg_url).open()
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    statements: list[str] = []
+    real_execute, real_copy = db._Watched.execute, db._Watched.copy_rows
+
+    def execute(self: db._Watched, sql: str, params: Any = None) -> object:
+        statements.append(sql)
+        return real_execute(self, sql, params)
+
+    def copy_rows(self: db._Watched, statement: str, types: Any, rows: Any) -> None:
+        statements.append(statement)
+        real_copy(self, statement, types, rows)
+
+    try:
+        for fields in ({"grant": "g1", "sub": "s1", "ttl": 1}, {"ttl": 2}):  # the second has nothing to span
+            write, after = log.in_transaction("grant-create", fields)
+            with store.db.transaction() as tx:
+                monkeypatch.setattr(db._Watched, "execute", execute)
+                monkeypatch.setattr(db._Watched, "copy_rows", copy_rows)
+                write(tx)
+                monkeypatch.undo()
+            assert len(statements) == 1, statements
+            statements.clear()
+            assert after() is None
+        with store.db.transaction(write=False) as tx:
+            assert tx.execute("SELECT grant_id, sub, last_id - first_id FROM audit_spans") == [("g1", "s1", 0)]
+            assert tx.execute("SELECT count(*) FROM audit WHERE spanned = 1") == [(2,)]
+        assert [e["ttl"] for e in agent_audit.search(store.db, audit.Query(grant="g1"), 10)[0]] == [1]
+    finally:
+        store.close()
+        log.close()
+
+
 def test_on_sqlite_no_statement_of_the_audit_insert_has_more_than_999_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # SQLite before 3.32 (Ubuntu 20.04's 3.31) refuses a statement of more than 999
     # parameters; an audit row is 10 of them, and 100 rows a statement would be 1000.

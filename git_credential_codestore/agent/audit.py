@@ -106,6 +106,7 @@ _SPANNED = {"repo": "repo", "grant": "grant_id", "sub": "sub"}
 _TABLE = "audit (time, event, grant_id, sub, repo, result, replica, fields)"
 _TYPES = ("bigint", "text", "text", "text", "text", "text", "text", "text")
 _NUMBERED = "audit (id, spanned, time, event, grant_id, sub, repo, result, replica, fields)"
+_SPANNED_ROW = "audit (spanned, time, event, grant_id, sub, repo, result, replica, fields)"  # numbered by the table
 _SPANS = "audit_spans (first_id, last_id, grant_id, sub, repo)"
 _SPAN_TYPES = ("bigint", "bigint", "text", "text", "text")
 SPAN_ROWS = 100  # rows a span covers at most: what a query reads past the page it wants
@@ -319,6 +320,14 @@ def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]]) -> None:
     agent's p99 rose), rows a COPY at a time (PG_COPY_ROWS: numbering and spanning 14k
     rows in one Python loop held the GIL for milliseconds at once).
     """
+    if len(rows) == 1 and tx.dialect == "postgresql":
+        # One row (a grant change, in its own transaction): one round trip, not the four of
+        # numbering, COPY and the span's COPY, each a network round trip to a fleet's server.
+        tx.execute(f"WITH r AS (INSERT INTO {_SPANNED_ROW} VALUES ({', '.join('?' * (len(_TYPES) + 1))}) "
+                   "RETURNING id, grant_id, sub, repo) INSERT INTO audit_spans (first_id, last_id, grant_id, sub, repo) "
+                   "SELECT id, id, grant_id, sub, repo FROM r WHERE grant_id IS NOT NULL OR sub IS NOT NULL OR repo IS NOT NULL",
+                   (1, *rows[0]))
+        return
     spans: list[tuple[object, ...]] = []
     ids: list[int] = []
     for at in range(0, len(rows), db.PG_COPY_ROWS):

@@ -101,6 +101,10 @@ class Tx:
     def one_writer(self) -> bool:
         return self._db.one_writer
 
+    @property
+    def dialect(self) -> str:
+        return self._db.dialect
+
     def execute(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
         self._cur.execute(self._db.sql(sql), tuple(params))
         try:
