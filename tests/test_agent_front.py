@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import _socket
 import json
+import os
 import re
 import signal
 import socket
@@ -32,6 +33,11 @@ if TYPE_CHECKING:
 _READ = f"repo={REPO}\nscopes=git:read\n".encode()  # a token request's body, in wire.py's line format
 
 FRONTS = ["uvicorn", "threads"]
+
+
+def _owner(peer: str) -> Caller:
+    """A caller on the owner's socket as the front makes one: this process's uid, named `peer`."""
+    return Caller("socket", os.getuid(), peer)
 
 
 @pytest.mark.parametrize("front", FRONTS)
@@ -298,12 +304,10 @@ def test_a_remembered_decision_is_only_for_the_secret_and_caller_it_was_decided_
     # Authorization value, the body and who asks. Threat: a remembered decision answering
     # a request it was not made for: another secret claiming the same grant id (never
     # checked against the grant's hash), or another caller written in the audit as the first.
-    import os
-
     front, grant = in_process
     agent = front.agent
     body = _READ
-    first, second = Caller("socket", os.getuid(), "uid:1"), Caller("socket", os.getuid(), "uid:2")
+    first, second = _owner("uid:1"), _owner("uid:2")
     for _ in range(2):  # decided, then remembered
         assert _decided(agent, first, f"Grant {grant}", body) == 200
     forged = f"Grant {grant.rsplit('_', 1)[0]}_{'A' * 43}"  # the grant's id, another secret
@@ -323,11 +327,9 @@ def test_a_request_decided_before_is_known_at_once_while_its_grant_version_holds
     # decided before, under a grant version the store still holds, is known without
     # looking the grant up; anything else is looked up as before (a grant changed since, a
     # request never decided), so nothing is answered on the event loop that may wait.
-    import os
-
     front, grant = in_process
     agent = front.agent
-    caller = Caller("socket", os.getuid(), "uid:1")
+    caller = _owner("uid:1")
     body = _READ
     assert _decided(agent, caller, f"Grant {grant}", body) == 200
 
@@ -350,13 +352,11 @@ def test_what_is_remembered_of_token_requests_is_bounded_whatever_is_sent(
     # A decision is remembered under the whole Authorization value, and a grant's secret
     # is still accepted with spaces around it. Threat: one grant holder filling the memo
     # with thousands of distinct values of up to the head's 16 KiB each (64 MiB).
-    import os
-
     from git_credential_codestore.agent import server as agent_server
 
     front, grant = in_process
     agent = front.agent
-    caller = Caller("socket", os.getuid(), "uid:1")
+    caller = _owner("uid:1")
     body = _READ
     monkeypatch.setattr(agent_server, "MEMO_REQUESTS", 8)
     for n in range(20):  # distinct values, each remembered until the memo is full, then it starts again
@@ -376,15 +376,13 @@ def test_a_remembered_decision_ends_with_a_revocation_however_the_replica_learns
     # another replica (taken in by sync), and one of a grant evicted from the cache
     # meanwhile (taken in as a grant new to the cache, not as a replacement); and a view of
     # the grants gone stale (the store not answering) must refuse as it did before.
-    import os
-
     from git_credential_codestore.agent import grants as agent_grants
     from git_credential_codestore.agent.db import DB_FILE
     from git_credential_codestore.agent.grants import GrantStore
 
     front, grant = in_process
     agent = front.agent
-    caller = Caller("socket", os.getuid(), "uid:1")
+    caller = _owner("uid:1")
     body = _READ
     other = GrantStore(str(tmp_path / "other"), str(tmp_path / "state" / DB_FILE)).open()  # a replica on the same database
     try:
@@ -774,14 +772,12 @@ def test_token_requests_answered_together_are_signed_in_a_row_and_each_answered_
     # respond_tokens (the accept's group) decides each request, signs the tokens one after
     # another, then audits and answers each: a refusal, a bug in one request (a 500) and a
     # signer failing in the row change nothing for the others.
-    import os
-
     from git_credential_codestore.agent.server import respond_tokens
     from git_credential_codestore.tokens import SignerUnavailable
 
     front, grant = in_process
     agent = front.agent
-    caller = Caller("socket", os.getuid(), "uid")
+    caller = _owner("uid")
     body = _READ
     events: list[str] = []
     sign, emit, decide = agent.key.sign, agent.audit.emit, agent.decide
@@ -848,13 +844,11 @@ def test_every_front_counts_a_token_requests_outcome_the_same_way_a_bug_included
     # The threaded and uvicorn fronts (server.respond) had a token path of their own in
     # Agent.dispatch, which did not count a request whose handling raised; the fleet
     # front's (respond_tokens) counted it as a 500. Every token now goes through one.
-    import os
-
     from git_credential_codestore.agent.server import respond, respond_tokens
 
     front, grant = in_process
     agent = front.agent
-    caller = Caller("socket", os.getuid(), "uid")
+    caller = _owner("uid")
     body = _READ
     decide = agent.decide
 
