@@ -675,12 +675,12 @@ def _page(database: db.Database, query: Query, before: int | None, chunk: int) -
     if not any(key in query.criteria for key in _SPANNED):
         with database.transaction(write=False) as tx:
             rows = tx.execute(*statement(query, before, chunk))
-        return rows, int(rows[-1][0]) if rows else before, len(rows) == chunk, len(rows)  # type: ignore[call-overload]
+        return rows, _row_id(rows[-1]) if rows else before, len(rows) == chunk, len(rows)
     floors: list[int] = []
     with database.transaction(write=False) as tx:
         unspanned = tx.execute(*statement(query, before, chunk, unspanned=True))
         if len(unspanned) == chunk:
-            floors.append(int(unspanned[-1][0]))  # type: ignore[call-overload]
+            floors.append(_row_id(unspanned[-1]))
         spanned: list[tuple[object, ...]] = []
         spans = tx.execute(*spans_statement(query, before, chunk))
         if spans:
@@ -693,7 +693,7 @@ def _page(database: db.Database, query: Query, before: int | None, chunk: int) -
             low = int(spans[-1][0])  # type: ignore[call-overload]
             spanned = tx.execute(*rows_statement(query, before, low, chunk, lateral=database.dialect == "postgresql"))
             if len(spanned) == chunk:
-                floors.append(int(spanned[-1][0]))  # type: ignore[call-overload]
+                floors.append(_row_id(spanned[-1]))
             elif held >= chunk or len(spans) == chunk:
                 floors.append(low)
     floor = max(floors, default=None)
