@@ -265,6 +265,17 @@ def test_each_filter_is_answered_from_an_index(tmp_path: Path, field: str, index
         d.close()
 
 
+def _ttls_paged(d: Database, limit: int, **q: str) -> list[int]:
+    """The `ttl` of every entry a query finds, page by page of `limit` through its cursor, oldest first."""
+    got: list[int] = []
+    before = None
+    while True:
+        page, before = agent_audit.search(d, audit.Query(**q), limit, before)
+        got[:0] = [e["ttl"] for e in page]
+        if before is None:
+            return got
+
+
 def test_a_query_on_grant_sub_or_repo_reads_exact_spans_and_pages_through_them(
         database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Grant, sub and repo are found through spans of consecutive ids, not an index entry a row.
@@ -309,20 +320,11 @@ def test_a_query_on_grant_sub_or_repo_reads_exact_spans_and_pages_through_them(
         table = [json.loads(str(f)) for f, in tx.execute("SELECT fields FROM audit WHERE replica <> 'other:1' ORDER BY id")]
     assert strays[0][0] == 0 and int(longest[0][0]) <= 3  # type: ignore[call-overload]
 
-    def pages(limit: int, **q: str) -> list[int]:
-        got: list[int] = []
-        before = None
-        while True:
-            page, before = agent_audit.search(database, audit.Query(**q), limit, before)
-            got[:0] = [e["ttl"] for e in page]
-            if before is None:
-                return got
-
     # Each page is shown in time order, and a flush's rows may straddle a second: compared as sets.
     for q in ({"grant": "g1"}, {"grant": "g2", "event": "refuse"}, {"grant": "g0", "sub": "s1", "repo": "team/app"},
               {"repo": "team/lib"}, {"sub": "s0", "event": "mint"}):
         want = sorted(e["ttl"] for e in table if audit.Query(**q).matches(e))
-        assert len(want) >= 4 and sorted(pages(3, **q)) == want and sorted(pages(100, **q)) == want, q
+        assert len(want) >= 4 and sorted(_ttls_paged(database, 3, **q)) == want and sorted(_ttls_paged(database, 100, **q)) == want, q
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
@@ -364,13 +366,7 @@ def test_rows_written_without_spans_are_found_by_grant_sub_and_repo_after_the_up
                     agent_audit.insert(tx, rows)
         want = [n for n in range(40) if n % 3 == 1] + [100 * turn + n for turn in range(6) for n in range(7)]
         for limit in (3, 8, 100):
-            got: list[int] = []
-            before = None
-            while True:
-                entries, before = agent_audit.search(d, audit.Query(grant="g1"), limit, before)
-                got[:0] = [e["ttl"] for e in entries]
-                if before is None:
-                    break
+            got = _ttls_paged(d, limit, grant="g1")
             assert sorted(got) == sorted(want) and len(got) == len(want), limit
     finally:
         d.close()
