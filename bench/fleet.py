@@ -5,8 +5,10 @@
    replica against raw ES256 signatures/s of the same key in one thread, with 10 and with
    100k grants in the store: 1000 of the 100k in use, and, apart, the same 10 in use as
    in the 10-grant store (what the store's size alone costs). Those ratios come from
-   closed loops run in alternating rounds (--rounds, 3), the median of the rounds' ratios:
-   the machine's speed drifts more over a minute than what they measure. At saturation a closed loop's latency says how fast the
+   closed loops run in rounds (--rounds, 5), the median of the rounds' ratios, each round
+   on agents started for it and in the other order than the round before: the machine's
+   speed drifts more over a minute than what they measure, and so does one process's
+   speed against another's (ROUNDS). At saturation a closed loop's latency says how fast the
    agent is, not how long a client waits at a load: by Little's law its mean is clients /
    throughput (printed beside it), and a slow reply delays the next send, so a stall is
    counted once, not in every request it held back (coordinated omission).
@@ -38,7 +40,7 @@ beside each closed loop, so a reader can see which of the two the cores were spe
 Everything is printed as one table at the end (progress goes to stderr).
 
 Run: python bench/fleet.py [--seconds 5] [--clients 64] [--workers N] [--rates 0.25,0.5] [--arrivals poisson|fixed]
-     [--store sqlite|postgresql] [--rounds 3] [--no-tls]
+     [--store sqlite|postgresql] [--rounds 5] [--no-tls]
      (needs codestore[fleet]; 4. and 5. need PostgreSQL, or --no-postgres)
 """
 
@@ -92,6 +94,15 @@ PROCESSES = 2
 # and the cold reads (a round trip each, on the handler threads) were measured as the
 # "100k grants" load, at half the 10-grant rate.
 WARM_UP, WARM_UP_ROUND, WARM_UP_MAX = 2.0, 0.5, 30.0
+# The ratios between closed loops (100k grants against 10): each a median over ROUNDS
+# rounds, each round's the ratio of its own loads. On this machine two loads of the same
+# agent a minute apart differed by up to 15%; two agents of the same tree and configuration,
+# in six alternating rounds each, differed by 8% in one pair and 5% in another (the second
+# started slower in one, faster in the other): a process's own luck (its memory layout, its
+# hash seed) can be as large as what is measured. So each round starts its agents afresh (on
+# the same stores) and the rounds alternate the order of their loads: the median is of
+# several processes, and no load always comes first or always follows another's.
+ROUNDS = 5
 DRAIN = 10.0  # seconds after a load's end in which an answer still counts; later, it is an error
 KEPT_UP = 0.95  # an open loop answering less of its offered rate than this did not keep up
 
@@ -627,8 +638,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=positive, default=5.0, help="the length of each measured load")
     parser.add_argument("--clients", type=int, default=64, help="connections in flight at most (the closed loop's clients)")
     parser.add_argument("--grants", type=int, default=100_000)
-    parser.add_argument("--rounds", type=count, default=3,
-                        help="alternating rounds of the closed loops whose throughputs are divided (default 3)")
+    parser.add_argument("--rounds", type=count, default=ROUNDS,
+                        help=f"rounds of the closed loops whose throughputs are divided (default {ROUNDS}; see ROUNDS)")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--no-tls", action="store_true", help="skip the TLS section (6.)")
     parser.add_argument("--workers", type=int, default=1, help="agent serve --workers N for the loads")
@@ -666,7 +677,7 @@ def main() -> int:
                 opened.append((f"{label} = {rate:.0f}/s, {name}", target, r))
             return closed, opened
 
-        # 1. one replica, 10 grants (kept running for the ratios' rounds, below)
+        # 1. one replica, 10 grants (its store kept for the ratios' rounds, below)
         small_url, big_url = next(store_urls), next(store_urls)
         small_proc, small_sock, _ = start_agent(env, "small", *serve, *store_args(small_url))
         try:
@@ -689,22 +700,18 @@ def main() -> int:
                 big_closed, big_open = loads(sock, reqs, proc.pid, big)
                 progress(f"grant create and revoke, {big}")
                 creates, revokes = admin_latency(sock, env)
-                # The ratios: one load against another measured a minute later differed by up to
-                # 15% on a busy machine, more than what is measured. So the loads a ratio divides
-                # run in alternating rounds, each round's ratio of its own loads, the median shown.
-                # The store's size alone: 10 of the 100k in use, as many as the 10-grant store has.
-                rounds: list[tuple[float, float, float]] = []
-                warm_up(small_sock, small_reqs, args.clients)
-                warm_up(sock, reqs, args.clients)
-                for i in range(args.rounds):
-                    progress(f"closed loops, round {i + 1} of {args.rounds}: 10 grants; {big}, 10 in use; {big}")
-                    rounds.append((Load(small_sock, small_reqs, args.clients, args.seconds, small_proc.pid).rate,
-                                   Load(sock, reqs[:10], args.clients, args.seconds, proc.pid).rate,
-                                   Load(sock, reqs, args.clients, args.seconds, proc.pid).rate))
             finally:
                 stop(proc)
         finally:
             stop(small_proc)
+        # The ratios (ROUNDS says how they are measured). The store's size alone: 10 of the
+        # 100k in use, as many as the 10-grant store has.
+        rounds: list[tuple[float, float, float]] = []
+        for i in range(args.rounds):
+            progress(f"closed loops, round {i + 1} of {args.rounds}: 10 grants; {big}, 10 in use; {big} "
+                     f"({'in that order' if i % 2 == 0 else 'the other way round'}), on agents started for it")
+            rounds.append(ratio_round(env, serve, ((small_url, small_reqs), (big_url, reqs)), args.clients, args.seconds,
+                                      reverse=i % 2 == 1))
 
         # The machine's speed drifts during a run: sign again, and divide the closed loops by the mean.
         raw_after = signing_rate(env)
@@ -712,8 +719,8 @@ def main() -> int:
         raw = (raw + raw_after) / 2
         closed_rows(table, "10 grants", small_closed, raw)
         closed_rows(table, big, big_closed, raw)
-        table.section(f"closed loops in {args.rounds} alternating rounds (10 grants; {big}, 10 in use; {big}): "
-                      "the median of the rounds' ratios, then each round's")
+        table.section(f"closed loops in {args.rounds} rounds (10 grants; {big}, 10 in use; {big}; every other round "
+                      "the other way round), each on agents started for it: the median of the rounds' ratios, then each round's")
         for label, which in ((f"throughput with {big} (1000 in use) / with 10", 2),
                              (f"throughput with {big}, the same 10 in use / with 10 (the store's size alone)", 1)):
             ratios = [r[which] / r[0] for r in rounds]
@@ -735,6 +742,29 @@ def main() -> int:
             propagation(env, table)
     table.print()
     return 0
+
+
+def ratio_round(env: dict[str, str], serve: tuple[str, ...], stores: tuple[tuple[str | None, list[bytes]], ...],
+                clients: int, seconds: float, reverse: bool) -> tuple[float, float, float]:
+    """One round of the ratios' closed loops (see ROUNDS) on agents started for it, one on
+    each store (the 10-grant one's, the 100k-grant one's): tokens/s with 10 grants; with the
+    same 10 of the 100k in use; with 1000 of them in use (`reverse`: run in the other order)."""
+    started: list[subprocess.Popen[str]] = []
+    try:
+        agents = []
+        for name, (url, reqs) in zip(("small", "big"), stores, strict=True):
+            proc, sock, _ = start_agent(env, name, *serve, *store_args(url))
+            started.append(proc)
+            warm_up(sock, reqs, clients)
+            agents.append((proc, sock, reqs))
+        (small_proc, small_sock, small_reqs), (proc, sock, reqs) = agents
+        loads = [(small_sock, small_reqs, small_proc), (sock, reqs[:10], proc), (sock, reqs, proc)]
+        order = range(len(loads) - 1, -1, -1) if reverse else range(len(loads))
+        rates = {i: Load(loads[i][0], loads[i][1], clients, seconds, loads[i][2].pid).rate for i in order}
+        return rates[0], rates[1], rates[2]
+    finally:
+        for proc in started:
+            stop(proc)
 
 
 @contextlib.contextmanager

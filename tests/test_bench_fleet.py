@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
+import os
 import subprocess
 import sys
 import time
@@ -218,3 +219,47 @@ def test_the_tls_section_measures_tokens_answered_over_full_handshakes(fleet: Mo
         assert errors > 0 and sum(kinds.values()) == errors, kinds  # and each failure is named by its kind
     finally:
         a.stop()
+
+
+def test_each_ratio_round_runs_its_loads_on_agents_started_for_it_in_alternating_order(
+        fleet: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two agents of the same code differ in speed by a few percent for as long as they live,
+    # as much as the ratios measure: each round's agents are new processes, and every
+    # other round runs its loads the other way round, its rates still given in one order.
+    from git_credential_codestore.agent.client import Endpoint, call
+
+    home = tmp_path / "bench"
+    home.mkdir()
+    env = fleet.environment(str(home))
+    stores = []
+    for name, n in (("small", 2), ("big", 12)):
+        proc, sock, _ = fleet.start_agent(env, name)
+        try:
+            made = [str(call(Endpoint("unix", sock), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)[1]["grant"])
+                    for _ in range(n)]
+        finally:
+            fleet.stop(proc)
+        stores.append((None, [fleet.token_request(g, "team/app") for g in made]))
+    monkeypatch.setattr(fleet, "WARM_UP", 0.2)
+    monkeypatch.setattr(fleet, "WARM_UP_ROUND", 0.1)
+    ran: list[tuple[int, int, float]] = []
+
+    class Recorded(fleet.Load):  # type: ignore[name-defined]
+        def __init__(self, sock: str, requests: list[bytes], clients: int, seconds: float, pid: int) -> None:
+            super().__init__(sock, requests, clients, seconds, pid)
+            ran.append((pid, len(requests), self.rate))
+
+    monkeypatch.setattr(fleet, "Load", Recorded)
+    forward = fleet.ratio_round(env, (), tuple(stores), 4, 0.3, reverse=False)
+    first, ran[:] = list(ran), []
+    backward = fleet.ratio_round(env, (), tuple(stores), 4, 0.3, reverse=True)
+    # the small store's grants; 10 of the big store's; all of them
+    assert [n for _, n, _ in first] == [2, 10, 12] and [n for _, n, _ in ran] == [12, 10, 2]
+    assert forward == tuple(r for *_, r in first) and backward == tuple(r for *_, r in reversed(ran))
+    assert all(r > 0 for r in forward + backward)
+    small, big = first[0][0], first[1][0]
+    assert small != big and first[2][0] == big and ran[1][0] == ran[0][0] != ran[2][0]
+    assert not {small, big} & {pid for pid, *_ in ran}  # new processes: the first round's are gone
+    for pid in {small, big, *(pid for pid, *_ in ran)}:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
