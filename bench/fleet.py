@@ -6,9 +6,9 @@
    100k grants in the store: 1000 of the 100k in use, and, apart, the same 10 in use as
    in the 10-grant store (what the store's size alone costs). Those ratios come from
    closed loops run in rounds (--rounds, 5), the median of the rounds' ratios, each round
-   on agents started for it and in the other order than the round before: the machine's
-   speed drifts more over a minute than what they measure, and so does one process's
-   speed against another's (ROUNDS). At saturation a closed loop's latency says how fast the
+   on agents started for it and in the other order than the round before, each load after
+   a lead-in of itself: the machine's speed drifts more over a minute than what they
+   measure, and so does one process's speed against another's (ROUNDS). At saturation a closed loop's latency says how fast the
    agent is, not how long a client waits at a load: by Little's law its mean is clients /
    throughput (printed beside it), and a slow reply delays the next send, so a stall is
    counted once, not in every request it held back (coordinated omission).
@@ -102,7 +102,13 @@ WARM_UP, WARM_UP_ROUND, WARM_UP_MAX = 2.0, 0.5, 30.0
 # hash seed) can be as large as what is measured. So each round starts its agents afresh (on
 # the same stores) and the rounds alternate the order of their loads: the median is of
 # several processes, and no load always comes first or always follows another's.
+# Each load of a round follows LEAD_IN seconds of the same load, unmeasured: what is
+# measured is then the middle of one steady load, whose database work left over from the
+# moments before (a flush's backlog: about 0.8 s of tokens) is its own, not the load
+# before's nor the warm-up's. Without it, the round that began with 1000 grants in use
+# (right after the warm-ups) read 0.80-0.81 in two runs, the others 0.88-0.97.
 ROUNDS = 5
+LEAD_IN = 1.5
 DRAIN = 10.0  # seconds after a load's end in which an answer still counts; later, it is an error
 KEPT_UP = 0.95  # an open loop answering less of its offered rate than this did not keep up
 
@@ -759,8 +765,11 @@ def ratio_round(env: dict[str, str], serve: tuple[str, ...], stores: tuple[tuple
             agents.append((proc, sock, reqs))
         (small_proc, small_sock, small_reqs), (proc, sock, reqs) = agents
         loads = [(small_sock, small_reqs, small_proc), (sock, reqs[:10], proc), (sock, reqs, proc)]
-        order = range(len(loads) - 1, -1, -1) if reverse else range(len(loads))
-        rates = {i: Load(loads[i][0], loads[i][1], clients, seconds, loads[i][2].pid).rate for i in order}
+        rates = {}
+        for i in (range(len(loads) - 1, -1, -1) if reverse else range(len(loads))):
+            which, requests, agent = loads[i]
+            generate(which, requests, clients, time.monotonic() + 0.3, LEAD_IN)
+            rates[i] = Load(which, requests, clients, seconds, agent.pid).rate
         return rates[0], rates[1], rates[2]
     finally:
         for proc in started:

@@ -223,9 +223,10 @@ def test_the_tls_section_measures_tokens_answered_over_full_handshakes(fleet: Mo
 
 def test_each_ratio_round_runs_its_loads_on_agents_started_for_it_in_alternating_order(
         fleet: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Two agents of the same code differ in speed by a few percent for as long as they live,
-    # as much as the ratios measure: each round's agents are new processes, and every
-    # other round runs its loads the other way round, its rates still given in one order.
+    # Two agents of the same code differ in speed by a few percent, as much as the ratios
+    # measure: each round's agents are new processes, every other round runs its loads the
+    # other way round (its rates still given in one order), and each load is measured in
+    # the middle of a steady one (after a lead-in of itself).
     from git_credential_codestore.agent.client import Endpoint, call
 
     home = tmp_path / "bench"
@@ -242,13 +243,23 @@ def test_each_ratio_round_runs_its_loads_on_agents_started_for_it_in_alternating
         stores.append((None, [fleet.token_request(g, "team/app") for g in made]))
     monkeypatch.setattr(fleet, "WARM_UP", 0.2)
     monkeypatch.setattr(fleet, "WARM_UP_ROUND", 0.1)
+    monkeypatch.setattr(fleet, "LEAD_IN", 0.15)
     ran: list[tuple[int, int, float]] = []
+    led: list[tuple[str, int]] = []  # the lead-ins and the measured loads, in order
+    generate = fleet.generate
+
+    def recorded(sock: str, requests: list[bytes], clients: int, start: float, seconds: float, *rest: object) -> object:
+        if seconds == 0.15:
+            led.append(("lead-in", len(requests)))
+        return generate(sock, requests, clients, start, seconds, *rest)
 
     class Recorded(fleet.Load):  # type: ignore[name-defined]
         def __init__(self, sock: str, requests: list[bytes], clients: int, seconds: float, pid: int) -> None:
             super().__init__(sock, requests, clients, seconds, pid)
             ran.append((pid, len(requests), self.rate))
+            led.append(("load", len(requests)))
 
+    monkeypatch.setattr(fleet, "generate", recorded)
     monkeypatch.setattr(fleet, "Load", Recorded)
     forward = fleet.ratio_round(env, (), tuple(stores), 4, 0.3, reverse=False)
     first, ran[:] = list(ran), []
@@ -257,6 +268,8 @@ def test_each_ratio_round_runs_its_loads_on_agents_started_for_it_in_alternating
     assert [n for _, n, _ in first] == [2, 10, 12] and [n for _, n, _ in ran] == [12, 10, 2]
     assert forward == tuple(r for *_, r in first) and backward == tuple(r for *_, r in reversed(ran))
     assert all(r > 0 for r in forward + backward)
+    # each measured load follows a lead-in of the same load
+    assert led == [(kind, n) for n in (2, 10, 12, 12, 10, 2) for kind in ("lead-in", "load")]
     small, big = first[0][0], first[1][0]
     assert small != big and first[2][0] == big and ran[1][0] == ran[0][0] != ran[2][0]
     assert not {small, big} & {pid for pid, *_ in ran}  # new processes: the first round's are gone
