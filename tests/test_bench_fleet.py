@@ -7,6 +7,7 @@ delays the test chooses. Every bound below is one that a slower machine only mak
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import math
@@ -276,3 +277,30 @@ def test_each_ratio_round_runs_its_loads_on_agents_started_for_it_in_alternating
     for pid in {small, big, *(pid for pid, *_ in ran)}:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_growing_the_stores_leaves_each_its_own_audit_trail(fleet: ModuleType, tmp_path: Path) -> None:
+    # --grow: the ratios on stores that have served for a while (their span indexes spread).
+    import sqlite3
+
+    from git_credential_codestore.agent.client import Endpoint, call
+
+    home = tmp_path / "bench"
+    home.mkdir()
+    env = fleet.environment(str(home))
+    stores = []
+    for name in ("small", "big"):
+        proc, sock, _ = fleet.start_agent(env, name)
+        try:
+            made = str(call(Endpoint("unix", sock), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)[1]["grant"])
+        finally:
+            fleet.stop(proc)
+        stores.append((None, [fleet.token_request(made, f"team/{name}")]))
+
+    def minted(name: str) -> int:
+        with contextlib.closing(sqlite3.connect(home / f"state-{name}" / "agent.sqlite3")) as db:
+            return int(db.execute("SELECT count(*) FROM audit WHERE event = 'mint' AND repo = ?", (f"team/{name}",)).fetchone()[0])
+
+    assert minted("small") == minted("big") == 0
+    fleet.grow(env, (), tuple(stores), 4, 0.5)
+    assert minted("small") > 20 and minted("big") > 20  # each store served its own load, flushed at the agent's stop
