@@ -764,19 +764,32 @@ def main() -> int:
     return 0
 
 
+@contextlib.contextmanager
+def agents_on(env: dict[str, str], serve: tuple[str, ...],
+              stores: tuple[tuple[str | None, list[bytes]], ...]) -> Iterator[list[tuple[subprocess.Popen[str], str, list[bytes]]]]:
+    """An agent started on each of `ratio_round`'s stores (the 10-grant one's, the 100k-grant
+    one's), as (process, socket, its store's requests); stopped at the block's end."""
+    started: list[tuple[subprocess.Popen[str], str, list[bytes]]] = []
+    try:
+        for name, (url, reqs) in zip(("small", "big"), stores, strict=True):
+            proc, sock, _ = start_agent(env, name, *serve, *store_args(url))
+            started.append((proc, sock, reqs))
+        yield started
+    finally:
+        for proc, *_ in started:
+            stop(proc)
+
+
 def grow(env: dict[str, str], serve: tuple[str, ...], stores: tuple[tuple[str | None, list[bytes]], ...],
          clients: int, seconds: float) -> None:
     """`seconds` of closed-loop load on each of `ratio_round`'s stores, in loads of at most
     GROW_TURN seconds: the audit trail of a store that has served for a while (see GROW_TURN)."""
-    for name, (url, reqs) in zip(("small", "big"), stores, strict=True):
-        proc, sock, _ = start_agent(env, name, *serve, *store_args(url))
-        try:
+    with agents_on(env, serve, stores) as agents:
+        for _, sock, reqs in agents:
             left = seconds
             while left > 0:
                 generate(sock, reqs, clients, time.monotonic() + 0.3, min(GROW_TURN, left))
                 left -= GROW_TURN
-        finally:
-            stop(proc)
 
 
 def ratio_round(env: dict[str, str], serve: tuple[str, ...], stores: tuple[tuple[str | None, list[bytes]], ...],
@@ -784,14 +797,9 @@ def ratio_round(env: dict[str, str], serve: tuple[str, ...], stores: tuple[tuple
     """One round of the ratios' closed loops (see ROUNDS) on agents started for it, one on
     each store (the 10-grant one's, the 100k-grant one's): tokens/s with 10 grants; with the
     same 10 of the 100k in use; with 1000 of them in use (`reverse`: run in the other order)."""
-    started: list[subprocess.Popen[str]] = []
-    try:
-        agents = []
-        for name, (url, reqs) in zip(("small", "big"), stores, strict=True):
-            proc, sock, _ = start_agent(env, name, *serve, *store_args(url))
-            started.append(proc)
+    with agents_on(env, serve, stores) as agents:
+        for _, sock, reqs in agents:
             warm_up(sock, reqs, clients)
-            agents.append((proc, sock, reqs))
         (small_proc, small_sock, small_reqs), (proc, sock, reqs) = agents
         loads = [(small_sock, small_reqs, small_proc), (sock, reqs[:10], proc), (sock, reqs, proc)]
         rates = {}
@@ -800,9 +808,6 @@ def ratio_round(env: dict[str, str], serve: tuple[str, ...], stores: tuple[tuple
             generate(which, requests, clients, time.monotonic() + 0.3, LEAD_IN)
             rates[i] = Load(which, requests, clients, seconds, agent.pid).rate
         return rates[0], rates[1], rates[2]
-    finally:
-        for proc in started:
-            stop(proc)
 
 
 @contextlib.contextmanager

@@ -222,26 +222,33 @@ def test_the_tls_section_measures_tokens_answered_over_full_handshakes(fleet: Mo
         a.stop()
 
 
-def test_each_ratio_round_runs_its_loads_on_agents_started_for_it_in_alternating_order(
-        fleet: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Two agents of the same code differ in speed by a few percent, as much as the ratios
-    # measure: each round's agents are new processes, every other round runs its loads the
-    # other way round (its rates still given in one order), and each load is measured in
-    # the middle of a steady one (after a lead-in of itself).
+def _bench_stores(fleet: ModuleType, tmp_path: Path, grants: dict[str, int]) -> tuple[Path, dict[str, str], tuple[tuple[None, list[bytes]], ...]]:
+    """The bench's home, environment and SQLite stores (`ratio_round`'s), each with its
+    number of grants, and a token request for each grant, for repository team/<store>."""
     from git_credential_codestore.agent.client import Endpoint, call
 
     home = tmp_path / "bench"
     home.mkdir()
     env = fleet.environment(str(home))
     stores = []
-    for name, n in (("small", 2), ("big", 12)):
+    for name, n in grants.items():
         proc, sock, _ = fleet.start_agent(env, name)
         try:
             made = [str(call(Endpoint("unix", sock), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)[1]["grant"])
                     for _ in range(n)]
         finally:
             fleet.stop(proc)
-        stores.append((None, [fleet.token_request(g, "team/app") for g in made]))
+        stores.append((None, [fleet.token_request(g, f"team/{name}") for g in made]))
+    return home, env, tuple(stores)
+
+
+def test_each_ratio_round_runs_its_loads_on_agents_started_for_it_in_alternating_order(
+        fleet: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two agents of the same code differ in speed by a few percent, as much as the ratios
+    # measure: each round's agents are new processes, every other round runs its loads the
+    # other way round (its rates still given in one order), and each load is measured in
+    # the middle of a steady one (after a lead-in of itself).
+    _, env, stores = _bench_stores(fleet, tmp_path, {"small": 2, "big": 12})
     monkeypatch.setattr(fleet, "WARM_UP", 0.2)
     monkeypatch.setattr(fleet, "WARM_UP_ROUND", 0.1)
     monkeypatch.setattr(fleet, "LEAD_IN", 0.15)
@@ -262,9 +269,9 @@ def test_each_ratio_round_runs_its_loads_on_agents_started_for_it_in_alternating
 
     monkeypatch.setattr(fleet, "generate", recorded)
     monkeypatch.setattr(fleet, "Load", Recorded)
-    forward = fleet.ratio_round(env, (), tuple(stores), 4, 0.3, reverse=False)
+    forward = fleet.ratio_round(env, (), stores, 4, 0.3, reverse=False)
     first, ran[:] = list(ran), []
-    backward = fleet.ratio_round(env, (), tuple(stores), 4, 0.3, reverse=True)
+    backward = fleet.ratio_round(env, (), stores, 4, 0.3, reverse=True)
     # the small store's grants; 10 of the big store's; all of them
     assert [n for _, n, _ in first] == [2, 10, 12] and [n for _, n, _ in ran] == [12, 10, 2]
     assert forward == tuple(r for *_, r in first) and backward == tuple(r for *_, r in reversed(ran))
@@ -283,24 +290,12 @@ def test_growing_the_stores_leaves_each_its_own_audit_trail(fleet: ModuleType, t
     # --grow: the ratios on stores that have served for a while (their span indexes spread).
     import sqlite3
 
-    from git_credential_codestore.agent.client import Endpoint, call
-
-    home = tmp_path / "bench"
-    home.mkdir()
-    env = fleet.environment(str(home))
-    stores = []
-    for name in ("small", "big"):
-        proc, sock, _ = fleet.start_agent(env, name)
-        try:
-            made = str(call(Endpoint("unix", sock), "POST", "/v1/grants", {"repos": ["team/*"]}, env=env)[1]["grant"])
-        finally:
-            fleet.stop(proc)
-        stores.append((None, [fleet.token_request(made, f"team/{name}")]))
+    home, env, stores = _bench_stores(fleet, tmp_path, {"small": 1, "big": 1})
 
     def minted(name: str) -> int:
         with contextlib.closing(sqlite3.connect(home / f"state-{name}" / "agent.sqlite3")) as db:
             return int(db.execute("SELECT count(*) FROM audit WHERE event = 'mint' AND repo = ?", (f"team/{name}",)).fetchone()[0])
 
     assert minted("small") == minted("big") == 0
-    fleet.grow(env, (), tuple(stores), 4, 0.5)
+    fleet.grow(env, (), stores, 4, 0.5)
     assert minted("small") > 20 and minted("big") > 20  # each store served its own load, flushed at the agent's stop
