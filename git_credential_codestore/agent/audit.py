@@ -723,13 +723,13 @@ def search(database: db.Database, query: Query, limit: int, before: int | None =
     while True:
         rows, cursor, older, looked = _page(database, query, cursor, chunk)
         scanned += looked
-        for rid, text in rows:
+        for row in rows:
             try:
-                entry = json.loads(str(text))
+                entry = json.loads(str(row[1]))
             except ValueError:
                 continue
             if isinstance(entry, dict) and query.matches(entry):
-                found.append((int(rid), entry))  # type: ignore[call-overload]
+                found.append((_row_id(row), entry))
                 if len(found) > limit:
                     break
         if len(found) > limit:
