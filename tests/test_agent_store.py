@@ -931,8 +931,10 @@ def test_on_postgresql_a_grant_changes_audit_row_and_its_span_are_one_statement(
             statements.clear()
             assert after() is None
         with store.db.transaction(write=False) as tx:
-            assert tx.execute("SELECT grant_id, sub, last_id - first_id FROM audit_spans") == [("g1", "s1", 0)]
+            assert tx.execute("SELECT grant_id, sub, last_id - first_id, bucket = first_id >> 16 FROM audit_spans") == [("g1", "s1", 0, True)]
             assert tx.execute("SELECT count(*) FROM audit WHERE spanned = 1") == [(2,)]
+            assert tx.execute("SELECT kind, value, area = (SELECT first_id >> 22 FROM audit_spans) FROM audit_span_areas ORDER BY kind") == [
+                ("grant", "g1", True), ("sub", "s1", True)]
         assert [e["ttl"] for e in agent_audit.search(store.db, audit.Query(grant="g1"), 10)[0]] == [1]
     finally:
         store.close()
@@ -986,21 +988,27 @@ def test_on_postgresql_audit_ids_another_session_numbered_between_end_a_span(tmp
 def test_on_postgresql_a_query_by_grant_reads_its_spans_first_then_their_rows_by_id(tmp_path: Path, pg_url: str) -> None:
     # PostgreSQL's planner joined spans and rows the other way round: it walked the whole
     # audit table back by id, looking each row up in the spans (0.9 s a page of 300k rows).
+    # The grant's spans come from its buckets on the spans' index, then their rows by id.
     store = GrantStore(str(tmp_path / "state"), pg_url).open()
     try:
         now = int(time.time())
         with store.db.transaction() as tx:
             rows = [(now, "mint", f"g{n % 200}", "s", "team/app", "ok", "r:1", json.dumps({"event": "mint", "grant": f"g{n % 200}"}))
                     for n in range(20000)]
-            agent_audit.insert(tx, sorted(rows, key=lambda row: str(row[2])))
+            agent_audit.insert(tx, rows)  # a span a row: 20000 of them
             tx.execute("ANALYZE audit")
             tx.execute("ANALYZE audit_spans")
         query = audit.Query(grant="g7")
         with store.db.transaction(write=False) as tx:
-            sql, params = agent_audit.rows_statement(query, None, 0, 51, lateral=True)
+            sql, params = agent_audit.bucket_spans_statement(query, 0, None, 51)
+            plan = "\n".join(str(r[0]) for r in tx.execute("EXPLAIN " + sql, params))
+            assert "audit_spans_at_grant" in plan and "Seq Scan" not in plan, plan
+            spans, floor = agent_audit._bucketed_spans(tx, query, None, 51)
+            assert len(spans) == 51 and floor == spans[-1][0], spans
+            sql, params = agent_audit.rows_statement(query, None, spans, 51, "postgresql")
             plan = "\n".join(str(r[0]) for r in tx.execute("EXPLAIN " + sql, params))
         assert "Index Scan using audit_pkey on audit " in plan and "Seq Scan on audit " not in plan, plan
-        assert plan.index(" on audit_spans s") < plan.index("audit_pkey"), plan  # spans outside, each one's rows by id inside
+        assert plan.index("Function Scan on s ") < plan.index("audit_pkey"), plan  # spans outside, each one's rows by id inside
         entries, more = agent_audit.search(store.db, query, 1000)
         assert len(entries) == 100 and more is None
     finally:

@@ -13,11 +13,12 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import pytest
 
 from git_credential_codestore import audit
 from git_credential_codestore.agent import audit as agent_audit
+from git_credential_codestore.agent import db
 from git_credential_codestore.agent.client import AgentRefused, Endpoint, call, exchange
 from git_credential_codestore.agent.db import Database, Tx
 from git_credential_codestore.agent.grants import GrantStore
@@ -242,16 +244,19 @@ def test_the_query_filters_by_every_field_and_pages_newest_last(database: Databa
     assert [e.get("ttl") for e in older] == [1, 2] and rest is None
 
 
-@pytest.mark.parametrize(("field", "index"), [("repo", "audit_spans_repo"), ("grant", "audit_spans_grant"),
-                                              ("sub", "audit_spans_sub"), ("event", "audit_event"), ("ref", "audit_event")])
+@pytest.mark.parametrize(("field", "index"), [("repo", "audit_spans_at_repo"), ("grant", "audit_spans_at_grant"),
+                                              ("sub", "audit_spans_at_sub"), ("event", "audit_event"), ("ref", "audit_event")])
 def test_each_filter_is_answered_from_an_index(tmp_path: Path, field: str, index: str) -> None:
     # With many mints, a query must not read the whole table to find one sandbox's rows:
-    # grant, sub and repo through the spans' indexes, then the rows of those spans by id.
+    # grant, sub and repo through the areas they have spans in, then those areas' buckets on
+    # the spans' indexes (or the spans without a bucket on their own), then the spans' rows by id.
     d = Database(str(tmp_path / "agent.sqlite3")).open()
     try:
         query = audit.Query(**{field: "feat" if field == "ref" else "x"})
         if field in ("repo", "grant", "sub"):
-            selects = [(agent_audit.spans_statement(query, 1000, 10), index), (agent_audit.rows_statement(query, 1000, 900, 10), index),
+            selects = [(agent_audit.areas_statement(query, 1 << 30, 10), "sqlite_autoindex_audit_span_areas_1"),
+                       (agent_audit.bucket_spans_statement(query, 3, 1 << 30, 10), index),
+                       (agent_audit.spans_statement(query, 1000, 10), f"audit_unbucketed_{field}"),
                        (agent_audit.statement(query, 1000, 10, unspanned=True), f"audit_unspanned_{field}")]
         else:
             selects = [(agent_audit.statement(query, 1000, 10), index)]
@@ -259,8 +264,12 @@ def test_each_filter_is_answered_from_an_index(tmp_path: Path, field: str, index
             with d.transaction(write=False) as tx:
                 plan = " ".join(str(row[-1]) for row in tx.execute("EXPLAIN QUERY PLAN " + sql, params))
             assert f"USING INDEX {used}" in plan or f"USING COVERING INDEX {used}" in plan, plan
-            if " JOIN " in sql:
-                assert "SEARCH a USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in plan, plan
+            assert "SCAN audit_spans" not in plan, plan
+        if field in ("repo", "grant", "sub"):
+            sql, params = agent_audit.rows_statement(query, 1000, [(900, 950), (800, 801)], 10)
+            with d.transaction(write=False) as tx:
+                plan = " ".join(str(row[-1]) for row in tx.execute("EXPLAIN QUERY PLAN " + sql, params))
+            assert "SEARCH a USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in plan, plan
     finally:
         d.close()
 
@@ -282,8 +291,12 @@ def test_a_query_on_grant_sub_or_repo_reads_exact_spans_and_pages_through_them(
     # Spans must hold only their group's rows, also when another writer took ids between
     # this one's (here every fourth id, as another replica's flush on PostgreSQL may), and a
     # query must page across them (three rows a span at most) as it did on the row indexes,
-    # together with the rows of a replica that writes no spans (not yet upgraded).
+    # together with the rows of a replica that writes no spans (not yet upgraded). Buckets
+    # of four ids and areas of four buckets, so that a page crosses buckets and areas.
     monkeypatch.setattr(agent_audit, "SPAN_ROWS", 3)
+    monkeypatch.setattr(agent_audit, "BUCKET_BITS", 2)
+    monkeypatch.setattr(agent_audit, "AREA_BITS", 4)
+    monkeypatch.setattr(agent_audit, "_AREAS_AT_ONCE", 2)
     real = Tx.new_ids
     foreign: list[int] = []
 
@@ -318,7 +331,11 @@ def test_a_query_on_grant_sub_or_repo_reads_exact_spans_and_pages_through_them(
                             "WHERE a.grant_id <> s.grant_id OR a.sub <> s.sub OR a.repo <> s.repo OR a.replica = 'other:1'")
         longest = tx.execute("SELECT max(last_id - first_id + 1) FROM audit_spans")
         table = [json.loads(str(f)) for f, in tx.execute("SELECT fields FROM audit WHERE replica <> 'other:1' ORDER BY id")]
+        buckets = tx.execute("SELECT count(DISTINCT bucket), count(*) FROM audit_spans WHERE bucket = first_id / 4")
+        areas = tx.execute("SELECT count(DISTINCT area) FROM audit_span_areas WHERE kind = 'grant' AND value = 'g1'")
+        spans = tx.execute("SELECT count(*) FROM audit_spans")
     assert strays[0][0] == 0 and int(longest[0][0]) <= 3  # type: ignore[call-overload]
+    assert int(buckets[0][0]) >= 20 and buckets[0][1] == spans[0][0] and int(areas[0][0]) >= 5, (buckets, areas)  # type: ignore[call-overload]
 
     # Each page is shown in time order, and a flush's rows may straddle a second: compared as sets.
     for q in ({"grant": "g1"}, {"grant": "g2", "event": "refuse"}, {"grant": "g0", "sub": "s1", "repo": "team/app"},
@@ -327,24 +344,40 @@ def test_a_query_on_grant_sub_or_repo_reads_exact_spans_and_pages_through_them(
         assert len(want) >= 4 and sorted(_ttls_paged(database, 3, **q)) == want and sorted(_ttls_paged(database, 100, **q)) == want, q
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_rows_written_without_spans_are_found_by_grant_sub_and_repo_after_the_upgrade(
-        kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    # An agent's database from before spans (the audit schema's version 2, one index entry a
-    # row on grant, sub and repo) is upgraded at start: its rows are found as before. So are
-    # the rows a replica not yet upgraded goes on writing without spans, among new rows.
-    url = str(tmp_path / "agent.sqlite3") if kind == "sqlite" else request.getfixturevalue("pg_url")
-    from git_credential_codestore.agent import db
+def _write_as(version: int, tx: Tx, rows: Sequence[tuple[object, ...]]) -> None:
+    """`rows` written as a replica of the audit schema's `version` did: 2, without spans; 3,
+    with spans but no bucket; the current, through `insert`."""
+    if version == 2:
+        tx.insert_rows(agent_audit._TABLE, agent_audit._TYPES, rows)
+    elif version == 3:
+        ids = tx.new_ids("audit", len(rows))
+        tx.insert_rows(agent_audit._NUMBERED, ("bigint", "bigint", *agent_audit._TYPES), [(i, 1, *r) for i, r in zip(ids, rows, strict=True)])
+        tx.insert_rows("audit_spans (first_id, last_id, grant_id, sub, repo)", ("bigint", "bigint", "text", "text", "text"),
+                       [span[:5] for span in agent_audit._spans(ids, rows)])
+    else:
+        agent_audit.insert(tx, rows)
 
+
+@pytest.mark.parametrize("since", [2, 3])
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_rows_written_before_spans_or_buckets_are_found_by_grant_sub_and_repo_after_the_upgrade(
+        kind: str, since: int, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An agent's database from before spans (the audit schema's version 2, one index entry a
+    # row on grant, sub and repo) or before buckets (version 3, spans indexed by grant, sub
+    # and repo) is upgraded at start: its rows are found as before. So are the rows replicas
+    # not yet upgraded go on writing the old ways, among new rows.
+    url = str(tmp_path / "agent.sqlite3") if kind == "sqlite" else request.getfixturevalue("pg_url")
     with monkeypatch.context() as m:
-        m.setitem(db.MIGRATIONS, "audit", db.MIGRATIONS["audit"][:2])
+        m.setitem(db.MIGRATIONS, "audit", db.MIGRATIONS["audit"][:since])
         old = Database(url).open()
         with old.transaction() as tx:
-            tx.insert_rows(agent_audit._TABLE, agent_audit._TYPES, [
+            _write_as(since, tx, [
                 (int(time.time()), "mint", f"g{n % 3}", f"s{n % 2}", f"team/r{n % 5}", "ok", "old:1",
                  json.dumps({"event": "mint", "grant": f"g{n % 3}", "sub": f"s{n % 2}", "repo": f"team/r{n % 5}", "ttl": n}))
                 for n in range(40)])
         old.close()
+    monkeypatch.setattr(agent_audit, "BUCKET_BITS", 2)  # the new rows in several buckets and areas
+    monkeypatch.setattr(agent_audit, "AREA_BITS", 4)
     d = Database(url).open()
     try:
         with d.transaction(write=False) as tx:
@@ -354,22 +387,102 @@ def test_rows_written_without_spans_are_found_by_grant_sub_and_repo_after_the_up
                         ({"sub": "s0", "repo": "team/r2"}, [n for n in range(40) if n % 2 == 0 and n % 5 == 2])):
             entries, more = agent_audit.search(d, audit.Query(**q), 100)
             assert [e["ttl"] for e in entries] == want and more is None
-        # Turns of an upgraded writer (spans) and an old one (the version 2 insert, no spans).
-        for turn in range(6):
+        # Turns of an upgraded writer and of writers of both older versions.
+        for turn in range(9):
             rows = [(int(time.time()), "mint", "g1", "s1", "team/r1", "ok", "w:1",
-                     json.dumps({"event": "mint", "grant": "g1", "sub": "s1", "repo": "team/r1", "ttl": 100 * turn + n}))
+                     json.dumps({"event": "mint", "grant": "g1", "sub": "s1", "repo": "team/r1", "ttl": 1000 + 100 * turn + n}))
                     for n in range(7)]
             with d.transaction() as tx:
-                if turn % 2:
-                    tx.insert_rows(agent_audit._TABLE, agent_audit._TYPES, rows)
-                else:
-                    agent_audit.insert(tx, rows)
-        want = [n for n in range(40) if n % 3 == 1] + [100 * turn + n for turn in range(6) for n in range(7)]
-        for limit in (3, 8, 100):
-            got = _ttls_paged(d, limit, grant="g1")
-            assert sorted(got) == sorted(want) and len(got) == len(want), limit
+                _write_as((2, 3, 4)[turn % 3], tx, rows)
+        newer = [1000 + 100 * turn + n for turn in range(9) for n in range(7)]
+        for q, want in (({"grant": "g1"}, [n for n in range(40) if n % 3 == 1] + newer),
+                        ({"sub": "s1", "repo": "team/r1"}, [n for n in range(40) if n % 2 == 1 and n % 5 == 1] + newer)):
+            for limit in (3, 8, 100):
+                got = _ttls_paged(d, limit, **q)
+                assert sorted(got) == sorted(want) and len(got) == len(want), (q, limit)
     finally:
         d.close()
+
+
+def _span_indexes(tx: Tx) -> list[tuple[str, str, str]]:
+    """Each index of `audit_spans`, as the database's catalog has it: (name, its columns, its condition or "true")."""
+    if tx.dialect == "postgresql":
+        found = tx.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'audit_spans'")
+    else:
+        found = tx.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'audit_spans' AND sql IS NOT NULL")
+    indexes = []
+    for name, sql in found:
+        m = re.search(r" ON \S+ (?:USING \w+ )?\(([^)]*)\)(?: WHERE (.*))?$", str(sql))
+        assert m, sql
+        indexes.append((str(name), m.group(1), m.group(2) or "true"))
+    return indexes
+
+
+def test_a_flushs_spans_are_neighbours_in_each_index_of_the_spans(
+        database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A flush's spans (one a grant in use) must lie together in every index the spans are
+    # written to, among spans of about their age, not each beside its grant's older spans.
+    # Indexed by grant first, a second's 1000 spans reached 1000 leaf pages of each index of
+    # a store that had served a while, and 1000 grants in use ran at 0.88 of 10 grants' rate.
+    # Buckets of 64 ids here: each flush's 60 rows are in a bucket or two.
+    monkeypatch.setattr(agent_audit, "BUCKET_BITS", 6)
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    try:
+        for _ in range(10):
+            for n in range(60):
+                log.record("mint", {"grant": f"g{n % 20}", "sub": f"s{n % 20}", "repo": f"team/r{n % 20}", "ttl": 1})
+            with database.transaction() as tx:
+                log.flush_into(tx)()
+    finally:
+        log.close()
+    with database.transaction(write=False) as tx:
+        last = int(tx.execute("SELECT max(id) FROM audit")[0][0])  # type: ignore[call-overload]
+        written = 0
+        for name, columns, condition in _span_indexes(tx):
+            # the index's entries in its own order: those of new spans (its condition holds for them)
+            order = [int(r[0]) for r in tx.execute(f"SELECT first_id FROM audit_spans WHERE {condition} ORDER BY {columns}")]  # type: ignore[call-overload]
+            if not order:
+                continue
+            written += 1
+            at = [i for i, first in enumerate(order) if first > last - 60]
+            assert len(at) == 20, (name, order)
+            between = order[at[0]:at[-1] + 1]
+            assert min(between) > last - 60 - 128, (name, between)  # none older than the bucket before
+        assert written == 3
+
+
+def test_a_writer_lists_an_area_once_it_is_committed_and_again_after_a_rollback(
+        database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A grant's areas are listed by the first flush with spans in them; a writer does not list
+    # them again (1000 grants in use would be 3000 lookups a second), but only once the flush
+    # that listed them has committed: a rolled-back flush's areas are not there.
+    listed: list[int] = []
+    real = Tx.execute_rows
+
+    def execute_rows(self: Tx, sql: str, types: Any, rows: Any, per: int = db.ROWS_PER_STATEMENT) -> None:
+        if "audit_span_areas" in sql:
+            listed.append(len(rows))
+        real(self, sql, types, rows, per)
+
+    monkeypatch.setattr(Tx, "execute_rows", execute_rows)
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    try:
+        for ttl in (1, 2):  # two rows a flush: PostgreSQL writes a lone row in one statement of its own
+            log.record("mint", {"grant": "g1", "sub": "s1", "ttl": ttl})
+        with pytest.raises(RuntimeError), database.transaction() as tx:
+            log.flush_into(tx)
+            raise RuntimeError("the flush fails after its insert")
+        assert listed == [2] and log.buffered == 2
+        for ttl in (3, 4):
+            log.record("mint", {"grant": "g1", "sub": "s1", "ttl": ttl})
+            log.record("mint", {"grant": "g1", "sub": "s1", "ttl": ttl + 2})
+            with database.transaction() as tx:
+                log.flush_into(tx)()
+        assert listed == [2, 2, 0]  # listed again after the rollback, then not
+    finally:
+        log.close()
+    assert sorted(e["ttl"] for e in agent_audit.search(database, audit.Query(grant="g1"), 10)[0]) == [1, 2, 3, 4, 5, 6]
+    assert sorted(e["ttl"] for e in agent_audit.search(database, audit.Query(sub="s1"), 10)[0]) == [1, 2, 3, 4, 5, 6]
 
 
 def test_flushes_running_together_write_each_buffered_row_once(database: Database, tmp_path: Path) -> None:
