@@ -429,7 +429,7 @@ def test_a_flushs_spans_are_neighbours_in_each_index_of_the_spans(
     # A flush's spans (one a grant in use) must lie together in every index the spans are
     # written to, among spans of about their age, not each beside its grant's older spans.
     # Indexed by grant first, a second's 1000 spans reached 1000 leaf pages of each index of
-    # a store that had served a while, and 1000 grants in use ran at 0.88 of 10 grants' rate.
+    # a store that had served a while: the agent wrote twice the bytes a token it wrote with 10.
     # Buckets of 64 ids here: each flush's 60 rows are in a bucket or two.
     monkeypatch.setattr(agent_audit, "BUCKET_BITS", 6)
     log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
