@@ -491,6 +491,34 @@ def test_a_writer_lists_an_area_once_it_is_committed_and_again_after_a_rollback(
     assert sorted(e["ttl"] for e in agent_audit.search(database, audit.Query(sub="s1"), 10)[0]) == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_query_by_sub_and_event_stops_at_the_scan_limit_with_a_cursor_and_loses_nothing(
+        database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Refusals of a sandbox with many mints: SQL reads the mints' spans and keeps none. That
+    # reading counts toward MAX_SCAN, so the reply stops there with a cursor instead of reading
+    # the whole trail (a page of `limit` rows at a time: 4.4 s for 2M rows); and the cursor
+    # leads, page by page, to the one refusal at the far end.
+    monkeypatch.setattr(agent_audit, "MAX_SCAN", 100)
+    monkeypatch.setattr(agent_audit, "SPAN_SCAN", 30)
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    try:
+        log.record("refuse", {"grant": "g1", "sub": "s1", "ttl": 0})
+        for flush in range(10):
+            for n in range(40):
+                log.record("mint", {"grant": f"g{n % 2}", "sub": "s1", "ttl": 1 + 40 * flush + n})
+            with database.transaction() as tx:
+                log.flush_into(tx)()
+    finally:
+        log.close()
+    entries, more = agent_audit.search(database, audit.Query(sub="s1", event="refuse"), 5)
+    assert entries == [] and more is not None
+    pages = 1
+    while more is not None:
+        page, more = agent_audit.search(database, audit.Query(sub="s1", event="refuse"), 5, more)
+        entries += page
+        pages += 1
+    assert [e["ttl"] for e in entries] == [0] and 3 <= pages <= 6, pages
+
+
 def test_flushes_running_together_write_each_buffered_row_once(database: Database, tmp_path: Path) -> None:
     # An audit query flushes while the sync thread may be flushing too.
     store = GrantStore(str(tmp_path / "state"), database.url).open()

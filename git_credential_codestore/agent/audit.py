@@ -51,6 +51,7 @@ MAX_AREAS = 100_000  # areas a writer remembers having listed (`flush_into`); be
 FLUSH_ROWS = 100  # rows a flush transaction on SQLite (a short hold of its one write lock)
 SCAN_CHUNK = 500  # rows read per statement when a filter (ref) is checked here, not in SQL
 MAX_SCAN = 200_000  # rows one query may look at; beyond it the reply is truncated, with a cursor
+SPAN_SCAN = 4000  # rows of spans a page reads when SQL filters the rows too (`_page`)
 RECOVER_BYTES = 16 << 20  # the end of the audit file `recover` reads back
 RECOVER_WINDOW = 60  # seconds before a killed writer's last line in which its records may be unflushed
 RECOVER_SLACK = 60  # seconds a row may have waited for its flush: how far past that `recover` looks back
@@ -797,7 +798,12 @@ def _page(database: db.Database, query: Query, before: int | None, chunk: int) -
     before buckets, or by a replica not yet upgraded), and the rows written without spans.
     Each source has given every row or span it has from its floor up (the lowest id it
     reached, when it may have older ones), so the page stops at the highest floor. The rows
-    of the fewest newest spans that hold `chunk` rows are read by id."""
+    of the fewest newest spans that hold `chunk` rows are read by id; SPAN_SCAN rows when
+    SQL also filters the rows (event, time), which may keep few of them.
+
+    What SQL looked at counts a span's rows, matching or not: a query for refusals of a
+    `sub` that has millions of mints and no refusal stops at MAX_SCAN with a cursor (it had
+    read all of them, a page of `chunk` rows at a time: 4.4 s for 2M rows)."""
     if not any(key in query.criteria for key in _SPANNED):
         with database.transaction(write=False) as tx:
             rows = tx.execute(*statement(query, before, chunk))
@@ -807,10 +813,11 @@ def _page(database: db.Database, query: Query, before: int | None, chunk: int) -
         unspanned = tx.execute(*statement(query, before, chunk, unspanned=True))
         if len(unspanned) == chunk:
             floors.append(_row_id(unspanned[-1]))
-        old = [(int(f), int(last)) for f, last in tx.execute(*spans_statement(query, before, chunk))]  # type: ignore[call-overload]
-        if len(old) == chunk:
+        budget = max(chunk, SPAN_SCAN) if _where(query, {"event": "event"})[0] else chunk
+        old = [(int(f), int(last)) for f, last in tx.execute(*spans_statement(query, before, budget))]  # type: ignore[call-overload]
+        if len(old) == budget:
             floors.append(old[-1][0])
-        new, floor = _bucketed_spans(tx, query, before, chunk)
+        new, floor = _bucketed_spans(tx, query, before, budget)
         if floor is not None:
             floors.append(floor)
         least = max(floors, default=None)
@@ -819,7 +826,7 @@ def _page(database: db.Database, query: Query, before: int | None, chunk: int) -
         held = 0
         for n, (first, last) in enumerate(spans):
             held += last - first + 1
-            if held >= chunk:
+            if held >= budget:
                 del spans[n + 1:]
                 floors.append(first)
                 break
@@ -831,7 +838,7 @@ def _page(database: db.Database, query: Query, before: int | None, chunk: int) -
                 break
     floor = max(floors, default=None)
     rows = [r for r in heapq.merge(spanned, unspanned, key=_row_id, reverse=True) if floor is None or _row_id(r) >= floor][:chunk]
-    looked = max(len(spanned), len(spans)) + len(unspanned)  # a span has a row at least
+    looked = held + len(unspanned)
     if len(rows) == chunk:
         return rows, _row_id(rows[-1]), True, looked
     return rows, floor if floor is not None else before, floor is not None, looked
