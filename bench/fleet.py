@@ -109,10 +109,10 @@ WARM_UP, WARM_UP_ROUND, WARM_UP_MAX = 2.0, 0.5, 30.0
 # (right after the warm-ups) read 0.80-0.81 in two runs, the others 0.88-0.97.
 ROUNDS = 5
 LEAD_IN = 1.5
-# --grow: a store that has served for a while costs more than a young one. On one measured
-# with 1000 grants in use, the indexes of audit_spans had spread over a leaf page per grant
-# (about 100k spans) and the ratio read 0.88 where young stores read 0.91-0.96 (README).
-# Default 0: the tables are of young stores, and say what a grown one reads.
+# --grow: a store that has served for a while writes more a token than a young one (with
+# 1000 grants in use, the span indexes spread over a leaf page a grant until they were keyed
+# by bucket first; README). Default 0: the tables are of young stores, and say what grown
+# ones read.
 GROW_TURN = 15.0
 DRAIN = 10.0  # seconds after a load's end in which an answer still counts; later, it is an error
 KEPT_UP = 0.95  # an open loop answering less of its offered rate than this did not keep up

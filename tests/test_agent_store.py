@@ -1000,7 +1000,7 @@ def test_on_postgresql_a_query_by_grant_reads_its_spans_first_then_their_rows_by
             tx.execute("ANALYZE audit_spans")
         query = audit.Query(grant="g7")
         with store.db.transaction(write=False) as tx:
-            sql, params = agent_audit.bucket_spans_statement(query, list(range(63, -1, -1)), None, 51)
+            sql, params = agent_audit.spans_statement(query, None, 51, list(range(63, -1, -1)))
             plan = "\n".join(str(r[0]) for r in tx.execute("EXPLAIN " + sql, params))
             assert "audit_spans_at_grant" in plan and "Seq Scan" not in plan, plan
             spans, floor = agent_audit._bucketed_spans(tx, query, None, 51)

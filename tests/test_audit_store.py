@@ -255,8 +255,8 @@ def test_each_filter_is_answered_from_an_index(tmp_path: Path, field: str, index
         query = audit.Query(**{field: "feat" if field == "ref" else "x"})
         if field in ("repo", "grant", "sub"):
             selects = [(agent_audit.areas_statement(query, 1 << 30, 10), "sqlite_autoindex_audit_span_areas_1"),
-                       (agent_audit.bucket_spans_statement(query, [9], 1 << 30, 10), index),
-                       (agent_audit.bucket_spans_statement(query, [9, 8, 7], 1 << 30, 10), index),
+                       (agent_audit.spans_statement(query, 1 << 30, 10, [9]), index),
+                       (agent_audit.spans_statement(query, 1 << 30, 10, [9, 8, 7]), index),
                        (agent_audit.spans_statement(query, 1000, 10), f"audit_unbucketed_{field}"),
                        (agent_audit.statement(query, 1000, 10, unspanned=True), f"audit_unspanned_{field}")]
         else:
@@ -268,7 +268,7 @@ def test_each_filter_is_answered_from_an_index(tmp_path: Path, field: str, index
             assert "SCAN audit_spans" not in plan, plan
         if field in ("repo", "grant", "sub"):
             # one bucket: its spans in the index's order, read until the limit, not all sorted
-            sql, params = agent_audit.bucket_spans_statement(query, [9], 1 << 30, 10)
+            sql, params = agent_audit.spans_statement(query, 1 << 30, 10, [9])
             with d.transaction(write=False) as tx:
                 plan = " ".join(str(row[-1]) for row in tx.execute("EXPLAIN QUERY PLAN " + sql, params))
             assert "TEMP B-TREE" not in plan, plan

@@ -126,6 +126,7 @@ db.register("audit", [
 # Query fields that are columns: compared in SQL; event on its index, the others on spans'.
 _COLUMNS = {"repo": "repo", "grant": "grant_id", "sub": "sub", "event": "event"}
 _SPANNED = {"repo": "repo", "grant": "grant_id", "sub": "sub"}
+_KIND_VALUES = ", ".join(f"('{kind}', r.{column})" for kind, column in _SPANNED.items())  # an audit row `r`'s areas' (kind, value)
 # A row: its columns but its id, and their SQL types, as entries make them (`Entry.at`).
 _TABLE = "audit (time, event, grant_id, sub, repo, result, replica, fields)"
 _TYPES = ("bigint", "text", "text", "text", "text", "text", "text", "text")
@@ -376,7 +377,7 @@ def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]], known: AbstractSet[Are
                    f"s AS (INSERT INTO {_SPANS} SELECT id, id, grant_id, sub, repo, id >> {BUCKET_BITS} FROM r "
                    "WHERE grant_id IS NOT NULL OR sub IS NOT NULL OR repo IS NOT NULL) "
                    f"INSERT INTO audit_span_areas (kind, value, area) SELECT k.kind, k.value, r.id >> {AREA_BITS} FROM r "
-                   "CROSS JOIN LATERAL (VALUES ('grant', r.grant_id), ('sub', r.sub), ('repo', r.repo)) AS k (kind, value) "
+                   f"CROSS JOIN LATERAL (VALUES {_KIND_VALUES}) AS k (kind, value) "
                    "WHERE k.value IS NOT NULL ORDER BY 1, 2 ON CONFLICT DO NOTHING",
                    (1, *rows[0]))
         return set()
@@ -688,12 +689,16 @@ def _spanned(query: Query) -> tuple[list[str], list[object]]:
             [query.criteria[key] for key in _SPANNED if key in query.criteria])
 
 
-def spans_statement(query: Query, before: int | None, limit: int) -> tuple[str, list[object]]:
-    """For a query on grant, `sub` or repository: the SELECT of the newest `limit` spans
-    without a bucket (`insert`) that begin before `before`. Spans do not overlap, so spans
-    newest first hold rows newest first."""
+def spans_statement(query: Query, before: int | None, limit: int, buckets: Sequence[int] | None = None) -> tuple[str, list[object]]:
+    """For a query on grant, `sub` or repository: the SELECT of the newest `limit` spans that
+    begin before `before`: those in `buckets`, on the spans' indexes, or with None those
+    without a bucket (`insert`), on theirs. Spans do not overlap, so spans newest first hold
+    rows newest first."""
     where, params = _spanned(query)
-    where.append("bucket IS NULL")
+    if buckets is None:
+        where.append("bucket IS NULL")
+    else:  # numbers made here; the second condition for the planner: the indexes' own
+        where[:0] = [f"bucket IN ({', '.join(map(str, buckets))})", "bucket IS NOT NULL"]
     if before is not None:
         where.append("first_id < ?")
         params.append(before)
@@ -710,17 +715,6 @@ def areas_statement(query: Query, before: int | None, limit: int) -> tuple[str, 
         where.append("area <= ?")
         params.append((before - 1) >> AREA_BITS)
     return f"SELECT area FROM audit_span_areas WHERE {' AND '.join(where)} ORDER BY area DESC LIMIT ?", [*params, limit]
-
-
-def bucket_spans_statement(query: Query, buckets: Sequence[int], before: int | None, limit: int) -> tuple[str, list[object]]:
-    """For a query on grant, `sub` or repository: the SELECT of the newest `limit` spans in
-    `buckets` that begin before `before`, a bucket at a time on the spans' indexes."""
-    where, params = _spanned(query)
-    where[:0] = [f"bucket IN ({', '.join(map(str, buckets))})", "bucket IS NOT NULL"]  # numbers made here; the second for the planner
-    if before is not None:
-        where.append("first_id < ?")
-        params.append(before)
-    return f"SELECT first_id, last_id FROM audit_spans WHERE {' AND '.join(where)} ORDER BY first_id DESC LIMIT ?", [*params, limit]
 
 
 def rows_statement(query: Query, before: int | None, spans: Sequence[tuple[int, int]], limit: int,
@@ -780,7 +774,7 @@ def _bucketed_spans(tx: db.Tx, query: Query, before: int | None, chunk: int) -> 
     held, size = 0, 1
     buckets = _buckets(tx, query, before)
     while group := list(itertools.islice(buckets, size)):
-        for first, last in tx.execute(*bucket_spans_statement(query, group, before, chunk - len(found))):
+        for first, last in tx.execute(*spans_statement(query, before, chunk - len(found), group)):
             found.append((int(first), int(last)))  # type: ignore[call-overload]
             held += found[-1][1] - found[-1][0] + 1
             if held >= chunk or len(found) == chunk:
