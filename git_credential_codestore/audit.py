@@ -309,7 +309,8 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
     reads the trail.
     """
     from .agent.client import AgentUnavailable, call_any, refusal
-    from .agent.discovery import AGENT_URL, endpoints_from_env, read_grant
+    from .agent.discovery import AGENT_URL, Endpoint, endpoints_from_env, read_grant
+    from .errors import RemoteError
 
     env = os.environ if env is None else env
     trails: list[list[dict[str, Any]]] = []
@@ -317,9 +318,15 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
     # Whichever replica answers (every replica's records are in the database): the next
     # is asked when one is down, silent or cannot read its store, as the helpers do.
     endpoints = endpoints_from_env(env)
+    grant = read_grant(env)
+
+    def ask(limit: int, before: int | None = None) -> tuple[Endpoint, int, dict[str, object]]:
+        return call_any(endpoints, "POST", "/v1/audit/query", {**query.to_json(), "limit": limit,
+                                                               **({"before": before} if before is not None else {})},
+                        grant=grant, env=env)
+
     try:
-        ep, status, reply = call_any(endpoints, "POST", "/v1/audit/query", {**query.to_json(), "limit": limit},
-                                     grant=read_grant(env), env=env)
+        ep, status, reply = ask(limit)
     except AgentUnavailable:
         ep, status, reply = endpoints[0], 0, {}
     if status == 0 and env.get(AGENT_URL, "").strip():
@@ -329,8 +336,24 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
         print(f"codestore: warning: no agent at {', '.join(map(str, endpoints))} answered; reading this machine's files only",
               file=sys.stderr)
     if status == 200:
-        entries = reply.get("entries")
-        trails.append([e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else [])
+        found = _entries(reply)
+        # A reply stops after the rows the agent may read for one (MAX_SCAN), with a cursor
+        # to the older rows: followed until `limit` entries are found or the trail ends. An
+        # answer of "no entries" there would be wrong, not short: older rows may match.
+        cursor = reply.get("before")
+        while reply.get("truncated") is True and len(found) < limit:
+            if not isinstance(cursor, int) or isinstance(cursor, bool) or cursor <= 0:
+                raise RemoteError(f"the codestore agent at {ep} cut its audit reply short without a cursor to the rest; "
+                                  "is it a codestore agent of this version?")
+            ep, status, reply = ask(limit - len(found), cursor)
+            if status != 200:
+                raise refusal(ep, status, reply)
+            found[:0] = _entries(reply)
+            following = reply.get("before")
+            if isinstance(following, int) and following >= cursor:  # never the same rows twice, never endlessly
+                raise RemoteError(f"the codestore agent at {ep} sent a cursor that does not go back; is it a codestore agent of this version?")
+            cursor = following
+        trails.append(found)
         sources.append(f"agent {ep} ({reply.get('trail')})")
     elif status:
         raise refusal(ep, status, reply)
@@ -343,6 +366,11 @@ def collect(query: Query, env: Mapping[str, str] | None = None, *, limit: int = 
         trails.append(query.select(read(path)))
         sources.append(path)
     return merge(*trails)[-limit:], sources
+
+
+def _entries(reply: Mapping[str, object]) -> list[dict[str, Any]]:
+    entries = reply.get("entries")
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
 def describe(e: Mapping[str, Any]) -> str:

@@ -30,6 +30,7 @@ from git_credential_codestore.agent import db
 from git_credential_codestore.agent.client import AgentRefused, Endpoint, call, exchange
 from git_credential_codestore.agent.db import Database, Tx
 from git_credential_codestore.agent.grants import GrantStore
+from git_credential_codestore.errors import RemoteError
 from tests.conftest import DevServer, OrgKey, commit, git, run_cli, wait_for
 from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent
 from tests.test_agent_e2e import seed_repo
@@ -517,6 +518,52 @@ def test_a_query_by_sub_and_event_stops_at_the_scan_limit_with_a_cursor_and_lose
         entries += page
         pages += 1
     assert [e["ttl"] for e in entries] == [0] and 3 <= pages <= 6, pages
+
+
+def test_codestore_audit_follows_a_cut_short_reply_to_the_matches_beyond_it(
+        database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Threat (a wrong answer): `codestore audit --sub S --event refuse` on a sandbox with 210k
+    # mints after its refusals printed "no matching entries": the agent's reply stopped at
+    # MAX_SCAN with a cursor, and the CLI read it as the whole answer. The agent's own handler
+    # answers here (report.query on a real database); only the HTTP hop is left out.
+    from types import SimpleNamespace
+
+    from git_credential_codestore.agent import client, report
+
+    monkeypatch.setattr(agent_audit, "MAX_SCAN", 100)
+    monkeypatch.setattr(agent_audit, "SPAN_SCAN", 30)
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    try:
+        for n in range(3):
+            log.record("refuse", {"grant": "g1", "sub": "s1", "ttl": n})
+        for flush in range(10):
+            for n in range(40):
+                log.record("mint", {"grant": "g1", "sub": "s1", "ttl": 100 + 40 * flush + n})
+            with database.transaction() as tx:
+                log.flush_into(tx)()
+    finally:
+        log.close()
+    agent = SimpleNamespace(store=SimpleNamespace(flush=lambda: None, db=database, where="test"), audit=SimpleNamespace(path="-"))
+    asked: list[object] = []
+
+    def call_any(endpoints: list[Endpoint], method: str, path: str, body: dict[str, object], **_: object) -> object:
+        asked.append(body.get("before"))
+        return endpoints[0], *report.query(agent, None, None, body)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(client, "call_any", call_any)
+    env = {"CODESTORE_AGENT_SOCK": str(tmp_path / "agent.sock"), "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
+    entries, _ = audit.collect(audit.Query(sub="s1", event="refuse"), env, limit=2)
+    assert [e["ttl"] for e in entries] == [1, 2] and asked[0] is None and len(asked) >= 3, asked
+    entries, _ = audit.collect(audit.Query(sub="s1", event="refuse"), env, limit=50)
+    assert [e["ttl"] for e in entries] == [0, 1, 2]
+
+    # A cursor that does not go back would be followed forever: one line instead.
+    def stuck(endpoints: list[Endpoint], method: str, path: str, body: dict[str, object], **_: object) -> object:
+        return endpoints[0], 200, {"entries": [], "truncated": True, "before": 7}
+
+    monkeypatch.setattr(client, "call_any", stuck)
+    with pytest.raises(RemoteError, match="cursor that does not go back"):
+        audit.collect(audit.Query(sub="s1", event="refuse"), env, limit=2)
 
 
 def test_flushes_running_together_write_each_buffered_row_once(database: Database, tmp_path: Path) -> None:

@@ -147,7 +147,7 @@ def test_config_and_grant_files_go_through_the_bounded_reader(tmp_path: Path) ->
 @pytest.mark.parametrize(
     "url",
     ["http://127.0.0.1:99999", "http://127.0.0.1:abc", "http://[::1", "http://[::1]:-1", "http://127.0.0.1:", "https://h:65536",
-     ",,,", " , "],
+     ",,,", " , ", "https://a..b:8765,http://127.0.0.1:1", "http://127.0.0.1:1,admin:hunter2@agent.internal:8765"],
 )
 def test_a_bad_agent_url_is_a_usage_error_in_one_line_never_a_crash(url: str, org_key: OrgKey) -> None:
     env = dict(os.environ, CODESTORE_AGENT_URL=url, CODESTORE_BASE_URL="https://acme.code.storage")
@@ -158,6 +158,7 @@ def test_a_bad_agent_url_is_a_usage_error_in_one_line_never_a_crash(url: str, or
         proc = run_cli(*argv, input=stdin, env=env)
         lines = [line for line in proc.stderr.splitlines() if line]
         assert len(lines) == 1 and "CODESTORE_AGENT_URL" in lines[0] and "internal error" not in lines[0], (argv, proc.stderr)
+        assert "hunter2" not in proc.stderr
         if argv[0] == "codestore":
             assert proc.returncode == 2, (argv, proc.returncode, proc.stderr)
         else:
@@ -170,6 +171,40 @@ def test_a_bad_agent_url_is_a_usage_error_in_one_line_never_a_crash(url: str, or
 def test_endpoint_from_url_names_the_setting_and_the_form() -> None:
     with pytest.raises(UsageError, match=r"CODESTORE_AGENT_URL .* port .* http\(s\)://HOST:PORT"):
         Endpoint.from_url("http://127.0.0.1:99999")
+
+
+@pytest.mark.parametrize("url, says", [
+    ("admin:hunter2@agent.internal:8765", "has no http:// or https://"),
+    ("https:/admin:hunter2@agent.internal:8765", "has no http:// or https://"),
+    ("//admin:hunter2@agent.internal:8765", "has no http:// or https://"),
+    ("ftp://admin:hunter2@agent.internal", "not ftp://"),
+    ("https://admin:hunter2@agent.internal:8765", "must not carry credentials"),
+    ("https://agent.internal:8765/hunter2", "takes no path"),
+    ("https://agent.internal:8765#hunter2", "takes no path"),
+    ("http://::1:8080", "bad host or port"),
+    ("https://:8765", "bad host or port"),
+    ("http://127.0.0.1:0", "bad host or port"),
+    ("https://a..b:8765", "bad host or port"),
+    ("https://.example:8765", "bad host or port"),
+    (f"https://{'x' * 64}.example:8765", "bad host or port"),
+    ("https://a\u00e9..b:8765", "bad host or port"),
+])
+def test_a_bad_agent_url_is_named_for_its_fault_and_never_quoted_back(url: str, says: str) -> None:
+    # Threat (a secret in git's output): a URL mistyped without its scheme was quoted back in
+    # the error, the password of its userinfo with it. And a host IDNA cannot encode (a..b)
+    # crashed the helper (UnicodeError is no OSError), port 0 became port 80, a path was
+    # silently dropped, and a missing host was blamed on the scheme.
+    with pytest.raises((UsageError, ConfigError)) as e:
+        Endpoint.from_url(url)
+    line = str(e.value)
+    assert says in line and "CODESTORE_AGENT_URL" in line and "hunter2" not in line and "\n" not in line, line
+
+
+def test_hosts_that_can_be_connected_to_are_taken() -> None:
+    assert Endpoint.from_url("https://agent.example.:8765") == Endpoint("https", "agent.example.", 8765)
+    assert Endpoint.from_url("https://b\u00fccher.example") == Endpoint("https", "b\u00fccher.example", 443)
+    assert Endpoint.from_url(f"https://{'x' * 63}.example/") == Endpoint("https", f"{'x' * 63}.example", 443)
+    assert Endpoint.from_url("http://[::1]:8080") == Endpoint("http", "::1", 8080)
 
 
 def test_a_replica_that_dies_with_the_request_in_hand_is_passed_over_for_the_next(agent: Agent, org_key: OrgKey) -> None:
@@ -264,8 +299,14 @@ def test_an_answer_other_than_the_agents_refusal_is_passed_over_for_the_next_rep
     # page, a reply cut short or another org's agent stopped failover too.
     grant = agent.grant("--repo", REPO)["grant"]
     with replying(reply) as (fake, url):
-        assert verify(mint(sandbox_env(grant, url=f"{url},{agent.url}")), org_key).repo == REPO
+        env = sandbox_env(grant, url=f"{url},{agent.url}")
+        assert verify(mint(env), org_key).repo == REPO
         assert fake.served == 1
+        if reply != _reply("200 OK"):  # an empty 200 is a JSON call's empty object: the agent's, as far as it can tell
+            # The JSON calls (doctor's grant check, the audit query) walk the replicas alike:
+            # `codestore doctor` failed on a load balancer's 502 page with the next replica up.
+            assert _own_grant(env)["id"] == str(grant).split("_")[1]  # type: ignore[index]
+            assert fake.served == 2
 
 
 def test_a_refusal_of_the_request_itself_is_every_replicas_answer_and_final(agent: Agent) -> None:
@@ -285,6 +326,10 @@ def test_when_every_replica_fails_the_first_ones_reason_is_the_line(agent: Agent
         assert "\n" not in str(e.value) and (first.served, second.served) == (1, 1)
     with replying(_reply("503 Busy")) as (_, url):  # a bare 503 names what to do, not only "HTTP 503"
         with pytest.raises(AgentRefused, match=r"answered HTTP 503 and said no more; it may be busy: try again; check: codestore agent status"):
+            mint(sandbox_env(grant, url=url))
+    # A load balancer's own page, with no replica behind it: its status, not "an unreadable reply".
+    with replying(_reply("503 Service Unavailable", b"<html><body>No healthy upstream</body></html>")) as (_, url):
+        with pytest.raises(AgentRefused, match=r"answered HTTP 503 and said no more; it may be busy: try again"):
             mint(sandbox_env(grant, url=url))
 
 

@@ -38,7 +38,12 @@ CONNECT_TIMEOUT = 2.0
 FAILOVER_CONNECT_TIMEOUT = 0.5  # per replica when CODESTORE_AGENT_URL names several
 REPLY_TIMEOUT = 15.0
 FAILOVER_REPLY_TIMEOUT = 3.0  # a replica that accepts but does not answer (stopped, wedged), when another is left to ask
-START_HINT = "start it where the key lives (codestore agent start), or fix CODESTORE_AGENT_URL/CODESTORE_AGENT_SOCK"
+def start_hint(ep: Endpoint) -> str:
+    """What to do when nothing answers at `ep`, naming the setting it came from (an admin
+    command's socket is never CODESTORE_AGENT_URL's)."""
+    if ep.kind == "unix":
+        return "start it where the key lives (codestore agent start), or point CODESTORE_AGENT_SOCK (or --socket) at its socket"
+    return "start it where the key lives (codestore agent start), or fix CODESTORE_AGENT_URL"
 
 
 def replica_timeouts(i: int, n: int, deadline: float) -> tuple[float, float] | None:
@@ -81,7 +86,7 @@ class Failover:
         tried = ", ".join(map(str, self.endpoints[:self.asked]))
         left = self.endpoints[self.asked:]
         skipped = f" ({', '.join(map(str, left))} not asked: {REPLY_TIMEOUT:.0f}s had passed)" if left else ""
-        why = f"the first: {first}" if first is not None else START_HINT
+        why = f"the first: {first}" if first is not None else start_hint(self.endpoints[0])
         return AgentUnavailable(f"no codestore agent answered at any of {tried}{skipped}; {why}")
 
 
@@ -153,9 +158,11 @@ def _connect(ep: Endpoint, timeout: float, env: Mapping[str, str], deadline: flo
 
         sock = socket.create_connection((ep.address, ep.port), timeout=timeout)
     except (FileNotFoundError, ConnectionRefusedError) as e:
-        raise AgentUnavailable(f"no codestore agent at {ep} ({e.strerror or type(e).__name__}); {START_HINT}") from None
+        raise AgentUnavailable(f"no codestore agent at {ep} ({e.strerror or type(e).__name__}); {start_hint(ep)}") from None
     except OSError as e:
-        raise AgentUnavailable(f"cannot reach the codestore agent at {ep} ({e.strerror or type(e).__name__}); {START_HINT}") from None
+        raise AgentUnavailable(f"cannot reach the codestore agent at {ep} ({e.strerror or type(e).__name__}); {start_hint(ep)}") from None
+    except UnicodeError:  # a name IDNA cannot encode (from_url refuses them; an endpoint made elsewhere may not)
+        raise AgentUnavailable(f"cannot reach the codestore agent at {ep} (not a valid host name); {start_hint(ep)}") from None
     if ctx is not None:
         import ssl
 
@@ -260,14 +267,14 @@ def exchange(
     except TimeoutError:  # socket.timeout is TimeoutError since Python 3.10
         raise AgentSilent(f"the codestore agent at {ep} did not answer within {timeout:.0f}s; check: codestore agent status") from None
     except OSError as e:
-        raise AgentUnavailable(f"the codestore agent at {ep} dropped the connection ({e.strerror or type(e).__name__}); {START_HINT}") from None
+        raise AgentUnavailable(f"the codestore agent at {ep} dropped the connection ({e.strerror or type(e).__name__}); {start_hint(ep)}") from None
     finally:
         sock.close()
     if not chunks:
         # Closed with the request in hand and no answer at all: the agent died or was
         # stopped mid-request (a replica SIGKILLed under load). Unavailable, like a refused
         # connect, so a helper with several replicas asks the next one.
-        raise AgentUnavailable(f"the codestore agent at {ep} closed the connection without answering; {START_HINT}")
+        raise AgentUnavailable(f"the codestore agent at {ep} closed the connection without answering; {start_hint(ep)}")
     return parse_reply(b"".join(chunks), ep)
 
 
@@ -311,19 +318,26 @@ def call(
     try:
         reply = json.loads(content) if content else {}
     except ValueError:
-        raise RemoteError(f"the codestore agent at {ep} sent a reply that is not JSON; is it a codestore agent?") from None
+        reply = None
     if not isinstance(reply, dict):
-        raise RemoteError(f"the codestore agent at {ep} sent an unexpected reply")
+        if status >= 400:
+            return status, {}  # a proxy's or load balancer's error page: `refusal` says its status
+        raise RemoteError(f"the codestore agent at {ep} sent a reply that is not {'JSON' if reply is None else 'a JSON object'}; "
+                          "is it a codestore agent?")
     return status, reply
 
 
 def call_any(endpoints: list[Endpoint], method: str, path: str, body: Mapping[str, object] | None = None, *,
              grant: Secret | None = None, env: Mapping[str, str] | None = None) -> tuple[Endpoint, int, dict[str, object]]:
-    """`call` on the first replica that answers below 500 (a replica's own trouble: the next is
-    asked, as helpers do for tokens), else the last answer; the replicas' timeouts as
-    replica_timeouts gives them. AgentUnavailable when none answered at all."""
+    """`call` of a request that changes nothing (a ping, a query) on the replicas in turn, as
+    helpers ask for tokens (AgentSource._ask): the first answer of the agent's own ends the
+    walk (a success, or a 4xx with its reason: every replica would give it). A replica's own
+    trouble (a 5xx) or an answer that is not the agent's (not HTTP or not JSON, cut short, a
+    proxy's page or redirect) is passed over for the next. With none left: the first answer
+    passed over (RemoteError for one that was not JSON), else AgentUnavailable; the replicas'
+    timeouts as replica_timeouts gives them."""
     walk = Failover(endpoints)
-    answer: tuple[Endpoint, int, dict[str, object]] | None = None
+    passed: tuple[Endpoint, int, dict[str, object]] | RemoteError | None = None
     unreachable: AgentUnavailable | None = None
     for ep, connect, reply in walk:
         try:
@@ -331,12 +345,17 @@ def call_any(endpoints: list[Endpoint], method: str, path: str, body: Mapping[st
         except AgentUnavailable as e:
             unreachable = unreachable or e
             continue
-        answer = (ep, status, data)
-        if status < 500:
-            break
-    if answer is None:
-        raise walk.none_answered(unreachable)
-    return answer
+        except RemoteError as e:
+            passed = passed or e
+            continue
+        if status < 300 or (status < 500 and data.get("error")):
+            return ep, status, data
+        passed = passed or (ep, status, data)
+    if isinstance(passed, RemoteError):
+        raise passed
+    if passed is not None:
+        return passed
+    raise walk.none_answered(unreachable)
 
 
 def refusal(ep: Endpoint, status: int, reply: Mapping[str, object]) -> Exception:
@@ -523,6 +542,8 @@ def token_from_reply(status: int, content: bytes, ep: Endpoint) -> Token:
     try:
         reply = wire.decode(content)
     except ProtocolError:
+        if status != 200:
+            raise refusal(ep, status, {}) from None  # a proxy's or load balancer's error page: its status says more
         raise RemoteError(f"the codestore agent at {ep} sent an unreadable reply; is it a codestore agent of this version?") from None
     if status != 200:
         raise refusal(ep, status, reply)

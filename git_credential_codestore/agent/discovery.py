@@ -173,19 +173,29 @@ class Endpoint(record("Endpoint", "kind address port", defaults=(0,))):
 
     @classmethod
     def from_url(cls, url: str) -> Endpoint:
+        """The endpoint of one entry of CODESTORE_AGENT_URL; UsageError or ConfigError naming
+        the fix in one line. The entry is never quoted back: a mistyped one can hold a
+        password (`admin:pw@host` without `http://`), and the line lands in git's output."""
+        form = "it must be http(s)://HOST:PORT, e.g. https://agent.internal:7878"
         parts = split_url(url)
-        if parts.scheme not in ("http", "https") or not parts.host:
-            raise UsageError(f"CODESTORE_AGENT_URL must be http(s)://HOST:PORT, not {parts.scheme or url[:20]!r}")
+        if not parts.scheme:
+            raise UsageError(f"an entry of CODESTORE_AGENT_URL has no http:// or https://; {form}")
+        if parts.scheme not in ("http", "https"):
+            # split_url takes only a scheme's own characters (letters, digits, + - .): no secret.
+            raise UsageError(f"CODESTORE_AGENT_URL takes http:// and https:// URLs, not {parts.scheme}://; {form}")
         if parts.userinfo is not None or parts.query:
             # A grant in a URL would land in logs and argv: exactly what we exist to prevent.
             raise ConfigError("CODESTORE_AGENT_URL must not carry credentials or a query; put the grant in CODESTORE_GRANT_FILE")
+        if parts.path.strip("/") or parts.fragment:
+            # The agent answers at its root: a path would be dropped, and a gateway's prefix
+            # with it (its pages would then read as a replica that is not an agent).
+            raise UsageError(f"CODESTORE_AGENT_URL takes no path: the agent answers at its root; {form}")
         try:
             port = parts.port
         except ValueError:
-            raise UsageError(
-                "CODESTORE_AGENT_URL has a bad host or port (a port is 1-65535, an IPv6 host is in []); "
-                "it must be http(s)://HOST:PORT, e.g. https://agent.internal:7878"
-            ) from None
+            port = 0
+        if port == 0 or not host_name_ok(parts.host):
+            raise UsageError(f"CODESTORE_AGENT_URL has a bad host or port (a port is 1-65535, an IPv6 host is in []); {form}")
         if parts.scheme == "http" and not is_loopback(parts.host):
             # The grant is a reusable secret: never in clear text across a network.
             raise ConfigError(
@@ -199,6 +209,23 @@ class Endpoint(record("Endpoint", "kind address port", defaults=(0,))):
             return self.address
         host = f"[{self.address}]" if ":" in self.address else self.address  # an IPv6 address, as a URL writes it
         return f"{self.kind}://{host}:{self.port}"
+
+
+def host_name_ok(host: str) -> bool:
+    """Whether `host` can be connected to by name: an IPv6 address (it has a colon; a wrong one
+    is refused at connect, in one line), or labels of 1-63 characters that IDNA can encode. A
+    name it cannot (a..b, a 64-character label) would otherwise fail deep in the socket
+    module with an error that is not an OSError."""
+    if not host or ":" in host:
+        return bool(host)
+    if host.isascii():  # the common case, without importing the idna codec (2 ms)
+        labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+        return all(0 < len(label) <= 63 for label in labels)
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 def endpoints_from_env(env: Mapping[str, str]) -> list[Endpoint]:
