@@ -195,10 +195,11 @@ def read(path: str) -> Iterator[dict[str, Any]]:
 def parse_time(value: str, option: str) -> str:
     """An ISO-8601 UTC instant (date, or date and time) or a relative age like 2h, 3d."""
     value = value.strip()
-    m = re.fullmatch(r"(\d+)([smhd])", value)
+    m = re.fullmatch(r"(\d{1,18})([smhd])", value)
     if m:
+        # An age beyond 1970 is the whole trail, not a year before 0 (or past what gmtime takes).
         seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-        return time.strftime(TIME_FORMAT, time.gmtime(time.time() - seconds))
+        return time.strftime(TIME_FORMAT, time.gmtime(max(0, int(time.time()) - seconds)))
     for fmt in (TIME_FORMAT, "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
         try:
             return time.strftime(TIME_FORMAT, time.strptime(value, fmt))

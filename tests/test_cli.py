@@ -72,6 +72,7 @@ def test_token_prints_one_scoped_short_lived_token(org_key: OrgKey) -> None:
         (["token", "a", "--ttl", "0"], "'--ttl': 0 is not in the range", 2),  # was: silently the default 300
         (["token", "a", "--scope", "root"], "'--scope': 'root' is not one of", 2),
         (["audit", "--since", "garbage"], "'--since': --since takes a UTC time", 2),
+        (["audit", "--until", "999999999999999999999999s"], "'--until': --until takes a UTC time", 2),  # was: exit 3
         (["audit", "--repo", "team/\x1b[2Japp"], "'--repo': --repo takes text without control characters", 2),
     ],
 )
@@ -146,3 +147,49 @@ def test_rest_calls_never_follow_a_redirect_with_the_token(org_key: OrgKey, monk
         for s in servers:
             s.shutdown()
             s.server_close()
+
+
+def _text_options() -> list[tuple[list[str], str]]:
+    """(command path, option) of every option of every command that takes text or a path."""
+    import click
+
+    from git_credential_codestore.cli import cli
+
+    found: list[tuple[list[str], str]] = []
+
+    def walk(command: click.Command, path: list[str]) -> None:
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.is_flag and param.type.name in ("text", "path", "directory", "file"):
+                found.append((path, param.opts[0]))
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(cli, [])
+    return found
+
+
+def test_every_text_option_refuses_an_empty_value_instead_of_taking_it_as_left_out(capsys: pytest.CaptureFixture[str]) -> None:
+    # Threat (a limit silently dropped): `grant create --expires-in "$TTL" --ref-policy "$RULES"`
+    # with the variables unset made a grant that never ends and has no ref rules, because
+    # each command read an empty value as "not given". Walked from the command tree, so an
+    # option added later is held to it too.
+    from git_credential_codestore.cli import main
+
+    options = _text_options()
+    assert {("grant", "create", "--expires-in"), ("grant", "create", "--ref-policy"), ("grant", "list", "--sub"),
+            ("agent", "serve", "--store"), ("trust", "add", "--ref-policy")} <= {(*p, o) for p, o in options}
+    for path, option in options:
+        for empty in ("", "  "):
+            code = main([*path, option, empty])
+            err = capsys.readouterr().err
+            assert code == 2 and f"'{option}': is empty" in err and err.count("\n") == 1, (path, option, err)
+
+
+def test_an_age_older_than_1970_is_the_whole_trail_not_a_crash() -> None:
+    # `--since 99999999999999d` crashed (gmtime's OverflowError, exit 3), `--since 800000d`
+    # sent the agent a year before 0, which it refused quoting a date nobody typed.
+    from git_credential_codestore.audit import parse_time
+
+    for age in ("99999999999999d", "800000d", "999999999999999999s"):
+        assert parse_time(age, "--since") == "1970-01-01T00:00:00Z"
+    assert parse_time("0s", "--since") > "2026"

@@ -69,7 +69,7 @@ def test_secret_file_replaces_only_a_grant_secret_never_other_data_or_a_device(a
     code, _, err = create(agent, "--secret-file", str(to_pipe))
     assert code == 1 and "--secret-only" in err and to_pipe.is_symlink(), err
     code, _, err = create(agent, "--secret-file", "")  # an unset $VAR: the secret went to stdout
-    assert code == 2 and "--secret-file is empty" in err, err
+    assert code == 2 and "'--secret-file': is empty" in err, err
     assert notes.read_text() == "precious\n" and stat.S_ISFIFO(fifo.lstat().st_mode) and grant_ids(agent) == []
     old = tmp_path / "grant"  # a sandbox re-provisioned: its old grant's secret is replaced
     assert create(agent, "--secret-file", str(old))[0] == 0

@@ -103,6 +103,39 @@ for command in (
     cli.add_command(command)
 
 
+class Given(click.ParamType):
+    """An option's text or path type, refusing an empty value. `--expires-in "$TTL"` with TTL
+    unset was taken as the option left out: a grant without an end, a listing without its
+    filter. Wrapped around every such option of every command (`_require_values`), so a new
+    option is covered without being named."""
+
+    def __init__(self, inner: click.ParamType) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a value, or leave the option out (is the variable holding it unset?)", param, ctx)
+        return self.inner.convert(value, param, ctx)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str | None:
+        return self.inner.get_metavar(param, ctx)
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list[click.shell_completion.CompletionItem]:
+        return self.inner.shell_complete(ctx, param, incomplete)
+
+
+def _require_values(command: click.Command) -> None:
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.is_flag and isinstance(param.type, (click.types.StringParamType, click.Path)):
+            param.type = Given(param.type)
+    for sub in getattr(command, "commands", {}).values():
+        _require_values(sub)
+
+
+_require_values(cli)
+
+
 def echo_json(value: object) -> None:
     """The one way a command prints machine-readable state (`--json`): one JSON document.
 

@@ -136,8 +136,6 @@ def grant_create(repos: tuple[str, ...], scopes: tuple[str, ...], max_ttl: int, 
     from ..vocab import parse_scopes
 
     fields = ("grant", *fields) if secret_only else fields
-    if secret_file == "":  # an unset $VAR: taken as "not given", the secret went to stdout (a CI log)
-        raise click.UsageError("--secret-file is empty; name a file (is the variable holding it unset?)")
     if as_json and (fields or secret_file):
         raise ConfigError("--json prints everything; use it without --secret-only/--print/--secret-file")
     if secret_file and "grant" in fields:
