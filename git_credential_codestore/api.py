@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from typing import IO
 
+from . import jsontext
 from .errors import RemoteError, redact
 from .secrets import Token
 
@@ -63,7 +64,7 @@ def call(
             f"cannot reach {api_url} ({redact(str(reason))}); check CODESTORE_API_URL and the network"
         ) from None
     try:
-        data = json.loads(raw or b"{}")
+        data = jsontext.loads(raw or b"{}")
     except ValueError:
         data = {"error": raw[:200].decode("utf-8", "replace").strip()}
     return status, data if isinstance(data, dict) else {"value": data}

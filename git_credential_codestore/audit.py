@@ -27,13 +27,13 @@ from sandboxes and by the helper before writing its local file.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from . import jsontext
 from .errors import ConfigError, redact
 from .files import open_nonblocking
 from .lines import has_control, has_surrogate
@@ -185,7 +185,7 @@ def read(path: str) -> Iterator[dict[str, Any]]:
     with open(fd, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                entry = json.loads(line)
+                entry = jsontext.loads(line)
             except ValueError:
                 continue  # a line cut short by a crash; the rest is still the record
             if isinstance(entry, dict):

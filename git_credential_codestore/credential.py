@@ -104,17 +104,16 @@ def refused_because_expired(fields: Mapping[str, str], env: Mapping[str, str]) -
     simply not explained. git runs `erase` only after a failure, so the cost is fine.
     """
     import base64
-    import json
     import time
 
-    from . import config
+    from . import config, jsontext
     from .errors import CodestoreError, expired_during_push
 
     try:
         if not config.load(env).serves(fields.get("protocol", ""), fields.get("host", "")):
             return None
         payload = fields["password"].split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        claims = jsontext.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         exp, iat = claims["exp"], claims["iat"]
     except (CodestoreError, IndexError, KeyError, TypeError, ValueError):
         return None

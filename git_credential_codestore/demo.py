@@ -18,6 +18,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+from . import jsontext
 from .errors import CodestoreError
 
 JWT_SHAPE = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+")
@@ -130,10 +131,9 @@ def run(say: Callable[[str], None], keep: bool = False) -> int:
         say("    codestore:// URLs can tell, and do)")
 
         say("8. What the server saw (from its request log: scopes per request, never the token)")
-        import json
 
         with open(os.path.join(data_dir, "requests.log")) as f:
-            for entry in map(json.loads, f):
+            for entry in map(jsontext.loads, f):
                 scopes = " ".join(entry.get("scopes") or []) or "-"
                 say(f"   {entry.get('status')} {entry.get('method'):4} {entry.get('service') or entry.get('path')}  scopes: {scopes}")
 

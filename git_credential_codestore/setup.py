@@ -27,7 +27,7 @@ import json
 import os
 from collections.abc import Mapping
 
-from . import git
+from . import git, jsontext
 from .config import Config
 from .vocab import split_url
 
@@ -46,7 +46,7 @@ def _load_state(env: Mapping[str, str] | None = None) -> dict[str, dict[str, lis
     from .files import read_bounded
 
     try:
-        data = json.loads(read_bounded(state_path(env), "codestore's setup record"))
+        data = jsontext.loads(read_bounded(state_path(env), "codestore's setup record"))
     except (FileNotFoundError, ValueError):
         return {}
     state: dict[str, dict[str, list[str]]] = {}

@@ -566,6 +566,32 @@ def test_codestore_audit_follows_a_cut_short_reply_to_the_matches_beyond_it(
         audit.collect(audit.Query(sub="s1", event="refuse"), env, limit=2)
 
 
+def test_a_secret_in_any_field_a_caller_chose_is_written_redacted(database: Database, tmp_path: Path) -> None:
+    # A grant holder asking for repo=<its own secret> (or a JWT), or a ref rule naming one:
+    # the refusal's reason was redacted, but its `repo` held the whole secret, and so did a
+    # mint's `refs`, in the file and in the table.
+    secret = "csg_0123456789ab_" + "S3cr3tRandomPart" * 2
+    token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    path = tmp_path / "audit.log"
+    log = agent_audit.AuditLog(str(path))
+    try:
+        log.record("refuse", {"grant": "0123456789ab", "sub": "s1", "repo": secret, "reason": f"does not cover {secret}"})
+        log.record("refuse", {"grant": "0123456789ab", "sub": "s1", "repo": token})
+        log.emit(log.prepare("mint", {"grant": "0123456789ab", "sub": "s1", "repo": "team/app",
+                                      "refs": ((f"refs/heads/{secret}", ("no-push",)),)}))
+        log.record("mint", {"grant": "0123456789ab", "sub": "s1", "repo": "team/app", "purpose": "fetch"})
+        with database.transaction() as tx:
+            log.flush_into(tx)()
+    finally:
+        log.close()
+    with database.transaction(write=False) as tx:
+        rows = [str(r[0]) + str(r[1]) for r in tx.execute("SELECT repo, fields FROM audit")]
+    written = path.read_text() + "".join(rows)
+    assert "S3cr3tRandomPart" not in written and "eyJzdWIi" not in written, written
+    assert written.count("csg_0123456789ab_<redacted>") >= 4  # which grant leaked stays readable
+    assert '"repo":"team/app"' in path.read_text() and '"purpose":"fetch"' in path.read_text()  # the rest as it was
+
+
 def test_flushes_running_together_write_each_buffered_row_once(database: Database, tmp_path: Path) -> None:
     # An audit query flushes while the sync thread may be flushing too.
     store = GrantStore(str(tmp_path / "state"), database.url).open()

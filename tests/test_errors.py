@@ -100,3 +100,21 @@ def test_an_error_line_never_carries_what_a_terminal_would_act_on() -> None:
 
     text = str(ConfigError("git push failed: remote: \x1b]52;c;ZQ==\x07\x1b[31mfake\u202e\x9b"))
     assert not any(c in text for c in "\x1b\x07\u202e\x9b") and "\\x1b]52;c;ZQ==" in text
+
+
+def test_every_json_parse_in_the_package_goes_through_jsontext() -> None:
+    # JSON nested past the parser's stack raises RecursionError, which every `except
+    # ValueError` meaning "not JSON" let through: an agent's 500 and log line per request,
+    # a helper's crash on a proxy's answer. jsontext.loads raises ValueError for it.
+    import pathlib
+    import re
+
+    from git_credential_codestore import jsontext
+
+    root = pathlib.Path(jsontext.__file__).parent
+    bare = [f"{path.relative_to(root)}:{n}" for path in root.rglob("*.py") if path.name != "jsontext.py"
+            for n, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"\bjson\.loads?\b", line)]
+    assert bare == [], bare
+    with pytest.raises(ValueError):
+        jsontext.loads("[" * 30000 + "]" * 30000)
+    assert jsontext.loads(b'{"a": [1]}') == {"a": [1]}

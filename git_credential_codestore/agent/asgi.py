@@ -83,6 +83,7 @@ ACCEPT_GROUP = 16  # connections taken through _serve's steps together
 READ_SIZE = 256 * 1024
 WORKERS = 16  # threads running handlers; more only contend for the GIL
 KEEPALIVE_IDLE = 5  # seconds an idle keep-alive connection is kept
+PIPELINED = 16  # requests a connection may have waiting behind the one being answered; then it is closed after them
 
 
 class _Slot:
@@ -223,7 +224,7 @@ class TokenProtocol(asyncio.Protocol):
     is over its mark), nothing more is read.
     """
 
-    __slots__ = ("front", "listener", "caller", "slot", "transport", "_timer", "_handed", "_start")
+    __slots__ = ("front", "listener", "caller", "slot", "transport", "_timer", "_handed", "_start", "_early")
 
     def __init__(self, front: AsgiFront, listener: _Listener, caller: Caller, slot: _Slot,
                  read: bytes = b"", reply: bytes = b"", keep_alive: bool = False) -> None:
@@ -234,6 +235,7 @@ class TokenProtocol(asyncio.Protocol):
         # Where AsgiFront._serve left the connection: what it read and did not answer, or
         # the part of its reply the socket did not take (and whether to keep the connection).
         self._start = (read, reply, keep_alive)
+        self._early = b""  # that read, until the loop's next turn (connection_made)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -244,7 +246,15 @@ class TokenProtocol(asyncio.Protocol):
             return
         self._set_timer(self.front.agent.request_deadline, transport.abort)
         if read:
-            self.data_received(read)
+            # Not from here: the transport starts reading when connection_made returns, so a
+            # pause asked for while this read is parsed (uvicorn's, with pipelined requests
+            # queued) was undone, and a client that never read its replies was read without end.
+            self._early = read
+            self.front.loop.call_soon(self._first)
+
+    def _first(self) -> None:
+        if self._early and self.transport is not None and not self.transport.is_closing():
+            self.data_received(b"")
 
     def _set_timer(self, seconds: float, then: Callable[[], object]) -> None:
         if self._timer is not None:
@@ -252,6 +262,8 @@ class TokenProtocol(asyncio.Protocol):
         self._timer = self.front.loop.call_later(seconds, then)
 
     def data_received(self, data: bytes) -> None:
+        if self._early:  # the accept's read came first
+            data, self._early = self._early + data, b""
         transport, caller = self.transport, self.caller
         assert transport is not None and caller is not None
         answer = _answer(self.front.agent, caller, data, not transport.is_closing())
@@ -295,6 +307,10 @@ class TokenProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
+        if self._early:  # a client that sent its request and shut its side before the loop's next turn
+            self._first()
+            if self._handed:
+                return bool(self.transport.get_protocol().eof_received())  # type: ignore[union-attr]  # uvicorn's now
         return False  # nothing in progress here: close
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -335,6 +351,8 @@ class AgentProtocol(HttpToolsProtocol):
         self._token: bytearray | None = None  # the body of a token request answered at once
         self._token_length = 0
         self._token_header: Callable[[str], str | None] = lambda name: None
+        self._unanswered = 0  # messages begun and not answered: while any is, the deadline runs
+        self._last = False  # over PIPELINED: what is queued is answered, nothing more is read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         lst = self.listener
@@ -344,13 +362,19 @@ class AgentProtocol(HttpToolsProtocol):
         # per connection, for scope fields the agent's handler does not read.
         self.connections.add(self)
         self.transport = transport
-        self.flow = FlowControl(transport)
+        self.flow = _Flow(transport)
         self.server = lst.address
         self.client = (str(address[0]), int(address[1])) if isinstance(address, tuple) else None
         self.scheme = "http" if lst.tls is None else "https"
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self._last:
+            return  # the parser stopped at the request over PIPELINED: nothing after it is served
+        # Any byte starts the deadline, not only a message's first: uvicorn's keep-alive timer
+        # stops at any read, and CRLFs between requests (which begin no message) sent once a
+        # second held a connection open for good.
+        self._arm()
         heads = self._heads
         super().data_received(data)
         if self._in_head and not self.transport.is_closing():
@@ -378,6 +402,13 @@ class AgentProtocol(HttpToolsProtocol):
         self.transport.abort()  # however slowly it trickles in, a request ends here
 
     def on_message_begin(self) -> None:
+        if len(self.pipeline) >= PIPELINED:
+            # uvicorn parses every request of a read (256 KiB: thousands of pipelined ones) into
+            # its queue, and reads on after each reply: one connection grew the agent by GBs
+            # and slowed every other client. The parser stops here (send_400_response).
+            self._error = 0
+            raise ValueError("too many pipelined requests")
+        self._unanswered += 1
         super().on_message_begin()
         self._heads += 1
         self._in_head = True
@@ -469,8 +500,13 @@ class AgentProtocol(HttpToolsProtocol):
         return False
 
     def on_response_complete(self) -> None:
-        self._disarm()  # uvicorn's keep-alive idle timeout takes over
+        self._unanswered = max(0, self._unanswered - 1)
+        self._disarm()  # uvicorn's keep-alive idle timeout takes over, when nothing else is begun
         super().on_response_complete()
+        if not self._last and (self._unanswered or self._in_head):
+            # A request begun behind this one (pipelined, or its head still trickling in) has
+            # a deadline of its own from here: it was this one's, which this reply ended.
+            self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -479,12 +515,39 @@ class AgentProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         status = self._error
+        if status == 0 or self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+            # Over PIPELINED (on_message_begin), or a bad request behind others still being
+            # answered: those are answered, in order, then the connection is closed. A 400 now
+            # went out first, and a client whose revoke went through was told it failed.
+            self._last = True
+            assert isinstance(self.flow, _Flow)
+            self.flow.stop_reading()
+            queued = self.pipeline[0][0] if self.pipeline else self.cycle
+            if queued is not None:
+                queued.keep_alive = False
+            return
         body = json.dumps({"error": f"bad request ({status} {_STATUS.get(status, b'').decode()})"}).encode()
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
             % (status, _STATUS.get(status, b"Bad Request"), len(body), body)
         )
         self.transport.close()
+
+
+class _Flow(FlowControl):
+    """uvicorn's flow control, which can stop reading for good: uvicorn resumes reading after
+    each reply and at each request's first wait for its body, and a connection that is to
+    send no more requests (AgentProtocol._last) would be read, and its reads thrown away."""
+
+    stopped = False
+
+    def stop_reading(self) -> None:
+        self.pause_reading()
+        self.stopped = True
+
+    def resume_reading(self) -> None:
+        if not self.stopped:
+            super().resume_reading()
 
 
 class _Listener:
@@ -517,7 +580,12 @@ class AsgiFront:
         # request received.", "No supported WebSocket library detected..."): a line in the
         # agent's log at the rate of anyone who can connect. The client hears its 400; the
         # agent logs only errors (its own handler's are one line each: server.respond).
-        logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
+        logger = logging.getLogger("uvicorn.error")
+        logger.setLevel(logging.ERROR)
+        # What it does log (an ASGI application's exception, a write on a transport a client
+        # closed meanwhile) is one line in the agent's log, as its own errors are: never a traceback.
+        logger.handlers[:] = [_OneLine()]
+        logger.propagate = False
         self.state = ServerState()
         self.app_state: dict[str, object] = {}
         self.executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="agent")
@@ -526,6 +594,7 @@ class AsgiFront:
         self.waiting: set[TokenProtocol] = set()  # connections between requests, not yet uvicorn's (drain closes them)
         self._listeners: list[_Listener] = []
         self.loop = _new_loop()
+        self.loop.set_exception_handler(_one_line)
         self._thread = threading.Thread(target=self.loop.run_forever, name="agent-http", daemon=True)
         self._thread.start()
 
@@ -797,6 +866,25 @@ class _Headers:
     def get(self, name: str) -> str | None:
         value = self.raw.get(name.lower().encode("latin-1"))
         return None if value is None else value.decode("latin-1")
+
+
+def _say(what: str, error: BaseException | None) -> None:
+    text = " ".join(f"{what}{f' ({error!r})' if error is not None else ''}".split())
+    print(f"codestore agent: {redact(text)[:400]}", file=sys.stderr, flush=True)
+
+
+class _OneLine(logging.Handler):
+    """uvicorn's log records as one line each, with the exception's repr, not its traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _say(f"uvicorn: {record.getMessage().splitlines()[0] if record.getMessage() else record.levelname}",
+             record.exc_info[1] if record.exc_info else None)
+
+
+def _one_line(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """The loop's exception handler: asyncio's default logs a traceback."""
+    error = context.get("exception")
+    _say(str(context.get("message") or "an event loop callback failed"), error if isinstance(error, BaseException) else None)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -40,6 +40,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Generic, Protocol, TypeVar
 
+from .. import jsontext
 from ..audit import EVENTS, TIME_FORMAT, Query
 from ..errors import UsageError, redact
 from ..files import open_append, open_nonblocking
@@ -183,6 +184,22 @@ class Entry:
         return text, (second, *self.columns, text)
 
 
+# What errors.redact looks for, as a line of JSON holds it: a line without any of them has
+# nothing to redact (a mint's line: the check is a few substring searches, not six regexes).
+_SECRET_MARKS = ("eyj", "csg_", "private key", "@", "authorization")  # in the line lower-cased
+
+
+def _redacted(value: object) -> object:
+    """`value` with errors.redact applied to every text in it, at any depth."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redacted(v) for v in value]
+    return value
+
+
 class AuditLog:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -216,9 +233,14 @@ class AuditLog:
         entry: dict[str, object] = {"time": _TIME_MARK, "event": event}
         entry.update(fields)
         entry["replica"] = self.replica
-        if isinstance(entry.get("reason"), str):
-            entry["reason"] = redact(str(entry["reason"]))
-        head, _, tail = _LINE(entry).partition(_MARK_TEXT)  # "time" comes first, so its value is the first mark
+        line = _LINE(entry)
+        lowered = line.lower()
+        if any(mark in lowered for mark in _SECRET_MARKS):
+            # Any value a caller chose (a repository, a ref rule, a reason quoting either) may
+            # carry a grant's secret or a token: written redacted, in the line and the columns.
+            entry = _redacted(entry)  # type: ignore[assignment]
+            line = _LINE(entry)
+        head, _, tail = line.partition(_MARK_TEXT)  # "time" comes first, so its value is the first mark
         return Entry(head, tail, _columns(entry))
 
     def _append(self, text: str) -> None:
@@ -528,7 +550,7 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
                 have[key] -= 1
                 continue
             try:
-                entry = json.loads(text)
+                entry = jsontext.loads(text)
             except ValueError:
                 continue
             if isinstance(entry, dict):
@@ -859,7 +881,7 @@ def search(database: db.Database, query: Query, limit: int, before: int | None =
         scanned += looked
         for row in rows:
             try:
-                entry = json.loads(str(row[1]))
+                entry = jsontext.loads(str(row[1]))
             except ValueError:
                 continue
             if isinstance(entry, dict) and query.matches(entry):

@@ -315,8 +315,10 @@ def call(
     payload = json.dumps(body).encode() if body is not None else b""
     status, content = exchange(ep, method, path, payload, "application/json" if body is not None else None,
                                grant=grant, env=env, timeout=timeout, identity=identity, connect_timeout=connect_timeout)
+    from .. import jsontext
+
     try:
-        reply = json.loads(content) if content else {}
+        reply = jsontext.loads(content) if content else {}
     except ValueError:
         reply = None
     if not isinstance(reply, dict):
@@ -520,10 +522,10 @@ def issued_by(token: Token, org: str) -> bool:
         return False
     if claims.startswith(b'{"iss":"%s",' % org.encode()):  # the agent writes iss first, compact (tokens.Template)
         return True
-    import json
+    from .. import jsontext
 
     try:
-        iss = json.loads(claims).get("iss")
+        iss = jsontext.loads(claims).get("iss")
     except (ValueError, AttributeError):
         return False
     return isinstance(iss, str) and iss.lower() == org.lower()  # an org is a host's label: its case does not matter

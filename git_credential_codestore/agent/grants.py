@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 
+from .. import jsontext
 from ..errors import ConfigError, redact
 from ..files import open_regular
 from ..secrets import Secret
@@ -202,7 +203,7 @@ def _row(grant: Grant) -> tuple[object, ...]:
 def _grant(row: Sequence[object]) -> Grant:
     values = {}
     for name, value in zip(_COLUMNS, row, strict=False):
-        values[name] = json.loads(value) if name in _JSON else bool(value) if name in _BOOL else value  # type: ignore[arg-type]
+        values[name] = jsontext.loads(value) if name in _JSON else bool(value) if name in _BOOL else value  # type: ignore[arg-type]
     return Grant(**values)  # type: ignore[arg-type]
 
 
@@ -321,7 +322,7 @@ class GrantStore:
         """Import the JSON store of earlier versions once, losing nothing (revocations above all)."""
         try:
             with open_regular(self.legacy_path, "the old grant store") as f:
-                raw = json.load(f)
+                raw = jsontext.loads(f.read())
             grants = [Grant(**{k: v for k, v in g.items() if k in _COLUMNS}) for g in raw["grants"]]
         except FileNotFoundError:
             return

@@ -24,7 +24,6 @@ LEEWAY seconds of clock skew are allowed.
 
 from __future__ import annotations
 
-import json
 import ssl
 import threading
 import time
@@ -37,6 +36,7 @@ from typing import Any
 import jwt
 from jwt import PyJWK, PyJWKSet
 
+from .. import jsontext
 from ..errors import Refused
 from ..files import ca_context
 
@@ -107,7 +107,7 @@ def https_fetcher(cafile: str | None = None, timeout: float = FETCH_TIMEOUT) -> 
         if len(body) > MAX_DOCUMENT:
             raise KeyFetchError(f"{printable(url, 80)} sent more than {MAX_DOCUMENT} bytes")
         try:
-            doc = json.loads(body)
+            doc = jsontext.loads(body)
         except ValueError:
             raise KeyFetchError(f"{printable(url, 80)} did not send JSON") from None
         if not isinstance(doc, dict):

@@ -55,7 +55,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO, TypeVar
 
-from .. import tokens, trace
+from .. import jsontext, tokens, trace
 from ..audit import check_text
 from ..config import Config
 from ..errors import CodestoreError, ConfigError, ProtocolError, UsageError, boundary, redact
@@ -220,7 +220,7 @@ class Agent:
                     self.audit.record("refuse", {"action": name, "peer": caller.peer, "via": caller.transport, "reason": "admin call from a non-owner"})
                 return 403, {"error": "administrative calls are accepted only from the owner on the agent's own socket, without a grant"}
         try:
-            data = json.loads(body) if body else {}
+            data = jsontext.loads(body) if body else {}
         except (ValueError, UnicodeDecodeError):
             return 400, {"error": "request body is not JSON"}
         if name in report.HANDLERS:
@@ -751,6 +751,11 @@ def framing(header: Callable[[str], str | None]) -> tuple[Reply | None, int]:
 
 
 def encode(status: int, reply: Mapping[str, object], lines: bool = False) -> tuple[bytes, str]:
+    error = reply.get("error")
+    if isinstance(error, str):
+        # Every error reply goes out through here: a secret the request carried (a grant in
+        # the path, a token as the method) is not sent back, whichever check quoted it.
+        reply = {**reply, "error": redact(error)}
     if lines:
         return wire.encode_reply(reply), wire.CONTENT_TYPE
     return json.dumps(reply).encode(), "application/json"

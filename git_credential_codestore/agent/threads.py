@@ -191,6 +191,9 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, *encode(status, reply))
 
     def _send(self, status: int, data: bytes, ctype: str) -> None:
+        # A reply has its status line and headers even to an HTTP/0.9 request line (`GET /x`):
+        # http.server leaves both out for one, and the body alone went back.
+        self.request_version = self.protocol_version
         try:
             self.send_response_only(status)
             self.send_header("Content-Type", ctype)
@@ -206,7 +209,6 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         self.close_connection = True
         self.unread = True
-        self.request_version = self.protocol_version  # no HTTP/0.9 replies without a status
         self._reply(code, {"error": f"bad request ({message or code})"})
 
     def log_message(self, format: str, *args: object) -> None:
@@ -259,7 +261,10 @@ class _Listener(socketserver.ThreadingMixIn, socketserver.BaseServer):
             self.front.release(self._peer(client_address))
 
     def handle_error(self, request: object, client_address: object) -> None:
-        print(f"codestore agent: connection error: {redact(repr(sys.exc_info()[1]))}", file=sys.stderr, flush=True)
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # ssl.SSLError too: a peer's failed handshake, reset or timeout is its own doing
+            return  # (a line each, at the rate of anyone who can connect, as the uvicorn front never writes)
+        print(f"codestore agent: connection error: {redact(repr(error))}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.shutdown()

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
+from .. import jsontext
 from ..errors import CodestoreError, ConfigError, Refused
 from ..files import open_regular
 from ..vocab import MIN_TTL
@@ -241,7 +242,7 @@ def _row(p: TrustPolicy) -> tuple[object, ...]:
 
 
 def _policy(row: Sequence[object]) -> TrustPolicy:
-    values = {n: json.loads(v) if n in _JSON else bool(v) if n == "ephemeral_only" else v  # type: ignore[arg-type]
+    values = {n: jsontext.loads(v) if n in _JSON else bool(v) if n == "ephemeral_only" else v  # type: ignore[arg-type]
               for n, v in zip(_COLUMNS, row, strict=True)}
     return TrustPolicy(**values)  # type: ignore[arg-type]
 
@@ -261,7 +262,7 @@ class TrustStore:
         """Import the trust file of earlier versions once, losing nothing."""
         try:
             with open_regular(self.legacy_path, "the old trust policies") as f:
-                raw = json.load(f)
+                raw = jsontext.loads(f.read())
             old = [TrustPolicy(**p) for p in raw["policies"]]
         except FileNotFoundError:
             return self

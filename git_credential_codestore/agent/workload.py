@@ -108,9 +108,9 @@ def github_token(env: Mapping[str, str], aud: str) -> str:
     HTTPS (plain http only on loopback), and a redirect is an error, never followed.
     """
     import http.client
-    import json
     from urllib.parse import quote, urlsplit
 
+    from .. import jsontext
     from ..vocab import is_loopback
 
     url = env["ACTIONS_ID_TOKEN_REQUEST_URL"]
@@ -150,7 +150,7 @@ def github_token(env: Mapping[str, str], aud: str) -> str:
         raise RemoteError(f"GitHub Actions' ID-token endpoint answered HTTP {status}; "
                           "does the job have `permissions: id-token: write`?")
     try:
-        value = json.loads(body).get("value")
+        value = jsontext.loads(body).get("value")
     except (ValueError, AttributeError):
         value = None
     if not isinstance(value, str):

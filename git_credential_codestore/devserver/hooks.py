@@ -18,13 +18,14 @@ This module is imported by the hook process on every push: standard library only
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 
 from git_credential_codestore.vocab import ref_ops
+
+from .. import jsontext
 
 POLICY_ENV = "CODESTORE_REF_POLICY"
 
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Pushed without the dev server (an operator working on the data dir directly).
         return 0
     try:
-        policy = [(str(p), [str(o) for o in ops]) for p, ops in json.loads(raw)]
+        policy = [(str(p), [str(o) for o in ops]) for p, ops in jsontext.loads(raw)]
     except (ValueError, TypeError):
         print("codestore: the server passed an unreadable ref policy; refusing the push", file=sys.stderr)
         return 1

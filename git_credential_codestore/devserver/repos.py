@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypedDict
 
-from .. import git
+from .. import git, jsontext
 from ..errors import ConfigError, GitError, Refused
 from ..vocab import SUFFIXES, validate_branch, validate_repo_id
 
@@ -140,7 +140,7 @@ class RepoStore:
         p = self.path(repo)
         try:
             with open(os.path.join(p, META_FILE), encoding="utf-8") as f:
-                created = str(json.load(f).get("created_at", ""))
+                created = str(jsontext.loads(f.read()).get("created_at", ""))
         except (OSError, ValueError):
             created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(os.stat(p).st_mtime))
         try:

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO, TYPE_CHECKING, BinaryIO
 from urllib.parse import parse_qsl
 
-from .. import git
+from .. import git, jsontext
 from ..errors import CodestoreError, ConfigError, Refused, redact
 from ..tokens import Claims, PublicKey
 from ..vocab import SUFFIXES, validate_repo_id
@@ -583,7 +583,7 @@ class Handler(BaseHTTPRequestHandler):
                 if self.command in ("GET", "HEAD"):
                     raise Refused(400, f"a {self.command} request carries no body")
                 try:
-                    parsed = json.loads(data)
+                    parsed = jsontext.loads(data)
                 except ValueError:
                     raise Refused(400, "request body is not JSON") from None
                 if not isinstance(parsed, dict):
