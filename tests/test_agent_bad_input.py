@@ -4,6 +4,7 @@ harmless), never a 500, a hang, a traceback or a secret echoed."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,17 @@ def test_a_grant_for_a_repository_no_id_can_name_is_refused(repo: str) -> None:
     with pytest.raises(ConfigError, match="has an empty, '.' or '..' part"):
         policy.parse_terms({"repos": [repo]})
     assert policy.parse_terms({"repos": ["team/*", "*", "team/app"]}).repos == ["team/*", "*", "team/app"]
+
+
+@pytest.mark.parametrize("repo, says", [
+    ("team/app+ephemeral", "give --repo team/app (with --ephemeral-only"),  # the README's codestore://acme/team/app+ephemeral
+    ("team/app.git", "without it, --repo team/app"),
+    ("team/" + "a" * 600, "at most 512 characters"),  # was blamed on control characters
+])
+def test_a_grant_pattern_that_could_never_mint_says_what_to_give_instead(repo: str, says: str) -> None:
+    # Accepted before: every token request under it was then refused ("does not cover").
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        policy.parse_terms({"repos": [repo]})
 
 
 @pytest.mark.parametrize("path, body, field", [

@@ -107,8 +107,18 @@ _ONE = {"id": "aaaaaaaaaaaa", "secret_sha256": "0" * 64, "repos": [REPO], "scope
         "sub": "s", "created_at": 1700000000}
 
 
-@pytest.mark.parametrize("text", ['{"grants": "x"}', '{"grants": [null]}', json.dumps({"grants": [{**_ONE, "refs": [["main"]]}]})],
-                         ids=["not-a-list", "null-grant", "ref-rule-without-ops"])
+@pytest.mark.parametrize("text", [
+    '{"grants": "x"}', '{"grants": [null]}', json.dumps({"grants": [{**_ONE, "refs": [["main"]]}]}),
+    # Entries the old store never wrote, each of which failed later and everywhere:
+    json.dumps({"grants": [{**_ONE, "id": "../x/y", "own_socket": True}]}),  # a socket path: every replica's start failed
+    json.dumps({"grants": [{**_ONE, "id": "ABCDEF123456"}]}),  # minted, and no revoke could address it
+    json.dumps({"grants": [{**_ONE, "expires_at": "2030-01-01"}]}),  # `grant list` failed for every grant
+    json.dumps({"grants": [{**_ONE, "max_ttl": 10**30}]}),  # OverflowError
+    json.dumps({"grants": [{**_ONE, "sub": "\ud800"}]}),  # UnicodeEncodeError
+    json.dumps({"grants": [{**_ONE, "uses": 1.5}]}),
+    '{"grants": ' + "[" * 100000 + "]" * 100000 + "}",  # RecursionError
+], ids=["not-a-list", "null-grant", "ref-rule-without-ops", "id-a-path", "id-not-hex", "expires-at-text", "max-ttl-huge",
+        "sub-lone-surrogate", "uses-not-a-count", "nested-deep"])
 def test_a_damaged_grants_json_is_one_line_at_start_not_an_internal_error(tmp_path: Path, org_key: OrgKey, text: str) -> None:
     state = tmp_path / "agent-state"
     state.mkdir(mode=0o700)
@@ -117,6 +127,23 @@ def test_a_damaged_grants_json_is_one_line_at_start_not_an_internal_error(tmp_pa
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "cannot migrate the old grant store" in proc.stderr and "internal error" not in proc.stderr, proc.stderr
     assert (state / "grants.json").read_text() == text  # left for the admin to fix
+
+
+def test_an_id_twice_in_grants_json_is_one_grant_revoked_if_either_entry_is(tmp_path: Path, org_key: OrgKey) -> None:
+    # The old store read its file into a dict: the later entry won. Migration kept the first,
+    # so [active, revoked] of one id came back active, and minted.
+    state = tmp_path / "agent-state"
+    state.mkdir(mode=0o700)
+    secret = "csg_aaaaaaaaaaaa_" + "L" * 43
+    one = {**_ONE, "secret_sha256": hashlib.sha256(secret.encode()).hexdigest()}
+    (state / "grants.json").write_text(json.dumps({"grants": [one, {**one, "revoked_at": 1700000100}, one]}))
+    a = start_agent(tmp_path)
+    try:
+        with pytest.raises(AgentRefused, match="revoked"):
+            mint(sandbox_env(secret, sock=a.socket))
+        assert [g["state"] for g in json.loads(a.cli("grant", "list", "--json").stdout)] == ["revoked"]
+    finally:
+        a.stop()
 
 
 @pytest.mark.parametrize("name", ["grants.json", "trust.json"])
@@ -758,6 +785,19 @@ def test_grant_list_pages_and_filters(tmp_path: Path, org_key: OrgKey) -> None:
         assert out.returncode == 0, out.stderr
         assert [g["id"] for g in json.loads(out.stdout)] == [g["id"] for g in active[:2]]
         assert "--after " in out.stderr  # where the next page starts
+        # The printed command is this listing's next page (it dropped the filters and --json:
+        # run as printed, it listed other subs' and repositories' grants).
+        pages, command = [g["id"] for g in json.loads(out.stdout)], out.stderr.split("more: codestore ", 1)[1].split()
+        while True:
+            out = run_cli("codestore", *command, env=a.env)
+            assert out.returncode == 0, out.stderr
+            pages += [g["id"] for g in json.loads(out.stdout)]
+            if "more: " not in out.stderr:
+                break
+            command = out.stderr.split("more: codestore ", 1)[1].split()
+        assert pages == [g["id"] for g in active]
+        out = run_cli("codestore", "grant", "list", "--sub", "s0", "--repo", "team/r0", "--limit", "1", env=a.env)
+        assert "--repo team/r0 --sub s0 --limit 1 --after " in out.stderr, out.stderr
     finally:
         a.stop()
 

@@ -44,6 +44,59 @@ SECRET_PREFIX = "csg_"
 STORE_VERSION = 1
 
 
+_EPOCH = 1 << 40  # seconds: a time past it (year 36812) is no time codestore wrote
+
+
+def _legacy_grant(entry: object) -> Grant:
+    """One entry of an old grants.json as a Grant, checked as `grant create` checks its terms;
+    ValueError or TypeError (or ConfigError) naming the field otherwise."""
+    from .policy import is_sub, parse_terms
+
+    if not isinstance(entry, dict):
+        raise TypeError("is not an object")
+    gid, digest = entry.get("id"), entry.get("secret_sha256")
+    if not (isinstance(gid, str) and 0 < len(gid) <= 32 and all(c in "0123456789abcdef" for c in gid)):
+        raise ValueError("has an id that is not a grant id codestore made (hex)")
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError(f"({gid}) has no secret_sha256 (64 hex digits)")
+    terms = parse_terms({k: entry[k] for k in ("repos", "scopes", "max_ttl", "ephemeral_only", "refs") if k in entry})
+
+    def when(name: str, default: int | None = None) -> int | None:
+        value = entry.get(name, default)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _EPOCH):
+            raise ValueError(f"({gid}): its {name} is not a time in epoch seconds")
+        return value
+
+    def count(name: str) -> int:
+        value = entry.get(name, 0)
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62):
+            raise ValueError(f"({gid}): its {name} is not a count")
+        return value
+
+    sub = entry.get("sub") or f"codestore-grant:{gid}"
+    if not is_sub(sub):
+        raise ValueError(f"({gid}) has a sub that is not short text without control characters")
+    own_socket, per_minute = entry.get("own_socket", False), entry.get("max_per_minute")
+    if not isinstance(own_socket, bool):
+        raise ValueError(f"({gid}) has an own_socket that is not true or false")
+    if per_minute is not None and not (isinstance(per_minute, int) and not isinstance(per_minute, bool) and 0 < per_minute <= 1_000_000):
+        raise ValueError(f"({gid}) has a max_per_minute that is not 1..1000000")
+    created = when("created_at", 0) or 0
+    # Revoked in any spelling the old store may have left (a string, true): revoked, at the
+    # time it says, else at its creation (losing a revocation is the one loss that matters).
+    revoked = entry.get("revoked_at")
+    if revoked is not None and revoked is not False:
+        revoked = when("revoked_at") if isinstance(revoked, int) and not isinstance(revoked, bool) else created
+    else:
+        revoked = None
+    return Grant(
+        id=gid, secret_sha256=digest, repos=tuple(terms.repos), scopes=tuple(terms.scopes), max_ttl=terms.max_ttl,
+        sub=sub, created_at=created, expires_at=when("expires_at"), ephemeral_only=terms.ephemeral_only,
+        refs=terms.refs, own_socket=own_socket, revoked_at=revoked,  # type: ignore[arg-type]
+        uses=count("uses"), refusals=count("refusals"), last_use=when("last_use"), max_per_minute=per_minute,
+    )
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
@@ -319,15 +372,34 @@ class GrantStore:
             self._lock_fd = None
 
     def _migrate_json(self) -> None:
-        """Import the JSON store of earlier versions once, losing nothing (revocations above all)."""
+        """Import the JSON store of earlier versions once, losing nothing (revocations above all).
+
+        Each entry is checked as `grant create` checks its request (_legacy_grant): an entry
+        the old store never wrote (a mistyped field, an id no admin call can address, a path
+        in it) failed later and everywhere: a TypeError for every `grant list`, a grant that
+        mints and can never be revoked, a socket path that stopped every replica's start. An
+        id twice is one grant, revoked if either entry is (the old store kept the last)."""
         try:
             with open_regular(self.legacy_path, "the old grant store") as f:
                 raw = jsontext.loads(f.read())
-            grants = [Grant(**{k: v for k, v in g.items() if k in _COLUMNS}) for g in raw["grants"]]
+            entries = raw["grants"]
+            if not isinstance(entries, list):
+                raise TypeError("grants is not a list")
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # any shape but a list of grants
             raise ConfigError(f"cannot migrate the old grant store {self.legacy_path} ({type(e).__name__}); fix or move it") from None
+        merged: dict[str, Grant] = {}
+        for n, entry in enumerate(entries):
+            try:
+                grant = _legacy_grant(entry)
+            except (ConfigError, ValueError, TypeError) as e:
+                raise ConfigError(f"cannot migrate the old grant store {self.legacy_path}: its grant #{n + 1} {e}; fix or move it") from None
+            earlier = merged.get(grant.id)
+            if earlier is not None and grant.revoked_at is None:
+                grant.revoked_at = earlier.revoked_at
+            merged[grant.id] = grant
+        grants = list(merged.values())
         with self.db.transaction() as tx:
             for grant in grants:
                 if tx.execute("SELECT 1 FROM grants WHERE id = ?", (grant.id,)):

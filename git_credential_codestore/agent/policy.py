@@ -138,11 +138,18 @@ def parse_terms(data: Mapping[str, object]) -> Terms:
     repos = data.get("repos")
     if not isinstance(repos, list) or not repos or not all(isinstance(r, str) and r.strip() for r in repos):
         raise ConfigError("a grant needs --repo (a repository id or glob such as team/*)")
-    if any(not r.isprintable() or len(r) > 512 for r in repos):  # no repository id has them; a terminal would act on them
+    if any(len(r) > 512 for r in repos):
+        raise ConfigError("--repo takes a repository id or glob of at most 512 characters")
+    if any(not r.isprintable() for r in repos):  # no repository id has them; a terminal would act on them
         raise ConfigError("--repo must be a repository id or glob without control characters or spaces other than ' '")
-    for r in repos:
-        if any(part in ("", ".", "..") for part in r.split("/")):  # no repository id has such a part: it could never mint
+    for r in repos:  # each of these could never mint: refused here, not at every token request after
+        if any(part in ("", ".", "..") for part in r.split("/")):  # no repository id has such a part
             raise ConfigError(f"--repo {r[:80]!r} has an empty, '.' or '..' part; give a repository id or glob such as team/*")
+        if r.endswith("+ephemeral"):  # a request names the repository, and the namespace apart
+            raise ConfigError(f"--repo {r[:80]!r} names the ephemeral namespace, which is no repository: "
+                              f"give --repo {r[:-len('+ephemeral')][:80]} (with --ephemeral-only for that namespace alone)")
+        if r.endswith(".git"):  # git's URL suffix, which helpers take off before they ask
+            raise ConfigError(f"--repo {r[:80]!r} ends in .git: give the repository id without it, --repo {r[:-4][:80]}")
     scopes = parse_scopes(data.get("scopes") or "git:read", "--scopes")
     max_ttl = data.get("max_ttl", 900)
     if not isinstance(max_ttl, int):

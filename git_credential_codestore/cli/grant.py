@@ -241,4 +241,10 @@ def grant_list(repo: str | None, sub: str | None, state: str | None, limit: int 
     elif first:
         click.echo("no grants match" if filters or after else "no grants; create one with: codestore grant create --repo REPO")
     if cursor and limit:
-        click.echo(f"more: codestore grant list --limit {limit} --after {cursor}", err=True)
+        import shlex
+
+        # The same listing's next page: its filters, output and socket too (without them it was another listing's).
+        again = [f"--{k} {shlex.quote(v)}" for k, v in filters.items()]
+        again += [f"--socket {shlex.quote(socket_opt)}"] if socket_opt else []
+        again += ["--json"] if as_json else []
+        click.echo(for_terminal(f"more: codestore grant list {' '.join([*again, f'--limit {limit} --after {cursor}'])}"), err=True)
