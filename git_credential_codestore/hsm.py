@@ -60,17 +60,31 @@ class Pkcs11Uri:
         return "pkcs11:" + ";".join(p for p in parts if p)
 
 
+# The attributes read (RFC 7512's path and query parts). Any other is refused, not ignored:
+# a misspelt `token=` matched the first token found, and `?pin=1234` went unnoticed in argv.
+_PATH_ATTRS = frozenset({"token", "object", "id", "type"})
+_QUERY_ATTRS = frozenset({"module-path", "pin-source", "pin-value"})
+
+
 def parse_uri(uri: str, env: Mapping[str, str]) -> Pkcs11Uri:
+    """The URI's parts; UsageError in one line otherwise, which quotes no value (one may be a
+    PIN typed in the wrong place) and an attribute's name only when it is one."""
     if not uri.startswith("pkcs11:"):
-        raise UsageError(f"a PKCS#11 key is a pkcs11: URI (RFC 7512), e.g. pkcs11:token=codestore;object=org-key, not {uri[:30]!r}")
+        raise UsageError("a PKCS#11 key is a pkcs11: URI (RFC 7512), e.g. pkcs11:token=codestore;object=org-key")
     path, _, query = uri[len("pkcs11:"):].partition("?")
     attrs: dict[str, str] = {}
-    for part, sep in ((path, ";"), (query, "&")):
+    for part, sep, known in ((path, ";", _PATH_ATTRS), (query, "&", _QUERY_ATTRS)):
+        where = "before ?" if sep == ";" else "after ?"
         for item in filter(None, part.split(sep)):
             k, eq, v = item.partition("=")
+            name = k.strip().lower()
             if not eq:
-                raise UsageError(f"bad PKCS#11 URI attribute {item[:30]!r}; use name=value")
-            attrs[k.strip().lower()] = unquote(v)
+                raise UsageError(f"the key URI has an attribute without '=' {where}; each is name=value, separated by {sep!r}")
+            if name not in known:
+                shown = f"{name!r} " if len(name) <= 20 and name.replace("-", "").isalpha() else ""
+                raise UsageError(f"the key URI's attribute {shown}{where} is not one codestore reads there: "
+                                 f"it takes {', '.join(sorted(known - {'pin-value'}))}")
+            attrs[name] = unquote(v)
     if "pin-value" in attrs:
         raise UsageError("a PIN in the key URI would show in process listings; use pin-source=FILE or set CODESTORE_PKCS11_PIN")
     if attrs.get("type", "private") != "private":
@@ -97,10 +111,12 @@ def _pin(uri: Pkcs11Uri, env: Mapping[str, str]) -> str | None:
             # Bounded, and a pipe is read only while its writer writes (files.read_bounded).
             pin = read_bounded(path, "the PKCS#11 PIN file (pin-source)", 4096).decode("utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
+            # The path is not quoted: a PIN put in its place (pin-source=1234) would be.
             why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-            raise ConfigError(f"cannot read the PKCS#11 PIN from {path} ({why}); fix pin-source") from None
+            raise ConfigError(f"cannot read the PKCS#11 PIN file that pin-source names ({why}); "
+                              "pin-source is the path of a file holding the PIN, not the PIN") from None
         if not pin:  # a named pipe with no writer reads as empty too
-            raise ConfigError(f"the PKCS#11 PIN file {path} is empty; fix pin-source")
+            raise ConfigError("the PKCS#11 PIN file that pin-source names is empty; fix pin-source")
         return pin
     return env.get(PIN_ENV) or None
 
@@ -128,8 +144,11 @@ def open_token(uri: Pkcs11Uri, env: Mapping[str, str], rw: bool = False) -> Sess
         token = lib.get_token(token_label=uri.token) if uri.token else next(iter(lib.get_slots(token_present=True))).get_token()
     except Exception as e:  # noqa: BLE001 - NoSuchToken, MultipleTokensReturned, StopIteration
         raise ConfigError(f"no PKCS#11 token {uri.token or '(any)'} in {uri.module} ({type(e).__name__}); check token= in the URI") from None
+    pin = _pin(uri, env)
+    if pin is None:  # a session without a login sees no private key: "no such key" named the wrong fault
+        raise ConfigError(f"no PIN for the PKCS#11 token {uri.token or '(any)'}: set {PIN_ENV}, or add pin-source=FILE to the key URI")
     try:
-        return token.open(user_pin=_pin(uri, env), rw=rw)
+        return token.open(user_pin=pin, rw=rw)
     except pkcs11.exceptions.PinIncorrect:
         raise ConfigError(f"the PKCS#11 PIN for token {uri.token} is wrong; fix {PIN_ENV} or pin-source") from None
     except pkcs11.exceptions.PKCS11Error as e:
@@ -165,20 +184,27 @@ class Pkcs11Signer:
         session = open_token(self.uri, self.env)
         import pkcs11
 
-        try:
-            key = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=self.uri.object, id=self.uri.id)
-        except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned) as e:
+        found = private_keys(session, self.uri.object, self.uri.id)
+        if len(found) != 1:
             session.close()
-            raise ConfigError(f"{self.uri}: {'no such key' if isinstance(e, pkcs11.NoSuchKey) else 'several keys match'}; "
-                              "check object=/id= (codestore key generate --pkcs11 URI makes one)") from None
-        if key.key_type == pkcs11.KeyType.EC:
-            if key[pkcs11.Attribute.EC_PARAMS] != P256_PARAMS:
-                raise ConfigError(f"{self.uri} is an EC key on another curve; ES256 needs P-256")
-            self.algorithm = "ES256"
-        elif key.key_type == pkcs11.KeyType.RSA:
-            self.algorithm = "RS256"
-        else:
-            raise ConfigError(f"{self.uri} is a {key.key_type.name} key; use EC P-256 or RSA")
+            raise ConfigError(f"{self.uri}: {'no such key' if not found else 'several keys match'}; "
+                              "check object=/id= (codestore key generate --pkcs11 URI makes one)")
+        key = found[0]
+        try:
+            if key.key_type == pkcs11.KeyType.EC:
+                if key[pkcs11.Attribute.EC_PARAMS] != P256_PARAMS:
+                    raise ConfigError(f"{self.uri} is an EC key on another curve; ES256 needs P-256")
+                self.algorithm = "ES256"
+            elif key.key_type == pkcs11.KeyType.RSA:
+                bits = len(key[pkcs11.Attribute.MODULUS]) * 8
+                if bits < 2048:  # as a local key is refused (keys.py): a token is no excuse for a weak key
+                    raise ConfigError(f"{self.uri} is an RSA key of {bits} bits; RSA keys must be at least 2048 bits")
+                self.algorithm = "RS256"
+            else:
+                raise ConfigError(f"{self.uri} is a {key.key_type.name} key; use EC P-256 or RSA")
+        except BaseException:
+            session.close()
+            raise
         if not isinstance(key, pkcs11.SignMixin):  # the object's CKA_SIGN is false
             session.close()
             raise ConfigError(f"{self.uri} may not sign (CKA_SIGN is false); make one with codestore key generate --pkcs11 URI")
@@ -266,6 +292,28 @@ class Pkcs11Signer:
         return True, "ok"
 
 
+def private_keys(session: Session, label: str | None, kid: bytes | None) -> list[TokenPrivateKey]:
+    """The token's private keys with this label and id (None: any), two at most.
+
+    Not `Session.get_key`: on "several match" it left its search open, and the search's
+    end then ran after the session's close, printing a traceback ("Exception ignored in
+    ... get_objects ... SessionHandleInvalid") under the one-line error."""
+    import itertools
+
+    import pkcs11
+
+    attrs: dict[object, object] = {pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY}
+    if label is not None:
+        attrs[pkcs11.Attribute.LABEL] = label
+    if kid is not None:
+        attrs[pkcs11.Attribute.ID] = kid
+    search = session.get_objects(attrs)  # type: ignore[arg-type]
+    try:
+        return [key for key in itertools.islice(search, 2) if isinstance(key, pkcs11.PrivateKey)]
+    finally:
+        search.close()  # type: ignore[attr-defined]  # a generator: its search ends here, in this session
+
+
 def public_key_of(session: Session, private: TokenPrivateKey) -> PublicKey:
     """The cryptography public key matching a token's private key (from its public object)."""
     import pkcs11
@@ -296,14 +344,13 @@ def generate(uri_text: str, kind: str, env: Mapping[str, str]) -> PublicKey:
     import pkcs11
 
     try:
-        try:
-            session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=uri.object, id=uri.id)
-        except pkcs11.NoSuchKey:
-            pass
-        except pkcs11.MultipleObjectsReturned:
-            raise ConfigError(f"{uri} already names several keys; choose another object=") from None
-        else:
-            raise ConfigError(f"{uri} already holds a key; choose another object= (keys are never overwritten)")
+        # A key of this label whatever its id, or of this id whatever its label: a second key of
+        # the label made `object=LABEL`, what the agent was started with, match two keys, and
+        # the agent refused to start.
+        if uri.object is not None and private_keys(session, uri.object, None):
+            raise ConfigError(f"the token already holds a key with object={uri.object}; choose another (keys are never overwritten)")
+        if uri.id is not None and private_keys(session, None, uri.id):
+            raise ConfigError("the token already holds a key with that id=; choose another (keys are never overwritten)")
         private = {pkcs11.Attribute.SENSITIVE: True, pkcs11.Attribute.EXTRACTABLE: False}
         label, kid = uri.object or "codestore", uri.id or os.urandom(8)
         if kind == "ec":

@@ -70,9 +70,40 @@ def test_the_generated_key_is_sensitive_and_cannot_be_extracted(softhsm: SoftHsm
 
 def test_key_generate_never_overwrites_a_key_in_the_token(softhsm: SoftHsm) -> None:
     generate(softhsm, "org", "ec")
-    proc = subprocess.run([os.path.join(BIN, "codestore"), "key", "generate", "--pkcs11", softhsm.uri("org")],
-                          capture_output=True, text=True, env=softhsm.env(), timeout=60)
-    assert proc.returncode == 1 and "already holds a key" in proc.stderr and proc.stderr.count("\n") == 1
+    for uri in (softhsm.uri("org"), softhsm.uri("org") + ";id=%01"):
+        # With an id, the label alone matched nothing before: a second key "org" was made, and
+        # `--key ...;object=org` (what the agent runs with) then matched two keys.
+        proc = subprocess.run([os.path.join(BIN, "codestore"), "key", "generate", "--pkcs11", uri],
+                              capture_output=True, text=True, env=softhsm.env(), timeout=60)
+        assert proc.returncode == 1 and "already holds a key with object=org" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_several_keys_of_one_label_are_one_line_without_a_traceback(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm) -> None:
+    # Session.get_key left its search open on "several match", and the search ended after
+    # the session closed: "Exception ignored in ... get_objects" and a traceback on stderr.
+    generate(softhsm, "org", "ec")
+    make = ("import os, pkcs11\n"
+            "s = pkcs11.lib(os.environ['CODESTORE_PKCS11_MODULE']).get_token(token_label='codestore')"
+            ".open(user_pin=os.environ['CODESTORE_PKCS11_PIN'], rw=True)\n"
+            "s.generate_keypair(pkcs11.KeyType.RSA, 2048, store=True, label='org', id=b'other')\n"
+            "s.close()\n")
+    subprocess.run([os.path.join(BIN, "python"), "-c", make], check=True, env=softhsm.env(), timeout=60)
+    proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", softhsm.uri("org"), "--state-dir", str(tmp_path / "st"),
+                           "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=keyless(softhsm.env()), timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "several keys match" in proc.stderr, proc.stderr
+
+
+def test_an_rsa_key_under_2048_bits_in_the_token_is_refused_at_start(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm) -> None:
+    # A local RSA-1024 key is refused (keys.py); one in the token was served and signed RS256.
+    make = ("import os, pkcs11\n"
+            "s = pkcs11.lib(os.environ['CODESTORE_PKCS11_MODULE']).get_token(token_label='codestore')"
+            ".open(user_pin=os.environ['CODESTORE_PKCS11_PIN'], rw=True)\n"
+            "s.generate_keypair(pkcs11.KeyType.RSA, 1024, store=True, label='weak')\n"
+            "s.close()\n")
+    subprocess.run([os.path.join(BIN, "python"), "-c", make], check=True, env=softhsm.env(), timeout=60)
+    proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", softhsm.uri("weak"), "--state-dir", str(tmp_path / "st"),
+                           "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=keyless(softhsm.env()), timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "RSA key of 1024 bits" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -82,8 +113,16 @@ def test_key_generate_never_overwrites_a_key_in_the_token(softhsm: SoftHsm) -> N
         ("pkcs11:token=codestore;object=org", ("CODESTORE_PKCS11_MODULE",), "no PKCS#11 module"),
         ("pkcs11:token=nosuch;object=org", (), "no PKCS#11 token nosuch"),
         ("pkcs11:token=codestore;object=missing", (), "no such key"),
+        # An attribute codestore does not read was ignored: the PIN in argv, or a misspelt
+        # token= that matched the first token found. Refused, never quoting a value.
+        ("pkcs11:token=codestore;object=org?pin=1234", (), "attribute 'pin' after ? is not one codestore reads"),
+        ("pkcs11:tokn=nosuch;object=org", (), "attribute 'tokn' before ? is not one codestore reads"),
+        ("pkcs11:token=codestore;object=org;1234", (), "without '='"),
+        ("pkcs11:token=codestore;object=org?pin-source=1234", ("CODESTORE_PKCS11_PIN",), "not the PIN"),  # the path not quoted
+        # No PIN: the key is not visible without a login, and "no such key" named the wrong fault.
+        ("pkcs11:token=codestore;object=org", ("CODESTORE_PKCS11_PIN",), "no PIN for the PKCS#11 token codestore"),
     ],
-    ids=["pin-in-uri", "no-module", "no-token", "no-key"],
+    ids=["pin-in-uri", "no-module", "no-token", "no-key", "pin-in-query", "misspelt-token", "no-equals", "pin-as-pin-source", "no-pin"],
 )
 def test_a_bad_key_uri_is_one_line_at_start(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm, uri: str, env_drop: tuple[str, ...], message: str) -> None:
     generate(softhsm, "org", "ec")
@@ -108,7 +147,7 @@ def test_a_pipe_named_as_the_module_or_the_pin_file_is_one_line_not_a_hang(tmp_p
     else:
         del env["CODESTORE_PKCS11_PIN"]
         # No writer: read as empty, as every file codestore reads (files.read_bounded).
-        uri, message = f"{softhsm.uri('org')}?pin-source=file:{pipe}", f"the PKCS#11 PIN file {pipe} is empty; fix pin-source"
+        uri, message = f"{softhsm.uri('org')}?pin-source=file:{pipe}", "the PKCS#11 PIN file that pin-source names is empty; fix pin-source"
     proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", uri, "--state-dir", str(tmp_path / "st"),
                            "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=env, timeout=30)
     assert proc.returncode in (1, 2) and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr

@@ -144,7 +144,8 @@ def agent_start(socket_opt: str | None, listen: str | None, audit_log: str | Non
         return
     from .. import config, keys
 
-    keys.load_private_key(config.load())  # say now, not in a log file, that there is no key
+    if not os.environ.get("CODESTORE_AGENT_KEY"):  # a pkcs11: key the agent opens itself (agent serve --key's variable)
+        keys.load_private_key(config.load())  # say now, not in a log file, that there is no key
     extra: tuple[str, ...] = ()
     if listen:
         extra += ("--listen", listen)
