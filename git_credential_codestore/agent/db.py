@@ -201,7 +201,7 @@ class Tx:
 
 
 _LIBPQ_WORDS = re.compile(r"\s*(host|hostaddr|port|dbname|user|password|passfile|sslmode|service|connect_timeout|options)\s*=")
-_PASSWORD = re.compile(r"://[^:/@]*:([^@]*)@")  # userinfo's password
+_PASSWORD = re.compile(r"://[^:/@]*:([^/?#]*)@")  # userinfo's password, to the authority's last @ (an unescaped one in it)
 _PASSWORD_PARAM = re.compile(r"(?i)[?&](?:ssl)?password=([^&]*)")  # libpq's password= and sslpassword=
 
 
@@ -474,6 +474,11 @@ class Database:
         self.url = url
         if url.startswith(("postgresql://", "postgres://")):
             self.dialect = "postgresql"
+            if url.split("://", 1)[1].split("/", 1)[0].count("@") > 1:
+                # The driver takes the last part for the host, and its error quoted the rest:
+                # a piece of the password.
+                raise ConfigError(f"the --store URL {describe(url)} has more than one '@' before its host; "
+                                  "write an '@' in the user name or password as %40")
             if (problem := _file_problem(url)) is not None:
                 raise ConfigError(problem)
         elif "://" in url and not url.startswith("sqlite://"):
@@ -815,6 +820,15 @@ class Database:
                 if not app or app[0][0] != APP:
                     raise ConfigError(f"{self.where} is not a codestore agent database; give the agent its own (--store)")
                 versions: dict[str, int] = dict(tx.execute("SELECT component, version FROM codestore_schema"))  # type: ignore[arg-type]
+                if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in versions.values()):
+                    raise ConfigError(f"{self.where} is damaged (a schema version that is no version); "
+                                      "restore it from a backup, or move it away for a new one")
+                from . import audit, grants, trust  # noqa: F401  # each registers its part of the schema (register)
+
+                unknown = sorted(set(versions) - set(MIGRATIONS))
+                if unknown:  # a part of the store this codestore does not know: written by a newer one
+                    raise ConfigError(f"{self.where} was written by a newer codestore (its schema has {', '.join(map(str, unknown[:3]))}, "
+                                      "which this one does not know); upgrade codestore on this replica")
                 for component, steps in MIGRATIONS.items():
                     have = int(versions.get(component, 0))
                     if have > len(steps):

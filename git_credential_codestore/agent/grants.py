@@ -254,10 +254,19 @@ def _row(grant: Grant) -> tuple[object, ...]:
 
 
 def _grant(row: Sequence[object]) -> Grant:
-    values = {}
-    for name, value in zip(_COLUMNS, row, strict=False):
-        values[name] = jsontext.loads(value) if name in _JSON else bool(value) if name in _BOOL else value  # type: ignore[arg-type]
-    return Grant(**values)  # type: ignore[arg-type]
+    """The grant in a row of the store; StoreError naming it when the row cannot be read (a
+    column edited by hand, a disk's damage): that grant is refused, not every other."""
+    try:
+        values = {}
+        for name, value in zip(_COLUMNS, row, strict=False):
+            values[name] = jsontext.loads(value) if name in _JSON else bool(value) if name in _BOOL else value  # type: ignore[arg-type]
+        return Grant(**values)  # type: ignore[arg-type]
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        raise StoreError(f"the grant store's row of grant {str(row[0])[:32]!r} is damaged ({type(e).__name__}); "
+                         "nothing is minted under it: revoke it, or restore the store from a backup") from None
+
+
+_SEQ = _COLUMNS.index("seq")
 
 
 class GrantStore:
@@ -325,7 +334,11 @@ class GrantStore:
             self.db.open()
             self._migrate_json()
             with self.db.transaction(write=False) as tx:
-                self._seq = int(tx.execute("SELECT seq FROM grant_changes WHERE id = 1")[0][0])  # type: ignore[call-overload]
+                seq = tx.execute("SELECT seq FROM grant_changes WHERE id = 1")
+            if not seq:  # every create and revoke numbers itself from this row (_next_seq)
+                raise ConfigError(f"the grant store {self.db.where} is damaged (its change counter is gone); "
+                                  "restore it from a backup, or move it away for a new one")
+            self._seq = int(seq[0][0])  # type: ignore[call-overload]
         except StoreError as e:
             self.close()
             raise ConfigError(f"cannot start: {e}") from None
@@ -463,7 +476,14 @@ class GrantStore:
             rows = tx.execute(f"{_SELECT} WHERE id = ?", (gid,))
             if not rows:
                 return None
-            grant = _grant(rows[0])
+            try:
+                grant = _grant(rows[0])
+            except StoreError:
+                # A damaged row (_grant) is revoked all the same: its columns the revocation needs are
+                # plain numbers, and what it says of the rest is what it can read of them.
+                row = rows[0]
+                grant = Grant(id=gid, secret_sha256="", repos=(), scopes=(), max_ttl=0, sub=str(row[_COLUMNS.index("sub")]),
+                              created_at=0, revoked_at=row[_COLUMNS.index("revoked_at")])  # type: ignore[arg-type]
             if grant.revoked_at is None:
                 grant.revoked_at = int(time.time())
                 grant.seq = self._next_seq(tx)
@@ -485,6 +505,12 @@ class GrantStore:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[grant.id] = grant
             if have is not None or evict:
+                self.replaced += 1
+
+    def _forget(self, gid: str) -> None:
+        """Out of the cache, and every decision remembered under it with it (`replaced`)."""
+        with self._lock:
+            if self._cache.pop(gid, None) is not None:
                 self.replaced += 1
 
     def check(self) -> None:
@@ -732,7 +758,16 @@ class GrantStore:
         with self._counted(), self.db.transaction(write=False) as tx:
             rows = tx.execute(f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT 1000", (self._seq,))
         for row in rows:
-            grant = _grant(row)
+            try:
+                grant = _grant(row)
+            except StoreError as e:
+                # One damaged row stopped the poll, so every grant went stale and was refused as
+                # "the store is not answering". That grant is forgotten (never minted under: a
+                # read of it fails the same way), the others go on.
+                self._forget(str(row[0]))
+                self._seq = max(self._seq, int(row[_SEQ]))  # type: ignore[call-overload]
+                print(f"codestore agent: {e}", file=sys.stderr, flush=True)
+                continue
             self._remember(grant)
             self._seq = max(self._seq, grant.seq)
             self.on_change(grant)

@@ -633,6 +633,7 @@ class Agent:
 
     def status(self) -> dict[str, object]:
         try:
+            self.store.check()  # a store the poll cannot reach would hold the reply to the query deadline
             states: dict[str, object] = dict(self.store.counts())
         except StoreError as e:
             states = {"error": str(e)}

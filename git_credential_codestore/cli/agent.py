@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ..errors import CodestoreError, ConfigError
+from ..errors import CodestoreError, ConfigError, for_terminal
 
 SOCKET_HELP = "Agent socket (default: $CODESTORE_AGENT_SOCK, else the user's runtime dir)."
 
@@ -143,8 +143,9 @@ def agent_start(socket_opt: str | None, listen: str | None, audit_log: str | Non
         click.echo(f"the agent is already running at {path}")
         return
     from .. import config, keys
+    from ..agent.discovery import key_uri
 
-    if not os.environ.get("CODESTORE_AGENT_KEY"):  # a pkcs11: key the agent opens itself (agent serve --key's variable)
+    if not key_uri(os.environ):  # a pkcs11: key the agent opens itself (CODESTORE_AGENT_KEY, agent serve --key's variable)
         keys.load_private_key(config.load())  # say now, not in a log file, that there is no key
     extra: tuple[str, ...] = ()
     if listen:
@@ -208,10 +209,16 @@ def agent_status(socket_opt: str | None, as_json: bool) -> None:
     if s.get("listen"):
         click.echo(f"listen     {s.get('listen')}")
     click.echo(f"signs for  org {s.get('org')}, kid {s.get('kid')}, key from {s.get('key')}")
-    click.echo(f"grants     {g.get('active', 0)} active, {g.get('revoked', 0)} revoked, {g.get('expired', 0)} expired")
+    store_error = g.get("error")
+    if store_error:  # the counts could not be read: not "0 active", which read as a store with no grant
+        click.echo(for_terminal(f"grants     unknown: {store_error}"))
+    else:
+        click.echo(f"grants     {g.get('active', 0)} active, {g.get('revoked', 0)} revoked, {g.get('expired', 0)} expired")
     refused = s.get("refused") or {}
     assert isinstance(refused, dict)
     why = " (" + ", ".join(f"{n} {reason}" for reason, n in sorted(refused.items())) + ")" if refused else ""
     every = f", summed over the {workers} workers" if workers != 1 else ""
     click.echo(f"tokens     {s.get('mints')} minted, {s.get('refusals')} refused{why} since start{every}")
     click.echo(f"audit log  {s.get('audit_log')}")
+    if store_error:
+        raise CodestoreError(f"the agent runs, but cannot read its grant store: {store_error}")
