@@ -359,10 +359,19 @@ def test_with_the_database_gone_a_replica_refuses_to_mint_in_one_line_and_recove
                 mint(env)
             assert "unreachable" in str(refused.value) or "not answering" in str(refused.value)
             assert "\n" not in str(refused.value)
+            # A sandbox is told that, not the database's address or the driver's words.
+            where = pg.url().split("@", 1)[1].split("/")[0]  # host:port
+            assert where not in str(refused.value) and "connection" not in str(refused.value), refused.value
+            with pytest.raises(AgentRefused) as refused:
+                mint(sandbox_env(g["grant"], url=a.url))
+            assert where not in str(refused.value), refused.value
             status, reply = admin(a, "POST", "/v1/grants", {"repos": [REPO]})
             assert status == 503 and "no grant was created" in str(reply["error"])
+            assert where in str(reply["error"])  # the owner's: where, and why
             status, ready = admin(a, "GET", "/readyz")  # what a load balancer asks
             assert status == 503 and ready["ready"] is False and "unreachable" in str(ready["store"]), ready
+            status, ready = call(Endpoint("http", "127.0.0.1", int(a.url.rsplit(":", 1)[1])), "GET", "/readyz")
+            assert status == 503 and ready["store"] == "the grant store is not answering", ready  # anyone's: whether, not where
             # And the owner: `agent status` said "0 active, 0 revoked" and exit 0, a store with no grant.
             shown = a.cli("agent", "status", "--socket", a.socket)
             assert shown.returncode == 1 and "grants     unknown: " in shown.stdout and " 0 active" not in shown.stdout, shown

@@ -156,7 +156,7 @@ def test_with_the_database_away_and_the_file_full_a_report_is_refused_as_not_rec
             postgres.start()
         error = str(reply["error"])
         assert status == 503 and "the push is not recorded; report it again" in error and "\n" not in error, reply
-        assert "/dev/full" in error and "No space left on device" in error
+        assert "No space left on device" in error and "/dev/full" not in error  # a sandbox: what failed, not the agent's paths
     finally:
         a.stop()
 

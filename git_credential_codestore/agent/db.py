@@ -74,6 +74,12 @@ class StoreError(CodestoreError):
     exit_code = 1
     maybe_committed = False
 
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        # What to tell a caller who is not the owner (a sandbox): what failed, without the
+        # database's address or the driver's words, which the message has for the owner.
+        self.public = public or message
+
 
 class Cursor(Protocol):
     def execute(self, sql: str, params: Sequence[object] = ...) -> object: ...
@@ -605,7 +611,7 @@ class Database:
             try:
                 conn = self._get()
             except errors as e:
-                raise StoreError(self._unreachable(e)) from None
+                raise StoreError(self._unreachable(e), self._public(e)) from None
             cur = conn.cursor()  # type: ignore[attr-defined]
             ok = False
             try:
@@ -628,7 +634,7 @@ class Database:
                         cur.execute("ROLLBACK")
                     except errors:
                         pass
-                failure = StoreError(self._failed(e, cur))
+                failure = StoreError(self._failed(e, cur), self._public(e, cur))
                 failure.maybe_committed = isinstance(cur, _Watched) and cur.expired and cur.statement == "COMMIT"
                 raise failure from None
             finally:
@@ -665,6 +671,14 @@ class Database:
         for password in self._passwords:
             text = text.replace(password, "***")
         return redact(text)[:160] or type(e).__name__
+
+    def _public(self, e: BaseException, cur: object = None) -> str:
+        """_unreachable's or _failed's message as a sandbox may read it (StoreError.public)."""
+        if isinstance(cur, _Watched) and cur.expired:
+            return "the grant store did not answer in time"
+        if self.dialect == "sqlite" and _damaged(e):
+            return "the grant store is damaged"
+        return "the grant store is unreachable" if cur is None else "the grant store failed"
 
     def _unreachable(self, e: BaseException) -> str:
         return self._damage(e) or f"the grant store {self.where} is unreachable ({self._detail(e)})"
@@ -741,11 +755,11 @@ class Database:
         except FileNotFoundError:
             return  # no WAL (yet): nothing to sync
         except OSError as e:
-            raise StoreError(f"cannot open the grant store's log {self.path}-wal ({e.strerror})") from None
+            raise StoreError(f"cannot open the grant store's log {self.path}-wal ({e.strerror})", "the grant store failed") from None
         try:
             (getattr(os, "fdatasync", None) or os.fsync)(fd)  # macOS has no fdatasync
         except OSError as e:
-            raise StoreError(f"cannot sync the grant store's log {self.path}-wal ({e.strerror})") from None
+            raise StoreError(f"cannot sync the grant store's log {self.path}-wal ({e.strerror})", "the grant store failed") from None
         finally:
             os.close(fd)
 
@@ -761,7 +775,7 @@ class Database:
             finally:
                 self._put(conn)
         except sqlite3.Error as e:
-            raise StoreError(self._failed(e)) from None
+            raise StoreError(self._failed(e), self._public(e)) from None
 
     def shrink_log(self) -> bool:
         """SQLite: once no process has written for SHRINK_IDLE seconds, cut a WAL larger
@@ -792,7 +806,7 @@ class Database:
             finally:
                 self._put(conn)
         except sqlite3.Error as e:
-            raise StoreError(self._failed(e)) from None
+            raise StoreError(self._failed(e), self._public(e)) from None
         return not busy
 
     # -- schema ------------------------------------------------------------------------

@@ -516,7 +516,9 @@ class GrantStore:
     def check(self) -> None:
         """Raise StoreError when this replica cannot vouch for its view of the grants."""
         if time.monotonic() > self._fresh_until:
-            raise StoreError(f"{self._last_error or 'the grant store is not answering'}; refusing to mint under a grant until it is back")
+            # Said to whoever asked, a sandbox included: not the database's address or the driver's
+            # words (the owner reads them in the agent's log, `agent status` and /readyz on its socket).
+            raise StoreError("the grant store is not answering; refusing to mint under a grant until it is back")
 
     def cached(self, gid: str) -> Grant | None:
         """The grant when this replica's cache holds it (no database query), else None."""
@@ -538,7 +540,7 @@ class GrantStore:
                 if reading.failed is not None:
                     # The read this one waited for failed on the store just now (a hung server
                     # held it for a whole deadline): asking again would wait as long again.
-                    raise StoreError(str(reading.failed))
+                    raise StoreError(str(reading.failed), reading.failed.public)
                 with self._lock:
                     grant = self._cache.get(gid)  # read meanwhile by the request this one waited for
                     if grant is not None:
@@ -669,7 +671,7 @@ class GrantStore:
             if failed is not None and self._flushes != ended:
                 # The flush this one waited for failed on the store just now (a hung server
                 # held it for a whole deadline): asking again would wait as long again.
-                raise StoreError(str(failed))
+                raise StoreError(str(failed), failed.public)
             try:
                 self._flush(counts, until)
             except StoreError as e:

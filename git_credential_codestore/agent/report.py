@@ -52,7 +52,7 @@ def report(agent: Agent, caller: Caller, authorization: str | None, data: object
         try:
             grant, reason = agent._grant_for(caller, authorization)
         except StoreError as e:
-            return 503, {"error": str(e), "code": "refused"}
+            return 503, {"error": e.public, "code": "refused"}  # a sandbox's: not the database's address
     if reason is not None:
         return 401, {"error": reason, "code": "refused"}
     try:
@@ -87,7 +87,7 @@ def report(agent: Agent, caller: Caller, authorization: str | None, data: object
         try:
             agent.audit.record(event, entry)  # the file now, the database at the next flush
         except OSError as f:  # recorded nowhere: the reporter is told so, and may report again
-            return 503, {"error": f"{e}; and the audit log {agent.audit.path} cannot be written ({f.strerror}): "
+            return 503, {"error": f"{e.public}; and the audit log cannot be written ({f.strerror}): "
                                   "the push is not recorded; report it again", "code": "refused"}
         return 201, {"ok": True, "event": event}
     warning = after()

@@ -230,7 +230,7 @@ class Agent:
         if name == "healthz":
             return 200, {"ok": True}
         if name == "readyz":
-            return self.readyz()
+            return self.readyz(caller.transport == "socket" and caller.uid == self.owner_uid)
         if name == "metrics":
             return 200, {"text": self.render_metrics()}
         if name == "status":
@@ -369,8 +369,9 @@ class Agent:
         try:
             grant, reason = self._grant_for(caller, authorization)
         except StoreError as e:
-            # Never mint under a grant that cannot be checked (it may have been revoked).
-            grant, reason, status = None, str(e), 503
+            # Never mint under a grant that cannot be checked (it may have been revoked). Said to a
+            # sandbox: not the database's address or the driver's words (the owner's log has them).
+            grant, reason, status = None, e.public, 503
         else:
             status = 401
         who: dict[str, object] = {"grant": grant.id if grant else None, "via": caller.transport, "peer": caller.peer}
@@ -393,7 +394,7 @@ class Agent:
             try:
                 used = self.store.take_rate(grant)
             except StoreError as e:
-                return self._refuse(who, data, f"{e}; the grant's rate limit cannot be checked", 503, grant)
+                return self._refuse(who, data, f"{e.public}; the grant's rate limit cannot be checked", 503, grant)
             if used > grant.max_per_minute:
                 return self._refuse(who, data, f"grant {grant.id} allows {grant.max_per_minute} tokens a minute; try again shortly", 429, grant)
         remember = (grant is not None and grant.expires_at is None and not grant.max_per_minute
@@ -580,7 +581,7 @@ class Agent:
             return (503 if isinstance(e, StoreError) else 400), {"error": str(e)}
         return 200, {"grants": [g.public() for g in grants], "next_cursor": cursor}
 
-    def readyz(self) -> tuple[int, dict[str, object]]:
+    def readyz(self, owner: bool = True) -> tuple[int, dict[str, object]]:
         """Ready when the store and the signer answer and the agent is not draining.
 
         The store is ready when the grant poll has heard from it within STALE_AFTER: the
@@ -591,6 +592,9 @@ class Agent:
         store_ok, store_why = self.store.healthy
         signer_ok, signer_why = self.signer_health()
         ready = store_ok and signer_ok and not self.draining
+        if not owner:  # a probe over TCP, or a sandbox: whether, not the database's address or the driver's words
+            store_why = "ok" if store_ok else "the grant store is not answering"
+            signer_why = "ok" if signer_ok else "the signer is not answering"
         reply: dict[str, object] = {"ready": ready, "store": store_why, "signer": signer_why}
         if self.draining:
             reply["draining"] = True
@@ -622,7 +626,7 @@ class Agent:
         try:
             grant, reason = self._grant_for(caller, authorization)
         except StoreError as e:
-            return 503, {"error": str(e)}
+            return 503, {"error": e.public}
         if reason is not None:
             return 401, {"error": reason}
         if grant is None:
@@ -636,7 +640,8 @@ class Agent:
             self.store.check()  # a store the poll cannot reach would hold the reply to the query deadline
             states: dict[str, object] = dict(self.store.counts())
         except StoreError as e:
-            states = {"error": str(e)}
+            healthy, why = self.store.healthy
+            states = {"error": str(e) if healthy else why}  # the owner's: the address and the driver's words
         # The agent as a whole, whichever worker answers: its pid is the one `serve` printed,
         # and the token counts are /metrics' (every worker's).
         minted, refused = self.metrics.tokens()
