@@ -156,7 +156,7 @@ def boundary(prog: str, func: Callable[[], int], stderr: TextIO | None = None) -
     except CodestoreError as e:
         from .trace import say
 
-        say(prog, f"refused ({type(e).__name__}, exit {e.exit_code}): {e}")
+        say(prog, f"refused ({type(e).__name__}): {e}")  # no exit status: the credential helper's is 0 (git reads quit=1)
         print(f"{prog}: {e}", file=err)
         return e.exit_code
     except KeyboardInterrupt:
@@ -171,7 +171,7 @@ def boundary(prog: str, func: Callable[[], int], stderr: TextIO | None = None) -
 
             other = f" -> {e.filename2}" if e.filename2 is not None else ""
             line = redact(" ".join(f"cannot use {e.filename}{other}: {e.strerror}; check that path and its permissions".split()))
-            say(prog, f"refused (OSError, exit 1): {line}")
+            say(prog, f"refused (OSError): {line}")
             print(f"{prog}: {line}", file=err)
             return 1
         import traceback

@@ -340,20 +340,20 @@ class GrantStore:
                                   "restore it from a backup, or move it away for a new one")
             self._seq = int(seq[0][0])  # type: ignore[call-overload]
         except StoreError as e:
-            self.close()
+            self.close(flush=False)
             raise ConfigError(f"cannot start: {e}") from None
         except BaseException:
-            self.close()
+            self.close(flush=False)
             raise
         try:
             with self.db.transaction() as tx:  # a write that changes nothing: does the store take writes?
                 tx.execute("UPDATE grant_changes SET seq = seq WHERE id = 1")
         except StoreError as e:
-            self.close()
+            self.close(flush=False)
             raise ConfigError(f"cannot start: the store takes no writes ({e}), so no grant could be created or revoked; "
                               "make it writable, or point --store at one that is") from None
         except BaseException:
-            self.close()
+            self.close(flush=False)
             raise
         self._fresh_until = time.monotonic() + STALE_AFTER
         return self
@@ -369,14 +369,17 @@ class GrantStore:
         self._flusher = threading.Thread(target=self._flush_loop, name="grant-flush", daemon=True)
         self._flusher.start()
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
+        """Stop the threads, write what is buffered (`flush`: not when the store did not open,
+        which asked a store that is away for another connect's timeout), close."""
         self._stop.set()
         for t in (self._thread, self._flusher):
             if t is not None:
                 t.join(5)
         self._thread = self._flusher = None
         try:
-            self.flush()
+            if flush:
+                self.flush()
         except StoreError:
             pass  # the counts are lost, the grants are not: they were committed when made
         self.db.close()
