@@ -214,6 +214,24 @@ def test_one_damaged_grant_row_is_that_grants_refusal_not_every_grants(tmp_path:
         a.stop()
 
 
+def test_a_store_file_moved_away_under_the_agent_takes_no_more_grants_and_says_so(tmp_path: Path, org_key: OrgKey) -> None:
+    # The agent's connections kept writing to the moved file: creates were acknowledged into
+    # it, /readyz stayed 200, and the next start made a new empty store, the grants gone.
+    a = start_agent(tmp_path)
+    try:
+        g = create(a)
+        state = tmp_path / "agent-state"
+        os.rename(state / "agent.sqlite3", state / "moved.sqlite3")
+        assert wait_for(lambda: admin(a, "GET", "/readyz")[0] == 503, timeout=5)
+        status, ready = admin(a, "GET", "/readyz")
+        assert "was moved or replaced while the agent ran; restart the agent" in str(ready["store"]), ready
+        status, reply = admin(a, "POST", "/v1/grants", {"repos": [REPO]})
+        assert status == 503 and "no grant was created" in str(reply["error"]) and "moved" in str(reply["error"]), reply
+        assert mint(sandbox_env(g["grant"], sock=a.socket))  # what it holds it still serves
+    finally:
+        a.stop()
+
+
 def test_a_store_that_is_not_a_file_is_refused_at_start_in_one_line(tmp_path: Path, org_key: OrgKey) -> None:
     # /dev/null read as an empty file (a new store), then failed as "disk I/O error", naming no fix.
     proc = serve_fails(tmp_path, "--store", "/dev/null", "--socket", str(tmp_path / "s" / "agent.sock"))

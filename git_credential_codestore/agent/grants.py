@@ -288,6 +288,8 @@ class GrantStore:
         # lookup it vouches for; _remember raises it after the cache is written.
         self.replaced = 0
         self._reading: dict[str, _Read] = {}  # grant id -> the read in progress (get)
+        self._file: tuple[int, int] | None = None  # the SQLite file opened (_check_file)
+        self._moved = ""  # why creates are refused: the file was moved or replaced under the agent
         self._seq = 0
         self._fresh_until = 0.0
         self._last_error = ""
@@ -356,7 +358,29 @@ class GrantStore:
             self.close(flush=False)
             raise
         self._fresh_until = time.monotonic() + STALE_AFTER
+        self._file = self._file_id()
         return self
+
+    def _file_id(self) -> tuple[int, int] | None:
+        """SQLite: the store file's (device, inode) at its path now; None for PostgreSQL, or if gone."""
+        if self.db.dialect != "sqlite":
+            return None
+        try:
+            st = os.stat(self.db.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _check_file(self) -> None:
+        """A store file moved or replaced under the agent: its connections still write to the
+        moved file, so a grant created now would be gone at the next start, with nothing said.
+        From then on creates are refused and /readyz says why (`healthy`)."""
+        if self._file is None or self._moved:
+            return
+        if self._file_id() != self._file:
+            self._moved = (f"the grant store file {self.db.path} was moved or replaced while the agent ran; restart the agent "
+                           "(grants created or revoked since went to the moved file)")
+            print(f"codestore agent: {self._moved}", file=sys.stderr, flush=True)
 
     def start(self) -> None:
         """Follow changes made by other replicas and flush use counts, in the background.
@@ -450,6 +474,8 @@ class GrantStore:
         audit: Callable[[Tx, Grant], None] = lambda tx, g: None,
     ) -> tuple[Grant, Secret]:
         """A new grant, durable when this returns; StoreError (and no grant) otherwise."""
+        if self._moved:  # it would be in the moved file, not in the store the next start opens
+            raise StoreError(self._moved, "the grant store is away")
         gid = pysecrets.token_hex(6)
         secret = f"{SECRET_PREFIX}{gid}_{pysecrets.token_urlsafe(32)}"
         grant = Grant(
@@ -804,6 +830,7 @@ class GrantStore:
             with self._counted():
                 self.db.checkpoint()  # SQLite: here, so that no request's commit pays for one
                 self.db.shrink_log()  # SQLite: once the store is quiet
+            self._check_file()
 
         self._loop(FLUSH_INTERVAL, step, "the use-count flush", "; its counts are kept for the next one", paced=True)
 
@@ -837,6 +864,8 @@ class GrantStore:
     def healthy(self) -> tuple[bool, str]:
         if time.monotonic() > self._fresh_until:
             return False, self._last_error or "the grant store is not answering"
+        if self._moved:
+            return False, self._moved
         failed = self._flush_failed
         if failed is not None:
             # It answers reads (minting goes on), but a revocation could not be written here.
