@@ -215,7 +215,10 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
-    status = run(args, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer, os.environ)
+    try:
+        status = run(args, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer, os.environ)
+    except KeyboardInterrupt:  # Ctrl-C while git's request is read (before the error boundary)
+        return 130
     sys.stdout.flush()
     return status
 

@@ -20,7 +20,7 @@ import sys
 
 from git_credential_codestore import config, remotes
 from git_credential_codestore.agent.discovery import agent_named
-from git_credential_codestore.errors import CodestoreError, UsageError, boundary
+from git_credential_codestore.errors import CodestoreError, PolicyError, UsageError, boundary
 from git_credential_codestore.source import choose_source
 from git_credential_codestore.trace import say
 from git_credential_codestore.vocab import TokenRequest, with_implied
@@ -124,6 +124,14 @@ def run(
         if decision.operation == "end":
             return 0
         say("remote", f"{remote_name} {url}: git wants to {decision.operation}", env)
+        if decision.command.startswith(b"get "):
+            # `get URI PATH` downloads URI with the transport, which sends the token with every
+            # request it makes (git matches http.<url>.extraHeader once, against the remote's
+            # URL): a URI elsewhere (a bundle server) would get the token.
+            uri = decision.command[4:].rsplit(b" ", 1)[0].decode("utf-8", "replace")
+            if not uri.startswith(remote.https_url.rstrip("/") + "/"):
+                raise PolicyError("git asked to download a file from outside the repository's URL (a bundle URI?); "
+                                  "codestore sends its token only to the repository's own server: fetch without bundle URIs")
         # The environment's agent speaks for the env-configured org only.
         request = request_for(decision.operation, remote, cfg, cfg.uses_env and agent_named(env))
         scopes = " ".join(with_implied(request.scopes))
@@ -152,7 +160,7 @@ def run(
             token = source.mint(request)
             used.append(source)
             expires_at = token.expires_at
-            private = transport.PrivateConfig(transport.token_config(token, remote.https_url))
+            private = transport.PrivateConfig(transport.token_config(token, remote.https_url, name))
             del token
             try:
                 child = (launch or transport.spawn)(
@@ -199,7 +207,10 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
-    return run(args, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer)
+    try:
+        return run(args, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer)
+    except KeyboardInterrupt:  # Ctrl-C outside the error boundary
+        return 130
 
 
 if __name__ == "__main__":

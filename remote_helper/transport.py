@@ -66,19 +66,25 @@ def _subsection(url: str) -> str:
     return '"' + url.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def token_config(token: Token, url: str) -> bytes:
-    """The transport's private configuration: the header and the guards, for `url` exactly."""
+def token_config(token: Token, url: str, remote_name: str) -> bytes:
+    """The transport's private configuration: the header and the guards, for `url` exactly.
+
+    Read last (child_env), so it wins over every other source: no redirect is followed;
+    no host is resolved to another address (`http.curloptResolve`: an empty value clears
+    the list); an https server's certificate is verified; and plain http, which is for a
+    loopback server only, goes through no proxy, which would read the header in clear
+    text: neither `http.proxy` nor `remote.<name>.proxy`, which git applies after every
+    `http.*` setting (`transport_argv` runs the transport under the remote's name)."""
     basic = binascii.b2a_base64(f"t:{token.reveal()}".encode(), newline=False).decode("ascii")
-    # Plain http is for a loopback server only, where a proxy has no business: a proxy
-    # would read the header in clear text (an empty value turns every proxy off).
-    no_proxy = "\tproxy =\n" if url.startswith("http://") else ""
+    plain = url.startswith("http://")
     return (
         "[credential]\n\thelper =\n"
-        "[http]\n\tfollowRedirects = false\n"
+        "[http]\n\tfollowRedirects = false\n\tcurloptResolve =\n"
         f"[http {_subsection(url)}]\n"
         f"\textraHeader = Authorization: Basic {basic}\n"
         "\tfollowRedirects = false\n"
-        f"{no_proxy}"
+        + ("\tproxy =\n" if plain else "\tsslVerify = true\n")
+        + (f"[remote {_subsection(remote_name)}]\n\tproxy =\n" if plain else "")
     ).encode()
 
 

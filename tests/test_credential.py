@@ -184,3 +184,22 @@ def test_options_from_the_helper_line_name_the_host_for_users_without_configurat
         out, err = io.BytesIO(), io.BytesIO()
         status = credential.run(bad, io.BytesIO(request), out, err, dict(os.environ))
         assert status == 2 and err.getvalue().decode().count("\n") == 1 and out.getvalue() == b"", bad
+
+
+@pytest.mark.parametrize("prog", ["git-credential-codestore", "git-remote-codestore"])
+def test_ctrl_c_while_the_helper_waits_for_git_is_exit_130_without_a_traceback(org_key: OrgKey, prog: str) -> None:
+    # The credential helper reads git's request before its error boundary (to its end, so a
+    # person trying it by hand waits there and presses Ctrl-C): a KeyboardInterrupt traceback.
+    import signal
+
+    args = ["get"] if prog == "git-credential-codestore" else ["origin", f"codestore://{ORG}/team/app"]
+    proc = subprocess.Popen([os.path.join(BIN, prog), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None
+    proc.stdin.write("protocol=https\n" if prog == "git-credential-codestore" else "capabilities\n")
+    proc.stdin.flush()
+    time.sleep(1.0)  # past its imports: waiting for the rest of git's input
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert proc.returncode in (130, -signal.SIGINT), proc.returncode

@@ -205,3 +205,54 @@ def test_no_redirect_setting_sends_the_credential_helpers_token_elsewhere(
     args, env = _configure("-c", _keys(hosts)["url"], tmp_path, work, hermetic)
     _run(hosts, work, op, f"{hosts.configured}/{REPO}.git", args, env)
     assert hosts.seen == [], f"a token reached {hosts.elsewhere}: {hosts.requests}"
+
+
+@pytest.mark.parametrize("source", ["-c", "repository"])
+def test_a_remotes_own_proxy_setting_does_not_send_its_token_over_plain_http_elsewhere(
+    hosts: Hosts, work: Path, tmp_path: Path, hermetic: Path, source: str
+) -> None:
+    # Threat: remote.<name>.proxy, which git applies after every http.* setting, so the
+    # transport's pinned empty http.<url>.proxy did not hold: the token went in clear text
+    # to the proxy host, from `git -c` or from the repository's .git/config.
+    git("remote", "add", "origin", f"codestore://{ORG}/{REPO}", cwd=work)
+    args: list[str] = []
+    if source == "-c":
+        args = ["-c", f"remote.origin.proxy={hosts.elsewhere}"]
+    else:
+        git("config", "remote.origin.proxy", hosts.elsewhere, cwd=work)
+    git(*args, "fetch", "origin", cwd=work, check=False, env=dict(os.environ))
+    assert hosts.seen == [], f"a token reached {hosts.elsewhere}: {hosts.requests}"
+
+
+def test_a_host_resolved_elsewhere_by_configuration_does_not_get_the_remote_helpers_token(
+    dev_server: DevServer, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Threat: http.curloptResolve (from .git/config) sending the connection for the configured
+    # host to another address, which got the header. The transport's configuration clears it.
+    dev_server.create_repo(REPO)
+    port = int(dev_server.url.rsplit(":", 1)[1])
+    seen: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.extend(v for k, v in self.headers.items() if k.lower() == "authorization")
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    elsewhere = http.server.ThreadingHTTPServer(("127.0.0.2", port), Recorder)  # the same port, another address
+    serve_in_thread(elsewhere)
+    try:
+        monkeypatch.setenv("CODESTORE_BASE_URL", f"http://localhost:{port}")
+        git("config", "http.curloptResolve", f"localhost:{port}:127.0.0.2", cwd=work)
+        proc = git("ls-remote", f"codestore://{ORG}/{REPO}", cwd=work, check=False, env=dict(os.environ))
+        assert seen == [], "the token reached the address the configuration resolved the host to"
+        assert proc.returncode == 0, proc.stderr  # it went to the configured server instead
+    finally:
+        elsewhere.shutdown()
+        elsewhere.server_close()

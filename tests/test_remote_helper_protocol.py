@@ -387,7 +387,7 @@ def _git_config(env: Mapping[str, str], key: str, fds: Sequence[int] = ()) -> li
 
 
 def _private(url: str = "https://acme.code.storage/app.git") -> transport.PrivateConfig:
-    return transport.PrivateConfig(transport.token_config(TOKEN, url))
+    return transport.PrivateConfig(transport.token_config(TOKEN, url, "origin"))
 
 
 def test_child_env_keeps_existing_command_line_config_and_adds_the_header_for_the_url() -> None:
