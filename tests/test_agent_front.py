@@ -1014,3 +1014,20 @@ def test_the_threads_front_answers_an_http_0_9_request_line_with_a_status_and_lo
         a.proc.terminate()
         _, err = a.proc.communicate(timeout=30)
     assert err.splitlines() == ["codestore agent exiting: stopped"], err[:500]
+
+
+@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("head", [
+    b"Content-Length : 2",  # a space before the colon: http.server kept it under another name, and ignored it
+    b"Transfer-Encoding : chunked",
+    b"X-A: a\r\n b",  # a folded value
+    b"X-A: a\x00b",
+], ids=["space-before-colon", "te-space-before-colon", "obs-fold", "nul"])
+def test_both_fronts_refuse_a_head_the_other_would_frame_differently(tmp_path: Path, org_key: OrgKey, front: str, head: bytes) -> None:
+    # Behind one proxy, two fronts that frame a request differently are how one request is smuggled in another.
+    a = start_agent(tmp_path, "--server", front)
+    try:
+        out = raw_exchange(a.socket, b"POST /v1/ping HTTP/1.1\r\nHost: a\r\n" + head + b"\r\nConnection: close\r\n\r\n{}")
+        assert out.startswith(b"HTTP/1.1 400"), out[:200]
+    finally:
+        a.stop()

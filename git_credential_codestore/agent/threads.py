@@ -102,6 +102,10 @@ class _Head:
         return getattr(self._f, name)
 
 
+_NOT_TCHAR = frozenset('\x00\x01\x02\x03\x04\x05\x06\x07\x08\t\n\x0b\x0c\r\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17'
+                       '\x18\x19\x1a\x1b\x1c\x1d\x1e\x1f\x7f "(),/:;<=>?@[\\]{}')  # RFC 9110's tchar: what a header name may hold
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "codestore-agent"
@@ -174,6 +178,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         self.unread = True
+        # What uvicorn's parser (llhttp) refuses, refused here too: a name that is no token,
+        # a folded or NUL-bearing value. Two fronts that frame a request differently behind
+        # one proxy are how requests are smuggled.
+        # ("Content-Length : 5" is a line email's parser cannot read: it ends the head there, a defect.)
+        if getattr(self.headers, "defects", None) or any(
+                not name or not name.isascii() or any(c in _NOT_TCHAR for c in name) or any(c in value for c in "\r\n\x00")
+                for name, value in self.headers.items()):
+            self._reply(400, {"error": "bad request (a header that is not name: value on one line)"})
+            return
         refusal, length = framing(self._header)
         if refusal is not None:
             self._reply(*refusal)
