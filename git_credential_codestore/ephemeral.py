@@ -166,8 +166,11 @@ def promote_exact(cfg: Config, repo: str, branch: str, expect_sha: str, target: 
     proc = git.run(["-C", cache, "push", "-q", "--no-verify", review.remote_url(cfg, repo, False),
                     f"{sha}:refs/heads/{target}"], env=env, ok=range(0, 256))
     if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        why = next((ln.strip() for ln in lines if "rejected" in ln or "codestore:" in ln), lines[-1].strip() if lines else "no output")
+        # git's reason: its "! [rejected] ... (fetch first)" line, else our helper's own line
+        # ("codestore: ..."); never its "To codestore://..." line, which names only the remote.
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("To ")]
+        why = next((ln for ln in lines if ln.startswith("!") and "rejected" in ln), None) \
+            or next((ln for ln in lines if ln.startswith(("codestore:", "error:", "fatal:"))), lines[-1] if lines else "no output")
         _record_promotion(cfg, env, repo, branch, target, old, sha, "error", sha, why)
         from .errors import redact
 

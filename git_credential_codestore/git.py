@@ -47,6 +47,29 @@ def output(args: Sequence[str], *, env: Mapping[str, str] | None = None) -> byte
     return proc.stdout
 
 
+def log_records(args: Sequence[str], fields: Sequence[str], *, env: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """`git ARGS`, a `git log` (its word in ARGS, after any -C or --git-dir), each commit as {field: value}.
+
+    `fields` are format placeholders (`%H` first: every record is checked to begin with a
+    commit id). The fields and the records are NUL-separated (`-z`), the one byte a commit's
+    text cannot hold: with other separators (0x1e, 0x1f) a subject or message that held
+    them made up commits of its own (a review that listed a commit nobody pushed)."""
+    assert fields[0] == "%H"
+    at = list(args).index("log") + 1
+    out = run([*args[:at], "-z", f"--format={'%x00'.join(fields)}", *args[at:]], env=env).stdout
+    parts = out.split("\0")
+    if parts and parts[-1] in ("", "\n"):
+        parts.pop()
+    n = len(fields)
+    if len(parts) % n:
+        raise GitError(f"git log printed records that are not {n} fields each; is this git 2.39 or newer?")
+    records = [parts[i:i + n] for i in range(0, len(parts), n)]
+    for record in records:
+        if not (len(record[0].lstrip("\n")) in (40, 64) and all(c in "0123456789abcdef" for c in record[0].lstrip("\n"))):
+            raise GitError("git log printed a record that does not begin with a commit id")
+    return [dict(zip(fields, [record[0].lstrip("\n"), *record[1:]], strict=True)) for record in records]
+
+
 def config_get_all(key: str, *, scope: str = "--global", env: Mapping[str, str] | None = None) -> list[str]:
     # `git config --get-all` exits 1 when the key is unset: that is an answer, not an error.
     proc = run(["config", scope, "--get-all", key], env=env, ok=(0, 1))

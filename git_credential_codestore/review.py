@@ -142,16 +142,21 @@ def review(cfg: Config, repo: str, branch: str, base: str | None = None, *,
 
 
 def _commits(cache: str, sha: str, base_sha: str | None, env: Mapping[str, str] | None) -> list[dict[str, str]]:
-    keys = ("sha", "author", "email", "date", "subject")
-    args = ["-C", cache, "log", "--format=%H%x1f%an%x1f%ae%x1f%aI%x1f%s%x1e", sha]
+    keys = {"%H": "sha", "%an": "author", "%ae": "email", "%aI": "date", "%s": "subject"}
+    args = ["-C", cache, "log", sha]
     if base_sha:
         args += ["--not", base_sha]
-    out = _git(args, env)
-    return [dict(zip(keys, rec.strip("\n").split("\x1f"), strict=False)) for rec in out.split("\x1e") if rec.strip()]
+    return [{keys[k]: v for k, v in record.items()} for record in git.log_records(args, list(keys), env=env)]
+
+
+_KINDS = {"100644": "file", "100755": "executable", "120000": "symlink", "160000": "submodule", "040000": "tree"}
+LINK_TARGET_MAX = 4096
 
 
 def _diff(cache: str, old: str, new: str, env: Mapping[str, str] | None) -> tuple[list[dict[str, Any]], str]:
-    files = []
+    """Each file changed (its lines, and its mode before and after: an exec bit, a symlink and
+    a submodule are what a line count hides), and git's diffstat with its summary of modes."""
+    files: list[dict[str, Any]] = []
     out = _git(["-C", cache, "diff", "--no-renames", "--numstat", "-z", old, new], env)
     for rec in out.split("\0"):
         if not rec:
@@ -162,7 +167,17 @@ def _diff(cache: str, old: str, new: str, env: Mapping[str, str] | None) -> tupl
             "added": int(added) if added.isdigit() else None,  # "-" for a binary file
             "deleted": int(deleted) if deleted.isdigit() else None,
         })
-    stat = _git(["-C", cache, "diff", "--no-renames", "--stat=100", old, new], env)
+    # --raw: ":OLDMODE NEWMODE OLDSHA NEWSHA STATUS" NUL path NUL, one per file, in numstat's order.
+    raw = _git(["-C", cache, "diff", "--no-renames", "--raw", "-z", "--no-abbrev", old, new], env).split("\0")
+    modes = {path: head[1:].split(" ") for head, path in zip(raw[0::2], raw[1::2], strict=False) if head.startswith(":")}
+    for f in files:
+        old_mode, new_mode, _, new_sha, _ = modes.get(f["path"], ["000000", "000000", "", "", ""])
+        f["old_mode"], f["new_mode"] = old_mode, new_mode
+        f["kind"] = _KINDS.get(new_mode if new_mode != "000000" else old_mode, "other")
+        if new_mode == "120000":  # where the link points: what its one line of "diff" is
+            target = git.output(["-C", cache, "cat-file", "blob", new_sha], env=env)[:LINK_TARGET_MAX]
+            f["link_target"] = target.decode("utf-8", "replace")
+    stat = _git(["-C", cache, "diff", "--no-renames", "--stat=100", "--summary", old, new], env)
     return files, stat
 
 
@@ -185,7 +200,16 @@ def render(r: Review) -> str:
     if not r.explained:
         out.append(f"  warning: no audited push put {r.sha[:12]} on {r.branch}: it was pushed outside codestore://, "
                    "or the report was lost; judge the commits themselves")
-    out += ["", "Diffstat:", r.stat.rstrip("\n") or "  (no changes)", "",
+    out += ["", "Diffstat:", r.stat.rstrip("\n") or "  (no changes)"]
+    unusual = [f for f in r.files if f.get("kind") in ("symlink", "submodule", "other")
+               or f.get("old_mode") not in ("000000", f.get("new_mode")) or f.get("new_mode") == "100755"]
+    if unusual:  # what a line count hides: each is worth a look before promotion
+        out += ["", "Modes, links and submodules:"]
+        for f in unusual:
+            change = f"{f['old_mode']} -> {f['new_mode']}" if f["old_mode"] != "000000" else f"new, {f['new_mode']}"
+            target = f" -> {f['link_target']}" if "link_target" in f else ""
+            out.append(f"  {f['path']}: {f['kind']} ({change}){target}")
+    out += ["",
             "Promote exactly this commit, and nothing pushed after it, with:", f"  {r.promote_command}", ""]
     from .errors import for_terminal
 

@@ -462,3 +462,16 @@ def test_create_branch_force_backwards_is_refused_under_no_force_push(sdk: Setup
     token = generate_jwt(sdk.server.key.pem, ORG, "team/app", scopes=["git:write"], ttl=300, refs=[{"pattern": "*", "ops": ["no-force-push"]}])
     status, _ = sdk.server.api("POST", "/api/v1/repos/branches/create", token, {"base_ref": first, "target_branch": "main", "force": True})
     assert status == 403
+
+
+def test_a_message_holding_git_logs_old_separators_and_a_path_that_looks_like_pathspec_magic(sdk: Setup) -> None:
+    # A commit message with 0x1e (the dev server's record separator) made every commit
+    # endpoint on its history a 500; a `path` of ":(bogus)x" was git's fatal error (a 500),
+    # and ":(exclude)x" or "*" changed what was listed: a path is a path.
+    odd = commit(sdk.work, "c.txt", "c\n", "hello\x1eworld\x1fagain")
+    git("push", "-q", http_url(run(sdk.repo.get_ephemeral_remote_url(ttl=300))), "main:refs/heads/odd", cwd=sdk.work)
+    listed = run(sdk.repo.list_commits(branch="odd", ephemeral=True, limit=2))
+    assert [c["sha"] for c in listed["commits"]] == [odd, sdk.feat] and listed["commits"][0]["message"] == "hello\x1eworld\x1fagain"
+    assert run(sdk.repo.list_commits(branch="odd", ephemeral=True, path="c.txt"))["commits"][0]["sha"] == odd
+    for path in (":(bogus)x", ":(exclude)c.txt", "*", "c*"):
+        assert run(sdk.repo.list_commits(branch="odd", ephemeral=True, path=path))["commits"] == [], path

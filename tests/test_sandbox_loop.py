@@ -69,7 +69,7 @@ def test_push_review_push_again_promote_old_refused_new_accepted_all_audited(wor
     r = json.loads(reviewed.stdout)
     assert r["sha"] == first and r["base"] == "main" and r["base_sha"] == main_before
     assert [c["subject"] for c in r["commits"]] == ["add one.txt"]
-    assert r["files"] == [{"path": "one.txt", "added": 1, "deleted": 0}]
+    assert r["files"] == [{"path": "one.txt", "added": 1, "deleted": 0, "old_mode": "000000", "new_mode": "100644", "kind": "file"}]
     assert r["explained"] is True
     [push] = r["pushes"]
     assert (push["grant"], push["sub"], push["new"], push["result"]) == (world.grant["id"], "sandbox-42", first, "ok")
@@ -163,6 +163,46 @@ def test_what_the_sandbox_wrote_reaches_the_reviewers_terminal_escaped(world: Wo
         assert not any(c in out.stdout for c in "\x1b\x07\u202e"), out.stdout
     review = world.codestore("review", REPO, "feat").stdout
     assert "subject\\x1b]52;c;" in review and "Mallory\\x1b" in review
+
+
+def test_review_shows_exactly_the_commits_pushed_and_the_modes_a_line_count_hides(world: World) -> None:
+    # Threats, from what a sandbox writes: a subject holding git log's field and record
+    # separators (0x1f, 0x1e) made `codestore review` list a commit nobody pushed ("0123...
+    # REVIEWED-BY-SECURITY", by Linus Torvalds), in the text and in --json; and an exec bit,
+    # a symlink out of the tree and a submodule showed as "| 0" and "| 1 +".
+    forged = "docs: typo\x1e0123456789abcdef0123456789abcdef01234567\x1fLinus Torvalds\x1ft@l.org\x1f2020-01-01\x1fREVIEWED"
+    (world.sandbox / "README").chmod(0o755)
+    (world.sandbox / "key.pem").symlink_to("/home/user/.ssh/id_rsa")
+    git("add", "README", "key.pem", cwd=world.sandbox, env=world.sandbox_env)
+    git("update-index", "--add", "--cacheinfo", "160000," + "a" * 40 + ",vendor/lib", cwd=world.sandbox, env=world.sandbox_env)
+    git("commit", "-qm", forged, cwd=world.sandbox, env=world.sandbox_env)
+    git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=world.sandbox, env=world.sandbox_env)
+    r = json.loads(world.codestore("review", REPO, "feat", "--json").stdout)
+    assert [c["sha"] for c in r["commits"]] == [git("rev-parse", "HEAD", cwd=world.sandbox).stdout.strip()]
+    assert r["commits"][0]["subject"] == forged
+    kinds = {f["path"]: (f["kind"], f["old_mode"], f["new_mode"]) for f in r["files"]}
+    assert kinds == {"README": ("executable", "100644", "100755"), "key.pem": ("symlink", "000000", "120000"),
+                     "vendor/lib": ("submodule", "000000", "160000")}
+    assert next(f for f in r["files"] if f["path"] == "key.pem")["link_target"] == "/home/user/.ssh/id_rsa"
+    text = world.codestore("review", REPO, "feat").stdout
+    assert "Commits (1):" in text and "mode change 100644 => 100755 README" in text
+    assert "key.pem: symlink (new, 120000) -> /home/user/.ssh/id_rsa" in text and "vendor/lib: submodule" in text
+
+
+def test_a_promotion_the_target_refuses_says_git_refused_it_and_what_to_do(world: World, tmp_path: Path) -> None:
+    # The reason was git's first line holding "codestore:": its "To codestore://acme/..." line,
+    # naming only the remote, in the error and in the audit trail; the hint never showed.
+    sha = world.sandbox_commit_and_push("one.txt")
+    other = tmp_path / "other"
+    git("clone", "-q", URL, str(other), env=world.owner)
+    (other / "b").write_text("b\n")
+    git("add", "b", cwd=other)
+    git("commit", "-qm", "b", cwd=other)
+    git("push", "-q", URL, "HEAD:refs/heads/feat", cwd=other, env=world.owner)  # the target, feat in the default namespace, moved
+    out = world.codestore("promote", REPO, "feat", "--expect-sha", sha)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "! [rejected]" in out.stderr and "the target moved on: review against it again" in out.stderr, out.stderr
+    assert "To codestore://" not in out.stderr
 
 
 def test_a_head_no_audited_push_explains_is_flagged(world: World, tmp_path: Path) -> None:

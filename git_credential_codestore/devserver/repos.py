@@ -83,7 +83,9 @@ class RepoInfo:
 class RepoStore:
     def __init__(self, root: str, env: Mapping[str, str]) -> None:
         self.root = root
-        self.env = dict(env)
+        # A `path` a client gives is a path, not a pathspec: ":(bogus)x" was git's fatal error
+        # (a 500), ":(exclude)x" and "*" changed what was listed.
+        self.env = {**env, "GIT_LITERAL_PATHSPECS": "1"}
         os.makedirs(root, exist_ok=True)
 
     def path(self, repo: str) -> str:
@@ -251,19 +253,13 @@ class RepoStore:
 
     def log(self, repo: str, sha: str, skip: int, count: int, path: str | None, walk: bool = True) -> list[Commit]:
         """Commits reachable from `sha`, newest first, as Code Storage lists them."""
-        # Fields end in NUL, records in RS (0x1e): the message is the last field, so a NUL
-        # (which git refuses in messages) never splits it and an empty parent list is safe.
-        fmt = "%H%x00%P%x00%an%x00%ae%x00%cn%x00%ce%x00%at%x00%B%x1e"
-        args = ["log", f"--format={fmt}", f"--skip={skip}", f"--max-count={count}", *([] if walk else ["--no-walk"]), sha, "--"]
+        # NUL-separated (git.log_records): a message holding 0x1e, the separator before, was a 500.
+        args = ["--git-dir", self.path(repo), "log", f"--skip={skip}", f"--max-count={count}", *([] if walk else ["--no-walk"]), sha, "--"]
         if path:
             args.append(path)
-        out = self._git(repo, *args)
         commits: list[Commit] = []
-        for record in out.split("\x1e"):
-            record = record.lstrip("\n")
-            if not record:
-                continue
-            sha_, parents, an, ae, cn, ce, at, message = record.split("\0", 7)
+        for r in git.log_records(args, ["%H", "%P", "%an", "%ae", "%cn", "%ce", "%at", "%B"], env=self.env):
+            sha_, parents, an, ae, cn, ce, at, message = (r["%H"], r["%P"], r["%an"], r["%ae"], r["%cn"], r["%ce"], r["%at"], r["%B"])
             commits.append(
                 {
                     "sha": sha_,
