@@ -80,11 +80,15 @@ def _resolver(env: Mapping[str, str]) -> Callable[[str], str | None]:
 def _record_push(source: TokenSource, remote: remotes.Remote, watch: pushwatch.PushWatch, git_err: transport.Endpoint) -> None:
     """Put what the push changed in the audit trail; a failure to do so is a warning, not
     a failed push (the server has already taken it)."""
-    from git_credential_codestore.audit import BadReport, validate_report
+    from git_credential_codestore.audit import MAX_REFS, BadReport, validate_report
 
     try:
-        report = validate_report({"event": "push", "repo": remote.repo, "ephemeral": remote.ephemeral, "refs": watch.report()})
-        source.record(report)
+        refs = watch.report()
+        # A push of more refs than one report holds is recorded in several, MAX_REFS each: a
+        # sandbox pushing 1000 decoy refs with the one that matters kept it out of the trail.
+        for at in range(0, len(refs), MAX_REFS):
+            source.record(validate_report({"event": "push", "repo": remote.repo, "ephemeral": remote.ephemeral,
+                                           "refs": refs[at:at + MAX_REFS]}))
     except (CodestoreError, BadReport) as e:
         try:
             git_err.write(f"codestore: warning: this push is not in the audit trail: {e}\n".encode())

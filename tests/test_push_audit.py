@@ -7,6 +7,7 @@ file (local key) or the agent's audit log (grant or owner through the agent).
 from __future__ import annotations
 
 import io
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,21 @@ def test_a_push_with_a_local_key_is_recorded_with_old_and_new_sha(work: Path, he
     ]
     assert entries[0]["repo"] == REPO and entries[0]["ephemeral"] is False
     assert entries[0]["via"] == "local-key" and entries[0]["grant"] is None and entries[0]["sub"]
+
+
+def test_a_push_of_more_refs_than_one_report_holds_is_recorded_whole(work: Path, hermetic: Path) -> None:
+    # Threat: a sandbox hiding its one push that matters among 1000 decoy refs: a report over
+    # MAX_REFS was refused, and the push went unrecorded ("not in the audit trail").
+    from git_credential_codestore.audit import MAX_REFS
+
+    head = commit(work, "a")
+    names = [f"refs/heads/decoy-{n:04d}" for n in range(MAX_REFS)] + ["refs/heads/main"]
+    subprocess.run(["git", "update-ref", "--stdin"], cwd=work, check=True, timeout=60,
+                   input="".join(f"create {name} {head}\n" for name in names[:-1]), text=True)
+    proc = git("push", "origin", *(f"{name}:{name}" for name in names), cwd=work)
+    assert "not in the audit trail" not in proc.stderr, proc.stderr
+    recorded = [r["ref"] for e in pushes(trail(hermetic)) for r in e["refs"]]
+    assert sorted(recorded) == sorted(names)
 
 
 def test_a_refused_non_fast_forward_is_recorded_as_refused_with_the_reason(work: Path, hermetic: Path, tmp_path: Path) -> None:
