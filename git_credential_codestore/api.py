@@ -10,7 +10,7 @@ import email.message
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO
 
 from . import jsontext
@@ -98,21 +98,33 @@ PAGE_LIMIT = 100  # Code Storage's maximum page size (its default is 20)
 MAX_PAGES = 10000  # a server that never stops paging is a bug, not an org
 
 
-def _pages(api_url: str, path: str, token: Token, what: str, key: str, params: Mapping[str, str] | None = None) -> Iterator[dict[str, object]]:
+RENEW_BEFORE = 15  # seconds before its expiry a listing's token is replaced by a fresh one (_pages)
+
+
+def _pages(api_url: str, path: str, token: Token | Callable[[], Token], what: str, key: str,
+           params: Mapping[str, str] | None = None) -> Iterator[dict[str, object]]:
     """Every item of a paged list: `cursor`/`limit` in, `{<key>, next_cursor, has_more}` out.
 
     Follows `next_cursor` while `has_more` says so (or, from a server that omits
     `has_more`, while there is a cursor); a cursor seen twice is an error, never a loop.
+    `token` may be a function minting one: a token that would expire before the next page
+    is replaced (a short-lived one outlived a listing of many pages, which then failed).
     """
+    import time
     from urllib.parse import urlencode
 
+    mint = token if callable(token) else None
+    current = mint() if mint is not None else token
+    assert isinstance(current, Token)
     cursor: str | None = None
     seen: set[str] = set()
     for _ in range(MAX_PAGES):
+        if mint is not None and current.expires_at - time.time() < RENEW_BEFORE:
+            current = mint()
         query = {**(params or {}), "limit": str(PAGE_LIMIT)}
         if cursor:
             query["cursor"] = cursor
-        status, data = call(api_url, "GET", f"{path}?{urlencode(query)}", token)
+        status, data = call(api_url, "GET", f"{path}?{urlencode(query)}", current)
         if not 200 <= status < 300:
             raise RemoteError(f"listing {what} failed: {reason(status, data)}{hint(status)}")
         items = data.get(key)
@@ -130,7 +142,7 @@ def _pages(api_url: str, path: str, token: Token, what: str, key: str, params: M
     raise RemoteError(f"listing {what}: more than {MAX_PAGES} pages; stopping")
 
 
-def list_repos(api_url: str, token: Token) -> list[dict[str, object]]:
+def list_repos(api_url: str, token: Token | Callable[[], Token]) -> list[dict[str, object]]:
     """Every repository of the org (GET /api/v1/repos, all pages; an org:read token)."""
     return list(_pages(api_url, "/api/v1/repos", token, "repositories", "repos"))
 
@@ -157,7 +169,7 @@ def delete_repo(api_url: str, token: Token, repo: str) -> dict[str, object]:
     return data
 
 
-def list_branches(api_url: str, token: Token, ephemeral: bool) -> list[dict[str, object]]:
+def list_branches(api_url: str, token: Token | Callable[[], Token], ephemeral: bool) -> list[dict[str, object]]:
     """Every branch in one namespace (GET /api/v1/repos/branches, all pages; git:read)."""
     where = "the +ephemeral namespace" if ephemeral else "the default namespace"
     return list(_pages(api_url, "/api/v1/repos/branches", token, f"branches in {where}", "branches",

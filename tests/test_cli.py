@@ -7,7 +7,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.conftest import ORG, DevServer, OrgKey, run_cli
+from tests.conftest import KID, ORG, DevServer, OrgKey, run_cli
 from tests.realparts import serve_in_thread
 
 
@@ -193,3 +193,28 @@ def test_an_age_older_than_1970_is_the_whole_trail_not_a_crash() -> None:
     for age in ("99999999999999d", "800000d", "999999999999999999s"):
         assert parse_time(age, "--since") == "1970-01-01T00:00:00Z"
     assert parse_time("0s", "--since") > "2026"
+
+
+def test_a_listing_of_many_pages_renews_its_token_before_it_expires(dev_server: DevServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `codestore branch list` minted one 60 s token for every page: a repository with 20k
+    # branches (any sandbox with write access can push them) outlived it, and the listing
+    # failed half-way with "token expired 31s ago". Both listings (branches, repositories)
+    # page through api._pages; here pages are 2 repositories and every token "about to
+    # expire", so each page asks for a new one, and the real server checks each.
+    from git_credential_codestore import api, keys, tokens
+    from git_credential_codestore.secrets import Token
+
+    monkeypatch.setattr(api, "PAGE_LIMIT", 2)
+    monkeypatch.setattr(api, "RENEW_BEFORE", 3600)
+    for n in range(5):
+        dev_server.create_repo(f"team/r{n}")
+    key = keys.parse_private_key(keys.Secret(dev_server.key.pem), "test")
+    minted: list[Token] = []
+
+    def mint() -> Token:
+        minted.append(tokens.mint(key, org=ORG, repo="org", scopes=["org:read"], ttl=60, sub="test", kid=KID))
+        return minted[-1]
+
+    listed = api.list_repos(dev_server.url, mint)
+    assert sorted(str(r["repo_id"]) for r in listed) == [f"team/r{n}" for n in range(5)]
+    assert len(minted) == 4 and len({t.reveal() for t in minted}) == 4  # the first, then one for each of 3 pages

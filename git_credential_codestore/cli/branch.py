@@ -24,12 +24,15 @@ def branch_list(repo: str, namespace: str, as_json: bool) -> None:
     import json
 
     from .. import api, config
+    from ..secrets import Token
     from ..source import get_token
     from ..vocab import TokenRequest, validate_repo_id
 
     cfg = config.load()
     validate_repo_id(repo)
-    token = get_token(TokenRequest(repo, ("git:read",), ttl=60), cfg)
+    def token() -> Token:  # one a minute, as the listing goes on (api._pages)
+        return get_token(TokenRequest(repo, ("git:read",), ttl=60), cfg)
+
     rows = []
     for ephemeral in {"all": (False, True), "default": (False,), "ephemeral": (True,)}[namespace]:
         for b in api.list_branches(cfg.api_url, token, ephemeral):

@@ -37,8 +37,7 @@ def repo_list(as_json: bool) -> None:
     from ..vocab import TokenRequest
 
     cfg = config.load()
-    token = get_token(TokenRequest("org", ("org:read",), ttl=60), cfg)
-    repos = api.list_repos(cfg.api_url, token)
+    repos = api.list_repos(cfg.api_url, lambda: get_token(TokenRequest("org", ("org:read",), ttl=60), cfg))  # renewed as pages go on
     if as_json:
         from . import echo_json
 
