@@ -63,6 +63,15 @@ def fetch(cache: str, cfg: Config, repo: str, ephemeral: bool, branch: str, env:
     """Fetch one branch into the cache under refs/codestore/<namespace>/; returns its SHA."""
     ns = "ephemeral" if ephemeral else "default"
     local = f"refs/codestore/{ns}/{branch}"
+    # A branch reviewed before whose name is a directory of this one's (x, for x/y), or the
+    # other way round, left a cache ref git cannot have beside it: the fetch failed, naming a
+    # `git remote prune` for a remote that does not exist. Those cache refs go (the cache
+    # keeps heads fetched for reviews; the objects stay).
+    prefixes = {f"refs/codestore/{ns}/{'/'.join(branch.split('/')[:i])}" for i in range(1, branch.count("/") + 1)}
+    cached = _git(["-C", cache, "for-each-ref", "--format=%(refname)", f"refs/codestore/{ns}/"], env).splitlines()
+    conflicting = [ref for ref in cached if ref in prefixes or ref.startswith(local + "/")]
+    if conflicting:
+        git.run(["-C", cache, "update-ref", "--stdin"], env=env, input="".join(f"delete {ref}\n" for ref in conflicting))
     _git(["-C", cache, "fetch", "-q", "--no-tags", "--no-write-fetch-head", remote_url(cfg, repo, ephemeral),
           f"+refs/heads/{branch}:{local}"], env)
     return _git(["-C", cache, "rev-parse", "--verify", local], env).strip()

@@ -205,6 +205,21 @@ def test_a_promotion_the_target_refuses_says_git_refused_it_and_what_to_do(world
     assert "To codestore://" not in out.stderr
 
 
+def test_a_branch_named_under_one_reviewed_before_can_be_reviewed(world: World) -> None:
+    # The review cache kept refs/codestore/ephemeral/x after x was reviewed; x/y could then
+    # never be reviewed ("git remote prune ...", for a remote that does not exist).
+    world.sandbox_commit_and_push("one.txt")
+    git("push", "-q", "origin", "HEAD:refs/heads/x", cwd=world.sandbox, env=world.sandbox_env)
+    assert world.codestore("review", REPO, "x").returncode == 0
+    git("push", "-q", "origin", ":refs/heads/x", cwd=world.sandbox, env=world.sandbox_env)
+    git("push", "-q", "origin", "HEAD:refs/heads/x/y", cwd=world.sandbox, env=world.sandbox_env)
+    out = world.codestore("review", REPO, "x/y")
+    assert out.returncode == 0 and "under review:" in out.stdout, out.stderr
+    git("push", "-q", "origin", ":refs/heads/x/y", cwd=world.sandbox, env=world.sandbox_env)
+    git("push", "-q", "origin", "HEAD:refs/heads/x", cwd=world.sandbox, env=world.sandbox_env)
+    assert world.codestore("review", REPO, "x").returncode == 0  # and back
+
+
 def test_a_head_no_audited_push_explains_is_flagged(world: World, tmp_path: Path) -> None:
     # Threat: a sandbox pushes around the remote helper (a token used by hand) to dodge the trail.
     elsewhere = tmp_path / "elsewhere"
