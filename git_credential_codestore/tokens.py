@@ -246,7 +246,9 @@ def verify(
     if kid is not None and not isinstance(kid, str):
         raise TokenError("kid must be a string")
     if kid is not None:
-        if kid not in keys:
+        # "<file>" labels a key trusted without a kid (the dev server's): it verifies tokens
+        # without one, never a token whose kid spells the label.
+        if kid not in keys or (kid.startswith("<") and kid.endswith(">")):
             raise TokenError(f"unknown kid {kid!r}: register its public key with the server")
         key = keys[kid]
     elif len(keys) == 1:

@@ -274,6 +274,12 @@ def test_an_unknown_kid_is_refused(seeded: tuple[DevServer, str, Path]) -> None:
     tok = tokens.mint(key, org=ORG, repo="team/app", scopes=["git:read"], ttl=300, sub="x", kid="retired").reveal()
     status, _, body = info_refs(server, "team/app", tok)
     assert status == 401 and "unknown kid 'retired'" in body
+    # The label of a key trusted without a kid names no key a token may ask for.
+    from git_credential_codestore.tokens import TokenError, verify
+
+    with pytest.raises(TokenError, match="unknown kid"):
+        verify(tokens.mint(key, org=ORG, repo="team/app", scopes=["git:read"], ttl=300, sub="x", kid="<org.pem>").reveal(),
+               {"<org.pem>": key.public_key()}, org=ORG)
 
 
 def test_a_token_from_another_org_is_refused(seeded: tuple[DevServer, str, Path]) -> None:
@@ -674,12 +680,15 @@ def test_a_chunked_json_body_is_read_as_a_stream(dev_server: DevServer) -> None:
     assert raw_exchange(dev_server.address, data).startswith(b"HTTP/1.1 201")
 
 
-def test_a_malformed_chunked_body_is_400_and_the_server_keeps_serving(dev_server: DevServer) -> None:
+@pytest.mark.parametrize("size", [b"zz", b"0x1a", b"+1a", b"0_1a", b" 1a ", b"\xd9\xa2"])  # int(x, 16) took all but the first and last
+def test_a_malformed_chunked_body_is_400_and_the_server_keeps_serving(dev_server: DevServer, size: bytes) -> None:
+    # A chunk size is hex digits alone: one a proxy in front reads otherwise opens a smuggled request.
     tok = dev_server.token("chunky", ["repo:write"])
+    body = b'{"default_branch": "main"}'
     data = (
         f"POST /api/v1/repos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
-        "Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n"
-    ).encode()
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode() + size + b"\r\n" + body + b"\r\n0\r\n\r\n"
     assert raw_exchange(dev_server.address, data).startswith(b"HTTP/1.1 400")
     assert dev_server.api("POST", "/api/v1/repos", tok, {})[0] == 201
 

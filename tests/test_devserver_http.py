@@ -110,3 +110,19 @@ def test_random_requests_never_get_a_500_or_a_traceback(dev_server: DevServer) -
     check()
     assert status(raw_exchange(dev_server.address, b"GET /api/v1/repo HTTP/1.1\r\nHost: x\r\n\r\n")) == 401  # still serving
     no_traceback(dev_server)
+
+
+def test_a_client_that_resets_its_connection_writes_no_traceback(dev_server: DevServer) -> None:
+    # socketserver printed a whole traceback (ConnectionResetError) per client that sent a
+    # request and reset the connection before the answer: the server's log is for its own faults.
+    import socket
+    import struct
+
+    for request_ in (b"GARBAGE\r\n\r\n", b"GET /api/v1/repos HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"):
+        for _ in range(3):
+            s = socket.create_connection(dev_server.address)
+            s.sendall(request_)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+            s.close()
+    assert dev_server.api("GET", "/api/v1/repos", "x")[0] == 401  # still serving
+    no_traceback(dev_server)

@@ -101,6 +101,13 @@ class DevServer(ThreadingHTTPServer):
     request_queue_size = 64
     state: ServerState
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client's reset, timeout or failed TLS handshake (OSError, ssl.SSLError) is its own
+        doing: no line. Anything else is a bug: one line, never socketserver's traceback."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            print(f"codestore dev-server: connection error: {redact(repr(error))[:300]}", file=sys.stderr, flush=True)
+
     def server_activate(self) -> None:
         super().server_activate()
         # accept(2) may block after poll said "readable" (its man page: the connection may be
@@ -134,13 +141,12 @@ class ChunkedReader(io.RawIOBase):
         if self.done:
             return 0
         if self.left == 0:
-            size = self._line().split(b";", 1)[0].strip()
-            try:
-                self.left = int(size, 16)
-            except ValueError:
-                raise Refused(400, "malformed chunk size") from None
-            if self.left < 0:
+            size = self._line().split(b";", 1)[0].rstrip(b"\r\n")
+            # Hex digits only (RFC 9112 7.1): int() also took "0x2", "+2", "0_2" and " 2 ",
+            # which a proxy in front may read otherwise: a smuggled request's opening.
+            if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
                 raise Refused(400, "malformed chunk size")
+            self.left = int(size, 16)
             if self.left == 0:
                 while self._line().strip():  # trailers, up to the empty line
                     pass
