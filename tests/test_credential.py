@@ -193,8 +193,9 @@ def test_ctrl_c_while_the_helper_waits_for_git_is_exit_130_without_a_traceback(o
     import signal
 
     args = ["get"] if prog == "git-credential-codestore" else ["origin", f"codestore://{ORG}/team/app"]
+    # SIGINT as a terminal leaves it: a suite started in the background (CI) inherits it ignored.
     proc = subprocess.Popen([os.path.join(BIN, prog), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdin is not None
     proc.stdin.write("protocol=https\n" if prog == "git-credential-codestore" else "capabilities\n")
     proc.stdin.flush()
