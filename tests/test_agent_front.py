@@ -1031,3 +1031,66 @@ def test_both_fronts_refuse_a_head_the_other_would_frame_differently(tmp_path: P
         assert out.startswith(b"HTTP/1.1 400"), out[:200]
     finally:
         a.stop()
+
+
+def test_a_client_that_never_reads_its_replies_cannot_hold_its_connection_past_the_deadline(tmp_path: Path, org_key: OrgKey) -> None:
+    # Threat (a slot held for good): once the agent's send buffer to a client that never
+    # reads was full, the next replies waited in the transport, and every way the front ends
+    # a connection (the keep-alive timeout here, a `Connection: close` request, a refusal)
+    # called close(), which waits for that buffer to drain, with no deadline left running.
+    a = start_agent(tmp_path, "--server", "uvicorn", "--request-deadline", "2")
+
+    def sockets() -> int:
+        fds = f"/proc/{a.proc.pid}/fd"
+        return sum(1 for fd in os.listdir(fds) if os.readlink(f"{fds}/{fd}").startswith("socket:"))
+
+    try:
+        request_ = token_request(create(a)["grant"])
+        before = sockets()
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(1)
+        s.connect(a.socket)
+        sent, t0 = 0, time.monotonic()
+        try:
+            while time.monotonic() - t0 < 30:  # one request a write, each answered, none read
+                s.sendall(request_)
+                sent += 1
+                time.sleep(0.001)
+        except TimeoutError:
+            pass  # the agent's buffers are full and it reads no more: the client goes quiet
+        assert sent > 100 and sockets() > before, sent
+        quiet = time.monotonic()
+        while sockets() > before and time.monotonic() - quiet < 2 + 5 + 6:  # the deadline, the keep-alive idle, slack
+            time.sleep(0.25)
+        assert sockets() <= before, "the agent still holds a connection whose client reads nothing"
+        s.close()
+    finally:
+        a.stop()
+
+
+def test_a_connection_aborted_with_replies_queued_writes_nothing_to_the_log(tmp_path: Path, org_key: OrgKey) -> None:
+    # Pipelining 16 pings a write and reading none: the deadline aborts the connection while
+    # a reply waits for the buffer to drain, and uvicorn marked only its newest (queued) cycle
+    # gone: the one answering wrote on to the closed transport, a line in the log each time.
+    a = start_agent(tmp_path, "--server", "uvicorn", "--request-deadline", "2")
+    try:
+        def client() -> None:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(1)
+                s.connect(a.socket)
+                with contextlib.suppress(OSError):
+                    for _ in range(1000):
+                        s.sendall(b"GET /v1/ping HTTP/1.1\r\nHost: a\r\n\r\n" * 16)
+                        time.sleep(0.02)
+                time.sleep(4)  # past the deadline
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert call(Endpoint("unix", a.socket), "GET", "/v1/ping")[0] == 200
+    finally:
+        a.proc.terminate()
+        _, err = a.proc.communicate(timeout=30)
+    assert err.splitlines() == ["codestore agent exiting: stopped"], err[:500]

@@ -74,6 +74,11 @@ from .server import (
     share,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from uvicorn._types import ASGI3Application
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
 ACCEPT_BATCH = 64  # connections accepted per wake-up of a listener, before other work gets a turn
 ACCEPT_GROUP = 16  # connections taken through _serve's steps together
 # The first read of a connection, at accept: as much as the transport would have read
@@ -278,11 +283,20 @@ class TokenProtocol(asyncio.Protocol):
         if reply:
             transport.write(reply)
         if keep_alive:
-            self._set_timer(KEEPALIVE_IDLE, transport.close)  # idle: the next read arms the deadline again
+            self._set_timer(KEEPALIVE_IDLE, self._idle)  # idle: the next read arms the deadline again
         else:
             # A client that does not read its reply holds it no longer than a request may take.
             self._set_timer(self.front.agent.request_deadline, transport.abort)
             transport.close()
+
+    def _idle(self) -> None:
+        """Idle past KEEPALIVE_IDLE: closed, and aborted a deadline later if its replies are
+        still unread (close() waits for the write buffer to drain, and a client that never
+        reads held the connection, and its slot, for good)."""
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+            self._set_timer(self.front.agent.request_deadline, transport.abort)
 
     def _hand_over(self, data: bytes) -> None:
         """The rest of the connection to uvicorn (AgentProtocol), this read first."""
@@ -353,6 +367,7 @@ class AgentProtocol(HttpToolsProtocol):
         self._token_header: Callable[[str], str | None] = lambda name: None
         self._unanswered = 0  # messages begun and not answered: while any is, the deadline runs
         self._last = False  # over PIPELINED: what is queued is answered, nothing more is read
+        self._running: RequestResponseCycle | None = None  # see _start_asgi_task
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         lst = self.listener
@@ -457,8 +472,7 @@ class AgentProtocol(HttpToolsProtocol):
                 if refusal is not None:
                     self._token = _ANSWERED
                     self.transport.write(refusal)
-                    self._disarm()
-                    self.transport.close()
+                    self._closing()
                 else:
                     self._token, self._token_length, self._token_header = bytearray(), length, header
                 return
@@ -489,8 +503,7 @@ class AgentProtocol(HttpToolsProtocol):
         if keep_alive:
             self.on_response_complete()
         else:
-            self._disarm()
-            self.transport.close()
+            self._closing()
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio.Protocol's contract: bool | None
         """The client closed its side (helpers send, then read): answer what is in flight, then close."""
@@ -503,14 +516,35 @@ class AgentProtocol(HttpToolsProtocol):
         self._unanswered = max(0, self._unanswered - 1)
         self._disarm()  # uvicorn's keep-alive idle timeout takes over, when nothing else is begun
         super().on_response_complete()
-        if not self._last and (self._unanswered or self._in_head):
+        if self._last or self.transport.is_closing() or self._unanswered or self._in_head:
             # A request begun behind this one (pipelined, or its head still trickling in) has
-            # a deadline of its own from here: it was this one's, which this reply ended.
+            # a deadline of its own from here: it was this one's, which this reply ended. And a
+            # connection closing (the last reply sent: close() waits for it to drain) is aborted
+            # at its deadline if the client does not read it.
             self._arm()
+
+    def _closing(self) -> None:
+        """close(), and abort at the deadline if the client never reads what is written."""
+        self.transport.close()
+        self._arm()
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()  # close(): it waits for unread replies to drain
+        self._arm()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self._running = cycle  # the cycle answering now (self.cycle is the newest, maybe queued)
+        super()._start_asgi_task(cycle, app)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self.slot.release()
+        # uvicorn marks only its newest cycle gone: the one still answering (behind queued
+        # ones) wrote on, to a closed transport, and logged "Exception in ASGI application".
+        for cycle in (self._running, *(c for c, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
@@ -531,7 +565,7 @@ class AgentProtocol(HttpToolsProtocol):
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
             % (status, _STATUS.get(status, b"Bad Request"), len(body), body)
         )
-        self.transport.close()
+        self._closing()
 
 
 class _Flow(FlowControl):
