@@ -368,6 +368,7 @@ class AgentProtocol(HttpToolsProtocol):
         self._unanswered = 0  # messages begun and not answered: while any is, the deadline runs
         self._last = False  # over PIPELINED: what is queued is answered, nothing more is read
         self._running: RequestResponseCycle | None = None  # see _start_asgi_task
+        self._at_once = 0  # see on_headers_complete
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         lst = self.listener
@@ -391,6 +392,7 @@ class AgentProtocol(HttpToolsProtocol):
         # second held a connection open for good.
         self._arm()
         heads = self._heads
+        self._at_once = 0  # token requests of this read answered on the loop (on_headers_complete)
         super().data_received(data)
         if self._in_head and not self.transport.is_closing():
             # httptools keeps a header's pieces until its line ends, and only then calls
@@ -463,9 +465,14 @@ class AgentProtocol(HttpToolsProtocol):
         # Only while the client reads its replies: the fast path writes at once, so a client
         # that pipelines and never reads would be answered into memory without bound; the
         # ASGI path waits for the write buffer to drain and stops reading meanwhile.
+        # And PIPELINED of them a read at most: one read of pipelined token requests (256 KiB,
+        # a thousand and more) was signed in one callback, a tenth of a second and more in
+        # which no other client was served. The rest go through uvicorn, queued, and past
+        # PIPELINED the connection is closed, as any other request's.
         if (caller is not None and self.url == b"/v1/token" and self.parser.get_method() == b"POST"
                 and not self.expect_100_continue and (self.cycle is None or self.cycle.response_complete)
-                and not self.flow.write_paused):
+                and not self.flow.write_paused and self._at_once < PIPELINED):
+            self._at_once += 1
             header = _headers(self.headers)
             if self.agent.answers_at_once(caller, "POST", "/v1/token", header("Authorization")):
                 refusal, length = _admitted(self.agent, caller, header)
