@@ -51,8 +51,16 @@ def for_terminal(text: str) -> str:
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+# What each of _patterns needs in a text, lower-cased: a text without any of them has
+# nothing to redact, found by a few substring searches instead of six regexes.
+_MARKS = ("eyj", "csg_", "private key", "authorization", "@")
+
+
 def redact(text: str) -> str:
     """Remove token- and key-shaped material from text meant for a human."""
+    lowered = text.lower()
+    if not any(mark in lowered for mark in _MARKS):
+        return text
     for pattern, replacement in _patterns():
         text = pattern.sub(replacement, text)  # type: ignore[attr-defined]
     return text

@@ -184,11 +184,6 @@ class Entry:
         return text, (second, *self.columns, text)
 
 
-# What errors.redact looks for, as a line of JSON holds it: a line without any of them has
-# nothing to redact (a mint's line: the check is a few substring searches, not six regexes).
-_SECRET_MARKS = ("eyj", "csg_", "private key", "@", "authorization")  # in the line lower-cased
-
-
 def _redacted(value: object) -> object:
     """`value` with errors.redact applied to every text in it, at any depth."""
     if isinstance(value, str):
@@ -234,8 +229,7 @@ class AuditLog:
         entry.update(fields)
         entry["replica"] = self.replica
         line = _LINE(entry)
-        lowered = line.lower()
-        if any(mark in lowered for mark in _SECRET_MARKS):
+        if redact(line) != line:
             # Any value a caller chose (a repository, a ref rule, a reason quoting either) may
             # carry a grant's secret or a token: written redacted, in the line and the columns.
             entry = _redacted(entry)  # type: ignore[assignment]
