@@ -293,7 +293,14 @@ class Pkcs11Signer:
 
 
 def private_keys(session: Session, label: str | None, kid: bytes | None) -> list[TokenPrivateKey]:
-    """The token's private keys with this label and id (None: any), two at most.
+    """The token's private keys with this label and id (None: any), two at most."""
+    import pkcs11
+
+    return [key for key in _objects(session, pkcs11.ObjectClass.PRIVATE_KEY, label, kid) if isinstance(key, pkcs11.PrivateKey)]
+
+
+def _objects(session: Session, kind: object, label: str | None, kid: bytes | None) -> list[object]:
+    """The token's objects of class `kind` with this label and id (None: any), two at most.
 
     Not `Session.get_key`: on "several match" it left its search open, and the search's
     end then ran after the session's close, printing a traceback ("Exception ignored in
@@ -302,14 +309,14 @@ def private_keys(session: Session, label: str | None, kid: bytes | None) -> list
 
     import pkcs11
 
-    attrs: dict[object, object] = {pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY}
+    attrs: dict[object, object] = {pkcs11.Attribute.CLASS: kind}
     if label is not None:
         attrs[pkcs11.Attribute.LABEL] = label
     if kid is not None:
         attrs[pkcs11.Attribute.ID] = kid
     search = session.get_objects(attrs)  # type: ignore[arg-type]
     try:
-        return [key for key in itertools.islice(search, 2) if isinstance(key, pkcs11.PrivateKey)]
+        return list(itertools.islice(search, 2))
     finally:
         search.close()  # type: ignore[attr-defined]  # a generator: its search ends here, in this session
 
@@ -320,9 +327,11 @@ def public_key_of(session: Session, private: TokenPrivateKey) -> PublicKey:
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-    pub = session.get_key(object_class=pkcs11.ObjectClass.PUBLIC_KEY, label=private.label, id=private.id)
+    found = _objects(session, pkcs11.ObjectClass.PUBLIC_KEY, private.label, private.id)
+    pub = found[0] if len(found) == 1 else None
     if not isinstance(pub, pkcs11.PublicKey):
-        raise ConfigError(f"the token's object {private.label!r} is not a public key")
+        raise ConfigError(f"the token holds {'no' if not found else 'more than one'} public key for {private.label!r}; "
+                          "choose another object=")
     if pub.key_type == pkcs11.KeyType.EC:
         from pkcs11.util.ec import encode_ec_public_key
 
