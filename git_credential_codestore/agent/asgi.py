@@ -366,7 +366,6 @@ class AgentProtocol(HttpToolsProtocol):
         self._token_length = 0
         self._token_header: Callable[[str], str | None] = lambda name: None
         self._unanswered = 0  # messages begun and not answered: while any is, the deadline runs
-        self._last = False  # over PIPELINED: what is queued is answered, nothing more is read
         self._running: RequestResponseCycle | None = None  # see _start_asgi_task
         self._at_once = 0  # see on_headers_complete
 
@@ -385,8 +384,8 @@ class AgentProtocol(HttpToolsProtocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self._last:
-            return  # the parser stopped at the request over PIPELINED: nothing after it is served
+        if self.flow.stopped:  # type: ignore[attr-defined]  # a _Flow (connection_made)
+            return  # the parser stopped at the request over PIPELINED (send_400_response): nothing after it is served
         # Any byte starts the deadline, not only a message's first: uvicorn's keep-alive timer
         # stops at any read, and CRLFs between requests (which begin no message) sent once a
         # second held a connection open for good.
@@ -523,7 +522,7 @@ class AgentProtocol(HttpToolsProtocol):
         self._unanswered = max(0, self._unanswered - 1)
         self._disarm()  # uvicorn's keep-alive idle timeout takes over, when nothing else is begun
         super().on_response_complete()
-        if self._last or self.transport.is_closing() or self._unanswered or self._in_head:
+        if self.transport.is_closing() or self._unanswered or self._in_head:
             # A request begun behind this one (pipelined, or its head still trickling in) has
             # a deadline of its own from here: it was this one's, which this reply ended. And a
             # connection closing (the last reply sent: close() waits for it to drain) is aborted
@@ -560,7 +559,6 @@ class AgentProtocol(HttpToolsProtocol):
             # Over PIPELINED (on_message_begin), or a bad request behind others still being
             # answered: those are answered, in order, then the connection is closed. A 400 now
             # went out first, and a client whose revoke went through was told it failed.
-            self._last = True
             assert isinstance(self.flow, _Flow)
             self.flow.stop_reading()
             queued = self.pipeline[0][0] if self.pipeline else self.cycle
@@ -578,7 +576,7 @@ class AgentProtocol(HttpToolsProtocol):
 class _Flow(FlowControl):
     """uvicorn's flow control, which can stop reading for good: uvicorn resumes reading after
     each reply and at each request's first wait for its body, and a connection that is to
-    send no more requests (AgentProtocol._last) would be read, and its reads thrown away."""
+    send no more requests (AgentProtocol.send_400_response) would be read, and its reads thrown away."""
 
     stopped = False
 
