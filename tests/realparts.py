@@ -98,6 +98,34 @@ def http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[s
         server.server_close()
 
 
+@contextlib.contextmanager
+def recording_host(host: str, port: int = 0, body: bytes = b"") -> Iterator[tuple[int, list[str]]]:
+    """An HTTP server on `host` (another loopback address: "elsewhere") answering every GET and
+    POST with `body` (200) or 404 when empty: yields its port and the Authorization headers it got."""
+    seen: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.extend(v for k, v in self.headers.items() if k.lower() == "authorization")
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    server = http.server.ThreadingHTTPServer((host, port), Recorder)
+    serve_in_thread(server)
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def send_json(handler: http.server.BaseHTTPRequestHandler, obj: object, status: int = 200) -> None:
     """Answer `obj` as a JSON body with its Content-Length."""
     body = json.dumps(obj).encode()

@@ -25,7 +25,7 @@ from git_credential_codestore.agent.discovery import unix_address
 from git_credential_codestore.agent.server import MAX_CONNECTIONS, PER_PEER, Caller, share
 from tests.conftest import OrgKey
 from tests.realparts import raw_exchange
-from tests.test_agent import REPO, mint, sandbox_env, start_agent, tls_pair, verify
+from tests.test_agent import REPO, Agent, mint, sandbox_env, start_agent, tls_pair, verify
 from tests.test_agent_store import admin, create
 
 if TYPE_CHECKING:
@@ -565,6 +565,12 @@ def test_two_content_lengths_are_refused_on_both_fronts(tmp_path: Path, org_key:
         a.stop()
 
 
+def stopped_log(a: Agent) -> str:
+    """Stop the agent; what it wrote to its log (stderr), start to end."""
+    a.proc.terminate()
+    return a.proc.communicate(timeout=30)[1]
+
+
 def test_bad_requests_write_nothing_to_the_agents_log(tmp_path: Path, org_key: OrgKey) -> None:
     # Threat: anyone who can connect writing a line into the agent's log per request: uvicorn
     # warned "Invalid HTTP request received." (and "Unsupported upgrade request." twice) for
@@ -575,8 +581,7 @@ def test_bad_requests_write_nothing_to_the_agents_log(tmp_path: Path, org_key: O
             assert raw_exchange(a.socket, b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
             raw_exchange(a.socket, b"GET /v1/ping HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", timeout=5)
     finally:
-        a.proc.terminate()
-        _, err = a.proc.communicate(timeout=30)
+        err = stopped_log(a)
     assert err.splitlines() == ["codestore agent exiting: stopped"], err[:500]
 
 
@@ -975,8 +980,7 @@ def test_json_nested_past_the_parsers_stack_is_a_bad_request_not_an_internal_err
             assert out.split(b" ")[1] in (b"400", b"403", b"404"), out[:200]
             assert b"internal error" not in out
     finally:
-        a.proc.terminate()
-        _, err = a.proc.communicate(timeout=30)
+        err = stopped_log(a)
     assert err.splitlines() == ["codestore agent exiting: stopped"], err[:500]
 
 
@@ -1011,8 +1015,7 @@ def test_the_threads_front_answers_an_http_0_9_request_line_with_a_status_and_lo
             with contextlib.suppress(OSError):
                 raw_exchange(("127.0.0.1", port), b"GET /v1/ping HTTP/1.1\r\nHost: a\r\n\r\n", timeout=5)
     finally:
-        a.proc.terminate()
-        _, err = a.proc.communicate(timeout=30)
+        err = stopped_log(a)
     assert err.splitlines() == ["codestore agent exiting: stopped"], err[:500]
 
 
@@ -1091,8 +1094,7 @@ def test_a_connection_aborted_with_replies_queued_writes_nothing_to_the_log(tmp_
             t.join(60)
         assert call(Endpoint("unix", a.socket), "GET", "/v1/ping")[0] == 200
     finally:
-        a.proc.terminate()
-        _, err = a.proc.communicate(timeout=30)
+        err = stopped_log(a)
     assert err.splitlines() == ["codestore agent exiting: stopped"], err[:500]
 
 

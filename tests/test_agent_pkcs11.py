@@ -35,6 +35,22 @@ def hsm_agent(tmp_path: Path, softhsm: SoftHsm, obj: str) -> Agent:
     return start_agent(tmp_path, "--key", softhsm.uri(obj), env=keyless(softhsm.env()))
 
 
+def keypair_in_token(softhsm: SoftHsm, arguments: str) -> None:
+    """A key pair made in the token by another tool: Session.generate_keypair(`arguments`)."""
+    make = ("import os, pkcs11\n"
+            "s = pkcs11.lib(os.environ['CODESTORE_PKCS11_MODULE']).get_token(token_label='codestore')"
+            ".open(user_pin=os.environ['CODESTORE_PKCS11_PIN'], rw=True)\n"
+            f"s.generate_keypair({arguments})\n"
+            "s.close()\n")
+    subprocess.run([os.path.join(BIN, "python"), "-c", make], check=True, env=softhsm.env(), timeout=60)
+
+
+def serve_fails(tmp_path: Path, uri: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`agent serve --key URI`, expected to refuse at start (within `timeout`)."""
+    return subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", uri, "--state-dir", str(tmp_path / "st"),
+                           "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=env, timeout=timeout)
+
+
 @pytest.mark.parametrize(("kind", "alg"), [("ec", "ES256"), ("rsa", "RS256")])
 def test_tokens_signed_in_the_token_verify_like_any_other(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm, kind: str, alg: str) -> None:
     public = generate(softhsm, f"org-{kind}", kind)
@@ -82,27 +98,15 @@ def test_several_keys_of_one_label_are_one_line_without_a_traceback(tmp_path: Pa
     # Session.get_key left its search open on "several match", and the search ended after
     # the session closed: "Exception ignored in ... get_objects" and a traceback on stderr.
     generate(softhsm, "org", "ec")
-    make = ("import os, pkcs11\n"
-            "s = pkcs11.lib(os.environ['CODESTORE_PKCS11_MODULE']).get_token(token_label='codestore')"
-            ".open(user_pin=os.environ['CODESTORE_PKCS11_PIN'], rw=True)\n"
-            "s.generate_keypair(pkcs11.KeyType.RSA, 2048, store=True, label='org', id=b'other')\n"
-            "s.close()\n")
-    subprocess.run([os.path.join(BIN, "python"), "-c", make], check=True, env=softhsm.env(), timeout=60)
-    proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", softhsm.uri("org"), "--state-dir", str(tmp_path / "st"),
-                           "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=keyless(softhsm.env()), timeout=60)
+    keypair_in_token(softhsm, "pkcs11.KeyType.RSA, 2048, store=True, label='org', id=b'other'")
+    proc = serve_fails(tmp_path, softhsm.uri("org"), keyless(softhsm.env()))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "several keys match" in proc.stderr, proc.stderr
 
 
 def test_an_rsa_key_under_2048_bits_in_the_token_is_refused_at_start(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm) -> None:
     # A local RSA-1024 key is refused (keys.py); one in the token was served and signed RS256.
-    make = ("import os, pkcs11\n"
-            "s = pkcs11.lib(os.environ['CODESTORE_PKCS11_MODULE']).get_token(token_label='codestore')"
-            ".open(user_pin=os.environ['CODESTORE_PKCS11_PIN'], rw=True)\n"
-            "s.generate_keypair(pkcs11.KeyType.RSA, 1024, store=True, label='weak')\n"
-            "s.close()\n")
-    subprocess.run([os.path.join(BIN, "python"), "-c", make], check=True, env=softhsm.env(), timeout=60)
-    proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", softhsm.uri("weak"), "--state-dir", str(tmp_path / "st"),
-                           "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=keyless(softhsm.env()), timeout=60)
+    keypair_in_token(softhsm, "pkcs11.KeyType.RSA, 1024, store=True, label='weak'")
+    proc = serve_fails(tmp_path, softhsm.uri("weak"), keyless(softhsm.env()))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "RSA key of 1024 bits" in proc.stderr, proc.stderr
 
 
@@ -127,8 +131,7 @@ def test_an_rsa_key_under_2048_bits_in_the_token_is_refused_at_start(tmp_path: P
 def test_a_bad_key_uri_is_one_line_at_start(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm, uri: str, env_drop: tuple[str, ...], message: str) -> None:
     generate(softhsm, "org", "ec")
     env = {k: v for k, v in keyless(softhsm.env()).items() if k not in env_drop}
-    proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", uri, "--state-dir", str(tmp_path / "st"),
-                           "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=env, timeout=60)
+    proc = serve_fails(tmp_path, uri, env)
     assert proc.returncode in (1, 2) and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert "1234" not in proc.stderr
 
@@ -148,8 +151,7 @@ def test_a_pipe_named_as_the_module_or_the_pin_file_is_one_line_not_a_hang(tmp_p
         del env["CODESTORE_PKCS11_PIN"]
         # No writer: read as empty, as every file codestore reads (files.read_bounded).
         uri, message = f"{softhsm.uri('org')}?pin-source=file:{pipe}", "the PKCS#11 PIN file that pin-source names is empty; fix pin-source"
-    proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", uri, "--state-dir", str(tmp_path / "st"),
-                           "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=env, timeout=30)
+    proc = serve_fails(tmp_path, uri, env, timeout=30)
     assert proc.returncode in (1, 2) and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
 
 
@@ -219,14 +221,8 @@ def test_a_network_hsm_that_stops_answering_is_refused_at_once_not_waited_on(tmp
 def test_a_key_that_may_not_sign_is_one_line_at_start(tmp_path: Path, org_key: OrgKey, softhsm: SoftHsm) -> None:
     # A private object with CKA_SIGN false (made by another tool) must not reach the first
     # token request and fail there with a traceback.
-    make = ("import os, pkcs11\n"
-            "s = pkcs11.lib(os.environ['CODESTORE_PKCS11_MODULE']).get_token(token_label='codestore')"
-            ".open(user_pin=os.environ['CODESTORE_PKCS11_PIN'], rw=True)\n"
-            "s.generate_keypair(pkcs11.KeyType.RSA, 2048, store=True, label='nosign', private_template={pkcs11.Attribute.SIGN: False})\n"
-            "s.close()\n")
-    subprocess.run([os.path.join(BIN, "python"), "-c", make], check=True, env=softhsm.env(), timeout=60)
-    proc = subprocess.run([os.path.join(BIN, "codestore"), "agent", "serve", "--key", softhsm.uri("nosign"), "--state-dir", str(tmp_path / "st"),
-                           "--socket", str(tmp_path / "s" / "agent.sock")], capture_output=True, text=True, env=keyless(softhsm.env()), timeout=60)
+    keypair_in_token(softhsm, "pkcs11.KeyType.RSA, 2048, store=True, label='nosign', private_template={pkcs11.Attribute.SIGN: False}")
+    proc = serve_fails(tmp_path, softhsm.uri("nosign"), keyless(softhsm.env()))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "may not sign" in proc.stderr, proc.stderr
 
 

@@ -492,24 +492,32 @@ def test_a_writer_lists_an_area_once_it_is_committed_and_again_after_a_rollback(
     assert sorted(e["ttl"] for e in agent_audit.search(database, audit.Query(sub="s1"), 10)[0]) == [1, 2, 3, 4, 5, 6]
 
 
+def _refusals_behind_mints(database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, refusals: int,
+                           mints_of: Callable[[int], str]) -> None:
+    """`refusals` of sub s1 (ttl 0, 1, ...), then 400 of its mints in 10 flushes (ttl 100 on, the
+    n-th of a flush under grant mints_of(n)), with a scan limit of 100 rows a query."""
+    monkeypatch.setattr(agent_audit, "MAX_SCAN", 100)
+    monkeypatch.setattr(agent_audit, "SPAN_SCAN", 30)
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    try:
+        for n in range(refusals):
+            log.record("refuse", {"grant": "g1", "sub": "s1", "ttl": n})
+        for flush in range(10):
+            for n in range(40):
+                log.record("mint", {"grant": mints_of(n), "sub": "s1", "ttl": 100 + 40 * flush + n})
+            with database.transaction() as tx:
+                log.flush_into(tx)()
+    finally:
+        log.close()
+
+
 def test_a_query_by_sub_and_event_stops_at_the_scan_limit_with_a_cursor_and_loses_nothing(
         database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Refusals of a sandbox with many mints: SQL reads the mints' spans and keeps none. That
     # reading counts toward MAX_SCAN, so the reply stops there with a cursor instead of reading
     # the whole trail (a page of `limit` rows at a time: 4.4 s for 2M rows); and the cursor
     # leads, page by page, to the one refusal at the far end.
-    monkeypatch.setattr(agent_audit, "MAX_SCAN", 100)
-    monkeypatch.setattr(agent_audit, "SPAN_SCAN", 30)
-    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
-    try:
-        log.record("refuse", {"grant": "g1", "sub": "s1", "ttl": 0})
-        for flush in range(10):
-            for n in range(40):
-                log.record("mint", {"grant": f"g{n % 2}", "sub": "s1", "ttl": 1 + 40 * flush + n})
-            with database.transaction() as tx:
-                log.flush_into(tx)()
-    finally:
-        log.close()
+    _refusals_behind_mints(database, tmp_path, monkeypatch, refusals=1, mints_of=lambda n: f"g{n % 2}")
     entries, more = agent_audit.search(database, audit.Query(sub="s1", event="refuse"), 5)
     assert entries == [] and more is not None
     pages = 1
@@ -530,19 +538,7 @@ def test_codestore_audit_follows_a_cut_short_reply_to_the_matches_beyond_it(
 
     from git_credential_codestore.agent import client, report
 
-    monkeypatch.setattr(agent_audit, "MAX_SCAN", 100)
-    monkeypatch.setattr(agent_audit, "SPAN_SCAN", 30)
-    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
-    try:
-        for n in range(3):
-            log.record("refuse", {"grant": "g1", "sub": "s1", "ttl": n})
-        for flush in range(10):
-            for n in range(40):
-                log.record("mint", {"grant": "g1", "sub": "s1", "ttl": 100 + 40 * flush + n})
-            with database.transaction() as tx:
-                log.flush_into(tx)()
-    finally:
-        log.close()
+    _refusals_behind_mints(database, tmp_path, monkeypatch, refusals=3, mints_of=lambda n: "g1")
     agent = SimpleNamespace(store=SimpleNamespace(flush=lambda: None, db=database, where="test"), audit=SimpleNamespace(path="-"))
     asked: list[object] = []
 

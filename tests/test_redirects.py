@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ORG, DevServer, git, new_repo, run_cli
-from tests.realparts import serve_in_thread
+from tests.realparts import recording_host, serve_in_thread
 
 REPO = "team/app"
 
@@ -231,28 +231,9 @@ def test_a_host_resolved_elsewhere_by_configuration_does_not_get_the_remote_help
     # host to another address, which got the header. The transport's configuration clears it.
     dev_server.create_repo(REPO)
     port = int(dev_server.url.rsplit(":", 1)[1])
-    seen: list[str] = []
-
-    class Recorder(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            seen.extend(v for k, v in self.headers.items() if k.lower() == "authorization")
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_POST = do_GET  # noqa: N815
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            pass
-
-    elsewhere = http.server.ThreadingHTTPServer(("127.0.0.2", port), Recorder)  # the same port, another address
-    serve_in_thread(elsewhere)
-    try:
+    with recording_host("127.0.0.2", port) as (_, seen):  # the same port, another address
         monkeypatch.setenv("CODESTORE_BASE_URL", f"http://localhost:{port}")
         git("config", "http.curloptResolve", f"localhost:{port}:127.0.0.2", cwd=work)
         proc = git("ls-remote", f"codestore://{ORG}/{REPO}", cwd=work, check=False, env=dict(os.environ))
         assert seen == [], "the token reached the address the configuration resolved the host to"
         assert proc.returncode == 0, proc.stderr  # it went to the configured server instead
-    finally:
-        elsewhere.shutdown()
-        elsewhere.server_close()

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import ORG, Clock, DevServer, commit, git, run_cli, slow_pre_push_hook
 from tests.leakscan import files_with_secrets, key_needles, run_git_traced, secrets_in_text
-from tests.realparts import serve_in_thread
+from tests.realparts import recording_host, serve_in_thread
 
 REPO = "team/app"
 URL = f"codestore://{ORG}/{REPO}"
@@ -451,27 +451,9 @@ def test_a_download_from_outside_the_repository_gets_no_token(served: DevServer,
     # sends the token with every request it makes: a bundle server elsewhere got it.
     import subprocess
 
-    seen: list[str] = []
-
-    class Recorder(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            seen.extend(v for k, v in self.headers.items() if k.lower() == "authorization")
-            self.send_response(200)
-            self.send_header("Content-Length", "5")
-            self.end_headers()
-            self.wfile.write(b"hello")
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            pass
-
-    elsewhere = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Recorder)
-    serve_in_thread(elsewhere)
-    try:
-        commands = f"capabilities\nget http://127.0.0.2:{elsewhere.server_address[1]}/b.bundle {tmp_path / 'got'}\n\n"
+    with recording_host("127.0.0.2", body=b"hello") as (port, seen):
+        commands = f"capabilities\nget http://127.0.0.2:{port}/b.bundle {tmp_path / 'got'}\n\n"
         proc = subprocess.run(["git-remote-codestore", "origin", f"codestore://{ORG}/team/app"], input=commands,
                               capture_output=True, text=True, timeout=60)
         assert seen == [] and not (tmp_path / "got").exists()
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "outside the repository's URL" in proc.stderr, proc.stderr
-    finally:
-        elsewhere.shutdown()
-        elsewhere.server_close()
