@@ -178,14 +178,18 @@ class DevServer:
         return f"{self.url}/{repo}.git"
 
 
-def start_dev_server(data_dir: Path, key: OrgKey, *extra: str) -> DevServer:
-    """`codestore dev-server --port 0` prints `serving URL` on its first stdout line."""
+def start_dev_server(data_dir: Path, key: OrgKey, *extra: str, open_files: int | None = None) -> DevServer:
+    """`codestore dev-server --port 0` prints `serving URL` on its first stdout line.
+    `open_files`: its soft limit of open files (the shell's `ulimit -n`)."""
     from git_credential_codestore.processes import start_dev_server as start
 
     log_path = data_dir / "requests.log"
     args = ["--port", "0", "--data-dir", str(data_dir), "--org", ORG, "--trust-key", f"{key.public_path}:{key.kid}",
             "--log", str(log_path), *extra]
-    proc, url = start(args, program=[os.path.join(BIN, "codestore")])  # the installed entry point
+    program = [os.path.join(BIN, "codestore")]  # the installed entry point
+    if open_files is not None:
+        program = ["sh", "-c", f'ulimit -Sn {open_files} && exec "$0" "$@"', *program]
+    proc, url = start(args, program=program)
     return DevServer(url, data_dir, log_path, proc, key)
 
 

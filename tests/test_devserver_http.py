@@ -7,11 +7,17 @@ Raw bytes on a real socket, so nothing in between tidies the request up first.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import time
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import DevServer
+from tests.conftest import DevServer, OrgKey, start_dev_server, wait_for
 from tests.realparts import raw_exchange
 
 ALLOWED = set(range(400, 500)) | {501, 505}
@@ -126,3 +132,117 @@ def test_a_client_that_resets_its_connection_writes_no_traceback(dev_server: Dev
             s.close()
     assert dev_server.api("GET", "/api/v1/repos", "x")[0] == 401  # still serving
     no_traceback(dev_server)
+
+
+# -- what one client may hold: connections, descriptors and a request's head ------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` (EOF or a reset) within `seconds`, reading what it sends."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def test_past_max_connections_a_client_is_answered_503_at_once_and_served_once_one_closes(tmp_path: Path, org_key: OrgKey) -> None:
+    # Threat: idle connections, with no cap, held a thread and a descriptor each until the
+    # process ran out: every later client hung.
+    server = start_dev_server(tmp_path / "srv", org_key, "--max-connections", "2")
+    try:
+        held = [socket.create_connection(server.address) for _ in range(2)]
+        time.sleep(0.2)  # both accepted
+        answer = raw_exchange(server.address, b"GET /api/v1/repos HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+        assert status(answer) == 503 and b"--max-connections" in answer and b"Retry-After: 1" in answer
+        held.pop().close()
+        assert wait_for(lambda: status(raw_exchange(server.address, b"GET /api/v1/repos HTTP/1.1\r\nHost: x\r\n\r\n")) == 401)
+        held.pop().close()
+        no_traceback(server)
+    finally:
+        server.stop()
+
+
+def test_the_default_cap_follows_the_open_files_limit(tmp_path: Path, org_key: OrgKey) -> None:
+    # 128 descriptors: (128 - 32) // 8 = 12 connections, so the 13th is answered 503, not
+    # left to fail accept() with EMFILE.
+    server = start_dev_server(tmp_path / "srv", org_key, open_files=128)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(12):
+            held.append(socket.create_connection(server.address))
+        time.sleep(0.3)
+        assert status(raw_exchange(server.address, b"GET /api/v1/repos HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)) == 503
+        held.pop().close()
+        assert wait_for(lambda: status(raw_exchange(server.address, b"GET /api/v1/repos HTTP/1.1\r\nHost: x\r\n\r\n")) == 401)
+    finally:
+        for s in held:
+            s.close()
+        server.stop()
+
+
+def test_out_of_descriptors_the_server_pauses_accepting_rather_than_spinning(tmp_path: Path, org_key: OrgKey) -> None:
+    # A cap set above what the descriptors allow: accept() fails with EMFILE while the
+    # listening socket stays readable. serve_forever went round that at 100% of a core.
+    server = start_dev_server(tmp_path / "srv", org_key, "--max-connections", "1000", open_files=64)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(90):  # the kernel's backlog takes them whether or not they are accepted
+            held.append(socket.create_connection(server.address, timeout=5))
+        time.sleep(0.5)
+        before = _cpu_seconds(server.proc.pid)
+        time.sleep(1.0)
+        assert _cpu_seconds(server.proc.pid) - before < 0.3
+        for s in held:
+            s.close()
+        held.clear()
+        assert wait_for(lambda: status(raw_exchange(server.address, b"GET /api/v1/repos HTTP/1.1\r\nHost: x\r\n\r\n")) == 401)
+        no_traceback(server)
+    finally:
+        for s in held:
+            s.close()
+        server.stop()
+
+
+def test_a_request_head_trickled_past_the_idle_timeout_is_closed(tmp_path: Path, org_key: OrgKey) -> None:
+    # Threat: a head sent a byte at a time, each within the per-read timeout (300 s), held its
+    # thread for as long as the client liked: the whole head has --idle-timeout now.
+    server = start_dev_server(tmp_path / "srv", org_key, "--idle-timeout", "1")
+    try:
+        sock = socket.create_connection(server.address)
+        began = time.monotonic()
+        with contextlib.suppress(OSError):
+            for byte in b"GET /api/v1/repos HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 100:
+                sock.send(bytes([byte]))
+                time.sleep(0.1)
+        assert _closed_within(sock, 5)
+        assert time.monotonic() - began < 5
+        sock.close()
+        idle = socket.create_connection(server.address)  # and one that sends nothing at all
+        assert _closed_within(idle, 5)
+        idle.close()
+        # A connection kept alive gets the same time again for each request.
+        keep = socket.create_connection(server.address)
+        for _ in range(3):
+            keep.sendall(b"GET /api/v1/repos HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert keep.recv(12) == b"HTTP/1.1 401"
+            time.sleep(0.6)  # a body to drain: read it all before the next
+            keep.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while keep.recv(65536):
+                    pass
+            keep.setblocking(True)
+        keep.close()
+        no_traceback(server)
+    finally:
+        server.stop()

@@ -19,7 +19,7 @@ from ..tokens import PublicKey
 from ..vocab import is_loopback
 from .hooks import install
 from .repos import RepoStore
-from .server import ServerState, find_http_backend, make_server
+from .server import IDLE_TIMEOUT, ServerState, default_max_connections, find_http_backend, make_server
 
 
 def default_data_dir() -> str:
@@ -107,6 +107,8 @@ def serve(
     log_path: str | None,
     tls: bool,
     env: Mapping[str, str] | None = None,
+    max_connections: int | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> None:
     if not tls and not is_loopback(host):
         raise UsageError(
@@ -157,6 +159,8 @@ def serve(
 
     state = ServerState(org=org, keys=key_map, store=store, http_backend=http_backend, git_env=git_env, log_file=log_file, tls=tls)
     server = make_server(host, port, state, wrap)
+    server.max_connections = max_connections or default_max_connections()
+    server.idle_timeout = idle_timeout
     bound_host, bound_port = server.socket.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else str(bound_host)
     url = f"{'https' if tls else 'http'}://{shown}:{bound_port}"

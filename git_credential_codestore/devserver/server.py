@@ -9,6 +9,8 @@ next request.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
@@ -22,7 +24,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import IO, TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import parse_qsl
 
 from .. import git, jsontext
@@ -38,6 +40,14 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 MAX_JSON_BODY = 64 * 1024
+MAX_CONNECTIONS = 1024  # served at once, at most (default_max_connections, --max-connections)
+# Seconds a connection may take to send a request's whole head (its request line and
+# headers), counted from when the server begins waiting for it: a new connection's first
+# request, or the next one on a connection kept alive. A head trickled a byte at a time
+# held its thread for as long as each byte came within the per-read timeout.
+IDLE_TIMEOUT = 60.0
+IO_TIMEOUT = 300  # seconds a body's read or a reply's write may wait (a stalled push)
+ACCEPT_PAUSE = 0.1  # seconds without accepting when the process is out of descriptors
 MAX_CHUNK_LINE = 1024
 IO_SIZE = 64 * 1024
 
@@ -95,11 +105,71 @@ class ServerState:
             self.log_file.flush()
 
 
+def default_max_connections() -> int:
+    """Connections served at once by default: what the process's descriptors allow. A git
+    request holds its socket and three pipes to `git http-backend`, and about as many more
+    while the CGI starts; 32 are kept for the server itself (its log, its own git runs)."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(4, min(MAX_CONNECTIONS, (soft - 32) // 8))
+
+
 class DevServer(ThreadingHTTPServer):
+    """One thread per connection, at most `max_connections` of them: past it a connection is
+    answered 503 and closed at once. Without a cap, idle connections used up the process's
+    descriptors, and accept() then failed in a loop: a core busy and every client hung."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
     state: ServerState
+    max_connections = MAX_CONNECTIONS
+    idle_timeout = IDLE_TIMEOUT
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._open = 0  # connections being served
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # The listening socket stays readable: without a pause serve_forever spins.
+                # Connections ending meanwhile give descriptors back.
+                time.sleep(ACCEPT_PAUSE)
+            raise  # socketserver drops it and polls again
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        with self._open_lock:
+            full = self._open >= self.max_connections
+            if not full:
+                self._open += 1
+        if full:
+            if not self.state.tls:  # a cleartext answer on a TLS port only reads as a TLS error
+                with contextlib.suppress(OSError):
+                    request.send(_busy(self.max_connections), socket.MSG_DONTWAIT)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._open_lock:
+            self._open -= 1
 
     def handle_error(self, request: object, client_address: object) -> None:
         """A client's reset, timeout or failed TLS handshake (OSError, ssl.SSLError) is its own
@@ -116,8 +186,44 @@ class DevServer(ThreadingHTTPServer):
         self.socket.setblocking(False)
 
 
+def _busy(limit: int) -> bytes:
+    body = (f"codestore dev-server: {limit} connections are open, the most it serves at once; "
+            "retry, or start it with a larger --max-connections\n").encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
 class DevServer6(DevServer):
     address_family = socket.AF_INET6
+
+
+class _Paced(io.RawIOBase):
+    """A connection's reads, each allowed the time left until `deadline` (a request head's,
+    Handler.handle_one_request) or, with none set, the per-read `timeout`."""
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, timeout: float) -> None:
+        self._raw, self._sock, self._timeout = raw, sock, timeout
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def head_ended(self) -> None:
+        """Back to the per-read timeout, for the body and the reply's writes as well."""
+        self.deadline = None
+        self._sock.settimeout(self._timeout)
+
+    def readinto(self, buf: WriteableBuffer) -> int | None:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request head took too long")
+            self._sock.settimeout(min(left, self._timeout))
+        return self._raw.readinto(buf)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 class ChunkedReader(io.RawIOBase):
@@ -194,13 +300,15 @@ class Handler(BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.1"
     server_version = "codestore-dev-server"
     sys_version = ""
-    timeout = 300  # an idle or stalled connection frees its thread
+    timeout = IO_TIMEOUT  # a stalled body or reply frees its thread (a head has its own bound: _Paced)
     server: DevServer
 
     # ---- plumbing -------------------------------------------------------------------
 
     def setup(self) -> None:
         super().setup()
+        self._paced = _Paced(self.rfile.detach(), self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._paced)
         # A response is a few small writes (headers, chunks, the terminator). With Nagle on,
         # the second small write waits for the client's delayed ACK: ~40 ms per exchange.
         # Writes are also coalesced below, so NODELAY costs no extra packets.
@@ -208,6 +316,18 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+
+    def handle_one_request(self) -> None:
+        # The next request's whole head within idle_timeout of now (parse_request ends it):
+        # BaseHTTPRequestHandler reads it, and closes the connection on TimeoutError.
+        self._paced.deadline = time.monotonic() + self.server.idle_timeout
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        try:
+            return super().parse_request()  # reads the headers
+        finally:
+            self._paced.head_ended()
 
     def _take_headers(self) -> bytes:
         """The buffered status line and headers plus the blank line, not yet written."""
