@@ -205,12 +205,38 @@ class Claims(record("Claims", "iss sub repo scopes iat exp refs kid")):
 
 
 def unverified_header(token: str) -> Mapping[str, object]:
+    """The header, unchecked; refused if it lists critical extensions (RFC 7515's `crit`: a
+    recipient must refuse what it does not implement, and Code Storage's tokens use none)."""
     import jwt
 
     try:
-        return jwt.get_unverified_header(token)
+        header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
+        # PyJWT refuses an unknown `crit` here too; say that rather than "not a JWT".
+        _refuse_critical(_peek_header(token))
         raise TokenError("malformed token: not a JWT") from None
+    _refuse_critical(header)
+    return header
+
+
+def _peek_header(token: str) -> Mapping[str, object]:
+    """The header's JSON, decoded only to explain a refusal (never to trust anything)."""
+    from . import jsontext
+
+    part = token.split(".", 1)[0]
+    try:
+        header = jsontext.loads(binascii.a2b_base64(part.replace("-", "+").replace("_", "/") + "=" * (-len(part) % 4)))
+    except (ValueError, binascii.Error):
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def _refuse_critical(header: Mapping[str, object]) -> None:
+    if "crit" in header:
+        names = header["crit"] if isinstance(header["crit"], list) else [header["crit"]]
+        shown = ", ".join(repr(str(name)[:40]) for name in names[:5]) or "none"
+        raise TokenError(f"token header marks extensions critical (crit: {shown}), which this server does not implement; "
+                         "mint it without crit")
 
 
 def unverified_parts(token: Token) -> tuple[dict[str, object], dict[str, object]]:
@@ -265,7 +291,9 @@ def verify(
             algorithms=[alg],
             # `repo` is optional: org-wide tokens (`org:read`, as Code Storage's docs allow
             # and the SDK mints for listing) need none; every repository check then fails.
-            options={"require": ["iss", "scopes", "iat", "exp"], "verify_exp": False, "verify_iat": False},
+            # exp, iat and nbf with LEEWAY, and aud, checked below, each with its own message.
+            options={"require": ["iss", "scopes", "iat", "exp"], "verify_exp": False, "verify_iat": False,
+                     "verify_nbf": False, "verify_aud": False},
         )
     except jwt.InvalidSignatureError:
         raise TokenError("signature does not verify: token signed by an unregistered key") from None
@@ -282,6 +310,14 @@ def verify(
         raise TokenError(f"token expired {now - exp}s ago; mint a new one")
     if iat - LEEWAY > now:
         raise TokenError(f"token issued {iat - now}s in the future; check the clock")
+    nbf = raw.get("nbf", iat)
+    if not isinstance(nbf, int):
+        raise TokenError("nbf must be an integer")
+    if nbf - LEEWAY > now:
+        raise TokenError(f"token not valid for another {nbf - now}s (nbf); check the clock")
+    if "aud" in raw:
+        # RFC 7519: a recipient that is not in `aud` must refuse the token.
+        raise TokenError(f"token is meant for audience {str(raw['aud'])[:100]!r}, which this server is not; mint it without aud")
     scopes = raw["scopes"]
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
         raise TokenError("scopes must be a list of strings")

@@ -113,6 +113,40 @@ def test_verify_accepts_small_clock_skew() -> None:
     assert tokens.verify(t, {"k1": key.public_key()}, org="acme").iss == "acme"
 
 
+def _signed(key: tokens.PrivateKey, headers: dict[str, object] | None = None, **claims: object) -> str:
+    """A token signed by `key` (PyJWT's encoder) with extra header fields or claims."""
+    now = int(time.time())
+    body = {"iss": "acme", "sub": "s", "repo": "team/app", "scopes": ["git:read"], "iat": now, "exp": now + 300, **claims}
+    return jwt.encode(body, key, algorithm="ES256", headers={"kid": "k1", **(headers or {})})
+
+
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [({"crit": ["x-ext"], "x-ext": 1}, "'x-ext'"), ({"crit": ["b64"], "b64": False}, "'b64'")],
+)
+def test_verify_refuses_critical_extensions_naming_them(headers: dict[str, object], named: str) -> None:
+    # PyJWT refused an unknown one as "not a JWT", and b64=false as a decode error.
+    key = keys.generate("ec")
+    with pytest.raises(TokenError, match=rf"critical \(crit: {named}\).*without crit"):
+        tokens.verify(_signed(key, headers), {"k1": key.public_key()}, org="acme")
+
+
+def test_verify_holds_nbf_to_the_same_leeway_as_iat() -> None:
+    key = keys.generate("ec")
+    now = int(time.time())
+    with pytest.raises(TokenError, match=r"not valid for another \d+s \(nbf\); check the clock"):
+        tokens.verify(_signed(key, nbf=now + tokens.LEEWAY + 60), {"k1": key.public_key()}, org="acme")
+    assert tokens.verify(_signed(key, nbf=now + 10), {"k1": key.public_key()}, org="acme").repo == "team/app"
+    with pytest.raises(TokenError, match="nbf must be an integer"):
+        tokens.verify(_signed(key, nbf="soon"), {"k1": key.public_key()}, org="acme")
+
+
+def test_verify_refuses_a_token_for_another_audience_saying_so() -> None:
+    key = keys.generate("ec")
+    with pytest.raises(TokenError, match=r"audience 'https://elsewhere', which this server is not"):
+        tokens.verify(_signed(key, aud="https://elsewhere"), {"k1": key.public_key()}, org="acme")
+
+
 def test_verify_refuses_a_token_signed_by_an_unregistered_key() -> None:
     t = mint(keys.generate("ec")).reveal()
     with pytest.raises(TokenError, match="unregistered"):
