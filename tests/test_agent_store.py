@@ -1857,25 +1857,73 @@ def test_a_failed_flush_is_one_store_error(tmp_path: Path) -> None:
     assert store.errors == len(failed)  # the flush thread's failures, and close()'s last flush
 
 
-def test_on_postgresql_a_flush_is_one_transaction(tmp_path: Path, pg_url: str) -> None:
-    # Rows are locked, not the store: short transactions would buy nothing there but round trips.
+def test_on_postgresql_a_flush_commits_use_counts_before_it_writes_audit_rows(tmp_path: Path, pg_url: str) -> None:
+    # Rows are locked, not the store: the counts are one transaction (short ones would buy
+    # nothing but round trips). The audit rows, whose COPYs are spread over the flush interval
+    # (_pace), come in the next: while they are written no grant's row is locked, so a
+    # revocation on another replica does not wait for them.
+    import psycopg
+
     from git_credential_codestore.agent import grants as g
 
     store = g.GrantStore(str(tmp_path / "state"), pg_url).open()
     try:
-        used_once(store, 3 * g.FLUSH_CHUNK)
-        calls: list[object] = []
+        made = used_once(store, 3 * g.FLUSH_CHUNK)
+        calls: list[str] = []
 
         def on_flush(tx: object) -> Callable[[], bool]:
-            calls.append(tx)
+            with psycopg.connect(pg_url, autocommit=True) as other:
+                try:
+                    other.execute("SET lock_timeout = '2s'")
+                    other.execute("UPDATE grants SET revoked_at = revoked_at WHERE id = %s", (made[0].id,))
+                    calls.append("free")
+                except psycopg.errors.LockNotAvailable:
+                    calls.append("locked")
             return lambda: False
 
         store.on_flush = on_flush
         store.flush()
-        assert len(calls) == 1
+        assert calls == ["free"]  # once, in a transaction holding no grant's row
         assert sum(x.uses for x in store.page(limit=1000)[0]) == 3 * g.FLUSH_CHUNK
     finally:
         store.close()
+
+
+def test_on_postgresql_the_flush_threads_copies_are_spread_and_a_waiting_flush_ends_the_spread(
+        tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sent back to back, a second's audit rows were 100-200 ms of the server's CPU at once
+    # (and of the flush thread's), and the tokens in flight meanwhile were the closed loop's
+    # slowest 1% with the server on the agent's cores. The flush thread spreads its COPYs
+    # over FLUSH_SPREAD of the interval; a flush that waits for it (an audit query's) ends the spread.
+    from git_credential_codestore.agent import grants as g
+
+    monkeypatch.setattr(g, "FLUSH_INTERVAL", 4.0)
+    store = g.GrantStore(str(tmp_path / "state"), pg_url).open()
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    store.on_flush = log.flush_into
+    copies: list[float] = []
+    real = db._Watched.copy_rows
+
+    def copy_rows(self: db._Watched, statement: str, types: Any, rows: Any) -> None:
+        copies.append(time.monotonic())
+        real(self, statement, types, rows)
+
+    monkeypatch.setattr(db._Watched, "copy_rows", copy_rows)
+    try:
+        for i in range(40 * db.PG_COPY_ROWS):
+            log.record("mint", {"grant": f"g{i % 7}", "sub": "s", "repo": "team/app", "result": "ok", "ttl": i})
+        store.start()
+        assert wait_for(lambda: len(copies) >= 10, timeout=10)
+        # 40 COPYs spread over 3 s (FLUSH_PAUSE_MAX apart at most): 10 of them took 0.1 s or more;
+        # back to back, a few milliseconds each.
+        assert copies[9] - copies[0] > 0.1, copies[:10]
+        t0 = time.monotonic()
+        store.flush()  # waits for the flush thread's, which then goes on at once
+        assert time.monotonic() - t0 < 0.5
+        assert log.buffered == 0 and len(copies) == 41  # the rows' 40 COPYs and their spans' one
+    finally:
+        store.close()
+        log.close()
 
 
 @pytest.mark.parametrize("sub", ["\ud800", "a\x00b", "two\nlines"], ids=["lone-surrogate", "nul", "line-break"])

@@ -383,7 +383,9 @@ def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]], known: AbstractSet[Are
     In chunks: ids for ID_ROWS at a time (PostgreSQL's sequence numbering a second's 14k
     rows in one statement was a burst of its server's CPU beside the agent, and the
     agent's p99 rose), rows a COPY at a time (PG_COPY_ROWS: numbering and spanning 14k
-    rows in one Python loop held the GIL for milliseconds at once).
+    rows in one Python loop held the GIL for milliseconds at once), and `tx.pace` called
+    after each with the COPYs still to come (GrantStore._pace spreads them over the flush
+    interval).
     """
     if len(rows) == 1 and tx.dialect == "postgresql":
         # One row (a grant change, in its own transaction): one round trip, not the five of
@@ -405,6 +407,7 @@ def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]], known: AbstractSet[Are
         chunk, numbers = rows[at:at + db.PG_COPY_ROWS], ids[at % ID_ROWS:at % ID_ROWS + db.PG_COPY_ROWS]
         tx.insert_rows(_NUMBERED, ("bigint", "bigint", *_TYPES), list(map(operator.add, zip(numbers, _ONES, strict=False), chunk)))  # (id, 1, *row), in C
         spans.extend(_spans(numbers, chunk))
+        tx.pace(-(-(len(rows) - at) // db.PG_COPY_ROWS))  # this one's rest, and the spans' COPY
     tx.insert_rows(_SPANS, _SPAN_TYPES, spans)
     areas = {(kind, str(value), int(span[0]) >> AREA_BITS)  # type: ignore[call-overload]
              for span in spans for kind, value in zip(_KINDS, span[2:5], strict=False) if value is not None}

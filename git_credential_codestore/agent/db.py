@@ -34,7 +34,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -96,12 +96,19 @@ PG_ROWS_PER_STATEMENT = 250
 PG_COPY_ROWS = 250
 
 
+def _at_once(left: int) -> None:
+    pass
+
+
 class Tx:
     """A transaction's handle: `?`-style SQL, rows as tuples."""
 
     def __init__(self, db: Database, cur: Cursor) -> None:
         self._db = db
         self._cur = cur
+        # Called between a long write's statements with how many are still to come (a
+        # PostgreSQL flush's: GrantStore._pace spreads them); by default at once.
+        self.pace: Callable[[int], None] = _at_once
 
     @property
     def one_writer(self) -> bool:

@@ -171,6 +171,10 @@ class Grant:
         return d
 
 
+def _one_more() -> int:
+    return 1
+
+
 POLL_INTERVAL = 0.2  # how often a replica looks for grants changed by another
 STALE_AFTER = 1.0  # a replica that has not heard from the store for this long mints nothing
 FLUSH_INTERVAL = 1.0  # buffered audit rows (and use counts, every COUNTS_EVERY)
@@ -301,8 +305,9 @@ class GrantStore:
         self._flusher: threading.Thread | None = None
         self.errors = 0  # store operations that failed, for /metrics
         self.reads = 0  # grants read from the store on a cache miss, for /metrics
-        # Adds its rows to a flush's transaction (at most a chunk); the callback, called once
-        # it committed, says how many more transactions its rows left need (0: none).
+        # Adds its rows to a flush's transaction (at most a chunk; between its statements it
+        # calls `tx.pace`); the callback, called once it committed, says how many more
+        # transactions its rows left need (0: none).
         self.on_flush: Callable[[Tx], Callable[[], int]] = lambda tx: lambda: 0
         # Told of every grant the poll finds changed (by this process or another): the
         # daemon closes a revoked grant's own socket wherever it was revoked.
@@ -715,15 +720,18 @@ class GrantStore:
         """On SQLite, small transactions: a transaction holds the one write lock, and a
         `grant create` waits for it. Use counts of 1000 grants scattered over a 100k-grant
         table rewrite about a thousand pages: 140-300 ms in one transaction under load, so a
-        create waited that long; a chunk takes a fraction. On PostgreSQL, which locks rows, one
-        transaction: nothing waits for it, and it takes fewer round trips.
+        create waited that long; a chunk takes a fraction. On PostgreSQL, which locks rows, the
+        use counts in one transaction and the audit rows in the next: nothing else waits for
+        them, and they take fewer round trips.
 
-        The flush thread's transactions (SQLite's: PostgreSQL's one has nothing to spread)
-        are spread evenly until `until`, at most FLUSH_PAUSE_MAX apart, unless another flush
-        is waiting for this one or the store is closing. Back to back, a second's 130
-        transactions (a closed loop's 13k audit rows) took the first 350 ms of each second,
-        and the thread's CPU and its turns at the GIL slowed the event loop by 40%
-        meanwhile: the tokens in flight then were the closed loop's slowest 1%.
+        The flush thread's work is spread evenly until `until`, unless another flush is
+        waiting for this one or the store is closing: SQLite's transactions at most
+        FLUSH_PAUSE_MAX apart (_paused), PostgreSQL's audit COPYs within their transaction
+        (_pace), which is why the counts, whose rows it locks, come first on their own.
+        Back to back, a second's 130 SQLite transactions (a closed loop's 13k audit rows)
+        took the first 350 ms of each second, and the thread's CPU and its turns at the GIL
+        slowed the event loop by 40% meanwhile: the tokens in flight then were the closed
+        loop's slowest 1%.
         """
         with self._lock:
             pending, self._pending = (self._pending, {}) if counts else ({}, self._pending)
@@ -746,7 +754,15 @@ class GrantStore:
                             ("bigint", "bigint", "bigint", "text"),
                             chunk,
                         )
-                    committed = self.on_flush(tx)
+                    if chunk and not self.db.one_writer:
+                        # PostgreSQL: the audit rows in a transaction of their own, next: its
+                        # pauses (_pace) then hold no grant's row lock, which a revocation on
+                        # another replica would wait for.
+                        committed = _one_more
+                    else:
+                        if not self.db.one_writer:
+                            tx.pace = self._pace(until)
+                        committed = self.on_flush(tx)
                 del left[:per]
                 more = max(committed(), -(-len(left) // per))  # transactions still to come
                 ended = time.monotonic()
@@ -768,6 +784,24 @@ class GrantStore:
                     p[1] += r
                     p[2] = max(p[2], t)
             raise
+
+    def _pace(self, until: float | None) -> Callable[[int], None]:
+        """Between the statements of a PostgreSQL flush transaction (audit.insert's COPYs):
+        the `left` still to come spread until `until`, at most FLUSH_PAUSE_MAX apart, unless
+        another flush is waiting for this one or the store is closing.
+
+        A second's 14k audit rows sent back to back were 100-200 ms of the server's CPU at
+        once, and of the flush thread's, each second. With the server on the agent's two
+        cores, the event loop then had half a core, and the tokens in flight meanwhile
+        were the closed loop's slowest 1% (bench/fleet.py, docs/fleet.md). On SQLite a
+        flush transaction is one such statement, and holds the one write lock."""
+
+        def pace(left: int) -> None:
+            if until is None or not left or self._flush_waiters or self._stop.is_set():
+                return
+            self._stop.wait(min(FLUSH_PAUSE_MAX, max(0.0, (until - time.monotonic()) / (left + 1))))
+
+        return pace
 
     def _paused(self, began: float, ended: float, more: int, until: float | None) -> float:
         """When the next flush transaction starts, after one from `began` to `ended`: the
