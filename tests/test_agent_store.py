@@ -1926,6 +1926,32 @@ def test_on_postgresql_the_flush_threads_copies_are_spread_and_a_waiting_flush_e
         log.close()
 
 
+def test_on_postgresql_a_paced_flush_survives_a_short_idle_in_transaction_timeout(tmp_path: Path, pg_url: str) -> None:
+    # A paced flush's transaction waits up to FLUSH_PAUSE_MAX between its COPYs. A server (or
+    # a managed service) whose idle_in_transaction_session_timeout is shorter ended the
+    # session in a pause: every flush failed, and the audit rows stayed in the buffer for good.
+    # The agent's sessions set their own.
+    import psycopg
+
+    from git_credential_codestore.agent import grants as g
+
+    with psycopg.connect(pg_url, autocommit=True) as admin_conn:
+        name = admin_conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        admin_conn.execute(f'ALTER DATABASE "{name}" SET idle_in_transaction_session_timeout = \'5ms\'')
+    store = g.GrantStore(str(tmp_path / "state"), pg_url).open()
+    log = agent_audit.AuditLog(str(tmp_path / "audit.log"))
+    store.on_flush = log.flush_into
+    try:
+        for i in range(8 * db.PG_COPY_ROWS):
+            log.record("mint", {"grant": f"g{i % 7}", "sub": "s", "repo": "team/app", "result": "ok", "ttl": i})
+        store.flush(until=time.monotonic() + 0.5)  # paced: pauses of up to FLUSH_PAUSE_MAX
+        assert log.buffered == 0
+        assert len(agent_audit.search(store.db, audit.Query(event="mint"), 10_000)[0]) == 8 * db.PG_COPY_ROWS
+    finally:
+        store.close()
+        log.close()
+
+
 @pytest.mark.parametrize("sub", ["\ud800", "a\x00b", "two\nlines"], ids=["lone-surrogate", "nul", "line-break"])
 def test_a_sub_no_database_can_store_is_refused_as_bad_input(agent: Agent, sub: str) -> None:
     # A lone surrogate (valid JSON) was a 500 "internal error" (no driver can encode it);

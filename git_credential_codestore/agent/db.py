@@ -45,6 +45,12 @@ DB_FILE = "agent.sqlite3"
 POOL_SIZE = 8
 CONNECT_TIMEOUT = 3  # seconds: a replica must notice a dead database quickly
 STATEMENT_TIMEOUT_MS = 5000
+# The agent's own, whatever the server's default: a paced flush waits up to 20 ms between
+# its statements (GrantStore._pace), and a server or managed service with a shorter
+# idle_in_transaction_session_timeout ended every such session, and the schema check's at
+# start. Past this, a session of ours idle in a transaction is a stuck one: the server
+# ends it and frees its row locks.
+IDLE_IN_TRANSACTION_MS = 30_000
 # Seconds a PostgreSQL statement may go unanswered before the agent gives up on the
 # connection (_Watchdog). Past the server's own statement timeout, so that a slow but
 # running server ends a slow statement itself, with its own error and the connection kept;
@@ -554,7 +560,8 @@ class Database:
         if (problem := _file_problem(self.url)) is not None:  # became one since the start: refused, not hung
             raise psycopg.OperationalError(problem)
         # Added to the URL's own `options` (a search_path, say), which a keyword would replace.
-        options = f"{conninfo_to_dict(self.url).get('options') or ''} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
+        options = (f"{conninfo_to_dict(self.url).get('options') or ''} -c statement_timeout={STATEMENT_TIMEOUT_MS}"
+                   f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}").strip()
         return psycopg.connect(
             self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, options=options, application_name="codestore-agent",
         )
