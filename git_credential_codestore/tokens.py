@@ -225,8 +225,8 @@ def _peek_header(token: str) -> Mapping[str, object]:
 
     part = token.split(".", 1)[0]
     try:
-        header = jsontext.loads(binascii.a2b_base64(part.replace("-", "+").replace("_", "/") + "=" * (-len(part) % 4)))
-    except (ValueError, binascii.Error):
+        header = jsontext.loads(jsontext.segment(part))
+    except ValueError:
         return {}
     return header if isinstance(header, dict) else {}
 
