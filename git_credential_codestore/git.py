@@ -63,11 +63,13 @@ def log_records(args: Sequence[str], fields: Sequence[str], *, env: Mapping[str,
     n = len(fields)
     if len(parts) % n:
         raise GitError(f"git log printed records that are not {n} fields each; is this git 2.39 or newer?")
-    records = [parts[i:i + n] for i in range(0, len(parts), n)]
-    for record in records:
-        if not (len(record[0].lstrip("\n")) in (40, 64) and all(c in "0123456789abcdef" for c in record[0].lstrip("\n"))):
+    records = []
+    for at in range(0, len(parts), n):
+        commit = parts[at].lstrip("\n")  # the newline git log may put before a record
+        if len(commit) not in (40, 64) or not all(c in "0123456789abcdef" for c in commit):
             raise GitError("git log printed a record that does not begin with a commit id")
-    return [dict(zip(fields, [record[0].lstrip("\n"), *record[1:]], strict=True)) for record in records]
+        records.append(dict(zip(fields, [commit, *parts[at + 1:at + n]], strict=True)))
+    return records
 
 
 def config_get_all(key: str, *, scope: str = "--global", env: Mapping[str, str] | None = None) -> list[str]:
