@@ -166,19 +166,20 @@ def _diff(cache: str, old: str, new: str, env: Mapping[str, str] | None) -> tupl
     """Each file changed (its lines, and its mode before and after: an exec bit, a symlink and
     a submodule are what a line count hides), and git's diffstat with its summary of modes."""
     files: list[dict[str, Any]] = []
-    out = _git(["-C", cache, "diff", "--no-renames", "--numstat", "-z", old, new], env)
-    for rec in out.split("\0"):
-        if not rec:
-            continue
-        added, deleted, path = rec.split("\t", 2)
-        files.append({
-            "path": path,
-            "added": int(added) if added.isdigit() else None,  # "-" for a binary file
-            "deleted": int(deleted) if deleted.isdigit() else None,
-        })
-    # --raw: ":OLDMODE NEWMODE OLDSHA NEWSHA STATUS" NUL path NUL, one per file, in numstat's order.
-    raw = _git(["-C", cache, "diff", "--no-renames", "--raw", "-z", "--no-abbrev", old, new], env).split("\0")
-    modes = {path: head[1:].split(" ") for head, path in zip(raw[0::2], raw[1::2], strict=False) if head.startswith(":")}
+    modes: dict[str, list[str]] = {}
+    # One run for both: --raw's records (":OLDMODE NEWMODE OLDSHA NEWSHA STATUS" NUL path NUL),
+    # then --numstat's ("ADDED TAB DELETED TAB path" NUL), each a file, in the same order.
+    fields = iter(_git(["-C", cache, "diff", "--no-renames", "--raw", "--numstat", "-z", "--no-abbrev", old, new], env).split("\0"))
+    for rec in fields:
+        if rec.startswith(":"):
+            modes[next(fields, "")] = rec[1:].split(" ")
+        elif rec:
+            added, deleted, path = rec.split("\t", 2)
+            files.append({
+                "path": path,
+                "added": int(added) if added.isdigit() else None,  # "-" for a binary file
+                "deleted": int(deleted) if deleted.isdigit() else None,
+            })
     for f in files:
         old_mode, new_mode, _, new_sha, _ = modes.get(f["path"], ["000000", "000000", "", "", ""])
         f["old_mode"], f["new_mode"] = old_mode, new_mode

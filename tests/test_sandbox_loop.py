@@ -173,7 +173,12 @@ def test_review_shows_exactly_the_commits_pushed_and_the_modes_a_line_count_hide
     forged = "docs: typo\x1e0123456789abcdef0123456789abcdef01234567\x1fLinus Torvalds\x1ft@l.org\x1f2020-01-01\x1fREVIEWED"
     (world.sandbox / "README").chmod(0o755)
     (world.sandbox / "key.pem").symlink_to("/home/user/.ssh/id_rsa")
-    git("add", "README", "key.pem", cwd=world.sandbox, env=world.sandbox_env)
+    # A path that looks like a --raw record's head, with a tab and a newline, and a binary file:
+    # the raw and numstat records of one `git diff` are told apart by position, not content.
+    odd = ":100644 100755 a\tb\nc"
+    (world.sandbox / odd).write_text("one\ntwo\n")
+    (world.sandbox / "blob.bin").write_bytes(b"\0\1\2")
+    git("add", "README", "key.pem", "./" + odd, "blob.bin", cwd=world.sandbox, env=world.sandbox_env)
     git("update-index", "--add", "--cacheinfo", "160000," + "a" * 40 + ",vendor/lib", cwd=world.sandbox, env=world.sandbox_env)
     git("commit", "-qm", forged, cwd=world.sandbox, env=world.sandbox_env)
     git("push", "-q", "origin", "HEAD:refs/heads/feat", cwd=world.sandbox, env=world.sandbox_env)
@@ -182,7 +187,10 @@ def test_review_shows_exactly_the_commits_pushed_and_the_modes_a_line_count_hide
     assert r["commits"][0]["subject"] == forged
     kinds = {f["path"]: (f["kind"], f["old_mode"], f["new_mode"]) for f in r["files"]}
     assert kinds == {"README": ("executable", "100644", "100755"), "key.pem": ("symlink", "000000", "120000"),
-                     "vendor/lib": ("submodule", "000000", "160000")}
+                     "vendor/lib": ("submodule", "000000", "160000"), odd: ("file", "000000", "100644"),
+                     "blob.bin": ("file", "000000", "100644")}
+    lines = {f["path"]: (f["added"], f["deleted"]) for f in r["files"]}
+    assert lines[odd] == (2, 0) and lines["blob.bin"] == (None, None) and lines["README"] == (0, 0)
     assert next(f for f in r["files"] if f["path"] == "key.pem")["link_target"] == "/home/user/.ssh/id_rsa"
     text = world.codestore("review", REPO, "feat").stdout
     assert "Commits (1):" in text and "mode change 100644 => 100755 README" in text
