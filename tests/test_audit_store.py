@@ -768,6 +768,46 @@ def test_records_a_killed_writer_left_only_in_the_file_are_added_once(database: 
         live.close()
 
 
+def test_rows_flushed_long_after_their_time_are_counted_and_their_records_not_added_again(database: Database, tmp_path: Path) -> None:
+    # Threat: duplicated mints in the audit trail. After the store was away, a writer's flush
+    # numbers old records after rows of newer times; `recover` found a killed writer's rows
+    # by bisecting ids on time, and such rows sent it past the ones it was looking for. The
+    # records they stood for were added again (and again at each start) as if never stored.
+    path = tmp_path / "audit.log"
+    now = int(time.time())
+    with database.transaction() as tx:  # another replica's older rows first
+        tx.insert_rows(agent_audit._TABLE, agent_audit._TYPES, [(now - 200, "mint", "g9", None, None, "ok", "other:7", "{}")] * 50)
+    killed = _writer(path, "host:400")
+    # One flush after an outage: a group's recent records, then a group's from the outage
+    # (older than the window recover reads), then one's from inside it, numbered late too.
+    for grant, age, n in (("g1", 5, 10), ("g2", 500, 2000), ("g3", 45, 20)):
+        entry = killed.prepare("mint", {"grant": grant})
+        for _ in range(n):
+            text, row = entry.at(now - age)
+            killed._append(text)
+            killed._hold(entry.group, row)
+    while True:
+        with database.transaction() as tx:
+            done = killed.flush_into(tx)
+        if done() == 0:
+            break
+    with database.transaction() as tx:  # the other replica goes on
+        tx.insert_rows(agent_audit._TABLE, agent_audit._TYPES, [(now, "mint", "g9", None, None, "ok", "other:7", "{}")] * 10)
+    for n in range(5):
+        killed.record("mint", {"grant": "g1", "ttl": n})  # then it is killed before its next flush
+    lines = path.read_text().splitlines()
+    killed.close()
+
+    with database.transaction(write=False) as tx:
+        late = tx.execute("SELECT count(*) FROM audit WHERE late IS NOT NULL AND replica = 'host:400'")[0][0]
+    assert late == 2020  # g2's and g3's: numbered 500 and 45 s after their time; g1's were not late
+    assert agent_audit.recover(database, str(path)) == 5
+    assert _rows_by_writer(database)["host:400"] == lines  # each record once, in the order written
+    assert agent_audit.recover(database, str(path)) == 0  # and again at the next start
+    with database.transaction(write=False) as tx:
+        assert tx.execute("SELECT count(*) FROM audit WHERE replica = 'host:400'")[0][0] == 2035
+
+
 def test_a_record_with_a_number_or_a_list_where_a_column_takes_text_is_stored_as_text(database: Database, tmp_path: Path) -> None:
     # PostgreSQL's COPY takes a text column's value as a string only: a number there (from a
     # line `recover` reads back) failed the flush every time, and every row behind it waited.

@@ -56,6 +56,11 @@ SPAN_SCAN = 4000  # rows of spans a page reads when SQL filters the rows too (`_
 RECOVER_BYTES = 16 << 20  # the end of the audit file `recover` reads back
 RECOVER_WINDOW = 60  # seconds before a killed writer's last line in which its records may be unflushed
 RECOVER_SLACK = 60  # seconds a row may have waited for its flush: how far past that `recover` looks back
+# A row numbered more than LATE seconds after its time (a flush of what waited while the
+# store was away; records `recover` adds back) is `late`: flagged with the second it was
+# numbered, found by writer and time on an index of its own, and left out of the bisection
+# by which `recover` finds the others (see _stored). Less than RECOVER_SLACK.
+LATE = 30
 
 db.register("audit", [
     """
@@ -122,6 +127,11 @@ db.register("audit", [
     DROP INDEX audit_spans_sub;
     DROP INDEX audit_spans_repo
     """,
+    # Late rows (LATE): flagged, and indexed by writer and time, apart from the others.
+    """
+    ALTER TABLE audit ADD COLUMN late {bigint};
+    CREATE INDEX audit_late ON audit (replica, time) WHERE late IS NOT NULL
+    """,
 ])
 
 # Query fields that are columns: compared in SQL; event on its index, the others on spans'.
@@ -132,6 +142,7 @@ _KIND_VALUES = ", ".join(f"('{kind}', r.{column})" for kind, column in _SPANNED.
 _TABLE = "audit (time, event, grant_id, sub, repo, result, replica, fields)"
 _TYPES = ("bigint", "text", "text", "text", "text", "text", "text", "text")
 _NUMBERED = "audit (id, spanned, time, event, grant_id, sub, repo, result, replica, fields)"
+_NUMBERED_LATE = "audit (id, spanned, time, event, grant_id, sub, repo, result, replica, fields, late)"
 _SPANNED_ROW = "audit (spanned, time, event, grant_id, sub, repo, result, replica, fields)"  # numbered by the table
 _SPANS = "audit_spans (first_id, last_id, grant_id, sub, repo, bucket)"
 _SPAN_TYPES = ("bigint", "bigint", "text", "text", "text", "bigint")
@@ -386,8 +397,13 @@ def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]], known: AbstractSet[Are
     rows in one Python loop held the GIL for milliseconds at once), and `tx.pace` called
     after each with the COPYs still to come (GrantStore._pace spreads them over the flush
     interval).
+
+    A row more than LATE seconds older than now is flagged `late` (with now), for `recover`
+    (_stored): numbered among rows of newer times, it is found by writer and time instead.
     """
-    if len(rows) == 1 and tx.dialect == "postgresql":
+    now = int(time.time())
+    late = now - LATE  # a row whose time is before this is late
+    if len(rows) == 1 and tx.dialect == "postgresql" and _TIME(rows[0]) >= late:
         # One row (a grant change, in its own transaction): one round trip, not the five of
         # numbering, COPY, the span's COPY and its areas, each a network round trip to a fleet's server.
         tx.execute(f"WITH r AS (INSERT INTO {_SPANNED_ROW} VALUES ({', '.join('?' * (len(_TYPES) + 1))}) "
@@ -405,7 +421,12 @@ def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]], known: AbstractSet[Are
         if at % ID_ROWS == 0:
             ids = tx.new_ids("audit", len(rows[at:at + ID_ROWS]))
         chunk, numbers = rows[at:at + db.PG_COPY_ROWS], ids[at % ID_ROWS:at % ID_ROWS + db.PG_COPY_ROWS]
-        tx.insert_rows(_NUMBERED, ("bigint", "bigint", *_TYPES), list(map(operator.add, zip(numbers, _ONES, strict=False), chunk)))  # (id, 1, *row), in C
+        numbered = list(map(operator.add, zip(numbers, _ONES, strict=False), chunk))  # (id, 1, *row), in C
+        if min(map(_TIME, chunk)) >= late:
+            tx.insert_rows(_NUMBERED, ("bigint", "bigint", *_TYPES), numbered)
+        else:  # rare: after the store was away, or from `recover`
+            tx.insert_rows(_NUMBERED_LATE, ("bigint", "bigint", *_TYPES, "bigint"),
+                           [(*row, now if row[2] < late else None) for row in numbered])
         spans.extend(_spans(numbers, chunk))
         tx.pace(-(-(len(rows) - at) // db.PG_COPY_ROWS))  # this one's rest, and the spans' COPY
     tx.insert_rows(_SPANS, _SPAN_TYPES, spans)
@@ -417,6 +438,7 @@ def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]], known: AbstractSet[Are
 
 
 _GROUP = operator.itemgetter(2, 3, 4)  # a row's grant, sub and repo
+_TIME = operator.itemgetter(0)  # a row's time
 _ONES = itertools.repeat(1)  # `spanned`
 
 
@@ -570,23 +592,32 @@ def _tail(fd: int, size: int) -> list[str]:
 def _stored(database: db.Database, since: Mapping[str, int], last: int) -> collections.Counter[tuple[object, object, object]]:
     """(writer, time, line) of the table's rows by the writers in `since`, from their times on, counted.
 
-    Rows are numbered in about the order of their times (a row waits for its flush, up to
-    RECOVER_SLACK): the ids from about `since` to `last` are found by bisection on the
-    primary key, and only the writers' rows among them are read, whatever other replicas
-    wrote before and after.
+    Rows are numbered in about the order of their times: a row waits for its flush, up to
+    RECOVER_SLACK, unless it is late (LATE: numbered long after its time). So the other
+    rows' ids from about `since` to `last` are found by bisection on the primary key, late
+    rows left out of it, and only the writers' rows among them are read, whatever other
+    replicas wrote before and after; the writers' late rows are found on their own index.
+    A late row among the others (rows flushed after the store was away, old times under new
+    ids, or rows of a killed writer added back by the last start) had sent the bisection
+    past rows it was looking for, and the records they stood for were added again.
     """
     have: collections.Counter[tuple[object, object, object]] = collections.Counter()
+    marks = ", ".join("?" for _ in since)
     with database.transaction(write=False) as tx:
         lowest, highest = tx.execute("SELECT min(id), max(id) FROM audit")[0]
+        late = tx.execute(f"SELECT time, replica, fields FROM audit WHERE late IS NOT NULL AND replica IN ({marks}) "
+                          "AND time >= ? AND time <= ?", [*since, min(since.values()), last])
+    for second, writer, text in late:
+        if second >= since[writer]:  # type: ignore[index,operator]
+            have[(writer, second, text)] += 1
     if lowest is None:
         return have
     lo = _first_id_at(database, min(since.values()) - RECOVER_SLACK, int(lowest), int(highest))  # type: ignore[call-overload]
     hi = _first_id_at(database, last + RECOVER_SLACK + 1, lo, int(highest))  # type: ignore[call-overload]
-    marks = ", ".join("?" for _ in since)
     while lo < hi:
         with database.transaction(write=False) as tx:
             rows = tx.execute(f"SELECT id, time, replica, fields FROM audit WHERE id >= ? AND id < ? AND replica IN ({marks}) "
-                              "ORDER BY id LIMIT ?", [lo, hi, *since, SCAN_CHUNK])
+                              "AND late IS NULL ORDER BY id LIMIT ?", [lo, hi, *since, SCAN_CHUNK])
         for rid, second, writer, text in rows:
             lo = int(rid) + 1  # type: ignore[call-overload]
             if second >= since[writer]:  # type: ignore[index,operator]
@@ -597,16 +628,17 @@ def _stored(database: db.Database, since: Mapping[str, int], last: int) -> colle
 
 
 def _first_id_at(database: db.Database, second: int, lo: int, highest: int) -> int:
-    """About the first id (from `lo`) of a row whose time is `second` or later; highest + 1 if none."""
+    """About the first id (from `lo`) of a row that is not late whose time is `second` or
+    later; highest + 1 if none."""
     hi = highest + 1
     while lo < hi:
         mid = (lo + hi) // 2
         with database.transaction(write=False) as tx:
-            rid, at = tx.execute("SELECT id, time FROM audit WHERE id >= ? ORDER BY id LIMIT 1", [mid])[0]
-        if int(at) >= second:  # type: ignore[call-overload]
+            found = tx.execute("SELECT id, time FROM audit WHERE id >= ? AND late IS NULL ORDER BY id LIMIT 1", [mid])
+        if not found or int(found[0][1]) >= second:  # type: ignore[call-overload]
             hi = mid
         else:
-            lo = int(rid) + 1  # type: ignore[call-overload]
+            lo = int(found[0][0]) + 1  # type: ignore[call-overload]
     return lo
 
 
