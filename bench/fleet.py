@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import gc
 import heapq
 import itertools
 import math
@@ -225,6 +226,12 @@ def _generate(sock_path: str, requests: list[bytes], slots: int, start: float, e
     request is taken from the agent: non-blocking sockets, pre-built requests and a bare
     epoll loop (no threads, no HTTP library) keep it to a few system calls per token.
     """
+    # No cyclic collector here: what this loop makes (sockets, records of three floats) holds
+    # no cycles, and a full collection walked the heap forked from the bench process (every
+    # module it imported), copying its pages as it went. Both generator processes reached one
+    # at the same moment (they allocate alike) and took both cores for 40-46 ms, and the loads
+    # read it as the agent stalling (perf record -a during a closed loop's longest stall).
+    gc.disable()
     ep = select.epoll()
     conns: dict[int, tuple[socket.socket, float, float, list[bytes]]] = {}
     records: list[tuple[float, float, float]] = []
@@ -338,7 +345,14 @@ def generate(sock: str, requests: list[bytes], clients: int, start: float, secon
 
 
 def longest_stall(requests: list[tuple[float, float]], start: float, end: float) -> float:
-    """The longest time within [start, end] in which a request waited and no token was answered, by any process.
+    """The longest time within [start, end] in which a request waited and no token was answered, by any process
+    (stall_window's length)."""
+    since, until = stall_window(requests, start, end)
+    return until - since
+
+
+def stall_window(requests: list[tuple[float, float]], start: float, end: float) -> tuple[float, float]:
+    """Where longest_stall is: (its beginning, its end); (start, start) if no request ever waited.
 
     `requests` are (scheduled, answered) times, answered inf for a request never answered.
     A closed loop always has requests waiting, so there this is the longest gap between
@@ -347,7 +361,7 @@ def longest_stall(requests: list[tuple[float, float]], start: float, end: float)
     answered = sorted(done for _, done in requests if start <= done <= end)
     by_schedule = sorted(requests)
     waiting: list[tuple[float, float]] = []  # a heap: the earliest scheduled first
-    i, longest, previous = 0, 0.0, start
+    i, longest, previous = 0, (start, start), start
     for t in [*answered, end]:
         while i < len(by_schedule) and by_schedule[i][0] < t:
             heapq.heappush(waiting, by_schedule[i])
@@ -355,9 +369,69 @@ def longest_stall(requests: list[tuple[float, float]], start: float, end: float)
         while waiting and waiting[0][1] < t:  # answered before t
             heapq.heappop(waiting)
         if waiting:
-            longest = max(longest, t - max(previous, waiting[0][0]))
+            since = max(previous, waiting[0][0])
+            if t - since > longest[1] - longest[0]:
+                longest = (since, t)
         previous = t
     return longest
+
+
+class Steal:
+    """The hypervisor's share of this machine's CPU time (/proc/stat's `steal`), sampled
+    every SAMPLE seconds while a load runs: on a virtual machine the host can take every
+    core at once, and then nothing runs, the agent included. In the loads' stalls of 30-75
+    ms, the host took half to three quarters of both cores' time (Dec 1, schedstat of every
+    thread and /proc/stat read every few ms: the agent's threads neither ran nor waited to
+    run for most of it). Linux counts it in jiffies (10 ms), so a short window reads coarsely.
+    """
+
+    SAMPLE = 0.01
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int, int]] = []  # (time.monotonic(), steal jiffies, all jiffies)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        except (OSError, ValueError):
+            return None
+        return (fields[7], sum(fields)) if len(fields) == 8 else None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now, read = time.monotonic(), self._read()
+            if read is None:
+                return  # not Linux, or no /proc: nothing to say
+            self.samples.append((now, *read))
+            self._stop.wait(self.SAMPLE)
+
+    def __enter__(self) -> Steal:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def share(self, since: float, until: float) -> float | None:
+        """The host's share of all CPU time from the last sample at or before `since` to the
+        first at or after `until`; None without samples around them."""
+        taken = self.taken(since, until)
+        return taken[0] / taken[1] if taken else None
+
+    def taken(self, since: float, until: float) -> tuple[float, float] | None:
+        """(CPU seconds the host took, all CPU seconds, every core's) from the last sample at or
+        before `since` to the first at or after `until`; None without samples around them."""
+        before = [x for x in self.samples if x[0] <= since]
+        after = [x for x in self.samples if x[0] >= until]
+        if not before or not after or after[0][2] == before[-1][2]:
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        return (after[0][1] - before[-1][1]) / tick, (after[0][2] - before[-1][2]) / tick
 
 
 def metric(sock: str, name: str) -> int:
@@ -423,7 +497,8 @@ class Load:
         plan = schedules(offered, start, seconds, arrivals) if offered else None
         self.scheduled = sum(len(p) for p in plan) if plan else 0
         a0, c0 = agent_cpu(agent_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
-        records, self.errors, self.unsent = generate(sock, requests, clients, start, seconds, plan)
+        with Steal() as steal:
+            records, self.errors, self.unsent = generate(sock, requests, clients, start, seconds, plan)
         a1, c1 = agent_cpu(agent_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
         end = start + seconds
         self.lat = [done - sched for sched, _, done in records]
@@ -432,8 +507,11 @@ class Load:
         self.rate = (in_window if plan else len(records)) / seconds
         self.kept_up = not plan or in_window >= KEPT_UP * self.scheduled
         self.backlog = self.scheduled - in_window  # open loop: offered in the window, not answered in it
-        self.stall = longest_stall([(sched, done) for sched, _, done in records] + [(t, math.inf) for t in self.unsent],
-                                   start, end)
+        since, until = stall_window([(sched, done) for sched, _, done in records] + [(t, math.inf) for t in self.unsent],
+                                    start, end)
+        self.stall = until - since
+        self.stall_steal = steal.taken(since, until)  # what the host took of the CPUs around the longest stall
+        self.steal = steal.share(start, end)  # and over the whole load
         n = max(1, len(records))
         self.audit_waiting: int | None = None  # read_audit
         self.audit_dropped: int | None = None
@@ -442,6 +520,15 @@ class Load:
 
     def percentiles(self) -> str:
         return f"{ms(pct(self.lat, 50))} / {ms(pct(self.lat, 99))} / {ms(max(self.lat, default=0))} ms"
+
+    def stall_text(self) -> str:
+        """The longest stall, and what the host took of the CPUs around it (in jiffies: the
+        samples around the stall span more than it) and over the load (Steal), when it took any."""
+        text = f"{ms(self.stall)} ms"
+        if self.stall_steal and self.stall_steal[0]:
+            took, cpus = self.stall_steal
+            text += f" (the host took {ms(took)} ms of the CPUs' {ms(cpus)} around it; {self.steal or 0:.1%} over the load)"
+        return text
 
     def read_audit(self, sock: str) -> Load:
         """The agent's audit rows not yet in its database right after the load (work left for
@@ -533,7 +620,7 @@ def closed_rows(t: Table, name: str, r: Load, raw: float) -> None:
     mean = statistics.fmean(r.lat) if r.lat else math.nan
     t.note(f"Little's law: mean latency = {r.clients} clients / {r.rate:.0f} tokens/s = "
            f"{ms(r.clients / r.rate if r.rate else math.inf)} ms; measured mean {ms(mean)} ms")
-    t.row(f"{name}: longest stall", "<= 50 ms", f"{ms(r.stall)} ms")
+    t.row(f"{name}: longest stall", "<= 50 ms", r.stall_text())
     t.row(f"{name}: CPU per token, agent / load generator", "", f"{r.agent_us:.0f} / {r.client_us:.0f} us; errors {r.errors}")
     if r.audit_waiting is not None:
         t.row(f"{name}: audit rows not yet in the database at the end; dropped by it so far", "(none dropped)",
@@ -550,7 +637,7 @@ def open_rows(t: Table, name: str, r: Load, target: str) -> None:
         t.row(f"{name}: achieved rate", f"{r.offered:.0f}/s", f"{achieved}: NOT KEPT UP")
         t.row(f"{name}: p50 / p99 / longest", target,
               f"none: {r.backlog} requests still waited at the end: latency grows with the run's length")
-    t.row(f"{name}: longest stall", "<= 50 ms", f"{ms(r.stall)} ms")
+    t.row(f"{name}: longest stall", "<= 50 ms", r.stall_text())
 
 
 def _tcp_clients(address: tuple[str, int], ca: str | None, requests: list[bytes], threads: int, start: float, end: float,

@@ -120,6 +120,31 @@ def test_a_request_never_answered_stalls_until_the_end(fleet: ModuleType) -> Non
     assert fleet.longest_stall(requests, 0.0, 1.0) == pytest.approx(0.8)
 
 
+def test_the_stall_is_placed_where_it_happened(fleet: ModuleType) -> None:
+    # Its window is what the host's share of the CPUs is read over (Steal).
+    answered = [0.01, 0.02, 0.09, 0.10, 0.12]
+    assert fleet.stall_window([(0.0, a) for a in answered], 0.0, 0.13) == pytest.approx((0.02, 0.09))
+    assert fleet.stall_window([(0.3, 0.5), (0.45, 0.51), (0.0, 0.1)], 0.0, 0.6) == pytest.approx((0.3, 0.5))
+    assert fleet.stall_window([], 0.0, 1.0) == (0.0, 0.0)
+
+
+def test_the_hosts_share_of_the_cpus_is_read_over_the_samples_around_a_window(fleet: ModuleType) -> None:
+    steal = fleet.Steal()
+    # (time, steal jiffies, all jiffies): 2 cores, 10 ms a jiffy; the host took 6 of 8 jiffies from 0.02 to 0.06.
+    steal.samples = [(0.0, 100, 1000), (0.02, 100, 1004), (0.06, 106, 1012), (0.08, 106, 1016)]
+    assert steal.share(0.03, 0.05) == pytest.approx(6 / 8)  # from the sample before to the one after
+    tick = os.sysconf("SC_CLK_TCK")
+    assert steal.taken(0.03, 0.05) == pytest.approx((6 / tick, 8 / tick))  # CPU seconds: the host's, every core's
+    assert steal.share(0.0, 0.08) == pytest.approx(6 / 16)
+    assert steal.share(0.05, 0.1) is None  # nothing sampled after it
+    # On this machine it reads /proc/stat while it runs, a share between none and all.
+    with fleet.Steal() as live:
+        time.sleep(0.1)
+    assert len(live.samples) >= 5
+    share = live.share(live.samples[0][0], live.samples[-1][0])
+    assert share is not None and 0.0 <= share <= 1.0
+
+
 def test_the_open_loop_counts_a_server_stall_in_every_request_it_held_back(fleet: ModuleType, serve: Serve) -> None:
     # Coordinated omission: a closed loop of 8 clients would count a 0.4 s stall in at most
     # 8 requests; at 100 requests/s the stall holds back about 40, and each counts its wait.
