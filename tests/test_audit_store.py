@@ -8,6 +8,7 @@ are the installed CLI asking one replica.
 
 from __future__ import annotations
 
+import calendar
 import collections
 import contextlib
 import errno
@@ -806,6 +807,95 @@ def test_rows_flushed_long_after_their_time_are_counted_and_their_records_not_ad
     assert agent_audit.recover(database, str(path)) == 0  # and again at the next start
     with database.transaction(write=False) as tx:
         assert tx.execute("SELECT count(*) FROM audit WHERE replica = 'host:400'")[0][0] == 2035
+
+
+def test_a_writer_killed_while_the_store_was_away_for_minutes_has_all_its_records_added(database: Database, tmp_path: Path) -> None:
+    # Threat: the audit table missing minutes of mints. recover read back only a killed
+    # writer's last 60 s of lines, so when the store had been away longer than that before
+    # the kill, the records before them stayed in the file alone. A writer's flushes now say
+    # how far its records are stored, and recover reads back from there.
+    path = tmp_path / "audit.log"
+    now = int(time.time())
+    killed = _writer(path, "host:500")
+    entry = killed.prepare("mint", {"grant": "g1"})
+    stored = []
+    for age in (400, 390, 380):  # flushed before the store went away
+        text, row = entry.at(now - age)
+        killed._append(text)
+        stored.append(row)
+    with database.transaction() as tx:
+        agent_audit.insert(tx, stored)
+        tx.execute(agent_audit._PROGRESS, ["host:500", now - 301, now - 300])  # its last flush began 300 s ago
+    for age in range(299, -1, -10):  # then only the file took its records, until it was killed
+        killed._append(entry.at(now - age)[0])
+    lines = path.read_text().splitlines()
+    killed.close()
+
+    assert agent_audit.recover(database, str(path)) == 30  # 300 s of them, not the last 60
+    assert _rows_by_writer(database)["host:500"] == lines  # each once
+    assert agent_audit.recover(database, str(path)) == 0
+
+
+def test_a_writer_killed_in_a_flush_or_a_recovery_cut_short_has_each_record_once(database: Database, tmp_path: Path) -> None:
+    # A flush of several transactions (SQLite) killed after its first, then records held
+    # after the flush began; and a recovery that stopped after its first transaction: the
+    # records in the table are counted, the others added, none twice.
+    path = tmp_path / "audit.log"
+    killed = _writer(path, "host:510")
+    for n in range(250):
+        killed.record("mint", {"grant": "g1", "ttl": n})
+    with database.transaction() as tx:
+        done = killed.flush_into(tx)
+    done()  # SQLite: 100 of 250 committed; PostgreSQL: all 250
+    [(_, taking)] = agent_audit._progress(database, ["host:510"]).values()
+    entry = killed.prepare("mint", {"grant": "g2"})
+    later = []
+    for n in range(10):  # held after the flush began (their time after its second): in no transaction of it
+        text, row = entry.at(taking + 2 + n)
+        killed._append(text)
+        later.append(row)
+    lines = path.read_text().splitlines()
+    killed.close()
+    assert agent_audit.recover(database, str(path)) == (160 if database.one_writer else 10)
+    assert _rows_by_writer(database)["host:510"] == lines
+
+    cut = _writer(path, "host:511")
+    for n in range(30):
+        cut._append(cut.prepare("mint", {"grant": "g3", "ttl": n}).at(time.time())[0])
+    cut.close()
+    lines = [ln for ln in path.read_text().splitlines() if '"replica":"host:511"' in ln]
+    rows = [(calendar.timegm(time.strptime(ln[9:29], audit.TIME_FORMAT)), *agent_audit._columns(json.loads(ln)), ln) for ln in lines]
+    with database.transaction() as tx:  # what recover's first transaction does, and then it is killed
+        tx.execute(agent_audit._TAKING, ["host:511", rows[0][0], rows[-1][0]])
+        agent_audit.insert(tx, rows[:12])
+    assert agent_audit.recover(database, str(path), {"host:511"}) == 18
+    assert _rows_by_writer(database)["host:511"] == lines
+    assert agent_audit.recover(database, str(path)) == 0
+
+
+def test_a_flush_records_how_far_its_writers_records_are_stored(database: Database, tmp_path: Path) -> None:
+    log = _writer(tmp_path / "audit.log", "host:501")
+    try:
+        before = int(time.time())
+        for n in range(250):  # SQLite: three transactions of FLUSH_ROWS; the first says when it began, the last how far
+            log.record("mint", {"grant": "g1", "ttl": n})
+        with database.transaction() as tx:
+            done = log.flush_into(tx)
+        left = done()
+        if database.one_writer:
+            assert left == 2
+            [(first_stored, first_taking)] = agent_audit._progress(database, ["host:501"]).values()
+            assert first_stored == 0 and before <= first_taking <= int(time.time())  # nothing known stored yet
+        while left:
+            with database.transaction() as tx:
+                done = log.flush_into(tx)
+            left = done()
+        progress = agent_audit._progress(database, ["host:501", "host:502"])
+        assert progress.keys() == {"host:501"}
+        stored, taking = progress["host:501"]
+        assert before <= taking <= int(time.time()) and stored == taking - 1
+    finally:
+        log.close()
 
 
 def test_a_record_with_a_number_or_a_list_where_a_column_takes_text_is_stored_as_text(database: Database, tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ SPAN_SCAN = 4000  # rows of spans a page reads when SQL filters the rows too (`_
 RECOVER_BYTES = 16 << 20  # the end of the audit file `recover` reads back
 RECOVER_WINDOW = 60  # seconds before a killed writer's last line in which its records may be unflushed
 RECOVER_SLACK = 60  # seconds a row may have waited for its flush: how far past that `recover` looks back
+RECOVER_MAX = 3600  # seconds before a killed writer's last line that `recover` goes back at most (its progress)
 # A row numbered more than LATE seconds after its time (a flush of what waited while the
 # store was away; records `recover` adds back) is `late`: flagged with the second it was
 # numbered, found by writer and time on an index of its own, and left out of the bisection
@@ -132,7 +133,19 @@ db.register("audit", [
     ALTER TABLE audit ADD COLUMN late {bigint};
     CREATE INDEX audit_late ON audit (replica, time) WHERE late IS NOT NULL
     """,
+    # Each writer's progress, for `recover` (see _progress).
+    """
+    CREATE TABLE audit_progress (
+        replica TEXT PRIMARY KEY,
+        stored {bigint} NOT NULL,
+        taking {bigint} NOT NULL
+    )
+    """,
 ])
+_PROGRESS = ("INSERT INTO audit_progress (replica, stored, taking) VALUES (?, ?, ?) "
+             "ON CONFLICT (replica) DO UPDATE SET stored = excluded.stored, taking = excluded.taking")
+_TAKING = ("INSERT INTO audit_progress (replica, stored, taking) VALUES (?, ?, ?) "
+           "ON CONFLICT (replica) DO UPDATE SET taking = excluded.taking")
 
 # Query fields that are columns: compared in SQL; event on its index, the others on spans'.
 _COLUMNS = {"repo": "repo", "grant": "grant_id", "sub": "sub", "event": "event"}
@@ -225,6 +238,8 @@ class AuditLog:
         # Rows waiting for a flush to begin, by their entry's group, each group's in the order they came.
         self._buffer: dict[tuple[object, ...], list[tuple[object, ...]]] = {}
         self._taken: list[tuple[object, ...]] = []  # rows the flush in progress has still to write (flush_into)
+        self._taken_at = 0  # the second they were taken in
+        self._begun = False  # whether some of them are committed
         self._held = 0  # rows in both
         # Areas (kind, value, area) this writer's committed flushes have listed: not listed again.
         self._areas: frozenset[Area] = frozenset()
@@ -271,9 +286,11 @@ class AuditLog:
         """`record` of a prepared entry, at this second. The line first: an entry whose line
         the file did not take is no row either (a mint is then refused, so it must not reach
         the table as minted; a push report is then answered with the error), unless it
-        `stands` (a refusal, refused all the same)."""
-        text, row = entry.at(time.time())
+        `stands` (a refusal, refused all the same). Its time is read under the lock that a
+        flush takes its rows under, so a record held after a flush began is never older than
+        the flush (flush_into's progress)."""
         with self._lock:
+            text, row = entry.at(time.time())
             try:
                 self._append(text)
             except OSError:
@@ -343,12 +360,23 @@ class AuditLog:
             if not self._taken:  # a new flush: the groups' lists joined (0.1 ms), under the lock
                 self._taken = list(itertools.chain.from_iterable(self._buffer.values()))
                 self._buffer = {}
+                self._taken_at, self._begun = int(time.time()), False
             taken = self._taken
         batch = taken[:FLUSH_ROWS] if tx.one_writer else list(taken)
         listed = insert(tx, batch, self._areas) if batch else set()
+        # This writer's progress, for `recover` (_progress has what the two seconds mean).
+        if batch and len(batch) == len(taken):
+            # The flush's last rows: every record held before it began is in the table with
+            # them (emit reads its time under the lock); a second less, for a clock set back.
+            tx.execute(_PROGRESS, [self.replica, self._taken_at - 1, self._taken_at])
+        elif batch and not self._begun:
+            # The first rows of a flush of several transactions (SQLite): rows of this
+            # writer's of a time after this second cannot be in the table until it ends.
+            tx.execute(_TAKING, [self.replica, 0, self._taken_at])
 
         def committed() -> int:
             with self._lock:
+                self._begun = True
                 del self._taken[: len(batch)]
                 self._held -= len(batch)
                 if listed:  # kept for an area's five minutes or so: about 3 a grant in use
@@ -557,8 +585,22 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
         # started. So the table is read around the file's end only, not back to the oldest
         # writer in 16 MiB of a quiet replica's file (weeks of a fleet's rows).
         found = {w: recs for w, recs in found.items() if last[w] >= newest - RECOVER_WINDOW}
-    since = {w: last[w] - RECOVER_WINDOW for w in found}
-    have = _stored(database, since, newest)
+    # From where each writer's records may be missing: its progress (_progress), or, for a
+    # writer that kept none (an older codestore), the last RECOVER_WINDOW seconds; from its
+    # first line since then, so a writer idle for a day does not send _stored back a day.
+    # Up to where they may be in the table but late: the second its last flush began.
+    progress = _progress(database, found)
+    since: dict[str, int] = {}
+    until: dict[str, int] = {}
+    for writer, recs in found.items():
+        stored, taking = progress.get(writer, (last[writer] - RECOVER_WINDOW, last[writer]))
+        after = [second for second, _ in recs if second >= max(stored, last[writer] - RECOVER_MAX)]
+        if after:
+            since[writer], until[writer] = min(after), min(last[writer], taking + 1)
+    found = {w: recs for w, recs in found.items() if w in since}
+    if not found:
+        return 0
+    have = _stored(database, since, max(until.values()), max(last[w] for w in found))
     missing: list[tuple[object, ...]] = []
     for writer, recs in found.items():
         for second, text in recs:
@@ -577,8 +619,31 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
     per = FLUSH_ROWS if database.one_writer else max(1, len(missing))
     for i in range(0, len(missing), per):
         with database.transaction() as tx:
+            if i == 0:  # rows of these writers' up to their last line may be in the table from now on
+                for writer in found:
+                    tx.execute(_TAKING, [writer, since[writer], last[writer]])
             insert(tx, missing[i:i + per])
+    with database.transaction() as tx:  # each writer's records are all in the table now
+        for writer in found:
+            # Its last second is read again next time (counted, never added twice): a process
+            # started in that second may bear its name (a container's pid 1).
+            tx.execute(_PROGRESS, [writer, last[writer], last[writer]])
     return len(missing)
+
+
+def _progress(database: db.Database, writers: Collection[str]) -> dict[str, tuple[int, int]]:
+    """Each writer's progress, as its flushes (AuditLog.flush_into) and `recover` keep it:
+    (stored, taking). Every record of the writer whose time is before `stored` is in the
+    table (but those dropped past MAX_BUFFER): the second before its last flush that ended
+    began. None of its records whose time is after `taking`, the second its last flush
+    that began began, is: a record is never older than a flush that began before it was
+    held (emit), and a flush on SQLite, of several transactions, says `taking` with its
+    first. So `recover` counts a killed writer's lines from `stored` to `taking` against
+    the table, where it must look for them, and adds those after it."""
+    marks = ", ".join("?" for _ in writers)
+    with database.transaction(write=False) as tx:
+        rows = tx.execute(f"SELECT replica, stored, taking FROM audit_progress WHERE replica IN ({marks})", list(writers))
+    return {str(writer): (int(stored), int(taking)) for writer, stored, taking in rows}  # type: ignore[call-overload]
 
 
 def _tail(fd: int, size: int) -> list[str]:
@@ -589,14 +654,15 @@ def _tail(fd: int, size: int) -> list[str]:
     return lines[1:] if start else lines  # the first began before `start`
 
 
-def _stored(database: db.Database, since: Mapping[str, int], last: int) -> collections.Counter[tuple[object, object, object]]:
+def _stored(database: db.Database, since: Mapping[str, int], until: int, last: int) -> collections.Counter[tuple[object, object, object]]:
     """(writer, time, line) of the table's rows by the writers in `since`, from their times on, counted.
 
     Rows are numbered in about the order of their times: a row waits for its flush, up to
     RECOVER_SLACK, unless it is late (LATE: numbered long after its time). So the other
-    rows' ids from about `since` to `last` are found by bisection on the primary key, late
-    rows left out of it, and only the writers' rows among them are read, whatever other
-    replicas wrote before and after; the writers' late rows are found on their own index.
+    rows' ids from about `since` to `until` (the writers have no rows of a later time but
+    late ones: _progress) are found by bisection on the primary key, late rows left out of
+    it, and only the writers' rows among them are read, whatever other replicas wrote
+    before and after; the writers' late rows, of any time up to `last`, on their own index.
     A late row among the others (rows flushed after the store was away, old times under new
     ids, or rows of a killed writer added back by the last start) had sent the bisection
     past rows it was looking for, and the records they stood for were added again.
@@ -613,7 +679,7 @@ def _stored(database: db.Database, since: Mapping[str, int], last: int) -> colle
     if lowest is None:
         return have
     lo = _first_id_at(database, min(since.values()) - RECOVER_SLACK, int(lowest), int(highest))  # type: ignore[call-overload]
-    hi = _first_id_at(database, last + RECOVER_SLACK + 1, lo, int(highest))  # type: ignore[call-overload]
+    hi = _first_id_at(database, until + RECOVER_SLACK + 1, lo, int(highest))  # type: ignore[call-overload]
     while lo < hi:
         with database.transaction(write=False) as tx:
             rows = tx.execute(f"SELECT id, time, replica, fields FROM audit WHERE id >= ? AND id < ? AND replica IN ({marks}) "
