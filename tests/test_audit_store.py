@@ -873,6 +873,21 @@ def test_a_writer_killed_in_a_flush_or_a_recovery_cut_short_has_each_record_once
     assert agent_audit.recover(database, str(path)) == 0
 
 
+def test_a_namesakes_progress_does_not_hide_a_killed_writers_records(database: Database, tmp_path: Path) -> None:
+    # Containers given one host name, each its own pid 1, are one writer by name: a namesake
+    # that lives on keeps moving the progress past what the killed one had stored.
+    path = tmp_path / "audit.log"
+    now = int(time.time())
+    killed = _writer(path, "agent:1")
+    entry = killed.prepare("mint", {"grant": "g1"})
+    for age in (30, 20, 10, 0):
+        killed._append(entry.at(now - age)[0])
+    killed.close()
+    with database.transaction() as tx:
+        tx.execute(agent_audit._PROGRESS, ["agent:1", now + 99, now + 100])
+    assert agent_audit.recover(database, str(path)) == 4  # its last 60 s, as without progress
+
+
 def test_a_flush_records_how_far_its_writers_records_are_stored(database: Database, tmp_path: Path) -> None:
     log = _writer(tmp_path / "audit.log", "host:501")
     try:

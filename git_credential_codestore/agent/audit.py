@@ -57,6 +57,7 @@ RECOVER_BYTES = 16 << 20  # the end of the audit file `recover` reads back
 RECOVER_WINDOW = 60  # seconds before a killed writer's last line in which its records may be unflushed
 RECOVER_SLACK = 60  # seconds a row may have waited for its flush: how far past that `recover` looks back
 RECOVER_MAX = 3600  # seconds before a killed writer's last line that `recover` goes back at most (its progress)
+PROGRESS_AHEAD = 10  # seconds a writer's progress may be past its last line (it flushed after it); more is a namesake's
 # A row numbered more than LATE seconds after its time (a flush of what waited while the
 # store was away; records `recover` adds back) is `late`: flagged with the second it was
 # numbered, found by writer and time on an index of its own, and left out of the bisection
@@ -594,6 +595,10 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
     until: dict[str, int] = {}
     for writer, recs in found.items():
         stored, taking = progress.get(writer, (last[writer] - RECOVER_WINDOW, last[writer]))
+        if taking > last[writer] + PROGRESS_AHEAD:
+            # Not this writer's: a namesake's that lives on (containers given one host name,
+            # each the pid 1 of its own), whose flushes keep moving it. As without one.
+            stored, taking = last[writer] - RECOVER_WINDOW, last[writer]
         after = [second for second, _ in recs if second >= max(stored, last[writer] - RECOVER_MAX)]
         if after:
             since[writer], until[writer] = min(after), min(last[writer], taking + 1)
