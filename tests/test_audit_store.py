@@ -866,11 +866,28 @@ def test_a_writer_killed_in_a_flush_or_a_recovery_cut_short_has_each_record_once
     lines = [ln for ln in path.read_text().splitlines() if '"replica":"host:511"' in ln]
     rows = [(calendar.timegm(time.strptime(ln[9:29], audit.TIME_FORMAT)), *agent_audit._columns(json.loads(ln)), ln) for ln in lines]
     with database.transaction() as tx:  # what recover's first transaction does, and then it is killed
-        tx.execute(agent_audit._TAKING, ["host:511", rows[0][0], rows[-1][0]])
-        agent_audit.insert(tx, rows[:12])
+        agent_audit.insert(tx, rows[:12], taking={"host:511": rows[-1][0]})
     assert agent_audit.recover(database, str(path), {"host:511"}) == 18
     assert _rows_by_writer(database)["host:511"] == lines
     assert agent_audit.recover(database, str(path)) == 0
+
+
+def test_a_grant_change_long_after_a_writers_last_flush_is_not_added_again(database: Database, tmp_path: Path) -> None:
+    # A grant change's row is committed with the change, in its own transaction: it moves
+    # its writer's progress too, or recover, looking for rows up to where the writer's last
+    # flush began (minutes before), did not find it, and added the change's record again.
+    path = tmp_path / "audit.log"
+    now = int(time.time())
+    log = _writer(path, "host:530")
+    with database.transaction() as tx:
+        tx.execute(agent_audit._PROGRESS, ["host:530", now - 201, now - 200])  # its last flush, minutes ago
+    write, after = log.in_transaction("grant_create", {"grant": "g1", "sub": "ci"})
+    with database.transaction() as tx:
+        write(tx)
+    assert after() is None
+    log.close()
+    assert agent_audit.recover(database, str(path)) == 0
+    assert len(_rows_by_writer(database)["host:530"]) == 1
 
 
 def test_a_namesakes_progress_does_not_hide_a_killed_writers_records(database: Database, tmp_path: Path) -> None:

@@ -143,10 +143,11 @@ db.register("audit", [
     )
     """,
 ])
+# A writer's progress (_progress): `taking` only ever moves forward.
+_LATER = "taking = CASE WHEN excluded.taking > audit_progress.taking THEN excluded.taking ELSE audit_progress.taking END"
 _PROGRESS = ("INSERT INTO audit_progress (replica, stored, taking) VALUES (?, ?, ?) "
-             "ON CONFLICT (replica) DO UPDATE SET stored = excluded.stored, taking = excluded.taking")
-_TAKING = ("INSERT INTO audit_progress (replica, stored, taking) VALUES (?, ?, ?) "
-           "ON CONFLICT (replica) DO UPDATE SET taking = excluded.taking")
+             f"ON CONFLICT (replica) DO UPDATE SET stored = excluded.stored, {_LATER}")
+_TAKING = f"INSERT INTO audit_progress (replica, stored, taking) VALUES (?, 0, ?) ON CONFLICT (replica) DO UPDATE SET {_LATER}"
 
 # Query fields that are columns: compared in SQL; event on its index, the others on spans'.
 _COLUMNS = {"repo": "repo", "grant": "grant_id", "sub": "sub", "event": "event"}
@@ -240,7 +241,6 @@ class AuditLog:
         self._buffer: dict[tuple[object, ...], list[tuple[object, ...]]] = {}
         self._taken: list[tuple[object, ...]] = []  # rows the flush in progress has still to write (flush_into)
         self._taken_at = 0  # the second they were taken in
-        self._begun = False  # whether some of them are committed
         self._held = 0  # rows in both
         # Areas (kind, value, area) this writer's committed flushes have listed: not listed again.
         self._areas: frozenset[Area] = frozenset()
@@ -321,7 +321,7 @@ class AuditLog:
         text, row = self._entry(event, fields)
 
         def write(tx: db.Tx) -> None:
-            insert(tx, [row])
+            insert(tx, [row], taking={self.replica: int(row[0])})  # type: ignore[call-overload]
 
         def after() -> str | None:
             with self._lock:
@@ -361,23 +361,18 @@ class AuditLog:
             if not self._taken:  # a new flush: the groups' lists joined (0.1 ms), under the lock
                 self._taken = list(itertools.chain.from_iterable(self._buffer.values()))
                 self._buffer = {}
-                self._taken_at, self._begun = int(time.time()), False
+                self._taken_at = int(time.time())
             taken = self._taken
         batch = taken[:FLUSH_ROWS] if tx.one_writer else list(taken)
-        listed = insert(tx, batch, self._areas) if batch else set()
-        # This writer's progress, for `recover` (_progress has what the two seconds mean).
+        # This writer's progress, for `recover` (_progress): no row of the flush is of a time
+        # after the second it began in, and once its last rows are in, every record held
+        # before it began is (emit reads its time under the lock; a second less, for a clock set back).
+        listed = insert(tx, batch, self._areas, {self.replica: self._taken_at}) if batch else set()
         if batch and len(batch) == len(taken):
-            # The flush's last rows: every record held before it began is in the table with
-            # them (emit reads its time under the lock); a second less, for a clock set back.
             tx.execute(_PROGRESS, [self.replica, self._taken_at - 1, self._taken_at])
-        elif batch and not self._begun:
-            # The first rows of a flush of several transactions (SQLite): rows of this
-            # writer's of a time after this second cannot be in the table until it ends.
-            tx.execute(_TAKING, [self.replica, 0, self._taken_at])
 
         def committed() -> int:
             with self._lock:
-                self._begun = True
                 del self._taken[: len(batch)]
                 self._held -= len(batch)
                 if listed:  # kept for an area's five minutes or so: about 3 a grant in use
@@ -397,7 +392,8 @@ class AuditLog:
             pass
 
 
-def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]], known: AbstractSet[Area] = frozenset()) -> set[Area]:
+def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]], known: AbstractSet[Area] = frozenset(),
+           taking: Mapping[str, int] | None = None) -> set[Area]:
     """`rows` (`Entry.at`'s) into the audit table, with their spans; returns the areas it
     listed that are not in `known` (`AuditLog`'s, of flushes already committed).
 
@@ -429,21 +425,28 @@ def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]], known: AbstractSet[Are
 
     A row more than LATE seconds older than now is flagged `late` (with now), for `recover`
     (_stored): numbered among rows of newer times, it is found by writer and time instead.
+    `taking`: for each writer whose rows these are, a second none of them is after: its
+    progress's `taking` moves up to it in the same transaction (_progress).
     """
     now = int(time.time())
     late = now - LATE  # a row whose time is before this is late
-    if len(rows) == 1 and tx.dialect == "postgresql" and _TIME(rows[0]) >= late:
-        # One row (a grant change, in its own transaction): one round trip, not the five of
-        # numbering, COPY, the span's COPY and its areas, each a network round trip to a fleet's server.
-        tx.execute(f"WITH r AS (INSERT INTO {_SPANNED_ROW} VALUES ({', '.join('?' * (len(_TYPES) + 1))}) "
+    advance = list((taking or {}).items())
+    if len(rows) == 1 and tx.dialect == "postgresql" and _TIME(rows[0]) >= late and len(advance) == 1:
+        # One row (a grant change, in its own transaction): one round trip, not the six of
+        # its writer's progress, numbering, COPY, the span's COPY and its areas, each a
+        # network round trip to a fleet's server.
+        tx.execute(f"WITH p AS ({_TAKING}), "
+                   f"r AS (INSERT INTO {_SPANNED_ROW} VALUES ({', '.join('?' * (len(_TYPES) + 1))}) "
                    "RETURNING id, grant_id, sub, repo), "
                    f"s AS (INSERT INTO {_SPANS} SELECT id, id, grant_id, sub, repo, id >> {BUCKET_BITS} FROM r "
                    "WHERE grant_id IS NOT NULL OR sub IS NOT NULL OR repo IS NOT NULL) "
                    f"INSERT INTO audit_span_areas (kind, value, area) SELECT k.kind, k.value, r.id >> {AREA_BITS} FROM r "
                    f"CROSS JOIN LATERAL (VALUES {_KIND_VALUES}) AS k (kind, value) "
                    "WHERE k.value IS NOT NULL ORDER BY 1, 2 ON CONFLICT DO NOTHING",
-                   (1, *rows[0]))
+                   (*advance[0], 1, *rows[0]))
         return set()
+    for writer, second in advance:
+        tx.execute(_TAKING, [writer, second])
     spans: list[tuple[object, ...]] = []
     ids: list[int] = []
     for at in range(0, len(rows), db.PG_COPY_ROWS):
@@ -624,10 +627,7 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
     per = FLUSH_ROWS if database.one_writer else max(1, len(missing))
     for i in range(0, len(missing), per):
         with database.transaction() as tx:
-            if i == 0:  # rows of these writers' up to their last line may be in the table from now on
-                for writer in found:
-                    tx.execute(_TAKING, [writer, since[writer], last[writer]])
-            insert(tx, missing[i:i + per])
+            insert(tx, missing[i:i + per], taking={writer: last[writer] for writer in found})
     with database.transaction() as tx:  # each writer's records are all in the table now
         for writer in found:
             # Its last second is read again next time (counted, never added twice): a process
@@ -637,14 +637,13 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
 
 
 def _progress(database: db.Database, writers: Collection[str]) -> dict[str, tuple[int, int]]:
-    """Each writer's progress, as its flushes (AuditLog.flush_into) and `recover` keep it:
-    (stored, taking). Every record of the writer whose time is before `stored` is in the
-    table (but those dropped past MAX_BUFFER): the second before its last flush that ended
-    began. None of its records whose time is after `taking`, the second its last flush
-    that began began, is: a record is never older than a flush that began before it was
-    held (emit), and a flush on SQLite, of several transactions, says `taking` with its
-    first. So `recover` counts a killed writer's lines from `stored` to `taking` against
-    the table, where it must look for them, and adds those after it."""
+    """Each writer's progress, as `insert` (with every row of a writer: a flush's, a grant
+    change's, those `recover` adds), AuditLog.flush_into and `recover` keep it: (stored,
+    taking). No row of the writer in the table is of a time after `taking`. Every record
+    of the writer whose time is before `stored` is in the table (but those dropped past
+    MAX_BUFFER): the second before its last flush that ended began (a record is never older
+    than a flush that began before it was held: emit). So `recover` counts a killed
+    writer's lines from `stored` to `taking` against the table, and adds those after it."""
     marks = ", ".join("?" for _ in writers)
     with database.transaction(write=False) as tx:
         rows = tx.execute(f"SELECT replica, stored, taking FROM audit_progress WHERE replica IN ({marks})", list(writers))
