@@ -866,7 +866,7 @@ def test_a_writer_killed_in_a_flush_or_a_recovery_cut_short_has_each_record_once
     lines = [ln for ln in path.read_text().splitlines() if '"replica":"host:511"' in ln]
     rows = [(calendar.timegm(time.strptime(ln[9:29], audit.TIME_FORMAT)), *agent_audit._columns(json.loads(ln)), ln) for ln in lines]
     with database.transaction() as tx:  # what recover's first transaction does, and then it is killed
-        agent_audit.insert(tx, rows[:12], taking={"host:511": rows[-1][0]})
+        agent_audit.insert(tx, rows[:12], taking={"host:511": int(rows[-1][0])})  # type: ignore[call-overload]
     assert agent_audit.recover(database, str(path), {"host:511"}) == 18
     assert _rows_by_writer(database)["host:511"] == lines
     assert agent_audit.recover(database, str(path)) == 0
