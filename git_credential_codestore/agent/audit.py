@@ -541,12 +541,13 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
     every writer in the file, and then only when no live writer has the file open (its
     shared lock, AuditLog): at start, before this agent's writers open it. A writer's rows
     reach the table a flush at a time (the rows buffered when it began), so what is missing
-    is among the last of its lines: its records of the last RECOVER_WINDOW seconds before
-    its last line (in the last RECOVER_BYTES of the file) are counted against its rows in
-    the table, and each one the table has fewer copies of is added, with its own time and
-    writer. Counting makes it safe to run again: a record already added is not added
-    twice. At start, only writers that wrote within RECOVER_WINDOW of the file's last line
-    count: the run that just ended.
+    is among the last of its lines: its records since its progress (_progress; without one,
+    an older codestore's writer, the last RECOVER_WINDOW seconds; at most RECOVER_MAX; in
+    the last RECOVER_BYTES of the file) are counted against its rows in the table, and each
+    one the table has fewer copies of is added, with its own time and writer; then its
+    progress moves to its last line. Counting makes it safe to run again: a record already
+    added is not added twice. At start, only writers that wrote within RECOVER_WINDOW of
+    the file's last line count: the run that just ended.
     """
     try:
         fd = open_nonblocking(path)
