@@ -241,6 +241,7 @@ class AuditLog:
         self._buffer: dict[tuple[object, ...], list[tuple[object, ...]]] = {}
         self._taken: list[tuple[object, ...]] = []  # rows the flush in progress has still to write (flush_into)
         self._taken_at = 0  # the second they were taken in
+        self._advanced = 0  # the `taking` of this writer's progress its last commit said (flush_into)
         self._held = 0  # rows in both
         # Areas (kind, value, area) this writer's committed flushes have listed: not listed again.
         self._areas: frozenset[Area] = frozenset()
@@ -366,13 +367,19 @@ class AuditLog:
         batch = taken[:FLUSH_ROWS] if tx.one_writer else list(taken)
         # This writer's progress, for `recover` (_progress): no row of the flush is of a time
         # after the second it began in, and once its last rows are in, every record held
-        # before it began is (emit reads its time under the lock; a second less, for a clock set back).
-        listed = insert(tx, batch, self._areas, {self.replica: self._taken_at}) if batch else set()
-        if batch and len(batch) == len(taken):
+        # before it began is (emit reads its time under the lock; a second less, for a clock
+        # set back). Said once a flush: by its last transaction, or by its first of several
+        # (SQLite), not again by each of the others (a statement and a page each).
+        ends = len(batch) == len(taken)
+        advance = None if ends or self._advanced == self._taken_at else {self.replica: self._taken_at}
+        listed = insert(tx, batch, self._areas, advance) if batch else set()
+        if batch and ends:
             tx.execute(_PROGRESS, [self.replica, self._taken_at - 1, self._taken_at])
 
         def committed() -> int:
             with self._lock:
+                if batch:
+                    self._advanced = self._taken_at
                 del self._taken[: len(batch)]
                 self._held -= len(batch)
                 if listed:  # kept for an area's five minutes or so: about 3 a grant in use
@@ -431,11 +438,11 @@ def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]], known: AbstractSet[Are
     now = int(time.time())
     late = now - LATE  # a row whose time is before this is late
     advance = list((taking or {}).items())
-    if len(rows) == 1 and tx.dialect == "postgresql" and _TIME(rows[0]) >= late and len(advance) == 1:
+    if len(rows) == 1 and tx.dialect == "postgresql" and _TIME(rows[0]) >= late and len(advance) <= 1:
         # One row (a grant change, in its own transaction): one round trip, not the six of
         # its writer's progress, numbering, COPY, the span's COPY and its areas, each a
         # network round trip to a fleet's server.
-        tx.execute(f"WITH p AS ({_TAKING}), "
+        tx.execute(f"WITH {f'p AS ({_TAKING}), ' if advance else ''}"
                    f"r AS (INSERT INTO {_SPANNED_ROW} VALUES ({', '.join('?' * (len(_TYPES) + 1))}) "
                    "RETURNING id, grant_id, sub, repo), "
                    f"s AS (INSERT INTO {_SPANS} SELECT id, id, grant_id, sub, repo, id >> {BUCKET_BITS} FROM r "
@@ -443,7 +450,7 @@ def insert(tx: db.Tx, rows: Sequence[tuple[object, ...]], known: AbstractSet[Are
                    f"INSERT INTO audit_span_areas (kind, value, area) SELECT k.kind, k.value, r.id >> {AREA_BITS} FROM r "
                    f"CROSS JOIN LATERAL (VALUES {_KIND_VALUES}) AS k (kind, value) "
                    "WHERE k.value IS NOT NULL ORDER BY 1, 2 ON CONFLICT DO NOTHING",
-                   (*advance[0], 1, *rows[0]))
+                   (*(advance[0] if advance else ()), 1, *rows[0]))
         return set()
     for writer, second in advance:
         tx.execute(_TAKING, [writer, second])
@@ -626,9 +633,10 @@ def recover(database: db.Database, path: str, writers: Collection[str] | None = 
             if isinstance(entry, dict):
                 missing.append((second, *_columns(entry), text))
     per = FLUSH_ROWS if database.one_writer else max(1, len(missing))
+    through = {writer: last[writer] for writer in found}
     for i in range(0, len(missing), per):
         with database.transaction() as tx:
-            insert(tx, missing[i:i + per], taking={writer: last[writer] for writer in found})
+            insert(tx, missing[i:i + per], taking=through if i == 0 else None)  # with the first rows: they may be in from now on
     with database.transaction() as tx:  # each writer's records are all in the table now
         for writer in found:
             # Its last second is read again next time (counted, never added twice): a process
